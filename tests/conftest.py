@@ -1,0 +1,30 @@
+"""Test setup: CPU runs the Triton kernels in Triton's interpreter; a CUDA machine runs them for real.
+
+TRITON_INTERPRET must be set before any @triton.jit function is created, i.e. before uae_fast's
+kernel modules are imported, hence here at conftest import time.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+# Device the Triton-path tests use: real kernels on CUDA, the interpreter on CPU tensors otherwise.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_device():
+    return TRITON_DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    # Fresh but reproducible random inputs per test.
+    torch.manual_seed(1234)
