@@ -1,0 +1,73 @@
+import gzip
+import json
+
+import pytest
+
+from uae_fast.data import load_dataset, qasper_answer_text
+
+MINI = "tests/fixtures/qasper-dev-mini.json.gz"
+
+
+def test_qasper_mini_loads_with_gold_from_text_evidence():
+    ds = load_dataset(MINI)
+    raw = json.load(gzip.open(MINI))
+    assert {p.doc_id for p in ds.passages.values()} == set(raw)
+    n_para = sum(1 for p in raw.values() for s in p["full_text"] for x in s["paragraphs"] if x.strip())
+    assert len(ds.passages) == n_para
+    for q in ds.queries:
+        pool = set(ds.pool(q))
+        assert set(q.gold) <= pool and all(pid.startswith(q.doc_id + ":") for pid in pool)
+        for pid in q.gold:  # gold text is an evidence string of some annotator
+            qa = next(x for x in raw[q.doc_id]["qas"] if x["question_id"] == q.id)
+            assert any(ds.passages[pid].text == e for a in qa["answers"] for e in a["answer"]["evidence"])
+    assert sum(bool(q.gold) for q in ds.queries) >= 10
+
+
+def test_float_selected_evidence_is_skipped(tmp_path):
+    paper = {"title": "t", "abstract": "a", "full_text": [{"section_name": "S", "paragraphs": ["FLOAT SELECTED: Table 1", "p1", ""]}],
+             "qas": [{"question": "q?", "question_id": "q1", "answers": [{"answer": {
+                 "unanswerable": False, "yes_no": None, "free_form_answer": "", "extractive_spans": ["x", "y"],
+                 "evidence": ["FLOAT SELECTED: Table 1", "p1"], "highlighted_evidence": None}}]}]}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"P": paper}))
+    ds = load_dataset(str(path))
+    assert len(ds.passages) == 2  # empty paragraph dropped
+    assert ds.queries[0].gold == ["P:1"] and ds.queries[0].answers == ["x, y"]
+
+
+def test_answer_text_rules():
+    assert qasper_answer_text({"unanswerable": True}) is None
+    assert qasper_answer_text({"free_form_answer": " f ", "extractive_spans": ["e"]}) == "f"
+    assert qasper_answer_text({"free_form_answer": "", "extractive_spans": [], "yes_no": False}) == "No"
+
+
+def test_jsonl_schema_roundtrip(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    recs = [{"type": "passage", "id": "a", "doc_id": "d", "text": "alpha"},
+            {"type": "passage", "id": "b", "doc_id": "d", "text": "beta"},
+            {"type": "query", "id": "q", "question": "which?", "answers": ["alpha"], "gold": ["a"], "doc_id": "d"}]
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    ds = load_dataset(str(path))
+    assert ds.pool(ds.queries[0]) == ["a", "b"] and ds.queries[0].gold == ["a"]
+
+
+@pytest.mark.parametrize("content,msg", [
+    ('{"type": "query", "id": "q", "question": "x", "gold": ["nope"]}', "unknown passage"),
+    ('{"type": "passage", "id": "a"}', "lacks the field 'text'"),
+    ('not json', "not valid JSON"),
+    ('{"type": "other"}', "record type"),
+])
+def test_jsonl_bad_input(tmp_path, content, msg):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=msg):
+        load_dataset(str(path))
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_dataset(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{truncated")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_dataset(str(bad))
