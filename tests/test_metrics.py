@@ -1,0 +1,87 @@
+"""Retrieval metrics on hand-made rankings, scikit-learn as an oracle for AP, and SQuAD Token F1."""
+import random
+
+import pytest
+
+from uae_fast.metrics import (average_precision, normalize_answer, recall_at_k, reciprocal_rank,
+                              retrieval_metrics, token_f1)
+
+
+def test_hand_made_rankings():
+    r = ["d", "a", "c", "b", "e"]
+    gold = {"a", "b"}
+    assert recall_at_k(r, gold, 1) == 0.0
+    assert recall_at_k(r, gold, 2) == 1.0
+    assert recall_at_k(r, gold, 5) == 1.0
+    # gold at ranks 2 and 4: AP = (1/2 + 2/4) / 2
+    assert average_precision(r, gold) == pytest.approx(0.5)
+    assert reciprocal_rank(r, gold) == pytest.approx(0.5)
+    # a perfect ranking
+    assert average_precision(["a", "b", "c"], {"a", "b"}) == 1.0
+    # gold never ranked: AP counts it in the denominator, RR = 0
+    assert average_precision(["a", "c"], {"a", "z"}) == pytest.approx(0.5)
+    assert reciprocal_rank(["c", "d"], {"z"}) == 0.0
+    assert recall_at_k(["c"], {"c"}, 5) == 1.0  # k beyond the ranking
+
+
+def test_retrieval_metrics_means():
+    rankings = [["a", "b", "c"], ["x", "y", "z"], ["p", "q", "r"]]
+    golds = [{"a"}, {"z"}, {"q", "r"}]
+    m = retrieval_metrics(rankings, golds, ks=(1, 2))
+    assert m["n"] == 3
+    assert m["Recall@1"] == pytest.approx(1 / 3)
+    assert m["Recall@2"] == pytest.approx(2 / 3)
+    assert m["MAP"] == pytest.approx((1 + 1 / 3 + (1 / 2 + 2 / 3) / 2) / 3)
+    assert m["MRR"] == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
+
+
+def test_average_precision_matches_sklearn():
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = random.Random(7)
+    for _ in range(50):
+        n = rng.randint(2, 37)
+        ids = list(range(n))
+        rng.shuffle(ids)
+        gold = set(rng.sample(range(n), rng.randint(1, n)))
+        scores = [n - ids.index(i) for i in range(n)]  # strictly decreasing along the ranking
+        y = [int(i in gold) for i in range(n)]
+        assert average_precision(ids, gold) == pytest.approx(sk.average_precision_score(y, scores))
+        ranks = [ids.index(g) + 1 for g in gold]
+        assert reciprocal_rank(ids, gold) == pytest.approx(1 / min(ranks))
+
+
+def test_metric_errors():
+    with pytest.raises(ValueError, match="k must be"):
+        recall_at_k(["a"], {"a"}, 0)
+    with pytest.raises(ValueError, match="gold is empty"):
+        average_precision(["a"], set())
+    with pytest.raises(ValueError, match="twice"):
+        reciprocal_rank(["a", "a"], {"a"})
+    with pytest.raises(TypeError, match="not one string"):
+        recall_at_k("abc", {"a"}, 1)
+    with pytest.raises(ValueError, match="golds\\[1\\] is empty"):
+        retrieval_metrics([["a"], ["b"]], [{"a"}, set()])
+    with pytest.raises(ValueError, match="rankings has 1"):
+        retrieval_metrics([["a"]], [{"a"}, {"b"}])
+    with pytest.raises(ValueError, match="empty"):
+        retrieval_metrics([], [])
+
+
+def test_token_f1_squad_normalisation():
+    assert normalize_answer("The  Cat, sat!") == "cat sat"
+    assert normalize_answer("An apple a day") == "apple day"
+    assert token_f1("the cat sat", ["A cat sat."]) == 1.0
+    # pred {cat, sat, down} vs gold {cat, sat}: P = 2/3, R = 1 -> F1 = 0.8
+    assert token_f1("cat sat down", ["cat sat"]) == pytest.approx(0.8)
+    # max over gold answers
+    assert token_f1("BERT", ["LSTM", "bert model"]) == pytest.approx(2 * 1 * 0.5 / 1.5)
+    assert token_f1("nothing here", ["cat"]) == 0.0
+    # repeated tokens count with multiplicity: pred {a1 x2}, gold {a1}: P = 1/2, R = 1
+    assert token_f1("yes yes", ["Yes"]) == pytest.approx(2 / 3)
+    assert token_f1("", ["the"]) == 1.0  # both normalise to empty
+    assert token_f1("", ["cat"]) == 0.0
+    assert token_f1("cat", "cat") == 1.0  # a single answer string is accepted
+    with pytest.raises(ValueError, match="answers is empty"):
+        token_f1("x", [])
+    with pytest.raises(TypeError, match="must be a str"):
+        token_f1(None, ["x"])

@@ -1,0 +1,130 @@
+"""Retrieval and reading metrics: Recall@k, MAP, MRR over a ranking; SQuAD Token F1 over answers.
+
+Conventions (those of QASPER evidence retrieval, see ``shared/data/README.md``):
+
+- a ranking is the full ordered list of a query's candidate ids; gold is a set of ids;
+- ``Recall@k`` is 1 when *any* gold id is in the top ``k`` (so Recall@1 = "the top passage is gold"),
+  i.e. success@k, the usual definition when most queries have one or two gold passages;
+- ``MAP`` is the mean of average precision over the full ranking, with every gold id counted in the
+  denominator (a gold id missing from the ranking contributes precision 0);
+- ``MRR`` is the mean reciprocal rank of the first gold id (0 when none is ranked);
+- ``token_f1`` is SQuAD v1.1's: lower-case, strip punctuation and articles, split on whitespace,
+  bag-of-tokens F1, maximised over the gold answers.
+
+Queries without gold ids have no defined retrieval metric: :func:`retrieval_metrics` rejects them
+(filter them out first, as ``RetrievalDataset.subset(with_gold=True)`` does).
+"""
+from __future__ import annotations
+
+import collections
+import re
+import string
+from typing import Dict, Iterable, List, Sequence
+
+__all__ = ["recall_at_k", "average_precision", "reciprocal_rank", "retrieval_metrics",
+           "normalize_answer", "token_f1"]
+
+
+def _as_gold(gold) -> set:
+    if isinstance(gold, (str, bytes)):
+        raise TypeError("gold must be a collection of ids, not one string")
+    return set(gold)
+
+
+def _check_ranking(ranking) -> list:
+    if isinstance(ranking, (str, bytes)):
+        raise TypeError("ranking must be a sequence of ids, not one string")
+    ranking = list(ranking)
+    if len(set(ranking)) != len(ranking):
+        raise ValueError("ranking contains an id twice; a ranking is an ordering of distinct candidates")
+    return ranking
+
+
+def recall_at_k(ranking: Sequence, gold: Iterable, k: int) -> float:
+    """1.0 when any gold id is among the first ``k`` of ``ranking``, else 0.0 (success@k)."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    gold = _as_gold(gold)
+    return float(any(r in gold for r in _check_ranking(ranking)[:k]))
+
+
+def average_precision(ranking: Sequence, gold: Iterable) -> float:
+    """Average precision of the full ``ranking``: mean over gold ids of precision at their rank."""
+    gold = _as_gold(gold)
+    if not gold:
+        raise ValueError("gold is empty: average precision is undefined without a relevant id")
+    hits, total = 0, 0.0
+    for rank, r in enumerate(_check_ranking(ranking), 1):
+        if r in gold:
+            hits += 1
+            total += hits / rank
+    return total / len(gold)
+
+
+def reciprocal_rank(ranking: Sequence, gold: Iterable) -> float:
+    """1 / rank of the first gold id in ``ranking`` (0.0 when no gold id is ranked)."""
+    gold = _as_gold(gold)
+    for rank, r in enumerate(_check_ranking(ranking), 1):
+        if r in gold:
+            return 1.0 / rank
+    return 0.0
+
+
+def retrieval_metrics(rankings: Sequence[Sequence], golds: Sequence[Iterable], ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
+    """Mean ``Recall@k`` for each k, ``MAP`` and ``MRR`` over queries, plus ``n`` (the query count).
+
+    Example::
+
+        >>> retrieval_metrics([["b", "a", "c"]], [{"a"}])
+        {'n': 1, 'Recall@1': 0.0, 'Recall@5': 1.0, 'MAP': 0.5, 'MRR': 0.5}
+    """
+    rankings, golds = list(rankings), list(golds)
+    if len(rankings) != len(golds):
+        raise ValueError(f"rankings has {len(rankings)} queries but golds has {len(golds)}")
+    if not rankings:
+        raise ValueError("rankings is empty: no queries to evaluate")
+    out: Dict[str, float] = {"n": len(rankings)}
+    for i, g in enumerate(golds):
+        if not _as_gold(g):
+            raise ValueError(f"golds[{i}] is empty: drop queries without gold passages before scoring retrieval")
+    for k in ks:
+        out[f"Recall@{k}"] = sum(recall_at_k(r, g, k) for r, g in zip(rankings, golds)) / len(rankings)
+    out["MAP"] = sum(average_precision(r, g) for r, g in zip(rankings, golds)) / len(rankings)
+    out["MRR"] = sum(reciprocal_rank(r, g) for r, g in zip(rankings, golds)) / len(rankings)
+    return out
+
+
+# ------------------------------------------------------------------------------------- Token F1
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD v1.1 normalisation: lower case, no punctuation, no articles, single spaces."""
+    if not isinstance(s, str):
+        raise TypeError(f"answer must be a str, got {type(s).__name__}")
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def _f1(pred_tokens: List[str], gold_tokens: List[str]) -> float:
+    if not pred_tokens or not gold_tokens:
+        # SQuAD 2.0 convention: two empty answers agree, one empty answer scores 0.
+        return float(pred_tokens == gold_tokens)
+    common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_tokens), same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, answers: Sequence[str]) -> float:
+    """SQuAD Token F1 of ``prediction``, maximised over the gold ``answers``."""
+    if isinstance(answers, str):
+        answers = [answers]
+    answers = list(answers)
+    if not answers:
+        raise ValueError("answers is empty: Token F1 needs at least one gold answer")
+    pred = normalize_answer(prediction).split()
+    return max(_f1(pred, normalize_answer(a).split()) for a in answers)
