@@ -1,0 +1,294 @@
+"""utility_infonce: torch path vs float64 materialised references, MNRL, gradcheck; Triton vs torch; bad input."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import uae_fast
+from uae_fast import UtilityInfoNCELoss, utility_infonce
+from uae_fast.ops import infonce as M
+
+# Block-unaligned on purpose: no dimension is a multiple of any tile size.
+B, N, D, K = 37, 301, 72, 5
+
+
+def _inputs(b=B, n=N, d=D, k=K, dtype=torch.float32, scale=0.35):
+    q = (torch.randn(b, d) * scale).to(dtype).requires_grad_()
+    p = (torch.randn(n, d) * scale).to(dtype).requires_grad_()
+    idx = torch.randint(0, n, (b, k))
+    idx[::3, 2:] = -1  # ragged rows
+    idx[1, 0] = idx[1, 1]  # a repeated target (weights add)
+    util = torch.randn(b, k) * 2
+    util[idx < 0] = float("nan")  # padded utilities are ignored, whatever they hold
+    gold = torch.randint(0, n, (b,))
+    gold[::4] = -1
+    return q, p, idx, util, gold
+
+
+def _reference(q, p, idx, util, tau, tau_t=1.0, mix=0.0, gold=None, reduction="mean"):
+    """Materialised float64 [B, N] loss via F.cross_entropy with soft targets, teacher built independently."""
+    qd = q.detach().double().requires_grad_()
+    pd = p.detach().double().requires_grad_()
+    b, n = qd.shape[0], pd.shape[0]
+    y = torch.zeros(b, n, dtype=torch.float64)
+    for i in range(b):
+        ks = [k for k in range(idx.shape[1]) if idx[i, k] >= 0]
+        u = torch.tensor([float(util[i, k]) for k in ks], dtype=torch.float64) / tau_t
+        w = torch.softmax(u, 0)
+        a = mix if (gold is not None and gold[i] >= 0) else 0.0
+        for k, wk in zip(ks, w):
+            y[i, idx[i, k]] += (1 - a) * wk
+        if a:
+            y[i, gold[i]] += a
+    loss = F.cross_entropy(qd @ pd.T / tau, y, reduction=reduction)
+    return loss, qd, pd
+
+
+def _grads(loss, q, p, seed=7):
+    go = torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
+    gq, gp = torch.autograd.grad(loss, (q, p), go.to(loss.dtype))
+    return gq.double(), gp.double()
+
+
+def _close(a, b, tol, what):
+    a, b = a.detach().double(), b.detach().double()
+    err = (a - b).abs().max().item()
+    ref = max(b.abs().max().item(), 1e-12)
+    assert err <= tol * ref, f"{what}: max|diff| {err:.3g} > {tol:g} * max|ref| {ref:.3g}"
+
+
+# ---------------------------------------------------------------------------- torch path vs references
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("mix", [0.0, 0.3])
+def test_torch_matches_soft_target_cross_entropy(reduction, mix):
+    q, p, idx, util, gold = _inputs()
+    kw = dict(temperature=0.07, teacher_temperature=0.8, label_mix=mix, gold_idx=gold if mix else None)
+    loss = utility_infonce(q, p, idx, util, reduction=reduction, impl="torch", **kw)
+    ref, qd, pd = _reference(q, p, idx, util, 0.07, 0.8, mix, gold if mix else None, reduction)
+    assert loss.dtype == torch.float32 and loss.shape == ref.shape
+    _close(loss, ref, 2e-6, "loss")
+    gq, gp = _grads(loss, q, p)
+    rq, rp = _grads(ref, qd, pd)
+    _close(gq, rq, 2e-5, "dq")
+    _close(gp, rp, 2e-5, "dp")
+
+
+def test_torch_chunked_never_materialises_bn(monkeypatch):
+    # Force 8-row chunks and record every matmul output: none may be [B, N].
+    q, p, idx, util, _ = _inputs()
+    monkeypatch.setattr(M, "_TORCH_CHUNK_BYTES", 8 * N * 4)
+    shapes = []
+    real_mm = torch.mm
+
+    def spy(a, b, *args, **kw):
+        out = real_mm(a, b, *args, **kw)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch, "mm", spy)
+    loss = utility_infonce(q, p, idx, util, impl="torch")
+    gq, gp = torch.autograd.grad(loss, (q, p))
+    monkeypatch.undo()
+    assert shapes and all(s[0] <= 8 for s in shapes if len(s) == 2 and s[1] == N), shapes
+    ref, qd, pd = _reference(q, p, idx, util, 0.05)
+    rq, rp = torch.autograd.grad(ref, (qd, pd))
+    _close(loss, ref, 2e-6, "loss")
+    _close(gq, rq, 2e-5, "dq")
+    _close(gp, rp, 2e-5, "dp")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # grads-in-forward and recompute-in-backward paths
+def test_torch_gradcheck_float64(reduction):
+    q, p, idx, util, gold = _inputs(b=5, n=11, d=6, k=3, dtype=torch.float64, scale=1.0)
+    q, p = q.detach().requires_grad_(), p.detach().requires_grad_()
+    fn = lambda a, b: utility_infonce(a, b, idx, util, temperature=0.5, label_mix=0.25, gold_idx=gold, reduction=reduction)
+    assert torch.autograd.gradcheck(fn, (q, p), eps=1e-6, atol=1e-7)
+
+
+def test_only_one_side_requires_grad():
+    q, p, idx, util, _ = _inputs()
+    ref, qd, pd = _reference(q, p, idx, util, 0.05)
+    rq, rp = torch.autograd.grad(ref, (qd, pd))
+    l1 = utility_infonce(q, p.detach(), idx, util, impl="torch")
+    (gq,) = torch.autograd.grad(l1, (q,))
+    l2 = utility_infonce(q.detach(), p, idx, util, impl="torch")
+    (gp,) = torch.autograd.grad(l2, (p,))
+    _close(gq, rq, 2e-5, "dq")
+    _close(gp, rp, 2e-5, "dp")
+    with torch.no_grad():
+        _close(utility_infonce(q, p, idx, util), ref, 2e-6, "no-grad loss")
+
+
+def test_padding_utility_and_teacher_temperature_edge_cases():
+    q, p, idx, util, _ = _inputs()
+    a = utility_infonce(q, p, idx, util, reduction="none")
+    util2 = util.clone()
+    util2[idx < 0] = 123.0  # changing padded utilities must not change anything
+    b = utility_infonce(q, p, idx, util2, reduction="none")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # A vanishing teacher temperature is a one-hot on the argmax utility, not NaN.
+    tiny = utility_infonce(q, p, idx, util, teacher_temperature=1e-30, reduction="none")
+    best = torch.where(idx >= 0, util.nan_to_num(-1e9), -math.inf).argmax(1)
+    onehot_idx = torch.full_like(idx, -1)
+    onehot_idx[:, 0] = idx.gather(1, best[:, None])[:, 0]
+    ref = utility_infonce(q, p, onehot_idx, torch.zeros_like(util), reduction="none")
+    _close(tiny, ref, 1e-6, "teacher_temperature -> 0")
+
+
+# ---------------------------------------------------------------------------- MNRL oracle
+def _mnrl(scale):
+    st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+    from sentence_transformers.util import dot_score
+
+    # Its embedding-level entry point: the same score function and labels as the full loss, no model needed.
+    return st_losses.MultipleNegativesRankingLoss(None, scale=scale, similarity_fct=dot_score)
+
+
+@pytest.mark.parametrize("onehot", ["single_target", "label_mix_1"])
+def test_one_hot_equals_mnrl(onehot):
+    b, d, tau = 29, 40, 0.05
+    anchor = torch.nn.functional.normalize(torch.randn(b, d), dim=-1).requires_grad_()
+    pos = torch.nn.functional.normalize(torch.randn(b, d), dim=-1).requires_grad_()
+    neg = torch.nn.functional.normalize(torch.randn(b, d), dim=-1).requires_grad_()
+    ref = _mnrl(1.0 / tau).compute_loss_from_embeddings([anchor, pos, neg], None)
+    ref_g = torch.autograd.grad(ref, (anchor, pos, neg))
+
+    a2, p2, n2 = (t.detach().clone().requires_grad_() for t in (anchor, pos, neg))
+    passages = torch.cat([p2, n2])  # MNRL's candidate order: all positives, then all negatives
+    if onehot == "single_target":
+        idx = torch.full((b, 4), -1)
+        idx[:, 2] = torch.arange(b)
+        loss = utility_infonce(a2, passages, idx, torch.randn(b, 4), temperature=tau)
+    else:  # arbitrary teacher targets, fully overridden by the gold label
+        idx = torch.randint(0, 2 * b, (b, 4))
+        loss = utility_infonce(a2, passages, idx, torch.randn(b, 4), temperature=tau, label_mix=1.0, gold_idx=torch.arange(b))
+    g = torch.autograd.grad(loss, (a2, p2, n2))
+    _close(loss, ref, 1e-6, "loss vs MNRL")
+    for name, x, y in zip(("anchor", "positive", "negative"), g, ref_g):
+        _close(x, y, 1e-5, f"d{name} vs MNRL")
+
+
+def test_module_wraps_function():
+    q, p, idx, util, gold = _inputs()
+    mod = UtilityInfoNCELoss(temperature=0.1, teacher_temperature=0.5, label_mix=0.2)
+    assert mod.scale == pytest.approx(10.0) and "label_mix=0.2" in repr(mod)
+    out = mod(q, p, idx, util, gold)
+    ref = utility_infonce(q, p, idx, util, temperature=0.1, teacher_temperature=0.5, label_mix=0.2, gold_idx=gold)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="temperature"):
+        UtilityInfoNCELoss(temperature=0.0)
+    with pytest.raises(ValueError, match="label_mix"):
+        UtilityInfoNCELoss(label_mix=1.5)
+    assert uae_fast.utility_infonce is utility_infonce
+
+
+# ---------------------------------------------------------------------------- Triton vs torch
+# Relative to max|reference|. fp32 differs from torch only in summation order; the 16-bit rows are bounded by
+# the rounding of the returned gradients (and, on the Triton path, the 16-bit probabilities fed to tl.dot).
+_TOL = {torch.float32: (1e-5, 3e-5), torch.float16: (1e-5, 4e-3), torch.bfloat16: (1e-5, 2.5e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_matches_float64_reference(dtype, triton_device):
+    q, p, idx, util, gold = _inputs(dtype=dtype)
+    q, p = (t.detach().to(triton_device).requires_grad_() for t in (q, p))
+    idx, util, gold = idx.to(triton_device), util.to(triton_device), gold.to(triton_device)
+    red = "none" if dtype == torch.float32 else "mean"
+    loss = utility_infonce(q, p, idx, util, temperature=0.07, label_mix=0.3, gold_idx=gold, reduction=red, impl="triton")
+    gq, gp = _grads(loss, q, p)
+    assert gq.isfinite().all() and gp.isfinite().all()
+    ref, qd, pd = _reference(q.cpu(), p.cpu(), idx.cpu(), util.cpu(), 0.07, 1.0, 0.3, gold.cpu(), red)
+    rq, rp = _grads(ref, qd, pd)
+    tl_, tg = _TOL[dtype]
+    _close(loss.cpu(), ref, tl_, f"{dtype} loss")
+    _close(gq.cpu(), rq, tg, f"{dtype} dq")
+    _close(gp.cpu(), rp, tg, f"{dtype} dp")
+    # and against the torch path on the same inputs
+    q2, p2 = q.detach().requires_grad_(), p.detach().requires_grad_()
+    t_loss = utility_infonce(q2, p2, idx, util, temperature=0.07, label_mix=0.3, gold_idx=gold, reduction=red, impl="torch")
+    tq, tp = _grads(t_loss, q2, p2)
+    _close(loss, t_loss, tl_, "triton vs torch loss")
+    _close(gq, tq, tg, "triton vs torch dq")
+    _close(gp, tp, tg, "triton vs torch dp")
+
+
+def test_triton_kernels_write_every_output(triton_device):
+    # Poison the outputs: every element must be written (and finite), for a shape that ends mid-tile.
+    q = torch.randn(B, D, device=triton_device) * 0.3
+    p = torch.randn(N, D, device=triton_device) * 0.3
+    inv_tau = 1 / 0.05
+    lse = M._triton_lse(q, p, inv_tau, out=torch.full((B,), math.nan, device=triton_device))
+    s = (q.double() @ p.double().T) * inv_tau
+    _close(lse.cpu(), torch.logsumexp(s, 1).cpu(), 1e-6, "lse")
+    g = torch.rand(B, device=triton_device) + 0.5
+    dq = M._triton_dq(q, p, lse, g, inv_tau, out=torch.full((B, D), math.nan, device=triton_device))
+    dp = M._triton_dp(q, p, lse, g, inv_tau, out=torch.full((N, D), math.nan, device=triton_device))
+    prob = torch.softmax(s, 1) * g.double()[:, None] * inv_tau
+    assert dq.isfinite().all() and dp.isfinite().all()
+    _close(dq.cpu(), (prob @ p.double()).cpu(), 2e-5, "dense dq")
+    _close(dp.cpu(), (prob.T @ q.double()).cpu(), 2e-5, "dense dp")
+
+
+def test_triton_float64_rules():
+    q, p, idx, util, _ = _inputs(b=4, n=9, d=8, k=2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        utility_infonce(q, p, idx, util, impl="triton")
+    utility_infonce(q, p, idx, util, impl="auto")  # auto falls back to the exact torch path
+
+
+# ---------------------------------------------------------------------------- bad input
+def _bad_cases():
+    q, p, idx, util, gold = _inputs(b=4, n=9, d=8, k=3)
+    q, p = q.detach(), p.detach()
+    cases = {}
+
+    def case(name, exc, match, **over):
+        args = dict(q=q, p=p, target_idx=idx, target_utility=util)
+        kwargs = {k: over.pop(k) for k in list(over) if k not in args}
+        args.update(over)
+        cases[name] = (exc, match, args, kwargs)
+
+    big = idx.clone(); big[2, 1] = 9
+    neg = idx.clone(); neg[0, 0] = -2
+    allpad = idx.clone(); allpad[3] = -1
+    nan_u = util.clone(); nan_u[0, 0] = math.nan
+    idx_ok = idx.clone(); idx_ok[0, 0] = 1
+    nan_q = q.clone(); nan_q[1, 2] = math.nan
+    inf_p = p.clone(); inf_p[5, 0] = math.inf
+    case("index >= N", ValueError, r"target_idx\[2, 1\] = 9 is out of range", target_idx=big)
+    case("index < -1", ValueError, r"target_idx\[0, 0\] = -2", target_idx=neg)
+    case("all-padding row", ValueError, "target_idx row 3 is all padding", target_idx=allpad)
+    case("nan utility", ValueError, r"target_utility\[0, 0\]", target_idx=idx_ok, target_utility=nan_u)
+    case("nan q", ValueError, "q contains 1 NaN", q=nan_q)
+    case("inf p", ValueError, "p contains 1 NaN or inf", p=inf_p)
+    case("d mismatch", ValueError, "d=8 but p is", p=p[:, :7])
+    case("B mismatch", ValueError, "target_idx must be", target_idx=idx[:3], target_utility=util[:3])
+    case("utility shape", ValueError, "target_utility must have the shape", target_utility=util[:, :2])
+    case("dtype mismatch", TypeError, "p has dtype", p=p.half())
+    case("float index", TypeError, "target_idx has dtype", target_idx=idx.float())
+    case("1-d targets", ValueError, "target_idx must have 2 dims", target_idx=idx[:, 0], target_utility=util[:, 0])
+    case("device mismatch", ValueError, "p is on meta", p=p.to("meta"))
+    case("not a tensor", TypeError, "q must be a torch.Tensor", q=q.tolist())
+    case("int embeddings", TypeError, "q has dtype", q=q.long())
+    case("label_mix needs gold", ValueError, "gold_idx", label_mix=0.5)
+    case("gold out of range", ValueError, r"gold_idx\[1\] = 99", label_mix=0.5, gold_idx=torch.tensor([0, 99, 1, 2]))
+    case("gold shape", ValueError, "gold_idx must be", label_mix=0.5, gold_idx=gold[:2])
+    case("temperature", ValueError, "temperature must be", temperature=0.0)
+    case("teacher_temperature", ValueError, "teacher_temperature must be", teacher_temperature=-1.0)
+    case("label_mix range", ValueError, "label_mix must be", label_mix=1.5)
+    case("reduction", ValueError, "reduction must be", reduction="avg")
+    case("impl", ValueError, "impl must be", impl="cuda")
+    case("utility grad", ValueError, "target_utility requires grad", target_utility=util.nan_to_num().requires_grad_())
+    case("empty p", ValueError, "empty input", p=p[:0])
+    return cases
+
+
+_CASES = _bad_cases()
+
+
+@pytest.mark.parametrize("name", list(_CASES))
+def test_bad_input_names_the_argument(name):
+    exc, match, args, kwargs = _CASES[name]
+    with pytest.raises(exc, match=match):
+        utility_infonce(args["q"], args["p"], args["target_idx"], args["target_utility"], **{"impl": "torch", **kwargs})

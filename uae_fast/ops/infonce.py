@@ -1,0 +1,506 @@
+"""Utility-modulated InfoNCE (UAE's training loss) without the [B, N] similarity matrix.
+
+For queries ``q`` [B, d], passages ``p`` [N, d] and, per query, target passages ``target_idx`` [B, K]
+with teacher utilities ``target_utility`` [B, K]::
+
+    w_i    = softmax_k(u_ik / teacher_temperature)             over the valid (>= 0) targets
+    w_i    = (1 - label_mix) * w_i + label_mix * onehot(gold_i)  (optional)
+    s_ij   = q_i . p_j / temperature
+    loss_i = sum_k w_ik * (logsumexp_j s_ij - s_{i, t_ik})
+
+i.e. the cross-entropy of the student's softmax over all N passages against the teacher distribution.
+With one-hot targets it is InfoNCE / sentence-transformers' MultipleNegativesRankingLoss (scale = 1/temperature).
+
+Because ``sum_k w_ik = 1`` the loss splits into a dense part, ``logsumexp_j s_ij``, and a sparse part,
+``sum_k w_ik s_{i, t_ik}`` (B*K dot products). Only the dense part needs the B x N sweep:
+
+* torch path (CPU implementation and reference): walks the queries in row chunks sized to a fixed memory
+  budget. When the reduction is "mean"/"sum" every row's upstream gradient is the same scalar, so the
+  gradients are computed *in the forward sweep* (as Liger's fused linear cross-entropy does) and only scaled
+  in backward: 3 B*N*d matmul FLOPs in total, the same as the materialised loss, with O(chunk) extra memory.
+  reduction="none" recomputes the chunks in backward.
+* Triton path (CUDA; or CPU tensors under ``TRITON_INTERPRET=1``): the forward kernel tiles over N with an
+  online log-sum-exp and saves only the per-row LSE. Backward recomputes the tiles from the saved LSE in two
+  separate passes - one program per query block writes dQ, one program per passage block writes dP - so no
+  atomics are used and the dense gradients are deterministic. The sparse target terms are gathers (dQ) and a
+  sort-based ``index_put_(accumulate=True)`` (dP; deterministic on CUDA).
+
+All math is fp32 (fp64 for fp64 inputs) whatever the embedding dtype; the loss is returned in that dtype and
+the gradients in the embeddings' dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_finite, check_tensor, resolve_impl
+
+try:  # Triton is a hard dependency on CUDA machines, optional for the torch path.
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only without triton
+    _HAS_TRITON = False
+
+# Bytes of fp32 similarities the torch path holds at once. 64 MiB is ~6% of the naive [B, N] matrix at
+# B = N = 16384 (the naive path holds 3-4 such matrices) and keeps each chunk's matmuls large enough for BLAS.
+_TORCH_CHUNK_BYTES = 64 * 2**20
+# Rows of [rows, K, d] gathered passages the sparse (target) terms hold at once.
+_SPARSE_CHUNK_BYTES = 32 * 2**20
+_REDUCTIONS = ("mean", "sum", "none")
+_EMB_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# validation and teacher distribution
+# --------------------------------------------------------------------------------------------------
+def _validate(q, p, target_idx, target_utility, temperature, teacher_temperature, label_mix, gold_idx, reduction):
+    check_tensor("q", q, ndim=2, dtypes=_EMB_DTYPES)
+    dev = q.device
+    check_tensor("p", p, ndim=2, dtypes=_EMB_DTYPES, device=dev)
+    if p.dtype != q.dtype:
+        raise TypeError(f"p has dtype {p.dtype} but q has {q.dtype}; pass both embeddings in one dtype")
+    if p.shape[1] != q.shape[1]:
+        raise ValueError(f"q is [B, d] with d={q.shape[1]} but p is [N, d] with d={p.shape[1]}")
+    b, n = q.shape[0], p.shape[0]
+    if b == 0 or n == 0 or q.shape[1] == 0:
+        raise ValueError(f"empty input: q is {tuple(q.shape)}, p is {tuple(p.shape)}; need B, N, d >= 1")
+    check_tensor("target_idx", target_idx, ndim=2, dtypes=INDEX_DTYPES, device=dev)
+    check_tensor("target_utility", target_utility, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
+    if target_idx.shape[0] != b or target_idx.shape[1] == 0:
+        raise ValueError(f"target_idx must be [B, K] with B={b} (rows of q) and K >= 1, got {tuple(target_idx.shape)}")
+    if target_utility.shape != target_idx.shape:
+        raise ValueError(
+            f"target_utility must have the shape of target_idx {tuple(target_idx.shape)}, got {tuple(target_utility.shape)}"
+        )
+    if target_utility.requires_grad:
+        raise ValueError("target_utility requires grad, but teacher utilities are targets, not parameters; pass target_utility.detach()")
+    for name, val in (("temperature", temperature), ("teacher_temperature", teacher_temperature)):
+        if not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {val!r}")
+    if not isinstance(label_mix, (int, float)) or not (0.0 <= label_mix <= 1.0):
+        raise ValueError(f"label_mix must be a number in [0, 1], got {label_mix!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+    valid = target_idx >= 0
+    bad = (target_idx < -1) | (target_idx >= n)
+    if bool(bad.any()):
+        r, k = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(
+            f"target_idx[{r}, {k}] = {int(target_idx[r, k])} is out of range: indices must be in [0, N={n}) or -1 for padding"
+        )
+    empty = ~valid.any(dim=1)
+    if bool(empty.any()):
+        r = int(empty.nonzero()[0, 0])
+        raise ValueError(f"target_idx row {r} is all padding (-1): every query needs at least one valid target")
+    finite = torch.isfinite(target_utility) | ~valid  # padded utilities are ignored, may hold anything
+    if not bool(finite.all()):
+        r, k = (int(x) for x in (~finite).nonzero()[0])
+        raise ValueError(f"target_utility[{r}, {k}] = {float(target_utility[r, k])} is not finite (at a valid target)")
+    if gold_idx is not None:
+        check_tensor("gold_idx", gold_idx, ndim=1, dtypes=INDEX_DTYPES, device=dev)
+        if gold_idx.shape[0] != b:
+            raise ValueError(f"gold_idx must be [B] with B={b}, got {tuple(gold_idx.shape)}")
+        bad = (gold_idx < -1) | (gold_idx >= n)
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0, 0])
+            raise ValueError(f"gold_idx[{r}] = {int(gold_idx[r])} is out of range: must be in [0, N={n}) or -1 (no gold)")
+    elif label_mix > 0:
+        raise ValueError(f"label_mix={label_mix} > 0 mixes in the gold passage, so gold_idx ([B] indices into p) is required")
+    check_finite("q", q)
+    check_finite("p", p)
+
+
+def _teacher_weights(target_idx, target_utility, teacher_temperature, label_mix, gold_idx, acc):
+    """(idx [B, K'] long, w [B, K'] acc) with padding mapped to (0, 0.0) and rows summing to 1."""
+    valid = target_idx >= 0
+    u = target_utility.detach().to(acc).masked_fill(~valid, -math.inf)
+    # Subtract the row max *before* dividing by the temperature: a tiny teacher_temperature then sends the
+    # other utilities to -inf (weight 0) instead of overflowing everything to inf/inf = NaN.
+    u = (u - u.amax(dim=1, keepdim=True)) / teacher_temperature
+    w = torch.softmax(u, dim=1).masked_fill(~valid, 0.0)
+    idx = target_idx.long().clamp_min(0)
+    if label_mix > 0:
+        has_gold = gold_idx >= 0  # rows without a gold passage keep the pure teacher distribution
+        alpha = torch.where(has_gold, label_mix, 0.0).to(acc)
+        w = torch.cat([w * (1.0 - alpha)[:, None], alpha[:, None]], dim=1)
+        idx = torch.cat([idx, gold_idx.long().clamp_min(0)[:, None]], dim=1)
+    return idx.contiguous(), w.contiguous()
+
+
+def _reduce(loss, reduction):
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def _row_grad(grad_out, reduction, b, acc):
+    """Upstream gradient per row: a scalar for mean/sum, a vector for none."""
+    g = grad_out.to(acc)
+    if reduction == "mean":
+        return g / b
+    return g
+
+
+# --------------------------------------------------------------------------------------------------
+# sparse (target) terms, shared by both paths
+# --------------------------------------------------------------------------------------------------
+def _sparse_rows(n_rows, k, d, elsize):
+    return max(1, _SPARSE_CHUNK_BYTES // max(1, k * d * elsize))
+
+
+def _target_scores(q, p, idx, w, inv_tau):
+    """sum_k w_ik * s_{i, t_ik}, [B], from B*K gathered dot products (chunked: never [B, K, d] at once)."""
+    acc = w.dtype
+    b, k = idx.shape
+    out = torch.empty(b, dtype=acc, device=q.device)
+    step = _sparse_rows(b, k, q.shape[1], 4)
+    for s in range(0, b, step):
+        e = min(b, s + step)
+        pt = p[idx[s:e]].to(acc)  # [c, K, d]
+        sc = torch.bmm(pt, q[s:e].to(acc)[:, :, None]).squeeze(2)  # [c, K]
+        out[s:e] = (sc * w[s:e]).sum(1) * inv_tau
+    return out
+
+
+def _sparse_grads(q, p, idx, w, coef, dq, dp):
+    """Subtract the target terms: dq_i -= coef_i sum_k w_ik p_{t_ik};  dp_{t_ik} -= coef_i w_ik q_i."""
+    acc = w.dtype
+    b, k = idx.shape
+    step = _sparse_rows(b, k, q.shape[1], 4)
+    for s in range(0, b, step):
+        e = min(b, s + step)
+        cw = w[s:e] * coef[s:e, None]  # [c, K]
+        if dq is not None:
+            dq[s:e] -= torch.bmm(cw[:, None, :], p[idx[s:e]].to(acc)).squeeze(1)
+        if dp is not None:
+            contrib = cw[:, :, None] * q[s:e].to(acc)[:, None, :]  # [c, K, d]
+            dp.index_put_((idx[s:e].reshape(-1),), -contrib.reshape(-1, q.shape[1]), accumulate=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch path
+# --------------------------------------------------------------------------------------------------
+def _torch_sweep(q, p, idx, w, inv_tau, row_grad, need_dq, need_dp):
+    """One pass over query chunks: per-row LSE and target score; optionally dq/dp.
+
+    ``row_grad`` None means every row's upstream gradient is 1 (the caller scales later).
+    """
+    acc = w.dtype
+    qa, pa = q.to(acc), p.to(acc)
+    b, n = qa.shape[0], pa.shape[0]
+    lse = torch.empty(b, dtype=acc, device=q.device)
+    tgt = torch.empty(b, dtype=acc, device=q.device)
+    dq = torch.empty_like(qa) if need_dq else None
+    dp = torch.zeros_like(pa) if need_dp else None
+    step = max(1, _TORCH_CHUNK_BYTES // (n * qa.element_size()))
+    pt = pa.t()
+    for s in range(0, b, step):
+        e = min(b, s + step)
+        ii, ww = idx[s:e], w[s:e]
+        sim = torch.mm(qa[s:e], pt).mul_(inv_tau)  # the only [chunk, N] buffer; reused in place below
+        tgt[s:e] = (sim.gather(1, ii) * ww).sum(1)
+        m = sim.amax(dim=1, keepdim=True)
+        l = sim.sub_(m).exp_().sum(dim=1, keepdim=True)
+        lse[s:e] = (m + l.log()).squeeze(1)
+        if not (need_dq or need_dp):
+            continue
+        # sim now holds exp(s - m); turn it into dloss_i/ds_ij * tau = g_i * (softmax_ij - y_ij).
+        coef = torch.full((e - s, 1), inv_tau, dtype=acc, device=q.device) if row_grad is None else row_grad[s:e, None] * inv_tau
+        sim.mul_(coef / l)
+        sim.scatter_add_(1, ii, -(ww * coef))
+        if need_dq:
+            torch.mm(sim, pa, out=dq[s:e])
+        if need_dp:
+            dp.addmm_(sim.t(), qa[s:e])
+    return lse, tgt, dq, dp
+
+
+class _TorchInfoNCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, p, idx, w, inv_tau, reduction):
+        need_dq, need_dp = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.meta = (inv_tau, reduction, q.dtype, p.dtype, q.shape[0])
+        if reduction != "none" and (need_dq or need_dp):
+            # Every row gets the same upstream gradient: compute the gradients now, scale them in backward.
+            lse, tgt, dq, dp = _torch_sweep(q, p, idx, w, inv_tau, None, need_dq, need_dp)
+            ctx.save_for_backward(dq, dp)
+            ctx.precomputed = True
+        else:
+            lse, tgt, _, _ = _torch_sweep(q, p, idx, w, inv_tau, None, False, False)
+            ctx.save_for_backward(q, p, idx, w)
+            ctx.precomputed = False
+        return _reduce(lse - tgt, reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        inv_tau, reduction, q_dtype, p_dtype, b = ctx.meta
+        if ctx.precomputed:
+            dq, dp = ctx.saved_tensors
+            g = _row_grad(grad_out, reduction, b, (dq if dq is not None else dp).dtype)
+            dq = None if dq is None else (dq * g).to(q_dtype)
+            dp = None if dp is None else (dp * g).to(p_dtype)
+        else:
+            q, p, idx, w = ctx.saved_tensors
+            g = _row_grad(grad_out, reduction, b, w.dtype)
+            _, _, dq, dp = _torch_sweep(q, p, idx, w, inv_tau, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            dq = None if dq is None else dq.to(q_dtype)
+            dp = None if dp is None else dp.to(p_dtype)
+        return dq, dp, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton path
+# --------------------------------------------------------------------------------------------------
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _dot(a, b, acc, CAST: tl.constexpr, PRECISION: tl.constexpr):
+        # CAST: Triton's CPU interpreter mis-multiplies bf16 tiles, so there the (exact) fp32 upcast is used.
+        if CAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+    @triton.jit
+    def _infonce_lse_fwd_kernel(
+        Q, P, LSE, B, N, D, stride_q, stride_p, scale_log2,
+        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, CAST: tl.constexpr,
+    ):
+        # One program per BLOCK_B queries: sweep all passages with an online log-sum-exp (base 2).
+        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        m = tl.full([BLOCK_B], -float("inf"), tl.float32)
+        l = tl.zeros([BLOCK_B], tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            s = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+            # d is walked in chunks so d = 768/1024 does not need a [BLOCK, d] tile in registers.
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                d_ok = dd < D
+                qt = tl.load(Q + rows[:, None] * stride_q + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                pt = tl.load(P + cols[None, :] * stride_p + dd[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+                s = _dot(qt, pt, s, CAST, PRECISION)
+            s = tl.where(col_ok[None, :], s * scale_log2, -float("inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+            m = m_new
+        tl.store(LSE + rows, (m + tl.log2(l)) * 0.6931471805599453, mask=row_ok)
+
+    @triton.jit
+    def _infonce_dq_kernel(
+        Q, P, LSE, G, DQ, B, N, D, stride_q, stride_p, stride_dq, scale_log2, inv_tau,
+        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, CAST: tl.constexpr,
+    ):
+        # dQ_i = g_i / tau * sum_j softmax_ij p_j  (dense part). One program per query block: no atomics.
+        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        dd = tl.arange(0, D_PAD)
+        d_ok = dd < D
+        qt = tl.load(Q + rows[:, None] * stride_q + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        acc = tl.zeros([BLOCK_B, D_PAD], tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            pt = tl.load(P + cols[:, None] * stride_p + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            s = _dot(qt, tl.trans(pt), tl.zeros([BLOCK_B, BLOCK_N], tl.float32), CAST, PRECISION) * scale_log2
+            prob = tl.where(col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+            acc = _dot(prob.to(pt.dtype), pt, acc, CAST, PRECISION)
+        g = tl.load(G + rows, mask=row_ok, other=0.0) * inv_tau
+        tl.store(DQ + rows[:, None] * stride_dq + dd[None, :], acc * g[:, None], mask=row_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _infonce_dp_kernel(
+        Q, P, LSE, G, DP, B, N, D, stride_q, stride_p, stride_dp, scale_log2, inv_tau,
+        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, CAST: tl.constexpr,
+    ):
+        # dP_j = 1 / tau * sum_i g_i softmax_ij q_i  (dense part). One program per passage block: no atomics.
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        dd = tl.arange(0, D_PAD)
+        d_ok = dd < D
+        pt = tl.load(P + cols[:, None] * stride_p + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        for b0 in range(0, B, BLOCK_B):
+            rows = b0 + tl.arange(0, BLOCK_B)
+            row_ok = rows < B
+            qt = tl.load(Q + rows[:, None] * stride_q + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+            g = tl.load(G + rows, mask=row_ok, other=0.0)
+            s = _dot(pt, tl.trans(qt), tl.zeros([BLOCK_N, BLOCK_B], tl.float32), CAST, PRECISION) * scale_log2  # [BLOCK_N, BLOCK_B]
+            prob = tl.where(row_ok[None, :], tl.exp2(s - lse2[None, :]) * g[None, :], 0.0)
+            acc = _dot(prob.to(qt.dtype), qt, acc, CAST, PRECISION)
+        tl.store(DP + cols[:, None] * stride_dp + dd[None, :], acc * inv_tau, mask=col_ok[:, None] & d_ok[None, :])
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << (max(1, x) - 1).bit_length()
+
+
+def _triton_config(d: int):
+    """(BLOCK_B, BLOCK_N, BLOCK_D, D_PAD, num_warps): backward keeps a [block, D_PAD] fp32 accumulator,
+    so blocks shrink as d grows to keep it in registers."""
+    d_pad = max(16, _next_pow2(d))
+    block_d = min(d_pad, 64)
+    if d_pad <= 128:
+        return 64, 64, block_d, d_pad, 4
+    if d_pad <= 256:
+        return 32, 64, block_d, d_pad, 4
+    if d_pad <= 512:
+        return 32, 32, block_d, d_pad, 8
+    return 16, 32, block_d, d_pad, 8
+
+
+def _precision(dtype):
+    # Follow torch's own switch, so "triton vs torch" compares like with like (tf32 only if torch uses it).
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _cast(q):
+    return q.dtype == torch.bfloat16 and q.device.type != "cuda"  # CPU tensors = the interpreter
+
+
+def _triton_lse(q, p, inv_tau, out=None):
+    b, d = q.shape
+    n = p.shape[0]
+    bb, bn, bd, _, nw = _triton_config(d)
+    out = torch.empty(b, dtype=torch.float32, device=q.device) if out is None else out
+    _infonce_lse_fwd_kernel[(triton.cdiv(b, bb),)](
+        q, p, out, b, n, d, q.stride(0), p.stride(0), inv_tau * _LOG2E,
+        BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, PRECISION=_precision(q.dtype), CAST=_cast(q), num_warps=nw,
+    )
+    return out
+
+
+def _triton_dq(q, p, lse, g, inv_tau, out=None):
+    b, d = q.shape
+    n = p.shape[0]
+    bb, bn, _, dp_, nw = _triton_config(d)
+    out = torch.empty(b, d, dtype=torch.float32, device=q.device) if out is None else out
+    _infonce_dq_kernel[(triton.cdiv(b, bb),)](
+        q, p, lse, g, out, b, n, d, q.stride(0), p.stride(0), out.stride(0), inv_tau * _LOG2E, inv_tau,
+        BLOCK_B=bb, BLOCK_N=bn, D_PAD=dp_, PRECISION=_precision(q.dtype), CAST=_cast(q), num_warps=nw,
+    )
+    return out
+
+
+def _triton_dp(q, p, lse, g, inv_tau, out=None):
+    b, d = q.shape
+    n = p.shape[0]
+    bb, bn, _, dp_, nw = _triton_config(d)
+    out = torch.empty(n, d, dtype=torch.float32, device=q.device) if out is None else out
+    _infonce_dp_kernel[(triton.cdiv(n, bn),)](
+        q, p, lse, g, out, b, n, d, q.stride(0), p.stride(0), out.stride(0), inv_tau * _LOG2E, inv_tau,
+        BLOCK_B=bb, BLOCK_N=bn, D_PAD=dp_, PRECISION=_precision(q.dtype), CAST=_cast(q), num_warps=nw,
+    )
+    return out
+
+
+class _TritonInfoNCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, p, idx, w, inv_tau, reduction):
+        q, p = q.contiguous(), p.contiguous()
+        lse = _triton_lse(q, p, inv_tau)
+        tgt = _target_scores(q, p, idx, w, inv_tau)
+        ctx.save_for_backward(q, p, idx, w, lse)
+        ctx.meta = (inv_tau, reduction)
+        return _reduce(lse - tgt, reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, p, idx, w, lse = ctx.saved_tensors
+        inv_tau, reduction = ctx.meta
+        b = q.shape[0]
+        g = _row_grad(grad_out, reduction, b, torch.float32).expand(b).contiguous()
+        need_dq, need_dp = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dq = _triton_dq(q, p, lse, g, inv_tau) if need_dq else None
+        dp = _triton_dp(q, p, lse, g, inv_tau) if need_dp else None
+        _sparse_grads(q, p, idx, w, g * inv_tau, dq, dp)
+        return (None if dq is None else dq.to(q.dtype)), (None if dp is None else dp.to(p.dtype)), None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------
+def utility_infonce(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    target_idx: torch.Tensor,
+    target_utility: torch.Tensor,
+    *,
+    temperature: float = 0.05,
+    teacher_temperature: float = 1.0,
+    label_mix: float = 0.0,
+    gold_idx: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Utility-modulated InfoNCE: cross-entropy of the student's softmax over all passages against the
+    teacher's utility distribution over each query's targets. Never materialises the [B, N] scores.
+
+    Args:
+        q: [B, d] query embeddings (fp32/bf16/fp16; fp64 on the torch path). Used as given: normalise in the model.
+        p: [N, d] passage embeddings, same dtype and device: every candidate in the batch plus any extra negatives.
+        target_idx: [B, K] integer indices into ``p`` of each query's target passages; -1 = padding.
+            Every row needs at least one valid target. Repeated indices add their weights.
+        target_utility: [B, K] teacher utilities (e.g. mean log-prob delta); ignored at padding. No gradient.
+        temperature: student temperature, ``s_ij = q_i . p_j / temperature`` (``scale = 1 / temperature``).
+        teacher_temperature: teacher distribution ``softmax(u / teacher_temperature)`` over the valid targets.
+        label_mix: ``alpha`` in ``(1 - alpha) * teacher + alpha * onehot(gold)``.
+        gold_idx: [B] index into ``p`` of each query's gold passage (-1: no gold, that row keeps the pure teacher
+            distribution). Required when ``label_mix > 0``. It may or may not also appear in ``target_idx``.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` ([B] per-query losses).
+        impl: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs). Differentiable in ``q`` and ``p`` (first order).
+
+    Backward: torch path computes the gradients in the forward sweep for mean/sum (recompute for "none");
+    Triton path recomputes the tiles from the saved per-row LSE in separate dQ and dP passes (deterministic,
+    no atomics). With one-hot targets (one valid target per row, or ``label_mix=1``) this equals
+    sentence-transformers' ``MultipleNegativesRankingLoss`` with ``scale = 1 / temperature`` and
+    ``similarity_fct = dot_score``.
+
+    Example::
+
+        q = torch.nn.functional.normalize(torch.randn(8, 384), dim=-1).requires_grad_()
+        p = torch.nn.functional.normalize(torch.randn(32, 384), dim=-1).requires_grad_()
+        idx = torch.randint(0, 32, (8, 4))   # 4 candidates per query
+        util = torch.randn(8, 4)              # teacher utilities
+        loss = utility_infonce(q, p, idx, util, temperature=0.05)
+        loss.backward()
+    """
+    _validate(q, p, target_idx, target_utility, temperature, teacher_temperature, label_mix, gold_idx, reduction)
+    requested = impl
+    impl = resolve_impl(impl, q.device)
+    if impl == "triton" and (q.dtype == torch.float64 or not _HAS_TRITON):
+        if requested == "auto":
+            impl = "torch"  # fp64 (e.g. gradcheck) or no triton: the torch path is exact and always available
+        elif q.dtype == torch.float64:
+            raise TypeError("q has dtype float64, which impl='triton' does not take; use impl='torch' or fp32/bf16/fp16")
+        else:  # pragma: no cover
+            raise ValueError("impl='triton' needs the triton package; use impl='torch'")
+    acc = _acc_dtype(q.dtype)
+    idx, w = _teacher_weights(target_idx, target_utility, teacher_temperature, label_mix, gold_idx, acc)
+    fn = _TritonInfoNCE if impl == "triton" else _TorchInfoNCE
+    return fn.apply(q, p, idx, w, 1.0 / temperature, reduction)
