@@ -1,0 +1,198 @@
+"""uae train: utilities loading/validation, deterministic batches, exact resume, CLI errors."""
+import gzip
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from test_student import make_tiny_encoder
+from uae_fast.data import load_dataset
+from uae_fast.training import (BatchSampler, TrainConfig, check_utilities, latest_checkpoint, load_utilities, train)
+
+HERE = os.path.dirname(__file__)
+TRAIN = os.path.join(HERE, "fixtures", "qasper-train-mini.json.gz")
+
+
+def write_utilities(path, ds, *, seed=0, gold_bonus=2.0, header=True):
+    """A tiny utilities file in `uae score`'s shape: a header, then one row per (query, pool passage)."""
+    rng = random.Random(seed)
+    with gzip.open(path, "wt") as f:
+        if header:
+            f.write(json.dumps({"type": "header", "teacher": "test", "data": "mini"}) + "\n")
+        for q in ds.queries:
+            if not q.answers:
+                continue
+            for pid in ds.pool(q):
+                u = rng.gauss(0, 0.5) + (gold_bonus if pid in q.gold else 0.0)
+                f.write(json.dumps({"qid": q.id, "pid": pid, "utility": u, "n_answer_tokens": 3}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return load_dataset(TRAIN)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_encoder(tmp_path_factory.mktemp("tiny") / "enc")
+
+
+def test_load_utilities_averages_and_header(tmp_path):
+    p = tmp_path / "u.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"type": "header", "teacher": "x"}, {"qid": "a", "pid": "d:0", "utility": 1.0},
+        {"qid": "a", "pid": "d:0", "utility": 3.0}, {"qid": "a", "pid": "d:1", "utility": -1}, {"qid": 7, "pid": "d:1", "utility": 0.5}]))
+    u, header = load_utilities(str(p))
+    assert u == {"a": {"d:0": 2.0, "d:1": -1.0}, "7": {"d:1": 0.5}}
+    assert header["teacher"] == "x"
+
+
+@pytest.mark.parametrize("rows,match", [
+    ([{"qid": "a", "pid": "x"}], "missing \\['utility'\\]"),
+    ([{"qid": "a", "pid": "x", "utility": float("nan")}], "must be finite"),
+    ([{"qid": "a", "pid": "x", "utility": "high"}], "must be a number"),
+    ([{"type": "header"}], "no utility rows"),
+    (["[1, 2]"], "JSON object"),
+])
+def test_load_utilities_errors(tmp_path, rows, match):
+    p = tmp_path / "u.jsonl"
+    p.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match=match):
+        load_utilities(str(p))
+
+
+def test_load_utilities_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_utilities(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "x.jsonl").write_text("{oops\n")
+    with pytest.raises(ValueError, match=":1: not valid JSON"):
+        load_utilities(str(tmp_path / "x.jsonl"))
+    (tmp_path / "y.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_utilities(str(tmp_path / "y.jsonl.gz"))
+
+
+def test_utilities_must_match_data(tmp_path, ds):
+    u, _ = load_utilities(write_utilities(tmp_path / "u.jsonl.gz", ds))
+    check_utilities(u, ds)  # matches
+    dev = load_dataset(os.path.join(HERE, "fixtures", "qasper-dev-mini.json.gz"))
+    with pytest.raises(ValueError, match="does not match data.*query ids are not in the data"):
+        check_utilities(u, dev)
+    q0 = next(iter(u))
+    other = next(p for p in ds.passages if p not in ds.pool(next(q for q in ds.queries if q.id == q0)))
+    bad = {q0: {other: 1.0}}
+    with pytest.raises(ValueError, match="outside the query's candidate pool"):
+        check_utilities(bad, ds)
+
+
+def test_batches_deterministic_and_targets(tmp_path, ds):
+    u, _ = load_utilities(write_utilities(tmp_path / "u.jsonl.gz", ds))
+    cfg = TrainConfig(loss="uae", batch_size=4, passages_per_query=3, seed=3)
+    s1, s2 = BatchSampler(ds, cfg, u), BatchSampler(ds, cfg, u)
+    by_id = {q.id: q for q in ds.queries}
+    seen = []
+    for m in range(s1.batches_per_epoch):
+        b1, b2 = s1.batch(m), s2.batch(m)
+        assert b1.passages == b2.passages and torch.equal(b1.target_idx, b2.target_idx)
+        seen += b1.qids
+        for i, qid in enumerate(b1.qids):
+            valid = b1.target_idx[i] >= 0
+            # each target is a batch passage the teacher scored for this query, with its utility
+            for j, uu in zip(b1.target_idx[i][valid].tolist(), b1.target_utility[i][valid].tolist()):
+                text = b1.passages[j]
+                match = [p for p, val in u[qid].items() if ds.passages[p].text == text]
+                assert match and any(abs(u[qid][p] - uu) < 1e-6 for p in match)
+            if by_id[qid].gold:  # the sampled gold passage is in the batch and marked
+                g = int(b1.gold_idx[i])
+                assert g >= 0 and b1.passages[g] in {ds.passages[p].text for p in by_id[qid].gold}
+    # one epoch covers every query with utilities exactly once
+    assert sorted(seen) == sorted(q for q in u)
+    # a new epoch is reshuffled, and another seed gives other batches
+    assert [s1.batch(m).qids for m in range(2)] != [s1.batch(s1.batches_per_epoch + m).qids for m in range(2)]
+    s3 = BatchSampler(ds, TrainConfig(loss="uae", batch_size=4, passages_per_query=3, seed=4), u)
+    assert [s1.batch(m).qids for m in range(3)] != [s3.batch(m).qids for m in range(3)]
+
+
+def test_infonce_targets_are_gold_and_ranks_partition(ds):
+    cfg = TrainConfig(loss="infonce", batch_size=3, passages_per_query=3)
+    whole = BatchSampler(ds, TrainConfig(loss="infonce", batch_size=6, passages_per_query=3))
+    r0, r1 = BatchSampler(ds, cfg, world=2, rank=0), BatchSampler(ds, cfg, world=2, rank=1)
+    by_id = {q.id: q for q in ds.queries}
+    for m in range(whole.batches_per_epoch):
+        a, b = r0.batch(m), r1.batch(m)
+        assert a.qids + b.qids == whole.batch(m).qids or m == whole.batches_per_epoch - 1
+        for bt in (a, b):
+            for i, qid in enumerate(bt.qids):
+                gold_texts = {ds.passages[p].text for p in by_id[qid].gold}
+                tgt = [bt.passages[j] for j in bt.target_idx[i].tolist() if j >= 0]
+                assert tgt and all(t in gold_texts for t in tgt)
+                assert (bt.target_utility[i] == 0).all()  # uniform over gold
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def test_resume_is_exact(tmp_path, ds, tiny):
+    utils = write_utilities(tmp_path / "u.jsonl.gz", ds)
+    cfg = dict(data=TRAIN, utilities=utils, student=tiny, loss="uae", max_steps=4, batch_size=4, passages_per_query=3,
+               max_passage_length=32, lr=1e-3, seed=1)
+    full = tmp_path / "full"
+    s = train(TrainConfig(**cfg), str(full), save_every=2, progress=False, ds=ds)
+    assert s["finished"] and s["steps"] == 4
+    part = tmp_path / "part"
+    s1 = train(TrainConfig(**cfg), str(part), save_every=100, stop_after=2, progress=False, ds=ds)
+    assert not s1["finished"] and s1["steps"] == 2
+    assert latest_checkpoint(str(part)).endswith("step-000002")
+    assert not os.path.exists(part / "model.safetensors")  # not finished: no final model yet
+    s2 = train(TrainConfig(**cfg), str(part), resume=True, save_every=100, progress=False, ds=ds)
+    assert s2["finished"] and s2["steps"] == 4
+    wf, wp, w0 = _weights(full), _weights(part), _weights(tiny)
+    assert wf.keys() == wp.keys()
+    for k in wf:
+        assert torch.equal(wf[k], wp[k]), k
+    assert any(not torch.equal(wf[k], w0[k]) for k in wf if k in w0)  # it did train
+    # the per-step losses match too
+    lf = [json.loads(x)["loss"] for x in open(full / "train_log.jsonl")]
+    lp = [json.loads(x)["loss"] for x in open(part / "train_log.jsonl")]
+    assert lf == lp and len(lf) == 4
+    # resuming with other settings is refused
+    with pytest.raises(ValueError, match="different training settings.*lr"):
+        train(TrainConfig(**{**cfg, "lr": 2e-3}), str(part), resume=True, stop_after=3, progress=False, ds=ds)
+
+
+def test_config_and_data_errors(tmp_path, ds):
+    with pytest.raises(ValueError, match="loss must be"):
+        TrainConfig(loss="mse").check()
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0).check()
+    with pytest.raises(ValueError, match="label_mix"):
+        TrainConfig(label_mix=1.5).check()
+    with pytest.raises(ValueError, match="needs a utilities file"):
+        BatchSampler(ds, TrainConfig(loss="uae"), None)
+    from uae_fast.data import RetrievalDataset
+
+    empty = RetrievalDataset({}, [q for q in ds.queries if not q.gold])
+    with pytest.raises(ValueError, match="no training queries"):
+        BatchSampler(empty, TrainConfig(loss="infonce"))
+
+
+def test_cli_reports_mismatched_utilities(tmp_path, capsys, tiny):
+    from uae_fast.cli import main
+
+    dev = load_dataset(os.path.join(HERE, "fixtures", "qasper-dev-mini.json.gz"))
+    utils = write_utilities(tmp_path / "dev-u.jsonl.gz", dev)
+    rc = main(["train", "--data", TRAIN, "--utilities", utils, "--out", str(tmp_path / "o"), "--student", tiny, "--no-progress"])
+    assert rc == 1
+    assert "does not match data" in capsys.readouterr().err
+    good = write_utilities(tmp_path / "u.jsonl.gz", load_dataset(TRAIN))
+    (tmp_path / "notamodel").mkdir()
+    rc = main(["train", "--data", TRAIN, "--utilities", good, "--out", str(tmp_path / "o"), "--student",
+               str(tmp_path / "notamodel"), "--no-progress"])
+    assert rc == 1
+    assert "not a model folder" in capsys.readouterr().err

@@ -1,0 +1,592 @@
+"""Distillation training: ``uae train`` turns a teacher utility table into a bi-encoder.
+
+Batches: ``batch_size`` queries, grouped by document (queries of one paper sit in the same batch, so
+their candidates are shared hard negatives). Each query brings ``passages_per_query`` passages of its
+own pool: for ``--loss uae`` one gold passage (when it has one) and candidates drawn from its teacher-scored
+set (half by teacher weight, half uniformly, so both high- and low-utility passages appear); for
+``--loss infonce`` one gold passage and uniform same-document negatives. Every passage of the batch is a
+negative for every query (in-batch negatives; under ``torchrun`` also the other ranks' passages).
+
+Targets per query (:func:`uae_fast.utility_infonce`):
+
+* ``uae``: every batch passage the teacher scored for that query, weighted ``softmax(utility /
+  teacher_temperature)``, mixed with the gold passage: ``(1 - label_mix) * teacher + label_mix * gold``;
+* ``infonce`` (the supervised baseline): the query's gold passages in the batch, uniformly (one-hot when one).
+
+Both losses see the same number of passages per step, so ``--loss infonce`` with the same settings is
+the same-budget supervised baseline.
+
+Determinism and resuming: the query order of epoch ``e`` is a function of ``(seed, e)`` and the passages
+drawn for micro-batch ``m`` of ``(seed, m)``, so the data position is just the step counter. A checkpoint
+(``DIR/checkpoints/step-NNNNNN/``: the model in sentence-transformers format + ``trainer_state.pt`` with
+optimizer, scheduler and RNG states) lets ``--resume`` continue bit-for-bit (tested on CPU).
+
+Utilities file (written by ``uae score``; JSONL, optionally gzipped): an optional header record, then rows
+with at least ``qid``, ``pid`` and ``utility``; several rows for one (qid, pid) (e.g. one per gold answer)
+are averaged.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .data import RetrievalDataset, Query, default_qasper_path, load_dataset
+
+DEFAULT_UTILITIES = os.path.join("data", "qasper-train-utilities.jsonl.gz")
+_STATE_FILE = "trainer_state.pt"
+
+
+# ------------------------------------------------------------------------------------- utilities
+def _open_text(path: str):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"utilities file not found: {path}")
+    if path.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, "r", encoding="utf-8")
+
+
+def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
+    """``({qid: {pid: utility}}, header)`` from a utilities JSONL file.
+
+    Records without ``qid``/``pid`` (a header, run metadata) are collected into ``header``. Several rows for one
+    (qid, pid) are averaged; a non-finite utility is an error (one NaN would poison a whole softmax).
+    """
+    path = os.fspath(path)
+    sums: Dict[str, Dict[str, List[float]]] = {}
+    header: dict = {}
+    try:
+        with _open_text(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{path}:{n}: each line must be a JSON object")
+                if "qid" not in rec and "pid" not in rec:
+                    header.update(rec.get("header", rec) if isinstance(rec.get("header"), dict) else rec)
+                    continue
+                missing = [k for k in ("qid", "pid", "utility") if k not in rec]
+                if missing:
+                    raise ValueError(f"{path}:{n}: a utility row needs qid, pid and utility; missing {missing}")
+                try:
+                    u = float(rec["utility"])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{path}:{n}: utility must be a number, got {rec['utility']!r}") from None
+                if not math.isfinite(u):
+                    raise ValueError(f"{path}:{n}: utility is {u} (must be finite)")
+                sums.setdefault(str(rec["qid"]), {}).setdefault(str(rec["pid"]), []).append(u)
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError) as e:  # truncated or non-gzip .gz
+        raise ValueError(f"{path}: cannot read utilities ({e})") from None
+    if not sums:
+        raise ValueError(f"{path}: no utility rows (need JSON lines with qid, pid, utility)")
+    return {q: {p: sum(v) / len(v) for p, v in d.items()} for q, d in sums.items()}, header
+
+
+def check_utilities(utilities: Dict[str, Dict[str, float]], ds: RetrievalDataset, *, path: str = "utilities",
+                    data_path: str = "data") -> None:
+    """Raise ValueError unless every (qid, pid) names a query of ``ds`` and a passage in that query's pool."""
+    by_id = {q.id: q for q in ds.queries}
+    unknown_q = [q for q in utilities if q not in by_id]
+    if unknown_q:
+        raise ValueError(f"utilities file {path} does not match data {data_path}: {len(unknown_q)} of {len(utilities)} "
+                         f"query ids are not in the data (e.g. {unknown_q[:3]}); score this data with `uae score` first")
+    bad = []
+    for qid, d in utilities.items():
+        pool = set(ds.pool(by_id[qid]))
+        bad.extend((qid, pid) for pid in d if pid not in pool)
+    if bad:
+        raise ValueError(f"utilities file {path} does not match data {data_path}: {len(bad)} (qid, pid) rows name passages "
+                         f"outside the query's candidate pool (e.g. {bad[:3]})")
+
+
+# ------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """Everything that shapes the training trajectory (checked on ``--resume``)."""
+    data: str = ""
+    utilities: Optional[str] = None
+    student: Optional[str] = None
+    loss: str = "uae"
+    epochs: float = 1.0
+    max_steps: Optional[int] = None
+    batch_size: int = 16
+    passages_per_query: int = 4
+    grad_accum: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    temperature: float = 0.05
+    teacher_temperature: float = 0.5
+    label_mix: float = 0.5
+    max_query_length: int = 64
+    max_passage_length: int = 128
+    seed: int = 0
+    encode_chunk: int = 16
+
+    def check(self) -> None:
+        if self.loss not in ("uae", "infonce"):
+            raise ValueError(f"loss must be 'uae' or 'infonce', got {self.loss!r}")
+        ints = ("batch_size", "passages_per_query", "grad_accum", "max_query_length", "max_passage_length", "encode_chunk")
+        for k in ints:
+            v = getattr(self, k)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k} must be a positive int, got {v!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"max_steps must be a positive int, got {self.max_steps!r}")
+        for k in ("epochs", "lr", "temperature", "teacher_temperature"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{k} must be a number > 0, got {v!r}")
+        for k in ("label_mix", "warmup"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and 0 <= v <= 1):
+                raise ValueError(f"{k} must be in [0, 1], got {v!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+
+
+# Settings that may differ between a run and its --resume (they do not change the trajectory).
+_RESUME_FREE = ()
+
+
+# ------------------------------------------------------------------------------------- batches
+@dataclass
+class Batch:
+    queries: List[str]                 # question texts, [B]
+    passages: List[str]                # unique passage texts, [N]
+    target_idx: torch.Tensor           # [B, K] long, -1 padded
+    target_utility: torch.Tensor       # [B, K] float32
+    gold_idx: torch.Tensor             # [B] long, -1 = no gold in batch
+    qids: List[str] = field(default_factory=list)
+
+
+class BatchSampler:
+    """Deterministic batches: epoch order from ``(seed, epoch)``, passages from ``(seed, micro_batch)``.
+
+    ``world``/``rank``: each global micro-batch has ``world * batch_size`` queries; rank ``r`` takes its slice.
+    """
+
+    def __init__(self, ds: RetrievalDataset, cfg: TrainConfig, utilities: Optional[Dict[str, Dict[str, float]]] = None,
+                 *, world: int = 1, rank: int = 0):
+        self.ds, self.cfg, self.world, self.rank = ds, cfg, world, rank
+        self.utilities = utilities or {}
+        if cfg.loss == "uae":
+            if not utilities:
+                raise ValueError("--loss uae needs a utilities file (--utilities); --loss infonce trains on gold evidence only")
+            queries = [q for q in ds.queries if len(self.utilities.get(q.id, {})) >= 1]
+        else:
+            queries = [q for q in ds.queries if q.gold]
+        if not queries:
+            what = "teacher utilities" if cfg.loss == "uae" else "gold evidence passages"
+            raise ValueError(f"no training queries: none of the {len(ds.queries)} queries in the data has {what}")
+        self.queries = queries
+        self._pools = {q.id: ds.pool(q) for q in queries}
+        self._docs: Dict[str, List[Query]] = {}
+        for q in queries:  # group by document, keep first-seen order (shuffled per epoch below)
+            self._docs.setdefault(q.doc_id if q.doc_id is not None else q.id, []).append(q)
+        self.global_batch = cfg.batch_size * world
+        self.batches_per_epoch = math.ceil(len(queries) / self.global_batch)
+        self._order_cache: Tuple[int, List[Query]] = (-1, [])
+
+    def total_micro_batches(self) -> int:
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps * self.cfg.grad_accum
+        return max(1, math.ceil(self.cfg.epochs * self.batches_per_epoch))
+
+    def _epoch_order(self, epoch: int) -> List[Query]:
+        if self._order_cache[0] != epoch:
+            rng = random.Random(self.cfg.seed * 1_000_003 + epoch)
+            docs = list(self._docs)
+            rng.shuffle(docs)
+            order: List[Query] = []
+            for d in docs:
+                qs = list(self._docs[d])
+                rng.shuffle(qs)
+                order.extend(qs)
+            self._order_cache = (epoch, order)
+        return self._order_cache[1]
+
+    def _pick_passages(self, q: Query, rng: np.random.Generator) -> List[str]:
+        pool = self._pools[q.id]
+        want = min(self.cfg.passages_per_query, len(pool))
+        chosen: List[str] = []
+        if q.gold:
+            chosen.append(q.gold[int(rng.integers(len(q.gold)))])
+        if self.cfg.loss == "uae":
+            scored = [p for p in self.utilities.get(q.id, {}) if p not in chosen]
+            n = min(want - len(chosen), len(scored))
+            if n > 0:
+                u = np.array([self.utilities[q.id][p] for p in scored], dtype=np.float64)
+                w = np.exp((u - u.max()) / self.cfg.teacher_temperature)
+                # half teacher mass, half uniform: both the passages the teacher likes and the ones it does not
+                prob = 0.5 * w / w.sum() + 0.5 / len(scored)
+                for i in rng.choice(len(scored), size=n, replace=False, p=prob / prob.sum()):
+                    chosen.append(scored[int(i)])
+        rest = [p for p in pool if p not in chosen]
+        n = min(want - len(chosen), len(rest))
+        if n > 0:
+            chosen.extend(rest[int(i)] for i in rng.choice(len(rest), size=n, replace=False))
+        return chosen
+
+    def batch(self, micro: int) -> Batch:
+        """Micro-batch number ``micro`` (0-based, counting across epochs) for this rank."""
+        epoch, pos = divmod(micro, self.batches_per_epoch)
+        order = self._epoch_order(epoch)
+        start = pos * self.global_batch
+        queries = order[start:start + self.global_batch]
+        # Ranks split the global batch evenly; a short last batch may leave a rank with fewer queries.
+        per = math.ceil(len(queries) / self.world)
+        queries = queries[self.rank * per:(self.rank + 1) * per] or queries[-1:]
+        pids: List[str] = []
+        index: Dict[str, int] = {}
+        picks = []
+        for j, q in enumerate(queries):
+            rng = np.random.default_rng([self.cfg.seed, micro, start + self.rank * per + j])
+            chosen = self._pick_passages(q, rng)
+            picks.append(chosen)
+            for p in chosen:
+                if p not in index:
+                    index[p] = len(pids)
+                    pids.append(p)
+        rows_idx, rows_u, gold = [], [], []
+        for q, chosen in zip(queries, picks):
+            if self.cfg.loss == "uae":
+                u = self.utilities.get(q.id, {})
+                tgt = [(index[p], u[p]) for p in pids if p in u]
+            else:
+                gs = set(q.gold)
+                tgt = [(index[p], 0.0) for p in pids if p in gs]
+            if not tgt:  # uae query whose scored passages all fell out: its sampled gold/first pick stands in
+                tgt = [(index[chosen[0]], 0.0)]
+            rows_idx.append([t[0] for t in tgt])
+            rows_u.append([t[1] for t in tgt])
+            g = chosen[0] if q.gold and chosen and chosen[0] in set(q.gold) else None
+            gold.append(index[g] if g is not None else -1)
+        k = max(len(r) for r in rows_idx)
+        t_idx = torch.full((len(queries), k), -1, dtype=torch.long)
+        t_u = torch.zeros((len(queries), k), dtype=torch.float32)
+        for i, (ri, ru) in enumerate(zip(rows_idx, rows_u)):
+            t_idx[i, :len(ri)] = torch.tensor(ri)
+            t_u[i, :len(ru)] = torch.tensor(ru)
+        return Batch([q.question for q in queries], [self.ds.passages[p].text for p in pids], t_idx, t_u,
+                     torch.tensor(gold, dtype=torch.long), [q.id for q in queries])
+
+
+# ------------------------------------------------------------------------------------- model pieces
+class _Towers(torch.nn.Module):
+    """One forward for queries and length-sorted passage chunks (a single call, so DDP sees one forward)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, query_feats, passage_feats: List[dict]):
+        q = self.encoder(query_feats)
+        p = torch.cat([self.encoder(f) for f in passage_feats], dim=0)
+        return q, p
+
+
+def _passage_features(encoder, texts: Sequence[str], max_length: int, chunk: int):
+    """Features in length-sorted chunks (less padding) and the permutation back to ``texts`` order."""
+    lens = [len(t) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -lens[i])
+    feats = [encoder.tokenize([texts[i] for i in order[s:s + chunk]], max_length) for s in range(0, len(order), chunk)]
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return feats, inverse
+
+
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in n or "layer_norm" in n else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _scheduler(opt, total_steps: int, warmup: float):
+    """Linear warmup over ``warmup * total_steps`` steps, then linear decay to 0."""
+    w = int(round(warmup * total_steps))
+
+    def f(step: int) -> float:
+        if step < w:
+            return (step + 1) / (w + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - w))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def latest_checkpoint(out_dir: str) -> Optional[str]:
+    """The newest complete checkpoint under ``out_dir/checkpoints`` (None if there is none)."""
+    root = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    done = [d for d in os.listdir(root) if d.startswith("step-") and os.path.exists(os.path.join(root, d, _STATE_FILE))]
+    return os.path.join(root, max(done, key=lambda d: int(d.split("-")[1]))) if done else None
+
+
+def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep):
+    root = os.path.join(out_dir, "checkpoints")
+    final = os.path.join(root, f"step-{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder.save(tmp)
+    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+                "config": asdict(cfg), "log": log}, os.path.join(tmp, _STATE_FILE))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # a killed run never leaves a half-written checkpoint that --resume would pick
+    if keep > 0:
+        old = sorted((d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp")),
+                     key=lambda d: int(d.split("-")[1]))
+        for d in old[:-keep]:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    return final
+
+
+def _dist_info():
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+# ------------------------------------------------------------------------------------- training loop
+def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, amp: Optional[bool] = None,
+          gradient_checkpointing: bool = False, save_every: int = 100, keep_checkpoints: int = 2,
+          stop_after: Optional[int] = None, progress: bool = True, ds: Optional[RetrievalDataset] = None) -> dict:
+    """Train a :class:`uae_fast.BiEncoder` and save it (sentence-transformers format) to ``out_dir``.
+
+    Returns a summary dict (steps, final loss, seconds, ...). ``stop_after`` ends this run after that many
+    optimizer steps in total (checkpointing there) without changing the schedule; ``resume`` continues from
+    the newest checkpoint under ``out_dir/checkpoints``.
+    """
+    from .ops.infonce import utility_infonce
+    from .distributed import gather_with_grad
+    from .student import BiEncoder
+
+    cfg.check()
+    if not isinstance(save_every, int) or save_every < 1:
+        raise ValueError(f"save_every must be a positive int, got {save_every!r}")
+    rank, world, local_rank = _dist_info()
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    amp = (device.type == "cuda") if amp is None else bool(amp)
+    if amp and device.type != "cuda":
+        raise ValueError("--amp needs a CUDA device (bf16 autocast); CPU training runs in fp32")
+
+    if ds is None:
+        ds = load_dataset(cfg.data)
+    utilities = None
+    if cfg.loss == "uae":
+        if not cfg.utilities:
+            raise ValueError("--loss uae needs --utilities FILE (from `uae score`)")
+        utilities, _ = load_utilities(cfg.utilities)
+        check_utilities(utilities, ds, path=cfg.utilities, data_path=cfg.data)
+    sampler = BatchSampler(ds, cfg, utilities, world=world, rank=rank)
+    total_micro = sampler.total_micro_batches()
+    total_steps = max(1, math.ceil(total_micro / cfg.grad_accum))
+
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if resume and ckpt is None and rank == 0:
+        print(f"uae train: --resume but no checkpoint under {out_dir}/checkpoints; starting from scratch", file=sys.stderr)
+    if ckpt is not None:
+        state = torch.load(os.path.join(ckpt, _STATE_FILE), map_location="cpu", weights_only=False)
+        changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if k not in _RESUME_FREE and getattr(cfg, k, v) != v}
+        if changed:
+            desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(f"--resume with different training settings than the checkpoint {ckpt} ({desc}); "
+                             f"use the same settings or a new --out")
+        encoder = BiEncoder(ckpt, device=device)
+    else:
+        torch.manual_seed(cfg.seed)
+        encoder = BiEncoder(cfg.student, device=device)
+        state = None
+    # BERT's pooler head is computed but unused by sentence pooling: freeze it so DDP sees no unused
+    # parameters and AdamW's weight decay does not silently shrink it.
+    pooler = getattr(encoder.model, "pooler", None)
+    if pooler is not None:
+        pooler.requires_grad_(False)
+    if gradient_checkpointing:
+        encoder.gradient_checkpointing_enable()
+    towers = _Towers(encoder)
+    if world > 1:
+        towers = torch.nn.parallel.DistributedDataParallel(towers, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = _optimizer(encoder, cfg)
+    sched = _scheduler(opt, total_steps, cfg.warmup)
+    step, log = 0, []
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, log = int(state["step"]), list(state["log"])
+    end = total_steps if stop_after is None else min(total_steps, int(stop_after))
+
+    os.makedirs(out_dir, exist_ok=True)
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc=f"uae train ({cfg.loss})", unit="step", dynamic_ncols=True)
+    encoder.train()
+    t0, ema = time.time(), None
+    while step < end:
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for a in range(cfg.grad_accum):
+            micro = step * cfg.grad_accum + a
+            if micro >= total_micro:
+                break
+            b = sampler.batch(micro)
+            qf = encoder.tokenize(b.queries, cfg.max_query_length)
+            pf, inverse = _passage_features(encoder, b.passages, cfg.max_passage_length, cfg.encode_chunk)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                q, p = towers(qf, pf)
+            q, p = q.float(), p.float()[inverse.to(device)]
+            t_idx, t_u, gold = b.target_idx.to(device), b.target_utility.to(device), b.gold_idx.to(device)
+            p, t_idx, gold = gather_with_grad(p, t_idx, gold)
+            mix = cfg.label_mix if cfg.loss == "uae" else 0.0
+            loss = utility_infonce(q, p, t_idx, t_u, temperature=cfg.temperature, teacher_temperature=cfg.teacher_temperature,
+                                   label_mix=mix, gold_idx=gold if mix > 0 else None)
+            (loss / cfg.grad_accum).backward()
+            step_loss += float(loss.detach()) / cfg.grad_accum
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss is {step_loss} at step {step}; lower --lr or check the utilities")
+        opt.step()
+        sched.step()
+        step += 1
+        log.append({"step": step, "loss": step_loss, "lr": sched.get_last_lr()[0]})
+        ema = step_loss if ema is None else 0.9 * ema + 0.1 * step_loss
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        if rank == 0 and (step % save_every == 0 or step == end) and step < total_steps:
+            _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep_checkpoints)
+    if bar is not None:
+        bar.close()
+    seconds = time.time() - t0
+    summary = {"steps": step, "total_steps": total_steps, "finished": step >= total_steps,
+               "final_loss": log[-1]["loss"] if log else None, "seconds_this_run": round(seconds, 1),
+               "train_queries": len(sampler.queries), "world_size": world, "config": asdict(cfg)}
+    if rank == 0:
+        if step >= total_steps:
+            encoder.save(out_dir)
+        with open(os.path.join(out_dir, "train_log.jsonl"), "w") as f:
+            for r in log:
+                f.write(json.dumps(r) + "\n")
+        with open(os.path.join(out_dir, "training_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return summary
+
+
+# ------------------------------------------------------------------------------------- CLI
+def _default_utilities() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for p in (DEFAULT_UTILITIES, os.path.join(here, DEFAULT_UTILITIES)):
+        if os.path.exists(p):
+            return p
+    return DEFAULT_UTILITIES
+
+
+def add_parser(subparsers) -> None:
+    d = TrainConfig()
+    p = subparsers.add_parser(
+        "train", help="train a bi-encoder on teacher utilities (UAE) or gold evidence (InfoNCE)",
+        description="Distil teacher utilities into a bi-encoder (utility-modulated InfoNCE). The output folder loads "
+                    "with SentenceTransformer(DIR). Multi-GPU: torchrun --nproc_per_node N -m uae_fast.cli train ...")
+    p.add_argument("--data", default=None, help="training data: QASPER JSON(.gz) or the JSONL schema (default: QASPER train)")
+    p.add_argument("--utilities", default=None, help=f"utilities JSONL(.gz) from `uae score` (default: {DEFAULT_UTILITIES})")
+    p.add_argument("--out", required=True, help="output folder (sentence-transformers format); checkpoints go to OUT/checkpoints")
+    p.add_argument("--student", default=None, help="initial encoder folder (default: all-MiniLM-L6-v2)")
+    p.add_argument("--loss", choices=("uae", "infonce"), default=d.loss,
+                   help="uae: teacher utilities (+ label_mix gold); infonce: gold evidence only (supervised baseline)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
+    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="queries per micro-batch (per device)")
+    p.add_argument("--passages-per-query", type=int, default=d.passages_per_query)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps with linear warmup")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="student softmax temperature")
+    p.add_argument("--teacher-temperature", type=float, default=d.teacher_temperature)
+    p.add_argument("--label-mix", type=float, default=d.label_mix, help="weight of the gold passage in the uae target")
+    p.add_argument("--max-query-length", type=int, default=d.max_query_length)
+    p.add_argument("--max-passage-length", type=int, default=d.max_passage_length)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimizer steps")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (0 = all)")
+    p.add_argument("--stop-after", type=int, default=None, help="end this run after N total steps (resume later)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--amp", default="auto", choices=("auto", "on", "off"), help="bf16 autocast (auto = on for CUDA)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = args.data or default_qasper_path("train")
+    utilities = args.utilities
+    if args.loss == "uae" and utilities is None:
+        utilities = _default_utilities()
+    cfg = TrainConfig(data=data, utilities=utilities if args.loss == "uae" else None, student=args.student, loss=args.loss,
+                      epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                      passages_per_query=args.passages_per_query, grad_accum=args.grad_accum, lr=args.lr,
+                      weight_decay=args.weight_decay, warmup=args.warmup, temperature=args.temperature,
+                      teacher_temperature=args.teacher_temperature, label_mix=args.label_mix,
+                      max_query_length=args.max_query_length, max_passage_length=args.max_passage_length, seed=args.seed)
+    amp = {"auto": None, "on": True, "off": False}[args.amp]
+    s = train(cfg, args.out, resume=args.resume, device=args.device, amp=amp,
+              gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
+              keep_checkpoints=args.keep_checkpoints, stop_after=args.stop_after, progress=not args.no_progress)
+    if s["finished"]:
+        print(f"trained {s['steps']} steps ({cfg.loss}) in {s['seconds_this_run']:.0f} s, final loss {s['final_loss']:.4f}; "
+              f"model saved to {args.out} (SentenceTransformer({args.out!r}) loads it)")
+    else:
+        print(f"stopped at step {s['steps']}/{s['total_steps']}; continue with --resume")
+    return 0
