@@ -205,10 +205,12 @@ def _torch_sweep(q, p, idx, w, inv_tau, row_grad, need_dq, need_dp):
     dp = torch.zeros_like(pa) if need_dp else None
     step = max(1, _TORCH_CHUNK_BYTES // (n * qa.element_size()))
     pt = pa.t()
+    # The only [chunk, N] buffer, allocated once: a fresh one per chunk would briefly hold two (and page-fault).
+    buf = torch.empty(min(step, b), n, dtype=acc, device=q.device)
     for s in range(0, b, step):
         e = min(b, s + step)
         ii, ww = idx[s:e], w[s:e]
-        sim = torch.mm(qa[s:e], pt).mul_(inv_tau)  # the only [chunk, N] buffer; reused in place below
+        sim = torch.mm(qa[s:e], pt, out=buf[: e - s]).mul_(inv_tau)
         tgt[s:e] = (sim.gather(1, ii) * ww).sum(1)
         m = sim.amax(dim=1, keepdim=True)
         l = sim.sub_(m).exp_().sum(dim=1, keepdim=True)
@@ -234,7 +236,7 @@ class _TorchInfoNCE(torch.autograd.Function):
         if reduction != "none" and (need_dq or need_dp):
             # Every row gets the same upstream gradient: compute the gradients now, scale them in backward.
             lse, tgt, dq, dp = _torch_sweep(q, p, idx, w, inv_tau, None, need_dq, need_dp)
-            ctx.save_for_backward(dq, dp)
+            ctx.unit_grads = (dq, dp)  # gradients of the summed loss; backward only scales them
             ctx.precomputed = True
         else:
             lse, tgt, _, _ = _torch_sweep(q, p, idx, w, inv_tau, None, False, False)
@@ -247,8 +249,9 @@ class _TorchInfoNCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         inv_tau, reduction, q_dtype, p_dtype, b = ctx.meta
         if ctx.precomputed:
-            dq, dp = ctx.saved_tensors
+            dq, dp = ctx.unit_grads
             g = _row_grad(grad_out, reduction, b, (dq if dq is not None else dp).dtype)
+            # Out of place, so a second backward (retain_graph=True, gradcheck) still sees the unit gradients.
             dq = None if dq is None else (dq * g).to(q_dtype)
             dp = None if dp is None else (dp * g).to(p_dtype)
         else:
