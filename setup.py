@@ -21,7 +21,12 @@ def _has_flag(flag: str) -> bool:
             return False
 
 
-compile_args, link_args = ["-O3"], []
+# -ffp-contract=fast: -std=c++17 turns GCC's FMA contraction off; the kernels rely on it for a*b+c.
+# No -march: the package must run on any x86-64 (or other) CPU. AVX2 / AVX-512 kernels are compiled
+# per function (target pragmas in csrc/topk.cpp) and picked at runtime.
+compile_args, link_args = ["-O3", "-ffp-contract=fast", "-fno-math-errno"], []
+if sys.platform != "win32" and "clang" not in os.environ.get("CXX", ""):
+    compile_args.append("-Wno-psabi")  # 64-byte vector types inside kernels; no ABI boundary crosses them
 if sys.platform != "win32" and _has_flag("-fopenmp"):
     compile_args.append("-fopenmp")
     link_args.append("-fopenmp")
@@ -30,6 +35,7 @@ ext = Pybind11Extension(
     "uae_fast._topk",
     sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")),
     include_dirs=["csrc"],
+    depends=sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith((".h", ".inc"))),
     cxx_std=17,
     extra_compile_args=compile_args,
     extra_link_args=link_args,

@@ -1,0 +1,627 @@
+"""Top-k retrieval over stored embeddings: :class:`TopKIndex`.
+
+Two backends behind one interface:
+
+- ``backend="native"`` (default): exact inner-product search in the C++ extension ``uae_fast._topk``
+  (blocked scoring, per-thread bounded heaps, GIL released, AVX-512/AVX2/portable kernels picked at
+  runtime). Storage ``dtype``: ``"float32"`` (exact), ``"bfloat16"`` (half the memory) or ``"int8"``
+  (a quarter, one float32 scale per vector; the fastest path on CPUs with AVX-512 VNNI). The compact
+  dtypes scan with a rounded query, keep ``candidates`` per query and rescore those exactly against
+  the stored vectors, so returned scores are exact for what is stored.
+- ``backend="faiss"``: the same interface over a FAISS ``index_factory`` string (``"Flat"``,
+  ``"IVF1024,Flat"``, ``"HNSW32"``, ...) for corpora where approximate search pays; faiss-gpu is used
+  when it is installed and a GPU is visible.
+
+Results are always ``(scores [Q, k] float32, ids [Q, k] int64)``, best first. Native tie order:
+higher score first, then the vector added earlier (= lower id with the default ids 0..N-1).
+
+Example::
+
+    index = TopKIndex(384, metric="cosine")          # or dtype="int8"
+    index.add(passage_embeddings)                     # numpy or torch, [N, 384]
+    scores, ids = index.search(query_embeddings, 10)  # [Q, 10] each
+    index.save("passages.uae")
+    index = TopKIndex.load("passages.uae")            # memory-mapped, ready at once
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import zlib
+from typing import Optional, Tuple
+
+import numpy as np
+
+_MAGIC = b"UAETOPK1"
+_FORMAT = 1
+_PREFIX = struct.Struct("<8sQI4x")  # magic, header length, header crc32
+_ALIGN = 64
+_DTYPES = {"float32": 0, "bfloat16": 1, "int8": 2}
+_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "i8": "int8"}
+_METRICS = ("ip", "cosine")
+_BACKENDS = ("native", "faiss")
+
+
+def _ext():
+    from . import _topk
+
+    return _topk
+
+
+# ---- input checks (shared by both backends) ----------------------------------------------------
+
+
+def _is_torch(x) -> bool:
+    t = type(x)
+    return t.__module__.startswith("torch") and t.__name__ in ("Tensor", "Parameter")
+
+
+def _as_f32_2d(name: str, x, dim: int) -> np.ndarray:
+    """Any numpy array / torch tensor of floats, any contiguity -> C-contiguous float32 [m, dim], finite."""
+    if _is_torch(x):
+        import torch
+
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must hold floating-point values, got torch dtype {str(x.dtype).replace('torch.', '')}")
+        arr = x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+    elif isinstance(x, np.ndarray):
+        if x.dtype.kind != "f":
+            raise TypeError(f"{name} must hold floating-point values, got numpy dtype {x.dtype}")
+        arr = np.ascontiguousarray(x, dtype=np.float32)
+    else:
+        raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be [n, {dim}] (or a single [{dim}] vector), got shape {tuple(arr.shape)}")
+    if arr.shape[1] != dim:
+        raise ValueError(f"{name} has dimension {arr.shape[1]}, but the index holds {dim}-dimensional vectors")
+    bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise ValueError(f"{name} contains {bad} NaN or inf value(s) (after conversion to float32)")
+    return arr
+
+
+def _normalize(name: str, x: np.ndarray) -> np.ndarray:
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    zero = np.flatnonzero(norms == 0)
+    if zero.size:
+        raise ValueError(f"{name} row {int(zero[0])} has zero norm: cosine similarity is undefined for it")
+    return (x / norms[:, None]).astype(np.float32, copy=False)
+
+
+def _as_ids(ids, m: int) -> np.ndarray:
+    if _is_torch(ids):
+        ids = ids.detach().cpu().numpy()
+    if not isinstance(ids, np.ndarray):
+        raise TypeError(f"ids must be a numpy array or a torch tensor of integers, got {type(ids).__name__}")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"ids must hold integers, got dtype {ids.dtype}")
+    if ids.shape != (m,):
+        raise ValueError(f"ids must have shape ({m},) to match x, got {tuple(ids.shape)}")
+    if ids.dtype.kind == "u" and ids.size and int(ids.max()) > np.iinfo(np.int64).max:
+        raise ValueError("ids do not fit in int64")
+    out = ids.astype(np.int64)
+    if out.size and int(out.min()) < 0:
+        raise ValueError("ids must be >= 0 (-1 marks a missing result)")
+    return out
+
+
+def _check_k(k, ntotal: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    k = int(k)
+    if ntotal == 0:
+        raise ValueError("the index is empty: add vectors before searching")
+    if k < 1 or k > ntotal:
+        raise ValueError(f"k must be in [1, {ntotal}] (the number of stored vectors), got {k}")
+    return k
+
+
+def _check_threads(threads) -> Optional[int]:
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"threads must be a positive int or None (all cores), got {threads!r}")
+    return int(threads)
+
+
+def _aligned_zeros(nbytes: int, dtype=np.uint8) -> np.ndarray:
+    # 64-byte aligned so panels start on cache lines (numpy only promises 16).
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.zeros(nbytes + _ALIGN, dtype=np.uint8)
+    off = (-raw.ctypes.data) % _ALIGN
+    return raw[off : off + nbytes].view(dtype)
+
+
+def _wrap(like_torch: bool, scores: np.ndarray, ids: np.ndarray):
+    if like_torch:
+        import torch
+
+        return torch.from_numpy(scores), torch.from_numpy(ids)
+    return scores, ids
+
+
+# ---- file format ---------------------------------------------------------------------------------
+# magic "UAETOPK1" | u64 header length | u32 crc32(header) | 4 pad | header JSON | sections, each
+# 64-byte aligned. The header lists every section's offset, size, dtype, shape and crc32.
+
+
+def _write_file(path: str, meta: dict, sections: dict) -> None:
+    layout, offset = {}, 0
+    for name, arr in sections.items():
+        arr = np.ascontiguousarray(arr)
+        layout[name] = {
+            "offset": offset,
+            "nbytes": int(arr.nbytes),
+            "dtype": arr.dtype.str,
+            "shape": list(arr.shape),
+            "crc32": zlib.crc32(memoryview(arr.reshape(-1).view(np.uint8))) & 0xFFFFFFFF,
+        }
+        offset += -(-arr.nbytes // _ALIGN) * _ALIGN
+    header = dict(meta, format=_FORMAT, sections=layout)
+    body = json.dumps(header, sort_keys=True).encode()
+    start = -(-(_PREFIX.size + len(body)) // _ALIGN) * _ALIGN
+    body = body.ljust(start - _PREFIX.size, b" ")
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_PREFIX.pack(_MAGIC, len(body), zlib.crc32(body) & 0xFFFFFFFF))
+            f.write(body)
+            for name, arr in sections.items():
+                f.seek(start + layout[name]["offset"])
+                f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+            f.truncate(start + offset)
+        os.replace(tmp, path)  # a crash mid-save never leaves a truncated file at `path`
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_file(path: str, mmap: bool, verify: Optional[bool]):
+    def corrupt(why):
+        return ValueError(f"{path} is not a valid uae_fast index file ({why})")
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(_PREFIX.size)
+        if len(prefix) < _PREFIX.size:
+            raise corrupt("file too short")
+        magic, hlen, hcrc = _PREFIX.unpack(prefix)
+        if magic != _MAGIC:
+            raise corrupt("bad magic bytes")
+        if hlen > min(size, 1 << 24):
+            raise corrupt("header length out of range")
+        body = f.read(hlen)
+    if len(body) != hlen:
+        raise corrupt("truncated header")
+    if zlib.crc32(body) & 0xFFFFFFFF != hcrc:
+        raise corrupt("header checksum mismatch")
+    try:
+        header = json.loads(body)
+    except ValueError as e:
+        raise corrupt(f"unreadable header: {e}") from None
+    if not isinstance(header, dict) or header.get("format") != _FORMAT:
+        raise corrupt(f"unsupported format version {header.get('format') if isinstance(header, dict) else None!r}")
+    start = _PREFIX.size + hlen
+    verify = (not mmap) if verify is None else verify
+    arrays = {}
+    secs = header.get("sections")
+    if not isinstance(secs, dict):
+        raise corrupt("no section table")
+    for name, s in secs.items():
+        try:
+            off, nbytes, shape = int(s["offset"]), int(s["nbytes"]), tuple(int(v) for v in s["shape"])
+            dt = np.dtype(s["dtype"])
+            crc = int(s["crc32"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise corrupt(f"section {name!r}: {e}") from None
+        if off < 0 or nbytes < 0 or any(v < 0 for v in shape) or dt.hasobject:
+            raise corrupt(f"section {name!r} has a negative size or an object dtype")
+        if int(np.prod(shape, dtype=np.int64)) * dt.itemsize != nbytes:
+            raise corrupt(f"section {name!r}: shape {shape} x {dt} != {nbytes} bytes")
+        if start + off + nbytes > size:
+            raise corrupt(f"truncated: section {name!r} ends at byte {start + off + nbytes}, file has {size}")
+        if nbytes == 0:
+            arr = np.zeros(shape, dt)
+        elif mmap:
+            arr = np.memmap(path, dtype=dt, mode="r", offset=start + off, shape=shape)
+        else:
+            arr = np.fromfile(path, dtype=dt, count=nbytes // dt.itemsize, offset=start + off).reshape(shape)
+        if verify and zlib.crc32(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))) & 0xFFFFFFFF != crc:
+            raise corrupt(f"section {name!r} checksum mismatch")
+        arrays[name] = arr
+    return header, arrays
+
+
+# ---- the index -----------------------------------------------------------------------------------
+
+
+class TopKIndex:
+    """Top-k inner-product (or cosine) search over stored embeddings.
+
+    Args:
+        dim: vector dimension.
+        dtype: storage of the native backend: ``"float32"`` (exact), ``"bfloat16"`` or ``"int8"``
+            (per-vector scale). Compact dtypes rescore their ``candidates`` exactly.
+        metric: ``"ip"`` (inner product) or ``"cosine"`` (vectors and queries are L2-normalised;
+            zero vectors are rejected).
+        backend: ``"native"`` (C++ exact search) or ``"faiss"``.
+        factory: FAISS ``index_factory`` string (faiss backend only), e.g. ``"Flat"``,
+            ``"IVF1024,Flat"``, ``"HNSW32"``.
+        threads: search threads (``None`` = all cores, OpenMP's default).
+        candidates: compact dtypes only: candidates kept per query by the compact score and rescored
+            exactly (default ``max(2 * k, k + 32)``).
+
+    Inputs are numpy arrays or torch tensors of any float dtype and contiguity; ``search`` returns
+    numpy arrays for numpy queries and CPU torch tensors for torch queries.
+    """
+
+    def __new__(cls, dim=None, *args, backend: str = "native", **kwargs):
+        if cls is TopKIndex and backend == "faiss":
+            cls = FaissTopKIndex
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        dtype: str = "float32",
+        metric: str = "ip",
+        backend: str = "native",
+        threads: Optional[int] = None,
+        candidates: Optional[int] = None,
+        factory: Optional[str] = None,
+    ):
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if factory is not None:
+            raise ValueError("factory= is a FAISS index_factory string: pass backend='faiss' with it")
+        self._init_common(dim, metric, backend, threads)
+        if not isinstance(dtype, str) or _DTYPE_ALIASES.get(dtype, dtype) not in _DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
+        self.dtype = _DTYPE_ALIASES.get(dtype, dtype)
+        self._code = _DTYPES[self.dtype]
+        self.candidates = candidates
+        if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1):
+            raise ValueError(f"candidates must be a positive int or None, got {candidates!r}")
+        self._dpad, self._panel_bytes = _ext().layout(self._code, self.dim)
+        self._n = 0
+        self._data = np.zeros(0, np.uint8)
+        self._scales = np.zeros(0, np.float32)
+        self._rowsums = np.zeros(0, np.int32)
+        self._ids = np.zeros(0, np.int64)
+
+    def _init_common(self, dim, metric, backend, threads):
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if metric not in _METRICS:
+            raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+        self.dim = int(dim)
+        self.metric = metric
+        self.backend = backend
+        self._threads = _check_threads(threads)
+        # add() mutates; search() snapshots under the lock and runs without it (concurrent searches).
+        self._lock = threading.Lock()
+
+    # -- common API ------------------------------------------------------------------------------
+
+    @property
+    def threads(self) -> Optional[int]:
+        """Search threads (None = all cores)."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, value: Optional[int]) -> None:
+        self._threads = _check_threads(value)
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def ntotal(self) -> int:
+        return self._n
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Ids of the stored vectors in insertion order (read-only view)."""
+        v = self._ids[: self._n].view()
+        v.flags.writeable = False
+        return v
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim={self.dim}, n={len(self)}, dtype={self.dtype!r}, metric={self.metric!r}, backend={self.backend!r})"
+
+    def _prepare(self, name: str, x) -> np.ndarray:
+        arr = _as_f32_2d(name, x, self.dim)
+        return _normalize(name, arr) if self.metric == "cosine" else arr
+
+    def _new_ids(self, ids, m: int) -> np.ndarray:
+        return np.arange(self._n, self._n + m, dtype=np.int64) if ids is None else _as_ids(ids, m)
+
+    # -- native backend --------------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of vector storage in use (panels + scales + ids), excluding spare capacity."""
+        panels = -(-self._n // 16)
+        extra = panels * 16 * 8 if self._code == 2 else 0
+        return panels * self._panel_bytes + extra + self._n * 8
+
+    def _reserve(self, n_new: int) -> None:
+        need_panels = -(-n_new // 16)
+        cap_panels = self._data.size // self._panel_bytes if self._panel_bytes else 0
+        if need_panels <= cap_panels and self._data.flags.writeable:
+            return
+        # Geometric growth keeps add() amortised O(rows); read-only (memory-mapped) storage is
+        # copied into owned arrays on the first add.
+        cap = max(need_panels, cap_panels + cap_panels // 2 if self._data.flags.writeable else need_panels, 4)
+        data = _aligned_zeros(cap * self._panel_bytes)
+        data[: self._data.size] = self._data
+        scales = _aligned_zeros(cap * 16 * 4, np.float32)
+        scales[: self._scales.size] = self._scales
+        rowsums = _aligned_zeros(cap * 16 * 4, np.int32)
+        rowsums[: self._rowsums.size] = self._rowsums
+        ids = np.zeros(cap * 16, np.int64)
+        ids[: self._n] = self._ids[: self._n]
+        self._data, self._scales, self._rowsums, self._ids = data, scales, rowsums, ids
+
+    def add(self, x, ids=None) -> None:
+        """Add vectors ``x`` [n, dim] (or one [dim] vector) with optional int64 ``ids`` (default: 0, 1, ...)."""
+        arr = self._prepare("x", x)
+        m = arr.shape[0]
+        new_ids = self._new_ids(ids, m)
+        if m == 0:
+            return
+        with self._lock:
+            self._reserve(self._n + m)
+            _ext().pack(self._code, arr, self._data, self._scales, self._rowsums, self._n)
+            self._ids[self._n : self._n + m] = new_ids
+            self._n += m
+
+    def search(self, queries, k: int) -> Tuple:
+        """Top-``k`` stored vectors per query: ``(scores [Q, k] float32, ids [Q, k] int64)``, best first.
+
+        Ties: higher score first, then the earlier-added vector. Compact dtypes return exact scores of
+        the stored (rounded) vectors for their ``candidates`` best compact scores.
+        """
+        like_torch = _is_torch(queries)
+        q = self._prepare("queries", queries)
+        with self._lock:  # snapshot: a concurrent add() never changes what this search reads
+            n, data, scales, rowsums, ids = self._n, self._data, self._scales, self._rowsums, self._ids
+        k = _check_k(k, n)
+        cand = self.candidates if self.candidates is not None else max(2 * k, k + 32)
+        threads = self._threads or _ext().max_threads()
+        scores, pos = _ext().search(self._code, self.dim, data, scales, rowsums, n, q, k, int(cand), threads)
+        out_ids = np.where(pos >= 0, ids[np.maximum(pos, 0)], -1) if n else pos
+        return _wrap(like_torch, scores, out_ids.astype(np.int64, copy=False))
+
+    def reconstruct(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        """Stored vectors ``[start, stop)`` in insertion order as float32 (dequantised for compact dtypes)."""
+        n = self._n
+        stop = n if stop is None else stop
+        if not (0 <= start <= stop <= n):
+            raise ValueError(f"need 0 <= start <= stop <= {n}, got start={start}, stop={stop}")
+        return _ext().unpack(self._code, self.dim, self._data, self._scales, self._rowsums, stop)[start:]
+
+    def _meta(self) -> dict:
+        return {"backend": self.backend, "dim": self.dim, "metric": self.metric, "dtype": self.dtype, "ntotal": self._n}
+
+    def save(self, path) -> None:
+        """Write the index to ``path`` (atomically: a temporary file renamed over it)."""
+        path = os.fspath(path)
+        with self._lock:
+            n = self._n
+            panels = -(-n // 16)
+            sections = {"ids": self._ids[:n], "data": self._data[: panels * self._panel_bytes]}
+            if self._code == 2:
+                sections["scales"] = self._scales[: panels * 16]
+                sections["rowsums"] = self._rowsums[: panels * 16]
+            meta = dict(self._meta(), dpad=self._dpad, panel_bytes=self._panel_bytes, candidates=self.candidates)
+            _write_file(path, meta, sections)
+
+    @classmethod
+    def load(cls, path, mmap: bool = True, *, verify: Optional[bool] = None, threads: Optional[int] = None) -> "TopKIndex":
+        """Open an index written by :meth:`save`.
+
+        ``mmap=True`` maps the vectors read-only (opens instantly, pages load on first search; the
+        first ``add`` copies them into memory). ``verify`` checks every section's crc32 (default:
+        only when ``mmap=False``, since it reads the whole file). Corrupt or truncated files raise
+        ValueError.
+        """
+        path = os.fspath(path)
+        header, arrays = _read_file(path, mmap, verify)
+
+        def corrupt(why):
+            return ValueError(f"{path} is not a valid uae_fast index file ({why})")
+
+        try:
+            backend, dim, metric, ntotal = header["backend"], int(header["dim"]), header["metric"], int(header["ntotal"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise corrupt(f"missing field {e}") from None
+        if backend not in _BACKENDS or metric not in _METRICS or dim < 1 or ntotal < 0:
+            raise corrupt("bad backend, metric, dim or ntotal")
+        if "ids" not in arrays or arrays["ids"].shape != (ntotal,) or arrays["ids"].dtype != np.int64:
+            raise corrupt("ids section does not match ntotal")
+        if backend == "faiss":
+            return FaissTopKIndex._from_file(header, arrays, threads, corrupt)
+        dtype = header.get("dtype")
+        if dtype not in _DTYPES:
+            raise corrupt(f"unknown dtype {dtype!r}")
+        index = TopKIndex(dim, dtype=dtype, metric=metric, threads=threads, candidates=header.get("candidates"))
+        panels = -(-ntotal // 16)
+        data = arrays.get("data")
+        if data is None or data.dtype != np.uint8 or data.shape != (panels * index._panel_bytes,):
+            raise corrupt(f"data section does not hold {ntotal} {dtype} vectors of dim {dim}")
+        if index._code == 2:
+            sc, rs = arrays.get("scales"), arrays.get("rowsums")
+            if sc is None or rs is None or sc.shape != (panels * 16,) or rs.shape != (panels * 16,) or sc.dtype != np.float32 or rs.dtype != np.int32:
+                raise corrupt("int8 scales/rowsums sections missing or mis-sized")
+            index._scales, index._rowsums = sc, rs
+        index._data, index._ids, index._n = data, arrays["ids"], ntotal
+        return index
+
+
+class FaissTopKIndex(TopKIndex):
+    """``TopKIndex(dim, backend="faiss", factory=...)``: the same interface over a FAISS index.
+
+    ``factory`` is any FAISS ``index_factory`` string; the metric is inner product (cosine normalises
+    first). IVF indexes train on the first ``add`` (or call :meth:`train`); ``nprobe`` (IVF) and
+    ``ef_search`` (HNSW) trade recall for speed. Uses faiss-gpu when installed and a GPU is visible
+    (``gpu=False`` to stay on CPU). Approximate indexes may return fewer than k hits: missing ones are
+    id -1, score -inf. ``threads`` sets FAISS's process-wide OpenMP thread count. ``load(mmap=...)``
+    reads the FAISS part into memory (FAISS deserialises it).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        dtype: str = "float32",
+        metric: str = "ip",
+        backend: str = "faiss",
+        factory: str = "Flat",
+        threads: Optional[int] = None,
+        nprobe: Optional[int] = 32,
+        ef_search: Optional[int] = 128,
+        gpu: Optional[bool] = None,
+        _index=None,
+    ):
+        try:
+            import faiss
+        except ImportError as e:  # pragma: no cover - faiss is a test dependency
+            raise ImportError("backend='faiss' needs faiss: pip install faiss-cpu (or faiss-gpu-cu12)") from e
+        self._init_common(dim, metric, "faiss", threads)
+        if _DTYPE_ALIASES.get(dtype, dtype) != "float32":
+            raise ValueError(f"backend='faiss' stores what the factory string says; pass dtype='float32' and e.g. factory='SQ8' instead of dtype={dtype!r}")
+        if not isinstance(factory, str) or not factory:
+            raise ValueError(f"factory must be a FAISS index_factory string, got {factory!r}")
+        self.dtype = "float32"
+        self.factory = factory
+        self._faiss = faiss
+        if _index is None:
+            try:
+                _index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+            except RuntimeError as e:
+                raise ValueError(f"FAISS rejected factory {factory!r}: {str(e).strip().splitlines()[-1]}") from None
+        self._cpu_index = _index
+        self._index = self._maybe_gpu(_index, gpu)
+        self._n = int(_index.ntotal)
+        self._ids = np.zeros(0, np.int64)
+        self.nprobe, self.ef_search = nprobe, ef_search
+        self._apply_params()
+
+    def _maybe_gpu(self, index, gpu):
+        faiss = self._faiss
+        have = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+        if gpu and not have:
+            raise ValueError("gpu=True but this faiss build sees no GPU (install faiss-gpu and check CUDA_VISIBLE_DEVICES)")
+        if gpu is False or not have:
+            return index
+        try:
+            self._gpu_res = faiss.StandardGpuResources()
+            return faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+        except RuntimeError:
+            if gpu:
+                raise
+            return index  # e.g. HNSW has no GPU version: stay on CPU
+
+    def _apply_params(self):
+        ps = self._faiss.ParameterSpace() if not self._on_gpu else self._faiss.GpuParameterSpace()
+        for name, value in (("nprobe", self.nprobe), ("efSearch", self.ef_search)):
+            if value is not None:
+                try:
+                    ps.set_index_parameter(self._index, name, int(value))
+                except RuntimeError:
+                    pass  # parameter does not apply to this index type
+
+    @property
+    def _on_gpu(self) -> bool:
+        return self._index is not self._cpu_index
+
+    @property
+    def faiss_index(self):
+        """The wrapped FAISS index (for FAISS-specific tuning)."""
+        return self._index
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._faiss.serialize_index(self._cpu_index_synced()).nbytes) + self._n * 8
+
+    def _cpu_index_synced(self):
+        return self._faiss.index_gpu_to_cpu(self._index) if self._on_gpu else self._cpu_index
+
+    def _set_threads(self):
+        if self._threads is not None:
+            self._faiss.omp_set_num_threads(self._threads)
+
+    def train(self, x) -> None:
+        """Train the FAISS index (IVF/PQ) on representative vectors ``x``."""
+        arr = self._prepare("x", x)
+        self._set_threads()
+        with self._lock:
+            try:
+                self._index.train(arr)
+            except RuntimeError as e:
+                raise ValueError(f"FAISS training failed for {self.factory!r} on {arr.shape[0]} vectors: {str(e).strip().splitlines()[-1]}") from None
+
+    def add(self, x, ids=None) -> None:
+        arr = self._prepare("x", x)
+        m = arr.shape[0]
+        new_ids = self._new_ids(ids, m)
+        if m == 0:
+            return
+        if not self._index.is_trained:
+            self.train(arr)
+        self._set_threads()
+        with self._lock:
+            self._index.add(arr)
+            self._ids = np.concatenate([self._ids[: self._n], new_ids])
+            self._n += m
+
+    def search(self, queries, k: int) -> Tuple:
+        like_torch = _is_torch(queries)
+        q = self._prepare("queries", queries)
+        with self._lock:
+            n, ids = self._n, self._ids
+        k = _check_k(k, n)
+        self._set_threads()
+        scores, pos = self._index.search(q, k)
+        scores = np.ascontiguousarray(scores, dtype=np.float32)
+        miss = pos < 0
+        out_ids = np.where(miss, -1, ids[np.where(miss, 0, pos)]).astype(np.int64)
+        scores[miss] = -np.inf
+        return _wrap(like_torch, scores, out_ids)
+
+    def reconstruct(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        stop = self._n if stop is None else stop
+        return self._cpu_index_synced().reconstruct_n(start, stop - start)
+
+    def save(self, path) -> None:
+        path = os.fspath(path)
+        with self._lock:
+            blob = self._faiss.serialize_index(self._cpu_index_synced())
+            meta = dict(self._meta(), factory=self.factory, nprobe=self.nprobe, ef_search=self.ef_search)
+            _write_file(path, meta, {"ids": self._ids[: self._n], "faiss": blob})
+
+    @classmethod
+    def _from_file(cls, header, arrays, threads, corrupt):
+        import faiss
+
+        blob = arrays.get("faiss")
+        if blob is None or blob.dtype != np.uint8 or blob.ndim != 1:
+            raise corrupt("faiss section missing")
+        try:
+            index = faiss.deserialize_index(np.ascontiguousarray(blob))
+        except RuntimeError as e:
+            raise corrupt(f"FAISS could not read its section: {str(e).strip().splitlines()[-1]}") from None
+        if index.d != int(header["dim"]) or index.ntotal != int(header["ntotal"]):
+            raise corrupt("FAISS section does not match the header's dim/ntotal")
+        out = cls(
+            int(header["dim"]), metric=header["metric"], factory=str(header.get("factory", "Flat")), threads=threads,
+            nprobe=header.get("nprobe"), ef_search=header.get("ef_search"), _index=index,
+        )
+        out._ids = np.array(arrays["ids"], dtype=np.int64)
+        return out
