@@ -287,11 +287,13 @@ if _HAS_TRITON:
         # One program per BLOCK_B queries: sweep all passages with an online log-sum-exp (base 2).
         rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         row_ok = rows < B
+        rows = rows.to(tl.int64)  # row * stride overflows int32 past 2^31 elements
         m = tl.full([BLOCK_B], -float("inf"), tl.float32)
         l = tl.zeros([BLOCK_B], tl.float32)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < N
+            cols = cols.to(tl.int64)
             s = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
             # d is walked in chunks so d = 768/1024 does not need a [BLOCK, d] tile in registers.
             for d0 in range(0, D, BLOCK_D):
@@ -314,6 +316,7 @@ if _HAS_TRITON:
         # dQ_i = g_i / tau * sum_j softmax_ij p_j  (dense part). One program per query block: no atomics.
         rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         row_ok = rows < B
+        rows = rows.to(tl.int64)
         dd = tl.arange(0, D_PAD)
         d_ok = dd < D
         qt = tl.load(Q + rows[:, None] * stride_q + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -322,6 +325,7 @@ if _HAS_TRITON:
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < N
+            cols = cols.to(tl.int64)
             pt = tl.load(P + cols[:, None] * stride_p + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             s = _dot(qt, tl.trans(pt), tl.zeros([BLOCK_B, BLOCK_N], tl.float32), CAST, PRECISION) * scale_log2
             prob = tl.where(col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
@@ -337,6 +341,7 @@ if _HAS_TRITON:
         # dP_j = 1 / tau * sum_i g_i softmax_ij q_i  (dense part). One program per passage block: no atomics.
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
+        cols = cols.to(tl.int64)
         dd = tl.arange(0, D_PAD)
         d_ok = dd < D
         pt = tl.load(P + cols[:, None] * stride_p + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
@@ -344,6 +349,7 @@ if _HAS_TRITON:
         for b0 in range(0, B, BLOCK_B):
             rows = b0 + tl.arange(0, BLOCK_B)
             row_ok = rows < B
+            rows = rows.to(tl.int64)
             qt = tl.load(Q + rows[:, None] * stride_q + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
             g = tl.load(G + rows, mask=row_ok, other=0.0)
@@ -358,17 +364,18 @@ def _next_pow2(x: int) -> int:
 
 
 def _triton_config(d: int):
-    """(BLOCK_B, BLOCK_N, BLOCK_D, D_PAD, num_warps): backward keeps a [block, D_PAD] fp32 accumulator,
-    so blocks shrink as d grows to keep it in registers."""
+    """(BLOCK_B, BLOCK_N, BLOCK_D, D_PAD, num_warps). The backward kernels keep a [block, D_PAD] fp32
+    accumulator; blocks shrink as d grows to hold it near 16K elements (64 registers/thread at 8 warps).
+    Chosen by that budget, not tuned on hardware (this repo's CI has no GPU)."""
     d_pad = max(16, _next_pow2(d))
     block_d = min(d_pad, 64)
     if d_pad <= 128:
         return 64, 64, block_d, d_pad, 4
     if d_pad <= 256:
-        return 32, 64, block_d, d_pad, 4
+        return 64, 64, block_d, d_pad, 8
     if d_pad <= 512:
         return 32, 32, block_d, d_pad, 8
-    return 16, 32, block_d, d_pad, 8
+    return 16, 16, block_d, d_pad, 8
 
 
 def _precision(dtype):
