@@ -267,7 +267,6 @@ class _TorchInfoNCE(torch.autograd.Function):
 # Triton path
 # --------------------------------------------------------------------------------------------------
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 if _HAS_TRITON:
 
@@ -485,7 +484,9 @@ def utility_infonce(
     Returns:
         The loss, float32 (float64 for float64 inputs). Differentiable in ``q`` and ``p`` (first order).
 
-    Backward: torch path computes the gradients in the forward sweep for mean/sum (recompute for "none");
+    Backward: torch path computes the gradients in the forward sweep for mean/sum when ``q`` or ``p`` requires
+    grad (so a loss evaluated with grad enabled but never backpropagated still pays for them; use
+    ``torch.no_grad()`` for evaluation), and recomputes for "none";
     Triton path recomputes the tiles from the saved per-row LSE in separate dQ and dP passes (deterministic,
     no atomics). With one-hot targets (one valid target per row, or ``label_mix=1``) this equals
     sentence-transformers' ``MultipleNegativesRankingLoss`` with ``scale = 1 / temperature`` and
