@@ -380,7 +380,7 @@ struct Cand {
 static bool better(const Cand& a, const Cand& b) { return a.s > b.s || (a.s == b.s && a.id < b.id); }
 
 static py::tuple search(int dtype, int d, py::array data, py::array xscale, py::array rowsum, int64_t n, py::array queries,
-                        int k, int candidates, int threads) {
+                        int k, int candidates, int threads, bool rescore_candidates) {
     const Layout L(dtype, d);
     require(n >= 1, "the index is empty");
     const int64_t npanels = check_storage(L, data, xscale, rowsum, n, false);
@@ -388,7 +388,7 @@ static py::tuple search(int dtype, int d, py::array data, py::array xscale, py::
     require(queries.ndim() == 2 && queries.shape(1) == d,
             "queries must be [Q, " + std::to_string(d) + "] float32");
     require(k >= 1 && k <= n, "k must be in [1, " + std::to_string(n) + "], got " + std::to_string(k));
-    const bool compact = dtype != kF32;
+    const bool compact = dtype != kF32 && rescore_candidates;
     const int kk = compact ? (int)std::min<int64_t>(n, std::max(candidates, k)) : k;
     require(threads >= 1, "threads must be >= 1");
     const int64_t nq_total = queries.shape(0);
@@ -519,6 +519,8 @@ PYBIND11_MODULE(_topk, m) {
           py::arg("n"), "Rows [0, n) as float32 (dequantised)");
     m.def("search", &search, py::arg("dtype"), py::arg("dim"), py::arg("data"), py::arg("scales"), py::arg("rowsums"),
           py::arg("n"), py::arg("queries"), py::arg("k"), py::arg("candidates"), py::arg("threads"),
+          py::arg("rescore") = true,
           "Top-k by inner product: (scores float32 [Q, k], row positions int64 [Q, k]); higher score first, "
-          "ties by lower position");
+          "ties by lower position. Compact dtypes keep `candidates` by the kernel score and rescore them "
+          "exactly unless rescore=False (then: raw kernel scores, for tests)");
 }

@@ -69,7 +69,8 @@ def _as_f32_2d(name: str, x, dim: int) -> np.ndarray:
     elif isinstance(x, np.ndarray):
         if x.dtype.kind != "f":
             raise TypeError(f"{name} must hold floating-point values, got numpy dtype {x.dtype}")
-        arr = np.ascontiguousarray(x, dtype=np.float32)
+        with np.errstate(over="ignore"):  # out-of-range float64 becomes inf: rejected just below
+            arr = np.ascontiguousarray(x, dtype=np.float32)
     else:
         raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
     if arr.ndim == 1:

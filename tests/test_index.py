@@ -1,0 +1,517 @@
+"""TopKIndex: exactness against float64 numpy and faiss.IndexFlatIP, every kernel ISA, tie order,
+compact-dtype recall, save/load (mmap, corruption), bad input, and concurrent searches."""
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from uae_fast import TopKIndex
+from uae_fast import _topk
+
+faiss = pytest.importorskip("faiss")
+
+ISAS = _topk.available_isas()
+DTYPES = ["float32", "bfloat16", "int8"]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+
+
+@pytest.fixture(autouse=True)
+def _restore_isa():
+    yield
+    _topk.set_isa("best")
+
+
+def ref_topk(x, q, k):
+    """float64 scores, and the reference order: higher score first, then lower position."""
+    s = q.astype(np.float64) @ x.astype(np.float64).T
+    order = np.lexsort((np.broadcast_to(np.arange(x.shape[0]), s.shape), -s), axis=1)[:, :k]
+    return s, order
+
+
+def assert_same_topk(scores, ids, s64, order, rtol=2e-5):
+    """ids must equal the reference exactly, except where the float64 reference itself has a near-tie
+    (then the returned ids must still be a valid top-k: each one's true score equals the expected one)."""
+    k = order.shape[1]
+    exp_scores = np.take_along_axis(s64, order, 1)
+    scale = np.abs(s64).max(axis=1, keepdims=True) + 1e-30
+    np.testing.assert_allclose(scores, exp_scores, rtol=0, atol=float(rtol * scale.max()))
+    for qi in range(ids.shape[0]):
+        if np.array_equal(ids[qi], order[qi]):
+            continue
+        # A mismatch is only acceptable inside a near-tie of the reference.
+        assert len(set(ids[qi].tolist())) == k, f"query {qi}: duplicate ids {ids[qi]}"
+        true = s64[qi, ids[qi]]
+        np.testing.assert_allclose(true, exp_scores[qi], rtol=0, atol=float(rtol * scale[qi, 0]))
+        gaps = np.diff(np.sort(s64[qi])[::-1][: k + 1])
+        assert np.abs(gaps).min() < rtol * scale[qi, 0], f"query {qi}: ids differ without a near-tie"
+
+
+# ---- exactness ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,d,nq,k", [(1, 7, 3, 1), (17, 33, 13, 5), (1003, 129, 37, 10), (300, 64, 2, 300)])
+def test_float32_ids_equal_numpy_float64(isa, n, d, nq, k, rng):
+    _topk.set_isa(isa)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    q = rng.standard_normal((nq, d)).astype(np.float32)
+    index = TopKIndex(d)
+    index.add(x[: n // 2])
+    index.add(x[n // 2 :])  # two adds: the second fills a partial panel
+    s64, order = ref_topk(x, q, k)
+    for threads in (1, 2, 3):
+        index.threads = threads
+        scores, ids = index.search(q, k)
+        assert scores.dtype == np.float32 and ids.dtype == np.int64 and scores.shape == ids.shape == (nq, k)
+        assert_same_topk(scores, ids, s64, order)
+
+
+def test_float32_matches_faiss_flat_ip(rng):
+    n, d, nq, k = 2011, 97, 29, 17
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    q = rng.standard_normal((nq, d)).astype(np.float32)
+    flat = faiss.IndexFlatIP(d)
+    flat.add(x)
+    f_scores, f_ids = flat.search(q, k)
+    index = TopKIndex(d)
+    index.add(x)
+    scores, ids = index.search(q, k)
+    s64 = q.astype(np.float64) @ x.astype(np.float64).T
+    np.testing.assert_allclose(scores, f_scores, rtol=0, atol=1e-4)
+    assert_same_topk(scores, ids, s64, f_ids)
+
+
+def test_more_queries_than_one_chunk(rng):
+    # 300 queries span two query chunks of 256 and a short final tile.
+    x = rng.standard_normal((97, 19)).astype(np.float32)
+    q = rng.standard_normal((300, 19)).astype(np.float32)
+    index = TopKIndex(19)
+    index.add(x)
+    s64, order = ref_topk(x, q, 7)
+    assert_same_topk(*index.search(q, 7), s64, order)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tie_order_is_higher_score_then_earlier_vector(dtype, rng):
+    # Small integers: every score is exact in all three dtypes, and duplicated rows tie exactly.
+    n, d = 203, 24
+    x = rng.integers(-3, 4, size=(n, d)).astype(np.float32)
+    x[:, 0] = 127  # int8: scale = 127 / 127 = 1, so quantisation is exact
+    x[100:150] = x[:50]  # exact duplicates
+    q = rng.integers(-3, 4, size=(11, d)).astype(np.float32)
+    q[:, 0] = 0
+    q[:, 1] = 127
+    s64, order = ref_topk(x, q, 40)
+    # threads=1: tied rows meet inside one heap; threads=2: in different heaps, then the merge.
+    for threads, candidates in ((1, 40), (2, 40), (1, n)):
+        index = TopKIndex(d, dtype=dtype, threads=threads, candidates=candidates)
+        index.add(x)
+        scores, ids = index.search(q, 40)
+        np.testing.assert_array_equal(ids, order)
+        np.testing.assert_array_equal(scores, np.take_along_axis(s64, order, 1).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_compact_kernels_bit_identical_across_isas(dtype, rng):
+    # The portable kernels reproduce VDPBF16PS / VPDPBUSD exactly (bf16 products are exact in fp32 and
+    # summed in the instruction's order; int8 sums are exact integers): raw kernel scores must match.
+    n, d = 777, 70
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    q = rng.standard_normal((25, d)).astype(np.float32)
+    index = TopKIndex(d, dtype=dtype)
+    index.add(x)
+    args = (index._code, d, index._data, index._scales, index._rowsums, n, q, 30, 30, 2)
+    results = []
+    for isa in ISAS:
+        _topk.set_isa(isa)
+        results.append(_topk.search(*args, rescore=False))
+    for scores, ids in results[1:]:
+        np.testing.assert_array_equal(ids, results[0][1])
+        np.testing.assert_array_equal(scores, results[0][0])
+    # And they approximate the exact scores of the stored vectors (query rounding only).
+    s64 = q.astype(np.float64) @ index.reconstruct().astype(np.float64).T
+    exact = np.take_along_axis(s64, results[0][1], 1)
+    tol = (0.02 if dtype == "int8" else 0.01) * np.abs(s64).max()
+    np.testing.assert_allclose(results[0][0], exact, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_results_do_not_depend_on_thread_count(dtype, rng):
+    x = rng.standard_normal((1500, 48)).astype(np.float32)
+    q = rng.standard_normal((14, 48)).astype(np.float32)
+    index = TopKIndex(48, dtype=dtype)
+    index.add(x)
+    base = index.search(q, 12)
+    for t in (2, 3, 8):
+        index.threads = t
+        s, i = index.search(q, 12)
+        np.testing.assert_array_equal(i, base[1])
+        np.testing.assert_array_equal(s, base[0])
+
+
+# ---- compact dtypes --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,min_recall", [("bfloat16", 0.99), ("int8", 0.97)])
+def test_compact_recall_and_exact_rescoring(dtype, min_recall, rng):
+    n, d, nq, k = 20000, 64, 64, 10
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = rng.standard_normal((nq, d)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    index = TopKIndex(d, dtype=dtype)
+    index.add(x)
+    scores, ids = index.search(q, k)
+    _, exact = ref_topk(x, q, k)
+    recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(ids.tolist(), exact.tolist())])
+    assert recall >= min_recall, recall
+    # Returned scores are the exact scores of the stored (rounded) vectors, best first.
+    stored = index.reconstruct()
+    assert np.abs(stored - x).max() < (0.01 if dtype == "bfloat16" else 0.02)
+    true = np.einsum("qd,qkd->qk", q.astype(np.float64), stored[ids].astype(np.float64))
+    np.testing.assert_allclose(scores, true, rtol=0, atol=1e-6)
+    assert np.all(np.diff(scores, axis=1) <= 0)
+
+
+def test_int8_per_vector_scale_handles_any_magnitude(rng):
+    x = rng.standard_normal((300, 40)).astype(np.float32) * np.logspace(-6, 6, 300, dtype=np.float32)[:, None]
+    index = TopKIndex(40, dtype="int8")
+    index.add(x)
+    rel = np.abs(index.reconstruct() - x).max(axis=1) / np.abs(x).max(axis=1)
+    assert rel.max() <= 0.5 / 127 + 1e-6
+
+
+def test_float32_reconstruct_is_exact(rng):
+    x = rng.standard_normal((41, 13)).astype(np.float32)
+    index = TopKIndex(13)
+    index.add(x)
+    np.testing.assert_array_equal(index.reconstruct(), x)
+    np.testing.assert_array_equal(index.reconstruct(5, 9), x[5:9])
+
+
+# ---- inputs ------------------------------------------------------------------------------------------
+
+
+def test_numpy_and_torch_inputs_of_any_layout(rng):
+    d = 31
+    x = rng.standard_normal((211, d)).astype(np.float32)
+    q = rng.standard_normal((9, d)).astype(np.float32)
+    ref = TopKIndex(d)
+    ref.add(x)
+    s_ref, i_ref = ref.search(q, 6)
+    variants = [
+        np.asfortranarray(x),
+        x.astype(np.float64),
+        torch.from_numpy(x).T.contiguous().T,  # column-major tensor
+        torch.from_numpy(np.ascontiguousarray(x.T)).T,
+    ]
+    for xv in variants:
+        index = TopKIndex(d)
+        index.add(xv)
+        s, i = index.search(q[:, ::-1].copy()[:, ::-1], 6)  # a negatively-strided view
+        np.testing.assert_array_equal(i, i_ref)
+        np.testing.assert_allclose(s, s_ref, rtol=1e-6, atol=1e-6)
+    s, i = ref.search(torch.from_numpy(q), 6)
+    assert isinstance(s, torch.Tensor) and s.dtype == torch.float32 and i.dtype == torch.int64
+    np.testing.assert_array_equal(i.numpy(), i_ref)
+    s1, i1 = ref.search(q[3], 6)  # one vector -> [1, k]
+    assert s1.shape == (1, 6)
+    np.testing.assert_array_equal(i1[0], i_ref[3])
+    # Half-precision torch inputs are widened, not rejected.
+    ref.search(torch.from_numpy(q).to(torch.bfloat16), 3)
+    ref.search(torch.from_numpy(q).half(), 3)
+
+
+def test_custom_ids_and_cosine(rng):
+    x = rng.standard_normal((120, 16)).astype(np.float32) * rng.uniform(0.1, 10, (120, 1)).astype(np.float32)
+    q = rng.standard_normal((5, 16)).astype(np.float32)
+    ids = rng.choice(10**12, size=120, replace=False).astype(np.int64)
+    index = TopKIndex(16, metric="cosine")
+    index.add(x, ids=torch.from_numpy(ids))
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    s64, order = ref_topk(xn, qn, 8)
+    scores, got = index.search(q, 8)
+    pos_of = {int(v): p for p, v in enumerate(ids)}
+    assert_same_topk(scores, np.vectorize(pos_of.__getitem__)(got), s64, order)
+    np.testing.assert_array_equal(index.ids, ids)
+    assert len(index) == 120
+
+
+# ---- save / load -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mmap", [True, False])
+def test_save_load_round_trip(dtype, mmap, tmp_path, rng):
+    d = 45
+    x = rng.standard_normal((333, d)).astype(np.float32)
+    q = rng.standard_normal((7, d)).astype(np.float32)
+    index = TopKIndex(d, dtype=dtype, metric="cosine")
+    index.add(x[:300], ids=np.arange(1000, 1300))
+    path = tmp_path / "ix.uae"
+    index.save(path)
+    loaded = TopKIndex.load(path, mmap=mmap)
+    assert (loaded.dim, loaded.dtype, loaded.metric, len(loaded)) == (d, dtype, "cosine", 300)
+    for a, b in zip(index.search(q, 9), loaded.search(q, 9)):
+        np.testing.assert_array_equal(a, b)
+    if mmap:
+        assert isinstance(loaded._data, np.memmap) and not loaded._data.flags.writeable
+    # add() after load (copy-on-write for mmap) equals an index built in one go.
+    loaded.add(x[300:], ids=np.arange(1300, 1333))
+    full = TopKIndex(d, dtype=dtype, metric="cosine")
+    full.add(x, ids=np.arange(1000, 1333))
+    for a, b in zip(full.search(q, 9), loaded.search(q, 9)):
+        np.testing.assert_array_equal(a, b)
+    # The file on disk is untouched by the add.
+    assert len(TopKIndex.load(path)) == 300
+
+
+def test_save_load_empty_and_faiss(tmp_path, rng):
+    empty = TopKIndex(8)
+    empty.save(tmp_path / "e.uae")
+    e = TopKIndex.load(tmp_path / "e.uae")
+    assert len(e) == 0
+    with pytest.raises(ValueError, match="empty"):
+        e.search(np.ones(8, np.float32), 1)
+    x = rng.standard_normal((500, 12)).astype(np.float32)
+    f = TopKIndex(12, backend="faiss", factory="HNSW16", threads=2)
+    f.add(x, ids=np.arange(500) * 3)
+    f.save(tmp_path / "f.uae")
+    g = TopKIndex.load(tmp_path / "f.uae")
+    assert isinstance(g, TopKIndex) and g.backend == "faiss" and len(g) == 500
+    for a, b in zip(f.search(x[:4], 5), g.search(x[:4], 5)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _corrupt(path, out, fn):
+    data = bytearray(open(path, "rb").read())
+    data = fn(data)
+    open(out, "wb").write(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize(
+    "how,mmap",
+    [
+        ("truncate_data", True),
+        ("truncate_data", False),
+        ("truncate_header", True),
+        ("empty", True),
+        ("magic", True),
+        ("header_byte", True),
+        ("header_len", True),
+        ("payload_byte", False),
+        ("garbage", False),
+    ],
+)
+def test_corrupt_or_truncated_file_raises(how, mmap, tmp_path, rng):
+    index = TopKIndex(20, dtype="int8")
+    index.add(rng.standard_normal((100, 20)).astype(np.float32))
+    path = tmp_path / "ok.uae"
+    index.save(path)
+    size = os.path.getsize(path)
+
+    def flip(i):
+        return lambda b: b[:i] + bytes([b[i] ^ 0xFF]) + b[i + 1 :]
+
+    fns = {
+        "truncate_data": lambda b: b[: size - 100],
+        "truncate_header": lambda b: b[:30],
+        "empty": lambda b: b[:0],
+        "magic": flip(0),
+        "header_byte": flip(40),
+        "header_len": lambda b: b[:8] + (2**62).to_bytes(8, "little") + b[16:],
+        "payload_byte": flip(size - 700),
+        "garbage": lambda b: bytes(rng.integers(0, 256, size, dtype=np.uint8)),
+    }
+    bad = _corrupt(path, tmp_path / "bad.uae", fns[how])
+    with pytest.raises(ValueError, match="not a valid uae_fast index"):
+        TopKIndex.load(bad, mmap=mmap)
+
+
+def test_mmap_verify_catches_payload_corruption(tmp_path, rng):
+    index = TopKIndex(20)
+    index.add(rng.standard_normal((100, 20)).astype(np.float32))
+    path = tmp_path / "ok.uae"
+    index.save(path)
+    size = os.path.getsize(path)
+    bad = _corrupt(path, tmp_path / "bad.uae", lambda b: b[: size - 64] + bytes([b[size - 64] ^ 1]) + b[size - 63 :])
+    TopKIndex.load(bad, mmap=True)  # lazy: header and sizes only
+    with pytest.raises(ValueError, match="checksum"):
+        TopKIndex.load(bad, mmap=True, verify=True)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+
+def test_bad_input_raises_clear_errors(rng):
+    index = TopKIndex(8)
+    with pytest.raises(ValueError, match="empty"):
+        index.search(np.ones((1, 8), np.float32), 1)
+    index.add(rng.standard_normal((10, 8)).astype(np.float32))
+    q = np.ones((2, 8), np.float32)
+    cases = [
+        (ValueError, "dimension 7", lambda: index.search(np.ones((2, 7), np.float32), 1)),
+        (ValueError, "dimension 9", lambda: index.add(np.ones((2, 9), np.float32))),
+        (ValueError, r"k must be in \[1, 10\]", lambda: index.search(q, 0)),
+        (ValueError, r"k must be in \[1, 10\]", lambda: index.search(q, -3)),
+        (ValueError, r"k must be in \[1, 10\]", lambda: index.search(q, 11)),
+        (TypeError, "k must be an int", lambda: index.search(q, 2.0)),
+        (TypeError, "k must be an int", lambda: index.search(q, True)),
+        (ValueError, "NaN or inf", lambda: index.search(np.full((1, 8), np.nan, np.float32), 1)),
+        (ValueError, "NaN or inf", lambda: index.search(torch.full((1, 8), float("inf")), 1)),
+        (ValueError, "NaN or inf", lambda: index.add(np.full((1, 8), 1e39))),  # overflows float32
+        (TypeError, "floating-point", lambda: index.search(np.ones((1, 8), np.int64), 1)),
+        (TypeError, "floating-point", lambda: index.add(torch.ones(1, 8, dtype=torch.bool))),
+        (TypeError, "floating-point", lambda: index.add(np.ones((1, 8), np.complex64))),
+        (TypeError, "numpy array or a torch tensor", lambda: index.search([[1.0] * 8], 1)),
+        (ValueError, "must be \\[n, 8\\]", lambda: index.search(np.ones((1, 2, 8), np.float32), 1)),
+        (ValueError, "ids must have shape", lambda: index.add(q, ids=np.arange(3))),
+        (TypeError, "ids must hold integers", lambda: index.add(q, ids=np.ones(2))),
+        (ValueError, "ids must be >= 0", lambda: index.add(q, ids=np.array([0, -1]))),
+        (ValueError, "dtype must be one of", lambda: TopKIndex(8, dtype="float16")),
+        (ValueError, "metric must be one of", lambda: TopKIndex(8, metric="l2")),
+        (ValueError, "dim must be a positive int", lambda: TopKIndex(0)),
+        (ValueError, "backend must be one of", lambda: TopKIndex(8, backend="annoy")),
+        (ValueError, "threads must be a positive int", lambda: TopKIndex(8, threads=0)),
+        (ValueError, "candidates must be", lambda: TopKIndex(8, dtype="int8", candidates=0)),
+        (ValueError, "backend='faiss'", lambda: TopKIndex(8, factory="HNSW32")),
+        (ValueError, "zero norm", lambda: TopKIndex(8, metric="cosine").add(np.zeros((3, 8), np.float32))),
+        (ValueError, "start <= stop", lambda: index.reconstruct(5, 50)),
+    ]
+    for exc, msg, fn in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
+    assert len(index) == 10  # failed adds changed nothing
+
+
+def test_extension_backstop_rejects_bad_buffers():
+    data = np.zeros(64 * 16 * 4, np.uint8)  # one panel of float32 dim 64
+    none_f = np.zeros(0, np.float32)
+    none_i = np.zeros(0, np.int32)
+    q = np.zeros((1, 64), np.float32)
+    with pytest.raises(ValueError, match="data is too small"):
+        _topk.search(0, 64, data, none_f, none_i, 17, q, 1, 1, 1)
+    with pytest.raises(TypeError, match="data has the wrong dtype"):
+        _topk.search(0, 64, data.view(np.float32), none_f, none_i, 16, q, 1, 1, 1)
+    with pytest.raises(ValueError, match="queries must be"):
+        _topk.search(0, 64, data, none_f, none_i, 16, np.zeros((1, 63), np.float32), 1, 1, 1)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _topk.search(0, 64, data, none_f, none_i, 16, np.zeros((64, 2), np.float32).T, 1, 1, 1)
+    with pytest.raises(ValueError, match="k must be"):
+        _topk.search(0, 64, data, none_f, none_i, 16, q, 17, 17, 1)
+    with pytest.raises(ValueError, match="scales is too small"):
+        _topk.search(2, 64, data, none_f, none_i, 16, q, 1, 1, 1)
+    with pytest.raises(ValueError, match="writable"):
+        ro = data.copy()
+        ro.flags.writeable = False
+        _topk.pack(0, np.zeros((1, 64), np.float32), ro, none_f, none_i, 0)
+    with pytest.raises(ValueError, match="dtype code"):
+        _topk.search(7, 64, data, none_f, none_i, 16, q, 1, 1, 1)
+    with pytest.raises(ValueError, match="not supported|unknown"):
+        _topk.set_isa("avx9000")
+
+
+# ---- concurrency -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["native", "faiss"])
+def test_concurrent_searches_from_threads(backend, rng):
+    d = 40
+    x = rng.standard_normal((3000, d)).astype(np.float32)
+    index = TopKIndex(d, backend=backend, threads=2) if backend == "native" else TopKIndex(d, backend="faiss")
+    index.add(x)
+    queries = [rng.standard_normal((int(rng.integers(1, 30)), d)).astype(np.float32) for _ in range(24)]
+    expected = [index.search(q, 10) for q in queries]
+    errors, results = [], {}
+
+    def worker(t):
+        try:
+            for r in range(3):
+                j = (t * 3 + r) % len(queries)
+                results[(t, r)] = (j, index.search(queries[j], 10))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 24
+    for j, (s, i) in results.values():
+        np.testing.assert_array_equal(i, expected[j][1])
+        np.testing.assert_array_equal(s, expected[j][0])
+
+
+def test_search_while_adding_sees_a_consistent_prefix(rng):
+    d = 24
+    x = rng.standard_normal((4000, d)).astype(np.float32)
+    q = rng.standard_normal((6, d)).astype(np.float32)
+    index = TopKIndex(d)
+    index.add(x[:100])
+    stop, errors = threading.Event(), []
+
+    def searcher():
+        try:
+            while not stop.is_set():
+                s, i = index.search(q, 5)
+                assert i.min() >= 0 and i.max() < 4000
+                np.testing.assert_allclose(s, np.einsum("qd,qkd->qk", q, x[i]), rtol=1e-5, atol=1e-5)
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    ts = [threading.Thread(target=searcher) for _ in range(3)]
+    for t in ts:
+        t.start()
+    for s in range(100, 4000, 130):
+        index.add(x[s : s + 130])
+    stop.set()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    assert len(index) == 4000
+
+
+# ---- FAISS backend -----------------------------------------------------------------------------------
+
+
+def test_faiss_backend_flat_ivf_hnsw(rng):
+    d = 32
+    centers = rng.standard_normal((40, d)).astype(np.float32) * 3
+    x = (centers[rng.integers(0, 40, 6000)] + rng.standard_normal((6000, d))).astype(np.float32)
+    q = (centers[rng.integers(0, 40, 20)] + rng.standard_normal((20, d))).astype(np.float32)
+    s64, order = ref_topk(x, q, 10)
+    flat = TopKIndex(d, backend="faiss", factory="Flat")
+    flat.add(x)
+    assert_same_topk(*flat.search(q, 10), s64, order, rtol=1e-4)
+    for factory in ("IVF64,Flat", "HNSW32"):
+        index = TopKIndex(d, backend="faiss", factory=factory)
+        index.add(torch.from_numpy(x))  # IVF trains on the first add
+        scores, ids = index.search(q, 10)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), order.tolist())])
+        assert recall >= 0.9, (factory, recall)
+    with pytest.raises(ValueError, match="training failed|at least"):
+        TopKIndex(d, backend="faiss", factory="IVF1024,Flat").add(x[:100])
+    with pytest.raises(ValueError, match="FAISS rejected factory"):
+        TopKIndex(d, backend="faiss", factory="NotAnIndex")
+    with pytest.raises(ValueError, match="dtype="):
+        TopKIndex(d, backend="faiss", dtype="int8")
+
+
+def test_faiss_missing_results_are_minus_one(rng):
+    d = 8
+    x = np.concatenate([rng.standard_normal((300, d)) + 20, rng.standard_normal((300, d)) - 20]).astype(np.float32)
+    index = TopKIndex(d, backend="faiss", factory="IVF2,Flat", nprobe=1)
+    index.add(x)
+    scores, ids = index.search(x[:1], 600)  # one probed list cannot hold all 600
+    miss = ids[0] < 0
+    assert miss.any() and np.all(np.isneginf(scores[0][miss])) and np.all(ids[0][~miss] >= 0)
