@@ -250,13 +250,35 @@ static int64_t check_storage(const Layout& L, const py::array& data, const py::a
 // ---- packing ------------------------------------------------------------------------------------
 
 // Writes rows [row0, row0 + m) of the panel storage from float32 x [m, d].
-static void pack_rows(int dtype, py::array x, py::array data, py::array xscale, py::array rowsum, int64_t row0) {
+// Optional int8 refinement: a second int8 code of the rounding residual, row-major [n, d], with its own
+// per-row scale. Never scanned; it only makes the rescoring of candidates (nearly) float32-exact.
+struct Residual {
+    int8_t* q = nullptr;
+    float* s = nullptr;
+};
+
+static Residual check_residual(const Layout& L, const py::object& resid, const py::object& rscales, int64_t n, bool writable) {
+    Residual r;
+    if (resid.is_none() && rscales.is_none()) return r;
+    require(L.dtype == kI8, "resid/rscales are for the int8 dtype only");
+    require(!resid.is_none() && !rscales.is_none(), "resid and rscales go together");
+    py::array a = resid.cast<py::array>(), b = rscales.cast<py::array>();
+    check_array<int8_t>(a, "resid", n * L.d, writable);
+    check_array<float>(b, "rscales", n, writable);
+    r.q = static_cast<int8_t*>(const_cast<void*>(a.data()));
+    r.s = static_cast<float*>(const_cast<void*>(b.data()));
+    return r;
+}
+
+static void pack_rows(int dtype, py::array x, py::array data, py::array xscale, py::array rowsum, int64_t row0,
+                      py::object resid, py::object rscales) {
     check_array<float>(x, "x", 0, false);
     require(x.ndim() == 2, "x must be 2-D [rows, dim]");
     const Layout L(dtype, (int)x.shape(1));
     const int64_t m = x.shape(0);
     require(row0 >= 0, "row0 must be >= 0");
     check_storage(L, data, xscale, rowsum, row0 + m, true);
+    const Residual res = check_residual(L, resid, rscales, row0 + m, true);
     const float* src = static_cast<const float*>(x.data());
     uint8_t* dst = static_cast<uint8_t*>(data.mutable_data());
     float* xs = L.dtype == kI8 ? static_cast<float*>(xscale.mutable_data()) : nullptr;
@@ -281,21 +303,31 @@ static void pack_rows(int dtype, py::array x, py::array data, py::array xscale, 
             const float scale = amax > 0.f ? amax / 127.f : 0.f;
             const float inv = amax > 0.f ? 127.f / amax : 0.f;
             int32_t sum = 0;
+            float ramax = 0.f;
             for (int j = 0; j < d; ++j) {
                 const int v = (int)std::max(-127.f, std::min(127.f, std::nearbyint(row[j] * inv)));
                 o[L.offset(r, j)] = (int8_t)v;
                 sum += v;
+                ramax = std::max(ramax, std::fabs(row[j] - (float)v * scale));
             }
             xs[r] = scale;
             rs[r] = sum;
+            if (res.q) {
+                const float rinv = ramax > 0.f ? 127.f / ramax : 0.f;
+                for (int j = 0; j < d; ++j)
+                    res.q[r * d + j] = (int8_t)std::max(-127.f, std::min(127.f, std::nearbyint((row[j] - (float)o[L.offset(r, j)] * scale) * rinv)));
+                res.s[r] = ramax > 0.f ? ramax / 127.f : 0.f;
+            }
         }
     }
 }
 
 // Rows [0, n) back as float32 [n, d] (dequantised): reconstruct() and the tests.
-static py::array_t<float> unpack_rows(int dtype, int d, py::array data, py::array xscale, py::array rowsum, int64_t n) {
+static py::array_t<float> unpack_rows(int dtype, int d, py::array data, py::array xscale, py::array rowsum, int64_t n,
+                                      py::object resid, py::object rscales) {
     const Layout L(dtype, d);
     check_storage(L, data, xscale, rowsum, n, false);
+    const Residual res = check_residual(L, resid, rscales, n, false);
     py::array_t<float> out({(py::ssize_t)n, (py::ssize_t)d});
     float* o = out.mutable_data();
     const uint8_t* src = static_cast<const uint8_t*>(data.data());
@@ -308,6 +340,7 @@ static py::array_t<float> unpack_rows(int dtype, int d, py::array data, py::arra
             if (L.dtype == kF32) v = reinterpret_cast<const float*>(src)[off];
             else if (L.dtype == kBF16) v = f32_from_bits((uint32_t)reinterpret_cast<const uint16_t*>(src)[off] << 16);
             else v = (float)reinterpret_cast<const int8_t*>(src)[off] * xs[r];
+            if (res.q) v = (float)((double)v + (double)res.q[r * d + j] * (double)res.s[r]);
             o[r * d + j] = v;
         }
     return out;
@@ -349,7 +382,8 @@ static void pack_queries(const Layout& L, const float* q, int nq, int qm_max, ui
 
 // Exact score of a stored (dequantised) row against the zero-padded float32 query, in float64.
 // G independent partial sums (one per position in a group) keep the dependency chains short.
-static double rescore(const Layout& L, const void* data, const float* xscale, const float* qpad, int64_t r) {
+static double rescore(const Layout& L, const void* data, const float* xscale, const Residual& res, const float* qpad,
+                      int64_t r) {
     const int64_t base = (r / kPanel) * L.pstride + (r % kPanel) * L.G;
     if (L.dtype == kBF16) {
         const uint16_t* x = static_cast<const uint16_t*>(data) + base;
@@ -365,7 +399,21 @@ static double rescore(const Layout& L, const void* data, const float* xscale, co
         double a[4] = {0.0, 0.0, 0.0, 0.0};
         for (int g = 0; g < L.ng; ++g, x += 4 * kPanel)
             for (int b = 0; b < 4; ++b) a[b] += (double)qpad[4 * g + b] * (double)x[b];
-        return ((a[0] + a[1]) + (a[2] + a[3])) * (double)xscale[r];
+        double out = ((a[0] + a[1]) + (a[2] + a[3])) * (double)xscale[r];
+        if (res.q) {
+            const int8_t* e = res.q + r * L.d;
+            double b0 = 0.0, b1 = 0.0, b2 = 0.0, b3 = 0.0;
+            int j = 0;
+            for (; j + 4 <= L.d; j += 4) {
+                b0 += (double)qpad[j] * e[j];
+                b1 += (double)qpad[j + 1] * e[j + 1];
+                b2 += (double)qpad[j + 2] * e[j + 2];
+                b3 += (double)qpad[j + 3] * e[j + 3];
+            }
+            for (; j < L.d; ++j) b0 += (double)qpad[j] * e[j];
+            out += ((b0 + b1) + (b2 + b3)) * (double)res.s[r];
+        }
+        return out;
     }
     const float* x = static_cast<const float*>(data) + base;
     double a0 = 0.0;
@@ -380,10 +428,11 @@ struct Cand {
 static bool better(const Cand& a, const Cand& b) { return a.s > b.s || (a.s == b.s && a.id < b.id); }
 
 static py::tuple search(int dtype, int d, py::array data, py::array xscale, py::array rowsum, int64_t n, py::array queries,
-                        int k, int candidates, int threads, bool rescore_candidates) {
+                        int k, int candidates, int threads, bool rescore_candidates, py::object resid, py::object rscales) {
     const Layout L(dtype, d);
     require(n >= 1, "the index is empty");
     const int64_t npanels = check_storage(L, data, xscale, rowsum, n, false);
+    const Residual res = check_residual(L, resid, rscales, n, false);
     check_array<float>(queries, "queries", 0, false);
     require(queries.ndim() == 2 && queries.shape(1) == d,
             "queries must be [Q, " + std::to_string(d) + "] float32");
@@ -464,7 +513,7 @@ static py::tuple search(int dtype, int d, py::array data, py::array xscale, py::
             if (compact) {
                 float* qp = qpad.data() + (size_t)thread_id() * L.dpad;
                 std::memcpy(qp, qchunk + (int64_t)qi * d, sizeof(float) * d);
-                for (int e = 0; e < keep; ++e) buf[e].s = (float)rescore(L, a.data, a.xscale, qp, buf[e].id);
+                for (int e = 0; e < keep; ++e) buf[e].s = (float)rescore(L, a.data, a.xscale, res, qp, buf[e].id);
                 std::sort(buf, buf + keep, better);
             }
             float* srow = os + (c0 + qi) * k;
@@ -514,12 +563,14 @@ PYBIND11_MODULE(_topk, m) {
         return py::make_tuple(L.dpad, L.panel_bytes);
     }, py::arg("dtype"), py::arg("dim"), "(padded dim, bytes per 16-row panel)");
     m.def("pack", &pack_rows, py::arg("dtype"), py::arg("x"), py::arg("data"), py::arg("scales"), py::arg("rowsums"),
-          py::arg("row0"), "Write float32 rows x into the panel storage starting at row row0");
+          py::arg("row0"), py::arg("resid") = py::none(), py::arg("rscales") = py::none(),
+          "Write float32 rows x into the panel storage starting at row row0 (int8: optionally the residual codes)");
     m.def("unpack", &unpack_rows, py::arg("dtype"), py::arg("dim"), py::arg("data"), py::arg("scales"), py::arg("rowsums"),
-          py::arg("n"), "Rows [0, n) as float32 (dequantised)");
+          py::arg("n"), py::arg("resid") = py::none(), py::arg("rscales") = py::none(),
+          "Rows [0, n) as float32 (dequantised)");
     m.def("search", &search, py::arg("dtype"), py::arg("dim"), py::arg("data"), py::arg("scales"), py::arg("rowsums"),
           py::arg("n"), py::arg("queries"), py::arg("k"), py::arg("candidates"), py::arg("threads"),
-          py::arg("rescore") = true,
+          py::arg("rescore") = true, py::arg("resid") = py::none(), py::arg("rscales") = py::none(),
           "Top-k by inner product: (scores float32 [Q, k], row positions int64 [Q, k]); higher score first, "
           "ties by lower position. Compact dtypes keep `candidates` by the kernel score and rescore them "
           "exactly unless rescore=False (then: raw kernel scores, for tests)");

@@ -158,22 +158,23 @@ def test_results_do_not_depend_on_thread_count(dtype, rng):
 # ---- compact dtypes --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,min_recall", [("bfloat16", 0.99), ("int8", 0.97)])
-def test_compact_recall_and_exact_rescoring(dtype, min_recall, rng):
+@pytest.mark.parametrize("dtype,refine,min_recall", [("bfloat16", False, 0.99), ("int8", False, 0.97), ("int8", True, 0.995)])
+def test_compact_recall_and_exact_rescoring(dtype, refine, min_recall, rng):
     n, d, nq, k = 20000, 64, 64, 10
     x = rng.standard_normal((n, d)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     q = rng.standard_normal((nq, d)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    index = TopKIndex(d, dtype=dtype)
-    index.add(x)
+    index = TopKIndex(d, dtype=dtype, refine=refine)
+    index.add(x[:7777])
+    index.add(x[7777:])
     scores, ids = index.search(q, k)
     _, exact = ref_topk(x, q, k)
     recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(ids.tolist(), exact.tolist())])
     assert recall >= min_recall, recall
     # Returned scores are the exact scores of the stored (rounded) vectors, best first.
     stored = index.reconstruct()
-    assert np.abs(stored - x).max() < (0.01 if dtype == "bfloat16" else 0.02)
+    assert np.abs(stored - x).max() < {"bfloat16": 0.01, "int8": 0.02}[dtype] * (0.01 if refine else 1)
     true = np.einsum("qd,qkd->qk", q.astype(np.float64), stored[ids].astype(np.float64))
     np.testing.assert_allclose(scores, true, rtol=0, atol=1e-6)
     assert np.all(np.diff(scores, axis=1) <= 0)
@@ -247,25 +248,26 @@ def test_custom_ids_and_cosine(rng):
 # ---- save / load -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + ["int8+refine"])
 @pytest.mark.parametrize("mmap", [True, False])
 def test_save_load_round_trip(dtype, mmap, tmp_path, rng):
     d = 45
     x = rng.standard_normal((333, d)).astype(np.float32)
     q = rng.standard_normal((7, d)).astype(np.float32)
-    index = TopKIndex(d, dtype=dtype, metric="cosine")
+    dtype, refine = dtype.split("+")[0], dtype.endswith("refine")
+    index = TopKIndex(d, dtype=dtype, metric="cosine", refine=refine)
     index.add(x[:300], ids=np.arange(1000, 1300))
     path = tmp_path / "ix.uae"
     index.save(path)
     loaded = TopKIndex.load(path, mmap=mmap)
-    assert (loaded.dim, loaded.dtype, loaded.metric, len(loaded)) == (d, dtype, "cosine", 300)
+    assert (loaded.dim, loaded.dtype, loaded.metric, len(loaded), loaded.refine) == (d, dtype, "cosine", 300, refine)
     for a, b in zip(index.search(q, 9), loaded.search(q, 9)):
         np.testing.assert_array_equal(a, b)
     if mmap:
         assert isinstance(loaded._data, np.memmap) and not loaded._data.flags.writeable
     # add() after load (copy-on-write for mmap) equals an index built in one go.
     loaded.add(x[300:], ids=np.arange(1300, 1333))
-    full = TopKIndex(d, dtype=dtype, metric="cosine")
+    full = TopKIndex(d, dtype=dtype, metric="cosine", refine=refine)
     full.add(x, ids=np.arange(1000, 1333))
     for a, b in zip(full.search(q, 9), loaded.search(q, 9)):
         np.testing.assert_array_equal(a, b)
@@ -382,6 +384,7 @@ def test_bad_input_raises_clear_errors(rng):
         (ValueError, "backend must be one of", lambda: TopKIndex(8, backend="annoy")),
         (ValueError, "threads must be a positive int", lambda: TopKIndex(8, threads=0)),
         (ValueError, "candidates must be", lambda: TopKIndex(8, dtype="int8", candidates=0)),
+        (ValueError, "refine=True is for dtype='int8'", lambda: TopKIndex(8, refine=True)),
         (ValueError, "backend='faiss'", lambda: TopKIndex(8, factory="HNSW32")),
         (ValueError, "zero norm", lambda: TopKIndex(8, metric="cosine").add(np.zeros((3, 8), np.float32))),
         (ValueError, "start <= stop", lambda: index.reconstruct(5, 50)),

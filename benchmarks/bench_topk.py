@@ -1,0 +1,224 @@
+"""Exact top-k retrieval: uae_fast.TopKIndex (float32 / bfloat16 / int8) vs FAISS IndexFlatIP and
+torch (matmul + topk), side by side on the same data and thread count.
+
+Reports QPS, index memory, recall@k against exact float32 (torch), and the fraction of the machine's
+limit reached: for batch 1 (memory-bound) the bytes each method must read per query against the
+read bandwidth measured here on an array of the same size (the same cache behaviour); for batch 256
+(compute-bound) the multiply-adds against the sgemm rate measured here (torch, same threads).
+int8/bf16 rows compare their own bytes, and their MACs against the *float32* sgemm rate, so values
+above 1.0 mean "faster than float32 peak".
+
+    python benchmarks/bench_topk.py --quick            # N=200k, d=384, < 2 min
+    python benchmarks/bench_topk.py                    # N in {100k, 1M} x d in {384, 768}
+    python benchmarks/bench_topk.py --data emb.npy     # real embeddings instead of random ones
+
+Data: random Gaussian vectors, L2-normalised (the hardest case for quantised dtypes: the top scores
+are packed closely together); queries drawn the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from uae_fast import TopKIndex  # noqa: E402
+from uae_fast import _topk  # noqa: E402
+
+try:
+    import faiss
+except ImportError:  # pragma: no cover
+    faiss = None
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def best_time(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def read_bandwidth(nbytes: int, threads: int) -> float:
+    """Bytes/s of a multi-threaded sum over an array of `nbytes` (same size -> same cache residency)."""
+    torch.set_num_threads(threads)
+    a = torch.rand(max(1, nbytes // 4))
+    return a.numel() * 4 / best_time(lambda: a.sum(), 5)
+
+
+def sgemm_rate(threads: int) -> float:
+    """FLOP/s of a large float32 matmul (torch's BLAS) on `threads` threads."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    return 2 * 2048**3 / best_time(lambda: a @ b, 5)
+
+
+def unit_rows(rng, n, d, chunk=100_000):
+    x = np.empty((n, d), np.float32)
+    for s in range(0, n, chunk):
+        blk = rng.standard_normal((min(chunk, n - s), d), dtype=np.float32)
+        x[s : s + len(blk)] = blk / np.linalg.norm(blk, axis=1, keepdims=True)
+    return x
+
+
+def run_config(x, queries, batches, ks, threads, min_time, rows, dtypes):
+    n, d = x.shape
+    torch.set_num_threads(threads)
+    xt = torch.from_numpy(x)
+
+    methods = {}
+    methods["torch"] = (lambda q, k: torch.topk(torch.from_numpy(q) @ xt.T, k, dim=1), x.nbytes)
+    if faiss is not None:
+        faiss.omp_set_num_threads(threads)
+        flat = faiss.IndexFlatIP(d)
+        flat.add(x)
+        methods["faiss_flat"] = (lambda q, k: flat.search(q, k), x.nbytes)
+    for dt in dtypes:
+        t0 = time.perf_counter()
+        ix = TopKIndex(d, dtype=dt.split("+")[0], refine=dt.endswith("+refine"), threads=threads)
+        ix.add(x)
+        print(f"  built {dt} index in {time.perf_counter() - t0:.1f}s ({ix.nbytes / 2**20:.0f} MiB)", flush=True)
+        methods[f"uae_{dt}"] = (lambda q, k, ix=ix: ix.search(q, k), ix.nbytes)
+
+    bw_cache = {}
+    peak = sgemm_rate(threads)
+    for k in ks:
+        for b in batches:
+            q = queries[:b]
+            exact = torch.topk(torch.from_numpy(q) @ xt.T, k, dim=1).indices.numpy()
+            times = {name: [] for name in methods}
+            results, warm = {}, 0.0
+            for name, (fn, _) in methods.items():
+                t = time.perf_counter()
+                results[name] = fn(q, k)  # warm-up (and the recall check)
+                warm += time.perf_counter() - t
+            # Interleave the methods over rounds so load changes on a shared machine hit all of them.
+            rounds = int(min(15, max(3, min_time * len(methods) / max(warm, 1e-6))))
+            for _ in range(rounds):
+                for name, (fn, _) in methods.items():
+                    t = time.perf_counter()
+                    fn(q, k)
+                    times[name].append(time.perf_counter() - t)
+            base_qps = max(b / min(times[m]) for m in ("torch", "faiss_flat") if m in times)
+            for name, (fn, mem) in methods.items():
+                t = min(times[name])
+                ids = np.asarray(results[name][1])
+                recall = float(np.mean([len(set(a) & set(e)) / k for a, e in zip(ids.tolist(), exact.tolist())]))
+                row = dict(N=n, d=d, batch=b, k=k, method=name, threads=threads, qps=b / t, sec_per_batch=t,
+                           median_sec=statistics.median(times[name]), rounds=rounds, recall=recall, mem_mib=mem / 2**20,
+                           speedup_vs_best_baseline=(b / t) / base_qps)
+                if b == 1:
+                    if mem not in bw_cache:
+                        bw_cache[mem] = read_bandwidth(mem, threads)
+                    row["read_gbs"] = mem / t / 1e9
+                    row["limit_read_gbs"] = bw_cache[mem] / 1e9
+                    row["frac_limit"] = row["read_gbs"] / row["limit_read_gbs"]
+                elif b >= 256:
+                    row["gflops"] = 2 * n * d * b / t / 1e9
+                    row["limit_sgemm_gflops"] = peak / 1e9
+                    row["frac_limit"] = row["gflops"] / row["limit_sgemm_gflops"]
+                rows.append(row)
+                lim = f"{row['frac_limit']:.2f}" if "frac_limit" in row else "-"
+                print(f"  N={n:>8} d={d:4} B={b:4} k={k:4} {name:15} {row['qps']:10.1f} QPS  x{row['speedup_vs_best_baseline']:5.2f}"
+                      f"  recall {recall:.4f}  mem {row['mem_mib']:8.0f} MiB  limit {lim}", flush=True)
+
+
+def markdown(rows) -> str:
+    out = ["| N | d | batch | k | method | QPS | vs best baseline | recall@k | memory MiB | fraction of limit |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lim = f"{r['frac_limit']:.2f}" if "frac_limit" in r else "-"
+        out.append(f"| {r['N']} | {r['d']} | {r['batch']} | {r['k']} | {r['method']} | {r['qps']:.1f} | "
+                   f"{r['speedup_vs_best_baseline']:.2f}x | {r['recall']:.4f} | {r['mem_mib']:.0f} | {lim} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="N=200k, d=384 only (< 2 min)")
+    p.add_argument("--sizes", default=None, help="comma list of N (default 100000,1000000)")
+    p.add_argument("--dims", default=None, help="comma list of d (default 384,768)")
+    p.add_argument("--batches", default="1,16,256")
+    p.add_argument("--ks", default="10,100")
+    p.add_argument("--dtypes", default="float32,bfloat16,int8,int8+refine")
+    p.add_argument("--threads", type=int, default=_topk.max_threads())
+    p.add_argument("--min-time", type=float, default=None, help="seconds per method and config (sets the rounds)")
+    p.add_argument("--data", default=None, help=".npy [N, d] embeddings to use instead of random vectors")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=os.path.join(RESULTS, "bench_topk.json"))
+    args = p.parse_args(argv)
+
+    if args.quick:
+        sizes, dims, ks, min_time = [200_000], [384], [10], args.min_time or 0.6
+    else:
+        sizes = [int(v) for v in (args.sizes or "100000,1000000").split(",")]
+        dims = [int(v) for v in (args.dims or "384,768").split(",")]
+        ks, min_time = [int(v) for v in args.ks.split(",")], args.min_time or 2.0
+    batches = [int(v) for v in args.batches.split(",")]
+    dtypes = args.dtypes.split(",")
+    rng = np.random.default_rng(args.seed)
+    info = dict(cpu=cpu_model(), cores=os.cpu_count(), threads=args.threads, isa=_topk.isa(), torch=torch.__version__,
+                faiss=getattr(faiss, "__version__", None), numpy=np.__version__, commit=commit(),
+                date=datetime.datetime.now().isoformat(timespec="seconds"), load_avg=os.getloadavg(),
+                data=args.data or "random unit Gaussian")
+    print(json.dumps(info))
+    rows = []
+    t_start = time.perf_counter()
+    if args.data:
+        emb = np.load(args.data, mmap_mode="r")
+        perm = rng.permutation(len(emb))
+        queries = np.ascontiguousarray(emb[np.sort(perm[: max(batches)])], dtype=np.float32)
+        x = np.ascontiguousarray(emb[np.sort(perm[max(batches):])], dtype=np.float32)
+        run_config(x, queries, batches, ks, args.threads, min_time, rows, dtypes)
+    else:
+        for d in dims:
+            queries = unit_rows(rng, max(batches), d)
+            for n in sizes:
+                print(f"N={n} d={d}: generating data", flush=True)
+                x = unit_rows(rng, n, d)
+                run_config(x, queries, batches, ks, args.threads, min_time, rows, dtypes)
+                del x
+    info["wall_s"] = round(time.perf_counter() - t_start, 1)
+    info["load_avg_end"] = os.getloadavg()
+    print()
+    print(markdown(rows))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"machine": info, "rows": rows}, f, indent=1)
+    print(f"\nwrote {args.json} ({info['wall_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
