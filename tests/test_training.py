@@ -108,12 +108,40 @@ def test_batches_deterministic_and_targets(tmp_path, ds):
             if by_id[qid].gold:  # the sampled gold passage is in the batch and marked
                 g = int(b1.gold_idx[i])
                 assert g >= 0 and b1.passages[g] in {ds.passages[p].text for p in by_id[qid].gold}
-    # one epoch covers every query with utilities exactly once
-    assert sorted(seen) == sorted(q for q in u)
+    # one epoch covers every query with utilities or gold exactly once
+    assert sorted(seen) == sorted(q.id for q in ds.queries if q.id in u or q.gold)
+    # with utilities for the gold-evidence queries (what `uae score` writes), infonce with the same file and
+    # seed sees exactly the same batches as uae: only the targets differ
+    ug = {q.id: u[q.id] for q in ds.queries if q.gold and q.id in u}
+    a_s = BatchSampler(ds, TrainConfig(loss="uae", batch_size=4, passages_per_query=3, seed=3), ug)
+    b_s = BatchSampler(ds, TrainConfig(loss="infonce", batch_size=4, passages_per_query=3, seed=3), ug)
+    for m in range(a_s.batches_per_epoch + 1):
+        a, b = a_s.batch(m), b_s.batch(m)
+        assert a.qids == b.qids and a.passages == b.passages
+        assert not torch.equal(a.target_idx, b.target_idx) or not torch.equal(a.target_utility, b.target_utility)
     # a new epoch is reshuffled, and another seed gives other batches
     assert [s1.batch(m).qids for m in range(2)] != [s1.batch(s1.batches_per_epoch + m).qids for m in range(2)]
     s3 = BatchSampler(ds, TrainConfig(loss="uae", batch_size=4, passages_per_query=3, seed=4), u)
     assert [s1.batch(m).qids for m in range(3)] != [s3.batch(m).qids for m in range(3)]
+
+
+def test_partial_utilities_fall_back_to_gold(tmp_path, ds):
+    u, _ = load_utilities(write_utilities(tmp_path / "u.jsonl.gz", ds))
+    keep = sorted(u)[: len(u) // 2]
+    part = {q: u[q] for q in keep}
+    s = BatchSampler(ds, TrainConfig(loss="uae", batch_size=5, passages_per_query=3), part)
+    by_id = {q.id: q for q in ds.queries}
+    n_fallback = 0
+    for m in range(s.batches_per_epoch):
+        b = s.batch(m)
+        for i, qid in enumerate(b.qids):
+            tgt = [b.passages[j] for j in b.target_idx[i].tolist() if j >= 0]
+            if qid in part:
+                assert all(any(ds.passages[p].text == t for p in part[qid]) for t in tgt)
+            else:
+                n_fallback += 1
+                assert tgt and all(t in {ds.passages[p].text for p in by_id[qid].gold} for t in tgt)
+    assert n_fallback > 0
 
 
 def test_infonce_targets_are_gold_and_ranks_partition(ds):

@@ -1,16 +1,19 @@
 """Distillation training: ``uae train`` turns a teacher utility table into a bi-encoder.
 
 Batches: ``batch_size`` queries, grouped by document (queries of one paper sit in the same batch, so
-their candidates are shared hard negatives). Each query brings ``passages_per_query`` passages of its
-own pool: for ``--loss uae`` one gold passage (when it has one) and candidates drawn from its teacher-scored
-set (half by teacher weight, half uniformly, so both high- and low-utility passages appear); for
-``--loss infonce`` one gold passage and uniform same-document negatives. Every passage of the batch is a
-negative for every query (in-batch negatives; under ``torchrun`` also the other ranks' passages).
+their candidates are shared hard negatives). Each query brings ``passages_per_query`` passages: one of its
+gold passages (when it has one), then a uniform sample of its candidate set - the passages the teacher
+scored for it when a utilities file is given (``uae score``'s policy: BM25 top-M + gold), else its whole
+pool - topped up with random passages of its pool. The selection never looks at utility *values*, so
+``--loss uae`` and ``--loss infonce`` with the same utilities file and seed see exactly the same batches
+and differ only in their targets: the same-budget comparison. Every passage of the batch is a negative for
+every query (in-batch negatives; under ``torchrun`` also the other ranks' passages).
 
 Targets per query (:func:`uae_fast.utility_infonce`):
 
 * ``uae``: every batch passage the teacher scored for that query, weighted ``softmax(utility /
   teacher_temperature)``, mixed with the gold passage: ``(1 - label_mix) * teacher + label_mix * gold``;
+  queries without utilities but with gold evidence (a partial utilities file) fall back to the gold target;
 * ``infonce`` (the supervised baseline): the query's gold passages in the batch, uniformly (one-hot when one).
 
 Both losses see the same number of passages per step, so ``--loss infonce`` with the same settings is
@@ -190,7 +193,7 @@ class BatchSampler:
         if cfg.loss == "uae":
             if not utilities:
                 raise ValueError("--loss uae needs a utilities file (--utilities); --loss infonce trains on gold evidence only")
-            queries = [q for q in ds.queries if len(self.utilities.get(q.id, {})) >= 1]
+            queries = [q for q in ds.queries if self.utilities.get(q.id) or q.gold]
         else:
             queries = [q for q in ds.queries if q.gold]
         if not queries:
@@ -229,20 +232,12 @@ class BatchSampler:
         chosen: List[str] = []
         if q.gold:
             chosen.append(q.gold[int(rng.integers(len(q.gold)))])
-        if self.cfg.loss == "uae":
-            scored = [p for p in self.utilities.get(q.id, {}) if p not in chosen]
-            n = min(want - len(chosen), len(scored))
+        scored = self.utilities.get(q.id)
+        for cands in ((list(scored) if scored else pool), pool):  # the candidate set first, then the rest of the pool
+            rest = [p for p in cands if p not in chosen]
+            n = min(want - len(chosen), len(rest))
             if n > 0:
-                u = np.array([self.utilities[q.id][p] for p in scored], dtype=np.float64)
-                w = np.exp((u - u.max()) / self.cfg.teacher_temperature)
-                # half teacher mass, half uniform: both the passages the teacher likes and the ones it does not
-                prob = 0.5 * w / w.sum() + 0.5 / len(scored)
-                for i in rng.choice(len(scored), size=n, replace=False, p=prob / prob.sum()):
-                    chosen.append(scored[int(i)])
-        rest = [p for p in pool if p not in chosen]
-        n = min(want - len(chosen), len(rest))
-        if n > 0:
-            chosen.extend(rest[int(i)] for i in rng.choice(len(rest), size=n, replace=False))
+                chosen.extend(rest[int(i)] for i in rng.choice(len(rest), size=n, replace=False))
         return chosen
 
     def batch(self, micro: int) -> Batch:
@@ -267,13 +262,13 @@ class BatchSampler:
                     pids.append(p)
         rows_idx, rows_u, gold = [], [], []
         for q, chosen in zip(queries, picks):
-            if self.cfg.loss == "uae":
-                u = self.utilities.get(q.id, {})
+            if self.cfg.loss == "uae" and q.id in self.utilities:
+                u = self.utilities[q.id]
                 tgt = [(index[p], u[p]) for p in pids if p in u]
             else:
                 gs = set(q.gold)
                 tgt = [(index[p], 0.0) for p in pids if p in gs]
-            if not tgt:  # uae query whose scored passages all fell out: its sampled gold/first pick stands in
+            if not tgt:  # e.g. passages_per_query=1 filled by an unscored gold: the gold stands in
                 tgt = [(index[chosen[0]], 0.0)]
             rows_idx.append([t[0] for t in tgt])
             rows_u.append([t[1] for t in tgt])
@@ -415,9 +410,9 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     if ds is None:
         ds = load_dataset(cfg.data)
     utilities = None
-    if cfg.loss == "uae":
-        if not cfg.utilities:
-            raise ValueError("--loss uae needs --utilities FILE (from `uae score`)")
+    if cfg.loss == "uae" and not cfg.utilities:
+        raise ValueError("--loss uae needs --utilities FILE (from `uae score`)")
+    if cfg.utilities:  # infonce uses it only for the candidate sets (same batches as uae)
         utilities, _ = load_utilities(cfg.utilities)
         check_utilities(utilities, ds, path=cfg.utilities, data_path=cfg.data)
     sampler = BatchSampler(ds, cfg, utilities, world=world, rank=rank)
@@ -536,7 +531,9 @@ def add_parser(subparsers) -> None:
         description="Distil teacher utilities into a bi-encoder (utility-modulated InfoNCE). The output folder loads "
                     "with SentenceTransformer(DIR). Multi-GPU: torchrun --nproc_per_node N -m uae_fast.cli train ...")
     p.add_argument("--data", default=None, help="training data: QASPER JSON(.gz) or the JSONL schema (default: QASPER train)")
-    p.add_argument("--utilities", default=None, help=f"utilities JSONL(.gz) from `uae score` (default: {DEFAULT_UTILITIES})")
+    p.add_argument("--utilities", default=None,
+                   help=f"utilities JSONL(.gz) from `uae score` (uae default: {DEFAULT_UTILITIES}; with --loss infonce "
+                        "it only supplies the candidate sets, so both losses see the same batches)")
     p.add_argument("--out", required=True, help="output folder (sentence-transformers format); checkpoints go to OUT/checkpoints")
     p.add_argument("--student", default=None, help="initial encoder folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--loss", choices=("uae", "infonce"), default=d.loss,
@@ -574,7 +571,7 @@ def _main(args) -> int:
     utilities = args.utilities
     if args.loss == "uae" and utilities is None:
         utilities = _default_utilities()
-    cfg = TrainConfig(data=data, utilities=utilities if args.loss == "uae" else None, student=args.student, loss=args.loss,
+    cfg = TrainConfig(data=data, utilities=utilities, student=args.student, loss=args.loss,
                       epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                       passages_per_query=args.passages_per_query, grad_accum=args.grad_accum, lr=args.lr,
                       weight_decay=args.weight_decay, warmup=args.warmup, temperature=args.temperature,
