@@ -1,0 +1,373 @@
+"""Evidence-retrieval evaluation: ``uae eval`` scores trained bi-encoders against the baselines in one run.
+
+For every query with gold evidence, the candidates are its pool (QASPER: the paper's paragraphs) and the
+system ranks all of them; Recall@1, Recall@5, MAP and MRR follow :mod:`uae_fast.metrics`.
+
+Systems (rows of one table):
+
+* each ``--model`` folder and ``base`` (the untrained student): passages are embedded once (offline
+  indexing, timed separately), one :class:`uae_fast.TopKIndex` per candidate pool; per query we time
+  *embedding the question + the index search* - the serving cost;
+* ``bm25``: Okapi BM25 over the pool (:class:`uae_fast.bm25.BM25`), timed per query;
+* ``rerank``: UPR-style LLM re-ranking (Sachan et al., 2022): the teacher LM re-scores the untrained
+  student's top ``--rerank-depth`` passages by ``mean_t log p(question_t | passage, question_<t)`` and
+  re-orders them (the rest keeps the student's order). Each query costs ``depth`` LM forwards, so it runs
+  on the first ``--rerank-limit`` queries; every system is also reported on that subset, and the speedup
+  is re-ranker latency / bi-encoder latency per query on it.
+
+``--reader``: a reader LM (default: the teacher, SmolLM2-135M-Instruct) answers each question from each
+system's top-1 passage (plus the gold passage as an upper bound); answer Token F1 with SQuAD
+normalisation, max over gold answers, on the first ``--reader-limit`` answerable queries.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .data import Query, RetrievalDataset, default_qasper_path, load_dataset
+from .metrics import retrieval_metrics, token_f1
+
+UPR_PROMPT = "Passage: {passage}\nPlease write a question based on this passage.\nQuestion:"
+READER_PROMPT = ("Answer the question using only the passage. Reply with a short answer (a few words or a yes/no).\n\n"
+                 "Passage: {passage}\n\nQuestion: {question}")
+BASELINES = ("bm25", "base", "rerank")
+
+
+def _progress(it, desc: str, enabled: bool, total: Optional[int] = None):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, total=total, unit="q", dynamic_ncols=True, leave=False)
+
+
+def _latency(ms: List[float]) -> Dict[str, float]:
+    return {"latency_ms_mean": statistics.fmean(ms), "latency_ms_p50": statistics.median(ms)} if ms else {}
+
+
+# ------------------------------------------------------------------------------------- rankers
+class DenseRanker:
+    """A bi-encoder over per-pool :class:`uae_fast.TopKIndex` indexes (exact inner product)."""
+
+    def __init__(self, encoder, ds: RetrievalDataset, queries: Sequence[Query], *, batch_size: int = 64, progress: bool = False):
+        from .index import TopKIndex
+
+        self.encoder, self.ds = encoder, ds
+        pools = {}
+        for q in queries:
+            pools.setdefault(self._key(q), self.ds.pool(q))
+        pids = sorted({p for pool in pools.values() for p in pool})
+        t0 = time.perf_counter()
+        emb = encoder.encode([ds.passages[p].text for p in pids], batch_size=batch_size, show_progress=progress)
+        row = {p: i for i, p in enumerate(pids)}
+        self.indexes: Dict[object, Tuple[object, List[str]]] = {}
+        for key, pool in pools.items():
+            index = TopKIndex(encoder.dim)
+            index.add(emb[torch.tensor([row[p] for p in pool], dtype=torch.long)].contiguous())
+            self.indexes[key] = (index, pool)
+        self.index_seconds = time.perf_counter() - t0
+        self.n_passages = len(pids)
+
+    def _key(self, q: Query):
+        # Queries of one document share its index; explicit candidate lists get their own.
+        return ("doc", q.doc_id) if q.candidates is None and q.doc_id is not None else ("q", q.id)
+
+    def rank(self, q: Query, k: Optional[int] = None) -> List[str]:
+        index, pool = self.indexes[self._key(q)]
+        emb = self.encoder.encode([q.question])
+        _, ids = index.search(emb, min(k or len(pool), len(pool)))
+        return [pool[int(i)] for i in ids[0].tolist() if int(i) >= 0]
+
+
+class BM25Ranker:
+    """Okapi BM25 per candidate pool (indexes built lazily, outside the per-query timing)."""
+
+    def __init__(self, ds: RetrievalDataset):
+        self.ds = ds
+        self._cache: Dict[tuple, object] = {}
+
+    def prepare(self, q: Query):
+        from .bm25 import BM25
+
+        pool = tuple(self.ds.pool(q))
+        if pool not in self._cache:
+            self._cache[pool] = BM25([self.ds.passages[p].text for p in pool])
+        return pool
+
+    def rank(self, q: Query) -> List[str]:
+        pool = self.prepare(q)
+        _, ids = self._cache[pool].topk(q.question, len(pool))  # ties: lower id (pool order) first
+        return [pool[int(i)] for i in ids.tolist()]
+
+
+class UPRReranker:
+    """Re-rank a first stage's top ``depth`` by the LM's log-likelihood of the question given each passage."""
+
+    def __init__(self, model, tokenizer, *, depth: int = 20, max_passage_tokens: int = 256, prompt: str = UPR_PROMPT):
+        if depth < 1:
+            raise ValueError(f"rerank depth must be >= 1, got {depth}")
+        self.model, self.tok, self.depth = model, tokenizer, depth
+        self.max_passage_tokens, self.prompt = max_passage_tokens, prompt
+
+    def _prompt_ids(self, passage: str) -> List[int]:
+        before, after = self.prompt.split("{passage}")
+        p = self.tok(passage.strip(), add_special_tokens=False).input_ids[: self.max_passage_tokens]
+        bos = self.tok("", add_special_tokens=True).input_ids
+        return list(bos) + self.tok(before, add_special_tokens=False).input_ids + p + self.tok(after, add_special_tokens=False).input_ids
+
+    def scores(self, question: str, passages: Sequence[str]) -> torch.Tensor:
+        from .teacher import target_logprobs
+
+        target = self.tok(" " + question.strip(), add_special_tokens=False).input_ids
+        lp = target_logprobs(self.model, [self._prompt_ids(p) for p in passages], target)
+        return lp.mean(1)
+
+    def rerank(self, question: str, ranking: List[str], texts: Dict[str, str]) -> List[str]:
+        head, tail = ranking[: self.depth], ranking[self.depth:]
+        s = self.scores(question, [texts[p] for p in head])
+        order = torch.argsort(-s, stable=True).tolist()
+        return [head[i] for i in order] + tail
+
+
+# ------------------------------------------------------------------------------------- reader
+class Reader:
+    """Greedy short-answer generation from one passage with a causal LM (chat template when it has one)."""
+
+    def __init__(self, model, tokenizer, *, max_new_tokens: int = 32, max_passage_tokens: int = 384):
+        self.model, self.tok = model, tokenizer
+        self.max_new_tokens, self.max_passage_tokens = max_new_tokens, max_passage_tokens
+
+    @torch.inference_mode()
+    def answer(self, question: str, passage: str) -> str:
+        ids = self.tok(passage, add_special_tokens=False).input_ids[: self.max_passage_tokens]
+        passage = self.tok.decode(ids)
+        text = READER_PROMPT.format(passage=passage, question=question)
+        if getattr(self.tok, "chat_template", None):
+            prompt = self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        else:
+            prompt = text + "\nAnswer:"
+        enc = self.tok(prompt, return_tensors="pt", add_special_tokens=False)
+        ids = enc["input_ids"].to(next(self.model.parameters()).device)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+                                  do_sample=False, pad_token_id=pad)
+        return self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip().split("\n")[0].strip()
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optional[Sequence[str]] = None,
+             baselines: Sequence[str] = BASELINES, student: Optional[str] = None, teacher: Optional[str] = None,
+             rerank_limit: int = 100, rerank_depth: int = 20, reader: bool = False, reader_model: Optional[str] = None,
+             reader_limit: int = 100, limit: Optional[int] = None, batch_size: int = 64, device=None,
+             progress: bool = True) -> dict:
+    """Evaluate ``models`` (bi-encoder folders) and ``baselines`` on ``ds``; returns the results dict."""
+    from .student import BiEncoder
+
+    bad = [b for b in baselines if b not in BASELINES]
+    if bad:
+        raise ValueError(f"unknown baseline(s) {bad}; choose from {list(BASELINES)}")
+    if not models and not baselines:
+        raise ValueError("nothing to evaluate: pass --model DIR and/or --baselines")
+    for k, v in (("rerank_limit", rerank_limit), ("rerank_depth", rerank_depth), ("reader_limit", reader_limit), ("batch_size", batch_size)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{k} must be a positive int, got {v!r}")
+    queries = [q for q in ds.queries if q.gold]
+    if limit is not None:
+        if not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive int, got {limit!r}")
+        queries = queries[:limit]
+    if not queries:
+        raise ValueError(f"no queries with gold evidence passages in {ds.name or 'the data'} ({len(ds.queries)} queries): "
+                         "nothing to evaluate")
+    names = list(names) if names else [os.path.basename(os.path.normpath(m)) or m for m in models]
+    if len(names) != len(models):
+        raise ValueError(f"{len(names)} names for {len(models)} models")
+    if len(set(names)) != len(names) or set(names) & set(BASELINES):
+        raise ValueError(f"system names must be unique and not clash with the baselines: {names}")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    golds = [set(q.gold) for q in queries]
+    texts = {pid: p.text for pid, p in ds.passages.items()}
+    rankings: Dict[str, List[List[str]]] = {}
+    latency: Dict[str, List[float]] = {}
+    info: Dict[str, dict] = {}
+
+    def run_dense(name: str, path: Optional[str]):
+        enc = BiEncoder(path, device=device)
+        ranker = DenseRanker(enc, ds, queries, batch_size=batch_size, progress=progress)
+        for q in queries[:2]:  # warm-up (allocator, kernels), not timed
+            ranker.rank(q)
+        rk, ms = [], []
+        for q in _progress(queries, name, progress):
+            t0 = time.perf_counter()
+            rk.append(ranker.rank(q))
+            ms.append((time.perf_counter() - t0) * 1e3)
+        rankings[name], latency[name] = rk, ms
+        info[name] = {"path": path or "default student", "index_build_s": round(ranker.index_seconds, 2),
+                      "passages_indexed": ranker.n_passages}
+        return ranker
+
+    for name, path in zip(names, models):
+        run_dense(name, path)
+    base = None
+    if "base" in baselines or "rerank" in baselines:
+        base = run_dense("base", student)
+        if "base" not in baselines:
+            info["base"]["hidden"] = True
+    if "bm25" in baselines:
+        bm = BM25Ranker(ds)
+        rk, ms = [], []
+        for q in _progress(queries, "bm25", progress):
+            bm.prepare(q)
+            t0 = time.perf_counter()
+            rk.append(bm.rank(q))
+            ms.append((time.perf_counter() - t0) * 1e3)
+        rankings["bm25"], latency["bm25"] = rk, ms
+    lm = None
+    n_rr = min(rerank_limit, len(queries))
+    if "rerank" in baselines:
+        from .teacher import load_causal_lm
+
+        lm = load_causal_lm(teacher, device=device)
+        upr = UPRReranker(*lm, depth=rerank_depth)
+        rk, ms = [], []
+        for i, q in enumerate(_progress(queries[:n_rr], "rerank", progress)):
+            t0 = time.perf_counter()
+            # the first stage runs inside the timing: the latency is the whole pipeline's
+            rk.append(upr.rerank(q.question, base.rank(q), texts))
+            ms.append((time.perf_counter() - t0) * 1e3)
+        rankings["rerank"], latency["rerank"] = rk, ms
+        info["rerank"] = {"teacher": teacher or "SmolLM2-135M-Instruct (default)", "depth": rerank_depth,
+                          "first_stage": "base"}
+
+    shown = [n for n in rankings if not info.get(n, {}).get("hidden")]
+    systems = {}
+    for n in shown:
+        m = retrieval_metrics(rankings[n], golds[: len(rankings[n])])
+        m.update(_latency(latency[n]))
+        m.update(info.get(n, {}))
+        systems[n] = m
+    result = {"data": ds.name, "n_queries": len(queries), "n_queries_total": len(ds.queries), "device": str(device),
+              "torch_threads": torch.get_num_threads(), "systems": systems}
+    if "rerank" in rankings:
+        sub = {}
+        for n in shown:
+            m = retrieval_metrics(rankings[n][:n_rr], golds[:n_rr])
+            m.update(_latency(latency[n][:n_rr]))
+            sub[n] = m
+        result["rerank_subset"] = {"n": n_rr, "systems": sub}
+        rr = sub["rerank"]["latency_ms_mean"]
+        result["speedup_vs_rerank"] = {n: rr / sub[n]["latency_ms_mean"] for n in shown
+                                       if n not in ("rerank", "bm25") and sub[n]["latency_ms_mean"] > 0}
+    if reader:
+        if lm is None or reader_model is not None:  # the re-ranker's LM doubles as the default reader
+            from .teacher import load_causal_lm
+
+            lm = load_causal_lm(reader_model or teacher, device=device)
+        result["reader"] = _reader_eval(queries, rankings, shown, texts, reader_model or teacher, lm, reader_limit, progress)
+    return result
+
+
+def _reader_eval(queries, rankings, systems, texts, reader_path, lm, limit, progress) -> dict:
+    rd = Reader(*lm)
+    idx = [i for i, q in enumerate(queries) if q.answers][:limit]
+    if not idx:
+        raise ValueError("--reader: none of the evaluated queries has a gold answer")
+    out = {"n": len(idx), "reader": reader_path or "SmolLM2-135M-Instruct (default)", "systems": {}}
+    cache: Dict[Tuple[int, str], str] = {}  # systems that agree on the top-1 share one generation
+    for name in systems + ["gold"]:
+        f1 = []
+        for i in _progress(idx, f"reader/{name}", progress):
+            q = queries[i]
+            if name == "gold":
+                top = q.gold[0]
+            elif i < len(rankings[name]):
+                top = rankings[name][i][0]
+            else:
+                continue
+            if (i, top) not in cache:
+                cache[(i, top)] = rd.answer(q.question, texts[top])
+            f1.append(token_f1(cache[(i, top)], q.answers))
+        out["systems"][name] = {"n": len(f1), "token_f1": statistics.fmean(f1) if f1 else float("nan")}
+    return out
+
+
+# ------------------------------------------------------------------------------------- table
+def format_table(result: dict) -> str:
+    """The printed report: full-set table, re-ranker subset table (with speedups), reader table."""
+    lines = []
+
+    def table(title, systems, speed=None):
+        lines.append(title)
+        head = f"{'system':<24}{'n':>6}{'R@1':>8}{'R@5':>8}{'MAP':>8}{'MRR':>8}{'ms/query':>11}"
+        if speed is not None:
+            head += f"{'speedup':>10}"
+        lines.append(head)
+        lines.append("-" * len(head))
+        for n, m in systems.items():
+            row = (f"{n:<24}{m['n']:>6}{m['Recall@1']:>8.3f}{m['Recall@5']:>8.3f}{m['MAP']:>8.3f}{m['MRR']:>8.3f}"
+                   f"{m.get('latency_ms_mean', float('nan')):>11.2f}")
+            if speed is not None:
+                row += f"{speed[n]:>9.0f}x" if n in speed else f"{'':>10}"
+            lines.append(row)
+        lines.append("")
+
+    table(f"Evidence retrieval on {result['data']} ({result['n_queries']} queries with gold evidence)", result["systems"])
+    if "rerank_subset" in result:
+        sub = result["rerank_subset"]
+        table(f"Same metrics on the first {sub['n']} queries (the LLM re-ranker's subset); speedup = re-ranker ms / system ms",
+              sub["systems"], result.get("speedup_vs_rerank", {}))
+    if "reader" in result:
+        r = result["reader"]
+        lines.append(f"Reader Token F1 ({r['reader']}, top-1 passage, {r['n']} answerable queries)")
+        for n, m in r["systems"].items():
+            lines.append(f"  {n:<22}{m['token_f1']:>8.3f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- CLI
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evidence retrieval metrics of bi-encoders vs BM25, the base student and an LLM re-ranker",
+                              description="Recall@1/5, MAP, MRR and per-query latency on QASPER-style evidence retrieval.")
+    p.add_argument("--data", default=None, help="evaluation data: QASPER JSON(.gz) or the JSONL schema (default: QASPER dev)")
+    p.add_argument("--model", nargs="*", default=[], help="trained bi-encoder folder(s) (sentence-transformers format)")
+    p.add_argument("--name", nargs="*", default=None, help="row names for the --model folders (default: folder names)")
+    p.add_argument("--baselines", default="bm25,base,rerank", help="comma list of bm25, base, rerank ('' for none)")
+    p.add_argument("--student", default=None, help="the untrained student for 'base' (default: all-MiniLM-L6-v2)")
+    p.add_argument("--teacher", default=None, help="LM for the re-ranker (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--rerank-limit", type=int, default=100, help="queries the (slow) LLM re-ranker runs on")
+    p.add_argument("--rerank-depth", type=int, default=20, help="first-stage passages the re-ranker re-scores")
+    p.add_argument("--reader", action="store_true", help="also answer Token F1 with a reader LM on each system's top-1")
+    p.add_argument("--reader-model", default=None, help="reader LM folder (default: the teacher)")
+    p.add_argument("--reader-limit", type=int, default=100, help="answerable queries the reader runs on")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries with gold evidence")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="write the results here as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ds = load_dataset(args.data or default_qasper_path("dev"))
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    result = evaluate(ds, args.model, names=args.name, baselines=baselines, student=args.student, teacher=args.teacher,
+                      rerank_limit=args.rerank_limit, rerank_depth=args.rerank_depth, reader=args.reader,
+                      reader_model=args.reader_model, reader_limit=args.reader_limit, limit=args.limit,
+                      batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    result["command"] = "uae " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "uae eval"
+    print(format_table(result))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"results written to {args.json}")
+    return 0
