@@ -60,12 +60,12 @@ namespace generic {
 #define UAE_VW 4
 #define UAE_QM_MAX 3  // 16 xmm registers: 3 queries x 1 panel x 4 xmm accumulators
 #define UAE_NP 1
-#define UAE_NP_SMALL 2
+#define UAE_NP_SMALL 4
 #else
 #define UAE_VW 4
 #define UAE_QM_MAX 6  // e.g. NEON: 32 q-registers
 #define UAE_NP 1
-#define UAE_NP_SMALL 2
+#define UAE_NP_SMALL 4
 #endif
 #include "topk_kernels.inc"
 #undef UAE_QM_MAX
@@ -84,7 +84,7 @@ namespace avx2 {
 #define UAE_VW 8
 #define UAE_QM_MAX 6  // 16 ymm: 6 queries x 1 panel x 2 ymm accumulators
 #define UAE_NP 1
-#define UAE_NP_SMALL 2
+#define UAE_NP_SMALL 4
 #include "topk_kernels.inc"
 #undef UAE_QM_MAX
 #undef UAE_VW
@@ -476,6 +476,8 @@ static py::tuple search(int dtype, int d, py::array data, py::array xscale, py::
     // ~192 KiB of panels per block: stays in L2 next to the query tiles while every tile passes.
     a.block_panels = std::max<int64_t>(4, ((int64_t)192 << 10) / L.panel_bytes);
 
+    const int64_t chunk = std::max(a.block_panels, (npanels + 8 * T - 1) / (8 * T));
+    const int64_t nchunks = (npanels + chunk - 1) / chunk;
     const float* qall = static_cast<const float*>(queries.data());
     float* os = out_s.mutable_data();
     int64_t* oi = out_i.mutable_data();
@@ -490,17 +492,25 @@ static py::tuple search(int dtype, int d, py::array data, py::array xscale, py::
         std::fill(hsize.begin(), hsize.end(), 0);
         std::fill(hthr.begin(), hthr.end(), -std::numeric_limits<float>::infinity());
 
+        // Panels are handed out in contiguous chunks (long sequential streams), ~8 per thread and
+        // dynamically: on a shared machine a descheduled thread's share is picked up by the others
+        // instead of stalling the whole search. Results do not depend on who scans what: each heap
+        // keeps a top-kk under a total order, and the merge takes the top-kk of their union.
 #pragma omp parallel num_threads(T)
         {
             const int tid = thread_id();
-            // Contiguous panel ranges: one sequential stream per thread.
-            const int64_t p0 = npanels * tid / T, p1 = npanels * (tid + 1) / T;
             Heaps h{hs.data() + (size_t)tid * qc * kk, hid.data() + (size_t)tid * qc * kk, hsize.data() + (size_t)tid * qc,
                     hthr.data() + (size_t)tid * qc, kk};
-            if (p1 > p0) isa.scan(a, p0, p1, h);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t c = 0; c < nchunks; ++c) {
+                const int64_t p0 = c * chunk, p1 = std::min(npanels, p0 + chunk);
+                isa.scan(a, p0, p1, h);
+            }
         }
 
-#pragma omp parallel for num_threads(T) schedule(static)
+        // The merge (and rescoring) is small: a second team only pays off for many queries.
+        const bool par_merge = (int64_t)nq * kk * (compact ? d : 16) >= (1 << 16);
+#pragma omp parallel for num_threads(T) schedule(static) if (par_merge)
         for (int qi = 0; qi < nq; ++qi) {
             Cand* buf = merge.data() + (size_t)thread_id() * T * kk;
             int cnt = 0;
