@@ -127,7 +127,7 @@ class TrainConfig:
     utilities: Optional[str] = None
     student: Optional[str] = None
     loss: str = "uae"
-    epochs: float = 1.0
+    epochs: float = 2.0
     max_steps: Optional[int] = None
     batch_size: int = 16
     passages_per_query: int = 4
@@ -136,7 +136,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: float = 0.1
     temperature: float = 0.05
-    teacher_temperature: float = 0.5
+    teacher_temperature: float = 1.0
     label_mix: float = 0.5
     max_query_length: int = 64
     max_passage_length: int = 128
@@ -372,6 +372,12 @@ def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep):
     return final
 
 
+def _write_log(out_dir: str, log: List[dict]) -> None:
+    with open(os.path.join(out_dir, "train_log.jsonl"), "w") as f:
+        for r in log:
+            f.write(json.dumps(r) + "\n")
+
+
 def _dist_info():
     import torch.distributed as dist
 
@@ -494,18 +500,17 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
             bar.set_postfix(loss=f"{ema:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
         if rank == 0 and (step % save_every == 0 or step == end) and step < total_steps:
             _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep_checkpoints)
+            _write_log(out_dir, log)
     if bar is not None:
         bar.close()
     seconds = time.time() - t0
     summary = {"steps": step, "total_steps": total_steps, "finished": step >= total_steps,
                "final_loss": log[-1]["loss"] if log else None, "seconds_this_run": round(seconds, 1),
-               "train_queries": len(sampler.queries), "world_size": world, "config": asdict(cfg)}
+               "train_queries": len(sampler.queries), "world_size": world, "rank": rank, "config": asdict(cfg)}
     if rank == 0:
         if step >= total_steps:
             encoder.save(out_dir)
-        with open(os.path.join(out_dir, "train_log.jsonl"), "w") as f:
-            for r in log:
-                f.write(json.dumps(r) + "\n")
+        _write_log(out_dir, log)
         with open(os.path.join(out_dir, "training_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     if world > 1:
@@ -581,6 +586,8 @@ def _main(args) -> int:
     s = train(cfg, args.out, resume=args.resume, device=args.device, amp=amp,
               gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
               keep_checkpoints=args.keep_checkpoints, stop_after=args.stop_after, progress=not args.no_progress)
+    if s["rank"] != 0:
+        return 0
     if s["finished"]:
         print(f"trained {s['steps']} steps ({cfg.loss}) in {s['seconds_this_run']:.0f} s, final loss {s['final_loss']:.4f}; "
               f"model saved to {args.out} (SentenceTransformer({args.out!r}) loads it)")
