@@ -1,0 +1,230 @@
+"""``uae score``: candidate policies, the output format, kill -9 + --resume, shards + merge, bad input.
+
+Uses the tiny random-init Llama of test_teacher (saved to a folder, so the CLI loads it like any HF model).
+"""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from uae_fast.bm25 import BM25
+from uae_fast.data import load_dataset
+from uae_fast.scoring import CandidatePolicy, merge, parse_shard, read_utilities, score_dataset, select_queries, shard_path
+from uae_fast.teacher import UtilityScorer
+
+from test_teacher import byte_tokenizer, tiny_llama
+
+DATA = os.path.join(os.path.dirname(__file__), "fixtures", "qasper-train-mini.json.gz")
+OPTS = dict(max_passage_tokens=48, max_answer_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return load_dataset(DATA)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_teacher")
+    model, tok = tiny_llama(), byte_tokenizer()
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def scorer(teacher_dir):
+    return UtilityScorer.from_pretrained(teacher_dir, device="cpu", token_budget=1, **OPTS)
+
+
+def cli(*args, env=None):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "uae_fast.cli", "score", *args], capture_output=True, text=True, env=e,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+
+
+def test_candidate_policies(ds):
+    qs = select_queries(ds)
+    assert qs and all(q.answers and q.gold for q in qs)
+    assert sorted(q.id for q in qs) == sorted(q.id for q in ds.queries if q.answers and q.gold)
+    top, every = CandidatePolicy(ds, "top:3"), CandidatePolicy(ds, "all")
+    for q in qs:
+        pool, cands = ds.pool(q), top(q)
+        assert every(q) == pool
+        assert set(q.gold) <= set(cands) <= set(pool)
+        assert cands == [p for p in pool if p in set(cands)]  # paper order
+        _, ids = BM25([ds.passages[p].text for p in pool]).topk(q.question, 3)
+        assert {pool[i] for i in ids} <= set(cands)
+        assert len(cands) <= 3 + len(q.gold)
+    for bad in ("top:0", "top:x", "bm25", "top:"):
+        with pytest.raises(ValueError, match="--candidates"):
+            CandidatePolicy(ds, bad)
+
+
+def test_output_rows_and_header(ds, scorer, tmp_path):
+    out = str(tmp_path / "u.jsonl.gz")
+    score_dataset(scorer, ds, out, candidates="top:2", progress=False, group=3, save_deltas=True, limit=6)
+    assert not os.path.exists(out + ".partial")
+    header, rows = read_utilities(out)
+    assert header["teacher"] == scorer.name and header["candidates"] == "top:2"
+    assert header["prompt_with"] == scorer.prompt_with and header["max_passage_tokens"] == 48
+    assert header["n_rows"] == len(rows) and header["n_queries"] == len({r["qid"] for r in rows})
+    qs = {q.id: q for q in ds.queries}
+    pol = CandidatePolicy(ds, "top:2")
+    i = 0
+    while i < len(rows):  # rows of a query are contiguous, in candidate order
+        q = qs[rows[i]["qid"]]
+        n = rows[i]["n_cand"]
+        block = rows[i : i + n]
+        assert [r["cand"] for r in block] == list(range(n)) and {r["qid"] for r in block} == {q.id}
+        assert [r["pid"] for r in block] == pol(q)
+        assert [r["gold"] for r in block] == [r["pid"] in q.gold for r in block]
+        i += n
+    # Spot-check one query against a direct score() call (all gold answers averaged).
+    q = qs[rows[0]["qid"]]
+    r = scorer.score(q.question, q.answers, [ds.passages[p].text for p in pol(q)])
+    got = [x["utility"] for x in rows[: rows[0]["n_cand"]]]
+    torch.testing.assert_close(torch.tensor(got), r.utility, atol=1e-5, rtol=0)
+    assert rows[0]["n_answer_tokens"] == len(r.answer_ids) == len(rows[0]["deltas"])
+
+
+def _text(path):
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+        return f.read()
+
+
+def test_kill9_then_resume_is_identical(ds, teacher_dir, scorer, tmp_path):
+    # token_budget=1 (one row per forward) makes every number independent of how rows were batched, so the
+    # resumed file must be byte-identical to an uninterrupted run's.
+    common = ["--data", DATA, "--teacher", teacher_dir, "--candidates", "top:2", "--max-passage-tokens", "48",
+              "--max-answer-tokens", "12", "--token-budget", "1", "--group", "2", "--limit", "7", "--no-progress"]
+    ref = str(tmp_path / "ref.jsonl")
+    score_dataset(scorer, ds, ref, candidates="top:2", progress=False, limit=7, data_name=os.path.basename(DATA))
+    out = str(tmp_path / "run.jsonl.gz")
+    # A real SIGKILL after 2 groups are on disk, mid-way through writing the third.
+    p = cli("--out", out, *common, env={"UAE_TEST_KILL_AFTER": "2:torn"})
+    assert p.returncode == -9, (p.returncode, p.stderr)
+    assert not os.path.exists(out)  # nothing half-written at the output path
+    partial = open(out + ".partial").read()
+    assert not partial.endswith("\n") and partial.count("\n") > 1  # complete queries + a torn tail
+    p = cli("--out", out, *common, "--resume")
+    assert p.returncode == 0, p.stderr
+    assert _text(out) == _text(ref)
+    assert not os.path.exists(out + ".partial")
+
+
+def test_clean_kill_point_refuse_without_resume_and_noop(ds, scorer, tmp_path):
+    ref = str(tmp_path / "ref.jsonl")
+    score_dataset(scorer, ds, ref, candidates="top:2", progress=False, limit=5)
+    out = str(tmp_path / "run.jsonl")
+    lines = open(ref).read().splitlines(keepends=True)
+    first_q = 1 + json.loads(lines[1])["n_cand"]
+    with open(out + ".partial", "w") as f:  # exactly one complete query on disk, as after a clean kill
+        f.writelines(lines[:first_q])
+    with pytest.raises(ValueError, match="--resume"):
+        score_dataset(scorer, ds, out, candidates="top:2", progress=False, limit=5)
+    score_dataset(scorer, ds, out, candidates="top:2", progress=False, limit=5, resume=True)
+    assert open(out).read() == open(ref).read()
+    score_dataset(scorer, ds, out, candidates="top:2", progress=False, limit=5, resume=True)  # complete: no-op
+    assert open(out).read() == open(ref).read()
+
+
+def test_resume_with_batching_keeps_rows_unique(ds, teacher_dir, tmp_path):
+    s = UtilityScorer.from_pretrained(teacher_dir, device="cpu", **OPTS)  # default token budget: batched rows
+    ref = str(tmp_path / "ref.jsonl")
+    score_dataset(s, ds, ref, candidates="top:2", progress=False, group=4)
+    out = str(tmp_path / "run.jsonl")
+    score_dataset(s, ds, out, candidates="top:2", progress=False, group=4, limit=3)  # a "stopped early" run
+    os.replace(out, out + ".partial")
+    h, _ = read_utilities(out + ".partial")
+    with open(out + ".partial") as f:
+        lines = f.read().splitlines()
+    # Same settings except the limit -> the header differs; rewrite it as an unlimited run's would be.
+    hdr = json.loads(lines[0])
+    hdr.pop("limit")
+    hdr["n_queries"], hdr["n_rows"] = read_utilities(ref)[0]["n_queries"], read_utilities(ref)[0]["n_rows"]
+    with open(out + ".partial", "w") as f:
+        f.write("\n".join([json.dumps(hdr)] + lines[1:]) + '\n{"qid": "torn')
+    score_dataset(s, ds, out, candidates="top:2", progress=False, group=4, resume=True)
+    _, a = read_utilities(ref)
+    _, b = read_utilities(out)
+    assert [(r["qid"], r["pid"]) for r in a] == [(r["qid"], r["pid"]) for r in b]
+    torch.testing.assert_close(torch.tensor([r["utility"] for r in b]), torch.tensor([r["utility"] for r in a]), atol=1e-4, rtol=0)
+
+
+def test_shards_and_merge(ds, scorer, tmp_path):
+    full = str(tmp_path / "full.jsonl")
+    score_dataset(scorer, ds, full, candidates="top:1", progress=False)
+    base = str(tmp_path / "u.jsonl.gz")
+    paths = []
+    for i in range(3):
+        path = shard_path(base, (i, 3))
+        assert path.endswith(f".shard{i}-of-3.jsonl.gz")
+        score_dataset(scorer, ds, path, candidates="top:1", progress=False, shard=(i, 3))
+        paths.append(path)
+    with pytest.raises(ValueError, match="each of the 3 shards"):
+        merge(paths[:2], str(tmp_path / "bad.jsonl"))
+    with pytest.raises(ValueError, match="each of the 3 shards|duplicate"):
+        merge(paths + paths[:1], str(tmp_path / "bad.jsonl"))
+    assert not os.path.exists(str(tmp_path / "bad.jsonl"))
+    merged = str(tmp_path / "merged.jsonl.gz")
+    h = merge(paths, merged)
+    assert h["shard"] == [0, 1]
+    ha, a = read_utilities(full)
+    hb, b = read_utilities(merged)
+    assert {k: v for k, v in ha.items()} == {k: v for k, v in hb.items()}
+    assert sorted(map(json.dumps, a)) == sorted(map(json.dumps, b))
+
+
+def test_parse_shard_and_torchrun_env(monkeypatch):
+    assert parse_shard("1/4") == (1, 4)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "5")
+    assert parse_shard(None) == (5, 8)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert parse_shard(None) == (0, 1)
+    for bad in ("4/4", "x", "1/0", "-1/2"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_bad_input(ds, scorer, tmp_path):
+    out = str(tmp_path / "u.jsonl")
+    score_dataset(scorer, ds, out, candidates="top:1", progress=False, limit=2)
+    with pytest.raises(ValueError, match="already exists"):
+        score_dataset(scorer, ds, out, candidates="top:1", progress=False, limit=2)
+    # An interrupted run with other settings is not silently continued.
+    os.replace(out, out + ".x")
+    with open(out + ".x") as src, open(str(tmp_path / "v.jsonl.partial"), "w") as dst:
+        dst.write(src.read())
+    with pytest.raises(ValueError, match="different settings"):
+        score_dataset(scorer, ds, str(tmp_path / "v.jsonl"), candidates="top:2", progress=False, limit=2, resume=True)
+    with pytest.raises(ValueError, match="answers must be"):
+        score_dataset(scorer, ds, str(tmp_path / "w.jsonl"), answers="best", progress=False)
+    with pytest.raises(FileNotFoundError):
+        read_utilities(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "junk.jsonl").write_text("not json\n")
+    with pytest.raises(ValueError, match="not a utilities"):
+        read_utilities(str(tmp_path / "junk.jsonl"))
+
+
+def test_cli_unreadable_data_and_bad_options(tmp_path, teacher_dir, capsys):
+    from uae_fast.cli import main
+
+    bad = tmp_path / "broken.json.gz"
+    bad.write_bytes(b"\x1f\x8b garbage")
+    out = str(tmp_path / "o.jsonl")
+    assert main(["score", "--data", str(bad), "--out", out, "--teacher", teacher_dir]) == 1
+    assert "broken.json.gz" in capsys.readouterr().err
+    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+    assert main(["score", "--data", DATA, "--out", out, "--teacher", teacher_dir, "--candidates", "top:zero"]) == 1
+    assert "--candidates" in capsys.readouterr().err
+    assert main(["score", "--data", DATA, "--out", out, "--teacher", str(tmp_path / "nope")]) == 1
+    assert "nope" in capsys.readouterr().err
+    assert main(["score", "--data", DATA, "--out", out, "--teacher", teacher_dir, "--shard", "3/3"]) == 1
+    assert "--shard" in capsys.readouterr().err
+    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
