@@ -447,7 +447,11 @@ static py::tuple search(int dtype, int d, py::array data, py::array xscale, py::
     if (nq_total == 0) return py::make_tuple(out_s, out_i);
 
     const Isa& isa = kIsas[std::min(g_isa.load(), kNumIsas - 1)];
-    const int T = (int)std::max<int64_t>(1, std::min<int64_t>(threads, npanels));
+    // Small searches run on fewer threads: waking a team costs more than ~1 ms of scanning on a busy
+    // machine (a sleeping worker waits for a scheduler slot). ~16 MB of panel reads or ~32 M
+    // multiply-adds per thread; the cap is the panel count, so each thread gets a share.
+    const int64_t work = std::max<int64_t>(npanels * L.panel_bytes / (16 << 20), npanels * kPanel * (int64_t)d * nq_total >> 25);
+    const int T = (int)std::max<int64_t>(1, std::min<int64_t>({(int64_t)threads, npanels, std::max<int64_t>(1, work)}));
     // Query chunk: up to 256 queries (the matrix is streamed once per chunk), fewer when the per-thread
     // heaps (T x chunk x kk entries) would pass ~256 MiB.
     const int64_t heap_budget = (int64_t)256 << 20;
