@@ -428,7 +428,8 @@ struct Cand {
 static bool better(const Cand& a, const Cand& b) { return a.s > b.s || (a.s == b.s && a.id < b.id); }
 
 static py::tuple search(int dtype, int d, py::array data, py::array xscale, py::array rowsum, int64_t n, py::array queries,
-                        int k, int candidates, int threads, bool rescore_candidates, py::object resid, py::object rscales) {
+                        int k, int candidates, int threads, bool rescore_candidates, py::object resid, py::object rscales,
+                        bool force_threads) {
     const Layout L(dtype, d);
     require(n >= 1, "the index is empty");
     const int64_t npanels = check_storage(L, data, xscale, rowsum, n, false);
@@ -451,7 +452,8 @@ static py::tuple search(int dtype, int d, py::array data, py::array xscale, py::
     // machine (a sleeping worker waits for a scheduler slot). ~16 MB of panel reads or ~32 M
     // multiply-adds per thread; the cap is the panel count, so each thread gets a share.
     const int64_t work = std::max<int64_t>(npanels * L.panel_bytes / (16 << 20), npanels * kPanel * (int64_t)d * nq_total >> 25);
-    const int T = (int)std::max<int64_t>(1, std::min<int64_t>({(int64_t)threads, npanels, std::max<int64_t>(1, work)}));
+    const int T = (int)std::max<int64_t>(
+        1, std::min<int64_t>({(int64_t)threads, npanels, force_threads ? (int64_t)threads : std::max<int64_t>(1, work)}));
     // Query chunk: up to 256 queries (the matrix is streamed once per chunk), fewer when the per-thread
     // heaps (T x chunk x kk entries) would pass ~256 MiB.
     const int64_t heap_budget = (int64_t)256 << 20;
@@ -585,7 +587,9 @@ PYBIND11_MODULE(_topk, m) {
     m.def("search", &search, py::arg("dtype"), py::arg("dim"), py::arg("data"), py::arg("scales"), py::arg("rowsums"),
           py::arg("n"), py::arg("queries"), py::arg("k"), py::arg("candidates"), py::arg("threads"),
           py::arg("rescore") = true, py::arg("resid") = py::none(), py::arg("rscales") = py::none(),
+          py::arg("force_threads") = false,
           "Top-k by inner product: (scores float32 [Q, k], row positions int64 [Q, k]); higher score first, "
           "ties by lower position. Compact dtypes keep `candidates` by the kernel score and rescore them "
-          "exactly unless rescore=False (then: raw kernel scores, for tests)");
+          "exactly unless rescore=False (then: raw kernel scores, for tests). Small searches use fewer than "
+          "`threads` unless force_threads (tests of the multi-thread merge)");
 }

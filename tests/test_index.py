@@ -62,6 +62,7 @@ def test_float32_ids_equal_numpy_float64(isa, n, d, nq, k, rng):
     x = rng.standard_normal((n, d)).astype(np.float32)
     q = rng.standard_normal((nq, d)).astype(np.float32)
     index = TopKIndex(d)
+    index._force_threads = True  # small shapes would otherwise run single-threaded
     index.add(x[: n // 2])
     index.add(x[n // 2 :])  # two adds: the second fills a partial panel
     s64, order = ref_topk(x, q, k)
@@ -111,6 +112,7 @@ def test_tie_order_is_higher_score_then_earlier_vector(dtype, rng):
     # threads=1: tied rows meet inside one heap; threads=2: in different heaps, then the merge.
     for threads, candidates in ((1, 40), (2, 40), (1, n)):
         index = TopKIndex(d, dtype=dtype, threads=threads, candidates=candidates)
+        index._force_threads = True
         index.add(x)
         scores, ids = index.search(q, 40)
         np.testing.assert_array_equal(ids, order)
@@ -130,7 +132,7 @@ def test_compact_kernels_bit_identical_across_isas(dtype, rng):
     results = []
     for isa in ISAS:
         _topk.set_isa(isa)
-        results.append(_topk.search(*args, rescore=False))
+        results.append(_topk.search(*args, rescore=False, force_threads=True))
     for scores, ids in results[1:]:
         np.testing.assert_array_equal(ids, results[0][1])
         np.testing.assert_array_equal(scores, results[0][0])
@@ -145,7 +147,8 @@ def test_compact_kernels_bit_identical_across_isas(dtype, rng):
 def test_results_do_not_depend_on_thread_count(dtype, rng):
     x = rng.standard_normal((1500, 48)).astype(np.float32)
     q = rng.standard_normal((14, 48)).astype(np.float32)
-    index = TopKIndex(48, dtype=dtype)
+    index = TopKIndex(48, dtype=dtype, threads=1)
+    index._force_threads = True
     index.add(x)
     base = index.search(q, 12)
     for t in (2, 3, 8):
@@ -430,6 +433,7 @@ def test_concurrent_searches_from_threads(backend, rng):
     d = 40
     x = rng.standard_normal((3000, d)).astype(np.float32)
     index = TopKIndex(d, backend=backend, threads=2) if backend == "native" else TopKIndex(d, backend="faiss")
+    index._force_threads = True
     index.add(x)
     queries = [rng.standard_normal((int(rng.integers(1, 30)), d)).astype(np.float32) for _ in range(24)]
     expected = [index.search(q, 10) for q in queries]

@@ -315,6 +315,7 @@ class TopKIndex:
         self._threads = _check_threads(threads)
         # add() mutates; search() snapshots under the lock and runs without it (concurrent searches).
         self._lock = threading.Lock()
+        self._force_threads = False  # tests: use exactly `threads` even for tiny searches
 
     # -- common API ------------------------------------------------------------------------------
 
@@ -414,7 +415,7 @@ class TopKIndex:
         cand = self.candidates if self.candidates is not None else max(2 * k, k + 32)
         threads = self._threads or _ext().max_threads()
         scores, pos = _ext().search(self._code, self.dim, data, scales, rowsums, n, q, k, int(cand), threads,
-                                    resid=resid, rscales=rscales)
+                                    resid=resid, rscales=rscales, force_threads=self._force_threads)
         out_ids = np.where(pos >= 0, ids[np.maximum(pos, 0)], -1) if n else pos
         return _wrap(like_torch, scores, out_ids.astype(np.int64, copy=False))
 
