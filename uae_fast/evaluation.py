@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -253,7 +252,9 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         m.update(info.get(n, {}))
         systems[n] = m
     result = {"data": ds.name, "n_queries": len(queries), "n_queries_total": len(ds.queries), "device": str(device),
-              "torch_threads": torch.get_num_threads(), "systems": systems}
+              "torch_threads": torch.get_num_threads(), "systems": systems,
+              "settings": {"models": list(models), "baselines": list(baselines), "limit": limit, "rerank_limit": rerank_limit,
+                           "rerank_depth": rerank_depth, "reader_limit": reader_limit if reader else None}}
     if "rerank" in rankings:
         sub = {}
         for n in shown:
@@ -363,7 +364,6 @@ def _main(args) -> int:
                       rerank_limit=args.rerank_limit, rerank_depth=args.rerank_depth, reader=args.reader,
                       reader_model=args.reader_model, reader_limit=args.reader_limit, limit=args.limit,
                       batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
-    result["command"] = "uae " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "uae eval"
     print(format_table(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
