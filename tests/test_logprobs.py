@@ -140,10 +140,23 @@ def test_ignore_index_inside_vocab_and_leading_dims(impl):
 
 
 @pytest.mark.parametrize("tile_bytes,wblock_bytes", [(4 * 1024, 1024), (1 << 30, 1 << 30)])
-def test_torch_path_chunk_boundaries(monkeypatch, tile_bytes, wblock_bytes):
-    # Tiny tiles: many ragged row chunks x vocab blocks; huge: one tile. Same numbers either way.
+@pytest.mark.parametrize("threads", [1, 3])
+def test_torch_path_chunk_boundaries(monkeypatch, tile_bytes, wblock_bytes, threads):
+    # Tiny tiles: many ragged row chunks x vocab blocks; huge: one tile. threads=3: rows split over
+    # 3 worker threads (53 rows -> 17/18/18). Same numbers every way.
     monkeypatch.setattr(lp_mod, "_TORCH_TILE_BYTES", tile_bytes)
     monkeypatch.setattr(lp_mod, "_TORCH_WBLOCK_BYTES", wblock_bytes)
+    monkeypatch.setattr(lp_mod, "_MIN_ROWS_PER_WORKER", 8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_chunked_torch_path()
+        assert torch.get_num_threads() == threads  # the workers' set_num_threads(1) is undone
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_chunked_torch_path():
     h, w, t = _inputs(53, 24, 1013, torch.float32)
     b = torch.randn(1013)
     z = torch.tanh((h.double() @ w.double().T + b.double()) / 3.0)

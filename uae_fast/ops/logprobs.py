@@ -7,7 +7,7 @@ at a time:
 
 * ``impl="torch"``: pure torch, the CPU implementation and the reference for the kernel.
   Outer loop over vocabulary blocks (the block of ``W`` stays in cache and, for bf16/fp16, is
-  upcast once), inner loop over token chunks.
+  upcast once), inner loop over token chunks; on CPU the tokens are split across worker threads.
 * ``impl="triton"``: ``_logprobs_triton.py``; tiles tokens x vocab, ``tl.dot`` with fp32
   accumulators, a split over the vocabulary when there are too few token blocks to fill the GPU,
   and a small second kernel that merges the splits.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -30,6 +31,8 @@ from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_finite, check_no_grad, c
 # of W (D x block x 4 B) is ~2 MiB (L2-sized): the GEMM then reuses it across all token chunks.
 _TORCH_TILE_BYTES = 16 * 2**20
 _TORCH_WBLOCK_BYTES = 2 * 2**20
+# Below this many rows per worker thread, thread start-up outweighs the split.
+_MIN_ROWS_PER_WORKER = 64
 
 # Finite-ness of a weight is checked once per (storage, version): the LM head is passed on every
 # call and scanning V x D values each time would cost as much as a small call itself. The
@@ -60,18 +63,52 @@ def _token_logprobs_torch(hidden, weight, targets, bias, ignore_index, softcap, 
     GEMM), and ``hidden`` once (O(N*D)). Logits are then fp32 sums of exact bf16 products -- the
     same numbers the Triton kernel's fp32 accumulators produce -- instead of bf16-rounded logits,
     which would be off by up to ~0.06 nats at |z| ~ 20, larger than many utility deltas.
+
+    On a multi-core CPU the tokens are split across one Python worker thread per intra-op thread,
+    each running single-threaded torch ops (they release the GIL). A plain loop of multi-threaded
+    ops would meet an OpenMP barrier after every op -- ~300 per call at SmolLM2's shape -- and on a
+    busy machine each barrier waits for a descheduled thread: measured 2-4x slower than the naive
+    path under load, while the worker split stays ahead of it.
     """
-    n, v = hidden.shape[0], weight.shape[0]
+    n = hidden.shape[0]
     cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     dev = hidden.device
     h = hidden.to(cdt)
     b = None if bias is None else bias.to(cdt)
-    vb, nb = _torch_blocks(hidden.shape[1], v, n, torch.finfo(cdt).bits // 8)
+    t = targets.long()
+    lse = torch.empty(n, dtype=cdt, device=dev)
+    logp = torch.empty(n, dtype=cdt, device=dev)
+    greedy = torch.empty(n, dtype=torch.bool, device=dev)
+    workers = torch.get_num_threads() if dev.type == "cpu" else 1
+    workers = max(1, min(workers, n // _MIN_ROWS_PER_WORKER))
+    if workers == 1:
+        _torch_rows(h, weight, t, b, ignore_index, softcap, temperature, logp, lse, greedy)
+    else:
+        bounds = [(i * n // workers, (i + 1) * n // workers) for i in range(workers)]
+        nthreads = torch.get_num_threads()
 
+        def run(r):
+            torch.set_num_threads(1)  # this worker's ops run serially; the workers are the parallelism
+            r0, r1 = r
+            _torch_rows(h[r0:r1], weight, t[r0:r1], b, ignore_index, softcap, temperature,
+                        logp[r0:r1], lse[r0:r1], greedy[r0:r1])
+
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="uae_logprobs") as pool:
+                list(pool.map(run, bounds))  # list(): re-raises a worker's exception here
+        finally:
+            torch.set_num_threads(nthreads)  # MKL's thread count is process-wide: restore it
+    return logp, lse, (greedy if with_greedy else None)
+
+
+def _torch_rows(h, weight, t, b, ignore_index, softcap, temperature, logp_out, lse_out, greedy_out):
+    """Online log-sum-exp over vocabulary blocks for the rows of ``h``; writes the three outputs."""
+    n, v = h.shape[0], weight.shape[0]
+    cdt, dev = h.dtype, h.device
+    vb, nb = _torch_blocks(h.shape[1], v, n, torch.finfo(cdt).bits // 8)
     m = torch.full((n,), -math.inf, dtype=cdt, device=dev)  # running max of the (transformed) logits
     s = torch.zeros(n, dtype=cdt, device=dev)  # running sum exp(z - m)
     tgt = torch.zeros(n, dtype=cdt, device=dev)  # target logit, filled by the block that holds it
-    t = targets.long()
     valid = t != ignore_index
     z_buf = torch.empty(nb * vb, dtype=cdt, device=dev)  # one tile buffer, reused: no allocator churn
     for v0 in range(0, v, vb):
@@ -97,13 +134,11 @@ def _token_logprobs_torch(hidden, weight, targets, bias, ignore_index, softcap, 
             z.sub_(m_new[:, None]).exp_()
             s[r0:r1] = s[r0:r1] * torch.exp(m_old - m_new) + z.sum(dim=1)
             m[r0:r1] = m_new
-    lse = m + torch.log(s)
-    out_dt = torch.float64 if cdt == torch.float64 else torch.float32
-    logp = torch.where(valid, tgt - lse, torch.zeros_like(lse)).to(out_dt)
+    torch.add(m, torch.log(s), out=lse_out)
+    torch.where(valid, tgt - lse_out, torch.zeros_like(lse_out), out=logp_out)
     # m is the exact max of the same logits the target was gathered from, so ">=" is "target is
     # an argmax" (ties count as a match).
-    greedy = (valid & (tgt >= m)) if with_greedy else None
-    return logp, lse.to(out_dt), greedy
+    torch.logical_and(valid, tgt >= m, out=greedy_out)
 
 
 def _check_scalar(name, value, *, allow_none=False):
@@ -115,11 +150,24 @@ def _check_scalar(name, value, *, allow_none=False):
         raise ValueError(f"{name} must be a finite number > 0{' or None' if allow_none else ''}, got {value}")
 
 
+def _check_finite_lowmem(name: str, x: torch.Tensor) -> None:
+    """check_finite without its ~6 bytes/element of temporaries (173 MB for SmolLM2's head).
+
+    min and max propagate NaN and are +-inf when any value is, so both are finite exactly when
+    every value is: one pass, no temporaries, one host sync.
+    """
+    if x.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x.reshape(-1))
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        check_finite(name, x)  # error path: counts the bad values and raises
+
+
 def _check_weight_finite(weight: torch.Tensor) -> None:
     key = (weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()), weight.dtype, str(weight.device))
     if key in _CHECKED_WEIGHTS:
         return
-    check_finite("weight", weight)
+    _check_finite_lowmem("weight", weight)
     if len(_CHECKED_WEIGHTS) >= 16:
         _CHECKED_WEIGHTS.clear()
     _CHECKED_WEIGHTS[key] = True
@@ -163,10 +211,10 @@ def _validate(hidden, weight, targets, bias, ignore_index, softcap, temperature)
     if bool(bad.any()):  # one host sync for the whole range check
         first = t[bad][0].item()
         raise ValueError(f"targets contains {first}, outside [0, V={v}) and not ignore_index={ignore_index}")
-    check_finite("hidden", hidden)
+    _check_finite_lowmem("hidden", hidden)
     _check_weight_finite(weight)
     if bias is not None:
-        check_finite("bias", bias)
+        _check_finite_lowmem("bias", bias)
     check_no_grad("token_logprobs", hidden=hidden, weight=weight, bias=bias)
 
 
