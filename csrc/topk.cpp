@@ -193,6 +193,14 @@ static int max_threads() {
 #endif
 }
 
+static int num_procs() {
+#ifdef _OPENMP
+    return omp_get_num_procs();
+#else
+    return 1;
+#endif
+}
+
 static int thread_id() {
 #ifdef _OPENMP
     return omp_get_thread_num();
@@ -452,8 +460,8 @@ static py::tuple search(int dtype, int d, py::array data, py::array xscale, py::
     // machine (a sleeping worker waits for a scheduler slot). ~16 MB of panel reads or ~32 M
     // multiply-adds per thread; the cap is the panel count, so each thread gets a share.
     const int64_t work = std::max<int64_t>(npanels * L.panel_bytes / (16 << 20), npanels * kPanel * (int64_t)d * nq_total >> 25);
-    const int T = (int)std::max<int64_t>(
-        1, std::min<int64_t>({(int64_t)threads, npanels, force_threads ? (int64_t)threads : std::max<int64_t>(1, work)}));
+    const int64_t cap = std::min<int64_t>({(int64_t)threads, npanels, 4LL * num_procs()});  // no runaway teams
+    const int T = (int)std::max<int64_t>(1, std::min<int64_t>(cap, force_threads ? cap : std::max<int64_t>(1, work)));
     // Query chunk: up to 256 queries (the matrix is streamed once per chunk), fewer when the per-thread
     // heaps (T x chunk x kk entries) would pass ~256 MiB.
     const int64_t heap_budget = (int64_t)256 << 20;

@@ -290,7 +290,8 @@ class TopKIndex:
         self.dtype = _DTYPE_ALIASES.get(dtype, dtype)
         self._code = _DTYPES[self.dtype]
         self.candidates = candidates
-        if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1):
+        bad_int = isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer))
+        if candidates is not None and (bad_int or candidates < 1):
             raise ValueError(f"candidates must be a positive int or None, got {candidates!r}")
         if refine and self.dtype != "int8":
             raise ValueError(f"refine=True is for dtype='int8' (got dtype={self.dtype!r})")
@@ -343,7 +344,8 @@ class TopKIndex:
         return v
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(dim={self.dim}, n={len(self)}, dtype={self.dtype!r}, metric={self.metric!r}, backend={self.backend!r})"
+        return (f"{type(self).__name__}(dim={self.dim}, n={len(self)}, dtype={self.dtype!r}, "
+                f"metric={self.metric!r}, backend={self.backend!r})")
 
     def _prepare(self, name: str, x) -> np.ndarray:
         arr = _as_f32_2d(name, x, self.dim)
@@ -425,7 +427,8 @@ class TopKIndex:
         stop = n if stop is None else stop
         if not (0 <= start <= stop <= n):
             raise ValueError(f"need 0 <= start <= stop <= {n}, got start={start}, stop={stop}")
-        return _ext().unpack(self._code, self.dim, self._data, self._scales, self._rowsums, stop, self._resid, self._rscales)[start:]
+        rows = _ext().unpack(self._code, self.dim, self._data, self._scales, self._rowsums, stop, self._resid, self._rscales)
+        return rows[start:]
 
     def _meta(self) -> dict:
         return {"backend": self.backend, "dim": self.dim, "metric": self.metric, "dtype": self.dtype, "ntotal": self._n}
@@ -448,7 +451,9 @@ class TopKIndex:
             _write_file(path, meta, sections)
 
     @classmethod
-    def load(cls, path, mmap: bool = True, *, verify: Optional[bool] = None, threads: Optional[int] = None) -> "TopKIndex":
+    def load(
+        cls, path, mmap: bool = True, *, verify: Optional[bool] = None, threads: Optional[int] = None
+    ) -> "TopKIndex":
         """Open an index written by :meth:`save`.
 
         ``mmap=True`` maps the vectors read-only (opens instantly, pages load on first search; the
@@ -463,7 +468,8 @@ class TopKIndex:
             return ValueError(f"{path} is not a valid uae_fast index file ({why})")
 
         try:
-            backend, dim, metric, ntotal = header["backend"], int(header["dim"]), header["metric"], int(header["ntotal"])
+            backend, metric = header["backend"], header["metric"]
+            dim, ntotal = int(header["dim"]), int(header["ntotal"])
         except (KeyError, TypeError, ValueError) as e:
             raise corrupt(f"missing field {e}") from None
         if backend not in _BACKENDS or metric not in _METRICS or dim < 1 or ntotal < 0:
@@ -486,12 +492,14 @@ class TopKIndex:
             raise corrupt(f"data section does not hold {ntotal} {dtype} vectors of dim {dim}")
         if index._code == 2:
             sc, rs = arrays.get("scales"), arrays.get("rowsums")
-            if sc is None or rs is None or sc.shape != (panels * 16,) or rs.shape != (panels * 16,) or sc.dtype != np.float32 or rs.dtype != np.int32:
+            if (sc is None or rs is None or sc.shape != (panels * 16,) or rs.shape != (panels * 16,)
+                    or sc.dtype != np.float32 or rs.dtype != np.int32):
                 raise corrupt("int8 scales/rowsums sections missing or mis-sized")
             index._scales, index._rowsums = sc, rs
         if index.refine:
             re, rsc = arrays.get("resid"), arrays.get("rscales")
-            if re is None or rsc is None or re.shape != (ntotal, dim) or rsc.shape != (ntotal,) or re.dtype != np.int8 or rsc.dtype != np.float32:
+            if (re is None or rsc is None or re.shape != (ntotal, dim) or rsc.shape != (ntotal,)
+                    or re.dtype != np.int8 or rsc.dtype != np.float32):
                 raise corrupt("int8 refine sections missing or mis-sized")
             index._resid, index._rscales = re, rsc
         index._data, index._ids, index._n = data, arrays["ids"], ntotal
@@ -529,7 +537,10 @@ class FaissTopKIndex(TopKIndex):
             raise ImportError("backend='faiss' needs faiss: pip install faiss-cpu (or faiss-gpu-cu12)") from e
         self._init_common(dim, metric, "faiss", threads)
         if _DTYPE_ALIASES.get(dtype, dtype) != "float32":
-            raise ValueError(f"backend='faiss' stores what the factory string says; pass dtype='float32' and e.g. factory='SQ8' instead of dtype={dtype!r}")
+            raise ValueError(
+                f"backend='faiss' stores what the factory string says: use dtype='float32' and e.g. "
+                f"factory='SQ8' instead of dtype={dtype!r}"
+            )
         if not isinstance(factory, str) or not factory:
             raise ValueError(f"factory must be a FAISS index_factory string, got {factory!r}")
         self.dtype = "float32"
@@ -599,7 +610,8 @@ class FaissTopKIndex(TopKIndex):
             try:
                 self._index.train(arr)
             except RuntimeError as e:
-                raise ValueError(f"FAISS training failed for {self.factory!r} on {arr.shape[0]} vectors: {str(e).strip().splitlines()[-1]}") from None
+                why = str(e).strip().splitlines()[-1]
+                raise ValueError(f"FAISS training failed for {self.factory!r} on {arr.shape[0]} vectors: {why}") from None
 
     def add(self, x, ids=None) -> None:
         arr = self._prepare("x", x)
@@ -631,7 +643,12 @@ class FaissTopKIndex(TopKIndex):
 
     def reconstruct(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
         stop = self._n if stop is None else stop
-        return self._cpu_index_synced().reconstruct_n(start, stop - start)
+        if not (0 <= start <= stop <= self._n):
+            raise ValueError(f"need 0 <= start <= stop <= {self._n}, got start={start}, stop={stop}")
+        try:
+            return self._cpu_index_synced().reconstruct_n(start, stop - start)
+        except RuntimeError as e:
+            raise ValueError(f"FAISS index {self.factory!r} cannot reconstruct vectors: {str(e).strip().splitlines()[-1]}") from None
 
     def save(self, path) -> None:
         path = os.fspath(path)
