@@ -223,7 +223,7 @@ def _row(qid, pid, utility, n_tok, gold, cand, n_cand, deltas=None) -> dict:
 def score_dataset(scorer, ds, out: str, *, candidates: str = "top:4", answers: str = "all", resume: bool = False,
                   shard: Tuple[int, int] = (0, 1), order: str = "hash", with_gold_only: bool = True,
                   limit: Optional[int] = None, save_deltas: bool = False, progress: bool = True,
-                  data_name: Optional[str] = None, group: int = 8) -> dict:
+                  data_name: Optional[str] = None, group: int = 16) -> dict:
     """Score every selected query of ``ds`` and write the utilities file ``out``; returns the header."""
     if not isinstance(group, int) or group < 1:
         raise ValueError(f"group must be a positive int, got {group!r}")
@@ -371,7 +371,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--include-no-gold", action="store_true", help="also score questions without text evidence")
     p.add_argument("--limit", type=int, default=None, help="score only the first N queries (after order/shard)")
     p.add_argument("--save-deltas", action="store_true", help="store per-token deltas in each row")
-    p.add_argument("--group", type=int, default=8, help="queries batched together per scoring call (default 8)")
+    p.add_argument("--group", type=int, default=16, help="queries batched together per scoring call (default 16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main)
