@@ -151,7 +151,7 @@ namespace avx512x {
 struct Isa {
     const char* name;
     int qm_max;
-    void (*scan)(const ScanArgs&, int64_t, int64_t, Heaps&);
+    void (*scan)(const ScanArgs&, int64_t, int64_t, Heaps&, float*);
 };
 
 static const Isa kIsas[] = {
@@ -358,15 +358,17 @@ static py::array_t<float> unpack_rows(int dtype, int d, py::array data, py::arra
 
 // Query words for one chunk: tile t (qm_max queries, the last one possibly shorter) at t * qm_max * ng,
 // laid out [group][query of the tile] so the kernel's broadcasts walk memory sequentially.
-static void pack_queries(const Layout& L, const float* q, int nq, int qm_max, uint32_t* qpack, float* qscale) {
+// widen: bf16 storage scanned as float32 (ScanArgs::widen_bf16): float32 words over the padded dim.
+static void pack_queries(const Layout& L, const float* q, int nq, int qm_max, uint32_t* qpack, float* qscale, bool widen) {
+    const int words = widen ? L.dpad : L.ng;  // per query
     for (int q0 = 0; q0 < nq; q0 += qm_max) {
         const int qm = std::min(qm_max, nq - q0);
-        uint32_t* tile = qpack + (int64_t)q0 * L.ng;
+        uint32_t* tile = qpack + (int64_t)q0 * words;
         for (int i = 0; i < qm; ++i) {
             const float* row = q + (int64_t)(q0 + i) * L.d;
             auto dim = [&](int j) { return j < L.d ? row[j] : 0.f; };
-            if (L.dtype == kF32) {
-                for (int g = 0; g < L.ng; ++g) tile[g * qm + i] = bits_from_f32(row[g]);
+            if (L.dtype == kF32 || widen) {
+                for (int g = 0; g < words; ++g) tile[g * qm + i] = bits_from_f32(dim(g));
             } else if (L.dtype == kBF16) {
                 for (int g = 0; g < L.ng; ++g)
                     tile[g * qm + i] = (uint32_t)bf16_from_f32(dim(2 * g)) | ((uint32_t)bf16_from_f32(dim(2 * g + 1)) << 16);
@@ -468,7 +470,8 @@ static py::tuple search(int dtype, int d, py::array data, py::array xscale, py::
     const int qc = (int)std::max<int64_t>(1, std::min<int64_t>({nq_total, 256, heap_budget / (12LL * kk * T)}));
 
     // All scratch allocated before the GIL is released and before any OpenMP region (no throw inside).
-    std::vector<uint32_t> qpack((size_t)qc * L.ng);
+    const bool widen = dtype == kBF16 && qc > isa.qm_max;  // more than one query tile: widen blocks
+    std::vector<uint32_t> qpack((size_t)qc * (widen ? L.dpad : L.ng));
     std::vector<float> qscale(qc);
     std::vector<float> hs((size_t)T * qc * kk);
     std::vector<int64_t> hid((size_t)T * qc * kk);
@@ -489,6 +492,8 @@ static py::tuple search(int dtype, int d, py::array data, py::array xscale, py::
     a.qscale = dtype == kI8 ? qscale.data() : nullptr;
     // ~192 KiB of panels per block: stays in L2 next to the query tiles while every tile passes.
     a.block_panels = std::max<int64_t>(4, ((int64_t)192 << 10) / L.panel_bytes);
+    a.widen_bf16 = widen;
+    std::vector<float> scratch(widen ? (size_t)T * a.block_panels * kPanel * L.dpad : 0);
 
     const int64_t chunk = std::max(a.block_panels, (npanels + 8 * T - 1) / (8 * T));
     const int64_t nchunks = (npanels + chunk - 1) / chunk;
@@ -502,7 +507,7 @@ static py::tuple search(int dtype, int d, py::array data, py::array xscale, py::
         const int nq = (int)std::min<int64_t>(qc, nq_total - c0);
         const float* qchunk = qall + c0 * d;
         a.nq = nq;
-        pack_queries(L, qchunk, nq, isa.qm_max, qpack.data(), qscale.data());
+        pack_queries(L, qchunk, nq, isa.qm_max, qpack.data(), qscale.data(), widen);
         std::fill(hsize.begin(), hsize.end(), 0);
         std::fill(hthr.begin(), hthr.end(), -std::numeric_limits<float>::infinity());
 
@@ -518,7 +523,7 @@ static py::tuple search(int dtype, int d, py::array data, py::array xscale, py::
 #pragma omp for schedule(dynamic, 1)
             for (int64_t c = 0; c < nchunks; ++c) {
                 const int64_t p0 = c * chunk, p1 = std::min(npanels, p0 + chunk);
-                isa.scan(a, p0, p1, h);
+                isa.scan(a, p0, p1, h, widen ? scratch.data() + (size_t)tid * a.block_panels * kPanel * L.dpad : nullptr);
             }
         }
 

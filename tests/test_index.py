@@ -119,13 +119,14 @@ def test_tie_order_is_higher_score_then_earlier_vector(dtype, rng):
         np.testing.assert_array_equal(scores, np.take_along_axis(s64, order, 1).astype(np.float32))
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_compact_kernels_bit_identical_across_isas(dtype, rng):
+@pytest.mark.parametrize("dtype,nq", [("bfloat16", 3), ("int8", 25)])
+def test_compact_kernels_bit_identical_across_isas(dtype, nq, rng):
     # The portable kernels reproduce VDPBF16PS / VPDPBUSD exactly (bf16 products are exact in fp32 and
     # summed in the instruction's order; int8 sums are exact integers): raw kernel scores must match.
+    # (bf16 with more queries than one tile is widened to float32 blocks: tested below.)
     n, d = 777, 70
     x = rng.standard_normal((n, d)).astype(np.float32)
-    q = rng.standard_normal((25, d)).astype(np.float32)
+    q = rng.standard_normal((nq, d)).astype(np.float32)
     index = TopKIndex(d, dtype=dtype)
     index.add(x)
     args = (index._code, d, index._data, index._scales, index._rowsums, n, q, 30, 30, 2)
@@ -141,6 +142,29 @@ def test_compact_kernels_bit_identical_across_isas(dtype, rng):
     exact = np.take_along_axis(s64, results[0][1], 1)
     tol = (0.02 if dtype == "int8" else 0.01) * np.abs(s64).max()
     np.testing.assert_allclose(results[0][0], exact, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bfloat16_batches_widen_blocks_to_float32(isa, rng):
+    # Many queries: each block of bf16 panels is widened to float32 and scanned with the float32 kernel
+    # and the unrounded query, so raw scores are the float32 scores of the stored bf16 vectors.
+    _topk.set_isa(isa)
+    n, d, nq = 1111, 61, 40
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    q = rng.standard_normal((nq, d)).astype(np.float32)
+    index = TopKIndex(d, dtype="bfloat16")
+    index._force_threads = True
+    index.add(x)
+    scores, ids = _topk.search(index._code, d, index._data, index._scales, index._rowsums, n, q, 15, 15, 2,
+                               rescore=False, force_threads=True)
+    s64, order = ref_topk(index.reconstruct(), q, 15)
+    assert_same_topk(scores, ids, s64, order)
+    # The public path (with rescoring) agrees between one query at a time and the whole batch.
+    batch = index.search(q, 15)
+    for i in (0, 17, 39):
+        one = index.search(q[i], 15)
+        np.testing.assert_array_equal(one[1][0], batch[1][i])
+        np.testing.assert_array_equal(one[0][0], batch[0][i])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
