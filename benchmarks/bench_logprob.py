@@ -178,6 +178,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None, help="CPU timed repeats per case (median)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--autotune", action="store_true", help="GPU: also run triton with UAE_LOGPROB_AUTOTUNE=1")
+    p.add_argument("--budget-s", type=float, default=None, help="stop starting new cases after this many seconds")
     p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_logprob.json"))
     p.add_argument("--_child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -198,22 +199,31 @@ def main(argv=None):
 
     rows = []
     ref_cache = {}
-    for shape in shapes:
-        d, v = SHAPES[shape]
-        for dt in dtypes:
-            for n in ns:
-                for name, make in methods.items():
-                    os.environ["UAE_LOGPROB_AUTOTUNE"] = "1" if name == "triton_tuned" else "0"
-                    if cpu:
-                        spec = dict(method=name, n=n, d=d, v=v, dtype=dt, reps=reps, threads=a.threads)
-                        res = _run_cpu_case(spec)
-                    else:
-                        res = _run_gpu_case(name, make(), n, d, v, DTYPES[dt], ref_cache)
-                    row = dict(shape=shape, N=n, D=d, V=v, dtype=dt, method=name, **res)
-                    if "ms" in res:
-                        row["tflops"] = 2 * n * d * v / (res["ms"] * 1e-3) / 1e12
-                    rows.append(row)
-                    _print_row(row, rows)
+    t_start = time.perf_counter()
+    interrupted = False
+    cases = [(s, dt, n, name) for s in shapes for dt in dtypes for n in ns for name in methods]
+    try:
+        for shape, dt, n, name in cases:
+            if a.budget_s is not None and time.perf_counter() - t_start > a.budget_s:
+                print(f"[budget] {a.budget_s:.0f}s spent: skipping the remaining cases", file=sys.stderr)
+                break
+            d, v = SHAPES[shape]
+            os.environ["UAE_LOGPROB_AUTOTUNE"] = "1" if name == "triton_tuned" else "0"
+            if cpu:
+                spec = dict(method=name, n=n, d=d, v=v, dtype=dt, reps=reps, threads=a.threads)
+                res = _run_cpu_case(spec)
+            else:
+                try:
+                    res = _run_gpu_case(name, methods[name](), n, d, v, DTYPES[dt], ref_cache)
+                except Exception as e:  # a baseline that rejects a shape must not sink the table
+                    res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"}
+            row = dict(shape=shape, N=n, D=d, V=v, dtype=dt, method=name, **res)
+            if "ms" in res:
+                row["tflops"] = 2 * n * d * v / (res["ms"] * 1e-3) / 1e12
+            rows.append(row)
+            _print_row(row, rows)
+    except KeyboardInterrupt:  # gpu_suite.sh's timeout sends SIGINT: keep what was measured
+        interrupted = True
 
     print()
     _print_table(rows)
@@ -230,7 +240,7 @@ def main(argv=None):
     with open(a.json, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"\nwrote {a.json}")
-    return 0
+    return 130 if interrupted else 0
 
 
 def _naive_of(row, rows):

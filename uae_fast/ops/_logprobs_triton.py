@@ -47,7 +47,7 @@ def _lse_partial_kernel(
     num_splits, tiles_per_split,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_row_blocks = tl.cdiv(N, BLOCK_N)
@@ -74,7 +74,9 @@ def _lse_partial_kernel(
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
     tgt = tl.zeros([BLOCK_N], tl.float32)
-    for tile in range(tile_lo, tile_hi):
+    # FLATTEN lets the pipeliner run the tile and K loops as one (no drain/refill per vocab tile,
+    # which matters when D/BLOCK_D is small, e.g. 9 steps at D=576); an autotune candidate.
+    for tile in tl.range(tile_lo, tile_hi, flatten=FLATTEN):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         cols_c = tl.where(col_ok, cols, 0).to(tl.int64)
@@ -155,19 +157,25 @@ class Config(NamedTuple):
     num_warps: int
     num_stages: int
     group_n: int = 8
+    flatten: bool = False
 
 
 # Hopper (sm90) bf16/fp16: the shapes of the Triton matmul tutorial's best H100 configs.
-# 128x256 is the default (highest reuse per loaded byte); the rest are the candidates tried by
-# the opt-in autotuner (UAE_LOGPROB_AUTOTUNE=1) in case its epilogue spills registers.
+# 128x256 is the default (highest reuse per loaded byte). Compiled ahead of time for sm_90a with
+# Triton 3.9 (no GPU): 252 registers, no spills, 3-stage cp.async pipeline (144 KiB smem), HGMMA;
+# with bias+softcap+temperature it spills 18 words in the epilogue (once per 64 K-steps), and
+# flatten=True at 128x256 spills 52, hence flatten only at 128x128 (168-218 registers). The rest
+# are candidates for the opt-in autotuner (UAE_LOGPROB_AUTOTUNE=1).
 _CONFIGS_HALF_SM90 = [
     Config(128, 256, 64, 8, 3),
     Config(128, 128, 64, 8, 4),
+    Config(128, 128, 64, 8, 4, flatten=True),
     Config(128, 128, 64, 4, 4),
     Config(64, 256, 64, 8, 4),
     Config(128, 256, 64, 8, 4, group_n=16),
 ]
-_CONFIGS_HALF_SM80 = [Config(128, 128, 32, 4, 4), Config(128, 128, 64, 8, 3), Config(64, 128, 32, 4, 4)]
+# Ampere: 128x128x32 w4 spills 71 words on sm_80, so the 8-warp tile leads (228 registers, none).
+_CONFIGS_HALF_SM80 = [Config(128, 128, 64, 8, 3), Config(64, 128, 32, 4, 4), Config(128, 128, 32, 4, 4)]
 # fp32 uses IEEE fp32 FMAs (not tf32): smaller tiles, the math units are the limit.
 _CONFIGS_FP32 = [Config(64, 64, 32, 4, 3), Config(64, 128, 32, 8, 3), Config(128, 64, 32, 8, 3)]
 # Interpreter: every program and op runs in numpy with a fixed overhead, so few, large tiles are
@@ -235,7 +243,7 @@ def _launch(hidden, weight, targets, bias, ignore_index, softcap, temperature, c
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_TEMP=temperature != 1.0,
         EVEN_D=d % cfg.block_d == 0,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
-        DOT_PRECISION=dot_precision,
+        DOT_PRECISION=dot_precision, FLATTEN=cfg.flatten,
         # Exact: bf16 x bf16 products are exact in fp32 and the GPU accumulates in fp32 too.
         UPCAST_DOT=upcast,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
