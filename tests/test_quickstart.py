@@ -1,0 +1,60 @@
+"""The quickstart pipeline end to end on tiny models and tiny QASPER slices: every artefact written and loadable."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_student import make_tiny_encoder
+from test_teacher import byte_tokenizer, tiny_llama
+
+HERE = os.path.dirname(__file__)
+TRAIN = os.path.join(HERE, "fixtures", "qasper-train-mini.json.gz")
+DEV = os.path.join(HERE, "fixtures", "qasper-dev-mini.json.gz")
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qs_models")
+    teacher = root / "teacher"
+    tiny_llama().save_pretrained(teacher)
+    byte_tokenizer().save_pretrained(teacher)
+    return str(teacher), str(make_tiny_encoder(root / "student"))
+
+
+def test_quickstart_writes_every_artefact(tmp_path, tiny_models):
+    teacher, student = tiny_models
+    out = tmp_path / "qs"
+    cmd = [sys.executable, "-m", "uae_fast", "quickstart", "--out", str(out), "--train-data", TRAIN, "--dev-data", DEV,
+           "--teacher", teacher, "--student", student, "--score-queries", "3", "--train-steps", "3",
+           "--dev-queries", "6", "--rerank-queries", "2", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(HERE),
+                       env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "R@1" in r.stdout and "faster per query" in r.stdout
+
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["eval"]["systems"]) == {"uae", "bm25", "base", "rerank"}
+    assert report["stages"]["score"]["queries"] == 3
+    assert report["stages"]["train"]["steps"] == 3
+    # the slice it scored is a complete utilities file that `uae train` accepts
+    from uae_fast.training import load_utilities
+
+    utils, header = load_utilities(str(out / "utilities.jsonl.gz"))
+    assert len(utils) == 3 and header["teacher"] == teacher
+
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(out / "model"), device="cpu")
+    assert st.encode(["a question?"]).shape[0] == 1
+
+
+def test_quickstart_rejects_bad_sizes(tmp_path):
+    from uae_fast.quickstart import quickstart
+
+    with pytest.raises(ValueError, match="train_steps"):
+        quickstart(str(tmp_path), train_data=TRAIN, dev_data=DEV, train_steps=0)

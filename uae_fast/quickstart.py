@@ -1,0 +1,203 @@
+"""``uae quickstart``: the whole UAE pipeline on embedded defaults, end to end, in minutes on a CPU.
+
+1. **score**: the default teacher (SmolLM2-135M-Instruct) scores the candidates of a slice of QASPER train
+   questions (the first ``--score-queries`` in the scorer's hash order);
+2. **train**: the default student (all-MiniLM-L6-v2) is distilled with utility-modulated InfoNCE. It trains
+   on the utilities shipped with the package (``data/qasper-train-utilities.jsonl.gz``, the same scorer on
+   the train split) when they exist, else on the slice just scored; the slice's rows are checked against
+   the shipped ones, so the quickstart also shows the scorer reproduces the artifact;
+3. **evaluate**: on a QASPER dev slice, the trained model against BM25, the untrained student and the LLM
+   re-ranker (the teacher re-scoring the untrained student's top-20, UPR-style), with per-query latency.
+
+Writes ``OUT/model`` (sentence-transformers folder), ``OUT/report.json`` and ``OUT/report.png``.
+``--full`` runs the whole train split and the whole dev split (GPU recommended) after printing an estimate.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+from .data import default_qasper_path, load_dataset
+
+# Quick defaults: sized for <= 15 minutes on 2 CPU cores (see README "Quick start").
+QUICK = {"score_queries": 12, "train_steps": 60, "dev_queries": 120, "rerank_queries": 20}
+
+
+def _shipped_utilities() -> Optional[str]:
+    from .training import _default_utilities
+
+    p = _default_utilities()
+    return p if os.path.exists(p) else None
+
+
+def _say(msg: str) -> None:
+    print(f"[quickstart] {msg}", file=sys.stderr, flush=True)
+
+
+def _compare_with_shipped(slice_path: str, shipped: str) -> dict:
+    """Rows of the fresh slice vs the same (qid, pid) rows of the shipped artifact."""
+    from .training import load_utilities
+
+    fresh, _ = load_utilities(slice_path)
+    ref, ref_header = load_utilities(shipped)
+    diffs = [abs(u - ref[q][p]) for q, d in fresh.items() for p, u in d.items() if q in ref and p in ref[q]]
+    return {"rows_compared": len(diffs), "max_abs_diff": max(diffs) if diffs else None,
+            "shipped_teacher": ref_header.get("teacher")}
+
+
+def plot_report(report: dict, path: str) -> None:
+    """Two panels: retrieval quality per system (R@1, MAP), and per-query latency (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = report["eval"]
+    systems = ev["rerank_subset"]["systems"] if "rerank_subset" in ev and report.get("plot_subset") else ev["systems"]
+    names = list(ev["systems"]) + [n for n in systems if n not in ev["systems"]]
+    full = {**systems, **ev["systems"]}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = range(len(names))
+    w = 0.38
+    r1 = [full[n]["Recall@1"] for n in names]
+    mp = [full[n]["MAP"] for n in names]
+    a.bar([i - w / 2 for i in x], r1, w, label="Recall@1", color="#4c72b0")
+    a.bar([i + w / 2 for i in x], mp, w, label="MAP", color="#dd8452")
+    for i, (u, v) in enumerate(zip(r1, mp)):
+        a.text(i - w / 2, u + 0.01, f"{u:.2f}", ha="center", fontsize=8)
+        a.text(i + w / 2, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+    a.set_xticks(list(x), names)
+    a.set_ylim(0, max(r1 + mp + [0.1]) * 1.25)
+    a.set_title(f"QASPER dev evidence retrieval ({ev['n_queries']} q; rerank: first {ev.get('rerank_subset', {}).get('n', 0)})")
+    a.legend()
+    lat = [full[n].get("latency_ms_mean", float("nan")) for n in names]
+    b.bar(list(x), lat, color=["#c44e52" if n == "rerank" else "#55a868" for n in names])
+    b.set_yscale("log")
+    b.set_xticks(list(x), names)
+    b.set_ylabel("ms per query (log)")
+    for i, v in enumerate(lat):
+        b.text(i, v, f"{v:.3g} ms", ha="center", va="bottom", fontsize=8)
+    sp = ev.get("speedup_vs_rerank", {})
+    best = max(sp.values()) if sp else None
+    b.set_title("Latency per query" + (f" (UAE {sp.get('uae', best):.0f}x faster than re-ranker)" if sp else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: Optional[str] = None,
+               dev_data: Optional[str] = None, teacher: Optional[str] = None, student: Optional[str] = None,
+               utilities: Optional[str] = None, score_queries: Optional[int] = None, train_steps: Optional[int] = None,
+               dev_queries: Optional[int] = None, rerank_queries: Optional[int] = None, progress: bool = True) -> dict:
+    """Run the pipeline; returns the report dict (also written to ``OUT/report.json``)."""
+    from .evaluation import evaluate, format_table
+    from .scoring import score_dataset, select_queries
+    from .teacher import UtilityScorer
+    from .training import TrainConfig, train
+
+    t_all = time.time()
+    os.makedirs(out, exist_ok=True)
+    train_path = train_data or default_qasper_path("train")
+    dev_path = dev_data or default_qasper_path("dev")
+    train_ds, dev_ds = load_dataset(train_path), load_dataset(dev_path)
+    q = dict(QUICK)
+    for k, v in (("score_queries", score_queries), ("train_steps", train_steps), ("dev_queries", dev_queries),
+                 ("rerank_queries", rerank_queries)):
+        if v is not None:
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k} must be a positive int, got {v!r}")
+            q[k] = v
+    report = {"out": os.path.abspath(out), "full": full, "train_data": train_path, "dev_data": dev_path, "stages": {}}
+
+    # 1. teacher scoring
+    _say("1/3 teacher scoring" + (" (whole train split)" if full else f" ({q['score_queries']} train questions)"))
+    t0 = time.time()
+    scorer = UtilityScorer.from_pretrained(teacher)
+    slice_path = os.path.join(out, "utilities.jsonl.gz")
+    n_score = None if full else q["score_queries"]
+    if full:
+        n_q = len(select_queries(train_ds))
+        t_cal = time.time()
+        calib = os.path.join(out, "calibration.jsonl")
+        for p in (calib, calib + ".partial"):
+            if os.path.exists(p):
+                os.remove(p)
+        h = score_dataset(scorer, train_ds, calib, limit=2, progress=False, data_name=os.path.basename(train_path))
+        per_row = (time.time() - t_cal) / max(1, h["n_rows"])
+        est = per_row * h["n_rows"] / 2 * n_q
+        _say(f"--full: {n_q} questions; estimated scoring time {est / 3600:.1f} h on this machine "
+             f"(+ training and evaluation); interrupt any time and rerun to resume")
+        os.remove(calib)
+    header = score_dataset(scorer, train_ds, slice_path, limit=n_score, resume=True, progress=progress,
+                           data_name=os.path.basename(train_path))
+    report["stages"]["score"] = {"seconds": round(time.time() - t0, 1), "queries": header["n_queries"],
+                                 "passages": header["n_rows"], "teacher": header.get("teacher"), "file": slice_path}
+    del scorer
+
+    # 2. distillation
+    shipped = None if (full or utilities) else _shipped_utilities()
+    train_utils = utilities or shipped or slice_path
+    if shipped and os.path.basename(train_path) == header.get("data"):
+        report["stages"]["score"]["vs_shipped"] = _compare_with_shipped(slice_path, shipped)
+    _say(f"2/3 training the student on {train_utils}")
+    t0 = time.time()
+    model_dir = os.path.join(out, "model")
+    cfg = TrainConfig(data=train_path, utilities=train_utils, student=student, loss="uae",
+                      max_steps=None if full else q["train_steps"])
+    summary = train(cfg, model_dir, resume=True, progress=progress, ds=train_ds)
+    report["stages"]["train"] = {"seconds": round(time.time() - t0, 1), "utilities": train_utils,
+                                 **{k: summary[k] for k in ("steps", "final_loss", "train_queries")}}
+
+    # 3. evaluation against the baselines
+    _say("3/3 evaluating on QASPER dev" + ("" if full else f" (first {q['dev_queries']} questions)"))
+    t0 = time.time()
+    ev = evaluate(dev_ds, [model_dir], names=["uae"], baselines=("bm25", "base", "rerank"), student=student,
+                  teacher=teacher, limit=None if full else q["dev_queries"],
+                  rerank_limit=10**9 if full else q["rerank_queries"], progress=progress)
+    report["stages"]["eval"] = {"seconds": round(time.time() - t0, 1)}
+    report["eval"] = ev
+    report["seconds_total"] = round(time.time() - t_all, 1)
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    plot_report(report, os.path.join(out, "report.png"))
+    print(format_table(ev))
+    sp = ev.get("speedup_vs_rerank", {}).get("uae")
+    if sp:
+        print(f"UAE retrieval is {sp:.0f}x faster per query than the LLM re-ranker on this machine.")
+    print(f"done in {report['seconds_total'] / 60:.1f} min: {model_dir} (SentenceTransformer loads it), "
+          f"{os.path.join(out, 'report.json')}, {os.path.join(out, 'report.png')}")
+    return report
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("quickstart", help="score, train and evaluate end to end on the embedded defaults",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="uae-quickstart", help="output folder (model/, report.json, report.png)")
+    p.add_argument("--full", action="store_true", help="the whole train and dev splits (GPU recommended); prints an estimate first")
+    p.add_argument("--train-data", default=None, help="QASPER/JSONL train data (default: bundled QASPER train)")
+    p.add_argument("--dev-data", default=None, help="QASPER/JSONL dev data (default: bundled QASPER dev)")
+    p.add_argument("--teacher", default=None, help="teacher causal-LM folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--student", default=None, help="student encoder folder (default: all-MiniLM-L6-v2)")
+    p.add_argument("--utilities", default=None, help="train on this utilities file instead of the shipped one")
+    p.add_argument("--score-queries", type=int, default=None, help=f"train questions to score (default {QUICK['score_queries']})")
+    p.add_argument("--train-steps", type=int, default=None, help=f"optimizer steps (default {QUICK['train_steps']})")
+    p.add_argument("--dev-queries", type=int, default=None, help=f"dev questions evaluated (default {QUICK['dev_queries']})")
+    p.add_argument("--rerank-queries", type=int, default=None, help=f"dev questions the LLM re-ranker runs on (default {QUICK['rerank_queries']})")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    quickstart(args.out, full=args.full, train_data=args.train_data, dev_data=args.dev_data, teacher=args.teacher,
+               student=args.student, utilities=args.utilities, score_queries=args.score_queries,
+               train_steps=args.train_steps, dev_queries=args.dev_queries, rerank_queries=args.rerank_queries,
+               progress=not args.no_progress)
+    return 0
