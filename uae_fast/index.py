@@ -5,7 +5,8 @@ Two backends behind one interface:
 - ``backend="native"`` (default): exact inner-product search in the C++ extension ``uae_fast._topk``
   (blocked scoring, per-thread bounded heaps, GIL released, AVX-512/AVX2/portable kernels picked at
   runtime). Storage ``dtype``: ``"float32"`` (exact), ``"bfloat16"`` (half the memory) or ``"int8"``
-  (a quarter, one float32 scale per vector; the fastest path on CPUs with AVX-512 VNNI). The compact
+  (a quarter, one float32 scale per vector; the fastest path on CPUs with AVX-512 VNNI; add
+  ``refine=True`` for float32-level recall at int8 scan speed, half float32's memory). The compact
   dtypes scan with a rounded query, keep ``candidates`` per query and rescore those exactly against
   the stored vectors, so returned scores are exact for what is stored.
 - ``backend="faiss"``: the same interface over a FAISS ``index_factory`` string (``"Flat"``,
@@ -13,7 +14,9 @@ Two backends behind one interface:
   when it is installed and a GPU is visible.
 
 Results are always ``(scores [Q, k] float32, ids [Q, k] int64)``, best first. Native tie order:
-higher score first, then the vector added earlier (= lower id with the default ids 0..N-1).
+higher score first, then the vector added earlier (= lower id with the default ids 0..N-1); results
+do not depend on the thread count. ``search`` is safe to call from several threads at once; ``add``
+may run concurrently with searches (each search sees the vectors present when it started).
 
 Example::
 
