@@ -350,6 +350,23 @@ def test_weight_modified_in_place_after_check_is_caught():
         token_logprobs(h, w, t)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_inference_mode_tensors(impl):
+    # A teacher loaded/run under torch.inference_mode() hands over inference tensors (no version
+    # counter): they must work inside and outside inference mode, and NaN is still caught.
+    dev = _impl_device(impl)
+    with torch.inference_mode():
+        h, w, t = _inputs(9, 16, 100, torch.float32, dev)
+        inside = token_logprobs(h, w, t, impl=impl)
+    outside = token_logprobs(h, w, t, impl=impl)
+    torch.testing.assert_close(inside.cpu().double(), _reference(h, w, t)[0], atol=ATOL[torch.float32], rtol=0)
+    torch.testing.assert_close(outside, inside)
+    with torch.inference_mode():
+        w[3, 3] = float("nan")
+        with pytest.raises(ValueError, match="weight contains"):
+            token_logprobs(h, w, t, impl=impl)
+
+
 def test_deltas_bad_input():
     hw, hwo, w = torch.randn(3, 5, 8), torch.randn(5, 8), torch.randn(20, 8)
     t = torch.randint(0, 20, (5,))

@@ -164,6 +164,9 @@ def _check_finite_lowmem(name: str, x: torch.Tensor) -> None:
 
 
 def _check_weight_finite(weight: torch.Tensor) -> None:
+    if weight.is_inference():  # no version counter to key on (torch.inference_mode): check every call
+        _check_finite_lowmem("weight", weight)
+        return
     key = (weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()), weight.dtype, str(weight.device))
     if key in _CHECKED_WEIGHTS:
         return
