@@ -69,10 +69,12 @@ def _cce():
     return lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none").float()
 
 
-def _available(device: str):
+def _available(device: str, autotune: bool = False):
     methods = {"naive": lambda: _naive, "torch": lambda: _ours("torch")}
     if device == "cuda":
         methods["triton"] = lambda: _ours("triton")
+        if autotune:
+            methods["triton_tuned"] = lambda: _ours("triton")
         for name, make in (("liger", _liger), ("cce", _cce)):
             try:
                 make()
@@ -191,9 +193,7 @@ def main(argv=None):
     ns = a.n or ([1024, 4096] if cpu else [1024, 4096, 8192, 32768])
     dtypes = a.dtype or (["fp32"] if cpu else ["bf16"])
     reps = a.reps or (3 if a.quick else 5)
-    methods = _available(a.device)
-    if a.device == "cuda" and a.autotune:
-        methods["triton_tuned"] = lambda: _ours("triton")
+    methods = _available(a.device, a.autotune)
     if a.methods:
         methods = {k: m for k, m in methods.items() if k in a.methods}
 
