@@ -67,4 +67,10 @@ step test_cuda 150 "$PY" -m pytest -q -m cuda tests/ -p no:cacheprovider --durat
 # then the sweep over the teacher shapes, cut short by --budget-s if the card is slow.
 step bench_logprob_target 90 "$PY" benchmarks/bench_logprob.py --device cuda --shapes llama-3-8b --n 8192 --autotune --json "$WORK/bench_logprob_target.json"
 step bench_logprob 150 "$PY" benchmarks/bench_logprob.py --device cuda --n 1024 4096 8192 32768 --budget-s 130 --json "$WORK/bench_logprob.json"
+# utility_infonce (issue 3): its whole test file on the real backend (Triton vs float64 reference,
+# two-process gloo gather), then naive vs chunked vs Triton (vs Inf-CL when installed).
+step test_infonce 90 "$PY" -m pytest -q tests/test_infonce.py tests/test_infonce_distributed.py -p no:cacheprovider
+step bench_infonce 120 "$PY" benchmarks/bench_infonce.py --quick --device cuda --json "$WORK/bench_infonce.json"
+# teacher scoring (issue 4): passages/s vs the naive HF loop on the GPU.
+step bench_scoring 90 "$PY" benchmarks/bench_scoring.py --quick --json "$WORK/bench_scoring.json"
 # ----------------------------------------------------------------------------- END OF STEPS
