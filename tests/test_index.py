@@ -546,3 +546,15 @@ def test_faiss_missing_results_are_minus_one(rng):
     scores, ids = index.search(x[:1], 600)  # one probed list cannot hold all 600
     miss = ids[0] < 0
     assert miss.any() and np.all(np.isneginf(scores[0][miss])) and np.all(ids[0][~miss] >= 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0), reason="needs faiss-gpu and a GPU")
+def test_faiss_gpu_flat_matches_native(rng):
+    x = rng.standard_normal((5000, 64)).astype(np.float32)
+    q = rng.standard_normal((33, 64)).astype(np.float32)
+    gpu = TopKIndex(64, backend="faiss", factory="Flat", gpu=True)
+    assert gpu._on_gpu
+    gpu.add(x)
+    s64, order = ref_topk(x, q, 10)
+    assert_same_topk(*gpu.search(q, 10), s64, order, rtol=1e-4)
