@@ -12,9 +12,9 @@ query's gold answers); ``gold`` marks gold-evidence passages; ``cand``/``n_cand`
 in its query's candidate list and the list's length (rows of a query are contiguous). With
 ``--save-deltas`` rows also carry ``deltas`` (per-token, first answer).
 
-Crash safety: rows go to ``OUT.partial``, one ``write`` + ``fsync`` per query; ``--resume`` cuts the
+Crash safety: rows go to ``OUT.partial``, one ``write`` + ``fsync`` per group of whole queries; ``--resume`` cuts the
 file back to the last complete query (the last row with ``cand == n_cand - 1``) and skips the queries
-already there, so a Ctrl-C or ``kill -9`` loses at most the query in flight and never duplicates a row.
+already there, so a Ctrl-C or ``kill -9`` loses at most the group in flight and never duplicates a row.
 ``OUT`` itself appears only when the run is complete (atomic rename; gzipped if it ends in ``.gz``).
 
 Candidate policies: ``all`` (every paragraph of the query's paper) or ``top:M`` (BM25 top-M over the

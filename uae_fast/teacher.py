@@ -309,8 +309,10 @@ class UtilityScorer:
     Example::
 
         scorer = UtilityScorer.from_pretrained()            # default teacher, fp32 on CPU / bf16 on GPU
-        r = scorer.score("What dataset is used?", "SQuAD", ["We train on SQuAD ...", "Related work ..."])
-        r.utility   # tensor([ 1.93, -0.05])
+        r = scorer.score("What dataset do they use?", "SQuAD",
+                         ["We train and evaluate on the SQuAD dataset of questions.",
+                          "Related work on graph neural networks is extensive and we do not cover it."])
+        r.utility   # tensor([5.2242, 0.5381]) (fp32 on CPU)
     """
 
     def __init__(self, model, tokenizer, *, prompt_with: str = DEFAULT_PROMPT_WITH,
