@@ -26,3 +26,18 @@ def test_extension_is_built():
 def test_cli_help_runs():
     r = subprocess.run([sys.executable, "-m", "uae_fast", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "uae" in r.stdout
+
+
+def test_check_finite_overflowing_sum_is_not_an_error_but_nan_and_inf_are():
+    import pytest
+    import torch
+
+    from uae_fast._checks import check_finite
+
+    check_finite("x", torch.full((10,), 3e38))  # sum overflows to inf; every element is finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            t = torch.randn(33, dtype=dtype)
+            t[7] = bad
+            with pytest.raises(ValueError, match="x contains 1 NaN or inf"):
+                check_finite("x", t)

@@ -40,8 +40,15 @@ def check_tensor(
 
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Reject NaN/inf early: one bad embedding or hidden state poisons every score it touches."""
-    if t.numel() and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = (~torch.isfinite(t)).sum().item()
+    if not t.numel() or not t.is_floating_point():
+        return
+    # A finite sum proves every element finite (NaN or inf would propagate) without an N-sized mask;
+    # only a non-finite sum (a real NaN/inf, or a rare overflow) pays for the exact elementwise check.
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(t.sum(dtype=acc))):
+        return
+    bad = (~torch.isfinite(t)).sum().item()
+    if bad:
         raise ValueError(f"{name} contains {bad} NaN or inf value(s)")
 
 
