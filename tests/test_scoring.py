@@ -111,6 +111,11 @@ def test_kill9_then_resume_is_identical(ds, teacher_dir, scorer, tmp_path):
     assert not os.path.exists(out)  # nothing half-written at the output path
     partial = open(out + ".partial").read()
     assert not partial.endswith("\n") and partial.count("\n") > 1  # complete queries + a torn tail
+    _, done = read_utilities(out + ".partial", allow_partial=True)  # a run in progress is readable
+    _, ref_rows = read_utilities(ref)
+    assert 0 < len(done) < len(ref_rows) and done == ref_rows[: len(done)]
+    with pytest.raises(ValueError, match="not a utilities"):
+        read_utilities(out + ".partial")
     p = cli("--out", out, *common, "--resume")
     assert p.returncode == 0, p.stderr
     assert _text(out) == _text(ref)

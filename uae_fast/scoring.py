@@ -121,12 +121,19 @@ def _open_read(path: str):
     return gzip.open(path, "rt", encoding="utf-8") if gz else open(path, "r", encoding="utf-8")
 
 
-def read_utilities(path: str) -> Tuple[dict, List[dict]]:
-    """(header, rows) of a finished utilities file (``.jsonl`` or ``.jsonl.gz``)."""
+def read_utilities(path: str, *, allow_partial: bool = False) -> Tuple[dict, List[dict]]:
+    """(header, rows) of a utilities file (``.jsonl`` or ``.jsonl.gz``).
+
+    ``allow_partial=True`` reads a run still in progress (``OUT.partial``): it keeps only complete
+    queries and ignores a torn last line.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"utilities file not found: {path}")
     with _open_read(path) as f:
-        lines = f.read().splitlines()
+        text = f.read()
+    lines = text.splitlines()
+    if allow_partial and lines and not text.endswith("\n"):
+        lines = lines[:-1]  # torn tail of a killed or still-running writer
     if not lines:
         raise ValueError(f"{path}: empty utilities file")
     try:
@@ -134,6 +141,12 @@ def read_utilities(path: str) -> Tuple[dict, List[dict]]:
         rows = [json.loads(x) for x in lines[1:] if x.strip()]
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a utilities JSONL file ({e.msg})") from None
+    if allow_partial:
+        end = 0
+        for i, r in enumerate(rows):
+            if r.get("cand") == r.get("n_cand", 0) - 1:
+                end = i + 1
+        rows = rows[:end]
     if header.get("type") != "header" or header.get("format") != FORMAT:
         raise ValueError(f"{path}: first record is not a '{FORMAT}' header")
     return header, rows
