@@ -46,6 +46,20 @@ def _progress(it, desc: str, enabled: bool, total: Optional[int] = None):
     return tqdm(it, desc=desc, total=total, unit="q", dynamic_ncols=True, leave=False)
 
 
+class _torch_threads:
+    """Temporarily run torch ops on ``n`` threads (per-query serving: one query per core)."""
+
+    def __init__(self, n: Optional[int]):
+        self.n, self.old = n, torch.get_num_threads()
+
+    def __enter__(self):
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
 def _latency(ms: List[float]) -> Dict[str, float]:
     return {"latency_ms_mean": statistics.fmean(ms), "latency_ms_p50": statistics.median(ms)} if ms else {}
 
@@ -67,7 +81,7 @@ class DenseRanker:
         row = {p: i for i, p in enumerate(pids)}
         self.indexes: Dict[object, Tuple[object, List[str]]] = {}
         for key, pool in pools.items():
-            index = TopKIndex(encoder.dim)
+            index = TopKIndex(encoder.dim, threads=1)  # a pool is tens of passages: threads would only add overhead
             index.add(emb[torch.tensor([row[p] for p in pool], dtype=torch.long)].contiguous())
             self.indexes[key] = (index, pool)
         self.index_seconds = time.perf_counter() - t0
@@ -164,8 +178,13 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
              baselines: Sequence[str] = BASELINES, student: Optional[str] = None, teacher: Optional[str] = None,
              rerank_limit: int = 100, rerank_depth: int = 20, reader: bool = False, reader_model: Optional[str] = None,
              reader_limit: int = 100, limit: Optional[int] = None, batch_size: int = 64, device=None,
-             progress: bool = True) -> dict:
-    """Evaluate ``models`` (bi-encoder folders) and ``baselines`` on ``ds``; returns the results dict."""
+             query_threads: Optional[int] = 1, progress: bool = True) -> dict:
+    """Evaluate ``models`` (bi-encoder folders) and ``baselines`` on ``ds``; returns the results dict.
+
+    Latency: bi-encoders and BM25 answer each query on ``query_threads`` torch threads (default 1: a
+    server runs one query per core, and a one-query forward gains nothing from more threads but
+    synchronisation); the LLM re-ranker keeps every thread (its 20 LM forwards do use them).
+    """
     from .student import BiEncoder
 
     bad = [b for b in baselines if b not in BASELINES]
@@ -199,13 +218,14 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
     def run_dense(name: str, path: Optional[str]):
         enc = BiEncoder(path, device=device)
         ranker = DenseRanker(enc, ds, queries, batch_size=batch_size, progress=progress)
-        for q in queries[:2]:  # warm-up (allocator, kernels), not timed
-            ranker.rank(q)
         rk, ms = [], []
-        for q in _progress(queries, name, progress):
-            t0 = time.perf_counter()
-            rk.append(ranker.rank(q))
-            ms.append((time.perf_counter() - t0) * 1e3)
+        with _torch_threads(query_threads):
+            for q in queries[:2]:  # warm-up (allocator, kernels), not timed
+                ranker.rank(q)
+            for q in _progress(queries, name, progress):
+                t0 = time.perf_counter()
+                rk.append(ranker.rank(q))
+                ms.append((time.perf_counter() - t0) * 1e3)
         rankings[name], latency[name] = rk, ms
         info[name] = {"path": path or "default student", "index_build_s": round(ranker.index_seconds, 2),
                       "passages_indexed": ranker.n_passages}
@@ -238,7 +258,9 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         for i, q in enumerate(_progress(queries[:n_rr], "rerank", progress)):
             t0 = time.perf_counter()
             # the first stage runs inside the timing: the latency is the whole pipeline's
-            rk.append(upr.rerank(q.question, base.rank(q), texts))
+            with _torch_threads(query_threads):
+                first = base.rank(q)
+            rk.append(upr.rerank(q.question, first, texts))
             ms.append((time.perf_counter() - t0) * 1e3)
         rankings["rerank"], latency["rerank"] = rk, ms
         info["rerank"] = {"teacher": teacher or "SmolLM2-135M-Instruct (default)", "depth": rerank_depth,
@@ -253,7 +275,8 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         systems[n] = m
     result = {"data": ds.name, "n_queries": len(queries), "n_queries_total": len(ds.queries), "device": str(device),
               "torch_threads": torch.get_num_threads(), "systems": systems,
-              "settings": {"models": list(models), "baselines": list(baselines), "limit": limit, "rerank_limit": rerank_limit,
+              "settings": {"models": list(models), "baselines": list(baselines), "limit": limit, "query_threads": query_threads,
+                           "rerank_threads": torch.get_num_threads(), "rerank_limit": rerank_limit,
                            "rerank_depth": rerank_depth, "reader_limit": reader_limit if reader else None}}
     if "rerank" in rankings:
         sub = {}
@@ -349,7 +372,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries with gold evidence")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (passage encoding, the re-ranker)")
+    p.add_argument("--query-threads", type=int, default=1,
+                   help="torch threads per query for bi-encoders (latency; default 1 = one query per core)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main)
@@ -363,7 +388,8 @@ def _main(args) -> int:
     result = evaluate(ds, args.model, names=args.name, baselines=baselines, student=args.student, teacher=args.teacher,
                       rerank_limit=args.rerank_limit, rerank_depth=args.rerank_depth, reader=args.reader,
                       reader_model=args.reader_model, reader_limit=args.reader_limit, limit=args.limit,
-                      batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+                      batch_size=args.batch_size, device=args.device, query_threads=args.query_threads,
+                      progress=not args.no_progress)
     print(format_table(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
