@@ -453,3 +453,24 @@ def test_cuda_mixed_device_error():
     h, w, t = _inputs(6, 8, 20, torch.float32)
     with pytest.raises(ValueError, match="weight is on cpu"):
         token_logprobs(h.cuda(), w, t.cuda())
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad_weight_requires_grad"])
+def test_torch_path_worker_threads_follow_callers_grad_mode(mode):
+    # The CPU path splits rows over worker threads; grad/inference modes are thread-local.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        h, w = torch.randn(600, 24), torch.randn(301, 24)
+        t = torch.randint(0, 301, (600,))
+        ref = torch.log_softmax(h.double() @ w.double().T, -1).gather(1, t[:, None])[:, 0]
+        if mode == "inference":
+            with torch.inference_mode():
+                out = token_logprobs(h, w, t, impl="torch")
+        else:
+            w.requires_grad_(True)
+            with torch.no_grad():
+                out = token_logprobs(h, w, t, impl="torch")
+        torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=0)
+    finally:
+        torch.set_num_threads(prev)

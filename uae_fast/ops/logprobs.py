@@ -86,12 +86,16 @@ def _token_logprobs_torch(hidden, weight, targets, bias, ignore_index, softcap, 
     else:
         bounds = [(i * n // workers, (i + 1) * n // workers) for i in range(workers)]
         nthreads = torch.get_num_threads()
+        # Grad and inference modes are thread-local: workers must run in the caller's mode, or they
+        # could not write into inference-mode outputs, nor use a requires-grad weight under no_grad.
+        inference = torch.is_inference_mode_enabled()
 
         def run(r):
             torch.set_num_threads(1)  # this worker's ops run serially; the workers are the parallelism
             r0, r1 = r
-            _torch_rows(h[r0:r1], weight, t[r0:r1], b, ignore_index, softcap, temperature,
-                        logp[r0:r1], lse[r0:r1], greedy[r0:r1])
+            with torch.inference_mode(inference), torch.no_grad():
+                _torch_rows(h[r0:r1], weight, t[r0:r1], b, ignore_index, softcap, temperature,
+                            logp[r0:r1], lse[r0:r1], greedy[r0:r1])
 
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="uae_logprobs") as pool:
