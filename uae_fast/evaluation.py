@@ -181,9 +181,9 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
              query_threads: Optional[int] = 1, progress: bool = True) -> dict:
     """Evaluate ``models`` (bi-encoder folders) and ``baselines`` on ``ds``; returns the results dict.
 
-    Latency: bi-encoders and BM25 answer each query on ``query_threads`` torch threads (default 1: a
-    server runs one query per core, and a one-query forward gains nothing from more threads but
-    synchronisation); the LLM re-ranker keeps every thread (its 20 LM forwards do use them).
+    Latency: bi-encoders answer each query on ``query_threads`` torch threads (default 1: a server runs
+    one query per core, and a one-query forward gains little from more threads but synchronisation; BM25
+    is single-threaded numpy); the LLM re-ranker's LM forwards keep every thread.
     """
     from .student import BiEncoder
 
