@@ -224,3 +224,14 @@ def test_cli_reports_mismatched_utilities(tmp_path, capsys, tiny):
                str(tmp_path / "notamodel"), "--no-progress"])
     assert rc == 1
     assert "not a model folder" in capsys.readouterr().err
+
+
+def test_partial_scoring_run_reads_complete_queries_only(tmp_path):
+    header = {"type": "header", "format": "uae-utilities/1", "teacher": "t"}
+    rows = [{"qid": "a", "pid": "a:0", "utility": 1.0, "cand": 0, "n_cand": 2},
+            {"qid": "a", "pid": "a:1", "utility": 2.0, "cand": 1, "n_cand": 2},
+            {"qid": "b", "pid": "b:0", "utility": 3.0, "cand": 0, "n_cand": 2}]  # b is still in flight
+    p = tmp_path / "u.jsonl.gz.partial"
+    p.write_text("\n".join(json.dumps(r) for r in [header] + rows) + '\n{"qid": "b", "pi')  # torn tail
+    utils, h = load_utilities(str(p))
+    assert utils == {"a": {"a:0": 1.0, "a:1": 2.0}} and h["partial"] is True

@@ -3,7 +3,7 @@
 Output (JSONL, optionally gzipped): one header record, then one row per (query, candidate passage)::
 
     {"type": "header", "format": "uae-utilities/1", "teacher": ..., "prompt_with": ..., "prompt_without": ...,
-     "max_passage_tokens": ..., "aggregation": ..., "candidates": "top:4", "answers": "all", "data": ...,
+     "max_passage_tokens": ..., "aggregation": ..., "candidates": "top:3", "answers": "all", "data": ...,
      "order": "hash", "shard": [0, 1], "n_queries": ..., "n_rows": ...}
     {"qid": "...", "pid": "...", "utility": 0.83127, "n_answer_tokens": 12, "gold": true, "cand": 0, "n_cand": 5}
 
@@ -54,7 +54,7 @@ def parse_candidates(policy: str) -> Tuple[str, Optional[int]]:
 class CandidatePolicy:
     """A query's candidate passage ids: ``all`` of its pool, or BM25 ``top:M`` of the pool plus its gold."""
 
-    def __init__(self, ds, policy: str = "top:4"):
+    def __init__(self, ds, policy: str = "top:3"):
         self.ds, self.policy = ds, policy
         self.kind, self.m = parse_candidates(policy)
         self._bm25: Dict[Tuple[str, ...], object] = {}
@@ -233,7 +233,7 @@ def _row(qid, pid, utility, n_tok, gold, cand, n_cand, deltas=None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- run
-def score_dataset(scorer, ds, out: str, *, candidates: str = "top:4", answers: str = "all", resume: bool = False,
+def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: str = "all", resume: bool = False,
                   shard: Tuple[int, int] = (0, 1), order: str = "hash", with_gold_only: bool = True,
                   limit: Optional[int] = None, save_deltas: bool = False, progress: bool = True,
                   data_name: Optional[str] = None, group: int = 16) -> dict:
@@ -369,15 +369,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", help="QASPER .json(.gz) or uae JSONL; default: the bundled QASPER train split")
     p.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz (appears only when complete)")
     p.add_argument("--teacher", default=None, help="HF causal-LM folder (default: SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--candidates", default="top:4", help="'all' or 'top:M' (BM25 top-M + gold evidence); default top:4")
+    p.add_argument("--candidates", default="top:3", help="'all' or 'top:M' (BM25 top-M + gold evidence); default top:3")
     p.add_argument("--answers", default="all", choices=["all", "first", "shortest"], help="gold answers to average over")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT.partial)")
     p.add_argument("--shard", default=None, help="I/N: score every N-th query from the I-th (0-based); torchrun ranks are used when unset")
     p.add_argument("--merge", nargs="+", metavar="SHARD", help="merge finished shard files into --out instead of scoring")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default=None)
-    p.add_argument("--max-passage-tokens", type=int, default=None, help="passages cut to this many tokens (default 256)")
-    p.add_argument("--max-answer-tokens", type=int, default=None, help="answers cut to this many tokens (default 64)")
+    p.add_argument("--max-passage-tokens", type=int, default=None, help="passages cut to this many tokens (default 128)")
+    p.add_argument("--max-answer-tokens", type=int, default=None, help="answers cut to this many tokens (default 48)")
     p.add_argument("--aggregation", default="mean", choices=["mean", "sum", "clipped_mean"])
     p.add_argument("--token-budget", type=int, default=None, help="padded tokens per forward (default 8192)")
     p.add_argument("--order", default="hash", choices=["hash", "data"], help="query order (hash: any prefix is a random sample)")

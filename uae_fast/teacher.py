@@ -42,8 +42,8 @@ _CACHE_NAME = "smollm2-135m-instruct-q4_1-dequant"
 DEFAULT_PROMPT_WITH = "Context: {passage}\n\nQuestion: {question}\nAnswer:"
 DEFAULT_PROMPT_WITHOUT = "Question: {question}\nAnswer:"
 DEFAULT_ANSWER_PREFIX = " "
-DEFAULT_MAX_PASSAGE_TOKENS = 256
-DEFAULT_MAX_ANSWER_TOKENS = 64
+DEFAULT_MAX_PASSAGE_TOKENS = 128  # the shipped QASPER train utilities were scored with these two limits
+DEFAULT_MAX_ANSWER_TOKENS = 48
 AGGREGATIONS = ("mean", "sum", "clipped_mean")
 
 
@@ -301,8 +301,8 @@ class UtilityScorer:
 
     Options (all keyword, with defaults): ``prompt_with`` (must contain ``{passage}`` and ``{question}``),
     ``prompt_without`` (``{question}``), ``answer_prefix`` (prepended to the answer before its one
-    tokenisation), ``max_passage_tokens`` (passages are cut to this many tokens; default 256),
-    ``max_answer_tokens`` (answers cut to this many tokens; default 64), ``aggregation``
+    tokenisation), ``max_passage_tokens`` (passages are cut to this many tokens; default 128),
+    ``max_answer_tokens`` (answers cut to this many tokens; default 48), ``aggregation``
     (``mean``/``sum``/``clipped_mean``), ``clip``, ``token_budget`` (padded tokens per forward), ``impl``
     (LM-head kernel: auto/torch/triton).
 

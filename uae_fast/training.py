@@ -67,6 +67,16 @@ def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
     (qid, pid) are averaged; a non-finite utility is an error (one NaN would poison a whole softmax).
     """
     path = os.fspath(path)
+    if path.endswith(".partial"):  # a `uae score` run in progress: complete queries only
+        from .scoring import read_utilities
+
+        header, rows = read_utilities(path, allow_partial=True)
+        if not rows:
+            raise ValueError(f"{path}: no complete query scored yet")
+        out: Dict[str, Dict[str, float]] = {}
+        for r in rows:
+            out.setdefault(str(r["qid"]), {})[str(r["pid"])] = float(r["utility"])
+        return out, {**header, "partial": True}
     sums: Dict[str, Dict[str, List[float]]] = {}
     header: dict = {}
     try:
@@ -522,10 +532,13 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
 
 # ------------------------------------------------------------------------------------- CLI
 def _default_utilities() -> str:
+    """The shipped QASPER train utilities; while their scoring run is unfinished, its ``.partial`` file
+    (complete queries only, an unbiased sample thanks to the scorer's hash order)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for p in (DEFAULT_UTILITIES, os.path.join(here, DEFAULT_UTILITIES)):
-        if os.path.exists(p):
-            return p
+    for suffix in ("", ".partial"):
+        for p in (DEFAULT_UTILITIES, os.path.join(here, DEFAULT_UTILITIES)):
+            if os.path.exists(p + suffix):
+                return p + suffix
     return DEFAULT_UTILITIES
 
 
