@@ -20,10 +20,10 @@ import sys
 import time
 from typing import Optional
 
-from .data import default_qasper_path, load_dataset
+from .data import RetrievalDataset, default_qasper_path, load_dataset
 
 # Quick defaults: sized for <= 15 minutes on 2 CPU cores (see README "Quick start").
-QUICK = {"score_queries": 12, "train_steps": 60, "dev_queries": 120, "rerank_queries": 20}
+QUICK = {"score_queries": 12, "train_steps": 40, "dev_queries": 120, "rerank_queries": 20}
 
 
 def _shipped_utilities() -> Optional[str]:
@@ -96,7 +96,7 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     from .evaluation import evaluate, format_table
     from .scoring import score_dataset, select_queries
     from .teacher import UtilityScorer
-    from .training import TrainConfig, train
+    from .training import TrainConfig, load_utilities, train
 
     t_all = time.time()
     os.makedirs(out, exist_ok=True)
@@ -138,7 +138,8 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     del scorer
 
     # 2. distillation
-    shipped = None if (full or utilities) else _shipped_utilities()
+    # The shipped utilities are for the bundled QASPER train split only.
+    shipped = None if (full or utilities or train_data) else _shipped_utilities()
     train_utils = utilities or shipped or slice_path
     if shipped and os.path.basename(train_path) == header.get("data"):
         report["stages"]["score"]["vs_shipped"] = _compare_with_shipped(slice_path, shipped)
@@ -147,7 +148,11 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     model_dir = os.path.join(out, "model")
     cfg = TrainConfig(data=train_path, utilities=train_utils, student=student, loss="uae",
                       max_steps=None if full else q["train_steps"])
-    summary = train(cfg, model_dir, resume=True, progress=progress, ds=train_ds)
+    # Train on the scored questions only: the trainer would fill unscored ones with gold one-hot targets,
+    # which makes a supervised model, not a distilled one.
+    scored, _ = load_utilities(train_utils)
+    train_on = RetrievalDataset(train_ds.passages, [x for x in train_ds.queries if x.id in scored], train_ds.name)
+    summary = train(cfg, model_dir, resume=True, progress=progress, ds=train_on)
     report["stages"]["train"] = {"seconds": round(time.time() - t0, 1), "utilities": train_utils,
                                  **{k: summary[k] for k in ("steps", "final_loss", "train_queries")}}
 
