@@ -364,14 +364,14 @@ def latest_checkpoint(out_dir: str) -> Optional[str]:
     return os.path.join(root, max(done, key=lambda d: int(d.split("-")[1]))) if done else None
 
 
-def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep):
+def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep, world=1):
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, f"step-{step:06d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     encoder.save(tmp)
     torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
-                "config": asdict(cfg), "log": log}, os.path.join(tmp, _STATE_FILE))
+                "config": asdict(cfg), "log": log, "world_size": world}, os.path.join(tmp, _STATE_FILE))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # a killed run never leaves a half-written checkpoint that --resume would pick
     if keep > 0:
@@ -441,6 +441,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     if ckpt is not None:
         state = torch.load(os.path.join(ckpt, _STATE_FILE), map_location="cpu", weights_only=False)
         changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if k not in _RESUME_FREE and getattr(cfg, k, v) != v}
+        if state.get("world_size", 1) != world:  # each rank's slice of a global batch depends on the world size
+            changed["world_size"] = (state.get("world_size", 1), world)
         if changed:
             desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ValueError(f"--resume with different training settings than the checkpoint {ckpt} ({desc}); "
@@ -509,7 +511,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
         if rank == 0 and (step % save_every == 0 or step == end) and step < total_steps:
-            _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep_checkpoints)
+            _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep_checkpoints, world)
             _write_log(out_dir, log)
     if bar is not None:
         bar.close()
