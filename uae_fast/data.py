@@ -84,9 +84,10 @@ class RetrievalDataset:
         return RetrievalDataset({k: v for k, v in self.passages.items() if k in keep}, qs, self.name)
 
 
-def _open_text(path: str):
+def open_text(path: str, what: str = "data file"):
+    """Open a ``.json``/``.jsonl`` file for reading as text, transparently gunzipping ``*.gz``."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     if path.endswith(".gz"):
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
     return open(path, "r", encoding="utf-8")
@@ -140,7 +141,7 @@ def _qasper_from_dict(raw: dict, name: str) -> RetrievalDataset:
 
 
 def _jsonl_records(path: str) -> Iterator[dict]:
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -179,7 +180,7 @@ def load_dataset(path: str) -> RetrievalDataset:
     if base.endswith(".jsonl"):
         ds = _from_jsonl(path)
     else:
-        with _open_text(path) as f:
+        with open_text(path) as f:
             try:
                 raw = json.load(f)
             except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:

@@ -30,8 +30,6 @@ are averaged.
 """
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import math
 import os
@@ -45,21 +43,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .data import RetrievalDataset, Query, default_qasper_path, load_dataset
+from .data import RetrievalDataset, Query, default_qasper_path, load_dataset, open_text
 
 DEFAULT_UTILITIES = os.path.join("data", "qasper-train-utilities.jsonl.gz")
 _STATE_FILE = "trainer_state.pt"
 
 
 # ------------------------------------------------------------------------------------- utilities
-def _open_text(path: str):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"utilities file not found: {path}")
-    if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
-
-
 def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
     """``({qid: {pid: utility}}, header)`` from a utilities JSONL file.
 
@@ -80,7 +70,7 @@ def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
     sums: Dict[str, Dict[str, List[float]]] = {}
     header: dict = {}
     try:
-        with _open_text(path) as f:
+        with open_text(path, "utilities file") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
