@@ -118,11 +118,12 @@ def main(argv=None):
     }
     print(f"\nteacher scoring, {len(items)} queries / {n_pass} passages / {n_tok} tokens, {out['device']}, {out['dtype']}, "
           f"{out['threads']} threads (best of {args.reps}), load average {out['loadavg_1m']}")
-    print(f"{'method':<34}{'seconds':>10}{'passages/s':>12}{'tokens/s':>11}")
-    print(f"{'naive HF loop (full logits)':<34}{nv:>10.2f}{n_pass / nv:>12.2f}{n_tok / nv:>11.0f}")
-    print(f"{'UtilityScorer (uae_fast)':<34}{ours:>10.2f}{n_pass / ours:>12.2f}{n_tok / ours:>11.0f}")
+    print("| method | seconds | passages/s | tokens/s | speedup | max abs utility diff |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| naive HF loop (full logits) | {nv:.2f} | {n_pass / nv:.2f} | {n_tok / nv:.0f} | 1.00 | - |")
+    print(f"| UtilityScorer (uae_fast) | {ours:.2f} | {n_pass / ours:.2f} | {n_tok / ours:.0f} | {nv / ours:.2f} | {max_diff:.1e} |")
     if ceiling:
-        print(f"{'decoder forward ceiling':<34}{'':>10}{'':>12}{ceiling:>11.0f}")
+        print(f"| decoder forward only (ceiling) | | | {ceiling:.0f} | | |")
     print(f"speedup {nv / ours:.2f}x, max |utility diff| {max_diff:.2e}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

@@ -23,7 +23,7 @@ from typing import Optional
 from .data import RetrievalDataset, default_qasper_path, load_dataset
 
 # Quick defaults: sized for <= 15 minutes on 2 CPU cores (see README "Quick start").
-QUICK = {"score_queries": 12, "train_steps": 40, "dev_queries": 120, "rerank_queries": 8}
+QUICK = {"score_queries": 12, "train_steps": 80, "dev_queries": 200, "rerank_queries": 20}
 
 
 def _shipped_utilities() -> Optional[str]:
