@@ -85,10 +85,13 @@ class RetrievalDataset:
 
 
 def open_text(path: str, what: str = "data file"):
-    """Open a ``.json``/``.jsonl`` file for reading as text, transparently gunzipping ``*.gz``."""
+    """Open a ``.json``/``.jsonl`` file for reading as text, gunzipping ``*.gz`` and any gzip content
+    (``uae score`` writes ``OUT.jsonl.gz.partial`` as plain text and gzips it only when complete)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} not found: {path}")
-    if path.endswith(".gz"):
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    if gz or path.endswith(".gz"):
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
     return open(path, "r", encoding="utf-8")
 

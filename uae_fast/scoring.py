@@ -31,6 +31,8 @@ import sys
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from .data import open_text
+
 FORMAT = "uae-utilities/1"
 # Settings that must match for rows to be combined (resume / merge).
 _COMPAT_KEYS = ("format", "teacher", "dtype", "prompt_with", "prompt_without", "answer_prefix", "max_passage_tokens",
@@ -115,21 +117,13 @@ def shard_path(out: str, shard: Tuple[int, int]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- I/O
-def _open_read(path: str):
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rt", encoding="utf-8") if gz else open(path, "r", encoding="utf-8")
-
-
 def read_utilities(path: str, *, allow_partial: bool = False) -> Tuple[dict, List[dict]]:
     """(header, rows) of a utilities file (``.jsonl`` or ``.jsonl.gz``).
 
     ``allow_partial=True`` reads a run still in progress (``OUT.partial``): it keeps only complete
     queries and ignores a torn last line.
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"utilities file not found: {path}")
-    with _open_read(path) as f:
+    with open_text(path, "utilities file") as f:
         text = f.read()
     lines = text.splitlines()
     if allow_partial and lines and not text.endswith("\n"):

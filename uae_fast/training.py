@@ -57,49 +57,56 @@ def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
     (qid, pid) are averaged; a non-finite utility is an error (one NaN would poison a whole softmax).
     """
     path = os.fspath(path)
-    if path.endswith(".partial"):  # a `uae score` run in progress: complete queries only
-        from .scoring import read_utilities
-
-        header, rows = read_utilities(path, allow_partial=True)
-        if not rows:
-            raise ValueError(f"{path}: no complete query scored yet")
-        out: Dict[str, Dict[str, float]] = {}
-        for r in rows:
-            out.setdefault(str(r["qid"]), {})[str(r["pid"])] = float(r["utility"])
-        return out, {**header, "partial": True}
+    partial = path.endswith(".partial")  # a `uae score` run in progress: complete queries only
     sums: Dict[str, Dict[str, List[float]]] = {}
-    header: dict = {}
+    header: dict = {"partial": True} if partial else {}
     try:
-        with open_text(path, "utilities file") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{path}:{n}: each line must be a JSON object")
-                if "qid" not in rec and "pid" not in rec:
-                    header.update(rec.get("header", rec) if isinstance(rec.get("header"), dict) else rec)
-                    continue
-                missing = [k for k in ("qid", "pid", "utility") if k not in rec]
-                if missing:
-                    raise ValueError(f"{path}:{n}: a utility row needs qid, pid and utility; missing {missing}")
-                try:
-                    u = float(rec["utility"])
-                except (TypeError, ValueError):
-                    raise ValueError(f"{path}:{n}: utility must be a number, got {rec['utility']!r}") from None
-                if not math.isfinite(u):
-                    raise ValueError(f"{path}:{n}: utility is {u} (must be finite)")
-                sums.setdefault(str(rec["qid"]), {}).setdefault(str(rec["pid"]), []).append(u)
+        for n, rec in (_partial_records(path) if partial else _jsonl_lines(path)):
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: each line must be a JSON object")
+            if "qid" not in rec and "pid" not in rec:
+                header.update(rec.get("header", rec) if isinstance(rec.get("header"), dict) else rec)
+                continue
+            missing = [k for k in ("qid", "pid", "utility") if k not in rec]
+            if missing:
+                raise ValueError(f"{path}:{n}: a utility row needs qid, pid and utility; missing {missing}")
+            try:
+                u = float(rec["utility"])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}:{n}: utility must be a number, got {rec['utility']!r}") from None
+            if not math.isfinite(u):
+                raise ValueError(f"{path}:{n}: utility is {u} (must be finite)")
+            sums.setdefault(str(rec["qid"]), {}).setdefault(str(rec["pid"]), []).append(u)
     except FileNotFoundError:
         raise
     except (OSError, EOFError) as e:  # truncated or non-gzip .gz
         raise ValueError(f"{path}: cannot read utilities ({e})") from None
     if not sums:
+        if partial:
+            raise ValueError(f"{path}: no complete query scored yet")
         raise ValueError(f"{path}: no utility rows (need JSON lines with qid, pid, utility)")
     return {q: {p: sum(v) / len(v) for p, v in d.items()} for q, d in sums.items()}, header
+
+
+def _jsonl_lines(path: str):
+    """``(line number, record)`` of a JSONL file, blank lines skipped."""
+    with open_text(path, "utilities file") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
+def _partial_records(path: str):
+    """``(line number, record)`` of the complete queries of a ``uae score`` run in progress."""
+    from .scoring import read_utilities
+
+    header, rows = read_utilities(path, allow_partial=True)
+    yield 1, header
+    yield from enumerate(rows, 2)
 
 
 def check_utilities(utilities: Dict[str, Dict[str, float]], ds: RetrievalDataset, *, path: str = "utilities",
