@@ -1,16 +1,21 @@
 """Teacher scoring throughput: UtilityScorer vs a naive Hugging Face loop, same passages, same machine.
 
-Naive baseline (the strongest plain-HF version): one forward per passage with full [L, V] logits, log_softmax,
-gather at the answer positions; the no-passage baseline once per query (not once per passage).
-Ours: UtilityScorer.score_many over groups of queries (length-bucketed batches, LM head only at answer
-positions). Both run on identical token ids (the ids the scorer reports), alternating per repetition so
-load changes on a shared CPU hit both alike. Utilities must agree within 1e-3.
+Naive baseline (the strongest plain-HF version): one forward per (passage, answer) with full [L, V] logits,
+log_softmax, gather at the answer positions; the no-passage baseline once per (query, answer), not once
+per passage. Ours: UtilityScorer.score_many over groups of 16 queries in the CLI's paper order
+(length-bucketed batches, LM head only at answer positions, a passage shared by several rows run once).
+Both run on identical token ids (the ids the scorer reports), alternating per repetition so load changes on
+a shared CPU hit both alike. Utilities must agree within 1e-3.
+
+Workloads (``--workloads``, CANDIDATES/ANSWERS[/QUERIES]): ``top:3/first`` (BM25 top-3 + gold, first gold
+answer), ``top:3/all`` (every gold answer: the shipped train utilities' setting) and ``all/all`` (every
+paragraph of the paper, every answer: where one passage serves all of its paper's questions).
 
 On CUDA it also reports tokens/s against the forward-pass ceiling (the decoder alone over the same padded
 batches, no LM head, no bookkeeping).
 
-    python benchmarks/bench_scoring.py --quick            # < 2 min on a 2-core CPU
-    python benchmarks/bench_scoring.py --queries 24 --json benchmarks/results/scoring.json
+    python benchmarks/bench_scoring.py --quick            # ~3 min on a 2-core CPU
+    python benchmarks/bench_scoring.py --json benchmarks/results/scoring.json
 """
 from __future__ import annotations
 
@@ -30,19 +35,20 @@ from uae_fast.scoring import CandidatePolicy, select_queries  # noqa: E402
 from uae_fast.teacher import UtilityScorer, rows_hidden_states  # noqa: E402
 
 
-def naive_utilities(model, result):
-    """One forward per prompt with full logits (HF's standard path); baseline once per query."""
-    ans = torch.tensor(result.answer_ids, device=model.device)
-    T = len(result.answer_ids)
-
-    def logp(prompt):
-        ids = torch.tensor([prompt + result.answer_ids], device=model.device)
+def naive_utilities(model, prompts, base, answers):
+    """One forward per (prompt, answer) with full logits (HF's standard path); baseline once per answer."""
+    def logp(prompt, ans):
+        ids = torch.tensor([prompt + ans], device=model.device)
         logits = model(input_ids=ids).logits[0].float()
         n = len(prompt)
-        return torch.log_softmax(logits[n - 1 : n - 1 + T], -1).gather(1, ans[:, None])[:, 0]
+        a = torch.tensor(ans, device=model.device)
+        return torch.log_softmax(logits[n - 1 : n - 1 + len(ans)], -1).gather(1, a[:, None])[:, 0]
 
-    lp0 = logp(result.input_ids_without)
-    return torch.stack([(logp(p) - lp0).mean() for p in result.input_ids_with])
+    per_answer = []
+    for ans in answers:
+        lp0 = logp(base, ans)
+        per_answer.append(torch.stack([(logp(p, ans) - lp0).mean() for p in prompts]))
+    return torch.stack(per_answer).mean(0)
 
 
 def sync(device):
@@ -50,81 +56,108 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def run_workload(scorer, ds, candidates, answers, n_queries, reps, group):
+    model, dev = scorer.model, scorer.device
+    qs = select_queries(ds, order="paper")[:n_queries]
+    pol = CandidatePolicy(ds, candidates)
+    items = [(q.question, list(q.answers) if answers == "all" else list(q.answers[:1]), [ds.passages[p].text for p in pol(q)])
+             for q in qs]
+    n_pass = sum(len(it[2]) for it in items)
+    ids = [([scorer.prompt_ids(q, p)[0] for p in ps], scorer.prompt_ids(q)[0], [scorer.answer_ids(a) for a in ans])
+           for q, ans, ps in items]
+    t_ours, t_naive = [], []
+    for _ in range(reps):
+        sync(dev)
+        t = time.perf_counter()
+        res = []
+        for g in range(0, len(items), group):
+            res += scorer.score_many(items[g : g + group])
+        sync(dev)
+        t_ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        naive = [naive_utilities(model, *x) for x in ids]
+        sync(dev)
+        t_naive.append(time.perf_counter() - t)
+    # Tokens the naive loop runs (what a passage-at-a-time scorer has to compute).
+    n_tok = sum(sum(len(p) + len(a) for p in prompts + [base] for a in ans) for prompts, base, ans in ids)
+    max_diff = max((a.utility.float() - b.float()).abs().max().item() for a, b in zip(res, naive))
+    ceiling = None
+    if dev.type == "cuda":  # decoder-only forward over the same rows, one row each: the unshared scoring ceiling
+        rows = [(p, a) for prompts, base, ans in ids for a in ans for p in prompts + [base]]
+        sync(dev)
+        t = time.perf_counter()
+        for _ in range(reps):
+            rows_hidden_states(model, rows, token_budget=scorer.token_budget)
+        sync(dev)
+        ceiling = n_tok / ((time.perf_counter() - t) / reps)
+    ours, nv = min(t_ours), min(t_naive)
+    return {"workload": f"{candidates}/{answers}", "candidates": candidates, "answers": answers, "queries": len(items),
+            "papers": len({q.doc_id for q in qs}), "passages": n_pass,
+            "rows": sum(len(it[2]) * len(it[1]) for it in items), "tokens": n_tok,
+            "naive_s": nv, "ours_s": ours, "naive_passages_per_s": n_pass / nv, "ours_passages_per_s": n_pass / ours,
+            "speedup": nv / ours, "ours_tokens_per_s": n_tok / ours, "forward_ceiling_tokens_per_s": ceiling,
+            "max_abs_utility_diff": max_diff}
+
+
+def parse_workload(text, default_queries):
+    parts = text.split("/")
+    if len(parts) not in (2, 3) or parts[1] not in ("first", "all"):
+        raise SystemExit(f"--workloads entries look like top:3/first, all/all or all/all/8; got {text!r}")
+    return parts[0], parts[1], int(parts[2]) if len(parts) == 3 else default_queries
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small run (< 2 min on a 2-core CPU)")
+    ap.add_argument("--quick", action="store_true", help="small run (~3 min on a 2-core CPU)")
     ap.add_argument("--data", default=None, help="QASPER file (default: bundled dev split)")
-    ap.add_argument("--queries", type=int, default=16)
-    ap.add_argument("--candidates", default="top:3")
+    ap.add_argument("--workloads", nargs="+", default=None,
+                    help="CANDIDATES/ANSWERS[/QUERIES] (default: top:3/first top:3/all all/all/8)")
+    ap.add_argument("--queries", type=int, default=16, help="queries per workload without its own count")
     ap.add_argument("--max-passage-tokens", type=int, default=128)
-    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--group", type=int, default=16, help="queries per score_many call (the CLI's default)")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--no-share-prefix", action="store_true", help="ours without shared passage prefixes")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "scoring.json"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.queries, args.reps = 4, 1
+        args.queries, args.reps = 8, 1
+    workloads = [parse_workload(w, args.queries) for w in (args.workloads or
+                 ["top:3/first", "top:3/all", "all/all/8" if args.quick else "all/all/16"])]
     if args.threads:
         torch.set_num_threads(args.threads)
 
     ds = load_dataset(args.data or default_qasper_path("dev"))
-    qs = select_queries(ds)[: args.queries]
-    pol = CandidatePolicy(ds, args.candidates)
-    items = [(q.question, q.answers[0], [ds.passages[p].text for p in pol(q)]) for q in qs]
-    n_pass = sum(len(it[2]) for it in items)
-    scorer = UtilityScorer.from_pretrained(dtype=args.dtype, max_passage_tokens=args.max_passage_tokens)
+    scorer = UtilityScorer.from_pretrained(dtype=args.dtype, max_passage_tokens=args.max_passage_tokens,
+                                           share_prefix=not args.no_share_prefix)
     model, dev = scorer.model, scorer.device
-
     with torch.no_grad():
-        ref = scorer.score_many(items[:1])  # warm-up both paths
-        naive_utilities(model, ref[0])
-        n_tok = 0
-        t_ours, t_naive = [], []
-        for _ in range(args.reps):
-            sync(dev)
-            t = time.perf_counter()
-            res = []
-            for g in range(0, len(items), args.group):
-                res += scorer.score_many(items[g : g + args.group])
-            sync(dev)
-            t_ours.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            naive = [naive_utilities(model, r) for r in res]
-            sync(dev)
-            t_naive.append(time.perf_counter() - t)
-        n_tok = sum(sum(len(p) + len(r.answer_ids) for p in r.input_ids_with) + len(r.input_ids_without) + len(r.answer_ids)
-                    for r in res)
-        max_diff = max((a.utility.float() - b.float()).abs().max().item() for a, b in zip(res, naive))
-        ceiling = None
-        if dev.type == "cuda":  # decoder-only forward over the same rows: the scoring ceiling
-            rows = [(p, r.answer_ids) for r in res for p in r.input_ids_with + [r.input_ids_without]]
-            sync(dev)
-            t = time.perf_counter()
-            for _ in range(args.reps):
-                rows_hidden_states(model, rows, token_budget=scorer.token_budget)
-            sync(dev)
-            ceiling = n_tok / ((time.perf_counter() - t) / args.reps)
+        q = select_queries(ds)[0]  # warm-up both paths
+        scorer.score_many([(q.question, q.answers[:1], [ds.passages[p].text for p in ds.pool(q)[:2]])])
+        naive_utilities(model, [scorer.prompt_ids(q.question, "warm up")[0]], scorer.prompt_ids(q.question)[0],
+                        [scorer.answer_ids(q.answers[0])])
+        rows = [run_workload(scorer, ds, c, a, n, args.reps, args.group) for c, a, n in workloads]
 
-    ours, nv = min(t_ours), min(t_naive)
     out = {
         "bench": "scoring", "device": str(dev), "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "dtype": str(next(model.parameters()).dtype), "teacher": scorer.name,
-        "queries": len(items), "passages": n_pass, "tokens": n_tok, "candidates": args.candidates,
-        "max_passage_tokens": args.max_passage_tokens, "reps": args.reps,
-        "naive_s": nv, "ours_s": ours, "naive_passages_per_s": n_pass / nv, "ours_passages_per_s": n_pass / ours,
-        "speedup": nv / ours, "ours_tokens_per_s": n_tok / ours, "forward_ceiling_tokens_per_s": ceiling,
-        "max_abs_utility_diff": max_diff, "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "max_passage_tokens": args.max_passage_tokens, "reps": args.reps, "share_prefix": scorer.share_prefix,
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "workloads": rows,
     }
-    print(f"\nteacher scoring, {len(items)} queries / {n_pass} passages / {n_tok} tokens, {out['device']}, {out['dtype']}, "
-          f"{out['threads']} threads (best of {args.reps}), load average {out['loadavg_1m']}")
-    print("| method | seconds | passages/s | tokens/s | speedup | max abs utility diff |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print(f"| naive HF loop (full logits) | {nv:.2f} | {n_pass / nv:.2f} | {n_tok / nv:.0f} | 1.00 | - |")
-    print(f"| UtilityScorer (uae_fast) | {ours:.2f} | {n_pass / ours:.2f} | {n_tok / ours:.0f} | {nv / ours:.2f} | {max_diff:.1e} |")
-    if ceiling:
-        print(f"| decoder forward only (ceiling) | | | {ceiling:.0f} | | |")
-    print(f"speedup {nv / ours:.2f}x, max |utility diff| {max_diff:.2e}")
+    print(f"\nteacher scoring, {out['device']}, {out['dtype']}, {out['threads']} threads (best of {args.reps}), "
+          f"load average {out['loadavg_1m']}")
+    ceil = any(r["forward_ceiling_tokens_per_s"] for r in rows)
+    print("| workload | queries | passages | naive s | ours s | naive passages/s | ours passages/s | speedup | max abs utility diff |"
+          + (" ours tokens/s | ceiling tokens/s |" if ceil else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if ceil else ""))
+    for r in rows:
+        line = (f"| {r['workload']} | {r['queries']} | {r['passages']} | {r['naive_s']:.2f} | {r['ours_s']:.2f} | "
+                f"{r['naive_passages_per_s']:.2f} | {r['ours_passages_per_s']:.2f} | **{r['speedup']:.2f}x** | "
+                f"{r['max_abs_utility_diff']:.1e} |")
+        if ceil:
+            line += f" {r['ours_tokens_per_s']:.0f} | {r['forward_ceiling_tokens_per_s'] or 0:.0f} |"
+        print(line)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)

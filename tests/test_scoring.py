@@ -65,6 +65,20 @@ def test_candidate_policies(ds):
             CandidatePolicy(ds, bad)
 
 
+def test_query_orders_and_paper_shards(ds):
+    by_hash, by_paper = select_queries(ds, order="hash"), select_queries(ds, order="paper")
+    assert sorted(q.id for q in by_paper) == sorted(q.id for q in by_hash)
+    assert [q.id for q in by_paper] != [q.id for q in by_hash]
+    runs = [d for i, d in enumerate(q.doc_id for q in by_paper) if i == 0 or by_paper[i - 1].doc_id != d]
+    assert len(runs) == len(set(runs)) > 1  # a paper's questions are contiguous
+    shards = [select_queries(ds, order="paper", shard=(i, 3)) for i in range(3)]
+    assert sorted(q.id for s in shards for q in s) == sorted(q.id for q in by_paper)
+    papers = [{q.doc_id for q in s} for s in shards]
+    assert all(papers) and sum(map(len, papers)) == len(set().union(*papers))  # shards split by paper
+    with pytest.raises(ValueError, match="order"):
+        select_queries(ds, order="random")
+
+
 def test_output_rows_and_header(ds, scorer, tmp_path):
     out = str(tmp_path / "u.jsonl.gz")
     score_dataset(scorer, ds, out, candidates="top:2", progress=False, group=3, save_deltas=True, limit=6)

@@ -139,6 +139,109 @@ def test_target_logprobs_and_hidden_states_match_hf():
     torch.testing.assert_close(hs[1], h[1, :2], atol=1e-5, rtol=0)
 
 
+# ------------------------------------------------------------------ shared prefixes (tree masks)
+def spy_trees(monkeypatch, model=None):
+    """Counts tree-path forwards, so a test fails if the shared-prefix path silently stopped being used.
+
+    With ``model``, its one-time self-check runs first and must pass (a broken tree path fails it)."""
+    import uae_fast.teacher as T
+
+    if model is not None:
+        assert T.shared_prefix_supported(model)
+    calls = []
+    real = T._tree_hidden_states
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "_tree_hidden_states", spy)
+    return calls
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])  # bool mask / additive float mask
+@pytest.mark.parametrize("budget,max_tree", [(1, 1), (90, 40), (100000, 512)])  # row per forward / split trees / one batch
+def test_shared_prefix_rows_match_hf(monkeypatch, attn, budget, max_tree):
+    rng = random.Random(budget + max_tree)
+    model, tok = tiny_llama(), byte_tokenizer()
+    model.config._attn_implementation = attn
+    calls = spy_trees(monkeypatch, model)
+    heads = [tok(words(rng, rng.randint(1, 8))).input_ids for _ in range(3)]
+    rows, ks = [], []
+    for h in heads:  # per prefix: tails of odd lengths, an empty tail, a 1-token target right after the prefix
+        for tail_words in (0, 1, 3):
+            tail = tok(" " + words(rng, tail_words), add_special_tokens=False).input_ids if tail_words else []
+            rows.append((h + tail, tok(" " + words(rng, rng.randint(1, 4)), add_special_tokens=False).input_ids))
+            ks.append(len(h))
+        rows.append((h, h[-1:]))
+        ks.append(len(h))
+    rows.append((heads[0][:2], [5, 6]))  # a prompt shorter than its stated prefix
+    ks.append(99)
+    got = rows_hidden_states(model, rows, token_budget=budget, prefix_lens=ks, max_tree_tokens=max_tree)
+    plain = rows_hidden_states(model, rows, token_budget=budget)
+    assert calls, "rows with shared prefixes did not take the tree path"
+    for (p, t), g, ref in zip(rows, got, plain):
+        assert g.shape == (len(t), 48)
+        torch.testing.assert_close(g, ref, atol=1e-5, rtol=0)
+    lp = target_logprobs(model, [rows[1][0]], rows[1][1])  # and the plain path itself against HF full logits
+    torch.testing.assert_close(lp[0].double(), hf_logprobs(model, *rows[1]), atol=2e-4, rtol=0)
+
+
+def test_tries_run_each_shared_token_once():
+    from uae_fast.teacher import _tries
+
+    rows = [([1, 2, 3, 4], [5, 6]), ([1, 2, 3, 4], [5, 7]), ([1, 2, 3, 9], [5]), ([8, 2], [3, 4])]
+    tries = _tries(rows, [3, 3, 3, 3], max_tree_tokens=100)
+    assert [t.tokens for t in tries] == [[1, 2, 3, 4, 5, 9], [8, 2, 3]]
+    assert tries[0].depth == [0, 1, 2, 3, 4, 3] and tries[0].parent == [-1, 0, 1, 2, 3, 2]
+    assert tries[0].paths == {0: [0, 1, 2, 3, 4], 1: [0, 1, 2, 3, 4], 2: [0, 1, 2, 5]}
+    # The cap starts a new trie (the shared prefix is then repeated).
+    assert [t.tokens for t in _tries(rows, [3, 3, 3, 3], max_tree_tokens=5)] == [[1, 2, 3, 4, 5], [1, 2, 3, 9], [8, 2, 3]]
+
+
+def test_scorer_shares_passages_across_questions_and_answers(monkeypatch):
+    rng = random.Random(5)
+    model, tok = tiny_llama(), byte_tokenizer()
+    ps = [words(rng, rng.randint(1, 20)) for _ in range(5)]
+    items = [("what " + words(rng, 3) + "?", [words(rng, 4), words(rng, 2)], ps[:4]),
+             ("why " + words(rng, 2) + "?", words(rng, 5), ps[1:])]
+    calls = spy_trees(monkeypatch, model)
+    shared = UtilityScorer(model, tok, token_budget=300).score_many(items)
+    assert calls
+    plain = UtilityScorer(model, tok, token_budget=300, share_prefix=False).score_many(items)
+    for a, b in zip(shared, plain):
+        torch.testing.assert_close(a.utility, b.utility, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.deltas, b.deltas, atol=1e-5, rtol=0)
+        assert a.input_ids_with == b.input_ids_with and a.answer_ids == b.answer_ids
+    r = UtilityScorer(model, tok).score_many([(items[1][0], items[1][1], ps[1:])])[0]  # one answer: check against HF
+    check_against_hf(model, None, r, atol=2e-4)
+
+
+def test_shared_prefix_falls_back_without_custom_masks(monkeypatch):
+    import uae_fast.teacher as T
+
+    model, tok = tiny_llama(), byte_tokenizer()
+    model.config._attn_implementation = "flash_attention_2"  # takes no 4D mask: must not be used (never runs here)
+    assert not T.shared_prefix_supported(model)
+    calls = spy_trees(monkeypatch)
+    model.config._attn_implementation = "sdpa"  # the verdict is cached per model, so the plain path still runs
+    rows = [([1, 2, 3, 4], [7, 8]), ([1, 2, 3, 9], [7])]
+    hs = rows_hidden_states(model, rows, prefix_lens=[3, 3])
+    assert not calls
+    torch.testing.assert_close(hs[1], rows_hidden_states(model, rows[1:])[0], atol=1e-6, rtol=0)
+
+
+def test_bf16_shared_prefix_matches_plain_bf16():
+    rng = random.Random(9)
+    model, tok = tiny_llama(dtype=torch.bfloat16), byte_tokenizer()
+    ps = [words(rng, rng.randint(3, 20)) for _ in range(3)]
+    items = [("q " + words(rng, 3), [words(rng, 3), words(rng, 4)], ps), ("q2 " + words(rng, 2), words(rng, 3), ps)]
+    a = UtilityScorer(model, tok).score_many(items)
+    b = UtilityScorer(model, tok, share_prefix=False).score_many(items)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.utility, y.utility, atol=0.1, rtol=0)
+
+
 def test_bad_input_messages():
     model, tok = tiny_llama(max_pos=64), byte_tokenizer()
     s = UtilityScorer(model, tok, max_passage_tokens=200)

@@ -1,7 +1,7 @@
 """``uae quickstart``: the whole UAE pipeline on embedded defaults, end to end, in minutes on a CPU.
 
 1. **score**: the default teacher (SmolLM2-135M-Instruct) scores the candidates of a slice of QASPER train
-   questions (the first ``--score-queries`` in the scorer's hash order);
+   questions (the first ``--score-queries`` in the scorer's default paper order);
 2. **train**: the default student (all-MiniLM-L6-v2) is distilled with utility-modulated InfoNCE. It trains
    on the utilities shipped with the package (``data/qasper-train-utilities.jsonl.gz``, the same scorer on
    the train split) when they exist, else on the slice just scored; the slice's rows are checked against

@@ -82,14 +82,23 @@ def select_queries(ds, *, with_gold_only: bool = True, order: str = "hash", shar
     """Queries to score: with answers (and gold evidence), ordered, then this shard's share.
 
     ``order="hash"`` sorts by a hash of the query id: deterministic, and any prefix of a run is an
-    unbiased sample of the dataset (useful when a CPU run is stopped early).
+    unbiased sample of the dataset (useful when a CPU run is stopped early). ``order="paper"`` sorts
+    papers by a hash of their id and keeps each paper's questions together (shards split by paper), so
+    a passage scored for several of its paper's questions runs through the teacher once.
     """
     qs = [q for q in ds.queries if q.answers and (q.gold or not with_gold_only)]
-    if order == "hash":
-        qs.sort(key=lambda q: hashlib.sha1(q.id.encode()).hexdigest())
-    elif order != "data":
-        raise ValueError(f"order must be 'hash' or 'data', got {order!r}")
+    key = lambda s: hashlib.sha1(s.encode()).hexdigest()  # noqa: E731
     i, n = shard
+    if order == "hash":
+        qs.sort(key=lambda q: key(q.id))
+    elif order == "paper":
+        papers: Dict[str, List] = {}
+        for q in qs:
+            papers.setdefault(q.doc_id if q.doc_id is not None else q.id, []).append(q)
+        ids = sorted(papers, key=key)[i::n]
+        return [q for d in ids for q in sorted(papers[d], key=lambda q: key(q.id))]
+    elif order != "data":
+        raise ValueError(f"order must be 'hash', 'paper' or 'data', got {order!r}")
     return qs[i::n]
 
 
@@ -228,7 +237,7 @@ def _row(qid, pid, utility, n_tok, gold, cand, n_cand, deltas=None) -> dict:
 
 # ------------------------------------------------------------------------------------------- run
 def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: str = "all", resume: bool = False,
-                  shard: Tuple[int, int] = (0, 1), order: str = "hash", with_gold_only: bool = True,
+                  shard: Tuple[int, int] = (0, 1), order: str = "paper", with_gold_only: bool = True,
                   limit: Optional[int] = None, save_deltas: bool = False, progress: bool = True,
                   data_name: Optional[str] = None, group: int = 16) -> dict:
     """Score every selected query of ``ds`` and write the utilities file ``out``; returns the header."""
@@ -374,7 +383,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-answer-tokens", type=int, default=None, help="answers cut to this many tokens (default 48)")
     p.add_argument("--aggregation", default="mean", choices=["mean", "sum", "clipped_mean"])
     p.add_argument("--token-budget", type=int, default=None, help="padded tokens per forward (default 8192)")
-    p.add_argument("--order", default="hash", choices=["hash", "data"], help="query order (hash: any prefix is a random sample)")
+    p.add_argument("--order", default="paper", choices=["paper", "hash", "data"],
+                   help="query order: paper (default; a paper's questions together, so passages they share run once), "
+                        "hash (by query); both make any prefix of a run a random sample")
+    p.add_argument("--no-share-prefix", action="store_true",
+                   help="run every (passage, question, answer) row on its own (slower; same numbers)")
     p.add_argument("--include-no-gold", action="store_true", help="also score questions without text evidence")
     p.add_argument("--limit", type=int, default=None, help="score only the first N queries (after order/shard)")
     p.add_argument("--save-deltas", action="store_true", help="store per-token deltas in each row")
@@ -405,7 +418,8 @@ def _main(args) -> int:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     opts = {k: v for k, v in (("max_passage_tokens", args.max_passage_tokens), ("max_answer_tokens", args.max_answer_tokens),
                               ("token_budget", args.token_budget)) if v is not None}
-    scorer = UtilityScorer.from_pretrained(args.teacher, dtype=args.dtype, device=device, aggregation=args.aggregation, **opts)
+    scorer = UtilityScorer.from_pretrained(args.teacher, dtype=args.dtype, device=device, aggregation=args.aggregation,
+                                           share_prefix=not args.no_share_prefix, **opts)
     score_dataset(scorer, ds, shard_path(args.out, shard), candidates=args.candidates, answers=args.answers,
                   resume=args.resume, shard=shard, order=args.order, with_gold_only=not args.include_no_gold,
                   limit=args.limit, save_deltas=args.save_deltas, progress=not args.no_progress,

@@ -13,7 +13,8 @@ the numbers with a plain ``log_softmax(model(ids).logits)``.
 
 Speed: the no-passage baseline runs once per query; prompts are sorted by length and packed into
 batches up to a token budget (right padding + causal attention = no padding mask needed, so SDPA takes
-its fused causal path); only the T answer positions of each row go through the LM head, via
+its fused causal path); a passage scored for several questions or answers in one call runs once, its
+rows sharing it through a tree-shaped 4D mask; only the T answer positions of each row go through the LM head, via
 :func:`uae_fast.token_logprob_deltas` on final hidden states (the [tokens x vocab] logits are never built).
 
 Public API: :func:`load_causal_lm`, :func:`target_logprobs`, :class:`UtilityScorer`.
@@ -26,6 +27,7 @@ import math
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -196,31 +198,10 @@ def _default_budget(model) -> int:
     return 32768 if next(model.parameters()).device.type == "cuda" else 8192
 
 
-@torch.inference_mode()
-def rows_hidden_states(model, rows: Sequence[Tuple[Sequence[int], Sequence[int]]], *,
-                       token_budget: Optional[int] = None) -> List[torch.Tensor]:
-    """For each ``(prompt, target)`` row, the final hidden states [T_i, D] (model dtype) that predict ``target``.
-
-    Row i runs ``prompt + target[:-1]``; the hidden state at position ``len(prompt) - 1 + t`` predicts
-    ``target[t]``. Rows (from any number of queries) are sorted by length and packed up to
-    ``token_budget`` padded tokens per forward. Right padding needs no attention mask: causal attention
-    never looks right, so a pad cannot change a real position's output.
-    """
-    if not rows:
-        raise ValueError("rows is empty: nothing to score")
-    rows = [(_check_ids(f"prompts[{i}]", p), _check_ids(f"target[{i}]", t)) for i, (p, t) in enumerate(rows)]
-    token_budget = _default_budget(model) if token_budget is None else token_budget
-    if not isinstance(token_budget, int) or token_budget < 1:
-        raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
-    limit = getattr(model.config, "max_position_embeddings", None)
-    lengths = [len(p) + len(t) - 1 for p, t in rows]
-    if limit is not None and max(lengths) > limit:
-        i = max(range(len(lengths)), key=lengths.__getitem__)
-        raise ValueError(f"prompt {i} + its target is {lengths[i] + 1} tokens, longer than the model's context window "
-                         f"({limit}); lower max_passage_tokens/max_answer_tokens")
+def _plain_hidden_states(model, rows, lengths, token_budget):
+    """Each row alone: right-padded, length-bucketed batches on the model's causal fast path."""
     device = next(model.parameters()).device
     base = model.base_model  # the decoder stack; its output is the final-norm hidden state
-    D = model.config.hidden_size
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     out: List[Optional[torch.Tensor]] = [None] * len(rows)
     for idx in _batches(lengths, token_budget):
@@ -234,6 +215,181 @@ def rows_hidden_states(model, rows: Sequence[Tuple[Sequence[int], Sequence[int]]
             n, T = len(rows[i][0]), len(rows[i][1])
             out[i] = h[r, n - 1 : n - 1 + T]
     return out
+
+
+# ------------------------------------------------------------------- shared prefixes (tree masks)
+# Rows that start with the same ids (one passage under several questions, one question under several
+# answers) are merged into a token trie, run as one sequence in depth-first order with a custom 4D mask
+# (a token sees exactly its ancestors) and position ids = depth. Every row sees exactly the context it
+# would see alone, so the hidden states equal the plain path's up to float summation order, while each
+# shared token's decoder FLOPs are paid once instead of once per row.
+DEFAULT_MAX_TREE_TOKENS = 512  # longer trees pay O(L^2) masked-out attention for little extra sharing
+
+
+def _tree_mask_kind(model) -> Optional[str]:
+    """The 4D-mask form this model's attention takes: bool (SDPA), additive float (eager), None (flash-attn)."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    return {"sdpa": "bool", "eager": "float"}.get(impl)
+
+
+class _Trie:
+    """Token trie of some rows: nodes in insertion order (a parent always before its children)."""
+
+    def __init__(self):
+        self.tokens: List[int] = []
+        self.parent: List[int] = []  # -1 for a root
+        self.depth: List[int] = []
+        self._kids: List[Dict[int, int]] = [{}]  # _kids[node + 1]: children of node (-1 = the virtual root)
+        self.paths: Dict[int, List[int]] = {}  # row index -> the node at each of its positions
+
+    def _walk(self, seq: Sequence[int], create: bool):
+        path, node = [], -1
+        for t in seq:
+            nxt = self._kids[node + 1].get(t)
+            if nxt is None:
+                if not create:
+                    break
+                nxt = len(self.tokens)
+                self.tokens.append(t)
+                self.parent.append(node)
+                self.depth.append(len(path))
+                self._kids.append({})
+                self._kids[node + 1][t] = nxt
+            path.append(nxt)
+            node = nxt
+        return path
+
+    def add(self, i: int, seq: Sequence[int]) -> None:
+        self.paths[i] = self._walk(seq, True)
+
+    def new_nodes(self, seq: Sequence[int]) -> int:
+        """How many nodes adding ``seq`` would create."""
+        return len(seq) - len(self._walk(seq, False))
+
+
+def _tries(rows, prefix_lens, max_tree_tokens) -> List[_Trie]:
+    """Rows grouped by their first ``prefix_lens`` ids into tries of at most ``max_tree_tokens`` nodes."""
+    groups: Dict[tuple, List[int]] = {}
+    for i, (p, _) in enumerate(rows):
+        groups.setdefault(tuple(p[: prefix_lens[i]]), []).append(i)
+    tries = []
+    for idx in groups.values():
+        trie = _Trie()
+        for i in idx:
+            seq = rows[i][0] + rows[i][1][:-1]
+            if trie.tokens and len(trie.tokens) + trie.new_nodes(seq) > max_tree_tokens:
+                tries.append(trie)
+                trie = _Trie()
+            trie.add(i, seq)
+        tries.append(trie)
+    return tries
+
+
+def _tree_hidden_states(model, rows, prefix_lens, lengths, token_budget, max_tree_tokens, kind):
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    base = model.base_model
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    tries = _tries(rows, prefix_lens, max_tree_tokens)
+    out: List[Optional[torch.Tensor]] = [None] * len(rows)
+    for bidx in _batches([len(t.tokens) for t in tries], token_budget):
+        L = max(len(tries[b].tokens) for b in bidx)
+        ids = torch.full((len(bidx), L), int(pad), dtype=torch.long)
+        pos = torch.zeros((len(bidx), L), dtype=torch.long)
+        mask = torch.zeros((len(bidx), 1, L, L), dtype=torch.bool)
+        for r, b in enumerate(bidx):
+            trie = tries[b]
+            n = len(trie.tokens)
+            ids[r, :n] = torch.tensor(trie.tokens, dtype=torch.long)
+            pos[r, :n] = torch.tensor(trie.depth, dtype=torch.long)
+            m = mask[r, 0]
+            for j, par in enumerate(trie.parent):  # a node sees its ancestors (its parent's row) and itself
+                if par >= 0:
+                    m[j] = m[par]
+                m[j, j] = True
+            # Padding attends to itself only: a fully masked query row would give NaN, and NaN times a
+            # zero attention weight is still NaN in the rows that do matter.
+            m[range(n, L), range(n, L)] = True
+        if kind == "float":
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+        h = base(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
+                 use_cache=False).last_hidden_state
+        for r, b in enumerate(bidx):
+            for i, path in tries[b].paths.items():
+                n, T = len(rows[i][0]), len(rows[i][1])
+                out[i] = h[r, torch.tensor(path[n - 1 : n - 1 + T], device=device)]
+    return out
+
+
+_TREE_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@torch.inference_mode()
+def shared_prefix_supported(model) -> bool:
+    """Whether ``model`` honours a custom 4D mask with restarted positions (checked once per model on a tiny input).
+
+    Architectures that rebuild their own mask or derive positions from it would silently give other
+    numbers; a mismatch here turns prefix sharing off for that model instead.
+    """
+    if model in _TREE_OK:
+        return _TREE_OK[model]
+    kind = _tree_mask_kind(model)
+    ok = False
+    if kind is not None:
+        g = torch.Generator().manual_seed(0)
+        V = int(model.config.vocab_size)
+        ids = torch.randint(1, max(2, V), (11,), generator=g).tolist()
+        rows = [(ids[:7], ids[7:10]), (ids[:5] + ids[9:11], ids[2:5]), (ids[:6], ids[6:7])]
+        lens = [len(p) + len(t) - 1 for p, t in rows]
+        try:
+            ref = _plain_hidden_states(model, rows, lens, 1 << 30)
+            got = _tree_hidden_states(model, rows, [5, 5, 5], lens, 1 << 30, 1 << 30, kind)
+            scale = max(float(r.float().abs().max()) for r in ref) + 1e-6
+            tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+            ok = all(torch.allclose(a.float(), b.float(), rtol=0, atol=tol * scale) for a, b in zip(ref, got))
+        except Exception:  # an architecture that rejects custom masks or position ids
+            ok = False
+    _TREE_OK[model] = ok
+    return ok
+
+
+@torch.inference_mode()
+def rows_hidden_states(model, rows: Sequence[Tuple[Sequence[int], Sequence[int]]], *,
+                       token_budget: Optional[int] = None, prefix_lens: Optional[Sequence[int]] = None,
+                       max_tree_tokens: int = DEFAULT_MAX_TREE_TOKENS) -> List[torch.Tensor]:
+    """For each ``(prompt, target)`` row, the final hidden states [T_i, D] (model dtype) that predict ``target``.
+
+    Row i runs ``prompt + target[:-1]``; the hidden state at position ``len(prompt) - 1 + t`` predicts
+    ``target[t]``. Rows (from any number of queries) are sorted by length and packed up to
+    ``token_budget`` padded tokens per forward. Right padding needs no attention mask: causal attention
+    never looks right, so a pad cannot change a real position's output.
+
+    ``prefix_lens[i]``: the leading ids of row i's prompt that may be shared. Rows whose prompts start
+    with the same ``prefix_lens`` ids are merged into one token trie (every common prefix run once; see
+    above) when the model supports custom 4D masks (:func:`shared_prefix_supported`), each trie at most
+    ``max_tree_tokens`` tokens.
+    """
+    if not rows:
+        raise ValueError("rows is empty: nothing to score")
+    rows = [(_check_ids(f"prompts[{i}]", p), _check_ids(f"target[{i}]", t)) for i, (p, t) in enumerate(rows)]
+    token_budget = _default_budget(model) if token_budget is None else token_budget
+    if not isinstance(token_budget, int) or token_budget < 1:
+        raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    lengths = [len(p) + len(t) - 1 for p, t in rows]
+    if limit is not None and max(lengths) > limit:
+        i = max(range(len(lengths)), key=lengths.__getitem__)
+        raise ValueError(f"prompt {i} + its target is {lengths[i] + 1} tokens, longer than the model's context window "
+                         f"({limit}); lower max_passage_tokens/max_answer_tokens")
+    if prefix_lens is not None:
+        if len(prefix_lens) != len(rows):
+            raise ValueError(f"prefix_lens has {len(prefix_lens)} entries for {len(rows)} rows")
+        prefix_lens = [max(1, min(int(k), len(p))) for k, (p, _) in zip(prefix_lens, rows)]
+        shared = len({tuple(p[:k]) for k, (p, _) in zip(prefix_lens, rows)}) < len(rows)
+        if shared and shared_prefix_supported(model):
+            return _tree_hidden_states(model, rows, prefix_lens, lengths, token_budget,
+                                       max(int(max_tree_tokens), max(lengths) + 1), _tree_mask_kind(model))
+    return _plain_hidden_states(model, rows, lengths, token_budget)
 
 
 def answer_hidden_states(model, prompts: Sequence[Sequence[int]], target: Sequence[int], *,
@@ -304,7 +460,9 @@ class UtilityScorer:
     tokenisation), ``max_passage_tokens`` (passages are cut to this many tokens; default 128),
     ``max_answer_tokens`` (answers cut to this many tokens; default 48), ``aggregation``
     (``mean``/``sum``/``clipped_mean``), ``clip``, ``token_budget`` (padded tokens per forward), ``impl``
-    (LM-head kernel: auto/torch/triton).
+    (LM-head kernel: auto/torch/triton), ``share_prefix`` (run a passage once for all the questions and
+    answers scored against it in one :meth:`score_many` call; exact, on by default where the model takes
+    custom 4D masks) and ``max_tree_tokens`` (cap on one shared-prefix sequence).
 
     Example::
 
@@ -319,7 +477,8 @@ class UtilityScorer:
                  prompt_without: str = DEFAULT_PROMPT_WITHOUT, answer_prefix: str = DEFAULT_ANSWER_PREFIX,
                  max_passage_tokens: int = DEFAULT_MAX_PASSAGE_TOKENS, max_answer_tokens: int = DEFAULT_MAX_ANSWER_TOKENS,
                  aggregation: str = "mean", clip: float = 2.0, token_budget: Optional[int] = None,
-                 impl: str = "auto", name: Optional[str] = None):
+                 impl: str = "auto", share_prefix: bool = True, max_tree_tokens: int = DEFAULT_MAX_TREE_TOKENS,
+                 name: Optional[str] = None):
         if "{passage}" not in prompt_with or "{question}" not in prompt_with:
             raise ValueError("prompt_with must contain both '{passage}' and '{question}'")
         if "{question}" not in prompt_without or "{passage}" in prompt_without:
@@ -327,7 +486,8 @@ class UtilityScorer:
         if prompt_with.count("{passage}") != 1:
             raise ValueError("prompt_with must contain '{passage}' exactly once")
         token_budget = _default_budget(model) if token_budget is None else token_budget
-        for k, v in (("max_passage_tokens", max_passage_tokens), ("max_answer_tokens", max_answer_tokens), ("token_budget", token_budget)):
+        for k, v in (("max_passage_tokens", max_passage_tokens), ("max_answer_tokens", max_answer_tokens),
+                     ("token_budget", token_budget), ("max_tree_tokens", max_tree_tokens)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{k} must be a positive int, got {v!r}")
         if aggregation not in AGGREGATIONS:
@@ -336,6 +496,7 @@ class UtilityScorer:
         self.prompt_with, self.prompt_without, self.answer_prefix = prompt_with, prompt_without, answer_prefix
         self.max_passage_tokens, self.max_answer_tokens = max_passage_tokens, max_answer_tokens
         self.aggregation, self.clip, self.token_budget, self.impl = aggregation, float(clip), token_budget, impl
+        self.share_prefix, self.max_tree_tokens = bool(share_prefix), max_tree_tokens
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self._head = model.get_output_embeddings()
         self._head_opts = _lm_head_options(model)
@@ -375,13 +536,21 @@ class UtilityScorer:
 
     def prompt_ids(self, question: str, passage: Optional[str] = None):
         """(ids, truncated) of the with-passage prompt, or of the baseline prompt when ``passage`` is None."""
+        ids, cut, _ = self._prompt(question, passage)
+        return ids, cut
+
+    def _prompt(self, question: str, passage: Optional[str] = None):
+        """(ids, truncated, k): ``ids[:k]`` does not depend on the question (shareable across questions)."""
         if passage is None:
-            return self._bos() + self._encode(self.prompt_without.format(question=question)), False
+            ids = self._bos() + self._encode(self.prompt_without.format(question=question))
+            return ids, False, len(ids)
         before, after = self.prompt_with.split("{passage}")
         p = self._encode(passage.strip())
         cut = len(p) > self.max_passage_tokens
-        return (self._bos() + self._encode(before.format(question=question)) + p[: self.max_passage_tokens]
-                + self._encode(after.format(question=question))), cut
+        head = self._bos() + self._encode(before.format(question=question)) + p[: self.max_passage_tokens]
+        ids = head + self._encode(after.format(question=question))
+        # With the question after the passage (the default), the head is the same for every question.
+        return ids, cut, (len(head) if "{question}" not in before else len(ids))
 
     def score(self, question: str, answer: Union[str, Sequence[str]], passages: Sequence[str]) -> UtilityResult:
         """Utilities of ``passages`` for (question, answer).
@@ -407,8 +576,10 @@ class UtilityScorer:
         answers = [answer] if isinstance(answer, str) else list(answer)
         if not answers:
             raise ValueError("answer is empty: a question needs a gold answer to be scored")
-        built = [self.prompt_ids(question, p) for p in passages]
-        return [b[0] for b in built], self.prompt_ids(question)[0], [self.answer_ids(a) for a in answers], [b[1] for b in built]
+        built = [self._prompt(question, p) for p in passages]
+        base, _, kb = self._prompt(question)
+        return ([b[0] for b in built], base, [self.answer_ids(a) for a in answers], [b[1] for b in built],
+                [b[2] for b in built] + [kb])
 
     @torch.no_grad()  # not inference_mode: the LM-head op may run on worker threads, where inference mode is off
     def score_many(self, items: Sequence[Tuple[str, Union[str, Sequence[str]], Sequence[str]]]) -> List[UtilityResult]:
@@ -418,21 +589,24 @@ class UtilityScorer:
         batched together, so short and long prompts from different queries share full batches.
         """
         prepared = [self._prepare(*it) for it in items]  # validate everything before any compute
-        rows, spans = [], []
-        for prompts, base, answers, _ in prepared:
+        rows, spans, shareable = [], [], []
+        for prompts, base, answers, _, ks in prepared:
             per_answer = []
             for ans in answers:
                 s0 = len(rows)
                 rows.extend((p, ans) for p in prompts)
                 rows.append((base, ans))  # the baseline: once per (query, answer)
+                shareable.extend(ks)
                 per_answer.append((s0, len(rows)))
             spans.append(per_answer)
-        hidden = rows_hidden_states(self.model, rows, token_budget=self.token_budget)
+        hidden = rows_hidden_states(self.model, rows, token_budget=self.token_budget,
+                                    prefix_lens=shareable if self.share_prefix else None,
+                                    max_tree_tokens=self.max_tree_tokens)
         # detach(): the LM-head op may use worker threads, where no_grad (thread-local) does not apply.
         w, b = self._head.weight.detach(), getattr(self._head, "bias", None)
         b = None if b is None else b.detach()
         results = []
-        for (prompts, base, answers, cut), per_answer in zip(prepared, spans):
+        for (prompts, base, answers, cut, _), per_answer in zip(prepared, spans):
             utils, first = [], None
             for ans, (s0, s1) in zip(answers, per_answer):
                 t = torch.tensor(ans, dtype=torch.long, device=w.device)
