@@ -275,9 +275,18 @@ def _print_row(row, rows):
 
 
 def _print_table(rows):
-    print(_HEADER)
+    """The final table in markdown (run_all.py copies it into BENCHMARKS.md)."""
+    print("| shape | dtype | N | method | ms (median) | TFLOP/s | peak MB | time / naive | memory / naive | max abs err |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(_fmt(r, rows))
+        if "error" in r:
+            print(f"| {r['shape']} | {r['dtype']} | {r['N']} | {r['method']} | {r['error']} | | | | | |")
+            continue
+        nv = _naive_of(r, rows)
+        t = f"{r['ms'] / nv['ms']:.2f}x" if nv else "-"
+        m = f"{100 * r['peak_mb'] / nv['peak_mb']:.1f}%" if nv and nv["peak_mb"] > 0 else "-"
+        print(f"| {r['shape']} | {r['dtype']} | {r['N']} | {r['method']} | {r['ms']:.2f} | {r['tflops']:.2f} | "
+              f"{r['peak_mb']:.1f} | {t} | {m} | {r['max_abs_err']:.1e} |")
 
 
 def _git_commit():
