@@ -84,6 +84,13 @@ def test_tiny_end_to_end(tmp_path, dev, tiny):
         assert res["systems"]["uae"][k] == pytest.approx(want[k])
     table = format_table(res)
     assert "uae" in table and "bm25" in table and "R@1" in table
+    # Paired differences: the model against each baseline, means equal to the difference of the table's means.
+    assert set(res["paired"]) == {"uae - base", "uae - bm25"} and "Paired differences" in table
+    for other in ("base", "bm25"):
+        for k in ("Recall@1", "Recall@5", "MAP", "MRR"):
+            d = res["paired"][f"uae - {other}"][k]
+            assert d["diff"] == pytest.approx(res["systems"]["uae"][k] - res["systems"][other][k])
+            assert d["ci95_low"] <= d["diff"] + 1e-12 and d["diff"] - 1e-12 <= d["ci95_high"] and 0 <= d["p"] <= 1
 
 
 def test_bm25_baseline_ranks_by_bm25(dev):

@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from uae_fast.metrics import (average_precision, normalize_answer, recall_at_k, reciprocal_rank,
-                              retrieval_metrics, token_f1)
+from uae_fast.metrics import (average_precision, normalize_answer, paired_bootstrap, per_query_metrics, recall_at_k,
+                              reciprocal_rank, retrieval_metrics, token_f1)
 
 
 def test_hand_made_rankings():
@@ -85,3 +85,29 @@ def test_token_f1_squad_normalisation():
         token_f1("x", [])
     with pytest.raises(TypeError, match="must be a str"):
         token_f1(None, ["x"])
+
+
+def test_per_query_metrics_and_paired_bootstrap():
+    rng = random.Random(0)
+    rankings = [rng.sample(list("abcdefgh"), 8) for _ in range(50)]
+    golds = [set(rng.sample(list("abcdefgh"), rng.randint(1, 3))) for _ in range(50)]
+    pq, means = per_query_metrics(rankings, golds), retrieval_metrics(rankings, golds)
+    for k, v in pq.items():
+        assert len(v) == 50 and sum(v) / 50 == pytest.approx(means[k])
+    # A system that is better on every query: a positive interval and a tiny p.
+    better = paired_bootstrap([x + 0.1 + 0.05 * rng.random() for x in pq["MAP"]], pq["MAP"], resamples=2000)
+    assert better["ci95_low"] > 0 and better["p"] < 0.01
+    # Identical systems: no difference; a symmetric coin flip: an interval around 0, a large p.
+    same = paired_bootstrap(pq["MRR"], pq["MRR"])
+    assert same["diff"] == 0 and same["ci95_low"] == same["ci95_high"] == 0
+    a = [float(i % 2) for i in range(200)]
+    flip = paired_bootstrap(a, a[1:] + a[:1], resamples=4000, seed=1)
+    assert flip["diff"] == 0 and flip["ci95_low"] < 0 < flip["ci95_high"] and flip["p"] > 0.5
+    # The interval matches the normal approximation on a large sample.
+    d = [rng.gauss(0.2, 1.0) for _ in range(2000)]
+    r = paired_bootstrap(d, [0.0] * 2000, resamples=4000)
+    se = (sum((x - r["diff"]) ** 2 for x in d) / 1999 / 2000) ** 0.5
+    assert r["ci95_low"] == pytest.approx(r["diff"] - 1.96 * se, abs=0.3 * se)
+    assert r["ci95_high"] == pytest.approx(r["diff"] + 1.96 * se, abs=0.3 * se)
+    with pytest.raises(ValueError, match="paired"):
+        paired_bootstrap([1.0, 2.0], [1.0])

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .data import Query, RetrievalDataset, default_qasper_path, load_dataset
-from .metrics import retrieval_metrics, token_f1
+from .metrics import paired_bootstrap, per_query_metrics, retrieval_metrics, token_f1
 
 UPR_PROMPT = "Passage: {passage}\nPlease write a question based on this passage.\nQuestion:"
 READER_PROMPT = ("Answer the question using only the passage. Reply with a short answer (a few words or a yes/no).\n\n"
@@ -278,6 +278,12 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
               "settings": {"models": list(models), "baselines": list(baselines), "limit": limit, "query_threads": query_threads,
                            "rerank_threads": torch.get_num_threads(), "rerank_limit": rerank_limit,
                            "rerank_depth": rerank_depth, "reader_limit": reader_limit if reader else None}}
+    if models and len(shown) > 1:
+        # Paired over the same queries: the first model against every other system.
+        first = shown[0]
+        pq = {n: per_query_metrics(rankings[n], golds[: len(rankings[n])]) for n in shown}
+        result["paired"] = {f"{first} - {n}": {m: paired_bootstrap(pq[first][m][: len(v)], v) for m, v in pq[n].items()}
+                            for n in shown[1:]}
     if "rerank" in rankings:
         sub = {}
         for n in shown:
@@ -346,6 +352,13 @@ def format_table(result: dict) -> str:
         sub = result["rerank_subset"]
         table(f"Same metrics on the first {sub['n']} queries (the LLM re-ranker's subset); speedup = re-ranker ms / system ms",
               sub["systems"], result.get("speedup_vs_rerank", {}))
+    if result.get("paired"):
+        lines.append("Paired differences over the same queries (bootstrap, 10,000 resamples): mean [95% interval] p")
+        for pair, ms in result["paired"].items():
+            lines.append(f"  {pair:<30}" + "  ".join(
+                f"{k.replace('Recall@', 'R@')} {v['diff']:+.3f} [{v['ci95_low']:+.3f}, {v['ci95_high']:+.3f}] p={v['p']:.2f}"
+                for k, v in ms.items()))
+        lines.append("")
     if "reader" in result:
         r = result["reader"]
         lines.append(f"Reader Token F1 ({r['reader']}, top-1 passage, {r['n']} answerable queries)")

@@ -21,8 +21,8 @@ import re
 import string
 from typing import Dict, Iterable, List, Sequence
 
-__all__ = ["recall_at_k", "average_precision", "reciprocal_rank", "retrieval_metrics",
-           "normalize_answer", "token_f1"]
+__all__ = ["recall_at_k", "average_precision", "reciprocal_rank", "retrieval_metrics", "per_query_metrics",
+           "paired_bootstrap", "normalize_answer", "token_f1"]
 
 
 def _as_gold(gold) -> set:
@@ -92,6 +92,38 @@ def retrieval_metrics(rankings: Sequence[Sequence], golds: Sequence[Iterable], k
     out["MAP"] = sum(average_precision(r, g) for r, g in zip(rankings, golds)) / len(rankings)
     out["MRR"] = sum(reciprocal_rank(r, g) for r, g in zip(rankings, golds)) / len(rankings)
     return out
+
+
+def per_query_metrics(rankings: Sequence[Sequence], golds: Sequence[Iterable], ks: Sequence[int] = (1, 5)) -> Dict[str, List[float]]:
+    """The per-query values whose means :func:`retrieval_metrics` reports (for paired comparisons)."""
+    out: Dict[str, List[float]] = {f"Recall@{k}": [recall_at_k(r, g, k) for r, g in zip(rankings, golds)] for k in ks}
+    out["MAP"] = [average_precision(r, g) for r, g in zip(rankings, golds)]
+    out["MRR"] = [reciprocal_rank(r, g) for r, g in zip(rankings, golds)]
+    return out
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int = 10000, seed: int = 0) -> Dict[str, float]:
+    """Mean of ``a - b`` over paired queries, its 95% bootstrap interval and a two-sided bootstrap p-value.
+
+    Queries are resampled with replacement ``resamples`` times; ``p`` is twice the smaller share of
+    resampled means on either side of 0 (capped at 1). Example::
+
+        >>> paired_bootstrap([1, 1, 0, 1], [0, 1, 0, 0])["diff"]
+        0.5
+    """
+    import numpy as np
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.ndim != 1 or len(a) != len(b) or d.size == 0:
+        raise ValueError(f"a and b must be non-empty and paired, got {len(a)} and {len(b)} values")
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for lo in range(0, resamples, 1000):  # 1000 resamples at a time: bounded memory for large query sets
+        n = min(1000, resamples - lo)
+        means[lo:lo + n] = d[rng.integers(0, d.size, size=(n, d.size))].mean(1)
+    p = min(1.0, 2 * min(float((means <= 0).mean()), float((means >= 0).mean())))
+    return {"diff": float(d.mean()), "ci95_low": float(np.quantile(means, 0.025)),
+            "ci95_high": float(np.quantile(means, 0.975)), "p": p}
 
 
 # ------------------------------------------------------------------------------------- Token F1
