@@ -87,10 +87,7 @@ def retrieval_metrics(rankings: Sequence[Sequence], golds: Sequence[Iterable], k
     for i, g in enumerate(golds):
         if not _as_gold(g):
             raise ValueError(f"golds[{i}] is empty: drop queries without gold passages before scoring retrieval")
-    for k in ks:
-        out[f"Recall@{k}"] = sum(recall_at_k(r, g, k) for r, g in zip(rankings, golds)) / len(rankings)
-    out["MAP"] = sum(average_precision(r, g) for r, g in zip(rankings, golds)) / len(rankings)
-    out["MRR"] = sum(reciprocal_rank(r, g) for r, g in zip(rankings, golds)) / len(rankings)
+    out.update({k: sum(v) / len(v) for k, v in per_query_metrics(rankings, golds, ks).items()})
     return out
 
 

@@ -14,8 +14,9 @@ the numbers with a plain ``log_softmax(model(ids).logits)``.
 Speed: the no-passage baseline runs once per query; prompts are sorted by length and packed into
 batches up to a token budget (right padding + causal attention = no padding mask needed, so SDPA takes
 its fused causal path); a passage scored for several questions or answers in one call runs once, its
-rows sharing it through a tree-shaped 4D mask; only the T answer positions of each row go through the LM head, via
-:func:`uae_fast.token_logprob_deltas` on final hidden states (the [tokens x vocab] logits are never built).
+rows sharing it through a tree-shaped 4D mask; only the T answer positions of each row go through the
+LM head, via :func:`uae_fast.token_logprob_deltas` on final hidden states (the [tokens x vocab] logits
+are never built).
 
 Public API: :func:`load_causal_lm`, :func:`target_logprobs`, :class:`UtilityScorer`.
 """
@@ -198,11 +199,15 @@ def _default_budget(model) -> int:
     return 32768 if next(model.parameters()).device.type == "cuda" else 8192
 
 
+def _decoder(model):
+    """(decoder stack, device, pad id): the stack's output is the final-norm hidden state."""
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    return model.base_model, next(model.parameters()).device, pad
+
+
 def _plain_hidden_states(model, rows, lengths, token_budget):
     """Each row alone: right-padded, length-bucketed batches on the model's causal fast path."""
-    device = next(model.parameters()).device
-    base = model.base_model  # the decoder stack; its output is the final-norm hidden state
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    base, device, pad = _decoder(model)
     out: List[Optional[torch.Tensor]] = [None] * len(rows)
     for idx in _batches(lengths, token_budget):
         L = max(lengths[i] for i in idx)
@@ -219,8 +224,8 @@ def _plain_hidden_states(model, rows, lengths, token_budget):
 
 # ------------------------------------------------------------------- shared prefixes (tree masks)
 # Rows that start with the same ids (one passage under several questions, one question under several
-# answers) are merged into a token trie, run as one sequence in depth-first order with a custom 4D mask
-# (a token sees exactly its ancestors) and position ids = depth. Every row sees exactly the context it
+# answers) are merged into a token trie, run as one sequence (nodes in insertion order) with a custom 4D
+# mask (a token sees exactly its ancestors) and position ids = depth. Every row sees exactly the context it
 # would see alone, so the hidden states equal the plain path's up to float summation order, while each
 # shared token's decoder FLOPs are paid once instead of once per row.
 DEFAULT_MAX_TREE_TOKENS = 512  # longer trees pay O(L^2) masked-out attention for little extra sharing
@@ -285,11 +290,9 @@ def _tries(rows, prefix_lens, max_tree_tokens) -> List[_Trie]:
     return tries
 
 
-def _tree_hidden_states(model, rows, prefix_lens, lengths, token_budget, max_tree_tokens, kind):
-    device = next(model.parameters()).device
+def _tree_hidden_states(model, rows, prefix_lens, token_budget, max_tree_tokens, kind):
+    base, device, pad = _decoder(model)
     dtype = next(model.parameters()).dtype
-    base = model.base_model
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     tries = _tries(rows, prefix_lens, max_tree_tokens)
     out: List[Optional[torch.Tensor]] = [None] * len(rows)
     for bidx in _batches([len(t.tokens) for t in tries], token_budget):
@@ -343,7 +346,7 @@ def shared_prefix_supported(model) -> bool:
         lens = [len(p) + len(t) - 1 for p, t in rows]
         try:
             ref = _plain_hidden_states(model, rows, lens, 1 << 30)
-            got = _tree_hidden_states(model, rows, [5, 5, 5], lens, 1 << 30, 1 << 30, kind)
+            got = _tree_hidden_states(model, rows, [5, 5, 5], 1 << 30, 1 << 30, kind)
             scale = max(float(r.float().abs().max()) for r in ref) + 1e-6
             tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
             ok = all(torch.allclose(a.float(), b.float(), rtol=0, atol=tol * scale) for a, b in zip(ref, got))
@@ -387,7 +390,7 @@ def rows_hidden_states(model, rows: Sequence[Tuple[Sequence[int], Sequence[int]]
         prefix_lens = [max(1, min(int(k), len(p))) for k, (p, _) in zip(prefix_lens, rows)]
         shared = len({tuple(p[:k]) for k, (p, _) in zip(prefix_lens, rows)}) < len(rows)
         if shared and shared_prefix_supported(model):
-            return _tree_hidden_states(model, rows, prefix_lens, lengths, token_budget,
+            return _tree_hidden_states(model, rows, prefix_lens, token_budget,
                                        max(int(max_tree_tokens), max(lengths) + 1), _tree_mask_kind(model))
     return _plain_hidden_states(model, rows, lengths, token_budget)
 
