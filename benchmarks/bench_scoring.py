@@ -11,6 +11,9 @@ Workloads (``--workloads``, CANDIDATES/ANSWERS[/QUERIES]): ``top:3/first`` (BM25
 answer), ``top:3/all`` (every gold answer: the shipped train utilities' setting) and ``all/all`` (every
 paragraph of the paper, every answer: where one passage serves all of its paper's questions).
 
+``--compile`` also times ours with the decoder through ``torch.compile`` (the one-time compile is timed
+apart and reported, not included).
+
 On CUDA it also reports tokens/s against the forward-pass ceiling (the decoder alone over the same padded
 batches, no LM head, no bookkeeping).
 
@@ -56,7 +59,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_workload(scorer, ds, candidates, answers, n_queries, reps, group):
+def run_workload(scorer, ds, candidates, answers, n_queries, reps, group, compiled=None):
+    """Times ours (and ``compiled``, the same scorer with the decoder through torch.compile) against naive."""
     model, dev = scorer.model, scorer.device
     qs = select_queries(ds, order="paper")[:n_queries]
     pol = CandidatePolicy(ds, candidates)
@@ -65,22 +69,33 @@ def run_workload(scorer, ds, candidates, answers, n_queries, reps, group):
     n_pass = sum(len(it[2]) for it in items)
     ids = [([scorer.prompt_ids(q, p)[0] for p in ps], scorer.prompt_ids(q)[0], [scorer.answer_ids(a) for a in ans])
            for q, ans, ps in items]
-    t_ours, t_naive = [], []
-    for _ in range(reps):
+
+    def ours(sc):
         sync(dev)
         t = time.perf_counter()
         res = []
         for g in range(0, len(items), group):
-            res += scorer.score_many(items[g : g + group])
+            res += sc.score_many(items[g : g + group])
         sync(dev)
-        t_ours.append(time.perf_counter() - t)
+        return time.perf_counter() - t, res
+
+    t_ours, t_naive, t_comp = [], [], []
+    for _ in range(reps):
+        dt, res = ours(scorer)
+        t_ours.append(dt)
         t = time.perf_counter()
         naive = [naive_utilities(model, *x) for x in ids]
         sync(dev)
         t_naive.append(time.perf_counter() - t)
+        if compiled is not None:
+            dt, res_c = ours(compiled)
+            t_comp.append(dt)
     # Tokens the naive loop runs (what a passage-at-a-time scorer has to compute).
     n_tok = sum(sum(len(p) + len(a) for p in prompts + [base] for a in ans) for prompts, base, ans in ids)
-    max_diff = max((a.utility.float() - b.float()).abs().max().item() for a, b in zip(res, naive))
+
+    def diff(got):
+        return max((a.utility.float() - b.float()).abs().max().item() for a, b in zip(got, naive))
+
     ceiling = None
     if dev.type == "cuda":  # decoder-only forward over the same rows, one row each: the unshared scoring ceiling
         rows = [(p, a) for prompts, base, ans in ids for a in ans for p in prompts + [base]]
@@ -90,13 +105,18 @@ def run_workload(scorer, ds, candidates, answers, n_queries, reps, group):
             rows_hidden_states(model, rows, token_budget=scorer.token_budget)
         sync(dev)
         ceiling = n_tok / ((time.perf_counter() - t) / reps)
-    ours, nv = min(t_ours), min(t_naive)
-    return {"workload": f"{candidates}/{answers}", "candidates": candidates, "answers": answers, "queries": len(items),
-            "papers": len({q.doc_id for q in qs}), "passages": n_pass,
-            "rows": sum(len(it[2]) * len(it[1]) for it in items), "tokens": n_tok,
-            "naive_s": nv, "ours_s": ours, "naive_passages_per_s": n_pass / nv, "ours_passages_per_s": n_pass / ours,
-            "speedup": nv / ours, "ours_tokens_per_s": n_tok / ours, "forward_ceiling_tokens_per_s": ceiling,
-            "max_abs_utility_diff": max_diff}
+    ours_s, nv = min(t_ours), min(t_naive)
+    row = {"workload": f"{candidates}/{answers}", "candidates": candidates, "answers": answers, "queries": len(items),
+           "papers": len({q.doc_id for q in qs}), "passages": n_pass,
+           "rows": sum(len(it[2]) * len(it[1]) for it in items), "tokens": n_tok,
+           "naive_s": nv, "ours_s": ours_s, "naive_passages_per_s": n_pass / nv, "ours_passages_per_s": n_pass / ours_s,
+           "speedup": nv / ours_s, "ours_tokens_per_s": n_tok / ours_s, "forward_ceiling_tokens_per_s": ceiling,
+           "max_abs_utility_diff": diff(res)}
+    if compiled is not None:
+        c = min(t_comp)
+        row.update({"compiled_s": c, "compiled_passages_per_s": n_pass / c, "speedup_compiled": nv / c,
+                    "max_abs_utility_diff_compiled": diff(res_c)})
+    return row
 
 
 def parse_workload(text, default_queries):
@@ -117,6 +137,8 @@ def main(argv=None):
     ap.add_argument("--group", type=int, default=16, help="queries per score_many call (the CLI's default)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--no-share-prefix", action="store_true", help="ours without shared passage prefixes")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time ours with the decoder through torch.compile (compile time reported apart)")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "scoring.json"))
@@ -132,35 +154,55 @@ def main(argv=None):
     scorer = UtilityScorer.from_pretrained(dtype=args.dtype, max_passage_tokens=args.max_passage_tokens,
                                            share_prefix=not args.no_share_prefix)
     model, dev = scorer.model, scorer.device
+    compiled, compile_s = None, None
+    if args.compile:
+        compiled = UtilityScorer(model, scorer.tokenizer, max_passage_tokens=args.max_passage_tokens,
+                                 share_prefix=not args.no_share_prefix, compile=True, name=scorer.name)
     with torch.no_grad():
-        q = select_queries(ds)[0]  # warm-up both paths
-        scorer.score_many([(q.question, q.answers[:1], [ds.passages[p].text for p in ds.pool(q)[:2]])])
+        q = select_queries(ds)[0]
+        ps = [ds.passages[p].text for p in ds.pool(q)[:2]]
+        warm = [[(q.question, q.answers[:1], ps)],  # rows on their own (the plain path)
+                [(q.question, q.answers[:1], ps[:1]), ("Why? " + q.question, q.answers[:1], ps[:1])]]  # a shared passage
+        for w in warm:
+            scorer.score_many(w)
         naive_utilities(model, [scorer.prompt_ids(q.question, "warm up")[0]], scorer.prompt_ids(q.question)[0],
                         [scorer.answer_ids(q.answers[0])])
-        rows = [run_workload(scorer, ds, c, a, n, args.reps, args.group) for c, a, n in workloads]
+        if compiled is not None:  # the one-time compile of both graphs, timed apart
+            t = time.perf_counter()
+            for w in warm:
+                compiled.score_many(w)
+            compile_s = time.perf_counter() - t
+        rows = [run_workload(scorer, ds, c, a, n, args.reps, args.group, compiled) for c, a, n in workloads]
 
     out = {
         "bench": "scoring", "device": str(dev), "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "dtype": str(next(model.parameters()).dtype), "teacher": scorer.name,
         "max_passage_tokens": args.max_passage_tokens, "reps": args.reps, "share_prefix": scorer.share_prefix,
-        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "workloads": rows,
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "compile_s": compile_s,
+        "workloads": rows,
     }
     print(f"\nteacher scoring, {out['device']}, {out['dtype']}, {out['threads']} threads (best of {args.reps}), "
           f"load average {out['loadavg_1m']}")
     ceil = any(r["forward_ceiling_tokens_per_s"] for r in rows)
+    comp = compiled is not None
     print("| workload | queries | passages | naive s | ours s | naive passages/s | ours passages/s | speedup | max abs utility diff |"
+          + (" compiled s | compiled speedup | compiled diff |" if comp else "")
           + (" ours tokens/s | ceiling tokens/s |" if ceil else ""))
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if ceil else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if comp else "") + ("---:|---:|" if ceil else ""))
     for r in rows:
         line = (f"| {r['workload']} | {r['queries']} | {r['passages']} | {r['naive_s']:.2f} | {r['ours_s']:.2f} | "
                 f"{r['naive_passages_per_s']:.2f} | {r['ours_passages_per_s']:.2f} | **{r['speedup']:.2f}x** | "
                 f"{r['max_abs_utility_diff']:.1e} |")
+        if comp:
+            line += f" {r['compiled_s']:.2f} | **{r['speedup_compiled']:.2f}x** | {r['max_abs_utility_diff_compiled']:.1e} |"
         if ceil:
             line += f" {r['ours_tokens_per_s']:.0f} | {r['forward_ceiling_tokens_per_s'] or 0:.0f} |"
         print(line)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
+    if comp:
+        print(f"compiled: one-time torch.compile of the decoder (both graphs) took {compile_s:.0f} s, not in the timings")
     print(f"wrote {args.json}")
     return 0
 

@@ -217,6 +217,29 @@ def test_scorer_shares_passages_across_questions_and_answers(monkeypatch):
     check_against_hf(model, None, r, atol=2e-4)
 
 
+def test_compiled_decoder_matches_eager(monkeypatch):
+    """``compile=True`` (torch.compile of the decoder, both the tree and the plain graph) gives the eager numbers."""
+    import uae_fast.teacher as T
+
+    rng = random.Random(11)
+    model, tok = tiny_llama(), byte_tokenizer()
+    ps = [words(rng, rng.randint(1, 20)) for _ in range(4)]
+    items = [("what " + words(rng, 3) + "?", [words(rng, 4), words(rng, 2)], ps[:3]),
+             ("why " + words(rng, 2) + "?", words(rng, 5), ps[1:])]
+    calls = spy_trees(monkeypatch, model)
+    used = []
+    real = T._decoder
+    monkeypatch.setattr(T, "_decoder", lambda m, compile=False: used.append(compile) or real(m, compile))
+    for share in (True, False):  # two shapes per graph: the dynamic graph must serve both
+        for its in (items, items[1:]):
+            eager = UtilityScorer(model, tok, token_budget=300, share_prefix=share).score_many(its)
+            comp = UtilityScorer(model, tok, token_budget=300, share_prefix=share, compile=True).score_many(its)
+            for a, b in zip(eager, comp):
+                torch.testing.assert_close(b.deltas, a.deltas, atol=1e-5, rtol=0)
+                torch.testing.assert_close(b.utility, a.utility, atol=1e-5, rtol=0)
+    assert calls and True in used and model in T._COMPILED
+
+
 def test_shared_prefix_falls_back_without_custom_masks(monkeypatch):
     import uae_fast.teacher as T
 

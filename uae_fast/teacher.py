@@ -199,15 +199,28 @@ def _default_budget(model) -> int:
     return 32768 if next(model.parameters()).device.type == "cuda" else 8192
 
 
-def _decoder(model):
-    """(decoder stack, device, pad id): the stack's output is the final-norm hidden state."""
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _decoder(model, compile: bool = False):
+    """(decoder stack, device, pad id): the stack's output is the final-norm hidden state.
+
+    ``compile``: the stack through ``torch.compile(dynamic=True)``, built once per model (one graph serves
+    every batch shape). On CPU Inductor fuses the norms, rotary and SiLU-gate elementwise work that eager
+    runs as separate memory-bound ops; the first call pays a one-time compile of minutes.
+    """
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    return model.base_model, next(model.parameters()).device, pad
+    base = model.base_model
+    if compile:
+        if model not in _COMPILED:
+            _COMPILED[model] = torch.compile(base, dynamic=True)
+        base = _COMPILED[model]
+    return base, next(model.parameters()).device, pad
 
 
-def _plain_hidden_states(model, rows, lengths, token_budget):
+def _plain_hidden_states(model, rows, lengths, token_budget, compile=False):
     """Each row alone: right-padded, length-bucketed batches on the model's causal fast path."""
-    base, device, pad = _decoder(model)
+    base, device, pad = _decoder(model, compile)
     out: List[Optional[torch.Tensor]] = [None] * len(rows)
     for idx in _batches(lengths, token_budget):
         L = max(lengths[i] for i in idx)
@@ -290,8 +303,8 @@ def _tries(rows, prefix_lens, max_tree_tokens) -> List[_Trie]:
     return tries
 
 
-def _tree_hidden_states(model, rows, prefix_lens, token_budget, max_tree_tokens, kind):
-    base, device, pad = _decoder(model)
+def _tree_hidden_states(model, rows, prefix_lens, token_budget, max_tree_tokens, kind, compile=False):
+    base, device, pad = _decoder(model, compile)
     dtype = next(model.parameters()).dtype
     tries = _tries(rows, prefix_lens, max_tree_tokens)
     out: List[Optional[torch.Tensor]] = [None] * len(rows)
@@ -359,7 +372,7 @@ def shared_prefix_supported(model) -> bool:
 @torch.inference_mode()
 def rows_hidden_states(model, rows: Sequence[Tuple[Sequence[int], Sequence[int]]], *,
                        token_budget: Optional[int] = None, prefix_lens: Optional[Sequence[int]] = None,
-                       max_tree_tokens: int = DEFAULT_MAX_TREE_TOKENS) -> List[torch.Tensor]:
+                       max_tree_tokens: int = DEFAULT_MAX_TREE_TOKENS, compile: bool = False) -> List[torch.Tensor]:
     """For each ``(prompt, target)`` row, the final hidden states [T_i, D] (model dtype) that predict ``target``.
 
     Row i runs ``prompt + target[:-1]``; the hidden state at position ``len(prompt) - 1 + t`` predicts
@@ -371,6 +384,9 @@ def rows_hidden_states(model, rows: Sequence[Tuple[Sequence[int], Sequence[int]]
     with the same ``prefix_lens`` ids are merged into one token trie (every common prefix run once; see
     above) when the model supports custom 4D masks (:func:`shared_prefix_supported`), each trie at most
     ``max_tree_tokens`` tokens.
+
+    ``compile``: run the decoder stack through ``torch.compile`` (see :func:`_decoder`); same numbers up
+    to float summation order, worth it for long scoring runs.
     """
     if not rows:
         raise ValueError("rows is empty: nothing to score")
@@ -391,8 +407,8 @@ def rows_hidden_states(model, rows: Sequence[Tuple[Sequence[int], Sequence[int]]
         shared = len({tuple(p[:k]) for k, (p, _) in zip(prefix_lens, rows)}) < len(rows)
         if shared and shared_prefix_supported(model):
             return _tree_hidden_states(model, rows, prefix_lens, token_budget,
-                                       max(int(max_tree_tokens), max(lengths) + 1), _tree_mask_kind(model))
-    return _plain_hidden_states(model, rows, lengths, token_budget)
+                                       max(int(max_tree_tokens), max(lengths) + 1), _tree_mask_kind(model), compile)
+    return _plain_hidden_states(model, rows, lengths, token_budget, compile)
 
 
 def answer_hidden_states(model, prompts: Sequence[Sequence[int]], target: Sequence[int], *,
@@ -465,7 +481,8 @@ class UtilityScorer:
     (``mean``/``sum``/``clipped_mean``), ``clip``, ``token_budget`` (padded tokens per forward), ``impl``
     (LM-head kernel: auto/torch/triton), ``share_prefix`` (run a passage once for all the questions and
     answers scored against it in one :meth:`score_many` call; exact, on by default where the model takes
-    custom 4D masks) and ``max_tree_tokens`` (cap on one shared-prefix sequence).
+    custom 4D masks), ``max_tree_tokens`` (cap on one shared-prefix sequence) and ``compile`` (the decoder
+    through ``torch.compile``: a one-time compile of minutes, then faster; for long runs).
 
     Example::
 
@@ -481,7 +498,7 @@ class UtilityScorer:
                  max_passage_tokens: int = DEFAULT_MAX_PASSAGE_TOKENS, max_answer_tokens: int = DEFAULT_MAX_ANSWER_TOKENS,
                  aggregation: str = "mean", clip: float = 2.0, token_budget: Optional[int] = None,
                  impl: str = "auto", share_prefix: bool = True, max_tree_tokens: int = DEFAULT_MAX_TREE_TOKENS,
-                 name: Optional[str] = None):
+                 compile: bool = False, name: Optional[str] = None):
         if "{passage}" not in prompt_with or "{question}" not in prompt_with:
             raise ValueError("prompt_with must contain both '{passage}' and '{question}'")
         if "{question}" not in prompt_without or "{passage}" in prompt_without:
@@ -499,7 +516,7 @@ class UtilityScorer:
         self.prompt_with, self.prompt_without, self.answer_prefix = prompt_with, prompt_without, answer_prefix
         self.max_passage_tokens, self.max_answer_tokens = max_passage_tokens, max_answer_tokens
         self.aggregation, self.clip, self.token_budget, self.impl = aggregation, float(clip), token_budget, impl
-        self.share_prefix, self.max_tree_tokens = bool(share_prefix), max_tree_tokens
+        self.share_prefix, self.max_tree_tokens, self.compile = bool(share_prefix), max_tree_tokens, bool(compile)
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self._head = model.get_output_embeddings()
         self._head_opts = _lm_head_options(model)
@@ -604,7 +621,7 @@ class UtilityScorer:
             spans.append(per_answer)
         hidden = rows_hidden_states(self.model, rows, token_budget=self.token_budget,
                                     prefix_lens=shareable if self.share_prefix else None,
-                                    max_tree_tokens=self.max_tree_tokens)
+                                    max_tree_tokens=self.max_tree_tokens, compile=self.compile)
         # detach(): the LM-head op may use worker threads, where no_grad (thread-local) does not apply.
         w, b = self._head.weight.detach(), getattr(self._head, "bias", None)
         b = None if b is None else b.detach()
