@@ -144,7 +144,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: float = 0.1
     temperature: float = 0.05
-    teacher_temperature: float = 1.0
+    teacher_temperature: float = 0.5  # sharper than 1: best dev R@1/MAP (0.447/0.532 vs 0.443/0.528 at 1.0)
     label_mix: float = 0.5
     max_query_length: int = 64
     max_passage_length: int = 128
@@ -566,7 +566,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps with linear warmup")
     p.add_argument("--temperature", type=float, default=d.temperature, help="student softmax temperature")
-    p.add_argument("--teacher-temperature", type=float, default=d.teacher_temperature)
+    p.add_argument("--teacher-temperature", type=float, default=d.teacher_temperature,
+                   help=f"teacher distribution softmax(utility / T) (default {d.teacher_temperature})")
     p.add_argument("--label-mix", type=float, default=d.label_mix, help="weight of the gold passage in the uae target")
     p.add_argument("--max-query-length", type=int, default=d.max_query_length)
     p.add_argument("--max-passage-length", type=int, default=d.max_passage_length)
