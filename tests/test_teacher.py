@@ -199,12 +199,17 @@ def test_tries_run_each_shared_token_once():
     assert [t.tokens for t in _tries(rows, [3, 3, 3, 3], max_tree_tokens=5)] == [[1, 2, 3, 4, 5], [1, 2, 3, 9], [8, 2, 3]]
 
 
+def two_questions(seed, n_passages):
+    """Two questions (one with two gold answers) over overlapping passage lists: shared passages."""
+    rng = random.Random(seed)
+    ps = [words(rng, rng.randint(1, 20)) for _ in range(n_passages)]
+    return ps, [("what " + words(rng, 3) + "?", [words(rng, 4), words(rng, 2)], ps[:-1]),
+                ("why " + words(rng, 2) + "?", words(rng, 5), ps[1:])]
+
+
 def test_scorer_shares_passages_across_questions_and_answers(monkeypatch):
-    rng = random.Random(5)
     model, tok = tiny_llama(), byte_tokenizer()
-    ps = [words(rng, rng.randint(1, 20)) for _ in range(5)]
-    items = [("what " + words(rng, 3) + "?", [words(rng, 4), words(rng, 2)], ps[:4]),
-             ("why " + words(rng, 2) + "?", words(rng, 5), ps[1:])]
+    ps, items = two_questions(5, 5)
     calls = spy_trees(monkeypatch, model)
     shared = UtilityScorer(model, tok, token_budget=300).score_many(items)
     assert calls
@@ -221,11 +226,8 @@ def test_compiled_decoder_matches_eager(monkeypatch):
     """``compile=True`` (torch.compile of the decoder, both the tree and the plain graph) gives the eager numbers."""
     import uae_fast.teacher as T
 
-    rng = random.Random(11)
     model, tok = tiny_llama(), byte_tokenizer()
-    ps = [words(rng, rng.randint(1, 20)) for _ in range(4)]
-    items = [("what " + words(rng, 3) + "?", [words(rng, 4), words(rng, 2)], ps[:3]),
-             ("why " + words(rng, 2) + "?", words(rng, 5), ps[1:])]
+    _, items = two_questions(11, 4)
     calls = spy_trees(monkeypatch, model)
     used = []
     real = T._decoder
