@@ -389,8 +389,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-share-prefix", action="store_true",
                    help="run every (passage, question, answer) row on its own (slower; same numbers)")
     p.add_argument("--compile", action="store_true",
-                   help="run the teacher's decoder through torch.compile: a one-time compile of ~6 min on 2 CPU cores, "
-                        "then ~1.1x faster on CPU (same numbers up to float rounding); for runs of hours")
+                   help="run the teacher's decoder through torch.compile: a one-time compile of 3-6 min on 2 CPU cores, "
+                        "then 0-17%% faster there (same numbers up to float rounding); for runs of hours")
     p.add_argument("--include-no-gold", action="store_true", help="also score questions without text evidence")
     p.add_argument("--limit", type=int, default=None, help="score only the first N queries (after order/shard)")
     p.add_argument("--save-deltas", action="store_true", help="store per-token deltas in each row")
