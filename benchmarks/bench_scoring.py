@@ -135,7 +135,7 @@ def main(argv=None):
     ap.add_argument("--queries", type=int, default=16, help="queries per workload without its own count")
     ap.add_argument("--max-passage-tokens", type=int, default=128)
     ap.add_argument("--group", type=int, default=16, help="queries per score_many call (the CLI's default)")
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=None, help="repetitions, best kept (default 2; 1 with --quick)")
     ap.add_argument("--no-share-prefix", action="store_true", help="ours without shared passage prefixes")
     ap.add_argument("--compile", action="store_true",
                     help="also time ours with the decoder through torch.compile (compile time reported apart)")
@@ -144,7 +144,9 @@ def main(argv=None):
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "scoring.json"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.queries, args.reps = 8, 1
+        args.queries = 8
+    if args.reps is None:  # an explicit --reps wins over --quick's single repetition
+        args.reps = 1 if args.quick else 2
     workloads = [parse_workload(w, args.queries) for w in (args.workloads or
                  ["top:3/first", "top:3/all", "all/all/8" if args.quick else "all/all/16"])]
     if args.threads:
