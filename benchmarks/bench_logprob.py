@@ -250,12 +250,18 @@ def _naive_of(row, rows):
     return None
 
 
+def _ratios(row, rows):
+    """(time / naive, memory / naive) of a row against the naive row of its case, '-' where there is none."""
+    nv = _naive_of(row, rows)
+    t = f"{row['ms'] / nv['ms']:.2f}x" if nv else "-"
+    m = f"{100 * row['peak_mb'] / nv['peak_mb']:.1f}%" if nv and nv["peak_mb"] > 0 else "-"
+    return t, m
+
+
 def _fmt(row, rows):
     if "error" in row:
         return f"{row['shape']:<13} {row['dtype']:<5} {row['N']:>6} {row['method']:<13} {'-- ' + row['error']}"
-    nv = _naive_of(row, rows)
-    t_ratio = f"{row['ms'] / nv['ms']:.2f}x" if nv else "-"
-    m_ratio = f"{100 * row['peak_mb'] / nv['peak_mb']:.1f}%" if nv and nv["peak_mb"] > 0 else "-"
+    t_ratio, m_ratio = _ratios(row, rows)
     return (
         f"{row['shape']:<13} {row['dtype']:<5} {row['N']:>6} {row['method']:<13} {row['ms']:>10.2f} {row['tflops']:>8.2f}"
         f" {row['peak_mb']:>10.1f} {t_ratio:>9} {m_ratio:>9} {row['max_abs_err']:>9.1e}"
@@ -282,9 +288,7 @@ def _print_table(rows):
         if "error" in r:
             print(f"| {r['shape']} | {r['dtype']} | {r['N']} | {r['method']} | {r['error']} | | | | | |")
             continue
-        nv = _naive_of(r, rows)
-        t = f"{r['ms'] / nv['ms']:.2f}x" if nv else "-"
-        m = f"{100 * r['peak_mb'] / nv['peak_mb']:.1f}%" if nv and nv["peak_mb"] > 0 else "-"
+        t, m = _ratios(r, rows)
         print(f"| {r['shape']} | {r['dtype']} | {r['N']} | {r['method']} | {r['ms']:.2f} | {r['tflops']:.2f} | "
               f"{r['peak_mb']:.1f} | {t} | {m} | {r['max_abs_err']:.1e} |")
 
