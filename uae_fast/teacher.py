@@ -32,6 +32,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from .ops.logprobs import token_logprob_deltas, token_logprobs
@@ -312,20 +313,22 @@ def _tree_hidden_states(model, rows, prefix_lens, token_budget, max_tree_tokens,
         L = max(len(tries[b].tokens) for b in bidx)
         ids = torch.full((len(bidx), L), int(pad), dtype=torch.long)
         pos = torch.zeros((len(bidx), L), dtype=torch.long)
-        mask = torch.zeros((len(bidx), 1, L, L), dtype=torch.bool)
+        mask_np = np.zeros((len(bidx), L, L), dtype=bool)
+        tril = np.tri(L, dtype=bool)
         for r, b in enumerate(bidx):
             trie = tries[b]
             n = len(trie.tokens)
             ids[r, :n] = torch.tensor(trie.tokens, dtype=torch.long)
             pos[r, :n] = torch.tensor(trie.depth, dtype=torch.long)
-            m = mask[r, 0]
-            for j, par in enumerate(trie.parent):  # a node sees its ancestors (its parent's row) and itself
-                if par >= 0:
-                    m[j] = m[par]
-                m[j, j] = True
+            # A node sees its ancestors and itself. Every node lies on some row's path, and along a path
+            # node k's ancestors are exactly the nodes before it: one block write per row, not per node.
+            for path in trie.paths.values():
+                P = np.asarray(path)
+                mask_np[r][np.ix_(P, P)] = tril[: len(P), : len(P)]
             # Padding attends to itself only: a fully masked query row would give NaN, and NaN times a
             # zero attention weight is still NaN in the rows that do matter.
-            m[range(n, L), range(n, L)] = True
+            mask_np[r, range(n, L), range(n, L)] = True
+        mask = torch.from_numpy(mask_np)[:, None]
         if kind == "float":
             mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
         h = base(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
