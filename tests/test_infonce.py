@@ -47,7 +47,7 @@ def _reference(q, p, idx, util, tau, tau_t=1.0, mix=0.0, gold=None, reduction="m
 
 def _grads(loss, q, p, seed=7):
     go = torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
-    gq, gp = torch.autograd.grad(loss, (q, p), go.to(loss.dtype))
+    gq, gp = torch.autograd.grad(loss, (q, p), go.to(device=loss.device, dtype=loss.dtype))
     return gq.double(), gp.double()
 
 
@@ -230,8 +230,8 @@ def test_triton_kernels_write_every_output(triton_device):
     _close(dp.cpu(), (prob.T @ q.double()).cpu(), 2e-5, "dense dp")
 
 
-def test_triton_float64_rules():
-    q, p, idx, util, _ = _inputs(b=4, n=9, d=8, k=2, dtype=torch.float64)
+def test_triton_float64_rules(triton_device):
+    q, p, idx, util, _ = (t.to(triton_device) for t in _inputs(b=4, n=9, d=8, k=2, dtype=torch.float64))
     with pytest.raises(TypeError, match="float64"):
         utility_infonce(q, p, idx, util, impl="triton")
     utility_infonce(q, p, idx, util, impl="auto")  # auto falls back to the exact torch path

@@ -416,9 +416,11 @@ def test_cuda_real_shapes(dtype, n, d, v, opts):
             h, w, t, bias, -100, kw["softcap"], kw["temperature"], True, poison=True
         ) if impl == "triton" else token_logprobs(h, w, t, **kw, return_lse=True, return_greedy=True, impl="torch")
         r_logp, r_lse, r_greedy, margin = _reference(h, w, t, **kw)
-        atol = 2e-4 if d >= 4096 else ATOL[dtype] * 2  # fp32 accumulation over D=4096
-        torch.testing.assert_close(logp.cpu().double(), r_logp, atol=atol, rtol=0)
-        torch.testing.assert_close(lse.cpu().double(), r_lse, atol=atol, rtol=0)
+        # fp32 accumulation over D=4096: the error grows with |logit| (|logp| reaches ~40 here; seen on an
+        # H200: 2.4e-4 = 6e-6 relative), hence a relative term for those rows.
+        atol, rtol = (2e-4, 1e-5) if d >= 4096 else (ATOL[dtype] * 2, 0)
+        torch.testing.assert_close(logp.cpu().double(), r_logp, atol=atol, rtol=rtol)
+        torch.testing.assert_close(lse.cpu().double(), r_lse, atol=atol, rtol=rtol)
         assert torch.equal(greedy.cpu()[margin > 1e-3], r_greedy[margin > 1e-3])
 
 

@@ -115,7 +115,8 @@ def test_kill9_then_resume_is_identical(ds, teacher_dir, scorer, tmp_path):
     # token_budget=1 (one row per forward) makes every number independent of how rows were batched, so the
     # resumed file must be byte-identical to an uninterrupted run's.
     common = ["--data", DATA, "--teacher", teacher_dir, "--candidates", "top:2", "--max-passage-tokens", "48",
-              "--max-answer-tokens", "12", "--token-budget", "1", "--group", "2", "--limit", "7", "--no-progress"]
+              "--max-answer-tokens", "12", "--token-budget", "1", "--group", "2", "--limit", "7", "--no-progress",
+              "--device", "cpu", "--dtype", "fp32"]  # the reference scorer's; a GPU machine would default to CUDA bf16
     ref = str(tmp_path / "ref.jsonl")
     score_dataset(scorer, ds, ref, candidates="top:2", progress=False, limit=7, data_name=os.path.basename(DATA))
     out = str(tmp_path / "run.jsonl.gz")

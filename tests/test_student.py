@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from conftest import require_default_student
 from uae_fast.student import BiEncoder, default_student_path, pool
 
 TEXTS = ["What dataset do they use?", "We train on SQuAD and evaluate on NewsQA with 3 seeds.",
@@ -16,6 +17,7 @@ def make_tiny_encoder(folder, *, hidden=32, layers=2, seed=0):
     """A tiny random-init BERT (MiniLM's tokenizer) saved as a plain HF folder: loads in well under a second."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
+    require_default_student()
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(default_student_path())
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
@@ -32,6 +34,7 @@ def _st(path):
 
 
 def test_default_student_matches_sentence_transformers():
+    require_default_student()
     enc = BiEncoder(device="cpu")
     assert enc.pooling_modes == ["mean"] and enc.normalize and enc.max_seq_length == 256 and enc.dim == 384
     ours = enc.encode(TEXTS, batch_size=3)

@@ -44,7 +44,7 @@ class UtilityInfoNCELoss(nn.Module):
             gather_across_devices: all-gather passages from every ``torch.distributed`` rank (with gradient)
                 so each query also sees the other ranks' passages as negatives; ``target_idx``/``gold_idx``
                 stay local indices and are shifted for you (:func:`uae_fast.gather_with_grad`).
-            impl: ``"auto"`` (Triton on CUDA, chunked torch otherwise), ``"triton"`` or ``"torch"``.
+            impl: ``"auto"`` (the chunked torch path on every device; see ``utility_infonce``), ``"triton"`` or ``"torch"``.
 
         Inputs (``forward(q, p, target_idx, target_utility, gold_idx=None)``):
             +-----------------+--------------+----------------------------------------------------------+
