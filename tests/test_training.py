@@ -125,6 +125,32 @@ def test_batches_deterministic_and_targets(tmp_path, ds):
     assert [s1.batch(m).qids for m in range(3)] != [s3.batch(m).qids for m in range(3)]
 
 
+def test_candidates_option_keeps_batches_of_a_smaller_table(ds):
+    # A table over every paragraph + --candidates top:2 samples exactly the batches of the top:2 table
+    # (same passages, same order), while targets may use the extra utilities.
+    from uae_fast.scoring import CandidatePolicy
+
+    rng = random.Random(5)
+    qs = [q for q in ds.queries if q.gold]
+    u_all = {q.id: {p: rng.uniform(-1, 1) for p in ds.pool(q)} for q in qs}
+    policy = CandidatePolicy(ds, "top:2")
+    u_top = {q.id: {p: u_all[q.id][p] for p in policy(q)} for q in qs}
+    assert any(len(u_top[q]) < len(u_all[q]) for q in u_top)
+    kw = dict(batch_size=3, passages_per_query=4, seed=2)
+    hybrid = BatchSampler(ds, TrainConfig(loss="uae", candidates="top:2", **kw), u_all)
+    small = BatchSampler(ds, TrainConfig(loss="uae", **kw), u_top)
+    gold_only = BatchSampler(ds, TrainConfig(loss="infonce", candidates="top:2", **kw))
+    extra = 0
+    for m in range(hybrid.batches_per_epoch):
+        a, b, c = hybrid.batch(m), small.batch(m), gold_only.batch(m)
+        assert a.qids == b.qids == c.qids and a.passages == b.passages == c.passages
+        assert ((a.target_idx >= 0).sum(1) >= (b.target_idx >= 0).sum(1)).all()
+        extra += int((a.target_idx >= 0).sum() - (b.target_idx >= 0).sum())
+    assert extra > 0  # random fill paragraphs got teacher mass from the bigger table
+    with pytest.raises(ValueError, match="candidates"):
+        TrainConfig(candidates="top:0").check()
+
+
 def test_partial_utilities_fall_back_to_gold(tmp_path, ds):
     u, _ = load_utilities(write_utilities(tmp_path / "u.jsonl.gz", ds))
     keep = sorted(u)[: len(u) // 2]

@@ -4,7 +4,7 @@ Batches: ``batch_size`` queries, grouped by document (queries of one paper sit i
 their candidates are shared hard negatives). Each query brings ``passages_per_query`` passages: one of its
 gold passages (when it has one), then a uniform sample of its candidate set - the passages the teacher
 scored for it when a utilities file is given (``uae score``'s policy: BM25 top-M + gold), else its whole
-pool - topped up with random passages of its pool (with the default 8 and ``uae score``'s top:3 policy,
+pool, or the set ``candidates`` names (``top:M`` / ``all``, chosen as ``uae score`` does) - topped up with random passages of its pool (with the default 8 and ``uae score``'s top:3 policy,
 ~4 scored candidates and ~4 random paragraphs of the paper, which get no teacher mass). The selection
 never looks at utility *values*, so ``--loss uae`` and ``--loss infonce`` with the same utilities file
 and seed see exactly the same batches and differ only in their targets: the same-budget comparison. Every passage of the batch is a negative for
@@ -150,6 +150,10 @@ class TrainConfig:
     max_passage_length: int = 128
     seed: int = 0
     encode_chunk: int = 16
+    # Where each query's passages are sampled from (after its gold): None = the rows the utilities file
+    # has for it; "top:M" / "all" = ``uae score``'s policies (BM25 top-M + gold / the whole pool), so a
+    # table scored with --candidates all can give teacher mass while the batches keep BM25 hard negatives.
+    candidates: Optional[str] = None
 
     def check(self) -> None:
         if self.loss not in ("uae", "infonce"):
@@ -171,6 +175,10 @@ class TrainConfig:
                 raise ValueError(f"{k} must be in [0, 1], got {v!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.candidates is not None:
+            from .scoring import parse_candidates
+
+            parse_candidates(self.candidates)
 
 
 # Settings that may differ between a run and its --resume (they do not change the trajectory).
@@ -209,6 +217,12 @@ class BatchSampler:
             raise ValueError(f"no training queries: none of the {len(ds.queries)} queries in the data has {what}")
         self.queries = queries
         self._pools = {q.id: ds.pool(q) for q in queries}
+        self._cands: Optional[Dict[str, List[str]]] = None
+        if cfg.candidates is not None:
+            from .scoring import CandidatePolicy
+
+            policy = CandidatePolicy(ds, cfg.candidates)
+            self._cands = {q.id: policy(q) for q in queries}
         self._docs: Dict[str, List[Query]] = {}
         for q in queries:  # group by document, keep first-seen order (shuffled per epoch below)
             self._docs.setdefault(q.doc_id if q.doc_id is not None else q.id, []).append(q)
@@ -240,7 +254,7 @@ class BatchSampler:
         chosen: List[str] = []
         if q.gold:
             chosen.append(q.gold[int(rng.integers(len(q.gold)))])
-        scored = self.utilities.get(q.id)
+        scored = self._cands[q.id] if self._cands is not None else self.utilities.get(q.id)
         for cands in ((list(scored) if scored else pool), pool):  # the candidate set first, then the rest of the pool
             rest = [p for p in cands if p not in chosen]
             n = min(want - len(chosen), len(rest))
@@ -561,6 +575,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="queries per micro-batch (per device)")
     p.add_argument("--passages-per-query", type=int, default=d.passages_per_query)
+    p.add_argument("--candidates", default=None,
+                   help="sample each question's passages (after a gold one) from 'top:M' (BM25 top-M + gold, as "
+                        "uae score) or 'all' (its paper); default: the questions' rows in --utilities")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -595,7 +612,8 @@ def _main(args) -> int:
                       passages_per_query=args.passages_per_query, grad_accum=args.grad_accum, lr=args.lr,
                       weight_decay=args.weight_decay, warmup=args.warmup, temperature=args.temperature,
                       teacher_temperature=args.teacher_temperature, label_mix=args.label_mix,
-                      max_query_length=args.max_query_length, max_passage_length=args.max_passage_length, seed=args.seed)
+                      max_query_length=args.max_query_length, max_passage_length=args.max_passage_length, seed=args.seed,
+                      candidates=args.candidates)
     amp = {"auto": None, "on": True, "off": False}[args.amp]
     s = train(cfg, args.out, resume=args.resume, device=args.device, amp=amp,
               gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
