@@ -65,6 +65,43 @@ def test_candidate_policies(ds):
             CandidatePolicy(ds, bad)
 
 
+def test_student_candidate_policy(ds, tmp_path, scorer):
+    # student:M = the encoder's cosine top-M over the paper's paragraphs, plus gold, in paper order.
+    from test_student import make_tiny_encoder
+    from uae_fast.student import BiEncoder
+
+    enc = BiEncoder(make_tiny_encoder(tmp_path / "enc"), device="cpu")
+    qs = select_queries(ds)
+    pol = CandidatePolicy(ds, "student:2", student=enc)
+    pol.prepare(qs)
+    n_more = 0
+    for q in qs:
+        pool, cands = ds.pool(q), pol(q)
+        p_emb = enc.encode([ds.passages[p].text for p in pool]).double()
+        scores = p_emb @ enc.encode([q.question]).double()[0]
+        top = {pool[i] for i in torch.topk(scores, min(2, len(pool))).indices.tolist()}
+        assert set(cands) == top | set(q.gold)
+        assert cands == [p for p in pool if p in set(cands)]
+        n_more += len(set(cands) - set(q.gold))
+    assert n_more > 0
+    # without prepare() (one query at a time) the answer is the same
+    lazy = CandidatePolicy(ds, "student:2", student=enc)
+    assert [lazy(q) for q in qs[:3]] == [pol(q) for q in qs[:3]]
+    for bad in ("student:0", "student:", "student:x"):
+        with pytest.raises(ValueError, match="--candidates"):
+            CandidatePolicy(ds, bad)
+    # uae score records the policy and its encoder in the header
+    out = str(tmp_path / "u.jsonl")
+    score_dataset(scorer, ds, out, candidates="student:2", candidate_student=enc, progress=False, limit=3)
+    h, rows = read_utilities(out)
+    assert h["candidates"] == "student:2" and h["candidate_student"] == "BiEncoder"
+    by_q = {}
+    for r in rows:
+        by_q.setdefault(r["qid"], []).append(r["pid"])
+    qmap = {q.id: q for q in qs}
+    assert len(by_q) == 3 and all(by_q[qid] == pol(qmap[qid]) for qid in by_q)
+
+
 def test_query_orders_and_paper_shards(ds):
     by_hash, by_paper = select_queries(ds, order="hash"), select_queries(ds, order="paper")
     assert sorted(q.id for q in by_paper) == sorted(q.id for q in by_hash)

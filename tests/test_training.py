@@ -151,6 +151,23 @@ def test_candidates_option_keeps_batches_of_a_smaller_table(ds):
         TrainConfig(candidates="top:0").check()
 
 
+def test_student_candidates_sample_the_initial_students_top_m(ds, tiny):
+    # --candidates student:M ranks each paper with the initial student (cfg.student), as uae score would.
+    from uae_fast.scoring import CandidatePolicy
+
+    pol = CandidatePolicy(ds, "student:1", student=tiny)
+    cfg = TrainConfig(loss="infonce", candidates="student:1", student=tiny, batch_size=3, passages_per_query=2, seed=0)
+    s = BatchSampler(ds, cfg)
+    import numpy as np
+
+    for q in s.queries:
+        cands = pol(q)
+        picks = s._pick_passages(q, np.random.default_rng(0))
+        k = min(len(picks), len(cands))  # beyond the candidates, random paragraphs of the paper top the query up
+        assert set(picks[:k]) <= set(cands) and picks[0] in q.gold
+    assert any(len(set(pol(q)) - set(q.gold)) for q in s.queries)
+
+
 def test_partial_utilities_fall_back_to_gold(tmp_path, ds):
     u, _ = load_utilities(write_utilities(tmp_path / "u.jsonl.gz", ds))
     keep = sorted(u)[: len(u) // 2]

@@ -17,8 +17,9 @@ file back to the last complete query (the last row with ``cand == n_cand - 1``) 
 already there, so a Ctrl-C or ``kill -9`` loses at most the group in flight and never duplicates a row.
 ``OUT`` itself appears only when the run is complete (atomic rename; gzipped if it ends in ``.gz``).
 
-Candidate policies: ``all`` (every paragraph of the query's paper) or ``top:M`` (BM25 top-M over the
-paper's paragraphs plus every gold-evidence paragraph, in paper order).
+Candidate policies: ``all`` (every paragraph of the query's paper), ``top:M`` (BM25 top-M over the
+paper's paragraphs plus every gold-evidence paragraph, in paper order) or ``student:M`` (the same with the
+base student's cosine top-M: the hard negatives it confuses; ``--candidate-student`` picks the encoder).
 """
 from __future__ import annotations
 
@@ -36,45 +37,88 @@ from .data import open_text
 FORMAT = "uae-utilities/1"
 # Settings that must match for rows to be combined (resume / merge).
 _COMPAT_KEYS = ("format", "teacher", "dtype", "prompt_with", "prompt_without", "answer_prefix", "max_passage_tokens",
-                "max_answer_tokens", "aggregation", "clip", "candidates", "answers", "data", "order", "with_gold_only")
+                "max_answer_tokens", "aggregation", "clip", "candidates", "candidate_student", "answers", "data", "order",
+                "with_gold_only")
 
 
 # ------------------------------------------------------------------------------------ candidates
 def parse_candidates(policy: str) -> Tuple[str, Optional[int]]:
+    """``"all"`` -> ("all", None); ``"top:M"`` -> ("top", M) (BM25); ``"student:M"`` -> ("student", M)."""
     if policy == "all":
         return "all", None
-    if policy.startswith("top:"):
-        try:
-            m = int(policy[4:])
-        except ValueError:
-            m = 0
-        if m >= 1:
-            return "top", m
-    raise ValueError(f"--candidates must be 'all' or 'top:M' with M >= 1, got {policy!r}")
+    for kind in ("top", "student"):
+        if isinstance(policy, str) and policy.startswith(kind + ":"):
+            try:
+                m = int(policy[len(kind) + 1:])
+            except ValueError:
+                m = 0
+            if m >= 1:
+                return kind, m
+    raise ValueError(f"--candidates must be 'all', 'top:M' (BM25) or 'student:M' (base student) with M >= 1, got {policy!r}")
 
 
 class CandidatePolicy:
-    """A query's candidate passage ids: ``all`` of its pool, or BM25 ``top:M`` of the pool plus its gold."""
+    """A query's candidate passage ids, in pool order: ``all`` of its pool, or its top-M plus its gold.
 
-    def __init__(self, ds, policy: str = "top:3"):
+    ``top:M`` ranks the pool with BM25; ``student:M`` with the base bi-encoder (``student``: a folder or
+    :class:`uae_fast.BiEncoder`, default all-MiniLM-L6-v2) by cosine similarity, i.e. the passages the
+    untrained student confuses with the answer-bearing ones: the hard negatives a retriever is trained on.
+    """
+
+    def __init__(self, ds, policy: str = "top:3", *, student=None):
         self.ds, self.policy = ds, policy
         self.kind, self.m = parse_candidates(policy)
+        self._student = student
         self._bm25: Dict[Tuple[str, ...], object] = {}
+        self._emb: Dict[str, object] = {}  # pid -> student embedding (student policy)
+        self._qemb: Dict[str, object] = {}  # qid -> student embedding
+
+    def prepare(self, queries) -> None:
+        """Embed every question and pool passage of ``queries`` in large batches (student policy only)."""
+        if self.kind != "student":
+            return
+        enc = self._encoder()
+        qs = [q for q in queries if q.id not in self._qemb]
+        pids = sorted({p for q in qs for p in self.ds.pool(q)} - set(self._emb))
+        if pids:
+            for p, e in zip(pids, enc.encode([self.ds.passages[p].text for p in pids])):
+                self._emb[p] = e
+        if qs:
+            for q, e in zip(qs, enc.encode([q.question for q in qs])):
+                self._qemb[q.id] = e
+
+    def _encoder(self):
+        from .student import as_encoder
+
+        if self._student is None or isinstance(self._student, str):
+            self._student = as_encoder(self._student, device="cpu")
+        return self._student
+
+    def _top_student(self, q, pool: List[str]):
+        import torch
+
+        self.prepare([q])
+        scores = torch.stack([self._emb[p] for p in pool]) @ self._qemb[q.id]
+        return torch.topk(scores, self.m).indices.tolist()
 
     def __call__(self, q) -> List[str]:
         pool = self.ds.pool(q)
         if self.kind == "all" or len(pool) <= self.m:
             return pool
-        from .bm25 import BM25
+        if self.kind == "student":
+            top = self._top_student(q, pool)
+        else:
+            from .bm25 import BM25
 
-        key = tuple(pool)  # one index per paper, reused by all its questions
-        bm = self._bm25.get(key)
-        if bm is None:
-            if len(self._bm25) > 2048:
-                self._bm25.clear()
-            bm = self._bm25[key] = BM25([self.ds.passages[p].text for p in pool])
-        _, top = bm.topk(q.question, self.m)
-        keep = set(int(i) for i in top) | {i for i, p in enumerate(pool) if p in set(q.gold)}
+            key = tuple(pool)  # one index per paper, reused by all its questions
+            bm = self._bm25.get(key)
+            if bm is None:
+                if len(self._bm25) > 2048:
+                    self._bm25.clear()
+                bm = self._bm25[key] = BM25([self.ds.passages[p].text for p in pool])
+            _, top = bm.topk(q.question, self.m)
+        gold = set(q.gold)
+        keep = set(int(i) for i in top) | {i for i, p in enumerate(pool) if p in gold}
         return [pool[i] for i in sorted(keep)]
 
 
@@ -227,6 +271,12 @@ def _maybe_test_kill(f, payload: bytes, n_groups_done: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _student_name(student) -> str:
+    if student is None:
+        return "all-MiniLM-L6-v2"
+    return os.path.abspath(student) if isinstance(student, str) else type(student).__name__
+
+
 def _row(qid, pid, utility, n_tok, gold, cand, n_cand, deltas=None) -> dict:
     r = {"qid": qid, "pid": pid, "utility": round(float(utility), 5), "n_answer_tokens": int(n_tok),
          "gold": bool(gold), "cand": cand, "n_cand": n_cand}
@@ -239,22 +289,28 @@ def _row(qid, pid, utility, n_tok, gold, cand, n_cand, deltas=None) -> dict:
 def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: str = "all", resume: bool = False,
                   shard: Tuple[int, int] = (0, 1), order: str = "paper", with_gold_only: bool = True,
                   limit: Optional[int] = None, save_deltas: bool = False, progress: bool = True,
-                  data_name: Optional[str] = None, group: int = 16) -> dict:
-    """Score every selected query of ``ds`` and write the utilities file ``out``; returns the header."""
+                  data_name: Optional[str] = None, group: int = 16, candidate_student=None) -> dict:
+    """Score every selected query of ``ds`` and write the utilities file ``out``; returns the header.
+
+    ``candidate_student``: the encoder of a ``student:M`` policy (folder or BiEncoder; default all-MiniLM-L6-v2).
+    """
     if not isinstance(group, int) or group < 1:
         raise ValueError(f"group must be a positive int, got {group!r}")
     if answers not in ("all", "first", "shortest"):
         raise ValueError(f"answers must be 'all', 'first' or 'shortest', got {answers!r}")
-    policy = CandidatePolicy(ds, candidates)
+    policy = CandidatePolicy(ds, candidates, student=candidate_student)
     queries = select_queries(ds, with_gold_only=with_gold_only, order=order, shard=shard)
     if limit is not None:
         queries = queries[:limit]
     if not queries:
         raise ValueError("no query has both a gold answer" + (" and gold evidence" if with_gold_only else "") + " to score")
+    policy.prepare(queries)
     pools = [policy(q) for q in queries]
     header = {"type": "header", "format": FORMAT, **scorer.settings(), "candidates": candidates, "answers": answers,
               "data": data_name or ds.name, "order": order, "with_gold_only": with_gold_only, "shard": list(shard),
               "n_queries": len(queries), "n_rows": sum(len(p) for p in pools)}
+    if policy.kind == "student":
+        header["candidate_student"] = _student_name(candidate_student)
     if limit is not None:
         header["limit"] = limit
     out = os.fspath(out)
@@ -372,7 +428,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", help="QASPER .json(.gz) or uae JSONL; default: the bundled QASPER train split")
     p.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz (appears only when complete)")
     p.add_argument("--teacher", default=None, help="HF causal-LM folder (default: SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--candidates", default="top:3", help="'all' or 'top:M' (BM25 top-M + gold evidence); default top:3")
+    p.add_argument("--candidates", default="top:3",
+                   help="'all', 'top:M' (BM25 top-M + gold evidence) or 'student:M' (base student top-M + gold); default top:3")
+    p.add_argument("--candidate-student", default=None, help="encoder folder for 'student:M' (default: all-MiniLM-L6-v2)")
     p.add_argument("--answers", default="all", choices=["all", "first", "shortest"], help="gold answers to average over")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT.partial)")
     p.add_argument("--shard", default=None, help="I/N: score every N-th query from the I-th (0-based); torchrun ranks are used when unset")
@@ -426,5 +484,5 @@ def _main(args) -> int:
     score_dataset(scorer, ds, shard_path(args.out, shard), candidates=args.candidates, answers=args.answers,
                   resume=args.resume, shard=shard, order=args.order, with_gold_only=not args.include_no_gold,
                   limit=args.limit, save_deltas=args.save_deltas, progress=not args.no_progress,
-                  data_name=os.path.basename(data), group=args.group)
+                  data_name=os.path.basename(data), group=args.group, candidate_student=args.candidate_student)
     return 0

@@ -223,7 +223,8 @@ class BatchSampler:
         if cfg.candidates is not None:
             from .scoring import CandidatePolicy
 
-            policy = CandidatePolicy(ds, cfg.candidates)
+            policy = CandidatePolicy(ds, cfg.candidates, student=cfg.student)  # student:M = the initial student
+            policy.prepare(queries)
             self._cands = {q.id: policy(q) for q in queries}
         self._docs: Dict[str, List[Query]] = {}
         for q in queries:  # group by document, keep first-seen order (shuffled per epoch below)
@@ -579,7 +580,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--passages-per-query", type=int, default=d.passages_per_query)
     p.add_argument("--candidates", default=None,
                    help="sample each question's passages (after a gold one) from 'top:M' (BM25 top-M + gold, as "
-                        "uae score) or 'all' (its paper); default: the questions' rows in --utilities")
+                        "uae score), 'student:M' (the initial student's top-M + gold) or 'all' (its paper); "
+                        "default: the questions' rows in --utilities")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
