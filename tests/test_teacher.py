@@ -109,6 +109,31 @@ def test_score_many_equals_score_and_answers_are_averaged():
         assert rb.answer_ids == singles[0].answer_ids
 
 
+def test_length_batches_are_the_cheapest_split():
+    # _batches is exact DP: against brute force over every contiguous split of the sorted rows.
+    import itertools
+
+    from uae_fast.teacher import _batches
+
+    rng = random.Random(7)
+    for trial in range(40):
+        n, budget, over = rng.randint(1, 8), rng.choice([50, 120, 400]), rng.choice([0, 16, 200])
+        lengths = [rng.randint(1, 90) for _ in range(n)]
+        got = _batches(lengths, budget, over)
+        assert sorted(i for b in got for i in b) == list(range(n))
+        assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= budget for b in got)
+        cost = lambda bs: sum(len(b) * max(lengths[i] for i in b) + over for b in bs)  # noqa: E731
+        order = sorted(range(n), key=lambda i: -lengths[i])
+        best = min(
+            cost(parts) for cuts in itertools.product([0, 1], repeat=n - 1)
+            for parts in [[order[a:b] for a, b in zip([0] + [k + 1 for k in range(n - 1) if cuts[k]],
+                                                       [k + 1 for k in range(n - 1) if cuts[k]] + [n])]]
+            if all(len(p) == 1 or len(p) * lengths[p[0]] <= budget for p in parts))
+        assert cost(got) == best, (lengths, budget, over)
+    assert _batches([], 100) == []
+    assert _batches([500, 3], 100, 0) == [[0], [1]]  # a row over the budget runs alone
+
+
 def test_aggregations():
     d = torch.tensor([[1.0, -3.0, 5.0], [0.5, 0.5, 0.5]])
     torch.testing.assert_close(aggregate(d, "mean"), torch.tensor([1.0, 0.5]))
