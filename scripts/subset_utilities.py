@@ -9,13 +9,12 @@ with that policy and the same teacher settings. The output is a normal utilities
         --candidates student:3 --out runs/qasper-train-utilities-student3.jsonl.gz
 """
 import argparse
-import gzip
 import json
 import os
 import sys
 
 from uae_fast.data import default_qasper_path, load_dataset
-from uae_fast.scoring import CandidatePolicy, read_utilities
+from uae_fast.scoring import CandidatePolicy, _finalize, _student_name, read_utilities
 
 
 def main(argv=None) -> int:
@@ -50,12 +49,12 @@ def main(argv=None) -> int:
             out_rows.append(dict(r, cand=i, n_cand=len(sel)))
     header = dict(header, candidates=args.candidates, n_rows=len(out_rows), subset_of=os.path.basename(args.table))
     if policy.kind == "student":
-        header["candidate_student"] = args.candidate_student or "all-MiniLM-L6-v2"
-    tmp = args.out + ".partial"
-    with (gzip.open if args.out.endswith(".gz") else open)(tmp, "wt", encoding="utf-8") as f:
+        header["candidate_student"] = _student_name(args.candidate_student)
+    partial = args.out + ".partial"
+    with open(partial, "w", encoding="utf-8") as f:
         for rec in [header] + out_rows:
             f.write(json.dumps(rec) + "\n")
-    os.replace(tmp, args.out)
+    _finalize(partial, args.out)  # atomic, gzipped for .gz, as uae score publishes
     print(f"{args.out}: {len(out_rows)} rows for {len(by_q)} questions ({args.candidates})", file=sys.stderr)
     return 0
 

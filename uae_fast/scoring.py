@@ -79,7 +79,7 @@ class CandidatePolicy:
             return
         enc = self._encoder()
         qs = [q for q in queries if q.id not in self._qemb]
-        pids = sorted({p for q in qs for p in self.ds.pool(q)} - set(self._emb))
+        pids = sorted({p for q in qs for p in self.ds.pool(q) if p not in self._emb})
         if pids:
             for p, e in zip(pids, enc.encode([self.ds.passages[p].text for p in pids])):
                 self._emb[p] = e
@@ -97,7 +97,8 @@ class CandidatePolicy:
     def _top_student(self, q, pool: List[str]):
         import torch
 
-        self.prepare([q])
+        if q.id not in self._qemb:  # not prepared up front: embed this query's paper now
+            self.prepare([q])
         scores = torch.stack([self._emb[p] for p in pool]) @ self._qemb[q.id]
         return torch.topk(scores, self.m).indices.tolist()
 
