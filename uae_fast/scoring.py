@@ -307,6 +307,16 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
         raise ValueError("no query has both a gold answer" + (" and gold evidence" if with_gold_only else "") + " to score")
     policy.prepare(queries)
     pools = [policy(q) for q in queries]
+    # A paper with no paragraphs leaves nothing to score (one train question set of QASPER does this
+    # once --include-no-gold lets evidence-free questions in): skip those queries, say so.
+    empty = [q.id for q, p in zip(queries, pools) if not p]
+    if empty:
+        print(f"uae score: skipping {len(empty)} quer{'y' if len(empty) == 1 else 'ies'} with no candidate passages "
+              f"(e.g. {empty[:3]})", file=sys.stderr)
+        keep = [i for i, p in enumerate(pools) if p]
+        queries, pools = [queries[i] for i in keep], [pools[i] for i in keep]
+        if not queries:
+            raise ValueError("no query to score has a candidate passage")
     header = {"type": "header", "format": FORMAT, **scorer.settings(), "candidates": candidates, "answers": answers,
               "data": data_name or ds.name, "order": order, "with_gold_only": with_gold_only, "shard": list(shard),
               "n_queries": len(queries), "n_rows": sum(len(p) for p in pools)}
@@ -314,6 +324,8 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
         header["candidate_student"] = _student_name(candidate_student)
     if limit is not None:
         header["limit"] = limit
+    if empty:
+        header["n_skipped_no_passages"] = len(empty)
     out = os.fspath(out)
     partial = out + ".partial"
     if os.path.exists(out):

@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Seeded sweep of `uae train` settings, each trained model scored on QASPER dev (R@1, R@5, MAP, MRR).
+
+Meant for a lent GPU, where one training run of the defaults takes seconds rather than the 25 min of
+2 CPU cores: it tells which settings are worth a CPU run, and how large the seed-to-seed spread is.
+Each job trains with :func:`uae_fast.training.train` (same code as `uae train`) and ranks every dev
+question's paper paragraphs by exact cosine (the same metric code as `uae eval`). Jobs run in
+``--workers`` processes sharing the device; results are appended to ``OUT/sweep.jsonl`` as they finish
+(per-question R@1 and AP included, for paired comparisons), and a table is printed at the end.
+
+    python scripts/sweep_dev.py --out OUT [--grid main] [--workers 6] [--budget-s 400] [--student DIR]
+    python scripts/sweep_dev.py --report OUT/sweep.jsonl       # the table again, from a finished sweep
+
+Jobs that would start after ``--budget-s`` are skipped (listed as such), so a lease is never overrun.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+# name -> (loss, TrainConfig overrides, utilities file or None for the shipped table)
+GROUPS = {
+    "base": {},
+    "ep3": {"epochs": 3.0},
+    "ep4": {"epochs": 4.0},
+    "lr1e-4": {"lr": 1e-4},
+    "lr2e-5": {"lr": 2e-5},
+    "bs32": {"batch_size": 32},
+    "temp0.1": {"temperature": 0.1},
+    "pp4": {"passages_per_query": 4},
+}
+UAE_ONLY = {  # settings that only exist for the uae loss (compared with the base infonce of the same seed)
+    "lm0.25": {"label_mix": 0.25},
+    "lm0.75": {"label_mix": 0.75},
+    "tau1": {"teacher_temperature": 1.0},
+    "tau0.25": {"teacher_temperature": 0.25},
+}
+
+
+def grid(name: str, seeds, extra_utilities=None):
+    jobs = []
+    if name == "main":
+        order = [("base", seeds), ("ep3", seeds[:3]), ("lr1e-4", seeds[:3]), ("bs32", seeds[:3]), ("ep4", seeds[:3]),
+                 ("temp0.1", seeds[:3]), ("lr2e-5", seeds[:3])]
+        for g, ss in order:
+            for s in ss:
+                for loss in ("uae", "infonce"):
+                    jobs.append({"group": g, "loss": loss, "seed": s, "cfg": GROUPS[g]})
+            if g == "base" and extra_utilities:
+                for s in seeds[:3]:
+                    jobs.append({"group": "nogold", "loss": "uae", "seed": s, "cfg": {}, "utilities": extra_utilities})
+            if g == "ep3":
+                for u in ("lm0.25", "lm0.75", "tau1"):
+                    for s in seeds[:3]:
+                        jobs.append({"group": u, "loss": "uae", "seed": s, "cfg": UAE_ONLY[u]})
+    elif name == "tiny":  # a CPU smoke test of this script
+        for loss in ("uae", "infonce"):
+            jobs.append({"group": "base", "loss": loss, "seed": 0, "cfg": {"max_steps": 2, "batch_size": 4}})
+    else:
+        raise SystemExit(f"unknown grid {name!r}")
+    return jobs
+
+
+_STATE = {}
+
+
+def _init(args):
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    from uae_fast.data import load_dataset
+
+    _STATE["args"] = args
+    _STATE["train"] = load_dataset(args.train)
+    dev = load_dataset(args.dev)
+    _STATE["dev"] = dev
+    _STATE["dev_q"] = [q for q in dev.queries if q.gold][: args.dev_limit]
+
+
+def _rank_dev(model_dir, device):
+    """Per-question metrics of ``model_dir`` on dev: exact cosine over each question's paper."""
+    import torch
+    from uae_fast.metrics import per_query_metrics
+    from uae_fast.student import BiEncoder
+
+    dev, queries = _STATE["dev"], _STATE["dev_q"]
+    enc = BiEncoder(model_dir, device=device)
+    enc.eval()
+    pids = sorted({p for q in queries for p in dev.pool(q)})
+    row = {p: i for i, p in enumerate(pids)}
+    with torch.no_grad():
+        P = enc.encode([dev.passages[p].text for p in pids], batch_size=128).float().cpu()
+        Q = enc.encode([q.question for q in queries], batch_size=128).float().cpu()
+    rankings = []
+    for i, q in enumerate(queries):
+        pool = dev.pool(q)
+        s = P[[row[p] for p in pool]] @ Q[i]
+        order = torch.sort(s, descending=True, stable=True).indices.tolist()
+        rankings.append([pool[j] for j in order])
+    return per_query_metrics(rankings, [set(q.gold) for q in queries])
+
+
+def _run(job):
+    import torch
+    from uae_fast.training import TrainConfig, train
+
+    args = _STATE["args"]
+    if time.time() > args.deadline:
+        return {**job, "skipped": True}
+    t0 = time.time()
+    cfg = TrainConfig(data=args.train, utilities=job.get("utilities") or args.utilities, student=args.student,
+                      loss=job["loss"], seed=job["seed"], **job["cfg"])
+    tmp = tempfile.mkdtemp(prefix="sweep_", dir=args.tmp)
+    try:
+        summ = train(cfg, tmp, device=args.device, amp=args.amp, save_every=10**9, keep_checkpoints=1,
+                     progress=False, ds=_STATE["train"])
+        t_train = time.time() - t0
+        pq = _rank_dev(tmp, args.device)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    means = {k: sum(v) / len(v) for k, v in pq.items()}
+    return {**job, "metrics": means, "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Recall@1", "MAP")},
+            "steps": summ["steps"], "train_queries": summ["train_queries"], "final_loss": summ["final_loss"],
+            "train_s": round(t_train, 1), "total_s": round(time.time() - t0, 1),
+            "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"}
+
+
+def report(path):
+    """Mean over seeds per (group, loss), and UAE minus InfoNCE paired by seed (same batches)."""
+    import numpy as np
+    from uae_fast.metrics import paired_bootstrap
+
+    recs = [json.loads(line) for line in open(path) if line.strip()]
+    done = [r for r in recs if not r.get("skipped") and "metrics" in r]
+    by = defaultdict(dict)
+    for r in done:
+        by[(r["group"], r["loss"])][r["seed"]] = r
+    base_inf = by.get(("base", "infonce"), {})
+    lines = ["| group | loss | seeds | R@1 | R@5 | MAP | MRR | UAE - InfoNCE R@1 (paired, pooled) | MAP | train s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (g, loss), runs in sorted(by.items(), key=lambda kv: (list(GROUPS).index(kv[0][0]) if kv[0][0] in GROUPS else 99, kv[0])):
+        seeds = sorted(runs)
+        m = {k: np.mean([runs[s]["metrics"][k] for s in seeds]) for k in ("Recall@1", "Recall@5", "MAP", "MRR")}
+        sd = np.std([runs[s]["metrics"]["Recall@1"] for s in seeds])
+        diff = ["", ""]
+        if loss == "uae":
+            ref = by.get((g, "infonce"), base_inf)
+            common = [s for s in seeds if s in ref]
+            if common:
+                out = []
+                for k in ("Recall@1", "MAP"):
+                    a = sum((runs[s]["per_query"][k] for s in common), [])
+                    b = sum((ref[s]["per_query"][k] for s in common), [])
+                    pb = paired_bootstrap(a, b, resamples=2000)
+                    out.append(f"{pb['diff']:+.4f} [{pb['ci95_low']:+.4f}, {pb['ci95_high']:+.4f}] p={pb['p']:.2f}"
+                               + ("" if (g, "infonce") in by else " vs base"))
+                diff = out
+        ts = np.mean([runs[s]["train_s"] for s in seeds])
+        lines.append(f"| {g} | {loss} | {len(seeds)} | {m['Recall@1']:.4f} (sd {sd:.4f}) | {m['Recall@5']:.4f} | {m['MAP']:.4f} | "
+                     f"{m['MRR']:.4f} | {diff[0]} | {diff[1]} | {ts:.0f} |")
+    skipped = [r for r in recs if r.get("skipped")]
+    if skipped:
+        lines.append(f"\n{len(skipped)} job(s) skipped at the budget: "
+                     + ", ".join(sorted({f"{r['group']}/{r['loss']}" for r in skipped})))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="folder for sweep.jsonl")
+    ap.add_argument("--report", help="print the table of a finished sweep.jsonl and exit")
+    ap.add_argument("--grid", default="main")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--train", default=None)
+    ap.add_argument("--dev", default=None)
+    ap.add_argument("--dev-limit", type=int, default=None)
+    ap.add_argument("--utilities", default=None, help="default: the shipped data/qasper-train-utilities.jsonl.gz")
+    ap.add_argument("--extra-utilities", default=None,
+                    help="a table that adds teacher rows for questions without text evidence (group 'nogold')")
+    ap.add_argument("--student", default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast (default off: fp32 like the CPU runs)")
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads per worker")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="start no job after this many seconds")
+    ap.add_argument("--tmp", default=None)
+    args = ap.parse_args(argv)
+    if args.report:
+        print(report(args.report))
+        return 0
+    if not args.out:
+        ap.error("--out is required")
+    from uae_fast.data import default_qasper_path
+    from uae_fast.training import _default_utilities
+
+    args.train = args.train or default_qasper_path("train")
+    args.dev = args.dev or default_qasper_path("dev")
+    args.utilities = args.utilities or _default_utilities()
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.deadline = time.time() + args.budget_s
+    jobs = grid(args.grid, list(range(args.seeds)), args.extra_utilities)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "sweep.jsonl")
+    print(f"{len(jobs)} jobs, {args.workers} workers, device {args.device}, budget {args.budget_s:.0f}s", flush=True)
+    t0 = time.time()
+    ctx = mp.get_context("spawn")  # CUDA in forked children is not allowed
+    with ctx.Pool(args.workers, initializer=_init, initargs=(args,)) as pool, open(path, "a") as f:
+        for r in pool.imap_unordered(_run, jobs):
+            f.write(json.dumps(r) + "\n")
+            f.flush()
+            if not r.get("skipped"):
+                m = r["metrics"]
+                print(f"[{time.time() - t0:6.0f}s] {r['group']:>8} {r['loss']:>7} seed {r['seed']}: R@1 {m['Recall@1']:.4f} "
+                      f"MAP {m['MAP']:.4f} ({r['steps']} steps, {r['train_s']:.0f}s train)", flush=True)
+    print(report(path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
