@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Seeded sweep of `uae train` settings, each trained model scored on QASPER dev (R@1, R@5, MAP, MRR).
 
-Meant for a lent GPU, where one training run of the defaults takes seconds rather than the 25 min of
-2 CPU cores: it tells which settings are worth a CPU run, and how large the seed-to-seed spread is.
+Meant for a lent GPU, where a training run of the defaults takes about a minute (six at once on an H200)
+rather than the 25 min of 2 CPU cores: it tells which settings are worth a CPU run, and how large the
+seed-to-seed spread is.
 Each job trains with :func:`uae_fast.training.train` (same code as `uae train`) and ranks every dev
 question's paper paragraphs by exact cosine (the same metric code as `uae eval`). Jobs run in
 ``--workers`` processes sharing the device; results are appended to ``OUT/sweep.jsonl`` as they finish
@@ -143,7 +144,10 @@ def report(path):
     import numpy as np
     from uae_fast.metrics import paired_bootstrap
 
-    recs = [json.loads(line) for line in open(path) if line.strip()]
+    from uae_fast.data import open_text
+
+    with open_text(path, "sweep results") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
     done = [r for r in recs if not r.get("skipped") and "metrics" in r]
     by = defaultdict(dict)
     for r in done:

@@ -1,0 +1,67 @@
+"""scripts/sweep_dev.py: its dev ranking equals `uae eval`'s, a tiny sweep runs end to end, the report pairs by seed."""
+import gzip
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from test_student import make_tiny_encoder
+from test_training import TRAIN, write_utilities
+from uae_fast.data import load_dataset
+
+HERE = os.path.dirname(__file__)
+DEV = os.path.join(HERE, "fixtures", "qasper-dev-mini.json.gz")
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
+import sweep_dev  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_encoder(tmp_path_factory.mktemp("tiny") / "enc")
+
+
+def test_dev_ranking_equals_uae_eval(tiny):
+    from uae_fast.evaluation import evaluate
+
+    sweep_dev._init(SimpleNamespace(threads=1, tf32=False, train=TRAIN, dev=DEV, dev_limit=None))
+    pq = sweep_dev._rank_dev(tiny, "cpu")
+    ref = evaluate(load_dataset(DEV), [tiny], names=["tiny"], baselines=(), device="cpu", progress=False)["systems"]["tiny"]
+    assert len(pq["MAP"]) == ref["n"]
+    for k in ("Recall@1", "Recall@5", "MAP", "MRR"):
+        assert sum(pq[k]) / len(pq[k]) == pytest.approx(ref[k], abs=1e-9), k
+
+
+def test_tiny_sweep_end_to_end(tmp_path, tiny):
+    utils = write_utilities(tmp_path / "u.jsonl.gz", load_dataset(TRAIN))
+    out = tmp_path / "out"
+    assert sweep_dev.main(["--grid", "tiny", "--out", str(out), "--train", TRAIN, "--dev", DEV, "--utilities", utils,
+                           "--student", tiny, "--device", "cpu", "--workers", "1", "--threads", "1"]) == 0
+    recs = [json.loads(x) for x in open(out / "sweep.jsonl")]
+    assert sorted(r["loss"] for r in recs) == ["infonce", "uae"]
+    n_dev = sum(1 for q in load_dataset(DEV).queries if q.gold)
+    for r in recs:
+        assert r["steps"] == 2 and len(r["per_query"]["MAP"]) == n_dev
+        assert 0 <= r["metrics"]["Recall@1"] <= r["metrics"]["Recall@5"] <= 1
+    # a zero budget skips every job and says so
+    out2 = tmp_path / "out2"
+    sweep_dev.main(["--grid", "tiny", "--out", str(out2), "--train", TRAIN, "--dev", DEV, "--utilities", utils,
+                    "--student", tiny, "--device", "cpu", "--budget-s", "0"])
+    assert all(json.loads(x).get("skipped") for x in open(out2 / "sweep.jsonl"))
+
+
+def test_report_means_and_pairs_by_seed(tmp_path):
+    def rec(loss, seed, r1):
+        return {"group": "base", "loss": loss, "seed": seed, "train_s": 1.0, "steps": 1,
+                "metrics": {"Recall@1": sum(r1) / len(r1), "Recall@5": 1.0, "MAP": sum(r1) / len(r1), "MRR": 1.0},
+                "per_query": {"Recall@1": r1, "MAP": r1}}
+    recs = [rec("uae", 0, [1, 1, 0, 0]), rec("infonce", 0, [1, 0, 0, 0]),
+            rec("uae", 1, [1, 1, 1, 0]), rec("infonce", 1, [1, 1, 0, 0])]
+    path = tmp_path / "s.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    table = sweep_dev.report(str(path))
+    uae = next(line for line in table.splitlines() if line.startswith("| base | uae |"))
+    assert "| 2 | 0.6250" in uae  # mean R@1 over the two seeds
+    assert "+0.2500 [" in uae  # UAE minus InfoNCE, 8 paired queries: (2 - 0) / 8
