@@ -39,6 +39,7 @@ GROUPS = {
     "bs32": {"batch_size": 32},
     "temp0.1": {"temperature": 0.1},
     "pp4": {"passages_per_query": 4},
+    "gate0": {"teacher_gate": 0.0},
 }
 UAE_ONLY = {  # settings that only exist for the uae loss (compared with the base infonce of the same seed)
     "lm0.25": {"label_mix": 0.25},
@@ -64,6 +65,10 @@ def grid(name: str, seeds, extra_utilities=None):
                 for u in ("lm0.25", "lm0.75", "tau1"):
                     for s in seeds[:3]:
                         jobs.append({"group": u, "loss": "uae", "seed": s, "cfg": UAE_ONLY[u]})
+    elif name == "gate":  # teacher-gated negatives vs the plain losses, seeds paired
+        for g, loss in (("base", "infonce"), ("gate0", "infonce"), ("gate0", "uae"), ("base", "uae")):
+            for s in seeds[:3]:
+                jobs.append({"group": g, "loss": loss, "seed": s, "cfg": GROUPS[g]})
     elif name == "tiny":  # a CPU smoke test of this script
         for loss in ("uae", "infonce"):
             jobs.append({"group": "base", "loss": loss, "seed": 0, "cfg": {"max_steps": 2, "batch_size": 4}})

@@ -186,6 +186,100 @@ def test_module_wraps_function():
 # ---------------------------------------------------------------------------- Triton vs torch
 # Relative to max|reference|. fp32 differs from torch only in summation order; the 16-bit rows are bounded by
 # the rounding of the returned gradients (and, on the Triton path, the 16-bit probabilities fed to tl.dot).
+def _exclusions(q, p, idx, gold, e=3):
+    """[B, e] per row: its highest-scoring non-target passages (they hold real softmax mass), -1 padded on
+    some rows: the false negatives to drop."""
+    order = (q.detach().double() @ p.detach().double().T).argsort(1, descending=True)
+    ex = torch.full((idx.shape[0], e), -1, dtype=torch.long)
+    for i in range(idx.shape[0]):
+        taken = set(idx[i][idx[i] >= 0].tolist()) | ({int(gold[i])} if gold is not None and gold[i] >= 0 else set())
+        free = [j for j in order[i].tolist() if j not in taken]
+        ex[i, : (i % (e + 1))] = torch.tensor(free[: i % (e + 1)], dtype=torch.long)
+    return ex
+
+
+def _masked_reference(q, p, idx, util, ex, tau, mix, gold, reduction):
+    """Float64 [B, N] reference with the excluded passages' scores at -inf."""
+    qd = q.detach().double().requires_grad_()
+    pd = p.detach().double().requires_grad_()
+    y = torch.zeros(qd.shape[0], pd.shape[0], dtype=torch.float64)
+    mask = torch.zeros_like(y, dtype=torch.bool)
+    for i in range(qd.shape[0]):
+        ks = [k for k in range(idx.shape[1]) if idx[i, k] >= 0]
+        w = torch.softmax(torch.tensor([float(util[i, k]) for k in ks], dtype=torch.float64), 0)
+        a = mix if gold[i] >= 0 else 0.0
+        for k, wk in zip(ks, w):
+            y[i, idx[i, k]] += (1 - a) * wk
+        if a:
+            y[i, gold[i]] += a
+        for j in ex[i].tolist():
+            if j >= 0:
+                mask[i, j] = True
+    ls = torch.log_softmax((qd @ pd.T / tau).masked_fill(mask, -math.inf), 1).masked_fill(mask, 0.0)
+    loss = -(y * ls).sum(1)
+    return M._reduce(loss, reduction), qd, pd
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_exclude_idx_matches_masked_reference(reduction):
+    q, p, idx, util, gold = _inputs()
+    ex = _exclusions(q, p, idx, gold)
+    loss = utility_infonce(q, p, idx, util, temperature=0.07, label_mix=0.3, gold_idx=gold, reduction=reduction,
+                           impl="torch", exclude_idx=ex)
+    ref, qd, pd = _masked_reference(q, p, idx, util, ex, 0.07, 0.3, gold, reduction)
+    _close(loss, ref, 2e-6, "loss")
+    gq, gp = _grads(loss, q, p)
+    rq, rp = _grads(ref, qd, pd)
+    _close(gq, rq, 2e-5, "dq")
+    _close(gp, rp, 2e-5, "dp")
+    # it changes something, and all-padding exclusions change nothing
+    plain = utility_infonce(q, p, idx, util, temperature=0.07, label_mix=0.3, gold_idx=gold, reduction=reduction, impl="torch")
+    assert not torch.allclose(plain, loss)
+    none = utility_infonce(q, p, idx, util, temperature=0.07, label_mix=0.3, gold_idx=gold, reduction=reduction,
+                           impl="torch", exclude_idx=torch.full_like(ex, -1))
+    _close(none, plain, 1e-6, "no exclusions")
+
+
+def test_exclude_idx_float64_gradcheck():
+    q, p, idx, util, gold = _inputs(b=5, n=11, d=6, k=3, dtype=torch.float64)
+    ex = _exclusions(q, p, idx, None, e=2)
+    f = lambda a, b: utility_infonce(a, b, idx, util, temperature=0.3, impl="torch", exclude_idx=ex, reduction="none")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (q, p))
+
+
+def test_exclude_idx_errors():
+    q, p, idx, util, gold = _inputs(b=4, n=9, d=8, k=3)
+    ex = _exclusions(q, p, idx, gold, e=2)
+    kw = dict(impl="torch", label_mix=0.5, gold_idx=gold)
+    clash = ex.clone(); clash[1, 0] = idx[1, 0]
+    with pytest.raises(ValueError, match=r"exclude_idx\[1, 0\] = .* is a target of row 1"):
+        utility_infonce(q, p, idx, util, exclude_idx=clash, **kw)
+    j = next(j for j in range(9) if j not in idx[2].tolist())
+    g = gold.clone(); g[2] = j; far = ex.clone(); far[2, 0] = j
+    with pytest.raises(ValueError, match="is a target of row 2"):  # the gold passage is a target too
+        utility_infonce(q, p, idx, util, exclude_idx=far, impl="torch", label_mix=0.5, gold_idx=g)
+    big = ex.clone(); big[0, 1] = 9
+    with pytest.raises(ValueError, match=r"exclude_idx\[0, 1\] = 9 is out of range"):
+        utility_infonce(q, p, idx, util, exclude_idx=big, **kw)
+    with pytest.raises(ValueError, match="exclude_idx must be"):
+        utility_infonce(q, p, idx, util, exclude_idx=ex[:2], **kw)
+    with pytest.raises(TypeError, match="exclude_idx has dtype"):
+        utility_infonce(q, p, idx, util, exclude_idx=ex.float(), **kw)
+    with pytest.raises(ValueError, match="not supported by the Triton kernels"):
+        utility_infonce(q, p, idx, util, exclude_idx=ex, impl="triton", label_mix=0.5, gold_idx=gold)
+
+
+def test_exclude_idx_dominant_false_negative_stays_exact():
+    # The excluded passage holds ~all the mass (score 60 above the target): subtracting it from a full
+    # log-sum-exp would cancel catastrophically; masking inside the sweep stays exact.
+    q = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    p = torch.tensor([[0.0, 1.0], [3.0, 0.0], [0.2, 0.1]], requires_grad=True)
+    idx, util = torch.tensor([[0]]), torch.zeros(1, 1)
+    loss = utility_infonce(q, p, idx, util, temperature=0.05, impl="torch", exclude_idx=torch.tensor([[1]]))
+    ref = -torch.log_softmax(torch.tensor([0.0, 0.2]).double() / 0.05, 0)[0]
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
+
+
 _TOL = {torch.float32: (1e-5, 3e-5), torch.float16: (1e-5, 4e-3), torch.bfloat16: (1e-5, 2.5e-2)}
 
 

@@ -1,6 +1,7 @@
 """uae train: utilities loading/validation, deterministic batches, exact resume, CLI errors."""
 import gzip
 import json
+import math
 import os
 import random
 
@@ -123,6 +124,45 @@ def test_batches_deterministic_and_targets(tmp_path, ds):
     assert [s1.batch(m).qids for m in range(2)] != [s1.batch(s1.batches_per_epoch + m).qids for m in range(2)]
     s3 = BatchSampler(ds, TrainConfig(loss="uae", batch_size=4, passages_per_query=3, seed=4), u)
     assert [s1.batch(m).qids for m in range(3)] != [s3.batch(m).qids for m in range(3)]
+
+
+@pytest.mark.parametrize("loss", ["infonce", "uae"])
+def test_teacher_gate_excludes_likely_false_negatives(tmp_path, ds, loss):
+    u, _ = load_utilities(write_utilities(tmp_path / "u.jsonl.gz", ds, gold_bonus=0.3))
+    ug = {q.id: u[q.id] for q in ds.queries if q.gold and q.id in u}
+    base = BatchSampler(ds, TrainConfig(loss=loss, batch_size=4, passages_per_query=5, seed=2), ug)
+    gate = BatchSampler(ds, TrainConfig(loss=loss, batch_size=4, passages_per_query=5, seed=2, teacher_gate=0.1), ug)
+    by_id = {q.id: q for q in ds.queries}
+    n_gated = 0
+    for m in range(base.batches_per_epoch):
+        a, b = base.batch(m), gate.batch(m)
+        assert a.qids == b.qids and a.passages == b.passages and a.exclude_idx is None  # same batches
+        for i, qid in enumerate(b.qids):
+            q, uq = by_id[qid], ug.get(qid, {})
+            text_to_pid = {ds.passages[pid].text: pid for pid in ds.pool(q)}
+            best_gold = max((uq[g] for g in q.gold if g in uq), default=None)
+            want = set() if best_gold is None else {
+                j for j, t in enumerate(b.passages)
+                if text_to_pid.get(t) in uq and text_to_pid[t] not in q.gold and uq[text_to_pid[t]] >= best_gold - 0.1}
+            got = {int(j) for j in b.exclude_idx[i] if j >= 0}
+            assert got == want
+            n_gated += len(got)
+            targets = {int(j) for j in b.target_idx[i] if j >= 0}
+            assert not (got & targets)  # a gated passage is neither target nor negative
+    assert n_gated > 0
+
+
+def test_teacher_gate_trains_and_needs_utilities(tmp_path, ds, tiny):
+    utils = write_utilities(tmp_path / "u.jsonl.gz", ds, gold_bonus=0.3)
+    cfg = TrainConfig(data=TRAIN, utilities=utils, student=tiny, loss="infonce", max_steps=2, batch_size=4,
+                      passages_per_query=4, max_passage_length=32, teacher_gate=0.5)
+    s = train(cfg, str(tmp_path / "g"), progress=False, ds=ds)
+    assert s["finished"] and math.isfinite(s["final_loss"])
+    with pytest.raises(ValueError, match="--teacher-gate needs --utilities"):
+        train(TrainConfig(data=TRAIN, student=tiny, loss="infonce", max_steps=1, teacher_gate=0.5), str(tmp_path / "h"),
+              progress=False, ds=ds)
+    with pytest.raises(ValueError, match="teacher_gate must be a finite number"):
+        TrainConfig(teacher_gate=float("nan")).check()
 
 
 def test_candidates_option_keeps_batches_of_a_smaller_table(ds):

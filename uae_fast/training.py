@@ -156,6 +156,10 @@ class TrainConfig:
     # has for it; "top:M" / "all" = ``uae score``'s policies (BM25 top-M + gold / the whole pool), so a
     # table scored with --candidates all can give teacher mass while the batches keep BM25 hard negatives.
     candidates: Optional[str] = None
+    # Teacher-gated negatives: a scored paragraph whose utility is at least (the query's best gold utility
+    # - teacher_gate) is taken out of that query's softmax (neither target nor negative): a likely false
+    # negative of single-annotator evidence. None = off. Needs utilities; works with both losses.
+    teacher_gate: Optional[float] = None
 
     def check(self) -> None:
         if self.loss not in ("uae", "infonce"):
@@ -177,6 +181,8 @@ class TrainConfig:
                 raise ValueError(f"{k} must be in [0, 1], got {v!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.teacher_gate is not None and not (isinstance(self.teacher_gate, (int, float)) and math.isfinite(self.teacher_gate)):
+            raise ValueError(f"teacher_gate must be a finite number (a utility margin), got {self.teacher_gate!r}")
         if self.candidates is not None:
             from .scoring import parse_candidates
 
@@ -196,6 +202,7 @@ class Batch:
     target_utility: torch.Tensor       # [B, K] float32
     gold_idx: torch.Tensor             # [B] long, -1 = no gold in batch
     qids: List[str] = field(default_factory=list)
+    exclude_idx: Optional[torch.Tensor] = None  # [B, E] long, -1 padded: teacher-gated passages per query
 
 
 class BatchSampler:
@@ -285,11 +292,13 @@ class BatchSampler:
                 if p not in index:
                     index[p] = len(pids)
                     pids.append(p)
-        rows_idx, rows_u, gold = [], [], []
+        rows_idx, rows_u, gold, excl = [], [], [], []
         for q, chosen in zip(queries, picks):
+            gated = self._gated(q, pids)
+            excl.append([index[p] for p in gated])
             if self.cfg.loss == "uae" and q.id in self.utilities:
                 u = self.utilities[q.id]
-                tgt = [(index[p], u[p]) for p in pids if p in u]
+                tgt = [(index[p], u[p]) for p in pids if p in u and p not in gated]
             else:
                 gs = set(q.gold)
                 tgt = [(index[p], 0.0) for p in pids if p in gs]
@@ -305,8 +314,25 @@ class BatchSampler:
         for i, (ri, ru) in enumerate(zip(rows_idx, rows_u)):
             t_idx[i, :len(ri)] = torch.tensor(ri)
             t_u[i, :len(ru)] = torch.tensor(ru)
+        ex = None
+        if self.cfg.teacher_gate is not None:
+            ex = torch.full((len(queries), max(1, max(len(e) for e in excl))), -1, dtype=torch.long)
+            for i, e in enumerate(excl):
+                ex[i, :len(e)] = torch.tensor(e, dtype=torch.long)
         return Batch([q.question for q in queries], [self.ds.passages[p].text for p in pids], t_idx, t_u,
-                     torch.tensor(gold, dtype=torch.long), [q.id for q in queries])
+                     torch.tensor(gold, dtype=torch.long), [q.id for q in queries], ex)
+
+    def _gated(self, q: Query, pids: List[str]) -> set:
+        """The batch passages the teacher rates within ``teacher_gate`` of ``q``'s best gold paragraph (not gold)."""
+        u = self.utilities.get(q.id)
+        if self.cfg.teacher_gate is None or not u or not q.gold:
+            return set()
+        gs = set(q.gold)
+        gold_u = [u[g] for g in gs if g in u]
+        if not gold_u:
+            return set()
+        thr = max(gold_u) - self.cfg.teacher_gate
+        return {p for p in pids if p in u and p not in gs and u[p] >= thr}
 
 
 # ------------------------------------------------------------------------------------- model pieces
@@ -443,6 +469,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     utilities = None
     if cfg.loss == "uae" and not cfg.utilities:
         raise ValueError("--loss uae needs --utilities FILE (from `uae score`)")
+    if cfg.teacher_gate is not None and not cfg.utilities:
+        raise ValueError("--teacher-gate needs --utilities FILE: the gate compares teacher utilities")
     if cfg.utilities:  # infonce uses it only for the candidate sets (same batches as uae)
         utilities, _ = load_utilities(cfg.utilities)
         check_utilities(utilities, ds, path=cfg.utilities, data_path=cfg.data)
@@ -509,10 +537,11 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
                 q, p = towers(qf, pf)
             q, p = q.float(), p.float()[inverse.to(device)]
             t_idx, t_u, gold = b.target_idx.to(device), b.target_utility.to(device), b.gold_idx.to(device)
-            p, t_idx, gold = gather_with_grad(p, t_idx, gold)
+            ex = None if b.exclude_idx is None else b.exclude_idx.to(device)
+            p, t_idx, gold, ex = gather_with_grad(p, t_idx, gold, ex)
             mix = cfg.label_mix if cfg.loss == "uae" else 0.0
             loss = utility_infonce(q, p, t_idx, t_u, temperature=cfg.temperature, teacher_temperature=cfg.teacher_temperature,
-                                   label_mix=mix, gold_idx=gold if mix > 0 else None)
+                                   label_mix=mix, gold_idx=gold if mix > 0 else None, exclude_idx=ex)
             (loss / cfg.grad_accum).backward()
             step_loss += float(loss.detach()) / cfg.grad_accum
         if not math.isfinite(step_loss):
@@ -590,6 +619,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--teacher-temperature", type=float, default=d.teacher_temperature,
                    help=f"teacher distribution softmax(utility / T) (default {d.teacher_temperature})")
     p.add_argument("--label-mix", type=float, default=d.label_mix, help="weight of the gold passage in the uae target")
+    p.add_argument("--teacher-gate", type=float, default=None, metavar="MARGIN",
+                   help="take each question's scored paragraphs with utility >= (its best gold's - MARGIN) out of its "
+                        "softmax: likely false negatives (both losses; needs --utilities; default off)")
     p.add_argument("--max-query-length", type=int, default=d.max_query_length)
     p.add_argument("--max-passage-length", type=int, default=d.max_passage_length)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -609,7 +641,7 @@ def _main(args) -> int:
         torch.set_num_threads(args.threads)
     data = args.data or default_qasper_path("train")
     utilities = args.utilities
-    if args.loss == "uae" and utilities is None:
+    if (args.loss == "uae" or args.teacher_gate is not None) and utilities is None:
         utilities = _default_utilities()
     cfg = TrainConfig(data=data, utilities=utilities, student=args.student, loss=args.loss,
                       epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
@@ -617,7 +649,7 @@ def _main(args) -> int:
                       weight_decay=args.weight_decay, warmup=args.warmup, temperature=args.temperature,
                       teacher_temperature=args.teacher_temperature, label_mix=args.label_mix,
                       max_query_length=args.max_query_length, max_passage_length=args.max_passage_length, seed=args.seed,
-                      candidates=args.candidates)
+                      candidates=args.candidates, teacher_gate=args.teacher_gate)
     amp = {"auto": None, "on": True, "off": False}[args.amp]
     s = train(cfg, args.out, resume=args.resume, device=args.device, amp=amp,
               gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,

@@ -192,10 +192,11 @@ def _sparse_grads(q, p, idx, w, coef, dq, dp):
 # --------------------------------------------------------------------------------------------------
 # torch path
 # --------------------------------------------------------------------------------------------------
-def _torch_sweep(q, p, idx, w, inv_tau, row_grad, need_dq, need_dp):
+def _torch_sweep(q, p, idx, w, inv_tau, row_grad, need_dq, need_dp, ex=None):
     """One pass over query chunks: per-row LSE and target score; optionally dq/dp.
 
-    ``row_grad`` None means every row's upstream gradient is 1 (the caller scales later).
+    ``row_grad`` None means every row's upstream gradient is 1 (the caller scales later). ``ex`` [B, E]
+    (-1 padded): passages set to -inf in that row's scores, i.e. out of its softmax (and gradient).
     """
     acc = w.dtype
     qa, pa = q.to(acc), p.to(acc)
@@ -212,6 +213,9 @@ def _torch_sweep(q, p, idx, w, inv_tau, row_grad, need_dq, need_dp):
         e = min(b, s + step)
         ii, ww = idx[s:e], w[s:e]
         sim = torch.mm(qa[s:e], pt, out=buf[: e - s]).mul_(inv_tau)
+        if ex is not None:  # masked in the chunk itself: exact even when the excluded passages hold ~all the mass
+            r, c = (ex[s:e] >= 0).nonzero(as_tuple=True)
+            sim[r, ex[s:e][r, c]] = -math.inf
         tgt[s:e] = (sim.gather(1, ii) * ww).sum(1)
         m = sim.amax(dim=1, keepdim=True)
         l = sim.sub_(m).exp_().sum(dim=1, keepdim=True)
@@ -231,17 +235,18 @@ def _torch_sweep(q, p, idx, w, inv_tau, row_grad, need_dq, need_dp):
 
 class _TorchInfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, p, idx, w, inv_tau, reduction):
+    def forward(ctx, q, p, idx, w, inv_tau, reduction, ex=None):
         need_dq, need_dp = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.meta = (inv_tau, reduction, q.dtype, p.dtype, q.shape[0])
         if reduction != "none" and (need_dq or need_dp):
             # Every row gets the same upstream gradient: compute the gradients now, scale them in backward.
-            lse, tgt, dq, dp = _torch_sweep(q, p, idx, w, inv_tau, None, need_dq, need_dp)
+            lse, tgt, dq, dp = _torch_sweep(q, p, idx, w, inv_tau, None, need_dq, need_dp, ex)
             ctx.unit_grads = (dq, dp)  # gradients of the summed loss; backward only scales them
             ctx.precomputed = True
         else:
-            lse, tgt, _, _ = _torch_sweep(q, p, idx, w, inv_tau, None, False, False)
+            lse, tgt, _, _ = _torch_sweep(q, p, idx, w, inv_tau, None, False, False, ex)
             ctx.save_for_backward(q, p, idx, w)
+            ctx.ex = ex
             ctx.precomputed = False
         return _reduce(lse - tgt, reduction)
 
@@ -258,10 +263,10 @@ class _TorchInfoNCE(torch.autograd.Function):
         else:
             q, p, idx, w = ctx.saved_tensors
             g = _row_grad(grad_out, reduction, b, w.dtype)
-            _, _, dq, dp = _torch_sweep(q, p, idx, w, inv_tau, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            _, _, dq, dp = _torch_sweep(q, p, idx, w, inv_tau, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.ex)
             dq = None if dq is None else dq.to(q_dtype)
             dp = None if dp is None else dp.to(p_dtype)
-        return dq, dp, None, None, None, None
+        return dq, dp, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -464,6 +469,7 @@ def utility_infonce(
     gold_idx: Optional[torch.Tensor] = None,
     reduction: str = "mean",
     impl: str = "auto",
+    exclude_idx: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Utility-modulated InfoNCE: cross-entropy of the student's softmax over all passages against the
     teacher's utility distribution over each query's targets. Never materialises the [B, N] scores.
@@ -482,6 +488,10 @@ def utility_infonce(
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` ([B] per-query losses).
         impl: ``"auto"`` (the chunked torch path, on every device: on an H200 it ran at 1.1-1.4x the naive
             time, the Triton kernels at 27-31x, see BENCHMARKS.md), ``"triton"`` or ``"torch"``.
+        exclude_idx: optional [B, E] indices into ``p`` removed from row ``i``'s softmax denominator (-1 =
+            padding): passages known not to be negatives of that query (e.g. false negatives the teacher rates
+            as useful as the gold). They must not be targets of that row. Masked to -inf inside each chunk of
+            the torch path (exact); the Triton kernels do not take it.
 
     Returns:
         The loss, float32 (float64 for float64 inputs). Differentiable in ``q`` and ``p`` (first order).
@@ -515,4 +525,26 @@ def utility_infonce(
     acc = _acc_dtype(q.dtype)
     idx, w = _teacher_weights(target_idx, target_utility, teacher_temperature, label_mix, gold_idx, acc)
     fn = _TritonInfoNCE if impl == "triton" else _TorchInfoNCE
-    return fn.apply(q, p, idx, w, 1.0 / temperature, reduction)
+    if exclude_idx is None:
+        return fn.apply(q, p, idx, w, 1.0 / temperature, reduction)
+    if impl == "triton":
+        raise ValueError("exclude_idx is not supported by the Triton kernels; use impl='torch' (or 'auto')")
+    ex = _check_exclude(exclude_idx, idx, w, q.device, p.shape[0])
+    return fn.apply(q, p, idx, w, 1.0 / temperature, reduction, ex)
+
+
+def _check_exclude(exclude_idx, idx, w, dev, n):
+    check_tensor("exclude_idx", exclude_idx, ndim=2, dtypes=INDEX_DTYPES, device=dev)
+    if exclude_idx.shape[0] != idx.shape[0]:
+        raise ValueError(f"exclude_idx must be [B, E] with B={idx.shape[0]}, got {tuple(exclude_idx.shape)}")
+    bad = (exclude_idx < -1) | (exclude_idx >= n)
+    if bool(bad.any()):
+        r, k = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"exclude_idx[{r}, {k}] = {int(exclude_idx[r, k])} is out of range: must be in [0, N={n}) or -1")
+    ex = exclude_idx.long()
+    clash = (ex[:, :, None] == idx[:, None, :]) & (w[:, None, :] > 0) & (ex >= 0)[:, :, None]
+    if bool(clash.any()):
+        r, k, _ = (int(x) for x in clash.nonzero()[0])
+        raise ValueError(f"exclude_idx[{r}, {k}] = {int(ex[r, k])} is a target of row {r}: a target cannot leave the softmax")
+    return ex
+
