@@ -135,6 +135,8 @@ def _run(job):
                      progress=False, ds=_STATE["train"])
         t_train = time.time() - t0
         pq = _rank_dev(tmp, args.device)
+    except Exception as e:  # one failing setting must not cost the lease the other jobs
+        return {**job, "error": f"{type(e).__name__}: {e}"}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     means = {k: sum(v) / len(v) for k, v in pq.items()}
@@ -180,6 +182,9 @@ def report(path):
         ts = np.mean([runs[s]["train_s"] for s in seeds])
         lines.append(f"| {g} | {loss} | {len(seeds)} | {m['Recall@1']:.4f} (sd {sd:.4f}) | {m['Recall@5']:.4f} | {m['MAP']:.4f} | "
                      f"{m['MRR']:.4f} | {diff[0]} | {diff[1]} | {ts:.0f} |")
+    failed = [r for r in recs if r.get("error")]
+    if failed:
+        lines.append(f"\n{len(failed)} job(s) failed: " + "; ".join(f"{r['group']}/{r['loss']}/{r['seed']}: {r['error']}" for r in failed))
     skipped = [r for r in recs if r.get("skipped")]
     if skipped:
         lines.append(f"\n{len(skipped)} job(s) skipped at the budget: "
@@ -234,7 +239,9 @@ def main(argv=None):
         for r in pool.imap_unordered(_run, jobs):
             f.write(json.dumps(r) + "\n")
             f.flush()
-            if not r.get("skipped"):
+            if r.get("error"):
+                print(f"[{time.time() - t0:6.0f}s] {r['group']:>8} {r['loss']:>7} seed {r['seed']}: FAILED {r['error']}", flush=True)
+            elif not r.get("skipped"):
                 m = r["metrics"]
                 print(f"[{time.time() - t0:6.0f}s] {r['group']:>8} {r['loss']:>7} seed {r['seed']}: R@1 {m['Recall@1']:.4f} "
                       f"MAP {m['MAP']:.4f} ({r['steps']} steps, {r['train_s']:.0f}s train)", flush=True)

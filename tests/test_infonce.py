@@ -269,6 +269,24 @@ def test_exclude_idx_errors():
         utility_infonce(q, p, idx, util, exclude_idx=ex, impl="triton", label_mix=0.5, gold_idx=gold)
 
 
+def test_exclude_idx_with_padded_targets_pointing_at_it():
+    # Padded target slots point at passage 0 with weight 0; excluding passage 0 must not turn 0 * -inf into
+    # NaN (found in a GPU training run). Rows 0-2 have padding, every row excludes passage 0.
+    q, p, idx, util, gold = _inputs(b=6, n=20, d=8, k=3)
+    idx[idx == 0] = 1
+    idx[:3, 2] = -1
+    ex = torch.zeros(6, 1, dtype=torch.long)
+    for reduction in ("mean", "none"):
+        loss = utility_infonce(q, p, idx, util, temperature=0.1, impl="torch", exclude_idx=ex, reduction=reduction)
+        ref, qd, pd = _masked_reference(q, p, idx, util, ex, 0.1, 0.0, torch.full((6,), -1), reduction)
+        assert loss.isfinite().all()
+        _close(loss, ref, 2e-6, "loss")
+        gq, gp = _grads(loss, q, p)
+        rq, rp = _grads(ref, qd, pd)
+        _close(gq, rq, 2e-5, "dq")
+        _close(gp, rp, 2e-5, "dp")
+
+
 def test_exclude_idx_dominant_false_negative_stays_exact():
     # The excluded passage holds ~all the mass (score 60 above the target): subtracting it from a full
     # log-sum-exp would cancel catastrophically; masking inside the sweep stays exact.

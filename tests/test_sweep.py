@@ -44,6 +44,13 @@ def test_tiny_sweep_end_to_end(tmp_path, tiny):
     for r in recs:
         assert r["steps"] == 2 and len(r["per_query"]["MAP"]) == n_dev
         assert 0 <= r["metrics"]["Recall@1"] <= r["metrics"]["Recall@5"] <= 1
+    # a failing job is recorded, and the others still run
+    out3 = tmp_path / "out3"
+    sweep_dev.main(["--grid", "tiny", "--out", str(out3), "--train", TRAIN, "--dev", DEV, "--utilities",
+                    str(tmp_path / "missing.jsonl.gz"), "--student", tiny, "--device", "cpu"])
+    recs3 = [json.loads(x) for x in open(out3 / "sweep.jsonl")]
+    assert len(recs3) == 2 and all("FileNotFoundError" in r["error"] or "missing" in r["error"] for r in recs3)
+    assert "2 job(s) failed" in sweep_dev.report(str(out3 / "sweep.jsonl"))
     # a zero budget skips every job and says so
     out2 = tmp_path / "out2"
     sweep_dev.main(["--grid", "tiny", "--out", str(out2), "--train", TRAIN, "--dev", DEV, "--utilities", utils,

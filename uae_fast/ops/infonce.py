@@ -213,10 +213,11 @@ def _torch_sweep(q, p, idx, w, inv_tau, row_grad, need_dq, need_dp, ex=None):
         e = min(b, s + step)
         ii, ww = idx[s:e], w[s:e]
         sim = torch.mm(qa[s:e], pt, out=buf[: e - s]).mul_(inv_tau)
+        tgt[s:e] = (sim.gather(1, ii) * ww).sum(1)
         if ex is not None:  # masked in the chunk itself: exact even when the excluded passages hold ~all the mass
+            # (after the target gather: padded targets point at passage 0 with weight 0, and 0 * -inf is NaN)
             r, c = (ex[s:e] >= 0).nonzero(as_tuple=True)
             sim[r, ex[s:e][r, c]] = -math.inf
-        tgt[s:e] = (sim.gather(1, ii) * ww).sum(1)
         m = sim.amax(dim=1, keepdim=True)
         l = sim.sub_(m).exp_().sum(dim=1, keepdim=True)
         lse[s:e] = (m + l.log()).squeeze(1)
