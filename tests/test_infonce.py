@@ -176,6 +176,11 @@ def test_module_wraps_function():
     out = mod(q, p, idx, util, gold)
     ref = utility_infonce(q, p, idx, util, temperature=0.1, teacher_temperature=0.5, label_mix=0.2, gold_idx=gold)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    ex = _exclusions(q, p, idx, gold)
+    out = mod(q, p, idx, util, gold, exclude_idx=ex)
+    ref = utility_infonce(q, p, idx, util, temperature=0.1, teacher_temperature=0.5, label_mix=0.2, gold_idx=gold,
+                          exclude_idx=ex)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
     with pytest.raises(ValueError, match="temperature"):
         UtilityInfoNCELoss(temperature=0.0)
     with pytest.raises(ValueError, match="label_mix"):

@@ -46,7 +46,7 @@ class UtilityInfoNCELoss(nn.Module):
                 stay local indices and are shifted for you (:func:`uae_fast.gather_with_grad`).
             impl: ``"auto"`` (the chunked torch path on every device; see ``utility_infonce``), ``"triton"`` or ``"torch"``.
 
-        Inputs (``forward(q, p, target_idx, target_utility, gold_idx=None)``):
+        Inputs (``forward(q, p, target_idx, target_utility, gold_idx=None, exclude_idx=None)``):
             +-----------------+--------------+----------------------------------------------------------+
             | argument        | shape        | meaning                                                  |
             +=================+==============+==========================================================+
@@ -59,6 +59,8 @@ class UtilityInfoNCELoss(nn.Module):
             | target_utility  | [B, K] float | teacher utility of each candidate (mean log-prob delta)  |
             +-----------------+--------------+----------------------------------------------------------+
             | gold_idx        | [B] int      | optional gold passage index into ``p`` (-1 = none)       |
+            +-----------------+--------------+----------------------------------------------------------+
+            | exclude_idx     | [B, E] int   | optional passages out of row i's softmax, -1 = pad       |
             +-----------------+--------------+----------------------------------------------------------+
 
         References:
@@ -117,11 +119,12 @@ class UtilityInfoNCELoss(nn.Module):
         target_idx: torch.Tensor,
         target_utility: torch.Tensor,
         gold_idx: Optional[torch.Tensor] = None,
+        exclude_idx: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         if self.gather_across_devices:
             from ..distributed import gather_with_grad
 
-            p, target_idx, gold_idx = gather_with_grad(p, target_idx, gold_idx)
+            p, target_idx, gold_idx, exclude_idx = gather_with_grad(p, target_idx, gold_idx, exclude_idx)
         return utility_infonce(
             q,
             p,
@@ -133,6 +136,7 @@ class UtilityInfoNCELoss(nn.Module):
             gold_idx=gold_idx,
             reduction=self.reduction,
             impl=self.impl,
+            exclude_idx=exclude_idx,
         )
 
     def get_config_dict(self) -> dict:
