@@ -225,12 +225,16 @@ static void check_array(const py::array& a, const char* name, int64_t min_items,
     if (writable) require(a.writeable(), std::string(name) + " must be writable");
 }
 
+// Largest vector dimension (2^20: far above any embedding model; 16 rows of it are 64 MiB of float32).
+// Keeps d + G, 16 * dpad and the query buffers far from int overflow.
+constexpr int kMaxDim = 1 << 20;
+
 struct Layout {
     int dtype, d, G, ng, dpad;
     int64_t pstride, panel_bytes;
     Layout(int dtype_, int d_) : dtype(dtype_), d(d_) {
         require(dtype == kF32 || dtype == kBF16 || dtype == kI8, "dtype code must be 0 (float32), 1 (bfloat16) or 2 (int8)");
-        require(d >= 1, "dim must be >= 1");
+        require(d >= 1 && d <= kMaxDim, "dim must be in [1, " + std::to_string(kMaxDim) + "], got " + std::to_string(d));
         G = group_of(dtype);
         ng = (d + G - 1) / G;
         dpad = ng * G;
@@ -587,6 +591,7 @@ PYBIND11_MODULE(_topk, m) {
     m.def("set_isa", &set_isa, py::arg("name"), "Force a kernel set at or below the CPU's best ('best' restores it); for tests");
     m.def("available_isas", &available_isas, "Kernel sets this CPU can run");
     m.def("panel_rows", []() { return (int)kPanel; });
+    m.attr("max_dim") = kMaxDim;
     m.def("layout", [](int dtype, int d) {
         const Layout L(dtype, d);
         return py::make_tuple(L.dpad, L.panel_bytes);

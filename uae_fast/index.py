@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -61,11 +62,22 @@ def _is_torch(x) -> bool:
     return t.__module__.startswith("torch") and t.__name__ in ("Tensor", "Parameter")
 
 
+def _check_torch_storage(name: str, x) -> None:
+    """Tensors whose values cannot be read as a dense array get one clear line, not a torch internals error."""
+    import torch
+
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (shape only, no data): pass a CPU or CUDA tensor")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} is a {str(x.layout).replace('torch.', '')} tensor: pass a dense tensor (x.to_dense())")
+
+
 def _as_f32_2d(name: str, x, dim: int) -> np.ndarray:
     """Any numpy array / torch tensor of floats, any contiguity -> C-contiguous float32 [m, dim], finite."""
     if _is_torch(x):
         import torch
 
+        _check_torch_storage(name, x)
         if not x.is_floating_point():
             raise TypeError(f"{name} must hold floating-point values, got torch dtype {str(x.dtype).replace('torch.', '')}")
         arr = x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
@@ -97,7 +109,9 @@ def _normalize(name: str, x: np.ndarray) -> np.ndarray:
 
 
 def _as_ids(ids, m: int) -> np.ndarray:
+    """Explicit ids -> int64 [m], each >= 0 and unique within the batch (uniqueness against the index: _take_ids)."""
     if _is_torch(ids):
+        _check_torch_storage("ids", ids)
         ids = ids.detach().cpu().numpy()
     if not isinstance(ids, np.ndarray):
         raise TypeError(f"ids must be a numpy array or a torch tensor of integers, got {type(ids).__name__}")
@@ -110,7 +124,19 @@ def _as_ids(ids, m: int) -> np.ndarray:
     out = ids.astype(np.int64)
     if out.size and int(out.min()) < 0:
         raise ValueError("ids must be >= 0 (-1 marks a missing result)")
+    dup = _first_duplicate(out)
+    if dup is not None:
+        raise ValueError(f"ids holds {dup} more than once: every stored vector needs its own id")
     return out
+
+
+def _first_duplicate(ids: np.ndarray) -> Optional[int]:
+    """A value occurring twice in ``ids``, or None. O(n) for increasing ids (the usual case), else a sort."""
+    if ids.size < 2 or bool(np.all(ids[1:] > ids[:-1])):
+        return None
+    s = np.sort(ids)
+    same = np.flatnonzero(s[1:] == s[:-1])
+    return int(s[same[0]]) if same.size else None
 
 
 def _check_k(k, ntotal: int) -> int:
@@ -124,12 +150,26 @@ def _check_k(k, ntotal: int) -> int:
     return k
 
 
+def _check_candidates(candidates) -> Optional[int]:
+    if candidates is None:
+        return None
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
+        raise ValueError(f"candidates must be a positive int or None, got {candidates!r}")
+    return int(candidates)  # no upper bound: search keeps min(candidates, ntotal)
+
+
 def _check_threads(threads) -> Optional[int]:
     if threads is None:
         return None
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise ValueError(f"threads must be a positive int or None (all cores), got {threads!r}")
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= 65536:
+        raise ValueError(f"threads must be a positive int (<= 65536) or None (all cores), got {threads!r}")
     return int(threads)
+
+
+def _why(e: BaseException) -> str:
+    """Last line of a (FAISS C++) exception message: the reason, without the C++ stack context."""
+    lines = str(e).strip().splitlines()
+    return lines[-1] if lines else type(e).__name__
 
 
 def _aligned_zeros(nbytes: int, dtype=np.uint8) -> np.ndarray:
@@ -184,7 +224,11 @@ def _write_file(path: str, meta: dict, sections: dict) -> None:
             os.remove(tmp)
 
 
-def _read_file(path: str, mmap: bool, verify: Optional[bool]):
+def _read_file(path: str, mmap: bool, verify: Optional[bool], body: Tuple[str, ...] = ()):
+    """(header dict, {section name: array}). Every section's crc32 is checked, except those named in
+    ``body`` (the bulk vector data, memory-mapped), which are checked only when ``verify`` (default:
+    ``not mmap``, since that reads the whole file). Anything malformed raises one ValueError."""
+
     def corrupt(why):
         return ValueError(f"{path} is not a valid uae_fast index file ({why})")
 
@@ -198,34 +242,25 @@ def _read_file(path: str, mmap: bool, verify: Optional[bool]):
             raise corrupt("bad magic bytes")
         if hlen > min(size, 1 << 24):
             raise corrupt("header length out of range")
-        body = f.read(hlen)
-    if len(body) != hlen:
+        raw = f.read(hlen)
+    if len(raw) != hlen:
         raise corrupt("truncated header")
-    if zlib.crc32(body) & 0xFFFFFFFF != hcrc:
+    if zlib.crc32(raw) & 0xFFFFFFFF != hcrc:
         raise corrupt("header checksum mismatch")
     try:
-        header = json.loads(body)
-    except ValueError as e:
-        raise corrupt(f"unreadable header: {e}") from None
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # RecursionError: crafted deep nesting
+        raise corrupt(f"unreadable header: {type(e).__name__}: {e}") from None
     if not isinstance(header, dict) or header.get("format") != _FORMAT:
         raise corrupt(f"unsupported format version {header.get('format') if isinstance(header, dict) else None!r}")
     start = _PREFIX.size + hlen
-    verify = (not mmap) if verify is None else verify
+    verify_body = (not mmap) if verify is None else bool(verify)
     arrays = {}
     secs = header.get("sections")
     if not isinstance(secs, dict):
         raise corrupt("no section table")
     for name, s in secs.items():
-        try:
-            off, nbytes, shape = int(s["offset"]), int(s["nbytes"]), tuple(int(v) for v in s["shape"])
-            dt = np.dtype(s["dtype"])
-            crc = int(s["crc32"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise corrupt(f"section {name!r}: {e}") from None
-        if off < 0 or nbytes < 0 or any(v < 0 for v in shape) or dt.hasobject:
-            raise corrupt(f"section {name!r} has a negative size or an object dtype")
-        if int(np.prod(shape, dtype=np.int64)) * dt.itemsize != nbytes:
-            raise corrupt(f"section {name!r}: shape {shape} x {dt} != {nbytes} bytes")
+        off, nbytes, shape, dt, crc = _section_entry(name, s, corrupt)
         if start + off + nbytes > size:
             raise corrupt(f"truncated: section {name!r} ends at byte {start + off + nbytes}, file has {size}")
         if nbytes == 0:
@@ -234,10 +269,35 @@ def _read_file(path: str, mmap: bool, verify: Optional[bool]):
             arr = np.memmap(path, dtype=dt, mode="r", offset=start + off, shape=shape)
         else:
             arr = np.fromfile(path, dtype=dt, count=nbytes // dt.itemsize, offset=start + off).reshape(shape)
-        if verify and zlib.crc32(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))) & 0xFFFFFFFF != crc:
+        if (verify_body or name not in body) and zlib.crc32(memoryview(arr.reshape(-1).view(np.uint8))) & 0xFFFFFFFF != crc:
             raise corrupt(f"section {name!r} checksum mismatch")
         arrays[name] = arr
     return header, arrays
+
+
+def _section_entry(name, s, corrupt):
+    """(offset, nbytes, shape, dtype, crc32) of one section-table entry, all in range, or ValueError."""
+    try:
+        off, nbytes, crc = (_json_int(s[key]) for key in ("offset", "nbytes", "crc32"))
+        shape = tuple(_json_int(v) for v in s["shape"])
+        dt = np.dtype(s["dtype"]) if isinstance(s["dtype"], str) else None
+    except (KeyError, TypeError, ValueError) as e:
+        raise corrupt(f"section {name!r}: {type(e).__name__}: {e}") from None
+    # Only the plain numeric dtypes the writer produces: no objects, records, strings or odd sizes.
+    if dt is None or dt.kind not in "iuf" or dt.itemsize not in (1, 2, 4, 8):
+        raise corrupt(f"section {name!r} has an unsupported dtype {s['dtype']!r}")
+    if off < 0 or nbytes < 0 or not 0 <= crc <= 0xFFFFFFFF or any(v < 0 for v in shape) or len(shape) > 8:
+        raise corrupt(f"section {name!r} has a negative size or offset, or a bad shape or checksum")
+    if math.prod(shape) * dt.itemsize != nbytes:  # Python ints: no int64 wrap-around for crafted shapes
+        raise corrupt(f"section {name!r}: shape {shape} x {dt} != {nbytes} bytes")
+    return off, nbytes, shape, dt, crc
+
+
+def _json_int(v) -> int:
+    """A header integer: a JSON int (not a bool, float or string), so crafted values fail as TypeError."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"expected an integer, got {v!r}"[:200])
+    return v
 
 
 # ---- the index -----------------------------------------------------------------------------------
@@ -292,10 +352,7 @@ class TopKIndex:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
         self.dtype = _DTYPE_ALIASES.get(dtype, dtype)
         self._code = _DTYPES[self.dtype]
-        self.candidates = candidates
-        bad_int = isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer))
-        if candidates is not None and (bad_int or candidates < 1):
-            raise ValueError(f"candidates must be a positive int or None, got {candidates!r}")
+        self.candidates = _check_candidates(candidates)
         if refine and self.dtype != "int8":
             raise ValueError(f"refine=True is for dtype='int8' (got dtype={self.dtype!r})")
         self.refine = bool(refine)
@@ -309,8 +366,9 @@ class TopKIndex:
         self._ids = np.zeros(0, np.int64)
 
     def _init_common(self, dim, metric, backend, threads):
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        max_dim = _ext().max_dim
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= max_dim:
+            raise ValueError(f"dim must be a positive int <= {max_dim}, got {dim!r}")
         if metric not in _METRICS:
             raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
         self.dim = int(dim)
@@ -320,6 +378,7 @@ class TopKIndex:
         # add() mutates; search() snapshots under the lock and runs without it (concurrent searches).
         self._lock = threading.Lock()
         self._force_threads = False  # tests: use exactly `threads` even for tiny searches
+        self._next_id = 0  # 1 + the largest id ever stored: default ids start here, so they never repeat one
 
     # -- common API ------------------------------------------------------------------------------
 
@@ -354,8 +413,20 @@ class TopKIndex:
         arr = _as_f32_2d(name, x, self.dim)
         return _normalize(name, arr) if self.metric == "cosine" else arr
 
-    def _new_ids(self, ids, m: int) -> np.ndarray:
-        return np.arange(self._n, self._n + m, dtype=np.int64) if ids is None else _as_ids(ids, m)
+    def _take_ids(self, ids: Optional[np.ndarray], m: int) -> np.ndarray:
+        """Ids for ``m`` new vectors (``ids``: checked explicit ids, or None for defaults). Call with the
+        lock held: it reads and advances the id counter, so concurrent adds never share an id."""
+        if ids is None:
+            if self._next_id + m - 1 > np.iinfo(np.int64).max:
+                raise ValueError(f"no default ids left after id {self._next_id - 1}: pass explicit ids")
+            ids = np.arange(self._next_id, self._next_id + m, dtype=np.int64)
+        elif m and int(ids.min()) < self._next_id and self._n:  # could repeat a stored id: check them
+            taken = np.isin(ids, self._ids[: self._n])
+            if taken.any():
+                raise ValueError(f"id {int(ids[np.argmax(taken)])} is already in the index: ids must be unique")
+        if m:
+            self._next_id = max(self._next_id, int(ids.max()) + 1)
+        return ids
 
     # -- native backend --------------------------------------------------------------------------
 
@@ -393,13 +464,19 @@ class TopKIndex:
         self._data, self._scales, self._rowsums, self._ids = data, scales, rowsums, ids
 
     def add(self, x, ids=None) -> None:
-        """Add vectors ``x`` [n, dim] (or one [dim] vector) with optional int64 ``ids`` (default: 0, 1, ...)."""
+        """Add vectors ``x`` [n, dim] (or one [dim] vector) with optional int64 ``ids``.
+
+        Ids are unique: default ids continue after the largest id stored so far (0, 1, ... for an index
+        built with default ids only); explicit ids must be >= 0 and new, else ValueError (checking them
+        costs O(n) only when they are not all larger than every stored id).
+        """
         arr = self._prepare("x", x)
         m = arr.shape[0]
-        new_ids = self._new_ids(ids, m)
+        ids = None if ids is None else _as_ids(ids, m)
         if m == 0:
             return
         with self._lock:
+            new_ids = self._take_ids(ids, m)
             self._reserve(self._n + m)
             _ext().pack(self._code, arr, self._data, self._scales, self._rowsums, self._n, self._resid, self._rscales)
             self._ids[self._n : self._n + m] = new_ids
@@ -417,7 +494,7 @@ class TopKIndex:
             n, data, scales, rowsums, ids = self._n, self._data, self._scales, self._rowsums, self._ids
             resid, rscales = self._resid, self._rscales
         k = _check_k(k, n)
-        cand = self.candidates if self.candidates is not None else max(2 * k, k + 32)
+        cand = min(n, self.candidates if self.candidates is not None else max(2 * k, k + 32))
         threads = self._threads or _ext().max_threads()
         scores, pos = _ext().search(self._code, self.dim, data, scales, rowsums, n, q, k, int(cand), threads,
                                     resid=resid, rscales=rscales, force_threads=self._force_threads)
@@ -460,25 +537,32 @@ class TopKIndex:
         """Open an index written by :meth:`save`.
 
         ``mmap=True`` maps the vectors read-only (opens instantly, pages load on first search; the
-        first ``add`` copies them into memory). ``verify`` checks every section's crc32 (default:
-        only when ``mmap=False``, since it reads the whole file). Corrupt or truncated files raise
-        ValueError.
+        first ``add`` copies them into memory). The header, the ids and every other small section
+        (int8 scales, the FAISS blob) are always checked against their crc32; ``verify`` also checks
+        the vector data (default: only when ``mmap=False``, since that reads the whole file). A
+        corrupt or truncated file raises ValueError ("... is not a valid uae_fast index file ...").
         """
         path = os.fspath(path)
-        header, arrays = _read_file(path, mmap, verify)
+        header, arrays = _read_file(path, mmap, verify, body=("data", "resid"))
 
         def corrupt(why):
             return ValueError(f"{path} is not a valid uae_fast index file ({why})")
 
         try:
             backend, metric = header["backend"], header["metric"]
-            dim, ntotal = int(header["dim"]), int(header["ntotal"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise corrupt(f"missing field {e}") from None
+            dim, ntotal = _json_int(header["dim"]), _json_int(header["ntotal"])
+        except (KeyError, TypeError) as e:
+            raise corrupt(f"missing or bad field {e}") from None
         if backend not in _BACKENDS or metric not in _METRICS or dim < 1 or ntotal < 0:
             raise corrupt("bad backend, metric, dim or ntotal")
-        if "ids" not in arrays or arrays["ids"].shape != (ntotal,) or arrays["ids"].dtype != np.int64:
+        ids = arrays.get("ids")
+        if ids is None or ids.shape != (ntotal,) or ids.dtype != np.int64:
             raise corrupt("ids section does not match ntotal")
+        if ntotal and int(ids.min()) < 0:
+            raise corrupt("ids section holds a negative id")
+        dup = _first_duplicate(ids)
+        if dup is not None:
+            raise corrupt(f"ids section holds id {dup} more than once")
         if backend == "faiss":
             return FaissTopKIndex._from_file(header, arrays, threads, corrupt)
         dtype = header.get("dtype")
@@ -486,7 +570,7 @@ class TopKIndex:
             raise corrupt(f"unknown dtype {dtype!r}")
         try:
             index = TopKIndex(dim, dtype=dtype, metric=metric, threads=threads, candidates=header.get("candidates"),
-                              refine=bool(header.get("refine", False)))
+                              refine=header.get("refine", False) is True)
         except (TypeError, ValueError) as e:
             raise corrupt(str(e)) from None
         panels = -(-ntotal // 16)
@@ -505,7 +589,8 @@ class TopKIndex:
                     or re.dtype != np.int8 or rsc.dtype != np.float32):
                 raise corrupt("int8 refine sections missing or mis-sized")
             index._resid, index._rscales = re, rsc
-        index._data, index._ids, index._n = data, arrays["ids"], ntotal
+        index._data, index._ids, index._n = data, ids, ntotal
+        index._next_id = int(ids.max()) + 1 if ntotal else 0
         return index
 
 
@@ -553,11 +638,15 @@ class FaissTopKIndex(TopKIndex):
             try:
                 _index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
             except RuntimeError as e:
-                raise ValueError(f"FAISS rejected factory {factory!r}: {str(e).strip().splitlines()[-1]}") from None
+                raise ValueError(f"FAISS rejected factory {factory!r}: {_why(e)}") from None
         self._cpu_index = _index
         self._index = self._maybe_gpu(_index, gpu)
         self._n = int(_index.ntotal)
         self._ids = np.zeros(0, np.int64)
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                      or not 1 <= value < 2**31):
+                raise ValueError(f"{name} must be a positive int (< 2**31) or None, got {value!r}")
         self.nprobe, self.ef_search = nprobe, ef_search
         self._apply_params()
 
@@ -613,19 +702,20 @@ class FaissTopKIndex(TopKIndex):
             try:
                 self._index.train(arr)
             except RuntimeError as e:
-                why = str(e).strip().splitlines()[-1]
+                why = _why(e)
                 raise ValueError(f"FAISS training failed for {self.factory!r} on {arr.shape[0]} vectors: {why}") from None
 
     def add(self, x, ids=None) -> None:
         arr = self._prepare("x", x)
         m = arr.shape[0]
-        new_ids = self._new_ids(ids, m)
+        ids = None if ids is None else _as_ids(ids, m)
         if m == 0:
             return
         if not self._index.is_trained:
             self.train(arr)
         self._set_threads()
         with self._lock:
+            new_ids = self._take_ids(ids, m)
             self._index.add(arr)
             self._ids = np.concatenate([self._ids[: self._n], new_ids])
             self._n += m
@@ -651,7 +741,7 @@ class FaissTopKIndex(TopKIndex):
         try:
             return self._cpu_index_synced().reconstruct_n(start, stop - start)
         except RuntimeError as e:
-            raise ValueError(f"FAISS index {self.factory!r} cannot reconstruct vectors: {str(e).strip().splitlines()[-1]}") from None
+            raise ValueError(f"FAISS index {self.factory!r} cannot reconstruct vectors: {_why(e)}") from None
 
     def save(self, path) -> None:
         path = os.fspath(path)
@@ -667,15 +757,19 @@ class FaissTopKIndex(TopKIndex):
         blob = arrays.get("faiss")
         if blob is None or blob.dtype != np.uint8 or blob.ndim != 1:
             raise corrupt("faiss section missing")
-        try:
+        try:  # the blob passed its crc32: only a crafted file (or a FAISS version change) gets here
             index = faiss.deserialize_index(np.ascontiguousarray(blob))
-        except RuntimeError as e:
-            raise corrupt(f"FAISS could not read its section: {str(e).strip().splitlines()[-1]}") from None
+        except (RuntimeError, MemoryError, ValueError) as e:
+            raise corrupt(f"FAISS could not read its section: {_why(e)}") from None
         if index.d != int(header["dim"]) or index.ntotal != int(header["ntotal"]):
             raise corrupt("FAISS section does not match the header's dim/ntotal")
-        out = cls(
-            int(header["dim"]), metric=header["metric"], factory=str(header.get("factory", "Flat")), threads=threads,
-            nprobe=header.get("nprobe"), ef_search=header.get("ef_search"), _index=index,
-        )
+        try:
+            out = cls(
+                int(header["dim"]), metric=header["metric"], factory=str(header.get("factory", "Flat")), threads=threads,
+                nprobe=header.get("nprobe"), ef_search=header.get("ef_search"), _index=index,
+            )
+        except (TypeError, ValueError) as e:
+            raise corrupt(str(e)) from None
         out._ids = np.array(arrays["ids"], dtype=np.int64)
+        out._next_id = int(out._ids.max()) + 1 if out._n else 0
         return out
