@@ -272,6 +272,72 @@ def test_custom_ids_and_cosine(rng):
     assert len(index) == 120
 
 
+@pytest.mark.parametrize("backend", ["native", "faiss"])
+def test_default_ids_never_repeat_explicit_ones(backend, tmp_path, rng):
+    """#19 defect 4: after add(x, ids=[3, 4, 5]) a plain add(y) got 3, 4, 5 again."""
+    x = rng.standard_normal((12, 8)).astype(np.float32)
+    index = TopKIndex(8, backend=backend)
+    index.add(x[:3], ids=np.array([3, 4, 5]))
+    index.add(x[3:5])  # default ids continue after the largest stored id
+    np.testing.assert_array_equal(index.ids if backend == "native" else index._ids, [3, 4, 5, 6, 7])
+    index.add(x[5:7], ids=np.array([0, 100]))  # explicit ids below the counter are fine when new
+    index.add(x[7:8])
+    stored = index.ids if backend == "native" else index._ids
+    np.testing.assert_array_equal(stored, [3, 4, 5, 6, 7, 0, 100, 101])
+    # Collisions with stored ids, or within one call, are refused and change nothing.
+    with pytest.raises(ValueError, match="id 4 is already in the index"):
+        index.add(x[8:10], ids=np.array([200, 4]))
+    with pytest.raises(ValueError, match="ids holds 9 more than once"):
+        index.add(x[8:10], ids=np.array([9, 9]))
+    assert len(index) == 8
+    # Every search hit maps back to its own vector.
+    _, got = index.search(x[:8], 1)
+    np.testing.assert_array_equal(got[:, 0], stored)
+    # The counter survives save/load (it is 1 + the largest stored id).
+    index.save(tmp_path / "ix.uae")
+    loaded = TopKIndex.load(tmp_path / "ix.uae")
+    loaded.add(x[8:9])
+    assert int((loaded.ids if backend == "native" else loaded._ids)[-1]) == 102
+    # The largest int64 id leaves no default ids: a clear error, not a wrap to negative ids.
+    full = TopKIndex(8, backend=backend)
+    full.add(x[:1], ids=np.array([2**63 - 1]))
+    with pytest.raises(ValueError, match="no default ids left"):
+        full.add(x[1:2])
+
+
+def test_concurrent_adds_never_share_an_id(rng):
+    """#19 defect 4: _new_ids read the count outside the lock (1 collision in ~2,000 adds)."""
+    import sys
+
+    index = TopKIndex(4)
+    x = rng.standard_normal((1, 4)).astype(np.float32)
+    errors = []
+
+    def worker(t):
+        try:
+            for i in range(150):
+                if t == 0 and i % 10 == 0:
+                    index.add(x, ids=np.array([10**6 + i]))  # explicit ids move the counter too
+                else:
+                    index.add(x)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: makes a read-then-lock race show
+    try:
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors
+    assert len(index) == 8 * 150
+    assert np.unique(index.ids).size == len(index)
+
+
 # ---- save / load -------------------------------------------------------------------------------------
 
 
@@ -405,6 +471,16 @@ def test_bad_input_raises_clear_errors(rng):
         (ValueError, "ids must have shape", lambda: index.add(q, ids=np.arange(3))),
         (TypeError, "ids must hold integers", lambda: index.add(q, ids=np.ones(2))),
         (ValueError, "ids must be >= 0", lambda: index.add(q, ids=np.array([0, -1]))),
+        (ValueError, "more than once", lambda: index.add(q, ids=np.array([20, 20]))),
+        (ValueError, "already in the index", lambda: index.add(q, ids=np.array([20, 3]))),
+        (ValueError, "meta tensor", lambda: index.add(torch.ones(2, 8, device="meta"))),
+        (ValueError, "meta tensor", lambda: index.search(torch.ones(2, 8, device="meta"), 1)),
+        (ValueError, "meta tensor", lambda: index.add(q, ids=torch.ones(2, dtype=torch.long, device="meta"))),
+        (TypeError, "dense tensor", lambda: index.add(torch.ones(2, 8).to_sparse())),
+        (ValueError, "dim must be a positive int <= 1048576", lambda: TopKIndex(2**31)),
+        (ValueError, "dim must be a positive int <= 1048576", lambda: TopKIndex(2**20 + 1)),
+        (ValueError, "threads must be a positive int", lambda: TopKIndex(8, threads=2**40)),
+        (ValueError, "nprobe must be", lambda: TopKIndex(8, backend="faiss", nprobe=2**40)),
         (ValueError, "dtype must be one of", lambda: TopKIndex(8, dtype="float16")),
         (ValueError, "metric must be one of", lambda: TopKIndex(8, metric="l2")),
         (ValueError, "dim must be a positive int", lambda: TopKIndex(0)),
@@ -420,6 +496,19 @@ def test_bad_input_raises_clear_errors(rng):
         with pytest.raises(exc, match=msg):
             fn()
     assert len(index) == 10  # failed adds changed nothing
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_huge_candidates_mean_all_vectors(dtype, rng):
+    """#19 defect 10: candidates=2**40 raised a raw pybind TypeError; it now means "rescore everything"."""
+    x = rng.standard_normal((50, 16)).astype(np.float32)
+    q = rng.standard_normal((3, 16)).astype(np.float32)
+    huge = TopKIndex(16, dtype=dtype, candidates=2**40)
+    every = TopKIndex(16, dtype=dtype, candidates=50)
+    huge.add(x)
+    every.add(x)
+    for a, b in zip(huge.search(q, 5), every.search(q, 5)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_extension_backstop_rejects_bad_buffers():
@@ -445,6 +534,8 @@ def test_extension_backstop_rejects_bad_buffers():
         _topk.pack(0, np.zeros((1, 64), np.float32), ro, none_f, none_i, 0)
     with pytest.raises(ValueError, match="dtype code"):
         _topk.search(7, 64, data, none_f, none_i, 16, q, 1, 1, 1)
+    with pytest.raises(ValueError, match="dim must be in"):
+        _topk.layout(0, _topk.max_dim + 1)
     with pytest.raises(ValueError, match="not supported|unknown"):
         _topk.set_isa("avx9000")
 

@@ -5,6 +5,8 @@ instead of a shape error deep inside a kernel (or, worse, a silent wrong number)
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, Optional
 
 import torch
@@ -21,9 +23,16 @@ def check_tensor(
     dtypes: Optional[Iterable[torch.dtype]] = None,
     device: Optional[torch.device] = None,
 ) -> torch.Tensor:
-    """Type, rank, dtype and device checks with messages that name ``name``."""
+    """Type, rank, dtype and device checks with messages that name ``name``.
+
+    Meta tensors (shapes without data) and sparse/quantised layouts are rejected: no op can read them.
+    Index tensors of any width are fine; compare them via ``.long()`` (a uint8/int16 tensor compared with
+    a Python int wraps the int to its own dtype: ``uint8 < -1`` and ``int16 >= 49152`` are wrong).
+    """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} is a {str(t.layout).replace('torch.', '')} tensor; pass a dense tensor (.to_dense())")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.dim() not in allowed:
@@ -35,7 +44,38 @@ def check_tensor(
             raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected one of {names}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}; move all inputs to one device")
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (shape only, no data): pass real CPU or CUDA tensors")
     return t
+
+
+def check_scalar(name: str, value, *, dtype: torch.dtype = torch.float32, allow_none: bool = False) -> None:
+    """A temperature-like number: real, finite, > 0, and a normal number of ``dtype`` (the compute dtype)
+    so that neither it nor ``1 / value`` over- or underflows there (1e-46 is 0 in float32, 1e39 is inf)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number{' or None' if allow_none else ''}, got {type(value).__name__}")
+    fi = torch.finfo(dtype)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0{' or None' if allow_none else ''}, got {value}")
+    if not fi.tiny <= value <= fi.max:
+        raise ValueError(
+            f"{name} must be in [{fi.tiny:.3g}, {fi.max:.3g}] (the op computes in {str(dtype)[6:]}, where "
+            f"{name} and 1/{name} must stay finite and nonzero), got {value}"
+        )
+
+
+def check_result(result: torch.Tensor, message: str, **inputs: Optional[torch.Tensor]) -> None:
+    """Output safety net of the ops: from finite inputs a non-finite result means fp overflow (huge inputs
+    or scales). Names a non-finite input if there is one (check_finite), else raises ``message``;
+    never returns a silent NaN/inf. O(result) plus one host sync."""
+    if bool(torch.isfinite(result).all()):
+        return
+    for name, t in inputs.items():
+        if t is not None:
+            check_finite(name, t)
+    raise ValueError(message)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

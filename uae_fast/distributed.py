@@ -88,7 +88,7 @@ def gather_with_grad(passages: torch.Tensor, *indices: Optional[torch.Tensor], g
     for i, t in enumerate(indices):
         if t is not None:
             check_tensor(f"indices[{i}]", t, dtypes=INDEX_DTYPES, device=passages.device)
-            if t.numel() and bool(((t < -1) | (t >= passages.shape[0])).any()):
+            if t.numel() and bool(((t.long() < -1) | (t.long() >= passages.shape[0])).any()):  # long: no uint8/int16 wrap
                 raise ValueError(
                     f"indices[{i}] has values outside [-1, {passages.shape[0]}): they must index the LOCAL passages "
                     "(gather_with_grad shifts them to the gathered tensor itself)"

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._checks import check_scalar
 from ..ops.infonce import utility_infonce
 
 
@@ -96,10 +97,8 @@ class UtilityInfoNCELoss(nn.Module):
         self.gather_across_devices = gather_across_devices
         self.impl = impl
         # Fail at construction, not at the first training step.
-        for name in ("temperature", "teacher_temperature"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"{name} must be a number > 0, got {v!r}")
+        for name in ("temperature", "teacher_temperature"):  # the op checks again against its compute dtype
+            check_scalar(name, getattr(self, name), dtype=torch.float64)
         if not isinstance(label_mix, (int, float)) or not 0.0 <= label_mix <= 1.0:
             raise ValueError(f"label_mix must be a number in [0, 1], got {label_mix!r}")
         if reduction not in ("mean", "sum", "none"):

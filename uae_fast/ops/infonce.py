@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_finite, check_tensor, resolve_impl
+from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_finite, check_result, check_scalar, check_tensor, resolve_impl
 
 try:  # Triton is a hard dependency on CUDA machines, optional for the torch path.
     import triton
@@ -84,19 +84,19 @@ def _validate(q, p, target_idx, target_utility, temperature, teacher_temperature
     if target_utility.requires_grad:
         raise ValueError("target_utility requires grad, but teacher utilities are targets, not parameters; pass target_utility.detach()")
     for name, val in (("temperature", temperature), ("teacher_temperature", teacher_temperature)):
-        if not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0:
-            raise ValueError(f"{name} must be a finite number > 0, got {val!r}")
+        check_scalar(name, val, dtype=_acc_dtype(q.dtype))
     if not isinstance(label_mix, (int, float)) or not (0.0 <= label_mix <= 1.0):
         raise ValueError(f"label_mix must be a number in [0, 1], got {label_mix!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
-    valid = target_idx >= 0
-    bad = (target_idx < -1) | (target_idx >= n)
+    t = target_idx.long()  # narrow dtypes would wrap -1 and N in the comparisons (uint8 < -1 is always True)
+    valid = t >= 0
+    bad = (t < -1) | (t >= n)
     if bool(bad.any()):
         r, k = (int(x) for x in bad.nonzero()[0])
         raise ValueError(
-            f"target_idx[{r}, {k}] = {int(target_idx[r, k])} is out of range: indices must be in [0, N={n}) or -1 for padding"
+            f"target_idx[{r}, {k}] = {int(t[r, k])} is out of range: indices must be in [0, N={n}) or -1 for padding"
         )
     empty = ~valid.any(dim=1)
     if bool(empty.any()):
@@ -110,10 +110,11 @@ def _validate(q, p, target_idx, target_utility, temperature, teacher_temperature
         check_tensor("gold_idx", gold_idx, ndim=1, dtypes=INDEX_DTYPES, device=dev)
         if gold_idx.shape[0] != b:
             raise ValueError(f"gold_idx must be [B] with B={b}, got {tuple(gold_idx.shape)}")
-        bad = (gold_idx < -1) | (gold_idx >= n)
+        g = gold_idx.long()
+        bad = (g < -1) | (g >= n)
         if bool(bad.any()):
             r = int(bad.nonzero()[0, 0])
-            raise ValueError(f"gold_idx[{r}] = {int(gold_idx[r])} is out of range: must be in [0, N={n}) or -1 (no gold)")
+            raise ValueError(f"gold_idx[{r}] = {int(g[r])} is out of range: must be in [0, N={n}) or -1 (no gold)")
     elif label_mix > 0:
         raise ValueError(f"label_mix={label_mix} > 0 mixes in the gold passage, so gold_idx ([B] indices into p) is required")
     check_finite("q", q)
@@ -267,6 +268,7 @@ class _TorchInfoNCE(torch.autograd.Function):
             _, _, dq, dp = _torch_sweep(q, p, idx, w, inv_tau, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.ex)
             dq = None if dq is None else dq.to(q_dtype)
             dp = None if dp is None else dp.to(p_dtype)
+        _check_grads(dq, dp)
         return dq, dp, None, None, None, None, None
 
 
@@ -452,7 +454,10 @@ class _TritonInfoNCE(torch.autograd.Function):
         dq = _triton_dq(q, p, lse, g, inv_tau) if need_dq else None
         dp = _triton_dp(q, p, lse, g, inv_tau) if need_dp else None
         _sparse_grads(q, p, idx, w, g * inv_tau, dq, dp)
-        return (None if dq is None else dq.to(q.dtype)), (None if dp is None else dp.to(p.dtype)), None, None, None, None
+        dq = None if dq is None else dq.to(q.dtype)
+        dp = None if dp is None else dp.to(p.dtype)
+        _check_grads(dq, dp)
+        return dq, dp, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,22 +532,41 @@ def utility_infonce(
     idx, w = _teacher_weights(target_idx, target_utility, teacher_temperature, label_mix, gold_idx, acc)
     fn = _TritonInfoNCE if impl == "triton" else _TorchInfoNCE
     if exclude_idx is None:
-        return fn.apply(q, p, idx, w, 1.0 / temperature, reduction)
+        return _checked(fn.apply(q, p, idx, w, 1.0 / temperature, reduction), q, p)
     if impl == "triton":
         raise ValueError("exclude_idx is not supported by the Triton kernels; use impl='torch' (or 'auto')")
     ex = _check_exclude(exclude_idx, idx, w, q.device, p.shape[0])
-    return fn.apply(q, p, idx, w, 1.0 / temperature, reduction, ex)
+    return _checked(fn.apply(q, p, idx, w, 1.0 / temperature, reduction, ex), q, p)
+
+
+def _overflow(what, dtype):
+    return (f"utility_infonce: the {what} overflowed (q . p / temperature too large for {str(dtype)[6:]}): "
+            f"check the scale of q and p and the temperature")
+
+
+def _checked(loss, q, p):
+    """The same contract as token_logprobs: a clear error, never a NaN/inf loss (finite inputs whose scores
+    overflow fp32, e.g. embeddings ~1e20). Checked on the returned loss: one non-finite row makes it non-finite."""
+    check_result(loss.detach(), _overflow("loss", _acc_dtype(q.dtype)), q=q, p=p)
+    return loss
+
+
+def _check_grads(*grads):
+    """Gradients carry a 1/temperature factor and can overflow while the loss is finite: same error."""
+    for t in grads:
+        if t is not None:
+            check_result(t, _overflow("gradient", t.dtype))
 
 
 def _check_exclude(exclude_idx, idx, w, dev, n):
     check_tensor("exclude_idx", exclude_idx, ndim=2, dtypes=INDEX_DTYPES, device=dev)
     if exclude_idx.shape[0] != idx.shape[0]:
         raise ValueError(f"exclude_idx must be [B, E] with B={idx.shape[0]}, got {tuple(exclude_idx.shape)}")
-    bad = (exclude_idx < -1) | (exclude_idx >= n)
+    ex = exclude_idx.long()
+    bad = (ex < -1) | (ex >= n)
     if bool(bad.any()):
         r, k = (int(x) for x in bad.nonzero()[0])
-        raise ValueError(f"exclude_idx[{r}, {k}] = {int(exclude_idx[r, k])} is out of range: must be in [0, N={n}) or -1")
-    ex = exclude_idx.long()
+        raise ValueError(f"exclude_idx[{r}, {k}] = {int(ex[r, k])} is out of range: must be in [0, N={n}) or -1")
     clash = (ex[:, :, None] == idx[:, None, :]) & (w[:, None, :] > 0) & (ex >= 0)[:, :, None]
     if bool(clash.any()):
         r, k, _ = (int(x) for x in clash.nonzero()[0])

@@ -23,7 +23,16 @@ from typing import Optional
 
 import torch
 
-from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_finite, check_no_grad, check_tensor, resolve_impl
+from .._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_finite,
+    check_no_grad,
+    check_result,
+    check_scalar,
+    check_tensor,
+    resolve_impl,
+)
 
 # Torch path tile: logits of one [token chunk x vocab block] live at once. 16 MiB of fp32 is
 # ~1% of the naive [N, V] matrices at SmolLM2's shape (N=4096, V=49152: 2 x 805 MB) and, being
@@ -145,15 +154,6 @@ def _torch_rows(h, weight, t, b, ignore_index, softcap, temperature, logp_out, l
     torch.logical_and(valid, tgt >= m, out=greedy_out)
 
 
-def _check_scalar(name, value, *, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number{' or None' if allow_none else ''}, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0{' or None' if allow_none else ''}, got {value}")
-
-
 def _check_finite_lowmem(name: str, x: torch.Tensor) -> None:
     """check_finite without its ~6 bytes/element of temporaries (173 MB for SmolLM2's head).
 
@@ -185,8 +185,6 @@ def _validate(hidden, weight, targets, bias, ignore_index, softcap, temperature)
     if hidden.dim() < 1:
         raise ValueError(f"hidden must have shape [..., D], got a 0-d tensor")
     dev = hidden.device
-    if dev.type == "meta":
-        raise ValueError("hidden is a meta tensor (no data): pass real CPU or CUDA tensors")
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
     check_tensor("targets", targets, dtypes=INDEX_DTYPES, device=dev)
     if weight.dtype != hidden.dtype:
@@ -210,10 +208,11 @@ def _validate(hidden, weight, targets, bias, ignore_index, softcap, temperature)
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -(2**31) <= int(ignore_index) < 2**31:
         raise ValueError(f"ignore_index must fit in int32, got {ignore_index}")
-    _check_scalar("softcap", softcap, allow_none=True)
-    _check_scalar("temperature", temperature)
+    cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    check_scalar("softcap", softcap, dtype=cdt, allow_none=True)
+    check_scalar("temperature", temperature, dtype=cdt)
     v = weight.shape[0]
-    t = targets.long() if targets.dtype == torch.uint8 else targets
+    t = targets.long()  # narrow dtypes would wrap v and ignore_index in the comparisons below
     bad = (t != ignore_index) & ((t < 0) | (t >= v))
     if bool(bad.any()):  # one host sync for the whole range check
         first = t[bad][0].item()
@@ -228,14 +227,12 @@ def _validate(hidden, weight, targets, bias, ignore_index, softcap, temperature)
 def _check_result(lse, hidden, weight, bias):
     # Cheap O(N) safety net: a non-finite input the pre-checks missed, or fp32 overflow of a logit,
     # shows up as a non-finite log-sum-exp. Name the culprit rather than return a wrong number.
-    if bool(torch.isfinite(lse).all()):
-        return
-    _CHECKED_WEIGHTS.clear()
-    check_finite("hidden", hidden)
-    check_finite("weight", weight)
-    if bias is not None:
-        check_finite("bias", bias)
-    raise ValueError("the log-sum-exp overflowed (logits too large for fp32): check the scale of hidden and weight")
+    try:
+        check_result(lse, "the log-sum-exp overflowed (logits too large for fp32): check the scale of hidden and weight",
+                     hidden=hidden, weight=weight, bias=bias)
+    except ValueError:
+        _CHECKED_WEIGHTS.clear()  # the cached "weight is finite" may be what was wrong
+        raise
 
 
 def token_logprobs(
