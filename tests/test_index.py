@@ -317,7 +317,8 @@ def test_concurrent_adds_never_share_an_id(rng):
         try:
             for i in range(150):
                 if t == 0 and i % 10 == 0:
-                    index.add(x, ids=np.array([10**6 + i]))  # explicit ids move the counter too
+                    # Explicit ids move the counter (the first) or take the collision check (the rest, below it).
+                    index.add(x, ids=np.array([10**12 - i]))
                 else:
                     index.add(x)
         except Exception as e:  # pragma: no cover - reported below

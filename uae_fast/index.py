@@ -45,6 +45,11 @@ _ALIGN = 64
 _DTYPES = {"float32": 0, "bfloat16": 1, "int8": 2}
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "i8": "int8"}
 _METRICS = ("ip", "cosine")
+# Scores are float32. |q . x| <= |q| |x| bounds every score and partial sum, so below this product no
+# score can overflow (with room for the rounding of compact storage); above it search raises instead of
+# ranking infs and NaNs.
+_SCORE_BOUND = 1e38
+_BF16_MAX = 3.3895313892515355e38  # largest finite bfloat16: anything larger is stored as inf
 _BACKENDS = ("native", "faiss")
 
 
@@ -98,6 +103,10 @@ def _as_f32_2d(name: str, x, dim: int) -> np.ndarray:
     if bad:
         raise ValueError(f"{name} contains {bad} NaN or inf value(s) (after conversion to float32)")
     return arr
+
+
+def _max_norm(x: np.ndarray) -> float:
+    return float(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64).max())) if x.size else 0.0
 
 
 def _normalize(name: str, x: np.ndarray) -> np.ndarray:
@@ -379,6 +388,7 @@ class TopKIndex:
         self._lock = threading.Lock()
         self._force_threads = False  # tests: use exactly `threads` even for tiny searches
         self._next_id = 0  # 1 + the largest id ever stored: default ids start here, so they never repeat one
+        self._max_norm: Optional[float] = 0.0  # largest stored |x| (None: unknown, a file from before it was saved)
 
     # -- common API ------------------------------------------------------------------------------
 
@@ -411,7 +421,26 @@ class TopKIndex:
 
     def _prepare(self, name: str, x) -> np.ndarray:
         arr = _as_f32_2d(name, x, self.dim)
+        if self.dtype == "bfloat16" and arr.size and float(np.abs(arr).max()) > _BF16_MAX:
+            raise ValueError(f"{name} holds values beyond bfloat16's range (|v| <= {_BF16_MAX:.4g}): rescale, or use dtype='float32'")
         return _normalize(name, arr) if self.metric == "cosine" else arr
+
+    def _grow_max_norm(self, arr: np.ndarray) -> None:
+        """With the lock held, after storing ``arr``."""
+        if self._max_norm is not None:
+            self._max_norm = max(self._max_norm, 1.0 if self.metric == "cosine" else _max_norm(arr))
+
+    def _check_score_range(self, q: np.ndarray, max_norm: Optional[float]) -> None:
+        bound = (1.0 if self.metric == "cosine" else _max_norm(q)) * (max_norm or 0.0)
+        if bound > _SCORE_BOUND:
+            raise ValueError(f"scores could overflow float32: |query| x |stored vector| reaches {bound:.3g} "
+                             f"(> {_SCORE_BOUND:.0e}); rescale the embeddings (or use metric='cosine')")
+
+    @staticmethod
+    def _check_scores(scores: np.ndarray) -> None:
+        # Backstop for indexes whose largest norm is unknown: never return an overflowed ranking.
+        if not bool(np.isfinite(scores).all()):
+            raise ValueError("scores overflowed float32 (inf or NaN inner products): rescale the embeddings")
 
     def _take_ids(self, ids: Optional[np.ndarray], m: int) -> np.ndarray:
         """Ids for ``m`` new vectors (``ids``: checked explicit ids, or None for defaults). Call with the
@@ -480,6 +509,7 @@ class TopKIndex:
             self._reserve(self._n + m)
             _ext().pack(self._code, arr, self._data, self._scales, self._rowsums, self._n, self._resid, self._rscales)
             self._ids[self._n : self._n + m] = new_ids
+            self._grow_max_norm(arr)
             self._n += m
 
     def search(self, queries, k: int) -> Tuple:
@@ -492,12 +522,14 @@ class TopKIndex:
         q = self._prepare("queries", queries)
         with self._lock:  # snapshot: a concurrent add() never changes what this search reads
             n, data, scales, rowsums, ids = self._n, self._data, self._scales, self._rowsums, self._ids
-            resid, rscales = self._resid, self._rscales
+            resid, rscales, max_norm = self._resid, self._rscales, self._max_norm
         k = _check_k(k, n)
+        self._check_score_range(q, max_norm)
         cand = min(n, self.candidates if self.candidates is not None else max(2 * k, k + 32))
         threads = self._threads or _ext().max_threads()
         scores, pos = _ext().search(self._code, self.dim, data, scales, rowsums, n, q, k, int(cand), threads,
                                     resid=resid, rscales=rscales, force_threads=self._force_threads)
+        self._check_scores(scores)  # k <= n: a -1 (score -inf) only ever comes from a NaN score
         out_ids = np.where(pos >= 0, ids[np.maximum(pos, 0)], -1) if n else pos
         return _wrap(like_torch, scores, out_ids.astype(np.int64, copy=False))
 
@@ -511,7 +543,8 @@ class TopKIndex:
         return rows[start:]
 
     def _meta(self) -> dict:
-        return {"backend": self.backend, "dim": self.dim, "metric": self.metric, "dtype": self.dtype, "ntotal": self._n}
+        return {"backend": self.backend, "dim": self.dim, "metric": self.metric, "dtype": self.dtype, "ntotal": self._n,
+                "max_norm": self._max_norm}
 
     def save(self, path) -> None:
         """Write the index to ``path`` (atomically: a temporary file renamed over it)."""
@@ -560,11 +593,17 @@ class TopKIndex:
             raise corrupt("ids section does not match ntotal")
         if ntotal and int(ids.min()) < 0:
             raise corrupt("ids section holds a negative id")
+        max_norm = header.get("max_norm")  # absent in files from before it was saved: unknown
+        if max_norm is not None and (isinstance(max_norm, bool) or not isinstance(max_norm, (int, float))
+                                     or not 0 <= max_norm < math.inf):
+            raise corrupt(f"bad max_norm {max_norm!r}")
         dup = _first_duplicate(ids)
         if dup is not None:
             raise corrupt(f"ids section holds id {dup} more than once")
         if backend == "faiss":
-            return FaissTopKIndex._from_file(header, arrays, threads, corrupt)
+            out = FaissTopKIndex._from_file(header, arrays, threads, corrupt)
+            out._max_norm = max_norm
+            return out
         dtype = header.get("dtype")
         if dtype not in _DTYPES:
             raise corrupt(f"unknown dtype {dtype!r}")
@@ -591,6 +630,7 @@ class TopKIndex:
             index._resid, index._rscales = re, rsc
         index._data, index._ids, index._n = data, ids, ntotal
         index._next_id = int(ids.max()) + 1 if ntotal else 0
+        index._max_norm = max_norm
         return index
 
 
@@ -718,18 +758,21 @@ class FaissTopKIndex(TopKIndex):
             new_ids = self._take_ids(ids, m)
             self._index.add(arr)
             self._ids = np.concatenate([self._ids[: self._n], new_ids])
+            self._grow_max_norm(arr)
             self._n += m
 
     def search(self, queries, k: int) -> Tuple:
         like_torch = _is_torch(queries)
         q = self._prepare("queries", queries)
         with self._lock:
-            n, ids = self._n, self._ids
+            n, ids, max_norm = self._n, self._ids, self._max_norm
         k = _check_k(k, n)
+        self._check_score_range(q, max_norm)
         self._set_threads()
         scores, pos = self._index.search(q, k)
         scores = np.ascontiguousarray(scores, dtype=np.float32)
         miss = pos < 0
+        self._check_scores(scores[~miss])
         out_ids = np.where(miss, -1, ids[np.where(miss, 0, pos)]).astype(np.int64)
         scores[miss] = -np.inf
         return _wrap(like_torch, scores, out_ids)
