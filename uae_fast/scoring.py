@@ -258,20 +258,22 @@ def _finalize(partial: str, out: str) -> None:
 
 
 def _maybe_test_kill(f, payload: bytes, n_groups_done: int) -> None:
-    """Crash-safety test hook: ``UAE_TEST_KILL_AFTER=N[:torn]`` SIGKILLs this process (a real ``kill -9``)
-    once N groups are on disk, optionally after writing half of the next group's bytes."""
+    """Crash-safety test hook: ``UAE_TEST_KILL_AFTER=N[:torn][:int]`` sends this process SIGKILL (a real
+    ``kill -9``; ``int``: SIGINT, a Ctrl-C) once N groups are on disk, optionally after writing half of the
+    next group's bytes."""
     spec = os.environ.get("UAE_TEST_KILL_AFTER")
     if not spec:
         return
-    n, _, mode = spec.partition(":")
+    n, *modes = spec.split(":")
     if n_groups_done == int(n):
-        if mode == "torn":
+        if "torn" in modes:
             f.write(payload[: len(payload) // 2])
             f.flush()
             os.fsync(f.fileno())
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGINT if "int" in modes else signal.SIGKILL)
+        time.sleep(5)  # the signal lands here
 
 
 def _student_name(student) -> str:
