@@ -78,23 +78,25 @@ def _describe(e: BaseException) -> str:
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from packages or paths, never a hub
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    command = None
     try:
+        parser = build_parser()  # imports torch: a Ctrl-C here is an interrupt too, not a traceback
+        args = parser.parse_args(argv)
+        command = args.command
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         if os.environ.get("UAE_DEBUG") == "1":
             raise
-        hint = "; rerun with --resume to continue where it stopped" if args.command in ("train", "score") else ""
-        print(f"\nuae {args.command}: interrupted{hint}", file=sys.stderr)
+        hint = "; rerun with --resume to continue where it stopped" if command in ("train", "score") else ""
+        print(f"\nuae{' ' + command if command else ''}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as e:
         if os.environ.get("UAE_DEBUG") == "1":
             raise
-        print(f"uae {args.command}: error: {_describe(e)}", file=sys.stderr)
+        print(f"uae {command}: error: {_describe(e)}", file=sys.stderr)
         return 1
 
 
