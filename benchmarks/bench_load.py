@@ -103,7 +103,7 @@ def main() -> None:
                             "--reps", str(args.reps)], env=env, capture_output=True, text=True, check=True)
         results[label] = json.loads(r.stdout.strip().splitlines()[-1])
     rows = []
-    print(f"| workload | other process | OMP_WAIT_POLICY | threads | median s | min s | vs PASSIVE |")
+    print("| workload | other process | OMP_WAIT_POLICY | threads | median s | min s | vs PASSIVE |")
     print("|---|---|---|---:|---:|---:|---:|")
     for load in ("alone", "busy"):
         for name in results["PASSIVE"][load]:

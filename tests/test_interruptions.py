@@ -16,35 +16,17 @@ import time
 import pytest
 import torch
 
-from test_student import make_tiny_encoder
-from test_teacher import byte_tokenizer, tiny_llama
-from test_training import write_utilities
+from test_reliability_cli import utils  # noqa: F401 (fixtures, shared with the tests they come from)
+from test_scoring import ds, scorer, teacher_dir  # noqa: F401
+from test_training import tiny  # noqa: F401
 from uae_fast.cli import main
-from uae_fast.data import load_dataset
 from uae_fast.scoring import score_dataset
-from uae_fast.teacher import UtilityScorer
 from uae_fast.training import latest_checkpoint
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
 DATA = os.path.join(HERE, "fixtures", "qasper-train-mini.json.gz")
 SEED = int(os.environ.get("UAE_TEST_SEED", random.randrange(10**6)))
-SCORE_OPTS = dict(max_passage_tokens=48, max_answer_tokens=12)
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return load_dataset(DATA)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_encoder(tmp_path_factory.mktemp("tiny") / "enc")
-
-
-@pytest.fixture(scope="module")
-def utils(tmp_path_factory, ds):
-    return write_utilities(tmp_path_factory.mktemp("u") / "u.jsonl.gz", ds)
 
 
 def in_process(argv):
@@ -140,20 +122,8 @@ def test_train_signalled_at_random_times_resumes_exactly(tmp_path, tiny, utils, 
 
 
 # ------------------------------------------------------------------------------------- uae score
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_teacher")
-    tiny_llama().save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def scorer(teacher_dir):
-    # token_budget=1: one row per forward, so no number depends on how rows were batched across runs
-    return UtilityScorer.from_pretrained(teacher_dir, device="cpu", token_budget=1, **SCORE_OPTS)
-
-
+# test_scoring's `scorer` runs with token_budget=1 (one row per forward), so no number depends on how rows
+# were batched across runs, and the options below.
 def score_argv(teacher_dir, out):
     return ["score", "--out", str(out), "--data", DATA, "--teacher", teacher_dir, "--candidates", "top:2",
             "--max-passage-tokens", "48", "--max-answer-tokens", "12", "--token-budget", "1", "--group", "1",

@@ -12,8 +12,7 @@ import shutil
 import pytest
 import torch
 
-from test_student import make_tiny_encoder
-from test_training import write_utilities
+from test_training import ds, tiny, write_utilities  # noqa: F401 (ds, tiny: fixtures)
 from uae_fast.cli import main
 from uae_fast.data import load_dataset
 from uae_fast.training import TrainConfig, _checkpoints, _save_checkpoint, latest_checkpoint, train
@@ -21,16 +20,6 @@ from uae_fast.training import TrainConfig, _checkpoints, _save_checkpoint, lates
 HERE = os.path.dirname(__file__)
 TRAIN = os.path.join(HERE, "fixtures", "qasper-train-mini.json.gz")
 TINY_RUN = dict(max_steps=4, batch_size=4, passages_per_query=3, max_passage_length=32, lr=1e-3, seed=1)
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return load_dataset(TRAIN)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_encoder(tmp_path_factory.mktemp("tiny") / "enc")
 
 
 @pytest.fixture(scope="module")

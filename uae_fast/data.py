@@ -251,9 +251,9 @@ def _qasper_from_dict(raw: dict, name: str, path: Optional[str] = None) -> Retri
 
 
 # ------------------------------------------------------------------------------------- JSONL
-def _jsonl_records(path: str) -> Iterator[Tuple[int, dict]]:
-    """``(line number, record)``; blank lines skipped, anything but a JSON object per line is an error."""
-    for n, line in read_lines(path):
+def jsonl_records(path: str, what: str = "data file") -> Iterator[Tuple[int, dict]]:
+    """``(line number, record)`` of a JSONL file; blank lines skipped, anything but a JSON object per line is an error."""
+    for n, line in read_lines(path, what):
         if line.strip():
             try:
                 rec = json.loads(line)
@@ -269,7 +269,7 @@ def _from_jsonl(path: str) -> RetrievalDataset:
     queries: List[Query] = []
     p_line: Dict[str, int] = {}
     q_line: Dict[str, int] = {}
-    for n, rec in _jsonl_records(path):
+    for n, rec in jsonl_records(path):
         where = f"{path}:{n}"
         kind = rec.get("type")
         if kind not in ("passage", "query"):

@@ -47,7 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .data import RetrievalDataset, Query, default_qasper_path, load_dataset, read_lines
+from .data import RetrievalDataset, Query, default_qasper_path, jsonl_records, load_dataset
 
 DEFAULT_UTILITIES = os.path.join("data", "qasper-train-utilities.jsonl.gz")
 _STATE_FILE = "trainer_state.pt"
@@ -65,7 +65,7 @@ def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
     sums: Dict[str, Dict[str, List[float]]] = {}
     header: dict = {"partial": True} if partial else {}
     try:
-        for n, rec in (_partial_records(path) if partial else _jsonl_lines(path)):
+        for n, rec in (_partial_records(path) if partial else jsonl_records(path, "utilities file")):
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{n}: each line must be a JSON object")
             if "qid" not in rec and "pid" not in rec:
@@ -90,17 +90,6 @@ def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
             raise ValueError(f"{path}: no complete query scored yet")
         raise ValueError(f"{path}: no utility rows (need JSON lines with qid, pid, utility)")
     return {q: {p: sum(v) / len(v) for p, v in d.items()} for q, d in sums.items()}, header
-
-
-def _jsonl_lines(path: str):
-    """``(line number, record)`` of a JSONL file, blank lines skipped."""
-    for n, line in read_lines(path, "utilities file"):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
 
 
 def _partial_records(path: str):
