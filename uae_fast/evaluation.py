@@ -400,6 +400,8 @@ def _main(args) -> int:
     from .cli import set_threads
 
     set_threads(args.threads)
+    if args.json and os.path.isdir(args.json):  # fail before the evaluation, not after it
+        raise ValueError(f"--json {args.json} is a directory; give a file path")
     ds = load_dataset(args.data or default_qasper_path("dev"))
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     result = evaluate(ds, args.model, names=args.name, baselines=baselines, student=args.student, teacher=args.teacher,

@@ -211,7 +211,9 @@ def _recover(partial: str, header: dict) -> Tuple[set, int, int]:
         return set(), -1, 0
     try:
         old = json.loads(data[:nl])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return set(), -1, 0
+    if not isinstance(old, dict):
         return set(), -1, 0
     diff = [k for k in _COMPAT_KEYS if old.get(k) != header.get(k)]
     if diff or old.get("shard") != header.get("shard"):
@@ -226,8 +228,10 @@ def _recover(partial: str, header: dict) -> Tuple[set, int, int]:
             break  # torn last line
         try:
             row = json.loads(data[pos:end])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             break
+        if not isinstance(row, dict) or "qid" not in row:
+            break  # not a row this writer wrote: keep what precedes it
         pending += 1
         pos = end + 1
         if row.get("cand") == row.get("n_cand", 0) - 1:

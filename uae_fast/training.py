@@ -166,8 +166,8 @@ class TrainConfig:
                 ("teacher_gate",) if self.teacher_gate is not None else ()):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                what = "a utility margin" if k == "teacher_gate" else "a number"
-                raise ValueError(f"{k} must be a finite number ({what}), got {v!r}")
+                what = " (a utility margin)" if k == "teacher_gate" else ""
+                raise ValueError(f"{k} must be a finite number{what}, got {v!r}")
         for k in ("epochs", "lr", "temperature", "teacher_temperature"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"{k} must be a number > 0, got {getattr(self, k)!r}")
@@ -613,7 +613,13 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     if resume and ckpt is None and rank == 0:
         print(f"uae train: --resume but no checkpoint under {out_dir}/checkpoints; starting from scratch", file=sys.stderr)
     if ckpt is not None:
-        state = torch.load(os.path.join(ckpt, _STATE_FILE), map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(os.path.join(ckpt, _STATE_FILE), map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or not {"config", "step", "optimizer", "scheduler", "rng"} <= state.keys():
+                raise KeyError("not a trainer state")
+        except Exception as e:  # a checkpoint damaged after it was written (disk, copy)
+            raise ValueError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                             f"delete it to resume from the previous one") from None
         changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if k not in _RESUME_FREE and getattr(cfg, k, v) != v}
         if state.get("world_size", 1) != world:  # each rank's slice of a global batch depends on the world size
             changed["world_size"] = (state.get("world_size", 1), world)
