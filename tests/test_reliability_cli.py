@@ -358,3 +358,19 @@ def test_one_run_per_out_folder(tmp_path, ds, tiny, utils, capsys):
     capsys.readouterr()
     rc = main(["train", "--data", TRAIN, "--utilities", utils, "--student", tiny, "--out", str(mine), "--no-progress"])
     assert "--overwrite" in one_error_line(capsys, rc, "train")
+
+
+def test_damaged_checkpoint_and_output_paths_are_one_line(tmp_path, capsys, ds, tiny, utils):
+    cfg = TrainConfig(data=TRAIN, utilities=utils, student=tiny, **TINY_RUN)
+    out = tmp_path / "run"
+    train(cfg, str(out), save_every=2, stop_after=2, progress=False, ds=ds)
+    (out / "checkpoints" / "step-000002" / "trainer_state.pt").write_bytes(b"damaged on disk")
+    capsys.readouterr()
+    rc = main(["train", "--data", TRAIN, "--utilities", utils, "--student", tiny, "--out", str(out), "--resume",
+               "--max-steps", "4", "--batch-size", "4", "--passages-per-query", "3", "--max-passage-length", "32",
+               "--lr", "1e-3", "--seed", "1", "--no-progress"])
+    assert "step-000002 is unreadable" in one_error_line(capsys, rc, "train")
+    rc = main(["eval", "--data", TRAIN, "--baselines", "bm25", "--json", str(tmp_path), "--no-progress"])
+    got = capsys.readouterr()
+    assert rc == 1 and got.err.strip().splitlines() == [f"uae eval: error: --json {tmp_path} is a directory; give a file path"]
+    assert got.out == ""  # refused before any evaluation ran (no table printed)
