@@ -135,11 +135,12 @@ def test_cli_directory_as_data(tmp_path, capsys, tiny, utils):
     assert "is a directory" in line and not out.exists()
 
 
-NUMERIC = [("--weight-decay", "nan"), ("--weight-decay", "inf"), ("--weight-decay", "-0.1"), ("--lr", "nan"),
-           ("--lr", "inf"), ("--lr", "0"), ("--epochs", "nan"), ("--temperature", "-inf"), ("--teacher-temperature", "nan"),
-           ("--label-mix", "nan"), ("--warmup", "inf"), ("--teacher-gate", "nan"), ("--batch-size", "0"),
-           ("--max-steps", "-1"), ("--seed", "-1"), ("--threads", "-1"), ("--threads", "0"), ("--save-every", "0"),
-           ("--keep-checkpoints", "-1"), ("--stop-after", "0"), ("--device", "cuda:99"), ("--device", "bogus")]
+NUMERIC = [("--weight-decay", "nan"), ("--weight-decay", "inf"), ("--weight-decay", "-0.1"), ("--weight-decay", "1e300"),
+           ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--lr", "1e38"), ("--epochs", "nan"),
+           ("--temperature", "-inf"), ("--teacher-temperature", "nan"), ("--label-mix", "nan"), ("--warmup", "inf"),
+           ("--teacher-gate", "nan"), ("--batch-size", "0"), ("--max-steps", "-1"), ("--seed", "-1"), ("--threads", "-1"),
+           ("--threads", "0"), ("--save-every", "0"), ("--keep-checkpoints", "-1"), ("--stop-after", "0"),
+           ("--device", "cuda:99"), ("--device", "bogus")]
 
 
 @pytest.mark.parametrize("opt,value", NUMERIC)
@@ -235,11 +236,11 @@ def test_cli_sets_passive_openmp_before_torch():
     import subprocess
     import sys
 
-    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); import uae_fast.cli; "
-            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import os, sys; import uae_fast.cli; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "HF_HUB_DISABLE_PROGRESS_BARS")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert r.stdout.split() == ["PASSIVE", "False"], r.stderr
+    assert r.stdout.split() == ["PASSIVE", "1", "False"], r.stderr
 
 
 # ------------------------------------------------------------------------------------- numeric config
@@ -374,3 +375,22 @@ def test_damaged_checkpoint_and_output_paths_are_one_line(tmp_path, capsys, ds, 
     got = capsys.readouterr()
     assert rc == 1 and got.err.strip().splitlines() == [f"uae eval: error: --json {tmp_path} is a directory; give a file path"]
     assert got.out == ""  # refused before any evaluation ran (no table printed)
+
+
+def test_cli_diverging_run_is_one_line_even_with_progress_bars(tmp_path, capsys, tiny, utils, monkeypatch):
+    # The error comes from inside the training loop while uae's progress bar is drawn: the bar is erased, so
+    # the terminal shows exactly the one error line (a bar redraws its line with \r, never with \n).
+    import transformers.utils.logging as hf_logging
+
+    monkeypatch.setattr(hf_logging, "_tqdm_active", False)  # as HF_HUB_DISABLE_PROGRESS_BARS=1 from the CLI does
+    monkeypatch.setattr(TrainConfig, "check", lambda self: None)  # let a NaN weight decay through to the loop
+    out = tmp_path / "run"
+    rc = main(["train", "--data", TRAIN, "--utilities", utils, "--student", tiny, "--out", str(out), "--max-steps", "3",
+               "--batch-size", "4", "--passages-per-query", "3", "--max-passage-length", "32", "--weight-decay", "nan",
+               "--save-every", "1"])
+    err = capsys.readouterr().err
+    shown = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]  # what a terminal shows of each line
+    shown = [line for line in shown if line.strip()]
+    assert rc == 1 and len(shown) == 1 and shown[0].startswith("uae train: error: "), repr(err)
+    assert "NaN/inf weights after step 1" in shown[0] and "\r" in err  # a bar was drawn, then erased
+    assert latest_checkpoint(str(out)) is None and not (out / "model.safetensors").exists()

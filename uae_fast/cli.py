@@ -23,6 +23,9 @@ from typing import Optional
 # core, which made a teacher forward ~10x slower on a busy 2-core machine. Passive threads sleep when
 # idle and cost ~nothing when the machine is free (benchmarks/bench_load.py). An explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# transformers' own "Loading weights" / "Writing model shards" bars would surround every message (and every
+# error line) with noise; uae's progress bars (--no-progress turns them off) say what is running.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # Modules that contribute a subcommand, in the order shown by --help.
 _SUBCOMMANDS = ["uae_fast.scoring", "uae_fast.training", "uae_fast.evaluation", "uae_fast.quickstart"]
@@ -76,6 +79,17 @@ def _describe(e: BaseException) -> str:
     return f"internal error ({type(e).__name__}: {msg}); please report it (UAE_DEBUG=1 shows the traceback)"
 
 
+def _clear_progress_bars() -> None:
+    """Erase open tqdm bars, so an error or interrupt message stands on its own line."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from packages or paths, never a hub
     command = None
@@ -90,12 +104,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         if os.environ.get("UAE_DEBUG") == "1":
             raise
+        _clear_progress_bars()
         hint = "; rerun with --resume to continue where it stopped" if command in ("train", "score") else ""
-        print(f"\nuae{' ' + command if command else ''}: interrupted{hint}", file=sys.stderr)
+        print(f"uae{' ' + command if command else ''}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as e:
         if os.environ.get("UAE_DEBUG") == "1":
             raise
+        _clear_progress_bars()
         print(f"uae {command}: error: {_describe(e)}", file=sys.stderr)
         return 1
 

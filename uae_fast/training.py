@@ -174,8 +174,11 @@ class TrainConfig:
         for k in ("label_mix", "warmup"):
             if not 0 <= getattr(self, k) <= 1:
                 raise ValueError(f"{k} must be in [0, 1], got {getattr(self, k)!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        # AdamW works in float32: beyond these bounds its step arithmetic overflows (a RuntimeError, not a NaN)
+        if self.lr > 10:
+            raise ValueError(f"lr must be in (0, 10], got {self.lr!r}")
+        if not 0 <= self.weight_decay <= 1000:
+            raise ValueError(f"weight_decay must be in [0, 1000], got {self.weight_decay!r}")
         if self.candidates is not None:
             from .scoring import parse_candidates
 
