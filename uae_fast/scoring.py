@@ -255,6 +255,8 @@ def _finalize(partial: str, out: str) -> None:
                 if not buf:
                     break
                 dst.write(buf)
+        with open(tmp, "rb") as f:  # on disk before it is published
+            os.fsync(f.fileno())
         os.replace(tmp, out)
         os.remove(partial)
     else:
