@@ -104,6 +104,37 @@ def check_no_grad(op: str, **tensors: torch.Tensor) -> None:
             )
 
 
+def resolve_device(device=None) -> torch.device:
+    """``device`` as a torch.device (None = CUDA when available, else CPU).
+
+    A device this machine cannot use (``cuda`` on a CPU-only build or without a GPU, an index past the
+    last GPU, a malformed string, ``meta``) is a ValueError here, not an assertion deep inside torch.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"device {device!r} is not a valid torch device ({e})") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "meta":
+        raise ValueError("device 'meta' holds no data; use cpu or cuda")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is available on this machine (use cpu)")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {str(device)!r}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+        return dev
+    try:  # other backends (mps, xpu, ...): usable iff a tensor can live there
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        why = " ".join(str(e).split())[:120]  # torch's dispatcher message lists every backend
+        raise ValueError(f"device {str(device)!r} is not available on this machine ({why})") from None
+    return dev
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     """``auto`` = Triton on CUDA, torch elsewhere. ``triton`` on CPU runs only under TRITON_INTERPRET=1."""
     if impl not in ("auto", "torch", "triton"):

@@ -3,6 +3,12 @@
 Each subcommand lives in the module that owns the concept; this file only wires argparse.
 A module registers its subcommand with ``add_parser(subparsers)`` and the parser's
 ``func`` default is called with the parsed arguments.
+
+Errors: bad input (a malformed file, a bad option value, a missing GPU, an unwritable path) is one line
+``uae CMD: error: ...`` on stderr and exit status 1; a command-line syntax error (unknown option, a
+non-number where a number belongs) is one line and status 2; Ctrl-C is status 130. Any other exception
+is a bug: one ``internal error`` line (status 1), and ``UAE_DEBUG=1`` re-raises every error with its
+traceback.
 """
 from __future__ import annotations
 
@@ -10,13 +16,35 @@ import argparse
 import os
 import sys
 from importlib import import_module
+from typing import Optional
+
+# Before torch is imported (the subcommand modules import it; uae_fast/__init__ imports nothing): with
+# OpenMP's default spin-waiting, torch's threads burn their time slices while another process needs the
+# core, which made a teacher forward ~10x slower on a busy 2-core machine. Passive threads sleep when
+# idle and cost ~nothing when the machine is free (benchmarks/bench_load.py). An explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# transformers' own "Loading weights" / "Writing model shards" bars would surround every message (and every
+# error line) with noise; uae's progress bars (--no-progress turns them off) say what is running.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # Modules that contribute a subcommand, in the order shown by --help.
 _SUBCOMMANDS = ["uae_fast.scoring", "uae_fast.training", "uae_fast.evaluation", "uae_fast.quickstart"]
 
+# Exceptions that mean bad input or a bad environment, not a bug: ValueError (incl. JSON and Unicode
+# decoding), TypeError, OSError (missing/unreadable/unwritable paths, corrupt gzip), EOFError (truncated
+# gzip), FloatingPointError (a diverging run), MemoryError. Modules convert what they can at the source.
+_USER_ERRORS = (ValueError, TypeError, OSError, EOFError, FloatingPointError, MemoryError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``uae train: error: ... (see uae train --help)``, status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="uae", description="Utility-Aligned Embeddings: score, train, evaluate.")
+    parser = _Parser(prog="uae", description="Utility-Aligned Embeddings: score, train, evaluate.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _SUBCOMMANDS:
         try:
@@ -29,20 +57,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def set_threads(n: Optional[int]) -> None:
+    """``--threads N``: torch's CPU threads (None keeps torch's default)."""
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"--threads must be a positive int, got {n!r}")
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _describe(e: BaseException) -> str:
+    msg = _one_line(e)
+    if isinstance(e, _USER_ERRORS) or type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError
+        return msg or type(e).__name__
+    return f"internal error ({type(e).__name__}: {msg}); please report it (UAE_DEBUG=1 shows the traceback)"
+
+
+def _clear_progress_bars() -> None:
+    """Erase open tqdm bars, so an error or interrupt message stands on its own line."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from packages or paths, never a hub
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    command = None
     try:
+        parser = build_parser()  # imports torch: a Ctrl-C here is an interrupt too, not a traceback
+        args = parser.parse_args(argv)
+        command = args.command
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("\ninterrupted; rerun with --resume to continue where it stopped", file=sys.stderr)
+        if os.environ.get("UAE_DEBUG") == "1":
+            raise
+        _clear_progress_bars()
+        hint = "; rerun with --resume to continue where it stopped" if command in ("train", "score") else ""
+        print(f"uae{' ' + command if command else ''}: interrupted{hint}", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"uae {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if os.environ.get("UAE_DEBUG") == "1":
+            raise
+        _clear_progress_bars()
+        print(f"uae {command}: error: {_describe(e)}", file=sys.stderr)
         return 1
 
 

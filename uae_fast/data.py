@@ -18,7 +18,10 @@ JSONL schema (one JSON object per line, ``.jsonl`` or ``.jsonl.gz``)::
      "gold": ["d1:0"], "doc_id": "d1", "candidates": ["d1:0", "d1:1"]}
 
 ``answers`` (for teacher scoring) and ``gold`` (for evaluation) may be empty lists; a query's pool is
-``candidates`` if given, else the passages sharing its ``doc_id``, else the whole corpus.
+``candidates`` if given, else the passages sharing its ``doc_id``, else the whole corpus. Types are
+checked: ids are strings (integers are read as their decimal string), ``text``/``question`` strings,
+``answers`` a list of non-empty strings, ``gold``/``candidates`` lists of passage ids; passage ids and
+query ids must be unique. Any violation is a ValueError naming the file and line.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ import gzip
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 FLOAT_SELECTED = "FLOAT SELECTED"
 
@@ -86,14 +90,56 @@ class RetrievalDataset:
 
 def open_text(path: str, what: str = "data file"):
     """Open a ``.json``/``.jsonl`` file for reading as text, gunzipping ``*.gz`` and any gzip content
-    (``uae score`` writes ``OUT.jsonl.gz.partial`` as plain text and gzips it only when complete)."""
+    (``uae score`` writes ``OUT.jsonl.gz.partial`` as plain text and gzips it only when complete).
+
+    Errors that show at open time are one clear line; errors while reading (a truncated ``.gz``) surface
+    in :func:`read_lines` / :func:`read_text`, which callers use to get them as ValueError too."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} not found: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"cannot read {what} {path}: it is a directory, not a file")
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
-    if gz or path.endswith(".gz"):
+    if gz:
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    if path.endswith(".gz"):
+        raise ValueError(f"cannot read {what} {path}: it is named .gz but is not gzip-compressed")
     return open(path, "r", encoding="utf-8")
+
+
+# Reading a truncated or corrupt file raises EOFError (gzip stream cut short), OSError (BadGzipFile, CRC)
+# or UnicodeDecodeError; callers want one line that names the file.
+_READ_ERRORS = (OSError, EOFError, UnicodeDecodeError)
+
+
+def _unreadable(path: str, what: str, e: BaseException, line: Optional[int] = None) -> ValueError:
+    where = f"{path}:{line}" if line else path
+    kind = "truncated or corrupt gzip data" if isinstance(e, (EOFError, gzip.BadGzipFile, zlib.error)) else type(e).__name__
+    return ValueError(f"{where}: cannot read {what} ({kind}: {e})")
+
+
+def read_lines(path: str, what: str = "data file") -> Iterator[Tuple[int, str]]:
+    """``(line number, line)`` of a text file (gzipped or not); read errors become one ValueError naming the file."""
+    with open_text(path, what) as f:
+        n = 0
+        while True:
+            try:
+                line = f.readline()
+            except _READ_ERRORS as e:
+                raise _unreadable(path, what, e, n + 1) from None
+            if not line:
+                return
+            n += 1
+            yield n, line
+
+
+def read_text(path: str, what: str = "data file") -> str:
+    """The whole text of a file (gzipped or not); read errors become one ValueError naming the file."""
+    with open_text(path, what) as f:
+        try:
+            return f.read()
+        except _READ_ERRORS as e:
+            raise _unreadable(path, what, e) from None
 
 
 def qasper_answer_text(ans: dict) -> Optional[str]:
@@ -110,87 +156,176 @@ def qasper_answer_text(ans: dict) -> Optional[str]:
     return None
 
 
-def _qasper_from_dict(raw: dict, name: str) -> RetrievalDataset:
+# ------------------------------------------------------------------------------------- type checks
+# Every field is checked where it is read, so a wrong type is one error naming the file, the record
+# and the field, never a silent misreading (a string answer iterated as characters) or an AttributeError.
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", type(None): "null"}
+
+
+def _jtype(v) -> str:
+    return _JSON_TYPES.get(type(v), type(v).__name__)
+
+
+def _expect(v, kind, where: str, what: str, *, optional: bool = False):
+    """``v`` if it has JSON type ``kind`` (dict, list or str); ``optional`` lets null through."""
+    if v is None and optional:
+        return v
+    if not isinstance(v, kind):
+        raise ValueError(f"{where}: {what} must be {_JSON_TYPES[kind]}, got {_jtype(v)}")
+    return v
+
+
+def _id(v, where: str, what: str) -> str:
+    """An id: a string, or an integer (kept as its decimal string)."""
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise ValueError(f"{where}: {what} must be a string id, got {_jtype(v)}")
+    return str(v)
+
+
+def _strings(v, where: str, what: str) -> List[str]:
+    """A JSON array of strings (null = empty)."""
+    items = _expect(v, list, where, what, optional=True) or []
+    for i, x in enumerate(items):
+        if not isinstance(x, str):
+            raise ValueError(f"{where}: {what}[{i}] must be a string, got {_jtype(x)}")
+    return list(items)
+
+
+def _ids(v, where: str, what: str) -> List[str]:
+    items = _expect(v, list, where, what, optional=True) or []
+    return [_id(x, where, f"{what}[{i}]") for i, x in enumerate(items)]
+
+
+# ------------------------------------------------------------------------------------- QASPER
+def _qasper_from_dict(raw: dict, name: str, path: Optional[str] = None) -> RetrievalDataset:
+    path = path or name
     passages: Dict[str, Passage] = {}
     queries: List[Query] = []
+    seen_q: Dict[str, str] = {}
     for paper_id, paper in raw.items():
+        where = f"{path}: paper {paper_id!r}"
         if not isinstance(paper, dict) or "full_text" not in paper:
-            raise ValueError(f"{name}: paper {paper_id!r} lacks 'full_text': not the QASPER schema")
+            raise ValueError(f"{where} lacks 'full_text': not the QASPER schema")
         text_to_ids: Dict[str, List[str]] = {}
         i = 0
-        for sec in paper.get("full_text") or []:
-            for para in sec.get("paragraphs") or []:
-                if not para or not para.strip():
+        for s, sec in enumerate(_expect(paper["full_text"], list, where, "full_text", optional=True) or []):
+            _expect(sec, dict, where, f"full_text[{s}]")
+            section = _expect(sec.get("section_name"), str, where, f"full_text[{s}].section_name", optional=True) or ""
+            for para in _strings(sec.get("paragraphs"), where, f"full_text[{s}].paragraphs"):
+                if not para.strip():
                     continue
                 pid = f"{paper_id}:{i}"
-                passages[pid] = Passage(pid, paper_id, para, sec.get("section_name") or "")
+                passages[pid] = Passage(pid, paper_id, para, section)
                 text_to_ids.setdefault(para.strip(), []).append(pid)
                 i += 1
-        for qa in paper.get("qas") or []:
+        for j, qa in enumerate(_expect(paper.get("qas"), list, where, "qas", optional=True) or []):
+            _expect(qa, dict, where, f"qas[{j}]")
+            if "question_id" not in qa or "question" not in qa:
+                missing = [k for k in ("question_id", "question") if k not in qa]
+                raise ValueError(f"{where}: qas[{j}] lacks {' and '.join(map(repr, missing))}")
+            qid = _id(qa["question_id"], where, f"qas[{j}].question_id")
+            qwhere = f"{where} question {qid!r}"
+            question = _expect(qa["question"], str, qwhere, "question")
+            if qid in seen_q:
+                raise ValueError(f"{qwhere}: duplicate question_id (also in paper {seen_q[qid]!r})")
+            seen_q[qid] = paper_id
             answers, gold = [], []
-            for a in qa.get("answers") or []:
-                a = a.get("answer", a)
+            for k, a in enumerate(_expect(qa.get("answers"), list, qwhere, "answers", optional=True) or []):
+                a = _expect(a, dict, qwhere, f"answers[{k}]")
+                a = _expect(a.get("answer", a), dict, qwhere, f"answers[{k}].answer")
+                field = f"answers[{k}].answer"
+                _expect(a.get("free_form_answer"), str, qwhere, f"{field}.free_form_answer", optional=True)
+                _strings(a.get("extractive_spans"), qwhere, f"{field}.extractive_spans")
                 text = qasper_answer_text(a)
                 if text is not None and text not in answers:
                     answers.append(text)
-                for ev in a.get("evidence") or []:
+                for ev in _strings(a.get("evidence"), qwhere, f"{field}.evidence"):
                     if not ev or ev.startswith(FLOAT_SELECTED):
                         continue
                     for pid in text_to_ids.get(ev.strip(), []):
                         if pid not in gold:
                             gold.append(pid)
-            queries.append(Query(qa["question_id"], qa["question"], answers, gold, doc_id=paper_id))
+            queries.append(Query(qid, question, answers, gold, doc_id=paper_id))
     return RetrievalDataset(passages, queries, name)
 
 
-def _jsonl_records(path: str) -> Iterator[dict]:
-    with open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+# ------------------------------------------------------------------------------------- JSONL
+def jsonl_records(path: str, what: str = "data file") -> Iterator[Tuple[int, dict]]:
+    """``(line number, record)`` of a JSONL file; blank lines skipped, anything but a JSON object per line is an error."""
+    for n, line in read_lines(path, what):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: each line must be a JSON object, got {_jtype(rec)}")
+            yield n, rec
 
 
 def _from_jsonl(path: str) -> RetrievalDataset:
     passages: Dict[str, Passage] = {}
     queries: List[Query] = []
-    for rec in _jsonl_records(path):
+    p_line: Dict[str, int] = {}
+    q_line: Dict[str, int] = {}
+    for n, rec in jsonl_records(path):
+        where = f"{path}:{n}"
         kind = rec.get("type")
-        try:
-            if kind == "passage":
-                passages[str(rec["id"])] = Passage(str(rec["id"]), str(rec.get("doc_id", "")), rec["text"], rec.get("section", ""))
-            elif kind == "query":
-                queries.append(Query(str(rec["id"]), rec["question"], list(rec.get("answers") or []), [str(g) for g in rec.get("gold") or []],
-                                     rec.get("doc_id"), rec.get("candidates")))
-            else:
-                raise ValueError(f"{path}: record type must be 'passage' or 'query', got {kind!r}")
-        except KeyError as e:
-            raise ValueError(f"{path}: {kind} record lacks the field {e.args[0]!r}") from None
+        if kind not in ("passage", "query"):
+            raise ValueError(f"{where}: record type must be 'passage' or 'query', got {kind!r}")
+        missing = [k for k in (("id", "text") if kind == "passage" else ("id", "question")) if k not in rec]
+        if missing:
+            raise ValueError(f"{where}: {kind} record lacks the field {missing[0]!r}")
+        rid = _id(rec["id"], where, "id")
+        seen = p_line if kind == "passage" else q_line
+        if rid in seen:
+            raise ValueError(f"{where}: duplicate {kind} id {rid!r} (first on line {seen[rid]})")
+        seen[rid] = n
+        doc_id = rec.get("doc_id")
+        doc_id = None if doc_id is None else _id(doc_id, where, "doc_id")
+        if kind == "passage":
+            text = _expect(rec["text"], str, where, "text")
+            section = _expect(rec.get("section"), str, where, "section", optional=True) or ""
+            passages[rid] = Passage(rid, doc_id if doc_id is not None else "", text, section)
+        else:
+            question = _expect(rec["question"], str, where, "question")
+            answers = _strings(rec.get("answers"), where, "answers")
+            empty = [i for i, a in enumerate(answers) if not a.strip()]
+            if empty:
+                raise ValueError(f"{where}: answers[{empty[0]}] is empty (a gold answer needs text)")
+            gold = _ids(rec.get("gold"), where, "gold")
+            cands = None if rec.get("candidates") is None else _ids(rec["candidates"], where, "candidates")
+            if cands is not None and len(set(cands)) != len(cands):
+                dup = next(c for i, c in enumerate(cands) if c in cands[:i])
+                raise ValueError(f"{where}: candidates lists {dup!r} more than once")
+            queries.append(Query(rid, question, answers, gold, doc_id, cands))
     ds = RetrievalDataset(passages, queries, os.path.basename(path))
     for q in queries:
         missing = [pid for pid in q.gold + list(q.candidates or []) if pid not in passages]
         if missing:
-            raise ValueError(f"{path}: query {q.id!r} names unknown passage id(s) {missing[:3]}")
+            raise ValueError(f"{path}:{q_line[q.id]}: query {q.id!r} names unknown passage id(s) {missing[:3]}")
     return ds
 
 
 def load_dataset(path: str) -> RetrievalDataset:
-    """Load QASPER JSON (``.json``/``.json.gz``) or the JSONL schema (``.jsonl``/``.jsonl.gz``)."""
+    """Load QASPER JSON (``.json``/``.json.gz``) or the JSONL schema (``.jsonl``/``.jsonl.gz``).
+
+    Malformed input (unreadable or truncated file, wrong JSON types, missing fields, duplicate ids)
+    raises ValueError naming the file and, for JSONL, the line."""
     path = os.fspath(path)
     base = path[:-3] if path.endswith(".gz") else path
     if base.endswith(".jsonl"):
         ds = _from_jsonl(path)
     else:
-        with open_text(path) as f:
-            try:
-                raw = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-                raise ValueError(f"{path}: cannot read as QASPER JSON ({e})") from None
+        text = read_text(path)
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: cannot read as QASPER JSON ({e})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: QASPER JSON must map paper ids to papers")
-        ds = _qasper_from_dict(raw, os.path.basename(path))
+        ds = _qasper_from_dict(raw, os.path.basename(path), path)
     if not ds.queries:
         raise ValueError(f"{path}: no queries found")
     if not ds.passages:

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._checks import resolve_device
 from .data import Query, RetrievalDataset, default_qasper_path, load_dataset
 from .metrics import paired_bootstrap, per_query_metrics, retrieval_metrics, token_f1
 
@@ -192,12 +193,13 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         raise ValueError(f"unknown baseline(s) {bad}; choose from {list(BASELINES)}")
     if not models and not baselines:
         raise ValueError("nothing to evaluate: pass --model DIR and/or --baselines")
-    for k, v in (("rerank_limit", rerank_limit), ("rerank_depth", rerank_depth), ("reader_limit", reader_limit), ("batch_size", batch_size)):
-        if not isinstance(v, int) or v < 1:
+    for k, v in (("rerank_limit", rerank_limit), ("rerank_depth", rerank_depth), ("reader_limit", reader_limit),
+                 ("batch_size", batch_size), ("query_threads", 1 if query_threads is None else query_threads)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{k} must be a positive int, got {v!r}")
     queries = [q for q in ds.queries if q.gold]
     if limit is not None:
-        if not isinstance(limit, int) or limit < 1:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be a positive int, got {limit!r}")
         queries = queries[:limit]
     if not queries:
@@ -208,7 +210,7 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         raise ValueError(f"{len(names)} names for {len(models)} models")
     if len(set(names)) != len(names) or set(names) & set(BASELINES):
         raise ValueError(f"system names must be unique and not clash with the baselines: {names}")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     golds = [set(q.gold) for q in queries]
     texts = {pid: p.text for pid, p in ds.passages.items()}
     rankings: Dict[str, List[List[str]]] = {}
@@ -384,8 +386,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--reader-limit", type=int, default=100, help="answerable queries the reader runs on")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries with gold evidence")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (passage encoding, the re-ranker)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: CUDA when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for passage encoding and the re-ranker (default: torch's, one per core)")
     p.add_argument("--query-threads", type=int, default=1,
                    help="torch threads per query for bi-encoders (latency; default 1 = one query per core)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
@@ -394,8 +397,11 @@ def add_parser(subparsers) -> None:
 
 
 def _main(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from .cli import set_threads
+
+    set_threads(args.threads)
+    if args.json and os.path.isdir(args.json):  # fail before the evaluation, not after it
+        raise ValueError(f"--json {args.json} is a directory; give a file path")
     ds = load_dataset(args.data or default_qasper_path("dev"))
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     result = evaluate(ds, args.model, names=args.name, baselines=baselines, student=args.student, teacher=args.teacher,

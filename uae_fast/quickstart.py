@@ -200,10 +200,9 @@ def add_parser(subparsers) -> None:
 
 
 def _main(args) -> int:
-    if args.threads:
-        import torch
+    from .cli import set_threads
 
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     quickstart(args.out, full=args.full, train_data=args.train_data, dev_data=args.dev_data, teacher=args.teacher,
                student=args.student, utilities=args.utilities, score_queries=args.score_queries,
                train_steps=args.train_steps, dev_queries=args.dev_queries, rerank_queries=args.rerank_queries,

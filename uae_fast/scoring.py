@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .data import open_text
+from .data import read_text
 
 FORMAT = "uae-utilities/1"
 # Settings that must match for rows to be combined (resume / merge).
@@ -177,8 +177,7 @@ def read_utilities(path: str, *, allow_partial: bool = False) -> Tuple[dict, Lis
     ``allow_partial=True`` reads a run still in progress (``OUT.partial``): it keeps only complete
     queries and ignores a torn last line.
     """
-    with open_text(path, "utilities file") as f:
-        text = f.read()
+    text = read_text(path, "utilities file")
     lines = text.splitlines()
     if allow_partial and lines and not text.endswith("\n"):
         lines = lines[:-1]  # torn tail of a killed or still-running writer
@@ -189,14 +188,17 @@ def read_utilities(path: str, *, allow_partial: bool = False) -> Tuple[dict, Lis
         rows = [json.loads(x) for x in lines[1:] if x.strip()]
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a utilities JSONL file ({e.msg})") from None
+    if not isinstance(header, dict) or header.get("type") != "header" or header.get("format") != FORMAT:
+        raise ValueError(f"{path}: first record is not a '{FORMAT}' header")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or "qid" not in r or "pid" not in r:
+            raise ValueError(f"{path}: row {i + 1} is not a utility row (a JSON object with qid, pid, utility)")
     if allow_partial:
         end = 0
         for i, r in enumerate(rows):
             if r.get("cand") == r.get("n_cand", 0) - 1:
                 end = i + 1
         rows = rows[:end]
-    if header.get("type") != "header" or header.get("format") != FORMAT:
-        raise ValueError(f"{path}: first record is not a '{FORMAT}' header")
     return header, rows
 
 
@@ -209,7 +211,9 @@ def _recover(partial: str, header: dict) -> Tuple[set, int, int]:
         return set(), -1, 0
     try:
         old = json.loads(data[:nl])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return set(), -1, 0
+    if not isinstance(old, dict):
         return set(), -1, 0
     diff = [k for k in _COMPAT_KEYS if old.get(k) != header.get(k)]
     if diff or old.get("shard") != header.get("shard"):
@@ -224,8 +228,10 @@ def _recover(partial: str, header: dict) -> Tuple[set, int, int]:
             break  # torn last line
         try:
             row = json.loads(data[pos:end])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             break
+        if not isinstance(row, dict) or "qid" not in row:
+            break  # not a row this writer wrote: keep what precedes it
         pending += 1
         pos = end + 1
         if row.get("cand") == row.get("n_cand", 0) - 1:
@@ -249,6 +255,8 @@ def _finalize(partial: str, out: str) -> None:
                 if not buf:
                     break
                 dst.write(buf)
+        with open(tmp, "rb") as f:  # on disk before it is published
+            os.fsync(f.fileno())
         os.replace(tmp, out)
         os.remove(partial)
     else:
@@ -256,20 +264,22 @@ def _finalize(partial: str, out: str) -> None:
 
 
 def _maybe_test_kill(f, payload: bytes, n_groups_done: int) -> None:
-    """Crash-safety test hook: ``UAE_TEST_KILL_AFTER=N[:torn]`` SIGKILLs this process (a real ``kill -9``)
-    once N groups are on disk, optionally after writing half of the next group's bytes."""
+    """Crash-safety test hook: ``UAE_TEST_KILL_AFTER=N[:torn][:int]`` sends this process SIGKILL (a real
+    ``kill -9``; ``int``: SIGINT, a Ctrl-C) once N groups are on disk, optionally after writing half of the
+    next group's bytes."""
     spec = os.environ.get("UAE_TEST_KILL_AFTER")
     if not spec:
         return
-    n, _, mode = spec.partition(":")
+    n, *modes = spec.split(":")
     if n_groups_done == int(n):
-        if mode == "torn":
+        if "torn" in modes:
             f.write(payload[: len(payload) // 2])
             f.flush()
             os.fsync(f.fileno())
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGINT if "int" in modes else signal.SIGKILL)
+        time.sleep(5)  # the signal lands here
 
 
 def _student_name(student) -> str:
@@ -295,8 +305,9 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
 
     ``candidate_student``: the encoder of a ``student:M`` policy (folder or BiEncoder; default all-MiniLM-L6-v2).
     """
-    if not isinstance(group, int) or group < 1:
-        raise ValueError(f"group must be a positive int, got {group!r}")
+    for k, v in (("group", group), ("limit", 1 if limit is None else limit)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{k} must be a positive int, got {v!r}")
     if answers not in ("all", "first", "shortest"):
         raise ValueError(f"answers must be 'all', 'first' or 'shortest', got {answers!r}")
     policy = CandidatePolicy(ds, candidates, student=candidate_student)
@@ -408,6 +419,10 @@ def merge(inputs: Sequence[str], out: str) -> dict:
     headers, all_rows = [], []
     for path in inputs:
         h, rows = read_utilities(path)
+        shard = h.get("shard")
+        if not (isinstance(shard, list) and len(shard) == 2 and all(type(x) is int for x in shard)
+                and 0 <= shard[0] < shard[1] and type(h.get("n_queries")) is int):
+            raise ValueError(f"{path}: header lacks a valid shard [I, N] or n_queries; not a `uae score` shard file")
         if len(rows) != h.get("n_rows"):
             raise ValueError(f"{path}: has {len(rows)} rows but its header promises {h.get('n_rows')}")
         headers.append(h)
@@ -449,7 +464,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--shard", default=None, help="I/N: score every N-th query from the I-th (0-based); torchrun ranks are used when unset")
     p.add_argument("--merge", nargs="+", metavar="SHARD", help="merge finished shard files into --out instead of scoring")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: CUDA when available)")
     p.add_argument("--max-passage-tokens", type=int, default=None, help="passages cut to this many tokens (default 128)")
     p.add_argument("--max-answer-tokens", type=int, default=None, help="answers cut to this many tokens (default 48)")
     p.add_argument("--aggregation", default="mean", choices=["mean", "sum", "clipped_mean"])
@@ -466,7 +481,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="score only the first N queries (after order/shard)")
     p.add_argument("--save-deltas", action="store_true", help="store per-token deltas in each row")
     p.add_argument("--group", type=int, default=16, help="queries batched together per scoring call (default 16)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main)
 
@@ -481,8 +496,13 @@ def _main(args) -> int:
     from .data import default_qasper_path, load_dataset
     from .teacher import UtilityScorer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from .cli import set_threads
+
+    set_threads(args.threads)
+    for k in ("limit", "group", "max_passage_tokens", "max_answer_tokens", "token_budget"):
+        v = getattr(args, k)
+        if v is not None and v < 1:  # checked before the teacher loads
+            raise ValueError(f"--{k.replace('_', '-')} must be a positive int, got {v}")
     shard = parse_shard(args.shard)
     data = args.data or default_qasper_path("train")
     ds = load_dataset(data)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import resolve_device
+
 __all__ = ["BiEncoder", "default_student_path", "POOLING_MODES"]
 
 # sentence-transformers' pooling modes, in the order it concatenates them.
@@ -176,8 +178,7 @@ class BiEncoder(nn.Module):
         self.max_seq_length = int(max_seq_length or default_len)
         if self.max_seq_length < 1:
             raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length!r}")
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.to(device)
+        self.to(resolve_device(device))
 
     # ----------------------------------------------------------------------------- properties
     @property

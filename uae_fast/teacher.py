@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ._checks import resolve_device
 from .ops.logprobs import token_logprob_deltas, token_logprobs
 
 DEFAULT_TEACHER = "SmolLM2-135M-Instruct"
@@ -133,7 +134,7 @@ def load_causal_lm(path: Optional[str] = None, *, dtype=None, device=None):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
     if path is None:
         folder = _default_teacher_folder()

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -46,7 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .data import RetrievalDataset, Query, default_qasper_path, load_dataset, open_text
+from .data import RetrievalDataset, Query, default_qasper_path, jsonl_records, load_dataset
 
 DEFAULT_UTILITIES = os.path.join("data", "qasper-train-utilities.jsonl.gz")
 _STATE_FILE = "trainer_state.pt"
@@ -64,7 +65,7 @@ def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
     sums: Dict[str, Dict[str, List[float]]] = {}
     header: dict = {"partial": True} if partial else {}
     try:
-        for n, rec in (_partial_records(path) if partial else _jsonl_lines(path)):
+        for n, rec in (_partial_records(path) if partial else jsonl_records(path, "utilities file")):
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{n}: each line must be a JSON object")
             if "qid" not in rec and "pid" not in rec:
@@ -89,18 +90,6 @@ def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
             raise ValueError(f"{path}: no complete query scored yet")
         raise ValueError(f"{path}: no utility rows (need JSON lines with qid, pid, utility)")
     return {q: {p: sum(v) / len(v) for p, v in d.items()} for q, d in sums.items()}, header
-
-
-def _jsonl_lines(path: str):
-    """``(line number, record)`` of a JSONL file, blank lines skipped."""
-    with open_text(path, "utilities file") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
 
 
 def _partial_records(path: str):
@@ -162,27 +151,34 @@ class TrainConfig:
     teacher_gate: Optional[float] = None
 
     def check(self) -> None:
+        """Type and range of every field. NaN and inf are rejected everywhere: a NaN passes ``v < 0``
+        checks, and one NaN weight decay silently fills the saved model with NaN."""
         if self.loss not in ("uae", "infonce"):
             raise ValueError(f"loss must be 'uae' or 'infonce', got {self.loss!r}")
         ints = ("batch_size", "passages_per_query", "grad_accum", "max_query_length", "max_passage_length", "encode_chunk")
-        for k in ints:
+        for k in ints + (("max_steps",) if self.max_steps is not None else ()):
             v = getattr(self, k)
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{k} must be a positive int, got {v!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"max_steps must be a positive int, got {self.max_steps!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        for k in ("epochs", "lr", "temperature", "teacher_temperature", "label_mix", "warmup", "weight_decay") + (
+                ("teacher_gate",) if self.teacher_gate is not None else ()):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                what = " (a utility margin)" if k == "teacher_gate" else ""
+                raise ValueError(f"{k} must be a finite number{what}, got {v!r}")
         for k in ("epochs", "lr", "temperature", "teacher_temperature"):
-            v = getattr(self, k)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{k} must be a number > 0, got {v!r}")
+            if getattr(self, k) <= 0:
+                raise ValueError(f"{k} must be a number > 0, got {getattr(self, k)!r}")
         for k in ("label_mix", "warmup"):
-            v = getattr(self, k)
-            if not (isinstance(v, (int, float)) and 0 <= v <= 1):
-                raise ValueError(f"{k} must be in [0, 1], got {v!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.teacher_gate is not None and not (isinstance(self.teacher_gate, (int, float)) and math.isfinite(self.teacher_gate)):
-            raise ValueError(f"teacher_gate must be a finite number (a utility margin), got {self.teacher_gate!r}")
+            if not 0 <= getattr(self, k) <= 1:
+                raise ValueError(f"{k} must be in [0, 1], got {getattr(self, k)!r}")
+        # AdamW works in float32: beyond these bounds its step arithmetic overflows (a RuntimeError, not a NaN)
+        if self.lr > 10:
+            raise ValueError(f"lr must be in (0, 10], got {self.lr!r}")
+        if not 0 <= self.weight_decay <= 1000:
+            raise ValueError(f"weight_decay must be in [0, 1000], got {self.weight_decay!r}")
         if self.candidates is not None:
             from .scoring import parse_candidates
 
@@ -395,37 +391,110 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+_CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+
+
+def _checkpoints(root: str) -> List[Tuple[int, str]]:
+    """``(step, folder name)`` of the complete checkpoints in ``root``, oldest first. Only ``step-N`` folders
+    holding a trainer state count: an interrupted write's ``step-N.tmp`` (or anything else) is skipped."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for d in os.listdir(root):
+        m = _CHECKPOINT_NAME.fullmatch(d)
+        if m and os.path.isfile(os.path.join(root, d, _STATE_FILE)):
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
 def latest_checkpoint(out_dir: str) -> Optional[str]:
     """The newest complete checkpoint under ``out_dir/checkpoints`` (None if there is none)."""
     root = os.path.join(out_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    done = [d for d in os.listdir(root) if d.startswith("step-") and os.path.exists(os.path.join(root, d, _STATE_FILE))]
-    return os.path.join(root, max(done, key=lambda d: int(d.split("-")[1]))) if done else None
+    done = _checkpoints(root)
+    return os.path.join(root, done[-1][1]) if done else None
+
+
+def _check_finite_model(model: torch.nn.Module, step: int) -> None:
+    """Never save a model with NaN/inf weights (a diverged run must fail, not ship NaN)."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FloatingPointError(f"the model has NaN/inf weights after step {step} ({len(bad)} tensors, e.g. {bad[0]}); "
+                                 f"not saving it: lower --lr or check --weight-decay / --temperature")
+
+
+def _fsync_tree(path: str) -> None:
+    """Flush every file and folder under ``path`` to disk (so a rename publishes complete data)."""
+    for d, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(d)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _checkpoint_test_hook(step: int) -> None:
+    """Crash-safety test hook, between writing a checkpoint and publishing it: ``UAE_TEST_CHECKPOINT=sleep:S``
+    pauses S seconds (a window for outside signals); ``kill:N`` / ``int:N`` sends this process SIGKILL /
+    SIGINT (Ctrl-C) inside the write of checkpoint N."""
+    spec = os.environ.get("UAE_TEST_CHECKPOINT")
+    if not spec:
+        return
+    what, _, arg = spec.partition(":")
+    if what == "sleep":
+        time.sleep(float(arg))
+    elif what in ("kill", "int") and int(arg) == step:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL if what == "kill" else signal.SIGINT)
+        time.sleep(5)  # the signal lands here, inside the write
 
 
 def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep, world=1):
+    """Write ``out_dir/checkpoints/step-N`` atomically: into ``step-N.tmp``, fsync'd, then renamed. A kill at
+    any moment leaves the previous checkpoints intact plus at most a ``.tmp`` folder that ``--resume``
+    ignores and the next save deletes. Pruning keeps this checkpoint and the ``keep - 1`` newest others."""
+    _check_finite_model(encoder, step)
     root = os.path.join(out_dir, "checkpoints")
-    final = os.path.join(root, f"step-{step:06d}")
+    os.makedirs(root, exist_ok=True)
+    for d in os.listdir(root):  # leftovers of an interrupted save
+        if d.endswith(".tmp"):
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    name = f"step-{step:06d}"
+    final = os.path.join(root, name)
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     encoder.save(tmp)
     torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
                 "config": asdict(cfg), "log": log, "world_size": world}, os.path.join(tmp, _STATE_FILE))
+    _fsync_tree(tmp)
+    _checkpoint_test_hook(step)
     shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # a killed run never leaves a half-written checkpoint that --resume would pick
+    os.replace(tmp, final)
+    _fsync_dir(root)
     if keep > 0:
-        old = sorted((d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp")),
-                     key=lambda d: int(d.split("-")[1]))
-        for d in old[:-keep]:
+        older = [d for _, d in _checkpoints(root) if d != name]
+        for d in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     return final
 
 
+def _write_atomic(path: str, text: str) -> None:
+    """Replace ``path`` by ``text`` in one rename (a kill never leaves a torn log or summary)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
 def _write_log(out_dir: str, log: List[dict]) -> None:
-    with open(os.path.join(out_dir, "train_log.jsonl"), "w") as f:
-        for r in log:
-            f.write(json.dumps(r) + "\n")
+    _write_atomic(os.path.join(out_dir, "train_log.jsonl"), "".join(json.dumps(r) + "\n" for r in log))
 
 
 def _dist_info():
@@ -438,27 +507,93 @@ def _dist_info():
     return 0, 1, 0
 
 
+_RUN_FILES = ("checkpoints", "train_log.jsonl", "training_summary.json")  # what marks a folder as a uae train run
+
+
+def _prepare_out_dir(out_dir: str, cfg: TrainConfig, *, resume: bool, overwrite: bool, world: int,
+                     rank: int) -> Optional[dict]:
+    """One run per folder. A fresh run needs an empty or new ``out_dir`` (``overwrite`` first deletes a
+    previous run there); ``resume`` needs the same settings as the run it finds. Returns that run's
+    summary when it is already finished (nothing left to do)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir} is a file; training writes a folder there")
+    entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    ours = any(e in _RUN_FILES for e in entries)
+    if overwrite:
+        if resume:
+            raise ValueError("--overwrite and --resume contradict each other (--resume continues the run in --out, "
+                             "--overwrite deletes it)")
+        if entries and not ours:
+            raise ValueError(f"--overwrite: {out_dir} holds no uae train run (no checkpoints/, train_log.jsonl or "
+                             f"training_summary.json); refusing to delete its files, choose another --out")
+        if rank == 0:
+            for e in entries:
+                path = os.path.join(out_dir, e)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        return None
+    if not entries:
+        return None
+    if not resume:
+        what = "a previous uae train run" if ours else f"{len(entries)} other file(s), e.g. {entries[0]!r}"
+        raise ValueError(f"--out {out_dir} is not empty ({what}); pass --resume to continue that run, "
+                         f"--overwrite to replace it, or choose another --out")
+    if not ours:
+        raise ValueError(f"--resume: {out_dir} holds no uae train run (no checkpoints/ or training_summary.json)")
+    path = os.path.join(out_dir, "training_summary.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+        old = dict(summary["config"], world_size=summary.get("world_size", 1))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"--resume: {path} is not a training summary ({type(e).__name__}: {e})") from None
+    new = dict(asdict(cfg), world_size=world)
+    changed = {k: (v, new.get(k)) for k, v in old.items() if k not in _RESUME_FREE and new.get(k) != v}
+    if changed:
+        desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(f"--resume with different training settings than the run in {out_dir} ({desc}); "
+                         f"use the same settings, --overwrite, or a new --out")
+    return summary if summary.get("finished") else None
+
+
 # ------------------------------------------------------------------------------------- training loop
 def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, amp: Optional[bool] = None,
           gradient_checkpointing: bool = False, save_every: int = 100, keep_checkpoints: int = 2,
-          stop_after: Optional[int] = None, progress: bool = True, ds: Optional[RetrievalDataset] = None) -> dict:
+          stop_after: Optional[int] = None, progress: bool = True, ds: Optional[RetrievalDataset] = None,
+          overwrite: bool = False) -> dict:
     """Train a :class:`uae_fast.BiEncoder` and save it (sentence-transformers format) to ``out_dir``.
 
     Returns a summary dict (steps, final loss, seconds, ...). ``stop_after`` ends this run after that many
     optimizer steps in total (checkpointing there) without changing the schedule; ``resume`` continues from
-    the newest checkpoint under ``out_dir/checkpoints``.
+    the newest checkpoint under ``out_dir/checkpoints`` (a finished run is returned as is). A non-empty
+    ``out_dir`` without ``resume`` is refused unless ``overwrite`` (which deletes the previous run there).
     """
+    from ._checks import resolve_device
     from .ops.infonce import utility_infonce
     from .distributed import gather_with_grad
     from .student import BiEncoder
 
     cfg.check()
-    if not isinstance(save_every, int) or save_every < 1:
-        raise ValueError(f"save_every must be a positive int, got {save_every!r}")
+    for k, v, low in (("save_every", save_every, 1), ("keep_checkpoints", keep_checkpoints, 0),
+                      ("stop_after", 1 if stop_after is None else stop_after, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{k} must be an int >= {low}, got {v!r}")
+    out_dir = os.fspath(out_dir)
     rank, world, local_rank = _dist_info()
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+    device = resolve_device(device)
+    done = _prepare_out_dir(out_dir, cfg, resume=resume, overwrite=overwrite, world=world, rank=rank)
+    if world > 1 and overwrite:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has cleared the folder
+    if done is not None:
+        if rank == 0:
+            print(f"uae train: {out_dir} already holds this finished run ({done.get('steps')} steps); nothing to do",
+                  file=sys.stderr)
+        return dict(done, rank=rank, seconds_this_run=0.0, already_finished=True)
     amp = (device.type == "cuda") if amp is None else bool(amp)
     if amp and device.type != "cuda":
         raise ValueError("--amp needs a CUDA device (bf16 autocast); CPU training runs in fp32")
@@ -481,7 +616,13 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     if resume and ckpt is None and rank == 0:
         print(f"uae train: --resume but no checkpoint under {out_dir}/checkpoints; starting from scratch", file=sys.stderr)
     if ckpt is not None:
-        state = torch.load(os.path.join(ckpt, _STATE_FILE), map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(os.path.join(ckpt, _STATE_FILE), map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or not {"config", "step", "optimizer", "scheduler", "rng"} <= state.keys():
+                raise KeyError("not a trainer state")
+        except Exception as e:  # a checkpoint damaged after it was written (disk, copy)
+            raise ValueError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                             f"delete it to resume from the previous one") from None
         changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if k not in _RESUME_FREE and getattr(cfg, k, v) != v}
         if state.get("world_size", 1) != world:  # each rank's slice of a global batch depends on the world size
             changed["world_size"] = (state.get("world_size", 1), world)
@@ -564,10 +705,10 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
                "train_queries": len(sampler.queries), "world_size": world, "rank": rank, "config": asdict(cfg)}
     if rank == 0:
         if step >= total_steps:
+            _check_finite_model(encoder, step)
             encoder.save(out_dir)
         _write_log(out_dir, log)
-        with open(os.path.join(out_dir, "training_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        _write_atomic(os.path.join(out_dir, "training_summary.json"), json.dumps(summary, indent=2))
     if world > 1:
         import torch.distributed as dist
 
@@ -601,7 +742,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--student", default=None, help="initial encoder folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--loss", choices=("uae", "infonce"), default=d.loss,
                    help="uae: teacher utilities (+ label_mix gold); infonce: gold evidence only (supervised baseline)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from its newest checkpoint (same settings required; a finished run "
+                        "is left as is)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the previous uae train run in OUT (checkpoints, logs, model) and start afresh "
+                        "(default: a non-empty OUT without --resume is refused)")
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="queries per micro-batch (per device)")
@@ -629,15 +775,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stop-after", type=int, default=None, help="end this run after N total steps (resume later)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--amp", default="auto", choices=("auto", "on", "off"), help="bf16 autocast (auto = on for CUDA)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: CUDA when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from .cli import set_threads
+
+    set_threads(args.threads)
     data = args.data or default_qasper_path("train")
     utilities = args.utilities
     if (args.loss == "uae" or args.teacher_gate is not None) and utilities is None:
@@ -652,8 +799,9 @@ def _main(args) -> int:
     amp = {"auto": None, "on": True, "off": False}[args.amp]
     s = train(cfg, args.out, resume=args.resume, device=args.device, amp=amp,
               gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
-              keep_checkpoints=args.keep_checkpoints, stop_after=args.stop_after, progress=not args.no_progress)
-    if s["rank"] != 0:
+              keep_checkpoints=args.keep_checkpoints, stop_after=args.stop_after, progress=not args.no_progress,
+              overwrite=args.overwrite)
+    if s["rank"] != 0 or s.get("already_finished"):
         return 0
     if s["finished"]:
         print(f"trained {s['steps']} steps ({cfg.loss}) in {s['seconds_this_run']:.0f} s, final loss {s['final_loss']:.4f}; "

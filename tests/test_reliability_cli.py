@@ -1,0 +1,396 @@
+"""Issue #19 (CLI, data, long jobs): malformed input is one clear line, never a traceback or a silent
+misreading; one training run per --out; checkpoints an interrupt cannot break; no NaN model saved.
+
+CLI cases run in-process (``uae_fast.cli.main``) and assert: exit status 1, exactly one line on stderr
+(``uae CMD: error: ...``), nothing written to --out.
+"""
+import gzip
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from test_training import ds, tiny, write_utilities  # noqa: F401 (ds, tiny: fixtures)
+from uae_fast.cli import main
+from uae_fast.data import load_dataset
+from uae_fast.training import TrainConfig, _checkpoints, _save_checkpoint, latest_checkpoint, train
+
+HERE = os.path.dirname(__file__)
+TRAIN = os.path.join(HERE, "fixtures", "qasper-train-mini.json.gz")
+TINY_RUN = dict(max_steps=4, batch_size=4, passages_per_query=3, max_passage_length=32, lr=1e-3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def utils(tmp_path_factory, ds):
+    return write_utilities(tmp_path_factory.mktemp("u") / "u.jsonl.gz", ds)
+
+
+def one_error_line(capsys, rc, cmd):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith(f"uae {cmd}: error: "), (rc, err)
+    assert "Traceback" not in err and "internal error" not in err, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------- malformed data files
+def _qasper(paper_patch=None, qa_patch=None, drop=None):
+    qa = {"question": "q?", "question_id": "q1",
+          "answers": [{"answer": {"unanswerable": False, "free_form_answer": "f", "evidence": ["p1"]}}]}
+    qa.update(qa_patch or {})
+    qa.pop(drop, None)
+    paper = {"full_text": [{"section_name": "S", "paragraphs": ["p1", "p2"]}], "qas": [qa]}
+    paper.update(paper_patch or {})
+    return json.dumps({"P": paper})
+
+
+def _jsonl(*records):
+    return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n"
+
+
+P0 = {"type": "passage", "id": "d0:0", "doc_id": "d0", "text": "alpha"}
+P1 = {"type": "passage", "id": "d0:1", "doc_id": "d0", "text": "beta"}
+Q0 = {"type": "query", "id": "q0", "question": "which?", "answers": ["alpha"], "gold": ["d0:0"], "doc_id": "d0"}
+
+# (file name, content as text or bytes, expected message part)
+BAD_DATA = {
+    "truncated_gz": ("data.json.gz", lambda: open(TRAIN, "rb").read()[:3000], "truncated or corrupt gzip"),
+    "plain_named_gz": ("data.json.gz", _qasper(), "named .gz but is not gzip-compressed"),
+    "jsonl_truncated_gz": ("data.jsonl.gz", lambda: gzip.compress(_jsonl(P0, P1, Q0).encode() * 50)[:60],
+                           "truncated or corrupt gzip"),
+    "missing_question_id": ("data.json", _qasper(drop="question_id"), "lacks 'question_id'"),
+    "answer_not_object": ("data.json", _qasper(qa_patch={"answers": [{"answer": "Paris"}]}), "answers[0].answer must be an object"),
+    "answers_not_list": ("data.json", _qasper(qa_patch={"answers": "Paris"}), "answers must be an array"),
+    "paragraph_not_string": ("data.json", _qasper({"full_text": [{"paragraphs": [3]}]}), "paragraphs[0] must be a string"),
+    "duplicate_question_id": ("data.json", json.dumps({"A": json.loads(_qasper())["P"], "B": json.loads(_qasper())["P"]}),
+                              "duplicate question_id"),
+    "jsonl_answers_string": ("data.jsonl", _jsonl(P0, dict(Q0, answers="Paris")), "data.jsonl:2: answers must be an array"),
+    "jsonl_answer_not_string": ("data.jsonl", _jsonl(P0, dict(Q0, answers=["a", 3])), "answers[1] must be a string"),
+    "jsonl_gold_string": ("data.jsonl", _jsonl(P0, dict(Q0, gold="d0:1")), "gold must be an array"),
+    "jsonl_array_line": ("data.jsonl", _jsonl(P0, "[1, 2]"), "data.jsonl:2: each line must be a JSON object, got an array"),
+    "jsonl_string_line": ("data.jsonl", _jsonl(P0, '"text"'), "got a string"),
+    "jsonl_null_line": ("data.jsonl", _jsonl(P0, "null"), "got null"),
+    "jsonl_text_not_string": ("data.jsonl", _jsonl(dict(P0, text=["alpha"]), Q0), "text must be a string"),
+    "jsonl_id_not_string": ("data.jsonl", _jsonl(dict(P0, id=1.5), Q0), "id must be a string id"),
+    "jsonl_duplicate_passage": ("data.jsonl", _jsonl(P0, P1, dict(P0, text="again"), Q0),
+                                "data.jsonl:3: duplicate passage id 'd0:0' (first on line 1)"),
+    "jsonl_duplicate_query": ("data.jsonl", _jsonl(P0, Q0, P1, Q0), "data.jsonl:4: duplicate query id 'q0' (first on line 2)"),
+    "jsonl_duplicate_candidate": ("data.jsonl", _jsonl(P0, dict(Q0, candidates=["d0:0", "d0:0"])), "more than once"),
+    "jsonl_empty_answer": ("data.jsonl", _jsonl(P0, dict(Q0, answers=[" "])), "answers[0] is empty"),
+    "not_utf8": ("data.jsonl", b"\xff\xfe\x00garbage\n", "cannot read"),
+}
+
+
+def _write_bad(tmp_path, key):
+    name, content, msg = BAD_DATA[key]
+    content = content() if callable(content) else content
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path), msg
+
+
+@pytest.mark.parametrize("key", sorted(BAD_DATA))
+def test_loader_rejects_malformed_data_with_file_and_place(tmp_path, key):
+    path, msg = _write_bad(tmp_path, key)
+    with pytest.raises(ValueError, match=None) as e:
+        load_dataset(path)
+    assert msg in str(e.value) and os.path.basename(path) in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_loader_keeps_valid_typed_records(tmp_path):
+    # integer ids read as strings; explicit candidates keep their order; null optional fields are fine
+    p = tmp_path / "ok.jsonl"
+    p.write_text(_jsonl(dict(P0, id=7), P1, dict(Q0, gold=[7], candidates=["d0:1", 7], answers=None, doc_id=None)))
+    q = load_dataset(str(p)).queries[0]
+    assert q.gold == ["7"] and q.candidates == ["d0:1", "7"] and q.answers == [] and q.doc_id is None
+
+
+def test_directory_as_data(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        load_dataset(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------- the CLI on bad input
+@pytest.mark.parametrize("key", ["truncated_gz", "plain_named_gz", "missing_question_id", "answer_not_object",
+                                 "jsonl_answers_string", "jsonl_array_line", "jsonl_duplicate_passage"])
+@pytest.mark.parametrize("cmd", ["train", "score", "eval"])
+def test_cli_bad_data_is_one_line(tmp_path, capsys, tiny, utils, key, cmd):
+    data, msg = _write_bad(tmp_path, key)
+    out = tmp_path / "out"
+    argv = {"train": ["train", "--utilities", utils, "--student", tiny, "--out", str(out)],
+            "score": ["score", "--out", str(out), "--teacher", str(tmp_path / "never-loaded")],
+            "eval": ["eval", "--student", tiny, "--baselines", "bm25", "--json", str(out)]}[cmd]
+    line = one_error_line(capsys, main(argv + ["--data", data, "--no-progress"]), cmd)
+    assert msg in line
+    assert not os.path.exists(out) and not os.path.exists(str(out) + ".partial")
+
+
+def test_cli_directory_as_data(tmp_path, capsys, tiny, utils):
+    out = tmp_path / "out"
+    line = one_error_line(capsys, main(["train", "--data", str(tmp_path), "--utilities", utils, "--student", tiny,
+                                        "--out", str(out), "--no-progress"]), "train")
+    assert "is a directory" in line and not out.exists()
+
+
+NUMERIC = [("--weight-decay", "nan"), ("--weight-decay", "inf"), ("--weight-decay", "-0.1"), ("--weight-decay", "1e300"),
+           ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--lr", "1e38"), ("--epochs", "nan"),
+           ("--temperature", "-inf"), ("--teacher-temperature", "nan"), ("--label-mix", "nan"), ("--warmup", "inf"),
+           ("--teacher-gate", "nan"), ("--batch-size", "0"), ("--max-steps", "-1"), ("--seed", "-1"), ("--threads", "-1"),
+           ("--threads", "0"), ("--save-every", "0"), ("--keep-checkpoints", "-1"), ("--stop-after", "0"),
+           ("--device", "cuda:99"), ("--device", "bogus")]
+
+
+@pytest.mark.parametrize("opt,value", NUMERIC)
+def test_cli_train_bad_numbers_are_one_line(tmp_path, capsys, tiny, utils, opt, value):
+    out = tmp_path / "out"
+    line = one_error_line(capsys, main(["train", "--data", TRAIN, "--utilities", utils, "--student", tiny, "--out", str(out),
+                                        "--max-steps", "1", "--no-progress", f"{opt}={value}"]), "train")
+    assert opt.lstrip("-").replace("-", "_") in line.replace("-", "_") or "device" in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [["--threads", "-1"], ["--limit", "-1"], ["--limit", "0"], ["--group", "0"],
+                                  ["--token-budget", "0"], ["--max-passage-tokens", "-5"]])
+def test_cli_score_bad_numbers_are_one_line(tmp_path, capsys, argv):
+    out = tmp_path / "u.jsonl"
+    one_error_line(capsys, main(["score", "--data", TRAIN, "--out", str(out), "--teacher", str(tmp_path / "nope"),
+                                 "--no-progress"] + argv), "score")
+    assert not out.exists() and not os.path.exists(str(out) + ".partial")
+
+
+@pytest.mark.parametrize("argv", [["--threads", "-1"], ["--query-threads", "0"], ["--limit", "-1"], ["--batch-size", "0"],
+                                  ["--rerank-depth", "0"], ["--device", "cuda:7"]])
+def test_cli_eval_bad_numbers_are_one_line(tmp_path, capsys, tiny, argv):
+    if argv[0] == "--device" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that GPU")
+    out = tmp_path / "r.json"
+    one_error_line(capsys, main(["eval", "--data", TRAIN, "--student", tiny, "--baselines", "bm25", "--json", str(out),
+                                 "--no-progress"] + argv), "eval")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("cmd", ["train", "score", "eval"])
+def test_cli_cuda_without_gpu_is_one_line(tmp_path, capsys, tiny, utils, cmd):
+    out = tmp_path / "out"
+    argv = {"train": ["train", "--data", TRAIN, "--utilities", utils, "--student", tiny, "--out", str(out)],
+            "score": ["score", "--data", TRAIN, "--out", str(out)],
+            "eval": ["eval", "--data", TRAIN, "--student", tiny, "--baselines", "bm25", "--json", str(out)]}[cmd]
+    line = one_error_line(capsys, main(argv + ["--device", "cuda", "--no-progress"]), cmd)
+    assert "no CUDA GPU" in line and not out.exists()
+
+
+def test_cli_out_is_a_file(tmp_path, capsys, tiny, utils):
+    out = tmp_path / "model"
+    out.write_text("keep me")
+    line = one_error_line(capsys, main(["train", "--data", TRAIN, "--utilities", utils, "--student", tiny, "--out", str(out),
+                                        "--no-progress"]), "train")
+    assert "is a file" in line and out.read_text() == "keep me"
+
+
+def test_cli_merge_truncated_or_foreign_shard(tmp_path, capsys):
+    header = {"type": "header", "format": "uae-utilities/1", "shard": [0, 1], "n_queries": 1, "n_rows": 1}
+    text = _jsonl(header, {"qid": "a", "pid": "a:0", "utility": 1.0, "cand": 0, "n_cand": 1}) * 200
+    cut = tmp_path / "u.shard0-of-1.jsonl.gz"
+    cut.write_bytes(gzip.compress(text.encode())[:100])
+    out = tmp_path / "merged.jsonl"
+    line = one_error_line(capsys, main(["score", "--merge", str(cut), "--out", str(out)]), "score")
+    assert "truncated or corrupt gzip" in line and cut.name in line
+    bad = tmp_path / "nohdr.jsonl"
+    bad.write_text(_jsonl(dict(header, shard="x"), {"qid": "a", "pid": "a:0", "utility": 1.0}))
+    assert "valid shard" in one_error_line(capsys, main(["score", "--merge", str(bad), "--out", str(out)]), "score")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(_jsonl(header, [1, 2]))
+    assert "not a utility row" in one_error_line(capsys, main(["score", "--merge", str(rows), "--out", str(out)]), "score")
+    assert not out.exists() and not os.path.exists(str(out) + ".partial")
+
+
+def test_cli_syntax_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", "x", "--threads", "many"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("uae train: error: argument --threads")
+
+
+def test_cli_unexpected_errors_are_one_line_and_debuggable(tmp_path, capsys, monkeypatch):
+    import uae_fast.scoring as scoring
+
+    def boom(*a, **k):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(scoring, "merge", boom)
+    argv = ["score", "--merge", "a", "--out", str(tmp_path / "o")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "internal error (KeyError" in err[0] and "UAE_DEBUG=1" in err[0]
+    monkeypatch.setenv("UAE_DEBUG", "1")
+    with pytest.raises(KeyError):
+        main(argv)
+
+
+def test_cli_sets_passive_openmp_before_torch():
+    # A fresh interpreter: importing the CLI sets OMP_WAIT_POLICY before anything imports torch.
+    import subprocess
+    import sys
+
+    code = ("import os, sys; import uae_fast.cli; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.stdout.split() == ["PASSIVE", "1", "False"], r.stderr
+
+
+# ------------------------------------------------------------------------------------- numeric config
+@pytest.mark.parametrize("field", ["epochs", "lr", "weight_decay", "warmup", "temperature", "teacher_temperature",
+                                   "label_mix", "teacher_gate"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), "1", True])
+def test_config_rejects_non_finite_and_non_numbers(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value}).check()
+
+
+@pytest.mark.parametrize("field", ["batch_size", "passages_per_query", "grad_accum", "max_query_length",
+                                   "max_passage_length", "encode_chunk", "max_steps", "seed"])
+@pytest.mark.parametrize("value", [-1, 2.0, True, "3"])
+def test_config_rejects_bad_ints(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value}).check()
+
+
+def test_never_saves_a_non_finite_model(tmp_path, ds, tiny, utils, monkeypatch):
+    # Bypass the config check: a NaN weight decay (as `--weight-decay nan` did) turns every decayed weight NaN
+    # in the first optimizer step while the loss of that step is still finite.
+    monkeypatch.setattr(TrainConfig, "check", lambda self: None)
+    cfg = TrainConfig(data=TRAIN, utilities=utils, student=tiny, **dict(TINY_RUN, max_steps=1), weight_decay=float("nan"))
+    out = tmp_path / "final"
+    with pytest.raises(FloatingPointError, match="NaN/inf weights after step 1"):
+        train(cfg, str(out), progress=False, ds=ds)
+    assert not (out / "model.safetensors").exists()
+    out = tmp_path / "ckpt"
+    with pytest.raises(FloatingPointError, match="not saving"):
+        train(TrainConfig(**{**cfg.__dict__, "max_steps": 3}), str(out), save_every=1, progress=False, ds=ds)
+    assert latest_checkpoint(str(out)) is None and not (out / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------- checkpoints and --out
+def test_latest_checkpoint_skips_tmp_and_foreign_folders(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name in ("step-000002", "step-000010.tmp", "step-000004", "step-abc", "step-000009.old", "notes", "step-000007"):
+        (root / name).mkdir(parents=True)
+        (root / name / "trainer_state.pt").write_bytes(b"")
+    (root / "step-000007" / "trainer_state.pt").unlink()  # an incomplete folder of an older layout
+    assert latest_checkpoint(str(tmp_path)).endswith("step-000004")
+    assert [d for _, d in _checkpoints(str(root))] == ["step-000002", "step-000004"]
+    assert latest_checkpoint(str(tmp_path / "none")) is None
+
+
+def test_checkpoint_write_is_atomic_cleans_tmp_and_keeps_itself(tmp_path, tiny):
+    from uae_fast.student import BiEncoder
+    from uae_fast.training import _optimizer, _scheduler
+
+    cfg = TrainConfig(student=tiny)
+    enc = BiEncoder(tiny, device="cpu")
+    opt = _optimizer(enc, cfg)
+    sched = _scheduler(opt, 10, cfg.warmup)
+    root = tmp_path / "checkpoints"
+    (root / "step-000001.tmp").mkdir(parents=True)  # an interrupted earlier write
+    (root / "step-000009").mkdir()  # a newer folder from elsewhere: pruning must not delete the new checkpoint
+    (root / "step-000009" / "trainer_state.pt").write_bytes(b"")
+    _save_checkpoint(str(tmp_path), enc, opt, sched, 2, cfg, [], keep=1)
+    assert sorted(os.listdir(root)) == ["step-000002"]  # (the old rule kept step-000009 and deleted this one)
+    _save_checkpoint(str(tmp_path), enc, opt, sched, 3, cfg, [], keep=2)
+    assert sorted(os.listdir(root)) == ["step-000002", "step-000003"]
+    state = torch.load(root / "step-000003" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 3 and (root / "step-000003" / "model.safetensors").exists()
+    with torch.no_grad():
+        next(enc.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        _save_checkpoint(str(tmp_path), enc, opt, sched, 4, cfg, [], keep=2)
+    assert sorted(os.listdir(root)) == ["step-000002", "step-000003"]
+
+
+def test_resume_after_interrupted_checkpoint_write(tmp_path, ds, tiny, utils):
+    # Defect 1: a step-N.tmp left by a kill inside the write must not block --resume.
+    cfg = TrainConfig(data=TRAIN, utilities=utils, student=tiny, **TINY_RUN)
+    out = tmp_path / "run"
+    train(cfg, str(out), save_every=1, stop_after=2, progress=False, ds=ds)
+    shutil.copytree(out / "checkpoints" / "step-000002", out / "checkpoints" / "step-000003.tmp")
+    (out / "checkpoints" / "step-000003.tmp" / "model.safetensors").write_bytes(b"torn")
+    s = train(cfg, str(out), resume=True, save_every=1, progress=False, ds=ds)
+    assert s["finished"] and s["steps"] == 4
+    assert [d for _, d in _checkpoints(str(out / "checkpoints"))] == ["step-000002", "step-000003"]
+    assert not any(d.endswith(".tmp") for d in os.listdir(out / "checkpoints"))
+
+
+def test_one_run_per_out_folder(tmp_path, ds, tiny, utils, capsys):
+    # Defect 2: a fresh run into a used --out is refused; --overwrite replaces the old run, whose higher
+    # step numbers can then no longer prune the new run's checkpoints.
+    cfg = TrainConfig(data=TRAIN, utilities=utils, student=tiny, **dict(TINY_RUN, max_steps=6))
+    out = tmp_path / "run"
+    train(cfg, str(out), save_every=2, progress=False, ds=ds)
+    before = sorted(os.listdir(out / "checkpoints"))
+    assert before == ["step-000002", "step-000004"]
+    other = TrainConfig(**{**cfg.__dict__, "max_steps": 3, "lr": 2e-3})
+    with pytest.raises(ValueError, match="is not empty .*--resume.*--overwrite"):
+        train(other, str(out), save_every=2, progress=False, ds=ds)
+    assert sorted(os.listdir(out / "checkpoints")) == before
+    with pytest.raises(ValueError, match="different training settings.*lr"):  # only the summary is left to compare
+        train(other, str(out), resume=True, save_every=2, progress=False, ds=ds)
+    with pytest.raises(ValueError, match="contradict"):
+        train(other, str(out), resume=True, overwrite=True, progress=False, ds=ds)
+    mtime = os.path.getmtime(out / "model.safetensors")
+    s = train(cfg, str(out), resume=True, save_every=2, progress=False, ds=ds)  # finished: nothing to do
+    assert s["already_finished"] and s["steps"] == 6 and os.path.getmtime(out / "model.safetensors") == mtime
+    s = train(other, str(out), overwrite=True, save_every=2, stop_after=2, progress=False, ds=ds)
+    assert s["steps"] == 2 and latest_checkpoint(str(out)).endswith("step-000002")
+    assert sorted(os.listdir(out)) == ["checkpoints", "train_log.jsonl", "training_summary.json"]  # old model gone
+    # a folder with other files is never deleted, even with --overwrite
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("x")
+    for kw in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(ValueError, match="not empty|holds no uae train run"):
+            train(cfg, str(mine), progress=False, ds=ds, **kw)
+    assert os.listdir(mine) == ["thesis.tex"]
+    # the CLI says it in one line
+    capsys.readouterr()
+    rc = main(["train", "--data", TRAIN, "--utilities", utils, "--student", tiny, "--out", str(mine), "--no-progress"])
+    assert "--overwrite" in one_error_line(capsys, rc, "train")
+
+
+def test_damaged_checkpoint_and_output_paths_are_one_line(tmp_path, capsys, ds, tiny, utils):
+    cfg = TrainConfig(data=TRAIN, utilities=utils, student=tiny, **TINY_RUN)
+    out = tmp_path / "run"
+    train(cfg, str(out), save_every=2, stop_after=2, progress=False, ds=ds)
+    (out / "checkpoints" / "step-000002" / "trainer_state.pt").write_bytes(b"damaged on disk")
+    capsys.readouterr()
+    rc = main(["train", "--data", TRAIN, "--utilities", utils, "--student", tiny, "--out", str(out), "--resume",
+               "--max-steps", "4", "--batch-size", "4", "--passages-per-query", "3", "--max-passage-length", "32",
+               "--lr", "1e-3", "--seed", "1", "--no-progress"])
+    assert "step-000002 is unreadable" in one_error_line(capsys, rc, "train")
+    rc = main(["eval", "--data", TRAIN, "--baselines", "bm25", "--json", str(tmp_path), "--no-progress"])
+    got = capsys.readouterr()
+    assert rc == 1 and got.err.strip().splitlines() == [f"uae eval: error: --json {tmp_path} is a directory; give a file path"]
+    assert got.out == ""  # refused before any evaluation ran (no table printed)
+
+
+def test_cli_diverging_run_is_one_line_even_with_progress_bars(tmp_path, capsys, tiny, utils, monkeypatch):
+    # The error comes from inside the training loop while uae's progress bar is drawn: the bar is erased, so
+    # the terminal shows exactly the one error line (a bar redraws its line with \r, never with \n).
+    import transformers.utils.logging as hf_logging
+
+    monkeypatch.setattr(hf_logging, "_tqdm_active", False)  # as HF_HUB_DISABLE_PROGRESS_BARS=1 from the CLI does
+    monkeypatch.setattr(TrainConfig, "check", lambda self: None)  # let a NaN weight decay through to the loop
+    out = tmp_path / "run"
+    rc = main(["train", "--data", TRAIN, "--utilities", utils, "--student", tiny, "--out", str(out), "--max-steps", "3",
+               "--batch-size", "4", "--passages-per-query", "3", "--max-passage-length", "32", "--weight-decay", "nan",
+               "--save-every", "1"])
+    err = capsys.readouterr().err
+    shown = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]  # what a terminal shows of each line
+    shown = [line for line in shown if line.strip()]
+    assert rc == 1 and len(shown) == 1 and shown[0].startswith("uae train: error: "), repr(err)
+    assert "NaN/inf weights after step 1" in shown[0] and "\r" in err  # a bar was drawn, then erased
+    assert latest_checkpoint(str(out)) is None and not (out / "model.safetensors").exists()
