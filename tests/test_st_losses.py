@@ -268,6 +268,28 @@ def test_export_columns_and_labels(exported):
                 assert math.isnan(lab)
 
 
+def test_export_tops_up_short_papers_with_other_papers(exported):
+    from uae_fast.data import load_dataset
+    from uae_fast.export import export_rows
+    from uae_fast.training import load_utilities
+
+    ds = load_dataset(TRAIN)
+    u, _ = load_utilities(exported[1])
+    k = 1 + max(len(ds.pool(q)) for q in ds.queries)  # wider than any paper
+    cols, skipped = export_rows(ds, u, passages_per_query=k, seed=1)
+    by_text = {p.text: pid for pid, p in ds.passages.items()}
+    by_q = {q.question: q for q in ds.queries}
+    assert skipped == sum(1 for q in ds.queries if q.id in u and not q.gold) and len(cols["query"]) > 0
+    for i, question in enumerate(cols["query"]):
+        q = by_q[question]
+        pids = [by_text[cols[f"passage_{c}"][i]] for c in range(k)]
+        pool = set(ds.pool(q))
+        assert len(set(pids)) == k and set(pids[:len(pool)]) == pool  # the whole paper, then other papers'
+        assert all(math.isnan(x) for x in cols["labels"][i][len(pool):])
+    with pytest.raises(ValueError, match="passages_per_query must be a positive int"):
+        export_rows(ds, u, passages_per_query=0)
+
+
 def test_export_cli_errors(tmp_path, exported, capsys):
     from uae_fast.cli import main
 

@@ -82,13 +82,13 @@ class CachedUtilityInfoNCELoss(UtilityInfoNCELoss):
         Example:
             ::
 
-                from datasets import load_from_disk
+                from datasets import load_dataset
                 from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                                    SentenceTransformerTrainingArguments)
                 from uae_fast.losses import CachedUtilityInfoNCELoss
 
                 model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
-                train = load_from_disk("qasper-uae")   # `uae export --utilities T --out qasper-uae`
+                train = load_dataset("qasper-uae", split="train")  # `uae export --utilities T --out qasper-uae`
                 args = SentenceTransformerTrainingArguments("out", per_device_train_batch_size=4096)
                 trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train,
                                                      loss=CachedUtilityInfoNCELoss(model, mini_batch_size=32))

@@ -99,12 +99,12 @@ class UtilityInfoNCELoss(nn.Module):
         Example:
             ::
 
-                from datasets import load_from_disk
+                from datasets import load_dataset
                 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
                 from uae_fast.losses import UtilityInfoNCELoss
 
                 model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
-                train = load_from_disk("qasper-uae")   # `uae export --utilities T --out qasper-uae`
+                train = load_dataset("qasper-uae", split="train")  # `uae export --utilities T --out qasper-uae`
                 trainer = SentenceTransformerTrainer(model=model, train_dataset=train,
                                                      loss=UtilityInfoNCELoss(model))
                 trainer.train()
@@ -141,7 +141,7 @@ class UtilityInfoNCELoss(nn.Module):
         texts; None when deduplication is off or the features carry no token ids."""
         if not self.dedupe_passages:
             return None
-        return passage_keys(sentence_features[1:])
+        return _token_keys(sentence_features[1:])
 
     def compute_loss_from_embeddings(self, embeddings: List[Tensor], labels: Optional[Tensor],
                                      keys: Optional[List[bytes]] = None) -> Tensor:
@@ -205,7 +205,7 @@ def targets_from_labels(labels: Optional[Tensor], b: int, k: int, device) -> Tup
     return target_idx, target_utility
 
 
-def passage_keys(passage_features: List[Dict[str, Tensor]]) -> Optional[List[bytes]]:
+def _token_keys(passage_features: List[Dict[str, Tensor]]) -> Optional[List[bytes]]:
     """Per passage (column-major), its non-padding token ids as bytes; None without ``input_ids``."""
     keys: List[bytes] = []
     for f in passage_features:
