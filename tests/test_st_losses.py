@@ -1,0 +1,371 @@
+"""sentence-transformers losses (UtilityInfoNCELoss, CachedUtilityInfoNCELoss) and `uae export`.
+
+Oracles: MultipleNegativesRankingLoss for one-hot targets, a float64 dense formula for soft/NaN targets,
+the uncached loss for the cached one, the single-process loss for gloo DDP with gathered passages.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("sentence_transformers")
+
+from test_student import make_tiny_encoder  # noqa: E402
+from uae_fast.losses import CachedUtilityInfoNCELoss, UtilityInfoNCE, UtilityInfoNCELoss  # noqa: E402
+
+HERE = os.path.dirname(__file__)
+TRAIN = os.path.join(HERE, "fixtures", "qasper-train-mini.json.gz")
+B, K = 5, 3
+
+
+def _model(folder):
+    from sentence_transformers import SentenceTransformer
+
+    m = SentenceTransformer(str(folder), device="cpu")
+    m.eval()  # no dropout: losses computed in different forward orders compare exactly
+    return m
+
+
+@pytest.fixture(scope="module")
+def enc_dir(tmp_path_factory):
+    return make_tiny_encoder(tmp_path_factory.mktemp("st") / "enc")
+
+
+@pytest.fixture
+def model(enc_dir):
+    return _model(enc_dir)
+
+
+def _texts(b=B, k=K, tag=""):
+    """Distinct query and passage texts, columns (query, passage_0..k-1)."""
+    words = "paper model data train test score answer question method result table figure".split()
+    cols = [[f"what is the {words[i % 12]} {tag}{i}?" for i in range(b)]]
+    for c in range(k):
+        cols.append([f"the {words[(i + c) % 12]} of section {c} uses {words[(3 * i + c) % 12]} {tag}{i} {c}" for i in range(b)])
+    return cols
+
+
+def _features(model, cols):
+    return [model.tokenize(texts) for texts in cols]
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _run(loss_fn, model, cols, labels):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(_features(model, cols), labels)
+    loss.backward()
+    return loss.detach(), _grads(model)
+
+
+def _assert_grads_close(g, ref, tol=2e-5):
+    """Every parameter's gradient, to ``tol`` of that parameter's largest reference gradient entry (the
+    forwards differ in padding width and batching, i.e. in float summation order only)."""
+    assert g.keys() == ref.keys() and len(g) > 5
+    for n in ref:
+        torch.testing.assert_close(g[n], ref[n], rtol=0, atol=tol * float(ref[n].abs().max()) + 1e-9,
+                                   msg=lambda m: f"{n}: {m}")
+
+
+def _mnrl():
+    try:  # sentence-transformers >= 6 moved it; the old path still works there, with a deprecation warning
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+    return MultipleNegativesRankingLoss
+
+
+# ------------------------------------------------------------------------------------ oracles
+@pytest.mark.parametrize("kind", ["nan", "none", "label_mix1", "dot"])
+def test_one_hot_equals_mnrl(model, kind):
+    from sentence_transformers.util import dot_score
+
+    cols = _texts()
+    tau = 1.0 if kind == "dot" else 0.1  # unnormalised dot products: scale 1, as sentence-transformers advises
+    sim = {"similarity_fct": dot_score} if kind == "dot" else {}
+    ref_loss, ref_g = _run(_mnrl()(model, scale=1 / tau, **sim), model, cols, None)
+    if kind == "none":  # no labels column: passage_0 is the positive
+        labels, mix = None, 0.0
+    elif kind == "label_mix1":  # any utilities, all mass on the gold passage_0
+        labels, mix = torch.randn(B, K), 1.0
+    else:  # one utility per row, on passage_0; the rest NaN
+        labels = torch.full((B, K), math.nan)
+        labels[:, 0] = torch.randn(B)
+        mix = 0.0
+    loss, g = _run(UtilityInfoNCELoss(model, temperature=tau, label_mix=mix, **sim), model, cols, labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    _assert_grads_close(g, ref_g)
+
+
+def _dense_reference(q, p, labels, tau, t_teacher, mix):
+    """float64, [B, N] materialised; p column-major (passage (i, c) at c * B + i)."""
+    q, p = torch.nn.functional.normalize(q.double(), dim=-1), torch.nn.functional.normalize(p.double(), dim=-1)
+    b, k = labels.shape
+    logp = torch.log_softmax(q @ p.T / tau, dim=1)
+    total = 0.0
+    for i in range(b):
+        ok = [c for c in range(k) if not math.isnan(float(labels[i, c]))] or [0]
+        u = torch.tensor([0.0 if math.isnan(float(labels[i, c])) else float(labels[i, c]) for c in ok], dtype=torch.float64)
+        w = torch.softmax(u / t_teacher, 0) * (1 - mix)
+        row = -sum(w[j] * logp[i, c * b + i] for j, c in enumerate(ok)) - mix * logp[i, i]
+        total = total + row
+    return total / b
+
+
+def test_soft_and_nan_labels_match_dense_float64(model):
+    cols = _texts()
+    labels = torch.randn(B, K)
+    labels[0, 1:] = math.nan  # one utility
+    labels[1, :] = math.nan  # none: passage_0 stands in
+    labels[2, 0] = math.nan  # gold unscored: only label_mix puts mass on it
+    loss_fn = UtilityInfoNCELoss(model, temperature=0.07, teacher_temperature=0.3, label_mix=0.25)
+    with torch.no_grad():
+        emb = [model(f)["sentence_embedding"] for f in _features(model, cols)]
+        got = loss_fn.compute_loss_from_embeddings(emb, labels)
+        ref = _dense_reference(emb[0], torch.cat(emb[1:]), labels, 0.07, 0.3, 0.25)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+        # a NaN candidate is still a negative: dropping an all-NaN column changes the loss
+        unscored = labels.clone()
+        unscored[:, -1] = math.nan
+        with_col = loss_fn.compute_loss_from_embeddings(emb, unscored)
+        assert with_col > loss_fn.compute_loss_from_embeddings(emb[:-1], unscored[:, :-1]) + 1e-3
+        # and NaN differs from a zero utility (which would be a target)
+        zero = loss_fn.compute_loss_from_embeddings(emb, labels.nan_to_num(0.0))
+        assert not torch.allclose(zero, got)
+
+
+def test_duplicate_passages_count_once(model):
+    cols = _texts()
+    cols[3][1] = cols[1][0]  # row 1's passage_2 is row 0's passage_0 (queries of one paper share paragraphs)
+    labels = torch.randn(B, K)
+    loss_fn = UtilityInfoNCELoss(model, temperature=0.1, teacher_temperature=0.5, label_mix=0.5)
+    with torch.no_grad():
+        emb = [model(f)["sentence_embedding"] for f in _features(model, cols)]
+        got = loss_fn(_features(model, cols), labels)
+        # reference: the duplicate is one passage; row 1's target at (1, col 2) points at the kept copy (0, col 0)
+        q, p = emb[0], torch.cat(emb[1:])
+        dup = 2 * B + 1
+        keep = [j for j in range(p.shape[0]) if j != dup]
+        remap = torch.full((p.shape[0],), -1, dtype=torch.long)
+        remap[keep] = torch.arange(len(keep))
+        remap[dup] = 0
+        idx = (torch.arange(K)[None, :] * B + torch.arange(B)[:, None])
+        ref = UtilityInfoNCE(0.1, 0.5, 0.5)(torch.nn.functional.normalize(q, dim=-1),
+                                            torch.nn.functional.normalize(p[keep], dim=-1),
+                                            remap[idx], labels, remap[torch.arange(B)])
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+        plain = UtilityInfoNCELoss(model, temperature=0.1, dedupe_passages=False)(_features(model, cols), labels)
+        assert not torch.allclose(plain, got)
+
+
+def test_bad_inputs_one_clear_error(model):
+    cols = _texts()
+    loss_fn = UtilityInfoNCELoss(model)
+    feats = _features(model, cols)
+    with pytest.raises(ValueError, match=r"labels must be \[batch, K\] = \[5, 3\]"):
+        loss_fn(feats, torch.zeros(B, K + 1))
+    with pytest.raises(ValueError, match=r"labels\[2, 1\] is inf"):
+        bad = torch.zeros(B, K)
+        bad[2, 1] = math.inf
+        loss_fn(feats, bad)
+    with pytest.raises(ValueError, match="needs the columns"):
+        loss_fn(feats[:1], None)
+    with pytest.raises(ValueError, match="similarity_fct must be"):
+        UtilityInfoNCELoss(model, similarity_fct=torch.nn.functional.cosine_similarity)
+    with pytest.raises(ValueError, match="label_mix"):
+        UtilityInfoNCELoss(model, label_mix=2.0)
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        CachedUtilityInfoNCELoss(model, mini_batch_size=0)
+
+
+def test_defaults_are_the_cli_defaults_and_config(model):
+    from uae_fast.training import TrainConfig
+
+    cfg = TrainConfig()
+    for cls in (UtilityInfoNCELoss, CachedUtilityInfoNCELoss):
+        loss = cls(model)
+        d = loss.get_config_dict()
+        assert (d["temperature"], d["teacher_temperature"], d["label_mix"]) == (
+            cfg.temperature, cfg.teacher_temperature, cfg.label_mix)
+        assert d["similarity_fct"] == "cos_sim" and "2604.22722" in loss.citation
+    assert "2101.06983" in CachedUtilityInfoNCELoss(model).citation
+    assert CachedUtilityInfoNCELoss(model, mini_batch_size=7).get_config_dict()["mini_batch_size"] == 7
+
+
+# ------------------------------------------------------------------------------------ GradCache
+@pytest.mark.parametrize("mini_batch_size", [1, 2, 4])
+def test_cached_equals_uncached(model, mini_batch_size):
+    cols = _texts()
+    labels = torch.randn(B, K)
+    labels[1, 1:] = math.nan
+    kw = dict(temperature=0.05, teacher_temperature=0.5, label_mix=0.3)
+    ref_loss, ref_g = _run(UtilityInfoNCELoss(model, **kw), model, cols, labels)
+    loss, g = _run(CachedUtilityInfoNCELoss(model, mini_batch_size=mini_batch_size, **kw), model, cols, labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    _assert_grads_close(g, ref_g)
+    with torch.no_grad():  # evaluation: the loss without a cache
+        torch.testing.assert_close(CachedUtilityInfoNCELoss(model, mini_batch_size=2, **kw)(_features(model, cols), labels),
+                                   ref_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_replays_dropout(model):
+    # Train mode: one mini-batch per column draws the same dropout masks as the uncached forward (same seed,
+    # same order), so the losses agree; the gradients agree only if step 3 replays step 1's RNG state.
+    model.train()
+    cols = _texts()
+    labels = torch.randn(B, K)
+    torch.manual_seed(7)
+    ref_loss, ref_g = _run(UtilityInfoNCELoss(model), model, cols, labels)
+    torch.manual_seed(7)
+    loss, g = _run(CachedUtilityInfoNCELoss(model, mini_batch_size=B), model, cols, labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    _assert_grads_close(g, ref_g)
+    torch.manual_seed(8)  # a different draw is a different loss: dropout is really on
+    other, _ = _run(UtilityInfoNCELoss(model), model, cols, labels)
+    assert not torch.allclose(other, ref_loss)
+
+
+# ------------------------------------------------------------------------------------ export + trainer
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from test_training import write_utilities
+    from uae_fast.cli import main
+    from uae_fast.data import load_dataset
+
+    pytest.importorskip("datasets")
+    tmp = tmp_path_factory.mktemp("export")
+    utils = write_utilities(tmp / "u.jsonl.gz", load_dataset(TRAIN))
+    assert main(["export", "--utilities", utils, "--data", TRAIN, "--out", str(tmp / "ds"), "--passages-per-query", "4"]) == 0
+    return tmp / "ds", utils
+
+
+def test_export_columns_and_labels(exported):
+    import datasets
+
+    from uae_fast.data import load_dataset
+    from uae_fast.training import load_utilities
+
+    out, utils = exported
+    d = datasets.load_dataset(str(out), split="train")
+    assert d.column_names == ["query", "passage_0", "passage_1", "passage_2", "passage_3", "labels"]
+    ds = load_dataset(TRAIN)
+    u, _ = load_utilities(utils)
+    by_q = {q.question: q for q in ds.queries}
+    by_text = {p.text: pid for pid, p in ds.passages.items()}
+    with_gold = [q for q in ds.queries if q.id in u and q.gold]
+    assert len(d) == len(with_gold)
+    for row in d:
+        q = by_q[row["query"]]
+        pids = [by_text[row[f"passage_{c}"]] for c in range(4)]
+        assert pids[0] in q.gold and len(set(pids)) == 4
+        for pid, lab in zip(pids, row["labels"]):
+            if pid in u[q.id]:
+                assert lab == pytest.approx(u[q.id][pid], rel=1e-6)
+            else:
+                assert math.isnan(lab)
+
+
+def test_export_tops_up_short_papers_with_other_papers(exported):
+    from uae_fast.data import load_dataset
+    from uae_fast.export import export_rows
+    from uae_fast.training import load_utilities
+
+    ds = load_dataset(TRAIN)
+    u, _ = load_utilities(exported[1])
+    k = 1 + max(len(ds.pool(q)) for q in ds.queries)  # wider than any paper
+    cols, skipped = export_rows(ds, u, passages_per_query=k, seed=1)
+    by_text = {p.text: pid for pid, p in ds.passages.items()}
+    by_q = {q.question: q for q in ds.queries}
+    assert skipped == sum(1 for q in ds.queries if q.id in u and not q.gold) and len(cols["query"]) > 0
+    for i, question in enumerate(cols["query"]):
+        q = by_q[question]
+        pids = [by_text[cols[f"passage_{c}"][i]] for c in range(k)]
+        pool = set(ds.pool(q))
+        assert len(set(pids)) == k and set(pids[:len(pool)]) == pool  # the whole paper, then other papers'
+        assert all(math.isnan(x) for x in cols["labels"][i][len(pool):])
+    with pytest.raises(ValueError, match="passages_per_query must be a positive int"):
+        export_rows(ds, u, passages_per_query=0)
+
+
+def test_export_cli_errors(tmp_path, exported, capsys):
+    from uae_fast.cli import main
+
+    _, utils = exported
+    dev = os.path.join(HERE, "fixtures", "qasper-dev-mini.json.gz")
+    assert main(["export", "--utilities", utils, "--data", dev, "--out", str(tmp_path / "x")]) == 1
+    assert "uae export: error: utilities file" in capsys.readouterr().err
+    assert main(["export", "--utilities", str(tmp_path / "nope.jsonl"), "--data", TRAIN, "--out", str(tmp_path / "x")]) == 1
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_trainer_two_steps_on_exported_data(exported, enc_dir, tmp_path, cached):
+    import datasets
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    out, _ = exported
+    train = datasets.load_dataset(str(out), split="train")
+    model = SentenceTransformer(enc_dir, device="cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = CachedUtilityInfoNCELoss(model, mini_batch_size=3) if cached else UtilityInfoNCELoss(model)
+    args = SentenceTransformerTrainingArguments(str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                                                learning_rate=1e-3, report_to="none", save_strategy="no",
+                                                logging_steps=1, use_cpu=True, dataloader_num_workers=0, seed=0)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss)
+    result = trainer.train()
+    assert result.global_step == 2 and math.isfinite(result.training_loss)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert len(changed) > 5
+
+
+# ------------------------------------------------------------------------------------ DDP (gloo)
+WORLD = 2
+
+
+def _ddp_worker(rank, enc_dir, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model = _model(enc_dir)
+        cols = [c[rank * B:(rank + 1) * B] for c in _texts(WORLD * B)]
+        labels = _ddp_labels()[rank * B:(rank + 1) * B]
+        res = {}
+        for name, loss_fn in (("plain", UtilityInfoNCELoss(model, gather_across_devices=True)),
+                              ("cached", CachedUtilityInfoNCELoss(model, mini_batch_size=2, gather_across_devices=True))):
+            res[name] = _run(loss_fn, model, cols, labels)
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_labels():
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randn(WORLD * B, K, generator=g)
+    labels[1, 1:] = math.nan
+    labels[B + 2, :] = math.nan
+    return labels
+
+
+@pytest.mark.slow  # ~15 s: two spawned processes import sentence-transformers
+def test_ddp_gather_equals_single_process(enc_dir, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(enc_dir, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    model = _model(enc_dir)
+    # one process, the whole batch (passages in column-major order, the ranks' in rank-major: same softmax)
+    ref_loss, ref_g = _run(UtilityInfoNCELoss(model), model, _texts(WORLD * B), _ddp_labels())
+    for name in ("plain", "cached"):
+        # equal local batches: the mean of the local means is the global mean, and DDP's gradient
+        # average is the gradient of the global mean
+        loss = sum(r[name][0] for r in ranks) / WORLD
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        avg = {n: sum(r[name][1][n] for r in ranks) / WORLD for n in ref_g}
+        _assert_grads_close(avg, ref_g)
+    # without the gather, rank 0's queries would see only its own passages: a smaller loss
+    alone, _ = _run(UtilityInfoNCELoss(model), model, [c[:B] for c in _texts(WORLD * B)], _ddp_labels()[:B])
+    assert alone < ranks[0]["plain"][0] - 1e-3

@@ -1,0 +1,156 @@
+"""``uae export``: a utilities table as a sentence-transformers training set (a ``datasets`` parquet folder).
+
+One row per query that has gold evidence, in the column shape :class:`uae_fast.losses.UtilityInfoNCELoss`
+reads::
+
+    query | passage_0 | passage_1 | ... | passage_{K-1} | labels ([K] float32 utilities, NaN = none)
+
+The passages of a row are drawn as ``uae train`` draws them (its ``BatchSampler``): **passage_0 is a gold
+passage** (the positive the loss's ``label_mix`` mixes in), then the passages the teacher scored for the
+query, then other paragraphs of its paper (no utility: NaN), ``K = --passages-per-query`` in all (default 8,
+``uae train``'s). A paper with fewer than K paragraphs is topped up with paragraphs of other papers (NaN).
+Unlike ``uae train``, which redraws the unscored paragraphs every step, they are drawn once (``--seed``).
+Queries without a gold passage are left out (``label_mix`` needs one); the count is printed.
+
+Load with ``datasets.load_dataset(OUT, split="train")`` (``OUT/train.parquet``; ``OUT/README.md`` is the
+dataset card).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .data import RetrievalDataset, default_qasper_path, load_dataset
+from .training import BatchSampler, TrainConfig, check_utilities, load_utilities
+
+PARQUET_FILE = "train.parquet"
+
+
+def export_rows(ds: RetrievalDataset, utilities: Dict[str, Dict[str, float]], *, passages_per_query: int = 8,
+                seed: int = 0) -> tuple:
+    """``(columns, skipped)``: the dataset's columns as lists, and the number of queries left out (no gold)."""
+    k = passages_per_query
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"passages_per_query must be a positive int, got {k!r}")
+    # uae train's passage choice (gold first, then scored candidates, then the rest of the paper).
+    sampler = BatchSampler(ds, TrainConfig(loss="uae", passages_per_query=k, seed=seed), utilities)
+    all_pids = list(ds.passages)
+    cols: Dict[str, list] = {"query": [], **{f"passage_{c}": [] for c in range(k)}, "labels": []}
+    skipped = 0
+    for n, q in enumerate(ds.queries):
+        u = utilities.get(q.id)
+        if not u:
+            continue
+        if not q.gold:
+            skipped += 1
+            continue
+        rng = np.random.default_rng([seed, n])
+        chosen = sampler._pick_passages(q, rng)
+        if len(chosen) < k:  # a short paper: other papers' paragraphs are true negatives
+            taken = set(chosen)
+            others = [all_pids[int(i)] for i in rng.permutation(len(all_pids)) if all_pids[int(i)] not in taken]
+            chosen += others[: k - len(chosen)]
+        if len(chosen) < k:
+            raise ValueError(f"the data has {len(ds.passages)} passages in all, fewer than --passages-per-query {k}")
+        cols["query"].append(q.question)
+        for c, pid in enumerate(chosen):
+            cols[f"passage_{c}"].append(ds.passages[pid].text)
+        cols["labels"].append([float(u[pid]) if pid in u else math.nan for pid in chosen])
+    return cols, skipped
+
+
+def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = None, passages_per_query: int = 8,
+                   seed: int = 0) -> dict:
+    """Write ``out_dir/train.parquet`` and a dataset card; return a summary dict."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("uae export needs the `datasets` package: pip install 'uae_fast[st]'") from None
+    data = data or default_qasper_path("train")
+    utilities, header = load_utilities(utilities_path)
+    ds = load_dataset(data)
+    check_utilities(utilities, ds, path=utilities_path, data_path=data)
+    cols, skipped = export_rows(ds, utilities, passages_per_query=passages_per_query, seed=seed)
+    if not cols["query"]:
+        raise ValueError(f"no query of {utilities_path} has a gold passage in {data}: nothing to export")
+    k = passages_per_query
+    features = datasets.Features({"query": datasets.Value("string"),
+                                  **{f"passage_{c}": datasets.Value("string") for c in range(k)},
+                                  "labels": datasets.Sequence(datasets.Value("float32"), length=k)})
+    table = datasets.Dataset.from_dict(cols, features=features)
+    os.makedirs(out_dir, exist_ok=True)
+    table.to_parquet(os.path.join(out_dir, PARQUET_FILE))
+    labels = np.asarray(cols["labels"], dtype=np.float32)
+    summary = {"rows": len(cols["query"]), "passages_per_query": k, "skipped_no_gold": skipped,
+               "scored_fraction": round(float(np.isfinite(labels).mean()), 4), "seed": seed,
+               "utilities": os.path.basename(utilities_path), "data": os.path.basename(data),
+               "teacher": header.get("teacher")}
+    _write_card(out_dir, summary)
+    return summary
+
+
+def _write_card(out_dir: str, s: dict) -> None:
+    k = s["passages_per_query"]
+    text = f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: {PARQUET_FILE}
+tags:
+- sentence-transformers
+- uae_fast
+---
+# UAE training set (`uae export`)
+
+{s['rows']} queries x {k} passages from `{s['utilities']}` (teacher: {s['teacher']}) over `{s['data']}`.
+Columns: `query`, `passage_0` ... `passage_{k - 1}` (text), `labels` ([{k}] float32 teacher utilities, NaN = not
+scored: an in-batch negative with no target weight). `passage_0` is a gold passage. {s['scored_fraction']:.0%} of
+the passages carry a utility. {s['skipped_no_gold']} queries without gold evidence are left out. Seed {s['seed']}.
+
+```python
+from datasets import load_dataset
+from uae_fast.losses import UtilityInfoNCELoss   # or CachedUtilityInfoNCELoss for large batches
+train = load_dataset("{os.path.abspath(out_dir)}", split="train")  # this folder
+```
+
+Summary: `{json.dumps(s)}`
+"""
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write(text)
+
+
+# ------------------------------------------------------------------------------------- CLI
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="a utilities table as a sentence-transformers dataset (parquet)",
+        description="Write a `uae score` utilities table as a `datasets` parquet folder with the columns "
+                    "(query, passage_0..passage_K-1, labels) that uae_fast.losses.UtilityInfoNCELoss trains on "
+                    "with SentenceTransformerTrainer. passage_0 is a gold passage; labels are the teacher "
+                    "utilities (NaN = not scored).")
+    p.add_argument("--utilities", required=True, help="utilities JSONL(.gz) from `uae score`")
+    p.add_argument("--data", default=None, help="the data the table was scored on (default: QASPER train)")
+    p.add_argument("--out", required=True, help="output folder (train.parquet + README.md)")
+    p.add_argument("--passages-per-query", type=int, default=TrainConfig.passages_per_query,
+                   help=f"K passage columns per row (default {TrainConfig.passages_per_query}, as uae train)")
+    p.add_argument("--seed", type=int, default=0, help="draw of the unscored paragraphs (default 0)")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    try:  # one summary line, not the per-step bars of datasets
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+    s = export_dataset(args.utilities, args.out, data=args.data, passages_per_query=args.passages_per_query,
+                       seed=args.seed)
+    print(f"wrote {s['rows']} rows x {s['passages_per_query']} passages ({s['scored_fraction']:.0%} with a utility) "
+          f"to {args.out}; {s['skipped_no_gold']} queries without gold evidence left out. "
+          f"Load: datasets.load_dataset({args.out!r}, split='train')")
+    return 0

@@ -1,0 +1,191 @@
+"""CachedUtilityInfoNCELoss: the UAE sentence-transformers loss with GradCache (batches of thousands)."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from functools import partial
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .st_utility_infonce import _DEFAULTS, UtilityInfoNCELoss, check_columns
+
+GRADCACHE_CITATION = """
+@misc{gao2021scaling,
+    title={Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup},
+    author={Luyu Gao and Yunyi Zhang and Jiawei Han and Jamie Callan},
+    year={2021},
+    eprint={2101.06983},
+    archivePrefix={arXiv},
+    primaryClass={cs.LG}
+}
+"""
+
+
+def _rand_context():
+    # sentence-transformers >= 6 keeps it in base.losses.gradcache; 3.x-5.x in the cached MNRL module.
+    try:
+        from sentence_transformers.base.losses.gradcache import RandContext
+    except ImportError:
+        from sentence_transformers.losses.CachedMultipleNegativesRankingLoss import RandContext
+    return RandContext
+
+
+class CachedUtilityInfoNCELoss(UtilityInfoNCELoss):
+    def __init__(
+        self,
+        model: nn.Module,
+        mini_batch_size: int = 32,
+        temperature: float = _DEFAULTS["temperature"],
+        teacher_temperature: float = _DEFAULTS["teacher_temperature"],
+        label_mix: float = _DEFAULTS["label_mix"],
+        gather_across_devices: bool = False,
+        similarity_fct: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        dedupe_passages: bool = True,
+        show_progress_bar: bool = False,
+    ) -> None:
+        """:class:`UtilityInfoNCELoss` with GradCache (Gao et al. 2021): the same loss and gradients, with
+        the encoder's activations bounded by ``mini_batch_size`` texts whatever the batch size.
+
+        Three steps per batch, as sentence-transformers' ``CachedMultipleNegativesRankingLoss``:
+
+        1. embed every column in mini-batches without gradient, saving each mini-batch's RNG state;
+        2. compute the loss on the (tiny) embeddings and back-propagate it to them: the gradient cache.
+           :func:`uae_fast.utility_infonce` never builds the [B, B*K] scores, so this step stays small too;
+        3. in the backward pass, re-embed each mini-batch with gradient under its saved RNG state (the same
+           dropout masks) and back-propagate its cached gradient (``dot(embedding, cached_grad)``). Under
+           DDP only the last mini-batch synchronises the gradients.
+
+        Args:
+            model: the SentenceTransformer being trained.
+            mini_batch_size: texts per encoder forward/backward; sets the memory, not the result.
+            temperature, teacher_temperature, label_mix, gather_across_devices, similarity_fct,
+                dedupe_passages: as :class:`UtilityInfoNCELoss` (defaults = ``uae train``'s).
+            show_progress_bar: a tqdm bar over the mini-batches.
+
+        Inputs:
+            +------------------------------------------------+-------------------------------------------------+
+            | Texts                                          | Labels                                          |
+            +================================================+=================================================+
+            | (query, passage_0, ..., passage_{K-1})         | [K] utilities per row; NaN = no utility         |
+            +------------------------------------------------+-------------------------------------------------+
+
+        References:
+            - UAE: Utility-Aligned Embeddings, arXiv 2604.22722.
+            - GradCache: Gao et al. 2021, Scaling Deep Contrastive Learning Batch Size under Memory Limited
+              Setup, https://arxiv.org/abs/2101.06983
+
+        Relations:
+            - Equals :class:`UtilityInfoNCELoss` (loss and parameter gradients; tested), at about 1.3-1.5x its
+              encoder compute (every text is embedded twice, once without a graph).
+
+        Example:
+            ::
+
+                from datasets import load_dataset
+                from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                                   SentenceTransformerTrainingArguments)
+                from uae_fast.losses import CachedUtilityInfoNCELoss
+
+                model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
+                train = load_dataset("qasper-uae", split="train")  # `uae export --utilities T --out qasper-uae`
+                args = SentenceTransformerTrainingArguments("out", per_device_train_batch_size=4096)
+                trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train,
+                                                     loss=CachedUtilityInfoNCELoss(model, mini_batch_size=32))
+                trainer.train()
+        """
+        super().__init__(model, temperature, teacher_temperature, label_mix, gather_across_devices,
+                         similarity_fct, dedupe_passages)
+        if not isinstance(mini_batch_size, int) or mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
+        self.mini_batch_size = mini_batch_size
+        self.show_progress_bar = bool(show_progress_bar)
+
+    def _ranges(self, features: Dict[str, Tensor]) -> List[tuple]:
+        n = _rows(features)
+        return [(s, min(n, s + self.mini_batch_size)) for s in range(0, n, self.mini_batch_size)]
+
+    def forward(self, sentence_features: Iterable[Dict[str, Tensor]], labels: Optional[Tensor]) -> Tensor:
+        features = list(sentence_features)
+        check_columns(features)
+        keys = self.passage_keys(features)
+        grad = torch.is_grad_enabled()
+        RandContext = _rand_context()
+        # Step 1: embed without a graph; keep each mini-batch's RNG state so step 3 replays its dropout.
+        reps, states = [], []
+        for f in features:
+            col_reps, col_states = [], []
+            for s, e in self._progress(self._ranges(f)):
+                mb = _slice(f, s, e)
+                col_states.append(RandContext(*[v for v in mb.values() if isinstance(v, Tensor)]) if grad else None)
+                with torch.no_grad():
+                    col_reps.append(self.model(mb)["sentence_embedding"].detach())
+            reps.append(torch.cat(col_reps))
+            states.append(col_states)
+        if not grad:  # evaluation: no cache, no backward
+            return self.compute_loss_from_embeddings(reps, labels, keys)
+        # Step 2: the loss on the embeddings and its gradient with respect to them.
+        reps = [r.requires_grad_() for r in reps]
+        loss = self.compute_loss_from_embeddings(reps, labels, keys)
+        loss.backward()
+        cache = [r.grad for r in reps]
+        loss = loss.detach().requires_grad_()
+        # Step 3 runs when the trainer back-propagates the returned loss. This call's features, cache and
+        # RNG states are bound to the hook, so a second forward before the backward cannot mix batches.
+        loss.register_hook(partial(_replay, loss_obj=self, features=features, cache=cache, states=states))
+        return loss
+
+    def _progress(self, it):
+        if not self.show_progress_bar:
+            return it
+        from tqdm.auto import tqdm
+
+        return tqdm(it, desc="Embed mini-batches", leave=False)
+
+    def get_config_dict(self) -> Dict[str, Any]:
+        return {**super().get_config_dict(), "mini_batch_size": self.mini_batch_size}
+
+    @property
+    def citation(self) -> str:
+        return super().citation + GRADCACHE_CITATION
+
+
+def _rows(features: Dict[str, Tensor]) -> int:
+    for key in ("input_ids", "attention_mask"):
+        if isinstance(features.get(key), Tensor):
+            return int(features[key].shape[0])
+    return next(int(v.shape[0]) for v in features.values() if isinstance(v, Tensor) and v.dim() > 0)
+
+
+def _slice(features: Dict[str, Any], s: int, e: int) -> Dict[str, Any]:
+    """Rows ``s:e`` of every per-row tensor; the trailing padding all of them share is dropped."""
+    n = _rows(features)
+    mask = features.get("attention_mask")
+    width = None
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        used = mask[s:e].bool().any(dim=0).nonzero()
+        width = int(used.max()) + 1 if used.numel() else None
+    out = {}
+    for key, v in features.items():
+        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n:
+            v = v[s:e]
+            if width is not None and v.dim() == 2 and v.shape[1] == mask.shape[1]:
+                v = v[:, :width]
+        out[key] = v
+    return out
+
+
+def _replay(grad_output: Tensor, *, loss_obj: CachedUtilityInfoNCELoss, features, cache, states) -> None:
+    """Backward hook: re-embed each mini-batch with gradient and back-propagate its cached gradient."""
+    model = loss_obj.model
+    ddp = isinstance(getattr(model, "_orig_mod", model), torch.nn.parallel.DistributedDataParallel)
+    jobs = [(f, g, st, r) for f, g, sts in zip(features, cache, states) for st, r in zip(sts, loss_obj._ranges(f))]
+    with torch.enable_grad():
+        for n, (f, g, state, (s, e)) in enumerate(jobs):
+            # DDP: accumulate locally and all-reduce once, with the last mini-batch's backward.
+            sync = nullcontext() if (not ddp or n == len(jobs) - 1) else model.no_sync()
+            with sync, state:
+                rep = model(_slice(f, s, e))["sentence_embedding"]
+                if rep.requires_grad:
+                    # fp32 surrogate whatever the autocast dtype: its gradient is exactly the cached one.
+                    (torch.dot(rep.flatten().float(), g[s:e].flatten().float()) * grad_output).backward()
