@@ -29,7 +29,7 @@ def test_dev_ranking_equals_uae_eval(tiny):
     pq = sweep_dev._rank_dev(tiny, "cpu")
     ref = evaluate(load_dataset(DEV), [tiny], names=["tiny"], baselines=(), device="cpu", progress=False)["systems"]["tiny"]
     assert len(pq["MAP"]) == ref["n"]
-    for k in ("Recall@1", "Recall@5", "MAP", "MRR"):
+    for k in ("Success@1", "Success@5", "Recall@1", "Recall@5", "MAP", "MRR"):
         assert sum(pq[k]) / len(pq[k]) == pytest.approx(ref[k], abs=1e-9), k
 
 
@@ -43,7 +43,8 @@ def test_tiny_sweep_end_to_end(tmp_path, tiny):
     n_dev = sum(1 for q in load_dataset(DEV).queries if q.gold)
     for r in recs:
         assert r["steps"] == 2 and len(r["per_query"]["MAP"]) == n_dev
-        assert 0 <= r["metrics"]["Recall@1"] <= r["metrics"]["Recall@5"] <= 1
+        assert 0 <= r["metrics"]["Success@1"] <= r["metrics"]["Success@5"] <= 1
+        assert r["metrics"]["Recall@1"] <= r["metrics"]["Success@1"]
     # a failing job is recorded, and the others still run
     out3 = tmp_path / "out3"
     sweep_dev.main(["--grid", "tiny", "--out", str(out3), "--train", TRAIN, "--dev", DEV, "--utilities",
