@@ -192,7 +192,9 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
     """Evaluate ``models`` (bi-encoder folders) and ``baselines`` on ``ds``; returns the results dict.
 
     ``save_runs``: a folder for ``qrels.txt`` (the evaluated queries' gold) and one TREC run per reported
-    system, ``NAME.run``, with every ranked candidate (the re-ranker's covers its ``rerank_limit`` queries).
+    system, ``NAME.run``, with every ranked candidate. The re-ranker's run covers only the first
+    ``rerank_limit`` queries; ``qrels-rerank-subset.txt`` holds their gold, the qrels of the re-ranker's
+    table (ir-measures and trec_eval -c count a judged query missing from a run as 0).
 
     Latency: bi-encoders answer each query on ``query_threads`` torch threads (default 1: a server runs
     one query per core, and a one-query forward gains little from more threads but synchronisation; BM25
@@ -292,7 +294,8 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
                            "rerank_threads": torch.get_num_threads(), "rerank_limit": rerank_limit,
                            "rerank_depth": rerank_depth, "reader_limit": reader_limit if reader else None}}
     if save_runs:
-        result["runs"] = _save_runs(save_runs, queries, {n: rankings[n] for n in shown})
+        result["runs"] = _save_runs(save_runs, queries, {n: rankings[n] for n in shown},
+                                    n_rr if "rerank" in rankings else None)
     if models and len(shown) > 1:
         # Paired over the same queries: the first model against every other system.
         first = shown[0]
@@ -318,8 +321,9 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
     return result
 
 
-def _save_runs(folder: str, queries: Sequence[Query], rankings: Dict[str, List[List[str]]]) -> dict:
-    """``folder/qrels.txt`` and ``folder/NAME.run`` per system (TREC formats, :mod:`uae_fast.trec`)."""
+def _save_runs(folder: str, queries: Sequence[Query], rankings: Dict[str, List[List[str]]], n_subset: Optional[int]) -> dict:
+    """``folder/qrels.txt``, ``folder/NAME.run`` per system and, with a re-ranker subset of ``n_subset``
+    queries, ``folder/qrels-rerank-subset.txt`` (TREC formats, :mod:`uae_fast.trec`)."""
     from .trec import write_qrels, write_run
 
     ids = [q.id for q in queries]
@@ -331,6 +335,9 @@ def _save_runs(folder: str, queries: Sequence[Query], rankings: Dict[str, List[L
             raise ValueError(f"system name {name!r} contains a path separator: it names its run file")
     out = {"dir": os.path.abspath(folder), "qrels": os.path.join(folder, "qrels.txt"), "systems": {}}
     write_qrels(out["qrels"], {q.id: q.gold for q in queries})
+    if n_subset is not None:
+        out["qrels_rerank_subset"] = os.path.join(folder, "qrels-rerank-subset.txt")
+        write_qrels(out["qrels_rerank_subset"], {q.id: q.gold for q in queries[:n_subset]})
     for name, rk in rankings.items():
         out["systems"][name] = os.path.join(folder, f"{name}.run")
         write_run(out["systems"][name], dict(zip(ids, rk)), name)
