@@ -59,17 +59,25 @@ def test_tiny_sweep_end_to_end(tmp_path, tiny):
     assert all(json.loads(x).get("skipped") for x in open(out2 / "sweep.jsonl"))
 
 
-def test_report_means_and_pairs_by_seed(tmp_path):
+@pytest.mark.parametrize("old_names", [False, True])
+def test_report_means_and_pairs_by_seed(tmp_path, old_names):
+    """Records from before Success@k (the committed sweep files) called it Recall@k: both read the same."""
+    s = "Recall" if old_names else "Success"
+
     def rec(loss, seed, r1):
-        return {"group": "base", "loss": loss, "seed": seed, "train_s": 1.0, "steps": 1,
-                "metrics": {"Recall@1": sum(r1) / len(r1), "Recall@5": 1.0, "MAP": sum(r1) / len(r1), "MRR": 1.0},
-                "per_query": {"Recall@1": r1, "MAP": r1}}
+        m = {f"{s}@1": sum(r1) / len(r1), f"{s}@5": 1.0, "MAP": sum(r1) / len(r1), "MRR": 1.0}
+        if not old_names:
+            m["Recall@1"] = 0.125
+        return {"group": "base", "loss": loss, "seed": seed, "train_s": 1.0, "steps": 1, "metrics": m,
+                "per_query": {f"{s}@1": r1, "MAP": r1}}
     recs = [rec("uae", 0, [1, 1, 0, 0]), rec("infonce", 0, [1, 0, 0, 0]),
             rec("uae", 1, [1, 1, 1, 0]), rec("infonce", 1, [1, 1, 0, 0])]
     path = tmp_path / "s.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in recs)
     table = sweep_dev.report(str(path))
+    assert table.startswith("| group | loss | seeds | S@1 | S@5 | R@1 |")
     uae = next(line for line in table.splitlines() if line.startswith("| base | uae |"))
-    assert "| 2 | 0.6250" in uae  # mean R@1 over the two seeds
+    assert "| 2 | 0.6250" in uae  # mean S@1 over the two seeds
+    assert ("| 1.0000 | - |" if old_names else "| 1.0000 | 0.1250 |") in uae  # S@5, then R@1 (absent from old records)
     assert "+0.2500 [" in uae  # UAE minus InfoNCE, 8 paired queries: (2 - 0) / 8
