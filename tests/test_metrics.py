@@ -129,3 +129,9 @@ def test_upgrade_metric_names_reads_old_results():
     assert upgrade_metric_names(old) == {"n": 3, "Success@1": 0.5, "Success@5": 0.9, "MAP": 0.6}
     new = retrieval_metrics([["b", "a"]], [{"a", "c"}], ks=(1, 2))
     assert upgrade_metric_names(new) == new  # new files keep their true Recall@k
+    # `uae eval`'s table prints an old --json file's numbers as S@k, and no R@k it never had
+    from uae_fast.evaluation import format_table
+
+    table = format_table({"data": "old", "n_queries": 3, "systems": {"a": {**old, "MRR": 0.7, "latency_ms_mean": 1.0}}})
+    row = next(line for line in table.splitlines() if line.startswith("a "))
+    assert row.split()[1:8] == ["3", "0.500", "0.900", "nan", "nan", "0.600", "0.700"]

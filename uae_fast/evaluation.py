@@ -333,7 +333,8 @@ def _save_runs(folder: str, queries: Sequence[Query], rankings: Dict[str, List[L
     for name in rankings:
         if "/" in name or os.sep in name:
             raise ValueError(f"system name {name!r} contains a path separator: it names its run file")
-    out = {"dir": os.path.abspath(folder), "qrels": os.path.join(folder, "qrels.txt"), "systems": {}}
+    folder = os.path.abspath(folder)
+    out = {"dir": folder, "qrels": os.path.join(folder, "qrels.txt"), "systems": {}}
     write_qrels(out["qrels"], {q.id: q.gold for q in queries})
     if n_subset is not None:
         out["qrels_rerank_subset"] = os.path.join(folder, "qrels-rerank-subset.txt")
@@ -399,9 +400,10 @@ def format_table(result: dict) -> str:
     if result.get("paired"):
         lines.append("Paired differences over the same queries (bootstrap, 10,000 resamples): mean [95% interval] p")
         for pair, ms in result["paired"].items():
-            lines.append(f"  {pair:<30}" + "  ".join(
-                f"{_short(k)} {v['diff']:+.3f} [{v['ci95_low']:+.3f}, {v['ci95_high']:+.3f}] p={v['p']:.2f}"
-                for k, v in ms.items()))
+            cells = [f"{_short(k)} {v['diff']:+.3f} [{v['ci95_low']:+.3f}, {v['ci95_high']:+.3f}] p={v['p']:.2f}"
+                     for k, v in upgrade_metric_names(ms).items()]
+            for i in range(0, len(cells), 3):  # three metrics a line
+                lines.append(f"  {pair if i == 0 else '':<30}" + "  ".join(cells[i:i + 3]))
         lines.append("")
     if result.get("runs"):
         lines.append(f"TREC runs and qrels written to {result['runs']['dir']}")
