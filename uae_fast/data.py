@@ -1,6 +1,6 @@
-"""Datasets: QASPER (official JSON schema) and a documented JSONL schema for your own data.
+"""Datasets: QASPER (official JSON schema), a documented JSONL schema for your own data, BEIR folders and SQuAD JSON.
 
-Both load into a :class:`RetrievalDataset`: passages with stable ids, queries with their gold answers
+All load into a :class:`RetrievalDataset`: passages with stable ids, queries with their gold answers
 and gold evidence passages, and for each query its candidate pool (by default the passages of its document).
 
 QASPER conventions (as in ``shared/data/README.md`` and the usual evidence-retrieval scoring):
