@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Seeded sweep of `uae train` settings, each trained model scored on QASPER dev (R@1, R@5, MAP, MRR).
+"""Seeded sweep of `uae train` settings, each trained model scored on QASPER dev (Success@1/5, Recall@1/5, MAP, MRR).
 
 Meant for a lent GPU, where a training run of the defaults takes about a minute (six at once on an H200)
 rather than the 25 min of 2 CPU cores: it tells which settings are worth a CPU run, and how large the
@@ -7,7 +7,7 @@ seed-to-seed spread is.
 Each job trains with :func:`uae_fast.training.train` (same code as `uae train`) and ranks every dev
 question's paper paragraphs by exact cosine (the same metric code as `uae eval`). Jobs run in
 ``--workers`` processes sharing the device; results are appended to ``OUT/sweep.jsonl`` as they finish
-(per-question R@1 and AP included, for paired comparisons), and a table is printed at the end.
+(per-question Success@1 and AP included, for paired comparisons), and a table is printed at the end.
 
     python scripts/sweep_dev.py --out OUT [--grid main] [--workers 6] [--budget-s 400] [--student DIR]
     python scripts/sweep_dev.py --report OUT/sweep.jsonl       # the table again, from a finished sweep
@@ -140,7 +140,7 @@ def _run(job):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     means = {k: sum(v) / len(v) for k, v in pq.items()}
-    return {**job, "metrics": means, "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Recall@1", "MAP")},
+    return {**job, "metrics": means, "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Success@1", "MAP")},
             "steps": summ["steps"], "train_queries": summ["train_queries"], "final_loss": summ["final_loss"],
             "train_s": round(t_train, 1), "total_s": round(time.time() - t0, 1),
             "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"}
@@ -149,30 +149,34 @@ def _run(job):
 def report(path):
     """Mean over seeds per (group, loss), and UAE minus InfoNCE paired by seed (same batches)."""
     import numpy as np
-    from uae_fast.metrics import paired_bootstrap
+    from uae_fast.metrics import paired_bootstrap, upgrade_metric_names
 
     from uae_fast.data import open_text
 
     with open_text(path, "sweep results") as f:
         recs = [json.loads(line) for line in f if line.strip()]
+    for r in recs:  # records written before Success@k existed call it "Recall@k"
+        for k in ("metrics", "per_query"):
+            if k in r:
+                r[k] = upgrade_metric_names(r[k])
     done = [r for r in recs if not r.get("skipped") and "metrics" in r]
     by = defaultdict(dict)
     for r in done:
         by[(r["group"], r["loss"])][r["seed"]] = r
     base_inf = by.get(("base", "infonce"), {})
-    lines = ["| group | loss | seeds | R@1 | R@5 | MAP | MRR | UAE - InfoNCE R@1 (paired, pooled) | MAP | train s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| group | loss | seeds | S@1 | S@5 | R@1 | MAP | MRR | UAE - InfoNCE S@1 (paired, pooled) | MAP | train s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (g, loss), runs in sorted(by.items(), key=lambda kv: (list(GROUPS).index(kv[0][0]) if kv[0][0] in GROUPS else 99, kv[0])):
         seeds = sorted(runs)
-        m = {k: np.mean([runs[s]["metrics"][k] for s in seeds]) for k in ("Recall@1", "Recall@5", "MAP", "MRR")}
-        sd = np.std([runs[s]["metrics"]["Recall@1"] for s in seeds])
+        m = {k: np.mean([runs[s]["metrics"].get(k, np.nan) for s in seeds]) for k in ("Success@1", "Success@5", "Recall@1", "MAP", "MRR")}
+        sd = np.std([runs[s]["metrics"]["Success@1"] for s in seeds])
         diff = ["", ""]
         if loss == "uae":
             ref = by.get((g, "infonce"), base_inf)
             common = [s for s in seeds if s in ref]
             if common:
                 out = []
-                for k in ("Recall@1", "MAP"):
+                for k in ("Success@1", "MAP"):
                     a = sum((runs[s]["per_query"][k] for s in common), [])
                     b = sum((ref[s]["per_query"][k] for s in common), [])
                     pb = paired_bootstrap(a, b, resamples=2000)
@@ -180,7 +184,8 @@ def report(path):
                                + ("" if (g, "infonce") in by else " vs base"))
                 diff = out
         ts = np.mean([runs[s]["train_s"] for s in seeds])
-        lines.append(f"| {g} | {loss} | {len(seeds)} | {m['Recall@1']:.4f} (sd {sd:.4f}) | {m['Recall@5']:.4f} | {m['MAP']:.4f} | "
+        r1 = "-" if np.isnan(m["Recall@1"]) else f"{m['Recall@1']:.4f}"  # not in records from before Recall@k
+        lines.append(f"| {g} | {loss} | {len(seeds)} | {m['Success@1']:.4f} (sd {sd:.4f}) | {m['Success@5']:.4f} | {r1} | {m['MAP']:.4f} | "
                      f"{m['MRR']:.4f} | {diff[0]} | {diff[1]} | {ts:.0f} |")
     failed = [r for r in recs if r.get("error")]
     if failed:
@@ -243,7 +248,7 @@ def main(argv=None):
                 print(f"[{time.time() - t0:6.0f}s] {r['group']:>8} {r['loss']:>7} seed {r['seed']}: FAILED {r['error']}", flush=True)
             elif not r.get("skipped"):
                 m = r["metrics"]
-                print(f"[{time.time() - t0:6.0f}s] {r['group']:>8} {r['loss']:>7} seed {r['seed']}: R@1 {m['Recall@1']:.4f} "
+                print(f"[{time.time() - t0:6.0f}s] {r['group']:>8} {r['loss']:>7} seed {r['seed']}: S@1 {m['Success@1']:.4f} "
                       f"MAP {m['MAP']:.4f} ({r['steps']} steps, {r['train_s']:.0f}s train)", flush=True)
     print(report(path))
     return 0

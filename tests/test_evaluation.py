@@ -77,19 +77,20 @@ def test_tiny_end_to_end(tmp_path, dev, tiny):
     assert set(res["systems"]) == {"uae", "base", "bm25"}
     for m in res["systems"].values():
         assert m["n"] == 14 and m["latency_ms_mean"] > 0
-        for k in ("Recall@1", "Recall@5", "MAP", "MRR"):
+        for k in ("Success@1", "Success@5", "Recall@1", "Recall@5", "MAP", "MRR"):
             assert 0.0 <= m[k] <= 1.0
-        assert m["Recall@1"] <= m["Recall@5"] and m["Recall@1"] <= m["MRR"]
+        assert m["Success@1"] <= m["Success@5"] and m["Success@1"] <= m["MRR"]
+        assert m["Recall@1"] <= m["Success@1"] and m["Recall@5"] <= m["Success@5"]
     # the TopKIndex rankings equal brute-force rankings, so the metrics do too
     want = retrieval_metrics(_oracle_rankings(enc, dev, queries), [set(q.gold) for q in queries])
-    for k in ("Recall@1", "Recall@5", "MAP", "MRR"):
+    for k in ("Success@1", "Success@5", "Recall@1", "Recall@5", "MAP", "MRR"):
         assert res["systems"]["uae"][k] == pytest.approx(want[k])
     table = format_table(res)
-    assert "uae" in table and "bm25" in table and "R@1" in table
+    assert "uae" in table and "bm25" in table and "S@1" in table and "R@1" in table
     # Paired differences: the model against each baseline, means equal to the difference of the table's means.
     assert set(res["paired"]) == {"uae - base", "uae - bm25"} and "Paired differences" in table
     for other in ("base", "bm25"):
-        for k in ("Recall@1", "Recall@5", "MAP", "MRR"):
+        for k in ("Success@1", "Success@5", "Recall@1", "Recall@5", "MAP", "MRR"):
             d = res["paired"][f"uae - {other}"][k]
             assert d["diff"] == pytest.approx(res["systems"]["uae"][k] - res["systems"][other][k])
             assert d["ci95_low"] <= d["diff"] + 1e-12 and d["diff"] - 1e-12 <= d["ci95_high"] and 0 <= d["p"] <= 1

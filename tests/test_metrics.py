@@ -1,18 +1,22 @@
-"""Retrieval metrics on hand-made rankings, scikit-learn as an oracle for AP, and SQuAD Token F1."""
+"""Retrieval metrics on hand-made rankings, scikit-learn as an oracle for AP, and SQuAD Token F1.
+(ir-measures is the oracle for every metric on real `uae eval` runs: tests/test_trec.py.)"""
 import random
 
 import pytest
 
 from uae_fast.metrics import (average_precision, normalize_answer, paired_bootstrap, per_query_metrics, recall_at_k,
-                              reciprocal_rank, retrieval_metrics, token_f1)
+                              reciprocal_rank, retrieval_metrics, success_at_k, token_f1, upgrade_metric_names)
 
 
 def test_hand_made_rankings():
     r = ["d", "a", "c", "b", "e"]
     gold = {"a", "b"}
-    assert recall_at_k(r, gold, 1) == 0.0
-    assert recall_at_k(r, gold, 2) == 1.0
-    assert recall_at_k(r, gold, 5) == 1.0
+    assert success_at_k(r, gold, 1) == 0.0
+    assert success_at_k(r, gold, 2) == 1.0  # any gold in the top 2 ...
+    assert recall_at_k(r, gold, 2) == 0.5  # ... but only half of the gold
+    assert success_at_k(r, gold, 5) == 1.0
+    assert recall_at_k(r, gold, 1) == 0.0 and recall_at_k(r, gold, 3) == 0.5
+    assert recall_at_k(r, gold, 4) == recall_at_k(r, gold, 5) == 1.0
     # gold at ranks 2 and 4: AP = (1/2 + 2/4) / 2
     assert average_precision(r, gold) == pytest.approx(0.5)
     assert reciprocal_rank(r, gold) == pytest.approx(0.5)
@@ -21,7 +25,8 @@ def test_hand_made_rankings():
     # gold never ranked: AP counts it in the denominator, RR = 0
     assert average_precision(["a", "c"], {"a", "z"}) == pytest.approx(0.5)
     assert reciprocal_rank(["c", "d"], {"z"}) == 0.0
-    assert recall_at_k(["c"], {"c"}, 5) == 1.0  # k beyond the ranking
+    assert success_at_k(["c"], {"c"}, 5) == recall_at_k(["c"], {"c"}, 5) == 1.0  # k beyond the ranking
+    assert recall_at_k(["c", "d"], {"c", "z"}, 5) == 0.5  # an unranked gold id still counts in the denominator
 
 
 def test_retrieval_metrics_means():
@@ -29,8 +34,10 @@ def test_retrieval_metrics_means():
     golds = [{"a"}, {"z"}, {"q", "r"}]
     m = retrieval_metrics(rankings, golds, ks=(1, 2))
     assert m["n"] == 3
+    assert m["Success@1"] == pytest.approx(1 / 3)
+    assert m["Success@2"] == pytest.approx(2 / 3)
     assert m["Recall@1"] == pytest.approx(1 / 3)
-    assert m["Recall@2"] == pytest.approx(2 / 3)
+    assert m["Recall@2"] == pytest.approx((1 + 0 + 1 / 2) / 3)
     assert m["MAP"] == pytest.approx((1 + 1 / 3 + (1 / 2 + 2 / 3) / 2) / 3)
     assert m["MRR"] == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
 
@@ -53,12 +60,16 @@ def test_average_precision_matches_sklearn():
 def test_metric_errors():
     with pytest.raises(ValueError, match="k must be"):
         recall_at_k(["a"], {"a"}, 0)
+    with pytest.raises(ValueError, match="k must be"):
+        success_at_k(["a"], {"a"}, 1.0)
+    with pytest.raises(ValueError, match="gold is empty"):
+        recall_at_k(["a"], set(), 1)
     with pytest.raises(ValueError, match="gold is empty"):
         average_precision(["a"], set())
     with pytest.raises(ValueError, match="twice"):
         reciprocal_rank(["a", "a"], {"a"})
     with pytest.raises(TypeError, match="not one string"):
-        recall_at_k("abc", {"a"}, 1)
+        success_at_k("abc", {"a"}, 1)
     with pytest.raises(ValueError, match="golds\\[1\\] is empty"):
         retrieval_metrics([["a"], ["b"]], [{"a"}, set()])
     with pytest.raises(ValueError, match="rankings has 1"):
@@ -111,3 +122,16 @@ def test_per_query_metrics_and_paired_bootstrap():
     assert r["ci95_high"] == pytest.approx(r["diff"] + 1.96 * se, abs=0.3 * se)
     with pytest.raises(ValueError, match="paired"):
         paired_bootstrap([1.0, 2.0], [1.0])
+
+
+def test_upgrade_metric_names_reads_old_results():
+    old = {"n": 3, "Recall@1": 0.5, "Recall@5": 0.9, "MAP": 0.6}  # written when Recall@k meant Success@k
+    assert upgrade_metric_names(old) == {"n": 3, "Success@1": 0.5, "Success@5": 0.9, "MAP": 0.6}
+    new = retrieval_metrics([["b", "a"]], [{"a", "c"}], ks=(1, 2))
+    assert upgrade_metric_names(new) == new  # new files keep their true Recall@k
+    # `uae eval`'s table prints an old --json file's numbers as S@k, and no R@k it never had
+    from uae_fast.evaluation import format_table
+
+    table = format_table({"data": "old", "n_queries": 3, "systems": {"a": {**old, "MRR": 0.7, "latency_ms_mean": 1.0}}})
+    row = next(line for line in table.splitlines() if line.startswith("a "))
+    assert row.split()[1:8] == ["3", "0.500", "0.900", "nan", "nan", "0.600", "0.700"]

@@ -32,7 +32,7 @@ def test_quickstart_writes_every_artefact(tmp_path, tiny_models):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(HERE),
                        env={**os.environ, "TRITON_INTERPRET": "0"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "R@1" in r.stdout and "faster per query" in r.stdout
+    assert "S@1" in r.stdout and "R@1" in r.stdout and "faster per query" in r.stdout
 
     report = json.loads((out / "report.json").read_text())
     assert set(report["eval"]["systems"]) == {"uae", "bm25", "base", "rerank"}

@@ -29,7 +29,7 @@ def test_dev_ranking_equals_uae_eval(tiny):
     pq = sweep_dev._rank_dev(tiny, "cpu")
     ref = evaluate(load_dataset(DEV), [tiny], names=["tiny"], baselines=(), device="cpu", progress=False)["systems"]["tiny"]
     assert len(pq["MAP"]) == ref["n"]
-    for k in ("Recall@1", "Recall@5", "MAP", "MRR"):
+    for k in ("Success@1", "Success@5", "Recall@1", "Recall@5", "MAP", "MRR"):
         assert sum(pq[k]) / len(pq[k]) == pytest.approx(ref[k], abs=1e-9), k
 
 
@@ -43,7 +43,8 @@ def test_tiny_sweep_end_to_end(tmp_path, tiny):
     n_dev = sum(1 for q in load_dataset(DEV).queries if q.gold)
     for r in recs:
         assert r["steps"] == 2 and len(r["per_query"]["MAP"]) == n_dev
-        assert 0 <= r["metrics"]["Recall@1"] <= r["metrics"]["Recall@5"] <= 1
+        assert 0 <= r["metrics"]["Success@1"] <= r["metrics"]["Success@5"] <= 1
+        assert r["metrics"]["Recall@1"] <= r["metrics"]["Success@1"]
     # a failing job is recorded, and the others still run
     out3 = tmp_path / "out3"
     sweep_dev.main(["--grid", "tiny", "--out", str(out3), "--train", TRAIN, "--dev", DEV, "--utilities",
@@ -58,17 +59,25 @@ def test_tiny_sweep_end_to_end(tmp_path, tiny):
     assert all(json.loads(x).get("skipped") for x in open(out2 / "sweep.jsonl"))
 
 
-def test_report_means_and_pairs_by_seed(tmp_path):
+@pytest.mark.parametrize("old_names", [False, True])
+def test_report_means_and_pairs_by_seed(tmp_path, old_names):
+    """Records from before Success@k (the committed sweep files) called it Recall@k: both read the same."""
+    s = "Recall" if old_names else "Success"
+
     def rec(loss, seed, r1):
-        return {"group": "base", "loss": loss, "seed": seed, "train_s": 1.0, "steps": 1,
-                "metrics": {"Recall@1": sum(r1) / len(r1), "Recall@5": 1.0, "MAP": sum(r1) / len(r1), "MRR": 1.0},
-                "per_query": {"Recall@1": r1, "MAP": r1}}
+        m = {f"{s}@1": sum(r1) / len(r1), f"{s}@5": 1.0, "MAP": sum(r1) / len(r1), "MRR": 1.0}
+        if not old_names:
+            m["Recall@1"] = 0.125
+        return {"group": "base", "loss": loss, "seed": seed, "train_s": 1.0, "steps": 1, "metrics": m,
+                "per_query": {f"{s}@1": r1, "MAP": r1}}
     recs = [rec("uae", 0, [1, 1, 0, 0]), rec("infonce", 0, [1, 0, 0, 0]),
             rec("uae", 1, [1, 1, 1, 0]), rec("infonce", 1, [1, 1, 0, 0])]
     path = tmp_path / "s.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in recs)
     table = sweep_dev.report(str(path))
+    assert table.startswith("| group | loss | seeds | S@1 | S@5 | R@1 |")
     uae = next(line for line in table.splitlines() if line.startswith("| base | uae |"))
-    assert "| 2 | 0.6250" in uae  # mean R@1 over the two seeds
+    assert "| 2 | 0.6250" in uae  # mean S@1 over the two seeds
+    assert ("| 1.0000 | - |" if old_names else "| 1.0000 | 0.1250 |") in uae  # S@5, then R@1 (absent from old records)
     assert "+0.2500 [" in uae  # UAE minus InfoNCE, 8 paired queries: (2 - 0) / 8

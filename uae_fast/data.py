@@ -1,6 +1,6 @@
-"""Datasets: QASPER (official JSON schema) and a documented JSONL schema for your own data.
+"""Datasets: QASPER (official JSON schema), a documented JSONL schema for your own data, BEIR folders and SQuAD JSON.
 
-Both load into a :class:`RetrievalDataset`: passages with stable ids, queries with their gold answers
+All load into a :class:`RetrievalDataset`: passages with stable ids, queries with their gold answers
 and gold evidence passages, and for each query its candidate pool (by default the passages of its document).
 
 QASPER conventions (as in ``shared/data/README.md`` and the usual evidence-retrieval scoring):
@@ -22,6 +22,18 @@ JSONL schema (one JSON object per line, ``.jsonl`` or ``.jsonl.gz``)::
 checked: ids are strings (integers are read as their decimal string), ``text``/``question`` strings,
 ``answers`` a list of non-empty strings, ``gold``/``candidates`` lists of passage ids; passage ids and
 query ids must be unique. Any violation is a ValueError naming the file and line.
+
+BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/{test,dev,train}.tsv``, ``.gz`` allowed for the
+JSONL files): a passage per corpus record (text = ``title`` + " " + ``text``, as BEIR's own encoders join
+them), the queries that the chosen split's qrels judge, gold = the documents with a qrels score > 0 (graded
+relevance is binarised); no answers; every query's pool is the whole corpus. The split is ``test`` unless
+``split=`` says otherwise or the path names a qrels file (``DIR/qrels/dev.tsv``).
+
+SQuAD JSON (v1.1/v2.0 schema, ``{"data": [{"title", "paragraphs": [{"context", "qas"}]}]}``): each context
+is split on newlines (single or blank lines) into passages, id ``"{title}:{i}"`` numbered through the
+article (whitespace in titles becomes ``_``); a question's document is its article (its pool: the article's
+passages), its gold the passages its answer spans overlap (``answer_start`` offsets into the context), its
+answers the ``answers`` texts; v2.0's unanswerable questions have neither.
 """
 from __future__ import annotations
 
@@ -29,6 +41,7 @@ import gzip
 import io
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -308,24 +321,151 @@ def _from_jsonl(path: str) -> RetrievalDataset:
     return ds
 
 
-def load_dataset(path: str) -> RetrievalDataset:
-    """Load QASPER JSON (``.json``/``.json.gz``) or the JSONL schema (``.jsonl``/``.jsonl.gz``).
+# ------------------------------------------------------------------------------------- BEIR
+BEIR_SPLITS = ("test", "dev", "train")
+
+
+def _beir_file(folder: str, name: str) -> str:
+    for p in (os.path.join(folder, name), os.path.join(folder, name + ".gz")):
+        if os.path.exists(p):
+            return p
+    raise FileNotFoundError(f"BEIR folder {folder} has no {name}")
+
+
+def _beir_records(path: str, what: str) -> Iterator[tuple]:
+    for n, rec in jsonl_records(path, f"BEIR {what} file"):
+        if "_id" not in rec or not isinstance(rec.get("text"), str):
+            raise ValueError(f"{path}: {what} record {n} needs '_id' and a string 'text'")
+        yield n, str(rec["_id"]), rec
+
+
+def _beir_qrels(path: str) -> Dict[str, Dict[str, int]]:
+    qrels: Dict[str, Dict[str, int]] = {}
+    for n, line in read_lines(path, "BEIR qrels"):
+        if not line.strip():
+            continue
+        fields = line.rstrip("\r\n").split("\t")
+        if len(fields) != 3:
+            raise ValueError(f"{path}:{n}: expected 3 tab-separated fields 'query-id corpus-id score', got {len(fields)}")
+        try:
+            score = int(fields[2])
+        except ValueError:
+            if n == 1:  # the header row "query-id\tcorpus-id\tscore"
+                continue
+            raise ValueError(f"{path}:{n}: score {fields[2]!r} is not an integer") from None
+        qrels.setdefault(fields[0], {})[fields[1]] = score
+    return qrels
+
+
+def _from_beir(path: str, split: Optional[str]) -> RetrievalDataset:
+    if os.path.isdir(path):
+        folder, split = path, split or "test"
+        qrels_path = os.path.join(folder, "qrels", f"{split}.tsv")
+        if not os.path.exists(qrels_path):
+            have = sorted(f[:-4] for f in os.listdir(os.path.join(folder, "qrels")) if f.endswith(".tsv")) \
+                if os.path.isdir(os.path.join(folder, "qrels")) else []
+            raise FileNotFoundError(f"BEIR folder {folder} has no qrels/{split}.tsv"
+                                    + (f"; pass DIR/qrels/SPLIT.tsv for one of: {', '.join(have)}" if have else ""))
+    else:
+        qrels_path, folder = path, os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        named = os.path.basename(path)[: -len(".tsv")]
+        if split is not None and split != named:
+            raise ValueError(f"split={split!r} contradicts the qrels file {path}")
+    passages: Dict[str, Passage] = {}
+    corpus, queries_path = _beir_file(folder, "corpus.jsonl"), _beir_file(folder, "queries.jsonl")
+    for n, did, rec in _beir_records(corpus, "corpus"):
+        title = str(rec.get("title") or "").strip()
+        passages[did] = Passage(did, did, f"{title} {rec['text']}" if title else rec["text"], title)
+    qrels = _beir_qrels(qrels_path)
+    queries: List[Query] = []
+    for n, qid, rec in _beir_records(queries_path, "query"):
+        if qid in qrels:
+            gold = [d for d, s in qrels[qid].items() if s > 0]
+            queries.append(Query(qid, rec["text"], [], gold))
+    have = {q.id for q in queries}
+    for qid, docs in qrels.items():
+        if qid not in have:
+            raise ValueError(f"{qrels_path}: query {qid!r} is not in queries.jsonl")
+        missing = [d for d in docs if d not in passages]
+        if missing:
+            raise ValueError(f"{qrels_path}: query {qid!r} judges document(s) {missing[:3]} missing from {os.path.basename(corpus)}")
+    return RetrievalDataset(passages, queries, f"{os.path.basename(os.path.normpath(folder))}/{os.path.basename(qrels_path)[:-4]}")
+
+
+def _is_beir_qrels(path: str) -> bool:
+    return path.endswith(".tsv") and os.path.basename(os.path.dirname(os.path.abspath(path))) == "qrels"
+
+
+# ------------------------------------------------------------------------------------- SQuAD
+def _squad_from_dict(raw: dict, name: str) -> RetrievalDataset:
+    passages: Dict[str, Passage] = {}
+    queries: List[Query] = []
+    keys = set()
+    for n, art in enumerate(raw["data"]):
+        if not isinstance(art, dict) or not isinstance(art.get("paragraphs"), list):
+            raise ValueError(f"{name}: data[{n}] lacks a 'paragraphs' list: not the SQuAD schema")
+        title = str(art.get("title") or "").strip()
+        key = re.sub(r"\s+", "_", title) or f"article{n}"
+        if key in keys:  # ids must stay unique when two articles share a title
+            key = f"{key}#{n}"
+        keys.add(key)
+        i = 0
+        for m, para in enumerate(art["paragraphs"]):
+            context = para.get("context") if isinstance(para, dict) else None
+            if not isinstance(context, str):
+                raise ValueError(f"{name}: data[{n}].paragraphs[{m}] lacks a string 'context'")
+            spans = []  # (start, end, passage id) of each non-empty line of the context
+            for line in re.finditer(r"[^\n]+", context):
+                if line.group().strip():
+                    pid = f"{key}:{i}"
+                    passages[pid] = Passage(pid, key, line.group().strip(), title)
+                    spans.append((line.start(), line.end(), pid))
+                    i += 1
+            for qa in para.get("qas") or []:
+                if not isinstance(qa, dict) or "id" not in qa or not isinstance(qa.get("question"), str):
+                    raise ValueError(f"{name}: a question of data[{n}].paragraphs[{m}] lacks 'id' or 'question'")
+                answers, gold = [], []
+                for a in qa.get("answers") or []:
+                    text, start = (a.get("text"), a.get("answer_start")) if isinstance(a, dict) else (None, None)
+                    if not isinstance(text, str) or not isinstance(start, int) or isinstance(start, bool):
+                        raise ValueError(f"{name}: question {qa['id']!r}: an answer lacks 'text' or an integer 'answer_start'")
+                    if not 0 <= start < len(context):
+                        raise ValueError(f"{name}: question {qa['id']!r}: answer_start {start} is outside its context "
+                                         f"({len(context)} characters)")
+                    end = start + max(1, len(text))
+                    gold += [pid for s, e, pid in spans if s < end and start < e and pid not in gold]
+                    if text.strip() and text.strip() not in answers:
+                        answers.append(text.strip())
+                queries.append(Query(str(qa["id"]), qa["question"], answers, gold, doc_id=key))
+    return RetrievalDataset(passages, queries, name)
+
+
+def load_dataset(path: str, *, split: Optional[str] = None) -> RetrievalDataset:
+    """Load QASPER or SQuAD JSON (``.json``/``.json.gz``), the JSONL schema (``.jsonl``/``.jsonl.gz``) or a
+    BEIR folder (``split``: its qrels file, default ``test``; ``DIR/qrels/SPLIT.tsv`` names one too).
 
     Malformed input (unreadable or truncated file, wrong JSON types, missing fields, duplicate ids)
     raises ValueError naming the file and, for JSONL, the line."""
     path = os.fspath(path)
     base = path[:-3] if path.endswith(".gz") else path
-    if base.endswith(".jsonl"):
+    if os.path.isdir(path) or _is_beir_qrels(path):
+        ds = _from_beir(path, split)
+    elif split is not None:
+        raise ValueError(f"split={split!r} applies to BEIR folders only, not {path}")
+    elif base.endswith(".jsonl"):
         ds = _from_jsonl(path)
     else:
         text = read_text(path)
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: cannot read as QASPER JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: QASPER JSON must map paper ids to papers")
-        ds = _qasper_from_dict(raw, os.path.basename(path), path)
+            raise ValueError(f"{path}: cannot read as QASPER or SQuAD JSON ({e})") from None
+        if isinstance(raw, dict) and isinstance(raw.get("data"), list):
+            ds = _squad_from_dict(raw, os.path.basename(path))
+        elif isinstance(raw, dict):
+            ds = _qasper_from_dict(raw, os.path.basename(path), path)
+        else:
+            raise ValueError(f"{path}: JSON must be QASPER (paper ids -> papers) or SQuAD ({{\"data\": [articles]}})")
     if not ds.queries:
         raise ValueError(f"{path}: no queries found")
     if not ds.passages:

@@ -1,7 +1,9 @@
 """Evidence-retrieval evaluation: ``uae eval`` scores trained bi-encoders against the baselines in one run.
 
 For every query with gold evidence, the candidates are its pool (QASPER: the paper's paragraphs) and the
-system ranks all of them; Recall@1, Recall@5, MAP and MRR follow :mod:`uae_fast.metrics`.
+system ranks all of them; Success@1/5 (any gold in the top k), Recall@1/5 (the share of the gold in the top
+k), MAP and MRR follow :mod:`uae_fast.metrics`. ``--save-runs DIR`` writes each system's ranking as a TREC run
+and the gold as qrels (:mod:`uae_fast.trec`), so ir-measures, ranx or trec_eval can check or extend them.
 
 Systems (rows of one table):
 
@@ -31,12 +33,17 @@ import torch
 
 from ._checks import resolve_device
 from .data import Query, RetrievalDataset, default_qasper_path, load_dataset
-from .metrics import paired_bootstrap, per_query_metrics, retrieval_metrics, token_f1
+from .metrics import paired_bootstrap, per_query_metrics, retrieval_metrics, token_f1, upgrade_metric_names
 
 UPR_PROMPT = "Passage: {passage}\nPlease write a question based on this passage.\nQuestion:"
 READER_PROMPT = ("Answer the question using only the passage. Reply with a short answer (a few words or a yes/no).\n\n"
                  "Passage: {passage}\n\nQuestion: {question}")
 BASELINES = ("bm25", "base", "rerank")
+TABLE_METRICS = ("Success@1", "Success@5", "Recall@1", "Recall@5", "MAP", "MRR")
+
+
+def _short(metric: str) -> str:
+    return metric.replace("Success@", "S@").replace("Recall@", "R@")
 
 
 def _progress(it, desc: str, enabled: bool, total: Optional[int] = None):
@@ -89,8 +96,11 @@ class DenseRanker:
         self.n_passages = len(pids)
 
     def _key(self, q: Query):
-        # Queries of one document share its index; explicit candidate lists get their own.
-        return ("doc", q.doc_id) if q.candidates is None and q.doc_id is not None else ("q", q.id)
+        # Queries of one document share its index, corpus-wide queries (BEIR) the corpus's; explicit
+        # candidate lists get their own.
+        if q.candidates is None:
+            return ("doc", q.doc_id) if q.doc_id is not None else ("corpus",)
+        return ("q", q.id)
 
     def rank(self, q: Query, k: Optional[int] = None) -> List[str]:
         index, pool = self.indexes[self._key(q)]
@@ -179,8 +189,13 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
              baselines: Sequence[str] = BASELINES, student: Optional[str] = None, teacher: Optional[str] = None,
              rerank_limit: int = 100, rerank_depth: int = 20, reader: bool = False, reader_model: Optional[str] = None,
              reader_limit: int = 100, limit: Optional[int] = None, batch_size: int = 64, device=None,
-             query_threads: Optional[int] = 1, progress: bool = True) -> dict:
+             query_threads: Optional[int] = 1, progress: bool = True, save_runs: Optional[str] = None) -> dict:
     """Evaluate ``models`` (bi-encoder folders) and ``baselines`` on ``ds``; returns the results dict.
+
+    ``save_runs``: a folder for ``qrels.txt`` (the evaluated queries' gold) and one TREC run per reported
+    system, ``NAME.run``, with every ranked candidate. The re-ranker's run covers only the first
+    ``rerank_limit`` queries; ``qrels-rerank-subset.txt`` holds their gold, the qrels of the re-ranker's
+    table (ir-measures and trec_eval -c count a judged query missing from a run as 0).
 
     Latency: bi-encoders answer each query on ``query_threads`` torch threads (default 1: a server runs
     one query per core, and a one-query forward gains little from more threads but synchronisation; BM25
@@ -280,6 +295,9 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
               "settings": {"models": list(models), "baselines": list(baselines), "limit": limit, "query_threads": query_threads,
                            "rerank_threads": torch.get_num_threads(), "rerank_limit": rerank_limit,
                            "rerank_depth": rerank_depth, "reader_limit": reader_limit if reader else None}}
+    if save_runs:
+        result["runs"] = _save_runs(save_runs, queries, {n: rankings[n] for n in shown},
+                                    n_rr if "rerank" in rankings else None)
     if models and len(shown) > 1:
         # Paired over the same queries: the first model against every other system.
         first = shown[0]
@@ -303,6 +321,30 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
             lm = load_causal_lm(reader_model or teacher, device=device)
         result["reader"] = _reader_eval(queries, rankings, shown, texts, reader_model or teacher, lm, reader_limit, progress)
     return result
+
+
+def _save_runs(folder: str, queries: Sequence[Query], rankings: Dict[str, List[List[str]]], n_subset: Optional[int]) -> dict:
+    """``folder/qrels.txt``, ``folder/NAME.run`` per system and, with a re-ranker subset of ``n_subset``
+    queries, ``folder/qrels-rerank-subset.txt`` (TREC formats, :mod:`uae_fast.trec`)."""
+    from .trec import write_qrels, write_run
+
+    ids = [q.id for q in queries]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"query id {dup!r} occurs twice: TREC runs need unique query ids")
+    for name in rankings:
+        if "/" in name or os.sep in name:
+            raise ValueError(f"system name {name!r} contains a path separator: it names its run file")
+    folder = os.path.abspath(folder)
+    out = {"dir": folder, "qrels": os.path.join(folder, "qrels.txt"), "systems": {}}
+    write_qrels(out["qrels"], {q.id: q.gold for q in queries})
+    if n_subset is not None:
+        out["qrels_rerank_subset"] = os.path.join(folder, "qrels-rerank-subset.txt")
+        write_qrels(out["qrels_rerank_subset"], {q.id: q.gold for q in queries[:n_subset]})
+    for name, rk in rankings.items():
+        out["systems"][name] = os.path.join(folder, f"{name}.run")
+        write_run(out["systems"][name], dict(zip(ids, rk)), name)
+    return out
 
 
 def _reader_eval(queries, rankings, systems, texts, reader_path, lm, limit, progress) -> dict:
@@ -336,14 +378,15 @@ def format_table(result: dict) -> str:
 
     def table(title, systems, speed=None):
         lines.append(title)
-        head = f"{'system':<24}{'n':>6}{'R@1':>8}{'R@5':>8}{'MAP':>8}{'MRR':>8}{'ms/query':>11}"
+        head = f"{'system':<24}{'n':>6}" + "".join(f"{_short(k):>8}" for k in TABLE_METRICS) + f"{'ms/query':>11}"
         if speed is not None:
             head += f"{'speedup':>10}"
         lines.append(head)
         lines.append("-" * len(head))
         for n, m in systems.items():
-            row = (f"{n:<24}{m['n']:>6}{m['Recall@1']:>8.3f}{m['Recall@5']:>8.3f}{m['MAP']:>8.3f}{m['MRR']:>8.3f}"
-                   f"{m.get('latency_ms_mean', float('nan')):>11.2f}")
+            m = upgrade_metric_names(m)  # a --json file written before Success@k existed
+            row = (f"{n:<24}{m['n']:>6}" + "".join(f"{m.get(k, float('nan')):>8.3f}" for k in TABLE_METRICS)
+                   + f"{m.get('latency_ms_mean', float('nan')):>11.2f}")
             if speed is not None:
                 row += f"{speed[n]:>9.0f}x" if n in speed else f"{'':>10}"
             lines.append(row)
@@ -354,12 +397,18 @@ def format_table(result: dict) -> str:
         sub = result["rerank_subset"]
         table(f"Same metrics on the first {sub['n']} queries (the LLM re-ranker's subset); speedup = re-ranker ms / system ms",
               sub["systems"], result.get("speedup_vs_rerank", {}))
+    lines.append("S@k: Success@k, some gold passage in the top k; R@k: Recall@k, the share of the gold passages in the top k")
+    lines.append("")
     if result.get("paired"):
         lines.append("Paired differences over the same queries (bootstrap, 10,000 resamples): mean [95% interval] p")
         for pair, ms in result["paired"].items():
-            lines.append(f"  {pair:<30}" + "  ".join(
-                f"{k.replace('Recall@', 'R@')} {v['diff']:+.3f} [{v['ci95_low']:+.3f}, {v['ci95_high']:+.3f}] p={v['p']:.2f}"
-                for k, v in ms.items()))
+            cells = [f"{_short(k)} {v['diff']:+.3f} [{v['ci95_low']:+.3f}, {v['ci95_high']:+.3f}] p={v['p']:.2f}"
+                     for k, v in upgrade_metric_names(ms).items()]
+            for i in range(0, len(cells), 3):  # three metrics a line
+                lines.append(f"  {pair if i == 0 else '':<30}" + "  ".join(cells[i:i + 3]))
+        lines.append("")
+    if result.get("runs"):
+        lines.append(f"TREC runs and qrels written to {result['runs']['dir']}")
         lines.append("")
     if "reader" in result:
         r = result["reader"]
@@ -372,8 +421,10 @@ def format_table(result: dict) -> str:
 # ------------------------------------------------------------------------------------- CLI
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evidence retrieval metrics of bi-encoders vs BM25, the base student and an LLM re-ranker",
-                              description="Recall@1/5, MAP, MRR and per-query latency on QASPER-style evidence retrieval.")
-    p.add_argument("--data", default=None, help="evaluation data: QASPER JSON(.gz) or the JSONL schema (default: QASPER dev)")
+                              description="Success@1/5, Recall@1/5, MAP, MRR and per-query latency on QASPER-style evidence "
+                                          "retrieval (or BEIR / SQuAD / JSONL data); --save-runs writes TREC runs and qrels.")
+    p.add_argument("--data", default=None, help="evaluation data: QASPER or SQuAD JSON(.gz), the JSONL schema, or a BEIR folder "
+                   "(its qrels/test.tsv; DIR/qrels/dev.tsv picks another split) (default: QASPER dev)")
     p.add_argument("--model", nargs="*", default=[], help="trained bi-encoder folder(s) (sentence-transformers format)")
     p.add_argument("--name", nargs="*", default=None, help="row names for the --model folders (default: folder names)")
     p.add_argument("--baselines", default="bm25,base,rerank", help="comma list of bm25, base, rerank ('' for none)")
@@ -392,6 +443,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--query-threads", type=int, default=1,
                    help="torch threads per query for bi-encoders (latency; default 1 = one query per core)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
+    p.add_argument("--save-runs", default=None, metavar="DIR",
+                   help="write DIR/qrels.txt and a TREC run per system, DIR/NAME.run, with every ranked candidate "
+                   "(scores = depth - rank + 1) for ir-measures/ranx/trec_eval (default: none written)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main)
 
@@ -408,7 +462,7 @@ def _main(args) -> int:
                       rerank_limit=args.rerank_limit, rerank_depth=args.rerank_depth, reader=args.reader,
                       reader_model=args.reader_model, reader_limit=args.reader_limit, limit=args.limit,
                       batch_size=args.batch_size, device=args.device, query_threads=args.query_threads,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, save_runs=args.save_runs)
     print(format_table(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -1,10 +1,13 @@
-"""Retrieval and reading metrics: Recall@k, MAP, MRR over a ranking; SQuAD Token F1 over answers.
+"""Retrieval and reading metrics: Success@k, Recall@k, MAP, MRR over a ranking; SQuAD Token F1 over answers.
 
-Conventions (those of QASPER evidence retrieval, see ``shared/data/README.md``):
+Conventions (trec_eval's, so that ``ir-measures``/``ranx`` on the runs ``uae eval --save-runs`` writes give
+the same numbers; ``tests/test_trec.py`` checks it):
 
-- a ranking is the full ordered list of a query's candidate ids; gold is a set of ids;
-- ``Recall@k`` is 1 when *any* gold id is in the top ``k`` (so Recall@1 = "the top passage is gold"),
-  i.e. success@k, the usual definition when most queries have one or two gold passages;
+- a ranking is the full ordered list of a query's candidate ids; gold is a set of ids (relevance 1);
+- ``Success@k`` (a.k.a. Hit@k) is 1 when *any* gold id is in the top ``k`` (Success@1 = "the top passage
+  is gold"); earlier versions printed it as "Recall@k";
+- ``Recall@k`` is the fraction of the gold ids in the top ``k`` (TREC ``recall_k``, ir-measures ``R@k``);
+  it equals Success@k on queries with one gold id and is lower when a query has several;
 - ``MAP`` is the mean of average precision over the full ranking, with every gold id counted in the
   denominator (a gold id missing from the ranking contributes precision 0);
 - ``MRR`` is the mean reciprocal rank of the first gold id (0 when none is ranked);
@@ -21,8 +24,8 @@ import re
 import string
 from typing import Dict, Iterable, List, Sequence
 
-__all__ = ["recall_at_k", "average_precision", "reciprocal_rank", "retrieval_metrics", "per_query_metrics",
-           "paired_bootstrap", "normalize_answer", "token_f1"]
+__all__ = ["success_at_k", "recall_at_k", "average_precision", "reciprocal_rank", "retrieval_metrics", "per_query_metrics",
+           "paired_bootstrap", "upgrade_metric_names", "normalize_answer", "token_f1"]
 
 
 def _as_gold(gold) -> set:
@@ -40,12 +43,25 @@ def _check_ranking(ranking) -> list:
     return ranking
 
 
-def recall_at_k(ranking: Sequence, gold: Iterable, k: int) -> float:
-    """1.0 when any gold id is among the first ``k`` of ``ranking``, else 0.0 (success@k)."""
-    if not isinstance(k, int) or k < 1:
+def _check_k(k) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
+
+
+def success_at_k(ranking: Sequence, gold: Iterable, k: int) -> float:
+    """1.0 when any gold id is among the first ``k`` of ``ranking``, else 0.0 (Success@k, Hit@k)."""
+    _check_k(k)
     gold = _as_gold(gold)
     return float(any(r in gold for r in _check_ranking(ranking)[:k]))
+
+
+def recall_at_k(ranking: Sequence, gold: Iterable, k: int) -> float:
+    """The fraction of the gold ids among the first ``k`` of ``ranking`` (TREC Recall@k)."""
+    _check_k(k)
+    gold = _as_gold(gold)
+    if not gold:
+        raise ValueError("gold is empty: recall is undefined without a relevant id")
+    return sum(r in gold for r in _check_ranking(ranking)[:k]) / len(gold)
 
 
 def average_precision(ranking: Sequence, gold: Iterable) -> float:
@@ -71,12 +87,12 @@ def reciprocal_rank(ranking: Sequence, gold: Iterable) -> float:
 
 
 def retrieval_metrics(rankings: Sequence[Sequence], golds: Sequence[Iterable], ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
-    """Mean ``Recall@k`` for each k, ``MAP`` and ``MRR`` over queries, plus ``n`` (the query count).
+    """Mean ``Success@k`` and ``Recall@k`` for each k, ``MAP`` and ``MRR`` over queries, plus ``n`` (the query count).
 
     Example::
 
-        >>> retrieval_metrics([["b", "a", "c"]], [{"a"}])
-        {'n': 1, 'Recall@1': 0.0, 'Recall@5': 1.0, 'MAP': 0.5, 'MRR': 0.5}
+        >>> retrieval_metrics([["b", "a", "c"]], [{"a", "d"}], ks=(1, 2))
+        {'n': 1, 'Success@1': 0.0, 'Success@2': 1.0, 'Recall@1': 0.0, 'Recall@2': 0.5, 'MAP': 0.25, 'MRR': 0.5}
     """
     rankings, golds = list(rankings), list(golds)
     if len(rankings) != len(golds):
@@ -93,10 +109,20 @@ def retrieval_metrics(rankings: Sequence[Sequence], golds: Sequence[Iterable], k
 
 def per_query_metrics(rankings: Sequence[Sequence], golds: Sequence[Iterable], ks: Sequence[int] = (1, 5)) -> Dict[str, List[float]]:
     """The per-query values whose means :func:`retrieval_metrics` reports (for paired comparisons)."""
-    out: Dict[str, List[float]] = {f"Recall@{k}": [recall_at_k(r, g, k) for r, g in zip(rankings, golds)] for k in ks}
+    out: Dict[str, List[float]] = {f"Success@{k}": [success_at_k(r, g, k) for r, g in zip(rankings, golds)] for k in ks}
+    out.update({f"Recall@{k}": [recall_at_k(r, g, k) for r, g in zip(rankings, golds)] for k in ks})
     out["MAP"] = [average_precision(r, g) for r, g in zip(rankings, golds)]
     out["MRR"] = [reciprocal_rank(r, g) for r, g in zip(rankings, golds)]
     return out
+
+
+def upgrade_metric_names(metrics: Dict[str, object]) -> Dict[str, object]:
+    """``metrics`` with the keys written before Success@k existed renamed: an old ``"Recall@k"`` (which was
+    Success@k) becomes ``"Success@k"``. Dicts that already have a ``Success@`` key are returned unchanged, so
+    old and new result files (``--json``, ``scripts/sweep_dev.py`` records) can be read alike."""
+    if any(str(k).startswith("Success@") for k in metrics):
+        return dict(metrics)
+    return {("Success@" + k[len("Recall@"):] if str(k).startswith("Recall@") else k): v for k, v in metrics.items()}
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int = 10000, seed: int = 0) -> Dict[str, float]:

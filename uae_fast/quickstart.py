@@ -51,7 +51,7 @@ def _compare_with_shipped(slice_path: str, shipped: str) -> dict:
 
 
 def plot_report(report: dict, path: str) -> None:
-    """Two panels: retrieval quality per system (R@1, MAP), and per-query latency (log scale)."""
+    """Two panels: retrieval quality per system (Success@1, MAP), and per-query latency (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,9 +64,9 @@ def plot_report(report: dict, path: str) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     x = range(len(names))
     w = 0.38
-    r1 = [full[n]["Recall@1"] for n in names]
+    r1 = [full[n]["Success@1"] for n in names]
     mp = [full[n]["MAP"] for n in names]
-    a.bar([i - w / 2 for i in x], r1, w, label="Recall@1", color="#4c72b0")
+    a.bar([i - w / 2 for i in x], r1, w, label="Success@1", color="#4c72b0")
     a.bar([i + w / 2 for i in x], mp, w, label="MAP", color="#dd8452")
     for i, (u, v) in enumerate(zip(r1, mp)):
         a.text(i - w / 2, u + 0.01, f"{u:.2f}", ha="center", fontsize=8)
@@ -185,8 +185,8 @@ def add_parser(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="uae-quickstart", help="output folder (model/, report.json, report.png)")
     p.add_argument("--full", action="store_true", help="the whole train and dev splits (GPU recommended); prints an estimate first")
-    p.add_argument("--train-data", default=None, help="QASPER/JSONL train data (default: bundled QASPER train)")
-    p.add_argument("--dev-data", default=None, help="QASPER/JSONL dev data (default: bundled QASPER dev)")
+    p.add_argument("--train-data", default=None, help="QASPER/SQuAD/JSONL train data or a BEIR folder (default: bundled QASPER train)")
+    p.add_argument("--dev-data", default=None, help="QASPER/SQuAD/JSONL dev data or a BEIR folder (default: bundled QASPER dev)")
     p.add_argument("--teacher", default=None, help="teacher causal-LM folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--student", default=None, help="student encoder folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--utilities", default=None, help="train on this utilities file instead of the shipped one")

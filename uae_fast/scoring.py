@@ -453,7 +453,7 @@ def merge(inputs: Sequence[str], out: str) -> dict:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("score", help="teacher utilities for every (query, candidate passage)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="QASPER .json(.gz) or uae JSONL; default: the bundled QASPER train split")
+    p.add_argument("--data", help="QASPER or SQuAD .json(.gz), uae JSONL or a BEIR folder; default: the bundled QASPER train split")
     p.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz (appears only when complete)")
     p.add_argument("--teacher", default=None, help="HF causal-LM folder (default: SmolLM2-135M-Instruct GGUF)")
     p.add_argument("--candidates", default="top:3",

@@ -734,7 +734,7 @@ def add_parser(subparsers) -> None:
         "train", help="train a bi-encoder on teacher utilities (UAE) or gold evidence (InfoNCE)",
         description="Distil teacher utilities into a bi-encoder (utility-modulated InfoNCE). The output folder loads "
                     "with SentenceTransformer(DIR). Multi-GPU: torchrun --nproc_per_node N -m uae_fast.cli train ...")
-    p.add_argument("--data", default=None, help="training data: QASPER JSON(.gz) or the JSONL schema (default: QASPER train)")
+    p.add_argument("--data", default=None, help="training data: QASPER or SQuAD JSON(.gz), the JSONL schema or a BEIR folder (default: QASPER train)")
     p.add_argument("--utilities", default=None,
                    help=f"utilities JSONL(.gz) from `uae score` (uae default: {DEFAULT_UTILITIES}; with --loss infonce "
                         "it only supplies the candidate sets, so both losses see the same batches)")

@@ -1,0 +1,185 @@
+"""--data in BEIR and SQuAD formats: hand-written fixtures, gold/pool/answers, splits, one-line errors, and `uae eval` on both."""
+import json
+
+import pytest
+
+from uae_fast.data import load_dataset
+
+CORPUS = [
+    {"_id": "d1", "title": "Cats", "text": "Cats purr when they are content."},
+    {"_id": "d2", "title": "", "text": "Dogs bark at the mail carrier."},
+    {"_id": "d3", "title": "Birds", "text": "Most birds can fly; penguins cannot."},
+    {"_id": "d4", "text": "Fish breathe through gills."},
+    {"_id": "d5", "title": "Cats and dogs", "text": "Cats and dogs can live together."},
+]
+QUERIES = [
+    {"_id": "q1", "text": "why do cats purr", "metadata": {}},
+    {"_id": "q2", "text": "which birds cannot fly"},
+    {"_id": "q3", "text": "do dogs bark"},
+    {"_id": "q4", "text": "how do fish breathe"},
+]
+
+
+def write_beir(root, *, test="query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td5\t1\nq2\td3\t1\nq3\td2\t0\n",
+               dev="query-id\tcorpus-id\tscore\nq4\td4\t1\n"):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CORPUS))
+    (root / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in QUERIES))
+    (root / "qrels").mkdir(exist_ok=True)
+    (root / "qrels" / "test.tsv").write_text(test)
+    if dev is not None:
+        (root / "qrels" / "dev.tsv").write_text(dev)
+    return root
+
+
+def test_beir_folder(tmp_path):
+    root = write_beir(tmp_path / "toy")
+    ds = load_dataset(root)  # default split: test
+    assert ds.name == "toy/test" and len(ds.passages) == 5
+    assert [q.id for q in ds.queries] == ["q1", "q2", "q3"]  # the queries the split judges, in queries.jsonl order
+    q1, q2, q3 = ds.queries
+    assert q1.gold == ["d1", "d5"] and q2.gold == ["d3"] and q3.gold == []  # graded scores binarised, 0 = not gold
+    assert q1.question == "why do cats purr" and q1.answers == [] and q1.doc_id is None
+    assert ds.pool(q1) == ["d1", "d2", "d3", "d4", "d5"]  # the whole corpus
+    assert ds.passages["d1"].text == "Cats Cats purr when they are content."  # title + " " + text, as BEIR joins them
+    assert ds.passages["d2"].text == "Dogs bark at the mail carrier." and ds.passages["d4"].text == "Fish breathe through gills."
+    for dev in (load_dataset(root / "qrels" / "dev.tsv"), load_dataset(root, split="dev")):
+        assert dev.name == "toy/dev" and [(q.id, q.gold) for q in dev.queries] == [("q4", ["d4"])]
+    # a header-less qrels file and gzipped JSONL files read the same
+    import gzip
+    import shutil
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        with open(root / name, "rb") as src, gzip.open(root / (name + ".gz"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        (root / name).unlink()
+    (root / "qrels" / "test.tsv").write_text("q2\td3\t1\n")
+    assert [(q.id, q.gold) for q in load_dataset(root).queries] == [("q2", ["d3"])]
+
+
+@pytest.mark.parametrize("test,msg", [
+    ("query-id\tcorpus-id\tscore\nq1\td1\n", r"test.tsv:2: expected 3 tab-separated fields"),
+    ("q1 d1 1\n", r"test.tsv:1: expected 3 tab-separated fields"),
+    ("query-id\tcorpus-id\tscore\nq1\td1\thigh\n", r"test.tsv:2: score 'high' is not an integer"),
+    ("q1\td9\t1\n", r"query 'q1' judges document\(s\) \['d9'\] missing from corpus.jsonl"),
+    ("q9\td1\t1\n", r"query 'q9' is not in queries.jsonl"),
+    ("query-id\tcorpus-id\tscore\n", r"no queries found"),
+])
+def test_beir_bad_qrels(tmp_path, test, msg):
+    root = write_beir(tmp_path / "b", test=test)
+    with pytest.raises(ValueError, match=msg):
+        load_dataset(root)
+
+
+def test_beir_bad_folders(tmp_path):
+    root = write_beir(tmp_path / "b", dev=None)
+    (root / "qrels" / "train.tsv").write_text("q4\td4\t1\n")
+    with pytest.raises(FileNotFoundError, match=r"no qrels/dev.tsv; pass DIR/qrels/SPLIT.tsv for one of: test, train"):
+        load_dataset(root, split="dev")
+    with pytest.raises(ValueError, match="contradicts"):
+        load_dataset(root / "qrels" / "test.tsv", split="train")
+    with pytest.raises(ValueError, match="BEIR folders only"):
+        load_dataset("tests/fixtures/qasper-dev-mini.json.gz", split="test")
+    (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n{"title": "no id", "text": "y"}\n')
+    with pytest.raises(ValueError, match=r"corpus.jsonl: corpus record 2 needs '_id' and a string 'text'"):
+        load_dataset(root)
+    (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n{"_id": \n')
+    with pytest.raises(ValueError, match=r"corpus.jsonl:2: not valid JSON"):
+        load_dataset(root)
+    (root / "queries.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="has no queries.jsonl"):
+        load_dataset(root)
+    with pytest.raises(FileNotFoundError, match="has no qrels/test.tsv$"):
+        load_dataset(tmp_path)
+
+
+CONTEXT = "First line about cats.\nSecond line about dogs.\n\n  Third line, after a blank line.\n"
+
+
+def squad(**over):
+    dogs, third = CONTEXT.index("dogs"), CONTEXT.index("Third")
+    art = {"title": "Pets and more", "paragraphs": [
+        {"context": CONTEXT, "qas": [
+            {"id": "s1", "question": "What barks?", "answers": [{"text": "dogs", "answer_start": dogs},
+                                                                 {"text": "dogs", "answer_start": dogs}]},
+            {"id": "s2", "question": "What spans lines?", "answers": [
+                {"text": "dogs.\n\n  Third", "answer_start": dogs}, {"text": "Third line", "answer_start": third}]},
+            {"id": "s3", "question": "Unanswerable?", "answers": [], "is_impossible": True,
+             "plausible_answers": [{"text": "cats", "answer_start": 17}]},
+        ]},
+        {"context": "A second context.", "qas": [{"id": "s4", "question": "Second?", "answers": [
+            {"text": "second", "answer_start": 2}]}]},
+    ]}
+    raw = {"version": "v2.0", "data": [art, {"title": "Pets and more", "paragraphs": [{"context": "Same title.", "qas": []}]},
+                                       {"paragraphs": [{"context": "No title.", "qas": []}]}]}
+    raw.update(over)
+    return raw
+
+
+def test_squad_json(tmp_path):
+    p = tmp_path / "squad.json"
+    p.write_text(json.dumps(squad()))
+    ds = load_dataset(p)
+    key = "Pets_and_more"
+    assert {pid: x.text for pid, x in ds.passages.items()} == {
+        f"{key}:0": "First line about cats.", f"{key}:1": "Second line about dogs.", f"{key}:2": "Third line, after a blank line.",
+        f"{key}:3": "A second context.", f"{key}#1:0": "Same title.", "article2:0": "No title."}
+    s1, s2, s3, s4 = ds.queries
+    assert (s1.gold, s1.answers, s1.doc_id) == ([f"{key}:1"], ["dogs"], key)
+    assert s2.gold == [f"{key}:1", f"{key}:2"]  # a span over the line break touches both passages
+    assert s2.answers == ["dogs.\n\n  Third".strip(), "Third line"]
+    assert (s3.gold, s3.answers) == ([], [])  # v2.0 unanswerable: plausible_answers are not answers
+    assert s4.gold == [f"{key}:3"]
+    assert ds.pool(s4) == [f"{key}:{i}" for i in range(4)]  # the article's passages, not just its context's
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"data": [{"title": "t"}]}, r"data\[0\] lacks a 'paragraphs' list"),
+    ({"data": [{"paragraphs": [{"qas": []}]}]}, r"data\[0\].paragraphs\[0\] lacks a string 'context'"),
+    ({"data": [{"paragraphs": [{"context": "abc", "qas": [{"question": "q"}]}]}]}, r"lacks 'id' or 'question'"),
+    ({"data": [{"paragraphs": [{"context": "abc", "qas": [{"id": "x", "question": "q", "answers": [{"text": "a"}]}]}]}]},
+     r"question 'x': an answer lacks 'text' or an integer 'answer_start'"),
+    ({"data": [{"paragraphs": [{"context": "abc", "qas": [{"id": "x", "question": "q",
+                                                             "answers": [{"text": "a", "answer_start": 3}]}]}]}]},
+     r"question 'x': answer_start 3 is outside its context \(3 characters\)"),
+    ([1, 2], r"JSON must be QASPER \(paper ids -> papers\) or SQuAD"),
+])
+def test_squad_bad_input(tmp_path, bad, msg):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=msg):
+        load_dataset(p)
+
+
+def test_uae_eval_reads_beir_and_squad(tmp_path, capsys):
+    from uae_fast.cli import main
+    from uae_fast.trec import read_qrels, read_run
+
+    root = write_beir(tmp_path / "toy")
+    sq = tmp_path / "squad.json"
+    sq.write_text(json.dumps(squad()))
+    for data, n, gold in ((root, 2, {"q1": {"d1": 1, "d5": 1}, "q2": {"d3": 1}}),
+                          (sq, 3, {"s1": {"Pets_and_more:1": 1}, "s2": {"Pets_and_more:1": 1, "Pets_and_more:2": 1},
+                                   "s4": {"Pets_and_more:3": 1}})):
+        js, runs = tmp_path / f"{n}.json", tmp_path / f"runs{n}"
+        assert main(["eval", "--data", str(data), "--baselines", "bm25", "--json", str(js), "--save-runs", str(runs),
+                     "--no-progress"]) == 0
+        res = json.loads(js.read_text())
+        assert res["n_queries"] == n and res["systems"]["bm25"]["n"] == n
+        assert read_qrels(runs / "qrels.txt") == gold
+        run = read_run(runs / "bm25.run")
+        assert set(run) == set(gold)
+        if data == root:  # corpus-wide retrieval: every document ranked, BM25's pick first
+            assert all(sorted(r) == ["d1", "d2", "d3", "d4", "d5"] for r in run.values())
+            assert run["q1"][0] == "d1" and run["q2"][0] == "d3"
+        assert "TREC runs and qrels written to" in capsys.readouterr().out
+
+
+def test_dense_ranker_shares_one_corpus_index(tmp_path):
+    from test_student import make_tiny_encoder
+    from uae_fast.evaluation import DenseRanker
+    from uae_fast.student import BiEncoder
+
+    ds = load_dataset(write_beir(tmp_path / "toy"))
+    ranker = DenseRanker(BiEncoder(make_tiny_encoder(tmp_path / "enc"), device="cpu"), ds, ds.queries)
+    assert list(ranker.indexes) == [("corpus",)]  # not one copy of the corpus per query
+    assert sorted(ranker.rank(ds.queries[0])) == sorted(ds.passages)

@@ -1,0 +1,134 @@
+"""TREC runs and qrels (uae_fast.trec), and ir-measures (trec_eval's measures) as the oracle for every metric
+`uae eval` prints, computed on the runs and qrels `uae eval --save-runs` writes."""
+import random
+
+import pytest
+
+from test_evaluation import DEV, tiny, tiny_lm  # noqa: F401 (pytest fixtures)
+from uae_fast.data import load_dataset
+from uae_fast.evaluation import evaluate
+from uae_fast.metrics import retrieval_metrics
+from uae_fast.trec import read_qrels, read_run, write_qrels, write_run
+
+METRICS = ("Success@1", "Success@5", "Recall@1", "Recall@5", "MAP", "MRR")
+
+
+def _ir_measures(run_path, qrels_path):
+    """ir-measures' values of our METRICS (means over the queries of the qrels)."""
+    irm = pytest.importorskip("ir_measures")
+    from ir_measures import AP, RR, R, Success
+
+    run, qrels = list(irm.read_trec_run(str(run_path))), list(irm.read_trec_qrels(str(qrels_path)))
+    measures = dict(zip(METRICS, (Success @ 1, Success @ 5, R @ 1, R @ 5, AP, RR)))
+    got = irm.calc_aggregate(list(measures.values()), qrels, run)
+    return {k: got[m] for k, m in measures.items()}
+
+
+def test_roundtrip_and_errors(tmp_path):
+    rankings = {"q1": ["c", "a", "b"], "q2": ["x"]}
+    assert write_run(tmp_path / "r.run", rankings, "sys") == 4
+    assert (tmp_path / "r.run").read_text().splitlines() == [
+        "q1 Q0 c 1 3 sys", "q1 Q0 a 2 2 sys", "q1 Q0 b 3 1 sys", "q2 Q0 x 1 1 sys"]
+    assert read_run(tmp_path / "r.run") == rankings
+    assert write_run(tmp_path / "d.run", rankings, "sys", depth=2) == 3
+    assert read_run(tmp_path / "d.run") == {"q1": ["c", "a"], "q2": ["x"]}
+    assert write_qrels(tmp_path / "qrels", {"q1": ["a", "b", "a"], "q2": []}) == 2
+    assert (tmp_path / "qrels").read_text() == "q1 0 a 1\nq1 0 b 1\n"
+    assert read_qrels(tmp_path / "qrels") == {"q1": {"a": 1, "b": 1}}
+
+    with pytest.raises(ValueError, match="document id 'a b' is empty or contains whitespace"):
+        write_run(tmp_path / "x", {"q": ["a b"]}, "s")
+    with pytest.raises(ValueError, match="run name 'my run'"):
+        write_run(tmp_path / "x", {"q": ["a"]}, "my run")
+    with pytest.raises(ValueError, match="query id ''"):
+        write_qrels(tmp_path / "x", {"": ["a"]})
+    with pytest.raises(ValueError, match="twice"):
+        write_run(tmp_path / "x", {"q": ["a", "a"]}, "s")
+    with pytest.raises(ValueError, match="depth"):
+        write_run(tmp_path / "x", {"q": ["a"]}, "s", depth=0)
+    with pytest.raises(TypeError, match="not one string"):
+        write_qrels(tmp_path / "x", {"q": "abc"})
+    for text, msg in (("q Q0 a 1 0.5\n", r"bad:1: expected 6 fields 'qid Q0 docid rank score run_name', got 5"),
+                      ("q Q0 a 1 0.5 s\n\nq Q0 b 2 high s\n", r"bad:3: score 'high' is not a number"),
+                      ("q Q0 a 1 0.5 s\nq Q0 a 2 0.4 s\n", r"bad:2: document 'a' ranked twice for query 'q'")):
+        (tmp_path / "bad").write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            read_run(tmp_path / "bad")
+    (tmp_path / "bad").write_text("q 0 a yes\n")
+    with pytest.raises(ValueError, match=r"bad:1: relevance 'yes' is not an integer"):
+        read_qrels(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="TREC file not found"):
+        read_run(tmp_path / "missing.run")
+
+
+def test_read_run_orders_ties_as_trec_eval(tmp_path):
+    """A run from another tool with tied scores: our metrics on read_run's order equal ir-measures on the file."""
+    rng = random.Random(3)
+    lines, golds = [], {}
+    for q in range(40):
+        docs = [f"d{i:02d}" for i in rng.sample(range(30), rng.randint(3, 12))]
+        for rank, d in enumerate(docs, 1):
+            lines.append(f"q{q} Q0 {d} {rank} {rng.choice([0.5, 1.0, 1.0, 2.25])} other")  # many ties, rank column ignored
+        golds[f"q{q}"] = rng.sample(docs, rng.randint(1, min(3, len(docs))))
+    (tmp_path / "other.run").write_text("\n".join(lines) + "\n")
+    write_qrels(tmp_path / "qrels.txt", golds)
+    run = read_run(tmp_path / "other.run")
+    ours = retrieval_metrics([run[q] for q in golds], [set(g) for g in golds.values()])
+    want = _ir_measures(tmp_path / "other.run", tmp_path / "qrels.txt")
+    for k in METRICS:
+        assert ours[k] == pytest.approx(want[k], abs=1e-12), k
+    # and the file order would not do: the ties matter on this run
+    in_file = {}
+    for line in lines:
+        in_file.setdefault(line.split()[0], []).append(line.split()[2])
+    assert retrieval_metrics([in_file[q] for q in golds], [set(g) for g in golds.values()]) != ours
+
+
+def test_uae_eval_metrics_equal_ir_measures(tmp_path, tiny, tiny_lm, capsys):  # noqa: F811
+    """Every metric `uae eval` prints, for every system and both tables, equals ir-measures on --save-runs' files."""
+    from uae_fast.cli import main
+
+    pytest.importorskip("ir_measures")
+    out = tmp_path / "runs"
+    js = tmp_path / "res.json"
+    assert main(["eval", "--data", DEV, "--model", tiny, "--name", "tiny", "--baselines", "bm25,base,rerank", "--student", tiny,
+                 "--teacher", tiny_lm, "--rerank-limit", "5", "--rerank-depth", "4", "--save-runs", str(out),
+                 "--json", str(js), "--no-progress"]) == 0
+    import json
+
+    res = json.loads(js.read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["base.run", "bm25.run", "qrels-rerank-subset.txt", "qrels.txt", "rerank.run",
+                                                      "tiny.run"]
+    dev = load_dataset(DEV)
+    queries = [q for q in dev.queries if q.gold]
+    assert read_qrels(out / "qrels.txt") == {q.id: dict.fromkeys(q.gold, 1) for q in queries}
+    assert any(len(q.gold) > 1 for q in queries)  # so Recall@k and Success@k differ somewhere
+    # BM25 gives tied scores here (passages sharing no query term), so the run's scores must carry our order
+    from uae_fast.bm25 import BM25
+
+    scores = [BM25([dev.passages[p].text for p in dev.pool(q)]).topk(q.question, len(dev.pool(q)))[0].tolist() for q in queries]
+    assert any(len(set(s)) < len(s) for s in scores)
+    assert read_qrels(out / "qrels-rerank-subset.txt") == {q.id: dict.fromkeys(q.gold, 1) for q in queries[:5]}
+    for name, m in res["systems"].items():
+        run = read_run(out / f"{name}.run")
+        assert len(run) == m["n"] and all(len(run[q.id]) == len(dev.pool(q)) for q in queries[: m["n"]])
+        # the re-ranker's run covers its 5 queries: its row goes with their qrels
+        want = _ir_measures(out / f"{name}.run", out / ("qrels-rerank-subset.txt" if name == "rerank" else "qrels.txt"))
+        for k in METRICS:
+            assert m[k] == pytest.approx(want[k], abs=1e-12), (name, k)
+        sub = res["rerank_subset"]["systems"][name]  # the table of the re-ranker's 5 queries
+        want = _ir_measures(out / f"{name}.run", out / "qrels-rerank-subset.txt")
+        for k in METRICS:
+            assert sub[k] == pytest.approx(want[k], abs=1e-12), (name, k, "subset")
+    assert res["systems"]["bm25"]["Recall@1"] < res["systems"]["bm25"]["Success@1"]
+    assert res["runs"]["systems"]["tiny"] == str(out / "tiny.run")
+    assert "TREC runs and qrels written" in capsys.readouterr().out
+
+
+def test_save_runs_errors(tmp_path):
+    from uae_fast.data import RetrievalDataset
+
+    ds = load_dataset(DEV)
+    q = next(q for q in ds.queries if q.gold)
+    with pytest.raises(ValueError, match="query id .* occurs twice: TREC runs need unique query ids"):
+        evaluate(RetrievalDataset(ds.passages, [q, q], "dup"), [], baselines=("bm25",), progress=False, save_runs=str(tmp_path))

@@ -1,0 +1,122 @@
+"""TREC run and qrels files: what trec_eval, ir-measures, ranx, pyserini and the BEIR tools read.
+
+- run: one line per (query, ranked document), ``qid Q0 docid rank score run_name``;
+- qrels: one line per judged (query, document), ``qid 0 docid relevance``.
+
+Fields are separated by whitespace, so ids must not contain any (:func:`write_run` and
+:func:`write_qrels` refuse them). trec_eval and ir-measures ignore the rank column and re-sort each
+query's documents by score, breaking ties by docid in *descending* order; :func:`read_run` does the
+same, so a run written by another tool reads back in the order those tools evaluate.
+
+``uae eval --save-runs DIR`` writes ``DIR/qrels.txt`` and one ``DIR/NAME.run`` per system with every
+ranked candidate. Its scores are ``depth - rank + 1`` (strictly decreasing: the tools evaluate exactly
+the ranking ``uae eval`` did, ties included), not the systems' raw scores.
+
+Example::
+
+    >>> import os, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> write_run(os.path.join(d, "bm25.run"), {"q1": ["p3", "p1"]}, "bm25")
+    2
+    >>> open(os.path.join(d, "bm25.run")).read().splitlines()
+    ['q1 Q0 p3 1 2 bm25', 'q1 Q0 p1 2 1 bm25']
+    >>> read_run(os.path.join(d, "bm25.run"))
+    {'q1': ['p3', 'p1']}
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+__all__ = ["write_run", "write_qrels", "read_run", "read_qrels"]
+
+
+def _token(x, what: str) -> str:
+    s = str(x)
+    if not s or any(c.isspace() for c in s):
+        raise ValueError(f"{what} {s!r} is empty or contains whitespace: TREC files separate fields by whitespace")
+    return s
+
+
+def _open_for_write(path: str):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    return open(path, "w", encoding="utf-8")
+
+
+def write_run(path: str, rankings: Mapping[str, Sequence[str]], run_name: str, *, depth: Optional[int] = None) -> int:
+    """Write ``rankings`` (query id -> ranked doc ids, best first) as a TREC run; returns the line count.
+
+    ``depth`` keeps the first ``depth`` documents of each query (default: all). Scores are
+    ``n - rank + 1`` for a query's ``n`` written documents.
+    """
+    if depth is not None and (not isinstance(depth, int) or depth < 1):
+        raise ValueError(f"depth must be a positive int or None, got {depth!r}")
+    path, tag = os.fspath(path), _token(run_name, "run name")
+    lines = 0
+    with _open_for_write(path) as f:
+        for qid, ranking in rankings.items():
+            qid = _token(qid, "query id")
+            docs = list(ranking)[:depth]
+            if len(set(docs)) != len(docs):
+                raise ValueError(f"query {qid!r}: the ranking contains a document twice")
+            n = len(docs)
+            for rank, doc in enumerate(docs, 1):
+                f.write(f"{qid} Q0 {_token(doc, 'document id')} {rank} {n - rank + 1} {tag}\n")
+            lines += n
+    return lines
+
+
+def write_qrels(path: str, golds: Mapping[str, Iterable[str]]) -> int:
+    """Write binary qrels (``qid 0 docid 1`` for every gold id of every query); returns the line count."""
+    path, lines = os.fspath(path), 0
+    with _open_for_write(path) as f:
+        for qid, gold in golds.items():
+            qid = _token(qid, "query id")
+            if isinstance(gold, (str, bytes)):
+                raise TypeError(f"query {qid!r}: gold must be a collection of ids, not one string")
+            for doc in dict.fromkeys(gold):  # unique, in order
+                f.write(f"{qid} 0 {_token(doc, 'document id')} 1\n")
+                lines += 1
+    return lines
+
+
+def _rows(path: str, n_fields: int, form: str):
+    from .data import open_text
+
+    path = os.fspath(path)
+    with open_text(path, "TREC file") as f:
+        for n, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != n_fields:
+                raise ValueError(f"{path}:{n}: expected {n_fields} fields '{form}', got {len(fields)}")
+            yield n, fields
+
+
+def read_run(path: str) -> Dict[str, List[str]]:
+    """Read a TREC run: query id -> doc ids in trec_eval's order (score descending, ties by docid descending)."""
+    scored: Dict[str, Dict[str, float]] = {}
+    for n, (qid, _, doc, _, score, _) in _rows(path, 6, "qid Q0 docid rank score run_name"):
+        try:
+            s = float(score)
+        except ValueError:
+            raise ValueError(f"{path}:{n}: score {score!r} is not a number") from None
+        q = scored.setdefault(qid, {})
+        if doc in q:
+            raise ValueError(f"{path}:{n}: document {doc!r} ranked twice for query {qid!r}")
+        q[doc] = s
+    # two stable sorts: docid descending, then score descending
+    return {qid: sorted(sorted(d, reverse=True), key=lambda doc: -d[doc]) for qid, d in scored.items()}
+
+
+def read_qrels(path: str) -> Dict[str, Dict[str, int]]:
+    """Read TREC qrels: query id -> {doc id: relevance} (relevance > 0 is relevant)."""
+    out: Dict[str, Dict[str, int]] = {}
+    for n, (qid, _, doc, rel) in _rows(path, 4, "qid 0 docid relevance"):
+        try:
+            out.setdefault(qid, {})[doc] = int(rel)
+        except ValueError:
+            raise ValueError(f"{path}:{n}: relevance {rel!r} is not an integer") from None
+    return out
