@@ -1,9 +1,7 @@
 """Answer-only training (#16): the utilities module, `uae score --no-gold`, `uae train --no-gold`, weak positives,
 teacher ensembles and the diagnostic, on the tiny fixtures."""
 import dataclasses
-import gzip
 import json
-import math
 import os
 import random
 
@@ -11,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from test_student import make_tiny_encoder
-from test_training import TRAIN, _weights
+from test_training import TRAIN, _weights, ds, tiny  # noqa: F401 (the fixtures: the mini train split, a tiny encoder)
 from uae_fast.bm25 import BM25
-from uae_fast.data import RetrievalDataset, load_dataset
+from uae_fast.data import RetrievalDataset
 from uae_fast.scoring import CandidatePolicy
 from uae_fast.training import BatchSampler, TrainConfig, _default_utilities, train, weak_positives
 from uae_fast.utilities import (FORMAT, check_answer_only, load_utilities, merge_teachers, read_utilities, subset,
@@ -22,16 +19,6 @@ from uae_fast.utilities import (FORMAT, check_answer_only, load_utilities, merge
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return load_dataset(TRAIN)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_encoder(tmp_path_factory.mktemp("tiny") / "enc")
 
 
 def all_table(path, ds, *, seed=0, teacher="t", scale=1.0, shift=0.0, gold_bonus=1.5, **extra):
@@ -129,6 +116,10 @@ def test_merge_teachers_averages_per_query_z_scores(tmp_path, ds):
         np.testing.assert_allclose([d[p] for p in pids], (z(za) + z(zb)) / 2, atol=2e-5)
     with pytest.raises(ValueError, match="at least two"):
         merge_teachers([a], str(tmp_path / "e2.jsonl.gz"))
+    from uae_fast.cli import main
+
+    assert main(["score", "--merge-teachers", a, b, "--out", str(tmp_path / "ens2.jsonl.gz")]) == 0
+    assert read_utilities(str(tmp_path / "ens2.jsonl.gz"))[1] == rows
     subset(a, ds, "top:2", str(tmp_path / "a2.jsonl.gz"), no_gold=True)
     with pytest.raises(ValueError, match="candidate settings differ.*candidates"):
         merge_teachers([a, str(tmp_path / "a2.jsonl.gz")], str(tmp_path / "e3.jsonl.gz"))

@@ -22,6 +22,11 @@ Targets per query (:func:`uae_fast.utility_infonce`):
 Both losses see the same number of passages per step, so ``--loss infonce`` with the same settings is
 the same-budget supervised baseline.
 
+Answer-only (``no_gold``, ``uae train --no-gold``): no gold passage is drawn first and nothing reads
+``gold``; the table must come from ``uae score --no-gold`` (or score every paragraph), ``label_mix`` is 0,
+and ``--loss infonce`` takes a weak ``positive`` among the scored candidates (``bm25``, ``bm25-answer``,
+``teacher-top1``: :func:`weak_positives`) on the same batches as ``--loss uae``.
+
 Determinism and resuming: the query order of epoch ``e`` is a function of ``(seed, e)`` and the passages
 drawn for micro-batch ``m`` of ``(seed, m)``, so the data position is just the step counter. A checkpoint
 (``DIR/checkpoints/step-NNNNNN/``: the model in sentence-transformers format + ``trainer_state.pt`` with

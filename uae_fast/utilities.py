@@ -23,7 +23,7 @@ import json
 import math
 import os
 import statistics
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from .data import RetrievalDataset, open_text
 
