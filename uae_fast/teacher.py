@@ -183,8 +183,8 @@ def load_causal_lm(path: Optional[str] = None, *, dtype=None, device=None):
     else:
         folder = os.fspath(path)
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"teacher {folder!r} is neither a named teacher ({', '.join(TEACHERS)}) "
-                                    f"nor a folder with an HF causal LM")
+            raise FileNotFoundError(f"teacher {folder!r} is not a folder with an HF causal LM, nor a named teacher "
+                                    f"({', '.join(TEACHERS)})")
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=_pick_attention(device))
     model.to(device).eval()
