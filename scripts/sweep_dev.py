@@ -12,7 +12,15 @@ question's paper paragraphs by exact cosine (the same metric code as `uae eval`)
     python scripts/sweep_dev.py --out OUT [--grid main] [--workers 6] [--budget-s 400] [--student DIR]
     python scripts/sweep_dev.py --report OUT/sweep.jsonl       # the table again, from a finished sweep
 
-Jobs that would start after ``--budget-s`` are skipped (listed as such), so a lease is never overrun.
+Jobs that would start after ``--budget-s`` are skipped (listed as such), so a lease is never overrun; jobs
+already in ``OUT/sweep.jsonl`` (same group, loss, seed) are not run again, so a sweep split over several
+calls continues where the last one stopped.
+
+``--grid answeronly`` (#16): answer-only UAE per teacher table (``--nogold-utilities``, the default
+teacher's shipped table; ``--gemma-utilities``; ``--ensemble-utilities``), the weak-supervision baselines on
+the default teacher's batches (``--positive bm25 | bm25-answer | teacher-top1``), gold-label InfoNCE and UAE
+(and UAE on ``--gemma-gold-utilities``), the untrained student and BM25; its report adds each row's paired
+difference vs gold-label InfoNCE and vs the best weak baseline (pooled over the shared seeds).
 """
 from __future__ import annotations
 
@@ -49,8 +57,40 @@ UAE_ONLY = {  # settings that only exist for the uae loss (compared with the bas
 }
 
 
-def grid(name: str, seeds, extra_utilities=None):
+# --grid answeronly: group -> (loss, TrainConfig overrides, table key or None for the gold default table)
+NO_GOLD = {"no_gold": True, "label_mix": 0.0, "passages_per_query": 16}  # the `uae train --no-gold` defaults
+ANSWER_ONLY = {
+    "ao-smollm": ("uae", NO_GOLD, "nogold"),
+    "ao-gemma": ("uae", NO_GOLD, "gemma"),
+    "ao-ensemble": ("uae", NO_GOLD, "ensemble"),
+    "weak-bm25": ("infonce", {**NO_GOLD, "positive": "bm25"}, "nogold"),
+    "weak-bm25-answer": ("infonce", {**NO_GOLD, "positive": "bm25-answer"}, "nogold"),
+    "weak-teacher-top1": ("infonce", {**NO_GOLD, "positive": "teacher-top1"}, "nogold"),
+    "gold-infonce": ("infonce", {}, None),
+    "gold-uae": ("uae", {}, None),
+    "gold-uae-gemma": ("uae", {}, "gemma_gold"),
+}
+
+
+def answer_only_grid(seeds, tables, tiny_cfg=None):
+    """The #16 results grid; groups whose table is not given are left out (and named on stderr)."""
+    jobs = [{"group": "untrained", "loss": "none", "seed": 0, "cfg": {}}, {"group": "bm25", "loss": "none", "seed": 0, "cfg": {}}]
+    for g, (loss, cfg, key) in ANSWER_ONLY.items():
+        if key is not None and not tables.get(key):
+            print(f"grid answeronly: no {key} table given, leaving out {g}", file=sys.stderr)
+            continue
+        for s in seeds:
+            jobs.append({"group": g, "loss": loss, "seed": s, "cfg": {**cfg, **(tiny_cfg or {})},
+                         **({"utilities": tables[key]} if key else {})})
+    return jobs
+
+
+def grid(name: str, seeds, extra_utilities=None, tables=None):
     jobs = []
+    if name == "answeronly":
+        return answer_only_grid(seeds[:3], tables or {})
+    if name == "answeronly-tiny":  # a CPU smoke test of the grid
+        return answer_only_grid(seeds[:1], tables or {}, {"max_steps": 2, "batch_size": 4})
     if name == "main":
         order = [("base", seeds), ("ep3", seeds[:3]), ("lr1e-4", seeds[:3]), ("bs32", seeds[:3]), ("ep4", seeds[:3]),
                  ("temp0.1", seeds[:3]), ("lr2e-5", seeds[:3])]
@@ -119,6 +159,38 @@ def _rank_dev(model_dir, device):
     return per_query_metrics(rankings, [set(q.gold) for q in queries])
 
 
+def _rank_bm25():
+    """Per-question metrics of BM25 on dev (each question's paper, as `uae eval`'s bm25 baseline)."""
+    from uae_fast.bm25 import BM25
+    from uae_fast.metrics import per_query_metrics
+
+    dev, queries = _STATE["dev"], _STATE["dev_q"]
+    rankings = []
+    for q in queries:
+        pool = dev.pool(q)
+        _, ids = BM25([dev.passages[p].text for p in pool]).topk(q.question, len(pool))
+        rankings.append([pool[int(i)] for i in ids])
+    return per_query_metrics(rankings, [set(q.gold) for q in queries])
+
+
+def _untrained(job):
+    """The untrained student or BM25: no training, the same dev ranking and record shape."""
+    import torch
+
+    args = _STATE["args"]
+    t0 = time.time()
+    if job["group"] == "bm25":
+        pq = _rank_bm25()
+    else:
+        from uae_fast.student import default_student_path
+
+        pq = _rank_dev(args.student or default_student_path(), args.device)
+    return {**job, "metrics": {k: sum(v) / len(v) for k, v in pq.items()},
+            "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Recall@1", "MAP")}, "steps": 0, "train_queries": 0,
+            "final_loss": None, "train_s": 0.0, "total_s": round(time.time() - t0, 1),
+            "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"}
+
+
 def _run(job):
     import torch
     from uae_fast.training import TrainConfig, train
@@ -126,6 +198,8 @@ def _run(job):
     args = _STATE["args"]
     if time.time() > args.deadline:
         return {**job, "skipped": True}
+    if job["loss"] == "none":
+        return _untrained(job)
     t0 = time.time()
     cfg = TrainConfig(data=args.train, utilities=job.get("utilities") or args.utilities, student=args.student,
                       loss=job["loss"], seed=job["seed"], **job["cfg"])
@@ -187,6 +261,8 @@ def report(path):
         r1 = "-" if np.isnan(m["Recall@1"]) else f"{m['Recall@1']:.4f}"  # not in records from before Recall@k
         lines.append(f"| {g} | {loss} | {len(seeds)} | {m['Success@1']:.4f} (sd {sd:.4f}) | {m['Success@5']:.4f} | {r1} | {m['MAP']:.4f} | "
                      f"{m['MRR']:.4f} | {diff[0]} | {diff[1]} | {ts:.0f} |")
+    if any(g in ANSWER_ONLY for g, _ in by):
+        lines += ["", answer_only_table(by)]
     failed = [r for r in recs if r.get("error")]
     if failed:
         lines.append(f"\n{len(failed)} job(s) failed: " + "; ".join(f"{r['group']}/{r['loss']}/{r['seed']}: {r['error']}" for r in failed))
@@ -194,6 +270,55 @@ def report(path):
     if skipped:
         lines.append(f"\n{len(skipped)} job(s) skipped at the budget: "
                      + ", ".join(sorted({f"{r['group']}/{r['loss']}" for r in skipped})))
+    return "\n".join(lines)
+
+
+def _paired(runs, ref, k):
+    """Paired bootstrap of runs minus ref on metric k, pooled over their shared seeds (one seed of a
+    seedless reference such as BM25 pairs with every seed)."""
+    from uae_fast.metrics import paired_bootstrap
+
+    seeds = sorted(runs)
+    pairs = [(s, s if s in ref else (0 if list(ref) == [0] else None)) for s in seeds]
+    pairs = [(a, b) for a, b in pairs if b is not None]
+    if not pairs:
+        return None
+    a = sum((runs[x]["per_query"][k] for x, _ in pairs), [])
+    b = sum((ref[y]["per_query"][k] for _, y in pairs), [])
+    return paired_bootstrap(a, b, resamples=2000)
+
+
+def answer_only_table(by) -> str:
+    """The README table of the answer-only grid: mean (sd) over seeds, ratio to gold InfoNCE, paired
+    differences vs gold-label InfoNCE and vs the best weak baseline (highest mean R@1)."""
+    import numpy as np
+
+    groups = {g: runs for (g, _), runs in by.items() if g in ANSWER_ONLY or g in ("untrained", "bm25")}
+    mean = {g: {k: float(np.mean([r["metrics"][k] for r in runs.values()])) for k in ("Recall@1", "MAP")}
+            for g, runs in groups.items()}
+    gold = groups.get("gold-infonce")
+    weak = [g for g in groups if g.startswith("weak-")]
+    best_weak = max(weak, key=lambda g: mean[g]["Recall@1"]) if weak else None
+    lines = [f"| system | seeds | R@1 mean (sd) | MAP mean (sd) | R@1 / gold InfoNCE | vs gold InfoNCE: R@1, MAP (paired) | "
+             f"vs best weak ({best_weak or '-'}): R@1, MAP |", "|---|---:|---:|---:|---:|---|---|"]
+    order = ["untrained", "bm25"] + list(ANSWER_ONLY)
+    for g in sorted(groups, key=order.index):
+        runs = groups[g]
+        r1 = [r["metrics"]["Recall@1"] for r in runs.values()]
+        ap = [r["metrics"]["MAP"] for r in runs.values()]
+        cells = []
+        for ref in (gold, groups.get(best_weak) if best_weak else None):
+            if ref is None or ref is runs:
+                cells.append("")
+                continue
+            out = []
+            for k in ("Recall@1", "MAP"):
+                pb = _paired(runs, ref, k)
+                out.append("" if pb is None else f"{pb['diff']:+.4f} (p={pb['p']:.3f})")
+            cells.append(", ".join(out))
+        ratio = f"{mean[g]['Recall@1'] / mean['gold-infonce']['Recall@1']:.2f}x" if gold else ""
+        lines.append(f"| {g} | {len(runs)} | {np.mean(r1):.4f} ({np.std(r1):.4f}) | {np.mean(ap):.4f} ({np.std(ap):.4f}) | "
+                     f"{ratio} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
@@ -209,6 +334,12 @@ def main(argv=None):
     ap.add_argument("--utilities", default=None, help="default: the shipped data/qasper-train-utilities.jsonl.gz")
     ap.add_argument("--extra-utilities", default=None,
                     help="a table that adds teacher rows for questions without text evidence (group 'nogold')")
+    ap.add_argument("--nogold-utilities", default=None,
+                    help="grid answeronly: the default teacher's answer-only table (default: the shipped nogold-top12)")
+    ap.add_argument("--gemma-utilities", default=None, help="grid answeronly: gemma3-270m's answer-only table (default: none)")
+    ap.add_argument("--ensemble-utilities", default=None, help="grid answeronly: the teacher ensemble table (default: none)")
+    ap.add_argument("--gemma-gold-utilities", default=None,
+                    help="grid answeronly: gemma3-270m's gold-added table, for gold-label UAE with it (default: none)")
     ap.add_argument("--student", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (default off: fp32 like the CPU runs)")
@@ -229,14 +360,20 @@ def main(argv=None):
     args.train = args.train or default_qasper_path("train")
     args.dev = args.dev or default_qasper_path("dev")
     args.utilities = args.utilities or _default_utilities()
+    tables = {"nogold": args.nogold_utilities or _default_utilities(no_gold=True), "gemma": args.gemma_utilities,
+              "ensemble": args.ensemble_utilities, "gemma_gold": args.gemma_gold_utilities}
     if args.device is None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.deadline = time.time() + args.budget_s
-    jobs = grid(args.grid, list(range(args.seeds)), args.extra_utilities)
+    jobs = grid(args.grid, list(range(args.seeds)), args.extra_utilities, tables)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "sweep.jsonl")
+    if os.path.exists(path):  # a sweep continued over several calls: run only what is missing
+        with open(path) as f:
+            done = {(r["group"], r["loss"], r["seed"]) for r in map(json.loads, filter(str.strip, f)) if "metrics" in r}
+        jobs = [j for j in jobs if (j["group"], j["loss"], j["seed"]) not in done]
     print(f"{len(jobs)} jobs, {args.workers} workers, device {args.device}, budget {args.budget_s:.0f}s", flush=True)
     t0 = time.time()
     ctx = mp.get_context("spawn")  # CUDA in forked children is not allowed

@@ -81,3 +81,37 @@ def test_report_means_and_pairs_by_seed(tmp_path, old_names):
     assert "| 2 | 0.6250" in uae  # mean S@1 over the two seeds
     assert ("| 1.0000 | - |" if old_names else "| 1.0000 | 0.1250 |") in uae  # S@5, then R@1 (absent from old records)
     assert "+0.2500 [" in uae  # UAE minus InfoNCE, 8 paired queries: (2 - 0) / 8
+
+
+def test_answer_only_grid_end_to_end(tmp_path, tiny):
+    # The #16 grid at tiny size: every group trains (or ranks) and the report pairs each row with gold
+    # InfoNCE and the best weak baseline; a second call runs only what is missing.
+    from test_answer_only import no_gold_table
+    from uae_fast.utilities import merge_teachers
+
+    train_ds = load_dataset(TRAIN)
+    a = no_gold_table(tmp_path, train_ds, m=3, name="a.jsonl.gz", seed=1, teacher="A")
+    b = no_gold_table(tmp_path, train_ds, m=3, name="b.jsonl.gz", seed=2, teacher="B")
+    merge_teachers([a, b], str(tmp_path / "ens.jsonl.gz"))
+    gold = write_utilities(tmp_path / "u.jsonl.gz", train_ds)
+    out = tmp_path / "out"
+    common = ["--out", str(out), "--train", TRAIN, "--dev", DEV, "--utilities", gold, "--nogold-utilities", a,
+              "--student", tiny, "--device", "cpu", "--workers", "1", "--threads", "1", "--grid", "answeronly-tiny"]
+    assert sweep_dev.main(common) == 0  # no gemma tables: those groups are left out
+    recs = [json.loads(x) for x in open(out / "sweep.jsonl")]
+    assert not [r for r in recs if r.get("error")], [r["error"] for r in recs if r.get("error")]
+    assert {r["group"] for r in recs} == {"untrained", "bm25", "ao-smollm", "weak-bm25", "weak-bm25-answer",
+                                          "weak-teacher-top1", "gold-infonce", "gold-uae"}
+    bm = next(r for r in recs if r["group"] == "bm25")
+    from uae_fast.evaluation import evaluate
+
+    ref = evaluate(load_dataset(DEV), [], baselines=("bm25",), device="cpu", progress=False)["systems"]["bm25"]
+    assert bm["metrics"]["MAP"] == pytest.approx(ref["MAP"], abs=1e-9)
+    assert sweep_dev.main(common + ["--gemma-utilities", b, "--ensemble-utilities", str(tmp_path / "ens.jsonl.gz"),
+                                    "--gemma-gold-utilities", gold]) == 0
+    recs2 = [json.loads(x) for x in open(out / "sweep.jsonl")]
+    assert len(recs2) == len(recs) + 3  # only the three new groups ran
+    table = sweep_dev.report(str(out / "sweep.jsonl"))
+    row = next(line for line in table.splitlines() if line.startswith("| ao-ensemble | 1 |"))
+    assert "x |" in row and "(p=" in row
+    assert "vs best weak (weak-" in table

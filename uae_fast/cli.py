@@ -1,4 +1,4 @@
-"""``uae`` command line: ``uae score | train | export | eval | quickstart``.
+"""``uae`` command line: ``uae score | train | export | eval | diagnose | quickstart``.
 
 Each subcommand lives in the module that owns the concept; this file only wires argparse.
 A module registers its subcommand with ``add_parser(subparsers)`` and the parser's
@@ -28,7 +28,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # Modules that contribute a subcommand, in the order shown by --help.
-_SUBCOMMANDS = ["uae_fast.scoring", "uae_fast.training", "uae_fast.export", "uae_fast.evaluation", "uae_fast.quickstart"]
+_SUBCOMMANDS = ["uae_fast.scoring", "uae_fast.training", "uae_fast.export", "uae_fast.evaluation", "uae_fast.diagnose",
+               "uae_fast.quickstart"]
 
 # Exceptions that mean bad input or a bad environment, not a bug: ValueError (incl. JSON and Unicode
 # decoding), TypeError, OSError (missing/unreadable/unwritable paths, corrupt gzip), EOFError (truncated

@@ -1,16 +1,9 @@
 """``uae score``: teacher utilities for a whole dataset, resumable, shardable, mergeable.
 
-Output (JSONL, optionally gzipped): one header record, then one row per (query, candidate passage)::
-
-    {"type": "header", "format": "uae-utilities/1", "teacher": ..., "prompt_with": ..., "prompt_without": ...,
-     "max_passage_tokens": ..., "aggregation": ..., "candidates": "top:3", "answers": "all", "data": ...,
-     "order": "hash", "shard": [0, 1], "n_queries": ..., "n_rows": ...}
-    {"qid": "...", "pid": "...", "utility": 0.83127, "n_answer_tokens": 12, "gold": true, "cand": 0, "n_cand": 5}
-
-``utility`` is the mean per-token log-prob gain of the gold answer(s) given the passage (averaged over a
-query's gold answers); ``gold`` marks gold-evidence passages; ``cand``/``n_cand`` are the row's index
-in its query's candidate list and the list's length (rows of a query are contiguous). With
-``--save-deltas`` rows also carry ``deltas`` (per-token, first answer).
+Output: a ``uae-utilities/1`` table (format, reading, merging and subsetting in :mod:`uae_fast.utilities`),
+one row per (query, candidate passage). ``utility`` is the mean per-token log-prob gain of the gold
+answer(s) given the passage (averaged over a query's gold answers). With ``--save-deltas`` rows also
+carry ``deltas`` (per-token, first answer).
 
 Crash safety: rows go to ``OUT.partial``, one ``write`` + ``fsync`` per group of whole queries; ``--resume`` cuts the
 file back to the last complete query (the last row with ``cand == n_cand - 1``) and skips the queries
@@ -20,25 +13,28 @@ already there, so a Ctrl-C or ``kill -9`` loses at most the group in flight and 
 Candidate policies: ``all`` (every paragraph of the query's paper), ``top:M`` (BM25 top-M over the
 paper's paragraphs plus every gold-evidence paragraph, in paper order) or ``student:M`` (the same with the
 base student's cosine top-M: the hard negatives it confuses; ``--candidate-student`` picks the encoder).
+``--no-gold`` (answer-only data): the top-M alone, no gold paragraph added, every question with an answer.
 """
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import os
 import sys
 import time
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from .data import read_text
 
-FORMAT = "uae-utilities/1"
-# Settings that must match for rows to be combined (resume / merge).
-_COMPAT_KEYS = ("format", "teacher", "dtype", "prompt_with", "prompt_without", "answer_prefix", "max_passage_tokens",
-                "max_answer_tokens", "aggregation", "clip", "candidates", "candidate_student", "answers", "data", "order",
-                "with_gold_only")
+# The table format is owned by .utilities; these names stay importable from here.
+from .utilities import FORMAT, finalize, make_row, read_utilities, recover_partial, student_name
+from .utilities import merge_shards as merge
+
+DEFAULT_CANDIDATES = "top:3"
+# Answer-only candidates: BM25 top-12 of the question, chosen among 8-16 (README "Answer-only training"): dev
+# gold coverage 0.72 / 0.81 / 0.86 at 8 / 12 / 16, the teacher's top-1 gold on train 0.44 / 0.49 / 0.52; past
+# 12 each step pays a third more passages for +0.05 coverage.
+DEFAULT_NO_GOLD_CANDIDATES = "top:12"
 
 
 # ------------------------------------------------------------------------------------ candidates
@@ -58,15 +54,16 @@ def parse_candidates(policy: str) -> Tuple[str, Optional[int]]:
 
 
 class CandidatePolicy:
-    """A query's candidate passage ids, in pool order: ``all`` of its pool, or its top-M plus its gold.
+    """A query's candidate passage ids, in pool order: ``all`` of its pool, or its top-M plus its gold
+    (``no_gold=True``: the top-M alone, chosen from the question only, for data without evidence labels).
 
     ``top:M`` ranks the pool with BM25; ``student:M`` with the base bi-encoder (``student``: a folder or
     :class:`uae_fast.BiEncoder`, default all-MiniLM-L6-v2) by cosine similarity, i.e. the passages the
     untrained student confuses with the answer-bearing ones: the hard negatives a retriever is trained on.
     """
 
-    def __init__(self, ds, policy: str = "top:3", *, student=None):
-        self.ds, self.policy = ds, policy
+    def __init__(self, ds, policy: str = "top:3", *, student=None, no_gold: bool = False):
+        self.ds, self.policy, self.no_gold = ds, policy, bool(no_gold)
         self.kind, self.m = parse_candidates(policy)
         self._student = student
         self._bm25: Dict[Tuple[str, ...], object] = {}
@@ -118,8 +115,10 @@ class CandidatePolicy:
                     self._bm25.clear()
                 bm = self._bm25[key] = BM25([self.ds.passages[p].text for p in pool])
             _, top = bm.topk(q.question, self.m)
-        gold = set(q.gold)
-        keep = set(int(i) for i in top) | {i for i, p in enumerate(pool) if p in gold}
+        keep = set(int(i) for i in top)
+        if not self.no_gold:
+            gold = set(q.gold)
+            keep |= {i for i, p in enumerate(pool) if p in gold}
         return [pool[i] for i in sorted(keep)]
 
 
@@ -170,99 +169,6 @@ def shard_path(out: str, shard: Tuple[int, int]) -> str:
     return f"{out}.shard{shard[0]}-of-{shard[1]}"
 
 
-# ------------------------------------------------------------------------------------------- I/O
-def read_utilities(path: str, *, allow_partial: bool = False) -> Tuple[dict, List[dict]]:
-    """(header, rows) of a utilities file (``.jsonl`` or ``.jsonl.gz``).
-
-    ``allow_partial=True`` reads a run still in progress (``OUT.partial``): it keeps only complete
-    queries and ignores a torn last line.
-    """
-    text = read_text(path, "utilities file")
-    lines = text.splitlines()
-    if allow_partial and lines and not text.endswith("\n"):
-        lines = lines[:-1]  # torn tail of a killed or still-running writer
-    if not lines:
-        raise ValueError(f"{path}: empty utilities file")
-    try:
-        header = json.loads(lines[0])
-        rows = [json.loads(x) for x in lines[1:] if x.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a utilities JSONL file ({e.msg})") from None
-    if not isinstance(header, dict) or header.get("type") != "header" or header.get("format") != FORMAT:
-        raise ValueError(f"{path}: first record is not a '{FORMAT}' header")
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict) or "qid" not in r or "pid" not in r:
-            raise ValueError(f"{path}: row {i + 1} is not a utility row (a JSON object with qid, pid, utility)")
-    if allow_partial:
-        end = 0
-        for i, r in enumerate(rows):
-            if r.get("cand") == r.get("n_cand", 0) - 1:
-                end = i + 1
-        rows = rows[:end]
-    return header, rows
-
-
-def _recover(partial: str, header: dict) -> Tuple[set, int, int]:
-    """Cut ``partial`` back to its last complete query; return (done qids, rows kept, passages kept)."""
-    with open(partial, "rb") as f:
-        data = f.read()
-    nl = data.find(b"\n")
-    if nl < 0:  # the header itself was never completed
-        return set(), -1, 0
-    try:
-        old = json.loads(data[:nl])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return set(), -1, 0
-    if not isinstance(old, dict):
-        return set(), -1, 0
-    diff = [k for k in _COMPAT_KEYS if old.get(k) != header.get(k)]
-    if diff or old.get("shard") != header.get("shard"):
-        diff = diff or ["shard"]
-        raise ValueError(f"--resume: {partial} was written with different settings ({', '.join(diff)}); "
-                         f"use the same options or delete it")
-    done, keep_end, pos, n_rows = set(), nl + 1, nl + 1, 0
-    pending = 0
-    while pos < len(data):
-        end = data.find(b"\n", pos)
-        if end < 0:
-            break  # torn last line
-        try:
-            row = json.loads(data[pos:end])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            break
-        if not isinstance(row, dict) or "qid" not in row:
-            break  # not a row this writer wrote: keep what precedes it
-        pending += 1
-        pos = end + 1
-        if row.get("cand") == row.get("n_cand", 0) - 1:
-            done.add(row["qid"])
-            keep_end, n_rows, pending = pos, n_rows + pending, 0
-    if keep_end < len(data):
-        with open(partial, "r+b") as f:
-            f.truncate(keep_end)
-            f.flush()
-            os.fsync(f.fileno())
-    return done, n_rows, n_rows
-
-
-def _finalize(partial: str, out: str) -> None:
-    """Publish ``partial`` at ``out`` atomically (gzip-compressed when ``out`` ends in .gz)."""
-    if out.endswith(".gz"):
-        tmp = out + ".tmp"
-        with open(partial, "rb") as src, gzip.open(tmp, "wb", compresslevel=9) as dst:
-            while True:
-                buf = src.read(1 << 20)
-                if not buf:
-                    break
-                dst.write(buf)
-        with open(tmp, "rb") as f:  # on disk before it is published
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-        os.remove(partial)
-    else:
-        os.replace(partial, out)
-
-
 def _maybe_test_kill(f, payload: bytes, n_groups_done: int) -> None:
     """Crash-safety test hook: ``UAE_TEST_KILL_AFTER=N[:torn][:int]`` sends this process SIGKILL (a real
     ``kill -9``; ``int``: SIGINT, a Ctrl-C) once N groups are on disk, optionally after writing half of the
@@ -282,35 +188,25 @@ def _maybe_test_kill(f, payload: bytes, n_groups_done: int) -> None:
         time.sleep(5)  # the signal lands here
 
 
-def _student_name(student) -> str:
-    if student is None:
-        return "all-MiniLM-L6-v2"
-    return os.path.abspath(student) if isinstance(student, str) else type(student).__name__
-
-
-def _row(qid, pid, utility, n_tok, gold, cand, n_cand, deltas=None) -> dict:
-    r = {"qid": qid, "pid": pid, "utility": round(float(utility), 5), "n_answer_tokens": int(n_tok),
-         "gold": bool(gold), "cand": cand, "n_cand": n_cand}
-    if deltas is not None:
-        r["deltas"] = [round(float(x), 4) for x in deltas]
-    return r
-
-
 # ------------------------------------------------------------------------------------------- run
 def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: str = "all", resume: bool = False,
                   shard: Tuple[int, int] = (0, 1), order: str = "paper", with_gold_only: bool = True,
                   limit: Optional[int] = None, save_deltas: bool = False, progress: bool = True,
-                  data_name: Optional[str] = None, group: int = 16, candidate_student=None) -> dict:
+                  data_name: Optional[str] = None, group: int = 16, candidate_student=None, no_gold: bool = False) -> dict:
     """Score every selected query of ``ds`` and write the utilities file ``out``; returns the header.
 
     ``candidate_student``: the encoder of a ``student:M`` policy (folder or BiEncoder; default all-MiniLM-L6-v2).
+    ``no_gold``: answer-only candidates (the policy's top-M, no gold paragraph added; ``with_gold_only`` must
+    then be False, since choosing questions by their evidence would use the labels).
     """
+    if no_gold and with_gold_only:
+        raise ValueError("no_gold scoring selects questions by their answers alone: pass with_gold_only=False")
     for k, v in (("group", group), ("limit", 1 if limit is None else limit)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{k} must be a positive int, got {v!r}")
     if answers not in ("all", "first", "shortest"):
         raise ValueError(f"answers must be 'all', 'first' or 'shortest', got {answers!r}")
-    policy = CandidatePolicy(ds, candidates, student=candidate_student)
+    policy = CandidatePolicy(ds, candidates, student=candidate_student, no_gold=no_gold)
     queries = select_queries(ds, with_gold_only=with_gold_only, order=order, shard=shard)
     if limit is not None:
         queries = queries[:limit]
@@ -331,8 +227,10 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
     header = {"type": "header", "format": FORMAT, **scorer.settings(), "candidates": candidates, "answers": answers,
               "data": data_name or ds.name, "order": order, "with_gold_only": with_gold_only, "shard": list(shard),
               "n_queries": len(queries), "n_rows": sum(len(p) for p in pools)}
+    if no_gold:  # only when set: tables written before the flag existed keep resuming and merging
+        header["no_gold"] = True
     if policy.kind == "student":
-        header["candidate_student"] = _student_name(candidate_student)
+        header["candidate_student"] = student_name(candidate_student)
     if limit is not None:
         header["limit"] = limit
     if empty:
@@ -349,7 +247,7 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
     if os.path.exists(partial):
         if not resume:
             raise ValueError(f"{partial} exists from an interrupted run; pass --resume to continue it (or delete it)")
-        done, rows_done, _ = _recover(partial, header)
+        done, rows_done, _ = recover_partial(partial, header)
         if rows_done < 0:
             os.remove(partial)
             rows_done = 0
@@ -385,7 +283,7 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
             lines = []
             for (q, pids), r in zip(chunk, results):
                 gold = set(q.gold)
-                lines += [json.dumps(_row(q.id, p, r.utility[i], len(r.answer_ids), p in gold, i, len(pids),
+                lines += [json.dumps(make_row(q.id, p, r.utility[i], len(r.answer_ids), p in gold, i, len(pids),
                                           r.deltas[i].tolist() if save_deltas else None)) for i, p in enumerate(pids)]
             # One write + fsync per group: a kill lands between whole queries or tears only the tail,
             # which --resume cuts back to the last complete query.
@@ -403,49 +301,10 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
     _, rows = read_utilities(partial)
     if len(rows) != total or len({(r["qid"], r["pid"]) for r in rows}) != total:
         raise RuntimeError(f"{partial}: expected {total} unique rows, found {len(rows)}; rerun with --resume")
-    _finalize(partial, out)
+    finalize(partial, out)
     dt = time.time() - t0
     if progress and n_new:
         print(f"wrote {out}: {total} rows, {len(queries)} queries ({n_new / max(dt, 1e-9):.2f} passages/s this run)", file=sys.stderr)
-    return header
-
-
-def merge(inputs: Sequence[str], out: str) -> dict:
-    """Combine finished shard files into one (checks settings agree, shards complete, rows unique)."""
-    if not inputs:
-        raise ValueError("merge needs at least one input file")
-    if os.path.exists(out):
-        raise ValueError(f"{out} already exists; delete it or choose another --out")
-    headers, all_rows = [], []
-    for path in inputs:
-        h, rows = read_utilities(path)
-        shard = h.get("shard")
-        if not (isinstance(shard, list) and len(shard) == 2 and all(type(x) is int for x in shard)
-                and 0 <= shard[0] < shard[1] and type(h.get("n_queries")) is int):
-            raise ValueError(f"{path}: header lacks a valid shard [I, N] or n_queries; not a `uae score` shard file")
-        if len(rows) != h.get("n_rows"):
-            raise ValueError(f"{path}: has {len(rows)} rows but its header promises {h.get('n_rows')}")
-        headers.append(h)
-        all_rows.extend(rows)
-    ref = headers[0]
-    for path, h in zip(inputs, headers):
-        diff = [k for k in _COMPAT_KEYS if h.get(k) != ref.get(k)]
-        if diff:
-            raise ValueError(f"{path}: settings differ from {inputs[0]} ({', '.join(diff)}); cannot merge")
-    n = ref["shard"][1]
-    got = sorted(h["shard"][0] for h in headers)
-    if any(h["shard"][1] != n for h in headers) or got != list(range(n)):
-        raise ValueError(f"merge needs each of the {n} shards exactly once, got shard indices {got}")
-    keys = [(r["qid"], r["pid"]) for r in all_rows]
-    if len(set(keys)) != len(keys):
-        raise ValueError("duplicate (qid, pid) rows across inputs")
-    header = dict(ref, shard=[0, 1], n_queries=sum(h["n_queries"] for h in headers), n_rows=len(all_rows))
-    partial = out + ".partial"
-    with open(partial, "w", encoding="utf-8") as f:
-        f.write(json.dumps(header) + "\n")
-        for r in all_rows:
-            f.write(json.dumps(r) + "\n")
-    _finalize(partial, out)
     return header
 
 
@@ -455,14 +314,23 @@ def add_parser(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="QASPER or SQuAD .json(.gz), uae JSONL or a BEIR folder; default: the bundled QASPER train split")
     p.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz (appears only when complete)")
-    p.add_argument("--teacher", default=None, help="HF causal-LM folder (default: SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--candidates", default="top:3",
-                   help="'all', 'top:M' (BM25 top-M + gold evidence) or 'student:M' (base student top-M + gold); default top:3")
+    p.add_argument("--teacher", default=None,
+                   help="smollm2-135m | gemma3-270m (named GGUF teachers from pip packages, cached as safetensors) | an "
+                        "HF causal-LM folder (default: smollm2-135m, SmolLM2-135M-Instruct)")
+    p.add_argument("--candidates", default=None,
+                   help=f"'all', 'top:M' (BM25 top-M + gold evidence) or 'student:M' (base student top-M + gold); "
+                        f"default {DEFAULT_CANDIDATES}, {DEFAULT_NO_GOLD_CANDIDATES} with --no-gold")
+    p.add_argument("--no-gold", action="store_true",
+                   help="answer-only data: candidates from the question alone (no gold paragraph added), every question "
+                        "with an answer; the header records \"no_gold\": true (default off)")
     p.add_argument("--candidate-student", default=None, help="encoder folder for 'student:M' (default: all-MiniLM-L6-v2)")
     p.add_argument("--answers", default="all", choices=["all", "first", "shortest"], help="gold answers to average over")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT.partial)")
     p.add_argument("--shard", default=None, help="I/N: score every N-th query from the I-th (0-based); torchrun ranks are used when unset")
     p.add_argument("--merge", nargs="+", metavar="SHARD", help="merge finished shard files into --out instead of scoring")
+    p.add_argument("--merge-teachers", nargs="+", metavar="TABLE",
+                   help="teacher ensemble into --out instead of scoring: per-query z-scored utilities averaged over the "
+                        "rows all tables share (tables of one candidate policy; default off)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: CUDA when available)")
     p.add_argument("--max-passage-tokens", type=int, default=None, help="passages cut to this many tokens (default 128)")
@@ -491,6 +359,12 @@ def _main(args) -> int:
         h = merge(args.merge, args.out)
         print(f"merged {len(args.merge)} shard(s) into {args.out}: {h['n_rows']} rows, {h['n_queries']} queries", file=sys.stderr)
         return 0
+    if args.merge_teachers:
+        from .utilities import merge_teachers
+
+        h = merge_teachers(args.merge_teachers, args.out)
+        print(f"ensembled {h['teacher']} into {args.out}: {h['n_rows']} rows, {h['n_queries']} queries", file=sys.stderr)
+        return 0
     import torch
 
     from .data import default_qasper_path, load_dataset
@@ -506,7 +380,8 @@ def _main(args) -> int:
     shard = parse_shard(args.shard)
     data = args.data or default_qasper_path("train")
     ds = load_dataset(data)
-    parse_candidates(args.candidates)  # fail before the model loads
+    candidates = args.candidates or (DEFAULT_NO_GOLD_CANDIDATES if args.no_gold else DEFAULT_CANDIDATES)
+    parse_candidates(candidates)  # fail before the model loads
     device = args.device
     if device is None and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -514,8 +389,9 @@ def _main(args) -> int:
                               ("token_budget", args.token_budget)) if v is not None}
     scorer = UtilityScorer.from_pretrained(args.teacher, dtype=args.dtype, device=device, aggregation=args.aggregation,
                                            share_prefix=not args.no_share_prefix, compile=args.compile, **opts)
-    score_dataset(scorer, ds, shard_path(args.out, shard), candidates=args.candidates, answers=args.answers,
-                  resume=args.resume, shard=shard, order=args.order, with_gold_only=not args.include_no_gold,
+    score_dataset(scorer, ds, shard_path(args.out, shard), candidates=candidates, answers=args.answers,
+                  resume=args.resume, shard=shard, order=args.order,
+                  with_gold_only=not (args.include_no_gold or args.no_gold), no_gold=args.no_gold,
                   limit=args.limit, save_deltas=args.save_deltas, progress=not args.no_progress,
                   data_name=os.path.basename(data), group=args.group, candidate_student=args.candidate_student)
     return 0

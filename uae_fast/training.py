@@ -22,6 +22,11 @@ Targets per query (:func:`uae_fast.utility_infonce`):
 Both losses see the same number of passages per step, so ``--loss infonce`` with the same settings is
 the same-budget supervised baseline.
 
+Answer-only (``no_gold``, ``uae train --no-gold``): no gold passage is drawn first and nothing reads
+``gold``; the table must come from ``uae score --no-gold`` (or score every paragraph), ``label_mix`` is 0,
+and ``--loss infonce`` takes a weak ``positive`` among the scored candidates (``bm25``, ``bm25-answer``,
+``teacher-top1``: :func:`weak_positives`) on the same batches as ``--loss uae``.
+
 Determinism and resuming: the query order of epoch ``e`` is a function of ``(seed, e)`` and the passages
 drawn for micro-batch ``m`` of ``(seed, m)``, so the data position is just the step counter. A checkpoint
 (``DIR/checkpoints/step-NNNNNN/``: the model in sentence-transformers format + ``trainer_state.pt`` with
@@ -47,75 +52,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .data import RetrievalDataset, Query, default_qasper_path, jsonl_records, load_dataset
+from .data import RetrievalDataset, Query, default_qasper_path, load_dataset
+# The utilities table (reading, validation) is owned by .utilities; these names stay importable from here.
+from .utilities import check_answer_only, check_utilities, load_utilities  # noqa: F401
 
 DEFAULT_UTILITIES = os.path.join("data", "qasper-train-utilities.jsonl.gz")
+# The answer-only table of the default teacher (BM25 top-12 of the question, no gold added), cut from the
+# shipped every-paragraph table: what `uae train --no-gold` reads by default.
+DEFAULT_NOGOLD_UTILITIES = os.path.join("data", "qasper-train-utilities-nogold-top12.jsonl.gz")
+# --no-gold's passages per question: its 12 scored candidates (all of them, so a weak positive is always in
+# the batch) + 4 random paragraphs of the paper, as the gold defaults have ~4.
+NO_GOLD_PASSAGES_PER_QUERY = 16
+POSITIVES = ("gold", "bm25", "bm25-answer", "teacher-top1")
 _STATE_FILE = "trainer_state.pt"
-
-
-# ------------------------------------------------------------------------------------- utilities
-def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
-    """``({qid: {pid: utility}}, header)`` from a utilities JSONL file.
-
-    Records without ``qid``/``pid`` (a header, run metadata) are collected into ``header``. Several rows for one
-    (qid, pid) are averaged; a non-finite utility is an error (one NaN would poison a whole softmax).
-    """
-    path = os.fspath(path)
-    partial = path.endswith(".partial")  # a `uae score` run in progress: complete queries only
-    sums: Dict[str, Dict[str, List[float]]] = {}
-    header: dict = {"partial": True} if partial else {}
-    try:
-        for n, rec in (_partial_records(path) if partial else jsonl_records(path, "utilities file")):
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: each line must be a JSON object")
-            if "qid" not in rec and "pid" not in rec:
-                header.update(rec.get("header", rec) if isinstance(rec.get("header"), dict) else rec)
-                continue
-            missing = [k for k in ("qid", "pid", "utility") if k not in rec]
-            if missing:
-                raise ValueError(f"{path}:{n}: a utility row needs qid, pid and utility; missing {missing}")
-            try:
-                u = float(rec["utility"])
-            except (TypeError, ValueError):
-                raise ValueError(f"{path}:{n}: utility must be a number, got {rec['utility']!r}") from None
-            if not math.isfinite(u):
-                raise ValueError(f"{path}:{n}: utility is {u} (must be finite)")
-            sums.setdefault(str(rec["qid"]), {}).setdefault(str(rec["pid"]), []).append(u)
-    except FileNotFoundError:
-        raise
-    except (OSError, EOFError) as e:  # truncated or non-gzip .gz
-        raise ValueError(f"{path}: cannot read utilities ({e})") from None
-    if not sums:
-        if partial:
-            raise ValueError(f"{path}: no complete query scored yet")
-        raise ValueError(f"{path}: no utility rows (need JSON lines with qid, pid, utility)")
-    return {q: {p: sum(v) / len(v) for p, v in d.items()} for q, d in sums.items()}, header
-
-
-def _partial_records(path: str):
-    """``(line number, record)`` of the complete queries of a ``uae score`` run in progress."""
-    from .scoring import read_utilities
-
-    header, rows = read_utilities(path, allow_partial=True)
-    yield 1, header
-    yield from enumerate(rows, 2)
-
-
-def check_utilities(utilities: Dict[str, Dict[str, float]], ds: RetrievalDataset, *, path: str = "utilities",
-                    data_path: str = "data") -> None:
-    """Raise ValueError unless every (qid, pid) names a query of ``ds`` and a passage in that query's pool."""
-    by_id = {q.id: q for q in ds.queries}
-    unknown_q = [q for q in utilities if q not in by_id]
-    if unknown_q:
-        raise ValueError(f"utilities file {path} does not match data {data_path}: {len(unknown_q)} of {len(utilities)} "
-                         f"query ids are not in the data (e.g. {unknown_q[:3]}); score this data with `uae score` first")
-    bad = []
-    for qid, d in utilities.items():
-        pool = set(ds.pool(by_id[qid]))
-        bad.extend((qid, pid) for pid in d if pid not in pool)
-    if bad:
-        raise ValueError(f"utilities file {path} does not match data {data_path}: {len(bad)} (qid, pid) rows name passages "
-                         f"outside the query's candidate pool (e.g. {bad[:3]})")
 
 
 # ------------------------------------------------------------------------------------- config
@@ -149,6 +98,12 @@ class TrainConfig:
     # - teacher_gate) is taken out of that query's softmax (neither target nor negative): a likely false
     # negative of single-annotator evidence. None = off. Needs utilities; works with both losses.
     teacher_gate: Optional[float] = None
+    # Answer-only training: batches, targets and the loss never read ``gold`` (the table must be scored
+    # without gold paragraphs added: ``uae score --no-gold``); targets are the teacher's distribution.
+    no_gold: bool = False
+    # The infonce positive: "gold" (evidence labels) or, with no_gold, a weak label among the scored
+    # candidates: "bm25" (BM25 top-1 of the question), "bm25-answer" (of question + answers), "teacher-top1".
+    positive: str = "gold"
 
     def check(self) -> None:
         """Type and range of every field. NaN and inf are rejected everywhere: a NaN passes ``v < 0``
@@ -183,6 +138,23 @@ class TrainConfig:
             from .scoring import parse_candidates
 
             parse_candidates(self.candidates)
+        self._check_answer_only()
+
+    def _check_answer_only(self) -> None:
+        if self.positive not in POSITIVES:
+            raise ValueError(f"positive must be one of {', '.join(POSITIVES)}, got {self.positive!r}")
+        if self.positive != "gold" and self.loss != "infonce":
+            raise ValueError(f"--positive {self.positive} sets the InfoNCE positive: use it with --loss infonce")
+        if self.positive != "gold" and not self.no_gold:
+            raise ValueError(f"--positive {self.positive} is a baseline for answer-only data: add --no-gold")
+        if self.no_gold:
+            if self.loss == "infonce" and self.positive == "gold":
+                raise ValueError("--no-gold --loss infonce needs a weak --positive (bm25, bm25-answer or teacher-top1): "
+                                 "there are no gold labels")
+            if self.label_mix != 0:
+                raise ValueError(f"--no-gold trains without gold labels: --label-mix must be 0, got {self.label_mix!r}")
+            if self.teacher_gate is not None:
+                raise ValueError("--teacher-gate compares with the gold paragraph's utility: not available with --no-gold")
 
 
 # Settings that may differ between a run and its --resume (they do not change the trajectory).
@@ -211,14 +183,18 @@ class BatchSampler:
                  *, world: int = 1, rank: int = 0):
         self.ds, self.cfg, self.world, self.rank = ds, cfg, world, rank
         self.utilities = utilities or {}
-        if cfg.loss == "uae":
+        if cfg.no_gold:  # answer-only: every question the teacher scored, labels never read
+            if not utilities:
+                raise ValueError("--no-gold needs a utilities file (--utilities) scored with `uae score --no-gold`")
+            queries = [q for q in ds.queries if self.utilities.get(q.id)]
+        elif cfg.loss == "uae":
             if not utilities:
                 raise ValueError("--loss uae needs a utilities file (--utilities); --loss infonce trains on gold evidence only")
             queries = [q for q in ds.queries if self.utilities.get(q.id) or q.gold]
         else:
             queries = [q for q in ds.queries if q.gold]
         if not queries:
-            what = "teacher utilities" if cfg.loss == "uae" else "gold evidence passages"
+            what = "teacher utilities" if cfg.loss == "uae" or cfg.no_gold else "gold evidence passages"
             raise ValueError(f"no training queries: none of the {len(ds.queries)} queries in the data has {what}")
         self.queries = queries
         self._pools = {q.id: ds.pool(q) for q in queries}
@@ -226,9 +202,19 @@ class BatchSampler:
         if cfg.candidates is not None:
             from .scoring import CandidatePolicy
 
-            policy = CandidatePolicy(ds, cfg.candidates, student=cfg.student)  # student:M = the initial student
+            # student:M = the initial student
+            policy = CandidatePolicy(ds, cfg.candidates, student=cfg.student, no_gold=cfg.no_gold)
             policy.prepare(queries)
             self._cands = {q.id: policy(q) for q in queries}
+        self._positive: Dict[str, str] = {}
+        if cfg.positive != "gold":
+            cands = {q.id: self._candidates(q) for q in queries}
+            long = [q for q, c in cands.items() if len(c) > cfg.passages_per_query]
+            if long:  # every candidate enters the batch, so the positive does and all losses see the same batches
+                raise ValueError(f"--positive {cfg.positive}: question {long[0]} has {len(cands[long[0]])} candidates, more "
+                                 f"than --passages-per-query {cfg.passages_per_query}, so its positive could miss the "
+                                 f"batch; raise --passages-per-query or use a smaller candidate policy")
+            self._positive = weak_positives(ds, queries, cands, cfg.positive, self.utilities)
         self._docs: Dict[str, List[Query]] = {}
         for q in queries:  # group by document, keep first-seen order (shuffled per epoch below)
             self._docs.setdefault(q.doc_id if q.doc_id is not None else q.id, []).append(q)
@@ -254,13 +240,18 @@ class BatchSampler:
             self._order_cache = (epoch, order)
         return self._order_cache[1]
 
+    def _candidates(self, q: Query) -> Optional[List[str]]:
+        """The query's candidate set: ``candidates``' policy, else the passages the table scored for it."""
+        scored = self._cands[q.id] if self._cands is not None else self.utilities.get(q.id)
+        return list(scored) if scored else None
+
     def _pick_passages(self, q: Query, rng: np.random.Generator) -> List[str]:
         pool = self._pools[q.id]
         want = min(self.cfg.passages_per_query, len(pool))
         chosen: List[str] = []
-        if q.gold:
+        if q.gold and not self.cfg.no_gold:
             chosen.append(q.gold[int(rng.integers(len(q.gold)))])
-        scored = self._cands[q.id] if self._cands is not None else self.utilities.get(q.id)
+        scored = self._candidates(q)
         for cands in ((list(scored) if scored else pool), pool):  # the candidate set first, then the rest of the pool
             rest = [p for p in cands if p not in chosen]
             n = min(want - len(chosen), len(rest))
@@ -295,6 +286,8 @@ class BatchSampler:
             if self.cfg.loss == "uae" and q.id in self.utilities:
                 u = self.utilities[q.id]
                 tgt = [(index[p], u[p]) for p in pids if p in u and p not in gated]
+            elif self.cfg.positive != "gold":
+                tgt = [(index[self._positive[q.id]], 0.0)]
             else:
                 gs = set(q.gold)
                 tgt = [(index[p], 0.0) for p in pids if p in gs]
@@ -302,7 +295,7 @@ class BatchSampler:
                 tgt = [(index[chosen[0]], 0.0)]
             rows_idx.append([t[0] for t in tgt])
             rows_u.append([t[1] for t in tgt])
-            g = chosen[0] if q.gold and chosen and chosen[0] in set(q.gold) else None
+            g = chosen[0] if not self.cfg.no_gold and q.gold and chosen and chosen[0] in set(q.gold) else None
             gold.append(index[g] if g is not None else -1)
         t_idx, t_u = _padded(rows_idx, -1, torch.long), _padded(rows_u, 0.0, torch.float32)
         ex = _padded(excl, -1, torch.long) if self.cfg.teacher_gate is not None else None
@@ -320,6 +313,39 @@ class BatchSampler:
             return set()
         thr = max(gold_u) - self.cfg.teacher_gate
         return {p for p in pids if p in u and p not in gs and u[p] >= thr}
+
+
+def weak_positives(ds: RetrievalDataset, queries: Sequence[Query], candidates: Dict[str, List[str]], kind: str,
+                   utilities: Optional[Dict[str, Dict[str, float]]] = None) -> Dict[str, str]:
+    """Each query's weak positive among its ``candidates`` (ties: the earlier candidate); gold is never read.
+
+    ``bm25``: the candidate BM25 ranks first for the question, ``bm25-answer``: for the question followed by its
+    answers (BM25 indexes the query's whole pool, as the ``top:M`` policy does); ``teacher-top1``: the
+    candidate with the highest utility.
+    """
+    from .bm25 import BM25
+
+    if kind not in POSITIVES[1:]:
+        raise ValueError(f"weak positive must be one of {', '.join(POSITIVES[1:])}, got {kind!r}")
+    out: Dict[str, str] = {}
+    indexes: Dict[Tuple[str, ...], BM25] = {}
+    for q in queries:
+        cands = candidates[q.id]
+        if kind == "teacher-top1":
+            u = (utilities or {}).get(q.id, {})
+            scores = [u.get(p, -math.inf) for p in cands]
+        else:
+            pool = ds.pool(q)
+            key = tuple(pool)
+            if key not in indexes:
+                if len(indexes) > 2048:
+                    indexes.clear()
+                indexes[key] = BM25([ds.passages[p].text for p in pool])
+            text = q.question if kind == "bm25" else " ".join([q.question] + list(q.answers))
+            by_pid = dict(zip(pool, indexes[key].scores(text).tolist()))
+            scores = [by_pid[p] for p in cands]
+        out[q.id] = cands[int(np.argmax(scores))]
+    return out
 
 
 def _padded(rows: List[list], fill, dtype) -> torch.Tensor:
@@ -605,8 +631,12 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         raise ValueError("--loss uae needs --utilities FILE (from `uae score`)")
     if cfg.teacher_gate is not None and not cfg.utilities:
         raise ValueError("--teacher-gate needs --utilities FILE: the gate compares teacher utilities")
+    if cfg.no_gold and not cfg.utilities:
+        raise ValueError("--no-gold needs --utilities FILE (from `uae score --no-gold`): its rows are the candidates")
     if cfg.utilities:  # infonce uses it only for the candidate sets (same batches as uae)
-        utilities, _ = load_utilities(cfg.utilities)
+        utilities, header = load_utilities(cfg.utilities)
+        if cfg.no_gold:
+            check_answer_only(header, cfg.utilities)
         check_utilities(utilities, ds, path=cfg.utilities, data_path=cfg.data)
     sampler = BatchSampler(ds, cfg, utilities, world=world, rank=rank)
     total_micro = sampler.total_micro_batches()
@@ -717,15 +747,16 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
 
 
 # ------------------------------------------------------------------------------------- CLI
-def _default_utilities() -> str:
-    """The shipped QASPER train utilities; while their scoring run is unfinished, its ``.partial`` file
-    (complete queries only, an unbiased sample thanks to the scorer's hash order)."""
+def _default_utilities(no_gold: bool = False) -> str:
+    """The shipped QASPER train utilities (``no_gold``: the answer-only table); while their scoring run is
+    unfinished, its ``.partial`` file (complete queries only, an unbiased sample thanks to the scorer's hash order)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rel = DEFAULT_NOGOLD_UTILITIES if no_gold else DEFAULT_UTILITIES
     for suffix in ("", ".partial"):
-        for p in (DEFAULT_UTILITIES, os.path.join(here, DEFAULT_UTILITIES)):
+        for p in (rel, os.path.join(here, rel)):
             if os.path.exists(p + suffix):
                 return p + suffix
-    return DEFAULT_UTILITIES
+    return rel
 
 
 def add_parser(subparsers) -> None:
@@ -736,12 +767,21 @@ def add_parser(subparsers) -> None:
                     "with SentenceTransformer(DIR). Multi-GPU: torchrun --nproc_per_node N -m uae_fast.cli train ...")
     p.add_argument("--data", default=None, help="training data: QASPER or SQuAD JSON(.gz), the JSONL schema or a BEIR folder (default: QASPER train)")
     p.add_argument("--utilities", default=None,
-                   help=f"utilities JSONL(.gz) from `uae score` (uae default: {DEFAULT_UTILITIES}; with --loss infonce "
-                        "it only supplies the candidate sets, so both losses see the same batches)")
+                   help=f"utilities JSONL(.gz) from `uae score` (uae default: {DEFAULT_UTILITIES}; with --no-gold: "
+                        f"{DEFAULT_NOGOLD_UTILITIES}; with --loss infonce it only supplies the candidate sets, so both "
+                        "losses see the same batches)")
     p.add_argument("--out", required=True, help="output folder (sentence-transformers format); checkpoints go to OUT/checkpoints")
     p.add_argument("--student", default=None, help="initial encoder folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--loss", choices=("uae", "infonce"), default=d.loss,
-                   help="uae: teacher utilities (+ label_mix gold); infonce: gold evidence only (supervised baseline)")
+                   help="uae: teacher utilities (+ label_mix gold); infonce: gold evidence only (supervised baseline) "
+                        f"or the --positive weak label (default {d.loss})")
+    p.add_argument("--no-gold", action="store_true",
+                   help="answer-only training: batches, targets and loss never read gold evidence; needs a table scored "
+                        "with `uae score --no-gold` (default off)")
+    p.add_argument("--positive", choices=POSITIVES, default=d.positive,
+                   help="--loss infonce positive: gold (evidence labels) or, with --no-gold, a weak label among the "
+                        "scored candidates: bm25 (BM25 top-1 of the question), bm25-answer (of question + answers), "
+                        f"teacher-top1 (the teacher's best candidate) (default {d.positive})")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUT from its newest checkpoint (same settings required; a finished run "
                         "is left as is)")
@@ -751,7 +791,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="queries per micro-batch (per device)")
-    p.add_argument("--passages-per-query", type=int, default=d.passages_per_query)
+    p.add_argument("--passages-per-query", type=int, default=None,
+                   help=f"passages sampled per question (default {d.passages_per_query}; {NO_GOLD_PASSAGES_PER_QUERY} "
+                        "with --no-gold: its top-12 candidates + random paragraphs)")
     p.add_argument("--candidates", default=None,
                    help="sample each question's passages (after a gold one) from 'top:M' (BM25 top-M + gold, as "
                         "uae score), 'student:M' (the initial student's top-M + gold) or 'all' (its paper); "
@@ -763,7 +805,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=d.temperature, help="student softmax temperature")
     p.add_argument("--teacher-temperature", type=float, default=d.teacher_temperature,
                    help=f"teacher distribution softmax(utility / T) (default {d.teacher_temperature})")
-    p.add_argument("--label-mix", type=float, default=d.label_mix, help="weight of the gold passage in the uae target")
+    p.add_argument("--label-mix", type=float, default=None,
+                   help=f"weight of the gold passage in the uae target (default {d.label_mix}; 0 with --no-gold)")
     p.add_argument("--teacher-gate", type=float, default=None, metavar="MARGIN",
                    help="take each question's scored paragraphs with utility >= (its best gold's - MARGIN) out of its "
                         "softmax: likely false negatives (both losses; needs --utilities; default off)")
@@ -787,15 +830,18 @@ def _main(args) -> int:
     set_threads(args.threads)
     data = args.data or default_qasper_path("train")
     utilities = args.utilities
-    if (args.loss == "uae" or args.teacher_gate is not None) and utilities is None:
-        utilities = _default_utilities()
+    if (args.loss == "uae" or args.teacher_gate is not None or args.no_gold) and utilities is None:
+        utilities = _default_utilities(args.no_gold)
+    label_mix = args.label_mix if args.label_mix is not None else (0.0 if args.no_gold else TrainConfig.label_mix)
     cfg = TrainConfig(data=data, utilities=utilities, student=args.student, loss=args.loss,
                       epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                      passages_per_query=args.passages_per_query, grad_accum=args.grad_accum, lr=args.lr,
+                      passages_per_query=args.passages_per_query or (NO_GOLD_PASSAGES_PER_QUERY if args.no_gold
+                                                                     else TrainConfig.passages_per_query), grad_accum=args.grad_accum, lr=args.lr,
                       weight_decay=args.weight_decay, warmup=args.warmup, temperature=args.temperature,
-                      teacher_temperature=args.teacher_temperature, label_mix=args.label_mix,
+                      teacher_temperature=args.teacher_temperature, label_mix=label_mix,
                       max_query_length=args.max_query_length, max_passage_length=args.max_passage_length, seed=args.seed,
-                      candidates=args.candidates, teacher_gate=args.teacher_gate)
+                      candidates=args.candidates, teacher_gate=args.teacher_gate, no_gold=args.no_gold,
+                      positive=args.positive)
     amp = {"auto": None, "on": True, "off": False}[args.amp]
     s = train(cfg, args.out, resume=args.resume, device=args.device, amp=amp,
               gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,

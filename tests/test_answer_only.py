@@ -1,0 +1,304 @@
+"""Answer-only training (#16): the utilities module, `uae score --no-gold`, `uae train --no-gold`, weak positives,
+teacher ensembles and the diagnostic, on the tiny fixtures."""
+import dataclasses
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from test_training import TRAIN, _weights, ds, tiny  # noqa: F401 (the fixtures: the mini train split, a tiny encoder)
+from uae_fast.bm25 import BM25
+from uae_fast.data import RetrievalDataset
+from uae_fast.scoring import CandidatePolicy
+from uae_fast.training import BatchSampler, TrainConfig, _default_utilities, train, weak_positives
+from uae_fast.utilities import (FORMAT, check_answer_only, load_utilities, merge_teachers, read_utilities, subset,
+                                write_table)
+
+HERE = os.path.dirname(__file__)
+ROOT = os.path.dirname(HERE)
+
+
+def all_table(path, ds, *, seed=0, teacher="t", scale=1.0, shift=0.0, gold_bonus=1.5, **extra):
+    """A `--candidates all` table in `uae score`'s shape over every answered question of ``ds``."""
+    rng = random.Random(seed)
+    rows = []
+    for q in ds.queries:
+        if not q.answers:
+            continue
+        pool = ds.pool(q)
+        for i, p in enumerate(pool):
+            u = scale * (rng.gauss(0, 0.5) + (gold_bonus if p in q.gold else 0.0)) + shift
+            r = {"qid": q.id, "pid": p, "utility": round(u, 5), "n_answer_tokens": 3, "gold": p in q.gold,
+                 "cand": i, "n_cand": len(pool)}
+            rows.append(r)
+    header = {"type": "header", "format": FORMAT, "teacher": teacher, "candidates": "all", "answers": "all",
+              "data": "mini", "shard": [0, 1], "n_queries": len({r["qid"] for r in rows}), "n_rows": len(rows), **extra}
+    write_table(str(path), header, rows)
+    return str(path)
+
+
+def no_gold_table(tmp_path, ds, m=3, name="ng.jsonl.gz", **kw):
+    src = all_table(tmp_path / ("all-" + name), ds, **kw)
+    subset(src, ds, f"top:{m}", str(tmp_path / name), no_gold=True)
+    return str(tmp_path / name)
+
+
+def strip_gold(ds):
+    return RetrievalDataset(ds.passages, [dataclasses.replace(q, gold=[]) for q in ds.queries], ds.name)
+
+
+# ------------------------------------------------------------------------------------------- candidates + tables
+def test_no_gold_policy_is_bm25_top_m_alone(ds):
+    pol, with_gold = CandidatePolicy(ds, "top:2", no_gold=True), CandidatePolicy(ds, "top:2")
+    n_diff = 0
+    for q in ds.queries:
+        pool = ds.pool(q)
+        if len(pool) <= 2:
+            continue
+        _, ids = BM25([ds.passages[p].text for p in pool]).topk(q.question, 2)
+        assert pol(q) == [pool[i] for i in sorted(int(i) for i in ids)]  # paper order, no gold added
+        assert pol(dataclasses.replace(q, gold=[])) == pol(q)  # the labels change nothing
+        n_diff += pol(q) != with_gold(q)
+    assert n_diff > 0
+
+
+def test_subset_of_all_table_and_header(tmp_path, ds):
+    src = all_table(tmp_path / "all.jsonl.gz", ds)
+    h = subset(src, ds, "top:2", str(tmp_path / "ng.jsonl.gz"), no_gold=True)
+    assert h["no_gold"] is True and h["candidates"] == "top:2" and h["subset_of"] == "all.jsonl.gz"
+    _, all_rows = read_utilities(src)
+    hh, rows = read_utilities(str(tmp_path / "ng.jsonl.gz"))
+    assert hh == h and len(rows) == h["n_rows"]
+    u = {(r["qid"], r["pid"]): r["utility"] for r in all_rows}
+    pol = CandidatePolicy(ds, "top:2", no_gold=True)
+    by_q = {}
+    for r in rows:
+        by_q.setdefault(r["qid"], []).append(r)
+        assert r["utility"] == u[(r["qid"], r["pid"])]
+    for qid, rs in by_q.items():
+        q = next(q for q in ds.queries if q.id == qid)
+        assert [r["pid"] for r in rs] == pol(q) and [r["cand"] for r in rs] == list(range(len(rs)))
+    check_answer_only(hh)
+    # a gold-added subset is not answer-only, and training refuses it
+    hg = subset(src, ds, "top:2", str(tmp_path / "g.jsonl.gz"))
+    assert "no_gold" not in hg
+    with pytest.raises(ValueError, match="scored with gold evidence added.*--candidates top:2"):
+        check_answer_only(hg, "g.jsonl.gz")
+    with pytest.raises(ValueError, match="not 'all'"):
+        subset(str(tmp_path / "g.jsonl.gz"), ds, "top:1", str(tmp_path / "x.jsonl.gz"))
+    with pytest.raises(ValueError, match="already exists"):
+        subset(src, ds, "top:2", str(tmp_path / "ng.jsonl.gz"), no_gold=True)
+
+
+def test_merge_teachers_averages_per_query_z_scores(tmp_path, ds):
+    a = all_table(tmp_path / "a.jsonl.gz", ds, seed=1, teacher="A")
+    b = all_table(tmp_path / "b.jsonl.gz", ds, seed=2, teacher="B", scale=3.0, shift=-2.0)
+    # B lacks one row: the ensemble keeps only the rows both tables have
+    hb, rows_b = read_utilities(b)
+    dropped = rows_b.pop(0)
+    os.remove(b)
+    write_table(b, dict(hb, n_rows=len(rows_b)), rows_b)
+    h = merge_teachers([a, b], str(tmp_path / "ens.jsonl.gz"))
+    assert h["teacher"] == "ensemble(A+B)" and [s["teacher"] for s in h["sources"]] == ["A", "B"]
+    _, rows = read_utilities(str(tmp_path / "ens.jsonl.gz"))
+    assert (dropped["qid"], dropped["pid"]) not in {(r["qid"], r["pid"]) for r in rows}
+    ua, _ = load_utilities(a)
+    ub, _ = load_utilities(b)
+    ue, _ = load_utilities(str(tmp_path / "ens.jsonl.gz"))
+    for qid, d in ue.items():
+        pids = sorted(d)
+        za = np.array([ua[qid][p] for p in pids], dtype=np.float64)
+        zb = np.array([ub[qid][p] for p in pids], dtype=np.float64)
+        z = lambda x: (x - x.mean()) / x.std() if x.std() > 0 else x * 0  # noqa: E731
+        np.testing.assert_allclose([d[p] for p in pids], (z(za) + z(zb)) / 2, atol=2e-5)
+    with pytest.raises(ValueError, match="at least two"):
+        merge_teachers([a], str(tmp_path / "e2.jsonl.gz"))
+    from uae_fast.cli import main
+
+    assert main(["score", "--merge-teachers", a, b, "--out", str(tmp_path / "ens2.jsonl.gz")]) == 0
+    assert read_utilities(str(tmp_path / "ens2.jsonl.gz"))[1] == rows
+    subset(a, ds, "top:2", str(tmp_path / "a2.jsonl.gz"), no_gold=True)
+    with pytest.raises(ValueError, match="candidate settings differ.*candidates"):
+        merge_teachers([a, str(tmp_path / "a2.jsonl.gz")], str(tmp_path / "e3.jsonl.gz"))
+
+
+def test_score_no_gold_header_and_questions(tmp_path, ds):
+    from test_teacher import byte_tokenizer, tiny_llama
+    from uae_fast.scoring import score_dataset
+    from uae_fast.teacher import UtilityScorer
+
+    scorer = UtilityScorer(tiny_llama(), byte_tokenizer(), max_passage_tokens=24, max_answer_tokens=6, name="tiny")
+    out = str(tmp_path / "ng.jsonl")
+    with pytest.raises(ValueError, match="with_gold_only=False"):
+        score_dataset(scorer, ds, out, candidates="top:2", no_gold=True, progress=False)
+    h = score_dataset(scorer, ds, out, candidates="top:2", no_gold=True, with_gold_only=False, progress=False, limit=6)
+    assert h["no_gold"] is True and h["candidates"] == "top:2"
+    hh, rows = read_utilities(out)
+    pol = CandidatePolicy(ds, "top:2", no_gold=True)
+    by_id = {q.id: q for q in ds.queries}
+    for qid in {r["qid"] for r in rows}:
+        assert [r["pid"] for r in rows if r["qid"] == qid] == pol(by_id[qid])
+    check_answer_only(hh)
+
+
+# ------------------------------------------------------------------------------------------- training
+def test_no_gold_batches_never_use_gold(tmp_path, ds):
+    u, _ = load_utilities(no_gold_table(tmp_path, ds, m=3))
+    cfg = TrainConfig(loss="uae", no_gold=True, label_mix=0.0, batch_size=3, passages_per_query=5, seed=1)
+    a, b = BatchSampler(ds, cfg, u), BatchSampler(strip_gold(ds), cfg, u)
+    assert sorted(q.id for q in a.queries) == sorted(u)  # every scored question, gold or not
+    for m in range(a.batches_per_epoch + 1):
+        x, y = a.batch(m), b.batch(m)
+        assert x.qids == y.qids and x.passages == y.passages and torch.equal(x.target_idx, y.target_idx)
+        assert (x.gold_idx == -1).all()
+        for i, qid in enumerate(x.qids):  # every scored candidate is in the batch and is a target
+            text = {x.passages[j] for j in x.target_idx[i].tolist() if j >= 0}
+            assert text == {ds.passages[p].text for p in u[qid]}
+
+
+@pytest.mark.parametrize("kind", ["bm25", "bm25-answer", "teacher-top1"])
+def test_weak_positives_and_same_batches(tmp_path, ds, kind):
+    u, _ = load_utilities(no_gold_table(tmp_path, ds, m=3))
+    kw = dict(no_gold=True, label_mix=0.0, batch_size=3, passages_per_query=5, seed=2)
+    weak = BatchSampler(ds, TrainConfig(loss="infonce", positive=kind, **kw), u)
+    uae = BatchSampler(ds, TrainConfig(loss="uae", **kw), u)
+    by_id = {q.id: q for q in ds.queries}
+    for qid, pos in weak._positive.items():
+        q, cands = by_id[qid], list(u[qid])
+        if kind == "teacher-top1":
+            want = max(cands, key=lambda p: (u[qid][p], -cands.index(p)))
+        else:
+            pool = ds.pool(q)
+            text = q.question if kind == "bm25" else " ".join([q.question] + q.answers)
+            s = dict(zip(pool, BM25([ds.passages[p].text for p in pool]).scores(text)))
+            want = max(cands, key=lambda p: (s[p], -cands.index(p)))
+        assert pos == want
+    for m in range(weak.batches_per_epoch):
+        a, b = weak.batch(m), uae.batch(m)
+        assert a.qids == b.qids and a.passages == b.passages  # same batches as UAE with the seed
+        assert ((a.target_idx >= 0).sum(1) == 1).all()
+        for i, qid in enumerate(a.qids):
+            assert a.passages[int(a.target_idx[i, 0])] == ds.passages[weak._positive[qid]].text
+    assert weak_positives(ds, [by_id[q] for q in u], {q: list(u[q]) for q in u}, kind, u) == weak._positive
+
+
+def test_answer_only_training_is_independent_of_gold(tmp_path, ds, tiny):
+    # The same data and table with every gold field removed (dataset evidence and the table's `gold` flags)
+    # must give bit-identical weights: the sampler, targets and loss never read gold.
+    src = all_table(tmp_path / "all.jsonl.gz", ds)
+    h, rows = read_utilities(src)
+    bare = str(tmp_path / "bare.jsonl.gz")
+    write_table(bare, h, [{k: v for k, v in r.items() if k != "gold"} for r in rows])
+    subset(src, ds, "top:3", str(tmp_path / "ng.jsonl.gz"), no_gold=True)
+    subset(bare, strip_gold(ds), "top:3", str(tmp_path / "ng-bare.jsonl.gz"), no_gold=True)
+    assert all("gold" not in r for r in read_utilities(str(tmp_path / "ng-bare.jsonl.gz"))[1])
+    base = dict(data=TRAIN, student=tiny, no_gold=True, label_mix=0.0, max_steps=3, batch_size=4, passages_per_query=5,
+                max_passage_length=32, lr=1e-3, seed=1)
+    for loss, pos in (("uae", "gold"), ("infonce", "bm25-answer")):
+        runs = []
+        for name, data in (("ng", ds), ("ng-bare", strip_gold(ds))):
+            cfg = TrainConfig(utilities=str(tmp_path / f"{name}.jsonl.gz"), loss=loss, positive=pos, **base)
+            train(cfg, str(tmp_path / f"{loss}-{name}"), progress=False, ds=data)
+            runs.append(_weights(tmp_path / f"{loss}-{name}"))
+        assert runs[0].keys() == runs[1].keys()
+        for k in runs[0]:
+            assert torch.equal(runs[0][k], runs[1][k]), (loss, k)
+    # and the test can fail: gold-label UAE on the same table trains other weights
+    cfg = TrainConfig(**{**base, "no_gold": False, "label_mix": 0.5}, utilities=src, loss="uae")
+    train(cfg, str(tmp_path / "gold"), progress=False, ds=ds)
+    g = _weights(tmp_path / "gold")
+    assert any(not torch.equal(g[k], runs[0][k]) for k in g)
+
+
+def test_config_errors_and_refused_tables(tmp_path, ds, tiny):
+    with pytest.raises(ValueError, match="--label-mix must be 0"):
+        TrainConfig(no_gold=True).check()
+    with pytest.raises(ValueError, match="add --no-gold"):
+        TrainConfig(loss="infonce", positive="bm25").check()
+    with pytest.raises(ValueError, match="with --loss infonce"):
+        TrainConfig(loss="uae", positive="bm25", no_gold=True, label_mix=0.0).check()
+    with pytest.raises(ValueError, match="needs a weak --positive"):
+        TrainConfig(loss="infonce", no_gold=True, label_mix=0.0).check()
+    with pytest.raises(ValueError, match="positive must be one of"):
+        TrainConfig(loss="infonce", positive="bm26").check()
+    with pytest.raises(ValueError, match="--teacher-gate"):
+        TrainConfig(no_gold=True, label_mix=0.0, teacher_gate=0.0).check()
+    u, _ = load_utilities(no_gold_table(tmp_path, ds, m=4))
+    with pytest.raises(ValueError, match="more than --passages-per-query 3"):
+        BatchSampler(ds, TrainConfig(loss="infonce", positive="bm25", no_gold=True, label_mix=0.0, passages_per_query=3), u)
+    from uae_fast.cli import main
+
+    src = all_table(tmp_path / "all.jsonl.gz", ds)
+    subset(src, ds, "top:2", str(tmp_path / "gold-added.jsonl.gz"))
+    rc = main(["train", "--data", TRAIN, "--utilities", str(tmp_path / "gold-added.jsonl.gz"), "--no-gold", "--out",
+               str(tmp_path / "o"), "--student", tiny, "--no-progress", "--max-steps", "1"])
+    assert rc == 1
+    rc = main(["train", "--data", TRAIN, "--no-gold", "--label-mix", "0.5", "--utilities", src, "--out",
+               str(tmp_path / "o"), "--student", tiny, "--no-progress", "--max-steps", "1"])
+    assert rc == 1
+
+
+def test_cli_no_gold_defaults(tmp_path, ds, tiny, capsys):
+    from uae_fast.cli import main
+
+    src = all_table(tmp_path / "all.jsonl.gz", ds)  # every paragraph: answer-only by construction
+    rc = main(["train", "--data", TRAIN, "--no-gold", "--utilities", src, "--out", str(tmp_path / "o"), "--student", tiny,
+               "--no-progress", "--max-steps", "1", "--max-passage-length", "16", "--batch-size", "2"])
+    assert rc == 0, capsys.readouterr().err
+    cfg = json.load(open(tmp_path / "o" / "training_summary.json"))["config"]
+    assert cfg["no_gold"] and cfg["label_mix"] == 0.0 and cfg["passages_per_query"] == 16
+    rc = main(["train", "--data", TRAIN, "--no-gold", "--loss", "infonce", "--positive", "teacher-top1", "--utilities", src,
+               "--candidates", "top:2", "--out", str(tmp_path / "w"), "--student", tiny, "--no-progress", "--max-steps", "1",
+               "--max-passage-length", "16", "--batch-size", "2"])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_shipped_answer_only_table_is_an_exact_subset():
+    path = _default_utilities(no_gold=True)
+    assert path.endswith("qasper-train-utilities-nogold-top12.jsonl.gz") and os.path.exists(path)
+    h, rows = read_utilities(path)
+    assert h["no_gold"] is True and h["candidates"] == "top:12" and h["subset_of"] == "qasper-train-utilities-all.jsonl.gz"
+    assert h["teacher"] == "SmolLM2-135M-Instruct" and h["answers"] == "all" and h["n_rows"] == len(rows)
+    ha, all_rows = read_utilities(os.path.join(ROOT, "data", "qasper-train-utilities-all.jsonl.gz"))
+    u = {(r["qid"], r["pid"]): r["utility"] for r in all_rows}
+    assert all(u[(r["qid"], r["pid"])] == r["utility"] for r in rows)
+    per_q = {}
+    for r in rows:
+        per_q[r["qid"]] = r["n_cand"]
+    assert len(per_q) == ha["n_queries"] and max(per_q.values()) == 12
+    check_answer_only(h)
+
+
+# ------------------------------------------------------------------------------------------- diagnose, teachers
+def test_diagnose_hit_rates(tmp_path, ds, capsys):
+    from uae_fast.diagnose import hit_rates
+
+    src = all_table(tmp_path / "all.jsonl.gz", ds, gold_bonus=0.4)
+    res = hit_rates(src, ds, ["top:2"], no_gold=True)
+    u, _ = load_utilities(src)
+    qs = [q for q in ds.queries if q.gold and q.id in u]
+    assert res["n_questions"] == len(qs)
+    every = res["sets"]["scored rows (all)"]
+    want = sum(max(u[q.id], key=lambda p: (u[q.id][p], -ds.pool(q).index(p))) in q.gold for q in qs) / len(qs)
+    assert every["teacher_top1_gold"] == pytest.approx(want) and every["coverage"] == 1.0
+    pol = CandidatePolicy(ds, "top:2", no_gold=True)
+    top2 = res["sets"]["top:2 no-gold"]
+    assert top2["coverage"] == pytest.approx(sum(any(p in q.gold for p in pol(q)) for q in qs) / len(qs))
+    assert 0 <= top2["teacher_top1_gold"] <= top2["coverage"]
+    from uae_fast.cli import main
+
+    assert main(["diagnose", "--utilities", src, "--data", TRAIN, "--candidates", "top:2", "--no-gold"]) == 0
+    assert "| top:2 no-gold |" in capsys.readouterr().out
+
+
+def test_named_teachers():
+    from uae_fast.teacher import DEFAULT_TEACHER, TEACHERS, load_causal_lm, teacher_name
+
+    assert teacher_name(None) == teacher_name("smollm2-135m") == DEFAULT_TEACHER
+    assert teacher_name("gemma3-270m") == "gemma-3-270m" and teacher_name("/x/y") == "/x/y"
+    assert set(TEACHERS) == {"smollm2-135m", "gemma3-270m"}
+    with pytest.raises(FileNotFoundError, match="not a folder .*nor a named teacher \\(smollm2-135m, gemma3-270m\\)"):
+        load_causal_lm("gemma-9000", device="cpu")

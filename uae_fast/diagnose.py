@@ -1,0 +1,92 @@
+"""``uae diagnose``: how often a teacher's (or a weak label's) top candidate is gold evidence.
+
+Gold labels are read here only, to judge a utilities table: for every question of the table with gold
+evidence, is the paragraph the teacher rates highest a gold one? Among every paragraph the table scored
+(``--candidates all`` tables: every paragraph of the paper) and among each candidate policy given
+(``top:M`` / ``student:M``, with ``--no-gold`` the answer-only sets), where ``coverage`` is the share of
+questions whose candidates hold any gold paragraph at all. The weak positives of ``uae train --positive``
+(BM25 of the question, BM25 of question + answers) are judged on the same candidates for comparison.
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Sequence
+
+
+def hit_rates(table: str, ds, candidates: Sequence[str] = (), *, no_gold: bool = False,
+              weak: Sequence[str] = ("bm25", "bm25-answer")) -> dict:
+    """Top-1-is-gold rates of ``table``'s teacher (and of ``weak`` labels) per candidate set; see the module doc."""
+    from .scoring import CandidatePolicy
+    from .training import weak_positives
+    from .utilities import check_utilities, load_utilities
+
+    utils, header = load_utilities(table)
+    check_utilities(utils, ds, path=table)
+    queries = [q for q in ds.queries if q.id in utils and q.gold]
+    if not queries:
+        raise ValueError(f"{table}: none of its questions has gold evidence in the data; nothing to diagnose")
+    sets: Dict[str, Dict[str, List[str]]] = {"scored rows (" + str(header.get("candidates", "?")) + ")":
+                                             {q.id: list(utils[q.id]) for q in queries}}
+    for c in candidates:
+        pol = CandidatePolicy(ds, c, no_gold=no_gold)
+        pol.prepare(queries)
+        cs = {q.id: [p for p in pol(q) if p in utils[q.id]] for q in queries}
+        lacking = [qid for qid in cs if len(cs[qid]) < len(pol(next(q for q in queries if q.id == qid)))]
+        if lacking:
+            raise ValueError(f"{table} lacks utilities for some {c} candidates (e.g. question {lacking[0]}): "
+                             f"diagnose a policy on a table that scored it, or on a --candidates all table")
+        sets[c + (" no-gold" if no_gold else "")] = cs
+    out = {"table": table, "teacher": header.get("teacher"), "n_questions": len(queries), "sets": {}}
+    for name, cs in sets.items():
+        gold = {q.id: set(q.gold) for q in queries}
+        teacher = weak_positives(ds, queries, cs, "teacher-top1", utils)
+        row = {"coverage": _rate([any(p in gold[qid] for p in c) for qid, c in cs.items()]),
+               "mean_candidates": sum(len(c) for c in cs.values()) / len(cs),
+               "teacher_top1_gold": _rate([teacher[qid] in gold[qid] for qid in cs])}
+        for kind in weak:
+            pos = weak_positives(ds, queries, cs, kind, utils)
+            row[f"{kind}_top1_gold"] = _rate([pos[qid] in gold[qid] for qid in cs])
+        out["sets"][name] = row
+    return out
+
+
+def _rate(flags: Sequence[bool]) -> float:
+    return sum(flags) / len(flags) if flags else float("nan")
+
+
+def format_report(res: dict) -> str:
+    cols = [k for k in next(iter(res["sets"].values()))]
+    lines = [f"{res['table']}: teacher {res['teacher']}, {res['n_questions']} questions with gold evidence",
+             "| candidates | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, row in res["sets"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" if c != "mean_candidates" else f"{row[c]:.1f}"
+                                               for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("diagnose", help="how often a teacher's top candidate is gold evidence (uses gold labels)",
+                              description=__doc__)
+    p.add_argument("--utilities", required=True, nargs="+", help="utilities table(s) from `uae score`, one report each")
+    p.add_argument("--data", default=None, help="the data the tables were scored on (default: the bundled QASPER train)")
+    p.add_argument("--candidates", nargs="*", default=[],
+                   help="candidate policies to judge too (top:M / student:M; the table must hold their rows; default none)")
+    p.add_argument("--no-gold", action="store_true", help="the --candidates policies without gold added (default off)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    from .data import default_qasper_path, load_dataset
+
+    ds = load_dataset(args.data or default_qasper_path("train"))
+    results = []
+    for t in args.utilities:
+        res = hit_rates(t, ds, args.candidates, no_gold=args.no_gold)
+        print(format_report(res))
+        results.append(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+

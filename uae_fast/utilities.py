@@ -1,0 +1,368 @@
+"""The ``uae-utilities/1`` table: read, write, validate, merge shards, cut to a candidate policy, ensemble teachers.
+
+One file per table (JSONL, optionally gzipped): a header record, then one row per (query, candidate)::
+
+    {"type": "header", "format": "uae-utilities/1", "teacher": ..., "prompt_with": ..., "prompt_without": ...,
+     "max_passage_tokens": ..., "aggregation": ..., "candidates": "top:3", "no_gold": false, "answers": "all",
+     "data": ..., "order": "hash", "shard": [0, 1], "n_queries": ..., "n_rows": ...}
+    {"qid": "...", "pid": "...", "utility": 0.83127, "n_answer_tokens": 12, "gold": true, "cand": 0, "n_cand": 5}
+
+``utility`` is the mean per-token log-prob gain of the gold answer(s) given the passage; ``gold`` marks
+gold-evidence passages (written for diagnostics; answer-only training never reads it); ``cand``/``n_cand``
+are the row's index in its query's candidate list and the list's length (a query's rows are contiguous).
+``"no_gold": true`` in the header says the candidates came from the question alone (``uae score
+--no-gold``): no gold paragraph was added, so the table can train a retriever without evidence labels.
+A table scored with ``--candidates all`` holds every paragraph, so it needs no gold either.
+
+Writers (``uae score``, :func:`merge_shards`, :func:`subset`, :func:`merge_teachers`) fill ``OUT.partial``
+and publish it at ``OUT`` by an atomic rename (:func:`finalize`), so ``OUT`` exists only when complete.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from typing import Dict, List, Sequence, Tuple
+
+from .data import RetrievalDataset, jsonl_records, read_text
+
+FORMAT = "uae-utilities/1"
+# Settings that must match for rows to be combined (resume / shard merge).
+COMPAT_KEYS = ("format", "teacher", "dtype", "prompt_with", "prompt_without", "answer_prefix", "max_passage_tokens",
+               "max_answer_tokens", "aggregation", "clip", "candidates", "candidate_student", "answers", "data", "order",
+               "with_gold_only", "no_gold")
+# Settings that must match for tables of different teachers to be ensembled (the same rows were scored).
+_SAME_ROWS_KEYS = ("candidates", "candidate_student", "no_gold", "data", "answers")
+
+
+# ------------------------------------------------------------------------------------------- reading
+def read_utilities(path: str, *, allow_partial: bool = False) -> Tuple[dict, List[dict]]:
+    """(header, rows) of a ``uae score`` table (``.jsonl`` or ``.jsonl.gz``), rows as written.
+
+    ``allow_partial=True`` reads a run still in progress (``OUT.partial``): it keeps only complete
+    queries and ignores a torn last line.
+    """
+    text = read_text(path, "utilities file")
+    lines = text.splitlines()
+    if allow_partial and lines and not text.endswith("\n"):
+        lines = lines[:-1]  # torn tail of a killed or still-running writer
+    if not lines:
+        raise ValueError(f"{path}: empty utilities file")
+    try:
+        header = json.loads(lines[0])
+        rows = [json.loads(x) for x in lines[1:] if x.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a utilities JSONL file ({e.msg})") from None
+    if not isinstance(header, dict) or header.get("type") != "header" or header.get("format") != FORMAT:
+        raise ValueError(f"{path}: first record is not a '{FORMAT}' header")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or "qid" not in r or "pid" not in r:
+            raise ValueError(f"{path}: row {i + 1} is not a utility row (a JSON object with qid, pid, utility)")
+    if allow_partial:
+        end = 0
+        for i, r in enumerate(rows):
+            if r.get("cand") == r.get("n_cand", 0) - 1:
+                end = i + 1
+        rows = rows[:end]
+    return header, rows
+
+
+def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
+    """``({qid: {pid: utility}}, header)`` from a utilities JSONL file (what training reads).
+
+    Records without ``qid``/``pid`` (a header, run metadata) are collected into ``header``. Several rows for one
+    (qid, pid) are averaged; a non-finite utility is an error (one NaN would poison a whole softmax). Only
+    ``qid``, ``pid`` and ``utility`` are read: the ``gold`` flag never reaches training.
+    """
+    path = os.fspath(path)
+    partial = path.endswith(".partial")  # a `uae score` run in progress: complete queries only
+    sums: Dict[str, Dict[str, List[float]]] = {}
+    header: dict = {"partial": True} if partial else {}
+    try:
+        for n, rec in (_partial_records(path) if partial else jsonl_records(path, "utilities file")):
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: each line must be a JSON object")
+            if "qid" not in rec and "pid" not in rec:
+                header.update(rec.get("header", rec) if isinstance(rec.get("header"), dict) else rec)
+                continue
+            missing = [k for k in ("qid", "pid", "utility") if k not in rec]
+            if missing:
+                raise ValueError(f"{path}:{n}: a utility row needs qid, pid and utility; missing {missing}")
+            try:
+                u = float(rec["utility"])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}:{n}: utility must be a number, got {rec['utility']!r}") from None
+            if not math.isfinite(u):
+                raise ValueError(f"{path}:{n}: utility is {u} (must be finite)")
+            sums.setdefault(str(rec["qid"]), {}).setdefault(str(rec["pid"]), []).append(u)
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError) as e:  # truncated or non-gzip .gz
+        raise ValueError(f"{path}: cannot read utilities ({e})") from None
+    if not sums:
+        if partial:
+            raise ValueError(f"{path}: no complete query scored yet")
+        raise ValueError(f"{path}: no utility rows (need JSON lines with qid, pid, utility)")
+    return {q: {p: sum(v) / len(v) for p, v in d.items()} for q, d in sums.items()}, header
+
+
+def _partial_records(path: str):
+    """``(line number, record)`` of the complete queries of a ``uae score`` run in progress."""
+    header, rows = read_utilities(path, allow_partial=True)
+    yield 1, header
+    yield from enumerate(rows, 2)
+
+
+# ------------------------------------------------------------------------------------------- validation
+def check_utilities(utilities: Dict[str, Dict[str, float]], ds: RetrievalDataset, *, path: str = "utilities",
+                    data_path: str = "data") -> None:
+    """Raise ValueError unless every (qid, pid) names a query of ``ds`` and a passage in that query's pool."""
+    by_id = {q.id: q for q in ds.queries}
+    unknown_q = [q for q in utilities if q not in by_id]
+    if unknown_q:
+        raise ValueError(f"utilities file {path} does not match data {data_path}: {len(unknown_q)} of {len(utilities)} "
+                         f"query ids are not in the data (e.g. {unknown_q[:3]}); score this data with `uae score` first")
+    bad = []
+    for qid, d in utilities.items():
+        pool = set(ds.pool(by_id[qid]))
+        bad.extend((qid, pid) for pid in d if pid not in pool)
+    if bad:
+        raise ValueError(f"utilities file {path} does not match data {data_path}: {len(bad)} (qid, pid) rows name passages "
+                         f"outside the query's candidate pool (e.g. {bad[:3]})")
+
+
+def is_answer_only(header: dict) -> bool:
+    """True when the table's candidates were chosen without gold evidence (``no_gold`` or every paragraph)."""
+    return bool(header.get("no_gold")) or header.get("candidates") == "all"
+
+
+def check_answer_only(header: dict, path: str = "utilities") -> None:
+    """Raise ValueError unless the header says no gold paragraph was added to the candidates."""
+    if not is_answer_only(header):
+        how = f"--candidates {header['candidates']}" if header.get("candidates") else "no uae-utilities header"
+        raise ValueError(f"utilities file {path} was scored with gold evidence added to its candidates ({how}, no "
+                         f"'\"no_gold\": true' in its header), so it leaks gold labels into answer-only training; score "
+                         f"with `uae score --no-gold` or cut a --candidates all table with `scripts/subset_utilities.py --no-gold`")
+
+
+# ------------------------------------------------------------------------------------------- writing
+def make_row(qid, pid, utility, n_tok, gold, cand, n_cand, deltas=None) -> dict:
+    r = {"qid": qid, "pid": pid, "utility": round(float(utility), 5), "n_answer_tokens": int(n_tok),
+         "gold": bool(gold), "cand": cand, "n_cand": n_cand}
+    if deltas is not None:
+        r["deltas"] = [round(float(x), 4) for x in deltas]
+    return r
+
+
+def student_name(student) -> str:
+    """How a ``student:M`` policy's encoder is named in a header."""
+    if student is None:
+        return "all-MiniLM-L6-v2"
+    return os.path.abspath(student) if isinstance(student, str) else type(student).__name__
+
+
+def finalize(partial: str, out: str) -> None:
+    """Publish ``partial`` at ``out`` atomically (gzip-compressed when ``out`` ends in .gz)."""
+    import gzip
+
+    if out.endswith(".gz"):
+        tmp = out + ".tmp"
+        with open(partial, "rb") as src, gzip.open(tmp, "wb", compresslevel=9) as dst:
+            while True:
+                buf = src.read(1 << 20)
+                if not buf:
+                    break
+                dst.write(buf)
+        with open(tmp, "rb") as f:  # on disk before it is published
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        os.remove(partial)
+    else:
+        os.replace(partial, out)
+
+
+def write_table(out: str, header: dict, rows: Sequence[dict]) -> dict:
+    """Write a complete table (header + rows) to ``out`` through ``OUT.partial``; returns the header."""
+    out = os.fspath(out)
+    if os.path.exists(out):
+        raise ValueError(f"{out} already exists; delete it or choose another --out")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    partial = out + ".partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        f.write(json.dumps(header) + "\n")
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    finalize(partial, out)
+    return header
+
+
+def recover_partial(partial: str, header: dict) -> Tuple[set, int, int]:
+    """Cut ``partial`` back to its last complete query; return (done qids, rows kept, passages kept).
+
+    Rows kept is -1 when not even the header was completed. Raises if the partial run's settings differ.
+    """
+    with open(partial, "rb") as f:
+        data = f.read()
+    nl = data.find(b"\n")
+    if nl < 0:  # the header itself was never completed
+        return set(), -1, 0
+    try:
+        old = json.loads(data[:nl])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return set(), -1, 0
+    if not isinstance(old, dict):
+        return set(), -1, 0
+    diff = [k for k in COMPAT_KEYS if old.get(k) != header.get(k)]
+    if diff or old.get("shard") != header.get("shard"):
+        diff = diff or ["shard"]
+        raise ValueError(f"--resume: {partial} was written with different settings ({', '.join(diff)}); "
+                         f"use the same options or delete it")
+    done, keep_end, pos, n_rows = set(), nl + 1, nl + 1, 0
+    pending = 0
+    while pos < len(data):
+        end = data.find(b"\n", pos)
+        if end < 0:
+            break  # torn last line
+        try:
+            row = json.loads(data[pos:end])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            break
+        if not isinstance(row, dict) or "qid" not in row:
+            break  # not a row this writer wrote: keep what precedes it
+        pending += 1
+        pos = end + 1
+        if row.get("cand") == row.get("n_cand", 0) - 1:
+            done.add(row["qid"])
+            keep_end, n_rows, pending = pos, n_rows + pending, 0
+    if keep_end < len(data):
+        with open(partial, "r+b") as f:
+            f.truncate(keep_end)
+            f.flush()
+            os.fsync(f.fileno())
+    return done, n_rows, n_rows
+
+
+# ------------------------------------------------------------------------------------------- combining
+def _by_query(rows: Sequence[dict]) -> Dict[str, List[dict]]:
+    by: Dict[str, List[dict]] = {}
+    for r in rows:
+        by.setdefault(r["qid"], []).append(r)
+    return by
+
+
+def merge_shards(inputs: Sequence[str], out: str) -> dict:
+    """Combine finished shard files into one (checks settings agree, shards complete, rows unique)."""
+    if not inputs:
+        raise ValueError("merge needs at least one input file")
+    if os.path.exists(out):
+        raise ValueError(f"{out} already exists; delete it or choose another --out")
+    headers, all_rows = [], []
+    for path in inputs:
+        h, rows = read_utilities(path)
+        shard = h.get("shard")
+        if not (isinstance(shard, list) and len(shard) == 2 and all(type(x) is int for x in shard)
+                and 0 <= shard[0] < shard[1] and type(h.get("n_queries")) is int):
+            raise ValueError(f"{path}: header lacks a valid shard [I, N] or n_queries; not a `uae score` shard file")
+        if len(rows) != h.get("n_rows"):
+            raise ValueError(f"{path}: has {len(rows)} rows but its header promises {h.get('n_rows')}")
+        headers.append(h)
+        all_rows.extend(rows)
+    ref = headers[0]
+    for path, h in zip(inputs, headers):
+        diff = [k for k in COMPAT_KEYS if h.get(k) != ref.get(k)]
+        if diff:
+            raise ValueError(f"{path}: settings differ from {inputs[0]} ({', '.join(diff)}); cannot merge")
+    n = ref["shard"][1]
+    got = sorted(h["shard"][0] for h in headers)
+    if any(h["shard"][1] != n for h in headers) or got != list(range(n)):
+        raise ValueError(f"merge needs each of the {n} shards exactly once, got shard indices {got}")
+    keys = [(r["qid"], r["pid"]) for r in all_rows]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate (qid, pid) rows across inputs")
+    header = dict(ref, shard=[0, 1], n_queries=sum(h["n_queries"] for h in headers), n_rows=len(all_rows))
+    return write_table(out, header, all_rows)
+
+
+def subset(table: str, ds: RetrievalDataset, candidates: str, out: str, *, no_gold: bool = False,
+           candidate_student=None) -> dict:
+    """Cut a ``--candidates all`` table down to another policy without the teacher; returns the new header.
+
+    The rows of any narrower policy (``top:M``, ``student:M``, with or without the gold paragraphs added)
+    are a subset of an ``all`` table: the numbers ``uae score`` would write with that policy and the same
+    teacher settings. ``cand``/``n_cand`` are renumbered; the header records ``subset_of``.
+    """
+    from .scoring import CandidatePolicy  # the policy is scoring's concept; scoring imports this module
+
+    header, rows = read_utilities(table)
+    if header.get("candidates") != "all":
+        raise ValueError(f"{table} was scored with --candidates {header.get('candidates')}, not 'all'")
+    by_q = _by_query(rows)
+    qmap = {q.id: q for q in ds.queries}
+    missing = [qid for qid in by_q if qid not in qmap]
+    if missing:
+        raise ValueError(f"{table}: {len(missing)} question ids are not in the data (e.g. {missing[0]})")
+    policy = CandidatePolicy(ds, candidates, student=candidate_student, no_gold=no_gold)
+    policy.prepare([qmap[qid] for qid in by_q])
+    out_rows = []
+    for qid, rs in by_q.items():
+        keep = set(policy(qmap[qid]))
+        sel = [r for r in rs if r["pid"] in keep]
+        if len(sel) != len(keep):
+            raise ValueError(f"{table}: question {qid} lacks {len(keep) - len(sel)} of its {candidates} candidates")
+        out_rows.extend(dict(r, cand=i, n_cand=len(sel)) for i, r in enumerate(sel))
+    new = dict(header, candidates=candidates, n_rows=len(out_rows), subset_of=os.path.basename(table))
+    new.pop("no_gold", None)
+    if no_gold:
+        new["no_gold"] = True
+    if policy.kind == "student":
+        new["candidate_student"] = student_name(candidate_student)
+    return write_table(out, new, out_rows)
+
+
+def _standardised(rows: Sequence[dict]) -> Dict[str, float]:
+    """A query's utilities as z-scores over its rows (all 0 when they are constant or alone)."""
+    us = [r["utility"] for r in rows]
+    mu = sum(us) / len(us)
+    sd = statistics.pstdev(us) if len(us) > 1 else 0.0
+    return {r["pid"]: (r["utility"] - mu) / sd if sd > 0 else 0.0 for r in rows}
+
+
+def merge_teachers(inputs: Sequence[str], out: str) -> dict:
+    """A teacher ensemble: per-query standardised utilities averaged across tables, on the rows they share.
+
+    Each table's utilities of a query are z-scored over the (qid, pid) rows every table has (so teachers
+    with different utility scales weigh equally), then averaged. The tables must have scored the same
+    candidate policy on the same data; the header names the sources (``teacher: "ensemble(A+B)"``,
+    ``sources``). Utilities are then z-units: ``--teacher-temperature`` acts on that scale.
+    """
+    if len(inputs) < 2:
+        raise ValueError("--merge-teachers needs at least two tables")
+    tables = [read_utilities(p) for p in inputs]
+    ref = tables[0][0]
+    for path, (h, _) in zip(inputs[1:], tables[1:]):
+        diff = [k for k in _SAME_ROWS_KEYS if h.get(k) != ref.get(k)]
+        if diff:
+            raise ValueError(f"{path}: candidate settings differ from {inputs[0]} ({', '.join(diff)}); "
+                             f"ensemble tables scored on the same rows")
+    per = [_by_query(rows) for _, rows in tables]
+    shared_q = [q for q in per[0] if all(q in t for t in per[1:])]
+    out_rows = []
+    for qid in shared_q:
+        pids = set.intersection(*({r["pid"] for r in t[qid]} for t in per))
+        if not pids:
+            continue
+        zs = [_standardised([r for r in t[qid] if r["pid"] in pids]) for t in per]
+        first = [r for r in per[0][qid] if r["pid"] in pids]  # keeps the first table's order and fields
+        for i, r in enumerate(first):
+            u = sum(z[r["pid"]] for z in zs) / len(zs)
+            out_rows.append(dict(r, utility=round(u, 5), cand=i, n_cand=len(first)))
+    if not out_rows:
+        raise ValueError(f"the tables {list(inputs)} share no (qid, pid) rows")
+    names = [h.get("teacher", "?") for h, _ in tables]
+    header = {k: v for k, v in ref.items() if k in ("type", "format") + _SAME_ROWS_KEYS + ("order", "with_gold_only")}
+    header.update(teacher="ensemble(" + "+".join(names) + ")", aggregation="mean of per-query z-scores",
+                  sources=[{"file": os.path.basename(p), **{k: h.get(k) for k in ("teacher", "dtype", "n_rows")}}
+                           for p, (h, _) in zip(inputs, tables)],
+                  shard=[0, 1], n_queries=len({r["qid"] for r in out_rows}), n_rows=len(out_rows))
+    return write_table(out, header, out_rows)
