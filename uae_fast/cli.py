@@ -1,4 +1,4 @@
-"""``uae`` command line: ``uae score | train | eval | quickstart``.
+"""``uae`` command line: ``uae score | train | eval | quickstart | calibrate-fusion | index | search``.
 
 Each subcommand lives in the module that owns the concept; this file only wires argparse.
 A module registers its subcommand with ``add_parser(subparsers)`` and the parser's
@@ -12,7 +12,8 @@ import sys
 from importlib import import_module
 
 # Modules that contribute a subcommand, in the order shown by --help.
-_SUBCOMMANDS = ["uae_fast.scoring", "uae_fast.training", "uae_fast.evaluation", "uae_fast.quickstart"]
+_SUBCOMMANDS = ["uae_fast.scoring", "uae_fast.training", "uae_fast.evaluation", "uae_fast.quickstart", "uae_fast.calibration",
+                "uae_fast.search"]
 
 
 def build_parser() -> argparse.ArgumentParser:
