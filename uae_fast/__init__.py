@@ -8,6 +8,7 @@ Public API (imported lazily so ``import uae_fast`` stays cheap and a CLI call lo
 - teacher: :class:`UtilityScorer`
 - student: :class:`BiEncoder`
 - index: :class:`TopKIndex`
+- hybrid retrieval: :class:`HybridIndex`, :class:`LexicalIndex`, :func:`calibrate_fusion`
 """
 from importlib import import_module
 
@@ -24,6 +25,9 @@ _EXPORTS = {
     "UtilityScorer": "uae_fast.teacher",
     "BiEncoder": "uae_fast.student",
     "TopKIndex": "uae_fast.index",
+    "HybridIndex": "uae_fast.hybrid",
+    "LexicalIndex": "uae_fast.lexical",
+    "calibrate_fusion": "uae_fast.calibration",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

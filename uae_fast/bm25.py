@@ -1,4 +1,5 @@
-"""Okapi BM25 over a fixed passage pool: a cheap lexical candidate generator and retrieval baseline.
+"""Okapi BM25 as sparse matrix products: the project's one lexical scorer (baseline, candidate generator,
+and the lexical side of :class:`uae_fast.hybrid.HybridIndex` through :class:`uae_fast.lexical.LexicalIndex`).
 
     score(q, d) = sum_{t in q} idf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl))
     idf(t)      = ln(1 + (N - n_t + 0.5) / (n_t + 0.5))          (Lucene's non-negative idf)
@@ -6,17 +7,22 @@
 Tokenisation is deliberately simple: lowercase, ``\\w+`` runs (Unicode letters/digits/underscore),
 optional English stopword removal. A repeated query term counts once per occurrence (as in Lucene).
 
+Everything except ``qtf`` is fixed per (term, passage), so it is precomputed into a term-major CSR matrix
+``W [V, N]`` (bm25s's approach): a batch of queries is a sparse count matrix ``Q [B, V]`` and its scores are
+the sparse product ``Q @ W`` ``[B, N]``, whose work is the query terms' posting lists - no loop over
+passages or query terms in Python.
+
 Example::
 
     bm = BM25(["the cat sat", "dogs bark loudly", "a cat and a dog"])
-    bm.scores("cat dog")        # np.ndarray [3], float64
-    bm.topk("cat dog", k=2)     # (scores, ids), best first
+    bm.scores("cat dog")                    # np.ndarray [3], float64
+    bm.topk("cat dog", k=2)                 # (scores, rows), best first
+    bm.search(["cat", "dog bark"], k=2)     # batched: (scores [2, 2], rows [2, 2])
 """
 from __future__ import annotations
 
 import re
-from collections import Counter
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -32,6 +38,7 @@ ENGLISH_STOPWORDS = frozenset(
     theirs them themselves then there these they this those through to too under until up very was we were what
     when where which while who whom why will with would you your yours yourself yourselves""".split()
 )
+_DTYPES = ("float64", "float32")
 
 
 def tokenize(text: str, stopwords: bool = False) -> List[str]:
@@ -40,70 +47,155 @@ def tokenize(text: str, stopwords: bool = False) -> List[str]:
     return [t for t in toks if t not in ENGLISH_STOPWORDS] if stopwords else toks
 
 
+def _check_texts(texts, name: str = "texts") -> List[str]:
+    if isinstance(texts, str):
+        raise TypeError(f"{name} must be a sequence of str, not one str")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}")
+    return texts
+
+
+def count_matrix(texts: Sequence[str], vocab: Dict[str, int], *, stopwords: bool, grow: bool):
+    """Term counts of ``texts`` as a CSR matrix ``[len(texts), len(vocab)]`` (float64).
+
+    ``grow=True`` adds unseen terms to ``vocab`` (passages); ``grow=False`` drops them (queries: a term
+    no passage holds scores nothing).
+    """
+    import scipy.sparse as sp
+
+    cols: List[int] = []
+    indptr = [0]
+    for t in texts:
+        toks = tokenize(t, stopwords)
+        if grow:
+            cols.extend(vocab.setdefault(w, len(vocab)) for w in toks)
+        else:
+            cols.extend(c for c in map(vocab.get, toks) if c is not None)
+        indptr.append(len(cols))
+    c = np.asarray(cols, dtype=np.int64)
+    rows = np.repeat(np.arange(len(texts), dtype=np.int64), np.diff(np.asarray(indptr, dtype=np.int64)))
+    m = sp.coo_matrix((np.ones(c.size), (rows, c)), shape=(len(texts), max(len(vocab), 1))).tocsr()
+    m.sum_duplicates()  # one entry per (text, term), holding its count
+    return m
+
+
+def topk_sparse_rows(mat, k: int, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Per row of the CSR score matrix ``mat [B, n]``: the ``k`` best ``(scores, columns)``, best first.
+
+    Ties: lower column first; stored entries are > 0, so when a row has fewer than ``k`` of them the
+    rest are the lowest columns scoring 0 (exactly what a full sort of the dense row returns).
+    """
+    scores = np.zeros((mat.shape[0], k), dtype=np.float64)
+    cols = np.zeros((mat.shape[0], k), dtype=np.int64)
+    for r in range(mat.shape[0]):  # one vectorised selection per query
+        s, e = mat.indptr[r], mat.indptr[r + 1]
+        d, c = mat.data[s:e], mat.indices[s:e]
+        if d.size > k:
+            thr = np.partition(d, d.size - k)[d.size - k]
+            keep = d >= thr  # every entry tied with the k-th best, so the tie order below is exact
+            d, c = d[keep], c[keep]
+        order = np.lexsort((c, -d))[:k]
+        m = order.size
+        scores[r, :m], cols[r, :m] = d[order], c[order]
+        if m < k:  # pad with the lowest-numbered zero-score columns
+            need = k - m
+            cols[r, m:] = np.setdiff1d(np.arange(need + m, dtype=np.int64), c, assume_unique=False)[:need]
+    return scores, cols
+
+
 class BM25:
-    """Okapi BM25 index over ``texts`` (k1=1.2, b=0.75 by default).
+    """Okapi BM25 over ``texts`` (k1=1.2, b=0.75 by default).
 
     Args:
         texts: the passage pool; ``scores`` returns one value per text, in this order.
         k1: term-frequency saturation (>= 0).
         b: length normalisation in [0, 1].
         stopwords: drop English stopwords from passages and queries.
+        dtype: ``"float64"`` (default) or ``"float32"`` (half the memory of the weight matrix;
+            scores to ~1e-7 relative).
     """
 
-    def __init__(self, texts: Sequence[str], *, k1: float = 1.2, b: float = 0.75, stopwords: bool = False):
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of str, not one str")
-        texts = list(texts)
+    def __init__(self, texts: Sequence[str], *, k1: float = 1.2, b: float = 0.75, stopwords: bool = False,
+                 dtype: str = "float64"):
+        texts = _check_texts(texts)
         if not texts:
             raise ValueError("texts is empty: BM25 needs at least one passage")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        vocab: Dict[str, int] = {}
+        tf = count_matrix(texts, vocab, stopwords=bool(stopwords), grow=True)
+        self._setup(tf, vocab, k1=k1, b=b, stopwords=stopwords, dtype=dtype)
+
+    @classmethod
+    def from_counts(cls, tf, vocab: Dict[str, int], *, k1: float = 1.2, b: float = 0.75, stopwords: bool = False,
+                    dtype: str = "float64") -> "BM25":
+        """BM25 from a term-count CSR matrix ``[N, len(vocab)]`` (what :func:`count_matrix` builds)."""
+        self = cls.__new__(cls)
+        self._setup(tf, vocab, k1=k1, b=b, stopwords=stopwords, dtype=dtype)
+        return self
+
+    def _setup(self, tf, vocab, *, k1, b, stopwords, dtype):
+        import scipy.sparse as sp
+
         if not (k1 >= 0):
             raise ValueError(f"k1 must be >= 0, got {k1}")
         if not (0.0 <= b <= 1.0):
             raise ValueError(f"b must be in [0, 1], got {b}")
-        self.k1, self.b, self.stopwords = float(k1), float(b), bool(stopwords)
-        self.n_docs = len(texts)
-        docs = [Counter(tokenize(t, self.stopwords)) for t in texts]
-        dl = np.array([sum(c.values()) for c in docs], dtype=np.float64)
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        if tf.shape[0] < 1:
+            raise ValueError("texts is empty: BM25 needs at least one passage")
+        self.k1, self.b, self.stopwords, self.dtype = float(k1), float(b), bool(stopwords), dtype
+        self.vocab = vocab
+        self.n_docs = int(tf.shape[0])
+        tf = sp.csr_matrix(tf, dtype=np.float64)
+        dl = np.asarray(tf.sum(axis=1), dtype=np.float64).ravel()
         self.avgdl = float(dl.mean()) if dl.sum() > 0 else 1.0
-        # Postings: term -> (doc ids, precomputed tf part of the score). The tf part does not depend on
-        # the query, so a query costs one gather-add per distinct query term.
+        df = np.bincount(tf.indices, minlength=tf.shape[1]).astype(np.float64)
+        self._idf = np.log(1.0 + (self.n_docs - df + 0.5) / (df + 0.5))
+        # The query-independent part of every (passage, term) score, idf included.
         norm = self.k1 * (1.0 - self.b + self.b * dl / self.avgdl)
-        postings: Dict[str, Tuple[List[int], List[float]]] = {}
-        for d, c in enumerate(docs):
-            for term, tf in c.items():
-                ids, w = postings.setdefault(term, ([], []))
-                ids.append(d)
-                w.append(tf * (self.k1 + 1.0) / (tf + norm[d]))
-        self._postings = {t: (np.asarray(i, dtype=np.int64), np.asarray(w, dtype=np.float64)) for t, (i, w) in postings.items()}
-        self._idf = {t: float(np.log(1.0 + (self.n_docs - len(i) + 0.5) / (len(i) + 0.5))) for t, (i, _) in self._postings.items()}
+        rows = np.repeat(np.arange(self.n_docs), np.diff(tf.indptr))
+        w = self._idf[tf.indices] * tf.data * (self.k1 + 1.0) / (tf.data + norm[rows])
+        self._w = sp.csr_matrix((w.astype(dtype), tf.indices, tf.indptr), shape=tf.shape).T.tocsr()  # [V, N]
 
     def __len__(self) -> int:
         return self.n_docs
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weight matrix and idf vector (the vocabulary dict not counted)."""
+        w = self._w
+        return int(w.data.nbytes + w.indices.nbytes + w.indptr.nbytes + self._idf.nbytes)
+
     def idf(self, term: str) -> float:
         """idf of a (tokenised) term; 0 for a term no passage contains."""
-        return self._idf.get(term, 0.0)
+        c = self.vocab.get(term)
+        return float(self._idf[c]) if c is not None and c < self._idf.size else 0.0
+
+    def score_matrix(self, queries: Sequence[str]):
+        """BM25 scores of every passage for each query: CSR ``[len(queries), N]`` (absent = 0)."""
+        queries = _check_texts(queries, "queries")
+        q = count_matrix(queries, self.vocab, stopwords=self.stopwords, grow=False)
+        q = q[:, : self._w.shape[0]] if q.shape[1] != self._w.shape[0] else q
+        return (q.astype(self._w.dtype) @ self._w).tocsr()
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every passage for ``query``: float64 array [len(texts)]."""
         if not isinstance(query, str):
             raise TypeError(f"query must be a str, got {type(query).__name__}")
-        out = np.zeros(self.n_docs, dtype=np.float64)
-        for term, qtf in Counter(tokenize(query, self.stopwords)).items():
-            post = self._postings.get(term)
-            if post is not None:
-                ids, w = post
-                out[ids] += qtf * self._idf[term] * w
-        return out
+        return self.score_matrix([query]).toarray()[0].astype(np.float64)
+
+    def search(self, queries: Sequence[str], k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """``(scores [B, k] float64, rows [B, k] int64)`` of the ``k`` best passages per query, best first
+        (ties: lower row first; passages sharing no term with a query score 0)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        return topk_sparse_rows(self.score_matrix(queries), min(int(k), self.n_docs), self.n_docs)
 
     def topk(self, query: str, k: int) -> Tuple[np.ndarray, np.ndarray]:
         """``(scores, ids)`` of the ``k`` best passages, best first (ties: lower id first)."""
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
-        s = self.scores(query)
-        k = min(int(k), self.n_docs)
-        order = np.lexsort((np.arange(self.n_docs), -s))[:k]
-        return s[order], order.astype(np.int64)
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a str, got {type(query).__name__}")
+        s, i = self.search([query], k)
+        return s[0], i[0]

@@ -1,4 +1,4 @@
-"""``uae`` command line: ``uae score | train | export | eval | diagnose | quickstart``.
+"""``uae`` command line: ``uae score | train | export | eval | diagnose | quickstart | calibrate-fusion | index | search``.
 
 Each subcommand lives in the module that owns the concept; this file only wires argparse.
 A module registers its subcommand with ``add_parser(subparsers)`` and the parser's
@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # Modules that contribute a subcommand, in the order shown by --help.
 _SUBCOMMANDS = ["uae_fast.scoring", "uae_fast.training", "uae_fast.export", "uae_fast.evaluation", "uae_fast.diagnose",
-               "uae_fast.quickstart"]
+               "uae_fast.quickstart", "uae_fast.calibration", "uae_fast.search"]
 
 # Exceptions that mean bad input or a bad environment, not a bug: ValueError (incl. JSON and Unicode
 # decoding), TypeError, OSError (missing/unreadable/unwritable paths, corrupt gzip), EOFError (truncated

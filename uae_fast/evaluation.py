@@ -11,6 +11,10 @@ Systems (rows of one table):
   indexing, timed separately), one :class:`uae_fast.TopKIndex` per candidate pool; per query we time
   *embedding the question + the index search* - the serving cost;
 * ``bm25``: Okapi BM25 over the pool (:class:`uae_fast.bm25.BM25`), timed per query;
+* ``hybrid``: :class:`uae_fast.hybrid.HybridIndex` per pool: BM25 fused with the first ``--model`` (else
+  the base student), one row per ``--fusion`` config (``hybrid`` = the default config, ``hybrid:NAME`` =
+  ``NAME.json``); timed like the bi-encoders (question embedding + both searches + fusion); paired
+  bootstrap against its dense side and BM25;
 * ``rerank``: UPR-style LLM re-ranking (Sachan et al., 2022): the teacher LM re-scores the untrained
   student's top ``--rerank-depth`` passages by ``mean_t log p(question_t | passage, question_<t)`` and
   re-orders them (the rest keeps the student's order). Each query costs ``depth`` LM forwards, so it runs
@@ -38,7 +42,7 @@ from .metrics import paired_bootstrap, per_query_metrics, retrieval_metrics, tok
 UPR_PROMPT = "Passage: {passage}\nPlease write a question based on this passage.\nQuestion:"
 READER_PROMPT = ("Answer the question using only the passage. Reply with a short answer (a few words or a yes/no).\n\n"
                  "Passage: {passage}\n\nQuestion: {question}")
-BASELINES = ("bm25", "base", "rerank")
+BASELINES = ("bm25", "base", "rerank", "hybrid")
 TABLE_METRICS = ("Success@1", "Success@5", "Recall@1", "Recall@5", "MAP", "MRR")
 
 
@@ -76,7 +80,9 @@ def _latency(ms: List[float]) -> Dict[str, float]:
 class DenseRanker:
     """A bi-encoder over per-pool :class:`uae_fast.TopKIndex` indexes (exact inner product)."""
 
-    def __init__(self, encoder, ds: RetrievalDataset, queries: Sequence[Query], *, batch_size: int = 64, progress: bool = False):
+    def __init__(self, encoder, ds: RetrievalDataset, queries: Sequence[Query], *, batch_size: int = 64, progress: bool = False,
+                 cache_dir: Optional[str] = None, model_path: Optional[str] = None):
+        from .embcache import encode_cached
         from .index import TopKIndex
 
         self.encoder, self.ds = encoder, ds
@@ -85,7 +91,8 @@ class DenseRanker:
             pools.setdefault(self._key(q), self.ds.pool(q))
         pids = sorted({p for pool in pools.values() for p in pool})
         t0 = time.perf_counter()
-        emb = encoder.encode([ds.passages[p].text for p in pids], batch_size=batch_size, show_progress=progress)
+        emb = encode_cached(encoder, [ds.passages[p].text for p in pids], cache_dir=cache_dir, model_path=model_path,
+                            batch_size=batch_size, progress=progress)
         row = {p: i for i, p in enumerate(pids)}
         self.indexes: Dict[object, Tuple[object, List[str]]] = {}
         for key, pool in pools.items():
@@ -128,6 +135,36 @@ class BM25Ranker:
         pool = self.prepare(q)
         _, ids = self._cache[pool].topk(q.question, len(pool))  # ties: lower id (pool order) first
         return [pool[int(i)] for i in ids.tolist()]
+
+
+class HybridRanker:
+    """BM25 fused with a :class:`DenseRanker`'s per-pool indexes (:class:`uae_fast.hybrid.HybridIndex`)."""
+
+    def __init__(self, dense: DenseRanker, fusion=None):
+        from .hybrid import HybridIndex
+        from .lexical import LexicalIndex
+
+        self.dense, self.indexes = dense, {}
+        for key, (index, pool) in dense.indexes.items():
+            lex = LexicalIndex()
+            lex.add([dense.ds.passages[p].text for p in pool])
+            self.indexes[key] = (HybridIndex.from_parts(index, lex, fusion), pool)
+
+    def rank(self, q: Query) -> List[str]:
+        index, pool = self.indexes[self.dense._key(q)]
+        emb = self.dense.encoder.encode([q.question])
+        _, ids = index.search(emb, [q.question], len(pool))
+        return [pool[int(i)] for i in ids[0].tolist() if int(i) >= 0]
+
+
+def fusion_row_name(fusion) -> str:
+    """Row name of a hybrid config: ``hybrid`` (default) or ``hybrid:<file stem>``."""
+    if fusion is None or fusion == "default":
+        return "hybrid"
+    if isinstance(fusion, dict):
+        return f"hybrid:{fusion.get('name', 'custom')}"
+    base = os.path.basename(os.fspath(fusion))
+    return "hybrid:" + (base[:-5] if base.endswith(".json") else base)
 
 
 class UPRReranker:
@@ -189,7 +226,8 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
              baselines: Sequence[str] = BASELINES, student: Optional[str] = None, teacher: Optional[str] = None,
              rerank_limit: int = 100, rerank_depth: int = 20, reader: bool = False, reader_model: Optional[str] = None,
              reader_limit: int = 100, limit: Optional[int] = None, batch_size: int = 64, device=None,
-             query_threads: Optional[int] = 1, progress: bool = True, save_runs: Optional[str] = None) -> dict:
+             query_threads: Optional[int] = 1, progress: bool = True, save_runs: Optional[str] = None,
+             fusion: Sequence = (None,), embedding_cache: Optional[str] = None) -> dict:
     """Evaluate ``models`` (bi-encoder folders) and ``baselines`` on ``ds``; returns the results dict.
 
     ``save_runs``: a folder for ``qrels.txt`` (the evaluated queries' gold) and one TREC run per reported
@@ -199,7 +237,9 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
 
     Latency: bi-encoders answer each query on ``query_threads`` torch threads (default 1: a server runs
     one query per core, and a one-query forward gains little from more threads but synchronisation; BM25
-    is single-threaded numpy); the LLM re-ranker's LM forwards keep every thread.
+    is single-threaded numpy); the LLM re-ranker's LM forwards keep every thread. ``fusion``: the
+    ``hybrid`` rows' configs (None/"default", a dict or a JSON path); ``embedding_cache``: a folder that
+    keeps passage embeddings between runs (:mod:`uae_fast.embcache`).
     """
     from .student import BiEncoder
 
@@ -232,9 +272,7 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
     latency: Dict[str, List[float]] = {}
     info: Dict[str, dict] = {}
 
-    def run_dense(name: str, path: Optional[str]):
-        enc = BiEncoder(path, device=device)
-        ranker = DenseRanker(enc, ds, queries, batch_size=batch_size, progress=progress)
+    def timed(name: str, ranker):
         rk, ms = [], []
         with _torch_threads(query_threads):
             for q in queries[:2]:  # warm-up (allocator, kernels), not timed
@@ -244,17 +282,38 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
                 rk.append(ranker.rank(q))
                 ms.append((time.perf_counter() - t0) * 1e3)
         rankings[name], latency[name] = rk, ms
+
+    def run_dense(name: str, path: Optional[str]):
+        enc = BiEncoder(path, device=device)
+        ranker = DenseRanker(enc, ds, queries, batch_size=batch_size, progress=progress, cache_dir=embedding_cache,
+                             model_path=path)
+        timed(name, ranker)
         info[name] = {"path": path or "default student", "index_build_s": round(ranker.index_seconds, 2),
                       "passages_indexed": ranker.n_passages}
         return ranker
 
+    dense_rankers = {}
     for name, path in zip(names, models):
-        run_dense(name, path)
+        dense_rankers[name] = run_dense(name, path)
     base = None
-    if "base" in baselines or "rerank" in baselines:
-        base = run_dense("base", student)
+    if "base" in baselines or "rerank" in baselines or ("hybrid" in baselines and not models):
+        base = dense_rankers["base"] = run_dense("base", student)
         if "base" not in baselines:
             info["base"]["hidden"] = True
+    hybrid_rows: Dict[str, str] = {}  # row -> its dense side
+    if "hybrid" in baselines:
+        from .fusion import resolve_fusion
+
+        side = names[0] if models else "base"
+        configs = list(fusion) if fusion else [None]
+        for fu in configs:
+            row = fusion_row_name(fu)
+            if row in hybrid_rows:
+                raise ValueError(f"two --fusion configs give the same row name {row!r}")
+            cfg = resolve_fusion(None if fu == "default" else fu)
+            timed(row, HybridRanker(dense_rankers[side], cfg))
+            hybrid_rows[row] = side
+            info[row] = {"dense": side, "fusion": {k: cfg[k] for k in ("method", "weight", "k_each", "rrf_k")}}
     if "bm25" in baselines:
         bm = BM25Ranker(ds)
         rk, ms = [], []
@@ -304,6 +363,12 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         pq = {n: per_query_metrics(rankings[n], golds[: len(rankings[n])]) for n in shown}
         result["paired"] = {f"{first} - {n}": {m: paired_bootstrap(pq[first][m][: len(v)], v) for m, v in pq[n].items()}
                             for n in shown[1:]}
+    for row, side in hybrid_rows.items():  # each hybrid row against both of its single sides
+        pq = {n: per_query_metrics(rankings[n], golds) for n in (row, side, "bm25") if n in rankings}
+        for other in (side, "bm25"):
+            if other in pq and f"{other} - {row}" not in result.get("paired", {}):
+                result.setdefault("paired", {})[f"{row} - {other}"] = {
+                    m: paired_bootstrap(v, pq[other][m]) for m, v in pq[row].items()}
     if "rerank" in rankings:
         sub = {}
         for n in shown:
@@ -427,7 +492,13 @@ def add_parser(subparsers) -> None:
                    "(its qrels/test.tsv; DIR/qrels/dev.tsv picks another split) (default: QASPER dev)")
     p.add_argument("--model", nargs="*", default=[], help="trained bi-encoder folder(s) (sentence-transformers format)")
     p.add_argument("--name", nargs="*", default=None, help="row names for the --model folders (default: folder names)")
-    p.add_argument("--baselines", default="bm25,base,rerank", help="comma list of bm25, base, rerank ('' for none)")
+    p.add_argument("--baselines", default="bm25,base,rerank",
+                   help="comma list of bm25, base, rerank, hybrid ('' for none; default: bm25,base,rerank)")
+    p.add_argument("--fusion", nargs="+", default=None, metavar="JSON",
+                   help="hybrid rows' fusion configs: 'default' or a JSON file from uae calibrate-fusion, one row each "
+                        "(default: the built-in default config only)")
+    p.add_argument("--embedding-cache", default=None, metavar="DIR",
+                   help="keep passage embeddings in DIR and reuse them on the next run (default: none)")
     p.add_argument("--student", default=None, help="the untrained student for 'base' (default: all-MiniLM-L6-v2)")
     p.add_argument("--teacher", default=None, help="LM for the re-ranker (default: SmolLM2-135M-Instruct)")
     p.add_argument("--rerank-limit", type=int, default=100, help="queries the (slow) LLM re-ranker runs on")
@@ -462,7 +533,8 @@ def _main(args) -> int:
                       rerank_limit=args.rerank_limit, rerank_depth=args.rerank_depth, reader=args.reader,
                       reader_model=args.reader_model, reader_limit=args.reader_limit, limit=args.limit,
                       batch_size=args.batch_size, device=args.device, query_threads=args.query_threads,
-                      progress=not args.no_progress, save_runs=args.save_runs)
+                      progress=not args.no_progress, save_runs=args.save_runs, fusion=args.fusion or (None,),
+                      embedding_cache=args.embedding_cache)
     print(format_table(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -1,0 +1,110 @@
+"""uae calibrate-fusion (never reads gold evidence; picks what the teacher agrees with), uae index build /
+uae search, and uae eval's hybrid rows, on the QASPER fixtures with a tiny encoder and a tiny teacher."""
+import gzip
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+from test_evaluation import DEV, tiny, tiny_lm  # noqa: F401  (fixtures)
+from test_training import TRAIN
+from uae_fast.calibration import calibrate_fusion, fusion_grid, select_config, teacher_agreement
+from uae_fast.cli import main
+from uae_fast.fusion import DEFAULT_FUSION
+
+
+def _strip_timing(res):
+    res = json.loads(json.dumps(res))
+    for k in ("seconds", "rows_scored_now", "data"):
+        res["calibration"].pop(k)
+    return res
+
+
+def _write_without_gold(src, dst, mode):
+    """QASPER JSON whose evidence is removed (mode 'drop') or replaced by random paragraphs of the same paper ('shuffle')."""
+    with gzip.open(src, "rt") as f:
+        raw = json.load(f)
+    rng = random.Random(0)
+    for paper in raw.values():
+        paras = [p for s in paper["full_text"] for p in s["paragraphs"] if p.strip()]
+        for qa in paper["qas"]:
+            for a in qa["answers"]:
+                a = a.get("answer", a)
+                a["evidence"] = [] if mode == "drop" else rng.sample(paras, 2)
+                a.pop("highlighted_evidence", None)
+    with gzip.open(dst, "wt") as f:
+        json.dump(raw, f)
+
+
+def test_calibration_never_reads_gold(tmp_path, tiny, tiny_lm):  # noqa: F811
+    from uae_fast.data import load_dataset
+
+    kw = dict(model=tiny, teacher=tiny_lm, limit=5, candidates=3, progress=False, device="cpu")
+    ref = calibrate_fusion(TRAIN, utility_cache=str(tmp_path / "u0.jsonl"), **kw)
+    for mode in ("drop", "shuffle"):
+        path = tmp_path / f"train-{mode}.json.gz"
+        _write_without_gold(TRAIN, path, mode)
+        ds = load_dataset(str(path))
+        golds = [q.gold for q in ds.queries]
+        assert (not any(golds)) if mode == "drop" else golds != [q.gold for q in load_dataset(TRAIN).queries] and any(golds)
+        assert _strip_timing(calibrate_fusion(str(path), utility_cache=str(tmp_path / f"u-{mode}.jsonl"), **kw)) == _strip_timing(ref)
+    c = ref["calibration"]
+    assert c["n_questions"] == 5 and len(c["grid"]) == len(fusion_grid()) and c["objective"] == "teacher_mrr"
+    assert {g["weight"] for g in c["grid"]} >= {0.0, 1.0}
+    assert ref["method"] in ("minmax", "zscore", "rrf") and 0 <= ref["weight"] <= 1
+    # the utility cache resumes: a second run scores nothing new and gives the same answer
+    again = calibrate_fusion(TRAIN, utility_cache=str(tmp_path / "u0.jsonl"), **kw)
+    assert again["calibration"]["rows_scored_now"] == 0 and _strip_timing(again) == _strip_timing(ref)
+
+
+def test_teacher_agreement_and_selection_hand_computed():
+    dense = np.array([0.9, 0.1, 0.5, 0.3])
+    lexical = np.array([0.0, 5.0, 1.0, 0.0])
+    cand = np.array([0, 1, 2])
+    util = np.array([0.1, 2.0, 0.3])  # the teacher prefers passage 1: BM25's top, dense's last
+    dense_only = dict(DEFAULT_FUSION, method="minmax", weight=1.0)
+    bm25_only = dict(DEFAULT_FUSION, method="minmax", weight=0.0)
+    assert teacher_agreement(dense, lexical, cand, util, dense_only) == (1 / 3, 0.0)  # order 0, 2, 1
+    assert teacher_agreement(dense, lexical, cand, util, bm25_only) == (1.0, 1.0)
+    grid = [dict(dense_only, teacher_mrr=0.5), dict(bm25_only, teacher_mrr=0.5), dict(dense_only, method="rrf", weight=0.5, teacher_mrr=0.4)]
+    assert select_config(grid)["weight"] == 1.0  # ties go to the higher dense weight
+
+
+def test_calibrate_cli_index_build_search_and_eval(tmp_path, tiny, tiny_lm, capsys):  # noqa: F811
+    out = tmp_path / "fusion.json"
+    assert main(["calibrate-fusion", "--data", TRAIN, "--model", tiny, "--teacher", tiny_lm, "--out", str(out), "--limit", "3",
+                 "--candidates", "2", "--methods", "minmax,rrf", "--weights", "0,0.5,1", "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert len(res["calibration"]["grid"]) == 4 and os.path.exists(str(out) + ".utilities.jsonl")
+    idx = tmp_path / "idx"
+    assert main(["index", "build", "--data", DEV, "--model", tiny, "--out", str(idx), "--lexical", "--fusion", str(out),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(idx), "what dataset do they use", "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert len(hits) == 3 and all(":" in h["id"] and h["text"] for h in hits)
+    assert [h["score"] for h in hits] == sorted([h["score"] for h in hits], reverse=True)
+    from uae_fast.hybrid import HybridIndex
+
+    assert HybridIndex.load(idx).fusion["weight"] == res["weight"]
+    dense_idx = tmp_path / "dense"
+    assert main(["index", "build", "--data", DEV, "--model", tiny, "--out", str(dense_idx), "--no-progress"]) == 0
+    assert main(["search", str(dense_idx), "a question", "-k", "2"]) == 0
+    assert main(["search", str(dense_idx), "a question", "--fusion", str(out)]) == 1
+    assert "without --lexical" in capsys.readouterr().err
+    js = tmp_path / "eval.json"
+    assert main(["eval", "--data", DEV, "--model", tiny, "--name", "tiny", "--baselines", "bm25,hybrid", "--fusion", "default",
+                 str(out), "--json", str(js), "--no-progress", "--limit", "6"]) == 0
+    ev = json.loads(js.read_text())
+    assert set(ev["systems"]) == {"tiny", "bm25", "hybrid", "hybrid:fusion"}
+    assert ev["systems"]["hybrid"]["dense"] == "tiny" and "hybrid:fusion - bm25" in ev["paired"]
+
+
+def test_calibrate_errors(tmp_path, tiny):  # noqa: F811
+    with pytest.raises(ValueError, match="candidates"):
+        calibrate_fusion(TRAIN, tiny, candidates=0)
+    with pytest.raises(ValueError, match="method"):
+        calibrate_fusion(TRAIN, tiny, methods=["best"])
+    assert main(["calibrate-fusion", "--data", str(tmp_path / "none.json"), "--out", str(tmp_path / "f.json")]) == 1

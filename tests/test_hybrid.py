@@ -1,0 +1,326 @@
+"""Hybrid retrieval: sparse BM25 against a float64 reference, LexicalIndex/HybridIndex persistence and
+corruption, fusion against hand-computed cases, pure-side limits, thread safety, and bad input."""
+import json
+import math
+import os
+import random
+import threading
+
+import numpy as np
+import pytest
+
+from test_bm25 import _random_corpus, _reference
+from uae_fast import TopKIndex
+from uae_fast.bm25 import BM25
+from uae_fast.fusion import DEFAULT_FUSION, fuse, fuse_one, normalise, resolve_fusion
+from uae_fast.hybrid import HybridIndex
+from uae_fast.lexical import LexicalIndex
+
+
+def _flip_in_section(path, section):
+    """Flip one byte inside a named section of a uae container file (not in alignment padding)."""
+    from uae_fast.index import _PREFIX
+
+    raw = bytearray(path.read_bytes())
+    _, hlen, _ = _PREFIX.unpack(bytes(raw[: _PREFIX.size]))
+    sec = json.loads(bytes(raw[_PREFIX.size: _PREFIX.size + hlen]))["sections"][section]
+    raw[_PREFIX.size + hlen + sec["offset"] + sec["nbytes"] // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def _ref_order(s):
+    return np.lexsort((np.arange(s.size), -s))
+
+
+# ---- lexical side ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 2e-6)])
+def test_sparse_bm25_equals_float64_reference(dtype, tol):
+    rng = random.Random(7)
+    texts = _random_corpus(rng, 53)
+    queries = [" ".join(rng.choice([f"w{i}" for i in range(45)] + ["the", "W3"]) for _ in range(rng.randint(1, 6)))
+               for _ in range(9)] + ["", "zzz unknown"]
+    lex = LexicalIndex(dtype=dtype)
+    lex.add(texts[:20])
+    lex.add(texts[20:], ids=np.arange(20, 53) + 1000)  # incremental add: idf/avgdl over all passages
+    ids_of = np.concatenate([np.arange(20), np.arange(20, 53) + 1000])
+    dense = lex.score_matrix(queries).toarray()
+    scores, ids = lex.search(queries, 7)
+    for r, q in enumerate(queries):
+        ref = _reference(texts, q)
+        np.testing.assert_allclose(dense[r], ref, rtol=tol, atol=tol)
+        order = _ref_order(ref)[:7]
+        np.testing.assert_allclose(scores[r], ref[order], rtol=2e-7, atol=1e-7)  # returned as float32
+        if dtype == "float64":
+            assert ids[r].tolist() == ids_of[order].tolist()
+    assert scores.dtype == np.float32 and ids.dtype == np.int64 and scores.shape == (len(queries), 7)
+
+
+def test_bm25_batch_search_equals_single_topk():
+    rng = random.Random(3)
+    texts = _random_corpus(rng, 31)
+    bm = BM25(texts)
+    qs = ["w1 w2 w2", "the", "w39 w0", "nothing"]
+    s, i = bm.search(qs, 31)
+    for r, q in enumerate(qs):
+        s1, i1 = bm.topk(q, 31)
+        assert i[r].tolist() == i1.tolist() == _ref_order(bm.scores(q)).tolist()
+        np.testing.assert_array_equal(s[r], s1)
+
+
+def test_lexical_save_load_roundtrip_and_corruption(tmp_path):
+    lex = LexicalIndex(k1=1.5, b=0.6, stopwords=True)
+    lex.add(["the cat sat on the mat", "dogs bark", "ünïcode wörds and cats", "cat cat cat"], ids=np.array([5, 9, 2, 7]))
+    path = tmp_path / "lex.uae"
+    lex.save(path)
+    back = LexicalIndex.load(path)
+    assert (back.k1, back.b, back.stopwords, back.vocab_size) == (1.5, 0.6, True, lex.vocab_size)
+    for q in (["cat"], ["wörds dogs", "mat"]):
+        a, b = lex.search(q, 4), back.search(q, 4)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    bad = tmp_path / "bad.uae"
+    for section in ("counts", "vocab", "ids"):
+        bad.write_bytes(path.read_bytes())
+        _flip_in_section(bad, section)
+        with pytest.raises(ValueError, match="checksum mismatch"):
+            LexicalIndex.load(bad)
+    bad.write_bytes(bytes(path.read_bytes()[:-40]))
+    with pytest.raises(ValueError, match="truncated|checksum"):
+        LexicalIndex.load(bad)
+    dense = TopKIndex(4)
+    dense.add(np.eye(4, dtype=np.float32))
+    dense.save(tmp_path / "dense.uae")
+    with pytest.raises(ValueError, match="kind"):
+        LexicalIndex.load(tmp_path / "dense.uae")
+
+
+def test_lexical_errors():
+    lex = LexicalIndex()
+    with pytest.raises(ValueError, match="empty"):
+        lex.search(["x"], 1)
+    with pytest.raises(TypeError, match="texts"):
+        lex.add("one string")
+    with pytest.raises(ValueError, match="shape"):
+        lex.add(["a", "b"], ids=np.array([1]))
+    with pytest.raises(ValueError, match="dtype"):
+        LexicalIndex(dtype="int8")
+    lex.add(["a b", "b c"])
+    with pytest.raises(ValueError, match="k must be in"):
+        lex.search(["a"], 3)
+    assert len(lex) == 2 and lex.nbytes > 0
+
+
+# ---- fusion ------------------------------------------------------------------------------------
+
+
+def test_fusion_minmax_hand_computed():
+    # dense: ids 3, 1, 2 (scores 0.9, 0.5, 0.1); lexical: ids 2, 4 (scores 4, 2) and id 9 at 0 (no shared term)
+    cfg = dict(DEFAULT_FUSION, method="minmax", weight=0.75)
+    s, i = fuse_one([0.9, 0.5, 0.1], [3, 1, 2], [4.0, 2.0, 0.0], [2, 4, 9], 10, cfg)
+    # normalised dense: 3 -> 1, 1 -> 0.5, 2 -> 0, 4 -> 0 (missing = lowest); lexical: 2 -> 1, 4 -> 0, others 0
+    expect = {3: 0.75, 1: 0.375, 2: 0.25, 4: 0.0}
+    assert i.tolist() == [3, 1, 2, 4] and 9 not in i.tolist()
+    np.testing.assert_allclose(s, [expect[x] for x in i.tolist()], rtol=0, atol=1e-15)
+
+
+def test_fusion_zscore_and_rrf_hand_computed():
+    d, di, l, li = [3.0, 1.0, 2.0], [10, 11, 12], [5.0, 1.0], [12, 13]
+    # dense scores need not be sorted for normalisation; z of [3, 1, 2]: mean 2, std sqrt(2/3)
+    sd = math.sqrt(2 / 3)
+    zd = {10: 1 / sd, 11: -1 / sd, 12: 0.0, 13: -1 / sd}
+    zl = {12: 1.0, 13: -1.0, 10: -1.0, 11: -1.0}
+    s, i = fuse_one(d, di, l, li, 4, dict(DEFAULT_FUSION, method="zscore", weight=0.5))
+    exp = {x: 0.5 * zd[x] + 0.5 * zl[x] for x in zd}
+    assert i.tolist() == sorted(exp, key=lambda x: (-exp[x], [10, 11, 12, 99].index(x) if x in di else 9))
+    np.testing.assert_allclose(s, [exp[x] for x in i.tolist()], atol=1e-12)
+    s, i = fuse_one(d, di, l, li, 4, dict(DEFAULT_FUSION, method="rrf", weight=0.5, rrf_k=60))
+    exp = {10: 0.5 / 61, 11: 0.5 / 62, 12: 0.5 / 63 + 0.5 / 61, 13: 0.5 / 62}
+    # 11 and 13 tie on the fused score: the one the dense side returned (11) comes first
+    assert i.tolist() == [12, 10, 11, 13]
+    np.testing.assert_allclose(s, [exp[x] for x in i.tolist()], atol=1e-15)
+
+
+def test_fusion_degenerate_and_batch():
+    assert normalise(np.array([2.0, 2.0]), "minmax").tolist() == [0.0, 0.0]
+    assert normalise(np.array([2.0, 2.0]), "zscore").tolist() == [0.0, 0.0]
+    s, i = fuse((np.array([[1.0, 0.5], [0.2, 0.1]]), np.array([[0, 1], [1, -1]])),
+                (np.array([[0.0, 0.0], [0.0, 0.0]]), np.array([[2, 3], [0, 1]])), 3, None)
+    assert i.tolist() == [[0, 1, -1], [1, -1, -1]] and s[0, 2] == -np.inf and s.dtype == np.float32
+
+
+def test_resolve_fusion(tmp_path):
+    assert resolve_fusion(None) == DEFAULT_FUSION
+    f = tmp_path / "f.json"
+    f.write_text(json.dumps({"method": "rrf", "weight": 0.3, "calibration": {"x": 1}}))
+    cfg = resolve_fusion(str(f))
+    assert cfg["method"] == "rrf" and cfg["weight"] == 0.3 and cfg["k_each"] == DEFAULT_FUSION["k_each"]
+    for bad, msg in (({"method": "max"}, "method"), ({"weight": 1.5}, "weight"), ({"k_each": 0}, "k_each"),
+                     ({"rrf_k": -1}, "rrf_k"), ({"weight": True}, "weight")):
+        with pytest.raises(ValueError, match=msg):
+            resolve_fusion(bad)
+    with pytest.raises(FileNotFoundError):
+        resolve_fusion(str(tmp_path / "missing.json"))
+    f.write_text("{not json")
+    with pytest.raises(ValueError, match="not a fusion JSON"):
+        resolve_fusion(str(f))
+
+
+# ---- the hybrid index --------------------------------------------------------------------------
+
+
+def _corpus(n=60, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    texts = _random_corpus(random.Random(seed), n)
+    return rng.standard_normal((n, dim)).astype(np.float32), texts, rng
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_pure_weights_reproduce_each_side(dtype):
+    emb, texts, rng = _corpus()
+    ids = np.arange(60, dtype=np.int64) * 3 + 1
+    h = HybridIndex(16, {"weight": 1.0, "k_each": 20}, dtype=dtype)
+    h.add(emb, texts, ids=ids)
+    q = rng.standard_normal((5, 16)).astype(np.float32)
+    qt = ["w1 w5", "w7 the", "w2", "w30 w31 w32", "w9"]
+    dense = TopKIndex(16, dtype=dtype)
+    dense.add(emb, ids)
+    _, want = dense.search(q, 10)
+    _, got = h.search(q, qt, 10)
+    np.testing.assert_array_equal(got, want)
+    _, got = h.search(q, qt, 10, fusion={"weight": 0.0, "k_each": 20})
+    bm = BM25(texts)
+    for r in range(5):
+        s = bm.scores(qt[r])
+        order = [ids[j] for j in _ref_order(s) if s[j] > 0][:10]
+        assert got[r][: len(order)].tolist() == order
+
+
+def test_hybrid_matches_brute_force_fusion():
+    emb, texts, rng = _corpus(n=40)
+    h = HybridIndex(16, {"method": "minmax", "weight": 0.6, "k_each": 40})
+    h.add(emb, texts)
+    q = rng.standard_normal((3, 16)).astype(np.float32)
+    qt = ["w1 w2", "w3", "w4 w4 w5"]
+    s, i = h.search(q, qt, 5)
+    bm = BM25(texts)
+    for r in range(3):
+        d = emb.astype(np.float64) @ q[r].astype(np.float64)
+        lx = bm.scores(qt[r])
+        nd = (d - d.min()) / (d.max() - d.min())
+        pos = lx > 0
+        nl = np.where(pos, (lx - lx[pos].min()) / (lx[pos].max() - lx[pos].min()), 0.0)
+        f = 0.6 * nd + 0.4 * nl
+        np.testing.assert_allclose(s[r], np.sort(f)[::-1][:5], atol=1e-5)
+        assert i[r].tolist() == _ref_order(f)[:5].tolist()
+
+
+def test_hybrid_save_load_and_corruption(tmp_path):
+    emb, texts, rng = _corpus()
+    h = HybridIndex(16, {"method": "rrf", "weight": 0.4}, dtype="int8")
+    h.add(emb, texts)
+    h.meta = {"model": "/some/encoder"}
+    h.save(tmp_path / "idx")
+    back = HybridIndex.load(tmp_path / "idx")
+    assert back.fusion == h.fusion and back.meta == h.meta and back.dense.dtype == "int8" and len(back) == 60
+    q, qt = rng.standard_normal((2, 16)).astype(np.float32), ["w1", "w2 w3"]
+    for a, b in zip(h.search(q, qt, 7), back.search(q, qt, 7)):
+        np.testing.assert_array_equal(a, b)
+    other = HybridIndex.load(tmp_path / "idx", fusion={"weight": 1.0})
+    assert other.fusion["weight"] == 1.0 and other.fusion["method"] == DEFAULT_FUSION["method"]
+    # a section bit flip, a size that disagrees with the manifest, a missing file, a wrong format
+    lexf = tmp_path / "idx" / "lexical.uae"
+    _flip_in_section(lexf, "indices")
+    with pytest.raises(ValueError, match="checksum"):
+        HybridIndex.load(tmp_path / "idx")
+    densef = tmp_path / "idx" / "dense.uae"
+    good = densef.read_bytes()
+    _flip_in_section(densef, "data")
+    with pytest.raises(ValueError, match="checksum"):
+        HybridIndex.load(tmp_path / "idx")
+    densef.write_bytes(good)
+    lexf.write_bytes(lexf.read_bytes() + b"x")
+    with pytest.raises(ValueError, match="manifest says"):
+        HybridIndex.load(tmp_path / "idx")
+    os.remove(lexf)
+    with pytest.raises(ValueError, match="missing"):
+        HybridIndex.load(tmp_path / "idx")
+    m = tmp_path / "idx" / "hybrid.json"
+    m.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="format"):
+        HybridIndex.load(tmp_path / "idx")
+    with pytest.raises(FileNotFoundError):
+        HybridIndex.load(tmp_path / "nothing")
+
+
+def test_hybrid_ids_must_agree(tmp_path):
+    emb, texts, _ = _corpus(n=8)
+    d, lx = TopKIndex(16), LexicalIndex()
+    d.add(emb)
+    lx.add(texts, ids=np.arange(8) + 1)
+    with pytest.raises(ValueError, match="same ids"):
+        HybridIndex.from_parts(d, lx)
+
+
+def test_hybrid_concurrent_searches_and_adds():
+    emb, texts, rng = _corpus(n=200, dim=8)
+    h = HybridIndex(8, {"weight": 0.5})
+    h.add(emb[:100], texts[:100])
+    q = rng.standard_normal((4, 8)).astype(np.float32)
+    qt = ["w1 w2", "w3", "the w4", "w5 w6 w7"]
+    want = h.search(q, qt, 10)
+    errors, results = [], []
+
+    def worker():
+        try:
+            for _ in range(15):
+                results.append(h.search(q, qt, 10))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for s, i in results:
+        np.testing.assert_array_equal(i, want[1])
+        np.testing.assert_array_equal(s, want[0])
+    # searches while passages are added: every result is a valid top-10 of some prefix of the adds
+    done = threading.Event()
+
+    def adder():
+        for s in range(100, 200, 10):
+            h.add(emb[s:s + 10], texts[s:s + 10])
+        done.set()
+
+    t = threading.Thread(target=adder)
+    t.start()
+    while not done.is_set():
+        s, i = h.search(q, qt, 10)
+        assert (i >= 0).all() and (i < 200).all() and all(len(set(r)) == 10 for r in i.tolist())
+    t.join()
+    assert len(h) == 200 and len(h.lexical) == 200
+
+
+def test_hybrid_bad_input():
+    emb, texts, _ = _corpus(n=5, dim=4)
+    h = HybridIndex(4)
+    with pytest.raises(ValueError, match="empty"):
+        h.search(emb[:1], ["x"], 1)
+    with pytest.raises(ValueError, match="texts"):
+        h.add(emb, texts[:4])
+    with pytest.raises(TypeError, match="str"):
+        h.add(emb, "one string")
+    with pytest.raises(ValueError, match="dimension"):
+        h.add(np.zeros((5, 3), np.float32), texts)
+    assert len(h) == 0 and len(h.lexical) == 0  # a rejected add stores nothing on either side
+    h.add(emb, texts)
+    with pytest.raises(ValueError, match="query_texts"):
+        h.search(emb[:2], ["a"], 1)
+    with pytest.raises(ValueError, match="k must be"):
+        h.search(emb[:1], ["a"], 6)
+    with pytest.raises(ValueError, match="weight"):
+        HybridIndex(4, {"weight": -0.1})

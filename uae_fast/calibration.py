@@ -1,0 +1,278 @@
+"""Label-free fusion calibration: ``uae calibrate-fusion`` / :func:`calibrate_fusion`.
+
+A corpus decides how much BM25 should count next to a dense model, and question-answer pairs for that
+corpus (the input UAE trains from) are enough to find out, with the teacher as the judge. For each
+question (answers known; evidence labels are never read):
+
+1. rank its pool (QASPER: the paper's paragraphs) with the dense model and with BM25;
+2. take the union of both sides' top ``candidates`` passages;
+3. score them with the teacher (:class:`uae_fast.UtilityScorer`: how much each passage helps it predict
+   the answer);
+4. for every config of a grid (method x dense weight, pure dense ``w = 1`` and pure BM25 ``w = 0``
+   included), fuse the two rankings exactly as :class:`uae_fast.hybrid.HybridIndex` does and record the
+   reciprocal rank of the teacher's best candidate among the candidates (``teacher_mrr``) and whether it
+   is first (``teacher_success@1``).
+
+The config with the highest ``teacher_mrr`` wins (ties: the higher dense weight, then minmax, zscore,
+rrf). Teacher utilities are appended to a cache file as they are computed (default ``OUT.utilities.jsonl``),
+so an interrupted run resumes where it stopped and a second model's calibration on the same questions
+re-scores only the candidates it adds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .fusion import DEFAULT_FUSION, METHODS, fuse_one
+
+GRID_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
+UTILITY_FORMAT = "uae-fusion-utilities/1"
+
+
+def fusion_grid(methods: Sequence[str] = METHODS, weights: Sequence[float] = GRID_WEIGHTS, *, k_each: int = 100,
+                rrf_k: int = 60) -> List[dict]:
+    """Every (method, weight) config; ``w = 0`` and ``w = 1`` once each (all methods agree there)."""
+    out, seen = [], set()
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {m!r}")
+        for w in weights:
+            if not 0.0 <= w <= 1.0:
+                raise ValueError(f"weights must lie in [0, 1], got {w}")
+            key = ("pure", w) if w in (0.0, 1.0) else (m, w)
+            if key not in seen:
+                seen.add(key)
+                out.append({"method": m, "weight": float(w), "k_each": int(k_each), "rrf_k": int(rrf_k)})
+    return out
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` best scores (ties: lower position first)."""
+    return np.lexsort((np.arange(scores.size), -scores))[:k]
+
+
+def fused_ranking(dense: np.ndarray, lexical: np.ndarray, cfg: dict) -> np.ndarray:
+    """Pool positions in fused order, as a :class:`HybridIndex` over this pool returns them (the union of
+    both sides' top ``k_each``), followed by any position neither side returned, in dense order."""
+    n = dense.size
+    each = min(cfg["k_each"], n)
+    d, l = _top(dense, each), _top(lexical, each)
+    _, ids = fuse_one(dense[d], d, lexical[l], l, n, cfg)
+    if ids.size == n:
+        return ids
+    seen = np.zeros(n, bool)
+    seen[ids] = True
+    full = _top(dense, n)
+    return np.concatenate([ids, full[~seen[full]]])
+
+
+def teacher_agreement(dense: np.ndarray, lexical: np.ndarray, cand: np.ndarray, util: np.ndarray, cfg: dict) -> Tuple[float, float]:
+    """(reciprocal rank, success@1) of the teacher's best candidate among ``cand`` in the fused order."""
+    order = fused_ranking(dense, lexical, cfg)
+    rank_of = np.empty(dense.size, np.int64)
+    rank_of[order] = np.arange(order.size)
+    within = cand[np.argsort(rank_of[cand], kind="stable")]
+    best = cand[int(np.argmax(util))]  # ties: the first candidate (pool order)
+    r = int(np.flatnonzero(within == best)[0])
+    return 1.0 / (r + 1), float(r == 0)
+
+
+def select_config(grid_results: List[dict]) -> dict:
+    """Highest teacher_mrr; ties: higher dense weight, then the method order of METHODS."""
+    return max(grid_results, key=lambda g: (round(g["teacher_mrr"], 12), g["weight"], -METHODS.index(g["method"])))
+
+
+# ------------------------------------------------------------------------------------ utility cache
+def _read_cache(path: str, settings: dict) -> Dict[Tuple[str, str], float]:
+    if not os.path.exists(path):
+        return {}
+    out: Dict[Tuple[str, str], float] = {}
+    with open(path, "r", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if not lines or not lines[0].strip():
+        return {}
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: not a fusion utility cache (unreadable header); delete it or pass another --utility-cache") from None
+    if header.get("format") != UTILITY_FORMAT or header.get("settings") != settings:
+        raise ValueError(f"{path} was written with other teacher settings; delete it or pass another --utility-cache")
+    for line in lines[1:]:
+        try:
+            r = json.loads(line)
+            out[(r["qid"], r["pid"])] = float(r["utility"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a torn last line of an interrupted run
+    return out
+
+
+def _append_cache(path: str, settings: dict, rows: List[dict]) -> None:
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        if new:
+            f.write(json.dumps({"format": UTILITY_FORMAT, "settings": settings}, sort_keys=True) + "\n")
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------------------------------ main
+def calibrate_fusion(data, model: Optional[str] = None, *, teacher=None, limit: Optional[int] = 300, candidates: int = 4,
+                     methods: Sequence[str] = METHODS, weights: Sequence[float] = GRID_WEIGHTS,
+                     k_each: int = DEFAULT_FUSION["k_each"], rrf_k: int = DEFAULT_FUSION["rrf_k"],
+                     utility_cache: Optional[str] = None, embedding_cache: Optional[str] = None, batch_size: int = 64,
+                     group: int = 16, device=None, progress: bool = True) -> dict:
+    """Pick the fusion config whose rankings agree best with the teacher on ``data``'s question-answer pairs.
+
+    Args:
+        data: a dataset path (QASPER JSON or the JSONL schema) or a :class:`uae_fast.data.RetrievalDataset`;
+            only questions, answers and passages are read (never gold evidence).
+        model: the dense encoder folder (None: the default student) or a :class:`uae_fast.BiEncoder`.
+        teacher: a causal-LM folder, a :class:`uae_fast.UtilityScorer`, or None (the default teacher).
+        limit: questions used (the first in ``uae score``'s paper order, so a paper's questions stay together).
+        candidates: passages per side per question that the teacher scores (their union).
+        utility_cache: JSONL file of teacher utilities (resume; reuse across models); None: no file.
+
+    Returns the fusion config dict (``method``, ``weight``, ``k_each``, ``rrf_k``) plus a ``calibration``
+    record (data, model, teacher, question count, the whole grid with its scores, seconds).
+    """
+    import torch
+
+    from .bm25 import BM25
+    from .data import RetrievalDataset, load_dataset
+    from .embcache import encode_cached
+    from .evaluation import _progress
+    from .scoring import select_queries
+    from .student import BiEncoder
+    from .teacher import UtilityScorer
+
+    t0 = time.perf_counter()
+    if not isinstance(candidates, int) or candidates < 1:
+        raise ValueError(f"candidates must be a positive int, got {candidates!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int, got {limit!r}")
+    grid = fusion_grid(methods, weights, k_each=k_each, rrf_k=rrf_k)
+    ds = data if isinstance(data, RetrievalDataset) else load_dataset(data)
+    # Questions with an answer; with_gold_only=False: the selection never looks at evidence.
+    queries = [q for q in select_queries(ds, with_gold_only=False, order="paper") if ds.pool(q)][:limit]
+    if not queries:
+        raise ValueError(f"{ds.name or 'data'}: no question has both an answer and a passage pool to calibrate on")
+    enc = model if isinstance(model, BiEncoder) else BiEncoder(model, device=device)
+    model_path = None if isinstance(model, BiEncoder) else model
+    pools = [ds.pool(q) for q in queries]
+    pids = sorted({p for pool in pools for p in pool})
+    row = {p: i for i, p in enumerate(pids)}
+    emb = encode_cached(enc, [ds.passages[p].text for p in pids], cache_dir=embedding_cache, model_path=model_path,
+                        batch_size=batch_size, progress=progress)
+    qemb = enc.encode([q.question for q in queries], batch_size=batch_size)
+    bm25: Dict[tuple, BM25] = {}
+    sides, cands = [], []
+    for q, pool, qe in zip(queries, pools, qemb):
+        dense = (emb[torch.tensor([row[p] for p in pool])] @ qe).double().numpy()
+        key = tuple(pool)
+        if key not in bm25:  # one index per paper, shared by its questions
+            if len(bm25) > 256:
+                bm25.clear()
+            bm25[key] = BM25([ds.passages[p].text for p in pool])
+        lexical = bm25[key].scores(q.question)
+        m = min(candidates, len(pool))
+        lex_top = [p for p in _top(lexical, m) if lexical[p] > 0]
+        cands.append(np.union1d(_top(dense, m), np.asarray(lex_top, np.int64)).astype(np.int64))
+        sides.append((dense, lexical))
+
+    scorer = teacher if isinstance(teacher, UtilityScorer) else UtilityScorer.from_pretrained(teacher, device=device)
+    settings = scorer.settings()
+    cache = _read_cache(utility_cache, settings) if utility_cache else {}
+    todo = [i for i, (q, pool, c) in enumerate(zip(queries, pools, cands)) if any((q.id, pool[j]) not in cache for j in c)]
+    n_scored = 0
+    bar = _progress(range(0, len(todo), group), "teacher", progress, total=-(-len(todo) // group))
+    for s in bar:
+        idx = todo[s:s + group]
+        items = [(queries[i].question, queries[i].answers, [ds.passages[pools[i][j]].text for j in cands[i]]) for i in idx]
+        res = scorer.score_many(items)
+        rows = [{"qid": queries[i].id, "pid": pools[i][j], "utility": round(float(u), 6)}
+                for i, r in zip(idx, res) for j, u in zip(cands[i].tolist(), r.utility.tolist())]
+        for r in rows:
+            cache[(r["qid"], r["pid"])] = r["utility"]
+        n_scored += len(rows)
+        if utility_cache:
+            _append_cache(utility_cache, settings, rows)
+    utils = [np.array([cache[(q.id, pool[j])] for j in c]) for q, pool, c in zip(queries, pools, cands)]
+
+    results = []
+    for cfg in grid:
+        rr, s1 = zip(*(teacher_agreement(d, l, c, u, cfg) for (d, l), c, u in zip(sides, cands, utils)))
+        results.append(dict(cfg, teacher_mrr=float(np.mean(rr)), **{"teacher_success@1": float(np.mean(s1))}))
+    best = select_config(results)
+    out = {k: best[k] for k in ("method", "weight", "k_each", "rrf_k")}
+    out["calibration"] = {
+        "data": ds.name, "model": model_path or ("default student" if model is None else "BiEncoder"),
+        "teacher": settings["teacher"], "n_questions": len(queries), "candidates_per_side": candidates,
+        "mean_candidates": float(np.mean([c.size for c in cands])), "objective": "teacher_mrr",
+        "teacher_mrr": best["teacher_mrr"], "teacher_success@1": best["teacher_success@1"],
+        "grid": results, "rows_scored_now": n_scored, "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return out
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "calibrate-fusion", help="pick the hybrid fusion config for a corpus from its question-answer pairs (teacher-judged)",
+        description="Ranks each question's pool with the dense model and BM25, scores the union of both top lists with the "
+                    "teacher (answers known, evidence never read) and writes the fusion config (method, dense weight) "
+                    "whose rankings agree best with the teacher.")
+    p.add_argument("--data", required=True, help="question-answer data: QASPER JSON(.gz) or the JSONL schema (required)")
+    p.add_argument("--model", default=None, help="dense encoder folder (default: the untrained student all-MiniLM-L6-v2)")
+    p.add_argument("--out", required=True, help="fusion JSON to write (required)")
+    p.add_argument("--teacher", default=None, help="teacher causal-LM folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--limit", type=int, default=300, help="questions used, in paper order (default: 300)")
+    p.add_argument("--candidates", type=int, default=4, help="top passages per side per question scored by the teacher (default: 4)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of fusion methods to try (default: {','.join(METHODS)})")
+    p.add_argument("--weights", default=",".join(f"{w:g}" for w in GRID_WEIGHTS),
+                   help="comma list of dense weights to try (default: " + ",".join(f"{w:g}" for w in GRID_WEIGHTS) + ")")
+    p.add_argument("--k-each", type=int, default=DEFAULT_FUSION["k_each"],
+                   help=f"candidates taken from each side at search time (default: {DEFAULT_FUSION['k_each']})")
+    p.add_argument("--utility-cache", default=None,
+                   help="JSONL file of teacher utilities, resumed and reused across models (default: OUT.utilities.jsonl)")
+    p.add_argument("--embedding-cache", default=None, metavar="DIR", help="reuse passage embeddings kept in DIR (default: none)")
+    p.add_argument("--batch-size", type=int, default=64, help="encoder batch size (default: 64)")
+    p.add_argument("--device", default=None, help="torch device for encoder and teacher (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        weights = [float(w) for w in args.weights.split(",") if w.strip()]
+    except ValueError:
+        raise ValueError(f"--weights must be a comma list of numbers, got {args.weights!r}") from None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    res = calibrate_fusion(args.data, args.model, teacher=args.teacher, limit=args.limit, candidates=args.candidates,
+                           methods=methods, weights=weights, k_each=args.k_each,
+                           utility_cache=args.utility_cache or args.out + ".utilities.jsonl",
+                           embedding_cache=args.embedding_cache, batch_size=args.batch_size, device=args.device,
+                           progress=not args.no_progress)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=2)
+    c = res["calibration"]
+    print(f"fusion: {res['method']} weight {res['weight']:g} (teacher MRR {c['teacher_mrr']:.3f}, "
+          f"success@1 {c['teacher_success@1']:.3f} on {c['n_questions']} questions; pure dense "
+          f"{_grid_at(c['grid'], 1.0):.3f}, pure BM25 {_grid_at(c['grid'], 0.0):.3f}) -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def _grid_at(grid: List[dict], w: float) -> float:
+    return next((g["teacher_mrr"] for g in grid if g["weight"] == w), float("nan"))

@@ -1,0 +1,88 @@
+"""An on-disk cache of passage embeddings, keyed by (encoder, text): re-running an evaluation or a
+calibration with the same encoder embeds only texts it has not seen, and a long encoding can be done
+in bounded slices (``max_seconds``) that resume where the last one stopped.
+
+Layout: ``DIR/<encoder key>/chunk-*.pt``, each ``{"keys": [sha1(text)[:20], ...], "emb": float32 [n, dim]}``,
+written atomically. The encoder key hashes the folder's real path and its weight files' sizes and
+modification times, so a retrained model in the same folder never reads stale vectors.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import time
+from typing import Dict, Optional, Sequence
+
+import torch
+
+
+def encoder_key(path: Optional[str]) -> str:
+    """A stable key for an encoder folder (``None``: the default student)."""
+    if path is None:
+        from .student import default_student_path
+
+        path = default_student_path()
+    path = os.path.realpath(os.fspath(path))
+    parts = [path]
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin"))):
+        st = os.stat(f)
+        parts.append(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}")
+    name = os.path.basename(path.rstrip("/")) or "model"
+    return f"{name}-{hashlib.sha1('|'.join(parts).encode()).hexdigest()[:12]}"
+
+
+def _text_key(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:20]
+
+
+class Incomplete(RuntimeError):
+    """Raised by :func:`encode_cached` when ``max_seconds`` ran out (what was encoded is saved)."""
+
+
+def _load(folder: str) -> Dict[str, torch.Tensor]:
+    out: Dict[str, torch.Tensor] = {}
+    for f in sorted(glob.glob(os.path.join(folder, "chunk-*.pt"))):
+        blob = torch.load(f, map_location="cpu", weights_only=True)
+        for k, e in zip(blob["keys"], blob["emb"]):
+            out[k] = e
+    return out
+
+
+def _save(folder: str, keys, emb: torch.Tensor) -> None:
+    os.makedirs(folder, exist_ok=True)
+    n = len(glob.glob(os.path.join(folder, "chunk-*.pt")))
+    path = os.path.join(folder, f"chunk-{n:05d}-{os.getpid()}-{time.time_ns()}.pt")
+    torch.save({"keys": list(keys), "emb": emb.contiguous()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def encode_cached(encoder, texts: Sequence[str], *, cache_dir: Optional[str], model_path: Optional[str] = None,
+                  batch_size: int = 64, progress: bool = False, max_seconds: Optional[float] = None,
+                  chunk: int = 1024) -> torch.Tensor:
+    """``encoder.encode(texts)`` [N, dim] float32, reading and filling ``cache_dir`` (None: no cache).
+
+    ``max_seconds``: stop after about this long, keep what was encoded, raise :class:`Incomplete`.
+    """
+    if cache_dir is None:
+        return encoder.encode(list(texts), batch_size=batch_size, show_progress=progress)
+    folder = os.path.join(os.fspath(cache_dir), encoder_key(model_path))
+    have = _load(folder)
+    keys = [_text_key(t) for t in texts]
+    todo: Dict[str, str] = {}
+    for k, t in zip(keys, texts):
+        if k not in have and k not in todo:
+            todo[k] = t
+    t0 = time.perf_counter()
+    items = list(todo.items())
+    for s in range(0, len(items), chunk):
+        part = items[s:s + chunk]
+        emb = encoder.encode([t for _, t in part], batch_size=batch_size, show_progress=progress)
+        _save(folder, [k for k, _ in part], emb)
+        have.update(zip([k for k, _ in part], emb))
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds and s + chunk < len(items):
+            raise Incomplete(f"encoded {s + len(part)} of {len(items)} new texts in {time.perf_counter() - t0:.0f} s; "
+                             f"run again to continue")
+    if not keys:
+        return torch.empty(0, encoder.dim)
+    return torch.stack([have[k] for k in keys])

@@ -1,0 +1,185 @@
+"""Hybrid retrieval: :class:`HybridIndex`, a dense :class:`uae_fast.TopKIndex` and a BM25
+:class:`uae_fast.lexical.LexicalIndex` over the same passage ids, searched together and fused
+(:mod:`uae_fast.fusion`: min-max / z-score convex combination or RRF; weight from
+``uae calibrate-fusion`` or the QASPER-dev default).
+
+Example::
+
+    index = HybridIndex(384)                                   # fusion=None: the default
+    index.add(passage_embeddings, passage_texts)               # ids 0..N-1 (or ids=...)
+    scores, ids = index.search(query_embeddings, query_texts, 10)   # [Q, 10] each, best first
+    index.save("passages.hybrid")                              # a folder: manifest + dense + lexical files
+    index = HybridIndex.load("passages.hybrid", fusion="fusion.json")
+
+Folder layout (``FORMAT``): ``hybrid.json`` (format, dim, ntotal, fusion, each file's size, user ``meta``),
+``dense.uae`` (TopKIndex file) and ``lexical.uae`` (LexicalIndex file); both files carry a crc32 per
+section. ``load`` checks the manifest against the files and that both sides hold the same ids.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .fusion import fuse, resolve_fusion
+from .index import TopKIndex, _is_torch, _wrap
+from .lexical import LexicalIndex
+
+FORMAT = "uae-hybrid/1"
+MANIFEST = "hybrid.json"
+_FILES = {"dense": "dense.uae", "lexical": "lexical.uae"}
+
+
+class HybridIndex:
+    """Dense + BM25 search over one set of passages, fused per query.
+
+    Args:
+        dim: embedding dimension.
+        fusion: a fusion config dict, the path of a JSON file written by ``uae calibrate-fusion``, or
+            ``None`` for :data:`uae_fast.fusion.DEFAULT_FUSION`.
+        dtype, metric, threads: the dense side's :class:`uae_fast.TopKIndex` options
+            (``"float32"``/``"bfloat16"``/``"int8"``; ``"ip"``/``"cosine"``; search threads).
+        k1, b, stopwords: the lexical side's BM25 options.
+
+    ``search`` may be called from several threads at once; ``add`` may run concurrently with searches.
+    """
+
+    def __init__(self, dim: int, fusion=None, *, dtype: str = "float32", metric: str = "ip",
+                 threads: Optional[int] = None, k1: float = 1.2, b: float = 0.75, stopwords: bool = False):
+        self.dense = TopKIndex(dim, dtype=dtype, metric=metric, threads=threads)
+        self.lexical = LexicalIndex(k1=k1, b=b, stopwords=stopwords)
+        self.fusion = resolve_fusion(fusion)
+        self.meta: dict = {}  # saved with the index (e.g. the encoder's path)
+        self._lock = threading.Lock()  # add() keeps the two sides in step
+
+    @classmethod
+    def from_parts(cls, dense: TopKIndex, lexical: LexicalIndex, fusion=None) -> "HybridIndex":
+        """Wrap existing indexes that hold the same ids in the same order."""
+        if len(dense) != len(lexical) or not np.array_equal(dense.ids, lexical.ids):
+            raise ValueError(f"dense ({len(dense)}) and lexical ({len(lexical)}) indexes must hold the same ids in the same order")
+        self = cls.__new__(cls)
+        self.dense, self.lexical, self.fusion, self.meta = dense, lexical, resolve_fusion(fusion), {}
+        self._lock = threading.Lock()
+        return self
+
+    @property
+    def dim(self) -> int:
+        return self.dense.dim
+
+    def __len__(self) -> int:
+        return len(self.dense)
+
+    @property
+    def ntotal(self) -> int:
+        return len(self)
+
+    @property
+    def nbytes(self) -> int:
+        return self.dense.nbytes + self.lexical.nbytes
+
+    def __repr__(self) -> str:
+        return (f"HybridIndex(dim={self.dim}, n={len(self)}, dtype={self.dense.dtype!r}, "
+                f"fusion={self.fusion['method']}:{self.fusion['weight']:g})")
+
+    def add(self, passage_emb, passage_texts: Sequence[str], ids=None) -> None:
+        """Add passages: embeddings ``[n, dim]`` and their ``n`` texts, optional int64 ``ids``."""
+        if isinstance(passage_texts, str):
+            raise TypeError("passage_texts must be a sequence of str, not one str")
+        passage_texts = list(passage_texts)
+        n = int(passage_emb.shape[0]) if getattr(passage_emb, "ndim", 0) == 2 else 1
+        if len(passage_texts) != n:
+            raise ValueError(f"passage_texts has {len(passage_texts)} texts for {n} embeddings")
+        ids = np.arange(len(self), len(self) + n, dtype=np.int64) if ids is None else ids
+        with self._lock:
+            # Lexical first: it validates texts and ids before anything is stored; the dense add then
+            # only fails on bad embeddings, which we roll back by rebuilding nothing (checked first).
+            self.dense._prepare("passage_emb", passage_emb)
+            self.lexical.add(passage_texts, ids)
+            self.dense.add(passage_emb, ids)
+
+    def search(self, query_emb, query_texts: Sequence[str], k: int, *, fusion=None):
+        """Top-``k`` fused results per query: ``(scores [Q, k] float32, ids [Q, k] int64)``, best first.
+
+        ``query_emb`` ``[Q, dim]`` and ``query_texts`` (``Q`` strings) describe the same queries.
+        ``fusion`` overrides the index's config for this call. Rows with fewer than ``k`` candidates
+        (both sides together) end in score -inf, id -1.
+        """
+        like_torch = _is_torch(query_emb)
+        if isinstance(query_texts, str):
+            query_texts = [query_texts]
+        query_texts = list(query_texts)
+        q = self.dense._prepare("query_emb", query_emb)
+        if len(query_texts) != q.shape[0]:
+            raise ValueError(f"query_texts has {len(query_texts)} texts for {q.shape[0]} query embeddings")
+        cfg = self.fusion if fusion is None else resolve_fusion(fusion)
+        n = len(self)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not (1 <= k <= max(n, 1)) or n == 0:
+            if n == 0:
+                raise ValueError("the index is empty: add passages before searching")
+            raise ValueError(f"k must be an int in [1, {n}] (the number of stored passages), got {k!r}")
+        each = min(max(cfg["k_each"], int(k)), n, len(self.lexical))
+        dense = self.dense.search(q, min(each, len(self.dense)))
+        lexical = self.lexical.search(query_texts, each)
+        scores, ids = fuse(dense, lexical, int(k), cfg)
+        return _wrap(like_torch, scores, ids)
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save(self, folder) -> None:
+        """Write the index into ``folder`` (created if needed): manifest, dense and lexical files."""
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        with self._lock:
+            self.dense.save(os.path.join(folder, _FILES["dense"]))
+            self.lexical.save(os.path.join(folder, _FILES["lexical"]))
+            manifest = {"format": FORMAT, "dim": self.dim, "ntotal": len(self), "fusion": self.fusion, "meta": self.meta,
+                        "files": {k: {"path": v, "bytes": os.path.getsize(os.path.join(folder, v))} for k, v in _FILES.items()}}
+        tmp = os.path.join(folder, f".{MANIFEST}.tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+        os.replace(tmp, os.path.join(folder, MANIFEST))
+
+    @classmethod
+    def load(cls, folder, fusion=None, *, mmap: bool = True, verify: bool = True,
+             threads: Optional[int] = None) -> "HybridIndex":
+        """Open a folder written by :meth:`save`. ``fusion`` (dict or JSON path) replaces the saved
+        config; ``verify`` checks every section's crc32 (both files); ``mmap`` maps the dense vectors."""
+        folder = os.fspath(folder)
+        mpath = os.path.join(folder, MANIFEST)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"hybrid index folder not found: {folder}")
+        if not os.path.exists(mpath):
+            raise ValueError(f"{folder} is not a hybrid index (no {MANIFEST})")
+
+        def corrupt(why):
+            return ValueError(f"{folder} is not a valid hybrid index ({why})")
+
+        try:
+            with open(mpath, "r", encoding="utf-8") as f:
+                manifest = json.load(f)
+        except json.JSONDecodeError as e:
+            raise corrupt(f"{MANIFEST} unreadable: {e.msg}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise corrupt(f"format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r}")
+        try:
+            files, ntotal, dim = manifest["files"], int(manifest["ntotal"]), int(manifest["dim"])
+            paths = {k: os.path.join(folder, files[k]["path"]) for k in _FILES}
+            sizes = {k: int(files[k]["bytes"]) for k in _FILES}
+        except (KeyError, TypeError, ValueError) as e:
+            raise corrupt(f"manifest field {e}") from None
+        for k, p in paths.items():
+            if not os.path.exists(p):
+                raise corrupt(f"{files[k]['path']} is missing")
+            if os.path.getsize(p) != sizes[k]:
+                raise corrupt(f"{files[k]['path']} has {os.path.getsize(p)} bytes, the manifest says {sizes[k]}")
+        dense = TopKIndex.load(paths["dense"], mmap=mmap, verify=verify, threads=threads)
+        lexical = LexicalIndex.load(paths["lexical"], verify=verify)
+        if dense.dim != dim or len(dense) != ntotal or len(lexical) != ntotal:
+            raise corrupt("dim/ntotal of the files differ from the manifest")
+        if not np.array_equal(dense.ids, lexical.ids):
+            raise corrupt("dense and lexical files hold different ids")
+        out = cls.from_parts(dense, lexical, manifest.get("fusion") if fusion is None else fusion)
+        out.meta = dict(manifest.get("meta") or {})
+        return out
