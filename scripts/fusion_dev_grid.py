@@ -1,4 +1,4 @@
-"""Recall@1 / MRR of every fusion config on an evaluation set with gold evidence (how the default fusion
+"""Success@1 / MRR of every fusion config on an evaluation set with gold evidence (how the default fusion
 config was chosen; ``uae calibrate-fusion`` does the same without gold, judged by the teacher).
 
     python scripts/fusion_dev_grid.py --model M --embedding-cache DIR --json OUT.json [--data D]
@@ -48,8 +48,8 @@ grid = []
 for cfg in fusion_grid():
     rankings = [[pool[i] for i in fused_ranking(d, l, cfg).tolist()] for (d, l), pool in zip(sides, pools)]
     m = retrieval_metrics(rankings, golds)
-    grid.append(dict(cfg, **{k: m[k] for k in ("Recall@1", "Recall@5", "MRR")}))
-    print(f"{cfg['method']:<7} w={cfg['weight']:<5g} R@1 {m['Recall@1']:.4f}  R@5 {m['Recall@5']:.4f}  MRR {m['MRR']:.4f}")
+    grid.append(dict(cfg, **{k: m[k] for k in ("Success@1", "Success@5", "MRR")}))
+    print(f"{cfg['method']:<7} w={cfg['weight']:<5g} S@1 {m['Success@1']:.4f}  S@5 {m['Success@5']:.4f}  MRR {m['MRR']:.4f}")
 if a.json:
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:

@@ -186,7 +186,7 @@ def _untrained(job):
 
         pq = _rank_dev(args.student or default_student_path(), args.device)
     return {**job, "metrics": {k: sum(v) / len(v) for k, v in pq.items()},
-            "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Recall@1", "MAP")}, "steps": 0, "train_queries": 0,
+            "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Success@1", "MAP")}, "steps": 0, "train_queries": 0,
             "final_loss": None, "train_s": 0.0, "total_s": round(time.time() - t0, 1),
             "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"}
 
@@ -290,21 +290,21 @@ def _paired(runs, ref, k):
 
 def answer_only_table(by) -> str:
     """The README table of the answer-only grid: mean (sd) over seeds, ratio to gold InfoNCE, paired
-    differences vs gold-label InfoNCE and vs the best weak baseline (highest mean R@1)."""
+    differences vs gold-label InfoNCE and vs the best weak baseline (highest mean S@1)."""
     import numpy as np
 
     groups = {g: runs for (g, _), runs in by.items() if g in ANSWER_ONLY or g in ("untrained", "bm25")}
-    mean = {g: {k: float(np.mean([r["metrics"][k] for r in runs.values()])) for k in ("Recall@1", "MAP")}
+    mean = {g: {k: float(np.mean([r["metrics"][k] for r in runs.values()])) for k in ("Success@1", "MAP")}
             for g, runs in groups.items()}
     gold = groups.get("gold-infonce")
     weak = [g for g in groups if g.startswith("weak-")]
-    best_weak = max(weak, key=lambda g: mean[g]["Recall@1"]) if weak else None
-    lines = [f"| system | seeds | R@1 mean (sd) | MAP mean (sd) | R@1 / gold InfoNCE | vs gold InfoNCE: R@1, MAP (paired) | "
-             f"vs best weak ({best_weak or '-'}): R@1, MAP |", "|---|---:|---:|---:|---:|---|---|"]
+    best_weak = max(weak, key=lambda g: mean[g]["Success@1"]) if weak else None
+    lines = [f"| system | seeds | S@1 mean (sd) | MAP mean (sd) | S@1 / gold InfoNCE | vs gold InfoNCE: S@1, MAP (paired) | "
+             f"vs best weak ({best_weak or '-'}): S@1, MAP |", "|---|---:|---:|---:|---:|---|---|"]
     order = ["untrained", "bm25"] + list(ANSWER_ONLY)
     for g in sorted(groups, key=order.index):
         runs = groups[g]
-        r1 = [r["metrics"]["Recall@1"] for r in runs.values()]
+        r1 = [r["metrics"]["Success@1"] for r in runs.values()]
         ap = [r["metrics"]["MAP"] for r in runs.values()]
         cells = []
         for ref in (gold, groups.get(best_weak) if best_weak else None):
@@ -312,11 +312,11 @@ def answer_only_table(by) -> str:
                 cells.append("")
                 continue
             out = []
-            for k in ("Recall@1", "MAP"):
+            for k in ("Success@1", "MAP"):
                 pb = _paired(runs, ref, k)
                 out.append("" if pb is None else f"{pb['diff']:+.4f} (p={pb['p']:.3f})")
             cells.append(", ".join(out))
-        ratio = f"{mean[g]['Recall@1'] / mean['gold-infonce']['Recall@1']:.2f}x" if gold else ""
+        ratio = f"{mean[g]['Success@1'] / mean['gold-infonce']['Success@1']:.2f}x" if gold else ""
         lines.append(f"| {g} | {len(runs)} | {np.mean(r1):.4f} ({np.std(r1):.4f}) | {np.mean(ap):.4f} ({np.std(ap):.4f}) | "
                      f"{ratio} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
