@@ -88,7 +88,7 @@ def test_beir_bad_folders(tmp_path):
     (root / "queries.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="has no queries.jsonl"):
         load_dataset(root)
-    with pytest.raises(FileNotFoundError, match="has no qrels/test.tsv$"):
+    with pytest.raises(ValueError, match="is a directory, and not a BEIR folder"):
         load_dataset(tmp_path)
 
 

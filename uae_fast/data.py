@@ -359,6 +359,8 @@ def _beir_qrels(path: str) -> Dict[str, Dict[str, int]]:
 
 def _from_beir(path: str, split: Optional[str]) -> RetrievalDataset:
     if os.path.isdir(path):
+        if not any(os.path.exists(os.path.join(path, f)) for f in ("corpus.jsonl", "corpus.jsonl.gz")):
+            raise ValueError(f"cannot read data {path}: it is a directory, and not a BEIR folder (no corpus.jsonl)")
         folder, split = path, split or "test"
         qrels_path = os.path.join(folder, "qrels", f"{split}.tsv")
         if not os.path.exists(qrels_path):
