@@ -1,5 +1,7 @@
 """--data in BEIR and SQuAD formats: hand-written fixtures, gold/pool/answers, splits, one-line errors, and `uae eval` on both."""
+import gzip
 import json
+import shutil
 
 import pytest
 
@@ -46,8 +48,6 @@ def test_beir_folder(tmp_path):
     for dev in (load_dataset(root / "qrels" / "dev.tsv"), load_dataset(root, split="dev")):
         assert dev.name == "toy/dev" and [(q.id, q.gold) for q in dev.queries] == [("q4", ["d4"])]
     # a header-less qrels file and gzipped JSONL files read the same
-    import gzip
-    import shutil
     for name in ("corpus.jsonl", "queries.jsonl"):
         with open(root / name, "rb") as src, gzip.open(root / (name + ".gz"), "wb") as dst:
             shutil.copyfileobj(src, dst)

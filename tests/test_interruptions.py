@@ -80,9 +80,13 @@ def assert_same_training(a, b, why):
     assert open(os.path.join(a, "train_log.jsonl")).read() == open(os.path.join(b, "train_log.jsonl")).read(), why
 
 
-def _tmp_checkpoints(out):
+def _checkpoint_write_began(out):
+    """A ready() that turns true once this process's next checkpoint write has begun (the listing changes:
+    a new ``.tmp`` appears or a stale one is cleaned), never earlier, e.g. during imports."""
     root = os.path.join(out, "checkpoints")
-    return os.path.isdir(root) and any(d.endswith(".tmp") for d in os.listdir(root))
+    listing = lambda: sorted(os.listdir(root)) if os.path.isdir(root) else []  # noqa: E731
+    before = listing()
+    return lambda: listing() != before and any(d.endswith(".tmp") for d in listing() + before)
 
 
 def test_train_killed_inside_checkpoint_writes_resumes_exactly(tmp_path, tiny, utils, train_ref):
@@ -112,9 +116,9 @@ def test_train_signalled_at_random_times_resumes_exactly(tmp_path, tiny, utils, 
     out = tmp_path / "run"
     argv = train_argv(tiny, utils, out)
     slow = {"UAE_TEST_CHECKPOINT": "sleep:0.2"}  # each checkpoint write takes 0.2 s more: signals often land inside
-    rc1, err = finish(spawn(argv, **slow), ready=lambda: _tmp_checkpoints(out), delay=d1, sig=signal.SIGKILL)
+    rc1, err = finish(spawn(argv, **slow), ready=_checkpoint_write_began(out), delay=d1, sig=signal.SIGKILL)
     assert rc1 in (0, -signal.SIGKILL), (why, rc1, err)
-    rc2, err = finish(spawn(argv + ["--resume"], **slow), ready=lambda: _tmp_checkpoints(out), delay=d2, sig=signal.SIGINT)
+    rc2, err = finish(spawn(argv + ["--resume"], **slow), ready=_checkpoint_write_began(out), delay=d2, sig=signal.SIGINT)
     assert rc2 in (0, 130), (why, rc2, err)
     assert "Traceback" not in err, (why, err)
     assert in_process(argv + ["--resume"]) == 0, why

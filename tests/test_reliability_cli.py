@@ -394,3 +394,14 @@ def test_cli_diverging_run_is_one_line_even_with_progress_bars(tmp_path, capsys,
     assert rc == 1 and len(shown) == 1 and shown[0].startswith("uae train: error: "), repr(err)
     assert "NaN/inf weights after step 1" in shown[0] and "\r" in err  # a bar was drawn, then erased
     assert latest_checkpoint(str(out)) is None and not (out / "model.safetensors").exists()
+
+
+def test_ctrl_c_while_the_cli_starts_is_an_interrupt_not_a_traceback(capsys, monkeypatch):
+    import uae_fast.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)  # e.g. a Ctrl-C while torch is being imported
+    assert cli.main(["train", "--out", "x"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["uae: interrupted"]

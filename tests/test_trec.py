@@ -1,5 +1,6 @@
 """TREC runs and qrels (uae_fast.trec), and ir-measures (trec_eval's measures) as the oracle for every metric
 `uae eval` prints, computed on the runs and qrels `uae eval --save-runs` writes."""
+import json
 import random
 
 import pytest
@@ -94,8 +95,6 @@ def test_uae_eval_metrics_equal_ir_measures(tmp_path, tiny, tiny_lm, capsys):  #
     assert main(["eval", "--data", DEV, "--model", tiny, "--name", "tiny", "--baselines", "bm25,base,rerank", "--student", tiny,
                  "--teacher", tiny_lm, "--rerank-limit", "5", "--rerank-depth", "4", "--save-runs", str(out),
                  "--json", str(js), "--no-progress"]) == 0
-    import json
-
     res = json.loads(js.read_text())
     assert sorted(p.name for p in out.iterdir()) == ["base.run", "bm25.run", "qrels-rerank-subset.txt", "qrels.txt", "rerank.run",
                                                       "tiny.run"]
