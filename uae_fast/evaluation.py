@@ -371,7 +371,7 @@ def format_table(result: dict) -> str:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evidence retrieval metrics of bi-encoders vs BM25, the base student and an LLM re-ranker",
                               description="Recall@1/5, MAP, MRR and per-query latency on QASPER-style evidence retrieval.")
-    p.add_argument("--data", default=None, help="evaluation data: QASPER JSON(.gz) or the JSONL schema (default: QASPER dev)")
+    p.add_argument("--data", default=None, help="evaluation data: QASPER JSON(.gz) or the JSONL schema (default: the full QASPER dev split in $UAE_DATA_DIR)")
     p.add_argument("--model", nargs="*", default=[], help="trained bi-encoder folder(s) (sentence-transformers format)")
     p.add_argument("--name", nargs="*", default=None, help="row names for the --model folders (default: folder names)")
     p.add_argument("--baselines", default="bm25,base,rerank", help="comma list of bm25, base, rerank ('' for none)")
@@ -383,13 +383,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--reader-model", default=None, help="reader LM folder (default: the teacher)")
     p.add_argument("--reader-limit", type=int, default=100, help="answerable queries the reader runs on")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries with gold evidence")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=64, help="texts per encoder forward when embedding passages")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: CUDA if available, else CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (passage encoding, the re-ranker)")
     p.add_argument("--query-threads", type=int, default=1,
                    help="torch threads per query for bi-encoders (latency; default 1 = one query per core)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_main)
 
 

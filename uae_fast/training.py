@@ -46,9 +46,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .data import RetrievalDataset, Query, default_qasper_path, load_dataset, open_text
+from .data import RetrievalDataset, Query, default_qasper_path, load_dataset, open_text, shipped_file
 
-DEFAULT_UTILITIES = os.path.join("data", "qasper-train-utilities.jsonl.gz")
+# Shipped with the package (data/ of a checkout, uae_fast/_data when installed): the default teacher on QASPER train.
+DEFAULT_UTILITIES = "qasper-train-utilities.jsonl.gz"
 _STATE_FILE = "trainer_state.pt"
 
 
@@ -564,7 +565,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
                "train_queries": len(sampler.queries), "world_size": world, "rank": rank, "config": asdict(cfg)}
     if rank == 0:
         if step >= total_steps:
-            encoder.save(out_dir)
+            encoder.save(out_dir, training=summary)
         _write_log(out_dir, log)
         with open(os.path.join(out_dir, "training_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -577,14 +578,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
 
 # ------------------------------------------------------------------------------------- CLI
 def _default_utilities() -> str:
-    """The shipped QASPER train utilities; while their scoring run is unfinished, its ``.partial`` file
-    (complete queries only, an unbiased sample thanks to the scorer's hash order)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for suffix in ("", ".partial"):
-        for p in (DEFAULT_UTILITIES, os.path.join(here, DEFAULT_UTILITIES)):
-            if os.path.exists(p + suffix):
-                return p + suffix
-    return DEFAULT_UTILITIES
+    """The shipped QASPER train utilities table (``FileNotFoundError`` saying to pass --utilities if absent)."""
+    return shipped_file(DEFAULT_UTILITIES, instead="--utilities FILE (a table from `uae score`)")
 
 
 def add_parser(subparsers) -> None:
@@ -593,26 +588,27 @@ def add_parser(subparsers) -> None:
         "train", help="train a bi-encoder on teacher utilities (UAE) or gold evidence (InfoNCE)",
         description="Distil teacher utilities into a bi-encoder (utility-modulated InfoNCE). The output folder loads "
                     "with SentenceTransformer(DIR). Multi-GPU: torchrun --nproc_per_node N -m uae_fast.cli train ...")
-    p.add_argument("--data", default=None, help="training data: QASPER JSON(.gz) or the JSONL schema (default: QASPER train)")
+    p.add_argument("--data", default=None, help="training data: QASPER JSON(.gz) or the JSONL schema (default: the full QASPER train split in $UAE_DATA_DIR)")
     p.add_argument("--utilities", default=None,
-                   help=f"utilities JSONL(.gz) from `uae score` (uae default: {DEFAULT_UTILITIES}; with --loss infonce "
+                   help=f"utilities JSONL(.gz) from `uae score` (uae default: the shipped {DEFAULT_UTILITIES}; with --loss infonce "
                         "it only supplies the candidate sets, so both losses see the same batches)")
     p.add_argument("--out", required=True, help="output folder (sentence-transformers format); checkpoints go to OUT/checkpoints")
     p.add_argument("--student", default=None, help="initial encoder folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--loss", choices=("uae", "infonce"), default=d.loss,
                    help="uae: teacher utilities (+ label_mix gold); infonce: gold evidence only (supervised baseline)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
-    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training questions (fractions allowed)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="queries per micro-batch (per device)")
-    p.add_argument("--passages-per-query", type=int, default=d.passages_per_query)
+    p.add_argument("--passages-per-query", type=int, default=d.passages_per_query,
+                   help="passages sampled per question: its gold, then scored candidates, then random paragraphs of its paper")
     p.add_argument("--candidates", default=None,
                    help="sample each question's passages (after a gold one) from 'top:M' (BM25 top-M + gold, as "
                         "uae score), 'student:M' (the initial student's top-M + gold) or 'all' (its paper); "
                         "default: the questions' rows in --utilities")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     p.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps with linear warmup")
     p.add_argument("--temperature", type=float, default=d.temperature, help="student softmax temperature")
     p.add_argument("--teacher-temperature", type=float, default=d.teacher_temperature,
@@ -621,17 +617,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--teacher-gate", type=float, default=None, metavar="MARGIN",
                    help="take each question's scored paragraphs with utility >= (its best gold's - MARGIN) out of its "
                         "softmax: likely false negatives (both losses; needs --utilities; default off)")
-    p.add_argument("--max-query-length", type=int, default=d.max_query_length)
-    p.add_argument("--max-passage-length", type=int, default=d.max_passage_length)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-query-length", type=int, default=d.max_query_length, help="questions cut to this many tokens")
+    p.add_argument("--max-passage-length", type=int, default=d.max_passage_length, help="passages cut to this many tokens")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the query order, passage sampling and torch")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimizer steps")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (0 = all)")
     p.add_argument("--stop-after", type=int, default=None, help="end this run after N total steps (resume later)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute encoder activations in backward: less memory, one more forward of compute")
     p.add_argument("--amp", default="auto", choices=("auto", "on", "off"), help="bf16 autocast (auto = on for CUDA)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None,
+                   help="torch device, e.g. cpu, cuda, cuda:1 (default: CUDA if available, else CPU; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_main)
 
 
