@@ -215,3 +215,15 @@ def test_default_student_card_names_its_hub_id(tmp_path):
 
     card = model_card(Stub())
     assert f"base_model: {DEFAULT_STUDENT_ID}" in card and f"# SentenceTransformer based on {DEFAULT_STUDENT_ID}" in card
+
+
+# ---------------------------------------------------------------------------------------- triton optional
+def test_without_triton_auto_is_torch_and_triton_says_what_to_install(monkeypatch):
+    import torch
+
+    from uae_fast._checks import resolve_impl
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # find_spec -> None, as when not installed
+    assert resolve_impl("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(ValueError, match="needs the triton package"):
+        resolve_impl("triton", torch.device("cuda"))
