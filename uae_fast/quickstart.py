@@ -169,7 +169,7 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     del scorer
 
     # 2. distillation
-    # The shipped utilities are for the bundled QASPER train split only.
+    # The shipped utilities were scored on QASPER train (the slice or the full split): not for other --train-data.
     shipped = None if (full or utilities or train_data) else _shipped_utilities()
     train_utils = utilities or shipped or slice_path
     if shipped and os.path.basename(train_path) == header.get("data"):
