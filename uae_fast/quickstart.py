@@ -114,6 +114,8 @@ def check(full: bool = False, train_data: Optional[str] = None, dev_data: Option
     """What the quickstart would read, loaded and counted, without running a model (``--dry-run``)."""
     train_path, dev_path = resolve_data(full, train_data, dev_data)
     train_ds, dev_ds = load_dataset(train_path), load_dataset(dev_path)
+    if utilities and not os.path.exists(utilities):
+        raise FileNotFoundError(f"utilities file not found: {utilities}")
     shipped = None if (full or utilities or train_data) else _shipped_utilities()
     return {"train_data": train_path, "train_questions": len(train_ds), "dev_data": dev_path,
             "dev_questions_with_gold": sum(1 for q in dev_ds.queries if q.gold),
@@ -222,8 +224,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--teacher", default=None, help="teacher causal-LM folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--student", default=None, help="student encoder folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--utilities", default=None,
-                   help="train on this utilities file (default: the shipped QASPER train table, or with --full, "
-                        "--train-data or without it, the questions scored in stage 1)")
+                   help="train on this utilities file (default: the shipped QASPER train table; with --full or "
+                        "--train-data, the questions scored in stage 1)")
     p.add_argument("--score-queries", type=int, default=None, help=f"train questions to score (default {QUICK['score_queries']})")
     p.add_argument("--train-steps", type=int, default=None, help=f"optimizer steps (default {QUICK['train_steps']})")
     p.add_argument("--dev-queries", type=int, default=None, help=f"dev questions evaluated (default {QUICK['dev_queries']})")
