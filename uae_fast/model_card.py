@@ -69,7 +69,7 @@ def _training_section(training: dict) -> str:
     out = ["## Training Details", ""]
     loss = cfg.get("loss")
     if loss:
-        out += [f"Trained with `uae train` (uae_fast): {_LOSSES.get(loss, loss)}.", ""]
+        out += [f"Trained with `uae train` (uae_fast) using {_LOSSES.get(loss, loss)}.", ""]
     facts = [("Training data", os.path.basename(cfg["data"]) if cfg.get("data") else None),
              ("Teacher utilities", os.path.basename(cfg["utilities"]) if cfg.get("utilities") else None),
              ("Training questions", training.get("train_queries")),
