@@ -92,6 +92,25 @@ def test_quickstart_data_defaults_to_the_shipped_slices(monkeypatch):
     scored = [q.id for q in select_queries(load_dataset(info["train_data"]))[:12]]
     table, _ = load_utilities(info["utilities"])
     assert all(q in table for q in scored)
+    assert info["train_questions_with_utilities"] == 660  # two epochs of the quick run's 80 x 16 questions
+
+
+def test_quickstart_cuts_the_shipped_table_to_the_slice(tmp_path):
+    from uae_fast.data import QUICKSTART_SLICE, load_dataset
+    from uae_fast.quickstart import _shipped_for
+    from uae_fast.training import DEFAULT_UTILITIES, check_utilities, load_utilities
+
+    shipped = os.path.join(ROOT, "data", DEFAULT_UTILITIES)
+    ds = load_dataset(os.path.join(ROOT, "data", QUICKSTART_SLICE.format(split="train")))
+    with pytest.raises(ValueError, match="query ids are not in the data"):  # why the cut is needed
+        check_utilities(load_utilities(shipped)[0], ds)
+    cut = _shipped_for(ds, shipped, str(tmp_path))
+    table, header = load_utilities(cut)
+    check_utilities(table, ds)
+    full, _ = load_utilities(shipped)
+    assert table == {q: full[q] for q in full if q in table} and len(table) == 660
+    assert header["n_queries"] == 660 and header["subset_of"] == DEFAULT_UTILITIES
+    assert _shipped_for(ds.subset(), cut, str(tmp_path / "again")) == cut  # nothing to cut: the file itself
 
 
 def test_data_dir_env_and_messages(tmp_path, monkeypatch):

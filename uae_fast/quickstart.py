@@ -39,6 +39,26 @@ def _shipped_utilities() -> Optional[str]:
         return None
 
 
+def _shipped_for(ds: RetrievalDataset, shipped: str, out: str) -> str:
+    """The shipped table, cut to the questions of ``ds`` when it holds others (the train slice holds 660 of
+    its 2,095; the trainer rejects rows of questions its data lacks), written as a utilities file in ``out``."""
+    from .scoring import _finalize, read_utilities
+
+    header, rows = read_utilities(shipped)
+    ids = {q.id for q in ds.queries}
+    keep = [r for r in rows if r["qid"] in ids]
+    if len(keep) == len(rows):
+        return shipped
+    path = os.path.join(out, "shipped-utilities.jsonl.gz")
+    header = dict(header, n_queries=len({r["qid"] for r in keep}), n_rows=len(keep), data=ds.name,
+                  subset_of=os.path.basename(shipped))
+    with open(path + ".partial", "w", encoding="utf-8") as f:
+        for rec in [header] + keep:
+            f.write(json.dumps(rec) + "\n")
+    _finalize(path + ".partial", path)  # atomic, gzipped, as uae score publishes
+    return path
+
+
 def _say(msg: str) -> None:
     print(f"[quickstart] {msg}", file=sys.stderr, flush=True)
 
@@ -117,9 +137,20 @@ def check(full: bool = False, train_data: Optional[str] = None, dev_data: Option
     if utilities and not os.path.exists(utilities):
         raise FileNotFoundError(f"utilities file not found: {utilities}")
     shipped = None if (full or utilities or train_data) else _shipped_utilities()
-    return {"train_data": train_path, "train_questions": len(train_ds), "dev_data": dev_path,
+    info = {"train_data": train_path, "train_questions": len(train_ds), "dev_data": dev_path,
             "dev_questions_with_gold": sum(1 for q in dev_ds.queries if q.gold),
             "utilities": utilities or shipped or "(the questions scored in stage 1)"}
+    if shipped:  # the table as stage 2 hands it to the trainer, through the trainer's own checks
+        import tempfile
+
+        from .training import check_utilities, load_utilities
+
+        with tempfile.TemporaryDirectory() as tmp:
+            cut = _shipped_for(train_ds, shipped, tmp)
+            table, _ = load_utilities(cut)
+            check_utilities(table, train_ds, path=cut, data_path=train_path)
+        info["train_questions_with_utilities"] = len(table)
+    return info
 
 
 def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: Optional[str] = None,
@@ -173,9 +204,9 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     # 2. distillation
     # The shipped utilities were scored on QASPER train (the slice or the full split): not for other --train-data.
     shipped = None if (full or utilities or train_data) else _shipped_utilities()
-    train_utils = utilities or shipped or slice_path
     if shipped and os.path.basename(train_path) == header.get("data"):
         report["stages"]["score"]["vs_shipped"] = _compare_with_shipped(slice_path, shipped)
+    train_utils = utilities or (shipped and _shipped_for(train_ds, shipped, out)) or slice_path
     _say(f"2/3 training the student on {train_utils}")
     t0 = time.time()
     model_dir = os.path.join(out, "model")
