@@ -48,6 +48,7 @@ setup(
     packages=find_packages(include=["uae_fast", "uae_fast.*"]) + ["uae_fast._data"],
     package_dir={"uae_fast._data": "data"},
     # The quickstart slices and the default utilities table (not the 1.2 MB every-paragraph table: no default reads it).
+    include_package_data=False,  # exactly package_data: not whatever a stale egg-info/SOURCES.txt lists
     package_data={"uae_fast": ["py.typed"],
                   "uae_fast._data": ["qasper-*-v0.3-quickstart.json.gz", "qasper-train-utilities.jsonl.gz", "README.md"]},
     ext_modules=[ext],

@@ -67,6 +67,10 @@ for split in ("train", "dev"):
     p = shipped_file(QUICKSTART_SLICE.format(split=split))
     assert inside_venv(p) and len(load_dataset(p)) > 200, p
 assert inside_venv(_default_utilities())
+shipped = sorted(os.listdir(os.path.dirname(_default_utilities())))
+expected = sorted(["README.md", os.path.basename(_default_utilities())]
+                  + [QUICKSTART_SLICE.format(split=s) for s in ("train", "dev")])
+assert shipped == expected, f"uae_fast/_data holds {shipped}, expected {expected}"  # nothing stale rides along
 
 print(f"wheel smoke OK: uae_fast {uae_fast.__version__} from {os.path.dirname(uae_fast.__file__)}; "
       f"torch {torch.__version__}; OpenMP {sorted(gomp) or 'none'}", file=sys.stderr)
