@@ -1,11 +1,12 @@
-"""Builds the C++ retrieval extension ``uae_fast._topk`` (pybind11, C++17, OpenMP when the compiler has it)."""
+"""Builds the C++ retrieval extension ``uae_fast._topk`` (pybind11, C++17, OpenMP when the compiler has it)
+and lists the packages (metadata is in pyproject.toml)."""
 import os
 import subprocess
 import sys
 import tempfile
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _has_flag(flag: str) -> bool:
@@ -41,4 +42,16 @@ ext = Pybind11Extension(
     extra_link_args=link_args,
 )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
+# The checkout's data/ folder (QASPER slices, utilities tables) installs as uae_fast/_data, so an installed
+# package finds it where a checkout finds data/ (uae_fast.data.shipped_file looks in both).
+setup(
+    packages=find_packages(include=["uae_fast", "uae_fast.*"]) + ["uae_fast._data"],
+    package_dir={"uae_fast._data": "data"},
+    # The quickstart slices and the default utilities table (not the 1.2 MB every-paragraph table: no default reads it).
+    include_package_data=False,  # exactly package_data: not whatever a stale egg-info/SOURCES.txt lists
+    package_data={"uae_fast": ["py.typed"],
+                  "uae_fast._data": ["qasper-*-v0.3-quickstart.json.gz", "qasper-train-utilities.jsonl.gz",
+                                     "qasper-train-utilities-nogold-top12.jsonl.gz", "README.md"]},
+    ext_modules=[ext],
+    cmdclass={"build_ext": build_ext},
+)

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", required=True, help="top:M or student:M")
     ap.add_argument("--no-gold", action="store_true", help="answer-only: the policy's top-M alone, no gold added (default off)")
     ap.add_argument("--candidate-student", default=None, help="encoder for student:M (default all-MiniLM-L6-v2)")
-    ap.add_argument("--data", default=None, help="the data the table was scored on (default: bundled QASPER train)")
+    ap.add_argument("--data", default=None, help="the data the table was scored on (default: the full QASPER train split in $UAE_DATA_DIR)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     ds = load_dataset(args.data or default_qasper_path("train"))

@@ -12,7 +12,7 @@ Public API (imported lazily so ``import uae_fast`` stays cheap and a CLI call lo
 """
 from importlib import import_module
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place: pyproject reads it, `uae --version` prints it
 
 _EXPORTS = {
     "token_logprobs": "uae_fast.ops.logprobs",

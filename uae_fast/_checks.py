@@ -136,11 +136,17 @@ def resolve_device(device=None) -> torch.device:
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """``auto`` = Triton on CUDA, torch elsewhere. ``triton`` on CPU runs only under TRITON_INTERPRET=1."""
+    """``auto`` = Triton on CUDA (if installed), torch elsewhere. ``triton`` on CPU runs only under TRITON_INTERPRET=1."""
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    # triton is optional (PyTorch's CUDA wheels bring it): without it, auto is the torch path everywhere.
+    import importlib.util
+
+    has_triton = importlib.util.find_spec("triton") is not None
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and has_triton else "torch"
+    if impl == "triton" and not has_triton:
+        raise ValueError("impl='triton' needs the triton package (pip install triton; PyTorch's CUDA wheels bring it)")
     if impl == "triton" and device.type != "cuda":
         import os
 

@@ -1,4 +1,4 @@
-"""``uae`` command line: ``uae score | train | export | eval | diagnose | quickstart | calibrate-fusion | index | search``.
+"""``uae`` command line: ``uae score | train | export | eval | diagnose | quickstart | calibrate-fusion | index | search`` (and ``uae --version``).
 
 Each subcommand lives in the module that owns the concept; this file only wires argparse.
 A module registers its subcommand with ``add_parser(subparsers)`` and the parser's
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from importlib import import_module
 from typing import Optional
@@ -43,9 +44,49 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
+# reST roles and literals of the docstrings that modules reuse as descriptions (plain text in a terminal).
+_REST_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc|ref):`~?([^`]+)`")
+_REST_LITERAL = re.compile(r"``(.+?)``", re.S)
+_REST_BLOCK = re.compile(r"::$", re.M)  # "Example::" introducing a literal block
+
+
+def plain(text: str) -> str:
+    """``literal`` -> literal, :class:`X` -> X, "Example::" -> "Example:"."""
+    return _REST_BLOCK.sub(":", _REST_LITERAL.sub(r"\1", _REST_ROLE.sub(r"\1", text)))
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every subcommand's formatter: plain text (reST stripped) and each option's default shown.
+
+    The default is appended as ``(default: X)`` unless the help already says what the default is, and not
+    for flags (default False) or unset options (default None), whose help says what happens without them.
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and "default" not in text and "%(default)" not in text
+                and default is not None and default is not False and default is not argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+    def _expand_help(self, action):
+        return plain(super()._expand_help(action))
+
+    def _format_text(self, text):
+        return super()._format_text(plain(text))
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The same, keeping the description's line breaks (for subcommands that asked for raw descriptions)."""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="uae", description="Utility-Aligned Embeddings: score, train, evaluate.")
+    from . import __version__
+
+    parser = _Parser(prog="uae", description="Utility-Aligned Embeddings: score, train, evaluate.",
+                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _SUBCOMMANDS:
         try:
@@ -55,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.add_parser(sub)
+    for p in sub.choices.values():  # one formatter for all; a raw description stays raw
+        raw = issubclass(p.formatter_class, argparse.RawDescriptionHelpFormatter)
+        p.formatter_class = RawDescriptionHelpFormatter if raw else HelpFormatter
     return parser
 
 

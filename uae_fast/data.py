@@ -475,13 +475,63 @@ def load_dataset(path: str, *, split: Optional[str] = None) -> RetrievalDataset:
     return ds
 
 
-def default_qasper_path(split: str) -> str:
-    """Where the bundled QASPER copy lives (``$UAE_DATA_DIR`` or ``../shared/data/qasper`` of the checkout)."""
+# The official QASPER v0.3 file names, and the slices of them shipped for the quickstart
+# (scripts/make_qasper_slices.py; data/README.md says what they hold and their licence).
+QASPER_FILE = "qasper-{split}-v0.3.json.gz"
+QUICKSTART_SLICE = "qasper-{split}-v0.3-quickstart.json.gz"
+DATA_DIR_ENV = "UAE_DATA_DIR"
+
+
+def _shipped_dirs() -> List[str]:
+    """Where shipped data files live: ``uae_fast/_data`` of an installed package, ``data/`` of a checkout."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    return [os.path.join(pkg, "_data"), os.path.join(os.path.dirname(pkg), "data")]
+
+
+def shipped_file(name: str, *, instead: str = "") -> str:
+    """Path of a data file shipped with the package (a QASPER slice, a utilities table).
+
+    Raises ``FileNotFoundError`` naming the places searched and, if given, what to pass ``instead``.
+    """
+    dirs = _shipped_dirs()
+    for d in dirs:
+        p = os.path.join(d, name)
+        if os.path.exists(p):
+            return p
+    hint = f"; pass {instead}" if instead else ""
+    raise FileNotFoundError(f"shipped data file {name} not found in {' or '.join(dirs)}{hint}")
+
+
+def _qasper_in(root: str, split: str) -> Optional[str]:
+    """The official file of ``split`` in ``root``: gzipped (as shipped here) or as the release tarball unpacks."""
+    name = QASPER_FILE.format(split=split)
+    for p in (os.path.join(root, name), os.path.join(root, name[: -len(".gz")])):
+        if os.path.exists(p):
+            return os.path.abspath(p)
+    return None
+
+
+def default_qasper_path(split: str, *, flag: str = "--data") -> str:
+    """The full QASPER ``split``: in ``$UAE_DATA_DIR``, else ``../shared/data/qasper`` or ``data/qasper`` of the checkout."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    roots = [os.environ.get("UAE_DATA_DIR"), os.path.join(here, "..", "shared", "data", "qasper"), os.path.join(here, "data", "qasper")]
+    name = QASPER_FILE.format(split=split)
+    roots = [os.environ.get(DATA_DIR_ENV), os.path.join(here, "..", "shared", "data", "qasper"), os.path.join(here, "data", "qasper")]
     for root in roots:
-        if root:
-            p = os.path.join(root, f"qasper-{split}-v0.3.json.gz")
-            if os.path.exists(p):
-                return os.path.abspath(p)
-    raise FileNotFoundError(f"QASPER {split} split not found; set UAE_DATA_DIR or pass --data")
+        p = _qasper_in(root, split) if root else None
+        if p:
+            return p
+    raise FileNotFoundError(
+        f"QASPER {split} split not found: pass {flag} FILE, or set {DATA_DIR_ENV} to a folder holding {name[:-3]}(.gz) "
+        f"(the official QASPER v0.3 release; README 'Data')")
+
+
+def quickstart_qasper_path(split: str) -> str:
+    """The quickstart's QASPER ``split``: the full one in ``$UAE_DATA_DIR`` if set, else the shipped slice."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        p = _qasper_in(env, split)
+        if not p:
+            raise FileNotFoundError(f"{DATA_DIR_ENV}={env} holds no {QASPER_FILE.format(split=split)[:-3]}(.gz); "
+                                    f"pass --{split}-data FILE, or unset {DATA_DIR_ENV} to use the shipped slice")
+        return p
+    return shipped_file(QUICKSTART_SLICE.format(split=split), instead=f"--{split}-data FILE or set {DATA_DIR_ENV}")

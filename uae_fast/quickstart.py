@@ -3,14 +3,16 @@
 1. **score**: the default teacher (SmolLM2-135M-Instruct) scores the candidates of a slice of QASPER train
    questions (the first ``--score-queries`` in the scorer's default paper order);
 2. **train**: the default student (all-MiniLM-L6-v2) is distilled with utility-modulated InfoNCE. It trains
-   on the utilities shipped with the package (``data/qasper-train-utilities.jsonl.gz``, the same scorer on
+   on the utilities shipped with the package (``qasper-train-utilities.jsonl.gz``, the same scorer on
    the train split) when they exist, else on the slice just scored; the slice's rows are checked against
    the shipped ones, so the quickstart also shows the scorer reproduces the artifact;
 3. **evaluate**: on a QASPER dev slice, the trained model against BM25, the untrained student and the LLM
    re-ranker (the teacher re-scoring the untrained student's top-20, UPR-style), with per-query latency.
 
-Writes ``OUT/model`` (sentence-transformers folder), ``OUT/report.json`` and ``OUT/report.png``.
-``--full`` runs the whole train split and the whole dev split (GPU recommended) after printing an estimate.
+Data: the QASPER slices shipped with the package (200 train papers; the papers of the first 200 dev questions
+with evidence), or the full splits in ``$UAE_DATA_DIR``, or ``--train-data``/``--dev-data``.
+Writes ``OUT/model`` (sentence-transformers folder), ``OUT/report.json`` and ``OUT/report.png`` (with the
+``plot`` extra). ``--full`` runs the whole train and dev splits (GPU recommended) after printing an estimate.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import sys
 import time
 from typing import Optional
 
-from .data import RetrievalDataset, default_qasper_path, load_dataset
+from .data import RetrievalDataset, default_qasper_path, load_dataset, quickstart_qasper_path
 
 # Quick defaults: sized for <= 15 minutes on 2 CPU cores (see README "Quick start").
 QUICK = {"score_queries": 12, "train_steps": 80, "dev_queries": 200, "rerank_queries": 20}
@@ -31,8 +33,30 @@ QUICK_PASSAGES_PER_QUERY = 4
 def _shipped_utilities() -> Optional[str]:
     from .training import _default_utilities
 
-    p = _default_utilities()
-    return p if os.path.exists(p) else None
+    try:
+        return _default_utilities()
+    except FileNotFoundError:
+        return None
+
+
+def _shipped_for(ds: RetrievalDataset, shipped: str, out: str) -> str:
+    """The shipped table, cut to the questions of ``ds`` when it holds others (the train slice holds 660 of
+    its 2,095; the trainer rejects rows of questions its data lacks), written as a utilities file in ``out``."""
+    from .scoring import _finalize, read_utilities
+
+    header, rows = read_utilities(shipped)
+    ids = {q.id for q in ds.queries}
+    keep = [r for r in rows if r["qid"] in ids]
+    if len(keep) == len(rows):
+        return shipped
+    path = os.path.join(out, "shipped-utilities.jsonl.gz")
+    header = dict(header, n_queries=len({r["qid"] for r in keep}), n_rows=len(keep), data=ds.name,
+                  subset_of=os.path.basename(shipped))
+    with open(path + ".partial", "w", encoding="utf-8") as f:
+        for rec in [header] + keep:
+            f.write(json.dumps(rec) + "\n")
+    _finalize(path + ".partial", path)  # atomic, gzipped, as uae score publishes
+    return path
 
 
 def _say(msg: str) -> None:
@@ -50,9 +74,15 @@ def _compare_with_shipped(slice_path: str, shipped: str) -> dict:
             "shipped_teacher": ref_header.get("teacher")}
 
 
-def plot_report(report: dict, path: str) -> None:
-    """Two panels: retrieval quality per system (Success@1, MAP), and per-query latency (log scale)."""
-    import matplotlib
+def plot_report(report: dict, path: str) -> bool:
+    """Two panels: retrieval quality per system (Success@1, MAP), and per-query latency (log scale).
+
+    Returns False (and says so) without matplotlib, an optional dependency (the ``plot`` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        _say(f"{os.path.basename(path)} not written: matplotlib is not installed (pip install 'uae_fast[plot]')")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -88,6 +118,39 @@ def plot_report(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
+
+
+def resolve_data(full: bool = False, train_data: Optional[str] = None, dev_data: Optional[str] = None):
+    """(train, dev) paths: the flags, else the full splits (``--full``) or the quickstart slices."""
+    if full:
+        return (train_data or default_qasper_path("train", flag="--train-data"),
+                dev_data or default_qasper_path("dev", flag="--dev-data"))
+    return train_data or quickstart_qasper_path("train"), dev_data or quickstart_qasper_path("dev")
+
+
+def check(full: bool = False, train_data: Optional[str] = None, dev_data: Optional[str] = None,
+          utilities: Optional[str] = None) -> dict:
+    """What the quickstart would read, loaded and counted, without running a model (``--dry-run``)."""
+    train_path, dev_path = resolve_data(full, train_data, dev_data)
+    train_ds, dev_ds = load_dataset(train_path), load_dataset(dev_path)
+    if utilities and not os.path.exists(utilities):
+        raise FileNotFoundError(f"utilities file not found: {utilities}")
+    shipped = None if (full or utilities or train_data) else _shipped_utilities()
+    info = {"train_data": train_path, "train_questions": len(train_ds), "dev_data": dev_path,
+            "dev_questions_with_gold": sum(1 for q in dev_ds.queries if q.gold),
+            "utilities": utilities or shipped or "(the questions scored in stage 1)"}
+    if shipped:  # the table as stage 2 hands it to the trainer, through the trainer's own checks
+        import tempfile
+
+        from .training import check_utilities, load_utilities
+
+        with tempfile.TemporaryDirectory() as tmp:
+            cut = _shipped_for(train_ds, shipped, tmp)
+            table, _ = load_utilities(cut)
+            check_utilities(table, train_ds, path=cut, data_path=train_path)
+        info["train_questions_with_utilities"] = len(table)
+    return info
 
 
 def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: Optional[str] = None,
@@ -101,9 +164,8 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     from .training import TrainConfig, load_utilities, train
 
     t_all = time.time()
+    train_path, dev_path = resolve_data(full, train_data, dev_data)
     os.makedirs(out, exist_ok=True)
-    train_path = train_data or default_qasper_path("train")
-    dev_path = dev_data or default_qasper_path("dev")
     train_ds, dev_ds = load_dataset(train_path), load_dataset(dev_path)
     q = dict(QUICK)
     for k, v in (("score_queries", score_queries), ("train_steps", train_steps), ("dev_queries", dev_queries),
@@ -140,11 +202,11 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     del scorer
 
     # 2. distillation
-    # The shipped utilities are for the bundled QASPER train split only.
+    # The shipped utilities were scored on QASPER train (the slice or the full split): not for other --train-data.
     shipped = None if (full or utilities or train_data) else _shipped_utilities()
-    train_utils = utilities or shipped or slice_path
     if shipped and os.path.basename(train_path) == header.get("data"):
         report["stages"]["score"]["vs_shipped"] = _compare_with_shipped(slice_path, shipped)
+    train_utils = utilities or (shipped and _shipped_for(train_ds, shipped, out)) or slice_path
     _say(f"2/3 training the student on {train_utils}")
     t0 = time.time()
     model_dir = os.path.join(out, "model")
@@ -170,13 +232,14 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     report["seconds_total"] = round(time.time() - t_all, 1)
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    plot_report(report, os.path.join(out, "report.png"))
+    png = os.path.join(out, "report.png")
+    wrote_png = plot_report(report, png)
     print(format_table(ev))
     sp = ev.get("speedup_vs_rerank", {}).get("uae")
     if sp:
         print(f"UAE retrieval is {sp:.0f}x faster per query than the LLM re-ranker on this machine.")
     print(f"done in {report['seconds_total'] / 60:.1f} min: {model_dir} (SentenceTransformer loads it), "
-          f"{os.path.join(out, 'report.json')}, {os.path.join(out, 'report.png')}")
+          f"{os.path.join(out, 'report.json')}" + (f", {png}" if wrote_png else ""))
     return report
 
 
@@ -185,22 +248,34 @@ def add_parser(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="uae-quickstart", help="output folder (model/, report.json, report.png)")
     p.add_argument("--full", action="store_true", help="the whole train and dev splits (GPU recommended); prints an estimate first")
-    p.add_argument("--train-data", default=None, help="QASPER/SQuAD/JSONL train data or a BEIR folder (default: bundled QASPER train)")
-    p.add_argument("--dev-data", default=None, help="QASPER/SQuAD/JSONL dev data or a BEIR folder (default: bundled QASPER dev)")
+    p.add_argument("--train-data", default=None,
+                   help="QASPER/SQuAD/JSONL train data or a BEIR folder (default: the full split in $UAE_DATA_DIR if set, "
+                        "else the shipped QASPER train slice; --full: $UAE_DATA_DIR or ../shared/data/qasper)")
+    p.add_argument("--dev-data", default=None,
+                   help="QASPER/SQuAD/JSONL dev data or a BEIR folder (default: as --train-data, for dev)")
     p.add_argument("--teacher", default=None, help="teacher causal-LM folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--student", default=None, help="student encoder folder (default: all-MiniLM-L6-v2)")
-    p.add_argument("--utilities", default=None, help="train on this utilities file instead of the shipped one")
+    p.add_argument("--utilities", default=None,
+                   help="train on this utilities file (default: the shipped QASPER train table; with --full or "
+                        "--train-data, the questions scored in stage 1)")
     p.add_argument("--score-queries", type=int, default=None, help=f"train questions to score (default {QUICK['score_queries']})")
     p.add_argument("--train-steps", type=int, default=None, help=f"optimizer steps (default {QUICK['train_steps']})")
     p.add_argument("--dev-queries", type=int, default=None, help=f"dev questions evaluated (default {QUICK['dev_queries']})")
     p.add_argument("--rerank-queries", type=int, default=None, help=f"dev questions the LLM re-ranker runs on (default {QUICK['rerank_queries']})")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only resolve and load the data and the utilities table, print what would be used, and exit")
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
     from .cli import set_threads
+
+    if args.dry_run:
+        for k, v in check(args.full, args.train_data, args.dev_data, args.utilities).items():
+            print(f"{k}: {v}")
+        return 0
 
     set_threads(args.threads)
     quickstart(args.out, full=args.full, train_data=args.train_data, dev_data=args.dev_data, teacher=args.teacher,

@@ -312,7 +312,7 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("score", help="teacher utilities for every (query, candidate passage)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="QASPER or SQuAD .json(.gz), uae JSONL or a BEIR folder; default: the bundled QASPER train split")
+    p.add_argument("--data", help="QASPER or SQuAD .json(.gz), uae JSONL or a BEIR folder (default: the full QASPER train split in $UAE_DATA_DIR)")
     p.add_argument("--out", required=True, help="output .jsonl or .jsonl.gz (appears only when complete)")
     p.add_argument("--teacher", default=None,
                    help="smollm2-135m | gemma3-270m (named GGUF teachers from pip packages, cached as safetensors) | an "
@@ -332,10 +332,11 @@ def add_parser(subparsers) -> None:
                    help="teacher ensemble into --out instead of scoring: per-query z-scored utilities averaged over the "
                         "rows all tables share (tables of one candidate policy; default off)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: CUDA when available)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: CUDA if available, else CPU)")
     p.add_argument("--max-passage-tokens", type=int, default=None, help="passages cut to this many tokens (default 128)")
     p.add_argument("--max-answer-tokens", type=int, default=None, help="answers cut to this many tokens (default 48)")
-    p.add_argument("--aggregation", default="mean", choices=["mean", "sum", "clipped_mean"])
+    p.add_argument("--aggregation", default="mean", choices=["mean", "sum", "clipped_mean"],
+                   help="per-token deltas to one utility: their mean, sum, or mean after clipping each to [-2, 2]")
     p.add_argument("--token-budget", type=int, default=None, help="padded tokens per forward (default 8192)")
     p.add_argument("--order", default="paper", choices=["paper", "hash", "data"],
                    help="query order: paper (default; a paper's questions together, so passages they share run once), "
@@ -350,7 +351,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--save-deltas", action="store_true", help="store per-token deltas in each row")
     p.add_argument("--group", type=int, default=16, help="queries batched together per scoring call (default 16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_main)
 
 

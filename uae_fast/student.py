@@ -246,8 +246,11 @@ class BiEncoder(nn.Module):
         return out
 
     # ----------------------------------------------------------------------------- saving
-    def save(self, path: str) -> None:
-        """Write the sentence-transformers layout (Transformer at the root, 1_Pooling, 2_Normalize)."""
+    def save(self, path: str, *, training: Optional[dict] = None) -> None:
+        """Write the sentence-transformers layout (Transformer at the root, 1_Pooling, 2_Normalize) and a
+        README.md model card (with ``training``, the summary ``uae train`` returns, its training details)."""
+        from .model_card import write_model_card
+
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
         model = self.model
@@ -272,6 +275,7 @@ class BiEncoder(nn.Module):
         with open(os.path.join(path, "config_sentence_transformers.json"), "w") as f:
             json.dump({"similarity_fn_name": "cosine" if self.normalize else "dot",
                        "prompts": {}, "default_prompt_name": None}, f, indent=2)
+        write_model_card(self, path, training=training)
 
 
 def as_encoder(model: Union[str, "BiEncoder", None], *, device=None) -> BiEncoder:

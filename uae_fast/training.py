@@ -52,14 +52,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .data import RetrievalDataset, Query, default_qasper_path, load_dataset
+from .data import RetrievalDataset, Query, default_qasper_path, load_dataset, shipped_file
 # The utilities table (reading, validation) is owned by .utilities; these names stay importable from here.
 from .utilities import check_answer_only, check_utilities, load_utilities  # noqa: F401
 
-DEFAULT_UTILITIES = os.path.join("data", "qasper-train-utilities.jsonl.gz")
+# Shipped with the package (data/ of a checkout, uae_fast/_data when installed): the default teacher on QASPER train.
+DEFAULT_UTILITIES = "qasper-train-utilities.jsonl.gz"
 # The answer-only table of the default teacher (BM25 top-12 of the question, no gold added), cut from the
 # shipped every-paragraph table: what `uae train --no-gold` reads by default.
-DEFAULT_NOGOLD_UTILITIES = os.path.join("data", "qasper-train-utilities-nogold-top12.jsonl.gz")
+DEFAULT_NOGOLD_UTILITIES = "qasper-train-utilities-nogold-top12.jsonl.gz"
 # --no-gold's passages per question: its 12 scored candidates (all of them, so a weak positive is always in
 # the batch) + 4 random paragraphs of the paper, as the gold defaults have ~4.
 NO_GOLD_PASSAGES_PER_QUERY = 16
@@ -736,7 +737,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     if rank == 0:
         if step >= total_steps:
             _check_finite_model(encoder, step)
-            encoder.save(out_dir)
+            encoder.save(out_dir, training=summary)
         _write_log(out_dir, log)
         _write_atomic(os.path.join(out_dir, "training_summary.json"), json.dumps(summary, indent=2))
     if world > 1:
@@ -748,15 +749,10 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
 
 # ------------------------------------------------------------------------------------- CLI
 def _default_utilities(no_gold: bool = False) -> str:
-    """The shipped QASPER train utilities (``no_gold``: the answer-only table); while their scoring run is
-    unfinished, its ``.partial`` file (complete queries only, an unbiased sample thanks to the scorer's hash order)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    rel = DEFAULT_NOGOLD_UTILITIES if no_gold else DEFAULT_UTILITIES
-    for suffix in ("", ".partial"):
-        for p in (rel, os.path.join(here, rel)):
-            if os.path.exists(p + suffix):
-                return p + suffix
-    return rel
+    """The shipped QASPER train utilities table (``no_gold``: the answer-only one); ``FileNotFoundError``
+    saying to pass --utilities if absent."""
+    return shipped_file(DEFAULT_NOGOLD_UTILITIES if no_gold else DEFAULT_UTILITIES,
+                        instead="--utilities FILE (a table from `uae score`)")
 
 
 def add_parser(subparsers) -> None:
@@ -765,9 +761,9 @@ def add_parser(subparsers) -> None:
         "train", help="train a bi-encoder on teacher utilities (UAE) or gold evidence (InfoNCE)",
         description="Distil teacher utilities into a bi-encoder (utility-modulated InfoNCE). The output folder loads "
                     "with SentenceTransformer(DIR). Multi-GPU: torchrun --nproc_per_node N -m uae_fast.cli train ...")
-    p.add_argument("--data", default=None, help="training data: QASPER or SQuAD JSON(.gz), the JSONL schema or a BEIR folder (default: QASPER train)")
+    p.add_argument("--data", default=None, help="training data: QASPER or SQuAD JSON(.gz), the JSONL schema or a BEIR folder (default: the full QASPER train split in $UAE_DATA_DIR)")
     p.add_argument("--utilities", default=None,
-                   help=f"utilities JSONL(.gz) from `uae score` (uae default: {DEFAULT_UTILITIES}; with --no-gold: "
+                   help=f"utilities JSONL(.gz) from `uae score` (uae default: the shipped {DEFAULT_UTILITIES}; with --no-gold: "
                         f"{DEFAULT_NOGOLD_UTILITIES}; with --loss infonce it only supplies the candidate sets, so both "
                         "losses see the same batches)")
     p.add_argument("--out", required=True, help="output folder (sentence-transformers format); checkpoints go to OUT/checkpoints")
@@ -788,7 +784,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="delete the previous uae train run in OUT (checkpoints, logs, model) and start afresh "
                         "(default: a non-empty OUT without --resume is refused)")
-    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training questions (fractions allowed)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="queries per micro-batch (per device)")
     p.add_argument("--passages-per-query", type=int, default=None,
@@ -799,8 +795,8 @@ def add_parser(subparsers) -> None:
                         "uae score), 'student:M' (the initial student's top-M + gold) or 'all' (its paper); "
                         "default: the questions' rows in --utilities")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     p.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps with linear warmup")
     p.add_argument("--temperature", type=float, default=d.temperature, help="student softmax temperature")
     p.add_argument("--teacher-temperature", type=float, default=d.teacher_temperature,
@@ -810,17 +806,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--teacher-gate", type=float, default=None, metavar="MARGIN",
                    help="take each question's scored paragraphs with utility >= (its best gold's - MARGIN) out of its "
                         "softmax: likely false negatives (both losses; needs --utilities; default off)")
-    p.add_argument("--max-query-length", type=int, default=d.max_query_length)
-    p.add_argument("--max-passage-length", type=int, default=d.max_passage_length)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-query-length", type=int, default=d.max_query_length, help="questions cut to this many tokens")
+    p.add_argument("--max-passage-length", type=int, default=d.max_passage_length, help="passages cut to this many tokens")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the query order, passage sampling and torch")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimizer steps")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (0 = all)")
     p.add_argument("--stop-after", type=int, default=None, help="end this run after N total steps (resume later)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute encoder activations in backward: less memory, one more forward of compute")
     p.add_argument("--amp", default="auto", choices=("auto", "on", "off"), help="bf16 autocast (auto = on for CUDA)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: CUDA when available)")
+    p.add_argument("--device", default=None,
+                   help="torch device, e.g. cpu, cuda, cuda:1 (default: CUDA if available, else CPU; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_main)
 
 
