@@ -33,6 +33,17 @@ METHODS = ("minmax", "zscore", "rrf")
 DEFAULT_FUSION = {"method": "minmax", "weight": 0.9, "k_each": 100, "rrf_k": 60}
 
 
+def read_json(path: str, what: str):
+    """The JSON value in ``path``; FileNotFoundError / one-line ValueError naming the file otherwise."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a {what} ({getattr(e, 'msg', e)})") from None
+
+
 def resolve_fusion(fusion: Union[None, str, os.PathLike, dict]) -> dict:
     """A checked fusion config from ``None`` (the default), a dict, or the path of a JSON file."""
     src = "fusion"
@@ -40,13 +51,7 @@ def resolve_fusion(fusion: Union[None, str, os.PathLike, dict]) -> dict:
         return dict(DEFAULT_FUSION)
     if isinstance(fusion, (str, os.PathLike)):
         src = os.fspath(fusion)
-        if not os.path.exists(src):
-            raise FileNotFoundError(f"fusion file not found: {src}")
-        try:
-            with open(src, "r", encoding="utf-8") as f:
-                fusion = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{src}: not a fusion JSON file ({e.msg})") from None
+        fusion = read_json(src, "fusion JSON file")
     if not isinstance(fusion, dict):
         raise TypeError(f"{src} must be a dict (method, weight, k_each, rrf_k), got {type(fusion).__name__}")
     out = dict(DEFAULT_FUSION)

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .fusion import fuse, resolve_fusion
+from .fusion import fuse, read_json, resolve_fusion
 from .index import TopKIndex, _is_torch, _wrap
 from .bm25 import _check_texts
 from .lexical import LexicalIndex
@@ -157,11 +157,7 @@ class HybridIndex:
         def corrupt(why):
             return ValueError(f"{folder} is not a valid hybrid index ({why})")
 
-        try:
-            with open(mpath, "r", encoding="utf-8") as f:
-                manifest = json.load(f)
-        except json.JSONDecodeError as e:
-            raise corrupt(f"{MANIFEST} unreadable: {e.msg}") from None
+        manifest = read_json(mpath, "hybrid index manifest")
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise corrupt(f"format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r}")
         try:
