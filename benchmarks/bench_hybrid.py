@@ -24,7 +24,6 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_topk import commit, cpu_model  # noqa: E402
-from uae_fast import TopKIndex  # noqa: E402
 from uae_fast.bm25 import tokenize  # noqa: E402
 from uae_fast.hybrid import HybridIndex  # noqa: E402
 

@@ -324,3 +324,45 @@ def test_hybrid_bad_input():
         h.search(emb[:1], ["a"], 6)
     with pytest.raises(ValueError, match="weight"):
         HybridIndex(4, {"weight": -0.1})
+
+
+# ---- the embedding cache -----------------------------------------------------------------------
+
+
+class _CountingEncoder:
+    dim = 3
+
+    def __init__(self):
+        self.seen = []
+
+    def encode(self, texts, batch_size=64, show_progress=False):
+        import torch
+
+        self.seen.extend(texts)
+        return torch.tensor([[len(t), t.count("a"), 1.0] for t in texts])
+
+
+def test_embedding_cache_reuses_and_resumes(tmp_path):
+    import torch
+
+    from uae_fast.embcache import Incomplete, encode_cached, encoder_key
+
+    model = tmp_path / "enc"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"x")
+    enc = _CountingEncoder()
+    texts = ["aa", "b", "aa", "cab", "dddd"]
+    want = torch.tensor([[len(t), t.count("a"), 1.0] for t in texts])
+    with pytest.raises(Incomplete, match="run again"):  # one 2-text chunk, then out of time
+        encode_cached(enc, texts, cache_dir=str(tmp_path / "c"), model_path=str(model), max_seconds=0, chunk=2)
+    assert enc.seen == ["aa", "b"]  # duplicates are embedded once
+    got = encode_cached(enc, texts, cache_dir=str(tmp_path / "c"), model_path=str(model), chunk=2)
+    assert enc.seen == ["aa", "b", "cab", "dddd"] and torch.equal(got, want)
+    enc.seen.clear()
+    assert torch.equal(encode_cached(enc, texts[::-1], cache_dir=str(tmp_path / "c"), model_path=str(model)), want.flip(0))
+    assert enc.seen == []  # all from the cache
+    key = encoder_key(str(model))
+    (model / "model.safetensors").write_bytes(b"retrained")  # new weights: a new key, nothing stale is read
+    assert encoder_key(str(model)) != key
+    encode_cached(enc, texts[:1], cache_dir=str(tmp_path / "c"), model_path=str(model))
+    assert enc.seen == ["aa"]

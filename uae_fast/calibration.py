@@ -123,7 +123,7 @@ def _append_cache(path: str, settings: dict, rows: List[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ main
-def calibrate_fusion(data, model: Optional[str] = None, *, teacher=None, limit: Optional[int] = 300, candidates: int = 4,
+def calibrate_fusion(data, model: Optional[str] = None, *, teacher=None, limit: Optional[int] = 200, candidates: int = 3,
                      methods: Sequence[str] = METHODS, weights: Sequence[float] = GRID_WEIGHTS,
                      k_each: int = DEFAULT_FUSION["k_each"], rrf_k: int = DEFAULT_FUSION["rrf_k"],
                      utility_cache: Optional[str] = None, embedding_cache: Optional[str] = None, batch_size: int = 64,
@@ -232,8 +232,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default=None, help="dense encoder folder (default: the untrained student all-MiniLM-L6-v2)")
     p.add_argument("--out", required=True, help="fusion JSON to write (required)")
     p.add_argument("--teacher", default=None, help="teacher causal-LM folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--limit", type=int, default=300, help="questions used, in paper order (default: 300)")
-    p.add_argument("--candidates", type=int, default=4, help="top passages per side per question scored by the teacher (default: 4)")
+    p.add_argument("--limit", type=int, default=200, help="questions used, in paper order (default: 200)")
+    p.add_argument("--candidates", type=int, default=3, help="top passages per side per question scored by the teacher (default: 3)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of fusion methods to try (default: {','.join(METHODS)})")
     p.add_argument("--weights", default=",".join(f"{w:g}" for w in GRID_WEIGHTS),
                    help="comma list of dense weights to try (default: " + ",".join(f"{w:g}" for w in GRID_WEIGHTS) + ")")

@@ -24,8 +24,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .fusion import fuse, resolve_fusion
+from .fusion import fuse, read_json, resolve_fusion
 from .index import TopKIndex, _is_torch, _wrap
+from .bm25 import _check_texts
 from .lexical import LexicalIndex
 
 FORMAT = "uae-hybrid/1"
@@ -93,12 +94,12 @@ class HybridIndex:
         if len(passage_texts) != n:
             raise ValueError(f"passage_texts has {len(passage_texts)} texts for {n} embeddings")
         ids = np.arange(len(self), len(self) + n, dtype=np.int64) if ids is None else ids
+        _check_texts(passage_texts, "passage_texts")
         with self._lock:
-            # Lexical first: it validates texts and ids before anything is stored; the dense add then
-            # only fails on bad embeddings, which we roll back by rebuilding nothing (checked first).
-            self.dense._prepare("passage_emb", passage_emb)
-            self.lexical.add(passage_texts, ids)
+            # Texts are checked above and the dense add checks embeddings and ids before it stores
+            # anything; the lexical add then has nothing left to reject, so the sides stay in step.
             self.dense.add(passage_emb, ids)
+            self.lexical.add(passage_texts, ids)
 
     def search(self, query_emb, query_texts: Sequence[str], k: int, *, fusion=None):
         """Top-``k`` fused results per query: ``(scores [Q, k] float32, ids [Q, k] int64)``, best first.
@@ -156,11 +157,7 @@ class HybridIndex:
         def corrupt(why):
             return ValueError(f"{folder} is not a valid hybrid index ({why})")
 
-        try:
-            with open(mpath, "r", encoding="utf-8") as f:
-                manifest = json.load(f)
-        except json.JSONDecodeError as e:
-            raise corrupt(f"{MANIFEST} unreadable: {e.msg}") from None
+        manifest = read_json(mpath, "hybrid index manifest")
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise corrupt(f"format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r}")
         try:

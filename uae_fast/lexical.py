@@ -55,6 +55,7 @@ class LexicalIndex:
         self.k1, self.b, self.stopwords, self.dtype = float(k1), float(b), bool(stopwords), dtype
         self._vocab: Dict[str, int] = {}
         self._counts = _empty_counts(0)
+        self._pending: list = []  # count matrices added since the last consolidation (add stays O(new))
         self._ids = np.zeros(0, np.int64)
         self._bm25: Optional[BM25] = None
         self._lock = threading.Lock()
@@ -79,8 +80,9 @@ class LexicalIndex:
     @property
     def nbytes(self) -> int:
         """Bytes held: term counts, ids and the BM25 weight matrix (built on the first search)."""
-        c = self._counts
-        bm = self._bm25
+        with self._lock:
+            c = self._consolidated()
+            bm = self._bm25
         return int(c.data.nbytes + c.indices.nbytes + c.indptr.nbytes + self._ids.nbytes + (bm.nbytes if bm else 0))
 
     def __repr__(self) -> str:
@@ -88,8 +90,6 @@ class LexicalIndex:
 
     def add(self, texts: Sequence[str], ids=None) -> None:
         """Add passages ``texts`` with optional int64 ``ids`` (default: 0, 1, ... in insertion order)."""
-        import scipy.sparse as sp
-
         texts = _check_texts(texts)
         with self._lock:
             new_ids = np.arange(len(self), len(self) + len(texts), dtype=np.int64) if ids is None else _as_ids(ids, len(texts))
@@ -97,17 +97,24 @@ class LexicalIndex:
                 return
             vocab = dict(self._vocab)  # searches in flight keep the old vocabulary
             m = count_matrix(texts, vocab, stopwords=self.stopwords, grow=True)
-            v = max(len(vocab), 1)
-            old = self._counts
-            old = sp.csr_matrix((old.data, old.indices, old.indptr), shape=(old.shape[0], v))
-            m = sp.csr_matrix((m.data, m.indices, m.indptr), shape=(m.shape[0], v))
-            self._counts = sp.vstack([old, m], format="csr", dtype=np.float32)
+            self._pending.append(m)
             self._vocab, self._ids, self._bm25 = vocab, np.concatenate([self._ids, new_ids]), None
+
+    def _consolidated(self):
+        """All term counts as one CSR matrix [N, V] (call with the lock held)."""
+        import scipy.sparse as sp
+
+        if self._pending:
+            v = max(len(self._vocab), 1)
+            parts = [sp.csr_matrix((c.data, c.indices, c.indptr), shape=(c.shape[0], v)) for c in [self._counts] + self._pending]
+            self._counts = sp.vstack(parts, format="csr", dtype=np.float32)
+            self._pending = []
+        return self._counts
 
     def _scorer(self) -> Tuple[BM25, np.ndarray]:
         with self._lock:
             if self._bm25 is None and len(self):
-                self._bm25 = BM25.from_counts(self._counts, self._vocab, k1=self.k1, b=self.b,
+                self._bm25 = BM25.from_counts(self._consolidated(), self._vocab, k1=self.k1, b=self.b,
                                               stopwords=self.stopwords, dtype=self.dtype)
             return self._bm25, self._ids
 
@@ -136,7 +143,7 @@ class LexicalIndex:
         """Write the index to ``path`` (atomic; every section crc32-checked on load)."""
         path = os.fspath(path)
         with self._lock:
-            c, vocab = self._counts, self._vocab
+            c, vocab = self._consolidated(), self._vocab
             terms = [None] * len(vocab)
             for t, i in vocab.items():
                 terms[i] = t

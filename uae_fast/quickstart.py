@@ -42,7 +42,7 @@ def _shipped_utilities() -> Optional[str]:
 def _shipped_for(ds: RetrievalDataset, shipped: str, out: str) -> str:
     """The shipped table, cut to the questions of ``ds`` when it holds others (the train slice holds 660 of
     its 2,095; the trainer rejects rows of questions its data lacks), written as a utilities file in ``out``."""
-    from .scoring import _finalize, read_utilities
+    from .utilities import finalize, read_utilities
 
     header, rows = read_utilities(shipped)
     ids = {q.id for q in ds.queries}
@@ -55,7 +55,7 @@ def _shipped_for(ds: RetrievalDataset, shipped: str, out: str) -> str:
     with open(path + ".partial", "w", encoding="utf-8") as f:
         for rec in [header] + keep:
             f.write(json.dumps(rec) + "\n")
-    _finalize(path + ".partial", path)  # atomic, gzipped, as uae score publishes
+    finalize(path + ".partial", path)  # atomic, gzipped, as uae score publishes
     return path
 
 

@@ -15,7 +15,6 @@ import sys
 import textwrap
 from typing import List, Optional, Tuple
 
-import numpy as np
 
 PASSAGES = "passages.uae"
 _PASSAGES_KIND = "passages"
@@ -82,17 +81,14 @@ def build_index(data: str, out: str, *, model: Optional[str] = None, lexical: bo
 
 def open_index(folder: str, fusion=None):
     """(index, manifest meta, passage ids, texts) of a folder written by :func:`build_index`."""
+    from .fusion import read_json
     from .hybrid import MANIFEST, HybridIndex
     from .index import TopKIndex
 
     mpath = os.path.join(folder, MANIFEST)
     if not os.path.exists(mpath):
         raise FileNotFoundError(f"no index at {folder} (missing {MANIFEST}); build one with uae index build")
-    with open(mpath, "r", encoding="utf-8") as f:
-        try:
-            manifest = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{mpath}: unreadable manifest ({e.msg})") from None
+    manifest = read_json(mpath, "index manifest")
     if "lexical" in (manifest.get("files") or {}):
         index = HybridIndex.load(folder, fusion)
     else:
