@@ -325,8 +325,9 @@ def dense_grads(q, p, inv_tau, ex, coef, need_dq, need_dp, lse2=None, *, config:
     wdt = q.dtype
     bound = lse2 is None
     if bound:
-        pmax = p.float().norm(dim=1).amax()
-        moff_all = (q.float().norm(dim=1) * pmax * (inv_tau * _LOG2E)).contiguous()
+        # fp32 norms without an fp32 copy of p (N x d) or q
+        pmax = torch.linalg.vector_norm(p, dim=1, dtype=torch.float32).amax()
+        moff_all = (torch.linalg.vector_norm(q, dim=1, dtype=torch.float32) * pmax * (inv_tau * _LOG2E)).contiguous()
     else:
         moff_all = lse2.contiguous()
     cfg0 = config or candidates(q.dtype, dev)[0]
