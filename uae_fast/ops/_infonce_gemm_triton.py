@@ -139,24 +139,27 @@ class Config(NamedTuple):
     group_b: int = 8
 
 
-# Hopper bf16/fp16: the Triton matmul tutorial's H100 shapes (token_logprobs' kernel reached 607 TFLOP/s
-# with the first). Not yet measured for this kernel: the first is the default, the rest are autotune
-# candidates (UAE_INFONCE_AUTOTUNE=1).
+# Hopper bf16/fp16: the Triton matmul tutorial's H100 shapes. Compiled ahead of time for sm_90a with Triton
+# 3.9, no GPU (benchmarks/aot_infonce_kernel.py): all pipelined (cp.async, 3-4 stages) with wgmma. The
+# WRITE pass at 128x128 w8 needs 166 registers (252 with exclusions), no spills; at 128x256 it needs 255 and
+# spills (4 B; 384 B with exclusions), so 128x128 leads for WRITE and 128x256 (199 registers) for the LSE
+# pass. Not yet timed on a GPU: the rest are autotune candidates (UAE_INFONCE_AUTOTUNE=1).
 _CONFIGS_HALF_SM90 = [
-    Config(128, 256, 64, 8, 3),
     Config(128, 128, 64, 8, 4),
-    Config(128, 128, 64, 4, 4),
+    Config(128, 256, 64, 8, 3),
     Config(64, 256, 64, 8, 4),
+    Config(128, 128, 64, 4, 4),
 ]
 _CONFIGS_HALF_SM80 = [Config(128, 128, 64, 8, 3), Config(128, 128, 32, 4, 4), Config(64, 128, 32, 4, 4)]
 # fp32 with TF32 tensor cores: fp32 operands take twice the shared memory per K step, hence BLOCK_D=32.
+# Same compile check: 128x128 WRITE 198 registers (254 with exclusions), no spills; 128x256 spills.
 _CONFIGS_TF32 = [
     Config(128, 128, 32, 8, 3),
     Config(128, 256, 32, 8, 3),
     Config(128, 64, 32, 4, 4),
     Config(64, 128, 32, 4, 4),
 ]
-# fp32 IEEE (allow_tf32=False): CUDA-core FMAs, the math units are the limit.
+# fp32 IEEE (allow_tf32=False): CUDA-core FMAs, the math units are the limit (168-220 registers, no spills).
 _CONFIGS_IEEE = [Config(64, 64, 32, 4, 3), Config(64, 128, 32, 8, 3), Config(128, 64, 32, 8, 3)]
 # Interpreter: small tiles so tests at B, N, d of a few dozen still have ragged row, column and d edges.
 _INTERPRET_CONFIG = Config(16, 32, 16, 4, 1, group_b=2)
@@ -178,13 +181,16 @@ def precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def candidates(dtype: torch.dtype, device: torch.device):
+def candidates(dtype: torch.dtype, device: torch.device, write: bool = True):
+    """Configs to try, the default first (the LSE pass has no store epilogue: it affords the wider tile)."""
     if device.type != "cuda":
         return [_INTERPRET_CONFIG]
     if dtype == torch.float32:
         return _CONFIGS_TF32 if precision(dtype) == "tf32" else _CONFIGS_IEEE
     major, _ = torch.cuda.get_device_capability(device)
-    return _CONFIGS_HALF_SM90 if major >= 9 else _CONFIGS_HALF_SM80
+    if major < 9:
+        return _CONFIGS_HALF_SM80
+    return _CONFIGS_HALF_SM90 if write else [_CONFIGS_HALF_SM90[1]] + [c for c in _CONFIGS_HALF_SM90 if c != _CONFIGS_HALF_SM90[1]]
 
 
 def _num_sms(device: torch.device) -> int:
@@ -235,7 +241,7 @@ def _launch(q, p, row0, rows, inv_tau, ex, cfg, *, moff=None, ws=None, splits=No
 def _config(q, p, write, bench=None):
     """Default config, or the autotuned one (UAE_INFONCE_AUTOTUNE=1) for this (mode, N bucket, d, dtype,
     precision, device) key; ``bench`` runs one launch with a given config (for timing)."""
-    cands = candidates(q.dtype, q.device)
+    cands = candidates(q.dtype, q.device, write)
     if q.device.type != "cuda" or os.environ.get("UAE_INFONCE_AUTOTUNE", "0") != "1" or len(cands) == 1 or bench is None:
         return cands[0]
     key = (write, triton.next_power_of_2(p.shape[0]), p.shape[1], q.dtype, precision(q.dtype),
@@ -330,7 +336,7 @@ def dense_grads(q, p, inv_tau, ex, coef, need_dq, need_dp, lse2=None, *, config:
         moff_all = (torch.linalg.vector_norm(q, dim=1, dtype=torch.float32) * pmax * (inv_tau * _LOG2E)).contiguous()
     else:
         moff_all = lse2.contiguous()
-    cfg0 = config or candidates(q.dtype, dev)[0]
+    cfg0 = config or candidates(q.dtype, dev, True)[0]
     rows, ld = _ws_rows(b, n, q.element_size(), cfg0)
     ws_buf = _empty(rows * ld, dtype=wdt, device=dev)
     dq = _empty(b, d, dtype=torch.float32, device=dev) if need_dq else None
