@@ -17,7 +17,8 @@ in the epilogue, as the torch path does inside its chunks, so the masking is exa
   ``dQ = diag(c / l) E P`` and ``dP += E^T diag(c / l) Q`` (fp32 accumulation, deterministic, no atomics).
   Together: 3 B*N*d GEMMs for forward + backward, as many as the materialised loss, with O(rows * N) memory.
   If the bound is so loose that a row's largest ``E`` would lose range (``M_i - max_j s_ij`` over 80 in
-  base 2), the chunk is recomputed with the exact row max, which the pass has just measured. fp16's range is
+  base 2; the pass measures the row max), the sweep is redone with exact offsets from an LSE pass (one host
+  sync per call, none per chunk). fp16's range is
   too small for the bound, so fp16 runs the LSE pass first and uses ``M_i = LSE_i`` (4 GEMMs).
 
 The sparse target terms (B*K gathers) stay in ``infonce.py`` (``_target_scores``, ``_sparse_grads``).
@@ -342,6 +343,7 @@ def dense_grads(q, p, inv_tau, ex, coef, need_dq, need_dp, lse2=None, *, config:
     dq = _empty(b, d, dtype=torch.float32, device=dev) if need_dq else None
     dp = torch.zeros(n, d, dtype=torch.float32, device=dev) if need_dp else None
     lse2_out = _empty(b, dtype=torch.float32, device=dev)
+    loose = torch.zeros((), dtype=torch.bool, device=dev)
     cfg = None
     for r0 in range(0, b, rows):
         r = min(rows, b - r0)
@@ -354,12 +356,8 @@ def dense_grads(q, p, inv_tau, ex, coef, need_dq, need_dp, lse2=None, *, config:
         if cfg is None:
             cfg = config or _config(q, p, True, run)
         part_m, part_s = run(cfg)
-        if bound:
-            rmax = part_m.amax(0)
-            loose = (moff - rmax) > _MAX_GAP2
-            if bool(loose.any()):  # rare (unnormalised embeddings, tiny tau): redo with the measured max
-                moff = torch.where(loose, rmax, moff).contiguous()
-                part_m, part_s = run(cfg, moff=moff)
+        if bound:  # flagged on the device: no host sync per chunk
+            loose = loose | ((moff - part_m.amax(0)) > _MAX_GAP2).any()
         l = part_s.sum(0)
         lse2_out[r0 : r0 + r] = moff + torch.log2(l)
         scale = coef[r0 : r0 + r] / l  # softmax_ij = E_ij / l_i
@@ -369,6 +367,9 @@ def dense_grads(q, p, inv_tau, ex, coef, need_dq, need_dp, lse2=None, *, config:
             dq[r0 : r0 + r].mul_(scale[:, None])
         if need_dp:
             _mm(e.t(), (q[r0 : r0 + r].float() * scale[:, None]).to(wdt), dp, accumulate=True)
+    if bound and bool(loose):
+        # Rare (unnormalised embeddings, tiny tau): some row's E lost its range. Redo with exact offsets.
+        return dense_grads(q, p, inv_tau, ex, coef, need_dq, need_dp, lse2_rows(q, p, inv_tau, ex), config=config)
     return lse2_out, dq, dp
 
 
