@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .infonce import _reduce, _row_grad, _sparse_grads, _target_scores
+from .infonce import _reduce, _row_grad, _scaled_unit_grads, _sparse_grads, _target_scores
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -415,11 +415,7 @@ class GemmInfoNCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         inv_tau, reduction, q_dtype, p_dtype, b = ctx.meta
         if ctx.precomputed:
-            dq, dp = ctx.unit_grads
-            g = _row_grad(grad_out, reduction, b, torch.float32)
-            dq = None if dq is None else (dq * g).to(q_dtype)
-            dp = None if dp is None else (dp * g).to(p_dtype)
-            return dq, dp, None, None, None, None, None
+            return *_scaled_unit_grads(ctx, grad_out), None, None, None, None, None
         q, p, idx, w, lse = ctx.saved_tensors
         g = _row_grad(grad_out, reduction, b, torch.float32).expand(b)
         coef = (g * inv_tau).contiguous()

@@ -232,6 +232,16 @@ def _torch_sweep(q, p, idx, w, inv_tau, row_grad, need_dq, need_dp, ex=None):
     return lse, tgt, dq, dp
 
 
+def _scaled_unit_grads(ctx, grad_out):
+    """Backward of a forward that computed the summed loss's gradients (``ctx.unit_grads``): scale them by
+    the scalar upstream gradient, out of place, so a second backward (retain_graph=True, gradcheck) still
+    sees the unit gradients. Returned in the inputs' dtypes."""
+    inv_tau, reduction, q_dtype, p_dtype, b = ctx.meta
+    dq, dp = ctx.unit_grads
+    g = _row_grad(grad_out, reduction, b, (dq if dq is not None else dp).dtype)
+    return (None if dq is None else (dq * g).to(q_dtype)), (None if dp is None else (dp * g).to(p_dtype))
+
+
 class _TorchInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, p, idx, w, inv_tau, reduction, ex=None):
@@ -254,11 +264,7 @@ class _TorchInfoNCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         inv_tau, reduction, q_dtype, p_dtype, b = ctx.meta
         if ctx.precomputed:
-            dq, dp = ctx.unit_grads
-            g = _row_grad(grad_out, reduction, b, (dq if dq is not None else dp).dtype)
-            # Out of place, so a second backward (retain_graph=True, gradcheck) still sees the unit gradients.
-            dq = None if dq is None else (dq * g).to(q_dtype)
-            dp = None if dp is None else (dp * g).to(p_dtype)
+            dq, dp = _scaled_unit_grads(ctx, grad_out)
         else:
             q, p, idx, w = ctx.saved_tensors
             g = _row_grad(grad_out, reduction, b, w.dtype)
