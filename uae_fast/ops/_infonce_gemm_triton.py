@@ -18,8 +18,8 @@ in the epilogue, as the torch path does inside its chunks, so the masking is exa
   Together: 3 B*N*d GEMMs for forward + backward, as many as the materialised loss, with O(rows * N) memory.
   If the bound is so loose that a row's largest ``E`` would lose range (``M_i - max_j s_ij`` over 80 in
   base 2; the pass measures the row max), the sweep is redone with exact offsets from an LSE pass (one host
-  sync per call, none per chunk). fp16's range is
-  too small for the bound, so fp16 runs the LSE pass first and uses ``M_i = LSE_i`` (4 GEMMs).
+  sync per call, none per chunk). fp16's range is too small for the bound, so fp16 runs the LSE pass first
+  and uses ``M_i = LSE_i`` (4 GEMMs).
 
 The sparse target terms (B*K gathers) stay in ``infonce.py`` (``_target_scores``, ``_sparse_grads``).
 Under ``TRITON_INTERPRET=1`` (CPU tensors) small tiles are used and the cuBLAS steps are torch matmuls with an
