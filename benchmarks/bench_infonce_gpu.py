@@ -198,7 +198,7 @@ def accuracy(impls, setting, dev, b=512, d=384, k=4):
             ref = _naive(qd, pd, idx, util, TAU)
         ref.backward()
         rel = lambda a, r: float((a - r).abs().max() / r.abs().max())  # noqa: E731
-        out.append(dict(setting=setting, impl=impl, B=b, N=b, d=d, loss_err=rel(torch.as_tensor(float(loss)).double(), ref.detach().cpu()),
+        out.append(dict(setting=setting, impl=impl, B=b, N=b, d=d, loss_err=rel(torch.as_tensor(float(loss.detach())).double(), ref.detach().cpu()),
                         dq_err=rel(gq, qd.grad), dp_err=rel(gp, pd.grad)))
     return out
 
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
                         if isinstance(step, str):
                             results.append({**row, "skipped": step})
                             continue
-                        loss = float(step())  # warm-up: compilation, cuBLAS handles, autotuning
+                        loss = float(step().detach())  # warm-up: compilation, cuBLAS handles, autotuning
                         row["ms"] = time_ms(step, dev)
                         row["peak_mib"] = peak_mib(step, dev, q, p)
                         row["loss"] = loss

@@ -236,3 +236,30 @@ def test_fully_excluded_tile_in_a_split(triton_device):
     s = (q.cpu().double() @ p.cpu().double().T) * 10.0
     s[0, cfg.block_n:] = -math.inf
     _close(got, torch.logsumexp(s, 1) * G._LOG2E, 1e-6, "lse with a fully excluded tile")
+
+
+def test_gpu_benchmark_smoke_writes_the_json_fields(tmp_path, monkeypatch):
+    # The GPU benchmark's CPU smoke mode: tiny shapes, torch paths; its rows carry what the auto table reads.
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_infonce_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_infonce_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    # the benchmark switches TF32 per setting: restored afterwards, so later fp32 tests on a GPU stay IEEE
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+    assert bench.main(["--quick", "--device", "cpu", "--sizes", "24", "--dims", "16", "--impls", "naive", "chunked",
+                       "--settings", "tf32", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["results"]
+    assert [r["impl"] for r in rows] == ["naive", "chunked"]
+    for r in rows:
+        for field in ("device", "device_key", "dtype", "precision", "B", "N", "d", "impl", "ms", "peak_mib",
+                      "speedup_vs_naive", "memory_vs_naive"):
+            assert field in r, field
+        assert r["ms"] > 0 and r["dtype"] == "float32" and r["precision"] == "tf32" and r["device_key"] == "cpu"
+    assert abs(rows[0]["loss"] - rows[1]["loss"]) < 1e-5 * abs(rows[0]["loss"])
+    assert all(a["loss_err"] < 1e-5 for a in data["accuracy"])
