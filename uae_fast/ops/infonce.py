@@ -320,7 +320,8 @@ def utility_infonce(
     grad (so a loss evaluated with grad enabled but never backpropagated still pays for them; use
     ``torch.no_grad()`` for evaluation), and recomputes for "none";
     the Triton path does the same (fp16: one extra LSE pass) and, for "none", recomputes the chunks in
-    backward from the saved per-row LSE (deterministic, no atomics). With one-hot targets (one valid target per row, or ``label_mix=1``) this equals
+    backward from the saved per-row LSE (deterministic, no atomics).
+    With one-hot targets (one valid target per row, or ``label_mix=1``) this equals
     sentence-transformers' ``MultipleNegativesRankingLoss`` with ``scale = 1 / temperature`` and
     ``similarity_fct = dot_score``.
 
