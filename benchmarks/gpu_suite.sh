@@ -2,7 +2,7 @@
 # The prepared script for a lent GPU (H100/H200, no internet): CUDA tests + every GPU benchmark +
 # teacher scoring of the whole QASPER train split, everything written under $OUT.
 #
-#   bash benchmarks/gpu_suite.sh [kernels|teacher|all|tests|sweep|answeronly]   # from the repo root, on the device machine
+#   bash benchmarks/gpu_suite.sh [kernels|teacher|all|tests|sweep|answeronly|infonce]   # from the repo root, on the device machine
 #
 # Parts: `kernels` = the whole test suite on the real backend (CUDA-marked tests included) + the
 # token_logprobs and utility_infonce benchmarks (< 6 min); `teacher` = dequantise the default teacher,
@@ -15,7 +15,16 @@
 # (`uae score --merge-teachers`), (c) `sweep_dev.py --grid answeronly` (answer-only UAE per teacher and the
 # ensemble, the weak baselines, gold InfoNCE/UAE, gold UAE with gemma; 3 seeds) and (d) its README table with
 # the paired differences. About 5 min of scoring + 8 min of sweep: run it twice (the second call carries the
-# first call's tables in TABLES_DIR and its sweep.jsonl in SWEEP_PREV; finished steps are skipped).
+# first call's tables in TABLES_DIR and its sweep.jsonl in SWEEP_PREV; finished steps are skipped);
+# `infonce` = issue 17's device check (< 5 min): the utility_infonce Triton tests on CUDA, then bench_infonce_gpu.py's grid (bf16,
+# fp32+TF32, fp32 IEEE; B = N in 4096/16384/65536, d in 384/768/1024; naive, chunked, triton, Inf-CL,
+# CachedMNRL; largest last) into $OUT/infonce-gpu.json, the triton path autotuned at B = N = 16384, d = 768
+# ($OUT/infonce-gpu-tuned.json), then token_logprobs' target row ($OUT/logprob-target.json).
+#   Inf-CL travels as a wheel (pure Python + Triton kernels, no compilation; numpy and triton are on the image).
+#   Here, once, in the repo root (.whl/ is git-ignored):
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl inf-cl==1.2.1
+#   then call run with carry [".whl"] and: BUDGET_S=290 WHEEL_DIR=.whl bash benchmarks/gpu_suite.sh infonce
 #
 # Files back from $OUT (at most 8; part answeronly: the four tables and sweep.jsonl): summary.txt (one line per step: status, seconds), suite.log (all
 # step output, in order), gpu_suite-PART.tar.gz (every step's log and JSON), and the scored table
@@ -43,7 +52,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 WORK=$(mktemp -d /tmp/gpu_suite.XXXX)
 PART=${1:-all}
-case $PART in kernels|teacher|all|tests|sweep|answeronly) ;; *) echo "usage: $0 [kernels|teacher|all|tests|sweep|answeronly]" >&2; exit 2;; esac
+case $PART in kernels|teacher|all|tests|sweep|answeronly|infonce) ;; *) echo "usage: $0 [kernels|teacher|all|tests|sweep|answeronly|infonce]" >&2; exit 2;; esac
 BUDGET_S=${BUDGET_S:-540}
 PY=${PYTHON:-python3}
 START=$(date +%s)
@@ -100,7 +109,8 @@ step install 150 bash -c '
     fi
     '"$PY"' -c "import transformers, sys; print(\"transformers\", transformers.__version__, transformers.__file__)"
     # The C++ extension (retrieval) needs a build; the Triton kernels do not (PYTHONPATH suffices).
-    '"$PY"' -m pip install -q -e . --no-deps --no-build-isolation || echo "editable install failed: using PYTHONPATH"'
+    # (skipped for `infonce`: its kernels and benchmarks need no extension, and the build costs ~30 s)
+    [ "'"$PART"'" = infonce ] || '"$PY"' -m pip install -q -e . --no-deps --no-build-isolation || echo "editable install failed: using PYTHONPATH"'
 
 QD=${QASPER_DIR:-../shared/data/qasper}
 
@@ -119,6 +129,16 @@ if [ "$PART" = kernels ] || [ "$PART" = all ]; then
 step bench_logprob_target 60 "$PY" benchmarks/bench_logprob.py --device cuda --shapes llama-3-8b --n 8192 --autotune --json "$WORK/bench_logprob_target.json"
 step bench_infonce 60 "$PY" benchmarks/bench_infonce.py --quick --device cuda --json "$WORK/bench_infonce.json"
 step bench_logprob 90 "$PY" benchmarks/bench_logprob.py --device cuda --n 1024 8192 32768 --budget-s 70 --json "$WORK/bench_logprob.json"
+fi
+
+if [ "$PART" = infonce ]; then
+# Issue 17. Correctness first (the kernels on CUDA against float64), then the grid, cut by its own budget so the
+# tuned row and the token_logprobs row still run; results straight to $OUT (each JSON one returned file).
+step infonce_tests 60 "$PY" -m pytest -q tests/test_infonce_triton.py tests/test_infonce.py -n 8 -p no:cacheprovider -rfE
+step bench_infonce_gpu 130 "$PY" benchmarks/bench_infonce_gpu.py --budget-s 105 --json "$OUT/infonce-gpu.json"
+step bench_infonce_tuned 35 "$PY" benchmarks/bench_infonce_gpu.py --sizes 16384 --dims 768 --settings bf16 tf32 \
+    --impls naive triton --autotune --json "$OUT/infonce-gpu-tuned.json"
+step bench_logprob_target 40 "$PY" benchmarks/bench_logprob.py --device cuda --shapes llama-3-8b --n 8192 --autotune --json "$OUT/logprob-target.json"
 fi
 
 if [ "$PART" = sweep ]; then

@@ -19,12 +19,11 @@ Because ``sum_k w_ik = 1`` the loss splits into a dense part, ``logsumexp_j s_ij
   gradients are computed *in the forward sweep* (as Liger's fused linear cross-entropy does) and only scaled
   in backward: 3 B*N*d matmul FLOPs in total, the same as the materialised loss, with O(chunk) extra memory.
   reduction="none" recomputes the chunks in backward.
-* Triton path (``impl="triton"``: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``; not the default, since
-  on an H200 its untuned tiles ran 27-31x slower than the chunked path): the forward kernel tiles over N with an
-  online log-sum-exp and saves only the per-row LSE. Backward recomputes the tiles from the saved LSE in two
-  separate passes - one program per query block writes dQ, one program per passage block writes dP - so no
-  atomics are used and the dense gradients are deterministic. The sparse target terms are gathers (dQ) and a
-  sort-based ``index_put_(accumulate=True)`` (dP; deterministic on CUDA).
+* Triton path (``impl="triton"``: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``; ``_infonce_gemm_triton.py``):
+  a GEMM-shaped score-tile kernel reduces the tiles in its epilogue (LSE) or writes ``exp(s - M_i)`` for a
+  chunk of query rows into a fixed workspace, and cuBLAS turns the chunk into dQ and dP (deterministic, no
+  atomics; 3 B*N*d GEMMs for mean/sum, like the torch path). Not yet measured on a GPU, so not the default.
+* ``impl="auto"`` follows the (device, dtype, precision) table in ``_infonce_auto.py``.
 
 All math is fp32 (fp64 for fp64 inputs) whatever the embedding dtype; the loss is returned in that dtype and
 the gradients in the embeddings' dtype.
@@ -39,8 +38,7 @@ import torch
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_finite, check_result, check_scalar, check_tensor, resolve_impl
 
 try:  # Triton is a hard dependency on CUDA machines, optional for the torch path.
-    import triton
-    import triton.language as tl
+    import triton  # noqa: F401
 
     _HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only without triton
@@ -235,6 +233,16 @@ def _torch_sweep(q, p, idx, w, inv_tau, row_grad, need_dq, need_dp, ex=None):
     return lse, tgt, dq, dp
 
 
+def _scaled_unit_grads(ctx, grad_out):
+    """Backward of a forward that computed the summed loss's gradients (``ctx.unit_grads``): scale them by
+    the scalar upstream gradient, out of place, so a second backward (retain_graph=True, gradcheck) still
+    sees the unit gradients. Returned in the inputs' dtypes."""
+    inv_tau, reduction, q_dtype, p_dtype, b = ctx.meta
+    dq, dp = ctx.unit_grads
+    g = _row_grad(grad_out, reduction, b, (dq if dq is not None else dp).dtype)
+    return (None if dq is None else (dq * g).to(q_dtype)), (None if dp is None else (dp * g).to(p_dtype))
+
+
 class _TorchInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, p, idx, w, inv_tau, reduction, ex=None):
@@ -257,11 +265,7 @@ class _TorchInfoNCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         inv_tau, reduction, q_dtype, p_dtype, b = ctx.meta
         if ctx.precomputed:
-            dq, dp = ctx.unit_grads
-            g = _row_grad(grad_out, reduction, b, (dq if dq is not None else dp).dtype)
-            # Out of place, so a second backward (retain_graph=True, gradcheck) still sees the unit gradients.
-            dq = None if dq is None else (dq * g).to(q_dtype)
-            dp = None if dp is None else (dp * g).to(p_dtype)
+            dq, dp = _scaled_unit_grads(ctx, grad_out)
         else:
             q, p, idx, w = ctx.saved_tensors
             g = _row_grad(grad_out, reduction, b, w.dtype)
@@ -270,194 +274,6 @@ class _TorchInfoNCE(torch.autograd.Function):
             dp = None if dp is None else dp.to(p_dtype)
         _check_grads(dq, dp)
         return dq, dp, None, None, None, None, None
-
-
-# --------------------------------------------------------------------------------------------------
-# Triton path
-# --------------------------------------------------------------------------------------------------
-_LOG2E = 1.4426950408889634
-
-if _HAS_TRITON:
-
-    @triton.jit
-    def _dot(a, b, acc, CAST: tl.constexpr, PRECISION: tl.constexpr):
-        # CAST: Triton's CPU interpreter mis-multiplies bf16 tiles, so there the (exact) fp32 upcast is used.
-        if CAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-
-    @triton.jit
-    def _infonce_lse_fwd_kernel(
-        Q, P, LSE, B, N, D, stride_q, stride_p, scale_log2,
-        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, CAST: tl.constexpr,
-    ):
-        # One program per BLOCK_B queries: sweep all passages with an online log-sum-exp (base 2).
-        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        row_ok = rows < B
-        rows = rows.to(tl.int64)  # row * stride overflows int32 past 2^31 elements
-        m = tl.full([BLOCK_B], -float("inf"), tl.float32)
-        l = tl.zeros([BLOCK_B], tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            cols = cols.to(tl.int64)
-            s = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-            # d is walked in chunks so d = 768/1024 does not need a [BLOCK, d] tile in registers.
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                d_ok = dd < D
-                qt = tl.load(Q + rows[:, None] * stride_q + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                pt = tl.load(P + cols[None, :] * stride_p + dd[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-                s = _dot(qt, pt, s, CAST, PRECISION)
-            s = tl.where(col_ok[None, :], s * scale_log2, -float("inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-            m = m_new
-        tl.store(LSE + rows, (m + tl.log2(l)) * 0.6931471805599453, mask=row_ok)
-
-    @triton.jit
-    def _infonce_dq_kernel(
-        Q, P, LSE, G, DQ, B, N, D, stride_q, stride_p, stride_dq, scale_log2, inv_tau,
-        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, CAST: tl.constexpr,
-    ):
-        # dQ_i = g_i / tau * sum_j softmax_ij p_j  (dense part). One program per query block: no atomics.
-        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        row_ok = rows < B
-        rows = rows.to(tl.int64)
-        dd = tl.arange(0, D_PAD)
-        d_ok = dd < D
-        qt = tl.load(Q + rows[:, None] * stride_q + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        acc = tl.zeros([BLOCK_B, D_PAD], tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            cols = cols.to(tl.int64)
-            pt = tl.load(P + cols[:, None] * stride_p + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            s = _dot(qt, tl.trans(pt), tl.zeros([BLOCK_B, BLOCK_N], tl.float32), CAST, PRECISION) * scale_log2
-            prob = tl.where(col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-            acc = _dot(prob.to(pt.dtype), pt, acc, CAST, PRECISION)
-        g = tl.load(G + rows, mask=row_ok, other=0.0) * inv_tau
-        tl.store(DQ + rows[:, None] * stride_dq + dd[None, :], acc * g[:, None], mask=row_ok[:, None] & d_ok[None, :])
-
-    @triton.jit
-    def _infonce_dp_kernel(
-        Q, P, LSE, G, DP, B, N, D, stride_q, stride_p, stride_dp, scale_log2, inv_tau,
-        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, CAST: tl.constexpr,
-    ):
-        # dP_j = 1 / tau * sum_i g_i softmax_ij q_i  (dense part). One program per passage block: no atomics.
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        cols = cols.to(tl.int64)
-        dd = tl.arange(0, D_PAD)
-        d_ok = dd < D
-        pt = tl.load(P + cols[:, None] * stride_p + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-        for b0 in range(0, B, BLOCK_B):
-            rows = b0 + tl.arange(0, BLOCK_B)
-            row_ok = rows < B
-            rows = rows.to(tl.int64)
-            qt = tl.load(Q + rows[:, None] * stride_q + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-            g = tl.load(G + rows, mask=row_ok, other=0.0)
-            s = _dot(pt, tl.trans(qt), tl.zeros([BLOCK_N, BLOCK_B], tl.float32), CAST, PRECISION) * scale_log2  # [BLOCK_N, BLOCK_B]
-            prob = tl.where(row_ok[None, :], tl.exp2(s - lse2[None, :]) * g[None, :], 0.0)
-            acc = _dot(prob.to(qt.dtype), qt, acc, CAST, PRECISION)
-        tl.store(DP + cols[:, None] * stride_dp + dd[None, :], acc * inv_tau, mask=col_ok[:, None] & d_ok[None, :])
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << (max(1, x) - 1).bit_length()
-
-
-def _triton_config(d: int):
-    """(BLOCK_B, BLOCK_N, BLOCK_D, D_PAD, num_warps). The backward kernels keep a [block, D_PAD] fp32
-    accumulator; blocks shrink as d grows to hold it near 16K elements (64 registers/thread at 8 warps).
-    Chosen by that budget, not tuned on hardware (this repo's CI has no GPU)."""
-    d_pad = max(16, _next_pow2(d))
-    block_d = min(d_pad, 64)
-    if d_pad <= 128:
-        return 64, 64, block_d, d_pad, 4
-    if d_pad <= 256:
-        return 64, 64, block_d, d_pad, 8
-    if d_pad <= 512:
-        return 32, 32, block_d, d_pad, 8
-    return 16, 16, block_d, d_pad, 8
-
-
-def _precision(dtype):
-    # Follow torch's own switch, so "triton vs torch" compares like with like (tf32 only if torch uses it).
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _cast(q):
-    return q.dtype == torch.bfloat16 and q.device.type != "cuda"  # CPU tensors = the interpreter
-
-
-def _triton_lse(q, p, inv_tau, out=None):
-    b, d = q.shape
-    n = p.shape[0]
-    bb, bn, bd, _, nw = _triton_config(d)
-    out = torch.empty(b, dtype=torch.float32, device=q.device) if out is None else out
-    _infonce_lse_fwd_kernel[(triton.cdiv(b, bb),)](
-        q, p, out, b, n, d, q.stride(0), p.stride(0), inv_tau * _LOG2E,
-        BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, PRECISION=_precision(q.dtype), CAST=_cast(q), num_warps=nw,
-    )
-    return out
-
-
-def _triton_dq(q, p, lse, g, inv_tau, out=None):
-    b, d = q.shape
-    n = p.shape[0]
-    bb, bn, _, dp_, nw = _triton_config(d)
-    out = torch.empty(b, d, dtype=torch.float32, device=q.device) if out is None else out
-    _infonce_dq_kernel[(triton.cdiv(b, bb),)](
-        q, p, lse, g, out, b, n, d, q.stride(0), p.stride(0), out.stride(0), inv_tau * _LOG2E, inv_tau,
-        BLOCK_B=bb, BLOCK_N=bn, D_PAD=dp_, PRECISION=_precision(q.dtype), CAST=_cast(q), num_warps=nw,
-    )
-    return out
-
-
-def _triton_dp(q, p, lse, g, inv_tau, out=None):
-    b, d = q.shape
-    n = p.shape[0]
-    bb, bn, _, dp_, nw = _triton_config(d)
-    out = torch.empty(n, d, dtype=torch.float32, device=q.device) if out is None else out
-    _infonce_dp_kernel[(triton.cdiv(n, bn),)](
-        q, p, lse, g, out, b, n, d, q.stride(0), p.stride(0), out.stride(0), inv_tau * _LOG2E, inv_tau,
-        BLOCK_B=bb, BLOCK_N=bn, D_PAD=dp_, PRECISION=_precision(q.dtype), CAST=_cast(q), num_warps=nw,
-    )
-    return out
-
-
-class _TritonInfoNCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, p, idx, w, inv_tau, reduction):
-        q, p = q.contiguous(), p.contiguous()
-        lse = _triton_lse(q, p, inv_tau)
-        tgt = _target_scores(q, p, idx, w, inv_tau)
-        ctx.save_for_backward(q, p, idx, w, lse)
-        ctx.meta = (inv_tau, reduction)
-        return _reduce(lse - tgt, reduction)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, p, idx, w, lse = ctx.saved_tensors
-        inv_tau, reduction = ctx.meta
-        b = q.shape[0]
-        g = _row_grad(grad_out, reduction, b, torch.float32).expand(b).contiguous()
-        need_dq, need_dp = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dq = _triton_dq(q, p, lse, g, inv_tau) if need_dq else None
-        dp = _triton_dp(q, p, lse, g, inv_tau) if need_dp else None
-        _sparse_grads(q, p, idx, w, g * inv_tau, dq, dp)
-        dq = None if dq is None else dq.to(q.dtype)
-        dp = None if dp is None else dp.to(p.dtype)
-        _check_grads(dq, dp)
-        return dq, dp, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,12 +308,12 @@ def utility_infonce(
         gold_idx: [B] index into ``p`` of each query's gold passage (-1: no gold, that row keeps the pure teacher
             distribution). Required when ``label_mix > 0``. It may or may not also appear in ``target_idx``.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` ([B] per-query losses).
-        impl: ``"auto"`` (the chunked torch path, on every device: on an H200 it ran at 1.1-1.4x the naive
-            time, the Triton kernels at 27-31x, see BENCHMARKS.md), ``"triton"`` or ``"torch"``.
+        impl: ``"auto"`` (the table in ``ops/_infonce_auto.py``, keyed on device, dtype and TF32: the chunked
+            torch path until the Triton path is measured faster on a GPU), ``"triton"`` or ``"torch"``.
         exclude_idx: optional [B, E] indices into ``p`` removed from row ``i``'s softmax denominator (-1 =
             padding): passages known not to be negatives of that query (e.g. false negatives the teacher rates
             as useful as the gold). They must not be targets of that row. Masked to -inf inside each chunk of
-            the torch path (exact); the Triton kernels do not take it.
+            the torch path and inside each score tile of the Triton kernel (exact).
 
     Returns:
         The loss, float32 (float64 for float64 inputs). Differentiable in ``q`` and ``p`` (first order).
@@ -505,8 +321,9 @@ def utility_infonce(
     Backward: torch path computes the gradients in the forward sweep for mean/sum when ``q`` or ``p`` requires
     grad (so a loss evaluated with grad enabled but never backpropagated still pays for them; use
     ``torch.no_grad()`` for evaluation), and recomputes for "none";
-    Triton path recomputes the tiles from the saved per-row LSE in separate dQ and dP passes (deterministic,
-    no atomics). With one-hot targets (one valid target per row, or ``label_mix=1``) this equals
+    the Triton path does the same (fp16: one extra LSE pass) and, for "none", recomputes the chunks in
+    backward from the saved per-row LSE (deterministic, no atomics).
+    With one-hot targets (one valid target per row, or ``label_mix=1``) this equals
     sentence-transformers' ``MultipleNegativesRankingLoss`` with ``scale = 1 / temperature`` and
     ``similarity_fct = dot_score``.
 
@@ -520,9 +337,7 @@ def utility_infonce(
         loss.backward()
     """
     _validate(q, p, target_idx, target_utility, temperature, teacher_temperature, label_mix, gold_idx, reduction)
-    # "auto" is the chunked torch path everywhere: measured on an H200 (d=768), cuBLAS row chunks take
-    # 1.1-1.4x the naive time while the Triton kernels' untuned tiles (16x16 at d=768) take 27-31x.
-    impl = "torch" if impl == "auto" else resolve_impl(impl, q.device)
+    impl = _auto_impl(q.device, q.dtype) if impl == "auto" else resolve_impl(impl, q.device)
     if impl == "triton" and (q.dtype == torch.float64 or not _HAS_TRITON):
         if q.dtype == torch.float64:
             raise TypeError("q has dtype float64, which impl='triton' does not take; use impl='torch' or fp32/bf16/fp16")
@@ -530,13 +345,18 @@ def utility_infonce(
             raise ValueError("impl='triton' needs the triton package; use impl='torch'")
     acc = _acc_dtype(q.dtype)
     idx, w = _teacher_weights(target_idx, target_utility, teacher_temperature, label_mix, gold_idx, acc)
-    fn = _TritonInfoNCE if impl == "triton" else _TorchInfoNCE
-    if exclude_idx is None:
-        return _checked(fn.apply(q, p, idx, w, 1.0 / temperature, reduction), q, p)
+    ex = None if exclude_idx is None else _check_exclude(exclude_idx, idx, w, q.device, p.shape[0])
     if impl == "triton":
-        raise ValueError("exclude_idx is not supported by the Triton kernels; use impl='torch' (or 'auto')")
-    ex = _check_exclude(exclude_idx, idx, w, q.device, p.shape[0])
-    return _checked(fn.apply(q, p, idx, w, 1.0 / temperature, reduction, ex), q, p)
+        from ._infonce_gemm_triton import utility_infonce_triton
+
+        return _checked(utility_infonce_triton(q, p, idx, w, 1.0 / temperature, reduction, ex), q, p)
+    return _checked(_TorchInfoNCE.apply(q, p, idx, w, 1.0 / temperature, reduction, ex), q, p)
+
+
+def _auto_impl(device, dtype):
+    from ._infonce_auto import auto_impl
+
+    return auto_impl(device, dtype)
 
 
 def _overflow(what, dtype):

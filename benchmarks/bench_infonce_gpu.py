@@ -1,0 +1,339 @@
+"""utility_infonce forward+backward on a GPU, in the precisions people train in (issue 17).
+
+Settings: bf16 inputs; fp32 with TF32 (torch.backends.cuda.matmul.allow_tf32 = True); fp32 IEEE (TF32 off).
+Shapes: B = N in {4096, 16384, 65536} x d in {384, 768, 1024}, K = 4 soft targets; largest shapes last.
+Methods, on the same inputs:
+
+* ``naive``     materialised [B, N] scores in the input dtype, fp32 ``log_softmax`` + gather (the benchmark's
+                strongest plain-torch formulation, bench_infonce.py)
+* ``chunked``   ``utility_infonce(impl="torch")``: cuBLAS row chunks, gradients in the forward sweep
+* ``triton``    ``utility_infonce(impl="triton")``: the GEMM-shaped score-tile kernel + cuBLAS dQ/dP
+* ``infcl``     Inf-CL's ``cal_inf_loss`` (pip ``inf-cl``; one-hot targets = the plain InfoNCE special case of
+                the same size; it upcasts to fp32 and its ``tl.dot`` runs TF32 whatever torch's switch says, so
+                it is skipped in the IEEE setting)
+* ``st_cached`` sentence-transformers' ``CachedMultipleNegativesRankingLoss.calculate_loss`` at the embedding
+                level (one-hot diagonal targets; its mini-batch = 1024 query rows, about our 64 MiB workspace;
+                the model re-encoding that GradCache adds on top is not part of the loss and not timed)
+
+Reported per case: median time (``triton.testing.do_bench``; cases slower than 50 ms per call use the median
+of 3 CUDA-event-timed calls), peak extra memory (``max_memory_allocated`` during one step minus the
+allocation before it, returned gradients included), effective TFLOP/s (6 B N d: the 3 GEMMs of the naive
+loss), speed and memory relative to naive, and for ``triton`` the kernel's registers and spills (compiled
+metadata). Before the grid, each method's relative error against float64 at B = N = 512, d = 384.
+
+    python benchmarks/bench_infonce_gpu.py                       # full grid on the GPU (~3 min on an H200)
+    python benchmarks/bench_infonce_gpu.py --quick               # CPU smoke test (tiny shapes, torch paths)
+    python benchmarks/bench_infonce_gpu.py --sizes 16384 --dims 768 --settings bf16 --autotune
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+IMPLS = ("naive", "chunked", "triton", "infcl", "st_cached")
+SETTINGS = {"bf16": ("bfloat16", True), "tf32": ("float32", True), "ieee": ("float32", False)}
+TAU = 0.05
+
+
+def _inputs(b, n, d, k, dtype, dev, seed=0):
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(b, d, generator=g), dim=-1).to(dev, dtype).requires_grad_()
+    p = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(dev, dtype).requires_grad_()
+    idx = torch.randint(0, n, (b, k), generator=g)
+    idx[:, 0] = torch.arange(b) % n  # the positive, MNRL-style
+    util = torch.randn(b, k, generator=g)
+    return q, p, idx.to(dev), util.to(dev)
+
+
+def _naive(q, p, idx, util, tau):
+    import torch
+
+    valid = idx >= 0
+    w = torch.softmax(util.masked_fill(~valid, float("-inf")), dim=1)
+    s = q @ p.T
+    logp = torch.log_softmax((s if s.dtype == torch.float64 else s.float()) / tau, dim=1)
+    return -(w * logp.gather(1, idx.clamp_min(0))).sum(1).mean()
+
+
+def _head_dim(d):
+    return next(h for h in (256, 128, 64, 32, 16) if d % h == 0)
+
+
+def make_step(impl, q, p, idx, util):
+    """A callable running one forward + backward (gradients into q.grad / p.grad), or a skip reason (str)."""
+    import torch
+
+    from uae_fast import utility_infonce
+
+    if impl == "naive":
+        loss_fn = lambda: _naive(q, p, idx, util, TAU)  # noqa: E731
+    elif impl in ("chunked", "triton"):
+        which = "torch" if impl == "chunked" else "triton"
+        loss_fn = lambda: utility_infonce(q, p, idx, util, temperature=TAU, impl=which)  # noqa: E731
+    elif impl == "infcl":
+        if q.device.type != "cuda":
+            return "Inf-CL is CUDA-only"
+        if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+            return "Inf-CL's tl.dot runs TF32 whatever allow_tf32 says: not an IEEE fp32 peer"
+        try:
+            from inf_cl import cal_inf_loss
+        except ImportError:
+            return "inf_cl not installed"
+        labels = torch.arange(q.shape[0], device=q.device) % p.shape[0]
+        hd = _head_dim(q.shape[1])
+        loss_fn = lambda: cal_inf_loss(q * (1.0 / TAU), p, labels=labels, head_dim=hd)  # noqa: E731
+    elif impl == "st_cached":
+        if q.shape[0] != p.shape[0]:
+            return "CachedMNRL needs one positive per query (N = B)"
+        try:
+            from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+            from sentence_transformers.util import dot_score
+        except ImportError:
+            return "sentence-transformers (with the sentence_transformer.losses layout) not installed"
+        # The model argument is only inspected for static embeddings; calculate_loss works on embeddings.
+        st = CachedMultipleNegativesRankingLoss(torch.nn.Sequential(torch.nn.Identity()), scale=1.0 / TAU,
+                                                similarity_fct=dot_score, mini_batch_size=1024)
+
+        def step():
+            q.grad = p.grad = None
+            return st.calculate_loss([[q], [p]], with_backward=True)
+
+        return step
+    else:
+        raise ValueError(impl)
+
+    def step():
+        q.grad = p.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    return step
+
+
+def _sync(dev):
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(step, dev):
+    """Median ms of one call: do_bench on CUDA (events), perf_counter on CPU; slow cases get 3 timed calls."""
+    import torch
+
+    _sync(dev)
+    t0 = time.perf_counter()
+    step()
+    _sync(dev)
+    est = (time.perf_counter() - t0) * 1e3
+    if dev.type == "cuda" and est < 50:
+        import triton
+
+        # ~5-20 timed calls: the grid has ~135 cases and the device check ~2 minutes for them
+        return float(triton.testing.do_bench(step, warmup=max(1, int(est)), rep=max(10, int(5 * est)),
+                                             return_mode="median"))
+    times = []
+    for _ in range(3):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mib(step, dev, q, p):
+    import torch
+
+    if dev.type != "cuda":
+        return None
+    q.grad = p.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# ------------------------------------------------------------------------------------- accuracy
+def accuracy(impls, setting, dev, b=512, d=384, k=4):
+    """Relative max error of loss, dq, dp against float64 on the same inputs (each method's own problem:
+    soft targets for naive/chunked/triton, one-hot for infcl/st_cached)."""
+    import torch
+
+    dtype = getattr(torch, SETTINGS[setting][0])
+    out = []
+    for impl in impls:
+        q, p, idx, util = _inputs(b, b, d, k, dtype, dev, seed=1)
+        step = make_step(impl, q, p, idx, util)
+        if isinstance(step, str):
+            out.append(dict(setting=setting, impl=impl, skipped=step))
+            continue
+        loss = step()
+        gq, gp = q.grad.double(), p.grad.double()
+        qd, pd = q.detach().double().requires_grad_(), p.detach().double().requires_grad_()
+        if impl in ("infcl", "st_cached"):
+            ref = torch.nn.functional.cross_entropy(qd @ pd.T / TAU, torch.arange(b, device=dev))
+        else:
+            ref = _naive(qd, pd, idx, util, TAU)
+        ref.backward()
+        rel = lambda a, r: float((a - r).abs().max() / r.abs().max())  # noqa: E731
+        out.append(dict(setting=setting, impl=impl, B=b, N=b, d=d, loss_err=rel(torch.as_tensor(float(loss.detach())).double(), ref.detach().cpu()),
+                        dq_err=rel(gq, qd.grad), dp_err=rel(gp, pd.grad)))
+    return out
+
+
+# ------------------------------------------------------------------------------------- driver
+def _device_key(dev):
+    import torch
+
+    if dev.type != "cuda":
+        return dev.type
+    major, minor = torch.cuda.get_device_capability(dev)
+    return f"sm{major}{minor}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test; on a GPU a 2-shape grid)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--sizes", type=int, nargs="*", help="B = N values (default 4096 16384 65536)")
+    ap.add_argument("--dims", type=int, nargs="*", help="embedding dims (default 384 768 1024)")
+    ap.add_argument("--settings", nargs="*", choices=list(SETTINGS), default=None)
+    ap.add_argument("--impls", nargs="*", choices=IMPLS, default=None)
+    ap.add_argument("--k", type=int, default=4, help="soft targets per query")
+    ap.add_argument("--autotune", action="store_true", help="UAE_INFONCE_AUTOTUNE=1 for the triton path")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="start no new case after this many seconds")
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "infonce-gpu.json"))
+    args = ap.parse_args(argv)
+    if args.autotune:
+        os.environ["UAE_INFONCE_AUTOTUNE"] = "1"
+
+    import torch
+
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = dev.type == "cuda"
+    if not cuda and not args.quick:
+        ap.error("the GPU grid needs CUDA; on a CPU use --quick (or bench_infonce.py for the CPU grid)")
+    impls = args.impls or (list(IMPLS) if cuda else ["naive", "chunked", "st_cached"])
+    if not cuda and "triton" in impls and os.environ.get("TRITON_INTERPRET") != "1":
+        impls.remove("triton")
+    settings = args.settings or (list(SETTINGS) if cuda else ["tf32"])
+    if args.quick and not cuda:
+        sizes, dims = args.sizes or [256, 512], args.dims or [64]
+    elif args.quick:
+        sizes, dims = args.sizes or [4096, 16384], args.dims or [768]
+    else:
+        sizes, dims = args.sizes or [4096, 16384, 65536], args.dims or [384, 768, 1024]
+    start = time.time()
+    device_name = torch.cuda.get_device_name(dev) if cuda else "cpu"
+    print(f"device {device_name}, torch {torch.__version__}, impls {impls}, settings {settings}", flush=True)
+
+    acc_rows = []
+    for setting in settings:
+        torch.backends.cuda.matmul.allow_tf32 = SETTINGS[setting][1]
+        acc_rows += accuracy(impls, setting, dev, b=512 if cuda else 64, d=384 if cuda else 32)
+    for r in acc_rows:
+        if "skipped" in r:
+            print(f"accuracy {r['setting']:>4} {r['impl']:>9}: skipped ({r['skipped']})")
+        else:
+            print(f"accuracy {r['setting']:>4} {r['impl']:>9}: loss {r['loss_err']:.1e}  dq {r['dq_err']:.1e}  dp {r['dp_err']:.1e}")
+
+    results = []
+    for size in sizes:  # largest shapes last
+        for d in dims:
+            for setting in settings:
+                dtype_name, tf32 = SETTINGS[setting]
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                dtype = getattr(torch, dtype_name)
+                for impl in impls:
+                    row = dict(device=device_name, device_key=_device_key(dev), dtype=dtype_name,
+                               precision=("tf32" if tf32 else "ieee") if dtype_name == "float32" else "-",
+                               B=size, N=size, d=d, K=args.k, impl=impl, ms=None, peak_mib=None)
+                    if time.time() - start > args.budget_s:
+                        results.append({**row, "skipped": "time budget spent"})
+                        continue
+                    q = p = step = None
+                    try:
+                        q, p, idx, util = _inputs(size, size, d, args.k, dtype, dev)
+                        step = make_step(impl, q, p, idx, util)
+                        if isinstance(step, str):
+                            results.append({**row, "skipped": step})
+                            continue
+                        loss = float(step().detach())  # warm-up: compilation, cuBLAS handles, autotuning
+                        row["ms"] = time_ms(step, dev)
+                        row["peak_mib"] = peak_mib(step, dev, q, p)
+                        row["loss"] = loss
+                        row["tflops"] = 6 * size * size * d / (row["ms"] * 1e-3) / 1e12
+                        if impl == "triton" and cuda:
+                            from uae_fast.ops._infonce_gemm_triton import KERNEL_INFO
+
+                            info = KERNEL_INFO.get("write") or KERNEL_INFO.get("lse") or {}
+                            row.update(n_regs=info.get("n_regs"), n_spills=info.get("n_spills"), config=info.get("config"))
+                    except torch.cuda.OutOfMemoryError:
+                        row["skipped"] = "out of memory"
+                    except Exception as e:  # one broken method must not stop the grid
+                        row["skipped"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                    finally:
+                        del q, p, step
+                        if cuda:
+                            torch.cuda.empty_cache()
+                    results.append(row)
+                    what = row.get("skipped") or (
+                        f"{row['ms']:.3f} ms, {row['tflops']:.0f} TFLOP/s, peak extra "
+                        + (f"{row['peak_mib']:.0f} MiB" if row["peak_mib"] is not None else "n/a")
+                        + (f", regs {row.get('n_regs')} spills {row.get('n_spills')}" if impl == "triton" and cuda else "")
+                    )
+                    print(f"[{setting} B=N={size} d={d} {impl}] {what}", flush=True)
+
+    # relative to naive (same shape and setting)
+    for r in results:
+        nv = next((x for x in results if x["impl"] == "naive" and x["ms"] and
+                   (x["B"], x["d"], x["dtype"], x["precision"]) == (r["B"], r["d"], r["dtype"], r["precision"])), None)
+        r["speedup_vs_naive"] = nv["ms"] / r["ms"] if nv and r["ms"] else None
+        r["memory_vs_naive"] = (r["peak_mib"] / nv["peak_mib"]) if nv and r["peak_mib"] and nv["peak_mib"] else None
+
+    print("\n| setting | B = N | d | impl | ms | TFLOP/s | peak extra MiB | speed vs naive | memory vs naive |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        st = "bf16" if r["dtype"] == "bfloat16" else r["precision"]
+        if r["ms"] is None:
+            print(f"| {st} | {r['B']} | {r['d']} | {r['impl']} | {r.get('skipped', '')} | | | | |")
+            continue
+        sp = f"{r['speedup_vs_naive']:.2f}x" if r["speedup_vs_naive"] else "-"
+        mm = f"{100 * r['memory_vs_naive']:.1f}%" if r["memory_vs_naive"] else "-"
+        pk = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+        print(f"| {st} | {r['B']} | {r['d']} | {r['impl']} | {r['ms']:.3f} | {r['tflops']:.0f} | {pk} | {sp} | {mm} |")
+
+    out = dict(benchmark="infonce-gpu", device=device_name, torch=torch.__version__,
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               quick=args.quick, autotune=args.autotune, accuracy=acc_rows, results=results)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=1, default=lambda o: o if not isinstance(o, float) or math.isfinite(o) else None)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""What ``utility_infonce(impl="auto")`` runs: a table keyed on (device, dtype, precision), filled from GPU
+benchmarks (``benchmarks/results/infonce-gpu.json``).
+
+Keys: device = ``"cpu"`` or ``"sm<major><minor>"`` (CUDA compute capability, e.g. ``"sm90"`` for H100/H200);
+dtype = ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"float64"``; precision = ``"tf32"`` or ``"ieee"`` for
+float32 (torch.backends.cuda.matmul.allow_tf32), ``"-"`` otherwise. A key that is not in the table runs the
+chunked torch path: the one path measured to be within 1.4x of the naive loss's time on a GPU so far.
+
+To update after a GPU run: ``python -m uae_fast.ops._infonce_auto benchmarks/results/infonce-gpu.json``
+prints the rows the measurements support (the faster of "torch" and "triton" at B = N = 16384, d = 768,
+forward + backward); paste them into ``AUTO_TABLE``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+# (device, dtype, precision) -> impl. Measured rows say where their numbers are (BENCHMARKS.md).
+AUTO_TABLE = {
+    # H200, 2026-11-26: chunked 1.14x naive's time, the old Triton kernels 30.6x (B=N=16384, d=768).
+    ("sm90", "float32", "ieee"): "torch",
+    # Not measured yet (issue 17): the GEMM-shaped Triton path waits for a GPU run; until then the chunked path.
+    ("sm90", "float32", "tf32"): "torch",
+    ("sm90", "bfloat16", "-"): "torch",
+    ("sm90", "float16", "-"): "torch",
+}
+_DEFAULT = "torch"
+# The benchmark row the table is chosen at (the issue's target shape).
+_AT = dict(b=16384, d=768)
+
+
+def key(device: torch.device, dtype: torch.dtype) -> tuple:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        dev = f"sm{major}{minor}"
+    else:
+        dev = device.type
+    name = str(dtype).replace("torch.", "")
+    if dtype == torch.float32:
+        prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    else:
+        prec = "-"
+    return dev, name, prec
+
+
+def auto_impl(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type != "cuda" or dtype == torch.float64:
+        return "torch"  # the Triton path is GPU-only and takes no float64
+    return AUTO_TABLE.get(key(device, dtype), _DEFAULT)
+
+
+def table_from_results(results: list) -> dict:
+    """{(device, dtype, precision): fastest of "torch"/"triton"} at the table's shape, from benchmark rows
+    (fields: device_key, dtype, precision, B, d, impl, ms; rows without ms are skipped/failed)."""
+    best: dict = {}
+    for r in results:
+        if r.get("ms") is None or r.get("B") != _AT["b"] or r.get("d") != _AT["d"]:
+            continue
+        impl = {"chunked": "torch", "triton": "triton"}.get(r.get("impl"))
+        if impl is None:
+            continue
+        k = (r["device_key"], r["dtype"], r["precision"])
+        if k not in best or r["ms"] < best[k][1]:
+            best[k] = (impl, r["ms"])
+    return {k: v[0] for k, v in sorted(best.items())}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m uae_fast.ops._infonce_auto RESULTS.json", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        data = json.load(f)
+    rows = table_from_results(data["results"] if isinstance(data, dict) else data)
+    for k, v in rows.items():
+        print(f"    {k!r}: {v!r},")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
