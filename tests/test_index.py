@@ -512,6 +512,30 @@ def test_huge_candidates_mean_all_vectors(dtype, rng):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES + ["faiss"])
+def test_scores_beyond_float32_raise_instead_of_ranking_infs(dtype, tmp_path, rng):
+    """|q . x| > 3.4e38 made inf (or NaN: dropped) scores, ranked arbitrarily; now a clear error."""
+    x = rng.standard_normal((20, 8)).astype(np.float32)
+    x[3] *= 1e20
+    index = TopKIndex(8, backend="faiss") if dtype == "faiss" else TopKIndex(8, dtype=dtype)
+    index.add(x)
+    direction = (x[3:4] / np.linalg.norm(x[3].astype(np.float64))).astype(np.float32)
+    assert index.search(direction * 1e15, 1)[1][0, 0] == 3  # score ~3e35: fine
+    with pytest.raises(ValueError, match="scores could overflow float32"):
+        index.search(direction * 1e19, 3)
+    # A file from before max_norm was saved: native indexes measure it on the first search, FAISS ones
+    # check the returned scores (here: inf).
+    index.save(tmp_path / "ix.uae")
+    legacy = TopKIndex.load(tmp_path / "ix.uae")
+    legacy._max_norm = None
+    with pytest.raises(ValueError, match="overflow"):
+        legacy.search(direction * 1e30, 3)
+    assert dtype == "faiss" or legacy._max_norm == pytest.approx(index._max_norm, rel=1e-2)
+    if dtype == "bfloat16":
+        with pytest.raises(ValueError, match="beyond bfloat16's range"):
+            index.add(np.full((1, 8), 3.4e38, np.float32))
+
+
 def test_extension_backstop_rejects_bad_buffers():
     data = np.zeros(64 * 16 * 4, np.uint8)  # one panel of float32 dim 64
     none_f = np.zeros(0, np.float32)

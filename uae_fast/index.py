@@ -524,6 +524,11 @@ class TopKIndex:
             n, data, scales, rowsums, ids = self._n, self._data, self._scales, self._rowsums, self._ids
             resid, rscales, max_norm = self._resid, self._rscales, self._max_norm
         k = _check_k(k, n)
+        if max_norm is None:  # a file from before max_norm was saved: measure it once (one pass, like a search)
+            max_norm = max((_max_norm(self.reconstruct(i, min(n, i + 65536))) for i in range(0, n, 65536)), default=0.0)
+            with self._lock:
+                if self._max_norm is None:
+                    self._max_norm = max_norm
         self._check_score_range(q, max_norm)
         cand = min(n, self.candidates if self.candidates is not None else max(2 * k, k + 32))
         threads = self._threads or _ext().max_threads()
