@@ -226,6 +226,15 @@ def test_float32_reconstruct_is_exact(rng):
 # ---- inputs ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", DTYPES + ["int8+refine"])
+def test_reconstruct_any_span_reads_only_its_panels(dtype, rng):
+    index = TopKIndex(13, dtype=dtype.split("+")[0], refine=dtype.endswith("refine"))
+    index.add(rng.standard_normal((70, 13)).astype(np.float32))
+    full = index.reconstruct()
+    for start, stop in [(0, 70), (5, 9), (16, 32), (17, 70), (69, 70), (33, 33)]:
+        np.testing.assert_array_equal(index.reconstruct(start, stop), full[start:stop])
+
+
 def test_numpy_and_torch_inputs_of_any_layout(rng):
     d = 31
     x = rng.standard_normal((211, d)).astype(np.float32)
@@ -492,6 +501,7 @@ def test_bad_input_raises_clear_errors(rng):
         (ValueError, "backend='faiss'", lambda: TopKIndex(8, factory="HNSW32")),
         (ValueError, "zero norm", lambda: TopKIndex(8, metric="cosine").add(np.zeros((3, 8), np.float32))),
         (ValueError, "start <= stop", lambda: index.reconstruct(5, 50)),
+        (ValueError, "start <= stop", lambda: index.reconstruct(0.5)),
     ]
     for exc, msg, fn in cases:
         with pytest.raises(exc, match=msg):
