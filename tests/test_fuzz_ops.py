@@ -150,6 +150,16 @@ def test_infonce_gradient_overflow_raises(dtype):
         loss.backward()
 
 
+@pytest.mark.parametrize("idx_dtype", [torch.uint8, torch.int16], ids=str)
+def test_gather_with_grad_takes_narrow_indices(idx_dtype):
+    from uae_fast import gather_with_grad
+
+    p = torch.randn(300, 4)
+    idx = torch.tensor([[255, 0]]).to(idx_dtype)  # uint8 < -1 used to wrap and reject every index
+    _, shifted = gather_with_grad(p, idx)
+    assert shifted.tolist() == [[255, 0]]
+
+
 def test_ops_reject_meta_and_sparse_tensors():
     h, w = torch.randn(3, 4), torch.randn(5, 4)
     with pytest.raises(ValueError, match="hidden is a meta tensor"):
