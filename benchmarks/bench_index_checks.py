@@ -10,21 +10,16 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench_topk import best_time  # noqa: E402
 from uae_fast import TopKIndex  # noqa: E402
 
 
-def best(fn, reps=5):
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def best(fn):
+    return best_time(fn, 5)
 
 
 def main(argv=None):
