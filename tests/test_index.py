@@ -226,6 +226,15 @@ def test_float32_reconstruct_is_exact(rng):
 # ---- inputs ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", DTYPES + ["int8+refine"])
+def test_reconstruct_any_span_reads_only_its_panels(dtype, rng):
+    index = TopKIndex(13, dtype=dtype.split("+")[0], refine=dtype.endswith("refine"))
+    index.add(rng.standard_normal((70, 13)).astype(np.float32))
+    full = index.reconstruct()
+    for start, stop in [(0, 70), (5, 9), (16, 32), (17, 70), (69, 70), (33, 33)]:
+        np.testing.assert_array_equal(index.reconstruct(start, stop), full[start:stop])
+
+
 def test_numpy_and_torch_inputs_of_any_layout(rng):
     d = 31
     x = rng.standard_normal((211, d)).astype(np.float32)
@@ -492,6 +501,7 @@ def test_bad_input_raises_clear_errors(rng):
         (ValueError, "backend='faiss'", lambda: TopKIndex(8, factory="HNSW32")),
         (ValueError, "zero norm", lambda: TopKIndex(8, metric="cosine").add(np.zeros((3, 8), np.float32))),
         (ValueError, "start <= stop", lambda: index.reconstruct(5, 50)),
+        (ValueError, "start <= stop", lambda: index.reconstruct(0.5)),
     ]
     for exc, msg, fn in cases:
         with pytest.raises(exc, match=msg):
@@ -510,6 +520,30 @@ def test_huge_candidates_mean_all_vectors(dtype, rng):
     every.add(x)
     for a, b in zip(huge.search(q, 5), every.search(q, 5)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + ["faiss"])
+def test_scores_beyond_float32_raise_instead_of_ranking_infs(dtype, tmp_path, rng):
+    """|q . x| > 3.4e38 made inf (or NaN: dropped) scores, ranked arbitrarily; now a clear error."""
+    x = rng.standard_normal((20, 8)).astype(np.float32)
+    x[3] *= 1e20
+    index = TopKIndex(8, backend="faiss") if dtype == "faiss" else TopKIndex(8, dtype=dtype)
+    index.add(x)
+    direction = (x[3:4] / np.linalg.norm(x[3].astype(np.float64))).astype(np.float32)
+    assert index.search(direction * 1e15, 1)[1][0, 0] == 3  # score ~3e35: fine
+    with pytest.raises(ValueError, match="scores could overflow float32"):
+        index.search(direction * 1e19, 3)
+    # A file from before max_norm was saved: native indexes measure it on the first search, FAISS ones
+    # check the returned scores (here: inf).
+    index.save(tmp_path / "ix.uae")
+    legacy = TopKIndex.load(tmp_path / "ix.uae")
+    legacy._max_norm = None
+    with pytest.raises(ValueError, match="overflow"):
+        legacy.search(direction * 1e30, 3)
+    assert dtype == "faiss" or legacy._max_norm == pytest.approx(index._max_norm, rel=1e-2)
+    if dtype == "bfloat16":
+        with pytest.raises(ValueError, match="beyond bfloat16's range"):
+            index.add(np.full((1, 8), 3.4e38, np.float32))
 
 
 def test_extension_backstop_rejects_bad_buffers():

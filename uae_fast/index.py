@@ -106,7 +106,12 @@ def _as_f32_2d(name: str, x, dim: int) -> np.ndarray:
 
 
 def _max_norm(x: np.ndarray) -> float:
-    return float(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64).max())) if x.size else 0.0
+    if not x.size:
+        return 0.0
+    sq = float(np.einsum("ij,ij->i", x, x).max())  # float32: 10x faster than float64, overflows past |x| ~ 1.8e19
+    if not math.isfinite(sq):
+        sq = float(np.einsum("ij,ij->i", x, x, dtype=np.float64).max())
+    return math.sqrt(sq)
 
 
 def _normalize(name: str, x: np.ndarray) -> np.ndarray:
@@ -165,6 +170,14 @@ def _check_candidates(candidates) -> Optional[int]:
     if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
         raise ValueError(f"candidates must be a positive int or None, got {candidates!r}")
     return int(candidates)  # no upper bound: search keeps min(candidates, ntotal)
+
+
+def _check_span(start, stop, n: int) -> Tuple[int, int]:
+    stop = n if stop is None else stop
+    ints = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (start, stop))
+    if not ints or not 0 <= start <= stop <= n:
+        raise ValueError(f"need integers 0 <= start <= stop <= {n}, got start={start!r}, stop={stop!r}")
+    return int(start), int(stop)
 
 
 def _check_threads(threads) -> Optional[int]:
@@ -524,6 +537,11 @@ class TopKIndex:
             n, data, scales, rowsums, ids = self._n, self._data, self._scales, self._rowsums, self._ids
             resid, rscales, max_norm = self._resid, self._rscales, self._max_norm
         k = _check_k(k, n)
+        if max_norm is None:  # a file from before max_norm was saved: measure it once (one pass, like a search)
+            max_norm = max((_max_norm(self._unpack(i, min(n, i + 65536))) for i in range(0, n, 65536)), default=0.0)
+            with self._lock:
+                if self._max_norm is None:
+                    self._max_norm = max_norm
         self._check_score_range(q, max_norm)
         cand = min(n, self.candidates if self.candidates is not None else max(2 * k, k + 32))
         threads = self._threads or _ext().max_threads()
@@ -535,12 +553,17 @@ class TopKIndex:
 
     def reconstruct(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
         """Stored vectors ``[start, stop)`` in insertion order as float32 (dequantised for compact dtypes)."""
-        n = self._n
-        stop = n if stop is None else stop
-        if not (0 <= start <= stop <= n):
-            raise ValueError(f"need 0 <= start <= stop <= {n}, got start={start}, stop={stop}")
-        rows = _ext().unpack(self._code, self.dim, self._data, self._scales, self._rowsums, stop, self._resid, self._rscales)
-        return rows[start:]
+        start, stop = _check_span(start, stop, self._n)
+        return self._unpack(start, stop)
+
+    def _unpack(self, start: int, stop: int) -> np.ndarray:
+        # Only the panels holding [start, stop): storage is 16-row panels, per-row arrays alongside.
+        r0 = start - start % 16
+        resid = None if self._resid is None else self._resid[r0:]
+        rscales = None if self._rscales is None else self._rscales[r0:]
+        rows = _ext().unpack(self._code, self.dim, self._data[(r0 // 16) * self._panel_bytes :], self._scales[r0:],
+                             self._rowsums[r0:], stop - r0, resid, rscales)
+        return rows[start - r0 :]
 
     def _meta(self) -> dict:
         return {"backend": self.backend, "dim": self.dim, "metric": self.metric, "dtype": self.dtype, "ntotal": self._n,
@@ -778,9 +801,7 @@ class FaissTopKIndex(TopKIndex):
         return _wrap(like_torch, scores, out_ids)
 
     def reconstruct(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
-        stop = self._n if stop is None else stop
-        if not (0 <= start <= stop <= self._n):
-            raise ValueError(f"need 0 <= start <= stop <= {self._n}, got start={start}, stop={stop}")
+        start, stop = _check_span(start, stop, self._n)
         try:
             return self._cpu_index_synced().reconstruct_n(start, stop - start)
         except RuntimeError as e:

@@ -100,10 +100,14 @@ def _validate(q, p, target_idx, target_utility, temperature, teacher_temperature
     if bool(empty.any()):
         r = int(empty.nonzero()[0, 0])
         raise ValueError(f"target_idx row {r} is all padding (-1): every query needs at least one valid target")
-    finite = torch.isfinite(target_utility) | ~valid  # padded utilities are ignored, may hold anything
+    # Checked in the compute dtype: float64 utilities beyond float32's range would become inf there.
+    acc = _acc_dtype(q.dtype)
+    finite = torch.isfinite(target_utility.to(acc)) | ~valid  # padded utilities are ignored, may hold anything
     if not bool(finite.all()):
         r, k = (int(x) for x in (~finite).nonzero()[0])
-        raise ValueError(f"target_utility[{r}, {k}] = {float(target_utility[r, k])} is not finite (at a valid target)")
+        raise ValueError(
+            f"target_utility[{r}, {k}] = {float(target_utility[r, k])} is not finite in {str(acc)[6:]} (at a valid target)"
+        )
     if gold_idx is not None:
         check_tensor("gold_idx", gold_idx, ndim=1, dtypes=INDEX_DTYPES, device=dev)
         if gold_idx.shape[0] != b:
