@@ -193,6 +193,10 @@ def test_defaults_are_the_cli_defaults_and_config(model):
         assert d["similarity_fct"] == "cos_sim" and "2604.22722" in loss.citation
     assert "2101.06983" in CachedUtilityInfoNCELoss(model).citation
     assert CachedUtilityInfoNCELoss(model, mini_batch_size=7).get_config_dict()["mini_batch_size"] == 7
+    import uae_fast  # the top-level names: the trainer losses, and the embedding-level module
+
+    assert uae_fast.UtilityInfoNCELoss is UtilityInfoNCELoss and uae_fast.UtilityInfoNCE is UtilityInfoNCE
+    assert uae_fast.CachedUtilityInfoNCELoss is CachedUtilityInfoNCELoss
 
 
 # ------------------------------------------------------------------------------------ GradCache

@@ -25,7 +25,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .data import RetrievalDataset, default_qasper_path, load_dataset
-from .training import BatchSampler, TrainConfig, check_utilities, load_utilities
+from .training import BatchSampler, TrainConfig
+from .utilities import check_utilities, load_utilities
 
 PARQUET_FILE = "train.parquet"
 
