@@ -42,7 +42,7 @@ def _shipped_utilities() -> Optional[str]:
 def _shipped_for(ds: RetrievalDataset, shipped: str, out: str) -> str:
     """The shipped table, cut to the questions of ``ds`` when it holds others (the train slice holds 660 of
     its 2,095; the trainer rejects rows of questions its data lacks), written as a utilities file in ``out``."""
-    from .utilities import finalize, read_utilities
+    from .utilities import read_utilities, write_table
 
     header, rows = read_utilities(shipped)
     ids = {q.id for q in ds.queries}
@@ -50,12 +50,10 @@ def _shipped_for(ds: RetrievalDataset, shipped: str, out: str) -> str:
     if len(keep) == len(rows):
         return shipped
     path = os.path.join(out, "shipped-utilities.jsonl.gz")
-    header = dict(header, n_queries=len({r["qid"] for r in keep}), n_rows=len(keep), data=ds.name,
-                  subset_of=os.path.basename(shipped))
-    with open(path + ".partial", "w", encoding="utf-8") as f:
-        for rec in [header] + keep:
-            f.write(json.dumps(rec) + "\n")
-    finalize(path + ".partial", path)  # atomic, gzipped, as uae score publishes
+    if os.path.exists(path):  # a rerun writes the same cut again
+        os.remove(path)
+    write_table(path, dict(header, n_queries=len({r["qid"] for r in keep}), n_rows=len(keep), data=ds.name,
+                           subset_of=os.path.basename(shipped)), keep)  # atomic, gzipped, as uae score publishes
     return path
 
 
