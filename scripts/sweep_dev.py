@@ -82,7 +82,8 @@ def answer_only_grid(seeds, tables, tiny_cfg=None):
         for s in seeds:
             jobs.append({"group": g, "loss": loss, "seed": s, "cfg": {**cfg, **(tiny_cfg or {})},
                          **({"utilities": tables[key]} if key else {})})
-    return jobs
+    # seed-major: a sweep cut short (CPU, small lease) has every group at its first seeds
+    return jobs[:2] + sorted(jobs[2:], key=lambda j: j["seed"])
 
 
 def grid(name: str, seeds, extra_utilities=None, tables=None):
@@ -203,16 +204,19 @@ def _run(job):
     t0 = time.time()
     cfg = TrainConfig(data=args.train, utilities=job.get("utilities") or args.utilities, student=args.student,
                       loss=job["loss"], seed=job["seed"], **job["cfg"])
-    tmp = tempfile.mkdtemp(prefix="sweep_", dir=args.tmp)
+    keep = args.keep_models
+    tmp = os.path.join(keep, f"{job['group']}-{job['loss']}-s{job['seed']}") if keep else tempfile.mkdtemp(prefix="sweep_", dir=args.tmp)
     try:
-        summ = train(cfg, tmp, device=args.device, amp=args.amp, save_every=10**9, keep_checkpoints=1,
-                     progress=False, ds=_STATE["train"])
+        # --keep-models: the model stays (for held-out evaluation) and a killed job resumes from its checkpoint
+        summ = train(cfg, tmp, device=args.device, amp=args.amp, save_every=25 if keep else 10**9, keep_checkpoints=1,
+                     progress=False, ds=_STATE["train"], resume=bool(keep) and os.path.isdir(tmp))
         t_train = time.time() - t0
         pq = _rank_dev(tmp, args.device)
     except Exception as e:  # one failing setting must not cost the lease the other jobs
         return {**job, "error": f"{type(e).__name__}: {e}"}
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
     means = {k: sum(v) / len(v) for k, v in pq.items()}
     return {**job, "metrics": means, "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Success@1", "MAP")},
             "steps": summ["steps"], "train_queries": summ["train_queries"], "final_loss": summ["final_loss"],
@@ -348,6 +352,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads per worker")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no job after this many seconds")
     ap.add_argument("--tmp", default=None)
+    ap.add_argument("--groups", default=None, help="comma-separated groups to run (default: the whole grid)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="TrainConfig override for every training job, e.g. epochs=1 (a smaller CPU budget); recorded "
+                         "in sweep.jsonl")
+    ap.add_argument("--keep-models", default=None, metavar="DIR",
+                    help="train into DIR/GROUP-LOSS-sSEED and keep the models (checkpointed: a killed sweep resumes)")
     args = ap.parse_args(argv)
     if args.report:
         print(report(args.report))
@@ -368,6 +378,16 @@ def main(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.deadline = time.time() + args.budget_s
     jobs = grid(args.grid, list(range(args.seeds)), args.extra_utilities, tables)
+    if args.groups:
+        want = set(args.groups.split(","))
+        jobs = [j for j in jobs if j["group"] in want]
+    overrides = {}
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        overrides[k] = json.loads(v) if v[:1] in "0123456789-tfn[{" else v
+    for j in jobs:
+        if j["loss"] != "none" and overrides:
+            j["cfg"] = {**j["cfg"], **overrides}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "sweep.jsonl")
     if os.path.exists(path):  # a sweep continued over several calls: run only what is missing
