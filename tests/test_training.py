@@ -339,3 +339,21 @@ def test_cpu_bf16_autocast_trains_close_to_fp32(tmp_path, ds, tiny):
     l32 = [json.loads(x)["loss"] for x in open(tmp_path / "fp32" / "train_log.jsonl")]
     l16 = [json.loads(x)["loss"] for x in open(tmp_path / "bf16" / "train_log.jsonl")]
     assert l16 == pytest.approx(l32, rel=0.05)
+
+
+def test_min_steps_adds_epochs_to_small_data_only(ds):
+    """--min-steps: a small data set trains more epochs (up to MAX_AUTO_EPOCHS); a large one keeps --epochs."""
+    from uae_fast.training import MAX_AUTO_EPOCHS
+
+    kw = dict(loss="infonce", batch_size=4, passages_per_query=3)
+    bpe = BatchSampler(ds, TrainConfig(**kw)).batches_per_epoch
+    assert BatchSampler(ds, TrainConfig(**kw, min_steps=0)).total_micro_batches() == 2 * bpe
+    assert BatchSampler(ds, TrainConfig(**kw, min_steps=3 * bpe)).total_micro_batches() == 3 * bpe
+    assert BatchSampler(ds, TrainConfig(**kw, min_steps=10**6)).total_micro_batches() == math.ceil(MAX_AUTO_EPOCHS * bpe)
+    assert BatchSampler(ds, TrainConfig(**kw, min_steps=bpe)).total_micro_batches() == 2 * bpe  # epochs already give more
+    # grad_accum counts micro-batches per step; max_steps wins over both
+    assert BatchSampler(ds, TrainConfig(**kw, min_steps=3 * bpe, grad_accum=2, epochs=1.0)).total_micro_batches() == min(
+        6 * bpe, math.ceil(MAX_AUTO_EPOCHS * bpe))
+    assert BatchSampler(ds, TrainConfig(**kw, min_steps=10**6, max_steps=5)).total_micro_batches() == 5
+    with pytest.raises(ValueError, match="min_steps must be an int >= 0"):
+        TrainConfig(min_steps=-1).check()

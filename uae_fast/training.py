@@ -64,6 +64,7 @@ DEFAULT_NOGOLD_UTILITIES = "qasper-train-utilities-nogold-top12.jsonl.gz"
 # --no-gold's passages per question: its 12 scored candidates (all of them, so a weak positive is always in
 # the batch) + 4 random paragraphs of the paper, as the gold defaults have ~4.
 NO_GOLD_PASSAGES_PER_QUERY = 16
+MAX_AUTO_EPOCHS = 10.0  # the ceiling of --min-steps' extra epochs
 POSITIVES = ("gold", "bm25", "bm25-answer", "teacher-top1")
 _STATE_FILE = "trainer_state.pt"
 
@@ -78,6 +79,10 @@ class TrainConfig:
     loss: str = "uae"
     epochs: float = 2.0
     max_steps: Optional[int] = None
+    # A small data set gets more epochs so the run has at least this many optimizer steps (at most
+    # MAX_AUTO_EPOCHS): 2 epochs of 300 questions are 38 steps, too few to move the student. QASPER train
+    # (262 steps at the defaults) is unaffected. 0 = off.
+    min_steps: int = 100
     batch_size: int = 16
     passages_per_query: int = 8  # gold + scored candidates + random paragraphs of the paper (best dev R@1)
     grad_accum: int = 1
@@ -116,8 +121,10 @@ class TrainConfig:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{k} must be a positive int, got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        for k in ("seed", "min_steps"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{k} must be an int >= 0, got {v!r}")
         for k in ("epochs", "lr", "temperature", "teacher_temperature", "label_mix", "warmup", "weight_decay") + (
                 ("teacher_gate",) if self.teacher_gate is not None else ()):
             v = getattr(self, k)
@@ -226,7 +233,9 @@ class BatchSampler:
     def total_micro_batches(self) -> int:
         if self.cfg.max_steps is not None:
             return self.cfg.max_steps * self.cfg.grad_accum
-        return max(1, math.ceil(self.cfg.epochs * self.batches_per_epoch))
+        n = math.ceil(self.cfg.epochs * self.batches_per_epoch)
+        floor = min(self.cfg.min_steps * self.cfg.grad_accum, math.ceil(MAX_AUTO_EPOCHS * self.batches_per_epoch))
+        return max(1, n, floor)
 
     def _epoch_order(self, epoch: int) -> List[Query]:
         if self._order_cache[0] != epoch:
@@ -788,6 +797,9 @@ def add_parser(subparsers) -> None:
                         "(default: a non-empty OUT without --resume is refused)")
     p.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training questions (fractions allowed)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--min-steps", type=int, default=d.min_steps,
+                   help="small data sets get more epochs (up to 10) so the run has at least this many optimizer "
+                        "steps; 0 = exactly --epochs")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="queries per micro-batch (per device)")
     p.add_argument("--passages-per-query", type=int, default=None,
                    help=f"passages sampled per question (default {d.passages_per_query}; {NO_GOLD_PASSAGES_PER_QUERY} "
@@ -835,7 +847,7 @@ def _main(args) -> int:
         utilities = _default_utilities(args.no_gold)
     label_mix = args.label_mix if args.label_mix is not None else (0.0 if args.no_gold else TrainConfig.label_mix)
     cfg = TrainConfig(data=data, utilities=utilities, student=args.student, loss=args.loss,
-                      epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                      epochs=args.epochs, max_steps=args.max_steps, min_steps=args.min_steps, batch_size=args.batch_size,
                       passages_per_query=args.passages_per_query or (NO_GOLD_PASSAGES_PER_QUERY if args.no_gold
                                                                      else TrainConfig.passages_per_query), grad_accum=args.grad_accum, lr=args.lr,
                       weight_decay=args.weight_decay, warmup=args.warmup, temperature=args.temperature,
