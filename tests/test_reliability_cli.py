@@ -138,7 +138,7 @@ def test_cli_directory_as_data(tmp_path, capsys, tiny, utils):
 NUMERIC = [("--weight-decay", "nan"), ("--weight-decay", "inf"), ("--weight-decay", "-0.1"), ("--weight-decay", "1e300"),
            ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--lr", "1e38"), ("--epochs", "nan"),
            ("--temperature", "-inf"), ("--teacher-temperature", "nan"), ("--label-mix", "nan"), ("--warmup", "inf"),
-           ("--teacher-gate", "nan"), ("--batch-size", "0"), ("--max-steps", "-1"), ("--seed", "-1"), ("--threads", "-1"),
+           ("--teacher-gate", "nan"), ("--batch-size", "0"), ("--max-steps", "-1"), ("--min-steps", "-1"), ("--seed", "-1"), ("--threads", "-1"),
            ("--threads", "0"), ("--save-every", "0"), ("--keep-checkpoints", "-1"), ("--stop-after", "0"),
            ("--device", "cuda:99"), ("--device", "bogus")]
 
