@@ -148,7 +148,8 @@ def _rank_dev(model_dir, device):
     enc.eval()
     pids = sorted({p for q in queries for p in dev.pool(q)})
     row = {p: i for i, p in enumerate(pids)}
-    with torch.no_grad():
+    amp = bool(_STATE["args"].eval_amp)  # bf16 encoding: ~2x faster on CPUs with AVX512-BF16 (checked against fp32)
+    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
         P = enc.encode([dev.passages[p].text for p in pids], batch_size=128).float().cpu()
         Q = enc.encode([q.question for q in queries], batch_size=128).float().cpu()
     rankings = []
@@ -182,6 +183,8 @@ def _untrained(job):
     t0 = time.time()
     if job["group"] == "bm25":
         pq = _rank_bm25()
+    elif job.get("model"):  # --eval-model: a trained folder, ranked as the sweep's own models are
+        pq = _rank_dev(job["model"], args.device)
     else:
         from uae_fast.student import default_student_path
 
@@ -220,7 +223,7 @@ def _run(job):
     means = {k: sum(v) / len(v) for k, v in pq.items()}
     return {**job, "metrics": means, "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Success@1", "MAP")},
             "steps": summ["steps"], "train_queries": summ["train_queries"], "final_loss": summ["final_loss"],
-            "train_s": round(t_train, 1), "total_s": round(time.time() - t0, 1),
+            "train_s": round(t_train, 1), "total_s": round(time.time() - t0, 1), "eval_amp": bool(args.eval_amp),
             "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"}
 
 
@@ -348,10 +351,13 @@ def main(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (default off: fp32 like the CPU runs)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
+    ap.add_argument("--eval-amp", action="store_true", help="bf16 autocast when encoding dev (default fp32)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads per worker")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no job after this many seconds")
     ap.add_argument("--tmp", default=None)
+    ap.add_argument("--eval-model", action="append", default=[], metavar="NAME=DIR",
+                    help="no training: rank DIR's model on dev as row NAME (repeatable)")
     ap.add_argument("--groups", default=None, help="comma-separated groups to run (default: the whole grid)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="TrainConfig override for every training job, e.g. epochs=1 (a smaller CPU budget); recorded "
@@ -378,6 +384,9 @@ def main(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.deadline = time.time() + args.budget_s
     jobs = grid(args.grid, list(range(args.seeds)), args.extra_utilities, tables)
+    if args.eval_model:  # only rank the given folders
+        jobs = [{"group": n, "loss": "none", "seed": 0, "cfg": {}, "model": d}
+                for n, _, d in (x.partition("=") for x in args.eval_model)]
     if args.groups:
         want = set(args.groups.split(","))
         jobs = [j for j in jobs if j["group"] in want]
