@@ -148,7 +148,7 @@ def _rank_dev(model_dir, device):
     enc.eval()
     pids = sorted({p for q in queries for p in dev.pool(q)})
     row = {p: i for i, p in enumerate(pids)}
-    amp = bool(_STATE["args"].eval_amp)  # bf16 encoding: ~2x faster on CPUs with AVX512-BF16 (checked against fp32)
+    amp = bool(getattr(_STATE["args"], "eval_amp", False))  # bf16 encoding: ~2x faster on CPUs with AVX512-BF16 (checked against fp32)
     with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
         P = enc.encode([dev.passages[p].text for p in pids], batch_size=128).float().cpu()
         Q = enc.encode([q.question for q in queries], batch_size=128).float().cpu()
@@ -385,6 +385,9 @@ def main(argv=None):
     args.deadline = time.time() + args.budget_s
     jobs = grid(args.grid, list(range(args.seeds)), args.extra_utilities, tables)
     if args.eval_model:  # only rank the given folders
+        bad = [x for x in args.eval_model if not x.partition("=")[0] or not os.path.isdir(x.partition("=")[2])]
+        if bad:
+            ap.error(f"--eval-model wants NAME=DIR with an existing DIR, got {bad[0]!r}")
         jobs = [{"group": n, "loss": "none", "seed": 0, "cfg": {}, "model": d}
                 for n, _, d in (x.partition("=") for x in args.eval_model)]
     if args.groups:
@@ -393,6 +396,13 @@ def main(argv=None):
     overrides = {}
     for kv in args.set:
         k, _, v = kv.partition("=")
+        from dataclasses import fields
+        from uae_fast.training import TrainConfig
+
+        settable = {f.name for f in fields(TrainConfig)} - {"seed", "loss", "data", "utilities", "student"}
+        if not v or k not in settable:
+            ap.error(f"--set wants KEY=VALUE with KEY a TrainConfig field other than the job's own "
+                     f"(seed, loss, data, utilities, student), got {kv!r}")
         overrides[k] = json.loads(v) if v[:1] in "0123456789-tfn[{" else v
     for j in jobs:
         if j["loss"] != "none" and overrides:

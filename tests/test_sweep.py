@@ -115,3 +115,34 @@ def test_answer_only_grid_end_to_end(tmp_path, tiny):
     row = next(line for line in table.splitlines() if line.startswith("| ao-ensemble | 1 |"))
     assert "x |" in row and "(p=" in row
     assert "vs best weak (weak-" in table
+
+
+def test_groups_set_keep_models_and_eval_model(tmp_path, tiny):
+    # --groups picks rows, --set reaches every training job's config, --keep-models keeps (and resumes into)
+    # the model folders, and --eval-model ranks a kept folder exactly as the sweep ranked it.
+    from test_answer_only import no_gold_table
+
+    a = no_gold_table(tmp_path, load_dataset(TRAIN), m=3, name="a.jsonl.gz", seed=1, teacher="A")
+    gold = write_utilities(tmp_path / "u.jsonl.gz", load_dataset(TRAIN))
+    out, keep = tmp_path / "out", tmp_path / "models"
+    common = ["--out", str(out), "--train", TRAIN, "--dev", DEV, "--utilities", gold, "--nogold-utilities", a,
+              "--student", tiny, "--device", "cpu", "--threads", "1", "--grid", "answeronly-tiny"]
+    assert sweep_dev.main(common + ["--groups", "ao-smollm,weak-bm25-answer", "--set", "lr=0.002",
+                                    "--keep-models", str(keep)]) == 0
+    recs = [json.loads(x) for x in open(out / "sweep.jsonl")]
+    assert [r["group"] for r in recs] == ["ao-smollm", "weak-bm25-answer"]
+    assert all(r["cfg"]["lr"] == 0.002 and r["cfg"]["max_steps"] == 2 for r in recs)
+    assert sorted(os.listdir(keep)) == ["ao-smollm-uae-s0", "weak-bm25-answer-infonce-s0"]
+    cfg = json.load(open(keep / "ao-smollm-uae-s0" / "training_summary.json"))["config"]
+    assert cfg["lr"] == 0.002 and cfg["no_gold"]
+    ev = tmp_path / "ev"
+    assert sweep_dev.main(["--out", str(ev), "--dev", DEV, "--train", TRAIN, "--device", "cpu", "--threads", "1",
+                           "--eval-model", f"x={keep / 'ao-smollm-uae-s0'}"]) == 0
+    (r,) = [json.loads(x) for x in open(ev / "sweep.jsonl")]
+    assert r["group"] == "x" and r["per_query"] == recs[0]["per_query"]
+    with pytest.raises(SystemExit):
+        sweep_dev.main(["--out", str(ev), "--eval-model", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit):
+        sweep_dev.main(common + ["--set", "lr"])
+    with pytest.raises(SystemExit):
+        sweep_dev.main(common + ["--set", "seed=3"])
