@@ -302,3 +302,26 @@ def test_named_teachers():
     assert set(TEACHERS) == {"smollm2-135m", "gemma3-270m"}
     with pytest.raises(FileNotFoundError, match="not a folder .*nor a named teacher \\(smollm2-135m, gemma3-270m\\)"):
         load_causal_lm("gemma-9000", device="cpu")
+
+
+def test_lexical_teacher_table_is_bm25_answer_and_merges(tmp_path, ds):
+    """scripts/lexical_teacher_table.py: the table's top-1 per question is --positive bm25-answer's pick
+    (an independent code path), its rows are the source's, and it ensembles with an LLM table."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
+    from lexical_teacher_table import lexical_table
+
+    src = no_gold_table(tmp_path, ds, m=3)
+    out = str(tmp_path / "lex.jsonl.gz")
+    h = lexical_table(src, TRAIN, out)
+    (hs, rs), (hl, rl) = read_utilities(src), read_utilities(out)
+    assert [(r["qid"], r["pid"]) for r in rs] == [(r["qid"], r["pid"]) for r in rl]
+    assert hl["no_gold"] and hl["teacher"].startswith("bm25") and h["n_rows"] == len(rl)
+    u, _ = load_utilities(out)
+    by_id = {q.id: q for q in ds.queries}
+    cands = {qid: [r["pid"] for r in rl if r["qid"] == qid] for qid in u}
+    qs = [by_id[q] for q in u]
+    assert weak_positives(ds, qs, cands, "teacher-top1", u) == weak_positives(ds, qs, cands, "bm25-answer")
+    merge_teachers([src, out], str(tmp_path / "mix.jsonl.gz"))
+    assert read_utilities(str(tmp_path / "mix.jsonl.gz"))[0]["teacher"].startswith("ensemble(")
