@@ -342,12 +342,12 @@ def test_cpu_bf16_autocast_trains_close_to_fp32(tmp_path, ds, tiny):
 
 
 def test_min_steps_adds_epochs_to_small_data_only(ds):
-    """--min-steps: a small data set trains more epochs (up to MAX_AUTO_EPOCHS); a large one keeps --epochs."""
+    """--min-steps (opt-in): a small data set trains more epochs (up to MAX_AUTO_EPOCHS); a large one keeps --epochs."""
     from uae_fast.training import MAX_AUTO_EPOCHS
 
     kw = dict(loss="infonce", batch_size=4, passages_per_query=3)
     bpe = BatchSampler(ds, TrainConfig(**kw)).batches_per_epoch
-    assert BatchSampler(ds, TrainConfig(**kw, min_steps=0)).total_micro_batches() == 2 * bpe
+    assert BatchSampler(ds, TrainConfig(**kw)).total_micro_batches() == 2 * bpe  # default: off
     assert BatchSampler(ds, TrainConfig(**kw, min_steps=3 * bpe)).total_micro_batches() == 3 * bpe
     assert BatchSampler(ds, TrainConfig(**kw, min_steps=10**6)).total_micro_batches() == math.ceil(MAX_AUTO_EPOCHS * bpe)
     assert BatchSampler(ds, TrainConfig(**kw, min_steps=bpe)).total_micro_batches() == 2 * bpe  # epochs already give more
