@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         loss = utility_infonce(q, p, t_idx, t_u, temperature=0.05, teacher_temperature=0.5)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     step(False), step(True)  # warm-up (oneDNN primitive creation)
     times = {False: [], True: []}

@@ -630,8 +630,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
             print(f"uae train: {out_dir} already holds this finished run ({done.get('steps')} steps); nothing to do",
                   file=sys.stderr)
         return dict(done, rank=rank, seconds_this_run=0.0, already_finished=True)
-    # bf16 autocast: default on CUDA only. On CPUs with AVX512-BF16/AMX it is ~2x faster (all-MiniLM-L6-v2
-    # forward+backward, AMD EPYC, 2 threads: 5.1 vs 9.1 s); elsewhere it is emulated, so CPU stays opt-in.
+    # bf16 autocast: default on CUDA only. On CPUs with AVX512-BF16/AMX a MiniLM step is ~1.5x faster
+    # (benchmarks/bench_train_amp.py); elsewhere bf16 is emulated, so on CPUs it stays opt-in.
     amp = (device.type == "cuda") if amp is None else bool(amp)
     if amp and device.type not in ("cuda", "cpu"):
         raise ValueError(f"--amp (bf16 autocast) supports CUDA and CPU devices, not {device.type}")
@@ -828,7 +828,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stop-after", type=int, default=None, help="end this run after N total steps (resume later)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute encoder activations in backward: less memory, one more forward of compute")
-    p.add_argument("--amp", default="auto", choices=("auto", "on", "off"), help="bf16 autocast, master weights stay fp32 (auto = on for CUDA; on: also on CPUs, ~2x faster "
+    p.add_argument("--amp", default="auto", choices=("auto", "on", "off"), help="bf16 autocast, master weights stay fp32 (auto = on for CUDA; on: also on CPUs, ~1.5x faster "
                         "where the CPU has AVX512-BF16 or AMX)")
     p.add_argument("--device", default=None,
                    help="torch device, e.g. cpu, cuda, cuda:1 (default: CUDA if available, else CPU; under torchrun cuda:LOCAL_RANK)")
