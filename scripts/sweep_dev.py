@@ -403,7 +403,10 @@ def main(argv=None):
         if not v or k not in settable:
             ap.error(f"--set wants KEY=VALUE with KEY a TrainConfig field other than the job's own "
                      f"(seed, loss, data, utilities, student), got {kv!r}")
-        overrides[k] = json.loads(v) if v[:1] in "0123456789-tfn[{" else v
+        try:  # numbers, true/false/null as JSON; anything else (top:3) as a string
+            overrides[k] = json.loads(v)
+        except ValueError:
+            overrides[k] = v
     for j in jobs:
         if j["loss"] != "none" and overrides:
             j["cfg"] = {**j["cfg"], **overrides}

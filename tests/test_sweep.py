@@ -127,11 +127,12 @@ def test_groups_set_keep_models_and_eval_model(tmp_path, tiny):
     out, keep = tmp_path / "out", tmp_path / "models"
     common = ["--out", str(out), "--train", TRAIN, "--dev", DEV, "--utilities", gold, "--nogold-utilities", a,
               "--student", tiny, "--device", "cpu", "--threads", "1", "--grid", "answeronly-tiny"]
-    assert sweep_dev.main(common + ["--groups", "ao-smollm,weak-bm25-answer", "--set", "lr=0.002",
+    assert sweep_dev.main(common + ["--groups", "ao-smollm,weak-bm25-answer", "--set", "lr=0.002", "--set", "candidates=top:3",
                                     "--keep-models", str(keep)]) == 0
     recs = [json.loads(x) for x in open(out / "sweep.jsonl")]
     assert [r["group"] for r in recs] == ["ao-smollm", "weak-bm25-answer"]
     assert all(r["cfg"]["lr"] == 0.002 and r["cfg"]["max_steps"] == 2 for r in recs)
+    assert all(r["cfg"]["candidates"] == "top:3" for r in recs)  # a string value
     assert sorted(os.listdir(keep)) == ["ao-smollm-uae-s0", "weak-bm25-answer-infonce-s0"]
     cfg = json.load(open(keep / "ao-smollm-uae-s0" / "training_summary.json"))["config"]
     assert cfg["lr"] == 0.002 and cfg["no_gold"]
