@@ -31,18 +31,18 @@ def lexical_table(table: str, data: str, out: str) -> dict:
     missing = sorted({r["qid"] for r in rows} - by_id.keys())
     if missing:
         raise SystemExit(f"{table}: {len(missing)} question ids are not in {data} (e.g. {missing[0]!r})")
-    scores, index, key = {}, None, None
+    qid, by_pid, index, key = None, {}, None, None  # the current question's scores; BM25 of the current pool
     out_rows = []
     for r in rows:
-        q = by_id[r["qid"]]
-        if r["qid"] not in scores:
+        if r["qid"] != qid:
+            qid, q = r["qid"], by_id[r["qid"]]
             pool = ds.pool(q)
             if tuple(pool) != key:
                 key, index = tuple(pool), BM25([ds.passages[p].text for p in pool])
-            scores = {r["qid"]: dict(zip(pool, index.scores(" ".join([q.question] + list(q.answers))).tolist()))}
-        if r["pid"] not in scores[r["qid"]]:
+            by_pid = dict(zip(pool, index.scores(" ".join([q.question] + list(q.answers))).tolist()))
+        if r["pid"] not in by_pid:
             raise SystemExit(f"{table}: paragraph {r['pid']!r} is not in question {r['qid']!r}'s pool in {data}")
-        out_rows.append(dict(r, utility=round(scores[r["qid"]][r["pid"]], 5)))
+        out_rows.append(dict(r, utility=round(by_pid[r["pid"]], 5)))
     h = dict(header, teacher="bm25(question+answers)", n_rows=len(out_rows), lexical_of=os.path.basename(table))
     return write_table(out, h, out_rows)
 

@@ -393,13 +393,13 @@ def main(argv=None):
     if args.groups:
         want = set(args.groups.split(","))
         jobs = [j for j in jobs if j["group"] in want]
+    from dataclasses import fields
+    from uae_fast.training import TrainConfig
+
+    settable = {f.name for f in fields(TrainConfig)} - {"seed", "loss", "data", "utilities", "student"}
     overrides = {}
     for kv in args.set:
         k, _, v = kv.partition("=")
-        from dataclasses import fields
-        from uae_fast.training import TrainConfig
-
-        settable = {f.name for f in fields(TrainConfig)} - {"seed", "loss", "data", "utilities", "student"}
         if not v or k not in settable:
             ap.error(f"--set wants KEY=VALUE with KEY a TrainConfig field other than the job's own "
                      f"(seed, loss, data, utilities, student), got {kv!r}")
