@@ -183,3 +183,56 @@ def test_dense_ranker_shares_one_corpus_index(tmp_path):
     ranker = DenseRanker(BiEncoder(make_tiny_encoder(tmp_path / "enc"), device="cpu"), ds, ds.queries)
     assert list(ranker.indexes) == [("corpus",)]  # not one copy of the corpus per query
     assert sorted(ranker.rank(ds.queries[0])) == sorted(ds.passages)
+
+
+def _split_script():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import split_documents
+    return split_documents
+
+
+def test_split_documents_squad_and_qasper(tmp_path, capsys):
+    """scripts/split_documents.py: whole documents to one side, every question kept once, the same split on a
+    rerun and when documents are added, both sides loadable; QASPER papers split by id."""
+    sd = _split_script()
+    def art(i, title):
+        ctx = f"Line one of {i}.\nAnswer {i} is here."
+        return {"title": title, "paragraphs": [{"context": ctx, "qas": [{"id": f"q{i}", "question": f"what about {i}?",
+                "answers": [{"text": f"Answer {i}", "answer_start": ctx.index("Answer")}]}]}]}
+    arts = [art(i, f"Article {i}") for i in range(40)]
+    src = tmp_path / "all.json"
+    src.write_text(json.dumps({"version": "x", "data": arts}))
+    tr, ho = tmp_path / "train.json.gz", tmp_path / "heldout.json"
+    assert sd.main([str(src), "--train", str(tr), "--heldout", str(ho), "--heldout-fraction", "0.3"]) == 0
+    a, b = load_dataset(str(tr)), load_dataset(str(ho))
+    qa, qb = {q.id for q in a.queries}, {q.id for q in b.queries}
+    assert not qa & qb and qa | qb == {f"q{i}" for i in range(40)}
+    assert {p.section for p in a.passages.values()}.isdisjoint({p.section for p in b.passages.values()})
+    assert 4 <= len(qb) <= 20  # ~30% of 40 documents
+    assert all(q.gold for q in b.queries)
+    first = tr.read_bytes()
+    # deterministic, and adding documents moves none of the old ones
+    src.write_text(json.dumps({"version": "x", "data": arts + [art(i, f"Extra {i}") for i in range(40, 50)]}))
+    assert sd.main([str(src), "--train", str(tr), "--heldout", str(ho), "--heldout-fraction", "0.3"]) == 0
+    grown = {q.id for q in load_dataset(str(ho)).queries}
+    assert qb <= grown and all(int(q[1:]) >= 40 for q in grown - qb)
+    assert not ({q.id for q in load_dataset(str(tr)).queries} & qb)
+    src.write_text(json.dumps({"version": "x", "data": arts}))
+    assert sd.main([str(src), "--train", str(tr), "--heldout", str(ho), "--heldout-fraction", "0.3"]) == 0
+    assert tr.read_bytes() == first
+    # another seed, another split
+    assert sd.main([str(src), "--train", str(tr), "--heldout", str(ho), "--heldout-fraction", "0.3", "--seed", "1"]) == 0
+    assert {q.id for q in load_dataset(str(ho)).queries} != qb
+    # QASPER: papers by id, whole
+    papers = {f"p{i}": {"title": "t", "abstract": "a", "full_text": [], "qas": []} for i in range(30)}
+    t, h = sd.split(papers, fraction=0.5, seed=0)
+    assert set(t) | set(h) == set(papers) and not set(t) & set(h) and t and h
+    # bad input: one line, exit 2
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    assert sd.main([str(bad), "--train", str(tr), "--heldout", str(ho)]) == 2
+    assert "must be QASPER" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sd.main([str(src), "--train", str(tr), "--heldout", str(ho), "--heldout-fraction", "1.5"])
