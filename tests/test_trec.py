@@ -131,3 +131,29 @@ def test_save_runs_errors(tmp_path):
     q = next(q for q in ds.queries if q.gold)
     with pytest.raises(ValueError, match="query id .* occurs twice: TREC runs need unique query ids"):
         evaluate(RetrievalDataset(ds.passages, [q, q], "dup"), [], baselines=("bm25",), progress=False, save_runs=str(tmp_path))
+
+
+def test_runs_report_groups_seeds_and_pairs(tmp_path, capsys):
+    """scripts/runs_report.py: NAME-sN runs are one system (mean, sd over seeds); paired tests use per-query
+    metrics averaged over seeds; hand-computed values."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import runs_report
+    from uae_fast.trec import write_qrels, write_run
+    write_qrels(str(tmp_path / "qrels.txt"), {"q1": ["a"], "q2": ["b"], "q3": ["c", "d"], "q4": []})
+    write_run(str(tmp_path / "uae-s0.run"), {"q1": ["a", "x"], "q2": ["x", "b"], "q3": ["c", "d"]}, "uae-s0")
+    write_run(str(tmp_path / "uae-s1.run"), {"q1": ["a", "x"], "q2": ["b", "x"], "q3": ["x", "c"]}, "uae-s1")
+    write_run(str(tmp_path / "bm25.run"), {"q1": ["x", "a"], "q2": ["x", "b"], "q3": ["x", "y"]}, "bm25")
+    assert runs_report.main([str(tmp_path), "--json", str(tmp_path / "r.json")]) == 0
+    r = json.load(open(tmp_path / "r.json"))
+    assert r["n_queries"] == 3  # q4 has no relevant passage
+    s1 = r["systems"]["uae"]["Success@1"]
+    assert r["systems"]["uae"]["seeds"] == [0, 1] and s1["per_seed"] == pytest.approx([2 / 3, 2 / 3]) and s1["sd"] == 0
+    # per-query S@1 averaged over seeds: q1 1, q2 0.5, q3 0.5; bm25: 0, 0, 0
+    assert r["paired"]["uae - bm25"]["Success@1"]["diff"] == pytest.approx(2 / 3)
+    mrr = r["systems"]["uae"]["MRR"]["per_seed"]
+    assert mrr == pytest.approx([(1 + 0.5 + 1) / 3, (1 + 1 + 0.5) / 3])
+    assert "| uae | 2 |" in capsys.readouterr().out
+    assert runs_report.main([str(tmp_path), "--ref", "nope"]) == 2
+    assert "no run for reference 'nope'" in capsys.readouterr().err

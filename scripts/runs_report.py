@@ -1,0 +1,107 @@
+"""Seed-aware report of a ``uae eval --save-runs`` folder: mean and sd over seeds, paired bootstrap vs references.
+
+    python scripts/runs_report.py RUNS_DIR [--ref bm25 --ref base] [--json OUT.json]
+
+Runs named ``NAME-sN.run`` (``N`` a seed) are one system ``NAME`` with one ranking per seed; any other run is a
+system with one seed. Per system and metric (Success@1/5, Recall@1/5, MAP, MRR over the queries of
+``qrels.txt``): the mean over seeds and its sample sd. Paired tests use each query's metric averaged over the
+system's seeds (the usual way to compare seed-averaged systems on the same queries): every system against
+every ``--ref`` system (default: the single-seed runs), 10,000 bootstrap resamples, two-sided p.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from uae_fast.metrics import paired_bootstrap, per_query_metrics  # noqa: E402
+from uae_fast.trec import read_qrels, read_run  # noqa: E402
+
+METRICS = ("Success@1", "Success@5", "Recall@1", "Recall@5", "MAP", "MRR")
+
+
+def load(folder: str):
+    """{system: {seed: {metric: per-query list}}} over the queries of qrels.txt with a relevant passage."""
+    qrels = read_qrels(os.path.join(folder, "qrels.txt"))
+    qids = sorted(q for q, docs in qrels.items() if any(r > 0 for r in docs.values()))
+    if not qids:
+        raise ValueError(f"{folder}/qrels.txt has no query with a relevant passage")
+    golds = [{d for d, r in qrels[q].items() if r > 0} for q in qids]
+    systems = defaultdict(dict)
+    runs = sorted(glob.glob(os.path.join(folder, "*.run")))
+    if not runs:
+        raise ValueError(f"{folder} has no .run files (write them with uae eval --save-runs)")
+    for path in runs:
+        name = os.path.basename(path)[:-4]
+        m = re.fullmatch(r"(.+)-s(\d+)", name)
+        system, seed = (m.group(1), int(m.group(2))) if m else (name, 0)
+        run = read_run(path)
+        pq = per_query_metrics([run.get(q, []) for q in qids], golds)
+        systems[system][seed] = {k: pq[k] for k in METRICS}
+    return qids, dict(systems)
+
+
+def report(systems, refs):
+    out = {"systems": {}, "paired": {}}
+    avg = {s: {k: np.mean([seeds[x][k] for x in seeds], axis=0) for k in METRICS} for s, seeds in systems.items()}
+    for s, seeds in systems.items():
+        per_seed = {k: [float(np.mean(seeds[x][k])) for x in sorted(seeds)] for k in METRICS}
+        out["systems"][s] = {"seeds": sorted(seeds), **{k: {"mean": float(np.mean(v)),
+                             "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "per_seed": v}
+                             for k, v in per_seed.items()}}
+    for s in systems:
+        for r in refs:
+            if r != s:
+                out["paired"][f"{s} - {r}"] = {k: paired_bootstrap(avg[s][k], avg[r][k]) for k in ("Success@1", "MAP")}
+    return out
+
+
+def table(out, n_queries: int) -> str:
+    lines = [f"{n_queries} queries; mean (sd) over seeds", "",
+             "| system | seeds | " + " | ".join(METRICS) + " |", "|---|---|" + "---:|" * len(METRICS)]
+    for s, r in out["systems"].items():
+        cells = [f"{r[k]['mean']:.3f}" + (f" ({r[k]['sd']:.3f})" if len(r["seeds"]) > 1 else "") for k in METRICS]
+        lines.append(f"| {s} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
+    if out["paired"]:
+        lines += ["", "Paired bootstrap on seed-averaged per-query metrics: diff [95% CI] p", ""]
+        for pair, d in out["paired"].items():
+            lines.append(f"- {pair}: " + "; ".join(f"{k} {v['diff']:+.3f} [{v['ci95_low']:+.3f}, {v['ci95_high']:+.3f}] "
+                                                     f"p {v['p']:.3f}" for k, v in d.items()))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", help="a uae eval --save-runs folder (qrels.txt and NAME.run files)")
+    ap.add_argument("--ref", action="append", default=None, help="reference system(s) for the paired tests "
+                    "(repeatable; default: every single-seed system)")
+    ap.add_argument("--json", default=None, help="also write the report here")
+    args = ap.parse_args(argv)
+    try:
+        qids, systems = load(args.runs)
+    except (ValueError, OSError) as e:
+        print(f"runs_report: {e}", file=sys.stderr)
+        return 2
+    refs = args.ref or [s for s, seeds in systems.items() if len(seeds) == 1]
+    missing = [r for r in refs if r not in systems]
+    if missing:
+        print(f"runs_report: no run for reference {missing[0]!r} (have: {', '.join(systems)})", file=sys.stderr)
+        return 2
+    out = report(systems, refs)
+    print(table(out, len(qids)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"n_queries": len(qids), **out}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
