@@ -123,7 +123,7 @@ def add_parser(subparsers) -> None:
     sub = p.add_subparsers(dest="index_command", metavar="ACTION")
     b = sub.add_parser("build", help="embed a dataset's passages and write an index folder",
                        description="Embeds every passage of --data with --model and writes the index folder --out.")
-    b.add_argument("--data", required=True, help="passages: QASPER JSON(.gz) or the JSONL schema (required)")
+    b.add_argument("--data", required=True, help="passages: QASPER or SQuAD JSON(.gz), the JSONL schema or a BEIR folder (required)")
     b.add_argument("--model", default=None, help="encoder folder, recorded for uae search (default: the untrained student)")
     b.add_argument("--out", required=True, help="index folder to write (required)")
     b.add_argument("--lexical", action="store_true", help="also build the BM25 side: a hybrid index (default: dense only)")
