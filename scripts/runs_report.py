@@ -59,7 +59,7 @@ def report(systems, refs):
                              for k, v in per_seed.items()}}
     for s in systems:
         for r in refs:
-            if r != s:
+            if r != s and f"{r} - {s}" not in out["paired"]:  # each pair once
                 out["paired"][f"{s} - {r}"] = {k: paired_bootstrap(avg[s][k], avg[r][k]) for k in ("Success@1", "MAP")}
     return out
 
