@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import gzip
 import json
 import os
 import re
@@ -83,7 +84,9 @@ def main(argv=None) -> int:
     ap.add_argument("runs", help="a uae eval --save-runs folder (qrels.txt and NAME.run files)")
     ap.add_argument("--ref", action="append", default=None, help="reference system(s) for the paired tests "
                     "(repeatable; default: every single-seed system)")
-    ap.add_argument("--json", default=None, help="also write the report here")
+    ap.add_argument("--json", default=None, help="also write the report here (.json or .json.gz)")
+    ap.add_argument("--per-query", action="store_true", help="the JSON also holds each run's per-query Success@1 and "
+                    "average precision (4 digits), in the order of its 'queries' list, for later paired tests")
     args = ap.parse_args(argv)
     try:
         qids, systems = load(args.runs)
@@ -98,8 +101,14 @@ def main(argv=None) -> int:
     out = report(systems, refs)
     print(table(out, len(qids)))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"n_queries": len(qids), **out}, f, indent=1)
+        doc = {"n_queries": len(qids), **out}
+        if args.per_query:
+            doc["queries"] = qids
+            doc["per_query"] = {f"{s}-s{seed}" if len(seeds) > 1 else s: {k: [round(float(x), 4) for x in m[k]]
+                                for k in ("Success@1", "MAP")} for s, seeds in systems.items() for seed, m in seeds.items()}
+        opener = gzip.open if args.json.endswith(".gz") else open
+        with opener(args.json, "wt") as f:
+            json.dump(doc, f, indent=None if args.per_query else 1)
     return 0
 
 

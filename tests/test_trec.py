@@ -155,5 +155,10 @@ def test_runs_report_groups_seeds_and_pairs(tmp_path, capsys):
     mrr = r["systems"]["uae"]["MRR"]["per_seed"]
     assert mrr == pytest.approx([(1 + 0.5 + 1) / 3, (1 + 1 + 0.5) / 3])
     assert "| uae | 2 |" in capsys.readouterr().out
+    assert runs_report.main([str(tmp_path), "--json", str(tmp_path / "r.json.gz"), "--per-query"]) == 0
+    import gzip
+    r = json.load(gzip.open(tmp_path / "r.json.gz", "rt"))
+    assert r["queries"] == ["q1", "q2", "q3"] and r["per_query"]["uae-s0"]["Success@1"] == [1, 0, 1]
+    assert r["per_query"]["bm25"]["MAP"] == [0.5, 0.5, 0]
     assert runs_report.main([str(tmp_path), "--ref", "nope"]) == 2
     assert "no run for reference 'nope'" in capsys.readouterr().err
