@@ -325,3 +325,43 @@ def test_lexical_teacher_table_is_bm25_answer_and_merges(tmp_path, ds):
     assert weak_positives(ds, qs, cands, "teacher-top1", u) == weak_positives(ds, qs, cands, "bm25-answer")
     merge_teachers([src, out], str(tmp_path / "mix.jsonl.gz"))
     assert read_utilities(str(tmp_path / "mix.jsonl.gz"))[0]["teacher"].startswith("ensemble(")
+
+
+def test_squad_corpus_end_to_end_answer_only(tmp_path, tiny, capsys):
+    """The README's other-domain flow on a hand-written SQuAD file: split by article, score answer-only,
+    train --no-gold on the table, evaluate on the held-out articles (gold read only there)."""
+    import sys
+    from test_teacher import byte_tokenizer, tiny_llama
+    from uae_fast.cli import main
+    from uae_fast.data import load_dataset
+    from uae_fast.scoring import score_dataset
+    from uae_fast.teacher import UtilityScorer
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
+    import split_documents
+
+    words = ["virus", "cell", "protein", "host", "immune", "vaccine", "receptor", "antibody", "lung", "fever"]
+    arts = []
+    for a in range(8):
+        lines = [f"Line {i} of article {a} about {words[(a + i) % 10]} and {words[(a * 3 + i) % 10]}." for i in range(6)]
+        ctx = "\n".join(lines)
+        qas = [{"id": f"a{a}q{j}", "question": f"What about {words[(a + j) % 10]} in article {a}?",
+                "answers": [{"text": lines[j].split(" about ")[1], "answer_start": ctx.index(lines[j]) + len(lines[j].split(" about ")[0]) + 7}]}
+               for j in range(3)]
+        arts.append({"title": f"Article {a}", "paragraphs": [{"context": ctx, "qas": qas}]})
+    src = tmp_path / "corpus.json"
+    src.write_text(json.dumps({"version": "1", "data": arts}))
+    tr, ho = str(tmp_path / "train.json"), str(tmp_path / "heldout.json")
+    assert split_documents.main([str(src), "--train", tr, "--heldout", ho]) == 0
+    ds = load_dataset(tr)
+    assert all(q.gold for q in ds.queries)  # the answer spans map to their lines
+    scorer = UtilityScorer(tiny_llama(), byte_tokenizer(), max_passage_tokens=24, max_answer_tokens=6, name="tiny")
+    table = str(tmp_path / "ng.jsonl.gz")
+    h = score_dataset(scorer, ds, table, candidates="top:3", no_gold=True, with_gold_only=False, progress=False)
+    assert h["no_gold"] is True
+    assert main(["train", "--data", tr, "--no-gold", "--utilities", table, "--out", str(tmp_path / "m"), "--student", tiny,
+                 "--no-progress", "--max-steps", "2", "--max-passage-length", "16", "--batch-size", "2"]) == 0
+    assert main(["eval", "--data", ho, "--model", str(tmp_path / "m"), "--baselines", "bm25", "--no-progress",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    res = json.load(open(tmp_path / "e.json"))
+    assert set(res["systems"]) == {"m", "bm25"} and res["n_queries"] == len(load_dataset(ho).queries)
+    capsys.readouterr()
