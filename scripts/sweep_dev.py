@@ -270,13 +270,14 @@ def report(path):
                      f"{m['MRR']:.4f} | {diff[0]} | {diff[1]} | {ts:.0f} |")
     if any(g in ANSWER_ONLY for g, _ in by):
         lines += ["", answer_only_table(by)]
-    failed = [r for r in recs if r.get("error")]
+    ran = {(r["group"], r["loss"], r["seed"]) for r in done}  # a later sweep may have run what an earlier one skipped
+    failed = [r for r in recs if r.get("error") and (r["group"], r["loss"], r["seed"]) not in ran]
     if failed:
         lines.append(f"\n{len(failed)} job(s) failed: " + "; ".join(f"{r['group']}/{r['loss']}/{r['seed']}: {r['error']}" for r in failed))
-    skipped = [r for r in recs if r.get("skipped")]
+    skipped = [r for r in recs if r.get("skipped") and (r["group"], r["loss"], r["seed"]) not in ran]
     if skipped:
         lines.append(f"\n{len(skipped)} job(s) skipped at the budget: "
-                     + ", ".join(sorted({f"{r['group']}/{r['loss']}" for r in skipped})))
+                     + ", ".join(sorted({f"{r['group']}/{r['loss']}/{r['seed']}" for r in skipped})))
     return "\n".join(lines)
 
 
@@ -306,7 +307,7 @@ def answer_only_table(by) -> str:
     gold = groups.get("gold-infonce")
     weak = [g for g in groups if g.startswith("weak-")]
     best_weak = max(weak, key=lambda g: mean[g]["Success@1"]) if weak else None
-    lines = [f"| system | seeds | S@1 mean (sd) | MAP mean (sd) | S@1 / gold InfoNCE | vs gold InfoNCE: S@1, MAP (paired) | "
+    lines = [f"| system | seeds | S@1 mean (population sd) | MAP mean (population sd) | S@1 / gold InfoNCE | vs gold InfoNCE: S@1, MAP (paired) | "
              f"vs best weak ({best_weak or '-'}): S@1, MAP |", "|---|---:|---:|---:|---:|---|---|"]
     order = ["untrained", "bm25"] + list(ANSWER_ONLY)
     for g in sorted(groups, key=order.index):
