@@ -71,7 +71,9 @@ def test_report_means_and_pairs_by_seed(tmp_path, old_names):
         return {"group": "base", "loss": loss, "seed": seed, "train_s": 1.0, "steps": 1, "metrics": m,
                 "per_query": {f"{s}@1": r1, "MAP": r1}}
     recs = [rec("uae", 0, [1, 1, 0, 0]), rec("infonce", 0, [1, 0, 0, 0]),
-            rec("uae", 1, [1, 1, 1, 0]), rec("infonce", 1, [1, 1, 0, 0])]
+            {"group": "base", "loss": "uae", "seed": 1, "skipped": True},  # skipped at one sweep's budget ...
+            {"group": "base", "loss": "uae", "seed": 2, "skipped": True},
+            rec("uae", 1, [1, 1, 1, 0]), rec("infonce", 1, [1, 1, 0, 0])]  # ... and run by the next
     path = tmp_path / "s.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in recs)
@@ -81,6 +83,7 @@ def test_report_means_and_pairs_by_seed(tmp_path, old_names):
     assert "| 2 | 0.6250" in uae  # mean S@1 over the two seeds
     assert ("| 1.0000 | - |" if old_names else "| 1.0000 | 0.1250 |") in uae  # S@5, then R@1 (absent from old records)
     assert "+0.2500 [" in uae  # UAE minus InfoNCE, 8 paired queries: (2 - 0) / 8
+    assert table.endswith("1 job(s) skipped at the budget: base/uae/2")
 
 
 def test_answer_only_grid_end_to_end(tmp_path, tiny):
