@@ -38,9 +38,15 @@ def in_process(argv):
         torch.set_num_threads(n)
 
 
+def _default_sigint():
+    # A shell starts background jobs with SIGINT ignored, and Python then never installs its Ctrl-C handler:
+    # give the child the default disposition, as a terminal would, so the SIGINT tests run under `cmd &` too.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(argv, **env):
     return subprocess.Popen([sys.executable, "-m", "uae_fast.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT, env=dict(os.environ, **env))
+                            text=True, cwd=ROOT, env=dict(os.environ, **env), preexec_fn=_default_sigint)
 
 
 def finish(proc, *, ready=None, delay=0.0, sig=None, timeout=240):
