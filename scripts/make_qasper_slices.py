@@ -23,14 +23,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from uae_fast.data import QUICKSTART_SLICE, load_dataset  # noqa: E402
+from uae_fast.data import QUICKSTART_SLICE, load_dataset, write_json  # noqa: E402
 from uae_fast.scoring import select_queries  # noqa: E402
-
-
-def _write(papers: dict, path: str) -> None:
-    data = json.dumps(papers, ensure_ascii=False).encode("utf-8")
-    with open(path, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0, compresslevel=9) as gz:
-        gz.write(data)
 
 
 def _papers_in_order(queries, n_papers: int) -> list:
@@ -62,7 +56,7 @@ def main(argv=None) -> int:
         else:
             keep = set(_papers_in_order([q for q in ds.queries if q.gold][: args.dev_queries], len(raw)))
         out = os.path.join(args.out, QUICKSTART_SLICE.format(split=split))
-        _write({pid: paper for pid, paper in raw.items() if pid in keep}, out)
+        write_json({pid: paper for pid, paper in raw.items() if pid in keep}, out)
         sl = load_dataset(out)
         print(f"{out}: {len(keep)} papers, {len(sl.queries)} questions, {len(sl.passages)} paragraphs, "
               f"{os.path.getsize(out) / 1e6:.2f} MB")

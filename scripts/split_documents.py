@@ -11,7 +11,6 @@ the same split and adding documents does not move the old ones. Both outputs kee
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import os
@@ -19,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from uae_fast.data import read_text  # noqa: E402
+from uae_fast.data import read_text, write_json  # noqa: E402
 
 
 def _side(key: str, seed: int, fraction: float) -> bool:
@@ -53,18 +52,6 @@ def split(raw, *, fraction: float, seed: int):
     raise ValueError("input must be QASPER (paper ids -> papers) or SQuAD ({\"data\": [articles]}) JSON")
 
 
-def _write(obj, path: str) -> None:
-    data = json.dumps(obj, ensure_ascii=False).encode()
-    tmp = path + ".tmp"
-    if path.endswith(".gz"):
-        with open(tmp, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as g:
-            g.write(data)
-    else:
-        with open(tmp, "wb") as f:
-            f.write(data)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("corpus", help="QASPER or SQuAD .json(.gz)")
@@ -86,8 +73,8 @@ def main(argv=None) -> int:
         print(f"split_documents: one side is empty ({n(train)} train, {n(held)} held-out documents); "
               "change --heldout-fraction or --seed", file=sys.stderr)
         return 2
-    _write(train, args.train)
-    _write(held, args.heldout)
+    write_json(train, args.train)
+    write_json(held, args.heldout)
     print(f"{n(train)} train documents -> {args.train}; {n(held)} held-out documents -> {args.heldout}")
     return 0
 

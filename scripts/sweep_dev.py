@@ -227,6 +227,11 @@ def _run(job):
             "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"}
 
 
+def _job_key(r) -> tuple:
+    """A job's identity across sweeps: a record for the same key is the same job."""
+    return r["group"], r["loss"], r["seed"]
+
+
 def report(path):
     """Mean over seeds per (group, loss), and UAE minus InfoNCE paired by seed (same batches)."""
     import numpy as np
@@ -270,11 +275,11 @@ def report(path):
                      f"{m['MRR']:.4f} | {diff[0]} | {diff[1]} | {ts:.0f} |")
     if any(g in ANSWER_ONLY for g, _ in by):
         lines += ["", answer_only_table(by)]
-    ran = {(r["group"], r["loss"], r["seed"]) for r in done}  # a later sweep may have run what an earlier one skipped
-    failed = [r for r in recs if r.get("error") and (r["group"], r["loss"], r["seed"]) not in ran]
+    ran = {_job_key(r) for r in done}  # a later sweep may have run what an earlier one skipped
+    failed = [r for r in recs if r.get("error") and _job_key(r) not in ran]
     if failed:
         lines.append(f"\n{len(failed)} job(s) failed: " + "; ".join(f"{r['group']}/{r['loss']}/{r['seed']}: {r['error']}" for r in failed))
-    skipped = [r for r in recs if r.get("skipped") and (r["group"], r["loss"], r["seed"]) not in ran]
+    skipped = [r for r in recs if r.get("skipped") and _job_key(r) not in ran]
     if skipped:
         lines.append(f"\n{len(skipped)} job(s) skipped at the budget: "
                      + ", ".join(sorted({f"{r['group']}/{r['loss']}/{r['seed']}" for r in skipped})))
@@ -415,8 +420,8 @@ def main(argv=None):
     path = os.path.join(args.out, "sweep.jsonl")
     if os.path.exists(path):  # a sweep continued over several calls: run only what is missing
         with open(path) as f:
-            done = {(r["group"], r["loss"], r["seed"]) for r in map(json.loads, filter(str.strip, f)) if "metrics" in r}
-        jobs = [j for j in jobs if (j["group"], j["loss"], j["seed"]) not in done]
+            done = {_job_key(r) for r in map(json.loads, filter(str.strip, f)) if "metrics" in r}
+        jobs = [j for j in jobs if _job_key(j) not in done]
     print(f"{len(jobs)} jobs, {args.workers} workers, device {args.device}, budget {args.budget_s:.0f}s", flush=True)
     t0 = time.time()
     ctx = mp.get_context("spawn")  # CUDA in forked children is not allowed

@@ -155,6 +155,20 @@ def read_text(path: str, what: str = "data file") -> str:
             raise _unreadable(path, what, e) from None
 
 
+def write_json(obj, path: str) -> None:
+    """``obj`` as JSON at ``path``, gzipped when it ends in ``.gz`` with no name or timestamp in the header, so
+    the same object always gives the same bytes; written to ``path.tmp`` first, so a crash never leaves half a file."""
+    data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        if path.endswith(".gz"):
+            with gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0, compresslevel=9) as gz:
+                gz.write(data)
+        else:
+            f.write(data)
+    os.replace(tmp, path)
+
+
 def qasper_answer_text(ans: dict) -> Optional[str]:
     """One annotator's answer as text (None for unanswerable)."""
     if ans.get("unanswerable"):
