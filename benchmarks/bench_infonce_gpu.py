@@ -184,23 +184,35 @@ def accuracy(impls, setting, dev, b=512, d=384, k=4):
     dtype = getattr(torch, SETTINGS[setting][0])
     out = []
     for impl in impls:
-        q, p, idx, util = _inputs(b, b, d, k, dtype, dev, seed=1)
-        step = make_step(impl, q, p, idx, util)
-        if isinstance(step, str):
-            out.append(dict(setting=setting, impl=impl, skipped=step))
-            continue
-        loss = step()
-        gq, gp = q.grad.double(), p.grad.double()
-        qd, pd = q.detach().double().requires_grad_(), p.detach().double().requires_grad_()
-        if impl in ("infcl", "st_cached"):
-            ref = torch.nn.functional.cross_entropy(qd @ pd.T / TAU, torch.arange(b, device=dev))
-        else:
-            ref = _naive(qd, pd, idx, util, TAU)
-        ref.backward()
-        rel = lambda a, r: float((a - r).abs().max() / r.abs().max())  # noqa: E731
-        out.append(dict(setting=setting, impl=impl, B=b, N=b, d=d, loss_err=rel(torch.as_tensor(float(loss.detach())).double(), ref.detach().cpu()),
-                        dq_err=rel(gq, qd.grad), dp_err=rel(gp, pd.grad)))
+        try:
+            out.append(_accuracy_one(impl, setting, dev, dtype, b, d, k))
+        except Exception as e:  # a compile error or a peer's API change: recorded, the grid still runs
+            out.append(dict(setting=setting, impl=impl, skipped=f"failed: {type(e).__name__}: {_first_line(e)}"))
     return out
+
+
+def _first_line(e) -> str:
+    return str(e).splitlines()[0][:160] if str(e) else ""
+
+
+def _accuracy_one(impl, setting, dev, dtype, b, d, k):
+    import torch
+
+    q, p, idx, util = _inputs(b, b, d, k, dtype, dev, seed=1)
+    step = make_step(impl, q, p, idx, util)
+    if isinstance(step, str):
+        return dict(setting=setting, impl=impl, skipped=step)
+    loss = step()
+    gq, gp = q.grad.double(), p.grad.double()
+    qd, pd = q.detach().double().requires_grad_(), p.detach().double().requires_grad_()
+    if impl in ("infcl", "st_cached"):
+        ref = torch.nn.functional.cross_entropy(qd @ pd.T / TAU, torch.arange(b, device=dev))
+    else:
+        ref = _naive(qd, pd, idx, util, TAU)
+    ref.backward()
+    rel = lambda a, r: float((a - r).abs().max() / r.abs().max())  # noqa: E731
+    return dict(setting=setting, impl=impl, B=b, N=b, d=d, loss_err=rel(torch.as_tensor(float(loss.detach())).double(), ref.detach().cpu()),
+                dq_err=rel(gq, qd.grad), dp_err=rel(gp, pd.grad))
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -225,6 +237,7 @@ def main(argv=None) -> int:
     ap.add_argument("--autotune", action="store_true", help="UAE_INFONCE_AUTOTUNE=1 for the triton path")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new case after this many seconds")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "infonce-gpu.json"))
+    ap.add_argument("--no-accuracy", action="store_true", help="skip the float64 accuracy check (a second call's rows)")
     args = ap.parse_args(argv)
     if args.autotune:
         os.environ["UAE_INFONCE_AUTOTUNE"] = "1"
@@ -249,17 +262,33 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name(dev) if cuda else "cpu"
     print(f"device {device_name}, torch {torch.__version__}, impls {impls}, settings {settings}", flush=True)
 
-    acc_rows = []
-    for setting in settings:
+    acc_rows, results = [], []
+    meta = dict(benchmark="infonce-gpu", device=device_name, torch=torch.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                quick=args.quick, autotune=args.autotune)
+    try:
+        _grid(args, torch, dev, cuda, device_name, impls, settings, sizes, dims, start, acc_rows, results, meta)
+    except KeyboardInterrupt:  # `timeout --signal=INT` of the suite: keep every row measured so far
+        print("\ninterrupted: the JSON holds the rows measured so far", flush=True)
+        _write(args.json, meta, acc_rows, results, complete=False)
+        return 130
+    _table(results)
+    _write(args.json, meta, acc_rows, results, complete=True)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+def _grid(args, torch, dev, cuda, device_name, impls, settings, sizes, dims, start, acc_rows, results, meta):
+    for setting in settings if not args.no_accuracy else []:
         torch.backends.cuda.matmul.allow_tf32 = SETTINGS[setting][1]
         acc_rows += accuracy(impls, setting, dev, b=512 if cuda else 64, d=384 if cuda else 32)
+    _write(args.json, meta, acc_rows, results, complete=False)
     for r in acc_rows:
         if "skipped" in r:
             print(f"accuracy {r['setting']:>4} {r['impl']:>9}: skipped ({r['skipped']})")
         else:
             print(f"accuracy {r['setting']:>4} {r['impl']:>9}: loss {r['loss_err']:.1e}  dq {r['dq_err']:.1e}  dp {r['dp_err']:.1e}")
 
-    results = []
     for size in sizes:  # largest shapes last
         for d in dims:
             for setting in settings:
@@ -276,6 +305,10 @@ def main(argv=None) -> int:
                     q = p = step = None
                     try:
                         q, p, idx, util = _inputs(size, size, d, args.k, dtype, dev)
+                        if impl == "triton" and cuda:
+                            from uae_fast.ops._infonce_gemm_triton import KERNEL_INFO
+
+                            KERNEL_INFO.clear()  # the spill counts reported are this case's kernels
                         step = make_step(impl, q, p, idx, util)
                         if isinstance(step, str):
                             results.append({**row, "skipped": step})
@@ -293,12 +326,13 @@ def main(argv=None) -> int:
                     except torch.cuda.OutOfMemoryError:
                         row["skipped"] = "out of memory"
                     except Exception as e:  # one broken method must not stop the grid
-                        row["skipped"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                        row["skipped"] = f"failed: {type(e).__name__}: {_first_line(e)}"
                     finally:
                         del q, p, step
                         if cuda:
                             torch.cuda.empty_cache()
                     results.append(row)
+                    _write(args.json, meta, acc_rows, results, complete=False)  # a killed run keeps its rows
                     what = row.get("skipped") or (
                         f"{row['ms']:.3f} ms, {row['tflops']:.0f} TFLOP/s, peak extra "
                         + (f"{row['peak_mib']:.0f} MiB" if row["peak_mib"] is not None else "n/a")
@@ -306,13 +340,40 @@ def main(argv=None) -> int:
                     )
                     print(f"[{setting} B=N={size} d={d} {impl}] {what}", flush=True)
 
-    # relative to naive (same shape and setting)
+
+
+def _relative(results):
+    """speedup_vs_naive and memory_vs_naive against naive at the same shape and setting."""
     for r in results:
         nv = next((x for x in results if x["impl"] == "naive" and x["ms"] and
                    (x["B"], x["d"], x["dtype"], x["precision"]) == (r["B"], r["d"], r["dtype"], r["precision"])), None)
         r["speedup_vs_naive"] = nv["ms"] / r["ms"] if nv and r["ms"] else None
         r["memory_vs_naive"] = (r["peak_mib"] / nv["peak_mib"]) if nv and r["peak_mib"] and nv["peak_mib"] else None
 
+
+def _finite(o):
+    """NaN/inf as null: json.dump would write them as invalid JSON (its default= hook never sees floats)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
+def _write(path, meta, acc_rows, results, *, complete):
+    """The whole JSON again, atomically (tmp + rename), so a timeout or crash leaves the last complete file."""
+    _relative(results)
+    out = _finite(dict(meta, complete=complete, accuracy=acc_rows, results=results))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def _table(results):
+    _relative(results)
     print("\n| setting | B = N | d | impl | ms | TFLOP/s | peak extra MiB | speed vs naive | memory vs naive |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for r in results:
@@ -324,15 +385,6 @@ def main(argv=None) -> int:
         mm = f"{100 * r['memory_vs_naive']:.1f}%" if r["memory_vs_naive"] else "-"
         pk = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
         print(f"| {st} | {r['B']} | {r['d']} | {r['impl']} | {r['ms']:.3f} | {r['tflops']:.0f} | {pk} | {sp} | {mm} |")
-
-    out = dict(benchmark="infonce-gpu", device=device_name, torch=torch.__version__,
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               quick=args.quick, autotune=args.autotune, accuracy=acc_rows, results=results)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=1, default=lambda o: o if not isinstance(o, float) or math.isfinite(o) else None)
-    print(f"\nwrote {args.json}")
-    return 0
 
 
 if __name__ == "__main__":

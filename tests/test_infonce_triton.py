@@ -157,6 +157,25 @@ def test_loose_bound_recomputes_the_chunk(triton_device, monkeypatch):
     assert calls == [True, False, True], calls  # the bound pass, an exact LSE pass, the pass redone
 
 
+
+def test_loose_bound_redoes_only_its_chunk(triton_device, monkeypatch):
+    # Three 16-row chunks; only the middle one's queries have a norm that makes the bound loose (the others are
+    # tiny, so their bound stays within range): only that chunk gets an exact LSE pass and is redone.
+    monkeypatch.setattr(G, "_MIN_ROWS", 1)
+    monkeypatch.setattr(G, "_WS_BYTES", 16 * 48 * 4)
+    q, p, idx, util, gold, _ = _case(40, 40, 16, 2, 0, torch.float32, "cpu")
+    q[:, 0] = 0.0
+    q[:16] *= 0.01
+    q[32:] *= 0.01
+    p[5] = 0.0
+    p[5, 0] = 10.0
+    case = tuple(t.to(triton_device) for t in (q, p, idx, util, gold)) + (None,)
+    calls = []
+    real = G._launch
+    monkeypatch.setattr(G, "_launch", lambda *a, **kw: calls.append((a[2], kw.get("ws") is not None)) or real(*a, **kw))
+    _check_against_reference(case, reduction="mean", mix=0.3, dtype=torch.float32, tau=0.02)
+    assert calls == [(0, True), (16, True), (16, False), (16, True), (32, True)], calls
+
 def test_exclusion_of_passage_zero_with_padded_targets(triton_device):
     # Padded target slots point at passage 0 with weight 0; excluding passage 0 must not give 0 * -inf = NaN
     # (the torch path's GPU bug fixed in 070abc9).
@@ -263,3 +282,43 @@ def test_gpu_benchmark_smoke_writes_the_json_fields(tmp_path, monkeypatch):
         assert r["ms"] > 0 and r["dtype"] == "float32" and r["precision"] == "tf32" and r["device_key"] == "cpu"
     assert abs(rows[0]["loss"] - rows[1]["loss"]) < 1e-5 * abs(rows[0]["loss"])
     assert all(a["loss_err"] < 1e-5 for a in data["accuracy"])
+
+
+def test_gpu_benchmark_keeps_its_rows_through_failures_and_interruption(tmp_path, monkeypatch):
+    # A GPU lease is short: a method that fails in the accuracy check is recorded and the grid runs on, and a
+    # `timeout --signal=INT` mid-grid leaves a valid JSON with every case measured before it (NaN as null).
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_infonce_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_infonce_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+    make_step, time_ms, calls = bench.make_step, bench.time_ms, []
+
+    def flaky_make_step(impl, q, *a):
+        if impl == "chunked" and q.shape[0] == 64:  # the accuracy check's shape on a CPU
+            raise RuntimeError("compile error\nsecond line")
+        return make_step(impl, q, *a)
+
+    def interrupted_time_ms(step, dev):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return time_ms(step, dev)
+
+    monkeypatch.setattr(bench, "make_step", flaky_make_step)
+    monkeypatch.setattr(bench, "time_ms", interrupted_time_ms)
+    out = tmp_path / "r.json"
+    rc = bench.main(["--quick", "--device", "cpu", "--sizes", "24", "32", "--dims", "16", "--impls", "naive", "chunked",
+                     "--settings", "tf32", "--json", str(out)])
+    assert rc == 130 and not (tmp_path / "r.json.tmp").exists()
+    data = json.loads(out.read_text())
+    assert data["complete"] is False
+    acc = {a["impl"]: a for a in data["accuracy"]}
+    assert acc["chunked"]["skipped"] == "failed: RuntimeError: compile error" and acc["naive"]["loss_err"] < 1e-5
+    assert [(r["B"], r["impl"]) for r in data["results"]] == [(24, "naive"), (24, "chunked")]
+    assert all(r["ms"] > 0 for r in data["results"]) and data["results"][1]["speedup_vs_naive"] > 0
+    assert bench._finite({"a": [float("nan"), 1.0, float("inf")]}) == {"a": [None, 1.0, None]}
