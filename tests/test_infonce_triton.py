@@ -322,3 +322,26 @@ def test_gpu_benchmark_keeps_its_rows_through_failures_and_interruption(tmp_path
     assert [(r["B"], r["impl"]) for r in data["results"]] == [(24, "naive"), (24, "chunked")]
     assert all(r["ms"] > 0 for r in data["results"]) and data["results"][1]["speedup_vs_naive"] > 0
     assert bench._finite({"a": [float("nan"), 1.0, float("inf")]}) == {"a": [None, 1.0, None]}
+
+
+@pytest.mark.parametrize("setting", ["bf16", "ieee", "tf32"])
+def test_cuda_multi_tile_grid(setting, monkeypatch):
+    # On a GPU the small shapes above fit one 64/128 tile: here many row/column tiles, the grouped program
+    # order, several workspace chunks (ragged last), LSE splits, a bf16 K loop over d > 64, and TF32 (torch's
+    # default is IEEE). CUDA only: under the interpreter this size is too slow for the suite.
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", setting == "tf32")
+    monkeypatch.setattr(G, "_MIN_ROWS", 1)
+    monkeypatch.setattr(G, "_WS_BYTES", 128 * 704 * 2)
+    dtype = torch.bfloat16 if setting == "bf16" else torch.float32
+    case = _case(300, 700, 200, 4, 2, dtype, "cuda")
+    for reduction, mix in (("mean", 0.3), ("none", 0.0)):
+        q, p, idx, util, gold, ex = case
+        loss, gq, gp = _run(q, p, idx, util, gold, ex, reduction=reduction, mix=mix)
+        ref, qd, pd = _reference(q, p, idx, util, gold, ex, 0.07, 0.8, mix, reduction)
+        rq, rp = torch.autograd.grad(ref, (qd, pd), _upstream(ref))
+        tl_, tg = _TOL[dtype] if setting != "tf32" else (2e-3, 2e-3)  # TF32 rounds inputs to 10 mantissa bits
+        _close(loss, ref, max(tl_, 1e-5), f"{setting} {reduction} loss")
+        _close(gq, rq, tg, f"{setting} {reduction} dq")
+        _close(gp, rp, tg, f"{setting} {reduction} dp")
