@@ -2,6 +2,7 @@
 teacher ensembles and the diagnostic, on the tiny fixtures."""
 import dataclasses
 import json
+import math
 import os
 import random
 
@@ -144,6 +145,33 @@ def test_score_no_gold_header_and_questions(tmp_path, ds):
     check_answer_only(hh)
 
 
+
+def test_score_questions_from_a_table_gives_mergeable_rows(tmp_path, ds):
+    # A second teacher scored with questions_from= the first table holds exactly its questions and rows, in the
+    # same order, with the same data name, so the two tables merge (a subset data file would not).
+    from test_teacher import byte_tokenizer, tiny_llama
+    from uae_fast.scoring import score_dataset
+    from uae_fast.teacher import UtilityScorer
+
+    first = UtilityScorer(tiny_llama(), byte_tokenizer(), max_passage_tokens=24, max_answer_tokens=6, name="a")
+    a = str(tmp_path / "a.jsonl")
+    score_dataset(first, ds, a, candidates="top:2", no_gold=True, with_gold_only=False, progress=False, limit=5)
+    second = UtilityScorer(tiny_llama(seed=7), byte_tokenizer(), max_passage_tokens=24, max_answer_tokens=6, name="b")
+    b = str(tmp_path / "b.jsonl")
+    h = score_dataset(second, ds, b, candidates="top:2", no_gold=True, with_gold_only=False, progress=False,
+                      questions_from=a)
+    assert h["questions_from"] == "a.jsonl" and h["n_queries"] == 5
+    rows_a, rows_b = read_utilities(a)[1], read_utilities(b)[1]
+    assert [(r["qid"], r["pid"]) for r in rows_a] == [(r["qid"], r["pid"]) for r in rows_b]
+    assert [r["utility"] for r in rows_a] != [r["utility"] for r in rows_b]  # another teacher indeed
+    hm = merge_teachers([a, b], str(tmp_path / "ens.jsonl"))
+    assert hm["n_rows"] == len(rows_a)
+    empty = str(tmp_path / "none.jsonl")
+    write_table(empty, dict(read_utilities(a)[0]), [dict(rows_a[0], qid="not-in-the-data")])
+    with pytest.raises(ValueError, match="none of its questions"):
+        score_dataset(second, ds, str(tmp_path / "c.jsonl"), candidates="top:2", no_gold=True, with_gold_only=False,
+                      progress=False, questions_from=empty)
+
 # ------------------------------------------------------------------------------------------- training
 def test_no_gold_batches_never_use_gold(tmp_path, ds):
     u, _ = load_utilities(no_gold_table(tmp_path, ds, m=3))
@@ -271,6 +299,22 @@ def test_shipped_answer_only_table_is_an_exact_subset():
     assert len(per_q) == ha["n_queries"] and max(per_q.values()) == 12
     check_answer_only(h)
 
+
+
+def test_shipped_gemma_answer_only_table_matches_the_default_rows():
+    """The second teacher's table holds exactly the default table's (question, paragraph) rows, so the teacher
+    ensemble (rows all tables share) loses none; its header says which teacher and that no gold was added."""
+    path = os.path.join(ROOT, "data", "qasper-train-utilities-nogold-top12-gemma3-270m.jsonl.gz")
+    h, rows = read_utilities(path)
+    assert h["teacher"] == "gemma-3-270m" and h["dtype"] == "float32" and h["candidates"] == "top:12"
+    assert h["no_gold"] is True and h["answers"] == "all" and h["n_rows"] == len(rows)
+    assert h["data"] == "qasper-train-v0.3.json.gz" and h["questions_from"] == "qasper-train-utilities-nogold-top12.jsonl.gz"
+    check_answer_only(h)
+    _, ref = read_utilities(_default_utilities(no_gold=True))
+    assert sorted((r["qid"], r["pid"], r["cand"], r["n_cand"]) for r in rows) == \
+        sorted((r["qid"], r["pid"], r["cand"], r["n_cand"]) for r in ref)
+    u = [r["utility"] for r in rows]
+    assert all(math.isfinite(x) for x in u) and len(set(u)) > len(u) // 2  # real scores, not a constant
 
 # ------------------------------------------------------------------------------------------- diagnose, teachers
 def test_diagnose_hit_rates(tmp_path, ds, capsys):

@@ -192,12 +192,15 @@ def _maybe_test_kill(f, payload: bytes, n_groups_done: int) -> None:
 def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: str = "all", resume: bool = False,
                   shard: Tuple[int, int] = (0, 1), order: str = "paper", with_gold_only: bool = True,
                   limit: Optional[int] = None, save_deltas: bool = False, progress: bool = True,
-                  data_name: Optional[str] = None, group: int = 16, candidate_student=None, no_gold: bool = False) -> dict:
+                  data_name: Optional[str] = None, group: int = 16, candidate_student=None, no_gold: bool = False,
+                  questions_from: Optional[str] = None) -> dict:
     """Score every selected query of ``ds`` and write the utilities file ``out``; returns the header.
 
     ``candidate_student``: the encoder of a ``student:M`` policy (folder or BiEncoder; default all-MiniLM-L6-v2).
     ``no_gold``: answer-only candidates (the policy's top-M, no gold paragraph added; ``with_gold_only`` must
     then be False, since choosing questions by their evidence would use the labels).
+    ``questions_from``: a utilities table; only its questions are scored (a second teacher on the same rows as
+    the first, for ``--merge-teachers``); the header names it.
     """
     if no_gold and with_gold_only:
         raise ValueError("no_gold scoring selects questions by their answers alone: pass with_gold_only=False")
@@ -208,6 +211,11 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
         raise ValueError(f"answers must be 'all', 'first' or 'shortest', got {answers!r}")
     policy = CandidatePolicy(ds, candidates, student=candidate_student, no_gold=no_gold)
     queries = select_queries(ds, with_gold_only=with_gold_only, order=order, shard=shard)
+    if questions_from is not None:
+        keep = {r["qid"] for r in read_utilities(questions_from)[1]}
+        queries = [q for q in queries if q.id in keep]
+        if not queries:
+            raise ValueError(f"--questions-from {questions_from}: none of its questions is among those to score here")
     if limit is not None:
         queries = queries[:limit]
     if not queries:
@@ -231,6 +239,8 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
         header["no_gold"] = True
     if policy.kind == "student":
         header["candidate_student"] = student_name(candidate_student)
+    if questions_from is not None:
+        header["questions_from"] = os.path.basename(questions_from)
     if limit is not None:
         header["limit"] = limit
     if empty:
@@ -347,6 +357,9 @@ def add_parser(subparsers) -> None:
                    help="run the teacher's decoder through torch.compile: a one-time compile of 3-6 min on 2 CPU cores, "
                         "then 0-17%% faster there (same numbers up to float rounding); for runs of hours")
     p.add_argument("--include-no-gold", action="store_true", help="also score questions without text evidence")
+    p.add_argument("--questions-from", default=None, metavar="TABLE",
+                   help="score only the questions of this utilities table (a second teacher on the first one's rows, "
+                        "for --merge-teachers; default: every selected question)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N queries (after order/shard)")
     p.add_argument("--save-deltas", action="store_true", help="store per-token deltas in each row")
     p.add_argument("--group", type=int, default=16, help="queries batched together per scoring call (default 16)")
@@ -394,5 +407,6 @@ def _main(args) -> int:
                   resume=args.resume, shard=shard, order=args.order,
                   with_gold_only=not (args.include_no_gold or args.no_gold), no_gold=args.no_gold,
                   limit=args.limit, save_deltas=args.save_deltas, progress=not args.no_progress,
-                  data_name=os.path.basename(data), group=args.group, candidate_student=args.candidate_student)
+                  data_name=os.path.basename(data), group=args.group, candidate_student=args.candidate_student,
+                  questions_from=args.questions_from)
     return 0
