@@ -272,8 +272,8 @@ def main(argv=None) -> int:
         print("\ninterrupted: the JSON holds the rows measured so far", flush=True)
         _write(args.json, meta, acc_rows, results, complete=False)
         return 130
+    _write(args.json, meta, acc_rows, results, complete=True)  # also fills the ratios _table prints
     _table(results)
-    _write(args.json, meta, acc_rows, results, complete=True)
     print(f"\nwrote {args.json}")
     return 0
 
@@ -341,7 +341,6 @@ def _grid(args, torch, dev, cuda, device_name, impls, settings, sizes, dims, sta
                     print(f"[{setting} B=N={size} d={d} {impl}] {what}", flush=True)
 
 
-
 def _relative(results):
     """speedup_vs_naive and memory_vs_naive against naive at the same shape and setting."""
     for r in results:
@@ -373,7 +372,6 @@ def _write(path, meta, acc_rows, results, *, complete):
 
 
 def _table(results):
-    _relative(results)
     print("\n| setting | B = N | d | impl | ms | TFLOP/s | peak extra MiB | speed vs naive | memory vs naive |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for r in results:

@@ -257,16 +257,22 @@ def test_fully_excluded_tile_in_a_split(triton_device):
     _close(got, torch.logsumexp(s, 1) * G._LOG2E, 1e-6, "lse with a fully excluded tile")
 
 
-def test_gpu_benchmark_smoke_writes_the_json_fields(tmp_path, monkeypatch):
-    # The GPU benchmark's CPU smoke mode: tiny shapes, torch paths; its rows carry what the auto table reads.
+def _bench_module():
+    """benchmarks/bench_infonce_gpu.py as a module (benchmarks/ is not a package)."""
     import importlib.util
-    import json
     import pathlib
 
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_infonce_gpu.py"
     spec = importlib.util.spec_from_file_location("bench_infonce_gpu", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+def test_gpu_benchmark_smoke_writes_the_json_fields(tmp_path, monkeypatch):
+    # The GPU benchmark's CPU smoke mode: tiny shapes, torch paths; its rows carry what the auto table reads.
+    import json
+
+    bench = _bench_module()
     out = tmp_path / "r.json"
     # the benchmark switches TF32 per setting: restored afterwards, so later fp32 tests on a GPU stay IEEE
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
@@ -287,14 +293,9 @@ def test_gpu_benchmark_smoke_writes_the_json_fields(tmp_path, monkeypatch):
 def test_gpu_benchmark_keeps_its_rows_through_failures_and_interruption(tmp_path, monkeypatch):
     # A GPU lease is short: a method that fails in the accuracy check is recorded and the grid runs on, and a
     # `timeout --signal=INT` mid-grid leaves a valid JSON with every case measured before it (NaN as null).
-    import importlib.util
     import json
-    import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_infonce_gpu.py"
-    spec = importlib.util.spec_from_file_location("bench_infonce_gpu", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_module()
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
     make_step, time_ms, calls = bench.make_step, bench.time_ms, []
 

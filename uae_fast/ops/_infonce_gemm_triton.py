@@ -27,6 +27,7 @@ fp32 upcast of 16-bit operands (exact products, as on the GPU).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple, Optional
 
@@ -433,10 +434,9 @@ class GemmInfoNCE(torch.autograd.Function):
 def utility_infonce_triton(q, p, idx, w, inv_tau, reduction, ex=None):
     if q.device.type != "cuda" and not _interpreting():
         raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
-    if q.device.type == "cuda":  # launch on the inputs' GPU, not the current one (autograd's backward does the same)
-        with torch.cuda.device(q.device):
-            return GemmInfoNCE.apply(q, p, idx, w, inv_tau, reduction, ex)
-    return GemmInfoNCE.apply(q, p, idx, w, inv_tau, reduction, ex)
+    # launch on the inputs' GPU, not the current one (autograd's backward does the same)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        return GemmInfoNCE.apply(q, p, idx, w, inv_tau, reduction, ex)
 
 
 __all__ = ["utility_infonce_triton", "lse2_rows", "dense_grads", "Config", "KERNEL_INFO", "candidates", "precision"]
