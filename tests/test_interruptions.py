@@ -191,6 +191,8 @@ def test_score_signalled_at_random_times_resumes_exactly(tmp_path, teacher_dir, 
     size = os.path.getsize(str(out) + ".partial") if os.path.exists(str(out) + ".partial") else 0
     grown = lambda: os.path.exists(str(out) + ".partial") and os.path.getsize(str(out) + ".partial") > size  # noqa: E731
     rc2, err = finish(spawn(argv + ["--resume"]), ready=grown, delay=d2, sig=signal.SIGINT)
-    assert rc2 in (0, 130) and "Traceback" not in err, (why, rc2, err)
+    # A SIGINT that lands after the run finished, while the interpreter shuts down (it restores SIGINT's default
+    # action then), ends the process by the signal: fine once the complete table is in place.
+    assert (rc2 in (0, 130) or (rc2 == -signal.SIGINT and out.exists())) and "Traceback" not in err, (why, rc2, err)
     score_in_process(scorer, ds, out, resume=True)
     assert _text(out) == _text(score_ref), why
