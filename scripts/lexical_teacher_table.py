@@ -39,7 +39,7 @@ def lexical_table(table: str, data: str, out: str) -> dict:
             pool = ds.pool(q)
             if tuple(pool) != key:
                 key, index = tuple(pool), BM25([ds.passages[p].text for p in pool])
-            by_pid = dict(zip(pool, index.scores(" ".join([q.question] + list(q.answers))).tolist()))
+            by_pid = dict(zip(pool, index.scores(q.with_answers()).tolist()))
         if r["pid"] not in by_pid:
             raise SystemExit(f"{table}: paragraph {r['pid']!r} is not in question {r['qid']!r}'s pool in {data}")
         out_rows.append(dict(r, utility=round(by_pid[r["pid"]], 5)))

@@ -19,7 +19,7 @@ from uae_fast.utilities import subset
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table", required=True, help="a utilities file scored with --candidates all")
-    ap.add_argument("--candidates", required=True, help="top:M or student:M")
+    ap.add_argument("--candidates", required=True, help="top:M, answer:M or student:M")
     ap.add_argument("--no-gold", action="store_true", help="answer-only: the policy's top-M alone, no gold added (default off)")
     ap.add_argument("--candidate-student", default=None, help="encoder for student:M (default all-MiniLM-L6-v2)")
     ap.add_argument("--data", default=None, help="the data the table was scored on (default: the full QASPER train split in $UAE_DATA_DIR)")

@@ -66,6 +66,47 @@ def test_no_gold_policy_is_bm25_top_m_alone(ds):
     assert n_diff > 0
 
 
+def test_answer_policy_ranks_by_question_and_answers(ds):
+    # answer:M is BM25 over the question followed by its answers, no gold read; its top-1 is the weak positive
+    # `bm25-answer` picks from the whole pool.
+    pol, top = CandidatePolicy(ds, "answer:2", no_gold=True), CandidatePolicy(ds, "top:2", no_gold=True)
+    one = CandidatePolicy(ds, "answer:1", no_gold=True)
+    n_diff = 0
+    qs = [q for q in ds.queries if q.answers and len(ds.pool(q)) > 2]
+    assert qs
+    for q in qs:
+        pool = ds.pool(q)
+        _, ids = BM25([ds.passages[p].text for p in pool]).topk(q.question + " " + " ".join(q.answers), 2)
+        assert pol(q) == [pool[i] for i in sorted(int(i) for i in ids)]
+        assert pol(dataclasses.replace(q, gold=[])) == pol(q)
+        n_diff += pol(q) != top(q)
+    assert n_diff > 0  # the answers move the candidates
+    assert weak_positives(ds, qs, {q.id: ds.pool(q) for q in qs}, "bm25-answer") == {q.id: one(q)[0] for q in qs}
+    # a hand-made pool: the question's words point at one paragraph, the answer's at another
+    from uae_fast.data import Passage, Query
+
+    psg = {"a": Passage("a", "d", "the model uses attention layers"), "b": Passage("b", "d", "we train on forty thousand tweets"),
+           "c": Passage("c", "d", "results are in table two")}
+    q = Query("q", "which model layers are used?", ["forty thousand tweets"], [], doc_id="d")
+    tiny_ds = RetrievalDataset(psg, [q])
+    assert CandidatePolicy(tiny_ds, "top:1", no_gold=True)(q) == ["a"]
+    assert CandidatePolicy(tiny_ds, "answer:1", no_gold=True)(q) == ["b"]
+    with pytest.raises(ValueError, match="answer:M"):
+        CandidatePolicy(ds, "answer:0")
+
+
+def test_subset_answer_policy_matches_the_policy(tmp_path, ds):
+    src = all_table(tmp_path / "all.jsonl.gz", ds)
+    h = subset(src, ds, "answer:2", str(tmp_path / "a2.jsonl.gz"), no_gold=True)
+    assert h["candidates"] == "answer:2" and h["no_gold"] is True
+    check_answer_only(h)
+    pol = CandidatePolicy(ds, "answer:2", no_gold=True)
+    by_id = {q.id: q for q in ds.queries}
+    _, rows = read_utilities(str(tmp_path / "a2.jsonl.gz"))
+    for qid in {r["qid"] for r in rows}:
+        assert [r["pid"] for r in rows if r["qid"] == qid] == pol(by_id[qid])
+
+
 def test_subset_of_all_table_and_header(tmp_path, ds):
     src = all_table(tmp_path / "all.jsonl.gz", ds)
     h = subset(src, ds, "top:2", str(tmp_path / "ng.jsonl.gz"), no_gold=True)

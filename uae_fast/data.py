@@ -66,6 +66,11 @@ class Query:
     doc_id: Optional[str] = None
     candidates: Optional[List[str]] = None
 
+    def with_answers(self) -> str:
+        """The question followed by its answers: the lexical query of answer-aware distant supervision
+        (``answer:M`` candidates, ``--positive bm25-answer``)."""
+        return " ".join([self.question] + list(self.answers))
+
 
 @dataclass
 class RetrievalDataset:

@@ -11,7 +11,8 @@ already there, so a Ctrl-C or ``kill -9`` loses at most the group in flight and 
 ``OUT`` itself appears only when the run is complete (atomic rename; gzipped if it ends in ``.gz``).
 
 Candidate policies: ``all`` (every paragraph of the query's paper), ``top:M`` (BM25 top-M over the
-paper's paragraphs plus every gold-evidence paragraph, in paper order) or ``student:M`` (the same with the
+paper's paragraphs plus every gold-evidence paragraph, in paper order), ``answer:M`` (the same with BM25 over
+the question followed by its answers: the passages that share the answer's words) or ``student:M`` (the
 base student's cosine top-M: the hard negatives it confuses; ``--candidate-student`` picks the encoder).
 ``--no-gold`` (answer-only data): the top-M alone, no gold paragraph added, every question with an answer.
 """
@@ -39,10 +40,11 @@ DEFAULT_NO_GOLD_CANDIDATES = "top:12"
 
 # ------------------------------------------------------------------------------------ candidates
 def parse_candidates(policy: str) -> Tuple[str, Optional[int]]:
-    """``"all"`` -> ("all", None); ``"top:M"`` -> ("top", M) (BM25); ``"student:M"`` -> ("student", M)."""
+    """``"all"`` -> ("all", None); ``"top:M"`` -> ("top", M) (BM25 of the question); ``"answer:M"`` ->
+    ("answer", M) (BM25 of the question and its answers); ``"student:M"`` -> ("student", M)."""
     if policy == "all":
         return "all", None
-    for kind in ("top", "student"):
+    for kind in ("top", "answer", "student"):
         if isinstance(policy, str) and policy.startswith(kind + ":"):
             try:
                 m = int(policy[len(kind) + 1:])
@@ -50,14 +52,17 @@ def parse_candidates(policy: str) -> Tuple[str, Optional[int]]:
                 m = 0
             if m >= 1:
                 return kind, m
-    raise ValueError(f"--candidates must be 'all', 'top:M' (BM25) or 'student:M' (base student) with M >= 1, got {policy!r}")
+    raise ValueError(f"--candidates must be 'all', 'top:M' (BM25 of the question), 'answer:M' (BM25 of the question and "
+                     f"its answers) or 'student:M' (base student) with M >= 1, got {policy!r}")
 
 
 class CandidatePolicy:
     """A query's candidate passage ids, in pool order: ``all`` of its pool, or its top-M plus its gold
     (``no_gold=True``: the top-M alone, chosen from the question only, for data without evidence labels).
 
-    ``top:M`` ranks the pool with BM25; ``student:M`` with the base bi-encoder (``student``: a folder or
+    ``top:M`` ranks the pool with BM25 over the question; ``answer:M`` over the question followed by its
+    answers (answer-only data still has answers: the passages sharing their words hold the evidence far more
+    often than the question's top-M); ``student:M`` with the base bi-encoder (``student``: a folder or
     :class:`uae_fast.BiEncoder`, default all-MiniLM-L6-v2) by cosine similarity, i.e. the passages the
     untrained student confuses with the answer-bearing ones: the hard negatives a retriever is trained on.
     """
@@ -114,7 +119,7 @@ class CandidatePolicy:
                 if len(self._bm25) > 2048:
                     self._bm25.clear()
                 bm = self._bm25[key] = BM25([self.ds.passages[p].text for p in pool])
-            _, top = bm.topk(q.question, self.m)
+            _, top = bm.topk(q.with_answers() if self.kind == "answer" else q.question, self.m)
         keep = set(int(i) for i in top)
         if not self.no_gold:
             gold = set(q.gold)
@@ -328,10 +333,11 @@ def add_parser(subparsers) -> None:
                    help="smollm2-135m | gemma3-270m (named GGUF teachers from pip packages, cached as safetensors) | an "
                         "HF causal-LM folder (default: smollm2-135m, SmolLM2-135M-Instruct)")
     p.add_argument("--candidates", default=None,
-                   help=f"'all', 'top:M' (BM25 top-M + gold evidence) or 'student:M' (base student top-M + gold); "
+                   help=f"'all', 'top:M' (BM25 top-M of the question + gold evidence), 'answer:M' (BM25 of question + answers) or "
+                        f"'student:M' (base student top-M + gold); "
                         f"default {DEFAULT_CANDIDATES}, {DEFAULT_NO_GOLD_CANDIDATES} with --no-gold")
     p.add_argument("--no-gold", action="store_true",
-                   help="answer-only data: candidates from the question alone (no gold paragraph added), every question "
+                   help="answer-only data: candidates from the question (and answers, answer:M) alone (no gold paragraph added), every question "
                         "with an answer; the header records \"no_gold\": true (default off)")
     p.add_argument("--candidate-student", default=None, help="encoder folder for 'student:M' (default: all-MiniLM-L6-v2)")
     p.add_argument("--answers", default="all", choices=["all", "first", "shortest"], help="gold answers to average over")

@@ -351,7 +351,7 @@ def weak_positives(ds: RetrievalDataset, queries: Sequence[Query], candidates: D
                 if len(indexes) > 2048:
                     indexes.clear()
                 indexes[key] = BM25([ds.passages[p].text for p in pool])
-            text = q.question if kind == "bm25" else " ".join([q.question] + list(q.answers))
+            text = q.question if kind == "bm25" else q.with_answers()
             by_pid = dict(zip(pool, indexes[key].scores(text).tolist()))
             scores = [by_pid[p] for p in cands]
         out[q.id] = cands[int(np.argmax(scores))]
@@ -806,7 +806,7 @@ def add_parser(subparsers) -> None:
                         "with --no-gold: its top-12 candidates + random paragraphs)")
     p.add_argument("--candidates", default=None,
                    help="sample each question's passages (after a gold one) from 'top:M' (BM25 top-M + gold, as "
-                        "uae score), 'student:M' (the initial student's top-M + gold) or 'all' (its paper); "
+                        "uae score), 'answer:M' (BM25 of question + answers), 'student:M' (the initial student's top-M + gold) or 'all' (its paper); "
                         "default: the questions' rows in --utilities")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate")
