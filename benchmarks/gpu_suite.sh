@@ -161,23 +161,23 @@ score() {  # score NAME TIMEOUT OUTFILE ARGS...: skipped when OUTFILE came with 
     step "$name" "$limit" "$PY" -m uae_fast.cli score --data "$TRAIN_JSON" --out "$out" --dtype fp32 --device "${DEVICE:-cuda}" \
         --resume --no-progress ${SCORE_LIMIT:+--limit $SCORE_LIMIT} "$@"
 }
-# (a) answer-only tables (every question with an answer, BM25 top-12 of the question, nothing added) + gemma's gold table
-score score_nogold_smollm 150 "$T/qasper-train-utilities-nogold-top12-allq.jsonl.gz" --no-gold --teacher smollm2-135m
-score score_nogold_gemma 240 "$T/qasper-train-utilities-gemma-nogold-top12.jsonl.gz" --no-gold --teacher gemma3-270m
+# (a) answer-only tables (every question with an answer, the default answer:12 candidates, BM25 top-12 of question + answers, nothing added) + gemma's gold table
+score score_nogold_smollm 150 "$T/qasper-train-utilities-nogold-answer12-allq.jsonl.gz" --no-gold --teacher smollm2-135m
+score score_nogold_gemma 240 "$T/qasper-train-utilities-gemma-nogold-answer12.jsonl.gz" --no-gold --teacher gemma3-270m
 score score_gold_gemma 120 "$T/qasper-train-utilities-gemma.jsonl.gz" --candidates top:3 --answers all --order hash --teacher gemma3-270m
 # (b) the ensemble, on the rows both answer-only tables share
-ENS="$T/qasper-train-utilities-ensemble-nogold-top12.jsonl.gz"
-[ -e "$ENS" ] || step merge_teachers 60 "$PY" -m uae_fast.cli score --merge-teachers "$T/qasper-train-utilities-nogold-top12-allq.jsonl.gz" \
-    "$T/qasper-train-utilities-gemma-nogold-top12.jsonl.gz" --out "$ENS"
+ENS="$T/qasper-train-utilities-ensemble-nogold-answer12.jsonl.gz"
+[ -e "$ENS" ] || step merge_teachers 60 "$PY" -m uae_fast.cli score --merge-teachers "$T/qasper-train-utilities-nogold-answer12-allq.jsonl.gz" \
+    "$T/qasper-train-utilities-gemma-nogold-answer12.jsonl.gz" --out "$ENS"
 # teacher diagnostic (gold labels used only here): top-1 is gold among the candidates, per table
-step diagnose 120 "$PY" -m uae_fast.cli diagnose --data "$TRAIN_JSON" --utilities "$T/qasper-train-utilities-nogold-top12-allq.jsonl.gz" \
-    "$T/qasper-train-utilities-gemma-nogold-top12.jsonl.gz" "$T/qasper-train-utilities-gemma.jsonl.gz" --json "$WORK/diagnose.json"
+step diagnose 120 "$PY" -m uae_fast.cli diagnose --data "$TRAIN_JSON" --utilities "$T/qasper-train-utilities-nogold-answer12-allq.jsonl.gz" \
+    "$T/qasper-train-utilities-gemma-nogold-answer12.jsonl.gz" "$T/qasper-train-utilities-gemma.jsonl.gz" --json "$WORK/diagnose.json"
 # (c) + (d) the results grid and its README table (sweep_dev prints it; --report reprints it from sweep.jsonl)
 LEFT=$((BUDGET_S - ($(date +%s) - START) - 15))
 step sweep_answeronly "$LEFT" "$PY" scripts/sweep_dev.py --grid answeronly --out "$OUT" --train "$TRAIN_JSON" \
     --dev "$QD/qasper-dev-v0.3.json.gz" --student "${STUDENT_DIR:?STUDENT_DIR is needed}" --workers "${WORKERS:-6}" \
-    --threads 2 --tf32 --budget-s $((LEFT - 130)) --nogold-utilities "$T/qasper-train-utilities-nogold-top12-allq.jsonl.gz" \
-    --gemma-utilities "$T/qasper-train-utilities-gemma-nogold-top12.jsonl.gz" --ensemble-utilities "$ENS" \
+    --threads 2 --tf32 --budget-s $((LEFT - 130)) --nogold-utilities "$T/qasper-train-utilities-nogold-answer12-allq.jsonl.gz" \
+    --gemma-utilities "$T/qasper-train-utilities-gemma-nogold-answer12.jsonl.gz" --ensemble-utilities "$ENS" \
     --gemma-gold-utilities "$T/qasper-train-utilities-gemma.jsonl.gz" ${SWEEP_ARGS:-}
 fi
 

@@ -7,7 +7,7 @@ The output is a normal utilities file (header + rows, ``cand``/``n_cand`` renumb
 the source table (:func:`uae_fast.utilities.subset` does the work).
 
     python scripts/subset_utilities.py --table data/qasper-train-utilities-all.jsonl.gz \\
-        --candidates top:12 --no-gold --out data/qasper-train-utilities-nogold-top12.jsonl.gz
+        --candidates answer:12 --no-gold --out data/qasper-train-utilities-nogold-answer12.jsonl.gz
 """
 import argparse
 import sys

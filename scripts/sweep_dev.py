@@ -348,7 +348,7 @@ def main(argv=None):
     ap.add_argument("--extra-utilities", default=None,
                     help="a table that adds teacher rows for questions without text evidence (group 'nogold')")
     ap.add_argument("--nogold-utilities", default=None,
-                    help="grid answeronly: the default teacher's answer-only table (default: the shipped nogold-top12)")
+                    help="grid answeronly: the default teacher's answer-only table (default: the shipped nogold-answer12)")
     ap.add_argument("--gemma-utilities", default=None, help="grid answeronly: gemma3-270m's answer-only table (default: none)")
     ap.add_argument("--ensemble-utilities", default=None, help="grid answeronly: the teacher ensemble table (default: none)")
     ap.add_argument("--gemma-gold-utilities", default=None,

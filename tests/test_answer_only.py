@@ -325,11 +325,16 @@ def test_cli_no_gold_defaults(tmp_path, ds, tiny, capsys):
     assert rc == 0, capsys.readouterr().err
 
 
-def test_shipped_answer_only_table_is_an_exact_subset():
-    path = _default_utilities(no_gold=True)
-    assert path.endswith("qasper-train-utilities-nogold-top12.jsonl.gz") and os.path.exists(path)
+@pytest.mark.parametrize("name,policy", [("qasper-train-utilities-nogold-answer12.jsonl.gz", "answer:12"),
+                                         ("qasper-train-utilities-nogold-top12.jsonl.gz", "top:12")])
+def test_shipped_answer_only_table_is_an_exact_subset(name, policy):
+    from uae_fast.scoring import DEFAULT_NO_GOLD_CANDIDATES
+
+    path = os.path.join(ROOT, "data", name)
+    if policy == DEFAULT_NO_GOLD_CANDIDATES:  # the default table is the default policy's
+        assert os.path.samefile(_default_utilities(no_gold=True), path)
     h, rows = read_utilities(path)
-    assert h["no_gold"] is True and h["candidates"] == "top:12" and h["subset_of"] == "qasper-train-utilities-all.jsonl.gz"
+    assert h["no_gold"] is True and h["candidates"] == policy and h["subset_of"] == "qasper-train-utilities-all.jsonl.gz"
     assert h["teacher"] == "SmolLM2-135M-Instruct" and h["answers"] == "all" and h["n_rows"] == len(rows)
     ha, all_rows = read_utilities(os.path.join(ROOT, "data", "qasper-train-utilities-all.jsonl.gz"))
     u = {(r["qid"], r["pid"]): r["utility"] for r in all_rows}
@@ -351,7 +356,7 @@ def test_shipped_gemma_answer_only_table_matches_the_default_rows():
     assert h["no_gold"] is True and h["answers"] == "all" and h["n_rows"] == len(rows)
     assert h["data"] == "qasper-train-v0.3.json.gz" and h["questions_from"] == "qasper-train-utilities-nogold-top12.jsonl.gz"
     check_answer_only(h)
-    _, ref = read_utilities(_default_utilities(no_gold=True))
+    _, ref = read_utilities(os.path.join(ROOT, "data", "qasper-train-utilities-nogold-top12.jsonl.gz"))
     assert sorted((r["qid"], r["pid"], r["cand"], r["n_cand"]) for r in rows) == \
         sorted((r["qid"], r["pid"], r["cand"], r["n_cand"]) for r in ref)
     u = [r["utility"] for r in rows]

@@ -58,9 +58,9 @@ from .utilities import check_answer_only, check_utilities, load_utilities  # noq
 
 # Shipped with the package (data/ of a checkout, uae_fast/_data when installed): the default teacher on QASPER train.
 DEFAULT_UTILITIES = "qasper-train-utilities.jsonl.gz"
-# The answer-only table of the default teacher (BM25 top-12 of the question, no gold added), cut from the
-# shipped every-paragraph table: what `uae train --no-gold` reads by default.
-DEFAULT_NOGOLD_UTILITIES = "qasper-train-utilities-nogold-top12.jsonl.gz"
+# The answer-only table of the default teacher (`answer:12`: BM25 top-12 of the question and its answers, no
+# gold added), cut from the shipped every-paragraph table: what `uae train --no-gold` reads by default.
+DEFAULT_NOGOLD_UTILITIES = "qasper-train-utilities-nogold-answer12.jsonl.gz"
 # --no-gold's passages per question: its 12 scored candidates (all of them, so a weak positive is always in
 # the batch) + 4 random paragraphs of the paper, as the gold defaults have ~4.
 NO_GOLD_PASSAGES_PER_QUERY = 16
