@@ -63,6 +63,8 @@ ANSWER_ONLY = {
     "ao-smollm": ("uae", NO_GOLD, "nogold"),
     "ao-gemma": ("uae", NO_GOLD, "gemma"),
     "ao-ensemble": ("uae", NO_GOLD, "ensemble"),
+    # the teacher's target mixed half and half with the bm25-answer one-hot (--positive bm25-answer --label-mix 0.5)
+    "ao-mix-bm25a": ("uae", {**NO_GOLD, "positive": "bm25-answer", "label_mix": 0.5}, "nogold"),
     "weak-bm25": ("infonce", {**NO_GOLD, "positive": "bm25"}, "nogold"),
     "weak-bm25-answer": ("infonce", {**NO_GOLD, "positive": "bm25-answer"}, "nogold"),
     "weak-teacher-top1": ("infonce", {**NO_GOLD, "positive": "teacher-top1"}, "nogold"),

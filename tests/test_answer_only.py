@@ -254,6 +254,20 @@ def test_weak_positives_and_same_batches(tmp_path, ds, kind):
     assert weak_positives(ds, [by_id[q] for q in u], {q: list(u[q]) for q in u}, kind, u) == weak._positive
 
 
+def test_weak_label_mix_puts_the_weak_positive_where_gold_would_be(tmp_path, ds):
+    u, _ = load_utilities(no_gold_table(tmp_path, ds, m=3))
+    kw = dict(no_gold=True, batch_size=3, passages_per_query=5, seed=2)
+    mix = BatchSampler(ds, TrainConfig(loss="uae", positive="bm25-answer", label_mix=0.5, **kw), u)
+    weak = BatchSampler(ds, TrainConfig(loss="infonce", positive="bm25-answer", label_mix=0.0, **kw), u)
+    plain = BatchSampler(ds, TrainConfig(loss="uae", label_mix=0.0, **kw), u)
+    bare = BatchSampler(strip_gold(ds), TrainConfig(loss="uae", positive="bm25-answer", label_mix=0.5, **kw), u)
+    for m in range(mix.batches_per_epoch):
+        a, b, c, d = mix.batch(m), weak.batch(m), plain.batch(m), bare.batch(m)
+        assert a.passages == b.passages == c.passages and torch.equal(a.target_idx, c.target_idx)  # teacher targets as before
+        assert torch.equal(a.gold_idx, b.target_idx[:, 0]) and (c.gold_idx == -1).all()  # weak positive in the gold slot
+        assert torch.equal(a.gold_idx, d.gold_idx) and a.passages == d.passages  # never gold
+
+
 def test_answer_only_training_is_independent_of_gold(tmp_path, ds, tiny):
     # The same data and table with every gold field removed (dataset evidence and the table's `gold` flags)
     # must give bit-identical weights: the sampler, targets and loss never read gold.
@@ -266,12 +280,12 @@ def test_answer_only_training_is_independent_of_gold(tmp_path, ds, tiny):
     assert all("gold" not in r for r in read_utilities(str(tmp_path / "ng-bare.jsonl.gz"))[1])
     base = dict(data=TRAIN, student=tiny, no_gold=True, label_mix=0.0, max_steps=3, batch_size=4, passages_per_query=5,
                 max_passage_length=32, lr=1e-3, seed=1)
-    for loss, pos in (("uae", "gold"), ("infonce", "bm25-answer")):
+    for loss, pos, mix in (("uae", "gold", 0.0), ("infonce", "bm25-answer", 0.0), ("uae", "bm25-answer", 0.5)):
         runs = []
         for name, data in (("ng", ds), ("ng-bare", strip_gold(ds))):
-            cfg = TrainConfig(utilities=str(tmp_path / f"{name}.jsonl.gz"), loss=loss, positive=pos, **base)
-            train(cfg, str(tmp_path / f"{loss}-{name}"), progress=False, ds=data)
-            runs.append(_weights(tmp_path / f"{loss}-{name}"))
+            cfg = TrainConfig(utilities=str(tmp_path / f"{name}.jsonl.gz"), loss=loss, positive=pos, **{**base, "label_mix": mix})
+            train(cfg, str(tmp_path / f"{loss}-{pos}-{name}"), progress=False, ds=data)
+            runs.append(_weights(tmp_path / f"{loss}-{pos}-{name}"))
         assert runs[0].keys() == runs[1].keys()
         for k in runs[0]:
             assert torch.equal(runs[0][k], runs[1][k]), (loss, k)
@@ -289,6 +303,9 @@ def test_config_errors_and_refused_tables(tmp_path, ds, tiny):
         TrainConfig(loss="infonce", positive="bm25").check()
     with pytest.raises(ValueError, match="with --loss infonce"):
         TrainConfig(loss="uae", positive="bm25", no_gold=True, label_mix=0.0).check()
+    with pytest.raises(ValueError, match="with --loss infonce"):
+        TrainConfig(loss="uae", positive="bm25", no_gold=False, label_mix=0.5).check()
+    TrainConfig(loss="uae", positive="bm25-answer", no_gold=True, label_mix=0.5).check()  # the weak-label mix
     with pytest.raises(ValueError, match="needs a weak --positive"):
         TrainConfig(loss="infonce", no_gold=True, label_mix=0.0).check()
     with pytest.raises(ValueError, match="positive must be one of"):

@@ -103,7 +103,7 @@ def test_answer_only_grid_end_to_end(tmp_path, tiny):
     assert sweep_dev.main(common) == 0  # no gemma tables: those groups are left out
     recs = [json.loads(x) for x in open(out / "sweep.jsonl")]
     assert not [r for r in recs if r.get("error")], [r["error"] for r in recs if r.get("error")]
-    assert {r["group"] for r in recs} == {"untrained", "bm25", "ao-smollm", "weak-bm25", "weak-bm25-answer",
+    assert {r["group"] for r in recs} == {"untrained", "bm25", "ao-smollm", "ao-mix-bm25a", "weak-bm25", "weak-bm25-answer",
                                           "weak-teacher-top1", "gold-infonce", "gold-uae"}
     bm = next(r for r in recs if r["group"] == "bm25")
     from uae_fast.evaluation import evaluate

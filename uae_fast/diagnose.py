@@ -70,7 +70,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--utilities", required=True, nargs="+", help="utilities table(s) from `uae score`, one report each")
     p.add_argument("--data", default=None, help="the data the tables were scored on (default: the bundled QASPER train)")
     p.add_argument("--candidates", nargs="*", default=[],
-                   help="candidate policies to judge too (top:M / student:M; the table must hold their rows; default none)")
+                   help="candidate policies to judge too (top:M / answer:M / student:M; the table must hold their rows; default none)")
     p.add_argument("--no-gold", action="store_true", help="the --candidates policies without gold added (default off)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     p.set_defaults(func=_main)

@@ -25,7 +25,9 @@ the same-budget supervised baseline.
 Answer-only (``no_gold``, ``uae train --no-gold``): no gold passage is drawn first and nothing reads
 ``gold``; the table must come from ``uae score --no-gold`` (or score every paragraph), ``label_mix`` is 0,
 and ``--loss infonce`` takes a weak ``positive`` among the scored candidates (``bm25``, ``bm25-answer``,
-``teacher-top1``: :func:`weak_positives`) on the same batches as ``--loss uae``.
+``teacher-top1``: :func:`weak_positives`) on the same batches as ``--loss uae``. ``--loss uae`` with a weak
+``positive`` and ``label_mix > 0`` mixes that weak label in where gold would be:
+``(1 - label_mix) * teacher + label_mix * weak``.
 
 Determinism and resuming: the query order of epoch ``e`` is a function of ``(seed, e)`` and the passages
 drawn for micro-batch ``m`` of ``(seed, m)``, so the data position is just the step counter. A checkpoint
@@ -151,16 +153,18 @@ class TrainConfig:
     def _check_answer_only(self) -> None:
         if self.positive not in POSITIVES:
             raise ValueError(f"positive must be one of {', '.join(POSITIVES)}, got {self.positive!r}")
-        if self.positive != "gold" and self.loss != "infonce":
-            raise ValueError(f"--positive {self.positive} sets the InfoNCE positive: use it with --loss infonce")
+        if self.positive != "gold" and self.loss != "infonce" and not (self.no_gold and self.label_mix > 0):
+            raise ValueError(f"--positive {self.positive} sets the InfoNCE positive: use it with --loss infonce (or with "
+                             f"--loss uae --no-gold --label-mix > 0, the weak label mixed into the teacher's target)")
         if self.positive != "gold" and not self.no_gold:
             raise ValueError(f"--positive {self.positive} is a baseline for answer-only data: add --no-gold")
         if self.no_gold:
             if self.loss == "infonce" and self.positive == "gold":
                 raise ValueError("--no-gold --loss infonce needs a weak --positive (bm25, bm25-answer or teacher-top1): "
                                  "there are no gold labels")
-            if self.label_mix != 0:
-                raise ValueError(f"--no-gold trains without gold labels: --label-mix must be 0, got {self.label_mix!r}")
+            if self.label_mix != 0 and self.positive == "gold":
+                raise ValueError(f"--no-gold trains without gold labels: --label-mix must be 0, got {self.label_mix!r} "
+                                 f"(or name the weak label it mixes in with --positive)")
             if self.teacher_gate is not None:
                 raise ValueError("--teacher-gate compares with the gold paragraph's utility: not available with --no-gold")
 
@@ -305,7 +309,10 @@ class BatchSampler:
                 tgt = [(index[chosen[0]], 0.0)]
             rows_idx.append([t[0] for t in tgt])
             rows_u.append([t[1] for t in tgt])
-            g = chosen[0] if not self.cfg.no_gold and q.gold and chosen and chosen[0] in set(q.gold) else None
+            if self.cfg.no_gold:  # the label_mix one-hot: the weak positive, if any (never gold)
+                g = self._positive.get(q.id)
+            else:
+                g = chosen[0] if q.gold and chosen and chosen[0] in set(q.gold) else None
             gold.append(index[g] if g is not None else -1)
         t_idx, t_u = _padded(rows_idx, -1, torch.long), _padded(rows_u, 0.0, torch.float32)
         ex = _padded(excl, -1, torch.long) if self.cfg.teacher_gate is not None else None
@@ -816,7 +823,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--teacher-temperature", type=float, default=d.teacher_temperature,
                    help=f"teacher distribution softmax(utility / T) (default {d.teacher_temperature})")
     p.add_argument("--label-mix", type=float, default=None,
-                   help=f"weight of the gold passage in the uae target (default {d.label_mix}; 0 with --no-gold)")
+                   help=f"weight of the gold passage in the uae target (default {d.label_mix}; 0 with --no-gold, where a value > 0 "
+                        "mixes in the weak --positive instead)")
     p.add_argument("--teacher-gate", type=float, default=None, metavar="MARGIN",
                    help="take each question's scored paragraphs with utility >= (its best gold's - MARGIN) out of its "
                         "softmax: likely false negatives (both losses; needs --utilities; default off)")
