@@ -35,8 +35,8 @@ DEFAULT_CANDIDATES = "top:3"
 # Answer-only candidates: BM25 top-12 of the question followed by its answers (README "Answer-only training").
 # On train they hold a gold paragraph for 0.95 of the questions vs 0.75 for the question's top-12, and the
 # teacher's top-1 is gold for 0.66 vs 0.49; on dev the student trained on them gained +0.015 S@1 / +0.017 MAP.
-# M = 12 was chosen among 8-16 for the question's top-M (coverage flattens past 12: 0.92 / 0.95 / 0.97 at
-# 8 / 12 / 20 for the answer policy).
+# M = 12 keeps the batch of the earlier top:12 default (coverage flattens past it: 0.92 / 0.95 / 0.96 at
+# 8 / 12 / 16; benchmarks/results/diagnose-answer-policy-train.json).
 DEFAULT_NO_GOLD_CANDIDATES = "answer:12"
 
 
@@ -60,7 +60,8 @@ def parse_candidates(policy: str) -> Tuple[str, Optional[int]]:
 
 class CandidatePolicy:
     """A query's candidate passage ids, in pool order: ``all`` of its pool, or its top-M plus its gold
-    (``no_gold=True``: the top-M alone, chosen from the question only, for data without evidence labels).
+    (``no_gold=True``: the top-M alone, chosen from the question (and, for ``answer:M``, its answers) only, for
+    data without evidence labels).
 
     ``top:M`` ranks the pool with BM25 over the question; ``answer:M`` over the question followed by its
     answers (answer-only data still has answers: the passages sharing their words hold the evidence far more
