@@ -401,6 +401,30 @@ def test_diagnose_hit_rates(tmp_path, ds, capsys):
     assert "| top:2 no-gold |" in capsys.readouterr().out
 
 
+def test_diagnose_gold_mass(tmp_path, ds):
+    """The target's gold mass against a float64 torch softmax; sharp T gives the top-1 rate; T <= 0 is an error."""
+    import torch
+    from uae_fast.diagnose import hit_rates
+
+    src = all_table(tmp_path / "all.jsonl.gz", ds, gold_bonus=0.4)
+    u, _ = load_utilities(src)
+    qs = [q for q in ds.queries if q.gold and q.id in u]
+    for t in (2.0, 0.5, 0.1):
+        want = []
+        for q in qs:
+            ps = list(u[q.id])
+            w = torch.softmax(torch.tensor([u[q.id][p] for p in ps], dtype=torch.float64) / t, 0)
+            want.append(float(sum(w[i] for i, p in enumerate(ps) if p in q.gold)))
+        res = hit_rates(src, ds, ["top:2"], no_gold=True, teacher_temperature=t)
+        every = res["sets"]["scored rows (all)"]
+        assert res["teacher_temperature"] == t and every["teacher_gold_mass"] == pytest.approx(sum(want) / len(qs), rel=1e-9)
+        assert 0 <= res["sets"]["top:2 no-gold"]["teacher_gold_mass"] <= res["sets"]["top:2 no-gold"]["coverage"] + 1e-12
+    sharp = hit_rates(src, ds, teacher_temperature=1e-6)["sets"]["scored rows (all)"]
+    assert sharp["teacher_gold_mass"] == pytest.approx(sharp["teacher_top1_gold"], abs=1e-6)
+    with pytest.raises(ValueError, match="teacher_temperature must be > 0"):
+        hit_rates(src, ds, teacher_temperature=0.0)
+
+
 def test_named_teachers():
     from uae_fast.teacher import DEFAULT_TEACHER, TEACHERS, load_causal_lm, teacher_name
 
