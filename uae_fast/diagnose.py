@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 
 def hit_rates(table: str, ds, candidates: Sequence[str] = (), *, no_gold: bool = False,
-              weak: Sequence[str] = ("bm25", "bm25-answer"), teacher_temperature: float = 0.5) -> dict:
+              weak: Sequence[str] = ("bm25", "bm25-answer"), teacher_temperature: Optional[float] = None) -> dict:
     """Top-1-is-gold rates of ``table``'s teacher (and of ``weak`` labels) per candidate set, and the gold mass
-    of its ``softmax(utility / teacher_temperature)`` target; see the module doc."""
+    of its ``softmax(utility / teacher_temperature)`` target (default: ``uae train``'s); see the module doc."""
+    from .scoring import CandidatePolicy
+    from .training import TrainConfig, weak_positives
+
+    if teacher_temperature is None:
+        teacher_temperature = TrainConfig.teacher_temperature
     if not teacher_temperature > 0:
         raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature}")
-    from .scoring import CandidatePolicy
-    from .training import weak_positives
     from .utilities import check_utilities, load_utilities
 
     utils, header = load_utilities(table)
@@ -47,8 +50,8 @@ def hit_rates(table: str, ds, candidates: Sequence[str] = (), *, no_gold: bool =
         sets[c + (" no-gold" if no_gold else "")] = cs
     out = {"table": table, "teacher": header.get("teacher"), "n_questions": len(queries),
            "teacher_temperature": teacher_temperature, "sets": {}}
+    gold = {q.id: set(q.gold) for q in queries}
     for name, cs in sets.items():
-        gold = {q.id: set(q.gold) for q in queries}
         teacher = weak_positives(ds, queries, cs, "teacher-top1", utils)
         row = {"coverage": _rate([any(p in gold[qid] for p in c) for qid, c in cs.items()]),
                "mean_candidates": sum(len(c) for c in cs.values()) / len(cs),
@@ -94,8 +97,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--candidates", nargs="*", default=[],
                    help="candidate policies to judge too (top:M / answer:M / student:M; the table must hold their rows; default none)")
     p.add_argument("--no-gold", action="store_true", help="the --candidates policies without gold added (default off)")
-    p.add_argument("--teacher-temperature", type=float, default=0.5,
-                   help="T of the target softmax(utility / T) whose gold mass is reported (default 0.5, as uae train)")
+    p.add_argument("--teacher-temperature", type=float, default=None,
+                   help="T of the target softmax(utility / T) whose gold mass is reported (default: uae train's)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     p.set_defaults(func=_main)
 
