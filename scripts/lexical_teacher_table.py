@@ -7,8 +7,10 @@ bm25-answer`` ranks). Gold is never read. Its purpose is a teacher ensemble with
 
     python scripts/lexical_teacher_table.py --table data/qasper-train-utilities-nogold-top12.jsonl.gz --out bm25a.jsonl.gz
     uae score --merge-teachers data/qasper-train-utilities-nogold-top12.jsonl.gz bm25a.jsonl.gz --out mix.jsonl.gz
-    uae train --no-gold --utilities mix.jsonl.gz --out runs/mix
+    uae train --no-gold --utilities mix.jsonl.gz --lexical-teacher none --out runs/mix
 
+``uae train --no-gold`` builds the same ensemble by itself (``--lexical-teacher bm25-answer``, its default;
+:mod:`uae_fast.lexical_teacher`): this table is for ``uae diagnose`` and for ensembles of three or more tables.
 (``--merge-teachers`` z-scores each table per question, so BM25's scale does not matter.)
 """
 from __future__ import annotations
@@ -21,29 +23,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def lexical_table(table: str, data: str, out: str) -> dict:
-    from uae_fast.bm25 import BM25
     from uae_fast.data import load_dataset
+    from uae_fast.lexical_teacher import LEXICAL_TEACHER_NAME, lexical_utilities
     from uae_fast.utilities import read_utilities, write_table
 
     header, rows = read_utilities(table)
-    ds = load_dataset(data)
-    by_id = {q.id: q for q in ds.queries}
-    missing = sorted({r["qid"] for r in rows} - by_id.keys())
-    if missing:
-        raise SystemExit(f"{table}: {len(missing)} question ids are not in {data} (e.g. {missing[0]!r})")
-    qid, by_pid, index, key = None, {}, None, None  # the current question's scores; BM25 of the current pool
-    out_rows = []
+    cands: dict = {}
     for r in rows:
-        if r["qid"] != qid:
-            qid, q = r["qid"], by_id[r["qid"]]
-            pool = ds.pool(q)
-            if tuple(pool) != key:
-                key, index = tuple(pool), BM25([ds.passages[p].text for p in pool])
-            by_pid = dict(zip(pool, index.scores(q.with_answers()).tolist()))
-        if r["pid"] not in by_pid:
-            raise SystemExit(f"{table}: paragraph {r['pid']!r} is not in question {r['qid']!r}'s pool in {data}")
-        out_rows.append(dict(r, utility=round(by_pid[r["pid"]], 5)))
-    h = dict(header, teacher="bm25(question+answers)", n_rows=len(out_rows), lexical_of=os.path.basename(table))
+        cands.setdefault(r["qid"], []).append(r["pid"])
+    try:
+        lex = lexical_utilities(load_dataset(data), cands)
+    except ValueError as e:
+        raise SystemExit(f"{table}: {e} ({data})") from None
+    out_rows = [dict(r, utility=lex[r["qid"]][r["pid"]]) for r in rows]
+    h = dict(header, teacher=LEXICAL_TEACHER_NAME, n_rows=len(out_rows), lexical_of=os.path.basename(table))
     return write_table(out, h, out_rows)
 
 

@@ -280,15 +280,18 @@ def test_answer_only_training_is_independent_of_gold(tmp_path, ds, tiny):
     assert all("gold" not in r for r in read_utilities(str(tmp_path / "ng-bare.jsonl.gz"))[1])
     base = dict(data=TRAIN, student=tiny, no_gold=True, label_mix=0.0, max_steps=3, batch_size=4, passages_per_query=5,
                 max_passage_length=32, lr=1e-3, seed=1)
-    for loss, pos, mix in (("uae", "gold", 0.0), ("infonce", "bm25-answer", 0.0), ("uae", "bm25-answer", 0.5)):
+    # (the last: `uae train --no-gold`'s default, the BM25(question + answers) lexical teacher ensembled in)
+    for loss, pos, mix, lex in (("uae", "gold", 0.0, "none"), ("infonce", "bm25-answer", 0.0, "none"),
+                                ("uae", "bm25-answer", 0.5, "none"), ("uae", "gold", 0.0, "bm25-answer")):
         runs = []
         for name, data in (("ng", ds), ("ng-bare", strip_gold(ds))):
-            cfg = TrainConfig(utilities=str(tmp_path / f"{name}.jsonl.gz"), loss=loss, positive=pos, **{**base, "label_mix": mix})
-            train(cfg, str(tmp_path / f"{loss}-{pos}-{name}"), progress=False, ds=data)
-            runs.append(_weights(tmp_path / f"{loss}-{pos}-{name}"))
+            cfg = TrainConfig(utilities=str(tmp_path / f"{name}.jsonl.gz"), loss=loss, positive=pos, lexical_teacher=lex,
+                              **{**base, "label_mix": mix})
+            train(cfg, str(tmp_path / f"{loss}-{pos}-{lex}-{name}"), progress=False, ds=data)
+            runs.append(_weights(tmp_path / f"{loss}-{pos}-{lex}-{name}"))
         assert runs[0].keys() == runs[1].keys()
         for k in runs[0]:
-            assert torch.equal(runs[0][k], runs[1][k]), (loss, k)
+            assert torch.equal(runs[0][k], runs[1][k]), (loss, lex, k)
     # and the test can fail: gold-label UAE on the same table trains other weights
     cfg = TrainConfig(**{**base, "no_gold": False, "label_mix": 0.5}, utilities=src, loss="uae")
     train(cfg, str(tmp_path / "gold"), progress=False, ds=ds)
@@ -336,10 +339,17 @@ def test_cli_no_gold_defaults(tmp_path, ds, tiny, capsys):
     assert rc == 0, capsys.readouterr().err
     cfg = json.load(open(tmp_path / "o" / "training_summary.json"))["config"]
     assert cfg["no_gold"] and cfg["label_mix"] == 0.0 and cfg["passages_per_query"] == 16
+    assert cfg["lexical_teacher"] == "bm25-answer"  # the teacher + BM25(q + a) ensemble is --no-gold's default
     rc = main(["train", "--data", TRAIN, "--no-gold", "--loss", "infonce", "--positive", "teacher-top1", "--utilities", src,
                "--candidates", "top:2", "--out", str(tmp_path / "w"), "--student", tiny, "--no-progress", "--max-steps", "1",
                "--max-passage-length", "16", "--batch-size", "2"])
     assert rc == 0, capsys.readouterr().err
+    assert json.load(open(tmp_path / "w" / "training_summary.json"))["config"]["lexical_teacher"] == "none"
+    assert json.load(open(tmp_path / "w" / "training_summary.json"))["config"]["positive"] == "teacher-top1"
+    capsys.readouterr()
+    rc = main(["train", "--data", TRAIN, "--no-gold", "--loss", "infonce", "--positive", "bm25", "--lexical-teacher",
+               "bm25-answer", "--utilities", src, "--out", str(tmp_path / "x"), "--student", tiny, "--no-progress"])
+    assert rc == 1 and "--lexical-teacher bm25-answer is ensembled into the uae target" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name,policy", [("qasper-train-utilities-nogold-answer12.jsonl.gz", "answer:12"),
@@ -456,6 +466,70 @@ def test_lexical_teacher_table_is_bm25_answer_and_merges(tmp_path, ds):
     assert weak_positives(ds, qs, cands, "teacher-top1", u) == weak_positives(ds, qs, cands, "bm25-answer")
     merge_teachers([src, out], str(tmp_path / "mix.jsonl.gz"))
     assert read_utilities(str(tmp_path / "mix.jsonl.gz"))[0]["teacher"].startswith("ensemble(")
+
+
+def test_lexical_teacher_in_training_equals_the_merged_table(tmp_path, ds, tiny):
+    """`--lexical-teacher bm25-answer` (computed at train time) gives exactly the utilities of the scripted route
+    (lexical_teacher_table.py + --merge-teachers), and so the same model; a merged table is not ensembled twice."""
+    import sys
+
+    from uae_fast.lexical_teacher import lexical_utilities, with_lexical_teacher
+    from uae_fast.utilities import ensemble_utilities
+
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
+    from lexical_teacher_table import lexical_table
+
+    src = no_gold_table(tmp_path, ds, m=4)
+    lexical_table(src, TRAIN, str(tmp_path / "lex.jsonl.gz"))
+    mix = str(tmp_path / "mix.jsonl.gz")
+    merge_teachers([src, str(tmp_path / "lex.jsonl.gz")], mix)
+    u, h = load_utilities(src)
+    merged, hm = load_utilities(mix)
+    inline = with_lexical_teacher(u, ds, h)
+    assert inline == merged and all(list(inline[q]) == list(merged[q]) for q in merged)
+    # the lexical scores are BM25 of the question + answers over the pool (an independent BM25 call here)
+    by_id = {q.id: q for q in ds.queries}
+    lex = lexical_utilities(ds, {q: list(d) for q, d in u.items()})
+    for qid, d in lex.items():
+        q = by_id[qid]
+        pool = ds.pool(q)
+        ref = dict(zip(pool, BM25([ds.passages[p].text for p in pool]).scores(q.question + " " + " ".join(q.answers))))
+        np.testing.assert_allclose([d[p] for p in d], [ref[p] for p in d], atol=6e-6)
+    assert inline != u and ensemble_utilities([u, u]) != u  # z-units, not the teacher's scale
+    base = dict(data=TRAIN, student=tiny, no_gold=True, label_mix=0.0, max_steps=2, batch_size=4, passages_per_query=6,
+                max_passage_length=16, lr=1e-3, seed=3)
+    train(TrainConfig(utilities=src, lexical_teacher="bm25-answer", **base), str(tmp_path / "a"), progress=False, ds=ds)
+    train(TrainConfig(utilities=mix, **base), str(tmp_path / "b"), progress=False, ds=ds)
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(ValueError, match="already includes bm25.*--lexical-teacher none"):
+        train(TrainConfig(utilities=mix, lexical_teacher="bm25-answer", **base), str(tmp_path / "c"), progress=False, ds=ds)
+    with pytest.raises(ValueError, match="lexical_teacher must be one of none, bm25-answer"):
+        TrainConfig(lexical_teacher="bm25").check()
+    with pytest.raises(ValueError, match="not in the data"):
+        lexical_utilities(ds, {"no-such-question": ["x"]})
+    q0 = next(iter(u))
+    with pytest.raises(ValueError, match="is not in question"):
+        lexical_utilities(ds, {q0: ["no-such-paragraph"]})
+
+
+def test_ensemble_utilities_matches_float64_z_scores():
+    a = {"q1": {"p1": 1.0, "p2": 3.0, "p3": 2.0}, "q2": {"p1": 5.0, "p2": 5.0}, "q3": {"p9": 1.0}}
+    b = {"q1": {"p3": 10.0, "p1": -4.0, "p2": 0.5, "p4": 7.0}, "q2": {"p1": 2.0, "p2": 1.0}, "q4": {"p1": 1.0}}
+    from uae_fast.utilities import ensemble_utilities
+
+    e = ensemble_utilities([a, b])
+    assert set(e) == {"q1", "q2"} and list(e["q1"]) == ["p1", "p2", "p3"]  # shared rows, the first table's order
+    z = lambda x: (x - x.mean()) / x.std() if x.std() > 0 else x * 0  # noqa: E731
+    for qid in e:
+        pids = list(e[qid])
+        ref = (z(np.array([a[qid][p] for p in pids], np.float64)) + z(np.array([b[qid][p] for p in pids], np.float64))) / 2
+        np.testing.assert_allclose([e[qid][p] for p in pids], ref, atol=6e-6)
+    assert e["q2"]["p1"] == 0.5 and e["q2"]["p2"] == -0.5  # a constant teacher adds zeros
+    with pytest.raises(ValueError, match="at least two"):
+        ensemble_utilities([a])
+    with pytest.raises(ValueError, match="share no"):
+        ensemble_utilities([{"q": {"a": 1.0}}, {"q": {"b": 1.0}}])
 
 
 def test_squad_corpus_end_to_end_answer_only(tmp_path, tiny, capsys):

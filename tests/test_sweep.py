@@ -104,7 +104,9 @@ def test_answer_only_grid_end_to_end(tmp_path, tiny):
     recs = [json.loads(x) for x in open(out / "sweep.jsonl")]
     assert not [r for r in recs if r.get("error")], [r["error"] for r in recs if r.get("error")]
     assert {r["group"] for r in recs} == {"untrained", "bm25", "ao-smollm", "ao-mix-bm25a", "weak-bm25", "weak-bm25-answer",
-                                          "weak-teacher-top1", "gold-infonce", "gold-uae"}
+                                          "weak-teacher-top1", "gold-infonce", "gold-uae", "ao-default"}
+    # ao-default (`uae train --no-gold`'s defaults) is ao-ensemble computed at train time
+    assert next(r for r in recs if r["group"] == "ao-default")["cfg"]["lexical_teacher"] == "bm25-answer"
     bm = next(r for r in recs if r["group"] == "bm25")
     from uae_fast.evaluation import evaluate
 

@@ -112,6 +112,9 @@ class TrainConfig:
     # The infonce positive: "gold" (evidence labels) or, with no_gold, a weak label among the scored
     # candidates: "bm25" (BM25 top-1 of the question), "bm25-answer" (of question + answers), "teacher-top1".
     positive: str = "gold"
+    # A second, lexical teacher averaged in (per-question z-scores, :mod:`uae_fast.lexical_teacher`): "none" or
+    # "bm25-answer" (BM25 of the question + its answers). ``uae train --no-gold`` sets "bm25-answer" (its default).
+    lexical_teacher: str = "none"
 
     def check(self) -> None:
         """Type and range of every field. NaN and inf are rejected everywhere: a NaN passes ``v < 0``
@@ -151,6 +154,13 @@ class TrainConfig:
         self._check_answer_only()
 
     def _check_answer_only(self) -> None:
+        from .lexical_teacher import LEXICAL_TEACHERS
+
+        if self.lexical_teacher not in LEXICAL_TEACHERS:
+            raise ValueError(f"lexical_teacher must be one of {', '.join(LEXICAL_TEACHERS)}, got {self.lexical_teacher!r}")
+        if self.lexical_teacher != "none" and self.loss != "uae":
+            raise ValueError(f"--lexical-teacher {self.lexical_teacher} is ensembled into the uae target: use --loss uae "
+                             f"(or --lexical-teacher none)")
         if self.positive not in POSITIVES:
             raise ValueError(f"positive must be one of {', '.join(POSITIVES)}, got {self.positive!r}")
         if self.positive != "gold" and self.loss != "infonce" and not (self.no_gold and self.label_mix > 0):
@@ -340,26 +350,19 @@ def weak_positives(ds: RetrievalDataset, queries: Sequence[Query], candidates: D
     answers (BM25 indexes the query's whole pool, as the ``top:M`` policy does); ``teacher-top1``: the
     candidate with the highest utility.
     """
-    from .bm25 import BM25
+    from .lexical_teacher import PoolBM25
 
     if kind not in POSITIVES[1:]:
         raise ValueError(f"weak positive must be one of {', '.join(POSITIVES[1:])}, got {kind!r}")
     out: Dict[str, str] = {}
-    indexes: Dict[Tuple[str, ...], BM25] = {}
+    bm25 = PoolBM25(ds)
     for q in queries:
         cands = candidates[q.id]
         if kind == "teacher-top1":
             u = (utilities or {}).get(q.id, {})
             scores = [u.get(p, -math.inf) for p in cands]
         else:
-            pool = ds.pool(q)
-            key = tuple(pool)
-            if key not in indexes:
-                if len(indexes) > 2048:
-                    indexes.clear()
-                indexes[key] = BM25([ds.passages[p].text for p in pool])
-            text = q.question if kind == "bm25" else q.with_answers()
-            by_pid = dict(zip(pool, indexes[key].scores(text).tolist()))
+            by_pid = bm25(q, q.question if kind == "bm25" else q.with_answers())
             scores = [by_pid[p] for p in cands]
         out[q.id] = cands[int(np.argmax(scores))]
     return out
@@ -657,6 +660,12 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         if cfg.no_gold:
             check_answer_only(header, cfg.utilities)
         check_utilities(utilities, ds, path=cfg.utilities, data_path=cfg.data)
+        if cfg.lexical_teacher != "none":
+            from .lexical_teacher import with_lexical_teacher
+
+            utilities = with_lexical_teacher(utilities, ds, header, path=cfg.utilities)
+    elif cfg.lexical_teacher != "none":
+        raise ValueError(f"--lexical-teacher {cfg.lexical_teacher} is ensembled with a teacher table: give --utilities FILE")
     sampler = BatchSampler(ds, cfg, utilities, world=world, rank=rank)
     total_micro = sampler.total_micro_batches()
     total_steps = max(1, math.ceil(total_micro / cfg.grad_accum))
@@ -796,6 +805,10 @@ def add_parser(subparsers) -> None:
                    help="--loss infonce positive: gold (evidence labels) or, with --no-gold, a weak label among the "
                         "scored candidates: bm25 (BM25 top-1 of the question), bm25-answer (of question + answers), "
                         f"teacher-top1 (the teacher's best candidate) (default {d.positive})")
+    p.add_argument("--lexical-teacher", choices=("none", "bm25-answer"), default=None,
+                   help="average each question's z-scored teacher utilities with the z-scored BM25(question + answers) "
+                        "scores of the same candidates (a teacher ensemble; gold is never read) (default: bm25-answer "
+                        "with --no-gold --loss uae, else none)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUT from its newest checkpoint (same settings required; a finished run "
                         "is left as is)")
@@ -854,6 +867,7 @@ def _main(args) -> int:
     if (args.loss == "uae" or args.teacher_gate is not None or args.no_gold) and utilities is None:
         utilities = _default_utilities(args.no_gold)
     label_mix = args.label_mix if args.label_mix is not None else (0.0 if args.no_gold else TrainConfig.label_mix)
+    lexical = args.lexical_teacher or ("bm25-answer" if args.no_gold and args.loss == "uae" else TrainConfig.lexical_teacher)
     cfg = TrainConfig(data=data, utilities=utilities, student=args.student, loss=args.loss,
                       epochs=args.epochs, max_steps=args.max_steps, min_steps=args.min_steps, batch_size=args.batch_size,
                       passages_per_query=args.passages_per_query or (NO_GOLD_PASSAGES_PER_QUERY if args.no_gold
@@ -862,7 +876,7 @@ def _main(args) -> int:
                       teacher_temperature=args.teacher_temperature, label_mix=label_mix,
                       max_query_length=args.max_query_length, max_passage_length=args.max_passage_length, seed=args.seed,
                       candidates=args.candidates, teacher_gate=args.teacher_gate, no_gold=args.no_gold,
-                      positive=args.positive)
+                      positive=args.positive, lexical_teacher=lexical)
     amp = {"auto": None, "on": True, "off": False}[args.amp]
     s = train(cfg, args.out, resume=args.resume, device=args.device, amp=amp,
               gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,

@@ -328,6 +328,26 @@ def _standardised(rows: Sequence[dict]) -> Dict[str, float]:
     return {r["pid"]: (r["utility"] - mu) / sd if sd > 0 else 0.0 for r in rows}
 
 
+def ensemble_utilities(tables: Sequence[Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, float]]:
+    """:func:`merge_teachers` on loaded tables (``{qid: {pid: utility}}``): per question, over the paragraphs
+    every table scored (in the first table's order), the mean of the per-table z-scores, rounded to 5 decimals
+    as a merged table stores them. Questions with no shared paragraph are left out."""
+    if len(tables) < 2:
+        raise ValueError("a teacher ensemble needs at least two tables")
+    out: Dict[str, Dict[str, float]] = {}
+    for qid, first in tables[0].items():
+        if not all(qid in t for t in tables[1:]):
+            continue
+        pids = [p for p in first if all(p in t[qid] for t in tables[1:])]
+        if not pids:
+            continue
+        zs = [_standardised([{"pid": p, "utility": t[qid][p]} for p in pids]) for t in tables]
+        out[qid] = {p: round(sum(z[p] for z in zs) / len(zs), 5) for p in pids}
+    if not out:
+        raise ValueError("the tables of the teacher ensemble share no (question, paragraph) pair")
+    return out
+
+
 def merge_teachers(inputs: Sequence[str], out: str) -> dict:
     """A teacher ensemble: per-query standardised utilities averaged across tables, on the rows they share.
 
