@@ -433,6 +433,19 @@ def test_diagnose_gold_mass(tmp_path, ds):
     assert sharp["teacher_gold_mass"] == pytest.approx(sharp["teacher_top1_gold"], abs=1e-6)
     with pytest.raises(ValueError, match="teacher_temperature must be > 0"):
         hit_rates(src, ds, teacher_temperature=0.0)
+    # --lexical-teacher bm25-answer judges the ensembled target: the same numbers as the merged table's
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
+    from lexical_teacher_table import lexical_table
+
+    ng = no_gold_table(tmp_path, ds, m=4, gold_bonus=0.4)
+    lexical_table(ng, TRAIN, str(tmp_path / "lex.jsonl.gz"))
+    merge_teachers([ng, str(tmp_path / "lex.jsonl.gz")], str(tmp_path / "mix.jsonl.gz"))
+    inline = hit_rates(ng, ds, lexical_teacher="bm25-answer")
+    merged = hit_rates(str(tmp_path / "mix.jsonl.gz"), ds)
+    assert list(inline["sets"].values()) == list(merged["sets"].values())
+    assert inline["sets"] != hit_rates(ng, ds)["sets"] and "bm25(question+answers)" in inline["teacher"]
 
 
 def test_named_teachers():

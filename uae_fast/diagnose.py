@@ -11,6 +11,9 @@ questions whose candidates hold any gold paragraph at all. The weak positives of
 paragraphs (0 where the candidates hold none). A one-hot label's gold mass is its top-1 rate, so the column
 compares the soft target with the weak labels directly; on QASPER it tracks the trained student's dev
 Success@1 better than the top-1 rate does (README, answer-only section).
+
+``lexical_teacher="bm25-answer"`` judges the target ``uae train --no-gold`` trains on by default: the table's
+utilities ensembled with BM25(question + answers) (:mod:`uae_fast.lexical_teacher`).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from typing import Dict, List, Optional, Sequence
 
 
 def hit_rates(table: str, ds, candidates: Sequence[str] = (), *, no_gold: bool = False,
-              weak: Sequence[str] = ("bm25", "bm25-answer"), teacher_temperature: Optional[float] = None) -> dict:
+              weak: Sequence[str] = ("bm25", "bm25-answer"), teacher_temperature: Optional[float] = None,
+              lexical_teacher: str = "none") -> dict:
     """Top-1-is-gold rates of ``table``'s teacher (and of ``weak`` labels) per candidate set, and the gold mass
     of its ``softmax(utility / teacher_temperature)`` target (default: ``uae train``'s); see the module doc."""
     from .scoring import CandidatePolicy
@@ -34,6 +38,13 @@ def hit_rates(table: str, ds, candidates: Sequence[str] = (), *, no_gold: bool =
 
     utils, header = load_utilities(table)
     check_utilities(utils, ds, path=table)
+    if lexical_teacher != "none":
+        from .lexical_teacher import LEXICAL_TEACHERS, LEXICAL_TEACHER_NAME, with_lexical_teacher
+
+        if lexical_teacher not in LEXICAL_TEACHERS:
+            raise ValueError(f"lexical_teacher must be one of {', '.join(LEXICAL_TEACHERS)}, got {lexical_teacher!r}")
+        utils = with_lexical_teacher(utils, ds, header, path=table)
+        header = dict(header, teacher=f"ensemble({header.get('teacher', '?')}+{LEXICAL_TEACHER_NAME})")
     queries = [q for q in ds.queries if q.id in utils and q.gold]
     if not queries:
         raise ValueError(f"{table}: none of its questions has gold evidence in the data; nothing to diagnose")
@@ -99,6 +110,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-gold", action="store_true", help="the --candidates policies without gold added (default off)")
     p.add_argument("--teacher-temperature", type=float, default=None,
                    help="T of the target softmax(utility / T) whose gold mass is reported (default: uae train's)")
+    p.add_argument("--lexical-teacher", choices=("none", "bm25-answer"), default="none",
+                   help="judge the table ensembled with BM25(question + answers), the target `uae train --no-gold` "
+                        "trains on by default (default none: the table as is)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     p.set_defaults(func=_main)
 
@@ -109,7 +123,8 @@ def _main(args) -> int:
     ds = load_dataset(args.data or default_qasper_path("train"))
     results = []
     for t in args.utilities:
-        res = hit_rates(t, ds, args.candidates, no_gold=args.no_gold, teacher_temperature=args.teacher_temperature)
+        res = hit_rates(t, ds, args.candidates, no_gold=args.no_gold, teacher_temperature=args.teacher_temperature,
+                        lexical_teacher=args.lexical_teacher)
         print(format_report(res))
         results.append(res)
     if args.json:
