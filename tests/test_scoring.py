@@ -304,3 +304,56 @@ def test_cli_unreadable_data_and_bad_options(tmp_path, teacher_dir, capsys):
     assert main(["score", "--data", DATA, "--out", out, "--teacher", teacher_dir, "--shard", "3/3"]) == 1
     assert "--shard" in capsys.readouterr().err
     assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+
+
+def test_reuse_copies_known_rows_and_scores_only_the_new_ones(ds, scorer, teacher_dir, tmp_path, capsys):
+    # top:2 first, then answer:3 reusing it: the same table as answer:3 scored from scratch, with the overlap
+    # copied instead of passed to the teacher again.
+    kw = dict(no_gold=True, with_gold_only=False, progress=False, limit=6)
+    first = str(tmp_path / "top2.jsonl")
+    score_dataset(scorer, ds, first, candidates="top:2", **kw)
+    ref = str(tmp_path / "ref.jsonl")
+    score_dataset(scorer, ds, ref, candidates="answer:3", **kw)
+    seen = []
+    real = scorer.score_many
+
+    def counting(items):
+        seen.extend(len(p) for _, _, p in items)
+        return real(items)
+
+    scorer.score_many = counting
+    try:
+        out = str(tmp_path / "reused.jsonl")
+        h = score_dataset(scorer, ds, out, candidates="answer:3", reuse=[first], group=2, **kw)
+    finally:
+        del scorer.score_many
+    (_, a), (_, b) = read_utilities(ref), read_utilities(out)
+    overlap = len({(r["qid"], r["pid"]) for r in a} & {(r["qid"], r["pid"]) for r in read_utilities(first)[1]})
+    assert 0 < overlap < len(a) and h["n_reused_rows"] == overlap and h["reused_from"] == ["top2.jsonl"]
+    assert sum(seen) == len(a) - overlap  # the teacher saw only the rows no table had
+    keys = ("qid", "pid", "gold", "cand", "n_cand", "n_answer_tokens")
+    assert [tuple(r[k] for k in keys) for r in a] == [tuple(r[k] for k in keys) for r in b]
+    torch.testing.assert_close(torch.tensor([r["utility"] for r in b]), torch.tensor([r["utility"] for r in a]),
+                               atol=2e-5, rtol=0)
+    # Rows without per-token deltas are scored again when deltas are asked for.
+    h = score_dataset(scorer, ds, str(tmp_path / "d.jsonl"), candidates="answer:3", reuse=[first], save_deltas=True, **kw)
+    assert h["n_reused_rows"] == 0 and all("deltas" in r for r in read_utilities(str(tmp_path / "d.jsonl"))[1])
+    # Another teacher's (or prompt's, dtype's, data's) rows are refused, in one line, through the CLI too.
+    other_h, other_rows = read_utilities(first)
+    other = str(tmp_path / "other.jsonl")
+    with open(other, "w") as f:
+        f.write(json.dumps(dict(other_h, teacher="another-teacher")) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in other_rows)
+    with pytest.raises(ValueError, match=r"other settings \(teacher"):
+        score_dataset(scorer, ds, str(tmp_path / "e.jsonl"), candidates="answer:3", reuse=[other], **kw)
+    from uae_fast.cli import main
+
+    bad = str(tmp_path / "nan.jsonl")
+    with open(bad, "w") as f:
+        f.write(json.dumps(other_h) + "\n" + json.dumps(dict(other_rows[0], utility=float("nan"))) + "\n")
+    e_out = str(tmp_path / "f.jsonl")
+    assert main(["score", "--data", DATA, "--out", e_out, "--teacher", teacher_dir, "--no-gold",
+                 "--limit", "2", "--no-progress", "--max-passage-tokens", "48", "--max-answer-tokens", "12",
+                 "--reuse", bad]) == 1
+    err = capsys.readouterr().err
+    assert "nan.jsonl" in err and "finite utility" in err and not os.path.exists(e_out + ".partial")

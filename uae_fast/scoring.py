@@ -15,6 +15,11 @@ paper's paragraphs plus every gold-evidence paragraph, in paper order), ``answer
 the question followed by its answers: the passages that share the answer's words) or ``student:M`` (the
 base student's cosine top-M: the hard negatives it confuses; ``--candidate-student`` picks the encoder).
 ``--no-gold`` (answer-only data): the top-M alone, no gold paragraph added, every question with an answer.
+
+Reuse: ``--reuse TABLE...`` copies the utility of each (question, paragraph) row already in earlier tables of the
+same teacher and settings instead of scoring it again. A row's utility depends only on the question, its
+answers, the paragraph and the teacher, not on the other candidates, so switching candidate policies (e.g.
+``top:12`` -> ``answer:12``) costs only the rows that are new.
 """
 from __future__ import annotations
 
@@ -24,11 +29,12 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 
 # The table format is owned by .utilities; these names stay importable from here.
 from .utilities import FORMAT, finalize, make_row, read_utilities, recover_partial, student_name
+from .utilities import reusable_rows
 from .utilities import merge_shards as merge
 
 DEFAULT_CANDIDATES = "top:3"
@@ -201,7 +207,7 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
                   shard: Tuple[int, int] = (0, 1), order: str = "paper", with_gold_only: bool = True,
                   limit: Optional[int] = None, save_deltas: bool = False, progress: bool = True,
                   data_name: Optional[str] = None, group: int = 16, candidate_student=None, no_gold: bool = False,
-                  questions_from: Optional[str] = None) -> dict:
+                  questions_from: Optional[str] = None, reuse: Sequence[str] = ()) -> dict:
     """Score every selected query of ``ds`` and write the utilities file ``out``; returns the header.
 
     ``candidate_student``: the encoder of a ``student:M`` policy (folder or BiEncoder; default all-MiniLM-L6-v2).
@@ -209,6 +215,8 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
     then be False, since choosing questions by their evidence would use the labels).
     ``questions_from``: a utilities table; only its questions are scored (a second teacher on the same rows as
     the first, for ``--merge-teachers``); the header names it.
+    ``reuse``: utilities tables of the same teacher and settings (:func:`uae_fast.utilities.reusable_rows`); their
+    rows' utilities are copied, not rescored, and the header counts them (``n_reused_rows``).
     """
     if no_gold and with_gold_only:
         raise ValueError("no_gold scoring selects questions by their answers alone: pass with_gold_only=False")
@@ -253,6 +261,10 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
         header["limit"] = limit
     if empty:
         header["n_skipped_no_passages"] = len(empty)
+    known = reusable_rows(reuse, header, with_deltas=save_deltas) if reuse else {}
+    if reuse:
+        header["reused_from"] = [os.path.basename(os.fspath(r)) for r in reuse]
+        header["n_reused_rows"] = sum((q.id, p) in known for q, pids in zip(queries, pools) for p in pids)
     out = os.fspath(out)
     partial = out + ".partial"
     if os.path.exists(out):
@@ -288,21 +300,30 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
     with open(partial, "ab") as f:
         for g in range(0, len(todo), group):
             chunk = todo[g : g + group]
-            items = []
+            items, new = [], []
             for q, pids in chunk:
                 ans = list(q.answers)
                 if answers == "first":
                     ans = ans[:1]
                 elif answers == "shortest":
                     ans = [min(ans, key=len)]
-                items.append((q.question, ans, [ds.passages[p].text for p in pids]))
+                todo_p = [p for p in pids if (q.id, p) not in known]
+                new.append(todo_p)
+                if todo_p:
+                    items.append((q.question, ans, [ds.passages[p].text for p in todo_p]))
             # Several queries per call: their rows are length-sorted into shared, fuller batches.
-            results = scorer.score_many(items)
+            results = iter(scorer.score_many(items) if items else [])
             lines = []
-            for (q, pids), r in zip(chunk, results):
+            for (q, pids), todo_p in zip(chunk, new):
                 gold = set(q.gold)
-                lines += [json.dumps(make_row(q.id, p, r.utility[i], len(r.answer_ids), p in gold, i, len(pids),
-                                          r.deltas[i].tolist() if save_deltas else None)) for i, p in enumerate(pids)]
+                scored = {}
+                if todo_p:
+                    r = next(results)
+                    scored = {p: (r.utility[i], len(r.answer_ids), r.deltas[i].tolist() if save_deltas else None)
+                              for i, p in enumerate(todo_p)}
+                for i, p in enumerate(pids):
+                    u, n_tok, deltas = scored[p] if p in scored else known[(q.id, p)]
+                    lines.append(json.dumps(make_row(q.id, p, u, n_tok, p in gold, i, len(pids), deltas)))
             # One write + fsync per group: a kill lands between whole queries or tears only the tail,
             # which --resume cuts back to the last complete query.
             payload = ("\n".join(lines) + "\n").encode()
@@ -369,6 +390,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--questions-from", default=None, metavar="TABLE",
                    help="score only the questions of this utilities table (a second teacher on the first one's rows, "
                         "for --merge-teachers; default: every selected question)")
+    p.add_argument("--reuse", nargs="+", default=None, metavar="TABLE",
+                   help="copy the utilities of rows already in these tables (same teacher and settings, any candidate "
+                        "policy) instead of scoring them again (default: score every row)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N queries (after order/shard)")
     p.add_argument("--save-deltas", action="store_true", help="store per-token deltas in each row")
     p.add_argument("--group", type=int, default=16, help="queries batched together per scoring call (default 16)")
@@ -417,5 +441,5 @@ def _main(args) -> int:
                   with_gold_only=not (args.include_no_gold or args.no_gold), no_gold=args.no_gold,
                   limit=args.limit, save_deltas=args.save_deltas, progress=not args.no_progress,
                   data_name=os.path.basename(data), group=args.group, candidate_student=args.candidate_student,
-                  questions_from=args.questions_from)
+                  questions_from=args.questions_from, reuse=args.reuse or ())
     return 0

@@ -320,6 +320,35 @@ def subset(table: str, ds: RetrievalDataset, candidates: str, out: str, *, no_go
     return write_table(out, new, out_rows)
 
 
+# Settings that fix a row's utility: the teacher and its prompt, and which answers and data it read. The
+# candidate policy is not among them: a row does not depend on the question's other candidates.
+_ROW_VALUE_KEYS = ("format", "teacher", "dtype", "prompt_with", "prompt_without", "answer_prefix", "max_passage_tokens",
+                   "max_answer_tokens", "aggregation", "clip", "answers", "data")
+
+
+def reusable_rows(tables: Sequence[str], header: dict, *, with_deltas: bool = False) -> Dict[Tuple[str, str], tuple]:
+    """``{(qid, pid): (utility, n_answer_tokens, deltas)}`` from finished tables whose settings match ``header``'s
+    (a table of another teacher, dtype, prompt, answers or data file is refused); ``uae score --reuse``.
+
+    ``with_deltas``: only rows that carry per-token deltas (``--save-deltas``) are returned.
+    """
+    known: Dict[Tuple[str, str], tuple] = {}
+    for path in tables:
+        h, rows = read_utilities(path)
+        diff = [k for k in _ROW_VALUE_KEYS if h.get(k) != header.get(k)]
+        if diff:
+            raise ValueError(f"--reuse {path}: scored with other settings ({', '.join(diff)}: "
+                             f"{h.get(diff[0])!r} vs {header.get(diff[0])!r}); its utilities cannot be reused")
+        for i, r in enumerate(rows):
+            u, n = r.get("utility"), r.get("n_answer_tokens")
+            if not (isinstance(u, (int, float)) and math.isfinite(u) and isinstance(n, int)):
+                raise ValueError(f"--reuse {path}: row {i + 1} has no finite utility and n_answer_tokens")
+            if with_deltas and "deltas" not in r:
+                continue
+            known.setdefault((r["qid"], r["pid"]), (r["utility"], r["n_answer_tokens"], r.get("deltas")))
+    return known
+
+
 def _standardised(rows: Sequence[dict]) -> Dict[str, float]:
     """A query's utilities as z-scores over its rows (all 0 when they are constant or alone)."""
     us = [r["utility"] for r in rows]
