@@ -70,7 +70,8 @@ assert inside_venv(_default_utilities()) and inside_venv(_default_utilities(no_g
 shipped = sorted(os.listdir(os.path.dirname(_default_utilities())))
 expected = sorted(["README.md", os.path.basename(_default_utilities()), os.path.basename(_default_utilities(no_gold=True)),
                    "qasper-train-utilities-nogold-top12.jsonl.gz",  # the question-only policy's table (results, Gemma rows)
-                   "qasper-train-utilities-nogold-top12-gemma3-270m.jsonl.gz"]  # the second teacher's table
+                   "qasper-train-utilities-nogold-top12-gemma3-270m.jsonl.gz",  # the second teacher's table
+                   "qasper-train-utilities-gemma3-270m.jsonl.gz"]  # and its gold-added top:3 table
                   + [QUICKSTART_SLICE.format(split=s) for s in ("train", "dev")])
 assert shipped == expected, f"uae_fast/_data holds {shipped}, expected {expected}"  # nothing stale rides along
 

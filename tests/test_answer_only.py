@@ -389,6 +389,18 @@ def test_shipped_gemma_answer_only_table_matches_the_default_rows():
     u = [r["utility"] for r in rows]
     assert all(math.isfinite(x) for x in u) and len(set(u)) > len(u) // 2  # real scores, not a constant
 
+
+
+def test_shipped_gemma_gold_table_matches_the_default_gold_rows():
+    """Gemma on the default gold-added table's rows (top:3 + gold), for gold-label UAE with the second teacher."""
+    h, rows = read_utilities(os.path.join(ROOT, "data", "qasper-train-utilities-gemma3-270m.jsonl.gz"))
+    href, ref = read_utilities(os.path.join(ROOT, "data", "qasper-train-utilities.jsonl.gz"))
+    assert h["teacher"] == "gemma-3-270m" and h["dtype"] == "float32" and h["candidates"] == href["candidates"] == "top:3"
+    assert "no_gold" not in h and h["questions_from"] == "qasper-train-utilities.jsonl.gz" and h["n_rows"] == len(rows)
+    assert sorted((r["qid"], r["pid"], r["gold"]) for r in rows) == sorted((r["qid"], r["pid"], r["gold"]) for r in ref)
+    u = [r["utility"] for r in rows]
+    assert all(math.isfinite(x) for x in u) and len(set(u)) > len(u) // 2
+
 # ------------------------------------------------------------------------------------------- diagnose, teachers
 def test_diagnose_hit_rates(tmp_path, ds, capsys):
     from uae_fast.diagnose import hit_rates
