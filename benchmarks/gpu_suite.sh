@@ -11,7 +11,7 @@
 # `sweep` = scripts/sweep_dev.py, seeded `uae train` settings (uae vs infonce) scored on QASPER dev,
 # for as long as BUDGET_S allows (needs the student: STUDENT_DIR, and QASPER_DIR); `answeronly` = issue #16:
 # (a) the answer-only train tables (`uae score --no-gold`, BM25 top-12 of the question, every answered question,
-# fp32) of both teachers and gemma3-270m's gold-added top:3 table, (b) their ensemble
+# fp32) of both teachers (gemma3-270m's gold-added top:3 table ships in data/), (b) their ensemble
 # (`uae score --merge-teachers`), (c) `sweep_dev.py --grid answeronly` (answer-only UAE per teacher and the
 # ensemble, the weak baselines, gold InfoNCE/UAE, gold UAE with gemma; 3 seeds) and (d) its README table with
 # the paired differences. About 5 min of scoring + 8 min of sweep: run it twice (the second call carries the
@@ -26,7 +26,7 @@
 #         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl inf-cl==1.2.1
 #   then call run with carry [".whl"] and: BUDGET_S=290 WHEEL_DIR=.whl bash benchmarks/gpu_suite.sh infonce
 #
-# Files back from $OUT (at most 8; part answeronly: the four tables and sweep.jsonl): summary.txt (one line per step: status, seconds), suite.log (all
+# Files back from $OUT (at most 8; part answeronly: the three tables and sweep.jsonl): summary.txt (one line per step: status, seconds), suite.log (all
 # step output, in order), gpu_suite-PART.tar.gz (every step's log and JSON), and the scored table
 # qasper-train-utilities-all.jsonl.gz (or its .partial when cut short). Steps run in order, each under
 # its own timeout, cut further to fit BUDGET_S in total; a failing step is recorded and the suite goes on.
@@ -161,24 +161,24 @@ score() {  # score NAME TIMEOUT OUTFILE ARGS...: skipped when OUTFILE came with 
     step "$name" "$limit" "$PY" -m uae_fast.cli score --data "$TRAIN_JSON" --out "$out" --dtype fp32 --device "${DEVICE:-cuda}" \
         --resume --no-progress ${SCORE_LIMIT:+--limit $SCORE_LIMIT} "$@"
 }
-# (a) answer-only tables (every question with an answer, the default answer:12 candidates, BM25 top-12 of question + answers, nothing added) + gemma's gold table
+# (a) answer-only tables (every question with an answer, the default answer:12 candidates, BM25 top-12 of question + answers, nothing added)
 score score_nogold_smollm 150 "$T/qasper-train-utilities-nogold-answer12-allq.jsonl.gz" --no-gold --teacher smollm2-135m
 score score_nogold_gemma 240 "$T/qasper-train-utilities-gemma-nogold-answer12.jsonl.gz" --no-gold --teacher gemma3-270m
-score score_gold_gemma 120 "$T/qasper-train-utilities-gemma.jsonl.gz" --candidates top:3 --answers all --order hash --teacher gemma3-270m
+GOLD_GEMMA=data/qasper-train-utilities-gemma3-270m.jsonl.gz  # gemma's gold-added table ships (scored on CPU)
 # (b) the ensemble, on the rows both answer-only tables share
 ENS="$T/qasper-train-utilities-ensemble-nogold-answer12.jsonl.gz"
 [ -e "$ENS" ] || step merge_teachers 60 "$PY" -m uae_fast.cli score --merge-teachers "$T/qasper-train-utilities-nogold-answer12-allq.jsonl.gz" \
     "$T/qasper-train-utilities-gemma-nogold-answer12.jsonl.gz" --out "$ENS"
 # teacher diagnostic (gold labels used only here): top-1 is gold among the candidates, per table
 step diagnose 120 "$PY" -m uae_fast.cli diagnose --data "$TRAIN_JSON" --utilities "$T/qasper-train-utilities-nogold-answer12-allq.jsonl.gz" \
-    "$T/qasper-train-utilities-gemma-nogold-answer12.jsonl.gz" "$T/qasper-train-utilities-gemma.jsonl.gz" --json "$WORK/diagnose.json"
+    "$T/qasper-train-utilities-gemma-nogold-answer12.jsonl.gz" "$GOLD_GEMMA" --json "$WORK/diagnose.json"
 # (c) + (d) the results grid and its README table (sweep_dev prints it; --report reprints it from sweep.jsonl)
 LEFT=$((BUDGET_S - ($(date +%s) - START) - 15))
 step sweep_answeronly "$LEFT" "$PY" scripts/sweep_dev.py --grid answeronly --out "$OUT" --train "$TRAIN_JSON" \
     --dev "$QD/qasper-dev-v0.3.json.gz" --student "${STUDENT_DIR:?STUDENT_DIR is needed}" --workers "${WORKERS:-6}" \
     --threads 2 --tf32 --budget-s $((LEFT - 130)) --nogold-utilities "$T/qasper-train-utilities-nogold-answer12-allq.jsonl.gz" \
     --gemma-utilities "$T/qasper-train-utilities-gemma-nogold-answer12.jsonl.gz" --ensemble-utilities "$ENS" \
-    --gemma-gold-utilities "$T/qasper-train-utilities-gemma.jsonl.gz" ${SWEEP_ARGS:-}
+    --gemma-gold-utilities "$GOLD_GEMMA" ${SWEEP_ARGS:-}
 fi
 
 if [ "$PART" = teacher ] || [ "$PART" = all ]; then
