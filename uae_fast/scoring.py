@@ -261,8 +261,9 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
         header["limit"] = limit
     if empty:
         header["n_skipped_no_passages"] = len(empty)
-    known = reusable_rows(reuse, header, with_deltas=save_deltas) if reuse else {}
+    known = {}
     if reuse:
+        known = reusable_rows(reuse, header, with_deltas=save_deltas)
         header["reused_from"] = [os.path.basename(os.fspath(r)) for r in reuse]
         header["n_reused_rows"] = sum((q.id, p) in known for q, pids in zip(queries, pools) for p in pids)
     out = os.fspath(out)

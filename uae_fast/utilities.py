@@ -28,10 +28,12 @@ from typing import Dict, List, Sequence, Tuple
 from .data import RetrievalDataset, jsonl_records, read_text
 
 FORMAT = "uae-utilities/1"
-# Settings that must match for rows to be combined (resume / shard merge).
-COMPAT_KEYS = ("format", "teacher", "dtype", "prompt_with", "prompt_without", "answer_prefix", "max_passage_tokens",
-               "max_answer_tokens", "aggregation", "clip", "candidates", "candidate_student", "answers", "data", "order",
-               "with_gold_only", "no_gold")
+# Settings that fix a row's utility: the teacher and its prompt, and which answers and data it read. The
+# candidate policy is not among them: a row does not depend on the question's other candidates (``--reuse``).
+_ROW_VALUE_KEYS = ("format", "teacher", "dtype", "prompt_with", "prompt_without", "answer_prefix", "max_passage_tokens",
+                   "max_answer_tokens", "aggregation", "clip", "answers", "data")
+# Settings that must match for rows to be combined into one table (resume / shard merge): also the same rows.
+COMPAT_KEYS = _ROW_VALUE_KEYS + ("candidates", "candidate_student", "order", "with_gold_only", "no_gold")
 # Settings that must match for tables of different teachers to be ensembled (the same rows were scored).
 _SAME_ROWS_KEYS = ("candidates", "candidate_student", "no_gold", "data", "answers")
 
@@ -318,12 +320,6 @@ def subset(table: str, ds: RetrievalDataset, candidates: str, out: str, *, no_go
     if policy.kind == "student":
         new["candidate_student"] = student_name(candidate_student)
     return write_table(out, new, out_rows)
-
-
-# Settings that fix a row's utility: the teacher and its prompt, and which answers and data it read. The
-# candidate policy is not among them: a row does not depend on the question's other candidates.
-_ROW_VALUE_KEYS = ("format", "teacher", "dtype", "prompt_with", "prompt_without", "answer_prefix", "max_passage_tokens",
-                   "max_answer_tokens", "aggregation", "clip", "answers", "data")
 
 
 def reusable_rows(tables: Sequence[str], header: dict, *, with_deltas: bool = False) -> Dict[Tuple[str, str], tuple]:
