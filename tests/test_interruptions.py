@@ -131,6 +131,31 @@ def test_train_signalled_at_random_times_resumes_exactly(tmp_path, tiny, utils, 
     assert_same_training(train_ref, out, why)
 
 
+_TEARDOWN_CHILD = """
+import os, sys, time
+from uae_fast import cli
+class SlowTeardown:  # freed in the interpreter's teardown, after Python has dropped its SIGINT handler
+    def __del__(self):
+        os.write(1, b"teardown\\n"); time.sleep(1.5)
+keep = SlowTeardown()
+cli.main = lambda argv=None: 0  # a finished command: every file is written
+cli.entry() if sys.argv[1] == "entry" else sys.exit(cli.main())
+"""
+
+
+@pytest.mark.parametrize("how, status", [("plain", -signal.SIGINT), ("entry", 0)])
+def test_ctrl_c_during_interpreter_teardown_does_not_misreport_a_finished_run(how, status):
+    # What CI caught in test_train_signalled_at_random_times_resumes_exactly: a SIGINT after `uae train` had
+    # written everything killed it by the default action (status -2, no message). "plain" (sys.exit(main()))
+    # shows the premise; "entry" is the `uae` executable and `python -m uae_fast.cli`.
+    proc = subprocess.Popen([sys.executable, "-c", _TEARDOWN_CHILD, how], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, preexec_fn=_default_sigint)
+    assert proc.stdout.readline() == b"teardown\n"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (status, b"")
+
+
 # ------------------------------------------------------------------------------------- uae score
 # test_scoring's `scorer` runs with token_budget=1 (one row per forward), so no number depends on how rows
 # were batched across runs, and the options below.

@@ -161,5 +161,25 @@ def main(argv=None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The ``uae`` executable: ``main()``, then exit with its status, deaf to a late Ctrl-C.
+
+    Once ``main`` returns, every file is committed; a Ctrl-C during the interpreter's teardown (torch's can take
+    a moment) would otherwise kill the process by the default SIGINT action (status -2, no message) after
+    Python has dropped its handler, and misreport a finished run. An ignored signal stays ignored there.
+    """
+    import signal
+
+    status = 130  # stays so only for a Ctrl-C landing in the instant between main's return and the assignment
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        if os.environ.get("UAE_DEBUG") == "1":
+            raise
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
