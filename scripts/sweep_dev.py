@@ -17,7 +17,8 @@ already in ``OUT/sweep.jsonl`` (same group, loss, seed) are not run again, so a 
 calls continues where the last one stopped.
 
 ``--grid answeronly`` (#16): answer-only UAE per teacher table (``--nogold-utilities``, the default
-teacher's shipped table; ``--gemma-utilities``; ``--ensemble-utilities``), the weak-supervision baselines on
+teacher's shipped table; ``--gemma-utilities``; ``--ensemble-utilities``; ``--teachers-utilities``, the two LLM
+teachers merged; each LLM table also under ``uae train --no-gold``'s BM25(question + answers) ensemble), the weak-supervision baselines on
 the default teacher's batches (``--positive bm25 | bm25-answer | teacher-top1``), gold-label InfoNCE and UAE
 (and UAE on ``--gemma-gold-utilities``), the untrained student and BM25; its report adds each row's paired
 difference vs gold-label InfoNCE and vs the best weak baseline (pooled over the shared seeds).
@@ -65,6 +66,9 @@ ANSWER_ONLY = {
     "ao-ensemble": ("uae", NO_GOLD, "ensemble"),
     # `uae train --no-gold`'s defaults: the same ensemble computed at train time (identical utilities and weights)
     "ao-default": ("uae", {**NO_GOLD, "lexical_teacher": "bm25-answer"}, "nogold"),
+    # the same defaults with another LLM teacher: Gemma-3-270M, and the SmolLM2 + Gemma ensemble (--merge-teachers)
+    "ao-default-gemma": ("uae", {**NO_GOLD, "lexical_teacher": "bm25-answer"}, "gemma"),
+    "ao-default-teachers": ("uae", {**NO_GOLD, "lexical_teacher": "bm25-answer"}, "teachers"),
     # the teacher's target mixed half and half with the bm25-answer one-hot (--positive bm25-answer --label-mix 0.5)
     "ao-mix-bm25a": ("uae", {**NO_GOLD, "positive": "bm25-answer", "label_mix": 0.5}, "nogold"),
     "weak-bm25": ("infonce", {**NO_GOLD, "positive": "bm25"}, "nogold"),
@@ -355,6 +359,8 @@ def main(argv=None):
                     help="grid answeronly: the default teacher's answer-only table (default: the shipped nogold-answer12)")
     ap.add_argument("--gemma-utilities", default=None, help="grid answeronly: gemma3-270m's answer-only table (default: none)")
     ap.add_argument("--ensemble-utilities", default=None, help="grid answeronly: the teacher ensemble table (default: none)")
+    ap.add_argument("--teachers-utilities", default=None,
+                    help="grid answeronly: SmolLM2 + Gemma merged (uae score --merge-teachers), for the defaults on it")
     ap.add_argument("--gemma-gold-utilities", default=None,
                     help="grid answeronly: gemma3-270m's gold-added table, for gold-label UAE with it (default: none)")
     ap.add_argument("--student", default=None)
@@ -387,7 +393,8 @@ def main(argv=None):
     args.dev = args.dev or default_qasper_path("dev")
     args.utilities = args.utilities or _default_utilities()
     tables = {"nogold": args.nogold_utilities or _default_utilities(no_gold=True), "gemma": args.gemma_utilities,
-              "ensemble": args.ensemble_utilities, "gemma_gold": args.gemma_gold_utilities}
+              "ensemble": args.ensemble_utilities, "gemma_gold": args.gemma_gold_utilities,
+              "teachers": args.teachers_utilities}
     if args.device is None:
         import torch
 
