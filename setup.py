@@ -54,7 +54,8 @@ setup(
                                      "qasper-train-utilities-nogold-top12.jsonl.gz",
                                      "qasper-train-utilities-nogold-answer12.jsonl.gz",
                                      "qasper-train-utilities-nogold-top12-gemma3-270m.jsonl.gz",
-                                     "qasper-train-utilities-gemma3-270m.jsonl.gz", "README.md"]},
+                                     "qasper-train-utilities-gemma3-270m.jsonl.gz",
+                                     "qasper-train-utilities-nogold-answer12-gemma3-270m.jsonl.gz", "README.md"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
 )

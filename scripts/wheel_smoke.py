@@ -71,7 +71,8 @@ shipped = sorted(os.listdir(os.path.dirname(_default_utilities())))
 expected = sorted(["README.md", os.path.basename(_default_utilities()), os.path.basename(_default_utilities(no_gold=True)),
                    "qasper-train-utilities-nogold-top12.jsonl.gz",  # the question-only policy's table (results, Gemma rows)
                    "qasper-train-utilities-nogold-top12-gemma3-270m.jsonl.gz",  # the second teacher's table
-                   "qasper-train-utilities-gemma3-270m.jsonl.gz"]  # and its gold-added top:3 table
+                   "qasper-train-utilities-gemma3-270m.jsonl.gz",  # and its gold-added top:3 table
+                   "qasper-train-utilities-nogold-answer12-gemma3-270m.jsonl.gz"]  # and the default answer:12 rows
                   + [QUICKSTART_SLICE.format(split=s) for s in ("train", "dev")])
 assert shipped == expected, f"uae_fast/_data holds {shipped}, expected {expected}"  # nothing stale rides along
 

@@ -401,6 +401,29 @@ def test_shipped_gemma_gold_table_matches_the_default_gold_rows():
     u = [r["utility"] for r in rows]
     assert all(math.isfinite(x) for x in u) and len(set(u)) > len(u) // 2
 
+def test_shipped_gemma_answer12_table_matches_the_default_rows_and_reuses_the_other_gemma_tables():
+    """Gemma on the default answer-only table's rows (`answer:12`): the same rows, and the rows it shares with the
+    other two Gemma tables are theirs exactly (copied by `uae score --reuse`, same teacher and settings)."""
+    h, rows = read_utilities(os.path.join(ROOT, "data", "qasper-train-utilities-nogold-answer12-gemma3-270m.jsonl.gz"))
+    _, ref = read_utilities(os.path.join(ROOT, "data", "qasper-train-utilities-nogold-answer12.jsonl.gz"))
+    assert h["teacher"] == "gemma-3-270m" and h["dtype"] == "float32" and h["candidates"] == "answer:12"
+    assert h["no_gold"] is True and h["n_rows"] == len(rows) and h["questions_from"] == "qasper-train-utilities-nogold-answer12.jsonl.gz"
+    check_answer_only(h)
+    assert sorted((r["qid"], r["pid"], r["cand"], r["n_cand"]) for r in rows) == \
+        sorted((r["qid"], r["pid"], r["cand"], r["n_cand"]) for r in ref)
+    mine = {(r["qid"], r["pid"]): r["utility"] for r in rows}
+    copied = {}  # the first --reuse table holding a row gives its utility
+    for other in ("qasper-train-utilities-nogold-top12-gemma3-270m.jsonl.gz", "qasper-train-utilities-gemma3-270m.jsonl.gz"):
+        _, o = read_utilities(os.path.join(ROOT, "data", other))
+        found = {k: r["utility"] for r in o if (k := (r["qid"], r["pid"])) in mine}
+        assert found, other
+        copied = {**found, **copied}
+    assert all(mine[k] == u for k, u in copied.items())
+    assert h["n_reused_rows"] == len(copied) < len(rows)  # every shared row copied, some rows new
+    u = list(mine.values())
+    assert all(math.isfinite(x) for x in u) and len(set(u)) > len(u) // 2
+
+
 # ------------------------------------------------------------------------------------------- diagnose, teachers
 def test_diagnose_hit_rates(tmp_path, ds, capsys):
     from uae_fast.diagnose import hit_rates
