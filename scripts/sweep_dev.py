@@ -60,15 +60,16 @@ UAE_ONLY = {  # settings that only exist for the uae loss (compared with the bas
 
 # --grid answeronly: group -> (loss, TrainConfig overrides, table key or None for the gold default table)
 NO_GOLD = {"no_gold": True, "label_mix": 0.0, "passages_per_query": 16}  # --no-gold's defaults, the LLM teacher alone
+NO_GOLD_DEFAULTS = {**NO_GOLD, "lexical_teacher": "bm25-answer"}  # `uae train --no-gold` as shipped: + BM25(q + a)
 ANSWER_ONLY = {
     "ao-smollm": ("uae", NO_GOLD, "nogold"),
     "ao-gemma": ("uae", NO_GOLD, "gemma"),
     "ao-ensemble": ("uae", NO_GOLD, "ensemble"),
     # `uae train --no-gold`'s defaults: the same ensemble computed at train time (identical utilities and weights)
-    "ao-default": ("uae", {**NO_GOLD, "lexical_teacher": "bm25-answer"}, "nogold"),
+    "ao-default": ("uae", NO_GOLD_DEFAULTS, "nogold"),
     # the same defaults with another LLM teacher: Gemma-3-270M, and the SmolLM2 + Gemma ensemble (--merge-teachers)
-    "ao-default-gemma": ("uae", {**NO_GOLD, "lexical_teacher": "bm25-answer"}, "gemma"),
-    "ao-default-teachers": ("uae", {**NO_GOLD, "lexical_teacher": "bm25-answer"}, "teachers"),
+    "ao-default-gemma": ("uae", NO_GOLD_DEFAULTS, "gemma"),
+    "ao-default-teachers": ("uae", NO_GOLD_DEFAULTS, "teachers"),
     # the teacher's target mixed half and half with the bm25-answer one-hot (--positive bm25-answer --label-mix 0.5)
     "ao-mix-bm25a": ("uae", {**NO_GOLD, "positive": "bm25-answer", "label_mix": 0.5}, "nogold"),
     "weak-bm25": ("infonce", {**NO_GOLD, "positive": "bm25"}, "nogold"),

@@ -401,6 +401,7 @@ def test_shipped_gemma_gold_table_matches_the_default_gold_rows():
     u = [r["utility"] for r in rows]
     assert all(math.isfinite(x) for x in u) and len(set(u)) > len(u) // 2
 
+
 def test_shipped_gemma_answer12_table_matches_the_default_rows_and_reuses_the_other_gemma_tables():
     """Gemma on the default answer-only table's rows (`answer:12`): the same rows, and the rows it shares with the
     other two Gemma tables are theirs exactly (copied by `uae score --reuse`, same teacher and settings)."""
