@@ -135,7 +135,7 @@ def test_subset_of_all_table_and_header(tmp_path, ds):
         subset(src, ds, "top:2", str(tmp_path / "ng.jsonl.gz"), no_gold=True)
 
 
-def test_merge_teachers_averages_per_query_z_scores(tmp_path, ds):
+def test_merge_teachers_averages_per_query_z_scores(tmp_path, ds, capsys):
     a = all_table(tmp_path / "a.jsonl.gz", ds, seed=1, teacher="A")
     b = all_table(tmp_path / "b.jsonl.gz", ds, seed=2, teacher="B", scale=3.0, shift=-2.0)
     # B lacks one row: the ensemble keeps only the rows both tables have
@@ -165,6 +165,14 @@ def test_merge_teachers_averages_per_query_z_scores(tmp_path, ds):
     subset(a, ds, "top:2", str(tmp_path / "a2.jsonl.gz"), no_gold=True)
     with pytest.raises(ValueError, match="candidate settings differ.*candidates"):
         merge_teachers([a, str(tmp_path / "a2.jsonl.gz")], str(tmp_path / "e3.jsonl.gz"))
+    # a NaN row is one clear error line, not an internal error from the z-scoring
+    ha, rows_a = read_utilities(a)
+    write_table(str(tmp_path / "nan.jsonl"), ha, [dict(rows_a[0], utility=float("nan"))] + rows_a[1:])
+    capsys.readouterr()
+    assert main(["score", "--merge-teachers", str(tmp_path / "nan.jsonl"), b, "--out", str(tmp_path / "e4.jsonl")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nan.jsonl: row 1" in err[0] and "utility must be a finite number, got nan" in err[0], err
+    assert not os.path.exists(tmp_path / "e4.jsonl") and not os.path.exists(tmp_path / "e4.jsonl.partial")
 
 
 def test_score_no_gold_header_and_questions(tmp_path, ds):

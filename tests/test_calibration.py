@@ -94,6 +94,18 @@ def test_calibrate_cli_index_build_search_and_eval(tmp_path, tiny, tiny_lm, caps
     assert main(["search", str(dense_idx), "a question", "-k", "2"]) == 0
     assert main(["search", str(dense_idx), "a question", "--fusion", str(out)]) == 1
     assert "without --lexical" in capsys.readouterr().err
+    assert main(["search", str(dense_idx), "a question", "--width", "3"]) == 1
+    assert "--width must be >= 10" in capsys.readouterr().err
+    # a rebuild replaces the whole folder (a dense-only rebuild of the hybrid index leaves no lexical.uae behind);
+    # a folder of other files is never written into
+    assert main(["index", "build", "--data", DEV, "--model", tiny, "--out", str(idx), "--no-progress"]) == 0
+    assert sorted(os.listdir(idx)) == sorted(os.listdir(dense_idx)) and "lexical.uae" not in os.listdir(idx)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p or ".old" in p]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    capsys.readouterr()
+    assert main(["index", "build", "--data", DEV, "--model", tiny, "--out", str(tmp_path / "mine"), "--no-progress"]) == 1
+    assert "no index" in capsys.readouterr().err and os.listdir(tmp_path / "mine") == ["notes.txt"]
     js = tmp_path / "eval.json"
     assert main(["eval", "--data", DEV, "--model", tiny, "--name", "tiny", "--baselines", "bm25,hybrid", "--fusion", "default",
                  str(out), "--json", str(js), "--no-progress", "--limit", "6"]) == 0

@@ -54,15 +54,19 @@ def test_beir_folder(tmp_path):
         (root / name).unlink()
     (root / "qrels" / "test.tsv").write_text("q2\td3\t1\n")
     assert [(q.id, q.gold) for q in load_dataset(root).queries] == [("q2", ["d3"])]
+    # scores written as floats: a header-less first line is data, not a header to skip
+    (root / "qrels" / "test.tsv").write_text("q1\td1\t1.0\nq2\td3\t1.0\nq2\td2\t0.0\n")
+    assert [(q.id, q.gold) for q in load_dataset(root).queries] == [("q1", ["d1"]), ("q2", ["d3"])]
 
 
 @pytest.mark.parametrize("test,msg", [
     ("query-id\tcorpus-id\tscore\nq1\td1\n", r"test.tsv:2: expected 3 tab-separated fields"),
     ("q1 d1 1\n", r"test.tsv:1: expected 3 tab-separated fields"),
-    ("query-id\tcorpus-id\tscore\nq1\td1\thigh\n", r"test.tsv:2: score 'high' is not an integer"),
+    ("query-id\tcorpus-id\tscore\nq1\td1\thigh\n", r"test.tsv:2: score 'high' is not a number"),
     ("q1\td9\t1\n", r"query 'q1' judges document\(s\) \['d9'\] missing from corpus.jsonl"),
     ("q9\td1\t1\n", r"query 'q9' is not in queries.jsonl"),
     ("query-id\tcorpus-id\tscore\n", r"no queries found"),
+    ("q1\td1\tnan\n", r"test.tsv:1: score 'nan' is not a finite number"),
 ])
 def test_beir_bad_qrels(tmp_path, test, msg):
     root = write_beir(tmp_path / "b", test=test)
@@ -82,6 +86,9 @@ def test_beir_bad_folders(tmp_path):
     (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n{"title": "no id", "text": "y"}\n')
     with pytest.raises(ValueError, match=r"corpus.jsonl: corpus record 2 needs '_id' and a string 'text'"):
         load_dataset(root)
+    (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n{"_id": "d1", "text": "y"}\n')
+    with pytest.raises(ValueError, match=r"corpus.jsonl: corpus record 2 repeats _id 'd1'"):
+        load_dataset(root)
     (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n{"_id": \n')
     with pytest.raises(ValueError, match=r"corpus.jsonl:2: not valid JSON"):
         load_dataset(root)
@@ -90,6 +97,14 @@ def test_beir_bad_folders(tmp_path):
         load_dataset(root)
     with pytest.raises(ValueError, match="is a directory, and not a BEIR folder"):
         load_dataset(tmp_path)
+
+
+def test_beir_repeated_query_id(tmp_path):
+    root = write_beir(tmp_path / "b")
+    with open(root / "queries.jsonl", "a") as f:
+        f.write(json.dumps({"_id": "q1", "text": "again"}) + "\n")
+    with pytest.raises(ValueError, match=r"queries.jsonl: query record \d+ repeats _id 'q1'"):
+        load_dataset(root)
 
 
 CONTEXT = "First line about cats.\nSecond line about dogs.\n\n  Third line, after a blank line.\n"

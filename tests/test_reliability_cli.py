@@ -138,7 +138,7 @@ def test_cli_directory_as_data(tmp_path, capsys, tiny, utils):
 NUMERIC = [("--weight-decay", "nan"), ("--weight-decay", "inf"), ("--weight-decay", "-0.1"), ("--weight-decay", "1e300"),
            ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--lr", "1e38"), ("--epochs", "nan"),
            ("--temperature", "-inf"), ("--teacher-temperature", "nan"), ("--label-mix", "nan"), ("--warmup", "inf"),
-           ("--teacher-gate", "nan"), ("--batch-size", "0"), ("--max-steps", "-1"), ("--min-steps", "-1"), ("--seed", "-1"), ("--threads", "-1"),
+           ("--teacher-gate", "nan"), ("--batch-size", "0"), ("--passages-per-query", "0"), ("--max-steps", "-1"), ("--min-steps", "-1"), ("--seed", "-1"), ("--threads", "-1"),
            ("--threads", "0"), ("--save-every", "0"), ("--keep-checkpoints", "-1"), ("--stop-after", "0"),
            ("--device", "cuda:99"), ("--device", "bogus")]
 
@@ -405,3 +405,44 @@ def test_ctrl_c_while_the_cli_starts_is_an_interrupt_not_a_traceback(capsys, mon
     monkeypatch.setattr(cli, "build_parser", interrupted)  # e.g. a Ctrl-C while torch is being imported
     assert cli.main(["train", "--out", "x"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["uae: interrupted"]
+
+
+# ------------------------------------------------------------------------------------- input that used to be ignored
+def test_cli_options_that_would_do_nothing_are_refused(tmp_path, capsys, tiny, utils):
+    out = tmp_path / "out"
+    line = one_error_line(capsys, main(["train", "--data", TRAIN, "--student", tiny, "--out", str(out), "--loss", "infonce",
+                                        "--label-mix", "0.3", "--max-steps", "1", "--no-progress"]), "train")
+    assert "--label-mix" in line and "--loss infonce" in line and not out.exists()
+    # an encoder folder would load with a random LM head and score noise
+    line = one_error_line(capsys, main(["score", "--data", TRAIN, "--out", str(tmp_path / "u.jsonl"), "--teacher", tiny,
+                                        "--limit", "1", "--no-progress"]), "score")
+    assert "is not a causal-LM checkpoint" in line and "missing" in line, line
+    assert not os.path.exists(tmp_path / "u.jsonl") and not os.path.exists(tmp_path / "u.jsonl.partial")
+
+
+def test_fusion_configs_with_unknown_keys_or_empty_grids_are_refused(tmp_path):
+    from uae_fast.calibration import fusion_grid
+    from uae_fast.fusion import resolve_fusion
+
+    bad = tmp_path / "f.json"
+    bad.write_text(json.dumps({"method": "minmax", "dense_weight": 0.5}))
+    with pytest.raises(ValueError, match=r"f.json: unknown fusion key\(s\) \['dense_weight'\]"):
+        resolve_fusion(str(bad))
+    good = {"method": "rrf", "weight": 0.5, "k_each": 10, "rrf_k": 60, "calibration": {"n_questions": 3}}
+    assert resolve_fusion(good)["k_each"] == 10  # what calibrate-fusion writes loads back
+    with pytest.raises(ValueError, match="at least one method and one weight"):
+        fusion_grid([], [0.5])
+    with pytest.raises(ValueError, match="at least one method and one weight"):
+        fusion_grid(["minmax"], [])
+    with pytest.raises(ValueError, match="k_each must be a positive int, got 0"):
+        fusion_grid(["minmax"], [0.5], k_each=0)
+
+
+def test_cli_paths_and_names_in_messages(tmp_path, capsys, utils):
+    line = one_error_line(capsys, main(["score", "--merge", utils, "--out", ""]), "score")
+    assert "--out must name a table file" in line and not os.path.exists(".partial")
+    line = one_error_line(capsys, main(["eval", "--data", TRAIN, "--model", utils, "--no-progress"]), "eval")
+    assert "is a file; an encoder is a folder" in line
+    line = one_error_line(capsys, main(["export", "--utilities", utils, "--data", TRAIN, "--out", str(tmp_path / "x"),
+                                        "--seed", "-1"]), "export")
+    assert "--seed must be an int >= 0" in line

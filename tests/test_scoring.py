@@ -286,6 +286,25 @@ def test_bad_input(ds, scorer, tmp_path):
     (tmp_path / "junk.jsonl").write_text("not json\n")
     with pytest.raises(ValueError, match="not a utilities"):
         read_utilities(str(tmp_path / "junk.jsonl"))
+    # A finished table is handed back by --resume only for the options that wrote it.
+    os.replace(out + ".x", out)
+    assert score_dataset(scorer, ds, out, candidates="top:1", progress=False, limit=2, resume=True)["n_queries"] == 2
+    for kw, diff in ((dict(candidates="top:1", limit=3), "n_queries, n_rows"), (dict(candidates="all", limit=2), "candidates")):
+        with pytest.raises(ValueError, match=f"--resume: .*u.jsonl is complete but was written with different settings \\({diff}"):
+            score_dataset(scorer, ds, out, progress=False, resume=True, **kw)
+    with pytest.raises(ValueError, match=r"no query has both a gold answer and gold evidence in shard 40/41 \(use fewer shards\)"):
+        score_dataset(scorer, ds, str(tmp_path / "s.jsonl"), candidates="top:1", progress=False, shard=(40, 41))
+    # Rows every reader (merge, subset, ensemble, reuse) would copy or trip on are refused on reading.
+    lines = open(out).read().splitlines()
+    row = json.loads(lines[1])
+    for bad, msg in (({**row, "utility": float("nan")}, "utility must be a finite number, got nan"),
+                     ({**row, "utility": "abc"}, "utility must be a finite number, got 'abc'"),
+                     ({k: v for k, v in row.items() if k != "utility"}, "utility must be a finite number, got None"),
+                     (row, "row 2: duplicate \\(qid, pid\\) row")):
+        path = tmp_path / "bad.jsonl"
+        path.write_text("\n".join([lines[0], lines[1], json.dumps(bad)] + lines[2:]) + "\n")
+        with pytest.raises(ValueError, match=msg):
+            read_utilities(str(path))
 
 
 def test_cli_unreadable_data_and_bad_options(tmp_path, teacher_dir, capsys):
@@ -356,4 +375,4 @@ def test_reuse_copies_known_rows_and_scores_only_the_new_ones(ds, scorer, teache
                  "--limit", "2", "--no-progress", "--max-passage-tokens", "48", "--max-answer-tokens", "12",
                  "--reuse", bad]) == 1
     err = capsys.readouterr().err
-    assert "nan.jsonl" in err and "finite utility" in err and not os.path.exists(e_out + ".partial")
+    assert "nan.jsonl" in err and "utility must be a finite number" in err and not os.path.exists(e_out + ".partial")

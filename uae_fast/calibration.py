@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .fusion import DEFAULT_FUSION, METHODS, fuse_one
+from .fusion import DEFAULT_FUSION, METHODS, fuse_one, resolve_fusion
 
 GRID_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
 UTILITY_FORMAT = "uae-fusion-utilities/1"
@@ -37,6 +37,10 @@ UTILITY_FORMAT = "uae-fusion-utilities/1"
 def fusion_grid(methods: Sequence[str] = METHODS, weights: Sequence[float] = GRID_WEIGHTS, *, k_each: int = 100,
                 rrf_k: int = 60) -> List[dict]:
     """Every (method, weight) config; ``w = 0`` and ``w = 1`` once each (all methods agree there)."""
+    if not methods or not weights:
+        raise ValueError(f"the fusion grid needs at least one method and one weight, got methods {list(methods)} "
+                         f"and weights {list(weights)}")
+    resolve_fusion({"k_each": k_each, "rrf_k": rrf_k})  # the checks a saved config meets when it is loaded
     out, seen = [], set()
     for m in methods:
         if m not in METHODS:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import math
 import os
 import re
 import zlib
@@ -358,8 +359,8 @@ def _beir_records(path: str, what: str) -> Iterator[tuple]:
         yield n, str(rec["_id"]), rec
 
 
-def _beir_qrels(path: str) -> Dict[str, Dict[str, int]]:
-    qrels: Dict[str, Dict[str, int]] = {}
+def _beir_qrels(path: str) -> Dict[str, Dict[str, float]]:
+    qrels: Dict[str, Dict[str, float]] = {}
     for n, line in read_lines(path, "BEIR qrels"):
         if not line.strip():
             continue
@@ -367,11 +368,13 @@ def _beir_qrels(path: str) -> Dict[str, Dict[str, int]]:
         if len(fields) != 3:
             raise ValueError(f"{path}:{n}: expected 3 tab-separated fields 'query-id corpus-id score', got {len(fields)}")
         try:
-            score = int(fields[2])
+            score = float(fields[2])  # BEIR writes ints; some exporters write 1.0
         except ValueError:
             if n == 1:  # the header row "query-id\tcorpus-id\tscore"
                 continue
-            raise ValueError(f"{path}:{n}: score {fields[2]!r} is not an integer") from None
+            raise ValueError(f"{path}:{n}: score {fields[2]!r} is not a number") from None
+        if not math.isfinite(score):
+            raise ValueError(f"{path}:{n}: score {fields[2]!r} is not a finite number")
         qrels.setdefault(fields[0], {})[fields[1]] = score
     return qrels
 
@@ -395,11 +398,17 @@ def _from_beir(path: str, split: Optional[str]) -> RetrievalDataset:
     passages: Dict[str, Passage] = {}
     corpus, queries_path = _beir_file(folder, "corpus.jsonl"), _beir_file(folder, "queries.jsonl")
     for n, did, rec in _beir_records(corpus, "corpus"):
+        if did in passages:
+            raise ValueError(f"{corpus}: corpus record {n} repeats _id {did!r}")
         title = str(rec.get("title") or "").strip()
         passages[did] = Passage(did, did, f"{title} {rec['text']}" if title else rec["text"], title)
     qrels = _beir_qrels(qrels_path)
     queries: List[Query] = []
+    seen_q = set()
     for n, qid, rec in _beir_records(queries_path, "query"):
+        if qid in seen_q:
+            raise ValueError(f"{queries_path}: query record {n} repeats _id {qid!r}")
+        seen_q.add(qid)
         if qid in qrels:
             gold = [d for d, s in qrels[qid].items() if s > 0]
             queries.append(Query(qid, rec["text"], [], gold))

@@ -71,6 +71,8 @@ def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = N
         import datasets
     except ImportError:
         raise ValueError("uae export needs the `datasets` package: pip install 'uae_fast[st]'") from None
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--seed must be an int >= 0, got {seed!r}")
     data = data or default_qasper_path("train")
     utilities, header = load_utilities(utilities_path)
     ds = load_dataset(data)

@@ -54,6 +54,10 @@ def resolve_fusion(fusion: Union[None, str, os.PathLike, dict]) -> dict:
         fusion = read_json(src, "fusion JSON file")
     if not isinstance(fusion, dict):
         raise TypeError(f"{src} must be a dict (method, weight, k_each, rrf_k), got {type(fusion).__name__}")
+    # a misspelt key would otherwise leave its default in force without a word ("calibration": calibrate-fusion's record)
+    unknown = sorted(set(fusion) - set(DEFAULT_FUSION) - {"calibration"})
+    if unknown:
+        raise ValueError(f"{src}: unknown fusion key(s) {unknown}; the keys are {', '.join(DEFAULT_FUSION)}")
     out = dict(DEFAULT_FUSION)
     out.update(fusion)
     if out["method"] not in METHODS:

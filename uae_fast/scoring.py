@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 
 # The table format is owned by .utilities; these names stay importable from here.
-from .utilities import FORMAT, finalize, make_row, read_utilities, recover_partial, student_name
+from .utilities import COMPAT_KEYS, FORMAT, finalize, make_row, read_utilities, recover_partial, student_name
 from .utilities import reusable_rows
 from .utilities import merge_shards as merge
 
@@ -235,7 +235,9 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
     if limit is not None:
         queries = queries[:limit]
     if not queries:
-        raise ValueError("no query has both a gold answer" + (" and gold evidence" if with_gold_only else "") + " to score")
+        where = f" in shard {shard[0]}/{shard[1]} (use fewer shards)" if shard[1] > 1 else ""
+        raise ValueError("no query has " + ("both a gold answer and gold evidence" if with_gold_only else "a gold answer")
+                         + where + " to score")
     policy.prepare(queries)
     pools = [policy(q) for q in queries]
     # A paper with no paragraphs leaves nothing to score (one train question set of QASPER does this
@@ -270,8 +272,13 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
     partial = out + ".partial"
     if os.path.exists(out):
         if resume:
+            done_header = read_utilities(out)[0]
+            diff = [k for k in COMPAT_KEYS + ("shard", "n_queries", "n_rows") if done_header.get(k) != header.get(k)]
+            if diff:  # "nothing to do" would hand back a table these options did not ask for
+                raise ValueError(f"--resume: {out} is complete but was written with different settings "
+                                 f"({', '.join(diff)}); use the same options, or delete it or choose another --out")
             print(f"{out} is already complete; nothing to do", file=sys.stderr)
-            return read_utilities(out)[0]
+            return done_header
         raise ValueError(f"{out} already exists; delete it or choose another --out")
     done: set = set()
     rows_done = 0
@@ -403,6 +410,8 @@ def add_parser(subparsers) -> None:
 
 
 def _main(args) -> int:
+    if not args.out.strip() or args.out.endswith(os.sep) or os.path.isdir(args.out):
+        raise ValueError(f"--out must name a table file (.jsonl or .jsonl.gz), got {args.out!r}")
     if args.merge:
         h = merge(args.merge, args.out)
         print(f"merged {len(args.merge)} shard(s) into {args.out}: {h['n_rows']} rows, {h['n_queries']} queries", file=sys.stderr)

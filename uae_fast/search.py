@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import textwrap
 from typing import List, Optional, Tuple
@@ -53,6 +54,11 @@ def build_index(data: str, out: str, *, model: Optional[str] = None, lexical: bo
     from .index import TopKIndex
     from .student import BiEncoder
 
+    out = os.path.normpath(os.fspath(out))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file; an index is a folder")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MANIFEST)):
+        raise ValueError(f"--out {out} is a folder with other files and no index ({MANIFEST}); choose another --out")
     ds = load_dataset(data)
     if fusion is not None and not lexical:
         raise ValueError("--fusion needs --lexical (a dense-only index fuses nothing)")
@@ -61,21 +67,33 @@ def build_index(data: str, out: str, *, model: Optional[str] = None, lexical: bo
     enc = BiEncoder(model, device=device)
     emb = encode_cached(enc, texts, cache_dir=embedding_cache, model_path=model, batch_size=batch_size, progress=progress)
     meta = {"model": os.path.abspath(model) if model else None, "data": os.path.abspath(data), "passages": PASSAGES}
-    os.makedirs(out, exist_ok=True)
-    if lexical:
-        index = HybridIndex(enc.dim, fusion, dtype=dtype)
-        index.add(emb, texts)
-        index.meta = meta
-        index.save(out)
-    else:
-        index = TopKIndex(enc.dim, dtype=dtype)
-        index.add(emb)
-        index.save(os.path.join(out, "dense.uae"))
-        manifest = {"format": FORMAT, "dim": enc.dim, "ntotal": len(index), "fusion": None, "meta": meta,
-                    "files": {"dense": {"path": "dense.uae", "bytes": os.path.getsize(os.path.join(out, "dense.uae"))}}}
-        with open(os.path.join(out, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-    write_passages(os.path.join(out, PASSAGES), pids, texts)
+    # Written whole into a sibling folder, then swapped in: a crash never leaves a half-rebuilt index at `out`,
+    # and a rebuild keeps none of the old index's files (a dense-only rebuild of a hybrid one, say).
+    tmp = f"{out}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        if lexical:
+            index = HybridIndex(enc.dim, fusion, dtype=dtype)
+            index.add(emb, texts)
+            index.meta = meta
+            index.save(tmp)
+        else:
+            index = TopKIndex(enc.dim, dtype=dtype)
+            index.add(emb)
+            index.save(os.path.join(tmp, "dense.uae"))
+            manifest = {"format": FORMAT, "dim": enc.dim, "ntotal": len(index), "fusion": None, "meta": meta,
+                        "files": {"dense": {"path": "dense.uae", "bytes": os.path.getsize(os.path.join(tmp, "dense.uae"))}}}
+            with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=2, sort_keys=True)
+        write_passages(os.path.join(tmp, PASSAGES), pids, texts)
+        old = f"{out}.old{os.getpid()}"
+        if os.path.isdir(out):
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return index
 
 
@@ -159,6 +177,8 @@ def _build(args) -> int:
 def _search(args) -> int:
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
+    if args.width < 10:  # textwrap.shorten needs room for the placeholder
+        raise ValueError(f"--width must be >= 10 characters, got {args.width}")
     for question, hits in zip(args.question, search(args.index, args.question, args.k, fusion=args.fusion, model=args.model)):
         if args.json:
             print(json.dumps({"question": question, "hits": [{"score": s, "id": p, "text": t} for s, p, t in hits]}))

@@ -161,6 +161,8 @@ class BiEncoder(nn.Module):
 
         path = default_student_path() if path is None else os.fspath(path)
         if not os.path.isdir(path):
+            if os.path.exists(path):
+                raise ValueError(f"model {path!r} is a file; an encoder is a folder (config.json, weights, tokenizer)")
             raise FileNotFoundError(f"model folder not found: {path!r}")
         tdir, modes, norm, cfg_len, lower = _read_layout(path)
         try:

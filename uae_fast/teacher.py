@@ -187,7 +187,12 @@ def load_causal_lm(path: Optional[str] = None, *, dtype=None, device=None):
             raise FileNotFoundError(f"teacher {folder!r} is not a folder with an HF causal LM, nor a named teacher "
                                     f"({', '.join(TEACHERS)})")
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=_pick_attention(device))
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=_pick_attention(device),
+                                                       output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # e.g. an encoder folder: transformers would give it a random LM head and score noise
+        raise ValueError(f"teacher {folder!r} is not a causal-LM checkpoint: {len(missing)} weights of "
+                         f"{type(model).__name__} are missing from it (e.g. {missing[0]!r}) and would be random")
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tok

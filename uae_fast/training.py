@@ -866,12 +866,16 @@ def _main(args) -> int:
     utilities = args.utilities
     if (args.loss == "uae" or args.teacher_gate is not None or args.no_gold) and utilities is None:
         utilities = _default_utilities(args.no_gold)
+    if args.label_mix is not None and args.loss == "infonce":
+        raise ValueError("--label-mix mixes a label into the uae loss's teacher target: it has no effect with --loss infonce")
     label_mix = args.label_mix if args.label_mix is not None else (0.0 if args.no_gold else TrainConfig.label_mix)
+    ppq = args.passages_per_query
+    if ppq is None:
+        ppq = NO_GOLD_PASSAGES_PER_QUERY if args.no_gold else TrainConfig.passages_per_query
     lexical = args.lexical_teacher or ("bm25-answer" if args.no_gold and args.loss == "uae" else TrainConfig.lexical_teacher)
     cfg = TrainConfig(data=data, utilities=utilities, student=args.student, loss=args.loss,
                       epochs=args.epochs, max_steps=args.max_steps, min_steps=args.min_steps, batch_size=args.batch_size,
-                      passages_per_query=args.passages_per_query or (NO_GOLD_PASSAGES_PER_QUERY if args.no_gold
-                                                                     else TrainConfig.passages_per_query), grad_accum=args.grad_accum, lr=args.lr,
+                      passages_per_query=ppq, grad_accum=args.grad_accum, lr=args.lr,
                       weight_decay=args.weight_decay, warmup=args.warmup, temperature=args.temperature,
                       teacher_temperature=args.teacher_temperature, label_mix=label_mix,
                       max_query_length=args.max_query_length, max_passage_length=args.max_passage_length, seed=args.seed,

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import statistics
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .data import RetrievalDataset, jsonl_records, read_text
 
@@ -58,9 +58,18 @@ def read_utilities(path: str, *, allow_partial: bool = False) -> Tuple[dict, Lis
         raise ValueError(f"{path}: not a utilities JSONL file ({e.msg})") from None
     if not isinstance(header, dict) or header.get("type") != "header" or header.get("format") != FORMAT:
         raise ValueError(f"{path}: first record is not a '{FORMAT}' header")
+    seen = set()
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or "qid" not in r or "pid" not in r:
             raise ValueError(f"{path}: row {i + 1} is not a utility row (a JSON object with qid, pid, utility)")
+        u = r.get("utility")
+        # every reader (merge, subset, ensemble, reuse) would otherwise copy or crash on a bad value
+        if type(u) not in (int, float) or not math.isfinite(u):
+            raise ValueError(f"{path}: row {i + 1} ({r['qid']}, {r['pid']}): utility must be a finite number, got {u!r}")
+        key = (str(r["qid"]), str(r["pid"]))
+        if key in seen:
+            raise ValueError(f"{path}: row {i + 1}: duplicate (qid, pid) row {key}")
+        seen.add(key)
     if allow_partial:
         end = 0
         for i, r in enumerate(rows):
@@ -118,8 +127,9 @@ def _partial_records(path: str):
 
 # ------------------------------------------------------------------------------------------- validation
 def check_utilities(utilities: Dict[str, Dict[str, float]], ds: RetrievalDataset, *, path: str = "utilities",
-                    data_path: str = "data") -> None:
+                    data_path: Optional[str] = None) -> None:
     """Raise ValueError unless every (qid, pid) names a query of ``ds`` and a passage in that query's pool."""
+    data_path = data_path or ds.name or "the data"
     by_id = {q.id: q for q in ds.queries}
     unknown_q = [q for q in utilities if q not in by_id]
     if unknown_q:
