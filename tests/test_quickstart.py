@@ -58,3 +58,24 @@ def test_quickstart_rejects_bad_sizes(tmp_path):
 
     with pytest.raises(ValueError, match="train_steps"):
         quickstart(str(tmp_path), train_data=TRAIN, dev_data=DEV, train_steps=0)
+
+
+def test_quickstart_dry_run_checks_what_the_run_would_trip_on(tmp_path, capsys):
+    """--dry-run (and a real run, before stage 1) refuses bad sizes, model paths and tables up front."""
+    from uae_fast.cli import main
+
+    nan = tmp_path / "nan.jsonl"
+    nan.write_text('{"qid": "q", "pid": "p", "utility": NaN}\n')
+    for argv, msg in ((["--train-steps", "-1"], "--train-steps must be a positive int"),
+                      (["--threads", "0"], "--threads must be a positive int"),
+                      (["--teacher", str(tmp_path / "nope")], "is not a folder with an HF causal LM"),
+                      (["--student", str(tmp_path / "nope")], "--student .*model folder not found"),
+                      (["--utilities", str(nan)], "utility is nan")):
+        for dry in (["--dry-run"], []):
+            capsys.readouterr()
+            assert main(["quickstart", "--out", str(tmp_path / "qs"), "--train-data", TRAIN, "--dev-data", DEV,
+                         "--no-progress"] + dry + argv) == 1
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("uae quickstart: error: "), err
+            assert __import__("re").search(msg, err[0]), err
+    assert not (tmp_path / "qs").exists()

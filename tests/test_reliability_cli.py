@@ -446,3 +446,10 @@ def test_cli_paths_and_names_in_messages(tmp_path, capsys, utils):
     line = one_error_line(capsys, main(["export", "--utilities", utils, "--data", TRAIN, "--out", str(tmp_path / "x"),
                                         "--seed", "-1"]), "export")
     assert "--seed must be an int >= 0" in line
+    # output paths that cannot be written fail before the work, naming the flag
+    for cmd, argv in (("eval", ["--data", TRAIN, "--baselines", "bm25", "--no-progress", "--json", f"{utils}/r.json"]),
+                      ("eval", ["--data", TRAIN, "--baselines", "bm25", "--no-progress", "--save-runs", utils]),
+                      ("diagnose", ["--utilities", utils, "--data", TRAIN, "--json", f"{utils}/d/r.json"]),
+                      ("score", ["--merge", utils, "--out", f"{utils}/m.jsonl"])):
+        line = one_error_line(capsys, main([cmd] + argv), cmd)
+        assert ("is a file" in line) and ("--json" in line or "--save-runs" in line or "--out" in line), line

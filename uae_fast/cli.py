@@ -113,6 +113,23 @@ def set_threads(n: Optional[int]) -> None:
     torch.set_num_threads(n)
 
 
+def check_output_path(path: Optional[str], flag: str, *, folder: bool = False) -> None:
+    """Fail before the work, not after it: ``path`` (a file, or a folder with ``folder=True``) must be creatable."""
+    if not path:
+        return
+    if not folder and os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a directory; give a file path")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file; give a folder")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{flag} {path}: cannot write in {parent}")
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 

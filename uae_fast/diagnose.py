@@ -118,8 +118,10 @@ def add_parser(subparsers) -> None:
 
 
 def _main(args) -> int:
+    from .cli import check_output_path
     from .data import default_qasper_path, load_dataset
 
+    check_output_path(args.json, "--json")
     ds = load_dataset(args.data or default_qasper_path("train"))
     results = []
     for t in args.utilities:

@@ -522,11 +522,11 @@ def add_parser(subparsers) -> None:
 
 
 def _main(args) -> int:
-    from .cli import set_threads
+    from .cli import check_output_path, set_threads
 
     set_threads(args.threads)
-    if args.json and os.path.isdir(args.json):  # fail before the evaluation, not after it
-        raise ValueError(f"--json {args.json} is a directory; give a file path")
+    check_output_path(args.json, "--json")  # fail before the evaluation, not after it
+    check_output_path(args.save_runs, "--save-runs", folder=True)
     ds = load_dataset(args.data or default_qasper_path("dev"))
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     result = evaluate(ds, args.model, names=args.name, baselines=baselines, student=args.student, teacher=args.teacher,

@@ -135,6 +135,11 @@ def check(full: bool = False, train_data: Optional[str] = None, dev_data: Option
     if utilities and not os.path.exists(utilities):
         raise FileNotFoundError(f"utilities file not found: {utilities}")
     shipped = None if (full or utilities or train_data) else _shipped_utilities()
+    if utilities:  # through the trainer's own checks, as stage 2 would
+        from .training import check_utilities, load_utilities
+
+        table, _ = load_utilities(utilities)
+        check_utilities(table, train_ds, path=utilities, data_path=train_path)
     info = {"train_data": train_path, "train_questions": len(train_ds), "dev_data": dev_path,
             "dev_questions_with_gold": sum(1 for q in dev_ds.queries if q.gold),
             "utilities": utilities or shipped or "(the questions scored in stage 1)"}
@@ -147,8 +152,30 @@ def check(full: bool = False, train_data: Optional[str] = None, dev_data: Option
             cut = _shipped_for(train_ds, shipped, tmp)
             table, _ = load_utilities(cut)
             check_utilities(table, train_ds, path=cut, data_path=train_path)
+    if shipped or utilities:
         info["train_questions_with_utilities"] = len(table)
     return info
+
+
+def _check_options(args) -> None:
+    """The options a run would trip on only after its first stages (minutes in): checked up front, also by --dry-run."""
+    from .cli import set_threads
+    from .teacher import TEACHERS
+
+    set_threads(args.threads)
+    for k in ("score_queries", "train_steps", "dev_queries", "rerank_queries"):
+        v = getattr(args, k)
+        if v is not None and v < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be a positive int, got {v}")
+    if args.teacher and args.teacher not in TEACHERS and not os.path.isdir(args.teacher):
+        raise FileNotFoundError(f"--teacher {args.teacher!r} is not a folder with an HF causal LM, nor a named teacher "
+                                f"({', '.join(TEACHERS)})")
+    if args.student and not os.path.isdir(args.student):
+        raise FileNotFoundError(f"--student {args.student!r}: model folder not found")
+    if args.utilities:
+        from .training import load_utilities
+
+        load_utilities(args.utilities)  # NaN, missing or unreadable: before stage 1, not after it
 
 
 def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: Optional[str] = None,
@@ -268,14 +295,12 @@ def add_parser(subparsers) -> None:
 
 
 def _main(args) -> int:
-    from .cli import set_threads
-
+    _check_options(args)
     if args.dry_run:
         for k, v in check(args.full, args.train_data, args.dev_data, args.utilities).items():
             print(f"{k}: {v}")
         return 0
 
-    set_threads(args.threads)
     quickstart(args.out, full=args.full, train_data=args.train_data, dev_data=args.dev_data, teacher=args.teacher,
                student=args.student, utilities=args.utilities, score_queries=args.score_queries,
                train_steps=args.train_steps, dev_queries=args.dev_queries, rerank_queries=args.rerank_queries,

@@ -412,6 +412,9 @@ def add_parser(subparsers) -> None:
 def _main(args) -> int:
     if not args.out.strip() or args.out.endswith(os.sep) or os.path.isdir(args.out):
         raise ValueError(f"--out must name a table file (.jsonl or .jsonl.gz), got {args.out!r}")
+    from .cli import check_output_path
+
+    check_output_path(args.out, "--out")
     if args.merge:
         h = merge(args.merge, args.out)
         print(f"merged {len(args.merge)} shard(s) into {args.out}: {h['n_rows']} rows, {h['n_queries']} queries", file=sys.stderr)
