@@ -157,6 +157,8 @@ def test_squad_json(tmp_path):
                                                              "answers": [{"text": "a", "answer_start": 3}]}]}]}]},
      r"question 'x': answer_start 3 is outside its context \(3 characters\)"),
     ([1, 2], r"JSON must be QASPER \(paper ids -> papers\) or SQuAD"),
+    ({"data": [{"paragraphs": [{"context": "abc", "qas": [{"id": "x", "question": "q"}, {"id": "x", "question": "r"}]}]}]},
+     r"data\[0\].paragraphs\[0\]: duplicate question id 'x'"),
 ])
 def test_squad_bad_input(tmp_path, bad, msg):
     p = tmp_path / "bad.json"

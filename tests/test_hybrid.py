@@ -254,6 +254,27 @@ def test_hybrid_save_load_and_corruption(tmp_path):
         HybridIndex.load(tmp_path / "nothing")
 
 
+def test_default_ids_continue_after_the_largest_and_never_repeat():
+    """The TopKIndex rule on both sides of a hybrid index: a default add after explicit ids takes new ids."""
+    lex = LexicalIndex()
+    lex.add(["cat"], ids=np.array([5]))
+    with pytest.raises(ValueError, match="id 5 is already in the index"):
+        lex.add(["cat dog"], ids=np.array([5]))
+    lex.add(["dog"])
+    assert lex.ids.tolist() == [5, 6]
+    assert sorted(lex.search(["cat dog"], 2)[1][0].tolist()) == [5, 6]
+    emb, texts, _ = _corpus(n=4)
+    h = HybridIndex(16)
+    h.add(emb[:2], texts[:2], ids=np.array([10, 11]))
+    h.add(emb[2:], texts[2:])
+    assert h.dense.ids.tolist() == h.lexical.ids.tolist() == [10, 11, 12, 13]
+    for bad in (float("inf"), float("nan"), "1.2", None):
+        with pytest.raises(ValueError, match="k1 must be a finite number"):
+            LexicalIndex(k1=bad)
+    with pytest.raises(ValueError, match="b must be a finite number"):
+        LexicalIndex(b=None)
+
+
 def test_hybrid_ids_must_agree(tmp_path):
     emb, texts, _ = _corpus(n=8)
     d, lx = TopKIndex(16), LexicalIndex()
@@ -320,6 +341,8 @@ def test_hybrid_bad_input():
     h.add(emb, texts)
     with pytest.raises(ValueError, match="query_texts"):
         h.search(emb[:2], ["a"], 1)
+    with pytest.raises(TypeError, match="query_texts must be a list of str \\(one per query\\), got NoneType"):
+        h.search(emb[:1], None, 1)
     with pytest.raises(ValueError, match="k must be"):
         h.search(emb[:1], ["a"], 6)
     with pytest.raises(ValueError, match="weight"):

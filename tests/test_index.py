@@ -453,6 +453,33 @@ def test_mmap_verify_catches_payload_corruption(tmp_path, rng):
         TopKIndex.load(bad, mmap=True, verify=True)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_ids_of_an_mmap_load_survive_the_file_being_rewritten(tmp_path, rng, dtype):
+    """The README's promise: damage to a mapped file can change scores, never the ids an open index returns."""
+    import json
+
+    from uae_fast.index import _PREFIX
+
+    index = TopKIndex(8, dtype=dtype)
+    index.add(rng.standard_normal((40, 8)).astype(np.float32), ids=np.arange(40) + 1000)
+    path = tmp_path / "i.uae"
+    index.save(path)
+    loaded = TopKIndex.load(path, mmap=True)
+    q = rng.standard_normal((3, 8)).astype(np.float32)
+    before = loaded.search(q, 5)
+    raw = path.read_bytes()
+    _, hlen, _ = _PREFIX.unpack(raw[: _PREFIX.size])
+    sections = json.loads(raw[_PREFIX.size: _PREFIX.size + hlen])["sections"]
+    with open(path, "r+b") as f:  # in place: the mapping sees it
+        for name in ("ids", "scales"):
+            if name in sections:
+                f.seek(_PREFIX.size + hlen + sections[name]["offset"])
+                f.write(b"\x07" * sections[name]["nbytes"])
+    after = loaded.search(q, 5)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
+
+
 # ---- bad input ---------------------------------------------------------------------------------------
 
 
@@ -480,6 +507,7 @@ def test_bad_input_raises_clear_errors(rng):
         (ValueError, "must be \\[n, 8\\]", lambda: index.search(np.ones((1, 2, 8), np.float32), 1)),
         (ValueError, "ids must have shape", lambda: index.add(q, ids=np.arange(3))),
         (TypeError, "ids must hold integers", lambda: index.add(q, ids=np.ones(2))),
+        (IsADirectoryError, "it is a directory; give a file path", lambda: index.save(os.path.dirname(__file__))),
         (ValueError, "ids must be >= 0", lambda: index.add(q, ids=np.array([0, -1]))),
         (ValueError, "more than once", lambda: index.add(q, ids=np.array([20, 20]))),
         (ValueError, "already in the index", lambda: index.add(q, ids=np.array([20, 3]))),

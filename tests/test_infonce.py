@@ -186,6 +186,15 @@ def test_module_wraps_function():
     with pytest.raises(ValueError, match="label_mix"):
         UtilityInfoNCE(label_mix=1.5)
     assert uae_fast.utility_infonce is utility_infonce
+    # numpy scalars are numbers; a bool is not a mixing weight
+    import numpy as np
+
+    ref = utility_infonce(q, p, idx, util, temperature=0.1, teacher_temperature=0.5, label_mix=0.25, gold_idx=gold)
+    out = utility_infonce(q, p, idx, util, temperature=np.float32(0.1), teacher_temperature=np.float64(0.5),
+                          label_mix=np.float32(0.25), gold_idx=gold)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="label_mix must be a number in"):
+        utility_infonce(q, p, idx, util, label_mix=True, gold_idx=gold)
 
 
 # ---------------------------------------------------------------------------- Triton vs torch

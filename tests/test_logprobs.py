@@ -374,6 +374,9 @@ def test_deltas_bad_input():
         token_logprob_deltas(hw, hwo[:4], w, t)
     with pytest.raises(ValueError, match="targets must be"):
         token_logprob_deltas(hw, hwo, w, t[:4])
+    for shape in ((0, 5, 8), (3, 0, 8)):  # no passage or no answer token: was an IndexError inside
+        with pytest.raises(ValueError, match=r"hidden_with must have at least one passage, answer token"):
+            token_logprob_deltas(torch.randn(shape), hwo[: shape[1]], w, t[: shape[1]])
     t2 = t.expand(3, 5).clone()
     t2[1, 0] = (t2[1, 0] + 1) % 20
     with pytest.raises(ValueError, match="targets differ"):

@@ -135,3 +135,39 @@ def test_upgrade_metric_names_reads_old_results():
     table = format_table({"data": "old", "n_queries": 3, "systems": {"a": {**old, "MRR": 0.7, "latency_ms_mean": 1.0}}})
     row = next(line for line in table.splitlines() if line.startswith("a "))
     assert row.split()[1:8] == ["3", "0.500", "0.900", "nan", "nan", "0.600", "0.700"]
+
+
+def test_ids_from_numpy_and_torch_count_by_value():
+    """TopKIndex.search returns torch ids for torch queries; a torch tensor hashes by identity, so without the
+    conversion no id would ever match a gold set and every metric would read 0."""
+    import numpy as np
+    import torch
+
+    from uae_fast import TopKIndex
+
+    idx = TopKIndex(4)
+    idx.add(np.eye(4, dtype=np.float32))
+    _, ids_t = idx.search(torch.eye(4)[:2], 2)
+    _, ids_n = idx.search(np.eye(4, dtype=np.float32)[:2], 2)
+    assert isinstance(ids_t, torch.Tensor)
+    want = {"n": 2, "Success@1": 1.0, "Success@2": 1.0, "Recall@1": 1.0, "Recall@2": 1.0, "MAP": 1.0, "MRR": 1.0}
+    for ids in (ids_t, ids_n, ids_n.tolist()):
+        for golds in ([{0}, {1}], [torch.tensor([0]), np.array([1])]):
+            assert retrieval_metrics(ids, golds, ks=(1, 2)) == want
+    assert success_at_k(ids_n[0], {0}, np.int64(1)) == 1.0  # a numpy k is an int
+    with pytest.raises(TypeError, match="one id per position.*shape \\(2,\\)"):
+        success_at_k(ids_n, {0}, 1)
+    with pytest.raises(TypeError, match="gold must be a collection of ids, got int"):
+        success_at_k([0, 1], 0, 1)
+    with pytest.raises(TypeError, match="ks must be a sequence"):
+        retrieval_metrics([[0]], [{0}], ks=5)
+    with pytest.raises(ValueError, match="rankings has 2 queries but golds has 1"):
+        per_query_metrics([[0], [1]], [{0}])
+
+
+def test_paired_bootstrap_refuses_nan_and_bad_resamples():
+    with pytest.raises(ValueError, match="must be finite; 1 pair"):
+        paired_bootstrap([1, float("nan")], [0, 0])
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="resamples must be a positive int"):
+            paired_bootstrap([1, 0], [0, 0], resamples=bad)

@@ -430,6 +430,12 @@ def test_fusion_configs_with_unknown_keys_or_empty_grids_are_refused(tmp_path):
         resolve_fusion(str(bad))
     good = {"method": "rrf", "weight": 0.5, "k_each": 10, "rrf_k": 60, "calibration": {"n_questions": 3}}
     assert resolve_fusion(good)["k_each"] == 10  # what calibrate-fusion writes loads back
+    import numpy as np
+
+    cfg = resolve_fusion({"weight": np.float32(0.5), "k_each": np.int64(7)})  # numpy scalars are numbers
+    assert cfg == {"method": "minmax", "weight": 0.5, "k_each": 7, "rrf_k": 60} and type(cfg["weight"]) is float
+    with pytest.raises(ValueError, match="rrf_k must be a non-negative int, got inf"):
+        resolve_fusion({"rrf_k": float("inf")})
     with pytest.raises(ValueError, match="at least one method and one weight"):
         fusion_grid([], [0.5])
     with pytest.raises(ValueError, match="at least one method and one weight"):

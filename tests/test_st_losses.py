@@ -173,6 +173,11 @@ def test_bad_inputs_one_clear_error(model):
         loss_fn(feats, bad)
     with pytest.raises(ValueError, match="needs the columns"):
         loss_fn(feats[:1], None)
+    # columns of unequal rows would pair passages with the wrong queries (or index past the end)
+    emb = [torch.randn(2, 8), torch.randn(3, 8), torch.randn(2, 8)]
+    with pytest.raises(ValueError, match=r"passage column 0 has embeddings of shape \(3, 8\); every column needs "
+                                         r"the query column's 2 rows"):
+        loss_fn.compute_loss_from_embeddings(emb, torch.zeros(2, 2))
     with pytest.raises(ValueError, match="similarity_fct must be"):
         UtilityInfoNCELoss(model, similarity_fct=torch.nn.functional.cosine_similarity)
     with pytest.raises(ValueError, match="label_mix"):

@@ -117,3 +117,23 @@ def test_errors(tmp_path):
         enc.encode(["ok", 3])
     with pytest.raises(ValueError, match="batch_size"):
         enc.encode(["ok"], batch_size=0)
+
+
+def test_bad_lengths_dtypes_and_texts_name_the_argument(tmp_path):
+    enc = BiEncoder(make_tiny_encoder(tmp_path / "hf"), device="cpu")
+    positions = enc.model.config.max_position_embeddings
+    assert enc.max_seq_length <= positions
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="max_seq_length must be a positive int"):
+            BiEncoder(str(tmp_path / "hf"), device="cpu", max_seq_length=bad)
+        with pytest.raises(ValueError, match="max_length must be a positive int"):
+            enc.encode(["a"], max_length=bad)
+    with pytest.raises(ValueError, match=f"exceeds the model's {positions} positions"):
+        BiEncoder(str(tmp_path / "hf"), device="cpu", max_seq_length=positions + 1)
+    long_text = " ".join(["word"] * (3 * positions))
+    torch.testing.assert_close(enc.encode([long_text], max_length=10 * positions), enc.encode([long_text], max_length=positions))
+    for bad in (torch.int64, "float16", None):
+        with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+            enc.encode(["a"], dtype=bad)
+    with pytest.raises(TypeError, match="texts must be a list of str, got NoneType"):
+        enc.encode(None)

@@ -320,12 +320,24 @@ def test_bad_input_messages():
         s.score("q?", "a", [])
     with pytest.raises(TypeError, match="not one str"):
         s.score("q?", "a", "p")
+    with pytest.raises(TypeError, match="answer must be a str or a list of str, got NoneType"):
+        s.score("q?", None, ["p"])
+    with pytest.raises(TypeError, match="passages must be a str or a list of str, got NoneType"):
+        s.score("q?", "a", None)
     with pytest.raises(ValueError, match="context window"):
         s.score("q?", "a", ["long " * 40])
     with pytest.raises(ValueError, match="prompt_with"):
         UtilityScorer(model, tok, prompt_with="no slots")
     with pytest.raises(ValueError, match="aggregation"):
         UtilityScorer(model, tok, aggregation="median")
+    for bad in (-1, 0, float("nan"), None):  # -1 turned every clipped utility into -1.0, nan into NaN
+        with pytest.raises(ValueError, match="clip must be a finite number > 0"):
+            UtilityScorer(model, tok, aggregation="clipped_mean", clip=bad)
+    for bad in ("{title}: {passage}\n{question}", "{} {passage} {question}"):
+        with pytest.raises(ValueError, match=r"prompts may use only \{passage\} and \{question\}"):
+            UtilityScorer(model, tok, prompt_with=bad)
+    with pytest.raises(TypeError, match="answer_prefix must be a str"):
+        UtilityScorer(model, tok, answer_prefix=None)
     with pytest.raises(ValueError, match="max_passage_tokens"):
         UtilityScorer(model, tok, max_passage_tokens=0)
     with pytest.raises(ValueError, match="prompts"):

@@ -21,6 +21,8 @@ Example::
 """
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from typing import Dict, List, Sequence, Tuple
 
@@ -137,6 +139,9 @@ class BM25:
     def _setup(self, tf, vocab, *, k1, b, stopwords, dtype):
         import scipy.sparse as sp
 
+        for name, v in (("k1", k1), ("b", b)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
         if not (k1 >= 0):
             raise ValueError(f"k1 must be >= 0, got {k1}")
         if not (0.0 <= b <= 1.0):

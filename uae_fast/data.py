@@ -430,7 +430,7 @@ def _is_beir_qrels(path: str) -> bool:
 def _squad_from_dict(raw: dict, name: str) -> RetrievalDataset:
     passages: Dict[str, Passage] = {}
     queries: List[Query] = []
-    keys = set()
+    keys, seen_q = set(), set()
     for n, art in enumerate(raw["data"]):
         if not isinstance(art, dict) or not isinstance(art.get("paragraphs"), list):
             raise ValueError(f"{name}: data[{n}] lacks a 'paragraphs' list: not the SQuAD schema")
@@ -454,6 +454,9 @@ def _squad_from_dict(raw: dict, name: str) -> RetrievalDataset:
             for qa in para.get("qas") or []:
                 if not isinstance(qa, dict) or "id" not in qa or not isinstance(qa.get("question"), str):
                     raise ValueError(f"{name}: a question of data[{n}].paragraphs[{m}] lacks 'id' or 'question'")
+                if str(qa["id"]) in seen_q:
+                    raise ValueError(f"{name}: data[{n}].paragraphs[{m}]: duplicate question id {qa['id']!r}")
+                seen_q.add(str(qa["id"]))
                 answers, gold = [], []
                 for a in qa.get("answers") or []:
                     text, start = (a.get("text"), a.get("answer_start")) if isinstance(a, dict) else (None, None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from typing import Optional, Tuple, Union
 
@@ -63,11 +64,12 @@ def resolve_fusion(fusion: Union[None, str, os.PathLike, dict]) -> dict:
     if out["method"] not in METHODS:
         raise ValueError(f"{src}: method must be one of {METHODS}, got {out['method']!r}")
     w = out["weight"]
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0.0 <= w <= 1.0):
+    if isinstance(w, bool) or not isinstance(w, numbers.Real) or not (0.0 <= w <= 1.0):
         raise ValueError(f"{src}: weight must be a number in [0, 1] (the dense side's weight), got {w!r}")
     for key in ("k_each", "rrf_k"):
         v = out[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < (1 if key == "k_each" else 0):
+        if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v != int(v)
+                or v < (1 if key == "k_each" else 0)):
             raise ValueError(f"{src}: {key} must be a {'positive' if key == 'k_each' else 'non-negative'} int, got {v!r}")
         out[key] = int(v)
     out["weight"] = float(w)

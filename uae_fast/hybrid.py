@@ -93,9 +93,10 @@ class HybridIndex:
         n = int(passage_emb.shape[0]) if getattr(passage_emb, "ndim", 0) == 2 else 1
         if len(passage_texts) != n:
             raise ValueError(f"passage_texts has {len(passage_texts)} texts for {n} embeddings")
-        ids = np.arange(len(self), len(self) + n, dtype=np.int64) if ids is None else ids
         _check_texts(passage_texts, "passage_texts")
         with self._lock:
+            if ids is None:  # the dense side's rule: continue after the largest id ever stored
+                ids = np.arange(self.dense._next_id, self.dense._next_id + n, dtype=np.int64)
             # Texts are checked above and the dense add checks embeddings and ids before it stores
             # anything; the lexical add then has nothing left to reject, so the sides stay in step.
             self.dense.add(passage_emb, ids)
@@ -111,6 +112,8 @@ class HybridIndex:
         like_torch = _is_torch(query_emb)
         if isinstance(query_texts, str):
             query_texts = [query_texts]
+        if query_texts is None or not hasattr(query_texts, "__iter__"):
+            raise TypeError(f"query_texts must be a list of str (one per query), got {type(query_texts).__name__}")
         query_texts = list(query_texts)
         q = self.dense._prepare("query_emb", query_emb)
         if len(query_texts) != q.shape[0]:

@@ -216,6 +216,8 @@ def _wrap(like_torch: bool, scores: np.ndarray, ids: np.ndarray):
 
 
 def _write_file(path: str, meta: dict, sections: dict) -> None:
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot save the index to {path}: it is a directory; give a file path")
     layout, offset = {}, 0
     for name, arr in sections.items():
         arr = np.ascontiguousarray(arr)
@@ -611,6 +613,10 @@ class TopKIndex:
             raise corrupt(f"missing or bad field {e}") from None
         if backend not in _BACKENDS or metric not in _METRICS or dim < 1 or ntotal < 0:
             raise corrupt("bad backend, metric, dim or ntotal")
+        ids = arrays.get("ids")
+        # the small sections live in memory, not in the mapping: a file rewritten in place after load
+        # cannot change the ids (or int8 scales) an open index returns
+        arrays.update({k: np.array(v) for k, v in arrays.items() if k in ("ids", "scales", "rowsums", "rscales")})
         ids = arrays.get("ids")
         if ids is None or ids.shape != (ntotal,) or ids.dtype != np.int64:
             raise corrupt("ids section does not match ntotal")

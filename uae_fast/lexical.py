@@ -89,12 +89,18 @@ class LexicalIndex:
         return f"LexicalIndex(n={len(self)}, vocab={self.vocab_size}, k1={self.k1}, b={self.b}, stopwords={self.stopwords})"
 
     def add(self, texts: Sequence[str], ids=None) -> None:
-        """Add passages ``texts`` with optional int64 ``ids`` (default: 0, 1, ... in insertion order)."""
+        """Add passages ``texts`` with optional int64 ``ids``. As in :class:`uae_fast.TopKIndex`, ids are unique:
+        default ids continue after the largest id stored (0, 1, ... with default ids only); a stored id is refused."""
         texts = _check_texts(texts)
         with self._lock:
-            new_ids = np.arange(len(self), len(self) + len(texts), dtype=np.int64) if ids is None else _as_ids(ids, len(texts))
+            start = int(self._ids.max()) + 1 if self._ids.size else 0
+            new_ids = np.arange(start, start + len(texts), dtype=np.int64) if ids is None else _as_ids(ids, len(texts))
             if not texts:
                 return
+            if ids is not None and self._ids.size and int(new_ids.min()) < start:  # could repeat a stored id
+                taken = np.isin(new_ids, self._ids)
+                if taken.any():
+                    raise ValueError(f"id {int(new_ids[np.argmax(taken)])} is already in the index: ids must be unique")
             vocab = dict(self._vocab)  # searches in flight keep the old vocabulary
             m = count_matrix(texts, vocab, stopwords=self.stopwords, grow=True)
             self._pending.append(m)

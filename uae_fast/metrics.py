@@ -20,6 +20,7 @@ Queries without gold ids have no defined retrieval metric: :func:`retrieval_metr
 from __future__ import annotations
 
 import collections
+import numbers
 import re
 import string
 from typing import Dict, Iterable, List, Sequence
@@ -28,36 +29,65 @@ __all__ = ["success_at_k", "recall_at_k", "average_precision", "reciprocal_rank"
            "paired_bootstrap", "upgrade_metric_names", "normalize_answer", "token_f1"]
 
 
+def _plain_id(x, what: str):
+    """An id as a hashable Python value: numpy scalars and 0-d tensors by value (a torch tensor hashes by
+    identity, so ids straight from ``TopKIndex.search`` on torch queries would never match a gold id)."""
+    ndim = getattr(x, "ndim", None)
+    if ndim == 0 and hasattr(x, "item"):
+        return x.item()
+    if ndim:
+        raise TypeError(f"{what} must hold one id per position, got an array of shape {tuple(x.shape)} "
+                        f"(pass one query's ranking, not a batch)")
+    return x
+
+
 def _as_gold(gold) -> set:
     if isinstance(gold, (str, bytes)):
         raise TypeError("gold must be a collection of ids, not one string")
-    return set(gold)
+    try:
+        return {_plain_id(g, "gold") for g in gold}
+    except TypeError as e:
+        if "not iterable" in str(e):
+            raise TypeError(f"gold must be a collection of ids, got {type(gold).__name__}") from None
+        raise
 
 
 def _check_ranking(ranking) -> list:
     if isinstance(ranking, (str, bytes)):
         raise TypeError("ranking must be a sequence of ids, not one string")
-    ranking = list(ranking)
+    try:
+        ranking = [_plain_id(r, "ranking") for r in ranking]
+    except TypeError as e:
+        if "not iterable" in str(e):
+            raise TypeError(f"ranking must be a sequence of ids, got {type(ranking).__name__}") from None
+        raise
     if len(set(ranking)) != len(ranking):
         raise ValueError("ranking contains an id twice; a ranking is an ordering of distinct candidates")
     return ranking
 
 
-def _check_k(k) -> None:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+def _check_k(k) -> int:
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
+    return int(k)
+
+
+def _check_ks(ks) -> list:
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
+        raise TypeError(f"ks must be a sequence of cut-offs such as (1, 5), got {ks!r}")
+    return [_check_k(k) for k in ks]
 
 
 def success_at_k(ranking: Sequence, gold: Iterable, k: int) -> float:
     """1.0 when any gold id is among the first ``k`` of ``ranking``, else 0.0 (Success@k, Hit@k)."""
-    _check_k(k)
+    k = _check_k(k)
     gold = _as_gold(gold)
     return float(any(r in gold for r in _check_ranking(ranking)[:k]))
 
 
 def recall_at_k(ranking: Sequence, gold: Iterable, k: int) -> float:
     """The fraction of the gold ids among the first ``k`` of ``ranking`` (TREC Recall@k)."""
-    _check_k(k)
+    k = _check_k(k)
     gold = _as_gold(gold)
     if not gold:
         raise ValueError("gold is empty: recall is undefined without a relevant id")
@@ -109,6 +139,9 @@ def retrieval_metrics(rankings: Sequence[Sequence], golds: Sequence[Iterable], k
 
 def per_query_metrics(rankings: Sequence[Sequence], golds: Sequence[Iterable], ks: Sequence[int] = (1, 5)) -> Dict[str, List[float]]:
     """The per-query values whose means :func:`retrieval_metrics` reports (for paired comparisons)."""
+    rankings, golds, ks = list(rankings), list(golds), _check_ks(ks)
+    if len(rankings) != len(golds):
+        raise ValueError(f"rankings has {len(rankings)} queries but golds has {len(golds)}")
     out: Dict[str, List[float]] = {f"Success@{k}": [success_at_k(r, g, k) for r, g in zip(rankings, golds)] for k in ks}
     out.update({f"Recall@{k}": [recall_at_k(r, g, k) for r, g in zip(rankings, golds)] for k in ks})
     out["MAP"] = [average_precision(r, g) for r, g in zip(rankings, golds)]
@@ -139,6 +172,10 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     if d.ndim != 1 or len(a) != len(b) or d.size == 0:
         raise ValueError(f"a and b must be non-empty and paired, got {len(a)} and {len(b)} values")
+    if not np.isfinite(d).all():  # a NaN would make every resampled mean NaN and p read 0.0, "significant"
+        raise ValueError(f"a and b must be finite; {int((~np.isfinite(d)).sum())} pair(s) are NaN or infinite")
+    if not isinstance(resamples, numbers.Integral) or isinstance(resamples, bool) or resamples < 1:
+        raise ValueError(f"resamples must be a positive int, got {resamples!r}")
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
     for lo in range(0, resamples, 1000):  # 1000 resamples at a time: bounded memory for large query sets

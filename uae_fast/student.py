@@ -109,6 +109,8 @@ def _read_layout(folder: str):
 def _check_texts(texts) -> List[str]:
     if isinstance(texts, str):
         raise TypeError("texts must be a list of str, not one str")
+    if texts is None or not hasattr(texts, "__iter__"):
+        raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
     texts = list(texts)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
@@ -177,10 +179,18 @@ class BiEncoder(nn.Module):
         tok_len = getattr(self.tokenizer, "model_max_length", None)
         pos_len = getattr(self.model.config, "max_position_embeddings", None) or 512
         default_len = cfg_len or (tok_len if tok_len and tok_len < _NO_LIMIT else None) or min(512, pos_len)
-        self.max_seq_length = int(max_seq_length or default_len)
-        if self.max_seq_length < 1:
-            raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length!r}")
+        self._max_positions = pos_len
+        self.max_seq_length = (min(int(default_len), pos_len) if max_seq_length is None
+                               else self._check_length("max_seq_length", max_seq_length))
         self.to(resolve_device(device))
+
+    def _check_length(self, name: str, v) -> int:
+        """A token limit: a positive int; the model's own limit (``max_seq_length``) fits its position embeddings."""
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if name == "max_seq_length" and v > self._max_positions:
+            raise ValueError(f"{name} {v} exceeds the model's {self._max_positions} positions (max_position_embeddings)")
+        return int(v)
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -202,8 +212,10 @@ class BiEncoder(nn.Module):
         texts = _check_texts(texts)
         if self.do_lower_case:
             texts = [t.lower() for t in texts]
-        feats = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
-                               max_length=int(max_length or self.max_seq_length))
+        # a longer per-call limit is cut to the positions the model has (beyond them it cannot run at all)
+        max_length = (self.max_seq_length if max_length is None
+                      else min(self._check_length("max_length", max_length), self._max_positions))
+        feats = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt", max_length=max_length)
         return {k: v.to(self.device) for k, v in feats.items()}
 
     def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -227,6 +239,10 @@ class BiEncoder(nn.Module):
         texts = _check_texts(texts)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}")
+        if max_length is not None:
+            self._check_length("max_length", max_length)
         out = torch.empty(len(texts), self.dim, dtype=dtype)
         if not texts:
             return out

@@ -577,6 +577,16 @@ class UtilityScorer:
                 raise ValueError(f"{k} must be a positive int, got {v!r}")
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (math.isfinite(clip) and clip > 0):
+            raise ValueError(f"clip must be a finite number > 0 (deltas are clipped to [-clip, clip]), got {clip!r}")
+        for k, v in (("prompt_with", prompt_with), ("prompt_without", prompt_without), ("answer_prefix", answer_prefix)):
+            if not isinstance(v, str):
+                raise TypeError(f"{k} must be a str, got {type(v).__name__}")
+        try:  # a stray {title} or {} would otherwise surface as a KeyError in the first score() call
+            prompt_with.format(passage="", question=""), prompt_without.format(question="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"prompts may use only {{passage}} and {{question}} (double other braces: {{{{ }}}}); "
+                             f"got {type(e).__name__}: {e}") from None
         self.model, self.tokenizer = model, tokenizer
         self.prompt_with, self.prompt_without, self.answer_prefix = prompt_with, prompt_without, answer_prefix
         self.max_passage_tokens, self.max_answer_tokens = max_passage_tokens, max_answer_tokens
@@ -650,6 +660,9 @@ class UtilityScorer:
             raise ValueError("question must be a non-empty str")
         if isinstance(passages, str):
             raise TypeError("passages must be a list of str, not one str")
+        for name, v in (("passages", passages), ("answer", answer)):
+            if v is None or not (isinstance(v, str) or hasattr(v, "__iter__")):
+                raise TypeError(f"{name} must be a str or a list of str, got {type(v).__name__}")
         passages = list(passages)
         if not passages:
             raise ValueError("passages is empty: nothing to score")

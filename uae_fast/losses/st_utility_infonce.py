@@ -147,6 +147,12 @@ class UtilityInfoNCELoss(nn.Module):
                                      keys: Optional[List[bytes]] = None) -> Tensor:
         q, cols = embeddings[0], embeddings[1:]
         b, k = q.shape[0], len(cols)
+        if not cols:
+            raise ValueError("UtilityInfoNCELoss needs a query column and at least one passage column")
+        for c, col in enumerate(cols):  # rows of unequal columns would pair passages with the wrong queries
+            if col.dim() != 2 or col.shape[0] != b:
+                raise ValueError(f"passage column {c} has embeddings of shape {tuple(col.shape)}; every column needs "
+                                 f"the query column's {b} rows")
         p = torch.cat(cols, dim=0)  # passage (row i, column c) sits at c * B + i
         if self.normalize:
             q, p = F.normalize(q, p=2, dim=-1), F.normalize(p, p=2, dim=-1)

@@ -31,6 +31,7 @@ the gradients in the embeddings' dtype.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -83,7 +84,7 @@ def _validate(q, p, target_idx, target_utility, temperature, teacher_temperature
         raise ValueError("target_utility requires grad, but teacher utilities are targets, not parameters; pass target_utility.detach()")
     for name, val in (("temperature", temperature), ("teacher_temperature", teacher_temperature)):
         check_scalar(name, val, dtype=_acc_dtype(q.dtype))
-    if not isinstance(label_mix, (int, float)) or not (0.0 <= label_mix <= 1.0):
+    if isinstance(label_mix, bool) or not isinstance(label_mix, numbers.Real) or not (0.0 <= label_mix <= 1.0):
         raise ValueError(f"label_mix must be a number in [0, 1], got {label_mix!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -341,6 +342,7 @@ def utility_infonce(
         loss.backward()
     """
     _validate(q, p, target_idx, target_utility, temperature, teacher_temperature, label_mix, gold_idx, reduction)
+    temperature, teacher_temperature, label_mix = float(temperature), float(teacher_temperature), float(label_mix)
     impl = _auto_impl(q.device, q.dtype) if impl == "auto" else resolve_impl(impl, q.device)
     if impl == "triton" and (q.dtype == torch.float64 or not _HAS_TRITON):
         if q.dtype == torch.float64:

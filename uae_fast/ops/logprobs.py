@@ -332,6 +332,9 @@ def token_logprob_deltas(
     if hidden_without.dtype != hidden_with.dtype:
         raise TypeError(f"hidden_with is {hidden_with.dtype} but hidden_without is {hidden_without.dtype}: use one dtype")
     p, t, d = hidden_with.shape
+    if p == 0 or t == 0 or d == 0:
+        raise ValueError(f"hidden_with must have at least one passage, answer token and hidden unit, "
+                         f"got shape {tuple(hidden_with.shape)}")
     if tuple(hidden_without.shape) != (t, d):
         raise ValueError(f"hidden_without must be [T, D] = {(t, d)} to match hidden_with {tuple(hidden_with.shape)}, got {tuple(hidden_without.shape)}")
     if targets.dim() == 2:
