@@ -72,7 +72,7 @@ def test_teacher_agreement_and_selection_hand_computed():
     assert select_config(grid)["weight"] == 1.0  # ties go to the higher dense weight
 
 
-def test_calibrate_cli_index_build_search_and_eval(tmp_path, tiny, tiny_lm, capsys):  # noqa: F811
+def test_calibrate_cli_index_build_search_and_eval(tmp_path, tiny, tiny_lm, capsys, monkeypatch):  # noqa: F811
     out = tmp_path / "fusion.json"
     assert main(["calibrate-fusion", "--data", TRAIN, "--model", tiny, "--teacher", tiny_lm, "--out", str(out), "--limit", "3",
                  "--candidates", "2", "--methods", "minmax,rrf", "--weights", "0,0.5,1", "--no-progress"]) == 0
@@ -96,11 +96,25 @@ def test_calibrate_cli_index_build_search_and_eval(tmp_path, tiny, tiny_lm, caps
     assert "without --lexical" in capsys.readouterr().err
     assert main(["search", str(dense_idx), "a question", "--width", "3"]) == 1
     assert "--width must be >= 10" in capsys.readouterr().err
-    # a rebuild replaces the whole folder (a dense-only rebuild of the hybrid index leaves no lexical.uae behind);
-    # a folder of other files is never written into
+    # a dense-only rebuild of the hybrid index leaves no lexical.uae behind, and the user's own files alone;
+    # a rebuild that dies half-way leaves "no index", never the old manifest over new files
+    (idx / "notes.txt").write_text("mine")
     assert main(["index", "build", "--data", DEV, "--model", tiny, "--out", str(idx), "--no-progress"]) == 0
-    assert sorted(os.listdir(idx)) == sorted(os.listdir(dense_idx)) and "lexical.uae" not in os.listdir(idx)
-    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p or ".old" in p]
+    assert sorted(os.listdir(idx)) == sorted(os.listdir(dense_idx) + ["notes.txt"]) and "lexical.uae" not in os.listdir(idx)
+    from uae_fast.index import TopKIndex
+    from uae_fast.search import build_index, open_index
+
+    def dies(self, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(TopKIndex, "save", dies)
+    with pytest.raises(OSError, match="disk full"):
+        build_index(DEV, str(idx), model=tiny, progress=False)
+    with pytest.raises(FileNotFoundError, match="missing hybrid.json"):
+        open_index(str(idx))
+    monkeypatch.undo()
+    assert main(["index", "build", "--data", DEV, "--model", tiny, "--out", str(idx), "--no-progress"]) == 0  # rebuilds
+    assert open_index(str(idx))[2] == open_index(str(dense_idx))[2]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     capsys.readouterr()

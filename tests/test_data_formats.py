@@ -54,6 +54,10 @@ def test_beir_folder(tmp_path):
         (root / name).unlink()
     (root / "qrels" / "test.tsv").write_text("q2\td3\t1\n")
     assert [(q.id, q.gold) for q in load_dataset(root).queries] == [("q2", ["d3"])]
+    # an exact repeat of a corpus record is one document
+    corpus = gzip.decompress((root / "corpus.jsonl.gz").read_bytes()).decode()
+    (root / "corpus.jsonl.gz").write_bytes(gzip.compress((corpus + corpus.splitlines(keepends=True)[0]).encode()))
+    assert len(load_dataset(root).passages) == 5
     # scores written as floats: a header-less first line is data, not a header to skip
     (root / "qrels" / "test.tsv").write_text("q1\td1\t1.0\nq2\td3\t1.0\nq2\td2\t0.0\n")
     assert [(q.id, q.gold) for q in load_dataset(root).queries] == [("q1", ["d1"]), ("q2", ["d3"])]
@@ -87,7 +91,7 @@ def test_beir_bad_folders(tmp_path):
     with pytest.raises(ValueError, match=r"corpus.jsonl: corpus record 2 needs '_id' and a string 'text'"):
         load_dataset(root)
     (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n{"_id": "d1", "text": "y"}\n')
-    with pytest.raises(ValueError, match=r"corpus.jsonl: corpus record 2 repeats _id 'd1'"):
+    with pytest.raises(ValueError, match=r"corpus.jsonl: corpus record 2 repeats _id 'd1' with another text"):
         load_dataset(root)
     (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n{"_id": \n')
     with pytest.raises(ValueError, match=r"corpus.jsonl:2: not valid JSON"):

@@ -389,3 +389,12 @@ def test_embedding_cache_reuses_and_resumes(tmp_path):
     assert encoder_key(str(model)) != key
     encode_cached(enc, texts[:1], cache_dir=str(tmp_path / "c"), model_path=str(model))
     assert enc.seen == ["aa"]
+
+
+def test_lexical_default_ids_survive_save_load(tmp_path):
+    lex = LexicalIndex()
+    lex.add(["a b", "b c"], ids=np.array([7, 3]))
+    lex.save(tmp_path / "l.uae")
+    again = LexicalIndex.load(tmp_path / "l.uae")
+    again.add(["c d"])
+    assert again.ids.tolist() == [7, 3, 8]

@@ -398,10 +398,13 @@ def _from_beir(path: str, split: Optional[str]) -> RetrievalDataset:
     passages: Dict[str, Passage] = {}
     corpus, queries_path = _beir_file(folder, "corpus.jsonl"), _beir_file(folder, "queries.jsonl")
     for n, did, rec in _beir_records(corpus, "corpus"):
-        if did in passages:
-            raise ValueError(f"{corpus}: corpus record {n} repeats _id {did!r}")
         title = str(rec.get("title") or "").strip()
-        passages[did] = Passage(did, did, f"{title} {rec['text']}" if title else rec["text"], title)
+        text = f"{title} {rec['text']}" if title else rec["text"]
+        if did in passages:  # an exact repeat (some published corpora have them) is one document; a clash is an error
+            if passages[did].text != text:
+                raise ValueError(f"{corpus}: corpus record {n} repeats _id {did!r} with another text")
+            continue
+        passages[did] = Passage(did, did, text, title)
     qrels = _beir_qrels(qrels_path)
     queries: List[Query] = []
     seen_q = set()

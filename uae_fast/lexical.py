@@ -57,6 +57,7 @@ class LexicalIndex:
         self._counts = _empty_counts(0)
         self._pending: list = []  # count matrices added since the last consolidation (add stays O(new))
         self._ids = np.zeros(0, np.int64)
+        self._next_id = 0  # 1 + the largest id ever stored: default ids start here (TopKIndex's rule)
         self._bm25: Optional[BM25] = None
         self._lock = threading.Lock()
 
@@ -93,8 +94,13 @@ class LexicalIndex:
         default ids continue after the largest id stored (0, 1, ... with default ids only); a stored id is refused."""
         texts = _check_texts(texts)
         with self._lock:
-            start = int(self._ids.max()) + 1 if self._ids.size else 0
-            new_ids = np.arange(start, start + len(texts), dtype=np.int64) if ids is None else _as_ids(ids, len(texts))
+            start = self._next_id
+            if ids is None:
+                if start + len(texts) - 1 > np.iinfo(np.int64).max:
+                    raise ValueError(f"no default ids left after id {start - 1}: pass explicit ids")
+                new_ids = np.arange(start, start + len(texts), dtype=np.int64)
+            else:
+                new_ids = _as_ids(ids, len(texts))
             if not texts:
                 return
             if ids is not None and self._ids.size and int(new_ids.min()) < start:  # could repeat a stored id
@@ -105,6 +111,7 @@ class LexicalIndex:
             m = count_matrix(texts, vocab, stopwords=self.stopwords, grow=True)
             self._pending.append(m)
             self._vocab, self._ids, self._bm25 = vocab, np.concatenate([self._ids, new_ids]), None
+            self._next_id = max(start, int(new_ids.max()) + 1)
 
     def _consolidated(self):
         """All term counts as one CSR matrix [N, V] (call with the lock held)."""
@@ -195,6 +202,7 @@ class LexicalIndex:
             raise corrupt("vocabulary has duplicate terms")
         out._counts = sp.csr_matrix((np.array(a["counts"]), np.array(indices), np.array(indptr)), shape=(n, max(nv, 1)))
         out._ids = np.array(a["ids"], dtype=np.int64)
+        out._next_id = int(out._ids.max()) + 1 if out._ids.size else 0
         return out
 
 

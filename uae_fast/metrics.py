@@ -29,38 +29,43 @@ __all__ = ["success_at_k", "recall_at_k", "average_precision", "reciprocal_rank"
            "paired_bootstrap", "upgrade_metric_names", "normalize_answer", "token_f1"]
 
 
-def _plain_id(x, what: str):
-    """An id as a hashable Python value: numpy scalars and 0-d tensors by value (a torch tensor hashes by
-    identity, so ids straight from ``TopKIndex.search`` on torch queries would never match a gold id)."""
-    ndim = getattr(x, "ndim", None)
-    if ndim == 0 and hasattr(x, "item"):
-        return x.item()
-    if ndim:
-        raise TypeError(f"{what} must hold one id per position, got an array of shape {tuple(x.shape)} "
-                        f"(pass one query's ranking, not a batch)")
-    return x
+_PLAIN = (str, int, float, bytes, tuple)
+
+
+def _plain_ids(items, what: str) -> list:
+    """Ids as hashable Python values: numpy and torch ids by value (a torch tensor hashes by identity, so ids
+    straight from ``TopKIndex.search`` on torch queries would never match a gold id). One ``tolist`` for an
+    array; element by element only for a list that holds numpy or torch scalars."""
+    if isinstance(items, (str, bytes)):
+        raise TypeError(f"{what} must be a sequence of ids, not one string")
+    if hasattr(items, "tolist") and hasattr(items, "ndim"):
+        if items.ndim == 0:
+            raise TypeError(f"{what} must be a collection of ids, got a single {type(items).__name__} value")
+        items = items.tolist()
+    else:
+        try:
+            items = list(items)
+        except TypeError:
+            raise TypeError(f"{what} must be a collection of ids, got {type(items).__name__}") from None
+    if all(isinstance(x, _PLAIN) for x in items):
+        return items
+    out = []
+    for x in items:
+        ndim = getattr(x, "ndim", None)
+        if isinstance(x, list) or ndim:
+            shape = tuple(getattr(x, "shape", (len(x),)))
+            raise TypeError(f"{what} must hold one id per position, got an array of shape {shape} "
+                            f"(pass one query's ranking, not a batch)")
+        out.append(x.item() if ndim == 0 and hasattr(x, "item") else x)
+    return out
 
 
 def _as_gold(gold) -> set:
-    if isinstance(gold, (str, bytes)):
-        raise TypeError("gold must be a collection of ids, not one string")
-    try:
-        return {_plain_id(g, "gold") for g in gold}
-    except TypeError as e:
-        if "not iterable" in str(e):
-            raise TypeError(f"gold must be a collection of ids, got {type(gold).__name__}") from None
-        raise
+    return set(_plain_ids(gold, "gold"))
 
 
 def _check_ranking(ranking) -> list:
-    if isinstance(ranking, (str, bytes)):
-        raise TypeError("ranking must be a sequence of ids, not one string")
-    try:
-        ranking = [_plain_id(r, "ranking") for r in ranking]
-    except TypeError as e:
-        if "not iterable" in str(e):
-            raise TypeError(f"ranking must be a sequence of ids, got {type(ranking).__name__}") from None
-        raise
+    ranking = _plain_ids(ranking, "ranking")
     if len(set(ranking)) != len(ranking):
         raise ValueError("ranking contains an id twice; a ranking is an ordering of distinct candidates")
     return ranking
@@ -99,8 +104,12 @@ def average_precision(ranking: Sequence, gold: Iterable) -> float:
     gold = _as_gold(gold)
     if not gold:
         raise ValueError("gold is empty: average precision is undefined without a relevant id")
+    return _average_precision(_check_ranking(ranking), gold)
+
+
+def _average_precision(ranking: list, gold: set) -> float:
     hits, total = 0, 0.0
-    for rank, r in enumerate(_check_ranking(ranking), 1):
+    for rank, r in enumerate(ranking, 1):
         if r in gold:
             hits += 1
             total += hits / rank
@@ -142,10 +151,13 @@ def per_query_metrics(rankings: Sequence[Sequence], golds: Sequence[Iterable], k
     rankings, golds, ks = list(rankings), list(golds), _check_ks(ks)
     if len(rankings) != len(golds):
         raise ValueError(f"rankings has {len(rankings)} queries but golds has {len(golds)}")
-    out: Dict[str, List[float]] = {f"Success@{k}": [success_at_k(r, g, k) for r, g in zip(rankings, golds)] for k in ks}
-    out.update({f"Recall@{k}": [recall_at_k(r, g, k) for r, g in zip(rankings, golds)] for k in ks})
-    out["MAP"] = [average_precision(r, g) for r, g in zip(rankings, golds)]
-    out["MRR"] = [reciprocal_rank(r, g) for r, g in zip(rankings, golds)]
+    pairs = [(_check_ranking(r), _as_gold(g)) for r, g in zip(rankings, golds)]  # checked once, not per metric
+    if any(not g for _, g in pairs):
+        raise ValueError("gold is empty: recall is undefined without a relevant id")
+    out: Dict[str, List[float]] = {f"Success@{k}": [float(any(x in g for x in r[:k])) for r, g in pairs] for k in ks}
+    out.update({f"Recall@{k}": [sum(x in g for x in r[:k]) / len(g) for r, g in pairs] for k in ks})
+    out["MAP"] = [_average_precision(r, g) for r, g in pairs]
+    out["MRR"] = [next((1.0 / rank for rank, x in enumerate(r, 1) if x in g), 0.0) for r, g in pairs]
     return out
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import textwrap
 from typing import List, Optional, Tuple
@@ -48,16 +47,17 @@ def build_index(data: str, out: str, *, model: Optional[str] = None, lexical: bo
                 dtype: str = "float32", batch_size: int = 64, embedding_cache: Optional[str] = None,
                 device=None, progress: bool = True):
     """Embed every passage of ``data`` and write the index folder ``out``; returns the index."""
+    from .cli import check_output_path
     from .data import load_dataset
     from .embcache import encode_cached
     from .hybrid import MANIFEST, FORMAT, HybridIndex
     from .index import TopKIndex
     from .student import BiEncoder
 
-    out = os.path.normpath(os.fspath(out))
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file; an index is a folder")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MANIFEST)):
+    out = os.fspath(out)
+    check_output_path(out, "--out", folder=True)
+    ours = {MANIFEST, "dense.uae", "lexical.uae", PASSAGES}
+    if os.path.isdir(out) and os.listdir(out) and not ours & set(os.listdir(out)):
         raise ValueError(f"--out {out} is a folder with other files and no index ({MANIFEST}); choose another --out")
     ds = load_dataset(data)
     if fusion is not None and not lexical:
@@ -67,33 +67,31 @@ def build_index(data: str, out: str, *, model: Optional[str] = None, lexical: bo
     enc = BiEncoder(model, device=device)
     emb = encode_cached(enc, texts, cache_dir=embedding_cache, model_path=model, batch_size=batch_size, progress=progress)
     meta = {"model": os.path.abspath(model) if model else None, "data": os.path.abspath(data), "passages": PASSAGES}
-    # Written whole into a sibling folder, then swapped in: a crash never leaves a half-rebuilt index at `out`,
-    # and a rebuild keeps none of the old index's files (a dense-only rebuild of a hybrid one, say).
-    tmp = f"{out}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        if lexical:
-            index = HybridIndex(enc.dim, fusion, dtype=dtype)
-            index.add(emb, texts)
-            index.meta = meta
-            index.save(tmp)
-        else:
-            index = TopKIndex(enc.dim, dtype=dtype)
-            index.add(emb)
-            index.save(os.path.join(tmp, "dense.uae"))
-            manifest = {"format": FORMAT, "dim": enc.dim, "ntotal": len(index), "fusion": None, "meta": meta,
-                        "files": {"dense": {"path": "dense.uae", "bytes": os.path.getsize(os.path.join(tmp, "dense.uae"))}}}
-            with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-                json.dump(manifest, f, indent=2, sort_keys=True)
-        write_passages(os.path.join(tmp, PASSAGES), pids, texts)
-        old = f"{out}.old{os.getpid()}"
-        if os.path.isdir(out):
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(out, exist_ok=True)
+    # Rebuilt in place, manifest last: the old manifest goes first, so until the new one lands the folder is no
+    # index (a crash mid-rebuild is "no index" on open, never the old manifest over new files); every file is
+    # written to a temporary name and renamed. Other files in the folder are left alone.
+    manifest_path = os.path.join(out, MANIFEST)
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)
+    write_passages(os.path.join(out, PASSAGES), pids, texts)
+    if lexical:
+        index = HybridIndex(enc.dim, fusion, dtype=dtype)
+        index.add(emb, texts)
+        index.meta = meta
+        index.save(out)
+    else:
+        index = TopKIndex(enc.dim, dtype=dtype)
+        index.add(emb)
+        index.save(os.path.join(out, "dense.uae"))
+        if os.path.exists(os.path.join(out, "lexical.uae")):  # a hybrid index's BM25 side, not part of this one
+            os.remove(os.path.join(out, "lexical.uae"))
+        manifest = {"format": FORMAT, "dim": enc.dim, "ntotal": len(index), "fusion": None, "meta": meta,
+                    "files": {"dense": {"path": "dense.uae", "bytes": os.path.getsize(os.path.join(out, "dense.uae"))}}}
+        tmp = os.path.join(out, f".{MANIFEST}.tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+        os.replace(tmp, manifest_path)
     return index
 
 

@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -179,16 +180,17 @@ class BiEncoder(nn.Module):
         tok_len = getattr(self.tokenizer, "model_max_length", None)
         pos_len = getattr(self.model.config, "max_position_embeddings", None) or 512
         default_len = cfg_len or (tok_len if tok_len and tok_len < _NO_LIMIT else None) or min(512, pos_len)
-        self._max_positions = pos_len
-        self.max_seq_length = (min(int(default_len), pos_len) if max_seq_length is None
+        # the model's hard limit where its config states one (absolute position embeddings), else none
+        self._max_positions = getattr(self.model.config, "max_position_embeddings", None) or None
+        self.max_seq_length = (min(int(default_len), self._max_positions or int(default_len)) if max_seq_length is None
                                else self._check_length("max_seq_length", max_seq_length))
         self.to(resolve_device(device))
 
     def _check_length(self, name: str, v) -> int:
         """A token limit: a positive int; the model's own limit (``max_seq_length``) fits its position embeddings."""
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if name == "max_seq_length" and v > self._max_positions:
+        if name == "max_seq_length" and self._max_positions and v > self._max_positions:
             raise ValueError(f"{name} {v} exceeds the model's {self._max_positions} positions (max_position_embeddings)")
         return int(v)
 
@@ -214,7 +216,7 @@ class BiEncoder(nn.Module):
             texts = [t.lower() for t in texts]
         # a longer per-call limit is cut to the positions the model has (beyond them it cannot run at all)
         max_length = (self.max_seq_length if max_length is None
-                      else min(self._check_length("max_length", max_length), self._max_positions))
+                      else min(self._check_length("max_length", max_length), self._max_positions or max_length))
         feats = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt", max_length=max_length)
         return {k: v.to(self.device) for k, v in feats.items()}
 

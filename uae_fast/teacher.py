@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -577,7 +578,7 @@ class UtilityScorer:
                 raise ValueError(f"{k} must be a positive int, got {v!r}")
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (math.isfinite(clip) and clip > 0):
+        if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not (math.isfinite(clip) and clip > 0):
             raise ValueError(f"clip must be a finite number > 0 (deltas are clipped to [-clip, clip]), got {clip!r}")
         for k, v in (("prompt_with", prompt_with), ("prompt_without", prompt_without), ("answer_prefix", answer_prefix)):
             if not isinstance(v, str):

@@ -866,7 +866,7 @@ def _main(args) -> int:
     utilities = args.utilities
     if (args.loss == "uae" or args.teacher_gate is not None or args.no_gold) and utilities is None:
         utilities = _default_utilities(args.no_gold)
-    if args.label_mix is not None and args.loss == "infonce":
+    if args.label_mix and args.loss == "infonce":  # 0 is what infonce does anyway
         raise ValueError("--label-mix mixes a label into the uae loss's teacher target: it has no effect with --loss infonce")
     label_mix = args.label_mix if args.label_mix is not None else (0.0 if args.no_gold else TrainConfig.label_mix)
     ppq = args.passages_per_query
