@@ -48,13 +48,14 @@ def _inputs(b, n, d, k, dtype, dev, seed=0):
     import torch
     import torch.nn.functional as F
 
-    g = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(b, d, generator=g), dim=-1).to(dev, dtype).requires_grad_()
-    p = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(dev, dtype).requires_grad_()
-    idx = torch.randint(0, n, (b, k), generator=g)
-    idx[:, 0] = torch.arange(b) % n  # the positive, MNRL-style
-    util = torch.randn(b, k, generator=g)
-    return q, p, idx.to(dev), util.to(dev)
+    # drawn on the device: at B = N = 65536 a CPU draw plus copy costs seconds per case out of a short budget
+    g = torch.Generator(device=dev).manual_seed(seed)
+    q = F.normalize(torch.randn(b, d, generator=g, device=dev), dim=-1).to(dtype).requires_grad_()
+    p = F.normalize(torch.randn(n, d, generator=g, device=dev), dim=-1).to(dtype).requires_grad_()
+    idx = torch.randint(0, n, (b, k), generator=g, device=dev)
+    idx[:, 0] = torch.arange(b, device=dev) % n  # the positive, MNRL-style
+    util = torch.randn(b, k, generator=g, device=dev)
+    return q, p, idx, util
 
 
 def _naive(q, p, idx, util, tau):
@@ -295,6 +296,7 @@ def _grid(args, torch, dev, cuda, device_name, impls, settings, sizes, dims, sta
                 dtype_name, tf32 = SETTINGS[setting]
                 torch.backends.cuda.matmul.allow_tf32 = tf32
                 dtype = getattr(torch, dtype_name)
+                base = None  # one draw per (size, d, setting), shared by the impls as fresh leaves
                 for impl in impls:
                     row = dict(device=device_name, device_key=_device_key(dev), dtype=dtype_name,
                                precision=("tf32" if tf32 else "ieee") if dtype_name == "float32" else "-",
@@ -304,7 +306,10 @@ def _grid(args, torch, dev, cuda, device_name, impls, settings, sizes, dims, sta
                         continue
                     q = p = step = None
                     try:
-                        q, p, idx, util = _inputs(size, size, d, args.k, dtype, dev)
+                        if base is None:
+                            base = _inputs(size, size, d, args.k, dtype, dev)
+                        q, p = (t.detach().requires_grad_() for t in base[:2])
+                        idx, util = base[2:]
                         if impl == "triton" and cuda:
                             from uae_fast.ops._infonce_gemm_triton import KERNEL_INFO
 
@@ -339,6 +344,9 @@ def _grid(args, torch, dev, cuda, device_name, impls, settings, sizes, dims, sta
                         + (f", regs {row.get('n_regs')} spills {row.get('n_spills')}" if impl == "triton" and cuda else "")
                     )
                     print(f"[{setting} B=N={size} d={d} {impl}] {what}", flush=True)
+                del base
+                if cuda:
+                    torch.cuda.empty_cache()
 
 
 def _relative(results):
