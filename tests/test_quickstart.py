@@ -33,6 +33,7 @@ def test_quickstart_writes_every_artefact(tmp_path, tiny_models):
                        env={**os.environ, "TRITON_INTERPRET": "0"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "S@1" in r.stdout and "R@1" in r.stdout and "faster per query" in r.stdout
+    assert "--resume but no checkpoint" not in r.stderr  # a first run starts; only a rerun resumes
 
     report = json.loads((out / "report.json").read_text())
     assert set(report["eval"]["systems"]) == {"uae", "bm25", "base", "rerank"}

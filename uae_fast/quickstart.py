@@ -242,7 +242,8 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     # which makes a supervised model, not a distilled one.
     scored, _ = load_utilities(train_utils)
     train_on = RetrievalDataset(train_ds.passages, [x for x in train_ds.queries if x.id in scored], train_ds.name)
-    summary = train(cfg, model_dir, resume=True, progress=progress, ds=train_on)
+    started = os.path.isdir(model_dir) and bool(os.listdir(model_dir))  # a rerun resumes; a first run just starts
+    summary = train(cfg, model_dir, resume=started, progress=progress, ds=train_on)
     report["stages"]["train"] = {"seconds": round(time.time() - t0, 1), "utilities": train_utils,
                                  **{k: summary[k] for k in ("steps", "final_loss", "train_queries")}}
 
