@@ -613,7 +613,6 @@ class TopKIndex:
             raise corrupt(f"missing or bad field {e}") from None
         if backend not in _BACKENDS or metric not in _METRICS or dim < 1 or ntotal < 0:
             raise corrupt("bad backend, metric, dim or ntotal")
-        ids = arrays.get("ids")
         # the small sections live in memory, not in the mapping: a file rewritten in place after load
         # cannot change the ids (or int8 scales) an open index returns
         arrays.update({k: np.array(v) for k, v in arrays.items() if k in ("ids", "scales", "rowsums", "rscales")})

@@ -139,9 +139,6 @@ def retrieval_metrics(rankings: Sequence[Sequence], golds: Sequence[Iterable], k
     if not rankings:
         raise ValueError("rankings is empty: no queries to evaluate")
     out: Dict[str, float] = {"n": len(rankings)}
-    for i, g in enumerate(golds):
-        if not _as_gold(g):
-            raise ValueError(f"golds[{i}] is empty: drop queries without gold passages before scoring retrieval")
     out.update({k: sum(v) / len(v) for k, v in per_query_metrics(rankings, golds, ks).items()})
     return out
 
@@ -152,8 +149,9 @@ def per_query_metrics(rankings: Sequence[Sequence], golds: Sequence[Iterable], k
     if len(rankings) != len(golds):
         raise ValueError(f"rankings has {len(rankings)} queries but golds has {len(golds)}")
     pairs = [(_check_ranking(r), _as_gold(g)) for r, g in zip(rankings, golds)]  # checked once, not per metric
-    if any(not g for _, g in pairs):
-        raise ValueError("gold is empty: recall is undefined without a relevant id")
+    for i, (_, g) in enumerate(pairs):
+        if not g:
+            raise ValueError(f"golds[{i}] is empty: drop queries without gold passages before scoring retrieval")
     out: Dict[str, List[float]] = {f"Success@{k}": [float(any(x in g for x in r[:k])) for r, g in pairs] for k in ks}
     out.update({f"Recall@{k}": [sum(x in g for x in r[:k]) / len(g) for r, g in pairs] for k in ks})
     out["MAP"] = [_average_precision(r, g) for r, g in pairs]

@@ -172,10 +172,6 @@ def _check_options(args) -> None:
                                 f"({', '.join(TEACHERS)})")
     if args.student and not os.path.isdir(args.student):
         raise FileNotFoundError(f"--student {args.student!r}: model folder not found")
-    if args.utilities:
-        from .training import load_utilities
-
-        load_utilities(args.utilities)  # NaN, missing or unreadable: before stage 1, not after it
 
 
 def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: Optional[str] = None,
@@ -301,7 +297,10 @@ def _main(args) -> int:
         for k, v in check(args.full, args.train_data, args.dev_data, args.utilities).items():
             print(f"{k}: {v}")
         return 0
+    if args.utilities:
+        from .training import load_utilities
 
+        load_utilities(args.utilities)  # NaN, missing or unreadable: before stage 1, not after it
     quickstart(args.out, full=args.full, train_data=args.train_data, dev_data=args.dev_data, teacher=args.teacher,
                student=args.student, utilities=args.utilities, score_queries=args.score_queries,
                train_steps=args.train_steps, dev_queries=args.dev_queries, rerank_queries=args.rerank_queries,

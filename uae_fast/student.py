@@ -178,10 +178,9 @@ class BiEncoder(nn.Module):
         self.normalize = norm if normalize is None else bool(normalize)
         self.do_lower_case = lower
         tok_len = getattr(self.tokenizer, "model_max_length", None)
-        pos_len = getattr(self.model.config, "max_position_embeddings", None) or 512
-        default_len = cfg_len or (tok_len if tok_len and tok_len < _NO_LIMIT else None) or min(512, pos_len)
         # the model's hard limit where its config states one (absolute position embeddings), else none
         self._max_positions = getattr(self.model.config, "max_position_embeddings", None) or None
+        default_len = cfg_len or (tok_len if tok_len and tok_len < _NO_LIMIT else None) or min(512, self._max_positions or 512)
         self.max_seq_length = (min(int(default_len), self._max_positions or int(default_len)) if max_seq_length is None
                                else self._check_length("max_seq_length", max_seq_length))
         self.to(resolve_device(device))
@@ -243,8 +242,6 @@ class BiEncoder(nn.Module):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}")
-        if max_length is not None:
-            self._check_length("max_length", max_length)
         out = torch.empty(len(texts), self.dim, dtype=dtype)
         if not texts:
             return out
