@@ -135,11 +135,14 @@ fi
 if [ "$PART" = infonce ]; then
 # Issue 17. Correctness first (the kernels on CUDA against float64), then the grid, cut by its own budget so the
 # tuned row and the token_logprobs row still run; results straight to $OUT (each JSON one returned file).
-step infonce_tests 50 "$PY" -m pytest -q tests/test_infonce_triton.py tests/test_infonce.py -n 8 -p no:cacheprovider -rfE
+# Only the tests that launch kernels: the Triton cache starts empty and each odd shape is a compile (the CPU-only
+# tests of tests/test_infonce.py run in CI).
+step infonce_tests 60 "$PY" -m pytest -q tests/test_infonce_triton.py tests/test_infonce.py::test_triton_matches_float64_reference \
+    tests/test_infonce.py::test_triton_float64_rules -n 8 -p no:cacheprovider -rfE
 # Both benchmark calls rewrite their JSON after every case, so a timeout keeps what was measured.
-step bench_infonce_gpu 125 "$PY" benchmarks/bench_infonce_gpu.py --budget-s 100 --json "$OUT/infonce-gpu.json"
-# chunked too: the AUTO_TABLE picks the faster of chunked and triton per key
-step bench_infonce_tuned 50 "$PY" benchmarks/bench_infonce_gpu.py --sizes 16384 --dims 768 --settings bf16 tf32 \
+step bench_infonce_gpu 115 "$PY" benchmarks/bench_infonce_gpu.py --budget-s 90 --json "$OUT/infonce-gpu.json"
+# chunked too: the AUTO_TABLE picks the faster of chunked and triton per key; autotuning compiles ~6 configs
+step bench_infonce_tuned 60 "$PY" benchmarks/bench_infonce_gpu.py --sizes 16384 --dims 768 --settings bf16 tf32 \
     --impls naive chunked triton --autotune --no-accuracy --json "$OUT/infonce-gpu-tuned.json"
 step bench_logprob_target 35 "$PY" benchmarks/bench_logprob.py --device cuda --shapes llama-3-8b --n 8192 --autotune --json "$OUT/logprob-target.json"
 fi

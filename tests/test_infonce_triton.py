@@ -116,9 +116,12 @@ def test_matches_float64_reference(b, n, d, k, e, dtype, reduction, mix, triton_
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_many_chunks_and_splits(reduction, triton_device, monkeypatch):
-    # A 16-row workspace: 3 chunks of the gradient pass, the last one ragged; and the LSE pass over 4 splits.
+    # A one-tile workspace: 3 chunks of the gradient pass, the last one ragged; and the LSE pass over 4 splits.
+    # Sized from the device's first config (16 rows in the interpreter, 64-128 on a GPU).
+    blk = G.candidates(torch.float32, torch.device(triton_device))[0].block_b
+    b = 2 * blk + 5
     monkeypatch.setattr(G, "_MIN_ROWS", 1)
-    monkeypatch.setattr(G, "_WS_BYTES", 16 * 80 * 4)
+    monkeypatch.setattr(G, "_WS_BYTES", blk * 80 * 4)
     real = G._launch
     seen = []
 
@@ -128,12 +131,10 @@ def test_many_chunks_and_splits(reduction, triton_device, monkeypatch):
         return out
 
     monkeypatch.setattr(G, "_launch", spy)
-    case = _case(37, 75, 24, 3, 2, torch.float32, triton_device)
+    case = _case(b, 75, 24, 3, 2, torch.float32, triton_device)
     # tau = 0.5 keeps the bound tight enough that no chunk is recomputed (the next test covers that)
     _check_against_reference(case, reduction=reduction, mix=0.0, dtype=torch.float32, tau=0.5)
-    rows, _ = G._ws_rows(37, 75, 4, G.candidates(torch.float32, torch.device(triton_device))[0])
-    want = [min(rows, 37 - r0) for r0 in range(0, 37, rows)]  # interpreter tiles: [16, 16, 5]
-    assert [s[1] for w, s in seen if w] == want, seen
+    assert [s[1] for w, s in seen if w] == [blk, blk, 5], seen
     q, p = case[0], case[1]
     full = G.lse2_rows(q, p, 1 / 0.07, splits=4)
     one = G.lse2_rows(q, p, 1 / 0.07, splits=1)
@@ -159,14 +160,15 @@ def test_loose_bound_recomputes_the_chunk(triton_device, monkeypatch):
 
 
 def test_loose_bound_redoes_only_its_chunk(triton_device, monkeypatch):
-    # Three 16-row chunks; only the middle one's queries have a norm that makes the bound loose (the others are
+    # Three one-tile chunks; only the middle one's queries have a norm that makes the bound loose (the others are
     # tiny, so their bound stays within range): only that chunk gets an exact LSE pass and is redone.
+    blk = G.candidates(torch.float32, torch.device(triton_device))[0].block_b
     monkeypatch.setattr(G, "_MIN_ROWS", 1)
-    monkeypatch.setattr(G, "_WS_BYTES", 16 * 48 * 4)
-    q, p, idx, util, gold, _ = _case(40, 40, 16, 2, 0, torch.float32, "cpu")
+    monkeypatch.setattr(G, "_WS_BYTES", blk * 48 * 4)
+    q, p, idx, util, gold, _ = _case(2 * blk + 8, 40, 16, 2, 0, torch.float32, "cpu")
     q[:, 0] = 0.0
-    q[:16] *= 0.01
-    q[32:] *= 0.01
+    q[:blk] *= 0.01
+    q[2 * blk:] *= 0.01
     p[5] = 0.0
     p[5, 0] = 10.0
     case = tuple(t.to(triton_device) for t in (q, p, idx, util, gold)) + (None,)
@@ -174,7 +176,7 @@ def test_loose_bound_redoes_only_its_chunk(triton_device, monkeypatch):
     real = G._launch
     monkeypatch.setattr(G, "_launch", lambda *a, **kw: calls.append((a[2], kw.get("ws") is not None)) or real(*a, **kw))
     _check_against_reference(case, reduction="mean", mix=0.3, dtype=torch.float32, tau=0.02)
-    assert calls == [(0, True), (16, True), (16, False), (16, True), (32, True)], calls
+    assert calls == [(0, True), (blk, True), (blk, False), (blk, True), (2 * blk, True)], calls
 
 def test_exclusion_of_passage_zero_with_padded_targets(triton_device):
     # Padded target slots point at passage 0 with weight 0; excluding passage 0 must not give 0 * -inf = NaN
