@@ -114,14 +114,21 @@ def test_matches_float64_reference(b, n, d, k, e, dtype, reduction, mix, triton_
     _check_against_reference(case, reduction=reduction, mix=mix, dtype=dtype)
 
 
+def _one_tile_workspace(monkeypatch, device, n):
+    """Shrink the E workspace to one tile of rows for n passages; returns the rows (the device's fp32 tile: 16 in
+    the interpreter, 64-128 on a GPU), so chunking tests hold on either."""
+    cfg = G.candidates(torch.float32, torch.device(device))[0]
+    _, ld = G._ws_rows(1, n, 4, cfg)  # the workspace's padded row length
+    monkeypatch.setattr(G, "_MIN_ROWS", 1)
+    monkeypatch.setattr(G, "_WS_BYTES", cfg.block_b * ld * 4)
+    return cfg.block_b
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_many_chunks_and_splits(reduction, triton_device, monkeypatch):
     # A one-tile workspace: 3 chunks of the gradient pass, the last one ragged; and the LSE pass over 4 splits.
-    # Sized from the device's first config (16 rows in the interpreter, 64-128 on a GPU).
-    blk = G.candidates(torch.float32, torch.device(triton_device))[0].block_b
+    blk = _one_tile_workspace(monkeypatch, triton_device, 75)
     b = 2 * blk + 5
-    monkeypatch.setattr(G, "_MIN_ROWS", 1)
-    monkeypatch.setattr(G, "_WS_BYTES", blk * 80 * 4)
     real = G._launch
     seen = []
 
@@ -162,9 +169,7 @@ def test_loose_bound_recomputes_the_chunk(triton_device, monkeypatch):
 def test_loose_bound_redoes_only_its_chunk(triton_device, monkeypatch):
     # Three one-tile chunks; only the middle one's queries have a norm that makes the bound loose (the others are
     # tiny, so their bound stays within range): only that chunk gets an exact LSE pass and is redone.
-    blk = G.candidates(torch.float32, torch.device(triton_device))[0].block_b
-    monkeypatch.setattr(G, "_MIN_ROWS", 1)
-    monkeypatch.setattr(G, "_WS_BYTES", blk * 48 * 4)
+    blk = _one_tile_workspace(monkeypatch, triton_device, 40)
     q, p, idx, util, gold, _ = _case(2 * blk + 8, 40, 16, 2, 0, torch.float32, "cpu")
     q[:, 0] = 0.0
     q[:blk] *= 0.01
