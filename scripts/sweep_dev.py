@@ -10,7 +10,7 @@ question's paper paragraphs by exact cosine (the same metric code as `uae eval`)
 (per-question Success@1 and AP included, for paired comparisons), and a table is printed at the end.
 
     python scripts/sweep_dev.py --out OUT [--grid main] [--workers 6] [--budget-s 400] [--student DIR]
-    python scripts/sweep_dev.py --report OUT/sweep.jsonl       # the table again, from a finished sweep
+    python scripts/sweep_dev.py --report OUT/sweep.jsonl [MORE.jsonl]   # the table again, from finished sweeps
 
 Jobs that would start after ``--budget-s`` are skipped (listed as such), so a lease is never overrun; jobs
 already in ``OUT/sweep.jsonl`` (same group, loss, seed) are not run again, so a sweep split over several
@@ -241,15 +241,43 @@ def _job_key(r) -> tuple:
     return r["group"], r["loss"], r["seed"]
 
 
-def report(path):
-    """Mean over seeds per (group, loss), and UAE minus InfoNCE paired by seed (same batches)."""
+def _read_records(paths):
+    """The records of one or more sweep files, in order. A job (group, loss, seed) finished in two files must
+    be the same run (equal metrics; e.g. a reference copied into a later sweep's folder), else it is an error."""
+    from uae_fast.data import open_text
+
+    recs, seen = [], {}
+    for path in paths:
+        with open_text(path, "sweep results") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                r = json.loads(line)
+                if "metrics" in r and not r.get("skipped"):
+                    key = _job_key(r)
+                    if key in seen:
+                        if seen[key][1] != r["metrics"]:
+                            raise ValueError(f"job {'/'.join(map(str, key))} has different results in {seen[key][0]} and {path}")
+                        continue
+                    seen[key] = (path, r["metrics"])
+                recs.append(r)
+    return recs
+
+
+def _sd(xs):
+    """Sample sd over seeds (ddof 1), as the README's tables; 0 for one seed."""
+    import numpy as np
+
+    return float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
+def report(*paths):
+    """Mean over seeds per (group, loss), and UAE minus InfoNCE paired by seed (same batches). Several files
+    (e.g. a sweep and the sweep that ran the gold reference's seeds) are read as one."""
     import numpy as np
     from uae_fast.metrics import paired_bootstrap, upgrade_metric_names
 
-    from uae_fast.data import open_text
-
-    with open_text(path, "sweep results") as f:
-        recs = [json.loads(line) for line in f if line.strip()]
+    recs = _read_records(paths)
     for r in recs:  # records written before Success@k existed call it "Recall@k"
         for k in ("metrics", "per_query"):
             if k in r:
@@ -264,7 +292,7 @@ def report(path):
     for (g, loss), runs in sorted(by.items(), key=lambda kv: (list(GROUPS).index(kv[0][0]) if kv[0][0] in GROUPS else 99, kv[0])):
         seeds = sorted(runs)
         m = {k: np.mean([runs[s]["metrics"].get(k, np.nan) for s in seeds]) for k in ("Success@1", "Success@5", "Recall@1", "MAP", "MRR")}
-        sd = np.std([runs[s]["metrics"]["Success@1"] for s in seeds])
+        sd = _sd([runs[s]["metrics"]["Success@1"] for s in seeds])
         diff = ["", ""]
         if loss == "uae":
             ref = by.get((g, "infonce"), base_inf)
@@ -321,7 +349,7 @@ def answer_only_table(by) -> str:
     gold = groups.get("gold-infonce")
     weak = [g for g in groups if g.startswith("weak-")]
     best_weak = max(weak, key=lambda g: mean[g]["Success@1"]) if weak else None
-    lines = [f"| system | seeds | S@1 mean (population sd) | MAP mean (population sd) | S@1 / gold InfoNCE | vs gold InfoNCE: S@1, MAP (paired) | "
+    lines = [f"| system | seeds | S@1 mean (sample sd) | MAP mean (sample sd) | S@1 / gold InfoNCE | vs gold InfoNCE: S@1, MAP (paired) | "
              f"vs best weak ({best_weak or '-'}): S@1, MAP |", "|---|---:|---:|---:|---:|---|---|"]
     order = ["untrained", "bm25"] + list(ANSWER_ONLY)
     for g in sorted(groups, key=order.index):
@@ -339,7 +367,7 @@ def answer_only_table(by) -> str:
                 out.append("" if pb is None else f"{pb['diff']:+.4f} (p={pb['p']:.3f})")
             cells.append(", ".join(out))
         ratio = f"{mean[g]['Success@1'] / mean['gold-infonce']['Success@1']:.2f}x" if gold else ""
-        lines.append(f"| {g} | {len(runs)} | {np.mean(r1):.4f} ({np.std(r1):.4f}) | {np.mean(ap):.4f} ({np.std(ap):.4f}) | "
+        lines.append(f"| {g} | {len(runs)} | {np.mean(r1):.4f} ({_sd(r1):.4f}) | {np.mean(ap):.4f} ({_sd(ap):.4f}) | "
                      f"{ratio} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
@@ -347,7 +375,8 @@ def answer_only_table(by) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="folder for sweep.jsonl")
-    ap.add_argument("--report", help="print the table of a finished sweep.jsonl and exit")
+    ap.add_argument("--report", nargs="+", metavar="SWEEP_JSONL",
+                    help="print the table of finished sweep.jsonl files (read as one) and exit")
     ap.add_argument("--grid", default="main")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--train", default=None)
@@ -383,7 +412,7 @@ def main(argv=None):
                     help="train into DIR/GROUP-LOSS-sSEED and keep the models (checkpointed: a killed sweep resumes)")
     args = ap.parse_args(argv)
     if args.report:
-        print(report(args.report))
+        print(report(*args.report))
         return 0
     if not args.out:
         ap.error("--out is required")

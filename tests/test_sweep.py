@@ -86,6 +86,23 @@ def test_report_means_and_pairs_by_seed(tmp_path, old_names):
     assert table.endswith("1 job(s) skipped at the budget: base/uae/2")
 
 
+def test_report_reads_several_files_as_one(tmp_path):
+    # a sweep and the sweep that ran the reference's other seeds: one table, sample sd over all seeds; the
+    # same job in both files is read once if it is the same run, and refused if its results differ
+    def rec(seed, r1):
+        return {"group": "base", "loss": "uae", "seed": seed, "train_s": 1.0, "steps": 1,
+                "metrics": {"Success@1": sum(r1) / 4, "Success@5": 1.0, "MAP": sum(r1) / 4, "MRR": 1.0},
+                "per_query": {"Success@1": r1, "MAP": r1}}
+    a, b, c = (tmp_path / n for n in ("a.jsonl", "b.jsonl", "c.jsonl"))
+    a.write_text(json.dumps(rec(0, [1, 1, 0, 0])) + "\n")
+    b.write_text(json.dumps(rec(0, [1, 1, 0, 0])) + "\n" + json.dumps(rec(1, [1, 1, 1, 1])) + "\n")
+    row = next(x for x in sweep_dev.report(str(a), str(b)).splitlines() if x.startswith("| base | uae |"))
+    assert "| 2 | 0.7500 (sd 0.3536) |" in row  # seeds 0.5 and 1.0: sample sd 0.3536 (population sd would be 0.25)
+    c.write_text(json.dumps(rec(0, [1, 0, 0, 0])) + "\n")
+    with pytest.raises(ValueError, match="job base/uae/0 has different results in .*a.jsonl and .*c.jsonl"):
+        sweep_dev.report(str(a), str(c))
+
+
 def test_answer_only_grid_end_to_end(tmp_path, tiny):
     # The #16 grid at tiny size: every group trains (or ranks) and the report pairs each row with gold
     # InfoNCE and the best weak baseline; a second call runs only what is missing.
