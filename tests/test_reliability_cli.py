@@ -54,8 +54,12 @@ P0 = {"type": "passage", "id": "d0:0", "doc_id": "d0", "text": "alpha"}
 P1 = {"type": "passage", "id": "d0:1", "doc_id": "d0", "text": "beta"}
 Q0 = {"type": "query", "id": "q0", "question": "which?", "answers": ["alpha"], "gold": ["d0:0"], "doc_id": "d0"}
 
+# A gzip header, then a deflate block of the reserved type 3: zlib.error (not an OSError), as a flipped byte gives.
+DAMAGED_GZ = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff\x07" + b"\x00" * 20
+
 # (file name, content as text or bytes, expected message part)
 BAD_DATA = {
+    "damaged_gz": ("data.json.gz", DAMAGED_GZ, "truncated or corrupt gzip"),
     "truncated_gz": ("data.json.gz", lambda: open(TRAIN, "rb").read()[:3000], "truncated or corrupt gzip"),
     "plain_named_gz": ("data.json.gz", _qasper(), "named .gz but is not gzip-compressed"),
     "jsonl_truncated_gz": ("data.jsonl.gz", lambda: gzip.compress(_jsonl(P0, P1, Q0).encode() * 50)[:60],
@@ -114,7 +118,7 @@ def test_directory_as_data(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- the CLI on bad input
-@pytest.mark.parametrize("key", ["truncated_gz", "plain_named_gz", "missing_question_id", "answer_not_object",
+@pytest.mark.parametrize("key", ["truncated_gz", "damaged_gz", "plain_named_gz", "missing_question_id", "answer_not_object",
                                  "jsonl_answers_string", "jsonl_array_line", "jsonl_duplicate_passage"])
 @pytest.mark.parametrize("cmd", ["train", "score", "eval"])
 def test_cli_bad_data_is_one_line(tmp_path, capsys, tiny, utils, key, cmd):
@@ -206,6 +210,14 @@ def test_cli_merge_truncated_or_foreign_shard(tmp_path, capsys):
     rows.write_text(_jsonl(header, [1, 2]))
     assert "not a utility row" in one_error_line(capsys, main(["score", "--merge", str(rows), "--out", str(out)]), "score")
     assert not out.exists() and not os.path.exists(str(out) + ".partial")
+
+
+def test_cli_damaged_utilities_is_one_line(tmp_path, capsys, tiny):
+    bad = tmp_path / "u.jsonl.gz"
+    bad.write_bytes(DAMAGED_GZ)
+    line = one_error_line(capsys, main(["train", "--data", TRAIN, "--utilities", str(bad), "--student", tiny,
+                                        "--out", str(tmp_path / "out"), "--no-progress"]), "train")
+    assert bad.name in line and not (tmp_path / "out").exists()
 
 
 def test_cli_syntax_errors_are_one_line(capsys):

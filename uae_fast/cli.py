@@ -16,6 +16,7 @@ import argparse
 import os
 import re
 import sys
+import zlib
 from importlib import import_module
 from typing import Optional
 
@@ -34,8 +35,9 @@ _SUBCOMMANDS = ["uae_fast.scoring", "uae_fast.training", "uae_fast.export", "uae
 
 # Exceptions that mean bad input or a bad environment, not a bug: ValueError (incl. JSON and Unicode
 # decoding), TypeError, OSError (missing/unreadable/unwritable paths, corrupt gzip), EOFError (truncated
-# gzip), FloatingPointError (a diverging run), MemoryError. Modules convert what they can at the source.
-_USER_ERRORS = (ValueError, TypeError, OSError, EOFError, FloatingPointError, MemoryError)
+# gzip), zlib.error (a damaged gzip block), FloatingPointError (a diverging run), MemoryError. Modules
+# convert what they can at the source.
+_USER_ERRORS = (ValueError, TypeError, OSError, EOFError, zlib.error, FloatingPointError, MemoryError)
 
 
 class _Parser(argparse.ArgumentParser):

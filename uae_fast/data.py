@@ -126,9 +126,10 @@ def open_text(path: str, what: str = "data file"):
     return open(path, "r", encoding="utf-8")
 
 
-# Reading a truncated or corrupt file raises EOFError (gzip stream cut short), OSError (BadGzipFile, CRC)
-# or UnicodeDecodeError; callers want one line that names the file.
-_READ_ERRORS = (OSError, EOFError, UnicodeDecodeError)
+# Reading a truncated or corrupt file raises EOFError (gzip stream cut short), OSError (BadGzipFile, CRC),
+# zlib.error (a damaged deflate block: not an OSError) or UnicodeDecodeError; callers want one line that
+# names the file.
+READ_ERRORS = (OSError, EOFError, zlib.error, UnicodeDecodeError)
 
 
 def _unreadable(path: str, what: str, e: BaseException, line: Optional[int] = None) -> ValueError:
@@ -144,7 +145,7 @@ def read_lines(path: str, what: str = "data file") -> Iterator[Tuple[int, str]]:
         while True:
             try:
                 line = f.readline()
-            except _READ_ERRORS as e:
+            except READ_ERRORS as e:
                 raise _unreadable(path, what, e, n + 1) from None
             if not line:
                 return
@@ -157,7 +158,7 @@ def read_text(path: str, what: str = "data file") -> str:
     with open_text(path, what) as f:
         try:
             return f.read()
-        except _READ_ERRORS as e:
+        except READ_ERRORS as e:
             raise _unreadable(path, what, e) from None
 
 

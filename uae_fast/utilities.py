@@ -25,7 +25,7 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .data import RetrievalDataset, jsonl_records, read_text
+from .data import READ_ERRORS, RetrievalDataset, jsonl_records, read_text
 
 FORMAT = "uae-utilities/1"
 # Settings that fix a row's utility: the teacher and its prompt, and which answers and data it read. The
@@ -109,7 +109,7 @@ def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
             sums.setdefault(str(rec["qid"]), {}).setdefault(str(rec["pid"]), []).append(u)
     except FileNotFoundError:
         raise
-    except (OSError, EOFError) as e:  # truncated or non-gzip .gz
+    except READ_ERRORS as e:  # truncated, damaged or non-gzip .gz
         raise ValueError(f"{path}: cannot read utilities ({e})") from None
     if not sums:
         if partial:
