@@ -209,6 +209,22 @@ def test_clean_kill_point_refuse_without_resume_and_noop(ds, scorer, tmp_path):
     assert open(out).read() == open(ref).read()
 
 
+@pytest.mark.parametrize("limit", [3, 7, None])
+def test_resume_with_other_questions_is_refused(ds, scorer, tmp_path, limit):
+    # A partial run of 5 questions resumed with another --limit would publish a table whose header
+    # promises other questions (or fail on its row count): refuse it up front, naming the setting.
+    ref = str(tmp_path / "ref.jsonl")
+    score_dataset(scorer, ds, ref, candidates="top:2", progress=False, limit=5)
+    out = str(tmp_path / "run.jsonl")
+    lines = open(ref).read().splitlines(keepends=True)
+    with open(out + ".partial", "w") as f:
+        f.writelines(lines[: 1 + json.loads(lines[1])["n_cand"]])
+    with pytest.raises(ValueError, match=r"different settings \(.*limit"):
+        score_dataset(scorer, ds, out, candidates="top:2", progress=False, limit=limit, resume=True)
+    with pytest.raises(ValueError, match=r"is complete but was written with different settings \(.*limit"):
+        score_dataset(scorer, ds, ref, candidates="top:2", progress=False, limit=limit, resume=True)
+
+
 def test_resume_with_batching_keeps_rows_unique(ds, teacher_dir, tmp_path):
     s = UtilityScorer.from_pretrained(teacher_dir, device="cpu", **OPTS)  # default token budget: batched rows
     ref = str(tmp_path / "ref.jsonl")

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 
 # The table format is owned by .utilities; these names stay importable from here.
-from .utilities import COMPAT_KEYS, FORMAT, finalize, make_row, read_utilities, recover_partial, student_name
+from .utilities import FORMAT, RESUME_KEYS, finalize, make_row, read_utilities, recover_partial, student_name
 from .utilities import reusable_rows
 from .utilities import merge_shards as merge
 
@@ -273,7 +273,7 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
     if os.path.exists(out):
         if resume:
             done_header = read_utilities(out)[0]
-            diff = [k for k in COMPAT_KEYS + ("shard", "n_queries", "n_rows") if done_header.get(k) != header.get(k)]
+            diff = [k for k in RESUME_KEYS if done_header.get(k) != header.get(k)]
             if diff:  # "nothing to do" would hand back a table these options did not ask for
                 raise ValueError(f"--resume: {out} is complete but was written with different settings "
                                  f"({', '.join(diff)}); use the same options, or delete it or choose another --out")

@@ -34,6 +34,8 @@ _ROW_VALUE_KEYS = ("format", "teacher", "dtype", "prompt_with", "prompt_without"
                    "max_answer_tokens", "aggregation", "clip", "answers", "data")
 # Settings that must match for rows to be combined into one table (resume / shard merge): also the same rows.
 COMPAT_KEYS = _ROW_VALUE_KEYS + ("candidates", "candidate_student", "order", "with_gold_only", "no_gold")
+# Settings that must match to resume a run: also the same questions (--limit, --questions-from) and shard.
+RESUME_KEYS = COMPAT_KEYS + ("shard", "n_queries", "n_rows", "limit", "questions_from")
 # Settings that must match for tables of different teachers to be ensembled (the same rows were scored).
 _SAME_ROWS_KEYS = ("candidates", "candidate_student", "no_gold", "data", "answers")
 
@@ -225,9 +227,8 @@ def recover_partial(partial: str, header: dict) -> Tuple[set, int, int]:
         return set(), -1, 0
     if not isinstance(old, dict):
         return set(), -1, 0
-    diff = [k for k in COMPAT_KEYS if old.get(k) != header.get(k)]
-    if diff or old.get("shard") != header.get("shard"):
-        diff = diff or ["shard"]
+    diff = [k for k in RESUME_KEYS if old.get(k) != header.get(k)]
+    if diff:
         raise ValueError(f"--resume: {partial} was written with different settings ({', '.join(diff)}); "
                          f"use the same options or delete it")
     done, keep_end, pos, n_rows = set(), nl + 1, nl + 1, 0
