@@ -16,9 +16,9 @@
 # ensemble, the weak baselines, gold InfoNCE/UAE, gold UAE with gemma; 3 seeds) and (d) its README table with
 # the paired differences. About 5 min of scoring + 8 min of sweep: run it twice (the second call carries the
 # first call's tables in TABLES_DIR and its sweep.jsonl in SWEEP_PREV; finished steps are skipped);
-# `infonce` = issue 17's device check (< 5 min): the utility_infonce Triton tests on CUDA, then bench_infonce_gpu.py's grid (bf16,
-# fp32+TF32, fp32 IEEE; B = N in 4096/16384/65536, d in 384/768/1024; naive, chunked, triton, Inf-CL,
-# CachedMNRL; largest last) into $OUT/infonce-gpu.json, the triton path autotuned at B = N = 16384, d = 768
+# `infonce` = issue 17's device check (< 5 min): the utility_infonce tests that launch Triton kernels, on CUDA, then
+# bench_infonce_gpu.py's grid (bf16, fp32+TF32, fp32 IEEE; B = N in 16384 (the target, first)/4096/65536, d in
+# 768/384/1024; naive, chunked, triton, Inf-CL, CachedMNRL; largest last) into $OUT/infonce-gpu.json, the triton path autotuned at B = N = 16384, d = 768
 # ($OUT/infonce-gpu-tuned.json), then token_logprobs' target row ($OUT/logprob-target.json).
 #   Inf-CL travels as a wheel (pure Python + Triton kernels, no compilation; numpy and triton are on the image).
 #   Here, once, in the repo root (.whl/ is git-ignored):
@@ -108,6 +108,8 @@ step install 150 bash -c '
         mkdir -p "$UAE_CACHE_DIR" && cat $GEMMA_GGUF >"$UAE_CACHE_DIR/gemma-3-270m-q4_k_m.gguf"
     fi
     ls -l "$W" 2>/dev/null | tail -n +2
+    # the Inf-CL peer (issue 17): say here, not only in its rows, when its wheel did not travel
+    [ "'"$PART"'" != infonce ] || '"$PY"' -c "import inf_cl; print(\"inf_cl\", inf_cl.__file__)" || echo "inf_cl not importable: carry its wheel (WHEEL_DIR)"
     [ "'"$PART"'" = infonce ] || '"$PY"' -c "import transformers, sys; print(\"transformers\", transformers.__version__, transformers.__file__)"
     # The C++ extension (retrieval) needs a build; the Triton kernels do not (PYTHONPATH suffices).
     # (skipped for `infonce`: its kernels and benchmarks need no extension, and the build costs ~30 s)
@@ -140,7 +142,10 @@ if [ "$PART" = infonce ]; then
 step infonce_tests 60 "$PY" -m pytest -q tests/test_infonce_triton.py tests/test_infonce.py::test_triton_matches_float64_reference \
     tests/test_infonce.py::test_triton_float64_rules -n 8 -p no:cacheprovider -rfE
 # Both benchmark calls rewrite their JSON after every case, so a timeout keeps what was measured.
-step bench_infonce_gpu 115 "$PY" benchmarks/bench_infonce_gpu.py --budget-s 90 --json "$OUT/infonce-gpu.json"
+# The target shape (B = N = 16384, d = 768) first, so the AUTO_TABLE row lands even if the budget cuts the grid;
+# the largest shapes (65536) last.
+step bench_infonce_gpu 115 "$PY" benchmarks/bench_infonce_gpu.py --sizes 16384 4096 65536 --dims 768 384 1024 \
+    --budget-s 90 --json "$OUT/infonce-gpu.json"
 # chunked too: the AUTO_TABLE picks the faster of chunked and triton per key; autotuning compiles ~6 configs
 step bench_infonce_tuned 60 "$PY" benchmarks/bench_infonce_gpu.py --sizes 16384 --dims 768 --settings bf16 tf32 \
     --impls naive chunked triton --autotune --no-accuracy --json "$OUT/infonce-gpu-tuned.json"

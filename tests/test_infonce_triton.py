@@ -248,6 +248,17 @@ def test_auto_table_and_its_update_from_results(capsys, tmp_path):
     path.write_text(__import__("json").dumps({"results": rows}))
     assert A.main([str(path)]) == 0
     assert "('sm90', 'bfloat16', '-'): 'triton'," in capsys.readouterr().out
+    # Several files pool; an autotuned file's triton rows are left out (impl="auto" runs the default config).
+    ieee = [dict(device_key="sm90", dtype="float32", precision="ieee", B=16384, d=768, impl=i, ms=ms)
+            for i, ms in (("chunked", 30.0), ("triton", 25.0))]
+    tuned = [dict(rows[1], ms=11.0), dict(rows[2], ms=1.0), dict(rows[3], impl="triton", ms=1.0)]
+    (tmp_path / "ieee.json").write_text(__import__("json").dumps({"results": ieee}))
+    (tmp_path / "tuned.json").write_text(__import__("json").dumps({"autotune": True, "results": tuned}))
+    assert A.main([str(path), str(tmp_path / "ieee.json"), str(tmp_path / "tuned.json")]) == 0
+    out = capsys.readouterr()
+    assert "('sm90', 'float32', 'ieee'): 'triton'," in out.out and "('sm90', 'float32', 'tf32'): 'torch'," in out.out
+    assert "('sm90', 'bfloat16', '-'): 'triton'," in out.out and "autotuned triton rows left out" in out.err
+    assert A.main([]) == 2
 
 
 def test_fully_excluded_tile_in_a_split(triton_device):

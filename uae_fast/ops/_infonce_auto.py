@@ -6,7 +6,7 @@ dtype = ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"float64"``; precision =
 float32 (torch.backends.cuda.matmul.allow_tf32), ``"-"`` otherwise. A key that is not in the table runs the
 chunked torch path: the one path measured to be within 1.4x of the naive loss's time on a GPU so far.
 
-To update after a GPU run: ``python -m uae_fast.ops._infonce_auto benchmarks/results/infonce-gpu.json``
+To update after a GPU run: ``python -m uae_fast.ops._infonce_auto benchmarks/results/infonce-gpu.json benchmarks/results/infonce-gpu-tuned.json``
 prints the rows the measurements support (the faster of "torch" and "triton" at B = N = 16384, d = 768,
 forward + backward); paste them into ``AUTO_TABLE``.
 """
@@ -69,13 +69,20 @@ def table_from_results(results: list) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m uae_fast.ops._infonce_auto RESULTS.json", file=sys.stderr)
+    if not argv:
+        print("usage: python -m uae_fast.ops._infonce_auto RESULTS.json [RESULTS.json ...]", file=sys.stderr)
         return 2
-    with open(argv[0]) as f:
-        data = json.load(f)
-    rows = table_from_results(data["results"] if isinstance(data, dict) else data)
-    for k, v in rows.items():
+    rows = []
+    for path in argv:  # the grid and the tuned run: pooled, so the table has every key either one reached
+        with open(path) as f:
+            data = json.load(f)
+        results = data["results"] if isinstance(data, dict) else data
+        if isinstance(data, dict) and data.get("autotune"):
+            # impl="auto" runs the default Triton config; an autotuned time would flatter it
+            print(f"# {path}: autotuned triton rows left out", file=sys.stderr)
+            results = [r for r in results if r.get("impl") != "triton"]
+        rows += results
+    for k, v in table_from_results(rows).items():
         print(f"    {k!r}: {v!r},")
     return 0
 
