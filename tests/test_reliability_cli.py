@@ -389,6 +389,41 @@ def test_damaged_checkpoint_and_output_paths_are_one_line(tmp_path, capsys, ds, 
     assert got.out == ""  # refused before any evaluation ran (no table printed)
 
 
+def _cut_weights(folder):
+    f = folder / "model.safetensors"  # a copy that stopped half way: safetensors' own error, not an OSError
+    b = f.read_bytes()
+    f.write_bytes(b[: len(b) // 2])
+
+
+def test_damaged_weights_are_one_line(tmp_path, capsys, ds, tiny, utils):
+    from test_teacher import byte_tokenizer, tiny_llama
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny, student)
+    _cut_weights(student)
+    line = one_error_line(capsys, main(["train", "--data", TRAIN, "--utilities", utils, "--student", str(student),
+                                        "--out", str(tmp_path / "o"), "--no-progress"]), "train")
+    assert "not a loadable encoder folder" in line and str(student) in line
+    # a checkpoint whose state is fine but whose weights are cut: resume names it and says what to do
+    out = tmp_path / "run"
+    train(TrainConfig(data=TRAIN, utilities=utils, student=tiny, **TINY_RUN), str(out), save_every=2, stop_after=2,
+          progress=False, ds=ds)
+    _cut_weights(out / "checkpoints" / "step-000002")
+    capsys.readouterr()
+    rc = main(["train", "--data", TRAIN, "--utilities", utils, "--student", tiny, "--out", str(out), "--resume",
+               "--max-steps", "4", "--batch-size", "4", "--passages-per-query", "3", "--max-passage-length", "32",
+               "--lr", "1e-3", "--seed", "1", "--no-progress"])
+    line = one_error_line(capsys, rc, "train")
+    assert "step-000002 is unreadable" in line and "delete it" in line
+    teacher = tmp_path / "teacher"
+    tiny_llama().save_pretrained(teacher)
+    byte_tokenizer().save_pretrained(teacher)
+    _cut_weights(teacher)
+    line = one_error_line(capsys, main(["score", "--data", TRAIN, "--out", str(tmp_path / "u.jsonl"), "--teacher",
+                                        str(teacher), "--limit", "1", "--no-progress"]), "score")
+    assert "not a loadable causal-LM folder" in line and not os.path.exists(tmp_path / "u.jsonl.partial")
+
+
 def test_cli_diverging_run_is_one_line_even_with_progress_bars(tmp_path, capsys, tiny, utils, monkeypatch):
     # The error comes from inside the training loop while uae's progress bar is drawn: the bar is erased, so
     # the terminal shows exactly the one error line (a bar redraws its line with \r, never with \n).

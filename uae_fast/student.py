@@ -160,6 +160,7 @@ class BiEncoder(nn.Module):
     def __init__(self, path: Optional[str] = None, *, device=None, max_seq_length: Optional[int] = None,
                  normalize: Optional[bool] = None):
         super().__init__()
+        from safetensors import SafetensorError
         from transformers import AutoModel, AutoTokenizer
 
         path = default_student_path() if path is None else os.fspath(path)
@@ -171,8 +172,8 @@ class BiEncoder(nn.Module):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(tdir)
             self.model = AutoModel.from_pretrained(tdir)
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{path!r} is not a loadable encoder folder: {e}") from None
+        except (OSError, ValueError, KeyError, SafetensorError) as e:  # SafetensorError: truncated or damaged weights
+            raise ValueError(f"{path!r} is not a loadable encoder folder: {' '.join(str(e).split())[:300]}") from None
         self.path = path
         self.pooling_modes = list(modes)
         self.normalize = norm if normalize is None else bool(normalize)

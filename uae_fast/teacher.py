@@ -187,9 +187,14 @@ def load_causal_lm(path: Optional[str] = None, *, dtype=None, device=None):
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"teacher {folder!r} is not a folder with an HF causal LM, nor a named teacher "
                                     f"({', '.join(TEACHERS)})")
-    tok = AutoTokenizer.from_pretrained(folder)
-    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=_pick_attention(device),
-                                                       output_loading_info=True)
+    from safetensors import SafetensorError
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=_pick_attention(device),
+                                                           output_loading_info=True)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # SafetensorError: truncated or damaged weights
+        raise ValueError(f"teacher {folder!r} is not a loadable causal-LM folder: {' '.join(str(e).split())[:300]}") from None
     missing = sorted(info.get("missing_keys") or ())
     if missing:  # e.g. an encoder folder: transformers would give it a random LM head and score noise
         raise ValueError(f"teacher {folder!r} is not a causal-LM checkpoint: {len(missing)} weights of "

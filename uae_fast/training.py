@@ -688,7 +688,10 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
             desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ValueError(f"--resume with different training settings than the checkpoint {ckpt} ({desc}); "
                              f"use the same settings or a new --out")
-        encoder = BiEncoder(ckpt, device=device)
+        try:
+            encoder = BiEncoder(ckpt, device=device)
+        except ValueError as e:  # its weights damaged after they were written
+            raise ValueError(f"checkpoint {ckpt} is unreadable ({e}); delete it to resume from the previous one") from None
     else:
         torch.manual_seed(cfg.seed)
         encoder = BiEncoder(cfg.student, device=device)
