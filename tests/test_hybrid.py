@@ -365,7 +365,7 @@ class _CountingEncoder:
         return torch.tensor([[len(t), t.count("a"), 1.0] for t in texts])
 
 
-def test_embedding_cache_reuses_and_resumes(tmp_path):
+def test_embedding_cache_reuses_and_resumes(tmp_path, capsys):
     import torch
 
     from uae_fast.embcache import Incomplete, encode_cached, encoder_key
@@ -389,6 +389,13 @@ def test_embedding_cache_reuses_and_resumes(tmp_path):
     assert encoder_key(str(model)) != key
     encode_cached(enc, texts[:1], cache_dir=str(tmp_path / "c"), model_path=str(model))
     assert enc.seen == ["aa"]
+    # a chunk damaged on disk is moved aside with a warning and its texts are encoded again
+    (chunk,) = (tmp_path / "c" / encoder_key(str(model))).glob("chunk-*.pt")
+    chunk.write_bytes(chunk.read_bytes()[:40])
+    enc.seen.clear()
+    assert torch.equal(encode_cached(enc, texts, cache_dir=str(tmp_path / "c"), model_path=str(model)), want)
+    assert enc.seen == ["aa", "b", "cab", "dddd"] and os.path.exists(str(chunk) + ".damaged")
+    assert "unreadable" in capsys.readouterr().err
 
 
 def test_lexical_default_ids_survive_save_load(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import sys
 import time
 from typing import Dict, Optional, Sequence
 
@@ -43,8 +44,15 @@ class Incomplete(RuntimeError):
 def _load(folder: str) -> Dict[str, torch.Tensor]:
     out: Dict[str, torch.Tensor] = {}
     for f in sorted(glob.glob(os.path.join(folder, "chunk-*.pt"))):
-        blob = torch.load(f, map_location="cpu", weights_only=True)
-        for k, e in zip(blob["keys"], blob["emb"]):
+        try:
+            blob = torch.load(f, map_location="cpu", weights_only=True)
+            pairs = list(zip(blob["keys"], blob["emb"]))
+        except Exception as e:  # damaged on disk (chunks are written atomically): a cache re-encodes, not fails
+            os.replace(f, f + ".damaged")
+            print(f"uae: embedding cache chunk {f} is unreadable ({type(e).__name__}); moved aside to "
+                  f"{os.path.basename(f)}.damaged, its texts are encoded again", file=sys.stderr)
+            continue
+        for k, e in pairs:
             out[k] = e
     return out
 
