@@ -120,6 +120,14 @@ def test_calibrate_cli_index_build_search_and_eval(tmp_path, tiny, tiny_lm, caps
     capsys.readouterr()
     assert main(["index", "build", "--data", DEV, "--model", tiny, "--out", str(tmp_path / "mine"), "--no-progress"]) == 1
     assert "no index" in capsys.readouterr().err and os.listdir(tmp_path / "mine") == ["notes.txt"]
+    # a bad --dtype or --fusion is refused before any passage is encoded (no model is even loaded)
+    import uae_fast.student
+
+    monkeypatch.setattr(uae_fast.student, "BiEncoder", lambda *a, **k: pytest.fail("encoded before checking options"))
+    for extra, msg in ((["--dtype", "int4"], "dtype must be one of"), (["--lexical", "--fusion", str(tmp_path / "no.json")], "not found")):
+        assert main(["index", "build", "--data", DEV, "--model", tiny, "--out", str(tmp_path / "new"), "--no-progress"] + extra) == 1
+        assert msg in capsys.readouterr().err and not (tmp_path / "new").exists()
+    monkeypatch.undo()
     js = tmp_path / "eval.json"
     assert main(["eval", "--data", DEV, "--model", tiny, "--name", "tiny", "--baselines", "bm25,hybrid", "--fusion", "default",
                  str(out), "--json", str(js), "--no-progress", "--limit", "6"]) == 0

@@ -62,6 +62,11 @@ def build_index(data: str, out: str, *, model: Optional[str] = None, lexical: bo
     ds = load_dataset(data)
     if fusion is not None and not lexical:
         raise ValueError("--fusion needs --lexical (a dense-only index fuses nothing)")
+    # a bad --dtype or --fusion fails now, not after every passage was encoded
+    if lexical:
+        fusion = HybridIndex(1, fusion, dtype=dtype).fusion  # read (and checked) once
+    else:
+        TopKIndex(1, dtype=dtype)
     pids = list(ds.passages)
     texts = [ds.passages[p].text for p in pids]
     enc = BiEncoder(model, device=device)
