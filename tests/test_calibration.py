@@ -136,9 +136,15 @@ def test_calibrate_cli_index_build_search_and_eval(tmp_path, tiny, tiny_lm, caps
     assert ev["systems"]["hybrid"]["dense"] == "tiny" and "hybrid:fusion - bm25" in ev["paired"]
 
 
-def test_calibrate_errors(tmp_path, tiny):  # noqa: F811
+def test_calibrate_errors(tmp_path, tiny, capsys):  # noqa: F811
     with pytest.raises(ValueError, match="candidates"):
         calibrate_fusion(TRAIN, tiny, candidates=0)
     with pytest.raises(ValueError, match="method"):
         calibrate_fusion(TRAIN, tiny, methods=["best"])
     assert main(["calibrate-fusion", "--data", str(tmp_path / "none.json"), "--out", str(tmp_path / "f.json")]) == 1
+    # --out and --threads are checked before any encoding or scoring (the data is never read)
+    none = str(tmp_path / "none.json")
+    for argv, msg in ((["--out", str(tmp_path)], "is a directory"), (["--out", str(tmp_path / "f.json"), "--threads", "0"],
+                      "--threads must be a positive int")):
+        assert main(["calibrate-fusion", "--data", none] + argv) == 1
+        assert msg in capsys.readouterr().err
