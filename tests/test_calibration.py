@@ -133,6 +133,17 @@ def test_calibrate_cli_index_build_search_and_eval(tmp_path, tiny, tiny_lm, caps
                  str(out), "--json", str(js), "--no-progress", "--limit", "6"]) == 0
     ev = json.loads(js.read_text())
     assert set(ev["systems"]) == {"tiny", "bm25", "hybrid", "hybrid:fusion"}
+    # options that would be ignored or fail late are refused before any model is loaded
+    monkeypatch.setattr(uae_fast.student, "BiEncoder", lambda *a, **k: pytest.fail("encoded before checking options"))
+    capsys.readouterr()
+    for extra, msg in ((["--baselines", "bm25", "--fusion", str(out)], "add hybrid to --baselines"),
+                       (["--baselines", "hybrid", "--fusion", "default", "default"], "same row name"),
+                       (["--baselines", "hybrid", "--fusion", str(tmp_path / "no.json")], "not found"),
+                       (["--baselines", "rerank", "--teacher", str(tmp_path / "no-lm")], "--teacher"),
+                       (["--baselines", "bm25", "--reader", "--reader-model", str(tmp_path / "no-lm")], "--reader-model")):
+        assert main(["eval", "--data", DEV, "--model", tiny, "--no-progress", "--limit", "2"] + extra) == 1, extra
+        assert msg in capsys.readouterr().err, extra
+    monkeypatch.undo()
     assert ev["systems"]["hybrid"]["dense"] == "tiny" and "hybrid:fusion - bm25" in ev["paired"]
 
 

@@ -248,6 +248,18 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         raise ValueError(f"unknown baseline(s) {bad}; choose from {list(BASELINES)}")
     if not models and not baselines:
         raise ValueError("nothing to evaluate: pass --model DIR and/or --baselines")
+    # options that would do nothing, or fail only after the dense models were encoded: refused now
+    fusion = list(fusion) if fusion else [None]
+    if "hybrid" not in baselines and any(f is not None for f in fusion):
+        raise ValueError("--fusion configures the hybrid baseline: add hybrid to --baselines")
+    for flag, path, used in (("--teacher", teacher, "rerank" in baselines or (reader and not reader_model)),
+                             ("--reader-model", reader_model, reader)):
+        if used and path is not None:
+            from .teacher import TEACHERS
+
+            if path not in TEACHERS and not os.path.isdir(path):
+                raise FileNotFoundError(f"{flag} {path!r} is not a folder with an HF causal LM, nor a named teacher "
+                                        f"({', '.join(TEACHERS)})")
     for k, v in (("rerank_limit", rerank_limit), ("rerank_depth", rerank_depth), ("reader_limit", reader_limit),
                  ("batch_size", batch_size), ("query_threads", 1 if query_threads is None else query_threads)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -292,6 +304,15 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
                       "passages_indexed": ranker.n_passages}
         return ranker
 
+    fusion_cfgs = []
+    if "hybrid" in baselines:  # every config read and checked before any encoding
+        from .fusion import resolve_fusion
+
+        rows = [fusion_row_name(fu) for fu in fusion]
+        dup = next((r for i, r in enumerate(rows) if r in rows[:i]), None)
+        if dup is not None:
+            raise ValueError(f"two --fusion configs give the same row name {dup!r}")
+        fusion_cfgs = [resolve_fusion(None if fu == "default" else fu) for fu in fusion]
     dense_rankers = {}
     for name, path in zip(names, models):
         dense_rankers[name] = run_dense(name, path)
@@ -302,15 +323,9 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
             info["base"]["hidden"] = True
     hybrid_rows: Dict[str, str] = {}  # row -> its dense side
     if "hybrid" in baselines:
-        from .fusion import resolve_fusion
-
         side = names[0] if models else "base"
-        configs = list(fusion) if fusion else [None]
-        for fu in configs:
+        for fu, cfg in zip(fusion, fusion_cfgs):
             row = fusion_row_name(fu)
-            if row in hybrid_rows:
-                raise ValueError(f"two --fusion configs give the same row name {row!r}")
-            cfg = resolve_fusion(None if fu == "default" else fu)
             timed(row, HybridRanker(dense_rankers[side], cfg))
             hybrid_rows[row] = side
             info[row] = {"dense": side, "fusion": {k: cfg[k] for k in ("method", "weight", "k_each", "rrf_k")}}
