@@ -1,6 +1,7 @@
 """TREC runs and qrels (uae_fast.trec), and ir-measures (trec_eval's measures) as the oracle for every metric
 `uae eval` prints, computed on the runs and qrels `uae eval --save-runs` writes."""
 import json
+import os
 import random
 
 import pytest
@@ -131,6 +132,29 @@ def test_save_runs_errors(tmp_path):
     q = next(q for q in ds.queries if q.gold)
     with pytest.raises(ValueError, match="query id .* occurs twice: TREC runs need unique query ids"):
         evaluate(RetrievalDataset(ds.passages, [q, q], "dup"), [], baselines=("bm25",), progress=False, save_runs=str(tmp_path))
+    # ids and names a TREC file cannot hold are refused before any system runs, and nothing is written
+    import dataclasses
+
+    import uae_fast.evaluation as ev
+
+    runs = tmp_path / "runs"
+    spaced = dataclasses.replace(q, id="q 1")
+    p0 = next(iter(ds.passages))
+    bad_passages = dict(ds.passages, **{"d x:0": ds.passages[p0]})
+    for args, msg in (((RetrievalDataset(ds.passages, [spaced], "sp"), []), "query id 'q 1'"),
+                      ((RetrievalDataset(bad_passages, [q], "sp"), []), "passage id 'd x:0'"),
+                      ((ds, [DEV]), "system name 'a/b' contains a path separator")):
+        with pytest.raises(ValueError, match=msg):
+            ev.evaluate(*args, names=["a/b"] if args[1] else None, baselines=("bm25",), progress=False, save_runs=str(runs))
+        assert not runs.exists()
+
+
+def test_run_files_are_never_half_written(tmp_path):
+    with pytest.raises(ValueError, match="document id 'b c'"):
+        write_run(str(tmp_path / "x.run"), {"q1": ["a"], "q2": ["b c"]}, "x")
+    with pytest.raises(ValueError, match="document id ''"):
+        write_qrels(str(tmp_path / "qrels.txt"), {"q1": ["a"], "q2": [""]})
+    assert os.listdir(tmp_path) == []
 
 
 def test_runs_report_groups_seeds_and_pairs(tmp_path, capsys):

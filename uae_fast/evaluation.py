@@ -277,6 +277,9 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         raise ValueError(f"{len(names)} names for {len(models)} models")
     if len(set(names)) != len(names) or set(names) & set(BASELINES):
         raise ValueError(f"system names must be unique and not clash with the baselines: {names}")
+    if save_runs:  # a run file's ids and names are checked now, not after every system has run
+        rows = [fusion_row_name(fu) for fu in fusion] if "hybrid" in baselines else []
+        _check_run_ids(queries, ds, names + [b for b in baselines if b != "hybrid"] + rows)
     device = resolve_device(device)
     golds = [set(q.gold) for q in queries]
     texts = {pid: p.text for pid, p in ds.passages.items()}
@@ -403,18 +406,30 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
     return result
 
 
+def _check_run_ids(queries: Sequence[Query], ds: RetrievalDataset, systems: Sequence[str]) -> None:
+    """What TREC files need (:mod:`uae_fast.trec`): unique query ids; no whitespace in query, passage or system
+    names; no path separator in a system name (it names its run file)."""
+    from .trec import _token
+
+    seen = set()
+    for q in queries:
+        if q.id in seen:
+            raise ValueError(f"query id {q.id!r} occurs twice: TREC runs need unique query ids")
+        seen.add(_token(q.id, "query id"))
+    for pid in ds.passages:
+        _token(pid, "passage id")
+    for name in systems:
+        _token(name, "system name")
+        if "/" in name or os.sep in name:
+            raise ValueError(f"system name {name!r} contains a path separator: it names its run file")
+
+
 def _save_runs(folder: str, queries: Sequence[Query], rankings: Dict[str, List[List[str]]], n_subset: Optional[int]) -> dict:
     """``folder/qrels.txt``, ``folder/NAME.run`` per system and, with a re-ranker subset of ``n_subset``
     queries, ``folder/qrels-rerank-subset.txt`` (TREC formats, :mod:`uae_fast.trec`)."""
     from .trec import write_qrels, write_run
 
     ids = [q.id for q in queries]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"query id {dup!r} occurs twice: TREC runs need unique query ids")
-    for name in rankings:
-        if "/" in name or os.sep in name:
-            raise ValueError(f"system name {name!r} contains a path separator: it names its run file")
     folder = os.path.abspath(folder)
     out = {"dir": folder, "qrels": os.path.join(folder, "qrels.txt"), "systems": {}}
     write_qrels(out["qrels"], {q.id: q.gold for q in queries})

@@ -25,6 +25,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -38,10 +39,19 @@ def _token(x, what: str) -> str:
     return s
 
 
+@contextlib.contextmanager
 def _open_for_write(path: str):
+    """Write through ``path.tmp`` and rename: a refused id or a kill never leaves half a file behind."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    return open(path, "w", encoding="utf-8")
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_run(path: str, rankings: Mapping[str, Sequence[str]], run_name: str, *, depth: Optional[int] = None) -> int:
