@@ -251,6 +251,25 @@ def exported(tmp_path_factory):
     return tmp / "ds", utils
 
 
+def test_export_output_folder(exported, tmp_path, capsys):
+    from uae_fast.cli import main
+
+    out, utils = exported
+    before = sorted(os.listdir(out))
+    # a second export into its own folder replaces it; a folder with other files (a model) is refused untouched
+    assert main(["export", "--utilities", utils, "--data", TRAIN, "--out", str(out), "--passages-per-query", "4"]) == 0
+    assert sorted(os.listdir(out)) == before == ["README.md", "train.parquet"]
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "README.md").write_text("my model card")
+    capsys.readouterr()
+    assert main(["export", "--utilities", utils, "--data", TRAIN, "--out", str(model)]) == 1
+    assert "not an export (config.json)" in capsys.readouterr().err and (model / "README.md").read_text() == "my model card"
+    assert main(["export", "--utilities", utils, "--data", TRAIN, "--out", utils]) == 1
+    assert "is a file" in capsys.readouterr().err
+
+
 def test_export_columns_and_labels(exported):
     import datasets
 

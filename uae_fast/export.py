@@ -73,6 +73,13 @@ def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = N
         raise ValueError("uae export needs the `datasets` package: pip install 'uae_fast[st]'") from None
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"--seed must be an int >= 0, got {seed!r}")
+    from .cli import check_output_path
+
+    check_output_path(out_dir, "--out", folder=True)
+    other = sorted(set(os.listdir(out_dir)) - {PARQUET_FILE, "README.md"}) if os.path.isdir(out_dir) else []
+    if other:  # e.g. a model folder, whose README.md (its card) this would replace
+        raise ValueError(f"--out {out_dir} holds files that are not an export ({', '.join(other[:3])}); choose an empty "
+                         f"or new folder")
     data = data or default_qasper_path("train")
     utilities, header = load_utilities(utilities_path)
     ds = load_dataset(data)
@@ -86,7 +93,9 @@ def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = N
                                   "labels": datasets.Sequence(datasets.Value("float32"), length=k)})
     table = datasets.Dataset.from_dict(cols, features=features)
     os.makedirs(out_dir, exist_ok=True)
-    table.to_parquet(os.path.join(out_dir, PARQUET_FILE))
+    target = os.path.join(out_dir, PARQUET_FILE)
+    table.to_parquet(target + ".tmp")  # renamed when complete: a kill never leaves half a parquet file
+    os.replace(target + ".tmp", target)
     labels = np.asarray(cols["labels"], dtype=np.float32)
     summary = {"rows": len(cols["query"]), "passages_per_query": k, "skipped_no_gold": skipped,
                "scored_fraction": round(float(np.isfinite(labels).mean()), 4), "seed": seed,
@@ -123,8 +132,10 @@ train = load_dataset("{os.path.abspath(out_dir)}", split="train")  # this folder
 
 Summary: `{json.dumps(s)}`
 """
-    with open(os.path.join(out_dir, "README.md"), "w") as f:
+    path = os.path.join(out_dir, "README.md")
+    with open(path + ".tmp", "w") as f:
         f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 # ------------------------------------------------------------------------------------- CLI
