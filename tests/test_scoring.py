@@ -66,7 +66,7 @@ def test_candidate_policies(ds):
             CandidatePolicy(ds, bad)
 
 
-def test_student_candidate_policy(ds, tmp_path, scorer):
+def test_student_candidate_policy(ds, tmp_path, scorer, capsys):
     # student:M = the encoder's cosine top-M over the paper's paragraphs, plus gold, in paper order.
     from test_student import make_tiny_encoder
     from uae_fast.student import BiEncoder
@@ -88,6 +88,10 @@ def test_student_candidate_policy(ds, tmp_path, scorer):
     # without prepare() (one query at a time) the answer is the same
     lazy = CandidatePolicy(ds, "student:2", student=enc)
     assert [lazy(q) for q in qs[:3]] == [pol(q) for q in qs[:3]]
+    # with progress, the (minutes-long on a CPU) pool embedding shows a bar before the scoring bar
+    capsys.readouterr()
+    CandidatePolicy(ds, "student:2", student=enc).prepare(qs[:2], progress=True)
+    assert "encode" in capsys.readouterr().err
     for bad in ("student:0", "student:", "student:x"):
         with pytest.raises(ValueError, match="--candidates"):
             CandidatePolicy(ds, bad)

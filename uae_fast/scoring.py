@@ -84,18 +84,19 @@ class CandidatePolicy:
         self._emb: Dict[str, object] = {}  # pid -> student embedding (student policy)
         self._qemb: Dict[str, object] = {}  # qid -> student embedding
 
-    def prepare(self, queries) -> None:
-        """Embed every question and pool passage of ``queries`` in large batches (student policy only)."""
+    def prepare(self, queries, *, progress: bool = False) -> None:
+        """Embed every question and pool passage of ``queries`` in large batches (student policy only;
+        ``progress``: a bar, since on a CPU this takes minutes before any scoring starts)."""
         if self.kind != "student":
             return
         enc = self._encoder()
         qs = [q for q in queries if q.id not in self._qemb]
         pids = sorted({p for q in qs for p in self.ds.pool(q) if p not in self._emb})
         if pids:
-            for p, e in zip(pids, enc.encode([self.ds.passages[p].text for p in pids])):
+            for p, e in zip(pids, enc.encode([self.ds.passages[p].text for p in pids], show_progress=progress)):
                 self._emb[p] = e
         if qs:
-            for q, e in zip(qs, enc.encode([q.question for q in qs])):
+            for q, e in zip(qs, enc.encode([q.question for q in qs], show_progress=progress)):
                 self._qemb[q.id] = e
 
     def _encoder(self):
@@ -238,7 +239,7 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
         where = f" in shard {shard[0]}/{shard[1]} (use fewer shards)" if shard[1] > 1 else ""
         raise ValueError("no query has " + ("both a gold answer and gold evidence" if with_gold_only else "a gold answer")
                          + where + " to score")
-    policy.prepare(queries)
+    policy.prepare(queries, progress=progress)
     pools = [policy(q) for q in queries]
     # A paper with no paragraphs leaves nothing to score (one train question set of QASPER does this
     # once --include-no-gold lets evidence-free questions in): skip those queries, say so.

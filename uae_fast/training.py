@@ -202,7 +202,7 @@ class BatchSampler:
     """
 
     def __init__(self, ds: RetrievalDataset, cfg: TrainConfig, utilities: Optional[Dict[str, Dict[str, float]]] = None,
-                 *, world: int = 1, rank: int = 0):
+                 *, world: int = 1, rank: int = 0, progress: bool = False):
         self.ds, self.cfg, self.world, self.rank = ds, cfg, world, rank
         self.utilities = utilities or {}
         if cfg.no_gold:  # answer-only: every question the teacher scored, labels never read
@@ -226,7 +226,7 @@ class BatchSampler:
 
             # student:M = the initial student
             policy = CandidatePolicy(ds, cfg.candidates, student=cfg.student, no_gold=cfg.no_gold)
-            policy.prepare(queries)
+            policy.prepare(queries, progress=progress and rank == 0)
             self._cands = {q.id: policy(q) for q in queries}
         self._positive: Dict[str, str] = {}
         if cfg.positive != "gold":
@@ -666,7 +666,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
             utilities = with_lexical_teacher(utilities, ds, header, path=cfg.utilities)
     elif cfg.lexical_teacher != "none":
         raise ValueError(f"--lexical-teacher {cfg.lexical_teacher} is ensembled with a teacher table: give --utilities FILE")
-    sampler = BatchSampler(ds, cfg, utilities, world=world, rank=rank)
+    sampler = BatchSampler(ds, cfg, utilities, world=world, rank=rank, progress=progress)
     total_micro = sampler.total_micro_batches()
     total_steps = max(1, math.ceil(total_micro / cfg.grad_accum))
 
