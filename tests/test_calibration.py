@@ -147,6 +147,16 @@ def test_calibrate_cli_index_build_search_and_eval(tmp_path, tiny, tiny_lm, caps
     assert ev["systems"]["hybrid"]["dense"] == "tiny" and "hybrid:fusion - bm25" in ev["paired"]
 
 
+@pytest.mark.parametrize("manifest", ["[]", '{"format": "other/1", "files": {}}', '{"format": "uae-hybrid/1", "files": 3}'])
+def test_open_index_refuses_a_foreign_manifest(tmp_path, manifest):
+    from uae_fast.hybrid import MANIFEST
+    from uae_fast.search import open_index
+
+    (tmp_path / MANIFEST).write_text(manifest)
+    with pytest.raises(ValueError, match="not an index manifest written by uae index build"):
+        open_index(str(tmp_path))
+
+
 def test_calibrate_errors(tmp_path, tiny, capsys):  # noqa: F811
     with pytest.raises(ValueError, match="candidates"):
         calibrate_fusion(TRAIN, tiny, candidates=0)

@@ -103,14 +103,17 @@ def build_index(data: str, out: str, *, model: Optional[str] = None, lexical: bo
 def open_index(folder: str, fusion=None):
     """(index, manifest meta, passage ids, texts) of a folder written by :func:`build_index`."""
     from .fusion import read_json
-    from .hybrid import MANIFEST, HybridIndex
+    from .hybrid import FORMAT, MANIFEST, HybridIndex
     from .index import TopKIndex
 
     mpath = os.path.join(folder, MANIFEST)
     if not os.path.exists(mpath):
         raise FileNotFoundError(f"no index at {folder} (missing {MANIFEST}); build one with uae index build")
     manifest = read_json(mpath, "index manifest")
-    if "lexical" in (manifest.get("files") or {}):
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise ValueError(f"{mpath} is not an index manifest written by uae index build (format {FORMAT!r}); "
+                         f"rebuild the index")
+    if "lexical" in manifest["files"]:
         index = HybridIndex.load(folder, fusion)
     else:
         if fusion is not None:
@@ -119,7 +122,8 @@ def open_index(folder: str, fusion=None):
     pids, texts = read_passages(os.path.join(folder, PASSAGES))
     if len(pids) != len(index):
         raise ValueError(f"{folder}: the passage store holds {len(pids)} passages, the index {len(index)}")
-    return index, dict(manifest.get("meta") or {}), pids, texts
+    meta = manifest.get("meta")
+    return index, dict(meta) if isinstance(meta, dict) else {}, pids, texts
 
 
 def search(folder: str, questions: List[str], k: int = 10, *, fusion=None, model: Optional[str] = None, device=None):
