@@ -115,6 +115,21 @@ def test_train_killed_inside_checkpoint_writes_resumes_exactly(tmp_path, tiny, u
     assert_same_training(train_ref, out, why)
 
 
+def test_sigterm_checkpoints_the_step_it_lands_in_and_resumes_exactly(tmp_path, tiny, utils, train_ref):
+    # A scheduler's SIGTERM inside the write of checkpoint 2 (save every 2): step 3 still runs, is checkpointed
+    # off-schedule, the run exits 143 saying so, and --resume ends bit-identical to an uninterrupted run.
+    out = tmp_path / "run"
+    argv = train_argv(tiny, utils, out)
+    rc, err = finish(spawn(argv, UAE_TEST_CHECKPOINT="term:2"))
+    assert rc == 128 + signal.SIGTERM, (rc, err)
+    assert err.strip().splitlines()[-1] == "uae train: stopped by SIGTERM after checkpointing step 3; rerun with --resume to continue"
+    assert latest_checkpoint(str(out)).endswith("step-000003") and not (out / "model.safetensors").exists()
+    summary = __import__("json").loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 3 and not summary["finished"] and summary["stopped_by_signal"] == signal.SIGTERM
+    assert in_process(argv + ["--resume"]) == 0
+    assert_same_training(train_ref, out, "SIGTERM at step 2")
+
+
 def test_train_signalled_at_random_times_resumes_exactly(tmp_path, tiny, utils, train_ref):
     rng = random.Random(SEED + 1)
     d1, d2 = rng.uniform(0, 0.6), rng.uniform(0, 0.4)

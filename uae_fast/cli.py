@@ -165,10 +165,14 @@ def main(argv=None) -> int:
             parser.print_help()
             return 2
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if os.environ.get("UAE_DEBUG") == "1":
             raise
         _clear_progress_bars()
+        if getattr(e, "signum", None) is not None:  # training.Stopped: a SIGTERM, its step checkpointed
+            print(f"uae {command}: stopped by SIGTERM after checkpointing step {e.step}; rerun with --resume to "
+                  f"continue", file=sys.stderr)
+            return 128 + e.signum
         hint = "; rerun with --resume to continue where it stopped" if command in ("train", "score") else ""
         print(f"uae{' ' + command if command else ''}: interrupted{hint}", file=sys.stderr)
         return 130

@@ -487,19 +487,73 @@ def _fsync_dir(path: str) -> None:
 
 def _checkpoint_test_hook(step: int) -> None:
     """Crash-safety test hook, between writing a checkpoint and publishing it: ``UAE_TEST_CHECKPOINT=sleep:S``
-    pauses S seconds (a window for outside signals); ``kill:N`` / ``int:N`` sends this process SIGKILL /
-    SIGINT (Ctrl-C) inside the write of checkpoint N."""
+    pauses S seconds (a window for outside signals); ``kill:N`` / ``int:N`` / ``term:N`` sends this process
+    SIGKILL / SIGINT (Ctrl-C) / SIGTERM inside the write of checkpoint N."""
     spec = os.environ.get("UAE_TEST_CHECKPOINT")
     if not spec:
         return
     what, _, arg = spec.partition(":")
     if what == "sleep":
         time.sleep(float(arg))
-    elif what in ("kill", "int") and int(arg) == step:
+    elif what in ("kill", "int", "term") and int(arg) == step:
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL if what == "kill" else signal.SIGINT)
-        time.sleep(5)  # the signal lands here, inside the write
+        os.kill(os.getpid(), {"kill": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM}[what])
+        if what != "term":  # SIGTERM is handled: the write goes on
+            time.sleep(5)  # the signal lands here, inside the write
+
+
+class Stopped(KeyboardInterrupt):
+    """``train`` ended early on SIGTERM after checkpointing its last step: rerun with ``resume=True``.
+    A KeyboardInterrupt, so code that handles Ctrl-C handles a scheduler's stop the same way."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by signal {signum} after checkpointing step {step}")
+        self.signum, self.step = signum, step
+
+
+class _StopOnSigterm:
+    """SIGTERM (what Slurm, Kubernetes and torchrun send before killing) finishes the current step, which is
+    then checkpointed, instead of losing every step since the last checkpoint. A second SIGTERM acts at once.
+    Ctrl-C (SIGINT) keeps stopping at once. Under torchrun every rank stops at the same step (``requested``)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.signum is not None:  # asked twice: stop now
+            signal.signal(signum, self._old if self._old is not None else signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+
+    def requested(self, world: int, device) -> bool:
+        flag = self.signum is not None
+        if world > 1:  # any rank signalled: all stop after this step
+            import torch.distributed as dist
+
+            t = torch.tensor([int(flag)], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
 
 
 def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep, world=1):
@@ -724,6 +778,40 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         bar = tqdm(total=total_steps, initial=step, desc=f"uae train ({cfg.loss})", unit="step", dynamic_ncols=True)
     encoder.train()
     t0, ema = time.time(), None
+    with _StopOnSigterm() as stop:
+        step, ema = _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encoder, towers, sampler, opt,
+                                 sched, cfg, device, amp, rank, world, out_dir, save_every, keep_checkpoints)
+    if bar is not None:
+        bar.close()
+    seconds = time.time() - t0
+    summary = {"steps": step, "total_steps": total_steps, "finished": step >= total_steps,
+               "final_loss": log[-1]["loss"] if log else None, "seconds_this_run": round(seconds, 1),
+               "train_queries": len(sampler.queries), "world_size": world, "rank": rank, "config": asdict(cfg)}
+    if stop.signum is not None and step < total_steps:
+        summary["stopped_by_signal"] = stop.signum
+    if rank == 0:
+        if step >= total_steps:
+            _check_finite_model(encoder, step)
+            encoder.save(out_dir, training=summary)
+        _write_log(out_dir, log)
+        _write_atomic(os.path.join(out_dir, "training_summary.json"), json.dumps(summary, indent=2))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if "stopped_by_signal" in summary:
+        raise Stopped(stop.signum, step)
+    return summary
+
+
+def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encoder, towers, sampler, opt, sched, cfg,
+                 device, amp, rank, world, out_dir, save_every, keep_checkpoints):
+    """The optimisation loop from ``step`` to ``end``; returns (step, loss EMA). Checkpoints every
+    ``save_every`` steps, at the last step (the final model is published from a saved state), and at the step
+    a SIGTERM arrived in."""
+    from .distributed import gather_with_grad
+    from .ops.infonce import utility_infonce
+
     while step < end:
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0
@@ -755,26 +843,13 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-        if rank == 0 and (step % save_every == 0 or step == end) and step < total_steps:
+        stopping = stop.requested(world, device)
+        if rank == 0 and (step % save_every == 0 or step == end or stopping):
             _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep_checkpoints, world)
             _write_log(out_dir, log)
-    if bar is not None:
-        bar.close()
-    seconds = time.time() - t0
-    summary = {"steps": step, "total_steps": total_steps, "finished": step >= total_steps,
-               "final_loss": log[-1]["loss"] if log else None, "seconds_this_run": round(seconds, 1),
-               "train_queries": len(sampler.queries), "world_size": world, "rank": rank, "config": asdict(cfg)}
-    if rank == 0:
-        if step >= total_steps:
-            _check_finite_model(encoder, step)
-            encoder.save(out_dir, training=summary)
-        _write_log(out_dir, log)
-        _write_atomic(os.path.join(out_dir, "training_summary.json"), json.dumps(summary, indent=2))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    return summary
+        if stopping:
+            break
+    return step, ema
 
 
 # ------------------------------------------------------------------------------------- CLI
