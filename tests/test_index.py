@@ -368,11 +368,17 @@ def test_save_load_round_trip(dtype, mmap, tmp_path, rng):
         np.testing.assert_array_equal(a, b)
     if mmap:
         assert isinstance(loaded._data, np.memmap) and not loaded._data.flags.writeable
-    # add() after load (copy-on-write for mmap) equals an index built in one go.
-    loaded.add(x[300:], ids=np.arange(1300, 1333))
+    # add() after load (copy-on-write for mmap) equals an index built in one go; the first add fits in the
+    # free rows of the last panel (300 = 18 x 16 + 12), where the loaded ids array has no room yet.
+    loaded.add(x[300:301], ids=np.array([1300]))
+    loaded.add(x[301:], ids=np.arange(1301, 1333))
     full = TopKIndex(d, dtype=dtype, metric="cosine", refine=refine)
     full.add(x, ids=np.arange(1000, 1333))
+    np.testing.assert_array_equal(loaded.ids, np.arange(1000, 1333))
     for a, b in zip(full.search(q, 9), loaded.search(q, 9)):
+        np.testing.assert_array_equal(a, b)
+    loaded.save(tmp_path / "grown.uae")
+    for a, b in zip(full.search(q, 9), TopKIndex.load(tmp_path / "grown.uae", mmap=mmap).search(q, 9)):
         np.testing.assert_array_equal(a, b)
     # The file on disk is untouched by the add.
     assert len(TopKIndex.load(path)) == 300

@@ -486,7 +486,12 @@ class TopKIndex:
     def _reserve(self, n_new: int) -> None:
         need_panels = -(-n_new // 16)
         cap_panels = self._data.size // self._panel_bytes if self._panel_bytes else 0
-        if need_panels <= cap_panels and self._data.flags.writeable:
+        # Every array must have room: a loaded index's ids (and residuals) hold exactly ntotal rows while its
+        # last panel may have free rows.
+        rows = [self._data, self._ids] + ([self._resid, self._rscales] if self.refine else [])
+        if (need_panels <= cap_panels and self._ids.size >= n_new and self._scales.size >= need_panels * 16
+                and self._rowsums.size >= need_panels * 16 and (not self.refine or self._resid.shape[0] >= n_new)
+                and all(a.flags.writeable for a in rows)):
             return
         # Geometric growth keeps add() amortised O(rows); read-only (memory-mapped) storage is
         # copied into owned arrays on the first add.
