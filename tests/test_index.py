@@ -543,6 +543,22 @@ def test_bad_input_raises_clear_errors(rng):
     assert len(index) == 10  # failed adds changed nothing
 
 
+def test_load_with_bad_threads_blames_the_argument_not_the_file(tmp_path, rng):
+    from uae_fast import HybridIndex
+
+    index = TopKIndex(8)
+    index.add(rng.standard_normal((3, 8)).astype(np.float32))
+    index.save(tmp_path / "ix.uae")
+    hybrid = HybridIndex(8)
+    hybrid.add(rng.standard_normal((2, 8)).astype(np.float32), ["a b", "c"])
+    hybrid.save(tmp_path / "h")
+    for load in (lambda t: TopKIndex.load(tmp_path / "ix.uae", threads=t), lambda t: HybridIndex.load(tmp_path / "h", threads=t)):
+        for bad in (0, -1, "x"):
+            with pytest.raises(ValueError, match="^threads must be a positive int"):
+                load(bad)
+        assert len(load(2)) in (2, 3)
+
+
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
 def test_huge_candidates_mean_all_vectors(dtype, rng):
     """#19 defect 10: candidates=2**40 raised a raw pybind TypeError; it now means "rescore everything"."""

@@ -150,7 +150,10 @@ class HybridIndex:
              threads: Optional[int] = None) -> "HybridIndex":
         """Open a folder written by :meth:`save`. ``fusion`` (dict or JSON path) replaces the saved
         config; ``verify`` checks every section's crc32 (both files); ``mmap`` maps the dense vectors."""
+        from .index import _check_threads
+
         folder = os.fspath(folder)
+        _check_threads(threads)
         mpath = os.path.join(folder, MANIFEST)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"hybrid index folder not found: {folder}")

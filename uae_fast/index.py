@@ -606,6 +606,7 @@ class TopKIndex:
         corrupt or truncated file raises ValueError ("... is not a valid uae_fast index file ...").
         """
         path = os.fspath(path)
+        _check_threads(threads)  # the caller's argument, not the file: checked before reading it
         header, arrays = _read_file(path, mmap, verify, body=("data", "resid"))
 
         def corrupt(why):
