@@ -102,6 +102,8 @@ def test_lexical_errors():
         lex.search(["x"], 1)
     with pytest.raises(TypeError, match="texts"):
         lex.add("one string")
+    with pytest.raises(TypeError, match="texts must be a sequence of str, got int"):
+        lex.add(5)
     with pytest.raises(ValueError, match="shape"):
         lex.add(["a", "b"], ids=np.array([1]))
     with pytest.raises(ValueError, match="dtype"):
@@ -335,6 +337,8 @@ def test_hybrid_bad_input():
         h.add(emb, texts[:4])
     with pytest.raises(TypeError, match="str"):
         h.add(emb, "one string")
+    with pytest.raises(TypeError, match="passage_emb must be a numpy array or a torch tensor, got list"):
+        h.add(emb.tolist(), texts)
     with pytest.raises(ValueError, match="dimension"):
         h.add(np.zeros((5, 3), np.float32), texts)
     assert len(h) == 0 and len(h.lexical) == 0  # a rejected add stores nothing on either side

@@ -185,6 +185,11 @@ def test_module_wraps_function():
         UtilityInfoNCE(temperature=0.0)
     with pytest.raises(ValueError, match="label_mix"):
         UtilityInfoNCE(label_mix=1.5)
+    with pytest.raises(ValueError, match="label_mix"):  # the op's rule at construction: a bool is not a weight
+        UtilityInfoNCE(label_mix=True)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got an int of 401 digits"):
+        UtilityInfoNCE(temperature=10**400)
+    UtilityInfoNCE(label_mix=__import__("numpy").float32(0.1))  # a numpy scalar is a number
     assert uae_fast.utility_infonce is utility_infonce
     # numpy scalars are numbers; a bool is not a mixing weight
     import numpy as np

@@ -309,6 +309,8 @@ def _bad_cases():
         ("bias shape", (h, w, t), {"bias": torch.zeros(19)}, ValueError, "bias has 19"),
         ("empty N", (h[:0], w, t[:0]), {}, ValueError, "empty"),
         ("empty V", (h, w[:0], t), {}, ValueError, "V=0"),
+        ("empty D", (h[:, :0], w[:, :0], t), {}, ValueError, "D=0"),
+        ("softcap huge int", (h, w, t), {"softcap": 10**400}, ValueError, "softcap"),
         ("softcap 0", (h, w, t), {"softcap": 0.0}, ValueError, "softcap"),
         ("softcap nan", (h, w, t), {"softcap": float("nan")}, ValueError, "softcap"),
         ("softcap str", (h, w, t), {"softcap": "5"}, TypeError, "softcap"),

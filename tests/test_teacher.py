@@ -305,6 +305,21 @@ def test_bf16_shared_prefix_matches_plain_bf16():
         torch.testing.assert_close(x.utility, y.utility, atol=0.1, rtol=0)
 
 
+def test_token_ids_are_checked_against_the_vocabulary():
+    from uae_fast.teacher import rows_hidden_states, target_logprobs
+
+    model = tiny_llama(max_pos=64)
+    vocab = model.get_input_embeddings().num_embeddings
+    for prompts, target, msg in (([[1, -1]], [2], r"prompts\[0\] holds token id -1"),
+                                 ([[1, 2]], [vocab], rf"target\[0\] holds token id {vocab}, outside"),
+                                 ([[1, 2.5]], [2], "token ids \\(ints\\), got 2.5"),
+                                 ([[1, 2]], "ab", "got str")):
+        with pytest.raises((ValueError, TypeError), match=msg):
+            target_logprobs(model, prompts, target)
+    with pytest.raises(ValueError, match=r"target\[0\] holds token id"):
+        rows_hidden_states(model, [([1, 2], [vocab + 5])])
+
+
 def test_bad_input_messages():
     model, tok = tiny_llama(max_pos=64), byte_tokenizer()
     s = UtilityScorer(model, tok, max_passage_tokens=200)

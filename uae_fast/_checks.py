@@ -57,6 +57,11 @@ def check_scalar(name: str, value, *, dtype: torch.dtype = torch.float32, allow_
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number{' or None' if allow_none else ''}, got {type(value).__name__}")
     fi = torch.finfo(dtype)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float range, e.g. 10**400
+        raise ValueError(f"{name} must be a finite number > 0{' or None' if allow_none else ''}, got an int of "
+                         f"{len(str(abs(value)))} digits") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0{' or None' if allow_none else ''}, got {value}")
     if not fi.tiny <= value <= fi.max:

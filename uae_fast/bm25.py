@@ -52,6 +52,8 @@ def tokenize(text: str, stopwords: bool = False) -> List[str]:
 def _check_texts(texts, name: str = "texts") -> List[str]:
     if isinstance(texts, str):
         raise TypeError(f"{name} must be a sequence of str, not one str")
+    if not hasattr(texts, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of str, got {type(texts).__name__}")
     texts = list(texts)
     for i, t in enumerate(texts):
         if not isinstance(t, str):

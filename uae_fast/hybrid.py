@@ -89,7 +89,9 @@ class HybridIndex:
         """Add passages: embeddings ``[n, dim]`` and their ``n`` texts, optional int64 ``ids``."""
         if isinstance(passage_texts, str):
             raise TypeError("passage_texts must be a sequence of str, not one str")
-        passage_texts = list(passage_texts)
+        if not hasattr(passage_emb, "shape"):  # counted below: a list would read as one embedding
+            raise TypeError(f"passage_emb must be a numpy array or a torch tensor, got {type(passage_emb).__name__}")
+        passage_texts = list(_check_texts(passage_texts, "passage_texts"))
         n = int(passage_emb.shape[0]) if getattr(passage_emb, "ndim", 0) == 2 else 1
         if len(passage_texts) != n:
             raise ValueError(f"passage_texts has {len(passage_texts)} texts for {n} embeddings")

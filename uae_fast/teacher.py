@@ -219,16 +219,30 @@ def _lm_head_options(model) -> dict:
     return opts
 
 
-def _check_ids(name: str, ids) -> List[int]:
+def _check_ids(name: str, ids, vocab: Optional[int] = None) -> List[int]:
+    """Token ids as ints; each in [0, vocab) when given (an id outside it is an IndexError on a CPU and a
+    device-side assert that poisons the whole CUDA context on a GPU)."""
     if isinstance(ids, torch.Tensor):
         ids = ids.tolist()
-    try:
-        ids = [int(i) for i in ids]
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a sequence of token ids (ints)") from None
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of token ids (ints), got {type(ids).__name__}")
+    ids = list(ids)
+    bad = next((i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral)), None)
+    if bad is not None:
+        raise TypeError(f"{name} must be a sequence of token ids (ints), got {bad!r}")
+    ids = [int(i) for i in ids]
     if not ids:
         raise ValueError(f"{name} is empty")
+    if vocab is not None:
+        out = next((i for i in ids if not 0 <= i < vocab), None)
+        if out is not None:
+            raise ValueError(f"{name} holds token id {out}, outside the model's vocabulary [0, {vocab})")
     return ids
+
+
+def _vocab_size(model) -> Optional[int]:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(emb, "num_embeddings", None)
 
 
 def _batches(lengths: Sequence[int], token_budget: int, overhead: int = 0) -> List[List[int]]:
@@ -461,7 +475,8 @@ def rows_hidden_states(model, rows: Sequence[Tuple[Sequence[int], Sequence[int]]
     """
     if not rows:
         raise ValueError("rows is empty: nothing to score")
-    rows = [(_check_ids(f"prompts[{i}]", p), _check_ids(f"target[{i}]", t)) for i, (p, t) in enumerate(rows)]
+    vocab = _vocab_size(model)
+    rows = [(_check_ids(f"prompts[{i}]", p, vocab), _check_ids(f"target[{i}]", t, vocab)) for i, (p, t) in enumerate(rows)]
     token_budget = _default_budget(model) if token_budget is None else token_budget
     if not isinstance(token_budget, int) or token_budget < 1:
         raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")

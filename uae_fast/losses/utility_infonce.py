@@ -6,6 +6,7 @@ sentence-transformers trainer (a loss that takes the model and ``(sentence_featu
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -104,7 +105,7 @@ class UtilityInfoNCE(nn.Module):
         # Fail at construction, not at the first training step.
         for name in ("temperature", "teacher_temperature"):  # the op checks again against its compute dtype
             check_scalar(name, getattr(self, name), dtype=torch.float64)
-        if not isinstance(label_mix, (int, float)) or not 0.0 <= label_mix <= 1.0:
+        if isinstance(label_mix, bool) or not isinstance(label_mix, numbers.Real) or not 0.0 <= label_mix <= 1.0:
             raise ValueError(f"label_mix must be a number in [0, 1], got {label_mix!r}")
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")

@@ -196,6 +196,8 @@ def _validate(hidden, weight, targets, bias, ignore_index, softcap, temperature)
         raise ValueError(f"hidden has D={hidden.shape[-1]} but weight is [V, D] with D={weight.shape[1]}")
     if weight.shape[0] == 0:
         raise ValueError("weight has V=0 rows: the vocabulary is empty")
+    if weight.shape[1] == 0:
+        raise ValueError("hidden and weight have D=0 features: nothing to project")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without D), got {tuple(targets.shape)}")
     if targets.numel() == 0:
