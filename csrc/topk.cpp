@@ -467,10 +467,14 @@ static py::tuple search(int dtype, int d, py::array data, py::array xscale, py::
     // multiply-adds per thread; the cap is the panel count, so each thread gets a share.
     const int64_t work = std::max<int64_t>(npanels * L.panel_bytes / (16 << 20), npanels * kPanel * (int64_t)d * nq_total >> 25);
     const int64_t cap = std::min<int64_t>({(int64_t)threads, npanels, 4LL * num_procs()});  // no runaway teams
-    const int T = (int)std::max<int64_t>(1, std::min<int64_t>(cap, force_threads ? cap : std::max<int64_t>(1, work)));
     // Query chunk: up to 256 queries (the matrix is streamed once per chunk), fewer when the per-thread
     // heaps (T x chunk x kk entries) would pass ~256 MiB.
     const int64_t heap_budget = (int64_t)256 << 20;
+    // The merge buffers hold T x T x kk candidates: a huge k (k = ntotal on a many-core machine) takes fewer
+    // threads rather than gigabytes (16 threads x k = 1M would be 4 GiB).
+    const int64_t merge_cap = std::max<int64_t>(1, (int64_t)std::sqrt((double)heap_budget / ((double)sizeof(Cand) * kk)));
+    const int T = (int)std::max<int64_t>(1, std::min<int64_t>(
+        {cap, merge_cap, force_threads ? cap : std::max<int64_t>(1, work)}));
     const int qc = (int)std::max<int64_t>(1, std::min<int64_t>({nq_total, 256, heap_budget / (12LL * kk * T)}));
 
     // All scratch allocated before the GIL is released and before any OpenMP region (no throw inside).
