@@ -274,6 +274,11 @@ def test_shards_and_merge(ds, scorer, tmp_path):
     hb, b = read_utilities(merged)
     assert {k: v for k, v in ha.items()} == {k: v for k, v in hb.items()}
     assert sorted(map(json.dumps, a)) == sorted(map(json.dumps, b))
+    # a shard of another question sample (--limit) would mix samples: refused, naming the setting
+    other = shard_path(str(tmp_path / "lim.jsonl.gz"), (2, 3))
+    score_dataset(scorer, ds, other, candidates="top:1", progress=False, shard=(2, 3), limit=6)
+    with pytest.raises(ValueError, match=r"settings differ .*\(limit\); cannot merge"):
+        merge(paths[:2] + [other], str(tmp_path / "mixed.jsonl"))
 
 
 def test_parse_shard_and_torchrun_env(monkeypatch):

@@ -252,8 +252,10 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     report["stages"]["eval"] = {"seconds": round(time.time() - t0, 1)}
     report["eval"] = ev
     report["seconds_total"] = round(time.time() - t_all, 1)
-    with open(os.path.join(out, "report.json"), "w") as f:
+    rpath = os.path.join(out, "report.json")
+    with open(rpath + ".tmp", "w") as f:  # renamed when complete: a kill never leaves half a report
         json.dump(report, f, indent=2)
+    os.replace(rpath + ".tmp", rpath)
     png = os.path.join(out, "report.png")
     wrote_png = plot_report(report, png)
     print(format_table(ev))

@@ -207,6 +207,8 @@ def write_table(out: str, header: dict, rows: Sequence[dict]) -> dict:
         f.write(json.dumps(header) + "\n")
         for r in rows:
             f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())  # on disk before finalize publishes it
     finalize(partial, out)
     return header
 
@@ -282,8 +284,8 @@ def merge_shards(inputs: Sequence[str], out: str) -> dict:
         headers.append(h)
         all_rows.extend(rows)
     ref = headers[0]
-    for path, h in zip(inputs, headers):
-        diff = [k for k in COMPAT_KEYS if h.get(k) != ref.get(k)]
+    for path, h in zip(inputs, headers):  # also the same questions: shards of one --limit / --questions-from
+        diff = [k for k in COMPAT_KEYS + ("limit", "questions_from") if h.get(k) != ref.get(k)]
         if diff:
             raise ValueError(f"{path}: settings differ from {inputs[0]} ({', '.join(diff)}); cannot merge")
     n = ref["shard"][1]
@@ -294,6 +296,11 @@ def merge_shards(inputs: Sequence[str], out: str) -> dict:
     if len(set(keys)) != len(keys):
         raise ValueError("duplicate (qid, pid) rows across inputs")
     header = dict(ref, shard=[0, 1], n_queries=sum(h["n_queries"] for h in headers), n_rows=len(all_rows))
+    for k in ("n_reused_rows", "n_skipped_no_passages"):  # per-shard counts: the table's are their sums
+        if any(k in h for h in headers):
+            header[k] = sum(int(h.get(k, 0)) for h in headers)
+    if any("reused_from" in h for h in headers):
+        header["reused_from"] = sorted({f for h in headers for f in h.get("reused_from", [])})
     return write_table(out, header, all_rows)
 
 
