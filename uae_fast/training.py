@@ -515,7 +515,7 @@ class Stopped(KeyboardInterrupt):
 class _StopOnSigterm:
     """SIGTERM (what Slurm, Kubernetes and torchrun send before killing) finishes the current step, which is
     then checkpointed, instead of losing every step since the last checkpoint. A second SIGTERM acts at once.
-    Ctrl-C (SIGINT) keeps stopping at once. Under torchrun every rank stops at the same step (``requested``)."""
+    Ctrl-C (SIGINT) keeps stopping at once. Under torchrun every rank stops at the same step (:func:`_agree`)."""
 
     def __init__(self):
         self.signum: Optional[int] = None
@@ -538,16 +538,6 @@ class _StopOnSigterm:
             return
         self.signum = signum
 
-    def requested(self, world: int, device) -> bool:
-        flag = self.signum is not None
-        if world > 1:  # any rank signalled: all stop after this step
-            import torch.distributed as dist
-
-            t = torch.tensor([int(flag)], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
-
     def __exit__(self, *exc):
         import signal
 
@@ -556,7 +546,30 @@ class _StopOnSigterm:
         return False
 
 
-def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep, world=1):
+def _agree(flags: List[bool], world: int, device) -> List[bool]:
+    """Each flag true on any rank is true on every rank (one all-reduce per step under torchrun): a rank that
+    stopped or failed alone would leave the others waiting in the next collective until a timeout."""
+    if world == 1:
+        return flags
+    import torch.distributed as dist
+
+    t = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def _gather_rng(world: int) -> list:
+    """Every rank's RNG state (checkpointed per rank: under torchrun each rank's CUDA generator is its own)."""
+    if world == 1:
+        return [_rng_state()]
+    import torch.distributed as dist
+
+    states = [None] * world
+    dist.all_gather_object(states, _rng_state())
+    return states
+
+
+def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep, world=1, rng=None):
     """Write ``out_dir/checkpoints/step-N`` atomically: into ``step-N.tmp``, fsync'd, then renamed. A kill at
     any moment leaves the previous checkpoints intact plus at most a ``.tmp`` folder that ``--resume``
     ignores and the next save deletes. Pruning keeps this checkpoint and the ``keep - 1`` newest others."""
@@ -570,7 +583,8 @@ def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep, world=1
     final = os.path.join(root, name)
     tmp = final + ".tmp"
     encoder.save(tmp)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": rng if rng is not None else [_rng_state()],
                 "config": asdict(cfg), "log": log, "world_size": world}, os.path.join(tmp, _STATE_FILE))
     _fsync_tree(tmp)
     _checkpoint_test_hook(step)
@@ -766,7 +780,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        rng = state["rng"]  # a list per rank (a dict in checkpoints of 0.1, rank 0's only)
+        _set_rng_state(rng[rank] if isinstance(rng, list) else rng)
         step, log = int(state["step"]), list(state["log"])
     end = total_steps if stop_after is None else min(total_steps, int(stop_after))
 
@@ -833,8 +848,11 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
                                    label_mix=mix, gold_idx=gold if mix > 0 else None, exclude_idx=ex)
             (loss / cfg.grad_accum).backward()
             step_loss += float(loss.detach()) / cfg.grad_accum
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss} at step {step}; lower --lr or check the utilities")
+        bad, stopping = _agree([not math.isfinite(step_loss), stop.signum is not None], world, device)
+        if bad:  # on every rank at once, not one rank raising while the others wait
+            where = "" if not math.isfinite(step_loss) else " on another rank"
+            raise FloatingPointError(f"loss is {step_loss if where == '' else 'not finite'}{where} at step {step}; "
+                                     f"lower --lr or check the utilities")
         opt.step()
         sched.step()
         step += 1
@@ -843,11 +861,23 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-        stopping = stop.requested(world, device)
-        if rank == 0 and (step % save_every == 0 or step == end or stopping):
-            _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep_checkpoints, world)
-            _write_log(out_dir, log)
+        if step % save_every == 0 or step == end or stopping:  # the same decision on every rank
+            rng, error = _gather_rng(world), None
+            if rank == 0:
+                try:
+                    _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep_checkpoints, world, rng=rng)
+                    _write_log(out_dir, log)
+                except Exception as e:  # disk full, a non-finite model: every rank stops, not only rank 0
+                    error = e
+            if _agree([error is not None], world, device)[0]:
+                if error is not None:
+                    raise error
+                raise RuntimeError(f"rank 0 could not write the checkpoint of step {step} (its error says why)")
         if stopping:
+            if stop.signum is None:  # another rank's SIGTERM: this rank stops the same way
+                import signal
+
+                stop.signum = int(signal.SIGTERM)
             break
     return step, ema
 

@@ -1,0 +1,109 @@
+"""``uae train`` under torchrun's environment on two gloo processes (CPU): the ranks agree on when to stop.
+
+- a scheduler's SIGTERM reaching one rank stops both after the same step, which rank 0 checkpoints; ``--resume``
+  on two ranks then ends bit-identical to an uninterrupted two-rank run;
+- a non-finite loss on one rank raises on both (before, the other rank waited in the next collective).
+
+Every scenario runs under a deadline: a hang fails the test instead of blocking CI.
+"""
+import json
+import os
+import signal
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from test_training import TRAIN, tiny, write_utilities  # noqa: F401 (tiny: fixture)
+
+WORLD = 2
+RUN = dict(max_steps=4, batch_size=4, passages_per_query=3, max_passage_length=32, lr=1e-3, seed=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, scenario, utils, student, out, results):
+    os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    import uae_fast.ops.infonce as ops
+    from uae_fast.training import Stopped, TrainConfig, train
+
+    if rank == 1 and scenario in ("sigterm", "nan"):  # something happens to rank 1 alone, in step 2
+        real, calls = ops.utility_infonce, []
+
+        def on_rank1(*a, **k):
+            calls.append(1)
+            loss = real(*a, **k)
+            if len(calls) == 2:
+                if scenario == "sigterm":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                else:  # a NaN value whose gradient stays finite: the loss check, not the op's, must see it
+                    loss = loss + loss.detach() * float("nan")
+            return loss
+
+        ops.utility_infonce = on_rank1
+    res = {}
+    try:
+        s = train(TrainConfig(data=TRAIN, utilities=utils, student=student, **RUN), out, resume=scenario == "resume",
+                  save_every=100, progress=False)
+        res["steps"] = s["steps"]
+    except Stopped as e:
+        res["stopped_at"] = e.step
+    except FloatingPointError as e:
+        res["error"] = str(e)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    with open(os.path.join(results, f"{scenario}-{rank}.json"), "w") as f:
+        json.dump(res, f)
+
+
+def _run(scenario, utils, student, out, results, deadline_s=180):
+    ctx = mp.start_processes(_worker, args=(_free_port(), scenario, utils, student, str(out), str(results)),
+                             nprocs=WORLD, join=False, start_method="spawn")
+    end = time.time() + deadline_s
+    while not ctx.join(timeout=1):
+        if time.time() > end:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{scenario}: the ranks did not finish in {deadline_s} s (a hang)")
+    return [json.load(open(os.path.join(results, f"{scenario}-{r}.json"))) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def utils(tmp_path_factory):
+    from uae_fast.data import load_dataset
+
+    return write_utilities(tmp_path_factory.mktemp("u") / "u.jsonl.gz", load_dataset(TRAIN))
+
+
+def test_ranks_stop_together_and_resume_exactly(tmp_path, tiny, utils):  # noqa: F811
+    from safetensors.torch import load_file
+
+    from uae_fast.training import latest_checkpoint
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert _run("full", utils, tiny, ref, tmp_path) == [{"steps": 4}] * WORLD
+    assert _run("sigterm", utils, tiny, run, tmp_path) == [{"stopped_at": 2}] * WORLD
+    assert latest_checkpoint(str(run)).endswith("step-000002") and not (run / "model.safetensors").exists()
+    state = torch.load(os.path.join(latest_checkpoint(str(run)), "trainer_state.pt"), weights_only=False)
+    assert isinstance(state["rng"], list) and len(state["rng"]) == WORLD  # each rank's RNG state
+    assert _run("resume", utils, tiny, run, tmp_path) == [{"steps": 4}] * WORLD
+    wa, wb = load_file(ref / "model.safetensors"), load_file(run / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (ref / "train_log.jsonl").read_text() == (run / "train_log.jsonl").read_text()
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path, tiny, utils):  # noqa: F811
+    r0, r1 = _run("nan", utils, tiny, tmp_path / "run", tmp_path)
+    assert r1["error"].startswith("loss is nan at step 1")
+    assert r0["error"].startswith("loss is not finite on another rank at step 1")
