@@ -35,6 +35,21 @@ def test_float_selected_evidence_is_skipped(tmp_path):
     assert ds.queries[0].gold == ["P:1"] and ds.queries[0].answers == ["x, y"]
 
 
+def test_unmatched_qasper_evidence_is_counted(tmp_path):
+    def qa(qid, evidence):
+        return {"question": "q?", "question_id": qid, "answers": [{"answer": {"free_form_answer": "f", "evidence": evidence}}]}
+
+    paper = {"full_text": [{"section_name": "Intro", "paragraphs": ["alpha beta", "gamma"]}],
+             "qas": [qa("q1", ["alpha  beta", "gamma"]),  # inner whitespace differs: no match ("other")
+                     qa("q2", ["Intro"]),  # a section heading: no paragraph, no gold
+                     qa("q3", [])]}  # no text evidence at all: not counted
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"P": paper}))
+    ds = load_dataset(str(path))
+    assert [q.gold for q in ds.queries] == [["P:1"], [], []]
+    assert ds.unmatched_evidence == {"headings": 1, "other": 1, "questions_without_gold": 1}
+
+
 def test_answer_text_rules():
     assert qasper_answer_text({"unanswerable": True}) is None
     assert qasper_answer_text({"free_form_answer": " f ", "extractive_spans": ["e"]}) == "f"

@@ -71,6 +71,8 @@ def test_beir_folder(tmp_path):
     ("q9\td1\t1\n", r"query 'q9' is not in queries.jsonl"),
     ("query-id\tcorpus-id\tscore\n", r"no queries found"),
     ("q1\td1\tnan\n", r"test.tsv:1: score 'nan' is not a finite number"),
+    ("q1\td1\tx\nq2\td3\t1\n", r"test.tsv:1: score 'x' is not a number"),  # not taken for a header
+    ("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td1\t0\n", r"test.tsv:3: query 'q1' judges document 'd1' twice, with scores 1 and 0"),
 ])
 def test_beir_bad_qrels(tmp_path, test, msg):
     root = write_beir(tmp_path / "b", test=test)
@@ -132,6 +134,33 @@ def squad(**over):
                                        {"paragraphs": [{"context": "No title.", "qas": []}]}]}
     raw.update(over)
     return raw
+
+
+def test_squad_repeated_context_and_colliding_titles(tmp_path):
+    # A file flattened to one paragraph per question repeats the context: one passage, gold for both questions.
+    # Titles "T", "T#2", "T": the renamed third article must not take the second's ids.
+    ctx = "Paris is the capital.\nIt is in France."
+    para = lambda qid, start: {"context": ctx, "qas": [{"id": qid, "question": "?", "answers": [{"text": "x", "answer_start": start}]}]}  # noqa: E731
+    raw = {"data": [{"title": "T", "paragraphs": [para("a", 0), para("b", 25)]},
+                    {"title": "T#2", "paragraphs": [{"context": "two", "qas": []}]},
+                    {"title": "T", "paragraphs": [{"context": "three", "qas": [{"id": "c", "question": "?", "answers": [{"text": "t", "answer_start": 0}]}]}]}]}
+    p = tmp_path / "squad.json"
+    p.write_text(json.dumps(raw))
+    ds = load_dataset(p)
+    assert {pid: x.text for pid, x in ds.passages.items()} == {"T:0": "Paris is the capital.", "T:1": "It is in France.",
+                                                               "T#2:0": "two", "T#3:0": "three"}
+    assert [q.gold for q in ds.queries] == [["T:0"], ["T:1"], ["T#3:0"]]
+
+
+def test_jsonl_gold_outside_the_pool_is_refused(tmp_path):
+    psg = [{"type": "passage", "id": "a", "doc_id": "d1", "text": "alpha"}, {"type": "passage", "id": "b", "doc_id": "d2", "text": "beta"}]
+    for q, msg in (({"doc_id": "d2"}, "outside the passages of doc_id 'd2'"), ({"candidates": ["b"]}, "outside its candidates"),
+                   ({"doc_id": "D1"}, "outside the passages of doc_id 'D1'")):
+        p = tmp_path / "d.jsonl"
+        rec = dict({"type": "query", "id": "q", "question": "?", "answers": ["x"], "gold": ["a"]}, **q)
+        p.write_text("".join(json.dumps(r) + "\n" for r in psg + [rec]))
+        with pytest.raises(ValueError, match=r"d.jsonl:3: query 'q' has gold passage\(s\) \['a'\] " + msg):
+            load_dataset(p)
 
 
 def test_squad_json(tmp_path):

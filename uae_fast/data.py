@@ -78,6 +78,10 @@ class RetrievalDataset:
     passages: Dict[str, Passage]
     queries: List[Query]
     name: str = ""
+    # QASPER: evidence strings that match no paragraph (after stripping), so gave no gold: "headings" (a
+    # section name, the usual case), "other" (e.g. whitespace inside the text differs), and
+    # "questions_without_gold" (had text evidence, none matched). Empty for other formats.
+    unmatched_evidence: Dict[str, int] = field(default_factory=dict)
     _by_doc: Dict[str, List[str]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -237,15 +241,18 @@ def _qasper_from_dict(raw: dict, name: str, path: Optional[str] = None) -> Retri
     passages: Dict[str, Passage] = {}
     queries: List[Query] = []
     seen_q: Dict[str, str] = {}
+    unmatched = {"headings": 0, "other": 0, "questions_without_gold": 0}
     for paper_id, paper in raw.items():
         where = f"{path}: paper {paper_id!r}"
         if not isinstance(paper, dict) or "full_text" not in paper:
             raise ValueError(f"{where} lacks 'full_text': not the QASPER schema")
         text_to_ids: Dict[str, List[str]] = {}
+        headings = set()
         i = 0
         for s, sec in enumerate(_expect(paper["full_text"], list, where, "full_text", optional=True) or []):
             _expect(sec, dict, where, f"full_text[{s}]")
             section = _expect(sec.get("section_name"), str, where, f"full_text[{s}].section_name", optional=True) or ""
+            headings.add(section.strip())
             for para in _strings(sec.get("paragraphs"), where, f"full_text[{s}].paragraphs"):
                 if not para.strip():
                     continue
@@ -264,7 +271,7 @@ def _qasper_from_dict(raw: dict, name: str, path: Optional[str] = None) -> Retri
             if qid in seen_q:
                 raise ValueError(f"{qwhere}: duplicate question_id (also in paper {seen_q[qid]!r})")
             seen_q[qid] = paper_id
-            answers, gold = [], []
+            answers, gold, n_text_evidence = [], [], 0
             for k, a in enumerate(_expect(qa.get("answers"), list, qwhere, "answers", optional=True) or []):
                 a = _expect(a, dict, qwhere, f"answers[{k}]")
                 a = _expect(a.get("answer", a), dict, qwhere, f"answers[{k}].answer")
@@ -277,11 +284,15 @@ def _qasper_from_dict(raw: dict, name: str, path: Optional[str] = None) -> Retri
                 for ev in _strings(a.get("evidence"), qwhere, f"{field}.evidence"):
                     if not ev or ev.startswith(FLOAT_SELECTED):
                         continue
+                    n_text_evidence += 1
+                    if ev.strip() not in text_to_ids:
+                        unmatched["headings" if ev.strip() in headings else "other"] += 1
                     for pid in text_to_ids.get(ev.strip(), []):
                         if pid not in gold:
                             gold.append(pid)
+            unmatched["questions_without_gold"] += bool(n_text_evidence and not gold)
             queries.append(Query(qid, question, answers, gold, doc_id=paper_id))
-    return RetrievalDataset(passages, queries, name)
+    return RetrievalDataset(passages, queries, name, unmatched_evidence=unmatched)
 
 
 # ------------------------------------------------------------------------------------- JSONL
@@ -339,6 +350,11 @@ def _from_jsonl(path: str) -> RetrievalDataset:
         missing = [pid for pid in q.gold + list(q.candidates or []) if pid not in passages]
         if missing:
             raise ValueError(f"{path}:{q_line[q.id]}: query {q.id!r} names unknown passage id(s) {missing[:3]}")
+        pool = set(ds.pool(q)) if q.gold and (q.candidates is not None or q.doc_id is not None) else None
+        outside = [pid for pid in q.gold if pool is not None and pid not in pool]
+        if outside:  # it could never be retrieved: every metric would count it as a miss
+            where = "its candidates" if q.candidates is not None else f"the passages of doc_id {q.doc_id!r}"
+            raise ValueError(f"{path}:{q_line[q.id]}: query {q.id!r} has gold passage(s) {outside[:3]} outside {where}")
     return ds
 
 
@@ -368,15 +384,18 @@ def _beir_qrels(path: str) -> Dict[str, Dict[str, float]]:
         fields = line.rstrip("\r\n").split("\t")
         if len(fields) != 3:
             raise ValueError(f"{path}:{n}: expected 3 tab-separated fields 'query-id corpus-id score', got {len(fields)}")
+        if n == 1 and fields[2].strip().lower() in ("score", "relevance", "rel", "label", "grade"):
+            continue  # the header row "query-id\tcorpus-id\tscore" (a malformed first data row is not skipped)
         try:
             score = float(fields[2])  # BEIR writes ints; some exporters write 1.0
         except ValueError:
-            if n == 1:  # the header row "query-id\tcorpus-id\tscore"
-                continue
             raise ValueError(f"{path}:{n}: score {fields[2]!r} is not a number") from None
         if not math.isfinite(score):
             raise ValueError(f"{path}:{n}: score {fields[2]!r} is not a finite number")
-        qrels.setdefault(fields[0], {})[fields[1]] = score
+        old = qrels.setdefault(fields[0], {}).setdefault(fields[1], score)
+        if old != score:
+            raise ValueError(f"{path}:{n}: query {fields[0]!r} judges document {fields[1]!r} twice, with scores {old:g} and "
+                             f"{score:g}")
     return qrels
 
 
@@ -440,9 +459,12 @@ def _squad_from_dict(raw: dict, name: str) -> RetrievalDataset:
             raise ValueError(f"{name}: data[{n}] lacks a 'paragraphs' list: not the SQuAD schema")
         title = str(art.get("title") or "").strip()
         key = re.sub(r"\s+", "_", title) or f"article{n}"
-        if key in keys:  # ids must stay unique when two articles share a title
-            key = f"{key}#{n}"
+        if key in keys:  # ids must stay unique when two articles share a title (and a title may look like "T#2")
+            base, k = key, n
+            while key in keys:
+                key, k = f"{base}#{k}", k + 1
         keys.add(key)
+        line_ids: Dict[str, str] = {}  # a line repeated in the article (flattened files) is one passage
         i = 0
         for m, para in enumerate(art["paragraphs"]):
             context = para.get("context") if isinstance(para, dict) else None
@@ -450,11 +472,14 @@ def _squad_from_dict(raw: dict, name: str) -> RetrievalDataset:
                 raise ValueError(f"{name}: data[{n}].paragraphs[{m}] lacks a string 'context'")
             spans = []  # (start, end, passage id) of each non-empty line of the context
             for line in re.finditer(r"[^\n]+", context):
-                if line.group().strip():
-                    pid = f"{key}:{i}"
-                    passages[pid] = Passage(pid, key, line.group().strip(), title)
+                text = line.group().strip()
+                if text:
+                    pid = line_ids.get(text)
+                    if pid is None:
+                        pid = line_ids[text] = f"{key}:{i}"
+                        passages[pid] = Passage(pid, key, text, title)
+                        i += 1
                     spans.append((line.start(), line.end(), pid))
-                    i += 1
             for qa in para.get("qas") or []:
                 if not isinstance(qa, dict) or "id" not in qa or not isinstance(qa.get("question"), str):
                     raise ValueError(f"{name}: a question of data[{n}].paragraphs[{m}] lacks 'id' or 'question'")

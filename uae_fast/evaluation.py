@@ -368,6 +368,7 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         m.update(info.get(n, {}))
         systems[n] = m
     result = {"data": ds.name, "n_queries": len(queries), "n_queries_total": len(ds.queries), "device": str(device),
+              "unmatched_evidence": dict(ds.unmatched_evidence),
               "torch_threads": torch.get_num_threads(), "systems": systems,
               "settings": {"models": list(models), "baselines": list(baselines), "limit": limit, "query_threads": query_threads,
                            "rerank_threads": torch.get_num_threads(), "rerank_limit": rerank_limit,
@@ -488,6 +489,11 @@ def format_table(result: dict) -> str:
         lines.append("")
 
     table(f"Evidence retrieval on {result['data']} ({result['n_queries']} queries with gold evidence)", result["systems"])
+    um = result.get("unmatched_evidence") or {}
+    if um.get("headings") or um.get("other"):
+        lines.insert(len(lines) - 1, f"QASPER evidence matching no paragraph, so not gold: {um['headings']} section headings, "
+                                     f"{um['other']} other strings; {um['questions_without_gold']} questions with text "
+                                     f"evidence have no gold and are not evaluated")
     if "rerank_subset" in result:
         sub = result["rerank_subset"]
         table(f"Same metrics on the first {sub['n']} queries (the LLM re-ranker's subset); speedup = re-ranker ms / system ms",
