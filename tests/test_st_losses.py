@@ -220,6 +220,35 @@ def test_cached_equals_uncached(model, mini_batch_size):
                                    ref_loss, rtol=1e-5, atol=1e-6)
 
 
+def test_matryoshka_wraps_the_cached_loss(model):
+    # MatryoshkaLoss decorates a gradient-caching loss's calculate_loss (it used to crash in backward):
+    # the same loss and gradients as wrapping the uncached loss.
+    st_losses = pytest.importorskip("sentence_transformers.losses")
+    try:
+        from sentence_transformers.base.losses.gradcache import uses_gradient_cache  # noqa: F401 (>= 6)
+    except ImportError:
+        pytest.skip("this sentence-transformers has no gradient-cache contract")
+    cols = _texts()
+    labels = torch.randn(B, K)
+    dims = [16, 8]
+    ref_loss, ref_g = _run(st_losses.MatryoshkaLoss(model, UtilityInfoNCELoss(model), dims), model, cols, labels)
+    loss, g = _run(st_losses.MatryoshkaLoss(model, CachedUtilityInfoNCELoss(model, mini_batch_size=2), dims), model, cols, labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    _assert_grads_close(g, ref_g)
+
+
+def test_cached_refuses_a_static_embedding_model(enc_dir):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import StaticEmbedding
+    from tokenizers import Tokenizer
+
+    static = SentenceTransformer(modules=[StaticEmbedding(Tokenizer.from_file(os.path.join(enc_dir, "tokenizer.json")), embedding_dim=8)],
+                                 device="cpu")
+    with pytest.raises(ValueError, match="does not work with a StaticEmbedding model"):
+        CachedUtilityInfoNCELoss(static)
+    UtilityInfoNCELoss(static)  # the uncached loss is fine
+
+
 def test_cached_replays_dropout(model):
     # Train mode: one mini-batch per column draws the same dropout masks as the uncached forward (same seed,
     # same order), so the losses agree; the gradients agree only if step 3 replays step 1's RNG state.
@@ -283,7 +312,7 @@ def test_export_columns_and_labels(exported):
     u, _ = load_utilities(utils)
     by_q = {q.question: q for q in ds.queries}
     by_text = {p.text: pid for pid, p in ds.passages.items()}
-    with_gold = [q for q in ds.queries if q.id in u and q.gold]
+    with_gold = [q for q in ds.queries if q.gold]  # unscored ones too, with all-NaN labels
     assert len(d) == len(with_gold)
     for row in d:
         q = by_q[row["query"]]
@@ -307,7 +336,7 @@ def test_export_tops_up_short_papers_with_other_papers(exported):
     cols, skipped = export_rows(ds, u, passages_per_query=k, seed=1)
     by_text = {p.text: pid for pid, p in ds.passages.items()}
     by_q = {q.question: q for q in ds.queries}
-    assert skipped == sum(1 for q in ds.queries if q.id in u and not q.gold) and len(cols["query"]) > 0
+    assert skipped == sum(1 for q in ds.queries if not q.gold) and len(cols["query"]) > 0
     for i, question in enumerate(cols["query"]):
         q = by_q[question]
         pids = [by_text[cols[f"passage_{c}"][i]] for c in range(k)]
@@ -316,6 +345,17 @@ def test_export_tops_up_short_papers_with_other_papers(exported):
         assert all(math.isnan(x) for x in cols["labels"][i][len(pool):])
     with pytest.raises(ValueError, match="passages_per_query must be a positive int"):
         export_rows(ds, u, passages_per_query=0)
+    # explicit candidates that leave out a gold: the top-up never puts that gold (or a candidate) in a column
+    from uae_fast.data import Passage, Query, RetrievalDataset
+
+    psg = {f"d{j}:{i}": Passage(f"d{j}:{i}", f"d{j}", f"text {j} {i}") for j in range(3) for i in range(3)}
+    qs = [Query("q", "?", ["a"], ["d0:0", "d0:1"], candidates=["d0:0", "d0:2"])]
+    small = RetrievalDataset(psg, qs, "small")
+    for seed in range(20):
+        cols, _ = export_rows(small, {"q": {"d0:2": 1.0}}, passages_per_query=5, seed=seed)
+        pids = [cols[f"passage_{c}"][0].replace("text ", "d").replace(" ", ":") for c in range(5)]
+        assert pids[0] in qs[0].gold and len(set(pids)) == 5, pids
+        assert not set(pids[1:]) & {"d0:0", "d0:1"} and set(pids[2:]) <= {f"d{j}:{i}" for j in (1, 2) for i in range(3)}, pids
 
 
 def test_export_cli_errors(tmp_path, exported, capsys):

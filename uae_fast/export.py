@@ -43,18 +43,14 @@ def export_rows(ds: RetrievalDataset, utilities: Dict[str, Dict[str, float]], *,
     cols: Dict[str, list] = {"query": [], **{f"passage_{c}": [] for c in range(k)}, "labels": []}
     skipped = 0
     for n, q in enumerate(ds.queries):
-        u = utilities.get(q.id)
-        if not u:
-            continue
+        u = utilities.get(q.id) or {}  # unscored: all-NaN labels, trained on passage_0 as uae train does
         if not q.gold:
             skipped += 1
             continue
         rng = np.random.default_rng([seed, n])
         chosen = sampler._pick_passages(q, rng)
         if len(chosen) < k:  # a short paper: other papers' paragraphs are true negatives
-            taken = set(chosen)
-            others = [all_pids[int(i)] for i in rng.permutation(len(all_pids)) if all_pids[int(i)] not in taken]
-            chosen += others[: k - len(chosen)]
+            chosen += _top_up(ds, q, chosen, k - len(chosen), all_pids, rng)
         if len(chosen) < k:
             raise ValueError(f"the data has {len(ds.passages)} passages in all, fewer than --passages-per-query {k}")
         cols["query"].append(q.question)
@@ -62,6 +58,28 @@ def export_rows(ds: RetrievalDataset, utilities: Dict[str, Dict[str, float]], *,
             cols[f"passage_{c}"].append(ds.passages[pid].text)
         cols["labels"].append([float(u[pid]) if pid in u else math.nan for pid in chosen])
     return cols, skipped
+
+
+def _top_up(ds: RetrievalDataset, q, chosen, need: int, all_pids, rng) -> list:
+    """``need`` passages from outside the query's pool (its paper or candidates) and its gold: negatives a
+    label-free column can hold. Rejection sampling (a large corpus is not permuted per query), then a scan."""
+    banned = set(chosen) | set(q.gold) | (set(ds.pool(q)) if q.doc_id is not None or q.candidates is not None else set())
+    out, seen = [], set()
+    for i in rng.integers(0, len(all_pids), size=8 * need + 32):
+        pid = all_pids[int(i)]
+        if pid not in banned and pid not in seen:
+            out.append(pid)
+            seen.add(pid)
+            if len(out) == need:
+                return out
+    for i in rng.permutation(len(all_pids)):  # a corpus mostly banned: every remaining passage, in random order
+        pid = all_pids[int(i)]
+        if pid not in banned and pid not in seen:
+            out.append(pid)
+            seen.add(pid)
+            if len(out) == need:
+                break
+    return out
 
 
 def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = None, passages_per_query: int = 8,
@@ -99,6 +117,7 @@ def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = N
     labels = np.asarray(cols["labels"], dtype=np.float32)
     summary = {"rows": len(cols["query"]), "passages_per_query": k, "skipped_no_gold": skipped,
                "scored_fraction": round(float(np.isfinite(labels).mean()), 4), "seed": seed,
+               "unscored_queries": int(np.isnan(labels).all(axis=1).sum()),
                "utilities": os.path.basename(utilities_path), "data": os.path.basename(data),
                "teacher": header.get("teacher")}
     _write_card(out_dir, summary)
@@ -122,7 +141,8 @@ tags:
 {s['rows']} queries x {k} passages from `{s['utilities']}` (teacher: {s['teacher']}) over `{s['data']}`.
 Columns: `query`, `passage_0` ... `passage_{k - 1}` (text), `labels` ([{k}] float32 teacher utilities, NaN = not
 scored: an in-batch negative with no target weight). `passage_0` is a gold passage. {s['scored_fraction']:.0%} of
-the passages carry a utility. {s['skipped_no_gold']} queries without gold evidence are left out. Seed {s['seed']}.
+the passages carry a utility; {s['unscored_queries']} queries have none (all-NaN labels: the loss trains them on
+`passage_0`, as `uae train` does). {s['skipped_no_gold']} queries without gold evidence are left out. Seed {s['seed']}.
 
 ```python
 from datasets import load_dataset

@@ -98,6 +98,10 @@ class CachedUtilityInfoNCELoss(UtilityInfoNCELoss):
                          similarity_fct, dedupe_passages)
         if not isinstance(mini_batch_size, int) or mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
+        first = next(iter(model), None) if hasattr(model, "__iter__") else None
+        if type(first).__name__ == "StaticEmbedding":  # flattened token ids + offsets: not sliceable into rows
+            raise ValueError("CachedUtilityInfoNCELoss does not work with a StaticEmbedding model (its inputs cannot be "
+                             "split into mini-batches; it is cheap to embed anyway): use UtilityInfoNCELoss")
         self.mini_batch_size = mini_batch_size
         self.show_progress_bar = bool(show_progress_bar)
 
@@ -120,19 +124,33 @@ class CachedUtilityInfoNCELoss(UtilityInfoNCELoss):
                 col_states.append(RandContext(*[v for v in mb.values() if isinstance(v, Tensor)]) if grad else None)
                 with torch.no_grad():
                     col_reps.append(self.model(mb)["sentence_embedding"].detach())
-            reps.append(torch.cat(col_reps))
+            reps.append(col_reps)
             states.append(col_states)
         if not grad:  # evaluation: no cache, no backward
-            return self.compute_loss_from_embeddings(reps, labels, keys)
-        # Step 2: the loss on the embeddings and its gradient with respect to them.
-        reps = [r.requires_grad_() for r in reps]
-        loss = self.compute_loss_from_embeddings(reps, labels, keys)
-        loss.backward()
-        cache = [r.grad for r in reps]
+            return self.calculate_loss(reps, labels, keys=keys)
+        # Step 2: the loss on the embeddings and its gradient with respect to them (through calculate_loss,
+        # which sentence-transformers' MatryoshkaLoss wraps for gradient-caching losses).
+        reps = [[r.requires_grad_() for r in col] for col in reps]
+        loss = self.calculate_loss(reps, labels, with_backward=True, keys=keys)
+        cache = [torch.cat([r.grad if r.grad is not None else torch.zeros_like(r) for r in col]) for col in reps]
         loss = loss.detach().requires_grad_()
         # Step 3 runs when the trainer back-propagates the returned loss. This call's features, cache and
         # RNG states are bound to the hook, so a second forward before the backward cannot mix batches.
         loss.register_hook(partial(_replay, loss_obj=self, features=features, cache=cache, states=states))
+        return loss
+
+    # sentence-transformers (>= 6) wrappers such as MatryoshkaLoss recognise a gradient-caching loss by this
+    # flag and decorate its calculate_loss (embeddings in, loss out) instead of the model's forward.
+    uses_gradient_cache = True
+
+    def calculate_loss(self, reps: List[List[Tensor]], labels: Optional[Tensor] = None, *, with_backward: bool = False,
+                       keys=None) -> Tensor:
+        """The loss from per-column lists of mini-batch embeddings; ``with_backward``: back-propagate it into
+        them and return it detached (the sentence-transformers gradient-cache contract)."""
+        loss = self.compute_loss_from_embeddings([torch.cat(col) for col in reps], labels, keys)
+        if with_backward:
+            loss.backward()
+            return loss.detach()
         return loss
 
     def _progress(self, it):
