@@ -17,7 +17,7 @@ from uae_fast.fusion import DEFAULT_FUSION
 
 def _strip_timing(res):
     res = json.loads(json.dumps(res))
-    for k in ("seconds", "rows_scored_now", "data"):
+    for k in ("seconds", "rows_scored_now", "data", "data_path"):
         res["calibration"].pop(k)
     return res
 
@@ -57,6 +57,19 @@ def test_calibration_never_reads_gold(tmp_path, tiny, tiny_lm):  # noqa: F811
     # the utility cache resumes: a second run scores nothing new and gives the same answer
     again = calibrate_fusion(TRAIN, utility_cache=str(tmp_path / "u0.jsonl"), **kw)
     assert again["calibration"]["rows_scored_now"] == 0 and _strip_timing(again) == _strip_timing(ref)
+    c = again["calibration"]
+    assert c["data_path"] == os.path.abspath(TRAIN) and c["limit"] == 5 and c["teacher_settings"]["teacher"] == c["teacher"]
+    # the same ids with other text (an edited data file) are scored again, not read from the cache
+    edited = tmp_path / "edited.json.gz"
+    raw = json.load(gzip.open(TRAIN))
+    for paper in raw.values():
+        for qa in paper["qas"]:
+            qa["question"] = qa["question"] + " (edited)"
+    with gzip.open(edited, "wt") as f:
+        json.dump(raw, f)
+    third = calibrate_fusion(str(edited), utility_cache=str(tmp_path / "u0.jsonl"), **kw)
+    c3 = third["calibration"]
+    assert c3["rows_scored_now"] == round(c3["mean_candidates"] * c3["n_questions"]) > 0  # every row anew
 
 
 def test_teacher_agreement_and_selection_hand_computed():

@@ -328,6 +328,17 @@ def test_hybrid_concurrent_searches_and_adds():
     assert len(h) == 200 and len(h.lexical) == 200
 
 
+def test_fuse_checks_a_config_dict():
+    from uae_fast.fusion import fuse
+
+    d = (np.array([[0.9, 0.1]], np.float32), np.array([[0, 1]]))
+    lx = (np.array([[1.0, 0.5]], np.float32), np.array([[1, 0]]))
+    with pytest.raises(ValueError, match="weight"):
+        fuse(d, lx, 2, {"method": "minmax", "weight": 7.0, "k_each": 10, "rrf_k": 60})
+    _, ids = fuse(d, lx, 2, {"method": "rrf"})  # missing keys take their defaults (was a KeyError)
+    assert sorted(ids[0].tolist()) == [0, 1]
+
+
 def test_hybrid_bad_input():
     emb, texts, _ = _corpus(n=5, dim=4)
     h = HybridIndex(4)

@@ -20,6 +20,7 @@ re-scores only the candidates it adds.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -92,7 +93,14 @@ def select_config(grid_results: List[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------ utility cache
-def _read_cache(path: str, settings: dict) -> Dict[Tuple[str, str], float]:
+def _row_key(q, pid: str, text: str) -> str:
+    """What a cached utility depends on besides the teacher: the question, its answers and the passage's text.
+    A cache reused on edited data (same ids, other text) must not hand back stale utilities."""
+    blob = "\x00".join([q.id, pid, q.question, "\x01".join(q.answers), text])
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _read_cache(path: str, settings: dict) -> Dict[str, float]:
     if not os.path.exists(path):
         return {}
     out: Dict[Tuple[str, str], float] = {}
@@ -109,9 +117,9 @@ def _read_cache(path: str, settings: dict) -> Dict[Tuple[str, str], float]:
     for line in lines[1:]:
         try:
             r = json.loads(line)
-            out[(r["qid"], r["pid"])] = float(r["utility"])
+            out[r["key"]] = float(r["utility"])
         except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a torn last line of an interrupted run
+            continue  # a torn last line of an interrupted run (or a row of a cache without keys: rescored)
     return out
 
 
@@ -193,21 +201,22 @@ def calibrate_fusion(data, model: Optional[str] = None, *, teacher=None, limit: 
     scorer = teacher if isinstance(teacher, UtilityScorer) else UtilityScorer.from_pretrained(teacher, device=device)
     settings = scorer.settings()
     cache = _read_cache(utility_cache, settings) if utility_cache else {}
-    todo = [i for i, (q, pool, c) in enumerate(zip(queries, pools, cands)) if any((q.id, pool[j]) not in cache for j in c)]
+    keys = [[_row_key(q, pool[j], ds.passages[pool[j]].text) for j in c.tolist()] for q, pool, c in zip(queries, pools, cands)]
+    todo = [i for i, ks in enumerate(keys) if any(k not in cache for k in ks)]
     n_scored = 0
     bar = _progress(range(0, len(todo), group), "teacher", progress, total=-(-len(todo) // group))
     for s in bar:
         idx = todo[s:s + group]
         items = [(queries[i].question, queries[i].answers, [ds.passages[pools[i][j]].text for j in cands[i]]) for i in idx]
         res = scorer.score_many(items)
-        rows = [{"qid": queries[i].id, "pid": pools[i][j], "utility": round(float(u), 6)}
-                for i, r in zip(idx, res) for j, u in zip(cands[i].tolist(), r.utility.tolist())]
+        rows = [{"qid": queries[i].id, "pid": pools[i][j], "key": key, "utility": round(float(u), 6)}
+                for i, r in zip(idx, res) for j, key, u in zip(cands[i].tolist(), keys[i], r.utility.tolist())]
         for r in rows:
-            cache[(r["qid"], r["pid"])] = r["utility"]
+            cache[r["key"]] = r["utility"]
         n_scored += len(rows)
         if utility_cache:
             _append_cache(utility_cache, settings, rows)
-    utils = [np.array([cache[(q.id, pool[j])] for j in c]) for q, pool, c in zip(queries, pools, cands)]
+    utils = [np.array([cache[k] for k in ks]) for ks in keys]
 
     results = []
     for cfg in grid:
@@ -216,8 +225,10 @@ def calibrate_fusion(data, model: Optional[str] = None, *, teacher=None, limit: 
     best = select_config(results)
     out = {k: best[k] for k in ("method", "weight", "k_each", "rrf_k")}
     out["calibration"] = {
-        "data": ds.name, "model": model_path or ("default student" if model is None else "BiEncoder"),
-        "teacher": settings["teacher"], "n_questions": len(queries), "candidates_per_side": candidates,
+        "data": ds.name, "data_path": os.path.abspath(data) if isinstance(data, (str, os.PathLike)) else None,
+        "limit": limit, "model": model_path or ("default student" if model is None else "BiEncoder"),
+        "teacher": settings["teacher"], "teacher_settings": settings, "n_questions": len(queries),
+        "candidates_per_side": candidates,
         "mean_candidates": float(np.mean([c.size for c in cands])), "objective": "teacher_mrr",
         "teacher_mrr": best["teacher_mrr"], "teacher_success@1": best["teacher_success@1"],
         "grid": results, "rows_scored_now": n_scored, "seconds": round(time.perf_counter() - t0, 1),

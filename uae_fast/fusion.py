@@ -7,7 +7,8 @@ A fusion config (what ``uae calibrate-fusion`` writes as JSON; extra keys are ke
 - ``method``: ``"minmax"`` or ``"zscore"`` (convex combination of per-query normalised scores) or
   ``"rrf"`` (weighted reciprocal-rank fusion, Cormack et al., 2009);
 - ``weight``: the dense side's weight ``w`` in [0, 1]; fused = ``w * dense + (1 - w) * lexical``
-  (``w = 1``: dense order, ``w = 0``: BM25 order);
+  (``w = 1``: dense order; ``w = 0``: BM25 order, except that BM25's weakest returned hit ties with the
+  passages it did not return, a tie broken by dense rank: the missing-score convention below);
 - ``k_each``: candidates taken from each side (their union is re-ranked; at least ``k`` are taken);
 - ``rrf_k``: RRF's rank offset: a side contributes ``1 / (rrf_k + rank)``.
 
@@ -127,7 +128,7 @@ def fuse(dense: Tuple[np.ndarray, np.ndarray], lexical: Tuple[np.ndarray, np.nda
 
     Rows with fewer than ``k`` fused candidates are padded with score -inf, id -1.
     """
-    fusion = resolve_fusion(fusion) if not isinstance(fusion, dict) or "method" not in fusion else fusion
+    fusion = resolve_fusion(fusion)  # always checked: a dict with a bad weight would fuse silently
     (ds, di), (ls, li) = dense, lexical
     q = di.shape[0]
     out_s = np.full((q, k), -math.inf, dtype=np.float32)
