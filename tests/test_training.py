@@ -357,3 +357,25 @@ def test_min_steps_adds_epochs_to_small_data_only(ds):
     assert BatchSampler(ds, TrainConfig(**kw, min_steps=10**6, max_steps=5)).total_micro_batches() == 5
     with pytest.raises(ValueError, match="min_steps must be an int >= 0"):
         TrainConfig(min_steps=-1).check()
+
+
+def test_sigterm_handler_is_scoped_to_the_training_loop():
+    import signal
+
+    from uae_fast.training import _StopOnSigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        for outside in (signal.SIG_DFL, signal.SIG_IGN):
+            signal.signal(signal.SIGTERM, outside)
+            with _StopOnSigterm() as stop:
+                inside = signal.getsignal(signal.SIGTERM)
+            # an ignored SIGTERM stays ignored; otherwise the handler is installed and removed again
+            assert (inside == signal.SIG_IGN) if outside == signal.SIG_IGN else (inside == stop._handle)
+            assert signal.getsignal(signal.SIGTERM) == outside
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with _StopOnSigterm() as stop:  # one SIGTERM: a flag, not a kill
+            signal.raise_signal(signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -37,17 +37,18 @@ def _worker(rank, port, scenario, utils, student, out, results):
     import uae_fast.ops.infonce as ops
     from uae_fast.training import Stopped, TrainConfig, train
 
-    if rank == 1 and scenario in ("sigterm", "nan"):  # something happens to rank 1 alone, in step 2
-        real, calls = ops.utility_infonce, []
+    if rank == 1:  # rank 1 draws more random numbers than rank 0 (so their RNG states differ: a resume that
+        real, calls = ops.utility_infonce, []  # restored rank 0's state on rank 1 would change its dropout), and
+        # in the sigterm / nan scenarios something happens to it alone, in step 2
 
         def on_rank1(*a, **k):
             calls.append(1)
+            torch.rand(3)
             loss = real(*a, **k)
-            if len(calls) == 2:
-                if scenario == "sigterm":
-                    os.kill(os.getpid(), signal.SIGTERM)
-                else:  # a NaN value whose gradient stays finite: the loss check, not the op's, must see it
-                    loss = loss + loss.detach() * float("nan")
+            if len(calls) == 2 and scenario == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            elif len(calls) == 2 and scenario == "nan":  # a NaN value whose gradient stays finite: the loss
+                loss = loss + loss.detach() * float("nan")  # check, not the op's, must see it
             return loss
 
         ops.utility_infonce = on_rank1

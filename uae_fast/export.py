@@ -94,7 +94,8 @@ def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = N
     from .cli import check_output_path
 
     check_output_path(out_dir, "--out", folder=True)
-    other = sorted(set(os.listdir(out_dir)) - {PARQUET_FILE, "README.md"}) if os.path.isdir(out_dir) else []
+    ours = {PARQUET_FILE, "README.md", PARQUET_FILE + ".tmp", "README.md.tmp"}  # .tmp: left by a killed export
+    other = sorted(set(os.listdir(out_dir)) - ours) if os.path.isdir(out_dir) else []
     if other:  # e.g. a model folder, whose README.md (its card) this would replace
         raise ValueError(f"--out {out_dir} holds files that are not an export ({', '.join(other[:3])}); choose an empty "
                          f"or new folder")

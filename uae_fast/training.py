@@ -519,21 +519,28 @@ class _StopOnSigterm:
 
     def __init__(self):
         self.signum: Optional[int] = None
-        self._old = None
+        self._installed, self._old = False, None
 
     def __enter__(self):
         import signal
         import threading
 
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        # Signal handlers live in the main thread; a SIGTERM the caller chose to ignore stays ignored.
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
             self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
         return self
 
-    def _handle(self, signum, frame):
+    def _previous(self):
         import signal
 
+        return self._old if self._old is not None else signal.SIG_DFL  # None: a handler set from C
+
+    def _handle(self, signum, frame):
         if self.signum is not None:  # asked twice: stop now
-            signal.signal(signum, self._old if self._old is not None else signal.SIG_DFL)
+            import signal
+
+            signal.signal(signum, self._previous())
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
@@ -541,8 +548,9 @@ class _StopOnSigterm:
     def __exit__(self, *exc):
         import signal
 
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous())
+            self._installed = False
         return False
 
 
@@ -698,6 +706,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     if device is None and torch.cuda.is_available():
         device = f"cuda:{local_rank}"
     device = resolve_device(device)
+    if world > 1 and device.type == "cuda":  # collectives of objects (all_gather_object) use the current device
+        torch.cuda.set_device(device)
     done = _prepare_out_dir(out_dir, cfg, resume=resume, overwrite=overwrite, world=world, rank=rank)
     if world > 1 and overwrite:
         import torch.distributed as dist
@@ -802,20 +812,31 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     summary = {"steps": step, "total_steps": total_steps, "finished": step >= total_steps,
                "final_loss": log[-1]["loss"] if log else None, "seconds_this_run": round(seconds, 1),
                "train_queries": len(sampler.queries), "world_size": world, "rank": rank, "config": asdict(cfg)}
-    if stop.signum is not None and step < total_steps:
-        summary["stopped_by_signal"] = stop.signum
+    # a SIGTERM after the last step's agreement (a --stop-after run) still stops every rank the same way
+    if _agree([stop.signum is not None and step < total_steps], world, device)[0]:
+        import signal
+
+        summary["stopped_by_signal"] = stop.signum or int(signal.SIGTERM)
+    error = None
     if rank == 0:
-        if step >= total_steps:
-            _check_finite_model(encoder, step)
-            encoder.save(out_dir, training=summary)
-        _write_log(out_dir, log)
-        _write_atomic(os.path.join(out_dir, "training_summary.json"), json.dumps(summary, indent=2))
+        try:
+            if step >= total_steps:
+                _check_finite_model(encoder, step)
+                encoder.save(out_dir, training=summary)
+            _write_log(out_dir, log)
+            _write_atomic(os.path.join(out_dir, "training_summary.json"), json.dumps(summary, indent=2))
+        except Exception as e:  # every rank fails, none waits in the barrier
+            error = e
+    if _agree([error is not None], world, device)[0]:
+        if error is not None:
+            raise error
+        raise OSError(f"rank 0 could not write the final model or the training summary in {out_dir} (its error says why)")
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
     if "stopped_by_signal" in summary:
-        raise Stopped(stop.signum, step)
+        raise Stopped(summary["stopped_by_signal"], step)
     return summary
 
 
@@ -872,7 +893,7 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
             if _agree([error is not None], world, device)[0]:
                 if error is not None:
                     raise error
-                raise RuntimeError(f"rank 0 could not write the checkpoint of step {step} (its error says why)")
+                raise OSError(f"rank 0 could not write the checkpoint of step {step} (its error says why)")
         if stopping:
             if stop.signum is None:  # another rank's SIGTERM: this rank stops the same way
                 import signal
