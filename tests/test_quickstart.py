@@ -52,6 +52,11 @@ def test_quickstart_writes_every_artefact(tmp_path, tiny_models):
 
     st = SentenceTransformer(str(out / "model"), device="cpu")
     assert st.encode(["a question?"]).shape[0] == 1
+    # a rerun with other sizes is refused in quickstart's own terms, leaving the run as it was
+    r = subprocess.run([c if c != "3" else "4" for c in cmd], capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(HERE), env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert r.returncode == 1 and "holds a quickstart run made with other options" in r.stderr, r.stderr[-2000:]
+    assert json.loads((out / "report.json").read_text()) == report
 
 
 def test_quickstart_rejects_bad_sizes(tmp_path):

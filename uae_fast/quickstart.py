@@ -16,6 +16,7 @@ Writes ``OUT/model`` (sentence-transformers folder), ``OUT/report.json`` and ``O
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -174,6 +175,19 @@ def _check_options(args) -> None:
         raise FileNotFoundError(f"--student {args.student!r}: model folder not found")
 
 
+@contextlib.contextmanager
+def _same_options(out: str):
+    """A rerun resumes each stage; with other sizes or models the stage refuses (its message names flags of
+    `uae score` / `uae train`, which quickstart lacks): say it in quickstart's terms."""
+    try:
+        yield
+    except ValueError as e:
+        if "different" not in str(e) and "settings" not in str(e):
+            raise
+        raise ValueError(f"--out {out} holds a quickstart run made with other options ({e}); rerun with the same "
+                         f"options, or choose another --out") from None
+
+
 def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: Optional[str] = None,
                dev_data: Optional[str] = None, teacher: Optional[str] = None, student: Optional[str] = None,
                utilities: Optional[str] = None, score_queries: Optional[int] = None, train_steps: Optional[int] = None,
@@ -216,8 +230,9 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
         _say(f"--full: {n_q} questions; estimated scoring time {est / 3600:.1f} h on this machine "
              f"(+ training and evaluation); interrupt any time and rerun to resume")
         os.remove(calib)
-    header = score_dataset(scorer, train_ds, slice_path, limit=n_score, resume=True, progress=progress,
-                           data_name=os.path.basename(train_path))
+    with _same_options(out):
+        header = score_dataset(scorer, train_ds, slice_path, limit=n_score, resume=True, progress=progress,
+                               data_name=os.path.basename(train_path))
     report["stages"]["score"] = {"seconds": round(time.time() - t0, 1), "queries": header["n_queries"],
                                  "passages": header["n_rows"], "teacher": header.get("teacher"), "file": slice_path}
     del scorer
@@ -239,7 +254,8 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     scored, _ = load_utilities(train_utils)
     train_on = RetrievalDataset(train_ds.passages, [x for x in train_ds.queries if x.id in scored], train_ds.name)
     started = os.path.isdir(model_dir) and bool(os.listdir(model_dir))  # a rerun resumes; a first run just starts
-    summary = train(cfg, model_dir, resume=started, progress=progress, ds=train_on)
+    with _same_options(out):
+        summary = train(cfg, model_dir, resume=started, progress=progress, ds=train_on)
     report["stages"]["train"] = {"seconds": round(time.time() - t0, 1), "utilities": train_utils,
                                  **{k: summary[k] for k in ("steps", "final_loss", "train_queries")}}
 
