@@ -542,14 +542,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--reader", action="store_true", help="also answer Token F1 with a reader LM on each system's top-1")
     p.add_argument("--reader-model", default=None, help="reader LM folder (default: the teacher)")
     p.add_argument("--reader-limit", type=int, default=100, help="answerable queries the reader runs on")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries with gold evidence")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries with gold evidence (default: all)")
     p.add_argument("--batch-size", type=int, default=64, help="texts per encoder forward when embedding passages")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: CUDA if available, else CPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for passage encoding and the re-ranker (default: torch's, one per core)")
     p.add_argument("--query-threads", type=int, default=1,
                    help="torch threads per query for bi-encoders (latency; default 1 = one query per core)")
-    p.add_argument("--json", default=None, help="write the results here as JSON")
+    p.add_argument("--json", default=None, help="write the results here as JSON (default: none, the table only)")
     p.add_argument("--save-runs", default=None, metavar="DIR",
                    help="write DIR/qrels.txt and a TREC run per system, DIR/NAME.run, with every ranked candidate "
                    "(scores = depth - rank + 1) for ir-measures/ranx/trec_eval (default: none written)")

@@ -402,7 +402,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--reuse", nargs="+", default=None, metavar="TABLE",
                    help="copy the utilities of rows already in these tables (same teacher and settings, any candidate "
                         "policy) instead of scoring them again (default: score every row)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N queries (after order/shard)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N queries (after order/shard; default: all)")
     p.add_argument("--save-deltas", action="store_true", help="store per-token deltas in each row")
     p.add_argument("--group", type=int, default=16, help="queries batched together per scoring call (default 16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")

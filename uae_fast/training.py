@@ -945,7 +945,7 @@ def add_parser(subparsers) -> None:
                    help="delete the previous uae train run in OUT (checkpoints, logs, model) and start afresh "
                         "(default: a non-empty OUT without --resume is refused)")
     p.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training questions (fractions allowed)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs; default: from --epochs)")
     p.add_argument("--min-steps", type=int, default=d.min_steps,
                    help="give a small data set more epochs (up to 10) so the run has at least this many optimizer "
                         "steps; 0 = exactly --epochs (on 300 QASPER questions 2 epochs beat a 100-step floor)")
@@ -975,7 +975,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the query order, passage sampling and torch")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimizer steps")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (0 = all)")
-    p.add_argument("--stop-after", type=int, default=None, help="end this run after N total steps (resume later)")
+    p.add_argument("--stop-after", type=int, default=None, help="end this run after N total steps (resume later; default: run to the end)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute encoder activations in backward: less memory, one more forward of compute")
     p.add_argument("--amp", default="auto", choices=("auto", "on", "off"), help="bf16 autocast, master weights stay fp32 (auto = on for CUDA; on: also on CPUs, ~1.5x faster "
