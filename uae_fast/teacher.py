@@ -454,6 +454,16 @@ def shared_prefix_supported(model) -> bool:
     return ok
 
 
+def _sliding_window(model) -> Optional[int]:
+    """The attention window of a model with sliding-window layers (Gemma-2/3, Mistral, Qwen2 when enabled), else None."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    w = getattr(cfg, "sliding_window", None)
+    if not isinstance(w, int) or isinstance(w, bool) or w <= 0 or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return w
+
+
 @torch.inference_mode()
 def rows_hidden_states(model, rows: Sequence[Tuple[Sequence[int], Sequence[int]]], *,
                        token_budget: Optional[int] = None, prefix_lens: Optional[Sequence[int]] = None,
@@ -491,7 +501,10 @@ def rows_hidden_states(model, rows: Sequence[Tuple[Sequence[int], Sequence[int]]
             raise ValueError(f"prefix_lens has {len(prefix_lens)} entries for {len(rows)} rows")
         prefix_lens = [max(1, min(int(k), len(p))) for k, (p, _) in zip(prefix_lens, rows)]
         shared = len({tuple(p[:k]) for k, (p, _) in zip(prefix_lens, rows)}) < len(rows)
-        if shared and shared_prefix_supported(model):
+        window = _sliding_window(model)
+        # A custom 4D mask replaces the model's sliding-window mask too (transformers passes it to every layer
+        # as is): rows deeper than the window take the plain path, where the model builds its own masks.
+        if shared and (window is None or max(lengths) + 1 <= window) and shared_prefix_supported(model):
             return _tree_hidden_states(model, rows, prefix_lens, token_budget,
                                        max(int(max_tree_tokens), max(lengths) + 1), _tree_mask_kind(model), compile)
     return _plain_hidden_states(model, rows, lengths, token_budget, compile)
