@@ -338,6 +338,20 @@ def test_resume_after_interrupted_checkpoint_write(tmp_path, ds, tiny, utils):
     assert not any(d.endswith(".tmp") for d in os.listdir(out / "checkpoints"))
 
 
+def test_resume_refuses_rewritten_inputs(tmp_path, ds, tiny, utils):
+    # The same utilities path with other contents (a rescored table) would silently change the targets.
+    mine = tmp_path / "u.jsonl.gz"
+    shutil.copy(utils, mine)
+    cfg = TrainConfig(data=TRAIN, utilities=str(mine), student=tiny, **TINY_RUN)
+    out = tmp_path / "run"
+    train(cfg, str(out), save_every=1, stop_after=2, progress=False, ds=ds)
+    write_utilities(mine, ds, seed=1)  # other utilities, same path
+    with pytest.raises(ValueError, match=r"the utilities file\(s\) changed since the checkpoint"):
+        train(cfg, str(out), resume=True, save_every=1, progress=False, ds=ds)
+    shutil.copy(utils, mine)  # the original back: resumes
+    assert train(cfg, str(out), resume=True, save_every=1, progress=False, ds=ds)["finished"]
+
+
 def test_one_run_per_out_folder(tmp_path, ds, tiny, utils, capsys):
     # Defect 2: a fresh run into a used --out is refused; --overwrite replaces the old run, whose higher
     # step numbers can then no longer prune the new run's checkpoints.

@@ -577,7 +577,31 @@ def _gather_rng(world: int) -> list:
     return states
 
 
-def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep, world=1, rng=None):
+def _input_digests(cfg: "TrainConfig") -> Dict[str, str]:
+    """sha256 of the data and utilities files (a folder: its files' names, sizes and mtimes): --resume refuses a
+    run whose inputs were rewritten at the same paths (a rescored table would silently change the targets)."""
+    import hashlib
+
+    out = {}
+    for key in ("data", "utilities"):
+        path = getattr(cfg, key) or (default_qasper_path("train") if key == "data" else None)
+        if not path or not os.path.exists(path):
+            continue
+        h = hashlib.sha256()
+        if os.path.isdir(path):
+            for root, _, files in sorted(os.walk(path)):
+                for f in sorted(files):
+                    st = os.stat(os.path.join(root, f))
+                    h.update(f"{os.path.relpath(os.path.join(root, f), path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        else:
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        out[key] = h.hexdigest()
+    return out
+
+
+def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep, world=1, rng=None, inputs=None):
     """Write ``out_dir/checkpoints/step-N`` atomically: into ``step-N.tmp``, fsync'd, then renamed. A kill at
     any moment leaves the previous checkpoints intact plus at most a ``.tmp`` folder that ``--resume``
     ignores and the next save deletes. Pruning keeps this checkpoint and the ``keep - 1`` newest others."""
@@ -592,7 +616,7 @@ def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep, world=1
     tmp = final + ".tmp"
     encoder.save(tmp)
     torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": rng if rng is not None else [_rng_state()],
+                "rng": rng if rng is not None else [_rng_state()], "inputs": inputs or {},
                 "config": asdict(cfg), "log": log, "world_size": world}, os.path.join(tmp, _STATE_FILE))
     _fsync_tree(tmp)
     _checkpoint_test_hook(step)
@@ -748,6 +772,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     total_micro = sampler.total_micro_batches()
     total_steps = max(1, math.ceil(total_micro / cfg.grad_accum))
 
+    inputs = _input_digests(cfg)
     ckpt = latest_checkpoint(out_dir) if resume else None
     if resume and ckpt is None and rank == 0:
         print(f"uae train: --resume but no checkpoint under {out_dir}/checkpoints; starting from scratch", file=sys.stderr)
@@ -762,6 +787,10 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if k not in _RESUME_FREE and getattr(cfg, k, v) != v}
         if state.get("world_size", 1) != world:  # each rank's slice of a global batch depends on the world size
             changed["world_size"] = (state.get("world_size", 1), world)
+        rewritten = [k for k, d in (state.get("inputs") or {}).items() if inputs.get(k, d) != d]
+        if rewritten:
+            raise ValueError(f"--resume: the {' and '.join(rewritten)} file(s) changed since the checkpoint {ckpt} "
+                             f"(same path, other contents); resume with the original files or start a new --out")
         if changed:
             desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ValueError(f"--resume with different training settings than the checkpoint {ckpt} ({desc}); "
@@ -805,7 +834,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     t0, ema = time.time(), None
     with _StopOnSigterm() as stop:
         step, ema = _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encoder, towers, sampler, opt,
-                                 sched, cfg, device, amp, rank, world, out_dir, save_every, keep_checkpoints)
+                                 sched, cfg, device, amp, rank, world, out_dir, save_every, keep_checkpoints, inputs)
     if bar is not None:
         bar.close()
     seconds = time.time() - t0
@@ -841,7 +870,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
 
 
 def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encoder, towers, sampler, opt, sched, cfg,
-                 device, amp, rank, world, out_dir, save_every, keep_checkpoints):
+                 device, amp, rank, world, out_dir, save_every, keep_checkpoints, inputs=None):
     """The optimisation loop from ``step`` to ``end``; returns (step, loss EMA). Checkpoints every
     ``save_every`` steps, at the last step (the final model is published from a saved state), and at the step
     a SIGTERM arrived in."""
@@ -886,7 +915,8 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
             rng, error = _gather_rng(world), None
             if rank == 0:
                 try:
-                    _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep_checkpoints, world, rng=rng)
+                    _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep_checkpoints, world, rng=rng,
+                                     inputs=inputs)
                     _write_log(out_dir, log)
                 except Exception as e:  # disk full, a non-finite model: every rank stops, not only rank 0
                     error = e
