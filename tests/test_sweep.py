@@ -103,6 +103,19 @@ def test_report_reads_several_files_as_one(tmp_path):
         sweep_dev.report(str(a), str(c))
 
 
+def test_report_pairs_the_defaults_with_every_weak_baseline(tmp_path):
+    def rec(group, loss, seed, r1):
+        return {"group": group, "loss": loss, "seed": seed, "train_s": 1.0, "steps": 1,
+                "metrics": {"Success@1": sum(r1) / 4, "Success@5": 1.0, "MAP": sum(r1) / 4, "MRR": 1.0},
+                "per_query": {"Success@1": r1, "MAP": r1}}
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (
+        rec("ao-default", "uae", 0, [1, 1, 1, 0]), rec("weak-bm25-answer", "infonce", 0, [1, 1, 0, 0]),
+        rec("weak-teacher-top1", "infonce", 0, [1, 0, 0, 0]))))
+    line = next(x for x in sweep_dev.report(str(path)).splitlines() if x.startswith("ao-default vs every weak"))
+    assert "weak-bm25-answer +0.2500" in line and "weak-teacher-top1 +0.5000" in line
+
+
 def test_answer_only_grid_end_to_end(tmp_path, tiny):
     # The #16 grid at tiny size: every group trains (or ranks) and the report pairs each row with gold
     # InfoNCE and the best weak baseline; a second call runs only what is missing.
