@@ -324,6 +324,10 @@ def test_config_errors_and_refused_tables(tmp_path, ds, tiny):
     with pytest.raises(ValueError, match="--teacher-gate"):
         TrainConfig(no_gold=True, label_mix=0.0, teacher_gate=0.0).check()
     u, _ = load_utilities(no_gold_table(tmp_path, ds, m=4))
+    # a candidate policy the table did not score would make an unscored paragraph the target: refused
+    BatchSampler(ds, TrainConfig(loss="uae", no_gold=True, label_mix=0.0, candidates="top:4", passages_per_query=5), u)
+    with pytest.raises(ValueError, match="--candidates top:6 with --no-gold: question .* did not score"):
+        BatchSampler(ds, TrainConfig(loss="uae", no_gold=True, label_mix=0.0, candidates="top:6", passages_per_query=8), u)
     with pytest.raises(ValueError, match="more than --passages-per-query 3"):
         BatchSampler(ds, TrainConfig(loss="infonce", positive="bm25", no_gold=True, label_mix=0.0, passages_per_query=3), u)
     from uae_fast.cli import main
@@ -453,6 +457,19 @@ def test_diagnose_hit_rates(tmp_path, ds, capsys):
 
     assert main(["diagnose", "--utilities", src, "--data", TRAIN, "--candidates", "top:2", "--no-gold"]) == 0
     assert "| top:2 no-gold |" in capsys.readouterr().out
+    # with the lexical teacher, a candidate set is judged as a table cut to that set trains: the ensemble is
+    # standardised over the set (it was standardised over the whole table, then cut)
+    top2_table = str(tmp_path / "top2.jsonl.gz")
+    subset(src, ds, "top:2", top2_table, no_gold=True)
+    cut = hit_rates(src, ds, ["top:2"], no_gold=True, lexical_teacher="bm25-answer")["sets"]["top:2 no-gold"]
+    own = hit_rates(top2_table, ds, lexical_teacher="bm25-answer")["sets"]["scored rows (top:2)"]
+    assert cut["teacher_top1_gold"] == pytest.approx(own["teacher_top1_gold"])
+    assert cut["teacher_gold_mass"] == pytest.approx(own["teacher_gold_mass"])
+    # and uae train --no-gold --candidates top:2 on the all table trains on the same rows as on the top:2 table
+    from uae_fast.training import _cut_to_policy
+
+    cfg = TrainConfig(loss="uae", no_gold=True, label_mix=0.0, candidates="top:2")
+    assert _cut_to_policy(u, ds, cfg) == load_utilities(top2_table)[0]
 
 
 def test_diagnose_gold_mass(tmp_path, ds):

@@ -38,12 +38,16 @@ def hit_rates(table: str, ds, candidates: Sequence[str] = (), *, no_gold: bool =
 
     utils, header = load_utilities(table)
     check_utilities(utils, ds, path=table)
+    raw_header, ensemble = header, None
     if lexical_teacher != "none":
         from .lexical_teacher import LEXICAL_TEACHERS, LEXICAL_TEACHER_NAME, with_lexical_teacher
 
         if lexical_teacher not in LEXICAL_TEACHERS:
             raise ValueError(f"lexical_teacher must be one of {', '.join(LEXICAL_TEACHERS)}, got {lexical_teacher!r}")
-        utils = with_lexical_teacher(utils, ds, header, path=table)
+
+        def ensemble(cut):  # standardised over each candidate set, as training on that set's table would
+            return with_lexical_teacher(cut, ds, raw_header, path=table)
+
         header = dict(header, teacher=f"ensemble({header.get('teacher', '?')}+{LEXICAL_TEACHER_NAME})")
     queries = [q for q in ds.queries if q.id in utils and q.gold]
     if not queries:
@@ -63,11 +67,12 @@ def hit_rates(table: str, ds, candidates: Sequence[str] = (), *, no_gold: bool =
            "teacher_temperature": teacher_temperature, "sets": {}}
     gold = {q.id: set(q.gold) for q in queries}
     for name, cs in sets.items():
-        teacher = weak_positives(ds, queries, cs, "teacher-top1", utils)
+        su = utils if ensemble is None else ensemble({qid: {p: utils[qid][p] for p in c} for qid, c in cs.items()})
+        teacher = weak_positives(ds, queries, cs, "teacher-top1", su)
         row = {"coverage": _rate([any(p in gold[qid] for p in c) for qid, c in cs.items()]),
                "mean_candidates": sum(len(c) for c in cs.values()) / len(cs),
                "teacher_top1_gold": _rate([teacher[qid] in gold[qid] for qid in cs]),
-               "teacher_gold_mass": _rate([_gold_mass([utils[qid][p] for p in c], [p in gold[qid] for p in c],
+               "teacher_gold_mass": _rate([_gold_mass([su[qid][p] for p in c], [p in gold[qid] for p in c],
                                                      teacher_temperature) for qid, c in cs.items()])}
         for kind in weak:
             pos = weak_positives(ds, queries, cs, kind, utils)

@@ -228,6 +228,13 @@ class BatchSampler:
             policy = CandidatePolicy(ds, cfg.candidates, student=cfg.student, no_gold=cfg.no_gold)
             policy.prepare(queries, progress=progress and rank == 0)
             self._cands = {q.id: policy(q) for q in queries}
+            if cfg.no_gold:  # the target is the teacher's distribution over the candidates: they must be scored
+                for q in queries:
+                    unscored = [p for p in self._cands[q.id] if p not in self.utilities[q.id]]
+                    if unscored:
+                        raise ValueError(f"--candidates {cfg.candidates} with --no-gold: question {q.id} has candidate(s) "
+                                         f"{unscored[:3]} that the utilities table did not score; use the table's own "
+                                         f"policy (its header's 'candidates') or score this one")
         self._positive: Dict[str, str] = {}
         if cfg.positive != "gold":
             cands = {q.id: self._candidates(q) for q in queries}
@@ -366,6 +373,20 @@ def weak_positives(ds: RetrievalDataset, queries: Sequence[Query], candidates: D
             scores = [by_pid[p] for p in cands]
         out[q.id] = cands[int(np.argmax(scores))]
     return out
+
+
+def _cut_to_policy(utilities: Dict[str, Dict[str, float]], ds: RetrievalDataset, cfg: "TrainConfig",
+                   progress: bool = False) -> Dict[str, Dict[str, float]]:
+    """The table's rows of each question's ``cfg.candidates`` (answer-only): a per-question ensemble
+    (``--lexical-teacher``) is then standardised over the passages the target covers, not over the table's
+    other rows. Candidates the table did not score stay out here; the sampler refuses them."""
+    from .scoring import CandidatePolicy
+
+    queries = [q for q in ds.queries if utilities.get(q.id)]
+    policy = CandidatePolicy(ds, cfg.candidates, student=cfg.student, no_gold=True)
+    policy.prepare(queries, progress=progress)
+    out = {q.id: {p: utilities[q.id][p] for p in policy(q) if p in utilities[q.id]} for q in queries}
+    return {qid: u for qid, u in out.items() if u}
 
 
 def _padded(rows: List[list], fill, dtype) -> torch.Tensor:
@@ -765,6 +786,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         if cfg.lexical_teacher != "none":
             from .lexical_teacher import with_lexical_teacher
 
+            if cfg.no_gold and cfg.candidates is not None:  # z-scored over the candidates the batches use
+                utilities = _cut_to_policy(utilities, ds, cfg, progress and rank == 0)
             utilities = with_lexical_teacher(utilities, ds, header, path=cfg.utilities)
     elif cfg.lexical_teacher != "none":
         raise ValueError(f"--lexical-teacher {cfg.lexical_teacher} is ensembled with a teacher table: give --utilities FILE")
