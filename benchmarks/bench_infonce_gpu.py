@@ -63,8 +63,10 @@ def _naive(q, p, idx, util, tau):
 
     valid = idx >= 0
     w = torch.softmax(util.masked_fill(~valid, float("-inf")), dim=1)
-    s = q @ p.T
-    logp = torch.log_softmax((s if s.dtype == torch.float64 else s.float()) / tau, dim=1)
+    # The strongest plain formulation: 1/tau folded into q (no extra [B, N] pass forward and backward) and
+    # log_softmax computing in fp32 (fp64 for fp64) from the matmul's dtype, without a cast copy.
+    s = (q * (1.0 / tau)) @ p.T
+    logp = torch.log_softmax(s, dim=1, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32)
     return -(w * logp.gather(1, idx.clamp_min(0))).sum(1).mean()
 
 

@@ -39,13 +39,14 @@ from uae_fast.teacher import UtilityScorer, rows_hidden_states  # noqa: E402
 
 
 def naive_utilities(model, prompts, base, answers):
-    """One forward per (prompt, answer) with full logits (HF's standard path); baseline once per answer."""
+    """One forward per (prompt, answer) through HF's own API at its cheapest: logits only at the answer
+    positions (``logits_to_keep``), no KV cache; the baseline once per answer."""
     def logp(prompt, ans):
         ids = torch.tensor([prompt + ans], device=model.device)
-        logits = model(input_ids=ids).logits[0].float()
-        n = len(prompt)
+        # the last len(ans) + 1 positions: n - 1 .. n + len(ans) - 1; the first len(ans) predict the answer
+        logits = model(input_ids=ids, logits_to_keep=len(ans) + 1, use_cache=False).logits[0]
         a = torch.tensor(ans, device=model.device)
-        return torch.log_softmax(logits[n - 1 : n - 1 + len(ans)], -1).gather(1, a[:, None])[:, 0]
+        return torch.log_softmax(logits[: len(ans)], -1, dtype=torch.float32).gather(1, a[:, None])[:, 0]
 
     per_answer = []
     for ans in answers:
