@@ -30,6 +30,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _meta module, however this is run
+from _meta import run_meta  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMPLS = ("naive", "chunked", "triton", "infcl")
 NAIVE_BUFFERS = 3.2  # [B, N] fp32 buffers the naive fwd+bwd peaks at (measured: 789 MiB at B = N = 8192)
@@ -266,6 +269,7 @@ def main(argv=None) -> int:
         "machine": _machine(device),
         "torch": torch.__version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "run": run_meta(),
         "quick": args.quick,
         "results": results,
     }

@@ -29,6 +29,9 @@ import platform
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _meta module, however this is run
+from _meta import run_meta  # noqa: E402
+
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -182,7 +185,7 @@ def main(argv=None):
         "threads": torch.get_num_threads(), "dtype": str(next(model.parameters()).dtype), "teacher": scorer.name,
         "max_passage_tokens": args.max_passage_tokens, "reps": args.reps, "share_prefix": scorer.share_prefix,
         "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "compile_s": compile_s,
-        "workloads": rows,
+        "run": run_meta(), "workloads": rows,
     }
     print(f"\nteacher scoring, {out['device']}, {out['dtype']}, {out['threads']} threads (best of {args.reps}), "
           f"load average {out['loadavg_1m']}")

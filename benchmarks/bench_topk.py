@@ -21,11 +21,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _meta module, however this is run
+from _meta import commit, cpu_model  # noqa: E402,F401 (bench_hybrid imports them from here)
 
 import numpy as np
 import torch
@@ -41,24 +42,6 @@ except ImportError:  # pragma: no cover
     faiss = None
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(__file__)).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def best_time(fn, reps: int) -> float:

@@ -21,6 +21,9 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _meta module, however this is run
+from _meta import run_meta  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
             json.dump({"benchmark": "train_amp_cpu", "date": datetime.date.today().isoformat(),
                        "machine": platform.processor() or platform.machine(), "cpu_capability": cap,
                        "threads": torch.get_num_threads(), "batch": B, "passages": P, "reps": args.reps,
-                       "rows": rows}, f, indent=2)
+                       "run": run_meta(), "rows": rows}, f, indent=2)
     return 0
 
 
