@@ -170,8 +170,8 @@ def main(argv=None) -> int:
             raise
         _clear_progress_bars()
         if getattr(e, "signum", None) is not None:  # training.Stopped: a SIGTERM, its step checkpointed
-            print(f"uae {command}: stopped by SIGTERM after checkpointing step {e.step}; rerun with --resume to "
-                  f"continue", file=sys.stderr)
+            again = "rerun with --resume" if command == "train" else "rerun the same command"  # quickstart resumes itself
+            print(f"uae {command}: stopped by SIGTERM after checkpointing step {e.step}; {again} to continue", file=sys.stderr)
             return 128 + e.signum
         hint = "; rerun with --resume to continue where it stopped" if command in ("train", "score") else ""
         print(f"uae{' ' + command if command else ''}: interrupted{hint}", file=sys.stderr)
