@@ -266,6 +266,7 @@ def add_parser(subparsers) -> None:
 
 def _main(args) -> int:
     from .cli import check_output_path, set_threads
+    from .data import write_text_atomic
 
     check_output_path(args.out, "--out")  # before the teacher scoring, not after it
     set_threads(args.threads)
@@ -280,9 +281,7 @@ def _main(args) -> int:
                            embedding_cache=args.embedding_cache, batch_size=args.batch_size, device=args.device,
                            progress=not args.no_progress)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w", encoding="utf-8") as f:  # a kill never leaves half a config
-        json.dump(res, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
+    write_text_atomic(args.out, json.dumps(res, indent=2))
     c = res["calibration"]
     print(f"fusion: {res['method']} weight {res['weight']:g} (teacher MRR {c['teacher_mrr']:.3f}, "
           f"success@1 {c['teacher_success@1']:.3f} on {c['n_questions']} questions; pure dense "

@@ -166,6 +166,15 @@ def read_text(path: str, what: str = "data file") -> str:
             raise _unreadable(path, what, e) from None
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Replace ``path`` by ``text`` in one rename, fsync'd first (a kill never leaves a torn file)."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
 def write_json(obj, path: str) -> None:
     """``obj`` as JSON at ``path``, gzipped when it ends in ``.gz`` with no name or timestamp in the header, so
     the same object always gives the same bytes; written to ``path.tmp`` first, so a crash never leaves half a file."""

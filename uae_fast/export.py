@@ -24,7 +24,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .data import RetrievalDataset, default_qasper_path, load_dataset
+from .data import RetrievalDataset, default_qasper_path, load_dataset, write_text_atomic
 from .training import BatchSampler, TrainConfig
 from .utilities import check_utilities, load_utilities
 
@@ -153,10 +153,7 @@ train = load_dataset("{os.path.abspath(out_dir)}", split="train")  # this folder
 
 Summary: `{json.dumps(s)}`
 """
-    path = os.path.join(out_dir, "README.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    write_text_atomic(os.path.join(out_dir, "README.md"), text)
 
 
 # ------------------------------------------------------------------------------------- CLI

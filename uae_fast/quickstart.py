@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Optional
 
-from .data import RetrievalDataset, default_qasper_path, load_dataset, quickstart_qasper_path
+from .data import RetrievalDataset, default_qasper_path, load_dataset, quickstart_qasper_path, write_text_atomic
 
 # Quick defaults: sized for <= 15 minutes on 2 CPU cores (see README "Quick start").
 QUICK = {"score_queries": 12, "train_steps": 80, "dev_queries": 200, "rerank_queries": 20}
@@ -268,10 +268,7 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     report["stages"]["eval"] = {"seconds": round(time.time() - t0, 1)}
     report["eval"] = ev
     report["seconds_total"] = round(time.time() - t_all, 1)
-    rpath = os.path.join(out, "report.json")
-    with open(rpath + ".tmp", "w") as f:  # renamed when complete: a kill never leaves half a report
-        json.dump(report, f, indent=2)
-    os.replace(rpath + ".tmp", rpath)
+    write_text_atomic(os.path.join(out, "report.json"), json.dumps(report, indent=2))
     png = os.path.join(out, "report.png")
     wrote_png = plot_report(report, png)
     print(format_table(ev))

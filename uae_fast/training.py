@@ -54,7 +54,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .data import RetrievalDataset, Query, default_qasper_path, load_dataset, shipped_file
+from .data import RetrievalDataset, Query, default_qasper_path, load_dataset, shipped_file, write_text_atomic
+
 # The utilities table (reading, validation) is owned by .utilities; these names stay importable from here.
 from .utilities import check_answer_only, check_utilities, load_utilities  # noqa: F401
 
@@ -651,17 +652,8 @@ def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep, world=1
     return final
 
 
-def _write_atomic(path: str, text: str) -> None:
-    """Replace ``path`` by ``text`` in one rename (a kill never leaves a torn log or summary)."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
 def _write_log(out_dir: str, log: List[dict]) -> None:
-    _write_atomic(os.path.join(out_dir, "train_log.jsonl"), "".join(json.dumps(r) + "\n" for r in log))
+    write_text_atomic(os.path.join(out_dir, "train_log.jsonl"), "".join(json.dumps(r) + "\n" for r in log))
 
 
 def _dist_info():
@@ -876,7 +868,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
                 _check_finite_model(encoder, step)
                 encoder.save(out_dir, training=summary)
             _write_log(out_dir, log)
-            _write_atomic(os.path.join(out_dir, "training_summary.json"), json.dumps(summary, indent=2))
+            write_text_atomic(os.path.join(out_dir, "training_summary.json"), json.dumps(summary, indent=2))
         except Exception as e:  # every rank fails, none waits in the barrier
             error = e
     if _agree([error is not None], world, device)[0]:
