@@ -55,8 +55,9 @@ def _grads(model):
 
 
 def _run(loss_fn, model, cols, labels):
+    """Loss and parameter gradients; ``cols``: texts per column, or already tokenized features."""
     model.zero_grad(set_to_none=True)
-    loss = loss_fn(_features(model, cols), labels)
+    loss = loss_fn(cols if isinstance(cols[0], dict) else _features(model, cols), labels)
     loss.backward()
     return loss.detach(), _grads(model)
 
@@ -437,3 +438,71 @@ def test_ddp_gather_equals_single_process(enc_dir, tmp_path):
     # without the gather, rank 0's queries would see only its own passages: a smaller loss
     alone, _ = _run(UtilityInfoNCELoss(model), model, [c[:B] for c in _texts(WORLD * B)], _ddp_labels()[:B])
     assert alone < ranks[0]["plain"][0] - 1e-3
+
+
+class _Towers(torch.nn.Module):
+    """A tiny encoder: queries (the first column) and passages through one trainable tower, or passages through
+    a frozen tower of their own (a fixed document encoder: the GradCache replay's last mini-batch then needs
+    no gradient)."""
+
+    def __init__(self, frozen_passages: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q = torch.nn.EmbeddingBag(64, 8, mode="sum")
+        self.p = torch.nn.EmbeddingBag(64, 8, mode="sum").requires_grad_(False) if frozen_passages else None
+
+    def forward(self, f):
+        tower = self.p if f["tower"] == "p" and self.p is not None else self.q
+        w = f["attention_mask"].float()
+        return {"sentence_embedding": tower(f["input_ids"], per_sample_weights=w / w.sum(1, keepdim=True))}
+
+
+def _tower_batch(rank):
+    g = torch.Generator().manual_seed(10 + rank)
+    cols = []
+    for c in range(1 + K):
+        ids = torch.randint(1, 64, (4, 6), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 4:] = 0
+        cols.append({"input_ids": ids * mask, "attention_mask": mask, "tower": "q" if c == 0 else "p"})
+    return cols, torch.randn(4, K, generator=g)
+
+
+def _ddp_towers_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        res = {}
+        for frozen in (False, True):
+            model = _Towers(frozen)
+            loss_fn = CachedUtilityInfoNCELoss(model, mini_batch_size=3)
+            loss_fn.model = DistributedDataParallel(model)  # what sentence-transformers' trainer does under DDP
+            for step in range(2):  # a second step: DDP's reducer must be ready for the next iteration
+                res[frozen, step] = _run(loss_fn, model, *_tower_batch(rank + 2 * step))[1]
+        torch.save(res, os.path.join(out_dir, f"towers{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # ~10 s: two spawned processes
+def test_ddp_cached_all_reduces_even_when_the_last_mini_batch_is_frozen(tmp_path):
+    # Under DDP the replay accumulates under no_sync and all-reduces with the last mini-batch's backward.
+    # With a frozen passage tower that mini-batch has no backward: the gradients must still be averaged.
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_towers_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"towers{r}.pt") for r in range(WORLD)]
+    for frozen in (False, True):
+        model = _Towers(frozen)
+        for step in range(2):
+            local = [_run(UtilityInfoNCELoss(model), model, *_tower_batch(r + 2 * step))[1] for r in range(WORLD)]
+            avg = {n: sum(g[n] for g in local) / WORLD for n in local[0]}
+            assert set(avg) == {"q.weight"}
+            assert not torch.allclose(local[0]["q.weight"], local[1]["q.weight"])  # averaging is visible
+            for r in ranks:
+                assert set(r[frozen, step]) == set(avg)
+                for n in avg:
+                    torch.testing.assert_close(r[frozen, step][n], avg[n], rtol=1e-5, atol=1e-7)

@@ -54,7 +54,8 @@ class CachedUtilityInfoNCELoss(UtilityInfoNCELoss):
            :func:`uae_fast.utility_infonce` never builds the [B, B*K] scores, so this step stays small too;
         3. in the backward pass, re-embed each mini-batch with gradient under its saved RNG state (the same
            dropout masks) and back-propagate its cached gradient (``dot(embedding, cached_grad)``). Under
-           DDP only the last mini-batch synchronises the gradients.
+           DDP only the last mini-batch synchronises the gradients (when it needs none, e.g. a frozen passage
+           tower, a trainable one is replayed with a zero gradient to do it).
 
         Args:
             model: the SentenceTransformer being trained.
@@ -196,14 +197,29 @@ def _slice(features: Dict[str, Any], s: int, e: int) -> Dict[str, Any]:
 def _replay(grad_output: Tensor, *, loss_obj: CachedUtilityInfoNCELoss, features, cache, states) -> None:
     """Backward hook: re-embed each mini-batch with gradient and back-propagate its cached gradient."""
     model = loss_obj.model
-    ddp = isinstance(getattr(model, "_orig_mod", model), torch.nn.parallel.DistributedDataParallel)
+    inner = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
+    ddp = isinstance(inner, torch.nn.parallel.DistributedDataParallel)
     jobs = [(f, g, st, r) for f, g, sts in zip(features, cache, states) for st, r in zip(sts, loss_obj._ranges(f))]
+    last_trainable, synced = None, False
     with torch.enable_grad():
         for n, (f, g, state, (s, e)) in enumerate(jobs):
-            # DDP: accumulate locally and all-reduce once, with the last mini-batch's backward.
-            sync = nullcontext() if (not ddp or n == len(jobs) - 1) else model.no_sync()
+            # DDP: accumulate locally and all-reduce once, with the last mini-batch's backward (an outer
+            # no_sync, i.e. gradient accumulation, still defers it: nullcontext leaves DDP's flag alone).
+            final = n == len(jobs) - 1
+            sync = nullcontext() if (not ddp or final) else inner.no_sync()
             with sync, state:
                 rep = model(_slice(f, s, e))["sentence_embedding"]
                 if rep.requires_grad:
                     # fp32 surrogate whatever the autocast dtype: its gradient is exactly the cached one.
                     (torch.dot(rep.flatten().float(), g[s:e].flatten().float()) * grad_output).backward()
+                    last_trainable, synced = n, final
+        if ddp and inner.require_backward_grad_sync and not synced and last_trainable is not None:
+            # The last mini-batch needed no gradient (a frozen route, e.g. a fixed passage tower), so no
+            # backward left no_sync and the accumulated gradients would stay per-rank. Flush them: replay a
+            # trainable mini-batch with a zero gradient outside no_sync (every rank takes this branch: the
+            # routes are the model's). Buffers were already broadcast by this step's first forward.
+            f, _, state, (s, e) = jobs[last_trainable]
+            inner.require_forward_param_sync = False
+            with state:
+                rep = model(_slice(f, s, e))["sentence_embedding"]
+            rep.backward(torch.zeros_like(rep))
