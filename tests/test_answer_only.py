@@ -469,7 +469,23 @@ def test_diagnose_hit_rates(tmp_path, ds, capsys):
     from uae_fast.training import _cut_to_policy
 
     cfg = TrainConfig(loss="uae", no_gold=True, label_mix=0.0, candidates="top:2")
-    assert _cut_to_policy(u, ds, cfg) == load_utilities(top2_table)[0]
+    cut_u, cands = _cut_to_policy(u, ds, cfg)
+    assert cut_u == load_utilities(top2_table)[0]
+    # the sampler reuses those candidate sets instead of computing the policy a second time
+    from uae_fast import scoring
+    from uae_fast.training import BatchSampler
+
+    calls = []
+    real = scoring.CandidatePolicy.prepare
+    try:
+        scoring.CandidatePolicy.prepare = lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+        reused = BatchSampler(ds, cfg, cut_u, candidates=cands)
+        assert calls == []
+        fresh = BatchSampler(ds, cfg, cut_u)
+        assert calls == [1]
+    finally:
+        scoring.CandidatePolicy.prepare = real
+    assert reused._cands == fresh._cands and set(reused._cands) == set(cut_u)
 
 
 def test_diagnose_gold_mass(tmp_path, ds):

@@ -203,7 +203,9 @@ class BatchSampler:
     """
 
     def __init__(self, ds: RetrievalDataset, cfg: TrainConfig, utilities: Optional[Dict[str, Dict[str, float]]] = None,
-                 *, world: int = 1, rank: int = 0, progress: bool = False):
+                 *, world: int = 1, rank: int = 0, progress: bool = False,
+                 candidates: Optional[Dict[str, List[str]]] = None):
+        """``candidates``: each query's ``cfg.candidates`` set when already computed (by ``_cut_to_policy``)."""
         self.ds, self.cfg, self.world, self.rank = ds, cfg, world, rank
         self.utilities = utilities or {}
         if cfg.no_gold:  # answer-only: every question the teacher scored, labels never read
@@ -223,12 +225,14 @@ class BatchSampler:
         self._pools = {q.id: ds.pool(q) for q in queries}
         self._cands: Optional[Dict[str, List[str]]] = None
         if cfg.candidates is not None:
-            from .scoring import CandidatePolicy
+            if candidates is None:
+                from .scoring import CandidatePolicy
 
-            # student:M = the initial student
-            policy = CandidatePolicy(ds, cfg.candidates, student=cfg.student, no_gold=cfg.no_gold)
-            policy.prepare(queries, progress=progress and rank == 0)
-            self._cands = {q.id: policy(q) for q in queries}
+                # student:M = the initial student
+                policy = CandidatePolicy(ds, cfg.candidates, student=cfg.student, no_gold=cfg.no_gold)
+                policy.prepare(queries, progress=progress and rank == 0)
+                candidates = {q.id: policy(q) for q in queries}
+            self._cands = {q.id: candidates[q.id] for q in queries}
             if cfg.no_gold:  # the target is the teacher's distribution over the candidates: they must be scored
                 for q in queries:
                     unscored = [p for p in self._cands[q.id] if p not in self.utilities[q.id]]
@@ -377,17 +381,19 @@ def weak_positives(ds: RetrievalDataset, queries: Sequence[Query], candidates: D
 
 
 def _cut_to_policy(utilities: Dict[str, Dict[str, float]], ds: RetrievalDataset, cfg: "TrainConfig",
-                   progress: bool = False) -> Dict[str, Dict[str, float]]:
+                   progress: bool = False) -> Tuple[Dict[str, Dict[str, float]], Dict[str, List[str]]]:
     """The table's rows of each question's ``cfg.candidates`` (answer-only): a per-question ensemble
     (``--lexical-teacher``) is then standardised over the passages the target covers, not over the table's
-    other rows. Candidates the table did not score stay out here; the sampler refuses them."""
+    other rows. Candidates the table did not score stay out here; the sampler refuses them. Also returns
+    each question's candidates, which the sampler reuses (``student:M`` embeds the corpus: once is enough)."""
     from .scoring import CandidatePolicy
 
     queries = [q for q in ds.queries if utilities.get(q.id)]
     policy = CandidatePolicy(ds, cfg.candidates, student=cfg.student, no_gold=True)
     policy.prepare(queries, progress=progress)
-    out = {q.id: {p: utilities[q.id][p] for p in policy(q) if p in utilities[q.id]} for q in queries}
-    return {qid: u for qid, u in out.items() if u}
+    cands = {q.id: policy(q) for q in queries}
+    out = {q.id: {p: utilities[q.id][p] for p in cands[q.id] if p in utilities[q.id]} for q in queries}
+    return {qid: u for qid, u in out.items() if u}, cands
 
 
 def _padded(rows: List[list], fill, dtype) -> torch.Tensor:
@@ -770,6 +776,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         raise ValueError("--teacher-gate needs --utilities FILE: the gate compares teacher utilities")
     if cfg.no_gold and not cfg.utilities:
         raise ValueError("--no-gold needs --utilities FILE (from `uae score --no-gold`): its rows are the candidates")
+    cands = None  # the --candidates sets, when computed here for the lexical teacher
     if cfg.utilities:  # infonce uses it only for the candidate sets (same batches as uae)
         utilities, header = load_utilities(cfg.utilities)
         if cfg.no_gold:
@@ -779,11 +786,11 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
             from .lexical_teacher import with_lexical_teacher
 
             if cfg.no_gold and cfg.candidates is not None:  # z-scored over the candidates the batches use
-                utilities = _cut_to_policy(utilities, ds, cfg, progress and rank == 0)
+                utilities, cands = _cut_to_policy(utilities, ds, cfg, progress and rank == 0)
             utilities = with_lexical_teacher(utilities, ds, header, path=cfg.utilities)
     elif cfg.lexical_teacher != "none":
         raise ValueError(f"--lexical-teacher {cfg.lexical_teacher} is ensembled with a teacher table: give --utilities FILE")
-    sampler = BatchSampler(ds, cfg, utilities, world=world, rank=rank, progress=progress)
+    sampler = BatchSampler(ds, cfg, utilities, world=world, rank=rank, progress=progress, candidates=cands)
     total_micro = sampler.total_micro_batches()
     total_steps = max(1, math.ceil(total_micro / cfg.grad_accum))
 
