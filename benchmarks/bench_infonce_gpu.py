@@ -331,7 +331,8 @@ def _grid(args, torch, dev, cuda, device_name, impls, settings, sizes, dims, sta
                             from uae_fast.ops._infonce_gemm_triton import KERNEL_INFO
 
                             info = KERNEL_INFO.get("write") or KERNEL_INFO.get("lse") or {}
-                            row.update(n_regs=info.get("n_regs"), n_spills=info.get("n_spills"), config=info.get("config"))
+                            row.update(n_regs=info.get("n_regs"), n_spills=info.get("n_spills"), config=info.get("config"),
+                                       fp32_out_gemm=KERNEL_INFO.get("fp32_out_gemm"))
                     except torch.cuda.OutOfMemoryError:
                         row["skipped"] = "out of memory"
                     except Exception as e:  # one broken method must not stop the grid

@@ -17,9 +17,11 @@
 # the paired differences. About 5 min of scoring + 8 min of sweep: run it twice (the second call carries the
 # first call's tables in TABLES_DIR and its sweep.jsonl in SWEEP_PREV; finished steps are skipped);
 # `infonce` = issue 17's device check (< 5 min): the utility_infonce tests that launch Triton kernels, on CUDA, then
-# bench_infonce_gpu.py's grid (bf16, fp32+TF32, fp32 IEEE; B = N in 16384 (the target, first)/4096/65536, d in
-# 768/384/1024; naive, chunked, triton, Inf-CL, CachedMNRL; largest last) into $OUT/infonce-gpu.json, the triton path autotuned at B = N = 16384, d = 768
-# ($OUT/infonce-gpu-tuned.json), then token_logprobs' target row ($OUT/logprob-target.json).
+# bench_infonce_gpu.py at the target B = N = 16384, d = 768 (bf16, fp32+TF32, fp32 IEEE; naive, chunked, triton,
+# Inf-CL, CachedMNRL; + accuracy vs float64) into $OUT/infonce-gpu.json, B = N = 65536 ($OUT/infonce-gpu-65536.json),
+# the triton path autotuned at the target ($OUT/infonce-gpu-tuned.json), token_logprobs' target row
+# ($OUT/logprob-target.json), then d = 384/1024 at 4096/16384/65536 as the budget allows ($OUT/infonce-gpu-grid.json).
+# Afterwards: python -m uae_fast.ops._infonce_auto benchmarks/results/infonce-gpu*.json (the AUTO_TABLE rows).
 #   Inf-CL travels as a wheel (pure Python + Triton kernels, no compilation; numpy and triton are on the image).
 #   Here, once, in the repo root (.whl/ is git-ignored):
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -141,15 +143,21 @@ if [ "$PART" = infonce ]; then
 # tests of tests/test_infonce.py run in CI).
 step infonce_tests 60 "$PY" -m pytest -q tests/test_infonce_triton.py tests/test_infonce.py::test_triton_matches_float64_reference \
     tests/test_infonce.py::test_triton_float64_rules -n 8 -p no:cacheprovider -rfE
-# Both benchmark calls rewrite their JSON after every case, so a timeout keeps what was measured.
-# The target shape (B = N = 16384, d = 768) first, so the AUTO_TABLE row lands even if the budget cuts the grid;
-# the largest shapes (65536) last.
-step bench_infonce_gpu 115 "$PY" benchmarks/bench_infonce_gpu.py --sizes 16384 4096 65536 --dims 768 384 1024 \
-    --budget-s 90 --json "$OUT/infonce-gpu.json"
+# Every benchmark call rewrites its JSON after every case, so a timeout keeps what was measured. In order of
+# what the issue needs: the target shape (B = N = 16384, d = 768: every setting and peer, + the float64 accuracy
+# check), B = N = 65536 (where naive runs out of memory), the autotuned triton row, token_logprobs' target row,
+# then the rest of the grid with whatever budget is left (each file is pooled by uae_fast.ops._infonce_auto).
+step bench_infonce_gpu 80 "$PY" benchmarks/bench_infonce_gpu.py --sizes 16384 --dims 768 \
+    --budget-s 70 --json "$OUT/infonce-gpu.json"
+step bench_infonce_65536 35 "$PY" benchmarks/bench_infonce_gpu.py --sizes 65536 --dims 768 --settings bf16 tf32 \
+    --impls naive chunked triton --no-accuracy --budget-s 30 --json "$OUT/infonce-gpu-65536.json"
 # chunked too: the AUTO_TABLE picks the faster of chunked and triton per key; autotuning compiles ~6 configs
-step bench_infonce_tuned 60 "$PY" benchmarks/bench_infonce_gpu.py --sizes 16384 --dims 768 --settings bf16 tf32 \
+step bench_infonce_tuned 50 "$PY" benchmarks/bench_infonce_gpu.py --sizes 16384 --dims 768 --settings bf16 tf32 \
     --impls naive chunked triton --autotune --no-accuracy --json "$OUT/infonce-gpu-tuned.json"
 step bench_logprob_target 35 "$PY" benchmarks/bench_logprob.py --device cuda --shapes llama-3-8b --n 8192 --autotune --json "$OUT/logprob-target.json"
+GRID_S=$((BUDGET_S - ($(date +%s) - START) - 10))
+[ "$GRID_S" -gt 15 ] && step bench_infonce_grid "$GRID_S" "$PY" benchmarks/bench_infonce_gpu.py --sizes 4096 16384 65536 \
+    --dims 384 1024 --no-accuracy --budget-s $((GRID_S - 10)) --json "$OUT/infonce-gpu-grid.json"
 fi
 
 if [ "$PART" = sweep ]; then

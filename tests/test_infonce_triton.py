@@ -360,7 +360,9 @@ def test_cuda_multi_tile_grid(setting, monkeypatch):
         loss, gq, gp = _run(q, p, idx, util, gold, ex, reduction=reduction, mix=mix)
         ref, qd, pd = _reference(q, p, idx, util, gold, ex, 0.07, 0.8, mix, reduction)
         rq, rp = torch.autograd.grad(ref, (qd, pd), _upstream(ref))
-        tl_, tg = _TOL[dtype] if setting != "tf32" else (2e-3, 2e-3)  # TF32 rounds inputs to 10 mantissa bits
+        # TF32 rounds inputs to 10 mantissa bits: at this case's score spread (sd ~32) that alone moves the
+        # softmax weights enough for a 5e-3-1e-2 max relative gradient error (emulated against float64)
+        tl_, tg = _TOL[dtype] if setting != "tf32" else (2e-3, 3e-2)
         _close(loss, ref, max(tl_, 1e-5), f"{setting} {reduction} loss")
         _close(gq, rq, tg, f"{setting} {reduction} dq")
         _close(gp, rp, tg, f"{setting} {reduction} dp")

@@ -6,7 +6,7 @@ dtype = ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"float64"``; precision =
 float32 (torch.backends.cuda.matmul.allow_tf32), ``"-"`` otherwise. A key that is not in the table runs the
 chunked torch path: the one path measured to be within 1.4x of the naive loss's time on a GPU so far.
 
-To update after a GPU run: ``python -m uae_fast.ops._infonce_auto benchmarks/results/infonce-gpu.json benchmarks/results/infonce-gpu-tuned.json``
+To update after a GPU run: ``python -m uae_fast.ops._infonce_auto benchmarks/results/infonce-gpu*.json``
 prints the rows the measurements support (the faster of "torch" and "triton" at B = N = 16384, d = 768,
 forward + backward); paste them into ``AUTO_TABLE``.
 """

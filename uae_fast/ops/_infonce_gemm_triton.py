@@ -286,16 +286,18 @@ _OUT_DTYPE_OK = {}
 
 
 def _out_dtype_ok(dev) -> bool:
-    """Whether this torch/cuBLAS takes 16-bit operands with an fp32 output (``out_dtype``), probed once."""
+    """Whether this torch/cuBLAS takes 16-bit operands with an fp32 output (``out_dtype``), probed once and
+    recorded in ``KERNEL_INFO["fp32_out_gemm"]`` (the benchmark rows say which dQ/dP path ran)."""
     if dev not in _OUT_DTYPE_OK:
         try:
             a = torch.ones(16, 16, dtype=torch.bfloat16, device=dev)
             c = torch.ones(16, 16, dtype=torch.float32, device=dev)
             torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
-            torch.mm(a, a, out_dtype=torch.float32)
-            _OUT_DTYPE_OK[dev] = bool((c == 17).all())
-        except (RuntimeError, TypeError):
+            m = torch.mm(a, a, out_dtype=torch.float32)
+            _OUT_DTYPE_OK[dev] = bool((c == 17).all()) and m.dtype == torch.float32
+        except Exception:  # any refusal (dtype mix, unknown keyword, cuBLAS) means: use the fallback
             _OUT_DTYPE_OK[dev] = False
+    KERNEL_INFO["fp32_out_gemm"] = _OUT_DTYPE_OK[dev]
     return _OUT_DTYPE_OK[dev]
 
 

@@ -18,6 +18,7 @@ share hidden rows and weight tiles through L2, as in the Triton matmul tutorial.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple, Optional
 
@@ -305,19 +306,18 @@ def token_logprobs_triton(
             torch.empty(n, dtype=torch.int8, device=dev),
         )
     args = (hidden, weight, targets, bias, ignore_index, softcap, temperature)
-    if config is None:
-        cands = _candidates(hidden.dtype, dev, weight.shape[0])
-        config = cands[0]
-        if n <= 64:  # few tokens (one answer): a 64-row tile wastes half as much of each MMA
-            config = next((c for c in cands if c.block_n <= 64), config)
-        if dev.type == "cuda" and os.environ.get("UAE_LOGPROB_AUTOTUNE", "0") == "1" and len(cands) > 1:
-            key = (triton.next_power_of_2(n), hidden.shape[1], weight.shape[0], hidden.dtype, bias is not None,
-                   softcap is not None, torch.cuda.get_device_capability(dev))
-            config = _TUNED.get(key) or _autotune(key, args, outs, cands)
-    if dev.type == "cuda":
-        with torch.cuda.device(dev):
-            _launch(*args, cfg=config, outs=outs, poison=poison, splits=splits)
-    else:
+    # Every launch (the autotune trials too) on the tensors' device: on cuda:1 with cuda:0 current, Triton
+    # would launch on device 0's stream with device-1 pointers.
+    with (torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()):
+        if config is None:
+            cands = _candidates(hidden.dtype, dev, weight.shape[0])
+            config = cands[0]
+            if n <= 64:  # few tokens (one answer): a 64-row tile wastes half as much of each MMA
+                config = next((c for c in cands if c.block_n <= 64), config)
+            if dev.type == "cuda" and os.environ.get("UAE_LOGPROB_AUTOTUNE", "0") == "1" and len(cands) > 1:
+                key = (triton.next_power_of_2(n), hidden.shape[1], weight.shape[0], hidden.dtype, bias is not None,
+                       softcap is not None, torch.cuda.get_device_capability(dev))
+                config = _TUNED.get(key) or _autotune(key, args, outs, cands)
         _launch(*args, cfg=config, outs=outs, poison=poison, splits=splits)
     logp, lse, greedy = outs
     if poison and bool((greedy > 1).any()):
