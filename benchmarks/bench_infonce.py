@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--impls", nargs="*", choices=IMPLS, default=None)
     ap.add_argument("--k", type=int, default=4, help="soft targets per query")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions for small cases (min is reported)")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions for small cases (the median is reported)")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = ap.parse_args(argv)
 

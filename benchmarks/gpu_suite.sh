@@ -10,10 +10,11 @@
 # and bench_scoring (< 6 min); `all` (default) = both; `tests` = the CUDA test files only (~2 min);
 # `sweep` = scripts/sweep_dev.py, seeded `uae train` settings (uae vs infonce) scored on QASPER dev,
 # for as long as BUDGET_S allows (needs the student: STUDENT_DIR, and QASPER_DIR); `answeronly` = issue #16:
-# (a) the answer-only train tables (`uae score --no-gold`, BM25 top-12 of the question, every answered question,
-# fp32) of both teachers (gemma3-270m's gold-added top:3 table ships in data/), (b) their ensemble
-# (`uae score --merge-teachers`), (c) `sweep_dev.py --grid answeronly` (answer-only UAE per teacher and the
-# ensemble, the weak baselines, gold InfoNCE/UAE, gold UAE with gemma; 3 seeds) and (d) its README table with
+# (a) the answer-only train tables (`uae score --no-gold`, the default answer:12 candidates: BM25 top-12 of the
+# question + answers, every answered question, fp32) of both teachers (gemma3-270m's gold-added top:3 table ships
+# in data/), (b) the two merged (`uae score --merge-teachers`), (c) `sweep_dev.py --grid answeronly` (answer-only
+# UAE per teacher, the defaults with each teacher and with both, the weak baselines, gold InfoNCE/UAE, gold UAE
+# with gemma; 3 seeds) and (d) its README table with
 # the paired differences. About 5 min of scoring + 8 min of sweep: run it twice (the second call carries the
 # first call's tables in TABLES_DIR and its sweep.jsonl in SWEEP_PREV; finished steps are skipped);
 # `infonce` = issue 17's device check (< 5 min): the utility_infonce tests that launch Triton kernels, on CUDA, then
@@ -183,7 +184,7 @@ score() {  # score NAME TIMEOUT OUTFILE ARGS...: skipped when OUTFILE came with 
 score score_nogold_smollm 150 "$T/qasper-train-utilities-nogold-answer12-allq.jsonl.gz" --no-gold --teacher smollm2-135m
 score score_nogold_gemma 240 "$T/qasper-train-utilities-gemma-nogold-answer12.jsonl.gz" --no-gold --teacher gemma3-270m
 GOLD_GEMMA=data/qasper-train-utilities-gemma3-270m.jsonl.gz  # gemma's gold-added table ships (scored on CPU)
-# (b) the ensemble, on the rows both answer-only tables share
+# (b) the two LLM teachers merged (sweep_dev's ao-default-teachers), on the rows both answer-only tables share
 ENS="$T/qasper-train-utilities-ensemble-nogold-answer12.jsonl.gz"
 [ -e "$ENS" ] || step merge_teachers 60 "$PY" -m uae_fast.cli score --merge-teachers "$T/qasper-train-utilities-nogold-answer12-allq.jsonl.gz" \
     "$T/qasper-train-utilities-gemma-nogold-answer12.jsonl.gz" --out "$ENS"
@@ -195,7 +196,7 @@ LEFT=$((BUDGET_S - ($(date +%s) - START) - 15))
 step sweep_answeronly "$LEFT" "$PY" scripts/sweep_dev.py --grid answeronly --out "$OUT" --train "$TRAIN_JSON" \
     --dev "$QD/qasper-dev-v0.3.json.gz" --student "${STUDENT_DIR:?STUDENT_DIR is needed}" --workers "${WORKERS:-6}" \
     --threads 2 --tf32 --budget-s $((LEFT - 130)) --nogold-utilities "$T/qasper-train-utilities-nogold-answer12-allq.jsonl.gz" \
-    --gemma-utilities "$T/qasper-train-utilities-gemma-nogold-answer12.jsonl.gz" --ensemble-utilities "$ENS" \
+    --gemma-utilities "$T/qasper-train-utilities-gemma-nogold-answer12.jsonl.gz" --teachers-utilities "$ENS" \
     --gemma-gold-utilities "$GOLD_GEMMA" ${SWEEP_ARGS:-}
 fi
 

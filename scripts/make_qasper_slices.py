@@ -40,7 +40,7 @@ def _papers_in_order(queries, n_papers: int) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--source", required=True, help="folder with the official qasper-{train,dev}-v0.3.json.gz")
+    ap.add_argument("--source", required=True, help="folder with the official qasper-{train,dev}-v0.3.json (or .json.gz)")
     ap.add_argument("--out", default="data", help="output folder")
     ap.add_argument("--train-papers", type=int, default=200, help="train papers kept")
     ap.add_argument("--dev-queries", type=int, default=200, help="dev questions with text evidence covered")
@@ -48,7 +48,11 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     for split in ("train", "dev"):
         src = os.path.join(args.source, f"qasper-{split}-v0.3.json.gz")
-        with gzip.open(src, "rt", encoding="utf-8") as f:
+        if not os.path.exists(src) and os.path.exists(src[:-3]):  # the release tarball unpacks plain .json
+            src = src[:-3]
+        if not os.path.exists(src):
+            ap.error(f"--source {args.source}: no qasper-{split}-v0.3.json(.gz) there")
+        with (gzip.open if src.endswith(".gz") else open)(src, "rt", encoding="utf-8") as f:
             raw = json.load(f)
         ds = load_dataset(src)
         if split == "train":

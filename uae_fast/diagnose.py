@@ -109,7 +109,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("diagnose", help="how often a teacher's top candidate is gold evidence (uses gold labels)",
                               description=__doc__)
     p.add_argument("--utilities", required=True, nargs="+", help="utilities table(s) from `uae score`, one report each")
-    p.add_argument("--data", default=None, help="the data the tables were scored on (default: the bundled QASPER train)")
+    p.add_argument("--data", default=None, help="the data the tables were scored on (default: the full QASPER train split, as `uae score`)")
     p.add_argument("--candidates", nargs="*", default=[],
                    help="candidate policies to judge too (top:M / answer:M / student:M; the table must hold their rows; default none)")
     p.add_argument("--no-gold", action="store_true", help="the --candidates policies without gold added (default off)")
