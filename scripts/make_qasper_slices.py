@@ -45,13 +45,16 @@ def main(argv=None) -> int:
     ap.add_argument("--train-papers", type=int, default=200, help="train papers kept")
     ap.add_argument("--dev-queries", type=int, default=200, help="dev questions with text evidence covered")
     args = ap.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    sources = {}
     for split in ("train", "dev"):
         src = os.path.join(args.source, f"qasper-{split}-v0.3.json.gz")
         if not os.path.exists(src) and os.path.exists(src[:-3]):  # the release tarball unpacks plain .json
             src = src[:-3]
         if not os.path.exists(src):
             ap.error(f"--source {args.source}: no qasper-{split}-v0.3.json(.gz) there")
+        sources[split] = src
+    os.makedirs(args.out, exist_ok=True)
+    for split, src in sources.items():
         with (gzip.open if src.endswith(".gz") else open)(src, "rt", encoding="utf-8") as f:
             raw = json.load(f)
         ds = load_dataset(src)

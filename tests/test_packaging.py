@@ -155,6 +155,24 @@ def test_shipped_slices_are_what_the_script_makes(tmp_path):
             assert a.read() == b.read(), name
 
 
+def test_slices_script_reads_the_release_as_unpacked(tmp_path):
+    # the release tarball unpacks plain qasper-{train,dev}-v0.3.json; a folder without them is one error line
+    from uae_fast.data import QUICKSTART_SLICE
+
+    src = tmp_path / "release"
+    src.mkdir()
+    for split in ("train", "dev"):
+        with gzip.open(os.path.join(ROOT, "data", QUICKSTART_SLICE.format(split=split))) as f:
+            (src / f"qasper-{split}-v0.3.json").write_bytes(f.read())
+    script = os.path.join(ROOT, "scripts", "make_qasper_slices.py")
+    r = subprocess.run([sys.executable, script, "--source", str(src), "--out", str(tmp_path / "out"), "--train-papers", "3",
+                        "--dev-queries", "4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert all((tmp_path / "out" / QUICKSTART_SLICE.format(split=s)).exists() for s in ("train", "dev"))
+    r = subprocess.run([sys.executable, script, "--source", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no qasper-train-v0.3.json(.gz) there" in r.stderr.strip().splitlines()[-1]
+
+
 def test_bare_clone_resolves_the_quickstart_data(tmp_path):
     """`git clone` alone (no ../shared, no UAE_DATA_DIR, nothing installed from it): the quickstart's data,
     the shipped utilities table included, resolves inside the clone. Clones HEAD: commit to test changes."""
