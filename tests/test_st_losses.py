@@ -476,12 +476,13 @@ def _ddp_towers_worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         res = {}
-        for frozen in (False, True):
+        for frozen, static in ((False, False), (True, False), (False, True), (True, True)):
             model = _Towers(frozen)
             loss_fn = CachedUtilityInfoNCELoss(model, mini_batch_size=3)
-            loss_fn.model = DistributedDataParallel(model)  # what sentence-transformers' trainer does under DDP
+            # what sentence-transformers' trainer does under DDP (static_graph: `ddp_static_graph=True`)
+            loss_fn.model = DistributedDataParallel(model, static_graph=static)
             for step in range(2):  # a second step: DDP's reducer must be ready for the next iteration
-                res[frozen, step] = _run(loss_fn, model, *_tower_batch(rank + 2 * step))[1]
+                res[frozen, static, step] = _run(loss_fn, model, *_tower_batch(rank + 2 * step))[1]
         torch.save(res, os.path.join(out_dir, f"towers{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -491,18 +492,18 @@ def _ddp_towers_worker(rank, init_file, out_dir):
 def test_ddp_cached_all_reduces_even_when_the_last_mini_batch_is_frozen(tmp_path):
     # Under DDP the replay accumulates under no_sync and all-reduces with the last mini-batch's backward.
     # With a frozen passage tower that mini-batch has no backward: the gradients must still be averaged.
+    # Static-graph DDP (which failed an internal assert under no_sync in its first step) too.
     import torch.multiprocessing as mp
 
     mp.spawn(_ddp_towers_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"towers{r}.pt") for r in range(WORLD)]
-    for frozen in (False, True):
+    for frozen, static, step in ranks[0]:
         model = _Towers(frozen)
-        for step in range(2):
-            local = [_run(UtilityInfoNCELoss(model), model, *_tower_batch(r + 2 * step))[1] for r in range(WORLD)]
-            avg = {n: sum(g[n] for g in local) / WORLD for n in local[0]}
-            assert set(avg) == {"q.weight"}
-            assert not torch.allclose(local[0]["q.weight"], local[1]["q.weight"])  # averaging is visible
-            for r in ranks:
-                assert set(r[frozen, step]) == set(avg)
-                for n in avg:
-                    torch.testing.assert_close(r[frozen, step][n], avg[n], rtol=1e-5, atol=1e-7)
+        local = [_run(UtilityInfoNCELoss(model), model, *_tower_batch(r + 2 * step))[1] for r in range(WORLD)]
+        avg = {n: sum(g[n] for g in local) / WORLD for n in local[0]}
+        assert set(avg) == {"q.weight"}
+        assert not torch.allclose(local[0]["q.weight"], local[1]["q.weight"])  # averaging is visible
+        for r in ranks:
+            assert set(r[frozen, static, step]) == set(avg)
+            for n in avg:
+                torch.testing.assert_close(r[frozen, static, step][n], avg[n], rtol=1e-5, atol=1e-7)

@@ -1,7 +1,7 @@
 """CachedUtilityInfoNCELoss: the UAE sentence-transformers loss with GradCache (batches of thousands)."""
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
@@ -194,6 +194,25 @@ def _slice(features: Dict[str, Any], s: int, e: int) -> Dict[str, Any]:
     return out
 
 
+@contextmanager
+def _ddp_replay(ddp_model, sync: bool):
+    """DDP context of one replayed mini-batch: no_sync unless ``sync``. Static-graph DDP must synchronise its
+    first trainable backward (it builds the reducer's schedule there), so until its delayed all-reduce is
+    enqueued every mini-batch syncs (a gradient already averaged stays itself under the later averaging)."""
+    if ddp_model is None:
+        yield
+    elif ddp_model.static_graph and not getattr(ddp_model, "_static_graph_delay_allreduce_enqueued", True):
+        before = ddp_model.require_backward_grad_sync
+        ddp_model.require_backward_grad_sync = True
+        try:
+            yield
+        finally:
+            ddp_model.require_backward_grad_sync = before
+    else:
+        with nullcontext() if sync else ddp_model.no_sync():
+            yield
+
+
 def _replay(grad_output: Tensor, *, loss_obj: CachedUtilityInfoNCELoss, features, cache, states) -> None:
     """Backward hook: re-embed each mini-batch with gradient and back-propagate its cached gradient."""
     model = loss_obj.model
@@ -206,8 +225,7 @@ def _replay(grad_output: Tensor, *, loss_obj: CachedUtilityInfoNCELoss, features
             # DDP: accumulate locally and all-reduce once, with the last mini-batch's backward (an outer
             # no_sync, i.e. gradient accumulation, still defers it: nullcontext leaves DDP's flag alone).
             final = n == len(jobs) - 1
-            sync = nullcontext() if (not ddp or final) else inner.no_sync()
-            with sync, state:
+            with _ddp_replay(inner if ddp else None, final), state:
                 rep = model(_slice(f, s, e))["sentence_embedding"]
                 if rep.requires_grad:
                     # fp32 surrogate whatever the autocast dtype: its gradient is exactly the cached one.
