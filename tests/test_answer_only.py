@@ -486,6 +486,8 @@ def test_diagnose_hit_rates(tmp_path, ds, capsys):
     finally:
         scoring.CandidatePolicy.prepare = real
     assert reused._cands == fresh._cands and set(reused._cands) == set(cut_u)
+    with pytest.raises(ValueError, match="candidates has no set for 1 training queries"):
+        BatchSampler(ds, cfg, cut_u, candidates={k: v for k, v in cands.items() if k != next(iter(cut_u))})
 
 
 def test_diagnose_gold_mass(tmp_path, ds):

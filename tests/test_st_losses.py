@@ -476,13 +476,23 @@ def _ddp_towers_worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         res = {}
-        for frozen, static in ((False, False), (True, False), (False, True), (True, True)):
+        # (frozen passage tower, static graph, find_unused_parameters: the Hugging Face trainer's setting for ST)
+        for frozen, static, unused in ((False, False, False), (True, False, False), (False, True, False),
+                                       (True, True, False), (False, False, True), (True, False, True)):
             model = _Towers(frozen)
             loss_fn = CachedUtilityInfoNCELoss(model, mini_batch_size=3)
             # what sentence-transformers' trainer does under DDP (static_graph: `ddp_static_graph=True`)
-            loss_fn.model = DistributedDataParallel(model, static_graph=static)
+            ddp = DistributedDataParallel(model, static_graph=static, find_unused_parameters=unused)
+            loss_fn.model = ddp
             for step in range(2):  # a second step: DDP's reducer must be ready for the next iteration
-                res[frozen, static, step] = _run(loss_fn, model, *_tower_batch(rank + 2 * step))[1]
+                res[frozen, static, unused, step] = _run(loss_fn, model, *_tower_batch(rank + 2 * step))[1]
+            # gradient accumulation: the first micro-batch under the trainer's outer no_sync, the second synced
+            model.zero_grad(set_to_none=True)
+            with ddp.no_sync():
+                loss_fn(*_tower_batch(rank)).backward()
+            loss_fn(*_tower_batch(rank + 2)).backward()
+            res[frozen, static, unused, "accum"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                                                    if p.grad is not None}
         torch.save(res, os.path.join(out_dir, f"towers{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -497,13 +507,38 @@ def test_ddp_cached_all_reduces_even_when_the_last_mini_batch_is_frozen(tmp_path
 
     mp.spawn(_ddp_towers_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"towers{r}.pt") for r in range(WORLD)]
-    for frozen, static, step in ranks[0]:
+    assert len(ranks[0]) == 18
+    for key in ranks[0]:
+        frozen, step = key[0], key[3]
         model = _Towers(frozen)
-        local = [_run(UtilityInfoNCELoss(model), model, *_tower_batch(r + 2 * step))[1] for r in range(WORLD)]
+        if step == "accum":  # both micro-batches of every rank, averaged over the ranks
+            local = [_run(UtilityInfoNCELoss(model), model, *_tower_batch(r))[1] for r in range(WORLD)]
+            second = [_run(UtilityInfoNCELoss(model), model, *_tower_batch(r + 2))[1] for r in range(WORLD)]
+            local = [{n: a[n] + b[n] for n in a} for a, b in zip(local, second)]
+        else:
+            local = [_run(UtilityInfoNCELoss(model), model, *_tower_batch(r + 2 * step))[1] for r in range(WORLD)]
         avg = {n: sum(g[n] for g in local) / WORLD for n in local[0]}
         assert set(avg) == {"q.weight"}
         assert not torch.allclose(local[0]["q.weight"], local[1]["q.weight"])  # averaging is visible
         for r in ranks:
-            assert set(r[frozen, static, step]) == set(avg)
+            assert set(r[key]) == set(avg), key
             for n in avg:
-                torch.testing.assert_close(r[frozen, static, step][n], avg[n], rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(r[key][n], avg[n], rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")
+
+
+def test_ddp_find_unused_parameters_on_old_torch_is_refused(monkeypatch):
+    # torch < 2.4 kept per-rank gradients for parameters used only under no_sync (pytorch#124193): one clear error
+    from types import SimpleNamespace
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    import uae_fast.losses.cached_utility_infonce as C
+
+    ddp = object.__new__(DistributedDataParallel)  # no process group needed: the check comes first
+    ddp.__dict__.update(find_unused_parameters=True, _parameters={}, _buffers={}, _modules={})
+    monkeypatch.setattr(C, "_torch_before", lambda major, minor: True)
+    with pytest.raises(ValueError, match="find_unused_parameters=True needs torch >= 2.4"):
+        C._replay(torch.ones(()), loss_obj=SimpleNamespace(model=ddp), features=[], cache=[], states=[])
+    monkeypatch.undo()
+    assert not C._torch_before(2, 4) and C._torch_before(99, 0)  # this torch (2.13 here) is past the bug
+

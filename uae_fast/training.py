@@ -225,6 +225,9 @@ class BatchSampler:
         self._pools = {q.id: ds.pool(q) for q in queries}
         self._cands: Optional[Dict[str, List[str]]] = None
         if cfg.candidates is not None:
+            missing = [] if candidates is None else [q.id for q in queries if q.id not in candidates]
+            if missing:
+                raise ValueError(f"candidates has no set for {len(missing)} training queries (e.g. {missing[:3]})")
             if candidates is None:
                 from .scoring import CandidatePolicy
 

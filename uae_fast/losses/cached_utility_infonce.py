@@ -55,7 +55,10 @@ class CachedUtilityInfoNCELoss(UtilityInfoNCELoss):
         3. in the backward pass, re-embed each mini-batch with gradient under its saved RNG state (the same
            dropout masks) and back-propagate its cached gradient (``dot(embedding, cached_grad)``). Under
            DDP only the last mini-batch synchronises the gradients (when it needs none, e.g. a frozen passage
-           tower, a trainable one is replayed with a zero gradient to do it).
+           tower, a trainable one is replayed with a zero gradient to do it). Static-graph DDP
+           (``ddp_static_graph=True``) records the parameters of the first trainable mini-batch as its graph:
+           use it only when every trainable mini-batch uses the same parameters (one shared tower, or one
+           trainable tower and frozen others); DDP refuses anything else with "training graph has changed".
 
         Args:
             model: the SentenceTransformer being trained.
@@ -194,6 +197,11 @@ def _slice(features: Dict[str, Any], s: int, e: int) -> Dict[str, Any]:
     return out
 
 
+def _torch_before(major: int, minor: int) -> bool:
+    v = torch.__version__.split("+")[0].split(".")
+    return (int(v[0]), int("".join(c for c in v[1] if c.isdigit()) or 0)) < (major, minor)
+
+
 @contextmanager
 def _ddp_replay(ddp_model, sync: bool):
     """DDP context of one replayed mini-batch: no_sync unless ``sync``. Static-graph DDP must synchronise its
@@ -218,6 +226,11 @@ def _replay(grad_output: Tensor, *, loss_obj: CachedUtilityInfoNCELoss, features
     model = loss_obj.model
     inner = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
     ddp = isinstance(inner, torch.nn.parallel.DistributedDataParallel)
+    if ddp and inner.find_unused_parameters and _torch_before(2, 4):
+        # pytorch#124193: parameters used only under no_sync count as unused at the synced backward and keep
+        # per-rank gradients (silently). The Hugging Face trainer turns find_unused_parameters on for ST models.
+        raise ValueError("CachedUtilityInfoNCELoss under DDP with find_unused_parameters=True needs torch >= 2.4 "
+                         "(pytorch#124193); upgrade torch or set ddp_find_unused_parameters=False")
     jobs = [(f, g, st, r) for f, g, sts in zip(features, cache, states) for st, r in zip(sts, loss_obj._ranges(f))]
     last_trainable, synced = None, False
     with torch.enable_grad():
