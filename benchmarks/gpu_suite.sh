@@ -119,13 +119,15 @@ step install 150 bash -c '
     [ "'"$PART"'" = infonce ] || '"$PY"' -m pip install -q -e . --no-deps --no-build-isolation || echo "editable install failed: using PYTHONPATH"'
 
 QD=${QASPER_DIR:-../shared/data/qasper}
+# pytest workers (compiles in parallel) when pytest-xdist is on the image; without it, one process
+xdist() { "$PY" -c "import xdist" 2>/dev/null && echo "-n $1"; }
 
 if [ "$PART" = kernels ] || [ "$PART" = all ] || [ "$PART" = tests ]; then
 # Correctness on the real backend: the test files that touch CUDA (Triton-path tests run their kernels on
 # CUDA tensors, CUDA-marked tests run). The whole suite took > 120 s on an H200 box (CPU-only tests such as
 # the torch.compile one dominate it; CI runs those), so only these files, 12 workers: ~130 s there.
 step tests 170 "$PY" -m pytest -q tests/test_logprobs.py tests/test_infonce.py tests/test_infonce_distributed.py \
-    tests/test_teacher.py tests/test_index.py -n 12 -p no:cacheprovider --durations=15 -rfE \
+    tests/test_teacher.py tests/test_index.py $(xdist 12) -p no:cacheprovider --durations=15 -rfE \
     --deselect tests/test_teacher.py::test_compiled_decoder_matches_eager
 fi
 
@@ -142,10 +144,8 @@ if [ "$PART" = infonce ]; then
 # tuned row and the token_logprobs row still run; results straight to $OUT (each JSON one returned file).
 # Only the tests that launch kernels: the Triton cache starts empty and each odd shape is a compile (the CPU-only
 # tests of tests/test_infonce.py run in CI).
-# 8 workers compile in parallel when pytest-xdist is on the image (not guaranteed: without it, one process)
-XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 step infonce_tests 60 "$PY" -m pytest -q tests/test_infonce_triton.py tests/test_infonce.py::test_triton_matches_float64_reference \
-    tests/test_infonce.py::test_triton_float64_rules $XDIST -p no:cacheprovider -rfE
+    tests/test_infonce.py::test_triton_float64_rules $(xdist 8) -p no:cacheprovider -rfE
 # Every benchmark call rewrites its JSON after every case, so a timeout keeps what was measured. In order of
 # what the issue needs: the target shape (B = N = 16384, d = 768: every setting and peer, + the float64 accuracy
 # check), B = N = 65536 (where naive runs out of memory), the autotuned triton row, token_logprobs' target row,
