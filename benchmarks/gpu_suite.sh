@@ -26,7 +26,8 @@
 #   Inf-CL travels as a wheel (pure Python + Triton kernels, no compilation; numpy and triton are on the image).
 #   Here, once, in the repo root (.whl/ is git-ignored):
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl inf-cl==1.2.1
+#         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl inf-cl==1.2.1 pytest-xdist execnet
+#   (pytest-xdist + execnet: the test steps compile in parallel; without them they run in one process)
 #   then call run with carry [".whl"] and: BUDGET_S=275 WHEEL_DIR=.whl bash benchmarks/gpu_suite.sh infonce
 #
 # Files back from $OUT (at most 8; part answeronly: the three tables and sweep.jsonl): summary.txt (one line per step: status, seconds), suite.log (all
