@@ -199,7 +199,7 @@ def _untrained(job):
 
         pq = _rank_dev(args.student or default_student_path(), args.device)
     return {**job, "metrics": {k: sum(v) / len(v) for k, v in pq.items()},
-            "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Success@1", "MAP")}, "steps": 0, "train_queries": 0,
+            "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Success@1", "Recall@1", "MAP")}, "steps": 0, "train_queries": 0,
             "final_loss": None, "train_s": 0.0, "total_s": round(time.time() - t0, 1),
             "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"}
 
@@ -230,7 +230,7 @@ def _run(job):
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
     means = {k: sum(v) / len(v) for k, v in pq.items()}
-    return {**job, "metrics": means, "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Success@1", "MAP")},
+    return {**job, "metrics": means, "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Success@1", "Recall@1", "MAP")},
             "steps": summ["steps"], "train_queries": summ["train_queries"], "final_loss": summ["final_loss"],
             "train_s": round(t_train, 1), "total_s": round(time.time() - t0, 1), "eval_amp": bool(args.eval_amp),
             "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"}
