@@ -138,15 +138,7 @@ def tune_baselines(tuned, methods, q, xt, k, flat):
     """Pick each baseline's block size for this (batch, k): the fastest of a few settings, one timed call
     each after a warm-up (the tuned rows then report the best of the timed rounds like every other row)."""
     def fastest(fn, settings):
-        best = None
-        for st in settings:
-            fn(st)
-            t = time.perf_counter()
-            fn(st)
-            t = time.perf_counter() - t
-            if best is None or t < best[0]:
-                best = (t, st)
-        return best[1]
+        return min(settings, key=lambda st: best_time(lambda: fn(st), 1))
 
     qt = torch.from_numpy(q)
     tuned["torch_blocked"] = fastest(lambda st: torch_blocked(qt, xt, k, st),

@@ -5,6 +5,7 @@ Includes the sentence-transformers PR #3453 regression: each rank's passages are
 ``PPNN``) points rank 1's queries at rank 0's hard negatives.
 """
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD = 2
+GLOO_TIMEOUT = timedelta(seconds=120)  # a rank that dies mid-collective fails the test instead of hanging it
 B_LOCAL = (5, 7)  # unequal local batches: the gather must not assume equal sizes
 NEG_PER_QUERY = (1, 2)  # and unequal hard-negative counts
 D, K, TAU = 16, 3, 0.1
@@ -41,7 +43,8 @@ def _global_batch():
 def _worker(rank, init_file, out_dir):
     os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=GLOO_TIMEOUT)
     try:
         from uae_fast import UtilityInfoNCE, gather_with_grad, utility_infonce
 

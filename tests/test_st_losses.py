@@ -3,8 +3,10 @@
 Oracles: MultipleNegativesRankingLoss for one-hot targets, a float64 dense formula for soft/NaN targets,
 the uncached loss for the cached one, the single-process loss for gloo DDP with gathered passages.
 """
+import gc
 import math
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -391,13 +393,15 @@ def test_trainer_two_steps_on_exported_data(exported, enc_dir, tmp_path, cached)
 
 # ------------------------------------------------------------------------------------ DDP (gloo)
 WORLD = 2
+GLOO_TIMEOUT = timedelta(seconds=120)  # a rank that dies mid-collective fails the test instead of hanging it
 
 
 def _ddp_worker(rank, enc_dir, init_file, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=GLOO_TIMEOUT)
     try:
         model = _model(enc_dir)
         cols = [c[rank * B:(rank + 1) * B] for c in _texts(WORLD * B)]
@@ -468,32 +472,41 @@ def _tower_batch(rank):
     return cols, torch.randn(4, K, generator=g)
 
 
-def _ddp_towers_worker(rank, init_file, out_dir):
-    import torch.distributed as dist
+def _ddp_towers_grads(rank):
     from torch.nn.parallel import DistributedDataParallel
 
+    res = {}
+    # (frozen passage tower, static graph, find_unused_parameters: the Hugging Face trainer's setting for ST)
+    for frozen, static, unused in ((False, False, False), (True, False, False), (False, True, False),
+                                   (True, True, False), (False, False, True), (True, False, True)):
+        model = _Towers(frozen)
+        loss_fn = CachedUtilityInfoNCELoss(model, mini_batch_size=3)
+        # what sentence-transformers' trainer does under DDP (static_graph: `ddp_static_graph=True`)
+        ddp = DistributedDataParallel(model, static_graph=static, find_unused_parameters=unused)
+        loss_fn.model = ddp
+        for step in range(2):  # a second step: DDP's reducer must be ready for the next iteration
+            res[frozen, static, unused, step] = _run(loss_fn, model, *_tower_batch(rank + 2 * step))[1]
+        # gradient accumulation: the first micro-batch under the trainer's outer no_sync, the second synced
+        model.zero_grad(set_to_none=True)
+        with ddp.no_sync():
+            loss_fn(*_tower_batch(rank)).backward()
+        loss_fn(*_tower_batch(rank + 2)).backward()
+        res[frozen, static, unused, "accum"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                                                if p.grad is not None}
+    return res
+
+
+def _ddp_towers_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=GLOO_TIMEOUT)
     try:
-        res = {}
-        # (frozen passage tower, static graph, find_unused_parameters: the Hugging Face trainer's setting for ST)
-        for frozen, static, unused in ((False, False, False), (True, False, False), (False, True, False),
-                                       (True, True, False), (False, False, True), (True, False, True)):
-            model = _Towers(frozen)
-            loss_fn = CachedUtilityInfoNCELoss(model, mini_batch_size=3)
-            # what sentence-transformers' trainer does under DDP (static_graph: `ddp_static_graph=True`)
-            ddp = DistributedDataParallel(model, static_graph=static, find_unused_parameters=unused)
-            loss_fn.model = ddp
-            for step in range(2):  # a second step: DDP's reducer must be ready for the next iteration
-                res[frozen, static, unused, step] = _run(loss_fn, model, *_tower_batch(rank + 2 * step))[1]
-            # gradient accumulation: the first micro-batch under the trainer's outer no_sync, the second synced
-            model.zero_grad(set_to_none=True)
-            with ddp.no_sync():
-                loss_fn(*_tower_batch(rank)).backward()
-            loss_fn(*_tower_batch(rank + 2)).backward()
-            res[frozen, static, unused, "accum"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()
-                                                    if p.grad is not None}
-        torch.save(res, os.path.join(out_dir, f"towers{rank}.pt"))
+        # the DDP wrappers die with _ddp_towers_grads' frame, before the group: a DDP reducer destroyed after
+        # destroy_process_group hung rank 0 at exit now and then
+        torch.save(_ddp_towers_grads(rank), os.path.join(out_dir, f"towers{rank}.pt"))
+        gc.collect()  # and any reference cycle through them
     finally:
         dist.destroy_process_group()
 

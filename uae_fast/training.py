@@ -225,9 +225,6 @@ class BatchSampler:
         self._pools = {q.id: ds.pool(q) for q in queries}
         self._cands: Optional[Dict[str, List[str]]] = None
         if cfg.candidates is not None:
-            missing = [] if candidates is None else [q.id for q in queries if q.id not in candidates]
-            if missing:
-                raise ValueError(f"candidates has no set for {len(missing)} training queries (e.g. {missing[:3]})")
             if candidates is None:
                 from .scoring import CandidatePolicy
 
@@ -235,6 +232,9 @@ class BatchSampler:
                 policy = CandidatePolicy(ds, cfg.candidates, student=cfg.student, no_gold=cfg.no_gold)
                 policy.prepare(queries, progress=progress and rank == 0)
                 candidates = {q.id: policy(q) for q in queries}
+            missing = [q.id for q in queries if q.id not in candidates]
+            if missing:
+                raise ValueError(f"candidates has no set for {len(missing)} training queries (e.g. {missing[:3]})")
             self._cands = {q.id: candidates[q.id] for q in queries}
             if cfg.no_gold:  # the target is the teacher's distribution over the candidates: they must be scored
                 for q in queries:

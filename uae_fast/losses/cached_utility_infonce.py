@@ -198,8 +198,7 @@ def _slice(features: Dict[str, Any], s: int, e: int) -> Dict[str, Any]:
 
 
 def _torch_before(major: int, minor: int) -> bool:
-    v = torch.__version__.split("+")[0].split(".")
-    return (int(v[0]), int("".join(c for c in v[1] if c.isdigit()) or 0)) < (major, minor)
+    return torch.__version__ < (major, minor)  # TorchVersion compares with tuples
 
 
 @contextmanager
