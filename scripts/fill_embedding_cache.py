@@ -21,16 +21,18 @@ ap.add_argument("--questions", type=int, default=None)
 ap.add_argument("--max-seconds", type=float, default=150.0)
 ap.add_argument("--chunk", type=int, default=512)
 a = ap.parse_args()
-ds = load_dataset(a.data)
-if a.questions:
-    qs = [q for q in select_queries(ds, with_gold_only=False, order="paper") if ds.pool(q)][: a.questions]
-    pids = sorted({p for q in qs for p in ds.pool(q)})
-else:
-    pids = sorted(ds.passages)
 try:
+    ds = load_dataset(a.data)
+    if a.questions:
+        qs = [q for q in select_queries(ds, with_gold_only=False, order="paper") if ds.pool(q)][: a.questions]
+        pids = sorted({p for q in qs for p in ds.pool(q)})
+    else:
+        pids = sorted(ds.passages)
     emb = encode_cached(BiEncoder(a.model, device="cpu"), [ds.passages[p].text for p in pids], cache_dir=a.cache,
-                        model_path=a.model, max_seconds=a.max_seconds, chunk=a.chunk)
+                        model_path=a.model, max_seconds=a.max_seconds, chunk=a.chunk, progress=True)
 except Incomplete as e:
     print(f"not finished: {e}", file=sys.stderr)
     sys.exit(3)
+except (ValueError, OSError, EOFError) as e:
+    sys.exit(f"fill_embedding_cache: error: {e}")
 print(f"cache complete: {emb.shape[0]} passages", file=sys.stderr)

@@ -28,14 +28,18 @@ ap.add_argument("--model", default=None, help="dense encoder folder (default: th
 ap.add_argument("--embedding-cache", default=None, help="embedding cache folder (default: none)")
 ap.add_argument("--json", default=None, help="write the grid here (default: print only)")
 a = ap.parse_args()
-ds = load_dataset(a.data or default_qasper_path("dev"))
+try:
+    ds = load_dataset(a.data or default_qasper_path("dev"))
+    enc = BiEncoder(a.model, device="cpu")
+except (ValueError, OSError, EOFError) as e:
+    sys.exit(f"fusion_dev_grid: error: {e}")
 queries = [q for q in ds.queries if q.gold]
-enc = BiEncoder(a.model, device="cpu")
 pools = [ds.pool(q) for q in queries]
 pids = sorted({p for pool in pools for p in pool})
 row = {p: i for i, p in enumerate(pids)}
-emb = encode_cached(enc, [ds.passages[p].text for p in pids], cache_dir=a.embedding_cache, model_path=a.model)
-qemb = enc.encode([q.question for q in queries])
+emb = encode_cached(enc, [ds.passages[p].text for p in pids], cache_dir=a.embedding_cache, model_path=a.model,
+                    progress=True)
+qemb = enc.encode([q.question for q in queries], show_progress=True, desc="encode questions")
 bm25, sides = {}, []
 for q, pool, qe in zip(queries, pools, qemb):
     key = tuple(pool)

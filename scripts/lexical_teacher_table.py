@@ -27,13 +27,13 @@ def lexical_table(table: str, data: str, out: str) -> dict:
     from uae_fast.lexical_teacher import LEXICAL_TEACHER_NAME, lexical_utilities
     from uae_fast.utilities import read_utilities, write_table
 
-    header, rows = read_utilities(table)
-    cands: dict = {}
-    for r in rows:
-        cands.setdefault(r["qid"], []).append(r["pid"])
     try:
+        header, rows = read_utilities(table)
+        cands: dict = {}
+        for r in rows:
+            cands.setdefault(r["qid"], []).append(r["pid"])
         lex = lexical_utilities(load_dataset(data), cands)
-    except ValueError as e:
+    except (ValueError, OSError, EOFError) as e:
         raise SystemExit(f"{table}: {e} ({data})") from None
     out_rows = [dict(r, utility=lex[r["qid"]][r["pid"]]) for r in rows]
     h = dict(header, teacher=LEXICAL_TEACHER_NAME, n_rows=len(out_rows), lexical_of=os.path.basename(table))

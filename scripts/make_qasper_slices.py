@@ -55,9 +55,12 @@ def main(argv=None) -> int:
         sources[split] = src
     os.makedirs(args.out, exist_ok=True)
     for split, src in sources.items():
-        with (gzip.open if src.endswith(".gz") else open)(src, "rt", encoding="utf-8") as f:
-            raw = json.load(f)
-        ds = load_dataset(src)
+        try:
+            ds = load_dataset(src)  # checks the file: one clear line for a truncated or corrupt release
+            with (gzip.open if src.endswith(".gz") else open)(src, "rt", encoding="utf-8") as f:
+                raw = json.load(f)
+        except (ValueError, OSError, EOFError) as e:
+            raise SystemExit(f"make_qasper_slices: {src}: {e}")
         if split == "train":
             keep = set(_papers_in_order(select_queries(ds), args.train_papers))
         else:

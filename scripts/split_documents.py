@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     try:
         raw = json.loads(read_text(args.corpus, "corpus"))
         train, held = split(raw, fraction=args.heldout_fraction, seed=args.seed)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"split_documents: {args.corpus}: {e}", file=sys.stderr)
         return 2
     n = lambda d: len(d["data"]) if "data" in d and isinstance(d["data"], list) else len(d)  # noqa: E731

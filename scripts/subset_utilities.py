@@ -25,10 +25,11 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None, help="the data the table was scored on (default: the full QASPER train split in $UAE_DATA_DIR)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    ds = load_dataset(args.data or default_qasper_path("train"))
     try:
-        h = subset(args.table, ds, args.candidates, args.out, no_gold=args.no_gold, candidate_student=args.candidate_student)
-    except ValueError as e:
+        ds = load_dataset(args.data or default_qasper_path("train"))
+        h = subset(args.table, ds, args.candidates, args.out, no_gold=args.no_gold, candidate_student=args.candidate_student,
+                   progress=True)
+    except (ValueError, OSError, EOFError) as e:
         raise SystemExit(f"subset_utilities: error: {e}")
     print(f"{args.out}: {h['n_rows']} rows for {h['n_queries']} questions ({args.candidates}"
           f"{', no gold' if args.no_gold else ''})", file=sys.stderr)

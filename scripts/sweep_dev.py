@@ -70,6 +70,8 @@ ANSWER_ONLY = {
     # the same defaults with another LLM teacher: Gemma-3-270M, and the SmolLM2 + Gemma ensemble (--merge-teachers)
     "ao-default-gemma": ("uae", NO_GOLD_DEFAULTS, "gemma"),
     "ao-default-teachers": ("uae", NO_GOLD_DEFAULTS, "teachers"),
+    # a second round (Atlas, REPLUG-LSR): candidates mined by a trained answer-only student, rescored, trained again
+    "ao-default-round2": ("uae", NO_GOLD_DEFAULTS, "round2"),
     # the teacher's target mixed half and half with the bm25-answer one-hot (--positive bm25-answer --label-mix 0.5)
     "ao-mix-bm25a": ("uae", {**NO_GOLD, "positive": "bm25-answer", "label_mix": 0.5}, "nogold"),
     "weak-bm25": ("infonce", {**NO_GOLD, "positive": "bm25"}, "nogold"),
@@ -400,6 +402,8 @@ def main(argv=None):
     ap.add_argument("--ensemble-utilities", default=None, help="grid answeronly: the teacher ensemble table (default: none)")
     ap.add_argument("--teachers-utilities", default=None,
                     help="grid answeronly: SmolLM2 + Gemma merged (uae score --merge-teachers), for the defaults on it")
+    ap.add_argument("--round2-utilities", default=None,
+                    help="grid answeronly: a table whose candidates a trained student mined (student:M), for the second round")
     ap.add_argument("--gemma-gold-utilities", default=None,
                     help="grid answeronly: gemma3-270m's gold-added table, for gold-label UAE with it (default: none)")
     ap.add_argument("--student", default=None)
@@ -433,7 +437,7 @@ def main(argv=None):
     args.utilities = args.utilities or _default_utilities()
     tables = {"nogold": args.nogold_utilities or _default_utilities(no_gold=True), "gemma": args.gemma_utilities,
               "ensemble": args.ensemble_utilities, "gemma_gold": args.gemma_gold_utilities,
-              "teachers": args.teachers_utilities}
+              "teachers": args.teachers_utilities, "round2": args.round2_utilities}
     if args.device is None:
         import torch
 

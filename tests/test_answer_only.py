@@ -490,6 +490,31 @@ def test_diagnose_hit_rates(tmp_path, ds, capsys):
         BatchSampler(ds, cfg, cut_u, candidates={k: v for k, v in cands.items() if k != next(iter(cut_u))})
 
 
+def test_diagnose_student_policy_uses_the_given_encoder_and_embeds_once(tmp_path, ds, monkeypatch):
+    # student:M is judged with --candidate-student's encoder (a trained run's, to judge its mined candidates);
+    # several tables share the policy, so the corpus is embedded once
+    from test_student import make_tiny_encoder
+    from uae_fast.diagnose import hit_rates
+    from uae_fast.student import BiEncoder
+
+    enc = str(make_tiny_encoder(tmp_path / "enc"))
+    src = all_table(tmp_path / "all.jsonl.gz", ds, gold_bonus=0.4)
+    encoded, real = [], BiEncoder.encode
+    monkeypatch.setattr(BiEncoder, "encode", lambda self, texts, *a, **k: encoded.append(len(texts)) or real(self, texts, *a, **k))
+    policies = {}
+    first = hit_rates(src, ds, ["student:2"], no_gold=True, candidate_student=enc, policies=policies)
+    n = sum(encoded)
+    assert n > 0
+    again = hit_rates(src, ds, ["student:2"], no_gold=True, candidate_student=enc, policies=policies)
+    assert sum(encoded) == n and again == first
+    u, _ = load_utilities(src)
+    qs = [q for q in ds.queries if q.gold and q.id in u]
+    pol = CandidatePolicy(ds, "student:2", student=enc, no_gold=True)
+    pol.prepare(qs)
+    want = sum(any(p in q.gold for p in pol(q)) for q in qs) / len(qs)
+    assert first["sets"]["student:2 no-gold"]["coverage"] == pytest.approx(want)
+
+
 def test_diagnose_gold_mass(tmp_path, ds):
     """The target's gold mass against a float64 torch softmax; sharp T gives the top-1 rate; T <= 0 is an error."""
     import torch

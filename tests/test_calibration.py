@@ -182,3 +182,16 @@ def test_calibrate_errors(tmp_path, tiny, capsys):  # noqa: F811
                       "--threads must be a positive int")):
         assert main(["calibrate-fusion", "--data", none] + argv) == 1
         assert msg in capsys.readouterr().err
+
+
+def test_utility_cache_bad_header_is_one_clear_error_and_bad_rows_are_rescored(tmp_path):
+    from uae_fast.calibration import UTILITY_FORMAT, _read_cache
+
+    path = tmp_path / "u.jsonl"
+    for header in ("[]", "not json", '"a string"'):
+        path.write_text(header + "\n")
+        with pytest.raises(ValueError, match="not a fusion utility cache"):
+            _read_cache(str(path), {"t": 1})
+    path.write_text(json.dumps({"format": UTILITY_FORMAT, "settings": {"t": 1}}) + "\n"
+                    + '{"key": "a", "utility": 0.5}\n{"key": "b", "utility": "high"}\n{"key": "c", "utili')
+    assert _read_cache(str(path), {"t": 1}) == {"a": 0.5}  # b and the torn c are scored again

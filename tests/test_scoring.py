@@ -348,6 +348,17 @@ def test_cli_unreadable_data_and_bad_options(tmp_path, teacher_dir, capsys):
     assert main(["score", "--data", DATA, "--out", out, "--teacher", teacher_dir, "--shard", "3/3"]) == 1
     assert "--shard" in capsys.readouterr().err
     assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+    # an existing table, an interrupted run's .partial and a missing --reuse / --questions-from file are refused
+    # before the teacher loads (a teacher that does not exist shows it)
+    nope = str(tmp_path / "nope")
+    for path, why in ((out, "already exists"), (out + ".partial", "pass --resume")):
+        open(path, "w").close()
+        assert main(["score", "--data", DATA, "--out", out, "--teacher", nope]) == 1
+        assert why in capsys.readouterr().err
+        os.remove(path)
+    for flag in ("--reuse", "--questions-from"):
+        assert main(["score", "--data", DATA, "--out", out, "--teacher", nope, flag, str(tmp_path / "gone.jsonl")]) == 1
+        assert "gone.jsonl: no such file" in capsys.readouterr().err
 
 
 def test_reuse_copies_known_rows_and_scores_only_the_new_ones(ds, scorer, teacher_dir, tmp_path, capsys):

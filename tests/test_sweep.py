@@ -143,10 +143,13 @@ def test_answer_only_grid_end_to_end(tmp_path, tiny):
     ref = evaluate(load_dataset(DEV), [], baselines=("bm25",), device="cpu", progress=False)["systems"]["bm25"]
     assert bm["metrics"]["MAP"] == pytest.approx(ref["MAP"], abs=1e-9)
     assert sweep_dev.main(common + ["--gemma-utilities", b, "--ensemble-utilities", str(tmp_path / "ens.jsonl.gz"),
-                                    "--gemma-gold-utilities", gold, "--teachers-utilities", str(tmp_path / "ens.jsonl.gz")]) == 0
+                                    "--gemma-gold-utilities", gold, "--teachers-utilities", str(tmp_path / "ens.jsonl.gz"),
+                                    "--round2-utilities", b]) == 0
     recs2 = [json.loads(x) for x in open(out / "sweep.jsonl")]
     new = {r["group"]: r for r in recs2[len(recs):]}  # only the new groups ran
-    assert sorted(new) == ["ao-default-gemma", "ao-default-teachers", "ao-ensemble", "ao-gemma", "gold-uae-gemma"]
+    assert sorted(new) == ["ao-default-gemma", "ao-default-round2", "ao-default-teachers", "ao-ensemble", "ao-gemma",
+                           "gold-uae-gemma"]
+    assert new["ao-default-round2"]["utilities"] == b and new["ao-default-round2"]["cfg"]["lexical_teacher"] == "bm25-answer"
     assert new["ao-default-gemma"]["utilities"] == b and new["ao-default-gemma"]["cfg"]["lexical_teacher"] == "bm25-answer"
     assert new["ao-default-teachers"]["utilities"] == str(tmp_path / "ens.jsonl.gz")
     table = sweep_dev.report(str(out / "sweep.jsonl"))

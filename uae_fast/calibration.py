@@ -111,14 +111,16 @@ def _read_cache(path: str, settings: dict) -> Dict[str, float]:
     try:
         header = json.loads(lines[0])
     except json.JSONDecodeError:
-        raise ValueError(f"{path}: not a fusion utility cache (unreadable header); delete it or pass another --utility-cache") from None
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a fusion utility cache (unreadable header); delete it or pass another --utility-cache")
     if header.get("format") != UTILITY_FORMAT or header.get("settings") != settings:
         raise ValueError(f"{path} was written with other teacher settings; delete it or pass another --utility-cache")
     for line in lines[1:]:
         try:
             r = json.loads(line)
             out[r["key"]] = float(r["utility"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue  # a torn last line of an interrupted run (or a row of a cache without keys: rescored)
     return out
 

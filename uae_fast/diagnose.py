@@ -24,9 +24,13 @@ from typing import Dict, List, Optional, Sequence
 
 def hit_rates(table: str, ds, candidates: Sequence[str] = (), *, no_gold: bool = False,
               weak: Sequence[str] = ("bm25", "bm25-answer"), teacher_temperature: Optional[float] = None,
-              lexical_teacher: str = "none") -> dict:
+              lexical_teacher: str = "none", candidate_student=None, progress: bool = False,
+              policies: Optional[dict] = None) -> dict:
     """Top-1-is-gold rates of ``table``'s teacher (and of ``weak`` labels) per candidate set, and the gold mass
-    of its ``softmax(utility / teacher_temperature)`` target (default: ``uae train``'s); see the module doc."""
+    of its ``softmax(utility / teacher_temperature)`` target (default: ``uae train``'s); see the module doc.
+    ``candidate_student``: the encoder of ``student:M`` policies (default all-MiniLM-L6-v2); ``progress``: a bar
+    while it embeds the papers; ``policies``: a dict that keeps the policies across calls (several tables on
+    the same data embed the corpus once)."""
     from .scoring import CandidatePolicy
     from .training import TrainConfig, weak_positives
 
@@ -55,8 +59,11 @@ def hit_rates(table: str, ds, candidates: Sequence[str] = (), *, no_gold: bool =
     sets: Dict[str, Dict[str, List[str]]] = {"scored rows (" + str(header.get("candidates", "?")) + ")":
                                              {q.id: list(utils[q.id]) for q in queries}}
     for c in candidates:
-        pol = CandidatePolicy(ds, c, no_gold=no_gold)
-        pol.prepare(queries)
+        key = (c, no_gold, candidate_student)
+        pol = (policies or {}).get(key) or CandidatePolicy(ds, c, student=candidate_student, no_gold=no_gold)
+        if policies is not None:
+            policies[key] = pol
+        pol.prepare(queries, progress=progress)  # embeds only what an earlier table's call did not
         cs = {q.id: [p for p in pol(q) if p in utils[q.id]] for q in queries}
         lacking = [qid for qid in cs if len(cs[qid]) < len(pol(next(q for q in queries if q.id == qid)))]
         if lacking:
@@ -113,6 +120,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--candidates", nargs="*", default=[],
                    help="candidate policies to judge too (top:M / answer:M / student:M; the table must hold their rows; default none)")
     p.add_argument("--no-gold", action="store_true", help="the --candidates policies without gold added (default off)")
+    p.add_argument("--candidate-student", default=None,
+                   help="encoder folder for 'student:M' (default: all-MiniLM-L6-v2), e.g. a trained run's, as `uae score`")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while student:M embeds the papers")
     p.add_argument("--teacher-temperature", type=float, default=None,
                    help="T of the target softmax(utility / T) whose gold mass is reported (default: uae train's)")
     p.add_argument("--lexical-teacher", choices=("none", "bm25-answer"), default="none",
@@ -128,10 +138,11 @@ def _main(args) -> int:
 
     check_output_path(args.json, "--json")
     ds = load_dataset(args.data or default_qasper_path("train"))
-    results = []
+    results, policies = [], {}
     for t in args.utilities:
         res = hit_rates(t, ds, args.candidates, no_gold=args.no_gold, teacher_temperature=args.teacher_temperature,
-                        lexical_teacher=args.lexical_teacher)
+                        lexical_teacher=args.lexical_teacher, candidate_student=args.candidate_student,
+                        progress=not args.no_progress, policies=policies)
         print(format_report(res))
         results.append(res)
     if args.json:

@@ -83,14 +83,25 @@ def encode_cached(encoder, texts: Sequence[str], *, cache_dir: Optional[str], mo
             todo[k] = t
     t0 = time.perf_counter()
     items = list(todo.items())
-    for s in range(0, len(items), chunk):
-        part = items[s:s + chunk]
-        emb = encoder.encode([t for _, t in part], batch_size=batch_size, show_progress=progress)
-        _save(folder, [k for k, _ in part], emb)
-        have.update(zip([k for k, _ in part], emb))
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds and s + chunk < len(items):
-            raise Incomplete(f"encoded {s + len(part)} of {len(items)} new texts in {time.perf_counter() - t0:.0f} s; "
-                             f"run again to continue")
+    bar = None
+    if progress and items:  # one bar over every new text, not one per saved chunk
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc="encode (cached)", unit="text")
+    try:
+        for s in range(0, len(items), chunk):
+            part = items[s:s + chunk]
+            emb = encoder.encode([t for _, t in part], batch_size=batch_size, show_progress=False)
+            _save(folder, [k for k, _ in part], emb)
+            have.update(zip([k for k, _ in part], emb))
+            if bar is not None:
+                bar.update(len(part))
+            if max_seconds is not None and time.perf_counter() - t0 > max_seconds and s + chunk < len(items):
+                raise Incomplete(f"encoded {s + len(part)} of {len(items)} new texts in {time.perf_counter() - t0:.0f} s; "
+                                 f"run again to continue")
+    finally:
+        if bar is not None:
+            bar.close()
     if not keys:
         return torch.empty(0, encoder.dim)
     return torch.stack([have[k] for k in keys])

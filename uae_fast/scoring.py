@@ -93,10 +93,11 @@ class CandidatePolicy:
         qs = [q for q in queries if q.id not in self._qemb]
         pids = sorted({p for q in qs for p in self.ds.pool(q) if p not in self._emb})
         if pids:
-            for p, e in zip(pids, enc.encode([self.ds.passages[p].text for p in pids], show_progress=progress)):
+            for p, e in zip(pids, enc.encode([self.ds.passages[p].text for p in pids], show_progress=progress,
+                                             desc="encode passages")):
                 self._emb[p] = e
         if qs:
-            for q, e in zip(qs, enc.encode([q.question for q in qs], show_progress=progress)):
+            for q, e in zip(qs, enc.encode([q.question for q in qs], show_progress=progress, desc="encode questions")):
                 self._qemb[q.id] = e
 
     def _encoder(self):
@@ -204,6 +205,17 @@ def _maybe_test_kill(f, payload: bytes, n_groups_done: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------- run
+def check_out(out: str, resume: bool) -> None:
+    """Without ``resume``, refuse an existing table or an interrupted run's ``.partial`` (the CLI calls this
+    before the teacher loads, so the error comes in seconds, not after minutes of setup)."""
+    if resume:
+        return
+    if os.path.exists(out):
+        raise ValueError(f"{out} already exists; delete it or choose another --out")
+    if os.path.exists(out + ".partial"):
+        raise ValueError(f"{out}.partial exists from an interrupted run; pass --resume to continue it (or delete it)")
+
+
 def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: str = "all", resume: bool = False,
                   shard: Tuple[int, int] = (0, 1), order: str = "paper", with_gold_only: bool = True,
                   limit: Optional[int] = None, save_deltas: bool = False, progress: bool = True,
@@ -271,21 +283,18 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
         header["n_reused_rows"] = sum((q.id, p) in known for q, pids in zip(queries, pools) for p in pids)
     out = os.fspath(out)
     partial = out + ".partial"
-    if os.path.exists(out):
-        if resume:
-            done_header = read_utilities(out)[0]
-            diff = [k for k in RESUME_KEYS if done_header.get(k) != header.get(k)]
-            if diff:  # "nothing to do" would hand back a table these options did not ask for
-                raise ValueError(f"--resume: {out} is complete but was written with different settings "
-                                 f"({', '.join(diff)}); use the same options, or delete it or choose another --out")
-            print(f"{out} is already complete; nothing to do", file=sys.stderr)
-            return done_header
-        raise ValueError(f"{out} already exists; delete it or choose another --out")
+    check_out(out, resume)
+    if os.path.exists(out):  # and resume
+        done_header = read_utilities(out)[0]
+        diff = [k for k in RESUME_KEYS if done_header.get(k) != header.get(k)]
+        if diff:  # "nothing to do" would hand back a table these options did not ask for
+            raise ValueError(f"--resume: {out} is complete but was written with different settings "
+                             f"({', '.join(diff)}); use the same options, or delete it or choose another --out")
+        print(f"{out} is already complete; nothing to do", file=sys.stderr)
+        return done_header
     done: set = set()
     rows_done = 0
-    if os.path.exists(partial):
-        if not resume:
-            raise ValueError(f"{partial} exists from an interrupted run; pass --resume to continue it (or delete it)")
+    if os.path.exists(partial):  # and resume
         done, rows_done, _ = recover_partial(partial, header)
         if rows_done < 0:
             os.remove(partial)
@@ -348,7 +357,7 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
         bar.close()
     _, rows = read_utilities(partial)
     if len(rows) != total:  # read_utilities refuses repeated rows
-        raise RuntimeError(f"{partial}: expected {total} unique rows, found {len(rows)}; rerun with --resume")
+        raise ValueError(f"{partial}: expected {total} unique rows, found {len(rows)}; rerun with --resume")
     finalize(partial, out)
     dt = time.time() - t0
     if progress and n_new:
@@ -446,11 +455,16 @@ def _main(args) -> int:
     device = args.device
     if device is None and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    out = shard_path(args.out, shard)
+    check_out(out, args.resume)
+    for p in [args.questions_from, *(args.reuse or ())]:
+        if p is not None and not os.path.isfile(p):
+            raise ValueError(f"{p}: no such file")
     opts = {k: v for k, v in (("max_passage_tokens", args.max_passage_tokens), ("max_answer_tokens", args.max_answer_tokens),
                               ("token_budget", args.token_budget)) if v is not None}
     scorer = UtilityScorer.from_pretrained(args.teacher, dtype=args.dtype, device=device, aggregation=args.aggregation,
                                            share_prefix=not args.no_share_prefix, compile=args.compile, **opts)
-    score_dataset(scorer, ds, shard_path(args.out, shard), candidates=candidates, answers=args.answers,
+    score_dataset(scorer, ds, out, candidates=candidates, answers=args.answers,
                   resume=args.resume, shard=shard, order=args.order,
                   with_gold_only=not (args.include_no_gold or args.no_gold), no_gold=args.no_gold,
                   limit=args.limit, save_deltas=args.save_deltas, progress=not args.no_progress,

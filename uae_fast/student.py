@@ -232,8 +232,8 @@ class BiEncoder(nn.Module):
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64, *, max_length: Optional[int] = None,
-               show_progress: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Embeddings [N, dim] (CPU, ``dtype``), in the order of ``texts``.
+               show_progress: bool = False, dtype: torch.dtype = torch.float32, desc: str = "encode") -> torch.Tensor:
+        """Embeddings [N, dim] (CPU, ``dtype``), in the order of ``texts`` (``desc``: the progress bar's label).
 
         Texts are sorted by length so each batch pads little; the model is put in eval mode for the
         call (no dropout) and restored after.
@@ -254,7 +254,7 @@ class BiEncoder(nn.Module):
             if show_progress:
                 from tqdm.auto import tqdm
 
-                batches = tqdm(batches, desc="encode", unit="batch")
+                batches = tqdm(batches, desc=desc, unit="batch")
             for s in batches:
                 idx = order[s:s + batch_size]
                 emb = self.embed([texts[i] for i in idx], max_length)

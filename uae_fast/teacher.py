@@ -27,6 +27,7 @@ import json
 import math
 import numbers
 import os
+import sys
 import shutil
 import tempfile
 import weakref
@@ -120,6 +121,8 @@ def _gguf_teacher_folder(key: str = DEFAULT_TEACHER_KEY) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = spec["gguf"]()
+    # the CLI silences the HF bars: say why the first load takes a while
+    print(f"uae: preparing teacher {spec['name']} once (dequantising its GGUF into {folder}, ~15-40 s)", file=sys.stderr)
     src, name = os.path.dirname(gguf), os.path.basename(gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=name)

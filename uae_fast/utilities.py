@@ -305,8 +305,9 @@ def merge_shards(inputs: Sequence[str], out: str) -> dict:
 
 
 def subset(table: str, ds: RetrievalDataset, candidates: str, out: str, *, no_gold: bool = False,
-           candidate_student=None) -> dict:
+           candidate_student=None, progress: bool = False) -> dict:
     """Cut a ``--candidates all`` table down to another policy without the teacher; returns the new header.
+    ``progress``: a bar while a ``student:M`` policy embeds the papers (minutes on a CPU).
 
     The rows of any narrower policy (``top:M``, ``student:M``, with or without the gold paragraphs added)
     are a subset of an ``all`` table: the numbers ``uae score`` would write with that policy and the same
@@ -323,7 +324,7 @@ def subset(table: str, ds: RetrievalDataset, candidates: str, out: str, *, no_go
     if missing:
         raise ValueError(f"{table}: {len(missing)} question ids are not in the data (e.g. {missing[0]})")
     policy = CandidatePolicy(ds, candidates, student=candidate_student, no_gold=no_gold)
-    policy.prepare([qmap[qid] for qid in by_q])
+    policy.prepare([qmap[qid] for qid in by_q], progress=progress)
     out_rows = []
     for qid, rs in by_q.items():
         keep = set(policy(qmap[qid]))
