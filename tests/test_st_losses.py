@@ -554,4 +554,8 @@ def test_ddp_find_unused_parameters_on_old_torch_is_refused(monkeypatch):
         C._replay(torch.ones(()), loss_obj=SimpleNamespace(model=ddp), features=[], cache=[], states=[])
     monkeypatch.undo()
     assert not C._torch_before(2, 4) and C._torch_before(99, 0)  # this torch (2.13 here) is past the bug
+    # release numbers only: 2.4 pre-releases and NVIDIA builds carry the fix; 2.3 does not
+    for v, before in (("2.4.0a0+git34c1c4b", False), ("2.4.0rc1", False), ("2.4.0.dev20240501+cu121", False),
+                      ("2.3.1+cu121", True), ("2.13.0+cpu", False), ("1.13.1", True)):
+        assert C._torch_before(2, 4, v) is before, v
 

@@ -59,7 +59,7 @@ def hit_rates(table: str, ds, candidates: Sequence[str] = (), *, no_gold: bool =
     sets: Dict[str, Dict[str, List[str]]] = {"scored rows (" + str(header.get("candidates", "?")) + ")":
                                              {q.id: list(utils[q.id]) for q in queries}}
     for c in candidates:
-        key = (c, no_gold, candidate_student)
+        key = (id(ds), c, no_gold, candidate_student)
         pol = (policies or {}).get(key) or CandidatePolicy(ds, c, student=candidate_student, no_gold=no_gold)
         if policies is not None:
             policies[key] = pol

@@ -84,14 +84,14 @@ def encode_cached(encoder, texts: Sequence[str], *, cache_dir: Optional[str], mo
     t0 = time.perf_counter()
     items = list(todo.items())
     bar = None
-    if progress and items:  # one bar over every new text, not one per saved chunk
+    if progress and len(items) > chunk:  # one bar over every new text, not one per saved chunk
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(items), desc="encode (cached)", unit="text")
     try:
         for s in range(0, len(items), chunk):
             part = items[s:s + chunk]
-            emb = encoder.encode([t for _, t in part], batch_size=batch_size, show_progress=False)
+            emb = encoder.encode([t for _, t in part], batch_size=batch_size, show_progress=progress and bar is None)
             _save(folder, [k for k, _ in part], emb)
             have.update(zip([k for k, _ in part], emb))
             if bar is not None:

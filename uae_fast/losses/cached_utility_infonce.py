@@ -197,8 +197,11 @@ def _slice(features: Dict[str, Any], s: int, e: int) -> Dict[str, Any]:
     return out
 
 
-def _torch_before(major: int, minor: int) -> bool:
-    return torch.__version__ < (major, minor)  # TorchVersion compares with tuples
+def _torch_before(major: int, minor: int, version: Optional[str] = None) -> bool:
+    # release numbers only: a 2.4 pre-release or NVIDIA build (2.4.0a0+git..., 2.4.0rc1) already has the fix
+    from torch.torch_version import Version
+
+    return Version(str(version or torch.__version__)).release[:2] < (major, minor)
 
 
 @contextmanager
