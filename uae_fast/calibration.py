@@ -120,7 +120,7 @@ def _read_cache(path: str, settings: dict) -> Dict[str, float]:
         try:
             r = json.loads(line)
             out[r["key"]] = float(r["utility"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError):  # ValueError covers JSONDecodeError
             continue  # a torn last line of an interrupted run (or a row of a cache without keys: rescored)
     return out
 

@@ -56,13 +56,14 @@ def hit_rates(table: str, ds, candidates: Sequence[str] = (), *, no_gold: bool =
     queries = [q for q in ds.queries if q.id in utils and q.gold]
     if not queries:
         raise ValueError(f"{table}: none of its questions has gold evidence in the data; nothing to diagnose")
+    policies = {} if policies is None else policies
     sets: Dict[str, Dict[str, List[str]]] = {"scored rows (" + str(header.get("candidates", "?")) + ")":
                                              {q.id: list(utils[q.id]) for q in queries}}
     for c in candidates:
         key = (id(ds), c, no_gold, candidate_student)
-        pol = (policies or {}).get(key) or CandidatePolicy(ds, c, student=candidate_student, no_gold=no_gold)
-        if policies is not None:
-            policies[key] = pol
+        if key not in policies:
+            policies[key] = CandidatePolicy(ds, c, student=candidate_student, no_gold=no_gold)
+        pol = policies[key]
         pol.prepare(queries, progress=progress)  # embeds only what an earlier table's call did not
         cs = {q.id: [p for p in pol(q) if p in utils[q.id]] for q in queries}
         lacking = [qid for qid in cs if len(cs[qid]) < len(pol(next(q for q in queries if q.id == qid)))]
