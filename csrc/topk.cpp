@@ -228,6 +228,9 @@ static void check_array(const py::array& a, const char* name, int64_t min_items,
 // Largest vector dimension (2^20: far above any embedding model; 16 rows of it are 64 MiB of float32).
 // Keeps d + G, 16 * dpad and the query buffers far from int overflow.
 constexpr int kMaxDim = 1 << 20;
+// int8 scores are exact int32 sums of d products of at most 127 x 127: 2^17 dims keep them below 2^31
+// (VPDPBUSD wraps silently beyond).
+constexpr int kMaxDimI8 = 1 << 17;
 
 struct Layout {
     int dtype, d, G, ng, dpad;
@@ -235,6 +238,8 @@ struct Layout {
     Layout(int dtype_, int d_) : dtype(dtype_), d(d_) {
         require(dtype == kF32 || dtype == kBF16 || dtype == kI8, "dtype code must be 0 (float32), 1 (bfloat16) or 2 (int8)");
         require(d >= 1 && d <= kMaxDim, "dim must be in [1, " + std::to_string(kMaxDim) + "], got " + std::to_string(d));
+        require(dtype != kI8 || d <= kMaxDimI8, "dim must be <= " + std::to_string(kMaxDimI8) +
+                " for int8 (larger int32 sums overflow), got " + std::to_string(d) + "; use float32 or bfloat16");
         G = group_of(dtype);
         ng = (d + G - 1) / G;
         dpad = ng * G;
@@ -371,8 +376,10 @@ static void pack_queries(const Layout& L, const float* q, int nq, int qm_max, ui
         for (int i = 0; i < qm; ++i) {
             const float* row = q + (int64_t)(q0 + i) * L.d;
             auto dim = [&](int j) { return j < L.d ? row[j] : 0.f; };
-            if (L.dtype == kF32 || widen) {
+            if (L.dtype == kF32) {
                 for (int g = 0; g < words; ++g) tile[g * qm + i] = bits_from_f32(dim(g));
+            } else if (widen) {  // the query rounded to bf16 as the one-tile path packs it: same candidates either way
+                for (int g = 0; g < words; ++g) tile[g * qm + i] = (uint32_t)bf16_from_f32(dim(g)) << 16;
             } else if (L.dtype == kBF16) {
                 for (int g = 0; g < L.ng; ++g)
                     tile[g * qm + i] = (uint32_t)bf16_from_f32(dim(2 * g)) | ((uint32_t)bf16_from_f32(dim(2 * g + 1)) << 16);
@@ -596,6 +603,7 @@ PYBIND11_MODULE(_topk, m) {
     m.def("available_isas", &available_isas, "Kernel sets this CPU can run");
     m.def("panel_rows", []() { return (int)kPanel; });
     m.attr("max_dim") = kMaxDim;
+    m.attr("max_dim_int8") = kMaxDimI8;
     m.def("layout", [](int dtype, int d) {
         const Layout L(dtype, d);
         return py::make_tuple(L.dpad, L.panel_bytes);

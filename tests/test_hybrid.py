@@ -277,6 +277,56 @@ def test_default_ids_continue_after_the_largest_and_never_repeat():
         LexicalIndex(b=None)
 
 
+def test_ids_may_be_a_list_as_the_readme_shows():
+    emb, texts, _ = _corpus(n=6)
+    h = HybridIndex(16)
+    h.add(emb[:3], texts[:3], ids=[3, 4, 5])
+    h.add(emb[3:], texts[3:])
+    assert h.dense.ids.tolist() == h.lexical.ids.tolist() == [3, 4, 5, 6, 7, 8]
+    with pytest.raises(TypeError, match="must hold integers"):
+        TopKIndex(16).add(emb[:2], ids=[1.0, 2.0])
+    with pytest.raises(ValueError, match="more than once"):
+        LexicalIndex().add(["a", "b"], ids=[1, 1])
+
+
+def test_hybrid_save_refused_or_interrupted_never_mixes_files(tmp_path, monkeypatch):
+    emb, texts, _ = _corpus(n=20)
+    h = HybridIndex(16)
+    h.add(emb[:10], texts[:10])
+    folder = tmp_path / "idx"
+    h.save(folder)
+    h.add(emb[10:], texts[10:])
+    # meta that JSON cannot hold is refused before a file is touched: the saved index still opens as it was
+    h.meta = {"n": np.int64(3)}
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        h.save(folder)
+    assert len(HybridIndex.load(folder)) == 10 and not [f for f in os.listdir(folder) if ".tmp" in f]
+    # a save that dies between the two files leaves no manifest: "not a hybrid index", never old + new mixed
+    h.meta = {}
+
+    def boom(path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(h.lexical, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        h.save(folder)
+    with pytest.raises(ValueError, match="no hybrid.json"):
+        HybridIndex.load(folder)
+    monkeypatch.undo()
+    h.save(folder)
+    assert len(HybridIndex.load(folder)) == 20
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        HybridIndex.load(folder / "dense.uae")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        h.save(folder / "dense.uae")
+    # a dense-only index folder (uae index build without --lexical) gets its own message
+    manifest = json.loads((folder / "hybrid.json").read_text())
+    del manifest["files"]["lexical"]
+    (folder / "hybrid.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="dense-only index"):
+        HybridIndex.load(folder)
+
+
 def test_hybrid_ids_must_agree(tmp_path):
     emb, texts, _ = _corpus(n=8)
     d, lx = TopKIndex(16), LexicalIndex()

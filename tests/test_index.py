@@ -1,5 +1,6 @@
 """TopKIndex: exactness against float64 numpy and faiss.IndexFlatIP, every kernel ISA, tie order,
 compact-dtype recall, save/load (mmap, corruption), bad input, and concurrent searches."""
+import json
 import os
 import threading
 
@@ -147,7 +148,8 @@ def test_compact_kernels_bit_identical_across_isas(dtype, nq, rng):
 @pytest.mark.parametrize("isa", ISAS)
 def test_bfloat16_batches_widen_blocks_to_float32(isa, rng):
     # Many queries: each block of bf16 panels is widened to float32 and scanned with the float32 kernel
-    # and the unrounded query, so raw scores are the float32 scores of the stored bf16 vectors.
+    # and the query rounded to bf16 (as one query tile packs it), so raw scores are the float32 scores of
+    # the stored bf16 vectors against the rounded query.
     _topk.set_isa(isa)
     n, d, nq = 1111, 61, 40
     x = rng.standard_normal((n, d)).astype(np.float32)
@@ -157,7 +159,8 @@ def test_bfloat16_batches_widen_blocks_to_float32(isa, rng):
     index.add(x)
     scores, ids = _topk.search(index._code, d, index._data, index._scales, index._rowsums, n, q, 15, 15, 2,
                                rescore=False, force_threads=True)
-    s64, order = ref_topk(index.reconstruct(), q, 15)
+    q_bf16 = torch.from_numpy(q).bfloat16().float().numpy()
+    s64, order = ref_topk(index.reconstruct(), q_bf16, 15)
     assert_same_topk(scores, ids, s64, order)
     # The public path (with rescoring) agrees between one query at a time and the whole batch.
     batch = index.search(q, 15)
@@ -165,6 +168,28 @@ def test_bfloat16_batches_widen_blocks_to_float32(isa, rng):
         one = index.search(q[i], 15)
         np.testing.assert_array_equal(one[1][0], batch[1][i])
         np.testing.assert_array_equal(one[0][0], batch[0][i])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bfloat16_candidates_do_not_depend_on_the_batch(isa, rng):
+    # With a small candidate budget the approximate scan decides the result: a batch (widened blocks) and
+    # one query at a time (bf16 dot products) must pick by the same rounded query. Unit vectors in d=64
+    # have many near-ties, where an unrounded query used to flip the top-1 of ~1 query in 150.
+    _topk.set_isa(isa)
+    n, d, nq = 3000, 64, 600
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = rng.standard_normal((nq, d)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    index = TopKIndex(d, dtype="bfloat16", candidates=1)
+    index.add(x)
+    batch = index.search(q, 1)[1][:, 0]
+    single = np.array([index.search(q[i : i + 1], 1)[1][0, 0] for i in range(nq)])
+    # Both paths sum the same exact bf16 products in another order (~1e-7 apart): an id may differ only
+    # inside such a tie of the rounded query's scores (the unrounded query moved them by ~1e-3).
+    s64 = torch.from_numpy(q).bfloat16().double().numpy() @ index.reconstruct().astype(np.float64).T
+    rows = np.arange(nq)
+    np.testing.assert_allclose(s64[rows, batch], s64[rows, single], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -457,6 +482,39 @@ def test_mmap_verify_catches_payload_corruption(tmp_path, rng):
     TopKIndex.load(bad, mmap=True)  # lazy: header and sizes only
     with pytest.raises(ValueError, match="checksum"):
         TopKIndex.load(bad, mmap=True, verify=True)
+
+
+def test_damaged_mapped_data_is_named_as_such_not_as_overflow(tmp_path):
+    # max_norm (in the header) bounds every score, so an inf from the unverified data section can only be
+    # damage: the error says so and points at verify=True, instead of "rescale the embeddings".
+    from uae_fast.index import _PREFIX
+
+    index = TopKIndex(16)
+    index.add(np.ones((4, 16), np.float32))
+    path = tmp_path / "ix.uae"
+    index.save(path)
+    raw = bytearray(path.read_bytes())
+    _, hlen, _ = _PREFIX.unpack(bytes(raw[: _PREFIX.size]))
+    start = -(-(_PREFIX.size + hlen) // 64) * 64
+    header = json.loads(bytes(raw[_PREFIX.size : _PREFIX.size + hlen]))
+    at = start + header["sections"]["data"]["offset"]
+    raw[at : at + 4] = np.float32(3e38).tobytes()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="may be damaged.*verify=True"):
+        TopKIndex.load(path, mmap=True).search(np.ones((1, 16), np.float32) * 100, 2)
+    with pytest.raises(ValueError, match="checksum"):
+        TopKIndex.load(path, mmap=True, verify=True)
+
+
+def test_int8_dimension_is_capped_where_int32_sums_stay_exact():
+    cap = _topk.max_dim_int8
+    assert 127 * 127 * cap < 2**31
+    TopKIndex(cap, dtype="int8")
+    with pytest.raises(ValueError, match="for dtype='int8'"):
+        TopKIndex(cap + 1, dtype="int8")
+    with pytest.raises(ValueError, match="overflow"):
+        _topk.layout(2, cap + 1)
+    TopKIndex(cap + 1, dtype="bfloat16")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])

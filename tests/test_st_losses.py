@@ -288,7 +288,9 @@ def test_export_output_folder(exported, tmp_path, capsys):
 
     out, utils = exported
     before = sorted(os.listdir(out))
-    # a second export into its own folder replaces it; a folder with other files (a model) is refused untouched
+    (out / "README.md.tmp123.456").write_text("left by a killed export")
+    # a second export into its own folder replaces it (and a killed one's temporary file goes); a folder with
+    # other files (a model) is refused untouched
     assert main(["export", "--utilities", utils, "--data", TRAIN, "--out", str(out), "--passages-per-query", "4"]) == 0
     assert sorted(os.listdir(out)) == before == ["README.md", "train.parquet"]
     model = tmp_path / "model"

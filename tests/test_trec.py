@@ -44,8 +44,11 @@ def test_roundtrip_and_errors(tmp_path):
         write_run(tmp_path / "x", {"q": ["a"]}, "my run")
     with pytest.raises(ValueError, match="query id ''"):
         write_qrels(tmp_path / "x", {"": ["a"]})
+    (tmp_path / "x.tmp").write_text("the user's own file")
     with pytest.raises(ValueError, match="twice"):
         write_run(tmp_path / "x", {"q": ["a", "a"]}, "s")
+    # a refused run leaves nothing behind, and a file that happens to be named PATH.tmp is not ours to delete
+    assert sorted(os.listdir(tmp_path)) == ["d.run", "qrels", "r.run", "x.tmp"]
     with pytest.raises(ValueError, match="depth"):
         write_run(tmp_path / "x", {"q": ["a"]}, "s", depth=0)
     with pytest.raises(TypeError, match="not one string"):

@@ -37,12 +37,14 @@ answers the ``answers`` texts; v2.0's unanswerable questions have neither.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
 import math
 import os
 import re
+import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -166,27 +168,39 @@ def read_text(path: str, what: str = "data file") -> str:
             raise _unreadable(path, what, e) from None
 
 
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w"):
+    """Open a temporary sibling of ``path`` for writing (``mode`` "w" text or "wb" bytes), fsync it and rename it
+    onto ``path`` when the block ends: a kill or an error never leaves half a file at ``path``, and on an error
+    the temporary file is removed. The temporary name is unique per process and thread."""
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Replace ``path`` by ``text`` in one rename, fsync'd first (a kill never leaves a torn file)."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
 
 
 def write_json(obj, path: str) -> None:
     """``obj`` as JSON at ``path``, gzipped when it ends in ``.gz`` with no name or timestamp in the header, so
-    the same object always gives the same bytes; written to ``path.tmp`` first, so a crash never leaves half a file."""
+    the same object always gives the same bytes; written through :func:`atomic_write`."""
     data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         if path.endswith(".gz"):
             with gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0, compresslevel=9) as gz:
                 gz.write(data)
         else:
             f.write(data)
-    os.replace(tmp, path)
 
 
 def qasper_answer_text(ans: dict) -> Optional[str]:

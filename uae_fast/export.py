@@ -94,8 +94,9 @@ def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = N
     from .cli import check_output_path
 
     check_output_path(out_dir, "--out", folder=True)
-    ours = {PARQUET_FILE, "README.md", PARQUET_FILE + ".tmp", "README.md.tmp"}  # .tmp: left by a killed export
-    other = sorted(set(os.listdir(out_dir)) - ours) if os.path.isdir(out_dir) else []
+    ours = (PARQUET_FILE, "README.md")  # and their temporary files (NAME.tmp...), left by a killed export
+    other = sorted(f for f in os.listdir(out_dir) if f not in ours and not f.startswith(tuple(o + ".tmp" for o in ours))) \
+        if os.path.isdir(out_dir) else []
     if other:  # e.g. a model folder, whose README.md (its card) this would replace
         raise ValueError(f"--out {out_dir} holds files that are not an export ({', '.join(other[:3])}); choose an empty "
                          f"or new folder")
@@ -112,6 +113,9 @@ def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = N
                                   "labels": datasets.Sequence(datasets.Value("float32"), length=k)})
     table = datasets.Dataset.from_dict(cols, features=features)
     os.makedirs(out_dir, exist_ok=True)
+    for f in os.listdir(out_dir):  # a killed export's temporary files
+        if f.startswith(tuple(o + ".tmp" for o in (PARQUET_FILE, "README.md"))):
+            os.remove(os.path.join(out_dir, f))
     target = os.path.join(out_dir, PARQUET_FILE)
     table.to_parquet(target + ".tmp")  # renamed when complete: a kill never leaves half a parquet file
     os.replace(target + ".tmp", target)

@@ -34,6 +34,15 @@ MANIFEST = "hybrid.json"
 _FILES = {"dense": "dense.uae", "lexical": "lexical.uae"}
 
 
+def write_manifest(folder: str, manifest: dict) -> None:
+    """Write ``folder``'s manifest atomically, each ``files`` entry (kind -> file name) given its byte size."""
+    from .data import atomic_write
+
+    files = {k: {"path": v, "bytes": os.path.getsize(os.path.join(folder, v))} for k, v in manifest["files"].items()}
+    with atomic_write(os.path.join(folder, MANIFEST)) as f:
+        json.dump(dict(manifest, files=files), f, indent=2, sort_keys=True)
+
+
 class HybridIndex:
     """Dense + BM25 search over one set of passages, fused per query.
 
@@ -134,18 +143,27 @@ class HybridIndex:
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, folder) -> None:
-        """Write the index into ``folder`` (created if needed): manifest, dense and lexical files."""
+        """Write the index into ``folder`` (created if needed): manifest, dense and lexical files.
+
+        The old manifest goes first and the new one lands last, so a crash or a refused save leaves a folder
+        that does not open ("no hybrid.json"), never an old manifest over new files; keep the last good index by
+        saving to a new folder. ``meta`` must be JSON-serialisable (checked before any file is touched)."""
         folder = os.fspath(folder)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise NotADirectoryError(f"cannot save the hybrid index to {folder}: it is a file; give a folder")
+        try:
+            json.dumps(self.meta)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"HybridIndex.meta must be JSON-serialisable (str, numbers, lists, dicts): {e}") from None
         os.makedirs(folder, exist_ok=True)
         with self._lock:
+            mpath = os.path.join(folder, MANIFEST)
+            if os.path.exists(mpath):
+                os.remove(mpath)
             self.dense.save(os.path.join(folder, _FILES["dense"]))
             self.lexical.save(os.path.join(folder, _FILES["lexical"]))
-            manifest = {"format": FORMAT, "dim": self.dim, "ntotal": len(self), "fusion": self.fusion, "meta": self.meta,
-                        "files": {k: {"path": v, "bytes": os.path.getsize(os.path.join(folder, v))} for k, v in _FILES.items()}}
-        tmp = os.path.join(folder, f".{MANIFEST}.tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-        os.replace(tmp, os.path.join(folder, MANIFEST))
+            write_manifest(folder, {"format": FORMAT, "dim": self.dim, "ntotal": len(self), "fusion": self.fusion,
+                                    "meta": self.meta, "files": {k: v for k, v in _FILES.items()}})
 
     @classmethod
     def load(cls, folder, fusion=None, *, mmap: bool = True, verify: bool = True,
@@ -157,8 +175,10 @@ class HybridIndex:
         folder = os.fspath(folder)
         _check_threads(threads)
         mpath = os.path.join(folder, MANIFEST)
-        if not os.path.isdir(folder):
+        if not os.path.exists(folder):
             raise FileNotFoundError(f"hybrid index folder not found: {folder}")
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(f"{folder} is a file: HybridIndex.load takes the folder HybridIndex.save wrote")
         if not os.path.exists(mpath):
             raise ValueError(f"{folder} is not a hybrid index (no {MANIFEST})")
 
@@ -168,6 +188,9 @@ class HybridIndex:
         manifest = read_json(mpath, "hybrid index manifest")
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise corrupt(f"format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r}")
+        if isinstance(manifest.get("files"), dict) and "dense" in manifest["files"] and "lexical" not in manifest["files"]:
+            raise ValueError(f"{folder} is a dense-only index (built without --lexical): open it with "
+                             f"uae_fast.search.open_index or TopKIndex.load")
         try:
             files, ntotal, dim = manifest["files"], int(manifest["ntotal"]), int(manifest["dim"])
             paths = {k: os.path.join(folder, files[k]["path"]) for k in _FILES}

@@ -127,8 +127,10 @@ def _as_ids(ids, m: int) -> np.ndarray:
     if _is_torch(ids):
         _check_torch_storage("ids", ids)
         ids = ids.detach().cpu().numpy()
+    if isinstance(ids, (list, tuple, range)):  # plain Python ints, as in add(x, ids=[3, 4, 5])
+        ids = np.asarray(ids) if len(ids) else np.zeros(0, np.int64)
     if not isinstance(ids, np.ndarray):
-        raise TypeError(f"ids must be a numpy array or a torch tensor of integers, got {type(ids).__name__}")
+        raise TypeError(f"ids must be a list, numpy array or torch tensor of integers, got {type(ids).__name__}")
     if ids.dtype.kind not in "iu":
         raise TypeError(f"ids must hold integers, got dtype {ids.dtype}")
     if ids.shape != (m,):
@@ -233,19 +235,15 @@ def _write_file(path: str, meta: dict, sections: dict) -> None:
     body = json.dumps(header, sort_keys=True).encode()
     start = -(-(_PREFIX.size + len(body)) // _ALIGN) * _ALIGN
     body = body.ljust(start - _PREFIX.size, b" ")
-    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_PREFIX.pack(_MAGIC, len(body), zlib.crc32(body) & 0xFFFFFFFF))
-            f.write(body)
-            for name, arr in sections.items():
-                f.seek(start + layout[name]["offset"])
-                f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
-            f.truncate(start + offset)
-        os.replace(tmp, path)  # a crash mid-save never leaves a truncated file at `path`
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from .data import atomic_write
+
+    with atomic_write(path, "wb") as f:  # a crash mid-save never leaves a truncated file at `path`
+        f.write(_PREFIX.pack(_MAGIC, len(body), zlib.crc32(body) & 0xFFFFFFFF))
+        f.write(body)
+        for name, arr in sections.items():
+            f.seek(start + layout[name]["offset"])
+            f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+        f.truncate(start + offset)
 
 
 def _read_file(path: str, mmap: bool, verify: Optional[bool], body: Tuple[str, ...] = ()):
@@ -376,6 +374,9 @@ class TopKIndex:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
         self.dtype = _DTYPE_ALIASES.get(dtype, dtype)
         self._code = _DTYPES[self.dtype]
+        if self.dtype == "int8" and self.dim > _ext().max_dim_int8:  # the extension's int32 sums would overflow
+            raise ValueError(f"dim must be <= {_ext().max_dim_int8} for dtype='int8', got {self.dim}; "
+                             f"use float32 or bfloat16")
         self.candidates = _check_candidates(candidates)
         if refine and self.dtype != "int8":
             raise ValueError(f"refine=True is for dtype='int8' (got dtype={self.dtype!r})")
@@ -452,9 +453,14 @@ class TopKIndex:
                              f"(> {_SCORE_BOUND:.0e}); rescale the embeddings (or use metric='cosine')")
 
     @staticmethod
-    def _check_scores(scores: np.ndarray) -> None:
-        # Backstop for indexes whose largest norm is unknown: never return an overflowed ranking.
+    def _check_scores(scores: np.ndarray, bounded: bool) -> None:
+        # Backstop: never return an overflowed ranking. With ``bounded`` (the largest stored norm is known),
+        # _check_score_range has kept |q| x |x| below 1e38, so an inf or NaN means stored data that is not what
+        # was added (a damaged file opened without its data checksum), not embeddings that are too large.
         if not bool(np.isfinite(scores).all()):
+            if bounded:
+                raise ValueError("scores are inf or NaN although |query| x |stored vector| is within float32: the "
+                                 "stored vectors may be damaged (open the file with load(..., verify=True))")
             raise ValueError("scores overflowed float32 (inf or NaN inner products): rescale the embeddings")
 
     def _take_ids(self, ids: Optional[np.ndarray], m: int) -> np.ndarray:
@@ -554,7 +560,7 @@ class TopKIndex:
         threads = self._threads or _ext().max_threads()
         scores, pos = _ext().search(self._code, self.dim, data, scales, rowsums, n, q, k, int(cand), threads,
                                     resid=resid, rscales=rscales, force_threads=self._force_threads)
-        self._check_scores(scores)  # k <= n: a -1 (score -inf) only ever comes from a NaN score
+        self._check_scores(scores, True)  # k <= n: a -1 (score -inf) only ever comes from a NaN score
         out_ids = np.where(pos >= 0, ids[np.maximum(pos, 0)], -1) if n else pos
         return _wrap(like_torch, scores, out_ids.astype(np.int64, copy=False))
 
@@ -803,10 +809,11 @@ class FaissTopKIndex(TopKIndex):
         k = _check_k(k, n)
         self._check_score_range(q, max_norm)
         self._set_threads()
-        scores, pos = self._index.search(q, k)
+        with self._lock:  # FAISS indexes are not safe to search while add() grows them
+            scores, pos = self._index.search(q, k)
         scores = np.ascontiguousarray(scores, dtype=np.float32)
         miss = pos < 0
-        self._check_scores(scores[~miss])
+        self._check_scores(scores[~miss], max_norm is not None)
         out_ids = np.where(miss, -1, ids[np.where(miss, 0, pos)]).astype(np.int64)
         scores[miss] = -np.inf
         return _wrap(like_torch, scores, out_ids)

@@ -50,7 +50,7 @@ def build_index(data: str, out: str, *, model: Optional[str] = None, lexical: bo
     from .cli import check_output_path
     from .data import load_dataset
     from .embcache import encode_cached
-    from .hybrid import MANIFEST, FORMAT, HybridIndex
+    from .hybrid import MANIFEST, FORMAT, HybridIndex, write_manifest
     from .index import TopKIndex
     from .student import BiEncoder
 
@@ -91,12 +91,8 @@ def build_index(data: str, out: str, *, model: Optional[str] = None, lexical: bo
         index.save(os.path.join(out, "dense.uae"))
         if os.path.exists(os.path.join(out, "lexical.uae")):  # a hybrid index's BM25 side, not part of this one
             os.remove(os.path.join(out, "lexical.uae"))
-        manifest = {"format": FORMAT, "dim": enc.dim, "ntotal": len(index), "fusion": None, "meta": meta,
-                    "files": {"dense": {"path": "dense.uae", "bytes": os.path.getsize(os.path.join(out, "dense.uae"))}}}
-        tmp = os.path.join(out, f".{MANIFEST}.tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-        os.replace(tmp, manifest_path)
+        write_manifest(out, {"format": FORMAT, "dim": enc.dim, "ntotal": len(index), "fusion": None, "meta": meta,
+                             "files": {"dense": "dense.uae"}})
     return index
 
 

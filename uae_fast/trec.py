@@ -25,7 +25,6 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -39,19 +38,13 @@ def _token(x, what: str) -> str:
     return s
 
 
-@contextlib.contextmanager
 def _open_for_write(path: str):
-    """Write through ``path.tmp`` and rename: a refused id or a kill never leaves half a file behind."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write through a temporary file and rename (:func:`uae_fast.data.atomic_write`): a refused id or a kill
+    never leaves half a file behind."""
+    from .data import atomic_write
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return atomic_write(path)
 
 
 def write_run(path: str, rankings: Mapping[str, Sequence[str]], run_name: str, *, depth: Optional[int] = None) -> int:
