@@ -5,6 +5,7 @@ Uses the tiny random-init Llama of test_teacher (saved to a folder, so the CLI l
 import dataclasses
 import gzip
 import json
+import math
 import os
 import subprocess
 import sys
@@ -211,6 +212,38 @@ def test_clean_kill_point_refuse_without_resume_and_noop(ds, scorer, tmp_path):
     assert open(out).read() == open(ref).read()
     score_dataset(scorer, ds, out, candidates="top:2", progress=False, limit=5, resume=True)  # complete: no-op
     assert open(out).read() == open(ref).read()
+
+
+def test_non_finite_utility_stops_before_it_is_written_and_resume_cuts_it(ds, scorer, tmp_path, monkeypatch):
+    # A NaN written into the table made every --resume fail at the final read; now the run stops at once,
+    # naming the row, and a partial holding such a row (from an older version) is cut back and rescored.
+    ref = str(tmp_path / "ref.jsonl")
+    score_dataset(scorer, ds, ref, candidates="top:2", progress=False, limit=5)
+    lines = open(ref).read().splitlines(keepends=True)
+    out = str(tmp_path / "run.jsonl")
+    first_q = 1 + json.loads(lines[1])["n_cand"]
+    bad = json.loads(lines[first_q])
+    bad["utility"] = float("nan")
+    with open(out + ".partial", "w") as f:
+        f.writelines(lines[:first_q] + [json.dumps(bad) + "\n"] + lines[first_q + 1 :])
+    score_dataset(scorer, ds, out, candidates="top:2", progress=False, limit=5, resume=True)
+    assert open(out).read() == open(ref).read()
+
+    real = scorer.score_many
+
+    def nan_second_call(items, _n=[0]):
+        _n[0] += 1
+        res = real(items)
+        if _n[0] == 2:
+            res[0].utility[0] = float("nan")
+        return res
+
+    monkeypatch.setattr(scorer, "score_many", nan_second_call)
+    out2 = str(tmp_path / "nan.jsonl")
+    with pytest.raises(ValueError, match=r"utility for question .* is nan .*--dtype fp32"):
+        score_dataset(scorer, ds, out2, candidates="top:2", progress=False, limit=5, group=1)
+    _, rows = read_utilities(out2 + ".partial", allow_partial=True)
+    assert rows and all(math.isfinite(r["utility"]) for r in rows)
 
 
 @pytest.mark.parametrize("limit", [3, 7, None])

@@ -272,9 +272,28 @@ def test_resume_is_exact(tmp_path, ds, tiny):
     lf = [json.loads(x)["loss"] for x in open(full / "train_log.jsonl")]
     lp = [json.loads(x)["loss"] for x in open(part / "train_log.jsonl")]
     assert lf == lp and len(lf) == 4
-    # resuming with other settings is refused
+    # resuming with other settings is refused, bf16 autocast included (it changes every step's numbers)
     with pytest.raises(ValueError, match="different training settings.*lr"):
         train(TrainConfig(**{**cfg, "lr": 2e-3}), str(part), resume=True, stop_after=3, progress=False, ds=ds)
+    half = tmp_path / "half"
+    train(TrainConfig(**cfg), str(half), stop_after=1, progress=False, ds=ds, amp=False)
+    with pytest.raises(ValueError, match=r"different training settings.*amp: False -> True"):
+        train(TrainConfig(**cfg), str(half), resume=True, progress=False, ds=ds, amp=True)
+
+
+def test_a_short_last_accumulation_step_averages_the_micro_batches_it_has(tmp_path, ds, tiny):
+    # One micro-batch in all (epochs 1e-3) with grad_accum 2: the step must equal grad_accum 1's, loss
+    # included (it used to be divided by 2, reporting half the loss and halving the gradient).
+    utils = write_utilities(tmp_path / "u.jsonl.gz", ds)
+    cfg = dict(data=TRAIN, utilities=utils, student=tiny, loss="uae", epochs=1e-3, batch_size=4, passages_per_query=3,
+               max_passage_length=32, lr=1e-3, seed=1)
+    one = train(TrainConfig(**cfg), str(tmp_path / "one"), progress=False, ds=ds)
+    acc = train(TrainConfig(**cfg, grad_accum=2), str(tmp_path / "acc"), progress=False, ds=ds)
+    assert one["steps"] == acc["steps"] == 1
+    la, lb = ([json.loads(x)["loss"] for x in open(tmp_path / d / "train_log.jsonl")] for d in ("one", "acc"))
+    assert la == lb
+    wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "acc")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_config_and_data_errors(tmp_path, ds):

@@ -632,7 +632,13 @@ def _input_digests(cfg: "TrainConfig") -> Dict[str, str]:
     return out
 
 
-def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep, world=1, rng=None, inputs=None):
+def _runtime(amp: bool, device) -> dict:
+    """What a checkpoint records beside the config and ``--resume`` checks: bf16 autocast and the device type
+    change every step's numbers (and the dropout RNG stream)."""
+    return {"amp": bool(amp), "device": device.type}
+
+
+def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep, world=1, rng=None, inputs=None, runtime=None):
     """Write ``out_dir/checkpoints/step-N`` atomically: into ``step-N.tmp``, fsync'd, then renamed. A kill at
     any moment leaves the previous checkpoints intact plus at most a ``.tmp`` folder that ``--resume``
     ignores and the next save deletes. Pruning keeps this checkpoint and the ``keep - 1`` newest others."""
@@ -648,7 +654,8 @@ def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep, world=1
     encoder.save(tmp)
     torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": rng if rng is not None else [_rng_state()], "inputs": inputs or {},
-                "config": asdict(cfg), "log": log, "world_size": world}, os.path.join(tmp, _STATE_FILE))
+                "config": asdict(cfg), "log": log, "world_size": world, "runtime": runtime or {}},
+               os.path.join(tmp, _STATE_FILE))
     _fsync_tree(tmp)
     _checkpoint_test_hook(step)
     shutil.rmtree(final, ignore_errors=True)
@@ -770,6 +777,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     if amp and device.type not in ("cuda", "cpu"):
         raise ValueError(f"--amp (bf16 autocast) supports CUDA and CPU devices, not {device.type}")
 
+    runtime = _runtime(amp, device)
     if ds is None:
         ds = load_dataset(cfg.data)
     utilities = None
@@ -812,6 +820,9 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if k not in _RESUME_FREE and getattr(cfg, k, v) != v}
         if state.get("world_size", 1) != world:  # each rank's slice of a global batch depends on the world size
             changed["world_size"] = (state.get("world_size", 1), world)
+        for k, v in (state.get("runtime") or {}).items():
+            if runtime.get(k, v) != v:
+                changed[k] = (v, runtime.get(k))
         rewritten = [k for k, d in (state.get("inputs") or {}).items() if inputs.get(k, d) != d]
         if rewritten:
             raise ValueError(f"--resume: the {' and '.join(rewritten)} file(s) changed since the checkpoint {ckpt} "
@@ -905,10 +916,9 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
     while step < end:
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for a in range(cfg.grad_accum):
+        n_micro = min(cfg.grad_accum, total_micro - step * cfg.grad_accum)  # a short last step averages what it has
+        for a in range(n_micro):
             micro = step * cfg.grad_accum + a
-            if micro >= total_micro:
-                break
             b = sampler.batch(micro)
             qf = encoder.tokenize(b.queries, cfg.max_query_length)
             pf, inverse = _passage_features(encoder, b.passages, cfg.max_passage_length, cfg.encode_chunk)
@@ -921,8 +931,8 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
             mix = cfg.label_mix if cfg.loss == "uae" else 0.0
             loss = utility_infonce(q, p, t_idx, t_u, temperature=cfg.temperature, teacher_temperature=cfg.teacher_temperature,
                                    label_mix=mix, gold_idx=gold if mix > 0 else None, exclude_idx=ex)
-            (loss / cfg.grad_accum).backward()
-            step_loss += float(loss.detach()) / cfg.grad_accum
+            (loss / n_micro).backward()
+            step_loss += float(loss.detach()) / n_micro
         bad, stopping = _agree([not math.isfinite(step_loss), stop.signum is not None], world, device)
         if bad:  # on every rank at once, not one rank raising while the others wait
             where = "" if not math.isfinite(step_loss) else " on another rank"
@@ -941,7 +951,7 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
             if rank == 0:
                 try:
                     _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep_checkpoints, world, rng=rng,
-                                     inputs=inputs)
+                                     inputs=inputs, runtime=_runtime(amp, device))
                     _write_log(out_dir, log)
                 except Exception as e:  # disk full, a non-finite model: every rank stops, not only rank 0
                     error = e

@@ -162,6 +162,11 @@ def check_answer_only(header: dict, path: str = "utilities") -> None:
 
 # ------------------------------------------------------------------------------------------- writing
 def make_row(qid, pid, utility, n_tok, gold, cand, n_cand, deltas=None) -> dict:
+    """One table row. A non-finite utility raises here, before it is written: a NaN in the table would make the
+    whole run (and every --resume of it) fail only when the finished table is read."""
+    if not math.isfinite(float(utility)):
+        raise ValueError(f"the teacher's utility for question {qid!r}, passage {pid!r} is {float(utility)} (its "
+                         f"log-probabilities overflowed); score in float32 (--dtype fp32)")
     r = {"qid": qid, "pid": pid, "utility": round(float(utility), 5), "n_answer_tokens": int(n_tok),
          "gold": bool(gold), "cand": cand, "n_cand": n_cand}
     if deltas is not None:
@@ -245,6 +250,9 @@ def recover_partial(partial: str, header: dict) -> Tuple[set, int, int]:
             break
         if not isinstance(row, dict) or "qid" not in row:
             break  # not a row this writer wrote: keep what precedes it
+        u = row.get("utility")
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not math.isfinite(u):
+            break  # a NaN row from before make_row refused them: rescore from its query on
         pending += 1
         pos = end + 1
         if row.get("cand") == row.get("n_cand", 0) - 1:
