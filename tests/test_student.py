@@ -13,7 +13,7 @@ TEXTS = ["What dataset do they use?", "We train on SQuAD and evaluate on NewsQA 
          "with pretrained GloVe vectors and character features."]
 
 
-def make_tiny_encoder(folder, *, hidden=32, layers=2, seed=0):
+def make_tiny_encoder(folder, *, hidden=32, layers=2, seed=0, **config):
     """A tiny random-init BERT (MiniLM's tokenizer) saved as a plain HF folder: loads in well under a second."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -21,7 +21,7 @@ def make_tiny_encoder(folder, *, hidden=32, layers=2, seed=0):
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(default_student_path())
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=2 * hidden, max_position_embeddings=128)
+                     intermediate_size=2 * hidden, max_position_embeddings=128, **config)
     BertModel(cfg).save_pretrained(folder)
     tok.model_max_length = 128
     tok.save_pretrained(folder)

@@ -1,4 +1,5 @@
 """uae train: utilities loading/validation, deterministic batches, exact resume, CLI errors."""
+import dataclasses
 import gzip
 import json
 import math
@@ -234,11 +235,12 @@ def test_infonce_targets_are_gold_and_ranks_partition(ds):
     by_id = {q.id: q for q in ds.queries}
     for m in range(whole.batches_per_epoch):
         a, b = r0.batch(m), r1.batch(m)
-        assert a.qids + b.qids == whole.batch(m).qids or m == whole.batches_per_epoch - 1
+        assert a.qids + b.qids == whole.batch(m).qids or b.loss_weight == 0
+        passages = a.passages + b.passages  # indices point into the global batch's passages
         for bt in (a, b):
             for i, qid in enumerate(bt.qids):
                 gold_texts = {ds.passages[p].text for p in by_id[qid].gold}
-                tgt = [bt.passages[j] for j in bt.target_idx[i].tolist() if j >= 0]
+                tgt = [passages[j] for j in bt.target_idx[i].tolist() if j >= 0]
                 assert tgt and all(t in gold_texts for t in tgt)
                 assert (bt.target_utility[i] == 0).all()  # uniform over gold
 
@@ -279,6 +281,43 @@ def test_resume_is_exact(tmp_path, ds, tiny):
     train(TrainConfig(**cfg), str(half), stop_after=1, progress=False, ds=ds, amp=False)
     with pytest.raises(ValueError, match=r"different training settings.*amp: False -> True"):
         train(TrainConfig(**cfg), str(half), resume=True, progress=False, ds=ds, amp=True)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ranks_split_the_global_batch_of_one_process(tmp_path, ds, world):
+    # Rank r's queries, targets and loss weight are its slice of what one process with the global batch sees;
+    # the ranks' passage shares, concatenated (what gather_with_grad returns), are that process's passages:
+    # a paragraph drawn for queries on two ranks is one passage of the softmax, never a negative copy.
+    u, _ = load_utilities(write_utilities(tmp_path / "u.jsonl.gz", ds))
+    kw = dict(loss="uae", passages_per_query=3, seed=5)
+    one = BatchSampler(ds, TrainConfig(batch_size=2 * world, **kw), u)
+    ranks = [BatchSampler(ds, TrainConfig(batch_size=2, **kw), u, world=world, rank=r) for r in range(world)]
+    assert ranks[0].batches_per_epoch == one.batches_per_epoch
+    short = 0
+    for m in range(one.batches_per_epoch + 2):
+        ref, parts = one.batch(m), [s.batch(m) for s in ranks]
+        assert sum((b.passages for b in parts), []) == ref.passages
+        real = [b for b in parts if b.loss_weight > 0]
+        assert sum((b.qids for b in real), []) == ref.qids
+        # DDP averages the ranks' weighted means: sum_r (w_r / n_r) sum_i loss_i / world, the global mean when
+        # w_r = n_r * world / N
+        assert [b.loss_weight for b in real] == pytest.approx([len(b.qids) * world / len(ref.qids) for b in real])
+        rows = [(i, b) for b in real for i in range(len(b.qids))]
+        for k, (i, b) in enumerate(rows):
+            valid = b.target_idx[i] >= 0
+            assert b.target_idx[i][valid].tolist() == ref.target_idx[k][ref.target_idx[k] >= 0].tolist()
+            assert torch.equal(b.target_utility[i][valid], ref.target_utility[k][ref.target_idx[k] >= 0])
+            assert int(b.gold_idx[i]) == int(ref.gold_idx[k])
+        for b in parts:
+            if b.loss_weight == 0:  # a rank left without a query repeats the last one, at weight 0
+                assert b.qids == ref.qids[-1:]
+        short += len(ref.qids) < 2 * world
+    assert short  # the fixture's last batch is short for every world here
+    # five questions on four ranks of two: 2, 2, 1 and a rank without a question (weight 0, no passages lost)
+    five = dataclasses.replace(ds, queries=[q for q in ds.queries if q.id in u][:5])
+    parts = [BatchSampler(five, TrainConfig(batch_size=2, **kw), u, world=4, rank=r).batch(0) for r in range(4)]
+    assert [b.loss_weight for b in parts] == [1.6, 1.6, 0.8, 0.0] and parts[3].qids == parts[2].qids
+    assert sum((b.passages for b in parts), []) == BatchSampler(five, TrainConfig(batch_size=8, **kw), u).batch(0).passages
 
 
 def test_a_short_last_accumulation_step_averages_the_micro_batches_it_has(tmp_path, ds, tiny):

@@ -2,7 +2,8 @@
 
 - a scheduler's SIGTERM reaching one rank stops both after the same step, which rank 0 checkpoints; ``--resume``
   on two ranks then ends bit-identical to an uninterrupted two-rank run;
-- a non-finite loss on one rank raises on both (before, the other rank waited in the next collective).
+- a non-finite loss on one rank raises on both (before, the other rank waited in the next collective);
+- two ranks of 4 questions train what one process of 8 does (passages unique across ranks, the global mean loss).
 
 Every scenario runs under a deadline: a hang fails the test instead of blocking CI.
 """
@@ -108,3 +109,25 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path, tiny, utils): 
     r0, r1 = _run("nan", utils, tiny, tmp_path / "run", tmp_path)
     assert r1["error"].startswith("loss is nan at step 1")
     assert r0["error"].startswith("loss is not finite on another rank at step 1")
+
+
+def test_two_ranks_train_what_one_process_with_their_global_batch_does(tmp_path, utils):  # noqa: F811
+    # Without dropout the only differences are the float order of DDP's all-reduce. Before the sampler drew
+    # the global batch on every rank, a paragraph drawn on both ranks was a negative for the other rank's
+    # queries that had it as a target, and the teacher mass of passages on the other rank was lost.
+    from safetensors.torch import load_file
+    from test_student import make_tiny_encoder
+
+    from uae_fast.training import TrainConfig, train
+
+    student = make_tiny_encoder(tmp_path / "enc", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.set_num_threads(1)
+    one = tmp_path / "one"
+    train(TrainConfig(data=TRAIN, utilities=utils, student=student, **{**RUN, "batch_size": WORLD * RUN["batch_size"]}),
+          str(one), save_every=100, progress=False)
+    assert _run("full", utils, student, tmp_path / "two", tmp_path) == [{"steps": 4}] * WORLD
+    wa, wb = load_file(one / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    moved = max(float((wa[k] - w0).abs().max()) for k, w0 in load_file(os.path.join(student, "model.safetensors")).items())
+    assert moved > 1e-3  # it trained
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -187,13 +187,18 @@ _RESUME_FREE = ()
 # ------------------------------------------------------------------------------------- batches
 @dataclass
 class Batch:
+    """One rank's share of a global micro-batch. Indices point into the passages of the *whole* global batch
+    (unique across ranks, rank-major: what ``gather_with_grad`` of every rank's ``passages`` returns)."""
     queries: List[str]                 # question texts, [B]
-    passages: List[str]                # unique passage texts, [N]
+    passages: List[str]                # this rank's share of the global batch's unique passage texts
     target_idx: torch.Tensor           # [B, K] long, -1 padded
     target_utility: torch.Tensor       # [B, K] float32
     gold_idx: torch.Tensor             # [B] long, -1 = no gold in batch
     qids: List[str] = field(default_factory=list)
     exclude_idx: Optional[torch.Tensor] = None  # [B, E] long, -1 padded: teacher-gated passages per query
+    # This rank's share of the global mean loss: (its real queries) x world / (the global batch's queries).
+    # 1 when the global batch splits evenly; 0 for a rank left without a query (it repeats the last one).
+    loss_weight: float = 1.0
 
 
 class BatchSampler:
@@ -299,25 +304,36 @@ class BatchSampler:
         return chosen
 
     def batch(self, micro: int) -> Batch:
-        """Micro-batch number ``micro`` (0-based, counting across epochs) for this rank."""
+        """Micro-batch number ``micro`` (0-based, counting across epochs) for this rank.
+
+        Every rank draws the passages of the whole global batch (deterministic per query), so a paragraph drawn
+        on two ranks is one passage of the softmax and every query's targets cover the teacher-scored passages
+        of the whole batch: ``world`` ranks of ``batch_size`` train the objective of one process with
+        ``world * batch_size`` queries. Each rank encodes a contiguous share of the unique passages."""
         epoch, pos = divmod(micro, self.batches_per_epoch)
         order = self._epoch_order(epoch)
         start = pos * self.global_batch
-        queries = order[start:start + self.global_batch]
-        # Ranks split the global batch evenly; a short last batch may leave a rank with fewer queries.
-        per = math.ceil(len(queries) / self.world)
-        queries = queries[self.rank * per:(self.rank + 1) * per] or queries[-1:]
+        everyone = order[start:start + self.global_batch]
         pids: List[str] = []
         index: Dict[str, int] = {}
         picks = []
-        for j, q in enumerate(queries):
-            rng = np.random.default_rng([self.cfg.seed, micro, start + self.rank * per + j])
+        for j, q in enumerate(everyone):
+            rng = np.random.default_rng([self.cfg.seed, micro, start + j])
             chosen = self._pick_passages(q, rng)
             picks.append(chosen)
             for p in chosen:
                 if p not in index:
                     index[p] = len(pids)
                     pids.append(p)
+        # Ranks split the global batch evenly; a short last batch may leave a rank with fewer queries, or none
+        # (it then repeats the last query at loss weight 0, so every rank still runs the same collectives).
+        per = math.ceil(len(everyone) / self.world)
+        lo, hi = min(self.rank * per, len(everyone)), min((self.rank + 1) * per, len(everyone))
+        weight = (hi - lo) * self.world / len(everyone)
+        if hi == lo:
+            lo, hi = len(everyone) - 1, len(everyone)
+        queries, picks = everyone[lo:hi], picks[lo:hi]
+        share = pids[self.rank * len(pids) // self.world:(self.rank + 1) * len(pids) // self.world]
         rows_idx, rows_u, gold, excl = [], [], [], []
         for q, chosen in zip(queries, picks):
             gated = self._gated(q, pids)
@@ -341,8 +357,8 @@ class BatchSampler:
             gold.append(index[g] if g is not None else -1)
         t_idx, t_u = _padded(rows_idx, -1, torch.long), _padded(rows_u, 0.0, torch.float32)
         ex = _padded(excl, -1, torch.long) if self.cfg.teacher_gate is not None else None
-        return Batch([q.question for q in queries], [self.ds.passages[p].text for p in pids], t_idx, t_u,
-                     torch.tensor(gold, dtype=torch.long), [q.id for q in queries], ex)
+        return Batch([q.question for q in queries], [self.ds.passages[p].text for p in share], t_idx, t_u,
+                     torch.tensor(gold, dtype=torch.long), [q.id for q in queries], ex, weight)
 
     def _gated(self, q: Query, pids: List[str]) -> set:
         """The batch passages the teacher rates within ``teacher_gate`` of ``q``'s best gold paragraph (not gold)."""
@@ -417,7 +433,8 @@ class _Towers(torch.nn.Module):
 
     def forward(self, query_feats, passage_feats: List[dict]):
         q = self.encoder(query_feats)
-        p = torch.cat([self.encoder(f) for f in passage_feats], dim=0)
+        # a rank whose share of a small global batch has no passage gathers the others' only
+        p = torch.cat([self.encoder(f) for f in passage_feats], dim=0) if passage_feats else q[:0]
         return q, p
 
 
@@ -427,7 +444,7 @@ def _passage_features(encoder, texts: Sequence[str], max_length: int, chunk: int
     order = sorted(range(len(texts)), key=lambda i: -lens[i])
     feats = [encoder.tokenize([texts[i] for i in order[s:s + chunk]], max_length) for s in range(0, len(order), chunk)]
     inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     return feats, inverse
 
 
@@ -927,10 +944,12 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
             q, p = q.float(), p.float()[inverse.to(device)]
             t_idx, t_u, gold = b.target_idx.to(device), b.target_utility.to(device), b.gold_idx.to(device)
             ex = None if b.exclude_idx is None else b.exclude_idx.to(device)
-            p, t_idx, gold, ex = gather_with_grad(p, t_idx, gold, ex)
+            p = gather_with_grad(p)  # the global batch's unique passages; the indices already point into them
             mix = cfg.label_mix if cfg.loss == "uae" else 0.0
             loss = utility_infonce(q, p, t_idx, t_u, temperature=cfg.temperature, teacher_temperature=cfg.teacher_temperature,
                                    label_mix=mix, gold_idx=gold if mix > 0 else None, exclude_idx=ex)
+            if b.loss_weight != 1.0:  # DDP averages the ranks: weighted, that is the global batch's mean
+                loss = loss * b.loss_weight
             (loss / n_micro).backward()
             step_loss += float(loss.detach()) / n_micro
         bad, stopping = _agree([not math.isfinite(step_loss), stop.signum is not None], world, device)
