@@ -53,14 +53,19 @@ def _worker(rank, port, scenario, utils, student, out, results):
             return loss
 
         ops.utility_infonce = on_rank1
+        if scenario == "hidden":  # rank 1 on a node whose --out is not rank 0's storage: it sees no checkpoint
+            import uae_fast.training as tr
+
+            real_isfile = os.path.isfile
+            tr.os.path.isfile = lambda p: False if "trainer_state" in str(p) else real_isfile(p)
     res = {}
     try:
-        s = train(TrainConfig(data=TRAIN, utilities=utils, student=student, **RUN), out, resume=scenario == "resume",
-                  save_every=100, progress=False)
+        s = train(TrainConfig(data=TRAIN, utilities=utils, student=student, **RUN), out,
+                  resume=scenario in ("resume", "hidden"), save_every=100, progress=False)
         res["steps"] = s["steps"]
     except Stopped as e:
         res["stopped_at"] = e.step
-    except FloatingPointError as e:
+    except (FloatingPointError, ValueError) as e:
         res["error"] = str(e)
     finally:
         if dist.is_initialized():
@@ -99,6 +104,9 @@ def test_ranks_stop_together_and_resume_exactly(tmp_path, tiny, utils):  # noqa:
     assert latest_checkpoint(str(run)).endswith("step-000002") and not (run / "model.safetensors").exists()
     state = torch.load(os.path.join(latest_checkpoint(str(run)), "trainer_state.pt"), weights_only=False)
     assert isinstance(state["rng"], list) and len(state["rng"]) == WORLD  # each rank's RNG state
+    # a rank that cannot read rank 0's checkpoint (nodes without shared storage) stops every rank, not a hang
+    hidden = _run("hidden", utils, tiny, run, tmp_path)
+    assert all("not every rank can read" in r.get("error", "") for r in hidden), hidden
     assert _run("resume", utils, tiny, run, tmp_path) == [{"steps": 4}] * WORLD
     wa, wb = load_file(ref / "model.safetensors"), load_file(run / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -699,6 +699,27 @@ def _dist_info():
     return 0, 1, 0
 
 
+def _on_rank0(fn, world: int, rank: int):
+    """``fn()`` on rank 0 only; its result, or its exception, on every rank (one broadcast). Decisions about
+    ``--out`` are rank 0's: other ranks listing the folder while rank 0 deletes it, or nodes whose ``--out``
+    is not the same storage, would otherwise decide differently and wait in different collectives."""
+    if world == 1:
+        return fn()
+    import torch.distributed as dist
+
+    box = [None]
+    if rank == 0:
+        try:
+            box[0] = (True, fn())
+        except Exception as e:  # re-raised on every rank
+            box[0] = (False, e)
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
 _RUN_FILES = ("checkpoints", "train_log.jsonl", "training_summary.json")  # what marks a folder as a uae train run
 
 
@@ -778,11 +799,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     device = resolve_device(device)
     if world > 1 and device.type == "cuda":  # collectives of objects (all_gather_object) use the current device
         torch.cuda.set_device(device)
-    done = _prepare_out_dir(out_dir, cfg, resume=resume, overwrite=overwrite, world=world, rank=rank)
-    if world > 1 and overwrite:
-        import torch.distributed as dist
-
-        dist.barrier()  # rank 0 has cleared the folder
+    done = _on_rank0(lambda: _prepare_out_dir(out_dir, cfg, resume=resume, overwrite=overwrite, world=world, rank=rank),
+                     world, rank)
     if done is not None:
         if rank == 0:
             print(f"uae train: {out_dir} already holds this finished run ({done.get('steps')} steps); nothing to do",
@@ -823,7 +841,10 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     total_steps = max(1, math.ceil(total_micro / cfg.grad_accum))
 
     inputs = _input_digests(cfg)
-    ckpt = latest_checkpoint(out_dir) if resume else None
+    ckpt = _on_rank0(lambda: latest_checkpoint(out_dir), world, rank) if resume else None
+    if ckpt is not None and _agree([not os.path.isfile(os.path.join(ckpt, _STATE_FILE))], world, device)[0]:
+        raise ValueError(f"--resume: rank 0 resumes from {ckpt}, which not every rank can read: under torchrun on "
+                         f"several nodes --out must be storage that every node shares")
     if resume and ckpt is None and rank == 0:
         print(f"uae train: --resume but no checkpoint under {out_dir}/checkpoints; starting from scratch", file=sys.stderr)
     if ckpt is not None:
