@@ -461,6 +461,22 @@ def test_embedding_cache_reuses_and_resumes(tmp_path, capsys):
     assert torch.equal(encode_cached(enc, texts, cache_dir=str(tmp_path / "c"), model_path=str(model)), want)
     assert enc.seen == ["aa", "b", "cab", "dddd"] and os.path.exists(str(chunk) + ".damaged")
     assert "unreadable" in capsys.readouterr().err
+    # an encoder object the cache cannot name is refused, not cached under the default student's key
+    with pytest.raises(ValueError, match="pass model_path"):
+        encode_cached(enc, texts, cache_dir=str(tmp_path / "c"))
+
+
+def test_embedding_cache_keys_a_biencoder_by_its_folder_and_settings(tmp_path):
+    from test_student import make_tiny_encoder
+    from uae_fast.embcache import cache_key
+    from uae_fast.student import BiEncoder
+
+    a = make_tiny_encoder(tmp_path / "a")
+    b = make_tiny_encoder(tmp_path / "b", seed=1)
+    ka = cache_key(BiEncoder(a, device="cpu"))
+    assert cache_key(BiEncoder(a, device="cpu"), model_path=b) == ka  # the encoder's own folder wins
+    assert cache_key(BiEncoder(b, device="cpu")) != ka
+    assert cache_key(BiEncoder(a, device="cpu", max_seq_length=16)) != ka
 
 
 def test_lexical_default_ids_survive_save_load(tmp_path):

@@ -4,7 +4,8 @@ in bounded slices (``max_seconds``) that resume where the last one stopped.
 
 Layout: ``DIR/<encoder key>/chunk-*.pt``, each ``{"keys": [sha1(text)[:20], ...], "emb": float32 [n, dim]}``,
 written atomically. The encoder key hashes the folder's real path and its weight files' sizes and
-modification times, so a retrained model in the same folder never reads stale vectors.
+modification times (and a BiEncoder's pooling, normalisation, max length and lower-casing), so a retrained
+model in the same folder, or the same weights with other settings, never reads stale vectors.
 """
 from __future__ import annotations
 
@@ -31,6 +32,22 @@ def encoder_key(path: Optional[str]) -> str:
         parts.append(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}")
     name = os.path.basename(path.rstrip("/")) or "model"
     return f"{name}-{hashlib.sha1('|'.join(parts).encode()).hexdigest()[:12]}"
+
+
+def cache_key(encoder, model_path: Optional[str] = None) -> str:
+    """The cache folder name of ``encoder``: a :class:`uae_fast.BiEncoder` is keyed by the folder it was
+    loaded from (:func:`encoder_key`) and the settings that change its vectors (pooling, normalisation,
+    max length, lower-casing); another encoder object by ``model_path``, which it then needs. Weights changed
+    in memory after loading are not seen: save them to a folder and load that."""
+    from .student import BiEncoder
+
+    if isinstance(encoder, BiEncoder):
+        settings = f"{encoder.pooling_modes}|{encoder.normalize}|{encoder.max_seq_length}|{encoder.do_lower_case}"
+        return f"{encoder_key(encoder.path)}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
+    if model_path is None:
+        raise ValueError(f"an embedding cache needs to know which model made the vectors: pass model_path (the "
+                         f"folder of this {type(encoder).__name__}) or use a BiEncoder")
+    return encoder_key(model_path)
 
 
 def _text_key(text: str) -> str:
@@ -70,11 +87,13 @@ def encode_cached(encoder, texts: Sequence[str], *, cache_dir: Optional[str], mo
                   chunk: int = 1024) -> torch.Tensor:
     """``encoder.encode(texts)`` [N, dim] float32, reading and filling ``cache_dir`` (None: no cache).
 
+    The cache folder is :func:`cache_key` of ``encoder`` (``model_path`` only names a non-BiEncoder's folder).
+
     ``max_seconds``: stop after about this long, keep what was encoded, raise :class:`Incomplete`.
     """
     if cache_dir is None:
         return encoder.encode(list(texts), batch_size=batch_size, show_progress=progress)
-    folder = os.path.join(os.fspath(cache_dir), encoder_key(model_path))
+    folder = os.path.join(os.fspath(cache_dir), cache_key(encoder, model_path))
     have = _load(folder)
     keys = [_text_key(t) for t in texts]
     todo: Dict[str, str] = {}
