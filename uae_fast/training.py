@@ -227,7 +227,18 @@ class BatchSampler:
             what = "teacher utilities" if cfg.loss == "uae" or cfg.no_gold else "gold evidence passages"
             raise ValueError(f"no training queries: none of the {len(ds.queries)} queries in the data has {what}")
         self.queries = queries
-        self._pools = {q.id: ds.pool(q) for q in queries}
+        # One list per document (doc_id None: the whole corpus): BEIR questions all rank the whole corpus, and a
+        # copy per question would take O(questions x corpus) memory (FiQA: ~2.5 GB). The lists are only read.
+        by_doc: Dict[Optional[str], List[str]] = {}
+
+        def pool(q: Query) -> List[str]:
+            if q.candidates is not None:
+                return ds.pool(q)
+            if q.doc_id not in by_doc:
+                by_doc[q.doc_id] = ds.pool(q)
+            return by_doc[q.doc_id]
+
+        self._pools = {q.id: pool(q) for q in queries}
         self._cands: Optional[Dict[str, List[str]]] = None
         if cfg.candidates is not None:
             if candidates is None:
@@ -813,8 +824,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         raise ValueError(f"--amp (bf16 autocast) supports CUDA and CPU devices, not {device.type}")
 
     runtime = _runtime(amp, device)
-    if ds is None:
-        ds = load_dataset(cfg.data)
+    if ds is None:  # a BEIR folder trains on its train split (its default, test, is for evaluation)
+        ds = load_dataset(cfg.data, split="train" if os.path.isdir(cfg.data) else None)
     utilities = None
     if cfg.loss == "uae" and not cfg.utilities:
         raise ValueError("--loss uae needs --utilities FILE (from `uae score`)")
