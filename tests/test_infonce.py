@@ -120,6 +120,24 @@ def test_only_one_side_requires_grad():
         _close(utility_infonce(q, p, idx, util), ref, 2e-6, "no-grad loss")
 
 
+def test_no_grad_skips_the_gradient_sweep(monkeypatch):
+    # needs_input_grad stays True for inputs that require grad even under no_grad: without the check an
+    # evaluation would pay the 2 extra GEMMs and the fp32 dq/dp buffers for nothing.
+    import uae_fast.ops.infonce as ops
+
+    seen, real = [], ops._torch_sweep
+    monkeypatch.setattr(ops, "_torch_sweep", lambda *a, **k: seen.append(a[6:8]) or real(*a, **k))
+    q, p = torch.randn(5, 8, requires_grad=True), torch.randn(9, 8, requires_grad=True)
+    idx, util = torch.randint(0, 9, (5, 2)), torch.randn(5, 2)
+    with torch.no_grad():
+        a = utility_infonce(q, p, idx, util, impl="torch")
+    with torch.inference_mode():
+        utility_infonce(q, p, idx, util, impl="torch")
+    assert seen == [(False, False)] * 2 and not a.requires_grad
+    b = utility_infonce(q, p, idx, util, impl="torch")
+    assert seen[-1] == (True, True) and torch.equal(a, b.detach())
+
+
 def test_padding_utility_and_teacher_temperature_edge_cases():
     q, p, idx, util, _ = _inputs()
     a = utility_infonce(q, p, idx, util, reduction="none")

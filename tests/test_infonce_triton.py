@@ -366,3 +366,27 @@ def test_cuda_multi_tile_grid(setting, monkeypatch):
         _close(loss, ref, max(tl_, 1e-5), f"{setting} {reduction} loss")
         _close(gq, rq, tg, f"{setting} {reduction} dq")
         _close(gp, rp, tg, f"{setting} {reduction} dp")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_gradient_overflow_raises(reduction, triton_device):
+    # The torch path's contract (test_fuzz_ops): a finite loss whose fp16 gradient overflows raises, on both
+    # the precomputed (sum) and the recomputed (none) backward.
+    q = torch.randn(4, 8).half().to(triton_device).requires_grad_()
+    p = (torch.randn(6, 8) * 100).half().to(triton_device).requires_grad_()
+    idx, util = torch.tensor([[1], [2], [3], [5]], device=triton_device), torch.zeros(4, 1, device=triton_device)
+    loss = utility_infonce(q, p, idx, util, temperature=1e-3, reduction=reduction, impl="triton")
+    assert torch.isfinite(loss).all()
+    with pytest.raises(ValueError, match="utility_infonce: the gradient overflowed"):
+        loss.sum().backward()
+
+
+def test_an_enclosing_autocast_does_not_lower_the_target_terms(triton_device):
+    # Under a trainer's bf16 autocast the gathered target scores and their gradients stay in fp32 for fp32
+    # inputs (the kernels are Triton; the sparse terms are torch ops that autocast would run in bf16).
+    q, p, idx, util, gold, ex = _case(13, 29, 24, 3, 1, torch.float32, triton_device, scale=1.0)
+    plain = _run(q, p, idx, util, gold, ex, reduction="mean", mix=0.2, tau=0.02)
+    with torch.autocast(torch.device(triton_device).type, dtype=torch.bfloat16):
+        cast = _run(q, p, idx, util, gold, ex, reduction="mean", mix=0.2, tau=0.02)
+    for a, b in zip(plain, cast):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .infonce import _reduce, _row_grad, _scaled_unit_grads, _sparse_grads, _target_scores
+from .infonce import _check_grads, _reduce, _row_grad, _scaled_unit_grads, _sparse_grads, _target_scores
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -422,15 +422,19 @@ class GemmInfoNCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         inv_tau, reduction, q_dtype, p_dtype, b = ctx.meta
         if ctx.precomputed:
-            return *_scaled_unit_grads(ctx, grad_out), None, None, None, None, None
-        q, p, idx, w, lse = ctx.saved_tensors
-        g = _row_grad(grad_out, reduction, b, torch.float32).expand(b)
-        coef = (g * inv_tau).contiguous()
-        need_dq, need_dp = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # The saved LSE is the exact offset: E is the softmax itself.
-        _, dq, dp = dense_grads(q, p, inv_tau, ctx.ex, coef, need_dq, need_dp, lse * _LOG2E)
-        _sparse_grads(q, p, idx, w, coef, dq, dp)
-        return (None if dq is None else dq.to(q_dtype)), (None if dp is None else dp.to(p_dtype)), None, None, None, None, None
+            dq, dp = _scaled_unit_grads(ctx, grad_out)
+        else:
+            q, p, idx, w, lse = ctx.saved_tensors
+            g = _row_grad(grad_out, reduction, b, torch.float32).expand(b)
+            coef = (g * inv_tau).contiguous()
+            need_dq, need_dp = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            # The saved LSE is the exact offset: E is the softmax itself.
+            _, dq, dp = dense_grads(q, p, inv_tau, ctx.ex, coef, need_dq, need_dp, lse * _LOG2E)
+            _sparse_grads(q, p, idx, w, coef, dq, dp)
+            dq = None if dq is None else dq.to(q_dtype)
+            dp = None if dp is None else dp.to(p_dtype)
+        _check_grads(dq, dp)  # as the torch path: an overflowed (fp16) gradient raises, never returns inf
+        return dq, dp, None, None, None, None, None
 
 
 def utility_infonce_triton(q, p, idx, w, inv_tau, reduction, ex=None):

@@ -166,6 +166,11 @@ def _sparse_rows(n_rows, k, d, elsize):
 
 def _target_scores(q, p, idx, w, inv_tau):
     """sum_k w_ik * s_{i, t_ik}, [B], from B*K gathered dot products (chunked: never [B, K, d] at once)."""
+    with torch.autocast(q.device.type, enabled=False):  # in w's precision, not an enclosing bf16 autocast's
+        return _target_scores_acc(q, p, idx, w, inv_tau)
+
+
+def _target_scores_acc(q, p, idx, w, inv_tau):
     acc = w.dtype
     b, k = idx.shape
     out = torch.empty(b, dtype=acc, device=q.device)
@@ -180,6 +185,11 @@ def _target_scores(q, p, idx, w, inv_tau):
 
 def _sparse_grads(q, p, idx, w, coef, dq, dp):
     """Subtract the target terms: dq_i -= coef_i sum_k w_ik p_{t_ik};  dp_{t_ik} -= coef_i w_ik q_i."""
+    with torch.autocast(q.device.type, enabled=False):
+        _sparse_grads_acc(q, p, idx, w, coef, dq, dp)
+
+
+def _sparse_grads_acc(q, p, idx, w, coef, dq, dp):
     acc = w.dtype
     b, k = idx.shape
     step = _sparse_rows(b, k, q.shape[1], 4)
@@ -349,6 +359,8 @@ def utility_infonce(
             raise TypeError("q has dtype float64, which impl='triton' does not take; use impl='torch' or fp32/bf16/fp16")
         else:  # pragma: no cover
             raise ValueError("impl='triton' needs the triton package; use impl='torch'")
+    if not torch.is_grad_enabled():  # no graph will be built (no_grad / inference_mode): skip the gradient sweep,
+        q, p = q.detach(), p.detach()  # which needs_input_grad alone would still run for inputs requiring grad
     acc = _acc_dtype(q.dtype)
     idx, w = _teacher_weights(target_idx, target_utility, teacher_temperature, label_mix, gold_idx, acc)
     ex = None if exclude_idx is None else _check_exclude(exclude_idx, idx, w, q.device, p.shape[0])
