@@ -85,3 +85,16 @@ def test_quickstart_dry_run_checks_what_the_run_would_trip_on(tmp_path, capsys):
             assert len(err) == 1 and err[0].startswith("uae quickstart: error: "), err
             assert __import__("re").search(msg, err[0]), err
     assert not (tmp_path / "qs").exists()
+
+
+def test_quickstart_with_another_teacher_trains_on_its_own_scores(capsys):
+    # The shipped table is the default teacher's: with --teacher X stage 2 must train on what X scored.
+    from uae_fast.cli import main
+    from uae_fast.teacher import TEACHERS
+
+    other = next(k for k in TEACHERS if k != "smollm2-135m")
+    for teacher, shipped in ((None, True), ("smollm2-135m", True), (other, False)):
+        capsys.readouterr()
+        assert main(["quickstart", "--dry-run"] + (["--teacher", teacher] if teacher else [])) == 0
+        out = capsys.readouterr().out
+        assert ("qasper-train-utilities.jsonl.gz" in out) == shipped, (teacher, out)

@@ -437,3 +437,23 @@ def test_shared_prefix_keeps_sliding_window_attention():
         plain = rows_hidden_states(model, rows)
         for a, b in zip(shared, plain):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_dequantised_copy_is_stale_when_its_gguf_changes(tmp_path):
+    # A reinstalled package with another GGUF at the same path must not keep serving the old copy.
+    import json as _json
+    import os as _os
+
+    from uae_fast.teacher import _source_changed
+
+    gguf, folder = tmp_path / "m.gguf", tmp_path / "copy"
+    folder.mkdir()
+    assert not _source_changed(str(folder))  # no record (copies made by older versions): kept
+    gguf.write_bytes(b"v1")
+    st = _os.stat(gguf)
+    (folder / "uae_source.json").write_text(_json.dumps({"gguf": str(gguf), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}))
+    assert not _source_changed(str(folder))
+    gguf.write_bytes(b"version 2")
+    assert _source_changed(str(folder))
+    gguf.unlink()
+    assert not _source_changed(str(folder))  # the GGUF moved away: nothing to compare with, kept

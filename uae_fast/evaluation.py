@@ -514,8 +514,9 @@ def format_table(result: dict) -> str:
     if "reader" in result:
         r = result["reader"]
         lines.append(f"Reader Token F1 ({r['reader']}, top-1 passage, {r['n']} answerable queries)")
-        for n, m in r["systems"].items():
-            lines.append(f"  {n:<22}{m['token_f1']:>8.3f}")
+        for n, m in r["systems"].items():  # the re-ranker ran on its own subset: say so where n differs
+            fewer = f"  (on {m['n']} of them: the re-ranker's queries)" if m.get("n", r["n"]) != r["n"] else ""
+            lines.append(f"  {n:<22}{m['token_f1']:>8.3f}{fewer}")
     return "\n".join(lines)
 
 

@@ -172,16 +172,17 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
     """Mean of ``a - b`` over paired queries, its 95% bootstrap interval and a two-sided bootstrap p-value.
 
     Queries are resampled with replacement ``resamples`` times; ``p`` is twice the smaller share of
-    resampled means on either side of 0 (capped at 1). Example::
+    resampled means on either side of 0 (capped at 1); 0.0 means below ``2 / resamples``. Example::
 
         >>> paired_bootstrap([1, 1, 0, 1], [0, 1, 0, 0])["diff"]
         0.5
     """
     import numpy as np
 
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if d.ndim != 1 or len(a) != len(b) or d.size == 0:
-        raise ValueError(f"a and b must be non-empty and paired, got {len(a)} and {len(b)} values")
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or a.size == 0:
+        raise ValueError(f"a and b must be non-empty and paired, got {a.size} and {b.size} values")
+    d = a - b
     if not np.isfinite(d).all():  # a NaN would make every resampled mean NaN and p read 0.0, "significant"
         raise ValueError(f"a and b must be finite; {int((~np.isfinite(d)).sum())} pair(s) are NaN or infinite")
     if not isinstance(resamples, numbers.Integral) or isinstance(resamples, bool) or resamples < 1:

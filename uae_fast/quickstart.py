@@ -128,14 +128,21 @@ def resolve_data(full: bool = False, train_data: Optional[str] = None, dev_data:
     return train_data or quickstart_qasper_path("train"), dev_data or quickstart_qasper_path("dev")
 
 
+def _uses_shipped(full: bool, utilities, train_data, teacher) -> bool:
+    """The shipped table stands in for the slice's scores only where it is the same teacher on the same data."""
+    from .teacher import DEFAULT_TEACHER_KEY
+
+    return not (full or utilities or train_data or teacher not in (None, DEFAULT_TEACHER_KEY))
+
+
 def check(full: bool = False, train_data: Optional[str] = None, dev_data: Optional[str] = None,
-          utilities: Optional[str] = None) -> dict:
+          utilities: Optional[str] = None, teacher: Optional[str] = None) -> dict:
     """What the quickstart would read, loaded and counted, without running a model (``--dry-run``)."""
     train_path, dev_path = resolve_data(full, train_data, dev_data)
     train_ds, dev_ds = load_dataset(train_path), load_dataset(dev_path)
     if utilities and not os.path.exists(utilities):
         raise FileNotFoundError(f"utilities file not found: {utilities}")
-    shipped = None if (full or utilities or train_data) else _shipped_utilities()
+    shipped = _shipped_utilities() if _uses_shipped(full, utilities, train_data, teacher) else None
     if utilities:  # through the trainer's own checks, as stage 2 would
         from .training import check_utilities, load_utilities
 
@@ -238,8 +245,9 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     del scorer
 
     # 2. distillation
-    # The shipped utilities were scored on QASPER train (the slice or the full split): not for other --train-data.
-    shipped = None if (full or utilities or train_data) else _shipped_utilities()
+    # The shipped utilities were scored on QASPER train (the slice or the full split) by the default teacher:
+    # not for other --train-data or another --teacher (stage 2 then trains on what stage 1 scored).
+    shipped = _shipped_utilities() if _uses_shipped(full, utilities, train_data, teacher) else None
     if shipped and os.path.basename(train_path) == header.get("data"):
         report["stages"]["score"]["vs_shipped"] = _compare_with_shipped(slice_path, shipped)
     train_utils = utilities or (shipped and _shipped_for(train_ds, shipped, out)) or slice_path
@@ -309,7 +317,7 @@ def add_parser(subparsers) -> None:
 def _main(args) -> int:
     _check_options(args)
     if args.dry_run:
-        for k, v in check(args.full, args.train_data, args.dev_data, args.utilities).items():
+        for k, v in check(args.full, args.train_data, args.dev_data, args.utilities, args.teacher).items():
             print(f"{k}: {v}")
         return 0
     if args.utilities:

@@ -117,7 +117,13 @@ def _gguf_teacher_folder(key: str = DEFAULT_TEACHER_KEY) -> str:
     spec = TEACHERS[key]
     folder = os.path.join(cache_dir(), spec["cache"])
     if os.path.exists(os.path.join(folder, "model.safetensors")):
-        return folder
+        if not _source_changed(folder):
+            return folder
+        # the package that ships the GGUF was reinstalled with another file: the copy is stale, make a new one
+        print(f"uae: the GGUF of teacher {spec['name']} changed since {folder} was made; preparing it again", file=sys.stderr)
+        stale = f"{folder}.stale{os.getpid()}"
+        os.rename(folder, stale)
+        shutil.rmtree(stale, ignore_errors=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = spec["gguf"]()
@@ -137,8 +143,9 @@ def _gguf_teacher_folder(key: str = DEFAULT_TEACHER_KEY) -> str:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        st = os.stat(gguf)
         with open(os.path.join(tmp, "uae_source.json"), "w") as f:
-            json.dump({"gguf": gguf}, f)
+            json.dump({"gguf": gguf, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}, f)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process won the race; its copy is identical
@@ -147,6 +154,18 @@ def _gguf_teacher_folder(key: str = DEFAULT_TEACHER_KEY) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _source_changed(folder: str) -> bool:
+    """True when the GGUF a cached copy was made from is still at its recorded path but is another file (size
+    or modification time differ). A copy without that record (older versions) or whose GGUF moved is kept."""
+    try:
+        with open(os.path.join(folder, "uae_source.json")) as f:
+            src = json.load(f)
+        st = os.stat(src["gguf"])
+        return (st.st_size, st.st_mtime_ns) != (src["bytes"], src["mtime_ns"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
