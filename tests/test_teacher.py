@@ -457,3 +457,17 @@ def test_dequantised_copy_is_stale_when_its_gguf_changes(tmp_path):
     assert _source_changed(str(folder))
     gguf.unlink()
     assert not _source_changed(str(folder))  # the GGUF moved away: nothing to compare with, kept
+
+
+def test_attention_defaults_to_sdpa_and_flash_attn_is_opt_in():
+    # flash-attn cannot take the tree masks of shared-prefix scoring, nor fp32: never picked implicitly.
+    from uae_fast.teacher import _pick_attention
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _pick_attention(None, cuda, torch.bfloat16) == "sdpa" == _pick_attention(None, cpu, torch.float32)
+    assert _pick_attention("eager", cpu, torch.float32) == "eager"
+    for dev, dt in ((cpu, torch.bfloat16), (cuda, torch.float32)):
+        with pytest.raises(ValueError, match="needs a CUDA device and bf16/fp16"):
+            _pick_attention("flash_attention_2", dev, dt)
+    with pytest.raises(ValueError, match="attn must be one of"):
+        _pick_attention("flash", cpu, torch.float32)

