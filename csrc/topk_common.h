@@ -41,7 +41,8 @@ struct ScanArgs {
     int64_t block_panels;  // panels per L2 block
     // bfloat16 with many queries: widen each block to float32 panels in a per-thread scratch (L2) and
     // run the float32 kernel on it. VDPBF16PS runs at half the float32 FMA rate on current Xeons, so
-    // this keeps bf16's halved memory traffic at float32's compute rate. Queries are packed as float32.
+    // this keeps bf16's halved memory traffic at float32's compute rate. Queries are packed as float32
+    // words holding their bf16-rounded values (the one-tile path's operands: same candidates either way).
     bool widen_bf16;
 };
 

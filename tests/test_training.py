@@ -318,6 +318,22 @@ def test_ranks_split_the_global_batch_of_one_process(tmp_path, ds, world):
     parts = [BatchSampler(five, TrainConfig(batch_size=2, **kw), u, world=4, rank=r).batch(0) for r in range(4)]
     assert [b.loss_weight for b in parts] == [1.6, 1.6, 0.8, 0.0] and parts[3].qids == parts[2].qids
     assert sum((b.passages for b in parts), []) == BatchSampler(five, TrainConfig(batch_size=8, **kw), u).batch(0).passages
+    # fewer unique passages than ranks: some ranks encode none, and their (empty) features still make a forward
+    one_q = dataclasses.replace(ds, queries=five.queries[:1])
+    kw1 = dict(kw, passages_per_query=1)
+    parts = [BatchSampler(one_q, TrainConfig(batch_size=1, **kw1), u, world=4, rank=r).batch(0) for r in range(4)]
+    assert [len(b.passages) for b in parts] == [0, 0, 0, 1] and [b.loss_weight for b in parts] == [4.0, 0.0, 0.0, 0.0]
+    assert parts[0].target_idx[0][parts[0].target_idx[0] >= 0].tolist() == [0]  # the passage rank 3 encodes
+    from uae_fast.training import _passage_features, _Towers
+
+    class Enc(torch.nn.Module):
+        def forward(self, feats):
+            return feats["x"]
+
+    feats, inverse = _passage_features(type("E", (), {"tokenize": lambda self, t, n: {"x": torch.ones(len(t), 3)}})(),
+                                       [], 8, 4)
+    q, p = _Towers(Enc())({"x": torch.ones(2, 3)}, feats)
+    assert feats == [] and p.shape == (0, 3) and p[inverse].shape == (0, 3)
 
 
 def test_a_short_last_accumulation_step_averages_the_micro_batches_it_has(tmp_path, ds, tiny):

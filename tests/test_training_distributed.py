@@ -129,10 +129,13 @@ def test_two_ranks_train_what_one_process_with_their_global_batch_does(tmp_path,
     from uae_fast.training import TrainConfig, train
 
     student = make_tiny_encoder(tmp_path / "enc", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.set_num_threads(1)
-    one = tmp_path / "one"
-    train(TrainConfig(data=TRAIN, utilities=utils, student=student, **{**RUN, "batch_size": WORLD * RUN["batch_size"]}),
-          str(one), save_every=100, progress=False)
+    one, threads = tmp_path / "one", torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers run
+    try:
+        train(TrainConfig(data=TRAIN, utilities=utils, student=student, **{**RUN, "batch_size": WORLD * RUN["batch_size"]}),
+              str(one), save_every=100, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     assert _run("full", utils, student, tmp_path / "two", tmp_path) == [{"steps": 4}] * WORLD
     wa, wb = load_file(one / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     moved = max(float((wa[k] - w0).abs().max()) for k, w0 in load_file(os.path.join(student, "model.safetensors")).items())

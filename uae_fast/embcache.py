@@ -78,8 +78,10 @@ def _save(folder: str, keys, emb: torch.Tensor) -> None:
     os.makedirs(folder, exist_ok=True)
     n = len(glob.glob(os.path.join(folder, "chunk-*.pt")))
     path = os.path.join(folder, f"chunk-{n:05d}-{os.getpid()}-{time.time_ns()}.pt")
-    torch.save({"keys": list(keys), "emb": emb.contiguous()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    from .data import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        torch.save({"keys": list(keys), "emb": emb.contiguous()}, f)
 
 
 def encode_cached(encoder, texts: Sequence[str], *, cache_dir: Optional[str], model_path: Optional[str] = None,

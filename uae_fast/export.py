@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Dict, Optional
 
 import numpy as np
@@ -29,6 +30,13 @@ from .training import BatchSampler, TrainConfig
 from .utilities import check_utilities, load_utilities
 
 PARQUET_FILE = "train.parquet"
+# An export folder holds the parquet file, its card, and the temporary files a killed export leaves:
+# NAME.tmp (the parquet's) or NAME.tmpPID.TID (uae_fast.data.atomic_write's).
+_OURS = re.compile(rf"({re.escape(PARQUET_FILE)}|README\.md)(\.tmp(\d+\.\d+)?)?")
+
+
+def _ours(name: str) -> bool:
+    return _OURS.fullmatch(name) is not None
 
 
 def export_rows(ds: RetrievalDataset, utilities: Dict[str, Dict[str, float]], *, passages_per_query: int = 8,
@@ -94,9 +102,7 @@ def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = N
     from .cli import check_output_path
 
     check_output_path(out_dir, "--out", folder=True)
-    ours = (PARQUET_FILE, "README.md")  # and their temporary files (NAME.tmp...), left by a killed export
-    other = sorted(f for f in os.listdir(out_dir) if f not in ours and not f.startswith(tuple(o + ".tmp" for o in ours))) \
-        if os.path.isdir(out_dir) else []
+    other = sorted(f for f in os.listdir(out_dir) if not _ours(f)) if os.path.isdir(out_dir) else []
     if other:  # e.g. a model folder, whose README.md (its card) this would replace
         raise ValueError(f"--out {out_dir} holds files that are not an export ({', '.join(other[:3])}); choose an empty "
                          f"or new folder")
@@ -114,7 +120,7 @@ def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = N
     table = datasets.Dataset.from_dict(cols, features=features)
     os.makedirs(out_dir, exist_ok=True)
     for f in os.listdir(out_dir):  # a killed export's temporary files
-        if f.startswith(tuple(o + ".tmp" for o in (PARQUET_FILE, "README.md"))):
+        if _ours(f) and ".tmp" in f:
             os.remove(os.path.join(out_dir, f))
     target = os.path.join(out_dir, PARQUET_FILE)
     table.to_parquet(target + ".tmp")  # renamed when complete: a kill never leaves half a parquet file

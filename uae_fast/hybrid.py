@@ -152,7 +152,7 @@ class HybridIndex:
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise NotADirectoryError(f"cannot save the hybrid index to {folder}: it is a file; give a folder")
         try:
-            json.dumps(self.meta)
+            json.dumps({"meta": self.meta, "fusion": self.fusion}, sort_keys=True)  # as write_manifest will
         except (TypeError, ValueError) as e:
             raise TypeError(f"HybridIndex.meta must be JSON-serialisable (str, numbers, lists, dicts): {e}") from None
         os.makedirs(folder, exist_ok=True)

@@ -804,12 +804,11 @@ class FaissTopKIndex(TopKIndex):
     def search(self, queries, k: int) -> Tuple:
         like_torch = _is_torch(queries)
         q = self._prepare("queries", queries)
-        with self._lock:
-            n, ids, max_norm = self._n, self._ids, self._max_norm
-        k = _check_k(k, n)
-        self._check_score_range(q, max_norm)
         self._set_threads()
-        with self._lock:  # FAISS indexes are not safe to search while add() grows them
+        with self._lock:  # one hold: FAISS indexes are not safe to search while add() grows them, and the ids
+            n, ids, max_norm = self._n, self._ids, self._max_norm  # must be those of the vectors searched
+            k = _check_k(k, n)
+            self._check_score_range(q, max_norm)
             scores, pos = self._index.search(q, k)
         scores = np.ascontiguousarray(scores, dtype=np.float32)
         miss = pos < 0

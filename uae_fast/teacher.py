@@ -122,8 +122,11 @@ def _gguf_teacher_folder(key: str = DEFAULT_TEACHER_KEY) -> str:
         # the package that ships the GGUF was reinstalled with another file: the copy is stale, make a new one
         print(f"uae: the GGUF of teacher {spec['name']} changed since {folder} was made; preparing it again", file=sys.stderr)
         stale = f"{folder}.stale{os.getpid()}"
-        os.rename(folder, stale)
-        shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(folder, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        except FileNotFoundError:  # another process (a torchrun rank) moved it first
+            pass
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = spec["gguf"]()

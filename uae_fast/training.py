@@ -204,7 +204,8 @@ class Batch:
 class BatchSampler:
     """Deterministic batches: epoch order from ``(seed, epoch)``, passages from ``(seed, micro_batch)``.
 
-    ``world``/``rank``: each global micro-batch has ``world * batch_size`` queries; rank ``r`` takes its slice.
+    ``world``/``rank``: each global micro-batch has ``world * batch_size`` queries; rank ``r`` takes its slice of
+    the queries and a share of the global batch's unique passages (:meth:`batch`).
     """
 
     def __init__(self, ds: RetrievalDataset, cfg: TrainConfig, utilities: Optional[Dict[str, Dict[str, float]]] = None,
@@ -625,6 +626,18 @@ def _agree(flags: List[bool], world: int, device) -> List[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def _global_mean(x: float, world: int, device) -> float:
+    """The mean over ranks of ``x`` (each rank's loss is weighted by its share of the global batch, so this is the
+    global batch's mean loss)."""
+    if world == 1:
+        return x
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t) / world
+
+
 def _gather_rng(world: int) -> list:
     """Every rank's RNG state (checkpointed per rank: under torchrun each rank's CUDA generator is its own)."""
     if world == 1:
@@ -660,10 +673,13 @@ def _input_digests(cfg: "TrainConfig") -> Dict[str, str]:
     return out
 
 
-def _runtime(amp: bool, device) -> dict:
+_SAMPLER = "global-batch"  # how ranks split a batch (torchrun); checkpoints of the per-rank sampler had none
+
+
+def _runtime(amp: bool, device, world: int = 1) -> dict:
     """What a checkpoint records beside the config and ``--resume`` checks: bf16 autocast and the device type
-    change every step's numbers (and the dropout RNG stream)."""
-    return {"amp": bool(amp), "device": device.type}
+    change every step's numbers (and the dropout RNG stream); under torchrun, the way ranks split a batch."""
+    return {"amp": bool(amp), "device": device.type, **({"sampler": _SAMPLER} if world > 1 else {})}
 
 
 def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep, world=1, rng=None, inputs=None, runtime=None):
@@ -722,7 +738,13 @@ def _on_rank0(fn, world: int, rank: int):
     if rank == 0:
         try:
             box[0] = (True, fn())
-        except Exception as e:  # re-raised on every rank
+        except Exception as e:  # re-raised on every rank (as a ValueError with its message if it cannot travel)
+            import pickle
+
+            try:
+                pickle.loads(pickle.dumps(e))
+            except Exception:
+                e = ValueError(f"{type(e).__name__}: {e}")
             box[0] = (False, e)
     dist.broadcast_object_list(box, src=0)
     ok, value = box[0]
@@ -734,11 +756,10 @@ def _on_rank0(fn, world: int, rank: int):
 _RUN_FILES = ("checkpoints", "train_log.jsonl", "training_summary.json")  # what marks a folder as a uae train run
 
 
-def _prepare_out_dir(out_dir: str, cfg: TrainConfig, *, resume: bool, overwrite: bool, world: int,
-                     rank: int) -> Optional[dict]:
+def _prepare_out_dir(out_dir: str, cfg: TrainConfig, *, resume: bool, overwrite: bool, world: int) -> Optional[dict]:
     """One run per folder. A fresh run needs an empty or new ``out_dir`` (``overwrite`` first deletes a
     previous run there); ``resume`` needs the same settings as the run it finds. Returns that run's
-    summary when it is already finished (nothing left to do)."""
+    summary when it is already finished (nothing left to do). Under torchrun rank 0 alone calls it (``_on_rank0``)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out {out_dir} is a file; training writes a folder there")
     entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
@@ -750,10 +771,9 @@ def _prepare_out_dir(out_dir: str, cfg: TrainConfig, *, resume: bool, overwrite:
         if entries and not ours:
             raise ValueError(f"--overwrite: {out_dir} holds no uae train run (no checkpoints/, train_log.jsonl or "
                              f"training_summary.json); refusing to delete its files, choose another --out")
-        if rank == 0:
-            for e in entries:
-                path = os.path.join(out_dir, e)
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        for e in entries:
+            path = os.path.join(out_dir, e)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         return None
     if not entries:
         return None
@@ -810,7 +830,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     device = resolve_device(device)
     if world > 1 and device.type == "cuda":  # collectives of objects (all_gather_object) use the current device
         torch.cuda.set_device(device)
-    done = _on_rank0(lambda: _prepare_out_dir(out_dir, cfg, resume=resume, overwrite=overwrite, world=world, rank=rank),
+    done = _on_rank0(lambda: _prepare_out_dir(out_dir, cfg, resume=resume, overwrite=overwrite, world=world),
                      world, rank)
     if done is not None:
         if rank == 0:
@@ -823,7 +843,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     if amp and device.type not in ("cuda", "cpu"):
         raise ValueError(f"--amp (bf16 autocast) supports CUDA and CPU devices, not {device.type}")
 
-    runtime = _runtime(amp, device)
+    runtime = _runtime(amp, device, world)
     if ds is None:  # a BEIR folder trains on its train split (its default, test, is for evaluation)
         ds = load_dataset(cfg.data, split="train" if os.path.isdir(cfg.data) else None)
     utilities = None
@@ -869,7 +889,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if k not in _RESUME_FREE and getattr(cfg, k, v) != v}
         if state.get("world_size", 1) != world:  # each rank's slice of a global batch depends on the world size
             changed["world_size"] = (state.get("world_size", 1), world)
-        for k, v in (state.get("runtime") or {}).items():
+        old_rt = state.get("runtime") or ({"sampler": "per-rank (uae_fast <= 0.2.0)"} if world > 1 else {})
+        for k, v in old_rt.items():
             if runtime.get(k, v) != v:
                 changed[k] = (v, runtime.get(k))
         rewritten = [k for k, d in (state.get("inputs") or {}).items() if inputs.get(k, d) != d]
@@ -919,7 +940,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     t0, ema = time.time(), None
     with _StopOnSigterm() as stop:
         step, ema = _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encoder, towers, sampler, opt,
-                                 sched, cfg, device, amp, rank, world, out_dir, save_every, keep_checkpoints, inputs)
+                                 sched, cfg, device, amp, rank, world, out_dir, save_every, keep_checkpoints, inputs,
+                                 runtime)
     if bar is not None:
         bar.close()
     seconds = time.time() - t0
@@ -955,7 +977,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
 
 
 def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encoder, towers, sampler, opt, sched, cfg,
-                 device, amp, rank, world, out_dir, save_every, keep_checkpoints, inputs=None):
+                 device, amp, rank, world, out_dir, save_every, keep_checkpoints, inputs=None, runtime=None):
     """The optimisation loop from ``step`` to ``end``; returns (step, loss EMA). Checkpoints every
     ``save_every`` steps, at the last step (the final model is published from a saved state), and at the step
     a SIGTERM arrived in."""
@@ -992,6 +1014,7 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
         opt.step()
         sched.step()
         step += 1
+        step_loss = _global_mean(step_loss, world, device)  # the logged loss is the global batch's, on every rank
         log.append({"step": step, "loss": step_loss, "lr": sched.get_last_lr()[0]})
         ema = step_loss if ema is None else 0.9 * ema + 0.1 * step_loss
         if bar is not None:
@@ -1002,7 +1025,7 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
             if rank == 0:
                 try:
                     _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep_checkpoints, world, rng=rng,
-                                     inputs=inputs, runtime=_runtime(amp, device))
+                                     inputs=inputs, runtime=runtime)
                     _write_log(out_dir, log)
                 except Exception as e:  # disk full, a non-finite model: every rank stops, not only rank 0
                     error = e

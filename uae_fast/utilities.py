@@ -186,16 +186,16 @@ def finalize(partial: str, out: str) -> None:
     import gzip
 
     if out.endswith(".gz"):
-        tmp = out + ".tmp"
-        with open(partial, "rb") as src, gzip.open(tmp, "wb", compresslevel=9) as dst:
+        from .data import atomic_write
+
+        # fsync'd before it is published; no name or time in the gzip header: same rows, same bytes
+        with open(partial, "rb") as src, atomic_write(out, "wb") as f, \
+                gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0, compresslevel=9) as dst:
             while True:
                 buf = src.read(1 << 20)
                 if not buf:
                     break
                 dst.write(buf)
-        with open(tmp, "rb") as f:  # on disk before it is published
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
         os.remove(partial)
     else:
         os.replace(partial, out)
