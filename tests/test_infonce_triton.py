@@ -343,6 +343,22 @@ def test_gpu_benchmark_keeps_its_rows_through_failures_and_interruption(tmp_path
     assert bench._finite({"a": [float("nan"), 1.0, float("inf")]}) == {"a": [None, 1.0, None]}
 
 
+def test_gpu_benchmark_fails_when_ours_is_broken_or_wrong():
+    # The device run must not read as a success when our paths failed, ran out of memory, were inaccurate or
+    # disagreed with the naive loss; a peer's failure or naive running out of memory is only recorded.
+    bench = _bench_module()
+    row = dict(B=64, d=32, dtype="float32", precision="tf32")
+    acc_ok = [dict(setting="tf32", impl=i, loss_err=1e-7, dq_err=1e-6, dp_err=1e-6) for i in ("naive", "chunked")]
+    good = [dict(row, impl="naive", loss=2.0), dict(row, impl="chunked", loss=2.0 + 1e-6),
+            dict(row, impl="infcl", skipped="failed: ImportError"), dict(row, B=65536, impl="naive", skipped="out of memory")]
+    assert bench.problems(acc_ok, good) == []
+    wrong = [dict(row, impl="naive", loss=2.0), dict(row, impl="triton", loss=2.5)]
+    assert "loss 2.5 vs naive 2" in bench.problems(acc_ok, wrong)[0]
+    assert "out of memory" in bench.problems(acc_ok, [dict(row, B=65536, impl="chunked", skipped="out of memory")])[0]
+    bad_acc = acc_ok + [dict(setting="bf16", impl="triton", loss_err=1e-3, dq_err=0.5, dp_err=1e-3)]
+    assert "accuracy bf16 triton" in bench.problems(bad_acc, good)[0]
+
+
 @pytest.mark.parametrize("setting", ["bf16", "ieee", "tf32"])
 def test_cuda_multi_tile_grid(setting, monkeypatch):
     # On a GPU the small shapes above fit one 64/128 tile: here many row/column tiles, the grouped program
