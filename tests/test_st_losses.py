@@ -406,15 +406,25 @@ def _ddp_worker(rank, enc_dir, init_file, out_dir):
                             timeout=GLOO_TIMEOUT)
     try:
         model = _model(enc_dir)
-        cols = [c[rank * B:(rank + 1) * B] for c in _texts(WORLD * B)]
         labels = _ddp_labels()[rank * B:(rank + 1) * B]
         res = {}
-        for name, loss_fn in (("plain", UtilityInfoNCELoss(model, gather_across_devices=True)),
-                              ("cached", CachedUtilityInfoNCELoss(model, mini_batch_size=2, gather_across_devices=True))):
-            res[name] = _run(loss_fn, model, cols, labels)
+        for texts, tag in ((_texts(WORLD * B), ""), (_dup_texts(), "-dup")):
+            cols = [c[rank * B:(rank + 1) * B] for c in texts]
+            for name, loss_fn in (("plain", UtilityInfoNCELoss(model, gather_across_devices=True)),
+                                  ("cached", CachedUtilityInfoNCELoss(model, mini_batch_size=2, gather_across_devices=True))):
+                res[name + tag] = _run(loss_fn, model, cols, labels)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _dup_texts():
+    """The DDP batch with paragraphs shared across the ranks' rows (questions of one paper on two ranks): rank 1's
+    rows hold copies of rank 0's passages, a gold (passage_0) and a scored candidate among them."""
+    cols = _texts(WORLD * B)
+    cols[2][B + 1] = cols[1][0]  # rank 1 row 1, passage_1 = rank 0 row 0's gold
+    cols[1][B + 3] = cols[2][2]  # rank 1 row 3's gold = rank 0 row 2's passage_1
+    return cols
 
 
 def _ddp_labels():
@@ -434,13 +444,18 @@ def test_ddp_gather_equals_single_process(enc_dir, tmp_path):
     model = _model(enc_dir)
     # one process, the whole batch (passages in column-major order, the ranks' in rank-major: same softmax)
     ref_loss, ref_g = _run(UtilityInfoNCELoss(model), model, _texts(WORLD * B), _ddp_labels())
-    for name in ("plain", "cached"):
+    # the same with texts shared across ranks: one process deduplicates them over the whole batch, the ranks
+    # after gathering (before, a rank-1 copy of a rank-0 target was a negative of that target's query)
+    dup_loss, dup_g = _run(UtilityInfoNCELoss(model), model, _dup_texts(), _ddp_labels())
+    assert abs(float(dup_loss) - float(ref_loss)) > 1e-4  # the copies change the batch
+    for name, (want_loss, want_g) in (("plain", (ref_loss, ref_g)), ("cached", (ref_loss, ref_g)),
+                                      ("plain-dup", (dup_loss, dup_g)), ("cached-dup", (dup_loss, dup_g))):
         # equal local batches: the mean of the local means is the global mean, and DDP's gradient
         # average is the gradient of the global mean
         loss = sum(r[name][0] for r in ranks) / WORLD
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-        avg = {n: sum(r[name][1][n] for r in ranks) / WORLD for n in ref_g}
-        _assert_grads_close(avg, ref_g)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6, msg=name)
+        avg = {n: sum(r[name][1][n] for r in ranks) / WORLD for n in want_g}
+        _assert_grads_close(avg, want_g)
     # without the gather, rank 0's queries would see only its own passages: a smaller loss
     alone, _ = _run(UtilityInfoNCELoss(model), model, [c[:B] for c in _texts(WORLD * B)], _ddp_labels()[:B])
     assert alone < ranks[0]["plain"][0] - 1e-3

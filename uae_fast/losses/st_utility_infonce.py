@@ -70,7 +70,8 @@ class UtilityInfoNCELoss(nn.Module):
                 L2-normalised) or ``dot_score`` (used as they are).
             dedupe_passages: a passage text that occurs in several rows of the batch (queries of one paper
                 share paragraphs) is one passage of the softmax, as in ``uae train``'s batches, instead of
-                a copy that is a negative of the row that has it as a target. Compares token ids.
+                a copy that is a negative of the row that has it as a target. Compares token ids; with
+                ``gather_across_devices`` across every rank's batch.
 
         Defaults are ``uae train``'s (temperature 0.05, teacher_temperature 0.5, label_mix 0.5).
 
@@ -159,11 +160,20 @@ class UtilityInfoNCELoss(nn.Module):
         target_idx, target_utility = targets_from_labels(labels, b, k, q.device)
         gold = torch.arange(b, device=q.device)  # column passage_0
         if keys is not None:
-            first, inverse = _unique(keys, q.device)
-            if first.numel() < p.shape[0]:
-                p = p[first]
-                target_idx = torch.where(target_idx >= 0, inverse[target_idx.clamp_min(0)], -1)
-                gold = inverse[gold]
+            p, target_idx, gold, keys = _dedupe(p, target_idx, gold, keys)
+            world = _world_size()
+            if self.gather_across_devices and world > 1:
+                # Across ranks too: a text in two ranks' batches is one passage of the softmax (gathered with
+                # gradient, then deduplicated by the gathered keys), as one process with the whole batch has it.
+                import torch.distributed as dist
+
+                from ..distributed import gather_with_grad
+
+                p, target_idx, gold = gather_with_grad(p, target_idx, gold)
+                every: List[Optional[List[bytes]]] = [None] * world
+                dist.all_gather_object(every, keys)
+                p, target_idx, gold, _ = _dedupe(p, target_idx, gold, [k for ks in every for k in ks])
+                return self.objective.local_loss(q, p, target_idx, target_utility, gold if self.label_mix > 0 else None)
         return self.objective(q, p, target_idx, target_utility, gold if self.label_mix > 0 else None)
 
     def get_config_dict(self) -> Dict[str, Any]:
@@ -224,6 +234,21 @@ def _token_keys(passage_features: List[Dict[str, Tensor]]) -> Optional[List[byte
         arr = ids.numpy()
         keys.extend(row[row >= 0].tobytes() for row in arr)
     return keys
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _dedupe(p: Tensor, target_idx: Tensor, gold: Tensor, keys: List[bytes]):
+    """``p`` with each distinct key once (its first copy), the indices remapped; and the kept keys in order."""
+    first, inverse = _unique(keys, p.device)
+    if first.numel() == p.shape[0]:
+        return p, target_idx, gold, keys
+    target_idx = torch.where(target_idx >= 0, inverse[target_idx.clamp_min(0)], -1)
+    return p[first], target_idx, inverse[gold], [keys[i] for i in first.tolist()]
 
 
 def _unique(keys: List[bytes], device) -> Tuple[Tensor, Tensor]:

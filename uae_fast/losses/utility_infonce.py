@@ -130,6 +130,10 @@ class UtilityInfoNCE(nn.Module):
             from ..distributed import gather_with_grad
 
             p, target_idx, gold_idx, exclude_idx = gather_with_grad(p, target_idx, gold_idx, exclude_idx)
+        return self.local_loss(q, p, target_idx, target_utility, gold_idx, exclude_idx)
+
+    def local_loss(self, q, p, target_idx, target_utility, gold_idx=None, exclude_idx=None) -> torch.Tensor:
+        """The loss on passages as given (already gathered, or local): :meth:`forward` without the gather."""
         return utility_infonce(
             q,
             p,
