@@ -86,3 +86,23 @@ def test_missing_and_unreadable_files(tmp_path):
     bad.write_text("{truncated")
     with pytest.raises(ValueError, match="cannot read"):
         load_dataset(str(bad))
+
+
+def test_atomic_write_removes_leftovers_of_dead_processes_only(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from uae_fast.data import atomic_write
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    target = tmp_path / "index.uae"
+    orphan, alive, mine = (tmp_path / f"index.uae.tmp{p}.123" for p in (pid, os.getppid(), os.getpid()))
+    other = tmp_path / "index.uae.tmpl"  # not a temporary name of ours
+    for f in (orphan, alive, mine, other):
+        f.write_text("x")
+    with atomic_write(str(target)) as f:
+        f.write("data")
+    assert target.read_text() == "data"
+    assert not orphan.exists() and alive.exists() and mine.exists() and other.exists()

@@ -172,7 +172,9 @@ def read_text(path: str, what: str = "data file") -> str:
 def atomic_write(path: str, mode: str = "w"):
     """Open a temporary sibling of ``path`` for writing (``mode`` "w" text or "wb" bytes), fsync it and rename it
     onto ``path`` when the block ends: a kill or an error never leaves half a file at ``path``, and on an error
-    the temporary file is removed. The temporary name is unique per process and thread."""
+    the temporary file is removed. The temporary name is unique per process and thread; those left by killed
+    processes (no longer running) are deleted first, so repeated kills do not pile up large leftovers."""
+    _remove_orphans(path)
     tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
@@ -183,6 +185,24 @@ def atomic_write(path: str, mode: str = "w"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _remove_orphans(path: str) -> None:
+    import glob
+
+    for f in glob.glob(glob.escape(path) + ".tmp*"):
+        m = re.fullmatch(re.escape(path) + r"\.tmp(\d+)\.\d+", f)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)  # that process still runs (maybe writing): leave its file alone
+        except ProcessLookupError:
+            try:
+                os.remove(f)
+            except OSError:
+                pass
+        except (PermissionError, OverflowError):
+            pass
 
 
 def write_text_atomic(path: str, text: str) -> None:
