@@ -22,19 +22,21 @@ def cpu_model() -> str:
 
 
 def commit() -> str:
+    """The short commit, or "unknown" where there is no git checkout (a copied tree on a device machine)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
     except OSError:
         return "unknown"
+    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
 
 
-def _dirty() -> bool:
+def _dirty():
+    """Whether tracked files differ from the commit; None when that cannot be told (no git checkout)."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                             cwd=HERE).stdout
-        return bool(out.strip())
+        r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=HERE)
     except OSError:
-        return False
+        return None
+    return bool(r.stdout.strip()) if r.returncode == 0 else None
 
 
 def run_meta() -> dict:

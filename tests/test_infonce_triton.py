@@ -357,6 +357,9 @@ def test_gpu_benchmark_fails_when_ours_is_broken_or_wrong():
     assert "out of memory" in bench.problems(acc_ok, [dict(row, B=65536, impl="chunked", skipped="out of memory")])[0]
     bad_acc = acc_ok + [dict(setting="bf16", impl="triton", loss_err=1e-3, dq_err=0.5, dp_err=1e-3)]
     assert "accuracy bf16 triton" in bench.problems(bad_acc, good)[0]
+    nan = float("nan")  # NaN compares false to every limit: it must still count as wrong
+    assert bench.problems(acc_ok + [dict(setting="bf16", impl="triton", loss_err=nan, dq_err=nan, dp_err=nan)], good)
+    assert bench.problems(acc_ok, [dict(row, impl="naive", loss=2.0), dict(row, impl="triton", loss=nan)])
 
 
 @pytest.mark.parametrize("setting", ["bf16", "ieee", "tf32"])

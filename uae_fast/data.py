@@ -187,12 +187,24 @@ def atomic_write(path: str, mode: str = "w"):
             os.remove(tmp)
 
 
+_ORPHAN_AGE_S = 600  # a temporary file untouched this long whose process is gone here is a killed writer's
+
+
 def _remove_orphans(path: str) -> None:
+    """Delete ``path``'s temporary files left by killed writers: their process is not running on this machine and
+    the file has not changed for 10 minutes (a writer on another host of shared storage looks dead here, but its
+    file is still growing)."""
     import glob
+    import time
 
     for f in glob.glob(glob.escape(path) + ".tmp*"):
         m = re.fullmatch(re.escape(path) + r"\.tmp(\d+)\.\d+", f)
         if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            if time.time() - os.path.getmtime(f) < _ORPHAN_AGE_S:
+                continue
+        except OSError:
             continue
         try:
             os.kill(int(m.group(1)), 0)  # that process still runs (maybe writing): leave its file alone

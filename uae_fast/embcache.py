@@ -78,7 +78,10 @@ def _save(folder: str, keys, emb: torch.Tensor) -> None:
     os.makedirs(folder, exist_ok=True)
     n = len(glob.glob(os.path.join(folder, "chunk-*.pt")))
     path = os.path.join(folder, f"chunk-{n:05d}-{os.getpid()}-{time.time_ns()}.pt")
-    from .data import atomic_write
+    from .data import _remove_orphans, atomic_write
+
+    for left in glob.glob(os.path.join(glob.escape(folder), "chunk-*.pt.tmp*")):  # killed encodes' chunks
+        _remove_orphans(left[: left.rindex(".tmp")])
 
     with atomic_write(path, "wb") as f:
         torch.save({"keys": list(keys), "emb": emb.contiguous()}, f)
