@@ -78,6 +78,7 @@ def run_case(cfg: dict) -> dict:
     b, n, d, k, impl = cfg["b"], cfg["n"], cfg["d"], cfg["k"], cfg["impl"]
     dev = torch.device(cfg["device"])
     dtype = getattr(torch, cfg["dtype"])
+    torch.backends.cuda.matmul.allow_tf32 = bool(cfg.get("tf32"))  # each case is its own process: set it here
     tau = 0.05
     g = torch.Generator().manual_seed(0)
     q = F.normalize(torch.randn(b, d, generator=g), dim=-1).to(dev, dtype).requires_grad_()
@@ -193,6 +194,9 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=4, help="soft targets per query")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions for small cases (the median is reported)")
+    ap.add_argument("--tf32", action="store_true",
+                    help="CUDA float32 with TF32 matmuls for every row (default: IEEE fp32, where Inf-CL is skipped: "
+                         "its tl.dot always runs TF32)")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = ap.parse_args(argv)
 
@@ -216,7 +220,8 @@ def main(argv=None) -> int:
     results = []
     for size, d in _grid(args, device):
         for impl in impls:
-            cfg = dict(b=size, n=size, d=d, k=args.k, impl=impl, device=device, dtype=args.dtype, reps=args.reps)
+            cfg = dict(b=size, n=size, d=d, k=args.k, impl=impl, device=device, dtype=args.dtype, reps=args.reps,
+                       tf32=args.tf32)
             est = NAIVE_BUFFERS * size * size * 4 / 2**20
             if impl == "naive" and est > 0.9 * _mem_available_mib(device):
                 results.append({**cfg, "skipped": f"needs ~{est / 1024:.0f} GiB"})

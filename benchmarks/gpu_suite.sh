@@ -150,7 +150,7 @@ if [ "$PART" = kernels ] || [ "$PART" = all ]; then
 # token_logprobs (issue 2). The target row first (bf16, N=8192, D=4096, V=128256, vs Liger/CCE),
 # then the sweep over the teacher shapes, cut short by --budget-s if the card is slow.
 step bench_logprob_target 60 "$PY" benchmarks/bench_logprob.py --device cuda --shapes llama-3-8b --n 8192 --autotune --json "$OUT/bench_logprob_target.json"
-step bench_infonce 60 "$PY" benchmarks/bench_infonce.py --quick --device cuda --json "$OUT/bench_infonce.json"
+step bench_infonce 60 "$PY" benchmarks/bench_infonce.py --quick --device cuda --tf32 --json "$OUT/bench_infonce.json"
 step bench_logprob 90 "$PY" benchmarks/bench_logprob.py --device cuda --n 1024 8192 32768 --budget-s 70 --json "$OUT/bench_logprob.json"
 fi
 
