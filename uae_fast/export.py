@@ -25,13 +25,13 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .data import RetrievalDataset, default_qasper_path, load_dataset, write_text_atomic
+from .data import RetrievalDataset, atomic_write, default_qasper_path, load_dataset, write_text_atomic
 from .training import BatchSampler, TrainConfig
 from .utilities import check_utilities, load_utilities
 
 PARQUET_FILE = "train.parquet"
 # An export folder holds the parquet file, its card, and the temporary files a killed export leaves:
-# NAME.tmp (the parquet's) or NAME.tmpPID.TID (uae_fast.data.atomic_write's).
+# NAME.tmpPID.TID (uae_fast.data.atomic_write's) or NAME.tmp (versions before it).
 _OURS = re.compile(rf"({re.escape(PARQUET_FILE)}|README\.md)(\.tmp(\d+\.\d+)?)?")
 
 
@@ -122,9 +122,8 @@ def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = N
     for f in os.listdir(out_dir):  # a killed export's temporary files
         if _ours(f) and ".tmp" in f:
             os.remove(os.path.join(out_dir, f))
-    target = os.path.join(out_dir, PARQUET_FILE)
-    table.to_parquet(target + ".tmp")  # renamed when complete: a kill never leaves half a parquet file
-    os.replace(target + ".tmp", target)
+    with atomic_write(os.path.join(out_dir, PARQUET_FILE), "wb") as f:  # a kill never leaves half a parquet file
+        table.to_parquet(f)
     labels = np.asarray(cols["labels"], dtype=np.float32)
     summary = {"rows": len(cols["query"]), "passages_per_query": k, "skipped_no_gold": skipped,
                "scored_fraction": round(float(np.isfinite(labels).mean()), 4), "seed": seed,

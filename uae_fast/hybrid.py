@@ -163,7 +163,7 @@ class HybridIndex:
             self.dense.save(os.path.join(folder, _FILES["dense"]))
             self.lexical.save(os.path.join(folder, _FILES["lexical"]))
             write_manifest(folder, {"format": FORMAT, "dim": self.dim, "ntotal": len(self), "fusion": self.fusion,
-                                    "meta": self.meta, "files": {k: v for k, v in _FILES.items()}})
+                                    "meta": self.meta, "files": dict(_FILES)})
 
     @classmethod
     def load(cls, folder, fusion=None, *, mmap: bool = True, verify: bool = True,

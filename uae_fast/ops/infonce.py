@@ -30,6 +30,7 @@ the gradients in the embeddings' dtype.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Optional
@@ -164,13 +165,20 @@ def _sparse_rows(n_rows, k, d, elsize):
     return max(1, _SPARSE_CHUNK_BYTES // max(1, k * d * elsize))
 
 
+def _no_autocast(fn):
+    """Run ``fn`` in its tensors' own precision (``w``'s), not an enclosing bf16 autocast's: its bmm calls are
+    out of place, which autocast would lower."""
+    @functools.wraps(fn)
+    def run(q, *args):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, *args)
+
+    return run
+
+
+@_no_autocast
 def _target_scores(q, p, idx, w, inv_tau):
     """sum_k w_ik * s_{i, t_ik}, [B], from B*K gathered dot products (chunked: never [B, K, d] at once)."""
-    with torch.autocast(q.device.type, enabled=False):  # in w's precision, not an enclosing bf16 autocast's
-        return _target_scores_acc(q, p, idx, w, inv_tau)
-
-
-def _target_scores_acc(q, p, idx, w, inv_tau):
     acc = w.dtype
     b, k = idx.shape
     out = torch.empty(b, dtype=acc, device=q.device)
@@ -183,13 +191,9 @@ def _target_scores_acc(q, p, idx, w, inv_tau):
     return out
 
 
+@_no_autocast
 def _sparse_grads(q, p, idx, w, coef, dq, dp):
     """Subtract the target terms: dq_i -= coef_i sum_k w_ik p_{t_ik};  dp_{t_ik} -= coef_i w_ik q_i."""
-    with torch.autocast(q.device.type, enabled=False):
-        _sparse_grads_acc(q, p, idx, w, coef, dq, dp)
-
-
-def _sparse_grads_acc(q, p, idx, w, coef, dq, dp):
     acc = w.dtype
     b, k = idx.shape
     step = _sparse_rows(b, k, q.shape[1], 4)
