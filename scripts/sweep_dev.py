@@ -146,6 +146,14 @@ def _init(args):
     dev = load_dataset(args.dev)
     _STATE["dev"] = dev
     _STATE["dev_q"] = [q for q in dev.queries if q.gold][: args.dev_limit]
+    _STATE["dev_questions"] = _digest([q.id for q in _STATE["dev_q"]])
+
+
+def _digest(ids) -> str:
+    """A short digest of the dev question ids a record's per-question lists follow (checked before pairing)."""
+    import hashlib
+
+    return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
 
 
 def _rank_dev(model_dir, device):
@@ -201,7 +209,8 @@ def _untrained(job):
 
         pq = _rank_dev(args.student or default_student_path(), args.device)
     return {**job, "metrics": {k: sum(v) / len(v) for k, v in pq.items()},
-            "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Success@1", "Recall@1", "MAP")}, "steps": 0, "train_queries": 0,
+            "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Success@1", "Recall@1", "MAP")},
+            "dev_questions": _STATE["dev_questions"], "steps": 0, "train_queries": 0,
             "final_loss": None, "train_s": 0.0, "total_s": round(time.time() - t0, 1),
             "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"}
 
@@ -233,6 +242,7 @@ def _run(job):
             shutil.rmtree(tmp, ignore_errors=True)
     means = {k: sum(v) / len(v) for k, v in pq.items()}
     return {**job, "metrics": means, "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Success@1", "Recall@1", "MAP")},
+            "dev_questions": _STATE["dev_questions"],
             "steps": summ["steps"], "train_queries": summ["train_queries"], "final_loss": summ["final_loss"],
             "train_s": round(t_train, 1), "total_s": round(time.time() - t0, 1), "eval_amp": bool(args.eval_amp),
             "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"}
@@ -241,6 +251,11 @@ def _run(job):
 def _job_key(r) -> tuple:
     """A job's identity across sweeps: a record for the same key is the same job."""
     return r["group"], r["loss"], r["seed"]
+
+
+def _settings(r) -> dict:
+    """What a job trained with beyond its key: the TrainConfig overrides and its utilities table."""
+    return {"cfg": r.get("cfg", {}), "utilities": r.get("utilities")}
 
 
 def _read_records(paths):
@@ -277,7 +292,7 @@ def report(*paths):
     """Mean over seeds per (group, loss), and UAE minus InfoNCE paired by seed (same batches). Several files
     (e.g. a sweep and the sweep that ran the gold reference's seeds) are read as one."""
     import numpy as np
-    from uae_fast.metrics import paired_bootstrap, upgrade_metric_names
+    from uae_fast.metrics import upgrade_metric_names
 
     recs = _read_records(paths)
     for r in recs:  # records written before Success@k existed call it "Recall@k"
@@ -298,13 +313,10 @@ def report(*paths):
         diff = ["", ""]
         if loss == "uae":
             ref = by.get((g, "infonce"), base_inf)
-            common = [s for s in seeds if s in ref]
-            if common:
+            if any(s in ref for s in seeds):
                 out = []
                 for k in ("Success@1", "MAP"):
-                    a = sum((runs[s]["per_query"][k] for s in common), [])
-                    b = sum((ref[s]["per_query"][k] for s in common), [])
-                    pb = paired_bootstrap(a, b, resamples=2000)
+                    pb = _paired(runs, ref, k)
                     out.append(f"{pb['diff']:+.4f} [{pb['ci95_low']:+.4f}, {pb['ci95_high']:+.4f}] p={pb['p']:.2f}"
                                + ("" if (g, "infonce") in by else " vs base"))
                 diff = out
@@ -325,19 +337,41 @@ def report(*paths):
     return "\n".join(lines)
 
 
+def _seedless(runs) -> bool:
+    """A row without training (untrained student, BM25, --eval-model): its one record pairs with every seed."""
+    return all(r.get("loss") == "none" for r in runs.values())
+
+
 def _paired(runs, ref, k):
-    """Paired bootstrap of runs minus ref on metric k, pooled over their shared seeds (one seed of a
-    seedless reference such as BM25 pairs with every seed)."""
+    """Paired bootstrap of runs minus ref on metric k over the questions, each question's value averaged over
+    the seeds the two rows share (a seedless reference such as BM25 pairs with every seed). Averaging, not
+    concatenating the seeds' lists: a question's seeds are not independent samples, and counting each
+    question once per seed would narrow the interval (as scripts/runs_report.py does it)."""
+    import numpy as np
     from uae_fast.metrics import paired_bootstrap
 
     seeds = sorted(runs)
-    pairs = [(s, s if s in ref else (0 if list(ref) == [0] else None)) for s in seeds]
-    pairs = [(a, b) for a, b in pairs if b is not None]
+    if _seedless(ref):
+        pairs = [(s, next(iter(ref))) for s in seeds]
+    else:
+        pairs = [(s, s) for s in seeds if s in ref]
     if not pairs:
         return None
-    a = sum((runs[x]["per_query"][k] for x, _ in pairs), [])
-    b = sum((ref[y]["per_query"][k] for _, y in pairs), [])
+    for x, y in pairs:
+        _check_same_questions(runs[x], ref[y], k)
+    a = np.mean([runs[x]["per_query"][k] for x, _ in pairs], axis=0)
+    b = np.mean([ref[y]["per_query"][k] for _, y in pairs], axis=0)
     return paired_bootstrap(a, b, resamples=2000)
+
+
+def _check_same_questions(r1, r2, k) -> None:
+    """Two records pair only over the same dev questions: equal lengths, and equal question-id digests where
+    both records carry one (records written before the digest existed carry none)."""
+    n1, n2 = len(r1["per_query"][k]), len(r2["per_query"][k])
+    d1, d2 = r1.get("dev_questions"), r2.get("dev_questions")
+    if n1 != n2 or (d1 and d2 and d1 != d2):
+        raise ValueError(f"{r1['group']}/{r1['loss']}/{r1['seed']} and {r2['group']}/{r2['loss']}/{r2['seed']} were "
+                         f"evaluated on different dev questions ({n1} vs {n2}{', other ids' if n1 == n2 else ''}): not paired")
 
 
 def answer_only_table(by) -> str:
@@ -474,7 +508,12 @@ def main(argv=None):
     path = os.path.join(args.out, "sweep.jsonl")
     if os.path.exists(path):  # a sweep continued over several calls: run only what is missing
         with open(path) as f:
-            done = {_job_key(r) for r in map(json.loads, filter(str.strip, f)) if "metrics" in r}
+            done = {_job_key(r): r for r in map(json.loads, filter(str.strip, f)) if "metrics" in r}
+        # a finished job is only skipped when it ran the same settings: else two settings would share one row
+        clash = [j for j in jobs if _job_key(j) in done and _settings(done[_job_key(j)]) != _settings(j)]
+        if clash:
+            ap.error(f"{path} already has {'/'.join(map(str, _job_key(clash[0])))} with other settings "
+                     f"({_settings(done[_job_key(clash[0])])} vs {_settings(clash[0])}): give another --out")
         jobs = [j for j in jobs if _job_key(j) not in done]
     print(f"{len(jobs)} jobs, {args.workers} workers, device {args.device}, budget {args.budget_s:.0f}s", flush=True)
     t0 = time.time()

@@ -188,3 +188,54 @@ def test_groups_set_keep_models_and_eval_model(tmp_path, tiny):
         sweep_dev.main(common + ["--set", "lr"])
     with pytest.raises(SystemExit):
         sweep_dev.main(common + ["--set", "seed=3"])
+
+
+def _rec(group, loss, seed, r1, **kw):
+    return {"group": group, "loss": loss, "seed": seed, "train_s": 1.0, "steps": 1,
+            "metrics": {"Success@1": sum(r1) / len(r1), "Success@5": 1.0, "MAP": sum(r1) / len(r1), "MRR": 1.0},
+            "per_query": {"Success@1": list(r1), "MAP": list(r1)}, **kw}
+
+
+def test_paired_averages_each_question_over_seeds():
+    # Two seeds with the same per-question results carry no more evidence than one: the interval over the
+    # questions must not narrow (concatenating the seeds' lists counted each question twice).
+    from uae_fast.metrics import paired_bootstrap
+
+    a, b = [1, 1, 0, 1, 0, 1, 1, 0, 1, 1], [1, 0, 0, 1, 0, 0, 1, 0, 0, 1]
+    runs = {s: _rec("x", "uae", s, a) for s in (0, 1)}
+    ref = {s: _rec("y", "infonce", s, b) for s in (0, 1)}
+    one = paired_bootstrap(a, b, resamples=2000)
+    assert sweep_dev._paired(runs, ref, "Success@1") == one
+    # per question, the seeds' mean: seed 1 of a half as good -> the pooled diff is the mean of the seeds' diffs
+    runs[1] = _rec("x", "uae", 1, b)
+    assert sweep_dev._paired(runs, ref, "Success@1")["diff"] == pytest.approx((sum(a) - sum(b)) / 10 / 2)
+
+
+def test_paired_seedless_reference_and_question_checks():
+    runs = {s: _rec("x", "uae", s, [1, 0, 1, 1]) for s in (0, 1, 2)}
+    bm25 = {0: _rec("bm25", "none", 0, [0, 0, 1, 0])}
+    trained0 = {0: _rec("y", "infonce", 0, [1, 1, 1, 1])}  # a trained reference that only finished seed 0
+    assert sweep_dev._paired(runs, bm25, "Success@1")["diff"] == pytest.approx(0.5)  # BM25 pairs every seed
+    assert sweep_dev._paired(runs, trained0, "Success@1")["diff"] == pytest.approx(-0.25)  # seed 0 only ...
+    runs[1] = _rec("x", "uae", 1, [0, 0, 0, 0])
+    assert sweep_dev._paired(runs, trained0, "Success@1")["diff"] == pytest.approx(-0.25)  # ... not seeds 1 and 2
+    with pytest.raises(ValueError, match="different dev questions"):
+        sweep_dev._paired(runs, {0: _rec("y", "infonce", 0, [1, 1, 1])}, "Success@1")
+    other = {0: _rec("y", "infonce", 0, [1, 1, 1, 1], dev_questions="abc")}
+    runs[0]["dev_questions"] = "def"
+    with pytest.raises(ValueError, match="other ids"):
+        sweep_dev._paired(runs, other, "Success@1")
+
+
+def test_resume_refuses_a_finished_job_with_other_settings(tmp_path, tiny):
+    from test_answer_only import no_gold_table
+
+    a = no_gold_table(tmp_path, load_dataset(TRAIN), m=3, name="a.jsonl.gz", seed=1, teacher="A")
+    out = tmp_path / "out"
+    out.mkdir()
+    done = _rec("ao-smollm", "uae", 0, [1, 0], cfg={"lr": 0.5}, utilities=a)
+    (out / "sweep.jsonl").write_text(json.dumps(done) + "\n")
+    with pytest.raises(SystemExit):
+        sweep_dev.main(["--out", str(out), "--train", TRAIN, "--dev", DEV, "--nogold-utilities", a, "--student", tiny,
+                        "--device", "cpu", "--threads", "1", "--grid", "answeronly-tiny", "--groups", "ao-smollm"])
+    assert (out / "sweep.jsonl").read_text().count("\n") == 1  # nothing ran
