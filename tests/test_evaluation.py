@@ -195,3 +195,11 @@ def test_dense_ranker_topk_index(dev, tiny):
         assert sorted(got) == sorted(dev.pool(q))
         assert got[:3] == want[:3]
         assert ranker.rank(q, k=2) == got[:2]
+
+
+def test_one_query_eval_has_no_paired_rows(dev, tiny):
+    # a paired bootstrap needs 2 queries: one query still evaluates, without the paired block
+    res = evaluate(dev, [tiny], names=["tiny"], baselines=("bm25",), progress=False, limit=1)
+    assert res["systems"]["tiny"]["n"] == 1 and not res.get("paired")
+    res2 = evaluate(dev, [tiny], names=["tiny"], baselines=("bm25",), progress=False, limit=2)
+    assert set(res2["paired"]) == {"tiny - bm25"}

@@ -51,11 +51,15 @@ def test_roundtrip_and_errors(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["d.run", "qrels", "r.run", "x.tmp"]
     with pytest.raises(ValueError, match="depth"):
         write_run(tmp_path / "x", {"q": ["a"]}, "s", depth=0)
+    with pytest.raises(ValueError, match="query 'q2': the ranking is empty"):  # trec_eval would drop q2 from its means
+        write_run(tmp_path / "x", {"q1": ["a"], "q2": []}, "s")
     with pytest.raises(TypeError, match="not one string"):
         write_qrels(tmp_path / "x", {"q": "abc"})
     for text, msg in (("q Q0 a 1 0.5\n", r"bad:1: expected 6 fields 'qid Q0 docid rank score run_name', got 5"),
                       ("q Q0 a 1 0.5 s\n\nq Q0 b 2 high s\n", r"bad:3: score 'high' is not a number"),
-                      ("q Q0 a 1 0.5 s\nq Q0 a 2 0.4 s\n", r"bad:2: document 'a' ranked twice for query 'q'")):
+                      ("q Q0 a 1 0.5 s\nq Q0 a 2 0.4 s\n", r"bad:2: document 'a' ranked twice for query 'q'"),
+                      ("q Q0 a 1 4 s\nq Q0 b 2 nan s\nq Q0 c 3 3 s\n", r"bad:2: score 'nan' is not finite"),
+                      ("\n", r"bad: the run holds no rows")):
         (tmp_path / "bad").write_text(text)
         with pytest.raises(ValueError, match=msg):
             read_run(tmp_path / "bad")

@@ -380,12 +380,13 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         # Paired over the same queries: the first model against every other system.
         first = shown[0]
         pq = {n: per_query_metrics(rankings[n], golds[: len(rankings[n])]) for n in shown}
+        # a bootstrap needs 2 queries (a re-ranker limited to 1 query has no paired row)
         result["paired"] = {f"{first} - {n}": {m: paired_bootstrap(pq[first][m][: len(v)], v) for m, v in pq[n].items()}
-                            for n in shown[1:]}
+                            for n in shown[1:] if len(rankings[n]) >= 2}
     for row, side in hybrid_rows.items():  # each hybrid row against both of its single sides
         pq = {n: per_query_metrics(rankings[n], golds) for n in (row, side, "bm25") if n in rankings}
         for other in (side, "bm25"):
-            if other in pq and f"{other} - {row}" not in result.get("paired", {}):
+            if other in pq and f"{other} - {row}" not in result.get("paired", {}) and len(golds) >= 2:
                 result.setdefault("paired", {})[f"{row} - {other}"] = {
                     m: paired_bootstrap(v, pq[other][m]) for m, v in pq[row].items()}
     if "rerank" in rankings:

@@ -180,8 +180,8 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
     import numpy as np
 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.ndim != 1 or a.shape != b.shape or a.size == 0:
-        raise ValueError(f"a and b must be non-empty and paired, got {a.size} and {b.size} values")
+    if a.ndim != 1 or a.shape != b.shape or a.size < 2:  # one pair resamples to itself: p would read 0.0
+        raise ValueError(f"a and b must be paired, at least 2 values each, got {a.size} and {b.size} values")
     d = a - b
     if not np.isfinite(d).all():  # a NaN would make every resampled mean NaN and p read 0.0, "significant"
         raise ValueError(f"a and b must be finite; {int((~np.isfinite(d)).sum())} pair(s) are NaN or infinite")

@@ -25,6 +25,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -61,6 +62,8 @@ def write_run(path: str, rankings: Mapping[str, Sequence[str]], run_name: str, *
         for qid, ranking in rankings.items():
             qid = _token(qid, "query id")
             docs = list(ranking)[:depth]
+            if not docs:  # trec_eval would leave the query out of its means, where `uae eval` scores it 0
+                raise ValueError(f"query {qid!r}: the ranking is empty; a TREC run cannot hold a query without documents")
             if len(set(docs)) != len(docs):
                 raise ValueError(f"query {qid!r}: the ranking contains a document twice")
             n = len(docs)
@@ -106,10 +109,14 @@ def read_run(path: str) -> Dict[str, List[str]]:
             s = float(score)
         except ValueError:
             raise ValueError(f"{path}:{n}: score {score!r} is not a number") from None
+        if not math.isfinite(s):  # a NaN key would scramble the whole query's sort, not only its own place
+            raise ValueError(f"{path}:{n}: score {score!r} is not finite")
         q = scored.setdefault(qid, {})
         if doc in q:
             raise ValueError(f"{path}:{n}: document {doc!r} ranked twice for query {qid!r}")
         q[doc] = s
+    if not scored:
+        raise ValueError(f"{os.fspath(path)}: the run holds no rows")
     # two stable sorts: docid descending, then score descending
     return {qid: sorted(sorted(d, reverse=True), key=lambda doc: -d[doc]) for qid, d in scored.items()}
 
