@@ -7,6 +7,10 @@ system with one seed. Per system and metric (Success@1/5, Recall@1/5, MAP, MRR o
 ``qrels.txt``): the mean over seeds and its sample sd. Paired tests use each query's metric averaged over the
 system's seeds (the usual way to compare seed-averaged systems on the same queries): every system against
 every ``--ref`` system (default: the single-seed runs), 10,000 bootstrap resamples, two-sided p.
+
+A run that lacks some of the qrels' queries (``rerank.run`` of ``uae eval --rerank-limit``) is left out with a
+note, as scoring its missing queries 0 would bias it: report it on its own queries with
+``--qrels qrels-rerank-subset.txt`` (every run then is scored on that subset).
 """
 from __future__ import annotations
 
@@ -29,12 +33,13 @@ from uae_fast.trec import read_qrels, read_run  # noqa: E402
 METRICS = ("Success@1", "Success@5", "Recall@1", "Recall@5", "MAP", "MRR")
 
 
-def load(folder: str):
-    """{system: {seed: {metric: per-query list}}} over the queries of qrels.txt with a relevant passage."""
-    qrels = read_qrels(os.path.join(folder, "qrels.txt"))
+def load(folder: str, qrels_name: str = "qrels.txt"):
+    """{system: {seed: {metric: per-query list}}} over the queries of the qrels with a relevant passage; runs
+    that lack some of those queries are left out (named on stderr)."""
+    qrels = read_qrels(os.path.join(folder, qrels_name))
     qids = sorted(q for q, docs in qrels.items() if any(r > 0 for r in docs.values()))
     if not qids:
-        raise ValueError(f"{folder}/qrels.txt has no query with a relevant passage")
+        raise ValueError(f"{folder}/{qrels_name} has no query with a relevant passage")
     golds = [{d for d, r in qrels[q].items() if r > 0} for q in qids]
     systems = defaultdict(dict)
     runs = sorted(glob.glob(os.path.join(folder, "*.run")))
@@ -45,8 +50,15 @@ def load(folder: str):
         m = re.fullmatch(r"(.+)-s(\d+)", name)
         system, seed = (m.group(1), int(m.group(2))) if m else (name, 0)
         run = read_run(path)
-        pq = per_query_metrics([run.get(q, []) for q in qids], golds)
+        lacking = [q for q in qids if q not in run]
+        if lacking:
+            print(f"runs_report: {name}.run lacks {len(lacking)} of the {len(qids)} queries of {qrels_name}; left out "
+                  f"(report it with the qrels of its own queries, e.g. --qrels qrels-rerank-subset.txt)", file=sys.stderr)
+            continue
+        pq = per_query_metrics([run[q] for q in qids], golds)
         systems[system][seed] = {k: pq[k] for k in METRICS}
+    if not systems:
+        raise ValueError(f"no run in {folder} covers every query of {qrels_name}")
     return qids, dict(systems)
 
 
@@ -82,6 +94,8 @@ def table(out, n_queries: int) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", help="a uae eval --save-runs folder (qrels.txt and NAME.run files)")
+    ap.add_argument("--qrels", default="qrels.txt", help="the qrels file in the folder (default qrels.txt; "
+                    "qrels-rerank-subset.txt for the re-ranker's queries)")
     ap.add_argument("--ref", action="append", default=None, help="reference system(s) for the paired tests "
                     "(repeatable; default: every single-seed system)")
     ap.add_argument("--json", default=None, help="also write the report here (.json or .json.gz)")
@@ -89,7 +103,7 @@ def main(argv=None) -> int:
                     "average precision (4 digits), in the order of its 'queries' list, for later paired tests")
     args = ap.parse_args(argv)
     try:
-        qids, systems = load(args.runs)
+        qids, systems = load(args.runs, args.qrels)
     except (ValueError, OSError) as e:
         print(f"runs_report: {e}", file=sys.stderr)
         return 2

@@ -193,3 +193,15 @@ def test_runs_report_groups_seeds_and_pairs(tmp_path, capsys):
     assert r["per_query"]["bm25"]["MAP"] == [0.5, 0.5, 0]
     assert runs_report.main([str(tmp_path), "--ref", "nope"]) == 2
     assert "no run for reference 'nope'" in capsys.readouterr().err
+    # a re-ranker's run over the first queries only: left out of the full report (its missing queries are not
+    # zeros), reported on its own queries with their qrels
+    write_run(str(tmp_path / "rerank.run"), {"q1": ["a", "x"], "q2": ["b", "x"]}, "rerank")
+    write_qrels(str(tmp_path / "qrels-rerank-subset.txt"), {"q1": ["a"], "q2": ["b"]})
+    assert runs_report.main([str(tmp_path), "--json", str(tmp_path / "r.json")]) == 0
+    assert "rerank.run lacks 1 of the 3 queries" in capsys.readouterr().err
+    assert "rerank" not in json.load(open(tmp_path / "r.json"))["systems"]
+    assert runs_report.main([str(tmp_path), "--qrels", "qrels-rerank-subset.txt", "--ref", "rerank",
+                             "--json", str(tmp_path / "r.json")]) == 0
+    r = json.load(open(tmp_path / "r.json"))
+    assert r["n_queries"] == 2 and r["systems"]["rerank"]["Success@1"]["mean"] == 1.0
+    assert r["paired"]["uae - rerank"]["Success@1"]["diff"] == pytest.approx(-0.25)  # uae: q1 1, q2 0.5
