@@ -90,7 +90,10 @@ def test_calibrate_cli_index_build_search_and_eval(tmp_path, tiny, tiny_lm, caps
     assert main(["calibrate-fusion", "--data", TRAIN, "--model", tiny, "--teacher", tiny_lm, "--out", str(out), "--limit", "3",
                  "--candidates", "2", "--methods", "minmax,rrf", "--weights", "0,0.5,1", "--no-progress"]) == 0
     res = json.loads(out.read_text())
-    assert len(res["calibration"]["grid"]) == 4 and os.path.exists(str(out) + ".utilities.jsonl")
+    # w = 1 once (dense order for every method); w = 0 per method (only rrf is BM25's order there)
+    grid = [(g["method"], g["weight"]) for g in res["calibration"]["grid"]]
+    assert grid == [("minmax", 0.0), ("minmax", 0.5), ("minmax", 1.0), ("rrf", 0.0), ("rrf", 0.5)]
+    assert os.path.exists(str(out) + ".utilities.jsonl")
     idx = tmp_path / "idx"
     assert main(["index", "build", "--data", DEV, "--model", tiny, "--out", str(idx), "--lexical", "--fusion", str(out),
                  "--no-progress"]) == 0
@@ -195,3 +198,34 @@ def test_utility_cache_bad_header_is_one_clear_error_and_bad_rows_are_rescored(t
     path.write_text(json.dumps({"format": UTILITY_FORMAT, "settings": {"t": 1}}) + "\n"
                     + '{"key": "a", "utility": 0.5}\n{"key": "b", "utility": "high"}\n{"key": "c", "utili')
     assert _read_cache(str(path), {"t": 1}) == {"a": 0.5}  # b and the torn c are scored again
+
+
+def test_eval_hybrid_row_ranks_as_serving_and_calibration(tiny):  # noqa: F811
+    # uae eval's hybrid row fuses each side's top k_each (what a search for the top hits fuses, and what
+    # calibrate-fusion scores), then the rest of the pool in dense order; not a fusion of the whole pool
+    import numpy as np
+    import torch
+
+    from uae_fast.bm25 import BM25
+    from uae_fast.calibration import fused_ranking
+    from uae_fast.data import load_dataset
+    from uae_fast.evaluation import DenseRanker, HybridRanker
+    from uae_fast.student import BiEncoder
+
+    ds = load_dataset(DEV)
+    queries = [q for q in ds.queries if q.gold][:6]
+    enc = BiEncoder(tiny, device="cpu")
+    cfg = {"method": "minmax", "weight": 0.5, "k_each": 3, "rrf_k": 60}
+    hybrid = HybridRanker(DenseRanker(enc, ds, queries), cfg)
+    for q in queries:
+        pool = ds.pool(q)
+        with torch.no_grad():
+            emb = enc.encode([ds.passages[p].text for p in pool])
+            dense = (emb @ enc.encode([q.question])[0]).double().numpy()
+        lexical = BM25([ds.passages[p].text for p in pool]).scores(q.question)
+        want = [pool[i] for i in fused_ranking(dense, np.asarray(lexical, np.float64), cfg)]
+        got = hybrid.rank(q)
+        assert len(got) == len(pool) > 3 and got == want, q.id
+        index, _ = hybrid.indexes[hybrid.dense._key(q)]
+        _, top = index.search(enc.encode([q.question]), [q.question], 3)  # serving's top 3 = the row's first 3
+        assert [pool[int(i)] for i in top[0].tolist()] == got[:3]

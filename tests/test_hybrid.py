@@ -486,3 +486,13 @@ def test_lexical_default_ids_survive_save_load(tmp_path):
     again = LexicalIndex.load(tmp_path / "l.uae")
     again.add(["c d"])
     assert again.ids.tolist() == [7, 3, 8]
+
+
+def test_fusion_refuses_non_finite_scores():
+    # one NaN made min/max NaN and zeroed that side for every passage, silently
+    cfg = dict(DEFAULT_FUSION, method="minmax", weight=0.5)
+    for d, l in (([0.9, float("nan"), 0.1], [4.0, 2.0]), ([0.9, 0.5, 0.1], [float("inf"), 2.0])):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            fuse_one(d, [3, 1, 2], l, [2, 4], 10, cfg)
+    s, i = fuse_one([0.9, -math.inf], [3, -1], [4.0, math.nan], [2, -1], 10, cfg)  # padding (id -1) is not read
+    assert i.tolist() == [3, 2]

@@ -37,7 +37,9 @@ UTILITY_FORMAT = "uae-fusion-utilities/1"
 
 def fusion_grid(methods: Sequence[str] = METHODS, weights: Sequence[float] = GRID_WEIGHTS, *, k_each: int = 100,
                 rrf_k: int = 60) -> List[dict]:
-    """Every (method, weight) config; ``w = 0`` and ``w = 1`` once each (all methods agree there)."""
+    """Every (method, weight) config; ``w = 1`` once (every method ranks in dense order there). ``w = 0`` stays
+    per method: only RRF is BM25's order there (min-max and z-score tie BM25's weakest hit with the passages
+    it did not return, a tie dense rank breaks)."""
     if not methods or not weights:
         raise ValueError(f"the fusion grid needs at least one method and one weight, got methods {list(methods)} "
                          f"and weights {list(weights)}")
@@ -49,7 +51,7 @@ def fusion_grid(methods: Sequence[str] = METHODS, weights: Sequence[float] = GRI
         for w in weights:
             if not 0.0 <= w <= 1.0:
                 raise ValueError(f"weights must lie in [0, 1], got {w}")
-            key = ("pure", w) if w in (0.0, 1.0) else (m, w)
+            key = ("dense", w) if w == 1.0 else (m, w)
             if key not in seen:
                 seen.add(key)
                 out.append({"method": m, "weight": float(w), "k_each": int(k_each), "rrf_k": int(rrf_k)})
@@ -292,4 +294,6 @@ def _main(args) -> int:
 
 
 def _grid_at(grid: List[dict], w: float) -> float:
-    return next((g["teacher_mrr"] for g in grid if g["weight"] == w), float("nan"))
+    """The objective at dense weight ``w``; at ``w = 0`` RRF's config, the one in BM25's order (if in the grid)."""
+    at = [g for g in grid if g["weight"] == w]
+    return next((g["teacher_mrr"] for g in at if w != 0.0 or g["method"] == "rrf"), at[0]["teacher_mrr"] if at else float("nan"))

@@ -151,10 +151,22 @@ class HybridRanker:
             self.indexes[key] = (HybridIndex.from_parts(index, lex, fusion), pool)
 
     def rank(self, q: Query) -> List[str]:
+        """The fused union of both sides' top ``k_each`` (as ``uae calibrate-fusion`` ranks; a search for the top
+        ``k <= k_each`` returns its first ``k``), then the rest of the pool in dense order: fusing a whole
+        corpus-wide pool would measure another ranking than serving returns."""
+        from .fusion import fuse
+
         index, pool = self.indexes[self.dense._key(q)]
         emb = self.dense.encoder.encode([q.question])
-        _, ids = index.search(emb, [q.question], len(pool))
-        return [pool[int(i)] for i in ids[0].tolist() if int(i) >= 0]
+        each = min(index.fusion["k_each"], len(pool))
+        dense, lexical = index.dense.search(emb, each), index.lexical.search([q.question], each)
+        _, ids = fuse(dense, lexical, len(pool), index.fusion)  # the union, whole: its first k are a top-k search's
+        head = [int(i) for i in ids[0].tolist() if int(i) >= 0]
+        if len(head) < len(pool):
+            seen = set(head)
+            _, dense_ids = index.dense.search(emb, len(pool))
+            head += [int(i) for i in dense_ids[0].tolist() if int(i) >= 0 and int(i) not in seen]
+        return [pool[i] for i in head]
 
 
 def fusion_row_name(fusion) -> str:

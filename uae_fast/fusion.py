@@ -100,6 +100,8 @@ def fuse_one(dense_scores, dense_ids, lex_scores, lex_ids, k: int, fusion: dict)
     dk = dense_ids >= 0
     lk = (lex_ids >= 0) & (lex_scores > 0)
     dense_ids, dense_scores = dense_ids[dk], dense_scores[dk]
+    if not (np.isfinite(dense_scores).all() and np.isfinite(lex_scores[lex_ids >= 0]).all()):
+        raise ValueError("fusion: a returned score is NaN or infinite (it would silently zero its whole side)")
     lex_ids, lex_scores = lex_ids[lk], lex_scores[lk]
     union = np.union1d(dense_ids, lex_ids)
     big = np.iinfo(np.int64).max
