@@ -29,9 +29,16 @@ trap 'rm -rf "$raw"' EXIT
 # UAE_BUILD_NO_ISOLATION=1 builds with the installed setuptools/pybind11 (no index access).
 "$PY" -m build --wheel --outdir "$raw" ${UAE_BUILD_NO_ISOLATION:+--no-isolation} .
 mkdir -p dist
-"$PY" -m auditwheel repair --exclude libgomp.so.1 --wheel-dir dist "$raw"/*.whl 2>&1 | grep -v "^INFO:" || true
-# auditwheel names the repaired wheel after the raw one with the manylinux tag
+# auditwheel names the repaired wheel after the raw one with the manylinux tag; an older build of the same
+# version goes first, so a failed repair can never be reported (and checked) as this build
 name="$(basename "$raw"/*.whl)"
+rm -f dist/"${name%%-linux_*}"-*manylinux*.whl
+set +e
+"$PY" -m auditwheel repair --exclude libgomp.so.1 --wheel-dir dist "$raw"/*.whl > "$raw/auditwheel.log" 2>&1
+rc=$?
+set -e
+grep -v "^INFO:" "$raw/auditwheel.log" || true
+if [ "$rc" -ne 0 ]; then echo "build_wheel.sh: auditwheel repair failed (exit $rc)" >&2; exit 1; fi
 out="$(ls -t dist/"${name%%-linux_*}"-*manylinux*.whl 2>/dev/null | head -1)"
 if [ -z "$out" ]; then echo "build_wheel.sh: auditwheel wrote no manylinux wheel for $name" >&2; exit 1; fi
 echo "built: $out"

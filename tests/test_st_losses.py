@@ -304,15 +304,15 @@ def test_export_output_folder(exported, tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
 
 
-def test_export_columns_and_labels(exported):
+def test_export_columns_and_labels(exported, tmp_path):
     import datasets
 
     from uae_fast.data import load_dataset
     from uae_fast.training import load_utilities
 
     out, utils = exported
-    d = datasets.load_dataset(str(out), split="train")
-    assert d.column_names == ["query", "passage_0", "passage_1", "passage_2", "passage_3", "labels"]
+    d = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))  # no stale cache
+    assert d.column_names == ["query", "passage_0", "passage_1", "passage_2", "passage_3", "label"]
     ds = load_dataset(TRAIN)
     u, _ = load_utilities(utils)
     by_q = {q.question: q for q in ds.queries}
@@ -323,7 +323,7 @@ def test_export_columns_and_labels(exported):
         q = by_q[row["query"]]
         pids = [by_text[row[f"passage_{c}"]] for c in range(4)]
         assert pids[0] in q.gold and len(set(pids)) == 4
-        for pid, lab in zip(pids, row["labels"]):
+        for pid, lab in zip(pids, row["label"]):
             if pid in u[q.id]:
                 assert lab == pytest.approx(u[q.id][pid], rel=1e-6)
             else:
@@ -347,7 +347,7 @@ def test_export_tops_up_short_papers_with_other_papers(exported):
         pids = [by_text[cols[f"passage_{c}"][i]] for c in range(k)]
         pool = set(ds.pool(q))
         assert len(set(pids)) == k and set(pids[:len(pool)]) == pool  # the whole paper, then other papers'
-        assert all(math.isnan(x) for x in cols["labels"][i][len(pool):])
+        assert all(math.isnan(x) for x in cols["label"][i][len(pool):])
     with pytest.raises(ValueError, match="passages_per_query must be a positive int"):
         export_rows(ds, u, passages_per_query=0)
     # explicit candidates that leave out a gold: the top-up never puts that gold (or a candidate) in a column
@@ -379,16 +379,23 @@ def test_trainer_two_steps_on_exported_data(exported, enc_dir, tmp_path, cached)
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
     out, _ = exported
-    train = datasets.load_dataset(str(out), split="train")
+    train = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))  # no stale cache
     model = SentenceTransformer(enc_dir, device="cpu")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = CachedUtilityInfoNCELoss(model, mini_batch_size=3) if cached else UtilityInfoNCELoss(model)
     args = SentenceTransformerTrainingArguments(str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
                                                 learning_rate=1e-3, report_to="none", save_strategy="no",
                                                 logging_steps=1, use_cpu=True, dataloader_num_workers=0, seed=0)
+    seen, forward = [], loss.forward
+
+    def spy(features, labels):  # the export's `label` column reaches the loss as its utilities
+        seen.append(None if labels is None else tuple(labels.shape))
+        return forward(features, labels)
+    loss.forward = spy
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss)
     result = trainer.train()
     assert result.global_step == 2 and math.isfinite(result.training_loss)
+    assert seen and all(x == (4, 4) for x in seen), seen
     changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert len(changed) > 5
 

@@ -3,7 +3,10 @@
 One row per query that has gold evidence, in the column shape :class:`uae_fast.losses.UtilityInfoNCELoss`
 reads::
 
-    query | passage_0 | passage_1 | ... | passage_{K-1} | labels ([K] float32 utilities, NaN = none)
+    query | passage_0 | passage_1 | ... | passage_{K-1} | label ([K] float32 utilities, NaN = none)
+
+(``label``: the label column every sentence-transformers version since 3.0 takes out of the inputs and
+passes to the loss as ``labels``; 6.x also knows ``labels``, which exports before 0.2.0 used.)
 
 The passages of a row are drawn as ``uae train`` draws them (its ``BatchSampler``): **passage_0 is a gold
 passage** (the positive the loss's ``label_mix`` mixes in), then the passages the teacher scored for the
@@ -48,7 +51,7 @@ def export_rows(ds: RetrievalDataset, utilities: Dict[str, Dict[str, float]], *,
     # uae train's passage choice (gold first, then scored candidates, then the rest of the paper).
     sampler = BatchSampler(ds, TrainConfig(loss="uae", passages_per_query=k, seed=seed), utilities)
     all_pids = list(ds.passages)
-    cols: Dict[str, list] = {"query": [], **{f"passage_{c}": [] for c in range(k)}, "labels": []}
+    cols: Dict[str, list] = {"query": [], **{f"passage_{c}": [] for c in range(k)}, "label": []}
     skipped = 0
     for n, q in enumerate(ds.queries):
         u = utilities.get(q.id) or {}  # unscored: all-NaN labels, trained on passage_0 as uae train does
@@ -64,7 +67,7 @@ def export_rows(ds: RetrievalDataset, utilities: Dict[str, Dict[str, float]], *,
         cols["query"].append(q.question)
         for c, pid in enumerate(chosen):
             cols[f"passage_{c}"].append(ds.passages[pid].text)
-        cols["labels"].append([float(u[pid]) if pid in u else math.nan for pid in chosen])
+        cols["label"].append([float(u[pid]) if pid in u else math.nan for pid in chosen])
     return cols, skipped
 
 
@@ -116,7 +119,7 @@ def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = N
     k = passages_per_query
     features = datasets.Features({"query": datasets.Value("string"),
                                   **{f"passage_{c}": datasets.Value("string") for c in range(k)},
-                                  "labels": datasets.Sequence(datasets.Value("float32"), length=k)})
+                                  "label": datasets.Sequence(datasets.Value("float32"), length=k)})
     table = datasets.Dataset.from_dict(cols, features=features)
     os.makedirs(out_dir, exist_ok=True)
     for f in os.listdir(out_dir):  # a killed export's temporary files
@@ -124,7 +127,7 @@ def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = N
             os.remove(os.path.join(out_dir, f))
     with atomic_write(os.path.join(out_dir, PARQUET_FILE), "wb") as f:  # a kill never leaves half a parquet file
         table.to_parquet(f)
-    labels = np.asarray(cols["labels"], dtype=np.float32)
+    labels = np.asarray(cols["label"], dtype=np.float32)
     summary = {"rows": len(cols["query"]), "passages_per_query": k, "skipped_no_gold": skipped,
                "scored_fraction": round(float(np.isfinite(labels).mean()), 4), "seed": seed,
                "unscored_queries": int(np.isnan(labels).all(axis=1).sum()),
@@ -149,9 +152,9 @@ tags:
 # UAE training set (`uae export`)
 
 {s['rows']} queries x {k} passages from `{s['utilities']}` (teacher: {s['teacher']}) over `{s['data']}`.
-Columns: `query`, `passage_0` ... `passage_{k - 1}` (text), `labels` ([{k}] float32 teacher utilities, NaN = not
+Columns: `query`, `passage_0` ... `passage_{k - 1}` (text), `label` ([{k}] float32 teacher utilities, NaN = not
 scored: an in-batch negative with no target weight). `passage_0` is a gold passage. {s['scored_fraction']:.0%} of
-the passages carry a utility; {s['unscored_queries']} queries have none (all-NaN labels: the loss trains them on
+the passages carry a utility; {s['unscored_queries']} queries have none (all-NaN label: the loss trains them on
 `passage_0`, as `uae train` does). {s['skipped_no_gold']} queries without gold evidence are left out. Seed {s['seed']}.
 
 ```python
@@ -170,8 +173,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="a utilities table as a sentence-transformers dataset (parquet)",
         description="Write a `uae score` utilities table as a `datasets` parquet folder with the columns "
-                    "(query, passage_0..passage_K-1, labels) that uae_fast.losses.UtilityInfoNCELoss trains on "
-                    "with SentenceTransformerTrainer. passage_0 is a gold passage; labels are the teacher "
+                    "(query, passage_0..passage_K-1, label) that uae_fast.losses.UtilityInfoNCELoss trains on "
+                    "with SentenceTransformerTrainer. passage_0 is a gold passage; label holds the teacher "
                     "utilities (NaN = not scored).")
     p.add_argument("--utilities", required=True, help="utilities JSONL(.gz) from `uae score`")
     p.add_argument("--data", default=None, help="the data the table was scored on (default: QASPER train)")

@@ -384,7 +384,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--candidate-student", default=None, help="encoder folder for 'student:M' (default: all-MiniLM-L6-v2)")
     p.add_argument("--answers", default="all", choices=["all", "first", "shortest"], help="gold answers to average over")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT.partial)")
-    p.add_argument("--shard", default=None, help="I/N: score every N-th query from the I-th (0-based); torchrun ranks are used when unset")
+    p.add_argument("--shard", default=None, help="I/N: this shard's part of the queries (0-based): with --order paper every N-th paper, so a paper's "
+                        "questions stay together; else every N-th query. torchrun ranks are used when unset")
     p.add_argument("--merge", nargs="+", metavar="SHARD", help="merge finished shard files into --out instead of scoring")
     p.add_argument("--merge-teachers", nargs="+", metavar="TABLE",
                    help="teacher ensemble into --out instead of scoring: per-query z-scored utilities averaged over the "
@@ -395,7 +396,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-answer-tokens", type=int, default=None, help="answers cut to this many tokens (default 48)")
     p.add_argument("--aggregation", default="mean", choices=["mean", "sum", "clipped_mean"],
                    help="per-token deltas to one utility: their mean, sum, or mean after clipping each to [-2, 2]")
-    p.add_argument("--token-budget", type=int, default=None, help="padded tokens per forward (default 8192)")
+    p.add_argument("--token-budget", type=int, default=None, help="padded tokens per forward (default 8192 on CPU, 32768 on CUDA)")
     p.add_argument("--order", default="paper", choices=["paper", "hash", "data"],
                    help="query order: paper (default; a paper's questions together, so passages they share run once), "
                         "hash (by query); both make any prefix of a run a random sample")

