@@ -229,3 +229,54 @@ def test_eval_hybrid_row_ranks_as_serving_and_calibration(tiny):  # noqa: F811
         index, _ = hybrid.indexes[hybrid.dense._key(q)]
         _, top = index.search(enc.encode([q.question]), [q.question], 3)  # serving's top 3 = the row's first 3
         assert [pool[int(i)] for i in top[0].tolist()] == got[:3]
+
+
+def test_index_build_from_a_corpus_and_search_guards(tmp_path, tiny, capsys):  # noqa: F811
+    # a corpus without queries indexes (JSONL passages, a BEIR folder with only corpus.jsonl); search refuses a
+    # blank question, a dense manifest that disagrees with its file, and a model changed since the build
+    import shutil
+
+    from uae_fast.cli import main
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"type": "passage", "id": f"p{i}", "text": t}) + "\n"
+                              for i, t in enumerate(["cats purr", "dogs bark loudly", "fish swim"])))
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": t}) + "\n"
+                                               for i, t in enumerate(["a b", "c d"])))
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    for data, n in ((corpus, 3), (beir, 2)):
+        out = tmp_path / f"idx-{n}"
+        assert main(["index", "build", "--data", str(data), "--model", str(model), "--out", str(out), "--no-progress"]) == 0
+        assert main(["search", str(out), "who barks", "-k", "2"]) == 0
+    capsys.readouterr()
+    idx = tmp_path / "idx-3"
+    assert main(["search", str(idx), "  "]) == 1 and "question 1 is empty" in capsys.readouterr().err
+    m = json.loads((idx / "hybrid.json").read_text())
+    (idx / "hybrid.json").write_text(json.dumps(dict(m, ntotal=77)))
+    assert main(["search", str(idx), "who barks"]) == 1 and "the manifest says 77" in capsys.readouterr().err
+    (idx / "hybrid.json").write_text(json.dumps(m))
+    cfg = next(p for p in model.rglob("config.json"))
+    cfg.write_text(cfg.read_text() + " ")  # the model changed after the build
+    assert main(["search", str(idx), "who barks"]) == 1 and "changed since" in capsys.readouterr().err
+    assert main(["search", str(idx), "who barks", "--model", str(model)]) == 0  # deliberately
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["index", "build", "--data", str(corpus), "--model", str(model), "--out", str(tmp_path / "i2"),
+                 "--embedding-cache", str(afile), "--no-progress"]) == 1
+    assert "--embedding-cache" in capsys.readouterr().err
+
+
+def test_atomic_write_names_the_missing_folder_and_index_build_errors_name_the_action(tmp_path, capsys):
+    from uae_fast.cli import main
+    from uae_fast.index import TopKIndex
+
+    import torch
+    idx = TopKIndex(4)
+    idx.add(torch.ones(1, 4))
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*x\.uae: its folder .* does not exist"):
+        idx.save(tmp_path / "nope" / "x.uae")
+    assert main(["index", "build", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.startswith("uae index build: error:")

@@ -496,3 +496,27 @@ def test_fusion_refuses_non_finite_scores():
             fuse_one(d, [3, 1, 2], l, [2, 4], 10, cfg)
     s, i = fuse_one([0.9, -math.inf], [3, -1], [4.0, math.nan], [2, -1], 10, cfg)  # padding (id -1) is not read
     assert i.tolist() == [3, 2]
+
+
+def test_encoder_key_sees_subfolders_tokenizer_and_config(tmp_path):
+    # a sentence-transformers folder keeps its Transformer in 0_Transformer/: new weights, vocab or config
+    # there must change the key (before, only top-level *.safetensors / *.bin counted); checkpoints/ do not
+    import time
+
+    from uae_fast.embcache import encoder_key
+
+    root = tmp_path / "st"
+    (root / "0_Transformer").mkdir(parents=True)
+    (root / "modules.json").write_text("[]")
+    w = root / "0_Transformer" / "model.safetensors"
+    w.write_bytes(b"x" * 10)
+    k0 = encoder_key(str(root))
+    (root / "checkpoints").mkdir()
+    (root / "checkpoints" / "model.safetensors").write_bytes(b"y")
+    assert encoder_key(str(root)) == k0
+    for name, data in (("model.safetensors", b"z" * 11), ("vocab.txt", b"a\nb\n"), ("config.json", b"{}")):
+        time.sleep(0.01)
+        (root / "0_Transformer" / name).write_bytes(data)
+        k1 = encoder_key(str(root))
+        assert k1 != k0, name
+        k0 = k1

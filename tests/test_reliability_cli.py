@@ -521,3 +521,16 @@ def test_cli_paths_and_names_in_messages(tmp_path, capsys, utils):
                       ("score", ["--merge", utils, "--out", f"{utils}/m.jsonl"])):
         line = one_error_line(capsys, main([cmd] + argv), cmd)
         assert ("is a file" in line) and ("--json" in line or "--save-runs" in line or "--out" in line), line
+
+
+def test_deeply_nested_json_is_one_clear_error(tmp_path):
+    from uae_fast.data import load_dataset
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200000 + "]" * 200000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        load_dataset(str(deep))
+    deepl = tmp_path / "deep.jsonl"
+    deepl.write_text("[" * 200000 + "]" * 200000 + "\n")
+    with pytest.raises(ValueError, match=r"deep\.jsonl:1: not valid JSON \(nested too deeply\)"):
+        load_dataset(str(deepl))

@@ -161,6 +161,8 @@ def main(argv=None) -> int:
         parser = build_parser()  # imports torch: a Ctrl-C here is an interrupt too, not a traceback
         args = parser.parse_args(argv)
         command = args.command
+        if getattr(args, "index_command", None):  # "uae index build: error: ...", not "uae index: ..."
+            command = f"{command} {args.index_command}"
         if not getattr(args, "func", None):
             parser.print_help()
             return 2

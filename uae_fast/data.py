@@ -174,6 +174,9 @@ def atomic_write(path: str, mode: str = "w"):
     onto ``path`` when the block ends: a kill or an error never leaves half a file at ``path``, and on an error
     the temporary file is removed. The temporary name is unique per process and thread; those left by killed
     processes (no longer running) are deleted first, so repeated kills do not pile up large leftovers."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):  # name the file asked for, not its temporary sibling
+        raise FileNotFoundError(f"cannot write {path}: its folder {parent} does not exist")
     _remove_orphans(path)
     tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
     try:
@@ -359,6 +362,8 @@ def jsonl_records(path: str, what: str = "data file") -> Iterator[Tuple[int, dic
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{n}: not valid JSON (nested too deeply)") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{n}: each line must be a JSON object, got {_jtype(rec)}")
             yield n, rec
@@ -454,6 +459,19 @@ def _beir_qrels(path: str) -> Dict[str, Dict[str, float]]:
     return qrels
 
 
+def _beir_corpus(corpus: str) -> Dict[str, Passage]:
+    passages: Dict[str, Passage] = {}
+    for n, did, rec in _beir_records(corpus, "corpus"):
+        title = str(rec.get("title") or "").strip()
+        text = f"{title} {rec['text']}" if title else rec["text"]
+        if did in passages:  # an exact repeat (some published corpora have them) is one document; a clash is an error
+            if passages[did].text != text:
+                raise ValueError(f"{corpus}: corpus record {n} repeats _id {did!r} with another text")
+            continue
+        passages[did] = Passage(did, did, text, title)
+    return passages
+
+
 def _from_beir(path: str, split: Optional[str]) -> RetrievalDataset:
     if os.path.isdir(path):
         if not any(os.path.exists(os.path.join(path, f)) for f in ("corpus.jsonl", "corpus.jsonl.gz")):
@@ -470,16 +488,8 @@ def _from_beir(path: str, split: Optional[str]) -> RetrievalDataset:
         named = os.path.basename(path)[: -len(".tsv")]
         if split is not None and split != named:
             raise ValueError(f"split={split!r} contradicts the qrels file {path}")
-    passages: Dict[str, Passage] = {}
     corpus, queries_path = _beir_file(folder, "corpus.jsonl"), _beir_file(folder, "queries.jsonl")
-    for n, did, rec in _beir_records(corpus, "corpus"):
-        title = str(rec.get("title") or "").strip()
-        text = f"{title} {rec['text']}" if title else rec["text"]
-        if did in passages:  # an exact repeat (some published corpora have them) is one document; a clash is an error
-            if passages[did].text != text:
-                raise ValueError(f"{corpus}: corpus record {n} repeats _id {did!r} with another text")
-            continue
-        passages[did] = Passage(did, did, text, title)
+    passages = _beir_corpus(corpus)
     qrels = _beir_qrels(qrels_path)
     queries: List[Query] = []
     seen_q = set()
@@ -557,7 +567,19 @@ def _squad_from_dict(raw: dict, name: str) -> RetrievalDataset:
     return RetrievalDataset(passages, queries, name)
 
 
-def load_dataset(path: str, *, split: Optional[str] = None) -> RetrievalDataset:
+def load_corpus(path: str) -> Dict[str, Passage]:
+    """The passages of ``path`` alone, for indexing (``uae index build``): any :func:`load_dataset` format, where
+    queries are not needed (a JSONL file of passage records, a BEIR folder with only ``corpus.jsonl``)."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in ("corpus.jsonl", "corpus.jsonl.gz")):
+        passages = _beir_corpus(_beir_file(path, "corpus.jsonl"))
+        if not passages:
+            raise ValueError(f"{path}: no passages found")
+        return passages
+    return load_dataset(path, require_queries=False).passages
+
+
+def load_dataset(path: str, *, split: Optional[str] = None, require_queries: bool = True) -> RetrievalDataset:
     """Load QASPER or SQuAD JSON (``.json``/``.json.gz``), the JSONL schema (``.jsonl``/``.jsonl.gz``) or a
     BEIR folder (``split``: its qrels file, default ``test``; ``DIR/qrels/SPLIT.tsv`` names one too).
 
@@ -577,13 +599,15 @@ def load_dataset(path: str, *, split: Optional[str] = None) -> RetrievalDataset:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: cannot read as QASPER or SQuAD JSON ({e})") from None
+        except RecursionError:  # pathologically nested input
+            raise ValueError(f"{path}: cannot read as QASPER or SQuAD JSON (nested too deeply)") from None
         if isinstance(raw, dict) and isinstance(raw.get("data"), list):
             ds = _squad_from_dict(raw, os.path.basename(path))
         elif isinstance(raw, dict):
             ds = _qasper_from_dict(raw, os.path.basename(path), path)
         else:
             raise ValueError(f"{path}: JSON must be QASPER (paper ids -> papers) or SQuAD ({{\"data\": [articles]}})")
-    if not ds.queries:
+    if require_queries and not ds.queries:
         raise ValueError(f"{path}: no queries found")
     if not ds.passages:
         raise ValueError(f"{path}: no passages found")

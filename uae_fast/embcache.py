@@ -3,8 +3,8 @@ calibration with the same encoder embeds only texts it has not seen, and a long 
 in bounded slices (``max_seconds``) that resume where the last one stopped.
 
 Layout: ``DIR/<encoder key>/chunk-*.pt``, each ``{"keys": [sha1(text)[:20], ...], "emb": float32 [n, dim]}``,
-written atomically. The encoder key hashes the folder's real path and its weight files' sizes and
-modification times (and a BiEncoder's pooling, normalisation, max length and lower-casing), so a retrained
+written atomically. The encoder key hashes the folder's real path and the sizes and modification times
+of its weight, config and tokenizer files, subfolders included (and a BiEncoder's pooling, normalisation, max length and lower-casing), so a retrained
 model in the same folder, or the same weights with other settings, never reads stale vectors.
 """
 from __future__ import annotations
@@ -27,11 +27,24 @@ def encoder_key(path: Optional[str]) -> str:
         path = default_student_path()
     path = os.path.realpath(os.fspath(path))
     parts = [path]
-    for f in sorted(glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin"))):
+    for f in _model_files(path):
         st = os.stat(f)
-        parts.append(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}")
+        parts.append(f"{os.path.relpath(f, path)}:{st.st_size}:{st.st_mtime_ns}")
     name = os.path.basename(path.rstrip("/")) or "model"
     return f"{name}-{hashlib.sha1('|'.join(parts).encode()).hexdigest()[:12]}"
+
+
+# What decides an encoder's vectors: weights, configs, tokenizer files (a sentence-transformers folder keeps
+# its Transformer in a subfolder such as 0_Transformer/). A training run's checkpoints/ do not.
+_MODEL_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
+
+
+def _model_files(path: str):
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if d != "checkpoints" and not d.startswith("."))
+        out += [os.path.join(root, f) for f in sorted(files) if f.endswith(_MODEL_SUFFIXES)]
+    return out
 
 
 def cache_key(encoder, model_path: Optional[str] = None) -> str:

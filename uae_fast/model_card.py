@@ -189,7 +189,8 @@ def write_model_card(encoder, path: str, *, training: Optional[dict] = None) -> 
     """Write ``path/README.md`` (the usage example loads ``path`` as given); returns the file's path."""
     text = model_card(encoder, training=json.loads(json.dumps(training, default=str)) if training else None,
                       name=os.path.normpath(path))
+    from .data import write_text_atomic
+
     out = os.path.join(path, "README.md")
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(text)
+    write_text_atomic(out, text)
     return out

@@ -48,8 +48,8 @@ def build_index(data: str, out: str, *, model: Optional[str] = None, lexical: bo
                 device=None, progress: bool = True):
     """Embed every passage of ``data`` and write the index folder ``out``; returns the index."""
     from .cli import check_output_path
-    from .data import load_dataset
-    from .embcache import encode_cached
+    from .data import load_corpus
+    from .embcache import cache_key, encode_cached
     from .hybrid import MANIFEST, FORMAT, HybridIndex, write_manifest
     from .index import TopKIndex
     from .student import BiEncoder
@@ -59,7 +59,9 @@ def build_index(data: str, out: str, *, model: Optional[str] = None, lexical: bo
     ours = {MANIFEST, "dense.uae", "lexical.uae", PASSAGES}
     if os.path.isdir(out) and os.listdir(out) and not ours & set(os.listdir(out)):
         raise ValueError(f"--out {out} is a folder with other files and no index ({MANIFEST}); choose another --out")
-    ds = load_dataset(data)
+    if embedding_cache is not None:  # a bad cache folder fails now, not after the first encoded chunk
+        check_output_path(embedding_cache, "--embedding-cache", folder=True)
+    passages = load_corpus(data)
     if fusion is not None and not lexical:
         raise ValueError("--fusion needs --lexical (a dense-only index fuses nothing)")
     # a bad --dtype or --fusion fails now, not after every passage was encoded
@@ -67,11 +69,13 @@ def build_index(data: str, out: str, *, model: Optional[str] = None, lexical: bo
         fusion = HybridIndex(1, fusion, dtype=dtype).fusion  # read (and checked) once
     else:
         TopKIndex(1, dtype=dtype)
-    pids = list(ds.passages)
-    texts = [ds.passages[p].text for p in pids]
+    pids = list(passages)
+    texts = [passages[p].text for p in pids]
     enc = BiEncoder(model, device=device)
     emb = encode_cached(enc, texts, cache_dir=embedding_cache, model_path=model, batch_size=batch_size, progress=progress)
-    meta = {"model": os.path.abspath(model) if model else None, "data": os.path.abspath(data), "passages": PASSAGES}
+    # the encoder's key (folder, weight/config/tokenizer files, settings): search refuses a model changed since
+    meta = {"model": os.path.abspath(model) if model else None, "data": os.path.abspath(data), "passages": PASSAGES,
+            "encoder_key": cache_key(enc)}
     os.makedirs(out, exist_ok=True)
     # Rebuilt in place, manifest last: the old manifest goes first, so until the new one lands the folder is no
     # index (a crash mid-rebuild is "no index" on open, never the old manifest over new files); every file is
@@ -114,7 +118,10 @@ def open_index(folder: str, fusion=None):
     else:
         if fusion is not None:
             raise ValueError(f"{folder} was built without --lexical: --fusion does not apply")
-        index = TopKIndex.load(os.path.join(folder, "dense.uae"))
+        index = TopKIndex.load(os.path.join(folder, "dense.uae"), verify=True)  # as HybridIndex.load does
+        if (manifest.get("dim"), manifest.get("ntotal")) != (index.dim, len(index)):
+            raise ValueError(f"{folder}: dense.uae holds {len(index)} vectors of dim {index.dim}, the manifest says "
+                             f"{manifest.get('ntotal')} of dim {manifest.get('dim')}; rebuild the index")
     pids, texts = read_passages(os.path.join(folder, PASSAGES))
     if len(pids) != len(index):
         raise ValueError(f"{folder}: the passage store holds {len(pids)} passages, the index {len(index)}")
@@ -127,8 +134,17 @@ def search(folder: str, questions: List[str], k: int = 10, *, fusion=None, model
     from .hybrid import HybridIndex
     from .student import BiEncoder
 
+    from .embcache import cache_key
+
+    questions = list(questions)
+    blank = [i for i, q in enumerate(questions) if not isinstance(q, str) or not q.strip()]
+    if blank:
+        raise ValueError(f"question {blank[0] + 1} is empty: nothing to search for")
     index, meta, pids, texts = open_index(folder, fusion)
     enc = BiEncoder(model or meta.get("model"), device=device)
+    if model is None and meta.get("encoder_key") and cache_key(enc) != meta["encoder_key"]:
+        raise ValueError(f"the model {meta.get('model') or '(default student)'} changed since {folder} was built "
+                         f"(its files or settings differ): rebuild the index, or pass --model to search with it anyway")
     if enc.dim != index.dim:
         raise ValueError(f"the encoder gives {enc.dim}-dimensional vectors, the index holds {index.dim}")
     q = enc.encode(list(questions))
