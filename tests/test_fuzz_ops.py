@@ -135,19 +135,29 @@ def test_infonce_extreme_inputs_raise_instead_of_nan(what, kwargs, match):
         assert torch.isfinite(utility_infonce(q.double(), p.double(), idx, util, **kwargs))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_infonce_gradient_overflow_raises(dtype):
-    """A finite loss can still have gradients beyond the dtype (1/temperature scales them): same error."""
-    # Scores q.p / temperature stay finite (~3e5 resp. ~3e36), dq ~ |p| / temperature does not:
-    # fp16: 100 / 1e-3 = 1e5 > 65504; fp32: 100 / 1e-37 = 1e39.
-    q_scale, temp = (1.0, 1e-3) if dtype == torch.float16 else (1e-3, 1e-37)
-    q = (torch.randn(4, 8) * q_scale).to(dtype).requires_grad_()
-    p = (torch.randn(6, 8) * 100).to(dtype).requires_grad_()
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_infonce_gradient_overflow(reduction):
+    """A finite loss can still have gradients beyond the accumulation dtype (1/temperature scales them): fp32
+    scores ~3e36, dq ~ 100 / 1e-37 = 1e39, the same error as the loss's. An fp16 gradient that overflows only in
+    its cast to fp16 (1e5 > 65504, or a GradScaler's 65536 x loss) comes back inf, as autograd's own ops give it:
+    the scaler then skips the step; raising would stop fp16 training at its first scaled step."""
+    q = (torch.randn(4, 8) * 1e-3).requires_grad_()
+    p = (torch.randn(6, 8) * 100).requires_grad_()
     idx, util = torch.tensor([[1], [2], [3], [5]]), torch.zeros(4, 1)
-    loss = utility_infonce(q, p, idx, util, temperature=temp, reduction="sum")
-    assert torch.isfinite(loss)
+    loss = utility_infonce(q, p, idx, util, temperature=1e-37, reduction=reduction)
+    assert torch.isfinite(loss).all()
     with pytest.raises(ValueError, match="utility_infonce: the gradient overflowed"):
-        loss.backward()
+        loss.sum().backward()
+    q16 = torch.randn(4, 8).half().requires_grad_()
+    p16 = (torch.randn(6, 8) * 100).half().requires_grad_()
+    loss = utility_infonce(q16, p16, idx, util, temperature=1e-3, reduction=reduction)
+    assert torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert not torch.isfinite(q16.grad).all() and q16.grad.dtype == torch.float16  # dq ~ |p| / temperature = 1e5
+    ref_q = torch.randn(4, 8).half().requires_grad_()  # plain autograd agrees: its fp16 gradient is inf too
+    (torch.nn.functional.cross_entropy((ref_q @ p16.detach().t()).float() / 1e-3, idx[:, 0], reduction="sum")
+     * 65536).backward()
+    assert not torch.isfinite(ref_q.grad).all()
 
 
 @pytest.mark.parametrize("idx_dtype", [torch.uint8, torch.int16], ids=str)

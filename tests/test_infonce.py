@@ -425,3 +425,29 @@ def test_bad_input_names_the_argument(name):
     exc, match, args, kwargs = _CASES[name]
     with pytest.raises(exc, match=match):
         utility_infonce(args["q"], args["p"], args["target_idx"], args["target_utility"], **{"impl": "torch", **kwargs})
+
+
+def test_fp64_label_mix_stays_fp64():
+    # the mix weight was built as a float32 where() and rounded 0.3 -> 0.30000001192 before reaching float64
+    from uae_fast.ops.infonce import _teacher_weights
+
+    _, w = _teacher_weights(torch.tensor([[0]]), torch.tensor([[0.0]], dtype=torch.float64), 1.0, 0.3,
+                            torch.tensor([1]), torch.float64)
+    assert w.dtype == torch.float64 and w.tolist() == [[0.7, 0.3]]
+
+
+def test_tf32_reading_follows_the_new_and_the_legacy_switch(monkeypatch):
+    # torch >= 2.9 raises on reading allow_tf32 after matmul.fp32_precision was set; the table key must not
+    from uae_fast.ops._infonce_auto import tf32_matmul
+
+    m = torch.backends.cuda.matmul
+    if not hasattr(m, "fp32_precision"):
+        pytest.skip("this torch has only the legacy switch")
+    old = m.fp32_precision
+    try:
+        m.fp32_precision = "tf32"
+        assert tf32_matmul() is True
+        m.fp32_precision = "ieee"
+        assert tf32_matmul() is False
+    finally:
+        m.fp32_precision = old

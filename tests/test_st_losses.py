@@ -583,3 +583,14 @@ def test_ddp_find_unused_parameters_on_old_torch_is_refused(monkeypatch):
                       ("2.3.1+cu121", True), ("2.13.0+cpu", False), ("1.13.1", True)):
         assert C._torch_before(2, 4, v) is before, v
 
+
+
+def test_scalar_label_column_with_one_passage_column():
+    # (query, passage_0) with a float label: the trainer passes labels [B]; with K = 1 that is one utility per row
+    from uae_fast.losses.st_utility_infonce import targets_from_labels
+
+    idx, util = targets_from_labels(torch.tensor([0.5, float("nan"), 1.0]), 3, 1, "cpu")
+    ref_idx, ref_util = targets_from_labels(torch.tensor([[0.5], [float("nan")], [1.0]]), 3, 1, "cpu")
+    assert torch.equal(idx, ref_idx) and torch.equal(util.nan_to_num(-9), ref_util.nan_to_num(-9))
+    with pytest.raises(ValueError, match=r"labels must be \[batch, K\] = \[3, 2\]"):
+        targets_from_labels(torch.tensor([0.5, 0.1, 1.0]), 3, 2, "cpu")

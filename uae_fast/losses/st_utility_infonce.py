@@ -203,6 +203,8 @@ def targets_from_labels(labels: Optional[Tensor], b: int, k: int, device) -> Tup
     [B, K] (NaN = no utility), with passage (i, c) at index ``c * B + i``. All-NaN rows target passage_0."""
     if labels is None:
         labels = torch.full((b, k), float("nan"), device=device)
+    if isinstance(labels, Tensor) and labels.dim() == 1 and k == 1 and labels.shape[0] == b:
+        labels = labels[:, None]  # (query, passage_0) with a scalar label column: one utility per row
     if not isinstance(labels, Tensor) or labels.dim() != 2 or tuple(labels.shape) != (b, k):
         shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(f"labels must be [batch, K] = [{b}, {k}] utilities, one per passage column "

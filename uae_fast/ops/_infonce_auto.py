@@ -31,6 +31,19 @@ _DEFAULT = "torch"
 _AT = dict(b=16384, d=768)
 
 
+def tf32_matmul() -> bool:
+    """Whether fp32 CUDA matmuls run in TF32: torch's new switch (``matmul.fp32_precision``) when set, else the
+    legacy ``allow_tf32`` (reading it after the new API was used raises in torch >= 2.9)."""
+    m = torch.backends.cuda.matmul
+    new = getattr(m, "fp32_precision", None)
+    if new in ("tf32", "ieee"):
+        return new == "tf32"
+    try:
+        return bool(m.allow_tf32)
+    except RuntimeError:  # the legacy flag refuses to be read after mixed use: then IEEE, the safe reading
+        return False
+
+
 def key(device: torch.device, dtype: torch.dtype) -> tuple:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -39,7 +52,7 @@ def key(device: torch.device, dtype: torch.dtype) -> tuple:
         dev = device.type
     name = str(dtype).replace("torch.", "")
     if dtype == torch.float32:
-        prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        prec = "tf32" if tf32_matmul() else "ieee"
     else:
         prec = "-"
     return dev, name, prec

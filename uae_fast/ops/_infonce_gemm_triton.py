@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._infonce_auto import tf32_matmul
 from .infonce import _check_grads, _reduce, _row_grad, _scaled_unit_grads, _sparse_grads, _target_scores
 
 _LOG2E = 1.4426950408889634
@@ -178,7 +179,7 @@ def _interpreting() -> bool:
 def precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: follows torch's own switch, so Triton and cuBLAS steps agree (and so does the
     comparison with torch paths). 16-bit operands ignore it."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_matmul():
         return "ieee"
     return "tf32"
 
@@ -431,9 +432,10 @@ class GemmInfoNCE(torch.autograd.Function):
             # The saved LSE is the exact offset: E is the softmax itself.
             _, dq, dp = dense_grads(q, p, inv_tau, ctx.ex, coef, need_dq, need_dp, lse * _LOG2E)
             _sparse_grads(q, p, idx, w, coef, dq, dp)
+            if bool(torch.isfinite(grad_out).all()):  # as the torch path: fp32 overflow raises; the cast may give inf
+                _check_grads(dq, dp)
             dq = None if dq is None else dq.to(q_dtype)
             dp = None if dp is None else dp.to(p_dtype)
-        _check_grads(dq, dp)  # as the torch path: an overflowed (fp16) gradient raises, never returns inf
         return dq, dp, None, None, None, None, None
 
 

@@ -136,7 +136,7 @@ def _teacher_weights(target_idx, target_utility, teacher_temperature, label_mix,
     idx = target_idx.long().clamp_min(0)
     if label_mix > 0:
         has_gold = gold_idx >= 0  # rows without a gold passage keep the pure teacher distribution
-        alpha = torch.where(has_gold, label_mix, 0.0).to(acc)
+        alpha = has_gold.to(acc) * label_mix  # in acc: a float32 where() would round float64's label_mix
         w = torch.cat([w * (1.0 - alpha)[:, None], alpha[:, None]], dim=1)
         idx = torch.cat([idx, gold_idx.long().clamp_min(0)[:, None]], dim=1)
     return idx.contiguous(), w.contiguous()
@@ -258,6 +258,7 @@ def _scaled_unit_grads(ctx, grad_out):
     sees the unit gradients. Returned in the inputs' dtypes."""
     inv_tau, reduction, q_dtype, p_dtype, b = ctx.meta
     dq, dp = ctx.unit_grads
+    _check_grads(dq, dp)
     g = _row_grad(grad_out, reduction, b, (dq if dq is not None else dp).dtype)
     return (None if dq is None else (dq * g).to(q_dtype)), (None if dp is None else (dp * g).to(p_dtype))
 
@@ -289,9 +290,10 @@ class _TorchInfoNCE(torch.autograd.Function):
             q, p, idx, w = ctx.saved_tensors
             g = _row_grad(grad_out, reduction, b, w.dtype)
             _, _, dq, dp = _torch_sweep(q, p, idx, w, inv_tau, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.ex)
+            if bool(torch.isfinite(grad_out).all()):
+                _check_grads(dq, dp)
             dq = None if dq is None else dq.to(q_dtype)
             dp = None if dp is None else dp.to(p_dtype)
-        _check_grads(dq, dp)
         return dq, dp, None, None, None, None, None
 
 
@@ -394,7 +396,9 @@ def _checked(loss, q, p):
 
 
 def _check_grads(*grads):
-    """Gradients carry a 1/temperature factor and can overflow while the loss is finite: same error."""
+    """Gradients carry a 1/temperature factor and can overflow while the loss is finite: same error. Checked in
+    the accumulation dtype, before the cast to the inputs' dtype: an fp16 gradient that overflows only in that
+    cast (a GradScaler's large scale) comes back inf, as autograd's own ops give it, so the scaler skips the step."""
     for t in grads:
         if t is not None:
             check_result(t, _overflow("gradient", t.dtype))
