@@ -76,7 +76,8 @@ def test_quickstart_dry_run_checks_what_the_run_would_trip_on(tmp_path, capsys):
                       (["--threads", "0"], "--threads must be a positive int"),
                       (["--teacher", str(tmp_path / "nope")], "is not a folder with an HF causal LM"),
                       (["--student", str(tmp_path / "nope")], "--student .*model folder not found"),
-                      (["--utilities", str(nan)], "utility is nan")):
+                      (["--utilities", str(nan)], "utility is nan"),
+                      (["--full", "--dev-queries", "5"], "--dev-queries sets the quick run's size; --full")):
         for dry in (["--dry-run"], []):
             capsys.readouterr()
             assert main(["quickstart", "--out", str(tmp_path / "qs"), "--train-data", TRAIN, "--dev-data", DEV,
@@ -85,6 +86,11 @@ def test_quickstart_dry_run_checks_what_the_run_would_trip_on(tmp_path, capsys):
             assert len(err) == 1 and err[0].startswith("uae quickstart: error: "), err
             assert __import__("re").search(msg, err[0]), err
     assert not (tmp_path / "qs").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for dry in (["--dry-run"], []):
+        assert main(["quickstart", "--out", str(afile), "--train-data", TRAIN, "--dev-data", DEV] + dry) == 1
+        assert "--out " + str(afile) + " is a file" in capsys.readouterr().err
 
 
 def test_quickstart_with_another_teacher_trains_on_its_own_scores(capsys):

@@ -115,7 +115,10 @@ def plot_report(report: dict, path: str) -> bool:
     best = max(sp.values()) if sp else None
     b.set_title("Latency per query" + (f" (UAE {sp.get('uae', best):.0f}x faster than re-ranker)" if sp else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from .data import atomic_write
+
+    with atomic_write(path, "wb") as f:  # a kill never leaves half a PNG
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return True
 
@@ -175,6 +178,13 @@ def _check_options(args) -> None:
         v = getattr(args, k)
         if v is not None and v < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be a positive int, got {v}")
+    sized = [k for k in ("score_queries", "train_steps", "dev_queries", "rerank_queries") if getattr(args, k) is not None]
+    if args.full and sized:  # --full runs the whole splits: a size flag would be silently ignored
+        raise ValueError(f"--{sized[0].replace('_', '-')} sets the quick run's size; --full runs the whole splits: "
+                         f"drop one of them")
+    from .cli import check_output_path
+
+    check_output_path(args.out, "--out", folder=True)  # a file there fails now, also in --dry-run
     if args.teacher and args.teacher not in TEACHERS and not os.path.isdir(args.teacher):
         raise FileNotFoundError(f"--teacher {args.teacher!r} is not a folder with an HF causal LM, nor a named teacher "
                                 f"({', '.join(TEACHERS)})")
