@@ -534,3 +534,17 @@ def test_deeply_nested_json_is_one_clear_error(tmp_path):
     deepl.write_text("[" * 200000 + "]" * 200000 + "\n")
     with pytest.raises(ValueError, match=r"deep\.jsonl:1: not valid JSON \(nested too deeply\)"):
         load_dataset(str(deepl))
+
+
+def test_duplicate_json_keys_are_refused(tmp_path):
+    # {"p1": paper, "p1": paper} kept only the second paper: a question lost without a word
+    from uae_fast.data import load_dataset
+
+    f = tmp_path / "dup.json"
+    f.write_text('{"p1": {"title": "a"}, "p1": {"title": "b"}}')
+    with pytest.raises(ValueError, match=r"dup\.json: the key 'p1' appears twice"):
+        load_dataset(str(f))
+    g = tmp_path / "dup.jsonl"
+    g.write_text('{"type": "passage", "id": "a", "text": "x", "text": "y"}\n')
+    with pytest.raises(ValueError, match=r"dup\.jsonl:1: the key 'text' appears twice"):
+        load_dataset(str(g))

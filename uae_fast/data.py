@@ -354,12 +354,28 @@ def _qasper_from_dict(raw: dict, name: str, path: Optional[str] = None) -> Retri
 
 
 # ------------------------------------------------------------------------------------- JSONL
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    """json's object hook: a repeated key (a paper id twice) would silently keep only the last record."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(f"the key {dup!r} appears twice in one object (only the last would be kept)")
+    return d
+
+
 def jsonl_records(path: str, what: str = "data file") -> Iterator[Tuple[int, dict]]:
     """``(line number, record)`` of a JSONL file; blank lines skipped, anything but a JSON object per line is an error."""
     for n, line in read_lines(path, what):
         if line.strip():
             try:
-                rec = json.loads(line)
+                rec = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+            except _DuplicateKey as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             except RecursionError:
@@ -596,7 +612,9 @@ def load_dataset(path: str, *, split: Optional[str] = None, require_queries: boo
     else:
         text = read_text(path)
         try:
-            raw = json.loads(text)
+            raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        except _DuplicateKey as e:
+            raise ValueError(f"{path}: {e}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: cannot read as QASPER or SQuAD JSON ({e})") from None
         except RecursionError:  # pathologically nested input
