@@ -104,3 +104,19 @@ def test_quickstart_with_another_teacher_trains_on_its_own_scores(capsys):
         assert main(["quickstart", "--dry-run"] + (["--teacher", teacher] if teacher else [])) == 0
         out = capsys.readouterr().out
         assert ("qasper-train-utilities.jsonl.gz" in out) == shipped, (teacher, out)
+
+
+def test_quickstart_refuses_train_data_it_cannot_score(tmp_path, capsys):
+    # a BEIR folder has no answers: nothing for stage 1 to score; said before the teacher loads, dry run or not
+    import json as _json
+
+    from uae_fast.cli import main
+
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text(_json.dumps({"_id": "d1", "text": "a b"}) + "\n")
+    (beir / "queries.jsonl").write_text(_json.dumps({"_id": "q1", "text": "a?"}) + "\n")
+    (beir / "qrels" / "test.tsv").write_text("q1\td1\t1\n")
+    for dry in (["--dry-run"], []):
+        assert main(["quickstart", "--out", str(tmp_path / "qs"), "--train-data", str(beir), "--dev-data", DEV] + dry) == 1
+        assert "no train question has both an answer and gold evidence" in capsys.readouterr().err

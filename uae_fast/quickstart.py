@@ -165,6 +165,14 @@ def check(full: bool = False, train_data: Optional[str] = None, dev_data: Option
             check_utilities(table, train_ds, path=cut, data_path=train_path)
     if shipped or utilities:
         info["train_questions_with_utilities"] = len(table)
+    else:  # stage 1 scores: it needs questions with an answer and gold evidence (a BEIR folder has no answers)
+        from .scoring import select_queries
+
+        n = len(select_queries(train_ds))
+        if n == 0:
+            raise ValueError(f"{train_path}: no train question has both an answer and gold evidence for the teacher to "
+                             f"score (BEIR data has no answers): give --utilities")
+        info["train_questions_to_score"] = n
     return info
 
 
@@ -304,7 +312,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default="uae-quickstart", help="output folder (model/, report.json, report.png)")
     p.add_argument("--full", action="store_true", help="the whole train and dev splits (GPU recommended); prints an estimate first")
     p.add_argument("--train-data", default=None,
-                   help="QASPER/SQuAD/JSONL train data or a BEIR folder (default: the full split in $UAE_DATA_DIR if set, "
+                   help="QASPER/SQuAD/JSONL train data (questions with answers), or a BEIR folder with --utilities (default: the full split in $UAE_DATA_DIR if set, "
                         "else the shipped QASPER train slice; --full: $UAE_DATA_DIR or ../shared/data/qasper)")
     p.add_argument("--dev-data", default=None,
                    help="QASPER/SQuAD/JSONL dev data or a BEIR folder (default: as --train-data, for dev)")
@@ -330,10 +338,9 @@ def _main(args) -> int:
         for k, v in check(args.full, args.train_data, args.dev_data, args.utilities, args.teacher).items():
             print(f"{k}: {v}")
         return 0
-    if args.utilities:
-        from .training import load_utilities
-
-        load_utilities(args.utilities)  # NaN, missing or unreadable: before stage 1, not after it
+    # the data and the table, through the trainer's own checks (NaN, unreadable, other questions, nothing to
+    # score): before stage 1, not minutes into the run
+    check(args.full, args.train_data, args.dev_data, args.utilities, args.teacher)
     quickstart(args.out, full=args.full, train_data=args.train_data, dev_data=args.dev_data, teacher=args.teacher,
                student=args.student, utilities=args.utilities, score_queries=args.score_queries,
                train_steps=args.train_steps, dev_queries=args.dev_queries, rerank_queries=args.rerank_queries,
