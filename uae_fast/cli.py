@@ -175,7 +175,8 @@ def main(argv=None) -> int:
             again = "rerun with --resume" if command == "train" else "rerun the same command"  # quickstart resumes itself
             print(f"uae {command}: stopped by SIGTERM after checkpointing step {e.step}; {again} to continue", file=sys.stderr)
             return 128 + e.signum
-        hint = "; rerun with --resume to continue where it stopped" if command in ("train", "score") else ""
+        hint = "; rerun with --resume to continue where it stopped" if command in ("train", "score") else (
+            "; --embedding-cache DIR keeps the passages encoded so far for the next run" if command == "index build" else "")
         print(f"uae{' ' + command if command else ''}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as e:

@@ -268,7 +268,11 @@ class BiEncoder(nn.Module):
     def save(self, path: str, *, training: Optional[dict] = None) -> None:
         """Write the sentence-transformers layout (Transformer at the root, 1_Pooling, 2_Normalize) and a
         README.md model card (with ``training``, the summary ``uae train`` returns, its training details)."""
+        from .data import write_text_atomic
         from .model_card import write_model_card
+
+        def put(file, obj):  # never half a config file (the weights are transformers' own writer)
+            write_text_atomic(file, json.dumps(obj, indent=2))
 
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
@@ -276,24 +280,21 @@ class BiEncoder(nn.Module):
         model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.model_max_length = self.max_seq_length
         self.tokenizer.save_pretrained(path)
-        with open(os.path.join(path, "sentence_bert_config.json"), "w") as f:
-            json.dump({"max_seq_length": self.max_seq_length, "do_lower_case": self.do_lower_case}, f, indent=2)
+        put(os.path.join(path, "sentence_bert_config.json"), {"max_seq_length": self.max_seq_length,
+                                                              "do_lower_case": self.do_lower_case})
         os.makedirs(os.path.join(path, "1_Pooling"), exist_ok=True)
         pooling = {"word_embedding_dimension": model.config.hidden_size}
         # Legacy keys: understood by every sentence-transformers version (>= 5 converts them).
         pooling.update({k: (m in self.pooling_modes) for k, m in _LEGACY_POOLING_KEYS.items()})
-        with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
-            json.dump(pooling, f, indent=2)
+        put(os.path.join(path, "1_Pooling", "config.json"), pooling)
         modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
         if self.normalize:
             os.makedirs(os.path.join(path, "2_Normalize"), exist_ok=True)
             modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-        with open(os.path.join(path, "modules.json"), "w") as f:
-            json.dump(modules, f, indent=2)
-        with open(os.path.join(path, "config_sentence_transformers.json"), "w") as f:
-            json.dump({"similarity_fn_name": "cosine" if self.normalize else "dot",
-                       "prompts": {}, "default_prompt_name": None}, f, indent=2)
+        put(os.path.join(path, "modules.json"), modules)
+        put(os.path.join(path, "config_sentence_transformers.json"), {"similarity_fn_name": "cosine" if self.normalize else "dot",
+                                                                      "prompts": {}, "default_prompt_name": None})
         write_model_card(self, path, training=training)
 
 
