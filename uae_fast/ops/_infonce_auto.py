@@ -19,7 +19,7 @@ import torch
 
 # (device, dtype, precision) -> impl. Measured rows say where their numbers are (BENCHMARKS.md).
 AUTO_TABLE = {
-    # H200, 2026-11-26: chunked 1.14x naive's time, the old Triton kernels 30.6x (B=N=16384, d=768).
+    # H200, 2026-11-26: chunked 1.13x naive's time (medians), the old Triton kernels 30.6x (B=N=16384, d=768).
     ("sm90", "float32", "ieee"): "torch",
     # Not measured yet (issue 17): the GEMM-shaped Triton path waits for a GPU run; until then the chunked path.
     ("sm90", "float32", "tf32"): "torch",
