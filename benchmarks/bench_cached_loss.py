@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     datasets.disable_progress_bars()
     cols, seeds = _rows(args.queries, args.passages, args.data or default_qasper_path("train"), args.utilities)
     train = datasets.Dataset.from_dict(cols)
-    texts = [t for c in cols if c != "labels" for t in cols[c]]
+    texts = [t for c in cols if c != "label" for t in cols[c]]
     model = SentenceTransformer(default_student_path(), device="cpu")
     model.max_seq_length = args.max_seq_length
     tokens = sum(int(m.sum()) for m in (model.tokenize(texts[s:s + 4096])["attention_mask"] for s in range(0, len(texts), 4096)))

@@ -94,7 +94,9 @@ def run_case(cfg: dict) -> dict:
         which = "torch" if impl == "chunked" else "triton"
         fn = lambda: utility_infonce(q, p, idx, util, temperature=tau, impl=which)  # noqa: E731
     elif impl == "infcl":
-        if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        from uae_fast.ops._infonce_auto import tf32_matmul
+
+        if dtype == torch.float32 and not tf32_matmul():
             # the other rows run IEEE fp32 (torch's default): Inf-CL would be timed at another precision
             return {**cfg, "skipped": "Inf-CL's tl.dot runs TF32 whatever allow_tf32 says: not an IEEE fp32 peer"}
         from inf_cl import cal_inf_loss

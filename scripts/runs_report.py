@@ -70,7 +70,8 @@ def report(systems, refs):
         out["systems"][s] = {"seeds": sorted(seeds), **{k: {"mean": float(np.mean(v)),
                              "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "per_seed": v}
                              for k, v in per_seed.items()}}
-    for s in systems:
+    n = len(next(iter(avg.values()))["MAP"]) if avg else 0
+    for s in systems if n >= 2 else ():  # a bootstrap needs 2 queries
         for r in refs:
             if r != s and f"{r} - {s}" not in out["paired"]:  # each pair once
                 out["paired"][f"{s} - {r}"] = {k: paired_bootstrap(avg[s][k], avg[r][k]) for k in ("Success@1", "MAP")}

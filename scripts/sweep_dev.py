@@ -255,7 +255,8 @@ def _job_key(r) -> tuple:
 
 def _settings(r) -> dict:
     """What a job trained with beyond its key: the TrainConfig overrides and its utilities table."""
-    return {"cfg": r.get("cfg", {}), "utilities": r.get("utilities")}
+    u = r.get("utilities")
+    return {"cfg": r.get("cfg", {}), "utilities": os.path.realpath(u) if u else None}
 
 
 def _read_records(paths):
@@ -353,6 +354,8 @@ def _paired(runs, ref, k):
     seeds = sorted(runs)
     if _seedless(ref):
         pairs = [(s, next(iter(ref))) for s in seeds]
+    elif _seedless(runs):  # an untrained row against a trained one: against all of its seeds
+        pairs = [(next(iter(runs)), s) for s in sorted(ref)]
     else:
         pairs = [(s, s) for s in seeds if s in ref]
     if not pairs:

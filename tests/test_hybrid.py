@@ -507,7 +507,7 @@ def test_encoder_key_sees_subfolders_tokenizer_and_config(tmp_path):
 
     root = tmp_path / "st"
     (root / "0_Transformer").mkdir(parents=True)
-    (root / "modules.json").write_text("[]")
+    (root / "modules.json").write_text('[{"idx": 0, "name": "0", "path": "0_Transformer", "type": "x"}]')
     w = root / "0_Transformer" / "model.safetensors"
     w.write_bytes(b"x" * 10)
     k0 = encoder_key(str(root))
@@ -520,3 +520,23 @@ def test_encoder_key_sees_subfolders_tokenizer_and_config(tmp_path):
         k1 = encoder_key(str(root))
         assert k1 != k0, name
         k0 = k1
+
+
+def test_model_fingerprint_is_content_not_path_and_ignores_what_lies_beside_the_model(tmp_path):
+    # uae search refuses a model changed since its index was built: a copy (new path, new mtimes) is the same
+    # model; an index built inside the model folder is not part of it; new weights are another model
+    import shutil
+
+    from test_student import make_tiny_encoder
+    from uae_fast.embcache import model_fingerprint
+
+    a = make_tiny_encoder(tmp_path / "a")
+    fp = model_fingerprint(a)
+    b = tmp_path / "b"
+    shutil.copytree(a, b, copy_function=shutil.copyfile)  # no metadata: other mtimes
+    assert model_fingerprint(str(b)) == fp
+    (b / "idx").mkdir()
+    (b / "idx" / "hybrid.json").write_text("{}")
+    assert model_fingerprint(str(b)) == fp
+    c = make_tiny_encoder(tmp_path / "c", seed=1)
+    assert model_fingerprint(c) != fp

@@ -447,6 +447,9 @@ def test_tf32_reading_follows_the_new_and_the_legacy_switch(monkeypatch):
     try:
         m.fp32_precision = "tf32"
         assert tf32_matmul() is True
+        from uae_fast.ops._infonce_auto import key  # read allow_tf32 directly before: a RuntimeError here
+
+        assert key(torch.device("cpu"), torch.float32)[2] == "tf32"
         m.fp32_precision = "ieee"
         assert tf32_matmul() is False
     finally:

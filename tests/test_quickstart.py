@@ -120,3 +120,24 @@ def test_quickstart_refuses_train_data_it_cannot_score(tmp_path, capsys):
     for dry in (["--dry-run"], []):
         assert main(["quickstart", "--out", str(tmp_path / "qs"), "--train-data", str(beir), "--dev-data", DEV] + dry) == 1
         assert "no train question has both an answer and gold evidence" in capsys.readouterr().err
+
+
+def test_quickstart_with_utilities_skips_teacher_scoring(tmp_path, monkeypatch):
+    # stage 2 trains on --utilities: stage 1 must not load the teacher (BEIR train data has nothing to score)
+    import uae_fast.teacher
+    import uae_fast.training
+    from test_training import write_utilities
+    from uae_fast.data import load_dataset
+    from uae_fast.quickstart import quickstart
+
+    table = write_utilities(tmp_path / "u.jsonl.gz", load_dataset(TRAIN))
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher was loaded")
+
+    def stage2(*a, **k):
+        raise RuntimeError("stage 2 reached")
+    monkeypatch.setattr(uae_fast.teacher.UtilityScorer, "from_pretrained", no_teacher)
+    monkeypatch.setattr(uae_fast.training, "train", stage2)
+    with pytest.raises(RuntimeError, match="stage 2 reached"):
+        quickstart(str(tmp_path / "qs"), train_data=TRAIN, dev_data=DEV, utilities=table, progress=False)

@@ -239,3 +239,10 @@ def test_resume_refuses_a_finished_job_with_other_settings(tmp_path, tiny):
         sweep_dev.main(["--out", str(out), "--train", TRAIN, "--dev", DEV, "--nogold-utilities", a, "--student", tiny,
                         "--device", "cpu", "--threads", "1", "--grid", "answeronly-tiny", "--groups", "ao-smollm"])
     assert (out / "sweep.jsonl").read_text().count("\n") == 1  # nothing ran
+
+
+def test_a_seedless_row_pairs_with_every_seed_of_a_trained_reference():
+    bm25 = {0: _rec("bm25", "none", 0, [0, 0, 1, 0])}
+    gold = {0: _rec("g", "infonce", 0, [1, 1, 1, 1]), 1: _rec("g", "infonce", 1, [1, 0, 1, 1])}
+    # per question over the reference's seeds: [1, .5, 1, 1] -> diff (1 - 3.5) / 4
+    assert sweep_dev._paired(bm25, gold, "Success@1")["diff"] == pytest.approx((1 - 3.5) / 4)

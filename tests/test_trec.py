@@ -205,3 +205,6 @@ def test_runs_report_groups_seeds_and_pairs(tmp_path, capsys):
     r = json.load(open(tmp_path / "r.json"))
     assert r["n_queries"] == 2 and r["systems"]["rerank"]["Success@1"]["mean"] == 1.0
     assert r["paired"]["uae - rerank"]["Success@1"]["diff"] == pytest.approx(-0.25)  # uae: q1 1, q2 0.5
+    write_qrels(str(tmp_path / "one.txt"), {"q1": ["a"]})  # one query: no bootstrap, no traceback
+    assert runs_report.main([str(tmp_path), "--qrels", "one.txt", "--json", str(tmp_path / "r1.json")]) == 0
+    assert json.load(open(tmp_path / "r1.json"))["paired"] == {}

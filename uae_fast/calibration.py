@@ -295,5 +295,5 @@ def _main(args) -> int:
 
 def _grid_at(grid: List[dict], w: float) -> float:
     """The objective at dense weight ``w``; at ``w = 0`` RRF's config, the one in BM25's order (if in the grid)."""
-    at = [g for g in grid if g["weight"] == w]
-    return next((g["teacher_mrr"] for g in at if w != 0.0 or g["method"] == "rrf"), at[0]["teacher_mrr"] if at else float("nan"))
+    at = [g for g in grid if g["weight"] == w and (w != 0.0 or g["method"] == "rrf")]  # no rrf: no pure BM25 row
+    return at[0]["teacher_mrr"] if at else float("nan")

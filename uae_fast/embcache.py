@@ -4,7 +4,7 @@ in bounded slices (``max_seconds``) that resume where the last one stopped.
 
 Layout: ``DIR/<encoder key>/chunk-*.pt``, each ``{"keys": [sha1(text)[:20], ...], "emb": float32 [n, dim]}``,
 written atomically. The encoder key hashes the folder's real path and the sizes and modification times
-of its weight, config and tokenizer files, subfolders included (and a BiEncoder's pooling, normalisation, max length and lower-casing), so a retrained
+of its weight, config and tokenizer files, module folders included (and a BiEncoder's pooling, normalisation, max length and lower-casing), so a retrained
 model in the same folder, or the same weights with other settings, never reads stale vectors.
 """
 from __future__ import annotations
@@ -34,17 +34,65 @@ def encoder_key(path: Optional[str]) -> str:
     return f"{name}-{hashlib.sha1('|'.join(parts).encode()).hexdigest()[:12]}"
 
 
-# What decides an encoder's vectors: weights, configs, tokenizer files (a sentence-transformers folder keeps
-# its Transformer in a subfolder such as 0_Transformer/). A training run's checkpoints/ do not.
+# What decides an encoder's vectors: weights, configs, tokenizer files, at the folder's top level and in the module
+# folders its modules.json names (a sentence-transformers folder's 0_Transformer/); not a training run's
+# checkpoints/ nor anything else kept beside the model (an index built into its folder).
 _MODEL_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
 
 
 def _model_files(path: str):
-    out = []
-    for root, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if d != "checkpoints" and not d.startswith("."))
-        out += [os.path.join(root, f) for f in sorted(files) if f.endswith(_MODEL_SUFFIXES)]
+    import json
+
+    def files_in(folder, recursive):
+        out = []
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if d != "checkpoints" and not d.startswith(".")) if recursive else []
+            out += [os.path.join(root, f) for f in sorted(files) if f.endswith(_MODEL_SUFFIXES)]
+        return out
+
+    out = files_in(path, False)
+    try:
+        with open(os.path.join(path, "modules.json"), encoding="utf-8") as f:
+            subs = sorted({m["path"] for m in json.load(f) if isinstance(m, dict) and m.get("path")})
+    except (OSError, ValueError, TypeError, KeyError):
+        subs = []
+    for sub in subs:
+        folder = os.path.realpath(os.path.join(path, sub))
+        if folder.startswith(path + os.sep) and os.path.isdir(folder):
+            out += files_in(folder, True)
     return out
+
+
+def model_fingerprint(path: Optional[str]) -> str:
+    """What a model folder holds, by content, not by path or modification time (a copied or deployed folder
+    keeps it): each model file's relative path, its configs and tokenizer files hashed whole, weights by size
+    and their first and last MiB (a retrained model differs there). ``None``: the default student."""
+    if path is None:
+        from .student import default_student_path
+
+        path = default_student_path()
+    path = os.path.realpath(os.fspath(path))
+    h = hashlib.sha1()
+    for f in _model_files(path):
+        size = os.path.getsize(f)
+        h.update(f"{os.path.relpath(f, path)}:{size}:".encode())
+        with open(f, "rb") as fh:
+            if size <= 8 << 20:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def encoder_fingerprint(encoder) -> str:
+    """:func:`model_fingerprint` of a :class:`uae_fast.BiEncoder`'s folder and the settings that change its vectors."""
+    return f"{model_fingerprint(encoder.path)}-{hashlib.sha1(_settings(encoder).encode()).hexdigest()[:8]}"
+
+
+def _settings(encoder) -> str:
+    return f"{encoder.pooling_modes}|{encoder.normalize}|{encoder.max_seq_length}|{encoder.do_lower_case}"
 
 
 def cache_key(encoder, model_path: Optional[str] = None) -> str:
@@ -55,8 +103,7 @@ def cache_key(encoder, model_path: Optional[str] = None) -> str:
     from .student import BiEncoder
 
     if isinstance(encoder, BiEncoder):
-        settings = f"{encoder.pooling_modes}|{encoder.normalize}|{encoder.max_seq_length}|{encoder.do_lower_case}"
-        return f"{encoder_key(encoder.path)}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
+        return f"{encoder_key(encoder.path)}-{hashlib.sha1(_settings(encoder).encode()).hexdigest()[:8]}"
     if model_path is None:
         raise ValueError(f"an embedding cache needs to know which model made the vectors: pass model_path (the "
                          f"folder of this {type(encoder).__name__}) or use a BiEncoder")

@@ -159,13 +159,13 @@ class HybridRanker:
         index, pool = self.indexes[self.dense._key(q)]
         emb = self.dense.encoder.encode([q.question])
         each = min(index.fusion["k_each"], len(pool))
-        dense, lexical = index.dense.search(emb, each), index.lexical.search([q.question], each)
-        _, ids = fuse(dense, lexical, len(pool), index.fusion)  # the union, whole: its first k are a top-k search's
+        d_scores, d_ids = index.dense.search(emb, len(pool))  # once: its first k_each are the dense side
+        lexical = index.lexical.search([q.question], each)
+        _, ids = fuse((d_scores[:, :each], d_ids[:, :each]), lexical, len(pool), index.fusion)  # the union, whole
         head = [int(i) for i in ids[0].tolist() if int(i) >= 0]
         if len(head) < len(pool):
             seen = set(head)
-            _, dense_ids = index.dense.search(emb, len(pool))
-            head += [int(i) for i in dense_ids[0].tolist() if int(i) >= 0 and int(i) not in seen]
+            head += [int(i) for i in d_ids[0].tolist() if int(i) >= 0 and int(i) not in seen]
         return [pool[i] for i in head]
 
 

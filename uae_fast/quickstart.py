@@ -236,31 +236,37 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
             q[k] = v
     report = {"out": os.path.abspath(out), "full": full, "train_data": train_path, "dev_data": dev_path, "stages": {}}
 
-    # 1. teacher scoring
-    _say("1/3 teacher scoring" + (" (whole train split)" if full else f" ({q['score_queries']} train questions)"))
-    t0 = time.time()
-    scorer = UtilityScorer.from_pretrained(teacher)
-    slice_path = os.path.join(out, "utilities.jsonl.gz")
-    n_score = None if full else q["score_queries"]
-    if full:
-        n_q = len(select_queries(train_ds))
-        t_cal = time.time()
-        calib = os.path.join(out, "calibration.jsonl")
-        for p in (calib, calib + ".partial"):
-            if os.path.exists(p):
-                os.remove(p)
-        h = score_dataset(scorer, train_ds, calib, limit=2, progress=False, data_name=os.path.basename(train_path))
-        per_row = (time.time() - t_cal) / max(1, h["n_rows"])
-        est = per_row * h["n_rows"] / 2 * n_q
-        _say(f"--full: {n_q} questions; estimated scoring time {est / 3600:.1f} h on this machine "
-             f"(+ training and evaluation); interrupt any time and rerun to resume")
-        os.remove(calib)
-    with _same_options(out):
-        header = score_dataset(scorer, train_ds, slice_path, limit=n_score, resume=True, progress=progress,
-                               data_name=os.path.basename(train_path))
-    report["stages"]["score"] = {"seconds": round(time.time() - t0, 1), "queries": header["n_queries"],
-                                 "passages": header["n_rows"], "teacher": header.get("teacher"), "file": slice_path}
-    del scorer
+    # 1. teacher scoring (skipped with --utilities: stage 2 trains on that table, and the data may hold nothing
+    # to score, e.g. a BEIR folder without answers)
+    header = {}
+    if utilities:
+        _say(f"1/3 teacher scoring: skipped, training on --utilities {utilities}")
+        report["stages"]["score"] = {"skipped": "--utilities given", "file": utilities}
+    else:
+        _say("1/3 teacher scoring" + (" (whole train split)" if full else f" ({q['score_queries']} train questions)"))
+        t0 = time.time()
+        scorer = UtilityScorer.from_pretrained(teacher)
+        slice_path = os.path.join(out, "utilities.jsonl.gz")
+        n_score = None if full else q["score_queries"]
+        if full:
+            n_q = len(select_queries(train_ds))
+            t_cal = time.time()
+            calib = os.path.join(out, "calibration.jsonl")
+            for p in (calib, calib + ".partial"):
+                if os.path.exists(p):
+                    os.remove(p)
+            h = score_dataset(scorer, train_ds, calib, limit=2, progress=False, data_name=os.path.basename(train_path))
+            per_row = (time.time() - t_cal) / max(1, h["n_rows"])
+            est = per_row * h["n_rows"] / 2 * n_q
+            _say(f"--full: {n_q} questions; estimated scoring time {est / 3600:.1f} h on this machine "
+                 f"(+ training and evaluation); interrupt any time and rerun to resume")
+            os.remove(calib)
+        with _same_options(out):
+            header = score_dataset(scorer, train_ds, slice_path, limit=n_score, resume=True, progress=progress,
+                                   data_name=os.path.basename(train_path))
+        report["stages"]["score"] = {"seconds": round(time.time() - t0, 1), "queries": header["n_queries"],
+                                     "passages": header["n_rows"], "teacher": header.get("teacher"), "file": slice_path}
+        del scorer
 
     # 2. distillation
     # The shipped utilities were scored on QASPER train (the slice or the full split) by the default teacher:

@@ -49,7 +49,7 @@ def build_index(data: str, out: str, *, model: Optional[str] = None, lexical: bo
     """Embed every passage of ``data`` and write the index folder ``out``; returns the index."""
     from .cli import check_output_path
     from .data import load_corpus
-    from .embcache import cache_key, encode_cached
+    from .embcache import encode_cached, encoder_fingerprint
     from .hybrid import MANIFEST, FORMAT, HybridIndex, write_manifest
     from .index import TopKIndex
     from .student import BiEncoder
@@ -73,9 +73,10 @@ def build_index(data: str, out: str, *, model: Optional[str] = None, lexical: bo
     texts = [passages[p].text for p in pids]
     enc = BiEncoder(model, device=device)
     emb = encode_cached(enc, texts, cache_dir=embedding_cache, model_path=model, batch_size=batch_size, progress=progress)
-    # the encoder's key (folder, weight/config/tokenizer files, settings): search refuses a model changed since
+    # what the encoder's files hold and its settings (not its path: a copied folder keeps it): search refuses a
+    # model changed since the build
     meta = {"model": os.path.abspath(model) if model else None, "data": os.path.abspath(data), "passages": PASSAGES,
-            "encoder_key": cache_key(enc)}
+            "encoder": encoder_fingerprint(enc)}
     os.makedirs(out, exist_ok=True)
     # Rebuilt in place, manifest last: the old manifest goes first, so until the new one lands the folder is no
     # index (a crash mid-rebuild is "no index" on open, never the old manifest over new files); every file is
@@ -134,7 +135,7 @@ def search(folder: str, questions: List[str], k: int = 10, *, fusion=None, model
     from .hybrid import HybridIndex
     from .student import BiEncoder
 
-    from .embcache import cache_key
+    from .embcache import encoder_fingerprint
 
     questions = list(questions)
     blank = [i for i, q in enumerate(questions) if not isinstance(q, str) or not q.strip()]
@@ -142,7 +143,7 @@ def search(folder: str, questions: List[str], k: int = 10, *, fusion=None, model
         raise ValueError(f"question {blank[0] + 1} is empty: nothing to search for")
     index, meta, pids, texts = open_index(folder, fusion)
     enc = BiEncoder(model or meta.get("model"), device=device)
-    if model is None and meta.get("encoder_key") and cache_key(enc) != meta["encoder_key"]:
+    if model is None and meta.get("encoder") and encoder_fingerprint(enc) != meta["encoder"]:
         raise ValueError(f"the model {meta.get('model') or '(default student)'} changed since {folder} was built "
                          f"(its files or settings differ): rebuild the index, or pass --model to search with it anyway")
     if enc.dim != index.dim:
