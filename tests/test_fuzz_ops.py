@@ -278,7 +278,7 @@ def _ref_infonce(q, p, idx, util, temperature, teacher_temperature, label_mix, g
     tgt = (torch.where(wts > 0, wts * s.gather(1, t.clamp_min(0)), 0.0)).sum(1)
     if label_mix > 0:
         g = gold.long()
-        alpha = torch.where(g >= 0, label_mix, 0.0).double()
+        alpha = (g >= 0).double() * label_mix  # float64 throughout (a float32 where() rounds label_mix)
         gold_s = s.gather(1, g.clamp_min(0)[:, None]).squeeze(1)
         tgt = torch.where(g >= 0, (1 - alpha) * tgt + alpha * gold_s, tgt)
     return lse - tgt
@@ -362,7 +362,10 @@ def _check_infonce(q, p, idx, util, kw, bad, impl, grad):
     ref = _ref_infonce(q, p, idx, util, tau, kw["teacher_temperature"], kw["label_mix"], kw["gold_idx"], kw["exclude_idx"])
     if grad:
         ref = ref.sum()
-        assert all(g is None or torch.isfinite(g).all() for g in grads)
+        if not all(g is None or torch.isfinite(g).all() for g in grads):
+            # finite in the fp32 accumulation, beyond fp16 only in the cast: inf, as autograd gives it (GradScaler)
+            assert risky and q.dtype == torch.float16
+            event("overflow: inf fp16 gradient")
     assert torch.isfinite(loss).all()
     atol = 8 * (q.shape[1] + idx.shape[1] + 4) * _eps(q.dtype) * (sabs / tau + 1.0) * (q.shape[0] if grad else 1) + 1e-30
     torch.testing.assert_close(loss.double(), ref, rtol=0, atol=atol)
