@@ -109,6 +109,18 @@ def main():
         return top[np.argsort(-s[top])]
 
     res["lexical_bincount"] = summary(timed(bincount, queries, a.reps))
+
+    def agreement(get, n=20):
+        """Mean share of our lexical top-k_each that a peer also returns, on the first n queries: the peers are
+        timed on the same work only if they score BM25 alike (ties at the cut can cost a little)."""
+        shares = []
+        for i in range(min(n, len(queries))):
+            ours = {int(x) for x in np.asarray(lex.search([queries[i]], each)[1]).ravel() if int(x) >= 0}
+            theirs = {int(x) for x in np.asarray(get(i)).ravel() if int(x) >= 0}
+            shares.append(len(ours & theirs) / max(1, len(ours)))
+        return round(float(np.mean(shares)), 4)
+
+    agree = {"bincount": agreement(bincount)}
     bm25s_info = None
     if not a.no_bm25s:
         try:
@@ -124,6 +136,7 @@ def main():
             qtok = [tokenize(q) for q in queries]
             res["lexical_bm25s"] = summary(timed(
                 lambda i: model.retrieve([qtok[i]], k=each, show_progress=False, n_threads=1), queries, a.reps))
+            agree["bm25s"] = agreement(lambda i: model.retrieve([qtok[i]], k=each, show_progress=False, n_threads=1)[0])
     lex_bytes = lex.nbytes
     vocab_bytes = sum(sys.getsizeof(t) for t in lex._vocab) + sys.getsizeof(lex._vocab)
     out = {
@@ -133,13 +146,14 @@ def main():
         "settings": {"n": a.n, "dim": a.dim, "k": a.k, "k_each": each, "queries": a.queries, "reps": a.reps,
                      "vocab": a.vocab, "dtype": a.dtype, "threads": a.threads, "fusion": hybrid.fusion},
         "data_s": round(t_data, 1), "build_s": round(t_build, 1), "bm25s": bm25s_info,
-        "results": res, "ratio_hybrid_vs_dense": res["hybrid"]["ms_mean"] / res["dense"]["ms_mean"],
+        "results": res, "lexical_topk_agreement_with_ours": agree, "ratio_hybrid_vs_dense": res["hybrid"]["ms_mean"] / res["dense"]["ms_mean"],
         "memory": {"dense_bytes": dense.nbytes, "lexical_bytes": lex_bytes, "lexical_vocab_dict_bytes": vocab_bytes,
                    "lexical_terms": lex.vocab_size, "lexical_postings": int(w.nnz)},
     }
     print(f"N={a.n} d={a.dim} k={a.k} (k_each={each}), batch 1: data {t_data:.0f} s, index build {t_build:.0f} s")
     for name, r in res.items():
         print(f"  {name:<18} {r['ms_mean']:8.2f} ms/query (p50 {r['ms_p50']:.2f}, p95 {r['ms_p95']:.2f})")
+    print("  lexical top-k_each shared with ours: " + ", ".join(f"{k} {v:.3f}" for k, v in agree.items()))
     print(f"  hybrid / dense = {out['ratio_hybrid_vs_dense']:.2f}x; lexical index {lex_bytes / 2**20:.0f} MiB arrays "
           f"+ {vocab_bytes / 2**20:.1f} MiB vocabulary ({lex.vocab_size} terms, {w.nnz} postings); dense {dense.nbytes / 2**20:.0f} MiB")
     if a.json:
