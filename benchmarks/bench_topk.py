@@ -3,7 +3,9 @@ torch (matmul + topk), side by side on the same data and thread count. The basel
 (``torch``: one [batch, N] matmul + topk; ``faiss_flat``: FAISS's default BLAS blocking) and tuned on
 these inputs per batch and k (``torch_blocked``: block @ q.T (torch.mv at batch 1) or q @ block.T, topk per
 row block, picked from 16k-256k rows x both layouts; ``faiss_tuned``: FAISS's defaults, or sgemm from batch 1 up with a database block of 1k-64k rows);
-"vs best baseline" divides by the fastest of the four.
+``numpy``: ``x @ q`` (gemv at batch 1) or ``q @ x.T``, then argpartition, timed in a process of its own
+(OpenBLAS threads spin after each call and would slow whatever runs next in this one); "vs best baseline"
+divides by the fastest of the five.
 
 Reports QPS, index memory, recall@k against exact float32 (torch), and the fraction of the machine's
 limit reached: for batch 1 (memory-bound) the bytes each method must read per query against the
@@ -94,7 +96,53 @@ def unit_rows(rng, n, d, chunk=100_000):
     return x
 
 
-BASELINES = ("torch", "torch_blocked", "faiss_flat", "faiss_tuned")
+BASELINES = ("torch", "torch_blocked", "faiss_flat", "faiss_tuned", "numpy")
+
+
+def numpy_search(x, q, k):
+    """Exact top-k as a numpy user writes it: one BLAS product, argpartition, then sort the k."""
+    s = x @ q[0] if len(q) == 1 else q @ x.T
+    s = s.reshape(len(q), -1)
+    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(s, part, 1), axis=1)
+    ids = np.take_along_axis(part, order, 1)
+    return np.take_along_axis(s, ids, 1), ids
+
+
+def numpy_worker(folder: str, min_time: float) -> None:
+    """Child process: time numpy_search on folder/x.npy, q.npy for each (k, batch) in folder/plan.json."""
+    x, queries = np.load(os.path.join(folder, "x.npy")), np.load(os.path.join(folder, "q.npy"))
+    out = {}
+    for k, b in json.load(open(os.path.join(folder, "plan.json"))):
+        q = queries[:b]
+        t0 = time.perf_counter()
+        _, ids = numpy_search(x, q, k)  # warm-up, and the ids for the recall check
+        first = time.perf_counter() - t0
+        times = [first] if first > 3.0 else []
+        for _ in range(0 if times else int(min(15, max(3, min_time / max(first, 1e-6))))):
+            t = time.perf_counter()
+            numpy_search(x, q, k)
+            times.append(time.perf_counter() - t)
+        out[f"{k},{b}"] = dict(times=times, ids=ids.tolist())
+    with open(os.path.join(folder, "out.json"), "w") as f:
+        json.dump(out, f)
+
+
+def numpy_times(x, queries, plan, threads, min_time):
+    """Run numpy_worker in a fresh process with OpenBLAS/OMP capped at ``threads``; {(k, b): (times, ids)}."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="bench_topk_np_") as tmp:
+        np.save(os.path.join(tmp, "x.npy"), x)
+        np.save(os.path.join(tmp, "q.npy"), queries)
+        with open(os.path.join(tmp, "plan.json"), "w") as f:
+            json.dump(plan, f)
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+                   MKL_NUM_THREADS=str(threads))
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--numpy-worker", tmp,
+                        "--min-time", str(min_time)], env=env, check=True)
+        got = json.load(open(os.path.join(tmp, "out.json")))
+    return {tuple(int(v) for v in key.split(",")): (r["times"], np.asarray(r["ids"])) for key, r in got.items()}
 FAISS_DEFAULTS = None  # filled from faiss.cvar at the first search: the library's own settings
 
 
@@ -151,8 +199,10 @@ def tune_baselines(tuned, methods, q, xt, k, flat):
                                        [FAISS_DEFAULTS] + [(1, qbs, dbs) for dbs in (dbs0, 4096, 16384, 65536)])
 
 
-def run_config(x, queries, batches, ks, threads, min_time, rows, dtypes):
+def run_config(x, queries, batches, ks, threads, min_time, rows, dtypes, with_numpy=True):
     n, d = x.shape
+    # numpy first, in its own process, so its spinning BLAS threads are gone before anything else is timed.
+    np_res = numpy_times(x, queries, [(k, b) for k in ks for b in batches], threads, min_time) if with_numpy else {}
     torch.set_num_threads(threads)
     xt = torch.from_numpy(x)
 
@@ -197,6 +247,9 @@ def run_config(x, queries, batches, ks, threads, min_time, rows, dtypes):
             slow = {m for m, t in warm.items() if t > 3.0}
             for m in slow:
                 times[m].append(warm[m])
+            if (k, b) in np_res:  # timed in its own process above, not interleaved with the others
+                times["numpy"], np_ids = np_res[(k, b)]
+                results["numpy"] = (None, np_ids)
             fast_round = sum(t for m, t in warm.items() if m not in slow)
             rounds = int(min(15, max(3, min_time * len(methods) / max(fast_round, 1e-6))))
             for _ in range(rounds):
@@ -207,7 +260,8 @@ def run_config(x, queries, batches, ks, threads, min_time, rows, dtypes):
                     fn(q, k)
                     times[name].append(time.perf_counter() - t)
             base_qps = max(b / min(times[m]) for m in BASELINES if m in times)
-            for name, (fn, mem, scanned) in methods.items():
+            entries = list(methods.items()) + ([("numpy", (None, x.nbytes, x.nbytes))] if "numpy" in times else [])
+            for name, (fn, mem, scanned) in entries:
                 t = min(times[name])
                 ids = np.asarray(results[name][1])
                 recall = float(np.mean([len(set(a) & set(e)) / k for a, e in zip(ids.tolist(), exact.tolist())]))
@@ -256,7 +310,11 @@ def main(argv=None):
     p.add_argument("--data", default=None, help=".npy [N, d] embeddings to use instead of random vectors")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=os.path.join(RESULTS, "bench_topk.json"))
+    p.add_argument("--no-numpy", action="store_true", help="leave out the numpy baseline (its own process)")
+    p.add_argument("--numpy-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.numpy_worker:
+        return numpy_worker(args.numpy_worker, args.min_time or 2.0)
 
     if args.quick:
         sizes, dims, ks, min_time = [200_000], [384], [10], args.min_time or 0.6
@@ -279,14 +337,14 @@ def main(argv=None):
         perm = rng.permutation(len(emb))
         queries = np.ascontiguousarray(emb[np.sort(perm[: max(batches)])], dtype=np.float32)
         x = np.ascontiguousarray(emb[np.sort(perm[max(batches):])], dtype=np.float32)
-        run_config(x, queries, batches, ks, args.threads, min_time, rows, dtypes)
+        run_config(x, queries, batches, ks, args.threads, min_time, rows, dtypes, not args.no_numpy)
     else:
         for d in dims:
             queries = unit_rows(rng, max(batches), d)
             for n in sizes:
                 print(f"N={n} d={d}: generating data", flush=True)
                 x = unit_rows(rng, n, d)
-                run_config(x, queries, batches, ks, args.threads, min_time, rows, dtypes)
+                run_config(x, queries, batches, ks, args.threads, min_time, rows, dtypes, not args.no_numpy)
                 del x
     info["wall_s"] = round(time.perf_counter() - t_start, 1)
     info["load_avg_end"] = os.getloadavg()
