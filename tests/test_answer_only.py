@@ -158,6 +158,17 @@ def test_merge_teachers_averages_per_query_z_scores(tmp_path, ds, capsys):
         np.testing.assert_allclose([d[p] for p in pids], (z(za) + z(zb)) / 2, atol=2e-5)
     with pytest.raises(ValueError, match="at least two"):
         merge_teachers([a], str(tmp_path / "e2.jsonl.gz"))
+    # the first teacher's per-token deltas are not the ensemble's; a data fingerprint must agree when both have one
+    ha, rows_a = read_utilities(a)
+    write_table(str(tmp_path / "ad.jsonl"), dict(ha, data_sha1="aaaa"), [dict(r, deltas=[0.5]) for r in rows_a])
+    write_table(str(tmp_path / "bd.jsonl"), dict(hb, data_sha1="aaaa"), rows_b)
+    hd = merge_teachers([str(tmp_path / "ad.jsonl"), str(tmp_path / "bd.jsonl")], str(tmp_path / "ensd.jsonl"))
+    assert hd["data_sha1"] == "aaaa" and not any("deltas" in r for r in read_utilities(str(tmp_path / "ensd.jsonl"))[1])
+    assert all("max_passage_tokens" in s_ and "prompt_with" in s_ for s_ in hd["sources"])
+    os.remove(tmp_path / "bd.jsonl")
+    write_table(str(tmp_path / "bd.jsonl"), dict(hb, data_sha1="bbbb"), rows_b)
+    with pytest.raises(ValueError, match="candidate settings differ.*data_sha1"):
+        merge_teachers([str(tmp_path / "ad.jsonl"), str(tmp_path / "bd.jsonl")], str(tmp_path / "ense.jsonl"))
     from uae_fast.cli import main
 
     assert main(["score", "--merge-teachers", a, b, "--out", str(tmp_path / "ens2.jsonl.gz")]) == 0

@@ -20,6 +20,7 @@ from test_reliability_cli import utils  # noqa: F401 (fixtures, shared with the 
 from test_scoring import ds, scorer, teacher_dir  # noqa: F401
 from test_training import tiny  # noqa: F401
 from uae_fast.cli import main
+from uae_fast.data import data_fingerprint
 from uae_fast.scoring import score_dataset
 from uae_fast.training import latest_checkpoint
 
@@ -185,7 +186,7 @@ def score_in_process(scorer, ds, out, resume):
     torch.set_num_threads(1)
     try:
         score_dataset(scorer, ds, str(out), candidates="top:2", progress=False, limit=7, group=1, resume=resume,
-                      data_name=os.path.basename(DATA))
+                      data_name=os.path.basename(DATA), data_sha1=data_fingerprint(DATA))
     finally:
         torch.set_num_threads(n)
 

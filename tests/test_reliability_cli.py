@@ -83,6 +83,7 @@ BAD_DATA = {
     "jsonl_duplicate_query": ("data.jsonl", _jsonl(P0, Q0, P1, Q0), "data.jsonl:4: duplicate query id 'q0' (first on line 2)"),
     "jsonl_duplicate_candidate": ("data.jsonl", _jsonl(P0, dict(Q0, candidates=["d0:0", "d0:0"])), "more than once"),
     "jsonl_empty_answer": ("data.jsonl", _jsonl(P0, dict(Q0, answers=[" "])), "answers[0] is empty"),
+    "jsonl_blank_question": ("data.jsonl", _jsonl(P0, dict(Q0, question="  ")), "data.jsonl:2: question is blank"),
     "not_utf8": ("data.jsonl", b"\xff\xfe\x00garbage\n", "cannot read"),
 }
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from uae_fast.bm25 import BM25
-from uae_fast.data import load_dataset
+from uae_fast.data import data_fingerprint, load_dataset
 from uae_fast.scoring import CandidatePolicy, merge, parse_shard, read_utilities, score_dataset, select_queries, shard_path
 from uae_fast.teacher import UtilityScorer
 
@@ -179,7 +179,8 @@ def test_kill9_then_resume_is_identical(ds, teacher_dir, scorer, tmp_path):
               "--max-answer-tokens", "12", "--token-budget", "1", "--group", "2", "--limit", "7", "--no-progress",
               "--device", "cpu", "--dtype", "fp32"]  # the reference scorer's; a GPU machine would default to CUDA bf16
     ref = str(tmp_path / "ref.jsonl")
-    score_dataset(scorer, ds, ref, candidates="top:2", progress=False, limit=7, data_name=os.path.basename(DATA))
+    score_dataset(scorer, ds, ref, candidates="top:2", progress=False, limit=7, data_name=os.path.basename(DATA),
+                  data_sha1=data_fingerprint(DATA))
     out = str(tmp_path / "run.jsonl.gz")
     # A real SIGKILL after 2 groups are on disk, mid-way through writing the third.
     p = cli("--out", out, *common, env={"UAE_TEST_KILL_AFTER": "2:torn"})
@@ -445,3 +446,60 @@ def test_reuse_copies_known_rows_and_scores_only_the_new_ones(ds, scorer, teache
                  "--reuse", bad]) == 1
     err = capsys.readouterr().err
     assert "nan.jsonl" in err and "utility must be a finite number" in err and not os.path.exists(e_out + ".partial")
+
+
+def test_header_records_deltas_and_data_fingerprint(ds, scorer, tmp_path):
+    """--save-deltas and the data file's contents are settings: a resume or reuse that would mix rows of
+    other settings is refused (tables without a fingerprint, older ones, compare by file name alone)."""
+    kw = dict(candidates="top:1", progress=False, limit=2)
+    out = str(tmp_path / "u.jsonl")
+    h = score_dataset(scorer, ds, out, save_deltas=True, data_sha1="aaaa", **kw)
+    assert h["save_deltas"] is True and h["data_sha1"] == "aaaa"
+    assert all("deltas" in r for r in read_utilities(out)[1])
+    for extra, diff in ((dict(data_sha1="aaaa"), "save_deltas"), (dict(save_deltas=True, data_sha1="bbbb"), "data_sha1")):
+        with pytest.raises(ValueError, match=f"is complete but was written with different settings \\({diff}\\)"):
+            score_dataset(scorer, ds, out, resume=True, **kw, **extra)
+        part = str(tmp_path / "p.jsonl")
+        with open(out) as src, open(part + ".partial", "w") as dst:
+            dst.write(src.readline())  # an interrupted run: the header alone
+        with pytest.raises(ValueError, match=f"\\.partial was written with different settings \\({diff}\\)"):
+            score_dataset(scorer, ds, part, resume=True, **kw, **extra)
+        os.remove(part + ".partial")
+    assert score_dataset(scorer, ds, out, resume=True, save_deltas=True, **kw)["n_rows"] == h["n_rows"]  # no fingerprint: by name
+    # Reused rows carry deltas only when the new table asks for them.
+    plain = str(tmp_path / "plain.jsonl")
+    hp = score_dataset(scorer, ds, plain, reuse=[out], data_sha1="aaaa", **kw)
+    assert hp["n_reused_rows"] == h["n_rows"] and "save_deltas" not in hp
+    assert not any("deltas" in r for r in read_utilities(plain)[1])
+    with pytest.raises(ValueError, match=r"--reuse .*other settings \(data_sha1"):
+        score_dataset(scorer, ds, str(tmp_path / "x.jsonl"), reuse=[out], data_sha1="cccc", **kw)
+
+
+def test_blank_texts_are_refused_before_any_scoring(scorer, tmp_path):
+    path = tmp_path / "d.jsonl"
+    recs = [dict(type="passage", id="p0", doc_id="d", text="The capital of France is Paris."),
+            dict(type="passage", id="p1", doc_id="d", text="   "),
+            dict(type="query", id="q0", doc_id="d", question="What is the capital?", answers=["Paris"], gold=["p0"])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    seen = []
+    real = scorer.score_many
+    scorer.score_many = lambda items: seen.append(items) or real(items)
+    try:
+        with pytest.raises(ValueError, match="passage 'p1' \\(a candidate of query 'q0'\\) has no text"):
+            score_dataset(scorer, load_dataset(str(path)), str(tmp_path / "u.jsonl"), candidates="all", progress=False)
+    finally:
+        del scorer.score_many
+    assert not seen and not os.path.exists(tmp_path / "u.jsonl.partial")
+
+
+def test_candidates_spelling_and_teacher_path_are_canonical(tmp_path, monkeypatch):
+    from uae_fast.scoring import parse_candidates
+    from uae_fast.teacher import teacher_name
+
+    assert parse_candidates("answer:12") == ("answer", 12)
+    for bad in ("top:03", "top:3 ", "top:+3", "top:٣", "top:0"):
+        with pytest.raises(ValueError, match="--candidates"):
+            parse_candidates(bad)
+    monkeypatch.chdir(tmp_path)
+    assert teacher_name("models/t/") == teacher_name("./models/t") == str(tmp_path / "models" / "t")
+    assert teacher_name("gemma3-270m") == "gemma-3-270m"  # a named teacher keeps its name

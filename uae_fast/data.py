@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -157,6 +158,25 @@ def read_lines(path: str, what: str = "data file") -> Iterator[Tuple[int, str]]:
                 return
             n += 1
             yield n, line
+
+
+def data_fingerprint(path: str) -> str:
+    """sha1 (first 16 hex digits) of a data file's bytes, or of a folder's files (a BEIR folder: names and
+    bytes, sorted): a scoring table records it so --resume / --reuse / merges refuse an edited file."""
+    path = os.fspath(path)
+    files = [path] if not os.path.isdir(path) else sorted(
+        os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+    h = hashlib.sha1()
+    try:
+        for f in files:
+            if os.path.isdir(path):
+                h.update(os.path.relpath(f, path).encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    except OSError as e:
+        raise _unreadable(path, "data file", e) from None
+    return h.hexdigest()[:16]
 
 
 def read_text(path: str, what: str = "data file") -> str:
@@ -411,6 +431,8 @@ def _from_jsonl(path: str) -> RetrievalDataset:
             passages[rid] = Passage(rid, doc_id if doc_id is not None else "", text, section)
         else:
             question = _expect(rec["question"], str, where, "question")
+            if not question.strip():
+                raise ValueError(f"{where}: question is blank")
             answers = _strings(rec.get("answers"), where, "answers")
             empty = [i for i, a in enumerate(answers) if not a.strip()]
             if empty:

@@ -65,8 +65,9 @@ def hit_rates(table: str, ds, candidates: Sequence[str] = (), *, no_gold: bool =
             policies[key] = CandidatePolicy(ds, c, student=candidate_student, no_gold=no_gold)
         pol = policies[key]
         pol.prepare(queries, progress=progress)  # embeds only what an earlier table's call did not
-        cs = {q.id: [p for p in pol(q) if p in utils[q.id]] for q in queries}
-        lacking = [qid for qid in cs if len(cs[qid]) < len(pol(next(q for q in queries if q.id == qid)))]
+        full = {q.id: pol(q) for q in queries}
+        cs = {qid: [p for p in ps if p in utils[qid]] for qid, ps in full.items()}
+        lacking = [qid for qid in cs if len(cs[qid]) < len(full[qid])]
         if lacking:
             raise ValueError(f"{table} lacks utilities for some {c} candidates (e.g. question {lacking[0]}): "
                              f"diagnose a policy on a table that scored it, or on a --candidates all table")

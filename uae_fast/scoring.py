@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 
 # The table format is owned by .utilities; these names stay importable from here.
-from .utilities import FORMAT, RESUME_KEYS, finalize, make_row, read_utilities, recover_partial, student_name
+from .utilities import FORMAT, RESUME_KEYS, finalize, header_diff, make_row, read_utilities, recover_partial, student_name
 from .utilities import reusable_rows
 from .utilities import merge_shards as merge
 
@@ -54,11 +54,9 @@ def parse_candidates(policy: str) -> Tuple[str, Optional[int]]:
         return "all", None
     for kind in ("top", "answer", "student"):
         if isinstance(policy, str) and policy.startswith(kind + ":"):
-            try:
-                m = int(policy[len(kind) + 1:])
-            except ValueError:
-                m = 0
-            if m >= 1:
+            digits = policy[len(kind) + 1:]
+            m = int(digits) if digits.isdigit() and digits.isascii() else 0
+            if m >= 1 and digits == str(m):  # the canonical spelling only: headers compare it as a string
                 return kind, m
     raise ValueError(f"--candidates must be 'all', 'top:M' (BM25 of the question), 'answer:M' (BM25 of the question and "
                      f"its answers) or 'student:M' (base student) with M >= 1, got {policy!r}")
@@ -220,7 +218,7 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
                   shard: Tuple[int, int] = (0, 1), order: str = "paper", with_gold_only: bool = True,
                   limit: Optional[int] = None, save_deltas: bool = False, progress: bool = True,
                   data_name: Optional[str] = None, group: int = 16, candidate_student=None, no_gold: bool = False,
-                  questions_from: Optional[str] = None, reuse: Sequence[str] = ()) -> dict:
+                  questions_from: Optional[str] = None, reuse: Sequence[str] = (), data_sha1: Optional[str] = None) -> dict:
     """Score every selected query of ``ds`` and write the utilities file ``out``; returns the header.
 
     ``candidate_student``: the encoder of a ``student:M`` policy (folder or BiEncoder; default all-MiniLM-L6-v2).
@@ -230,6 +228,8 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
     the first, for ``--merge-teachers``); the header names it.
     ``reuse``: utilities tables of the same teacher and settings (:func:`uae_fast.utilities.reusable_rows`); their
     rows' utilities are copied, not rescored, and the header counts them (``n_reused_rows``).
+    ``data_sha1``: the data file's fingerprint (:func:`uae_fast.data.data_fingerprint`; ``uae score`` passes
+    it); recorded, so resuming or reusing against an edited file is refused.
     """
     if no_gold and with_gold_only:
         raise ValueError("no_gold scoring selects questions by their answers alone: pass with_gold_only=False")
@@ -263,11 +263,23 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
         queries, pools = [queries[i] for i in keep], [pools[i] for i in keep]
         if not queries:
             raise ValueError("no query to score has a candidate passage")
+    # The teacher refuses blank text mid-run (hours in, naming neither): check every row before any compute.
+    blank = next((q.id for q in queries if not q.question.strip()), None)
+    if blank is not None:
+        raise ValueError(f"query {blank!r} has a blank question: the teacher cannot score it")
+    blank = next(((q.id, p) for q, pids in zip(queries, pools) for p in pids if not ds.passages[p].text.strip()), None)
+    if blank is not None:
+        raise ValueError(f"passage {blank[1]!r} (a candidate of query {blank[0]!r}) has no text: the teacher cannot "
+                         f"score it; drop it from the data or give it text")
     header = {"type": "header", "format": FORMAT, **scorer.settings(), "candidates": candidates, "answers": answers,
               "data": data_name or ds.name, "order": order, "with_gold_only": with_gold_only, "shard": list(shard),
               "n_queries": len(queries), "n_rows": sum(len(p) for p in pools)}
     if no_gold:  # only when set: tables written before the flag existed keep resuming and merging
         header["no_gold"] = True
+    if save_deltas:  # likewise; a resume must not mix rows with and without deltas
+        header["save_deltas"] = True
+    if data_sha1 is not None:
+        header["data_sha1"] = data_sha1
     if policy.kind == "student":
         header["candidate_student"] = student_name(candidate_student)
     if questions_from is not None:
@@ -286,7 +298,7 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
     check_out(out, resume)
     if os.path.exists(out):  # and resume
         done_header = read_utilities(out)[0]
-        diff = [k for k in RESUME_KEYS if done_header.get(k) != header.get(k)]
+        diff = header_diff(done_header, header, RESUME_KEYS)
         if diff:  # "nothing to do" would hand back a table these options did not ask for
             raise ValueError(f"--resume: {out} is complete but was written with different settings "
                              f"({', '.join(diff)}); use the same options, or delete it or choose another --out")
@@ -399,7 +411,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--token-budget", type=int, default=None, help="padded tokens per forward (default 8192 on CPU, 32768 on CUDA)")
     p.add_argument("--order", default="paper", choices=["paper", "hash", "data"],
                    help="query order: paper (default; a paper's questions together, so passages they share run once), "
-                        "hash (by query); both make any prefix of a run a random sample")
+                        "hash (by query), data (the file's order); paper and hash make any prefix of a run a random sample")
     p.add_argument("--no-share-prefix", action="store_true",
                    help="run every (passage, question, answer) row on its own (slower; same numbers)")
     p.add_argument("--compile", action="store_true",
@@ -438,7 +450,7 @@ def _main(args) -> int:
         return 0
     import torch
 
-    from .data import default_qasper_path, load_dataset
+    from .data import data_fingerprint, default_qasper_path, load_dataset
     from .teacher import UtilityScorer
 
     from .cli import set_threads
@@ -470,5 +482,5 @@ def _main(args) -> int:
                   with_gold_only=not (args.include_no_gold or args.no_gold), no_gold=args.no_gold,
                   limit=args.limit, save_deltas=args.save_deltas, progress=not args.no_progress,
                   data_name=os.path.basename(data), group=args.group, candidate_student=args.candidate_student,
-                  questions_from=args.questions_from, reuse=args.reuse or ())
+                  questions_from=args.questions_from, reuse=args.reuse or (), data_sha1=data_fingerprint(data))
     return 0

@@ -33,11 +33,20 @@ FORMAT = "uae-utilities/1"
 _ROW_VALUE_KEYS = ("format", "teacher", "dtype", "prompt_with", "prompt_without", "answer_prefix", "max_passage_tokens",
                    "max_answer_tokens", "aggregation", "clip", "answers", "data")
 # Settings that must match for rows to be combined into one table (resume / shard merge): also the same rows.
-COMPAT_KEYS = _ROW_VALUE_KEYS + ("candidates", "candidate_student", "order", "with_gold_only", "no_gold")
+COMPAT_KEYS = _ROW_VALUE_KEYS + ("candidates", "candidate_student", "order", "with_gold_only", "no_gold", "save_deltas")
 # Settings that must match to resume a run: also the same questions (--limit, --questions-from) and shard.
 RESUME_KEYS = COMPAT_KEYS + ("shard", "n_queries", "n_rows", "limit", "questions_from")
 # Settings that must match for tables of different teachers to be ensembled (the same rows were scored).
 _SAME_ROWS_KEYS = ("candidates", "candidate_student", "no_gold", "data", "answers")
+
+
+def header_diff(a: dict, b: dict, keys) -> List[str]:
+    """The settings among ``keys`` in which two headers differ, and ``data_sha1`` (the data file's contents)
+    when both recorded it: tables written before the fingerprint existed are compared by file name alone."""
+    diff = [k for k in keys if a.get(k) != b.get(k)]
+    if a.get("data_sha1") and b.get("data_sha1") and a["data_sha1"] != b["data_sha1"]:
+        diff.append("data_sha1")
+    return diff
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -234,7 +243,7 @@ def recover_partial(partial: str, header: dict) -> Tuple[set, int, int]:
         return set(), -1, 0
     if not isinstance(old, dict):
         return set(), -1, 0
-    diff = [k for k in RESUME_KEYS if old.get(k) != header.get(k)]
+    diff = header_diff(old, header, RESUME_KEYS)
     if diff:
         raise ValueError(f"--resume: {partial} was written with different settings ({', '.join(diff)}); "
                          f"use the same options or delete it")
@@ -293,7 +302,7 @@ def merge_shards(inputs: Sequence[str], out: str) -> dict:
         all_rows.extend(rows)
     ref = headers[0]
     for path, h in zip(inputs, headers):  # also the same questions: shards of one --limit / --questions-from
-        diff = [k for k in COMPAT_KEYS + ("limit", "questions_from") if h.get(k) != ref.get(k)]
+        diff = header_diff(h, ref, COMPAT_KEYS + ("limit", "questions_from"))
         if diff:
             raise ValueError(f"{path}: settings differ from {inputs[0]} ({', '.join(diff)}); cannot merge")
     n = ref["shard"][1]
@@ -358,7 +367,7 @@ def reusable_rows(tables: Sequence[str], header: dict, *, with_deltas: bool = Fa
     known: Dict[Tuple[str, str], tuple] = {}
     for path in tables:
         h, rows = read_utilities(path)
-        diff = [k for k in _ROW_VALUE_KEYS if h.get(k) != header.get(k)]
+        diff = header_diff(h, header, _ROW_VALUE_KEYS)
         if diff:
             raise ValueError(f"--reuse {path}: scored with other settings ({', '.join(diff)}: "
                              f"{h.get(diff[0])!r} vs {header.get(diff[0])!r}); its utilities cannot be reused")
@@ -367,7 +376,8 @@ def reusable_rows(tables: Sequence[str], header: dict, *, with_deltas: bool = Fa
                 raise ValueError(f"--reuse {path}: row {i + 1} has no integer n_answer_tokens")
             if with_deltas and "deltas" not in r:
                 continue
-            known.setdefault((r["qid"], r["pid"]), (r["utility"], r["n_answer_tokens"], r.get("deltas")))
+            # without --save-deltas no row of the new table carries deltas, reused or not
+            known.setdefault((r["qid"], r["pid"]), (r["utility"], r["n_answer_tokens"], r.get("deltas") if with_deltas else None))
     return known
 
 
@@ -412,7 +422,7 @@ def merge_teachers(inputs: Sequence[str], out: str) -> dict:
     tables = [read_utilities(p) for p in inputs]
     ref = tables[0][0]
     for path, (h, _) in zip(inputs[1:], tables[1:]):
-        diff = [k for k in _SAME_ROWS_KEYS if h.get(k) != ref.get(k)]
+        diff = header_diff(h, ref, _SAME_ROWS_KEYS)
         if diff:
             raise ValueError(f"{path}: candidate settings differ from {inputs[0]} ({', '.join(diff)}); "
                              f"ensemble tables scored on the same rows")
@@ -427,13 +437,17 @@ def merge_teachers(inputs: Sequence[str], out: str) -> dict:
         first = [r for r in per[0][qid] if r["pid"] in pids]  # keeps the first table's order and fields
         for i, r in enumerate(first):
             u = sum(z[r["pid"]] for z in zs) / len(zs)
-            out_rows.append(dict(r, utility=round(u, 5), cand=i, n_cand=len(first)))
+            row = dict(r, utility=round(u, 5), cand=i, n_cand=len(first))
+            row.pop("deltas", None)  # the first teacher's per-token deltas say nothing of the ensemble
+            out_rows.append(row)
     if not out_rows:
         raise ValueError(f"the tables {list(inputs)} share no (qid, pid) rows")
     names = [h.get("teacher", "?") for h, _ in tables]
-    header = {k: v for k, v in ref.items() if k in ("type", "format") + _SAME_ROWS_KEYS + ("order", "with_gold_only")}
+    header = {k: v for k, v in ref.items()
+              if k in ("type", "format") + _SAME_ROWS_KEYS + ("order", "with_gold_only", "data_sha1")}
     header.update(teacher="ensemble(" + "+".join(names) + ")", aggregation="mean of per-query z-scores",
-                  sources=[{"file": os.path.basename(p), **{k: h.get(k) for k in ("teacher", "dtype", "n_rows")}}
+                  sources=[{"file": os.path.basename(p),
+                            **{k: h.get(k) for k in _ROW_VALUE_KEYS + ("n_rows",) if k not in ("format", "answers", "data")}}
                            for p, (h, _) in zip(inputs, tables)],
                   shard=[0, 1], n_queries=len({r["qid"] for r in out_rows}), n_rows=len(out_rows))
     return write_table(out, header, out_rows)

@@ -323,7 +323,8 @@ def token_logprob_deltas(
         **options: those of :func:`token_logprobs` except the ``return_*`` flags.
 
     Returns float32 [P, T] (float64 for float64 inputs). Rows of ``targets`` equal to
-    ``ignore_index`` give 0. The utility of a passage is the mean over its non-ignored tokens.
+    ``ignore_index`` give 0. The utility of a passage is the mean over its non-ignored tokens (a plain
+    ``.mean(-1)`` would count the ignored positions' zeros: divide by the number of kept tokens).
     """
     for flag in ("return_lse", "return_greedy"):
         if options.get(flag):
