@@ -236,6 +236,23 @@ def test_saved_model_has_a_sentence_transformers_model_card(tmp_path):
     assert "- **Optimizer steps:** 7" in card and "- **Final loss:** 1.2500" in card
     assert "- **Training data:** qasper-train.json.gz" in card and "- `lr`: 5e-05" in card
     assert "teacher_gate" not in card  # unset options are not listed
+    assert "Base model:** src" in card  # the encoder's folder, when the summary names no student
+    # A resumed run's encoder comes from a checkpoint: the card names the run's --student. An answer-only run's
+    # card says no evidence labels were read, and options its loss does not use are left out.
+    ng = dict(summary, config=dict(summary["config"], student=str(tmp_path / "src"), no_gold=True,
+                                   lexical_teacher="bm25-answer", label_mix=0.0, positive="gold"))
+    enc.path = str(tmp_path / "run" / "checkpoints" / "step-000002")
+    enc.save(tmp_path / "ng", training=ng)
+    card = (tmp_path / "ng" / "README.md").read_text()
+    assert "based on src" in card and "step-000002" not in card
+    details = card.split("## Training Details")[1]
+    assert "answer-only: no evidence labels read" in card and "gold passage" not in details and "gold evidence" not in details
+    assert "- `no_gold`: True" in card and "- `lexical_teacher`: bm25-answer" in card
+    weak = dict(summary, config=dict(ng["config"], loss="infonce", positive="bm25-answer", lexical_teacher="none"))
+    enc.save(tmp_path / "weak", training=weak)
+    card = (tmp_path / "weak" / "README.md").read_text()
+    assert "InfoNCE with BM25's top-1 for the question and its answers as the positive" in card
+    assert "teacher_temperature" not in card and "label_mix" not in card and "- `positive`: bm25-answer" in card
     st = pytest.importorskip("sentence_transformers")
     model = st.SentenceTransformer(str(tmp_path / "trained"), device="cpu")  # the card does not disturb loading
     assert model.encode(["a question?"]).shape == (1, enc.dim)

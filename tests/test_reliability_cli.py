@@ -372,6 +372,14 @@ def test_one_run_per_out_folder(tmp_path, ds, tiny, utils, capsys):
     mtime = os.path.getmtime(out / "model.safetensors")
     s = train(cfg, str(out), resume=True, save_every=2, progress=False, ds=ds)  # finished: nothing to do
     assert s["already_finished"] and s["steps"] == 6 and os.path.getmtime(out / "model.safetensors") == mtime
+    # --overwrite with an input that does not load keeps the old run (it is deleted only once the inputs load)
+    bad = TrainConfig(**{**other.__dict__, "utilities": str(tmp_path / "typo.jsonl.gz")})
+    with pytest.raises(FileNotFoundError):
+        train(bad, str(out), overwrite=True, save_every=2, progress=False, ds=ds)
+    with pytest.raises(FileNotFoundError, match="no-student"):
+        train(TrainConfig(**{**other.__dict__, "student": str(tmp_path / "no-student")}), str(out), overwrite=True,
+              save_every=2, progress=False, ds=ds)
+    assert os.path.getmtime(out / "model.safetensors") == mtime
     s = train(other, str(out), overwrite=True, save_every=2, stop_after=2, progress=False, ds=ds)
     assert s["steps"] == 2 and latest_checkpoint(str(out)).endswith("step-000002")
     assert sorted(os.listdir(out)) == ["checkpoints", "train_log.jsonl", "training_summary.json"]  # old model gone
@@ -476,6 +484,12 @@ def test_cli_options_that_would_do_nothing_are_refused(tmp_path, capsys, tiny, u
     line = one_error_line(capsys, main(["train", "--data", TRAIN, "--student", tiny, "--out", str(out), "--loss", "infonce",
                                         "--label-mix", "0.3", "--max-steps", "1", "--no-progress"]), "train")
     assert "--label-mix" in line and "--loss infonce" in line and not out.exists()
+    line = one_error_line(capsys, main(["train", "--data", TRAIN, "--student", tiny, "--out", str(out), "--loss", "infonce",
+                                        "--teacher-temperature", "0.3", "--max-steps", "1", "--no-progress"]), "train")
+    assert "--teacher-temperature" in line and "--loss infonce" in line and not out.exists()
+    line = one_error_line(capsys, main(["train", "--data", TRAIN, "--student", tiny, "--out", str(out), "--loss", "infonce",
+                                        "--min-steps", "50", "--max-steps", "1", "--no-progress"]), "train")
+    assert "--min-steps" in line and "--max-steps" in line and not out.exists()
     # an encoder folder would load with a random LM head and score noise
     line = one_error_line(capsys, main(["score", "--data", TRAIN, "--out", str(tmp_path / "u.jsonl"), "--teacher", tiny,
                                         "--limit", "1", "--no-progress"]), "score")

@@ -56,6 +56,8 @@ def test_load_utilities_averages_and_header(tmp_path):
     ([{"qid": "a", "pid": "x"}], "missing \\['utility'\\]"),
     ([{"qid": "a", "pid": "x", "utility": float("nan")}], "must be finite"),
     ([{"qid": "a", "pid": "x", "utility": "high"}], "must be a number"),
+    ([{"qid": "a", "pid": "x", "utility": "2.5"}], "must be a number, got '2.5'"),
+    ([{"qid": "a", "pid": "x", "utility": True}], "must be a number, got True"),
     ([{"type": "header"}], "no utility rows"),
     (["[1, 2]"], "JSON object"),
 ])
@@ -453,3 +455,19 @@ def test_sigterm_handler_is_scoped_to_the_training_loop():
         assert stop.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_torchrun_device_is_the_ranks_own_gpu(monkeypatch):
+    """Under torchrun a bare --device cuda means cuda:LOCAL_RANK; another index would put every rank on one GPU."""
+    import uae_fast.training as tr
+
+    monkeypatch.setattr(tr, "resolve_device", lambda d: torch.device(d))  # no GPU here: accept the name as given
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert tr._dist_device("cuda") == torch.device("cuda", 1)
+    assert tr._dist_device("cuda:1") == torch.device("cuda", 1)
+    assert tr._dist_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="each rank trains on its own GPU, cuda:LOCAL_RANK \\(here cuda:1\\)"):
+        tr._dist_device("cuda:0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert tr._dist_device("cuda:0") == torch.device("cuda", 0)  # one process: any GPU it names

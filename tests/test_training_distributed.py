@@ -53,6 +53,17 @@ def _worker(rank, port, scenario, utils, student, out, results):
             return loss
 
         ops.utility_infonce = on_rank1
+        if scenario == "nanemb":  # rank 1's encoder diverges in step 2: its embeddings, not the loss, go NaN
+            import uae_fast.training as tr
+
+            real_fwd, fwd_calls = tr._Towers.forward, []
+
+            def nan_forward(self, *a, **k):
+                fwd_calls.append(1)
+                q, p = real_fwd(self, *a, **k)
+                return (q * float("nan"), p) if len(fwd_calls) == 2 else (q, p)
+
+            tr._Towers.forward = nan_forward
         if scenario == "hidden":  # rank 1 on a node whose --out is not rank 0's storage: it sees no checkpoint
             import uae_fast.training as tr
 
@@ -117,6 +128,13 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path, tiny, utils): 
     r0, r1 = _run("nan", utils, tiny, tmp_path / "run", tmp_path)
     assert r1["error"].startswith("loss is nan at step 1")
     assert r0["error"].startswith("loss is not finite on another rank at step 1")
+
+
+def test_non_finite_embeddings_on_one_rank_stop_every_rank_with_the_step(tmp_path, tiny, utils):  # noqa: F811
+    # the op would refuse them on rank 1 alone ("q contains NaN"), leaving rank 0 in the backward's all-reduce
+    r0, r1 = _run("nanemb", utils, tiny, tmp_path / "run", tmp_path)
+    for r in (r0, r1):
+        assert r["error"].startswith("the encoder's embeddings are not finite at step 1"), r
 
 
 def test_two_ranks_train_what_one_process_with_their_global_batch_does(tmp_path, utils):  # noqa: F811

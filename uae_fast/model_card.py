@@ -31,13 +31,29 @@ SBERT_CITATION = """@inproceedings{reimers-2019-sentence-bert,
   url       = {https://arxiv.org/abs/1908.10084},
 }"""
 
-_LOSSES = {"uae": "utility-modulated InfoNCE (UAE): the student's softmax over candidates and in-batch negatives "
-                  "against the teacher's softmax(utility / teacher_temperature), mixed with the gold passage",
-           "infonce": "InfoNCE on the gold evidence passage, with candidates and in-batch negatives"}
-# TrainConfig fields shown as hyperparameters (in this order).
-_HPARAMS = ("loss", "epochs", "max_steps", "batch_size", "passages_per_query", "grad_accum", "lr", "weight_decay",
-            "warmup", "temperature", "teacher_temperature", "label_mix", "teacher_gate", "candidates",
-            "max_query_length", "max_passage_length", "seed")
+# TrainConfig fields shown as hyperparameters (in this order); fields the loss does not read are left out.
+_HPARAMS = ("loss", "no_gold", "positive", "lexical_teacher", "epochs", "max_steps", "min_steps", "batch_size",
+            "passages_per_query", "grad_accum", "lr", "weight_decay", "warmup", "temperature", "teacher_temperature",
+            "label_mix", "teacher_gate", "candidates", "max_query_length", "max_passage_length", "seed")
+_UAE_ONLY = ("teacher_temperature", "lexical_teacher")
+
+
+def _loss_text(cfg: dict) -> str:
+    """What the run trained on, in words: an answer-only run's card must not claim gold evidence."""
+    no_gold, positive = bool(cfg.get("no_gold")), cfg.get("positive") or "gold"
+    weak = {"bm25": "BM25's top-1 for the question", "bm25-answer": "BM25's top-1 for the question and its answers",
+            "teacher-top1": "the teacher's best candidate", "gold": "the gold evidence passage"}.get(positive, positive)
+    if cfg.get("loss") == "infonce":
+        return f"InfoNCE with {weak} as the positive, with candidates and in-batch negatives" + (
+            " (answer-only: no evidence labels read)" if no_gold else "")
+    text = ("utility-modulated InfoNCE (UAE): the student's softmax over candidates and in-batch negatives "
+            "against the teacher's softmax(utility / teacher_temperature)")
+    if cfg.get("lexical_teacher") not in (None, "none"):
+        text += " of an ensemble with BM25(question + answers)"
+    mix = cfg.get("label_mix") or 0
+    if mix > 0:
+        text += f", mixed ({mix}) with {weak}"
+    return text + (" (answer-only: no evidence labels read)" if no_gold else "")
 
 
 def _base_model(source: Optional[str]) -> tuple:
@@ -69,7 +85,7 @@ def _training_section(training: dict) -> str:
     out = ["## Training Details", ""]
     loss = cfg.get("loss")
     if loss:
-        out += [f"Trained with `uae train` (uae_fast) using {_LOSSES.get(loss, loss)}.", ""]
+        out += [f"Trained with `uae train` (uae_fast) using {_loss_text(cfg) if loss in ('uae', 'infonce') else loss}.", ""]
     facts = [("Training data", os.path.basename(cfg["data"]) if cfg.get("data") else None),
              ("Teacher utilities", os.path.basename(cfg["utilities"]) if cfg.get("utilities") else None),
              ("Training questions", training.get("train_queries")),
@@ -77,7 +93,9 @@ def _training_section(training: dict) -> str:
              ("Final loss", f"{training['final_loss']:.4f}" if isinstance(training.get("final_loss"), float) else None),
              ("Devices", training.get("world_size"))]
     out += [f"- **{k}:** {v}" for k, v in facts if v is not None]
-    hp = [(k, cfg[k]) for k in _HPARAMS if k in cfg and cfg[k] is not None]
+    unread = _UAE_ONLY + ("label_mix",) if loss == "infonce" else ()
+    hp = [(k, cfg[k]) for k in _HPARAMS if k in cfg and cfg[k] is not None and k not in unread
+          and not (k in ("no_gold", "min_steps") and not cfg[k]) and not (k == "positive" and loss != "infonce")]
     if hp:
         out += ["", "### Training Hyperparameters", ""] + [f"- `{k}`: {v}" for k, v in hp]
     return "\n".join(out) + "\n"
@@ -87,7 +105,12 @@ def model_card(encoder, *, training: Optional[dict] = None, name: Optional[str] 
     """The card's text. ``training``: the summary ``uae train`` returns (its ``config`` and counts)."""
     from . import __version__
 
-    base, base_id = _base_model(getattr(encoder, "path", None))
+    # A trained model's base is the run's --student (a resumed run loaded its weights from a checkpoint)
+    cfg = (training or {}).get("config") or {}
+    if "student" not in cfg:
+        base, base_id = _base_model(getattr(encoder, "path", None))
+    else:  # None: the default student
+        base, base_id = (DEFAULT_STUDENT_ID, DEFAULT_STUDENT_ID) if cfg["student"] is None else _base_model(cfg["student"])
     sim = "Cosine Similarity" if encoder.normalize else "Dot Product"
     meta = ["---", "tags:", "- sentence-transformers", "- sentence-similarity", "- feature-extraction",
             "- uae", "pipeline_tag: sentence-similarity", "library_name: sentence-transformers"]

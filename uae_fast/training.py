@@ -54,6 +54,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ._checks import resolve_device
 from .data import RetrievalDataset, Query, default_qasper_path, load_dataset, shipped_file, write_text_atomic
 
 # The utilities table (reading, validation) is owned by .utilities; these names stay importable from here.
@@ -225,7 +226,8 @@ class BatchSampler:
         else:
             queries = [q for q in ds.queries if q.gold]
         if not queries:
-            what = "teacher utilities" if cfg.loss == "uae" or cfg.no_gold else "gold evidence passages"
+            what = ("teacher utilities" if cfg.no_gold else "teacher utilities or gold evidence passages"
+                    if cfg.loss == "uae" else "gold evidence passages")
             raise ValueError(f"no training queries: none of the {len(ds.queries)} queries in the data has {what}")
         self.queries = queries
         # One list per document (doc_id None: the whole corpus): BEIR questions all rank the whole corpus, and a
@@ -716,14 +718,30 @@ def _write_log(out_dir: str, log: List[dict]) -> None:
     write_text_atomic(os.path.join(out_dir, "train_log.jsonl"), "".join(json.dumps(r) + "\n" for r in log))
 
 
-def _dist_info():
+def _dist_device(device) -> torch.device:
+    """This process's training device. Under torchrun each rank takes the GPU of its LOCAL_RANK: ``None`` or a
+    bare ``cuda`` means cuda:LOCAL_RANK; another GPU index is refused (every rank would share it)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+    device = resolve_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        elif device.index != local_rank:
+            raise ValueError(f"--device {device} under torchrun: each rank trains on its own GPU, cuda:LOCAL_RANK "
+                             f"(here cuda:{local_rank}); pass --device cuda or leave it out")
+    return device
+
+
+def _dist_info(device: torch.device):
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
+        if not dist.is_initialized():  # the backend follows the device: a CPU run on a GPU machine needs gloo
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _on_rank0(fn, world: int, rank: int):
@@ -771,10 +789,7 @@ def _prepare_out_dir(out_dir: str, cfg: TrainConfig, *, resume: bool, overwrite:
         if entries and not ours:
             raise ValueError(f"--overwrite: {out_dir} holds no uae train run (no checkpoints/, train_log.jsonl or "
                              f"training_summary.json); refusing to delete its files, choose another --out")
-        for e in entries:
-            path = os.path.join(out_dir, e)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-        return None
+        return None  # deleted by _clear_run once the inputs have loaded: a typo in them keeps the old run
     if not entries:
         return None
     if not resume:
@@ -801,6 +816,13 @@ def _prepare_out_dir(out_dir: str, cfg: TrainConfig, *, resume: bool, overwrite:
     return summary if summary.get("finished") else None
 
 
+def _clear_run(out_dir: str) -> None:
+    """``--overwrite``: delete the previous run in ``out_dir`` (checked by _prepare_out_dir)."""
+    for e in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+        path = os.path.join(out_dir, e)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
 # ------------------------------------------------------------------------------------- training loop
 def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, amp: Optional[bool] = None,
           gradient_checkpointing: bool = False, save_every: int = 100, keep_checkpoints: int = 2,
@@ -813,7 +835,6 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     the newest checkpoint under ``out_dir/checkpoints`` (a finished run is returned as is). A non-empty
     ``out_dir`` without ``resume`` is refused unless ``overwrite`` (which deletes the previous run there).
     """
-    from ._checks import resolve_device
     from .ops.infonce import utility_infonce
     from .distributed import gather_with_grad
     from .student import BiEncoder
@@ -824,10 +845,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"{k} must be an int >= {low}, got {v!r}")
     out_dir = os.fspath(out_dir)
-    rank, world, local_rank = _dist_info()
-    if device is None and torch.cuda.is_available():
-        device = f"cuda:{local_rank}"
-    device = resolve_device(device)
+    device = _dist_device(device)
+    rank, world = _dist_info(device)
     if world > 1 and device.type == "cuda":  # collectives of objects (all_gather_object) use the current device
         torch.cuda.set_device(device)
     done = _on_rank0(lambda: _prepare_out_dir(out_dir, cfg, resume=resume, overwrite=overwrite, world=world),
@@ -909,6 +928,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         torch.manual_seed(cfg.seed)
         encoder = BiEncoder(cfg.student, device=device)
         state = None
+    if overwrite:  # every input loaded and checked: only now the previous run goes
+        _on_rank0(lambda: _clear_run(out_dir), world, rank)
     # BERT's pooler head is computed but unused by sentence pooling: freeze it so DDP sees no unused
     # parameters and AdamW's weight decay does not silently shrink it.
     pooler = getattr(encoder.model, "pooler", None)
@@ -999,6 +1020,11 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
             t_idx, t_u, gold = b.target_idx.to(device), b.target_utility.to(device), b.gold_idx.to(device)
             ex = None if b.exclude_idx is None else b.exclude_idx.to(device)
             p = gather_with_grad(p)  # the global batch's unique passages; the indices already point into them
+            # Diverged embeddings stop every rank at once, with the step (the loss would refuse them on one rank).
+            bad = _agree([not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(p).all()))], world, device)[0]
+            if bad:
+                raise FloatingPointError(f"the encoder's embeddings are not finite at step {step} (on this or another "
+                                         f"rank); lower --lr or check the utilities")
             mix = cfg.label_mix if cfg.loss == "uae" else 0.0
             loss = utility_infonce(q, p, t_idx, t_u, temperature=cfg.temperature, teacher_temperature=cfg.teacher_temperature,
                                    label_mix=mix, gold_idx=gold if mix > 0 else None, exclude_idx=ex)
@@ -1011,15 +1037,16 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
             where = "" if not math.isfinite(step_loss) else " on another rank"
             raise FloatingPointError(f"loss is {step_loss if where == '' else 'not finite'}{where} at step {step}; "
                                      f"lower --lr or check the utilities")
+        lr = sched.get_last_lr()[0]  # the rate this step used (after sched.step() it is the next one's)
         opt.step()
         sched.step()
         step += 1
         step_loss = _global_mean(step_loss, world, device)  # the logged loss is the global batch's, on every rank
-        log.append({"step": step, "loss": step_loss, "lr": sched.get_last_lr()[0]})
+        log.append({"step": step, "loss": step_loss, "lr": lr})
         ema = step_loss if ema is None else 0.9 * ema + 0.1 * step_loss
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.2e}")
         if step % save_every == 0 or step == end or stopping:  # the same decision on every rank
             rng, error = _gather_rng(world), None
             if rank == 0:
@@ -1101,14 +1128,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     p.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps with linear warmup")
     p.add_argument("--temperature", type=float, default=d.temperature, help="student softmax temperature")
-    p.add_argument("--teacher-temperature", type=float, default=d.teacher_temperature,
-                   help=f"teacher distribution softmax(utility / T) (default {d.teacher_temperature})")
+    p.add_argument("--teacher-temperature", type=float, default=None,
+                   help=f"teacher distribution softmax(utility / T), --loss uae only (default {d.teacher_temperature})")
     p.add_argument("--label-mix", type=float, default=None,
                    help=f"weight of the gold passage in the uae target (default {d.label_mix}; 0 with --no-gold, where a value > 0 "
                         "mixes in the weak --positive instead)")
     p.add_argument("--teacher-gate", type=float, default=None, metavar="MARGIN",
                    help="take each question's scored paragraphs with utility >= (its best gold's - MARGIN) out of its "
-                        "softmax: likely false negatives (both losses; needs --utilities; default off)")
+                        "softmax: likely false negatives (both losses; compares the --utilities table's, the "
+                        "shipped one by default; default off)")
     p.add_argument("--max-query-length", type=int, default=d.max_query_length, help="questions cut to this many tokens")
     p.add_argument("--max-passage-length", type=int, default=d.max_passage_length, help="passages cut to this many tokens")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the query order, passage sampling and torch")
@@ -1136,6 +1164,10 @@ def _main(args) -> int:
         utilities = _default_utilities(args.no_gold)
     if args.label_mix and args.loss == "infonce":  # 0 is what infonce does anyway
         raise ValueError("--label-mix mixes a label into the uae loss's teacher target: it has no effect with --loss infonce")
+    if args.teacher_temperature is not None and args.loss == "infonce":
+        raise ValueError("--teacher-temperature shapes the uae loss's teacher target: it has no effect with --loss infonce")
+    if args.min_steps and args.max_steps is not None:
+        raise ValueError("--min-steps lengthens an --epochs budget: it has no effect with --max-steps")
     label_mix = args.label_mix if args.label_mix is not None else (0.0 if args.no_gold else TrainConfig.label_mix)
     ppq = args.passages_per_query
     if ppq is None:
@@ -1145,7 +1177,8 @@ def _main(args) -> int:
                       epochs=args.epochs, max_steps=args.max_steps, min_steps=args.min_steps, batch_size=args.batch_size,
                       passages_per_query=ppq, grad_accum=args.grad_accum, lr=args.lr,
                       weight_decay=args.weight_decay, warmup=args.warmup, temperature=args.temperature,
-                      teacher_temperature=args.teacher_temperature, label_mix=label_mix,
+                      teacher_temperature=TrainConfig.teacher_temperature if args.teacher_temperature is None
+                      else args.teacher_temperature, label_mix=label_mix,
                       max_query_length=args.max_query_length, max_passage_length=args.max_passage_length, seed=args.seed,
                       candidates=args.candidates, teacher_gate=args.teacher_gate, no_gold=args.no_gold,
                       positive=args.positive, lexical_teacher=lexical)

@@ -111,10 +111,9 @@ def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
             missing = [k for k in ("qid", "pid", "utility") if k not in rec]
             if missing:
                 raise ValueError(f"{path}:{n}: a utility row needs qid, pid and utility; missing {missing}")
-            try:
-                u = float(rec["utility"])
-            except (TypeError, ValueError):
-                raise ValueError(f"{path}:{n}: utility must be a number, got {rec['utility']!r}") from None
+            if type(rec["utility"]) not in (int, float):  # not a bool (true -> 1.0) or a numeric string
+                raise ValueError(f"{path}:{n}: utility must be a number, got {rec['utility']!r}")
+            u = float(rec["utility"])
             if not math.isfinite(u):
                 raise ValueError(f"{path}:{n}: utility is {u} (must be finite)")
             sums.setdefault(str(rec["qid"]), {}).setdefault(str(rec["pid"]), []).append(u)
