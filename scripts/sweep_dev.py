@@ -72,6 +72,9 @@ ANSWER_ONLY = {
     "ao-default-teachers": ("uae", NO_GOLD_DEFAULTS, "teachers"),
     # a second round (Atlas, REPLUG-LSR): candidates mined by a trained answer-only student, rescored, trained again
     "ao-default-round2": ("uae", NO_GOLD_DEFAULTS, "round2"),
+    # the defaults without the LLM: the ensemble of a constant table with BM25(q + a) (--lexical-only-utilities),
+    # i.e. the soft lexical target alone on the defaults' scale; is the LLM teacher worth its scoring?
+    "ao-lexical-only": ("uae", NO_GOLD, "lexical_only"),
     # the teacher's target mixed half and half with the bm25-answer one-hot (--positive bm25-answer --label-mix 0.5)
     "ao-mix-bm25a": ("uae", {**NO_GOLD, "positive": "bm25-answer", "label_mix": 0.5}, "nogold"),
     "weak-bm25": ("infonce", {**NO_GOLD, "positive": "bm25"}, "nogold"),
@@ -439,6 +442,9 @@ def main(argv=None):
     ap.add_argument("--ensemble-utilities", default=None, help="grid answeronly: the teacher ensemble table (default: none)")
     ap.add_argument("--teachers-utilities", default=None,
                     help="grid answeronly: SmolLM2 + Gemma merged (uae score --merge-teachers), for the defaults on it")
+    ap.add_argument("--lexical-only-utilities", default=None,
+                    help="grid answeronly: `uae score --merge-teachers CONSTANT BM25A` (a table of zeros and "
+                         "scripts/lexical_teacher_table.py's), for the defaults without the LLM teacher")
     ap.add_argument("--round2-utilities", default=None,
                     help="grid answeronly: a table whose candidates a trained student mined (student:M), for the second round")
     ap.add_argument("--gemma-gold-utilities", default=None,
@@ -474,7 +480,8 @@ def main(argv=None):
     args.utilities = args.utilities or _default_utilities()
     tables = {"nogold": args.nogold_utilities or _default_utilities(no_gold=True), "gemma": args.gemma_utilities,
               "ensemble": args.ensemble_utilities, "gemma_gold": args.gemma_gold_utilities,
-              "teachers": args.teachers_utilities, "round2": args.round2_utilities}
+              "teachers": args.teachers_utilities, "round2": args.round2_utilities,
+              "lexical_only": args.lexical_only_utilities}
     if args.device is None:
         import torch
 
