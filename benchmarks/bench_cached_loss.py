@@ -1,7 +1,8 @@
 """One SentenceTransformerTrainer step with CachedUtilityInfoNCELoss: wall time and peak RSS (CPU), side by
 side with sentence-transformers' CachedMultipleNegativesRankingLoss (``cmnrl``: the same GradCache recipe
 with one-hot targets; passage_0, the gold paragraph, is its positive and the label column is dropped) on the
-same rows, mini-batch, model and thread count, each from a freshly loaded model in the same process.
+same rows, mini-batch, model and thread count, each loss in a fresh process of its own (so neither's peak
+memory counts what the other's allocator kept).
 
 The batch is real data: ``uae export``'s rows (QASPER train + the shipped utilities table), redrawn with
 further seeds when more queries are asked for than the table has (the passages then differ, the questions
@@ -72,6 +73,19 @@ def main(argv=None) -> int:
     if not losses or any(v not in ("uae", "cmnrl") for v in losses):
         ap.error(f"--losses takes uae and/or cmnrl, got {args.losses!r}")
 
+    if len(losses) > 1:  # one child process per loss, then the side-by-side ratios
+        import tempfile
+
+        recs = []
+        for name in losses:
+            with tempfile.TemporaryDirectory(prefix="bench_cached_loss_") as tmp:
+                child = os.path.join(tmp, "r.json")
+                subprocess.run([sys.executable, os.path.abspath(__file__), *_without(argv, ("--losses", "--out")),
+                                "--losses", name, "--out", child], check=True)
+                with open(child) as f:
+                    recs.append(json.load(f)[-1])
+        return _write(recs, args.out)
+
     import torch
 
     if args.threads:
@@ -128,15 +142,32 @@ def main(argv=None) -> int:
         })
         del trainer, loss, model
         gc.collect()
+    return _write(recs, args.out)
+
+
+def _without(argv, options) -> list:
+    """argv (default sys.argv[1:]) without ``options`` and their values (``--opt v`` or ``--opt=v``)."""
+    out, skip = [], False
+    for a in (sys.argv[1:] if argv is None else argv):
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        elif not any(a.startswith(o + "=") for o in options):
+            out.append(a)
+    return out
+
+
+def _write(recs, out) -> int:
     peer = next((r for r in recs if r["loss"] == "cmnrl"), None)
     for r in recs if peer else ():  # side by side: each loss over the peer
         r["time_vs_cmnrl"] = round(r["seconds_step"] / peer["seconds_step"], 3)
         r["peak_vs_cmnrl"] = round(r["peak_rss_step_gib"] / peer["peak_rss_step_gib"], 3)
     # The results file is a list of runs; a rerun of the same shape replaces its entry.
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     runs = []
-    if os.path.exists(args.out):
-        with open(args.out) as f:
+    if os.path.exists(out):
+        with open(out) as f:
             old = json.load(f)
         runs = old if isinstance(old, list) else [old]
         for r in runs:  # records before the cmnrl baseline kept the training loss under "loss"
@@ -145,7 +176,7 @@ def main(argv=None) -> int:
     shape = ("loss", "queries", "passages_per_query", "max_seq_length", "mini_batch_size")
     for rec in recs:
         runs = [r for r in runs if any(r.get(k, "uae") != rec[k] for k in shape)] + [rec]
-    with open(args.out, "w") as f:
+    with open(out, "w") as f:
         json.dump(runs, f, indent=2)
     print(json.dumps(recs, indent=2))
     print("\n| loss | texts | step (s) | texts/s | peak RSS, step (GiB) |\n|---|---:|---:|---:|---:|")

@@ -169,6 +169,11 @@ def test_merge_teachers_averages_per_query_z_scores(tmp_path, ds, capsys):
     write_table(str(tmp_path / "bd.jsonl"), dict(hb, data_sha1="bbbb"), rows_b)
     with pytest.raises(ValueError, match="candidate settings differ.*data_sha1"):
         merge_teachers([str(tmp_path / "ad.jsonl"), str(tmp_path / "bd.jsonl")], str(tmp_path / "ense.jsonl"))
+    # a first table without a fingerprint does not let two different ones through
+    write_table(str(tmp_path / "a0.jsonl"), ha, rows_a)
+    with pytest.raises(ValueError, match="bd.jsonl: scored on other data contents than .*ad.jsonl"):
+        merge_teachers([str(tmp_path / "a0.jsonl"), str(tmp_path / "ad.jsonl"), str(tmp_path / "bd.jsonl")],
+                       str(tmp_path / "ensf.jsonl"))
     from uae_fast.cli import main
 
     assert main(["score", "--merge-teachers", a, b, "--out", str(tmp_path / "ens2.jsonl.gz")]) == 0

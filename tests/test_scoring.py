@@ -466,10 +466,18 @@ def test_header_records_deltas_and_data_fingerprint(ds, scorer, tmp_path):
             score_dataset(scorer, ds, part, resume=True, **kw, **extra)
         os.remove(part + ".partial")
     assert score_dataset(scorer, ds, out, resume=True, save_deltas=True, **kw)["n_rows"] == h["n_rows"]  # no fingerprint: by name
+    # A table written before the two were recorded (neither key) resumes with either setting.
+    old_h, old_rows = read_utilities(out)
+    legacy = str(tmp_path / "legacy.jsonl")
+    with open(legacy, "w") as f:
+        f.write(json.dumps({k: v for k, v in old_h.items() if k not in ("save_deltas", "data_sha1")}) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in old_rows)
+    for extra in (dict(save_deltas=True, data_sha1="bbbb"), dict(save_deltas=False)):
+        assert score_dataset(scorer, ds, legacy, resume=True, **kw, **extra)["n_rows"] == h["n_rows"]
     # Reused rows carry deltas only when the new table asks for them.
     plain = str(tmp_path / "plain.jsonl")
     hp = score_dataset(scorer, ds, plain, reuse=[out], data_sha1="aaaa", **kw)
-    assert hp["n_reused_rows"] == h["n_rows"] and "save_deltas" not in hp
+    assert hp["n_reused_rows"] == h["n_rows"] and hp["save_deltas"] is False
     assert not any("deltas" in r for r in read_utilities(plain)[1])
     with pytest.raises(ValueError, match=r"--reuse .*other settings \(data_sha1"):
         score_dataset(scorer, ds, str(tmp_path / "x.jsonl"), reuse=[out], data_sha1="cccc", **kw)
@@ -492,7 +500,7 @@ def test_blank_texts_are_refused_before_any_scoring(scorer, tmp_path):
     assert not seen and not os.path.exists(tmp_path / "u.jsonl.partial")
 
 
-def test_candidates_spelling_and_teacher_path_are_canonical(tmp_path, monkeypatch):
+def test_candidates_spelling_and_teacher_path_are_canonical():
     from uae_fast.scoring import parse_candidates
     from uae_fast.teacher import teacher_name
 
@@ -500,6 +508,32 @@ def test_candidates_spelling_and_teacher_path_are_canonical(tmp_path, monkeypatc
     for bad in ("top:03", "top:3 ", "top:+3", "top:٣", "top:0"):
         with pytest.raises(ValueError, match="--candidates"):
             parse_candidates(bad)
-    monkeypatch.chdir(tmp_path)
-    assert teacher_name("models/t/") == teacher_name("./models/t") == str(tmp_path / "models" / "t")
+    assert teacher_name("models/t/") == teacher_name("./models/t") == os.path.join("models", "t")
     assert teacher_name("gemma3-270m") == "gemma-3-270m"  # a named teacher keeps its name
+
+
+def test_data_fingerprint_reads_what_the_loader_reads(tmp_path):
+    """A BEIR folder's fingerprint covers its corpus, queries and qrels: a table or index written into the folder
+    does not change it (a resume would refuse its own run), an edited corpus does."""
+    from uae_fast.data import data_fingerprint
+
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text(json.dumps({"_id": "d1", "title": "", "text": "alpha beta"}) + "\n")
+    (folder / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "alpha?"}) + "\n")
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    before = data_fingerprint(str(folder))
+    (folder / "u.jsonl.partial").write_text("{}\n")
+    (folder / "index").mkdir()
+    os.symlink(str(tmp_path / "gone"), str(folder / "broken-link"))
+    assert data_fingerprint(str(folder)) == before
+    assert data_fingerprint(str(folder / "qrels" / "test.tsv")) == before  # the qrels path names the same data
+    (folder / "corpus.jsonl").write_text(json.dumps({"_id": "d1", "title": "", "text": "alpha gamma"}) + "\n")
+    assert data_fingerprint(str(folder)) != before
+    f = tmp_path / "d.json"
+    f.write_text("{}")
+    a = data_fingerprint(str(f))
+    f.write_text("{} ")
+    assert data_fingerprint(str(f)) != a and len(a) == 16
+    with pytest.raises(ValueError, match="cannot read data file"):
+        data_fingerprint(str(tmp_path / "missing.json"))

@@ -276,6 +276,18 @@ def test_resume_is_exact(tmp_path, ds, tiny):
     lf = [json.loads(x)["loss"] for x in open(full / "train_log.jsonl")]
     lp = [json.loads(x)["loss"] for x in open(part / "train_log.jsonl")]
     assert lf == lp and len(lf) == 4
+    # the logged lr is the rate each step used: the schedule's f(step - 1) (it was f(step): the last read 0)
+    from uae_fast.training import _scheduler
+
+    c = TrainConfig(**cfg)
+    sched = _scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=c.lr), 4, c.warmup)
+    expect = []
+    for _ in range(4):
+        expect.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    logged = [json.loads(x)["lr"] for x in open(full / "train_log.jsonl")]
+    assert logged == pytest.approx(expect) and logged[-1] > 0
     # resuming with other settings is refused, bf16 autocast included (it changes every step's numbers)
     with pytest.raises(ValueError, match="different training settings.*lr"):
         train(TrainConfig(**{**cfg, "lr": 2e-3}), str(part), resume=True, stop_after=3, progress=False, ds=ds)
@@ -458,16 +470,21 @@ def test_sigterm_handler_is_scoped_to_the_training_loop():
 
 
 def test_torchrun_device_is_the_ranks_own_gpu(monkeypatch):
-    """Under torchrun a bare --device cuda means cuda:LOCAL_RANK; another index would put every rank on one GPU."""
+    """Under torchrun a bare --device cuda means cuda:LOCAL_RANK; another index would put two ranks on one GPU.
+    A rank that sees one GPU (per-rank CUDA_VISIBLE_DEVICES) uses cuda:0."""
     import uae_fast.training as tr
 
     monkeypatch.setattr(tr, "resolve_device", lambda d: torch.device(d))  # no GPU here: accept the name as given
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert tr._dist_device("cuda") == torch.device("cuda", 1)
-    assert tr._dist_device("cuda:1") == torch.device("cuda", 1)
+    assert tr._dist_device(None) == tr._dist_device("cuda") == tr._dist_device("cuda:1") == torch.device("cuda", 1)
     assert tr._dist_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="each rank trains on its own GPU, cuda:LOCAL_RANK \\(here cuda:1\\)"):
         tr._dist_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert tr._dist_device(None) == tr._dist_device("cuda") == tr._dist_device("cuda:0") == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert tr._dist_device("cuda:0") == torch.device("cuda", 0)  # one process: any GPU it names

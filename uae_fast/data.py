@@ -161,16 +161,23 @@ def read_lines(path: str, what: str = "data file") -> Iterator[Tuple[int, str]]:
 
 
 def data_fingerprint(path: str) -> str:
-    """sha1 (first 16 hex digits) of a data file's bytes, or of a folder's files (a BEIR folder: names and
-    bytes, sorted): a scoring table records it so --resume / --reuse / merges refuse an edited file."""
+    """sha1 (first 16 hex digits) of the bytes :func:`load_dataset` reads from ``path``: the file, or a BEIR
+    folder's corpus, queries and (default ``test``) qrels, with their names. A scoring table records it so
+    --resume / --reuse / merges refuse an edited file. Other files in the folder (a table written there, an
+    index) do not count; a re-gzipped copy of the same text does (the compressed bytes are hashed)."""
     path = os.fspath(path)
-    files = [path] if not os.path.isdir(path) else sorted(
-        os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+    if os.path.isdir(path) or _is_beir_qrels(path):
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        qrels = os.path.join(path, "qrels", "test.tsv") if os.path.isdir(path) else path
+        files = [p for p in (os.path.join(folder, n) + z for n in ("corpus.jsonl", "queries.jsonl") for z in ("", ".gz"))
+                 if os.path.isfile(p)] + ([qrels] if os.path.isfile(qrels) else [])
+    else:
+        folder, files = None, [path]
     h = hashlib.sha1()
     try:
         for f in files:
-            if os.path.isdir(path):
-                h.update(os.path.relpath(f, path).encode() + b"\0")
+            if folder is not None:
+                h.update(os.path.relpath(f, folder).encode() + b"\0")
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)

@@ -276,8 +276,7 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
               "n_queries": len(queries), "n_rows": sum(len(p) for p in pools)}
     if no_gold:  # only when set: tables written before the flag existed keep resuming and merging
         header["no_gold"] = True
-    if save_deltas:  # likewise; a resume must not mix rows with and without deltas
-        header["save_deltas"] = True
+    header["save_deltas"] = bool(save_deltas)  # a resume or shard merge must not mix rows with and without deltas
     if data_sha1 is not None:
         header["data_sha1"] = data_sha1
     if policy.kind == "student":

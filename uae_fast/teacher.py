@@ -107,11 +107,12 @@ DEFAULT_TEACHER_KEY = "smollm2-135m"
 
 
 def teacher_name(path: Optional[str]) -> str:
-    """The name a scoring header records: the model name of a named teacher, else the folder's absolute path
-    (so ``t/`` and ``./t`` resume each other, and the same relative path from another folder does not)."""
+    """The name a scoring header records: the model name of a named teacher, else the path as given, normalised
+    (``t/`` and ``./t`` are one teacher; kept relative, so shards scored where the folder is mounted elsewhere
+    still merge)."""
     if path is None:
         return DEFAULT_TEACHER
-    return TEACHERS[path]["name"] if path in TEACHERS else os.path.abspath(os.fspath(path))
+    return TEACHERS[path]["name"] if path in TEACHERS else os.path.normpath(os.fspath(path))
 
 
 def _gguf_teacher_folder(key: str = DEFAULT_TEACHER_KEY) -> str:

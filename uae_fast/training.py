@@ -720,15 +720,18 @@ def _write_log(out_dir: str, log: List[dict]) -> None:
 
 def _dist_device(device) -> torch.device:
     """This process's training device. Under torchrun each rank takes the GPU of its LOCAL_RANK: ``None`` or a
-    bare ``cuda`` means cuda:LOCAL_RANK; another GPU index is refused (every rank would share it)."""
+    bare ``cuda`` means cuda:LOCAL_RANK, or cuda:0 where a rank sees one GPU (a launcher that sets each rank's
+    CUDA_VISIBLE_DEVICES); with several GPUs visible, another index is refused (ranks would share a GPU)."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None and torch.cuda.is_available():
-        device = f"cuda:{local_rank}"
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    own = local_rank if visible > 1 else 0
+    if device is None and visible:
+        device = f"cuda:{own}"
     device = resolve_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cuda":
         if device.index is None:
-            device = torch.device("cuda", local_rank)
-        elif device.index != local_rank:
+            device = torch.device("cuda", own)
+        elif visible > 1 and device.index != local_rank:
             raise ValueError(f"--device {device} under torchrun: each rank trains on its own GPU, cuda:LOCAL_RANK "
                              f"(here cuda:{local_rank}); pass --device cuda or leave it out")
     return device

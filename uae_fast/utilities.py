@@ -33,20 +33,37 @@ FORMAT = "uae-utilities/1"
 _ROW_VALUE_KEYS = ("format", "teacher", "dtype", "prompt_with", "prompt_without", "answer_prefix", "max_passage_tokens",
                    "max_answer_tokens", "aggregation", "clip", "answers", "data")
 # Settings that must match for rows to be combined into one table (resume / shard merge): also the same rows.
-COMPAT_KEYS = _ROW_VALUE_KEYS + ("candidates", "candidate_student", "order", "with_gold_only", "no_gold", "save_deltas")
+COMPAT_KEYS = _ROW_VALUE_KEYS + ("candidates", "candidate_student", "order", "with_gold_only", "no_gold")
 # Settings that must match to resume a run: also the same questions (--limit, --questions-from) and shard.
 RESUME_KEYS = COMPAT_KEYS + ("shard", "n_queries", "n_rows", "limit", "questions_from")
 # Settings that must match for tables of different teachers to be ensembled (the same rows were scored).
 _SAME_ROWS_KEYS = ("candidates", "candidate_student", "no_gold", "data", "answers")
 
 
-def header_diff(a: dict, b: dict, keys) -> List[str]:
-    """The settings among ``keys`` in which two headers differ, and ``data_sha1`` (the data file's contents)
-    when both recorded it: tables written before the fingerprint existed are compared by file name alone."""
+# Recorded since 2026-12-06 (data_sha1: the data file's contents; save_deltas: rows carry per-token deltas):
+# compared only where both headers have them, so tables written before keep resuming and merging.
+_RECORDED_KEYS = ("data_sha1", "save_deltas")
+
+
+def header_diff(a: dict, b: dict, keys, *, rows: bool = True) -> List[str]:
+    """The settings among ``keys`` in which two headers differ, plus the _RECORDED_KEYS both headers have
+    (``rows=False``: only data_sha1, for readers that copy utilities but not deltas)."""
     diff = [k for k in keys if a.get(k) != b.get(k)]
-    if a.get("data_sha1") and b.get("data_sha1") and a["data_sha1"] != b["data_sha1"]:
-        diff.append("data_sha1")
+    for k in _RECORDED_KEYS if rows else ("data_sha1",):
+        if k in a and k in b and a[k] != b[k]:
+            diff.append(k)
     return diff
+
+
+def _one_data_sha1(paths, headers) -> None:
+    """Tables combined into one must agree on the data's fingerprint wherever they recorded one."""
+    seen = {}
+    for p, h in zip(paths, headers):
+        if h.get("data_sha1"):
+            seen.setdefault(h["data_sha1"], p)
+    if len(seen) > 1:
+        (a, pa), (b, pb) = list(seen.items())[:2]
+        raise ValueError(f"{pb}: scored on other data contents than {pa} (data_sha1 {b} vs {a}); cannot combine them")
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -304,6 +321,7 @@ def merge_shards(inputs: Sequence[str], out: str) -> dict:
         diff = header_diff(h, ref, COMPAT_KEYS + ("limit", "questions_from"))
         if diff:
             raise ValueError(f"{path}: settings differ from {inputs[0]} ({', '.join(diff)}); cannot merge")
+    _one_data_sha1(inputs, headers)
     n = ref["shard"][1]
     got = sorted(h["shard"][0] for h in headers)
     if any(h["shard"][1] != n for h in headers) or got != list(range(n)):
@@ -366,7 +384,7 @@ def reusable_rows(tables: Sequence[str], header: dict, *, with_deltas: bool = Fa
     known: Dict[Tuple[str, str], tuple] = {}
     for path in tables:
         h, rows = read_utilities(path)
-        diff = header_diff(h, header, _ROW_VALUE_KEYS)
+        diff = header_diff(h, header, _ROW_VALUE_KEYS, rows=False)
         if diff:
             raise ValueError(f"--reuse {path}: scored with other settings ({', '.join(diff)}: "
                              f"{h.get(diff[0])!r} vs {header.get(diff[0])!r}); its utilities cannot be reused")
@@ -421,10 +439,11 @@ def merge_teachers(inputs: Sequence[str], out: str) -> dict:
     tables = [read_utilities(p) for p in inputs]
     ref = tables[0][0]
     for path, (h, _) in zip(inputs[1:], tables[1:]):
-        diff = header_diff(h, ref, _SAME_ROWS_KEYS)
+        diff = header_diff(h, ref, _SAME_ROWS_KEYS, rows=False)
         if diff:
             raise ValueError(f"{path}: candidate settings differ from {inputs[0]} ({', '.join(diff)}); "
                              f"ensemble tables scored on the same rows")
+    _one_data_sha1(inputs, [h for h, _ in tables])
     per = [_by_query(rows) for _, rows in tables]
     shared_q = [q for q in per[0] if all(q in t for t in per[1:])]
     out_rows = []
@@ -442,8 +461,10 @@ def merge_teachers(inputs: Sequence[str], out: str) -> dict:
     if not out_rows:
         raise ValueError(f"the tables {list(inputs)} share no (qid, pid) rows")
     names = [h.get("teacher", "?") for h, _ in tables]
-    header = {k: v for k, v in ref.items()
-              if k in ("type", "format") + _SAME_ROWS_KEYS + ("order", "with_gold_only", "data_sha1")}
+    header = {k: v for k, v in ref.items() if k in ("type", "format") + _SAME_ROWS_KEYS + ("order", "with_gold_only")}
+    sha = next((h["data_sha1"] for h, _ in tables if h.get("data_sha1")), None)
+    if sha:
+        header["data_sha1"] = sha
     header.update(teacher="ensemble(" + "+".join(names) + ")", aggregation="mean of per-query z-scores",
                   sources=[{"file": os.path.basename(p),
                             **{k: h.get(k) for k in _ROW_VALUE_KEYS + ("n_rows",) if k not in ("format", "answers", "data")}}
