@@ -1,0 +1,80 @@
+"""How right is the answer-only training target where it is confident? For the ``uae train --no-gold`` default
+target (the LLM table z-averaged with BM25(question + answers), ``softmax(u / T)`` over each question's
+``answer:12`` candidates), questions are split into quartiles of the target's largest probability; per
+quartile: the probability it puts on gold (``gold_mass``), how often its top candidate is gold, and how often
+the ``bm25-answer`` weak label is. Also how often the LLM teacher and BM25(q + a) pick the same top candidate.
+
+    python scripts/check_target_confidence.py --json benchmarks/results/target-confidence-check.json
+
+Gold labels are read only to judge (as ``uae diagnose``). A few seconds (no model runs). The question it
+informs: would training only on (or weighting by) confident targets help, as confident learning does?
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from uae_fast.data import default_qasper_path, load_dataset, shipped_file, write_json  # noqa: E402
+from uae_fast.lexical_teacher import lexical_utilities  # noqa: E402
+from uae_fast.training import DEFAULT_NOGOLD_UTILITIES, TrainConfig  # noqa: E402
+from uae_fast.utilities import ensemble_utilities, load_utilities  # noqa: E402
+
+
+def per_question(llm, lex, ens, gold, T):
+    """Rows (max prob, gold mass, target top-1 gold, bm25-answer top-1 gold, LLM top-1 gold, teachers agree)."""
+    rows = []
+    for qid, d in ens.items():
+        if not gold.get(qid):
+            continue
+        pids = list(d)
+        z = np.array([d[p] for p in pids], dtype=np.float64) / T
+        pr = np.exp(z - z.max())
+        pr /= pr.sum()
+        lex_top, llm_top = max(pids, key=lambda p: lex[qid][p]), max(pids, key=lambda p: llm[qid][p])
+        rows.append((pr.max(), sum(pr[i] for i, p in enumerate(pids) if p in gold[qid]),
+                     pids[int(np.argmax(pr))] in gold[qid], lex_top in gold[qid], llm_top in gold[qid], lex_top == llm_top))
+    return np.array(rows, dtype=np.float64)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--utilities", default=None, help="the LLM table (default: the shipped answer:12 table)")
+    ap.add_argument("--data", default=None, help="QASPER train (default: as uae score)")
+    ap.add_argument("--teacher-temperature", type=float, default=TrainConfig.teacher_temperature)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    table = args.utilities or shipped_file(DEFAULT_NOGOLD_UTILITIES)
+    ds = load_dataset(args.data or default_qasper_path("train"))
+    llm, _ = load_utilities(table)
+    lex = lexical_utilities(ds, {q: list(d) for q, d in llm.items()})
+    ens = ensemble_utilities([llm, lex])
+    a = per_question(llm, lex, ens, {q.id: set(q.gold) for q in ds.queries}, args.teacher_temperature)
+    cols = ("gold_mass", "target_top1_gold", "bm25_answer_top1_gold", "llm_top1_gold")
+    out = {"table": os.path.basename(table), "teacher_temperature": args.teacher_temperature, "n_questions": len(a),
+           "all": {c: round(float(a[:, i + 1].mean()), 3) for i, c in enumerate(cols)}, "quartiles": []}
+    edges = [0.0, *np.quantile(a[:, 0], [0.25, 0.5, 0.75]).tolist(), 1.0 + 1e-9]
+    print(f"| max prob | questions | {' | '.join(cols)} |\n|---|---:|{'---:|' * len(cols)}")
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (a[:, 0] >= lo) & (a[:, 0] < hi)
+        q = {"max_prob": [round(lo, 3), round(min(hi, 1.0), 3)], "n": int(m.sum()),
+             **{c: round(float(a[m, i + 1].mean()), 3) for i, c in enumerate(cols)}}
+        out["quartiles"].append(q)
+        print(f"| [{lo:.2f}, {min(hi, 1.0):.2f}) | {q['n']} | " + " | ".join(f"{q[c]:.3f}" for c in cols) + " |")
+    agree = a[:, 5] == 1
+    out["teachers_agree"] = {"share": round(float(agree.mean()), 3),
+                             "top1_gold_when_agree": round(float(a[agree, 3].mean()), 3),
+                             "when_not": {c: round(float(a[~agree, i + 1].mean()), 3) for i, c in enumerate(cols)}}
+    print(f"LLM and BM25(q + a) agree on the top candidate for {out['teachers_agree']['share']:.3f} of the questions "
+          f"(gold there {out['teachers_agree']['top1_gold_when_agree']:.3f}); elsewhere {out['teachers_agree']['when_not']}")
+    if args.json:
+        write_json(out, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
