@@ -252,6 +252,26 @@ def test_no_gold_batches_never_use_gold(tmp_path, ds):
             assert text == {ds.passages[p].text for p in u[qid]}
 
 
+def test_min_confidence_keeps_the_confident_targets(tmp_path, ds):
+    u, _ = load_utilities(no_gold_table(tmp_path, ds, m=3))
+    base = dict(loss="uae", no_gold=True, label_mix=0.0, batch_size=3, passages_per_query=5, seed=1)
+    conf = {}
+    for qid, d in u.items():  # float64 reference of the target's largest probability
+        x = np.array(list(d.values()), dtype=np.float64) / 0.5
+        conf[qid] = float(np.exp(x - x.max()).max() / np.exp(x - x.max()).sum())
+    cut = float(np.median(list(conf.values())))
+    s = BatchSampler(ds, TrainConfig(**base, min_confidence=cut), u)
+    assert sorted(q.id for q in s.queries) == sorted(q for q, c in conf.items() if c >= cut)
+    assert 0 < len(s.queries) < len(u) and s.n_low_confidence == len(u) - len(s.queries)
+    assert len(BatchSampler(ds, TrainConfig(**base, min_confidence=1e-9), u).queries) == len(u)
+    with pytest.raises(ValueError, match="no question's target is that confident"):
+        BatchSampler(ds, TrainConfig(**{**base, "teacher_temperature": 100.0}, min_confidence=0.99), u)
+    for bad, msg in ((dict(min_confidence=0.0), "probability in \\(0, 1\\]"), (dict(min_confidence=1.5), "probability"),
+                     (dict(min_confidence=0.5, no_gold=False, label_mix=0.5), "needs --no-gold --loss uae")):
+        with pytest.raises(ValueError, match=msg):
+            TrainConfig(**{**base, **bad}).check()
+
+
 @pytest.mark.parametrize("kind", ["bm25", "bm25-answer", "teacher-top1"])
 def test_weak_positives_and_same_batches(tmp_path, ds, kind):
     u, _ = load_utilities(no_gold_table(tmp_path, ds, m=3))

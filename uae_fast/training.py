@@ -117,6 +117,11 @@ class TrainConfig:
     # A second, lexical teacher averaged in (per-question z-scores, :mod:`uae_fast.lexical_teacher`): "none" or
     # "bm25-answer" (BM25 of the question + its answers). ``uae train --no-gold`` sets "bm25-answer" (its default).
     lexical_teacher: str = "none"
+    # Answer-only: train only on questions whose target is confident, its largest probability
+    # softmax(utility / teacher_temperature) over the scored candidates (after the lexical ensemble) at least
+    # this. None = every question. Where the default target is least confident its top candidate is rarely
+    # gold (scripts/check_target_confidence.py); experimental, not a default.
+    min_confidence: Optional[float] = None
 
     def check(self) -> None:
         """Type and range of every field. NaN and inf are rejected everywhere: a NaN passes ``v < 0``
@@ -179,6 +184,13 @@ class TrainConfig:
                                  f"(or name the weak label it mixes in with --positive)")
             if self.teacher_gate is not None:
                 raise ValueError("--teacher-gate compares with the gold paragraph's utility: not available with --no-gold")
+        if self.min_confidence is not None:
+            v = self.min_confidence
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+                raise ValueError(f"min_confidence must be a probability in (0, 1], got {v!r}")
+            if not (self.no_gold and self.loss == "uae"):
+                raise ValueError("--min-confidence keeps the questions whose teacher target is confident: it needs "
+                                 "--no-gold --loss uae")
 
 
 # Settings that may differ between a run and its --resume (they do not change the trajectory).
@@ -202,6 +214,12 @@ class Batch:
     loss_weight: float = 1.0
 
 
+def _target_confidence(utilities: Dict[str, float], teacher_temperature: float) -> float:
+    """The largest probability of softmax(utility / T) over a question's scored candidates."""
+    u = torch.tensor(list(utilities.values()), dtype=torch.float64) / teacher_temperature
+    return float(torch.softmax(u, 0).max())
+
+
 class BatchSampler:
     """Deterministic batches: epoch order from ``(seed, epoch)``, passages from ``(seed, micro_batch)``.
 
@@ -219,6 +237,14 @@ class BatchSampler:
             if not utilities:
                 raise ValueError("--no-gold needs a utilities file (--utilities) scored with `uae score --no-gold`")
             queries = [q for q in ds.queries if self.utilities.get(q.id)]
+            if cfg.min_confidence is not None:
+                kept = [q for q in queries if _target_confidence(self.utilities[q.id], cfg.teacher_temperature)
+                        >= cfg.min_confidence]
+                if not kept:
+                    raise ValueError(f"--min-confidence {cfg.min_confidence}: no question's target is that confident "
+                                     f"(at --teacher-temperature {cfg.teacher_temperature}); lower it")
+                self.n_low_confidence = len(queries) - len(kept)
+                queries = kept
         elif cfg.loss == "uae":
             if not utilities:
                 raise ValueError("--loss uae needs a utilities file (--utilities); --loss infonce trains on gold evidence only")
@@ -971,7 +997,9 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     seconds = time.time() - t0
     summary = {"steps": step, "total_steps": total_steps, "finished": step >= total_steps,
                "final_loss": log[-1]["loss"] if log else None, "seconds_this_run": round(seconds, 1),
-               "train_queries": len(sampler.queries), "world_size": world, "rank": rank, "config": asdict(cfg)}
+               "train_queries": len(sampler.queries),
+               **({"low_confidence_questions": sampler.n_low_confidence} if cfg.min_confidence is not None else {}),
+               "world_size": world, "rank": rank, "config": asdict(cfg)}
     # a SIGTERM after the last step's agreement (a --stop-after run) still stops every rank the same way
     if _agree([stop.signum is not None and step < total_steps], world, device)[0]:
         import signal
@@ -1107,6 +1135,9 @@ def add_parser(subparsers) -> None:
                    help="average each question's z-scored teacher utilities with the z-scored BM25(question + answers) "
                         "scores of the same candidates (a teacher ensemble; gold is never read) (default: bm25-answer "
                         "with --no-gold --loss uae, else none)")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="P",
+                   help="--no-gold: train only on questions whose target's largest probability is at least P "
+                        "(experimental; default: every question)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUT from its newest checkpoint (same settings required; a finished run "
                         "is left as is)")
@@ -1184,7 +1215,7 @@ def _main(args) -> int:
                       else args.teacher_temperature, label_mix=label_mix,
                       max_query_length=args.max_query_length, max_passage_length=args.max_passage_length, seed=args.seed,
                       candidates=args.candidates, teacher_gate=args.teacher_gate, no_gold=args.no_gold,
-                      positive=args.positive, lexical_teacher=lexical)
+                      positive=args.positive, lexical_teacher=lexical, min_confidence=args.min_confidence)
     amp = {"auto": None, "on": True, "off": False}[args.amp]
     s = train(cfg, args.out, resume=args.resume, device=args.device, amp=amp,
               gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
