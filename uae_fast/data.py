@@ -169,8 +169,13 @@ def data_fingerprint(path: str) -> str:
     if os.path.isdir(path) or _is_beir_qrels(path):
         folder = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(os.path.abspath(path)))
         qrels = os.path.join(path, "qrels", "test.tsv") if os.path.isdir(path) else path
-        files = [p for p in (os.path.join(folder, n) + z for n in ("corpus.jsonl", "queries.jsonl") for z in ("", ".gz"))
-                 if os.path.isfile(p)] + ([qrels] if os.path.isfile(qrels) else [])
+        files = []
+        for name in ("corpus.jsonl", "queries.jsonl"):  # the copy the loader reads (plain before .gz)
+            try:
+                files.append(_beir_file(folder, name))
+            except FileNotFoundError:
+                pass
+        files += [qrels] if os.path.isfile(qrels) else []
     else:
         folder, files = None, [path]
     h = hashlib.sha1()
