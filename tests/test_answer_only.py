@@ -272,6 +272,47 @@ def test_min_confidence_keeps_the_confident_targets(tmp_path, ds):
             TrainConfig(**{**base, **bad}).check()
 
 
+def test_confidence_weight_scales_each_questions_loss(tmp_path, ds, tiny, monkeypatch):
+    import uae_fast.ops.infonce as infonce
+
+    table = no_gold_table(tmp_path, ds, m=3)
+    u, _ = load_utilities(table)
+    base = dict(loss="uae", no_gold=True, label_mix=0.0, batch_size=3, passages_per_query=5, seed=1)
+    conf = {}
+    for qid, d in u.items():  # float64 reference: the target's largest probability, over the mean of all questions
+        x = np.array(list(d.values()), dtype=np.float64) / 0.5
+        conf[qid] = float(np.exp(x - x.max()).max() / np.exp(x - x.max()).sum())
+    mean = sum(conf.values()) / len(conf)
+    assert max(conf.values()) / min(conf.values()) > 1.2  # the weights differ, so the test can fail
+    weighted, plain = (BatchSampler(ds, TrainConfig(**base, confidence_weight=w), u) for w in (True, False))
+    for m in range(weighted.batches_per_epoch):  # same batches and targets; only the weights are new
+        a, b = weighted.batch(m), plain.batch(m)
+        assert a.qids == b.qids and a.passages == b.passages and torch.equal(a.target_idx, b.target_idx)
+        assert b.query_weight is None
+        np.testing.assert_allclose(a.query_weight.numpy(), [conf[q] / mean for q in a.qids], rtol=1e-6)
+    # in training, the step's loss is the weighted mean of the per-question losses
+    seen, real = [], infonce.utility_infonce
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        seen.append((kw.get("reduction", "mean"), out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(infonce, "utility_infonce", spy)
+    cfg = TrainConfig(**base, data=TRAIN, student=tiny, utilities=table, max_steps=1, max_passage_length=16,
+                      confidence_weight=True)
+    s = train(cfg, str(tmp_path / "run"), progress=False, ds=ds)
+    (reduction, per_query), = seen
+    assert reduction == "none" and per_query.shape == (3,)
+    w = torch.tensor([conf[q] / mean for q in weighted.batch(0).qids], dtype=torch.float32)
+    assert s["final_loss"] == pytest.approx(float((per_query * w).mean()), rel=1e-5)
+    assert s["config"]["confidence_weight"] is True
+    for bad, msg in ((dict(confidence_weight=1), "must be a bool"),
+                     (dict(confidence_weight=True, no_gold=False, label_mix=0.5), "needs --no-gold --loss uae")):
+        with pytest.raises(ValueError, match=msg):
+            TrainConfig(**{**base, **bad}).check()
+
+
 @pytest.mark.parametrize("kind", ["bm25", "bm25-answer", "teacher-top1"])
 def test_weak_positives_and_same_batches(tmp_path, ds, kind):
     u, _ = load_utilities(no_gold_table(tmp_path, ds, m=3))

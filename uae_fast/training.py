@@ -122,6 +122,10 @@ class TrainConfig:
     # this. None = every question. Where the default target is least confident its top candidate is rarely
     # gold (scripts/check_target_confidence.py); experimental, not a default.
     min_confidence: Optional[float] = None
+    # Answer-only: weight each question's loss by its target's largest probability (as min_confidence reads it),
+    # scaled so the training questions' mean weight is 1: low-confidence targets, mostly wrong for every label,
+    # count less without being dropped. Experimental, not a default.
+    confidence_weight: bool = False
 
     def check(self) -> None:
         """Type and range of every field. NaN and inf are rejected everywhere: a NaN passes ``v < 0``
@@ -191,6 +195,11 @@ class TrainConfig:
             if not (self.no_gold and self.loss == "uae"):
                 raise ValueError("--min-confidence keeps the questions whose teacher target is confident: it needs "
                                  "--no-gold --loss uae")
+        if not isinstance(self.confidence_weight, bool):
+            raise ValueError(f"confidence_weight must be a bool, got {self.confidence_weight!r}")
+        if self.confidence_weight and not (self.no_gold and self.loss == "uae"):
+            raise ValueError("--confidence-weight weights each question by its teacher target's confidence: it needs "
+                             "--no-gold --loss uae")
 
 
 # Settings that may differ between a run and its --resume (they do not change the trajectory).
@@ -212,6 +221,7 @@ class Batch:
     # This rank's share of the global mean loss: (its real queries) x world / (the global batch's queries).
     # 1 when the global batch splits evenly; 0 for a rank left without a query (it repeats the last one).
     loss_weight: float = 1.0
+    query_weight: Optional[torch.Tensor] = None  # [B] float32 per-query loss weights (confidence_weight), else None
 
 
 def _target_confidence(utilities: Dict[str, float], teacher_temperature: float) -> float:
@@ -245,6 +255,10 @@ class BatchSampler:
                                      f"(at --teacher-temperature {cfg.teacher_temperature}); lower it")
                 self.n_low_confidence = len(queries) - len(kept)
                 queries = kept
+            if cfg.confidence_weight:
+                conf = {q.id: _target_confidence(self.utilities[q.id], cfg.teacher_temperature) for q in queries}
+                mean = sum(conf.values()) / len(conf)
+                self._qweight = {qid: c / mean for qid, c in conf.items()}
         elif cfg.loss == "uae":
             if not utilities:
                 raise ValueError("--loss uae needs a utilities file (--utilities); --loss infonce trains on gold evidence only")
@@ -256,6 +270,7 @@ class BatchSampler:
                     if cfg.loss == "uae" else "gold evidence passages")
             raise ValueError(f"no training queries: none of the {len(ds.queries)} queries in the data has {what}")
         self.queries = queries
+        self._qweight: Dict[str, float] = getattr(self, "_qweight", {})
         # One list per document (doc_id None: the whole corpus): BEIR questions all rank the whole corpus, and a
         # copy per question would take O(questions x corpus) memory (FiQA: ~2.5 GB). The lists are only read.
         by_doc: Dict[Optional[str], List[str]] = {}
@@ -397,8 +412,9 @@ class BatchSampler:
             gold.append(index[g] if g is not None else -1)
         t_idx, t_u = _padded(rows_idx, -1, torch.long), _padded(rows_u, 0.0, torch.float32)
         ex = _padded(excl, -1, torch.long) if self.cfg.teacher_gate is not None else None
+        qw = torch.tensor([self._qweight[q.id] for q in queries], dtype=torch.float32) if self._qweight else None
         return Batch([q.question for q in queries], [self.ds.passages[p].text for p in share], t_idx, t_u,
-                     torch.tensor(gold, dtype=torch.long), [q.id for q in queries], ex, weight)
+                     torch.tensor(gold, dtype=torch.long), [q.id for q in queries], ex, weight, qw)
 
     def _gated(self, q: Query, pids: List[str]) -> set:
         """The batch passages the teacher rates within ``teacher_gate`` of ``q``'s best gold paragraph (not gold)."""
@@ -1057,8 +1073,12 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
                 raise FloatingPointError(f"the encoder's embeddings are not finite at step {step} (on this or another "
                                          f"rank); lower --lr or check the utilities")
             mix = cfg.label_mix if cfg.loss == "uae" else 0.0
+            weighted = b.query_weight is not None
             loss = utility_infonce(q, p, t_idx, t_u, temperature=cfg.temperature, teacher_temperature=cfg.teacher_temperature,
-                                   label_mix=mix, gold_idx=gold if mix > 0 else None, exclude_idx=ex)
+                                   label_mix=mix, gold_idx=gold if mix > 0 else None, exclude_idx=ex,
+                                   reduction="none" if weighted else "mean")
+            if weighted:
+                loss = (loss * b.query_weight.to(device)).mean()
             if b.loss_weight != 1.0:  # DDP averages the ranks: weighted, that is the global batch's mean
                 loss = loss * b.loss_weight
             (loss / n_micro).backward()
@@ -1138,6 +1158,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--min-confidence", type=float, default=None, metavar="P",
                    help="--no-gold: train only on questions whose target's largest probability is at least P "
                         "(experimental; default: every question)")
+    p.add_argument("--confidence-weight", action="store_true",
+                   help="--no-gold: weight each question's loss by its target's largest probability, scaled to mean 1 "
+                        "(experimental; default: equal weights)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUT from its newest checkpoint (same settings required; a finished run "
                         "is left as is)")
@@ -1215,7 +1238,8 @@ def _main(args) -> int:
                       else args.teacher_temperature, label_mix=label_mix,
                       max_query_length=args.max_query_length, max_passage_length=args.max_passage_length, seed=args.seed,
                       candidates=args.candidates, teacher_gate=args.teacher_gate, no_gold=args.no_gold,
-                      positive=args.positive, lexical_teacher=lexical, min_confidence=args.min_confidence)
+                      positive=args.positive, lexical_teacher=lexical, min_confidence=args.min_confidence,
+                      confidence_weight=args.confidence_weight)
     amp = {"auto": None, "on": True, "off": False}[args.amp]
     s = train(cfg, args.out, resume=args.resume, device=args.device, amp=amp,
               gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
