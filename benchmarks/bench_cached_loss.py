@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
@@ -106,43 +105,40 @@ def main(argv=None) -> int:
     import sentence_transformers
 
     setup_peak = _status_mib("VmHWM")  # loading QASPER's JSON and the table peaks here, before the steps
-    recs = []
-    for name in losses:
-        # cmnrl reads (anchor, positive, negatives...) and no label: the same texts without the label column.
-        train = datasets.Dataset.from_dict(cols if name == "uae" else {c: v for c, v in cols.items() if c != "label"})
-        model = SentenceTransformer(default_student_path(), device="cpu")
-        model.max_seq_length = args.max_seq_length
-        tokens = sum(int(m.sum()) for m in (model.tokenize(texts[s:s + 4096])["attention_mask"] for s in range(0, len(texts), 4096)))
-        cls = CachedUtilityInfoNCELoss if name == "uae" else CachedMultipleNegativesRankingLoss
-        loss = cls(model, mini_batch_size=args.mini_batch_size, show_progress_bar=True)
-        targs = SentenceTransformerTrainingArguments(
-            os.path.join("/tmp", f"bench-cached-loss-{os.getpid()}"), max_steps=1, per_device_train_batch_size=args.queries,
-            learning_rate=2e-5, report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
-            logging_steps=1, disable_tqdm=True, seed=0)
-        trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=train, loss=loss)
-        rss_before = _status_mib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:  # VmHWM := current RSS, so it measures the step alone
-            f.write("5")
-        t0 = time.perf_counter()
-        result = trainer.train()
-        seconds = time.perf_counter() - t0
-        peak = _status_mib("VmHWM")
-        recs.append({
-            "benchmark": "bench_cached_loss", "loss": name, "loss_class": cls.__name__, "queries": args.queries,
-            "passages_per_query": args.passages,
-            "texts": len(texts), "tokens": tokens, "max_seq_length": args.max_seq_length,
-            "mini_batch_size": args.mini_batch_size, "model": "all-MiniLM-L6-v2", "export_seeds": seeds,
-            "seconds_step": round(seconds, 1), "texts_per_s": round(len(texts) / seconds, 1),
-            "peak_rss_step_gib": round(peak / 1024, 3), "rss_before_step_gib": round(rss_before / 1024, 3),
-            "peak_rss_setup_gib": round(setup_peak / 1024, 3),
-            "loss_value": result.training_loss, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "sentence_transformers": sentence_transformers.__version__,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared dev CPU)", "commit": commit,
-            "date": datetime.date.today().isoformat(), "command": " ".join([os.path.basename(__file__)] + (argv or sys.argv[1:])),
-        })
-        del trainer, loss, model
-        gc.collect()
-    return _write(recs, args.out)
+    name, = losses  # one loss per process (the parent above runs each in its own)
+    # cmnrl reads (anchor, positive, negatives...) and no label: the same texts without the label column.
+    train = datasets.Dataset.from_dict(cols if name == "uae" else {c: v for c, v in cols.items() if c != "label"})
+    model = SentenceTransformer(default_student_path(), device="cpu")
+    model.max_seq_length = args.max_seq_length
+    tokens = sum(int(m.sum()) for m in (model.tokenize(texts[s:s + 4096])["attention_mask"] for s in range(0, len(texts), 4096)))
+    cls = CachedUtilityInfoNCELoss if name == "uae" else CachedMultipleNegativesRankingLoss
+    loss = cls(model, mini_batch_size=args.mini_batch_size, show_progress_bar=True)
+    targs = SentenceTransformerTrainingArguments(
+        os.path.join("/tmp", f"bench-cached-loss-{os.getpid()}"), max_steps=1, per_device_train_batch_size=args.queries,
+        learning_rate=2e-5, report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
+        logging_steps=1, disable_tqdm=True, seed=0)
+    trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=train, loss=loss)
+    rss_before = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := current RSS, so it measures the step alone
+        f.write("5")
+    t0 = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - t0
+    peak = _status_mib("VmHWM")
+    rec = {
+        "benchmark": "bench_cached_loss", "loss": name, "loss_class": cls.__name__, "queries": args.queries,
+        "passages_per_query": args.passages,
+        "texts": len(texts), "tokens": tokens, "max_seq_length": args.max_seq_length,
+        "mini_batch_size": args.mini_batch_size, "model": "all-MiniLM-L6-v2", "export_seeds": seeds,
+        "seconds_step": round(seconds, 1), "texts_per_s": round(len(texts) / seconds, 1),
+        "peak_rss_step_gib": round(peak / 1024, 3), "rss_before_step_gib": round(rss_before / 1024, 3),
+        "peak_rss_setup_gib": round(setup_peak / 1024, 3),
+        "loss_value": result.training_loss, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "sentence_transformers": sentence_transformers.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared dev CPU)", "commit": commit,
+        "date": datetime.date.today().isoformat(), "command": " ".join([os.path.basename(__file__)] + (argv or sys.argv[1:])),
+    }
+    return _write([rec], args.out)
 
 
 def _without(argv, options) -> list:

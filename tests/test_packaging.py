@@ -248,11 +248,18 @@ def test_saved_model_has_a_sentence_transformers_model_card(tmp_path):
     details = card.split("## Training Details")[1]
     assert "answer-only: no evidence labels read" in card and "gold passage" not in details and "gold evidence" not in details
     assert "- `no_gold`: True" in card and "- `lexical_teacher`: bm25-answer" in card
+    assert "confidence" not in card  # the experimental options, off
+    conf = dict(ng, config=dict(ng["config"], min_confidence=0.5, confidence_weight=True))
+    enc.save(tmp_path / "conf", training=conf)
+    card = (tmp_path / "conf" / "README.md").read_text()
+    assert "largest probability is at least 0.5, each question's loss weighted by its target's largest" in card
+    assert "- `min_confidence`: 0.5" in card and "- `confidence_weight`: True" in card
     weak = dict(summary, config=dict(ng["config"], loss="infonce", positive="bm25-answer", lexical_teacher="none"))
     enc.save(tmp_path / "weak", training=weak)
     card = (tmp_path / "weak" / "README.md").read_text()
     assert "InfoNCE with BM25's top-1 for the question and its answers as the positive" in card
     assert "teacher_temperature" not in card and "label_mix" not in card and "- `positive`: bm25-answer" in card
+    assert "confidence" not in card
     st = pytest.importorskip("sentence_transformers")
     model = st.SentenceTransformer(str(tmp_path / "trained"), device="cpu")  # the card does not disturb loading
     assert model.encode(["a question?"]).shape == (1, enc.dim)

@@ -34,8 +34,9 @@ SBERT_CITATION = """@inproceedings{reimers-2019-sentence-bert,
 # TrainConfig fields shown as hyperparameters (in this order); fields the loss does not read are left out.
 _HPARAMS = ("loss", "no_gold", "positive", "lexical_teacher", "epochs", "max_steps", "min_steps", "batch_size",
             "passages_per_query", "grad_accum", "lr", "weight_decay", "warmup", "temperature", "teacher_temperature",
-            "label_mix", "teacher_gate", "candidates", "max_query_length", "max_passage_length", "seed")
-_UAE_ONLY = ("teacher_temperature", "lexical_teacher")
+            "label_mix", "teacher_gate", "candidates", "min_confidence", "confidence_weight", "max_query_length",
+            "max_passage_length", "seed")
+_UAE_ONLY = ("teacher_temperature", "lexical_teacher", "min_confidence", "confidence_weight")
 
 
 def _loss_text(cfg: dict) -> str:
@@ -53,6 +54,10 @@ def _loss_text(cfg: dict) -> str:
     mix = cfg.get("label_mix") or 0
     if mix > 0:
         text += f", mixed ({mix}) with {weak}"
+    if cfg.get("min_confidence") is not None:
+        text += f", on the questions whose target's largest probability is at least {cfg['min_confidence']}"
+    if cfg.get("confidence_weight"):
+        text += ", each question's loss weighted by its target's largest probability"
     return text + (" (answer-only: no evidence labels read)" if no_gold else "")
 
 
@@ -95,7 +100,7 @@ def _training_section(training: dict) -> str:
     out += [f"- **{k}:** {v}" for k, v in facts if v is not None]
     unread = _UAE_ONLY + ("label_mix",) if loss == "infonce" else ()
     hp = [(k, cfg[k]) for k in _HPARAMS if k in cfg and cfg[k] is not None and k not in unread
-          and not (k in ("no_gold", "min_steps") and not cfg[k]) and not (k == "positive" and loss != "infonce")]
+          and not (k in ("no_gold", "min_steps", "confidence_weight") and not cfg[k]) and not (k == "positive" and loss != "infonce")]
     if hp:
         out += ["", "### Training Hyperparameters", ""] + [f"- `{k}`: {v}" for k, v in hp]
     return "\n".join(out) + "\n"
