@@ -367,8 +367,16 @@ def _check_infonce(q, p, idx, util, kw, bad, impl, grad):
             assert risky and q.dtype == torch.float16
             event("overflow: inf fp16 gradient")
     assert torch.isfinite(loss).all()
-    atol = 8 * (q.shape[1] + idx.shape[1] + 4) * _eps(q.dtype) * (sabs / tau + 1.0) * (q.shape[0] if grad else 1) + 1e-30
+    err = 8 * (q.shape[1] + idx.shape[1] + 4) * _eps(q.dtype) * (sabs / tau + 1.0)
+    atol = err * (q.shape[0] if grad else 1) + 1e-30
     torch.testing.assert_close(loss.double(), ref, rtol=0, atol=atol)
+    if grad and all(torch.isfinite(g).all() for g in grads):  # both gradients against float64 autograd
+        q64, p64 = q.double().requires_grad_(), p.double().requires_grad_()
+        _ref_infonce(q64, p64, idx, util, tau, kw["teacher_temperature"], kw["label_mix"], kw["gold_idx"],
+                     kw["exclude_idx"]).sum().backward()
+        fi = torch.finfo(q.dtype)  # + the rounding of the cast to the inputs' dtype (subnormals: absolute)
+        for g, want in zip(grads, (q64.grad, p64.grad)):
+            torch.testing.assert_close(g.double(), want, rtol=fi.eps, atol=err * gmax + fi.tiny * fi.eps)
 
 
 @FUZZ

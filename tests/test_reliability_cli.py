@@ -153,16 +153,23 @@ def test_cli_train_bad_numbers_are_one_line(tmp_path, capsys, tiny, utils, opt, 
     out = tmp_path / "out"
     line = one_error_line(capsys, main(["train", "--data", TRAIN, "--utilities", utils, "--student", tiny, "--out", str(out),
                                         "--max-steps", "1", "--no-progress", f"{opt}={value}"]), "train")
-    assert opt.lstrip("-").replace("-", "_") in line.replace("-", "_") or "device" in line, line
+    assert opt.lstrip("-").replace("-", "_") in line.replace("-", "_") or (opt == "--device" and "device" in line), line
     assert not out.exists()
 
 
 @pytest.mark.parametrize("argv", [["--threads", "-1"], ["--limit", "-1"], ["--limit", "0"], ["--group", "0"],
                                   ["--token-budget", "0"], ["--max-passage-tokens", "-5"]])
-def test_cli_score_bad_numbers_are_one_line(tmp_path, capsys, argv):
+def test_cli_score_bad_numbers_are_one_line(tmp_path, capsys, monkeypatch, argv):
+    from uae_fast.teacher import UtilityScorer
+
+    def no_teacher(*a, **k):  # refused before the teacher loads: reaching it is the failure
+        pytest.fail("the teacher was loaded before the bad option was refused")
+
+    monkeypatch.setattr(UtilityScorer, "from_pretrained", no_teacher)
     out = tmp_path / "u.jsonl"
-    one_error_line(capsys, main(["score", "--data", TRAIN, "--out", str(out), "--teacher", str(tmp_path / "nope"),
-                                 "--no-progress"] + argv), "score")
+    line = one_error_line(capsys, main(["score", "--data", TRAIN, "--out", str(out), "--teacher", str(tmp_path / "nope"),
+                                        "--no-progress"] + argv), "score")
+    assert argv[0].lstrip("-").replace("-", "_") in line.replace("-", "_"), line
     assert not out.exists() and not os.path.exists(str(out) + ".partial")
 
 
