@@ -384,7 +384,7 @@ def test_answer_only_training_is_independent_of_gold(tmp_path, ds, tiny):
     assert any(not torch.equal(g[k], runs[0][k]) for k in g)
 
 
-def test_config_errors_and_refused_tables(tmp_path, ds, tiny):
+def test_config_errors_and_refused_tables(tmp_path, ds, tiny, capsys):
     with pytest.raises(ValueError, match="--label-mix must be 0"):
         TrainConfig(no_gold=True).check()
     with pytest.raises(ValueError, match="add --no-gold"):
@@ -413,10 +413,10 @@ def test_config_errors_and_refused_tables(tmp_path, ds, tiny):
     subset(src, ds, "top:2", str(tmp_path / "gold-added.jsonl.gz"))
     rc = main(["train", "--data", TRAIN, "--utilities", str(tmp_path / "gold-added.jsonl.gz"), "--no-gold", "--out",
                str(tmp_path / "o"), "--student", tiny, "--no-progress", "--max-steps", "1"])
-    assert rc == 1
+    assert rc == 1 and "scored with gold evidence added" in capsys.readouterr().err
     rc = main(["train", "--data", TRAIN, "--no-gold", "--label-mix", "0.5", "--utilities", src, "--out",
                str(tmp_path / "o"), "--student", tiny, "--no-progress", "--max-steps", "1"])
-    assert rc == 1
+    assert rc == 1 and "--label-mix must be 0" in capsys.readouterr().err
 
 
 def test_cli_no_gold_defaults(tmp_path, ds, tiny, capsys):

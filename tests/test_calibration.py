@@ -179,6 +179,7 @@ def test_calibrate_errors(tmp_path, tiny, capsys):  # noqa: F811
     with pytest.raises(ValueError, match="method"):
         calibrate_fusion(TRAIN, tiny, methods=["best"])
     assert main(["calibrate-fusion", "--data", str(tmp_path / "none.json"), "--out", str(tmp_path / "f.json")]) == 1
+    assert "none.json" in capsys.readouterr().err
     # --out and --threads are checked before any encoding or scoring (the data is never read)
     none = str(tmp_path / "none.json")
     for argv, msg in ((["--out", str(tmp_path)], "is a directory"), (["--out", str(tmp_path / "f.json"), "--threads", "0"],

@@ -284,8 +284,9 @@ def test_split_documents_squad_and_qasper(tmp_path, capsys):
     bad.write_text("[1, 2]")
     assert sd.main([str(bad), "--train", str(tr), "--heldout", str(ho)]) == 2
     assert "must be QASPER" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         sd.main([str(src), "--train", str(tr), "--heldout", str(ho), "--heldout-fraction", "1.5"])
+    assert e.value.code == 2 and "--heldout-fraction" in capsys.readouterr().err
 
 
 def test_uae_train_reads_a_beir_folders_train_split(tmp_path, capsys):

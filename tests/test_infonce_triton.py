@@ -399,6 +399,13 @@ def test_fp16_gradient_overflow_is_inf_for_the_grad_scaler(reduction, triton_dev
     assert torch.isfinite(loss).all()
     loss.sum().backward()
     assert not torch.isfinite(q.grad).all()  # dq ~ |p| / temperature = 1e5 > 65504
+    assert not torch.isnan(q.grad).any() and not torch.isnan(p.grad).any()  # inf, never NaN
+    qt, pt = q.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
+    utility_infonce(qt, pt, idx, util, temperature=1e-3, reduction=reduction, impl="torch").sum().backward()
+    for g, want in ((q.grad, qt.grad), (p.grad, pt.grad)):
+        assert torch.equal(torch.isinf(g), torch.isinf(want)) and torch.equal(g.sign(), want.sign())
+        fin = torch.isfinite(want)
+        torch.testing.assert_close(g[fin].float(), want[fin].float(), rtol=2e-2, atol=1e-2)
 
 
 def test_an_enclosing_autocast_does_not_lower_the_target_terms(triton_device):

@@ -158,7 +158,7 @@ def test_answer_only_grid_end_to_end(tmp_path, tiny):
     assert "vs best weak (weak-" in table
 
 
-def test_groups_set_keep_models_and_eval_model(tmp_path, tiny):
+def test_groups_set_keep_models_and_eval_model(tmp_path, tiny, capsys):
     # --groups picks rows, --set reaches every training job's config, --keep-models keeps (and resumes into)
     # the model folders, and --eval-model ranks a kept folder exactly as the sweep ranked it.
     from test_answer_only import no_gold_table
@@ -182,12 +182,11 @@ def test_groups_set_keep_models_and_eval_model(tmp_path, tiny):
                            "--eval-model", f"x={keep / 'ao-smollm-uae-s0'}"]) == 0
     (r,) = [json.loads(x) for x in open(ev / "sweep.jsonl")]
     assert r["group"] == "x" and r["per_query"] == recs[0]["per_query"]
-    with pytest.raises(SystemExit):
-        sweep_dev.main(["--out", str(ev), "--eval-model", str(tmp_path / "nope")])
-    with pytest.raises(SystemExit):
-        sweep_dev.main(common + ["--set", "lr"])
-    with pytest.raises(SystemExit):
-        sweep_dev.main(common + ["--set", "seed=3"])
+    for argv, msg in ((["--out", str(ev), "--eval-model", str(tmp_path / "nope")], "nope"),
+                      (common + ["--set", "lr"], "--set wants KEY=VALUE"), (common + ["--set", "seed=3"], "--set wants KEY=VALUE")):
+        with pytest.raises(SystemExit) as e:
+            sweep_dev.main(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err, argv
 
 
 def _rec(group, loss, seed, r1, **kw):
@@ -227,7 +226,7 @@ def test_paired_seedless_reference_and_question_checks():
         sweep_dev._paired(runs, other, "Success@1")
 
 
-def test_resume_refuses_a_finished_job_with_other_settings(tmp_path, tiny):
+def test_resume_refuses_a_finished_job_with_other_settings(tmp_path, tiny, capsys):
     from test_answer_only import no_gold_table
 
     a = no_gold_table(tmp_path, load_dataset(TRAIN), m=3, name="a.jsonl.gz", seed=1, teacher="A")
@@ -235,9 +234,10 @@ def test_resume_refuses_a_finished_job_with_other_settings(tmp_path, tiny):
     out.mkdir()
     done = _rec("ao-smollm", "uae", 0, [1, 0], cfg={"lr": 0.5}, utilities=a)
     (out / "sweep.jsonl").write_text(json.dumps(done) + "\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         sweep_dev.main(["--out", str(out), "--train", TRAIN, "--dev", DEV, "--nogold-utilities", a, "--student", tiny,
                         "--device", "cpu", "--threads", "1", "--grid", "answeronly-tiny", "--groups", "ao-smollm"])
+    assert e.value.code == 2 and "with other settings" in capsys.readouterr().err
     assert (out / "sweep.jsonl").read_text().count("\n") == 1  # nothing ran
 
 
