@@ -286,8 +286,11 @@ def test_numpy_and_torch_inputs_of_any_layout(rng):
     assert s1.shape == (1, 6)
     np.testing.assert_array_equal(i1[0], i_ref[3])
     # Half-precision torch inputs are widened, not rejected.
-    ref.search(torch.from_numpy(q).to(torch.bfloat16), 3)
-    ref.search(torch.from_numpy(q).half(), 3)
+    for dt in (torch.bfloat16, torch.float16):  # the widened half query, searched exactly
+        qh = torch.from_numpy(q).to(dt)
+        s_h, i_h = ref.search(qh, 3)
+        s_w, i_w = ref.search(qh.float(), 3)
+        assert torch.equal(s_h, s_w) and torch.equal(i_h, i_w), dt
 
 
 def test_custom_ids_and_cosine(rng):

@@ -367,7 +367,8 @@ def test_triton_float64_rules(triton_device):
     q, p, idx, util, _ = (t.to(triton_device) for t in _inputs(b=4, n=9, d=8, k=2, dtype=torch.float64))
     with pytest.raises(TypeError, match="float64"):
         utility_infonce(q, p, idx, util, impl="triton")
-    utility_infonce(q, p, idx, util, impl="auto")  # auto falls back to the exact torch path
+    got = utility_infonce(q, p, idx, util, impl="auto")  # auto falls back to the exact torch path
+    assert got.dtype == torch.float64 and torch.equal(got, utility_infonce(q, p, idx, util, impl="torch"))
 
 
 # ---------------------------------------------------------------------------- bad input
