@@ -156,11 +156,17 @@ def test_padding_utility_and_teacher_temperature_edge_cases():
 
 # ---------------------------------------------------------------------------- MNRL oracle
 def _mnrl(scale):
-    st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+    pytest.importorskip("sentence_transformers")
+    try:  # sentence-transformers >= 6 moved it; older releases (pyproject allows >= 3) keep it here
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
     from sentence_transformers.util import dot_score
 
+    if not hasattr(MultipleNegativesRankingLoss, "compute_loss_from_embeddings"):
+        pytest.skip("this sentence-transformers has no MultipleNegativesRankingLoss.compute_loss_from_embeddings")
     # Its embedding-level entry point: the same score function and labels as the full loss, no model needed.
-    return st_losses.MultipleNegativesRankingLoss(None, scale=scale, similarity_fct=dot_score)
+    return MultipleNegativesRankingLoss(None, scale=scale, similarity_fct=dot_score)
 
 
 @pytest.mark.parametrize("onehot", ["single_target", "label_mix_1"])

@@ -362,6 +362,7 @@ def test_gpu_benchmark_fails_when_ours_is_broken_or_wrong():
     assert bench.problems(acc_ok, [dict(row, impl="naive", loss=2.0), dict(row, impl="triton", loss=nan)])
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("setting", ["bf16", "ieee", "tf32"])
 def test_cuda_multi_tile_grid(setting, monkeypatch):
     # On a GPU the small shapes above fit one 64/128 tile: here many row/column tiles, the grouped program
