@@ -416,15 +416,18 @@ def test_real_teacher_prefers_gold_evidence(teacher):
         assert r.utility[0] > r.utility[1:].max() + 0.5, r.utility
 
 
-def test_shared_prefix_keeps_sliding_window_attention():
+def test_shared_prefix_keeps_sliding_window_attention(monkeypatch):
     # A custom 4D mask would replace Gemma-3's sliding-window mask in its local layers: rows longer than the
-    # window must give the plain path's numbers (they differed by ~5e-2 before), shorter rows may share.
+    # window must give the plain path's numbers (they differed by ~5e-2 before), shorter rows share the prefix.
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
+    import uae_fast.teacher as teacher
     from uae_fast.teacher import rows_hidden_states
 
+    trees, real = [], teacher._tree_hidden_states
+    monkeypatch.setattr(teacher, "_tree_hidden_states", lambda *a, **k: trees.append(1) or real(*a, **k))
     torch.manual_seed(0)
-    for window, extra in ((16, 30), (512, 3)):
+    for window, extra, tree in ((16, 30, False), (512, 3, True)):
         cfg = Gemma3TextConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=window,
                                max_position_embeddings=512)
@@ -432,7 +435,9 @@ def test_shared_prefix_keeps_sliding_window_attention():
         g = torch.Generator().manual_seed(1)
         prefix = torch.randint(1, 255, (40,), generator=g).tolist()
         rows = [(prefix + torch.randint(1, 255, (extra + i,), generator=g).tolist(), [5, 6, 7]) for i in range(3)]
+        trees.clear()
         shared = rows_hidden_states(model, rows, prefix_lens=[40] * 3)
+        assert bool(trees) == tree, window  # the shared-prefix path is taken exactly where the window allows it
         plain = rows_hidden_states(model, rows)
         for a, b in zip(shared, plain):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
