@@ -131,8 +131,12 @@ def test_infonce_extreme_inputs_raise_instead_of_nan(what, kwargs, match):
     args = [t.to(device) for t in (q, p, idx, util)]
     with pytest.raises(ValueError, match=match):
         utility_infonce(*args, **kwargs)
-    if what.startswith("temperature") or what.startswith("teacher"):  # fp64 computes them fine
-        assert torch.isfinite(utility_infonce(q.double(), p.double(), idx, util, **kwargs))
+    if what.startswith("temperature") or what.startswith("teacher"):  # fp64 computes them fine, and right
+        got = utility_infonce(q.double(), p.double(), idx, util, reduction="none", **kwargs)
+        ref = _ref_infonce(q, p, idx, util, kwargs.get("temperature", 0.05), kwargs.get("teacher_temperature", 1.0),
+                           0.0, None, None)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
