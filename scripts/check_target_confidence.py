@@ -2,7 +2,10 @@
 target (the LLM table z-averaged with BM25(question + answers), ``softmax(u / T)`` over each question's
 ``answer:12`` candidates), questions are split into quartiles of the target's largest probability; per
 quartile: the probability it puts on gold (``gold_mass``), how often its top candidate is gold, and how often
-the ``bm25-answer`` weak label is. Also how often the LLM teacher and BM25(q + a) pick the same top candidate.
+the ``bm25-answer`` weak label is, and the mean loss weight ``--confidence-weight`` gives those questions
+(the largest probability over its mean). Also how often the LLM teacher and BM25(q + a) pick the same top
+candidate, and the target's gold mass and top-1 gold rate when the ensemble weights the lexical side's z-scores
+by w instead of 0.5 (``(1 - w) z_llm + w z_lex``).
 
     python scripts/check_target_confidence.py --json benchmarks/results/target-confidence-check.json
 
@@ -41,6 +44,32 @@ def per_question(llm, lex, ens, gold, T):
     return np.array(rows, dtype=np.float64)
 
 
+def _z(v):
+    sd = v.std()
+    return (v - v.mean()) / sd if sd > 0 else v * 0.0
+
+
+def lexical_weight_sweep(llm, lex, gold, T, weights):
+    """{w: (gold mass, top-1 gold)} of softmax(((1 - w) z_llm + w z_lex) / T) over each question's candidates."""
+    rows = []
+    for qid, d in llm.items():
+        if gold.get(qid):
+            pids = list(d)
+            rows.append((_z(np.array([d[p] for p in pids], dtype=np.float64)),
+                         _z(np.array([lex[qid][p] for p in pids], dtype=np.float64)),
+                         np.array([p in gold[qid] for p in pids], dtype=np.float64)))
+    out = {}
+    for w in weights:
+        mass = top = 0.0
+        for a, b, g in rows:
+            s = ((1 - w) * a + w * b) / T
+            pr = np.exp(s - s.max())
+            pr /= pr.sum()
+            mass, top = mass + float(pr @ g), top + float(g[int(np.argmax(s))])
+        out[w] = (mass / len(rows), top / len(rows))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--utilities", default=None, help="the LLM table (default: the shipped answer:12 table)")
@@ -53,7 +82,8 @@ def main(argv=None) -> int:
     llm, _ = load_utilities(table)
     lex = lexical_utilities(ds, {q: list(d) for q, d in llm.items()})
     ens = ensemble_utilities([llm, lex])
-    a = per_question(llm, lex, ens, {q.id: set(q.gold) for q in ds.queries}, args.teacher_temperature)
+    gold = {q.id: set(q.gold) for q in ds.queries}
+    a = per_question(llm, lex, ens, gold, args.teacher_temperature)
     cols = ("gold_mass", "target_top1_gold", "bm25_answer_top1_gold", "llm_top1_gold")
     out = {"table": os.path.basename(table), "teacher_temperature": args.teacher_temperature, "n_questions": len(a),
            "all": {c: round(float(a[:, i + 1].mean()), 3) for i, c in enumerate(cols)}, "quartiles": []}
@@ -62,7 +92,8 @@ def main(argv=None) -> int:
     for lo, hi in zip(edges[:-1], edges[1:]):
         m = (a[:, 0] >= lo) & (a[:, 0] < hi)
         q = {"max_prob": [round(lo, 3), round(min(hi, 1.0), 3)], "n": int(m.sum()),
-             **{c: round(float(a[m, i + 1].mean()), 3) for i, c in enumerate(cols)}}
+             **{c: round(float(a[m, i + 1].mean()), 3) for i, c in enumerate(cols)},
+             "confidence_weight": round(float(a[m, 0].mean() / a[:, 0].mean()), 3)}
         out["quartiles"].append(q)
         print(f"| [{lo:.2f}, {min(hi, 1.0):.2f}) | {q['n']} | " + " | ".join(f"{q[c]:.3f}" for c in cols) + " |")
     agree = a[:, 5] == 1
@@ -71,6 +102,9 @@ def main(argv=None) -> int:
                              "when_not": {c: round(float(a[~agree, i + 1].mean()), 3) for i, c in enumerate(cols)}}
     print(f"LLM and BM25(q + a) agree on the top candidate for {out['teachers_agree']['share']:.3f} of the questions "
           f"(gold there {out['teachers_agree']['top1_gold_when_agree']:.3f}); elsewhere {out['teachers_agree']['when_not']}")
+    sweep = lexical_weight_sweep(llm, lex, gold, args.teacher_temperature, (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0))
+    out["lexical_weight"] = [{"w": w, "gold_mass": round(m, 3), "target_top1_gold": round(t, 3)} for w, (m, t) in sweep.items()]
+    print("lexical side's weight w: " + ", ".join(f"{w}: mass {m:.3f} top-1 {t:.3f}" for w, (m, t) in sweep.items()))
     if args.json:
         write_json(out, args.json)
     return 0

@@ -295,6 +295,24 @@ def test_resume_is_exact(tmp_path, ds, tiny):
     train(TrainConfig(**cfg), str(half), stop_after=1, progress=False, ds=ds, amp=False)
     with pytest.raises(ValueError, match=r"different training settings.*amp: False -> True"):
         train(TrainConfig(**cfg), str(half), resume=True, progress=False, ds=ds, amp=True)
+    # A run saved before an option existed (its config lacks the key) resumes only with that option's default:
+    # turning it on mid-run is a change, refused by the summary's check and by the checkpoint's.
+    from uae_fast.training import _STATE_FILE
+
+    state_file = os.path.join(latest_checkpoint(str(half)), _STATE_FILE)
+    state = torch.load(state_file, weights_only=False)
+    del state["config"]["teacher_gate"]
+    torch.save(state, state_file)
+    summary_file = half / "training_summary.json"
+    summary = json.loads(summary_file.read_text())
+    del summary["config"]["teacher_gate"]
+    summary_file.write_text(json.dumps(summary))
+    gated = TrainConfig(**{**cfg, "teacher_gate": 0.5})
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"different training settings.*teacher_gate: None -> 0.5"):
+            train(gated, str(half), resume=True, progress=False, ds=ds, amp=False)
+        summary_file.unlink(missing_ok=True)  # the second round: the checkpoint's config alone
+    assert train(TrainConfig(**cfg), str(half), resume=True, progress=False, ds=ds, amp=False)["finished"]
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -206,6 +206,21 @@ class TrainConfig:
 _RESUME_FREE = ()
 
 
+def _config_changes(old: dict, cfg: "TrainConfig") -> dict:
+    """``{field: (old, new)}`` where ``cfg`` differs from a saved run's config. A field the saved config lacks
+    (the run predates it) counts as its default, so turning a new option on for an old run is a change too."""
+    from dataclasses import MISSING, fields
+
+    out = {}
+    for f in fields(TrainConfig):
+        if f.name in _RESUME_FREE:
+            continue
+        before = old.get(f.name, f.default if f.default is not MISSING else None)
+        if getattr(cfg, f.name) != before:
+            out[f.name] = (before, getattr(cfg, f.name))
+    return out  # (a key this version no longer has cannot be set either: not compared)
+
+
 # ------------------------------------------------------------------------------------- batches
 @dataclass
 class Batch:
@@ -255,10 +270,6 @@ class BatchSampler:
                                      f"(at --teacher-temperature {cfg.teacher_temperature}); lower it")
                 self.n_low_confidence = len(queries) - len(kept)
                 queries = kept
-            if cfg.confidence_weight:
-                conf = {q.id: _target_confidence(self.utilities[q.id], cfg.teacher_temperature) for q in queries}
-                mean = sum(conf.values()) / len(conf)
-                self._qweight = {qid: c / mean for qid, c in conf.items()}
         elif cfg.loss == "uae":
             if not utilities:
                 raise ValueError("--loss uae needs a utilities file (--utilities); --loss infonce trains on gold evidence only")
@@ -270,7 +281,11 @@ class BatchSampler:
                     if cfg.loss == "uae" else "gold evidence passages")
             raise ValueError(f"no training queries: none of the {len(ds.queries)} queries in the data has {what}")
         self.queries = queries
-        self._qweight: Dict[str, float] = getattr(self, "_qweight", {})
+        self._qweight: Dict[str, float] = {}  # confidence_weight: each question's loss weight, mean 1
+        if cfg.confidence_weight:
+            conf = {q.id: _target_confidence(self.utilities[q.id], cfg.teacher_temperature) for q in queries}
+            mean = sum(conf.values()) / len(conf)
+            self._qweight = {qid: c / mean for qid, c in conf.items()}
         # One list per document (doc_id None: the whole corpus): BEIR questions all rank the whole corpus, and a
         # copy per question would take O(questions x corpus) memory (FiQA: ~2.5 GB). The lists are only read.
         by_doc: Dict[Optional[str], List[str]] = {}
@@ -849,11 +864,15 @@ def _prepare_out_dir(out_dir: str, cfg: TrainConfig, *, resume: bool, overwrite:
     try:
         with open(path) as f:
             summary = json.load(f)
-        old = dict(summary["config"], world_size=summary.get("world_size", 1))
+        old = dict(summary["config"])
+        old_world = summary.get("world_size", 1)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"--resume: {path} is not a training summary ({type(e).__name__}: {e})") from None
-    new = dict(asdict(cfg), world_size=world)
-    changed = {k: (v, new.get(k)) for k, v in old.items() if k not in _RESUME_FREE and new.get(k) != v}
+    if not isinstance(old, dict):
+        raise ValueError(f"--resume: {path} is not a training summary (its config is not an object)")
+    changed = _config_changes(old, cfg)
+    if old_world != world:
+        changed["world_size"] = (old_world, world)
     if changed:
         desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise ValueError(f"--resume with different training settings than the run in {out_dir} ({desc}); "
@@ -950,7 +969,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         except Exception as e:  # a checkpoint damaged after it was written (disk, copy)
             raise ValueError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
                              f"delete it to resume from the previous one") from None
-        changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if k not in _RESUME_FREE and getattr(cfg, k, v) != v}
+        changed = _config_changes(state["config"], cfg)
         if state.get("world_size", 1) != world:  # each rank's slice of a global batch depends on the world size
             changed["world_size"] = (state.get("world_size", 1), world)
         old_rt = state.get("runtime") or ({"sampler": "per-rank (uae_fast <= 0.2.0)"} if world > 1 else {})
@@ -1160,7 +1179,8 @@ def add_parser(subparsers) -> None:
                         "(experimental; default: every question)")
     p.add_argument("--confidence-weight", action="store_true",
                    help="--no-gold: weight each question's loss by its target's largest probability, scaled to mean 1 "
-                        "(experimental; default: equal weights)")
+                        "(experimental, ~1.2x the step time on CPUs: the per-question loss recomputes its scores in "
+                        "backward; default: equal weights)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUT from its newest checkpoint (same settings required; a finished run "
                         "is left as is)")
