@@ -439,6 +439,10 @@ def test_cli_no_gold_defaults(tmp_path, ds, tiny, capsys):
     rc = main(["train", "--data", TRAIN, "--no-gold", "--loss", "infonce", "--positive", "bm25", "--lexical-teacher",
                "bm25-answer", "--utilities", src, "--out", str(tmp_path / "x"), "--student", tiny, "--no-progress"])
     assert rc == 1 and "--lexical-teacher bm25-answer is ensembled into the uae target" in capsys.readouterr().err
+    for flags in (["--confidence-weight"], ["--min-confidence", "0.5"]):  # the flags reach the config's checks
+        rc = main(["train", "--data", TRAIN, "--no-gold", "--loss", "infonce", "--positive", "bm25", "--utilities", src,
+                   "--out", str(tmp_path / "y"), "--student", tiny, "--no-progress"] + flags)
+        assert rc == 1 and f"{flags[0]} " in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
 @pytest.mark.parametrize("name,policy", [("qasper-train-utilities-nogold-answer12.jsonl.gz", "answer:12"),
