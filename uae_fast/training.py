@@ -206,9 +206,10 @@ class TrainConfig:
 _RESUME_FREE = ()
 
 
-def _config_changes(old: dict, cfg: "TrainConfig") -> dict:
-    """``{field: (old, new)}`` where ``cfg`` differs from a saved run's config. A field the saved config lacks
-    (the run predates it) counts as its default, so turning a new option on for an old run is a change too."""
+def _config_changes(old: dict, cfg: "TrainConfig", old_world: int, world: int) -> dict:
+    """``{field: (old, new)}`` where ``cfg`` (and the world size) differs from a saved run's. A field the saved
+    config lacks (the run predates it) counts as its default, so turning a new option on for an old run is a
+    change too. The world size counts: each rank's slice of a global batch depends on it."""
     from dataclasses import MISSING, fields
 
     out = {}
@@ -218,6 +219,8 @@ def _config_changes(old: dict, cfg: "TrainConfig") -> dict:
         before = old.get(f.name, f.default if f.default is not MISSING else None)
         if getattr(cfg, f.name) != before:
             out[f.name] = (before, getattr(cfg, f.name))
+    if old_world != world:
+        out["world_size"] = (old_world, world)
     return out  # (a key this version no longer has cannot be set either: not compared)
 
 
@@ -258,13 +261,15 @@ class BatchSampler:
         """``candidates``: each query's ``cfg.candidates`` set when already computed (by ``_cut_to_policy``)."""
         self.ds, self.cfg, self.world, self.rank = ds, cfg, world, rank
         self.utilities = utilities or {}
+        conf: Dict[str, float] = {}  # each question's target confidence, for min_confidence / confidence_weight
         if cfg.no_gold:  # answer-only: every question the teacher scored, labels never read
             if not utilities:
                 raise ValueError("--no-gold needs a utilities file (--utilities) scored with `uae score --no-gold`")
             queries = [q for q in ds.queries if self.utilities.get(q.id)]
+            if cfg.min_confidence is not None or cfg.confidence_weight:
+                conf = {q.id: _target_confidence(self.utilities[q.id], cfg.teacher_temperature) for q in queries}
             if cfg.min_confidence is not None:
-                kept = [q for q in queries if _target_confidence(self.utilities[q.id], cfg.teacher_temperature)
-                        >= cfg.min_confidence]
+                kept = [q for q in queries if conf[q.id] >= cfg.min_confidence]
                 if not kept:
                     raise ValueError(f"--min-confidence {cfg.min_confidence}: no question's target is that confident "
                                      f"(at --teacher-temperature {cfg.teacher_temperature}); lower it")
@@ -283,9 +288,8 @@ class BatchSampler:
         self.queries = queries
         self._qweight: Dict[str, float] = {}  # confidence_weight: each question's loss weight, mean 1
         if cfg.confidence_weight:
-            conf = {q.id: _target_confidence(self.utilities[q.id], cfg.teacher_temperature) for q in queries}
-            mean = sum(conf.values()) / len(conf)
-            self._qweight = {qid: c / mean for qid, c in conf.items()}
+            mean = sum(conf[q.id] for q in queries) / len(queries)
+            self._qweight = {q.id: conf[q.id] / mean for q in queries}
         # One list per document (doc_id None: the whole corpus): BEIR questions all rank the whole corpus, and a
         # copy per question would take O(questions x corpus) memory (FiQA: ~2.5 GB). The lists are only read.
         by_doc: Dict[Optional[str], List[str]] = {}
@@ -864,15 +868,12 @@ def _prepare_out_dir(out_dir: str, cfg: TrainConfig, *, resume: bool, overwrite:
     try:
         with open(path) as f:
             summary = json.load(f)
-        old = dict(summary["config"])
-        old_world = summary.get("world_size", 1)
+        old = summary["config"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"--resume: {path} is not a training summary ({type(e).__name__}: {e})") from None
     if not isinstance(old, dict):
         raise ValueError(f"--resume: {path} is not a training summary (its config is not an object)")
-    changed = _config_changes(old, cfg)
-    if old_world != world:
-        changed["world_size"] = (old_world, world)
+    changed = _config_changes(old, cfg, summary.get("world_size", 1), world)
     if changed:
         desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise ValueError(f"--resume with different training settings than the run in {out_dir} ({desc}); "
@@ -969,9 +970,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         except Exception as e:  # a checkpoint damaged after it was written (disk, copy)
             raise ValueError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
                              f"delete it to resume from the previous one") from None
-        changed = _config_changes(state["config"], cfg)
-        if state.get("world_size", 1) != world:  # each rank's slice of a global batch depends on the world size
-            changed["world_size"] = (state.get("world_size", 1), world)
+        changed = _config_changes(state["config"], cfg, state.get("world_size", 1), world)
         old_rt = state.get("runtime") or ({"sampler": "per-rank (uae_fast <= 0.2.0)"} if world > 1 else {})
         for k, v in old_rt.items():
             if runtime.get(k, v) != v:
