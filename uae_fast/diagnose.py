@@ -10,7 +10,7 @@ questions whose candidates hold any gold paragraph at all. The weak positives of
 ``teacher_gold_mass`` is the mean probability the training target ``softmax(utility / T)`` puts on gold
 paragraphs (0 where the candidates hold none). A one-hot label's gold mass is its top-1 rate, so the column
 compares the soft target with the weak labels directly; on QASPER it tracks the trained student's dev
-Success@1 better than the top-1 rate does (README, answer-only section).
+Success@1 better than the top-1 rate does (docs/answer-only.md).
 
 ``lexical_teacher="bm25-answer"`` judges the target ``uae train --no-gold`` trains on by default: the table's
 utilities ensembled with BM25(question + answers) (:mod:`uae_fast.lexical_teacher`).
