@@ -14,7 +14,7 @@
 # question + answers, every answered question, fp32) of both teachers (gemma3-270m's gold-added top:3 table ships
 # in data/), (b) the two merged (`uae score --merge-teachers`), (c) `sweep_dev.py --grid answeronly` (answer-only
 # UAE per teacher, the defaults with each teacher and with both, the weak baselines, gold InfoNCE/UAE, gold UAE
-# with gemma; 3 seeds) and (d) its README table with
+# with gemma; 3 seeds) and (d) its table (docs/answer-only.md) with
 # the paired differences. About 5 min of scoring + 8 min of sweep: run it twice (the second call carries the
 # first call's tables in TABLES_DIR and its sweep.jsonl in SWEEP_PREV; finished steps are skipped);
 # `infonce` = issue 17's device check (< 5 min): the utility_infonce tests that launch Triton kernels, on CUDA, then
@@ -209,7 +209,7 @@ ENS="$T/qasper-train-utilities-ensemble-nogold-answer12.jsonl.gz"
 # teacher diagnostic (gold labels used only here): top-1 is gold among the candidates, per table
 step diagnose 120 "$PY" -m uae_fast.cli diagnose --data "$TRAIN_JSON" --utilities "$T/qasper-train-utilities-nogold-answer12-allq.jsonl.gz" \
     "$T/qasper-train-utilities-gemma-nogold-answer12.jsonl.gz" "$GOLD_GEMMA" --json "$WORK/diagnose.json"
-# (c) + (d) the results grid and its README table (sweep_dev prints it; --report reprints it from sweep.jsonl)
+# (c) + (d) the results grid and its table (docs/answer-only.md) (sweep_dev prints it; --report reprints it from sweep.jsonl)
 LEFT=$((BUDGET_S - ($(date +%s) - START) - 15))
 step sweep_answeronly "$LEFT" "$PY" scripts/sweep_dev.py --grid answeronly --out "$OUT" --train "$TRAIN_JSON" \
     --dev "$QD/qasper-dev-v0.3.json.gz" --student "${STUDENT_DIR:?STUDENT_DIR is needed}" --workers "${WORKERS:-6}" \

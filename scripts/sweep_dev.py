@@ -381,7 +381,7 @@ def _check_same_questions(r1, r2, k) -> None:
 
 
 def answer_only_table(by) -> str:
-    """The README table of the answer-only grid: mean (sd) over seeds, ratio to gold InfoNCE, paired
+    """The table of the answer-only grid in docs/answer-only.md: mean (sd) over seeds, ratio to gold InfoNCE, paired
     differences vs gold-label InfoNCE and vs the best weak baseline (highest mean S@1)."""
     import numpy as np
 

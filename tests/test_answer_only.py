@@ -731,8 +731,9 @@ def test_ensemble_utilities_matches_float64_z_scores():
 
 
 def test_squad_corpus_end_to_end_answer_only(tmp_path, tiny, capsys):
-    """The README's other-domain flow on a hand-written SQuAD file: split by article, score answer-only,
-    train --no-gold on the table, evaluate on the held-out articles (gold read only there)."""
+    """The other-domain flow (README "Bring your own data"; COVID-QA in docs/answer-only.md) on a hand-written
+    SQuAD file: split by article, score answer-only, train --no-gold on the table, evaluate on the held-out
+    articles (gold read only there)."""
     import sys
     from test_teacher import byte_tokenizer, tiny_llama
     from uae_fast.cli import main

@@ -5,7 +5,7 @@ lexical: the paragraph that BM25 ranks first for the question followed by its an
 supervision). The LLM teacher and that lexical score make different mistakes, so their ensemble - each
 question's utilities z-scored over its candidates, then averaged with the z-scored BM25(question +
 answers) scores of the same candidates (:func:`uae_fast.utilities.merge_teachers`' rule) - beat or tied
-both alone in our runs (README, "Answer-only"). ``uae train --no-gold`` applies it by default
+both alone in our runs (docs/answer-only.md). ``uae train --no-gold`` applies it by default
 (``--lexical-teacher bm25-answer``); gold is never read.
 
     utilities, header = load_utilities("table.jsonl.gz")

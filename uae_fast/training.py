@@ -85,7 +85,7 @@ class TrainConfig:
     max_steps: Optional[int] = None
     # Opt-in floor: a small data set gets more epochs so the run has at least this many optimizer steps
     # (at most MAX_AUTO_EPOCHS). Off by default: on 300 answer-only QASPER questions, 100 steps (5.3 epochs)
-    # retrieved worse on dev than the plain 2 epochs (38 steps): S@1 0.307 vs 0.336, p 0.006 (README).
+    # retrieved worse on dev than the plain 2 epochs (38 steps): S@1 0.307 vs 0.336, p 0.007 (docs/answer-only.md, "Small corpora").
     min_steps: int = 0
     batch_size: int = 16
     passages_per_query: int = 8  # gold + scored candidates + random paragraphs of the paper (best dev R@1)
