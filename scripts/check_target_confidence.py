@@ -5,7 +5,7 @@ quartile: the probability it puts on gold (``gold_mass``), how often its top can
 the ``bm25-answer`` weak label is, and the mean loss weight ``--confidence-weight`` gives those questions
 (the largest probability over its mean). Also how often the LLM teacher and BM25(q + a) pick the same top
 candidate, and the target's gold mass and top-1 gold rate when the ensemble weights the lexical side's z-scores
-by w instead of 0.5 (``(1 - w) z_llm + w z_lex``).
+by w instead of 0.5 (``(1 - w) z_llm + w z_lex``), and all of it by the kind of answer (yes/no or by length).
 
     python scripts/check_target_confidence.py --json benchmarks/results/target-confidence-check.json
 
@@ -42,6 +42,15 @@ def per_question(llm, lex, ens, gold, T):
         rows.append((pr.max(), sum(pr[i] for i, p in enumerate(pids) if p in gold[qid]),
                      pids[int(np.argmax(pr))] in gold[qid], lex_top in gold[qid], llm_top in gold[qid], lex_top == llm_top))
     return np.array(rows, dtype=np.float64)
+
+
+def answer_kind(q) -> str:
+    """yes/no (every answer is "Yes" or "No": it says nothing about the evidence), else by the answers' mean
+    length in words: short (<= 5), mid (<= 15), long."""
+    if q.answers and all(a.strip().lower() in ("yes", "no") for a in q.answers):
+        return "yes/no"
+    n = np.mean([len(a.split()) for a in q.answers]) if q.answers else 0.0
+    return "short (<= 5 words)" if n <= 5 else "mid (6-15 words)" if n <= 15 else "long (> 15 words)"
 
 
 def _z(v):
@@ -102,6 +111,14 @@ def main(argv=None) -> int:
                              "when_not": {c: round(float(a[~agree, i + 1].mean()), 3) for i, c in enumerate(cols)}}
     print(f"LLM and BM25(q + a) agree on the top candidate for {out['teachers_agree']['share']:.3f} of the questions "
           f"(gold there {out['teachers_agree']['top1_gold_when_agree']:.3f}); elsewhere {out['teachers_agree']['when_not']}")
+    by_id = {q.id: q for q in ds.queries}
+    kinds = np.array([answer_kind(by_id[qid]) for qid in ens if gold.get(qid)])  # per_question's row order
+    out["answer_kinds"] = []
+    for k in ("yes/no", "short (<= 5 words)", "mid (6-15 words)", "long (> 15 words)"):
+        m = kinds == k
+        out["answer_kinds"].append({"kind": k, "n": int(m.sum()), **{c: round(float(a[m, i + 1].mean()), 3) for i, c in enumerate(cols)}})
+    print("by answer: " + "; ".join(f"{r['kind']} ({r['n']}): mass {r['gold_mass']:.3f}, top-1 {r['target_top1_gold']:.3f}, "
+                                    f"bm25-answer {r['bm25_answer_top1_gold']:.3f}" for r in out["answer_kinds"]))
     sweep = lexical_weight_sweep(llm, lex, gold, args.teacher_temperature, (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0))
     out["lexical_weight"] = [{"w": w, "gold_mass": round(m, 3), "target_top1_gold": round(t, 3)} for w, (m, t) in sweep.items()]
     print("lexical side's weight w: " + ", ".join(f"{w}: mass {m:.3f} top-1 {t:.3f}" for w, (m, t) in sweep.items()))

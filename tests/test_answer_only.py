@@ -769,3 +769,42 @@ def test_squad_corpus_end_to_end_answer_only(tmp_path, tiny, capsys):
     res = json.load(open(tmp_path / "e.json"))
     assert set(res["systems"]) == {"m", "bm25"} and res["n_queries"] == len(load_dataset(ho).queries)
     capsys.readouterr()
+
+
+def test_question_likelihood_check(tmp_path, ds, monkeypatch, capsys):
+    """scripts/check_question_likelihood.py: each candidate's utility is the mean over the question's tokens of
+    log p(q_t | passage prompt, q_<t) - log p(q_t | bare prompt) (a plain forward as the oracle); the report
+    judges it, and a cache is reused only when it holds the sample's candidates."""
+    import sys
+
+    from test_teacher import byte_tokenizer, hf_logprobs, tiny_llama
+    from uae_fast.teacher import UtilityScorer
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import check_question_likelihood as cql
+
+    model, tok = tiny_llama(), byte_tokenizer()
+    sc = UtilityScorer(model, tok, prompt_with=cql.PROMPT_WITH, prompt_without=cql.PROMPT_WITHOUT, max_passage_tokens=24)
+    qs = [q for q in ds.queries if q.gold][:3]
+    cands = {q.id: ds.pool(q)[:3] for q in qs}
+    got = cql.question_likelihood(sc, ds, qs, cands, group=2)
+    for q in qs:
+        ans = sc.answer_ids(q.question)
+        base = hf_logprobs(model, sc.prompt_ids(cql.INSTRUCTION)[0], ans)
+        for p in cands[q.id]:
+            ref = (hf_logprobs(model, sc.prompt_ids(cql.INSTRUCTION, ds.passages[p].text)[0], ans) - base).mean()
+            assert got[q.id][p] == pytest.approx(float(ref), abs=1e-4)
+    # main() end to end on a table of the fixtures, the scorer stubbed by the tiny one: cache written, then reused
+    table = no_gold_table(tmp_path, ds, m=3)
+    monkeypatch.setattr(cql, "question_scorer", lambda teacher=None: sc)
+    cache, out = str(tmp_path / "upr.json"), str(tmp_path / "r.json")
+    args = ["--data", TRAIN, "--utilities", table, "--per-kind", "2", "--cache", cache, "--json", out]
+    cql.main(args)
+    first = json.load(open(out))
+    assert os.path.exists(cache) and first["kinds"]["other answers"]["n_questions"] == 2
+    monkeypatch.setattr(cql, "question_scorer", lambda teacher=None: pytest.fail("the cache was not used"))
+    cql.main(args)
+    assert json.load(open(out)) == first
+    json.dump({}, open(cache, "w"))
+    with pytest.raises(SystemExit, match="not in it with their candidates"):
+        cql.main(args)
