@@ -44,15 +44,25 @@ def judge(u, qs, cands, T):
     return {"top1_gold": float(top), "gold_mass": float(mass), "temperature": T}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def table_args(doc: str) -> argparse.ArgumentParser:
+    """The options these checks share: --data, --utilities, --json."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--data", default=None, help="QASPER train (default: the shipped location)")
     ap.add_argument("--utilities", default=None, help="answer-only table (default: the shipped answer:12 one)")
     ap.add_argument("--json", default=None, help="write the table here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def load_table(args):
+    """(train data, answer-only table's utilities) from ``table_args``' options; torch on at most 2 threads."""
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     ds = load_dataset(args.data or default_qasper_path("train"))
-    utils, _ = load_utilities(args.utilities or shipped_file(DEFAULT_NOGOLD_UTILITIES))
+    return ds, load_utilities(args.utilities or shipped_file(DEFAULT_NOGOLD_UTILITIES))[0]
+
+
+def main(argv=None):
+    args = table_args(__doc__).parse_args(argv)
+    ds, utils = load_table(args)
     by_id = {q.id: q for q in ds.queries}
     qs = [by_id[k] for k in utils if k in by_id and by_id[k].gold]
     cands = {q.id: list(utils[q.id]) for q in qs}

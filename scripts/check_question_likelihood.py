@@ -15,24 +15,21 @@ rerun only judges.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from check_dense_teacher import judge  # noqa: E402
+from check_dense_teacher import judge, load_table, table_args  # noqa: E402
 from check_target_confidence import answer_kind  # noqa: E402
-from uae_fast.data import default_qasper_path, load_dataset, shipped_file, write_json  # noqa: E402
+from uae_fast.data import write_json  # noqa: E402
 from uae_fast.lexical_teacher import lexical_utilities  # noqa: E402
 from uae_fast.teacher import UtilityScorer  # noqa: E402
-from uae_fast.training import DEFAULT_NOGOLD_UTILITIES, TrainConfig  # noqa: E402
-from uae_fast.utilities import ensemble_utilities, load_utilities  # noqa: E402
+from uae_fast.training import TrainConfig  # noqa: E402
+from uae_fast.utilities import ensemble_utilities  # noqa: E402
 
 # The question is the scored "answer"; the instruction stands in the question slot (the scorer needs one).
 INSTRUCTION = "Please write a question based on this passage."
@@ -56,17 +53,12 @@ def question_likelihood(sc: UtilityScorer, ds, qs, cands, group=8):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=None, help="QASPER train (default: the shipped location)")
-    ap.add_argument("--utilities", default=None, help="answer-only table (default: the shipped answer:12 one)")
+    ap = table_args(__doc__)
     ap.add_argument("--teacher", default=None, help="LM for the question likelihood (default: the default teacher)")
     ap.add_argument("--per-kind", type=int, default=120, help="questions with yes/no answers, and as many others")
     ap.add_argument("--cache", default=None, help="JSON of scored question likelihoods: read if present, else written")
-    ap.add_argument("--json", default=None, help="write the table here")
     args = ap.parse_args(argv)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    ds = load_dataset(args.data or default_qasper_path("train"))
-    utils, _ = load_utilities(args.utilities or shipped_file(DEFAULT_NOGOLD_UTILITIES))
+    ds, utils = load_table(args)
     qs = sorted((q for q in ds.queries if q.gold and utils.get(q.id)), key=lambda q: hashlib.sha1(q.id.encode()).hexdigest())
     kinds = {"yes/no answers": [q for q in qs if answer_kind(q) == "yes/no"][:args.per_kind],
              "other answers": [q for q in qs if answer_kind(q) != "yes/no"][:args.per_kind]}
