@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from check_dense_teacher import judge, load_table, table_args  # noqa: E402
 from check_target_confidence import answer_kind  # noqa: E402
-from uae_fast.data import write_json  # noqa: E402
+from uae_fast.data import open_text, write_json  # noqa: E402
 from uae_fast.lexical_teacher import lexical_utilities  # noqa: E402
 from uae_fast.teacher import UtilityScorer  # noqa: E402
 from uae_fast.training import TrainConfig  # noqa: E402
@@ -34,6 +34,12 @@ from uae_fast.utilities import ensemble_utilities  # noqa: E402
 # The question is the scored "answer"; the instruction stands in the question slot (the scorer needs one).
 INSTRUCTION = "Please write a question based on this passage."
 PROMPT_WITH, PROMPT_WITHOUT = "Passage: {passage}\n{question}\nQuestion:", "{question}\nQuestion:"
+
+
+def cache_key(teacher) -> dict:
+    """What a cached score depends on besides its (question, passage): reuse needs the same."""
+    return {"teacher": teacher or "default", "instruction": INSTRUCTION, "prompt_with": PROMPT_WITH,
+            "prompt_without": PROMPT_WITHOUT}
 
 
 def question_scorer(teacher=None, **kw) -> UtilityScorer:
@@ -55,7 +61,7 @@ def question_likelihood(sc: UtilityScorer, ds, qs, cands, group=8):
 def main(argv=None):
     ap = table_args(__doc__)
     ap.add_argument("--teacher", default=None, help="LM for the question likelihood (default: the default teacher)")
-    ap.add_argument("--per-kind", type=int, default=120, help="questions with yes/no answers, and as many others")
+    ap.add_argument("--per-kind", type=int, default=120, help="N: N questions with yes/no answers and N others")
     ap.add_argument("--cache", default=None, help="JSON of scored question likelihoods: read if present, else written")
     args = ap.parse_args(argv)
     ds, utils = load_table(args)
@@ -64,20 +70,26 @@ def main(argv=None):
              "other answers": [q for q in qs if answer_kind(q) != "yes/no"][:args.per_kind]}
     sample = [q for v in kinds.values() for q in v]
     cands = {q.id: list(utils[q.id]) for q in sample}
+    key = cache_key(args.teacher)
     if args.cache and os.path.exists(args.cache):
-        with open(args.cache, encoding="utf-8") as f:
-            upr = json.load(f)
+        with open_text(args.cache) as f:
+            cached = json.load(f)
+        if cached.get("key") != key:
+            sys.exit(f"--cache {args.cache}: scored with other settings ({cached.get('key')}); delete it to rescore")
+        upr = cached["utilities"]
         if missing := [q.id for q in sample if set(upr.get(q.id, {})) != set(cands[q.id])]:
             sys.exit(f"--cache {args.cache}: {len(missing)} sampled questions are not in it with their candidates; "
                      "delete it to rescore")
     else:
         upr = question_likelihood(question_scorer(args.teacher), ds, sample, cands)
         if args.cache:
-            write_json(upr, args.cache)
+            write_json({"key": key, "utilities": upr}, args.cache)
     llm, lex, E, T = {q.id: dict(utils[q.id]) for q in sample}, lexical_utilities(ds, cands), ensemble_utilities, TrainConfig.teacher_temperature
     out = {"teacher_temperature": T, "kinds": {}}
     print("| answers | target | top-1 gold | gold mass |\n|---|---|---:|---:|")
     for kind, sub in kinds.items():
+        if not sub:  # e.g. a corpus without yes/no answers
+            continue
         c = {q.id: cands[q.id] for q in sub}
         rows = {"llm (SmolLM2 table)": llm, "bm25(q+a)": lex, "question likelihood": upr,
                 "llm+bm25(q+a) (the --no-gold default)": E([llm, lex]), "llm+bm25(q+a)+question likelihood": E([llm, lex, upr]),

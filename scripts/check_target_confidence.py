@@ -29,8 +29,9 @@ from uae_fast.utilities import ensemble_utilities, load_utilities  # noqa: E402
 
 
 def per_question(llm, lex, ens, gold, T):
-    """Rows (max prob, gold mass, target top-1 gold, bm25-answer top-1 gold, LLM top-1 gold, teachers agree)."""
-    rows = []
+    """(rows, qids): per question with gold, (max prob, gold mass, target top-1 gold, bm25-answer top-1 gold,
+    LLM top-1 gold, teachers agree)."""
+    rows, qids = [], []
     for qid, d in ens.items():
         if not gold.get(qid):
             continue
@@ -41,16 +42,20 @@ def per_question(llm, lex, ens, gold, T):
         lex_top, llm_top = max(pids, key=lambda p: lex[qid][p]), max(pids, key=lambda p: llm[qid][p])
         rows.append((pr.max(), sum(pr[i] for i, p in enumerate(pids) if p in gold[qid]),
                      pids[int(np.argmax(pr))] in gold[qid], lex_top in gold[qid], llm_top in gold[qid], lex_top == llm_top))
-    return np.array(rows, dtype=np.float64)
+        qids.append(qid)
+    return np.array(rows, dtype=np.float64), qids
+
+
+KINDS = ("yes/no", "short (mean <= 5 words)", "mid (mean 5-15 words)", "long (mean > 15 words)")
 
 
 def answer_kind(q) -> str:
     """yes/no (every answer is "Yes" or "No": it says nothing about the evidence), else by the answers' mean
-    length in words: short (<= 5), mid (<= 15), long."""
+    length in words: short (<= 5), mid (5-15], long (> 15)."""
     if q.answers and all(a.strip().lower() in ("yes", "no") for a in q.answers):
         return "yes/no"
     n = np.mean([len(a.split()) for a in q.answers]) if q.answers else 0.0
-    return "short (<= 5 words)" if n <= 5 else "mid (6-15 words)" if n <= 15 else "long (> 15 words)"
+    return KINDS[1] if n <= 5 else KINDS[2] if n <= 15 else KINDS[3]
 
 
 def _z(v):
@@ -92,7 +97,7 @@ def main(argv=None) -> int:
     lex = lexical_utilities(ds, {q: list(d) for q, d in llm.items()})
     ens = ensemble_utilities([llm, lex])
     gold = {q.id: set(q.gold) for q in ds.queries}
-    a = per_question(llm, lex, ens, gold, args.teacher_temperature)
+    a, qids = per_question(llm, lex, ens, gold, args.teacher_temperature)
     cols = ("gold_mass", "target_top1_gold", "bm25_answer_top1_gold", "llm_top1_gold")
     out = {"table": os.path.basename(table), "teacher_temperature": args.teacher_temperature, "n_questions": len(a),
            "all": {c: round(float(a[:, i + 1].mean()), 3) for i, c in enumerate(cols)}, "quartiles": []}
@@ -112,9 +117,9 @@ def main(argv=None) -> int:
     print(f"LLM and BM25(q + a) agree on the top candidate for {out['teachers_agree']['share']:.3f} of the questions "
           f"(gold there {out['teachers_agree']['top1_gold_when_agree']:.3f}); elsewhere {out['teachers_agree']['when_not']}")
     by_id = {q.id: q for q in ds.queries}
-    kinds = np.array([answer_kind(by_id[qid]) for qid in ens if gold.get(qid)])  # per_question's row order
+    kinds = np.array([answer_kind(by_id[qid]) for qid in qids])
     out["answer_kinds"] = []
-    for k in ("yes/no", "short (<= 5 words)", "mid (6-15 words)", "long (> 15 words)"):
+    for k in KINDS:
         m = kinds == k
         out["answer_kinds"].append({"kind": k, "n": int(m.sum()), **{c: round(float(a[m, i + 1].mean()), 3) for i, c in enumerate(cols)}})
     print("by answer: " + "; ".join(f"{r['kind']} ({r['n']}): mass {r['gold_mass']:.3f}, top-1 {r['target_top1_gold']:.3f}, "

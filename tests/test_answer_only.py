@@ -771,16 +771,14 @@ def test_squad_corpus_end_to_end_answer_only(tmp_path, tiny, capsys):
     capsys.readouterr()
 
 
-def test_question_likelihood_check(tmp_path, ds, monkeypatch, capsys):
+def test_question_likelihood_check(tmp_path, ds, monkeypatch):
     """scripts/check_question_likelihood.py: each candidate's utility is the mean over the question's tokens of
     log p(q_t | passage prompt, q_<t) - log p(q_t | bare prompt) (a plain forward as the oracle); the report
-    judges it, and a cache is reused only when it holds the sample's candidates."""
-    import sys
-
+    judges it, and a cache is reused only when it was scored with the same settings and holds the sample."""
     from test_teacher import byte_tokenizer, hf_logprobs, tiny_llama
     from uae_fast.teacher import UtilityScorer
 
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
     import check_question_likelihood as cql
 
     model, tok = tiny_llama(), byte_tokenizer()
@@ -790,21 +788,32 @@ def test_question_likelihood_check(tmp_path, ds, monkeypatch, capsys):
     got = cql.question_likelihood(sc, ds, qs, cands, group=2)
     for q in qs:
         ans = sc.answer_ids(q.question)
+        assert tok.decode(ans) == " " + q.question.strip()  # the question is what is scored
         base = hf_logprobs(model, sc.prompt_ids(cql.INSTRUCTION)[0], ans)
         for p in cands[q.id]:
-            ref = (hf_logprobs(model, sc.prompt_ids(cql.INSTRUCTION, ds.passages[p].text)[0], ans) - base).mean()
+            prompt = sc.prompt_ids(cql.INSTRUCTION, ds.passages[p].text)[0]
+            text = tok.decode(prompt)
+            assert text.startswith("Passage: ") and text.endswith("\n" + cql.INSTRUCTION + "\nQuestion:")
+            ref = (hf_logprobs(model, prompt, ans) - base).mean()
             assert got[q.id][p] == pytest.approx(float(ref), abs=1e-4)
+        assert len(set(got[q.id].values())) == len(cands[q.id])  # the passage matters
     # main() end to end on a table of the fixtures, the scorer stubbed by the tiny one: cache written, then reused
     table = no_gold_table(tmp_path, ds, m=3)
     monkeypatch.setattr(cql, "question_scorer", lambda teacher=None: sc)
-    cache, out = str(tmp_path / "upr.json"), str(tmp_path / "r.json")
+    cache, out = str(tmp_path / "upr.json.gz"), str(tmp_path / "r.json")
     args = ["--data", TRAIN, "--utilities", table, "--per-kind", "2", "--cache", cache, "--json", out]
     cql.main(args)
-    first = json.load(open(out))
-    assert os.path.exists(cache) and first["kinds"]["other answers"]["n_questions"] == 2
+    with open(out) as f:
+        first = json.load(f)
+    assert os.path.exists(cache) and [k["n_questions"] for k in first["kinds"].values()] == [2, 2]
     monkeypatch.setattr(cql, "question_scorer", lambda teacher=None: pytest.fail("the cache was not used"))
     cql.main(args)
-    assert json.load(open(out)) == first
-    json.dump({}, open(cache, "w"))
+    with open(out) as f:
+        assert json.load(f) == first
+    with pytest.raises(SystemExit, match="scored with other settings"):
+        cql.main(args + ["--teacher", "gemma3-270m"])
+    from uae_fast.data import write_json
+
+    write_json({"key": cql.cache_key(None), "utilities": {}}, cache)
     with pytest.raises(SystemExit, match="not in it with their candidates"):
         cql.main(args)
