@@ -87,13 +87,13 @@ def main(argv=None):
     llm, lex, E, T = {q.id: dict(utils[q.id]) for q in sample}, lexical_utilities(ds, cands), ensemble_utilities, TrainConfig.teacher_temperature
     out = {"teacher_temperature": T, "kinds": {}}
     print("| answers | target | top-1 gold | gold mass |\n|---|---|---:|---:|")
+    rows = {"llm (SmolLM2 table)": llm, "bm25(q+a)": lex, "question likelihood": upr,  # once, judged per kind
+            "llm+bm25(q+a) (the --no-gold default)": E([llm, lex]), "llm+bm25(q+a)+question likelihood": E([llm, lex, upr]),
+            "bm25(q+a)+question likelihood": E([lex, upr])}
     for kind, sub in kinds.items():
         if not sub:  # e.g. a corpus without yes/no answers
             continue
         c = {q.id: cands[q.id] for q in sub}
-        rows = {"llm (SmolLM2 table)": llm, "bm25(q+a)": lex, "question likelihood": upr,
-                "llm+bm25(q+a) (the --no-gold default)": E([llm, lex]), "llm+bm25(q+a)+question likelihood": E([llm, lex, upr]),
-                "bm25(q+a)+question likelihood": E([lex, upr])}
         out["kinds"][kind] = {"n_questions": len(sub), "rows": {k: judge(u, sub, c, T) for k, u in rows.items()}}
         for k, r in out["kinds"][kind]["rows"].items():
             print(f"| {kind} ({len(sub)}) | {k} | {r['top1_gold']:.3f} | {r['gold_mass']:.3f} |")
