@@ -430,6 +430,8 @@ def main(argv=None):
                     help="print the table of finished sweep.jsonl files (read as one) and exit")
     ap.add_argument("--grid", default="main")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds run are FIRST_SEED .. FIRST_SEED + SEEDS - 1 (to add seeds to a finished grid)")
     ap.add_argument("--train", default=None)
     ap.add_argument("--dev", default=None)
     ap.add_argument("--dev-limit", type=int, default=None)
@@ -487,7 +489,7 @@ def main(argv=None):
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.deadline = time.time() + args.budget_s
-    jobs = grid(args.grid, list(range(args.seeds)), args.extra_utilities, tables)
+    jobs = grid(args.grid, list(range(args.first_seed, args.first_seed + args.seeds)), args.extra_utilities, tables)
     if args.eval_model:  # only rank the given folders
         bad = [x for x in args.eval_model if not x.partition("=")[0] or not os.path.isdir(x.partition("=")[2])]
         if bad:

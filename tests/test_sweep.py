@@ -182,6 +182,10 @@ def test_groups_set_keep_models_and_eval_model(tmp_path, tiny, capsys):
                            "--eval-model", f"x={keep / 'ao-smollm-uae-s0'}"]) == 0
     (r,) = [json.loads(x) for x in open(ev / "sweep.jsonl")]
     assert r["group"] == "x" and r["per_query"] == recs[0]["per_query"]
+    # --first-seed adds seeds to a finished grid: only the new seed runs
+    assert sweep_dev.main(common + ["--groups", "weak-bm25-answer", "--seeds", "1", "--first-seed", "1"]) == 0
+    recs = [json.loads(x) for x in open(out / "sweep.jsonl")]
+    assert [(r["group"], r["seed"]) for r in recs] == [("ao-smollm", 0), ("weak-bm25-answer", 0), ("weak-bm25-answer", 1)]
     for argv, msg in ((["--out", str(ev), "--eval-model", str(tmp_path / "nope")], "nope"),
                       (common + ["--set", "lr"], "--set wants KEY=VALUE"), (common + ["--set", "seed=3"], "--set wants KEY=VALUE")):
         with pytest.raises(SystemExit) as e:
