@@ -173,6 +173,33 @@ def test_cli_score_bad_numbers_are_one_line(tmp_path, capsys, monkeypatch, argv)
     assert not out.exists() and not os.path.exists(str(out) + ".partial")
 
 
+@pytest.mark.parametrize("case", ["shard", "questions-from", "reuse", "candidate-student", "no-answers"])
+def test_cli_score_selection_is_checked_before_the_teacher_loads(tmp_path, capsys, monkeypatch, case):
+    # An empty selection, a damaged --reuse table or a missing encoder folder is an error in seconds, not
+    # after the teacher's load (a first load dequantises a GGUF).
+    from uae_fast.teacher import UtilityScorer
+
+    monkeypatch.setattr(UtilityScorer, "from_pretrained", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    data, other = TRAIN, []
+    foreign = tmp_path / "f.jsonl"
+    foreign.write_text(_jsonl({"type": "header", "format": "uae-utilities/1"},
+                              {"qid": "zz", "pid": "zz:0", "utility": 1.0, "cand": 0, "n_cand": 1}))
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(DAMAGED_GZ)
+    if case == "no-answers":
+        data = tmp_path / "d.jsonl"
+        data.write_text(_jsonl(P0, P1, dict(Q0, answers=[])))
+    other = {"shard": ["--shard", "999/1000"], "questions-from": ["--questions-from", str(foreign)],
+             "reuse": ["--reuse", str(bad)], "no-answers": [],
+             "candidate-student": ["--candidates", "student:3", "--candidate-student", str(tmp_path / "nope")]}[case]
+    out = tmp_path / "u.jsonl"
+    line = one_error_line(capsys, main(["score", "--data", str(data), "--out", str(out), "--no-progress"] + other), "score")
+    want = {"shard": "shard 999/1000", "questions-from": "none of its questions", "reuse": bad.name,
+            "candidate-student": "no such encoder folder", "no-answers": "no query has"}[case]
+    assert want in line, line
+    assert not out.exists() and not os.path.exists(str(out) + ".partial")
+
+
 @pytest.mark.parametrize("argv", [["--threads", "-1"], ["--query-threads", "0"], ["--limit", "-1"], ["--batch-size", "0"],
                                   ["--rerank-depth", "0"], ["--device", "cuda:7"]])
 def test_cli_eval_bad_numbers_are_one_line(tmp_path, capsys, tiny, argv):
@@ -217,6 +244,12 @@ def test_cli_merge_truncated_or_foreign_shard(tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(_jsonl(header, [1, 2]))
     assert "not a utility row" in one_error_line(capsys, main(["score", "--merge", str(rows), "--out", str(out)]), "score")
+    # merging scores nothing: a scoring option given with it would be silently ignored
+    for argv in (["--merge", str(rows), "--data", TRAIN, "--resume"], ["--merge-teachers", str(rows), str(bad), "--teacher", "x"],
+                 ["--merge", str(rows), "--merge-teachers", str(rows), str(bad)]):
+        line = one_error_line(capsys, main(["score", *argv, "--out", str(out)]), "score")
+        assert ("--data, --resume would have no effect" in line if "--data" in argv else
+                "--teacher would have no effect" in line if "--teacher" in argv else "give one" in line), line
     assert not out.exists() and not os.path.exists(str(out) + ".partial")
 
 

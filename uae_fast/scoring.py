@@ -214,6 +214,26 @@ def check_out(out: str, resume: bool) -> None:
         raise ValueError(f"{out}.partial exists from an interrupted run; pass --resume to continue it (or delete it)")
 
 
+def queries_to_score(ds, *, with_gold_only: bool = True, order: str = "paper", shard: Tuple[int, int] = (0, 1),
+                     questions_from: Optional[str] = None, limit: Optional[int] = None) -> list:
+    """The queries :func:`score_dataset` scores (:func:`select_queries`, then ``questions_from`` and ``limit``);
+    raises when none is left. ``uae score`` calls it before the teacher loads, so an empty selection is an
+    error in seconds."""
+    queries = select_queries(ds, with_gold_only=with_gold_only, order=order, shard=shard)
+    if questions_from is not None:
+        keep = {r["qid"] for r in read_utilities(questions_from)[1]}
+        queries = [q for q in queries if q.id in keep]
+        if not queries:
+            raise ValueError(f"--questions-from {questions_from}: none of its questions is among those to score here")
+    if limit is not None:
+        queries = queries[:limit]
+    if not queries:
+        where = f" in shard {shard[0]}/{shard[1]} (use fewer shards)" if shard[1] > 1 else ""
+        raise ValueError("no query has " + ("both a gold answer and gold evidence" if with_gold_only else "a gold answer")
+                         + where + " to score")
+    return queries
+
+
 def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: str = "all", resume: bool = False,
                   shard: Tuple[int, int] = (0, 1), order: str = "paper", with_gold_only: bool = True,
                   limit: Optional[int] = None, save_deltas: bool = False, progress: bool = True,
@@ -239,18 +259,8 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
     if answers not in ("all", "first", "shortest"):
         raise ValueError(f"answers must be 'all', 'first' or 'shortest', got {answers!r}")
     policy = CandidatePolicy(ds, candidates, student=candidate_student, no_gold=no_gold)
-    queries = select_queries(ds, with_gold_only=with_gold_only, order=order, shard=shard)
-    if questions_from is not None:
-        keep = {r["qid"] for r in read_utilities(questions_from)[1]}
-        queries = [q for q in queries if q.id in keep]
-        if not queries:
-            raise ValueError(f"--questions-from {questions_from}: none of its questions is among those to score here")
-    if limit is not None:
-        queries = queries[:limit]
-    if not queries:
-        where = f" in shard {shard[0]}/{shard[1]} (use fewer shards)" if shard[1] > 1 else ""
-        raise ValueError("no query has " + ("both a gold answer and gold evidence" if with_gold_only else "a gold answer")
-                         + where + " to score")
+    queries = queries_to_score(ds, with_gold_only=with_gold_only, order=order, shard=shard,
+                               questions_from=questions_from, limit=limit)
     policy.prepare(queries, progress=progress)
     pools = [policy(q) for q in queries]
     # A paper with no paragraphs leaves nothing to score (one train question set of QASPER does this
@@ -377,6 +387,9 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
 
 
 # ------------------------------------------------------------------------------------------- CLI
+_SCORING_DEFAULTS: dict = {}  # filled by add_parser: the options --merge and --merge-teachers refuse
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("score", help="teacher utilities for every (query, candidate passage)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -429,6 +442,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_main)
+    # the scoring options' defaults, so --merge can refuse the ones it would ignore
+    _SCORING_DEFAULTS.update({a.dest: a.default for a in p._actions
+                              if a.dest not in ("help", "out", "merge", "merge_teachers", "no_progress", "threads")})
 
 
 def _main(args) -> int:
@@ -437,6 +453,14 @@ def _main(args) -> int:
     from .cli import check_output_path
 
     check_output_path(args.out, "--out")
+    if args.merge and args.merge_teachers:
+        raise ValueError("--merge (shards of one run) and --merge-teachers (tables of several teachers) are two jobs: give one")
+    if args.merge or args.merge_teachers:  # nothing is scored: a scoring option would be silently ignored
+        flag = "--merge" if args.merge else "--merge-teachers"
+        ignored = [k for k, v in vars(args).items() if k in _SCORING_DEFAULTS and v != _SCORING_DEFAULTS[k]]
+        if ignored:
+            names = ", ".join("--" + k.replace("_", "-") for k in ignored)
+            raise ValueError(f"{flag} only combines finished tables into --out: {names} would have no effect")
     if args.merge:
         h = merge(args.merge, args.out)
         print(f"merged {len(args.merge)} shard(s) into {args.out}: {h['n_rows']} rows, {h['n_queries']} queries", file=sys.stderr)
@@ -472,13 +496,23 @@ def _main(args) -> int:
     for p in [args.questions_from, *(args.reuse or ())]:
         if p is not None and not os.path.isfile(p):
             raise ValueError(f"{p}: no such file")
+    # Everything that can fail on the data or the tables fails here, before the teacher loads (a first load
+    # dequantises a GGUF: 15-40 s), not after it.
+    with_gold_only = not (args.include_no_gold or args.no_gold)
+    queries_to_score(ds, with_gold_only=with_gold_only, order=args.order, shard=shard,
+                     questions_from=args.questions_from, limit=args.limit)
+    for p in args.reuse or ():
+        read_utilities(p)
+    if args.candidate_student is not None and parse_candidates(candidates)[0] == "student" \
+            and not os.path.isdir(args.candidate_student):
+        raise ValueError(f"--candidate-student {args.candidate_student}: no such encoder folder")
     opts = {k: v for k, v in (("max_passage_tokens", args.max_passage_tokens), ("max_answer_tokens", args.max_answer_tokens),
                               ("token_budget", args.token_budget)) if v is not None}
     scorer = UtilityScorer.from_pretrained(args.teacher, dtype=args.dtype, device=device, aggregation=args.aggregation,
                                            share_prefix=not args.no_share_prefix, compile=args.compile, **opts)
     score_dataset(scorer, ds, out, candidates=candidates, answers=args.answers,
                   resume=args.resume, shard=shard, order=args.order,
-                  with_gold_only=not (args.include_no_gold or args.no_gold), no_gold=args.no_gold,
+                  with_gold_only=with_gold_only, no_gold=args.no_gold,
                   limit=args.limit, save_deltas=args.save_deltas, progress=not args.no_progress,
                   data_name=os.path.basename(data), group=args.group, candidate_student=args.candidate_student,
                   questions_from=args.questions_from, reuse=args.reuse or (), data_sha1=data_fingerprint(data))
