@@ -59,6 +59,10 @@ def test_load_utilities_averages_and_header(tmp_path):
     ([{"qid": "a", "pid": "x", "utility": "2.5"}], "must be a number, got '2.5'"),
     ([{"qid": "a", "pid": "x", "utility": True}], "must be a number, got True"),
     ([{"type": "header"}], "no utility rows"),
+    # two tables concatenated (two teachers' raw utilities would be averaged); repeats in a `uae score` table
+    ([{"type": "header"}, {"qid": "a", "pid": "x", "utility": 1}, {"type": "header"}], "u.jsonl:3: a second header"),
+    ([{"type": "header", "format": "uae-utilities/1"}, {"qid": "a", "pid": "x", "utility": 1},
+      {"qid": "a", "pid": "x", "utility": 2}], "u.jsonl:3: duplicate \\(qid, pid\\) row \\(a, x\\)"),
     (["[1, 2]"], "JSON object"),
 ])
 def test_load_utilities_errors(tmp_path, rows, match):

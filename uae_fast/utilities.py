@@ -110,19 +110,26 @@ def read_utilities(path: str, *, allow_partial: bool = False) -> Tuple[dict, Lis
 def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
     """``({qid: {pid: utility}}, header)`` from a utilities JSONL file (what training reads).
 
-    Records without ``qid``/``pid`` (a header, run metadata) are collected into ``header``. Several rows for one
-    (qid, pid) are averaged; a non-finite utility is an error (one NaN would poison a whole softmax). Only
-    ``qid``, ``pid`` and ``utility`` are read: the ``gold`` flag never reaches training.
+    Records without ``qid``/``pid`` (a header, run metadata) are collected into ``header``; a second header
+    (concatenated tables) is an error. In a hand-written table several rows for one (qid, pid) are averaged
+    (one per gold answer, say); in a ``uae score`` table they are an error. A non-finite utility is an error
+    (one NaN would poison a whole softmax). Only ``qid``, ``pid`` and ``utility`` are read: the ``gold`` flag
+    never reaches training.
     """
     path = os.fspath(path)
     partial = path.endswith(".partial")  # a `uae score` run in progress: complete queries only
     sums: Dict[str, Dict[str, List[float]]] = {}
     header: dict = {"partial": True} if partial else {}
+    n_headers = 0
     try:
         for n, rec in (_partial_records(path) if partial else jsonl_records(path, "utilities file")):
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{n}: each line must be a JSON object")
             if "qid" not in rec and "pid" not in rec:
+                n_headers += rec.get("type") == "header"
+                if n_headers > 1:  # averaging two teachers' raw utilities (other scales) would be silently wrong
+                    raise ValueError(f"{path}:{n}: a second header: several tables concatenated? Join shards with "
+                                     f"`uae score --merge`, teachers with `uae score --merge-teachers`")
                 header.update(rec.get("header", rec) if isinstance(rec.get("header"), dict) else rec)
                 continue
             missing = [k for k in ("qid", "pid", "utility") if k not in rec]
@@ -133,7 +140,10 @@ def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
             u = float(rec["utility"])
             if not math.isfinite(u):
                 raise ValueError(f"{path}:{n}: utility is {u} (must be finite)")
-            sums.setdefault(str(rec["qid"]), {}).setdefault(str(rec["pid"]), []).append(u)
+            seen = sums.setdefault(str(rec["qid"]), {}).setdefault(str(rec["pid"]), [])
+            if seen and header.get("format") == FORMAT:  # `uae score` writes each (qid, pid) once
+                raise ValueError(f"{path}:{n}: duplicate (qid, pid) row ({rec['qid']}, {rec['pid']}) in a `uae score` table")
+            seen.append(u)
     except FileNotFoundError:
         raise
     except READ_ERRORS as e:  # truncated, damaged or non-gzip .gz
