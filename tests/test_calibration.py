@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -112,6 +113,14 @@ def test_calibrate_cli_index_build_search_and_eval(tmp_path, tiny, tiny_lm, caps
     assert "without --lexical" in capsys.readouterr().err
     assert main(["search", str(dense_idx), "a question", "--width", "3"]) == 1
     assert "--width must be >= 10" in capsys.readouterr().err
+    # a folder given as --fusion, and an index missing one of its files: one line each, no OS error
+    assert main(["search", str(idx), "a question", "--fusion", str(tmp_path)]) == 1
+    assert "is a folder; give a fusion JSON file" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(idx, broken)
+    os.remove(broken / "lexical.uae")
+    assert main(["search", str(broken), "a question"]) == 1
+    assert "is incomplete (lexical.uae missing); rebuild it" in capsys.readouterr().err
     # a dense-only rebuild of the hybrid index leaves no lexical.uae behind, and the user's own files alone;
     # a rebuild that dies half-way leaves "no index", never the old manifest over new files
     (idx / "notes.txt").write_text("mine")

@@ -39,6 +39,8 @@ def read_json(path: str, what: str):
     """The JSON value in ``path``; FileNotFoundError / one-line ValueError naming the file otherwise."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} not found: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; give a {what}")
     try:
         with open(path, "r", encoding="utf-8") as f:
             return json.load(f)

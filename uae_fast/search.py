@@ -114,6 +114,10 @@ def open_index(folder: str, fusion=None):
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise ValueError(f"{mpath} is not an index manifest written by uae index build (format {FORMAT!r}); "
                          f"rebuild the index")
+    missing = [n for n in ("dense.uae", *(("lexical.uae",) if "lexical" in manifest["files"] else ()), PASSAGES)
+               if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise ValueError(f"{folder} is incomplete ({', '.join(missing)} missing); rebuild it with uae index build")
     if "lexical" in manifest["files"]:
         index = HybridIndex.load(folder, fusion)
     else:
