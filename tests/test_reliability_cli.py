@@ -222,12 +222,22 @@ def test_cli_cuda_without_gpu_is_one_line(tmp_path, capsys, tiny, utils, cmd):
     assert "no CUDA GPU" in line and not out.exists()
 
 
-def test_cli_out_is_a_file(tmp_path, capsys, tiny, utils):
+def test_cli_out_is_a_file(tmp_path, capsys, monkeypatch, tiny, utils):
     out = tmp_path / "model"
     out.write_text("keep me")
     line = one_error_line(capsys, main(["train", "--data", TRAIN, "--utilities", utils, "--student", tiny, "--out", str(out),
                                         "--no-progress"]), "train")
     assert "is a file" in line and out.read_text() == "keep me"
+    # under a file: refused before the data or the student load (no raw OS error at makedirs)
+    import uae_fast.student
+
+    def no_student(*a, **k):
+        pytest.fail("the student was loaded before --out was checked")
+
+    monkeypatch.setattr(uae_fast.student, "BiEncoder", no_student)
+    line = one_error_line(capsys, main(["train", "--data", TRAIN, "--utilities", utils, "--student", tiny,
+                                        "--out", str(out / "sub"), "--no-progress"]), "train")
+    assert "is a file, not a folder" in line and out.read_text() == "keep me"
 
 
 def test_cli_merge_truncated_or_foreign_shard(tmp_path, capsys):

@@ -510,3 +510,20 @@ def test_torchrun_device_is_the_ranks_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert tr._dist_device("cuda:0") == torch.device("cuda", 0)  # one process: any GPU it names
+
+
+def test_the_default_table_is_cut_to_a_qasper_train_slice(tmp_path, tiny, capsys):
+    # `uae train` without --utilities on part of QASPER train uses the shipped table's rows for its questions
+    # (the mini fixture holds 21 of them); on other data it says to score that data, in one line.
+    from uae_fast.cli import main
+
+    for extra in ([], ["--no-gold"]):
+        out = tmp_path / f"run{len(extra)}"
+        assert main(["train", "--data", TRAIN, "--student", tiny, "--out", str(out), "--max-steps", "1", "--batch-size", "2",
+                     "--passages-per-query", "2", "--max-passage-length", "16", "--no-progress", *extra]) == 0
+        assert "using the shipped table's rows for the 21 of its" in capsys.readouterr().err
+    dev = os.path.join(HERE, "fixtures", "qasper-dev-mini.json.gz")
+    assert main(["train", "--data", dev, "--student", tiny, "--out", str(tmp_path / "dev"), "--max-steps", "1",
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no row for the questions of" in err and "uae score" in err, err

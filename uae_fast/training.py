@@ -942,6 +942,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         utilities, header = load_utilities(cfg.utilities)
         if cfg.no_gold:
             check_answer_only(header, cfg.utilities)
+        if _is_shipped_default(cfg.utilities):
+            utilities = _shipped_for_data(utilities, ds, cfg, rank == 0)
         check_utilities(utilities, ds, path=cfg.utilities, data_path=cfg.data)
         if cfg.lexical_teacher != "none":
             from .lexical_teacher import with_lexical_teacher
@@ -1146,6 +1148,30 @@ def _default_utilities(no_gold: bool = False) -> str:
                         instead="--utilities FILE (a table from `uae score`)")
 
 
+def _is_shipped_default(path: Optional[str]) -> bool:
+    """True for the shipped QASPER train tables (what ``uae train`` reads when --utilities is not given)."""
+    from .data import _shipped_dirs
+
+    if not path or os.path.basename(path) not in (DEFAULT_UTILITIES, DEFAULT_NOGOLD_UTILITIES):
+        return False
+    return os.path.dirname(os.path.abspath(path)) in [os.path.abspath(d) for d in _shipped_dirs()]
+
+
+def _shipped_for_data(utilities: Dict[str, Dict[str, float]], ds, cfg, say: bool) -> Dict[str, Dict[str, float]]:
+    """The shipped table's rows for the questions of ``ds`` (a QASPER train slice, say), so training on part
+    of QASPER train needs no table of its own; none of them there means other data, which needs scoring."""
+    ids = {q.id for q in ds.queries}
+    keep = {q: d for q, d in utilities.items() if q in ids}
+    if not keep:
+        raise ValueError(f"the default utilities table {os.path.basename(cfg.utilities)} (QASPER train, shipped) has "
+                         f"no row for the questions of {cfg.data}: score this data with `uae score"
+                         f"{' --no-gold' if cfg.no_gold else ''}` and pass --utilities FILE")
+    if len(keep) < len(utilities) and say:
+        print(f"uae train: using the shipped table's rows for the {len(keep)} of its {len(utilities)} questions that "
+              f"{os.path.basename(cfg.data)} holds", file=sys.stderr)
+    return keep
+
+
 def add_parser(subparsers) -> None:
     d = TrainConfig()
     p = subparsers.add_parser(
@@ -1231,9 +1257,10 @@ def add_parser(subparsers) -> None:
 
 
 def _main(args) -> int:
-    from .cli import set_threads
+    from .cli import check_output_path, set_threads
 
     set_threads(args.threads)
+    check_output_path(args.out, "--out", folder=True)  # before the data and the student load
     data = args.data or default_qasper_path("train")
     utilities = args.utilities
     if (args.loss == "uae" or args.teacher_gate is not None or args.no_gold) and utilities is None:
