@@ -536,8 +536,11 @@ def test_diagnose_hit_rates(tmp_path, ds, capsys):
     assert 0 <= top2["teacher_top1_gold"] <= top2["coverage"]
     from uae_fast.cli import main
 
-    assert main(["diagnose", "--utilities", src, "--data", TRAIN, "--candidates", "top:2", "--no-gold"]) == 0
+    js = tmp_path / "diag.json"
+    assert main(["diagnose", "--utilities", src, "--data", TRAIN, "--candidates", "top:2", "--no-gold", "--json", str(js)]) == 0
     assert "| top:2 no-gold |" in capsys.readouterr().out
+    assert json.loads(js.read_text())[0]["sets"]["top:2 no-gold"] == pytest.approx(top2)  # written whole (atomic)
+    assert sorted(os.listdir(tmp_path)).count("diag.json") == 1 and not [f for f in os.listdir(tmp_path) if ".tmp" in f]
     # with the lexical teacher, a candidate set is judged as a table cut to that set trains: the ensemble is
     # standardised over the set (it was standardised over the whole table, then cut)
     top2_table = str(tmp_path / "top2.jsonl.gz")
@@ -616,8 +619,9 @@ def test_diagnose_gold_mass(tmp_path, ds):
         assert 0 <= res["sets"]["top:2 no-gold"]["teacher_gold_mass"] <= res["sets"]["top:2 no-gold"]["coverage"] + 1e-12
     sharp = hit_rates(src, ds, teacher_temperature=1e-6)["sets"]["scored rows (all)"]
     assert sharp["teacher_gold_mass"] == pytest.approx(sharp["teacher_top1_gold"], abs=1e-6)
-    with pytest.raises(ValueError, match="teacher_temperature must be > 0"):
-        hit_rates(src, ds, teacher_temperature=0.0)
+    for bad in (0.0, float("inf"), float("nan")):  # inf would report a uniform target's gold mass
+        with pytest.raises(ValueError, match="teacher_temperature must be a finite number > 0"):
+            hit_rates(src, ds, teacher_temperature=bad)
     # --lexical-teacher bm25-answer judges the ensembled target: the same numbers as the merged table's
     import sys
 

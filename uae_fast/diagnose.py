@@ -36,8 +36,8 @@ def hit_rates(table: str, ds, candidates: Sequence[str] = (), *, no_gold: bool =
 
     if teacher_temperature is None:
         teacher_temperature = TrainConfig.teacher_temperature
-    if not teacher_temperature > 0:
-        raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature}")
+    if not (teacher_temperature > 0 and math.isfinite(teacher_temperature)):
+        raise ValueError(f"teacher_temperature must be a finite number > 0, got {teacher_temperature}")
     from .utilities import check_utilities, load_utilities
 
     utils, header = load_utilities(table)
@@ -148,7 +148,9 @@ def _main(args) -> int:
         print(format_report(res))
         results.append(res)
     if args.json:
-        with open(args.json, "w") as f:
+        from .data import atomic_write
+
+        with atomic_write(args.json) as f:  # a kill never leaves half a report
             json.dump(results, f, indent=2)
     return 0
 

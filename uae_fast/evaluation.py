@@ -588,7 +588,9 @@ def _main(args) -> int:
     print(format_table(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
+        from .data import atomic_write
+
+        with atomic_write(args.json) as f:  # a kill never leaves half a report
             json.dump(result, f, indent=2)
         print(f"results written to {args.json}")
     return 0
