@@ -272,6 +272,14 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
             if path not in TEACHERS and not os.path.isdir(path):
                 raise FileNotFoundError(f"{flag} {path!r} is not a folder with an HF causal LM, nor a named teacher "
                                         f"({', '.join(TEACHERS)})")
+    # every encoder folder now, not after the ones before it have encoded the corpus
+    for flag, path in [*(("--model", m) for m in models), *((("--student", student),) if "base" in baselines else ())]:
+        if path is not None and not os.path.isdir(os.fspath(path)):
+            raise FileNotFoundError(f"{flag} {os.fspath(path)!r}: no such encoder folder")
+    if embedding_cache is not None:
+        from .cli import check_output_path
+
+        check_output_path(embedding_cache, "--embedding-cache", folder=True)
     for k, v in (("rerank_limit", rerank_limit), ("rerank_depth", rerank_depth), ("reader_limit", reader_limit),
                  ("batch_size", batch_size), ("query_threads", 1 if query_threads is None else query_threads)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -284,6 +292,8 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
     if not queries:
         raise ValueError(f"no queries with gold evidence passages in {ds.name or 'the data'} ({len(ds.queries)} queries): "
                          "nothing to evaluate")
+    if reader and not any(q.answers for q in queries):  # before the systems run, not after
+        raise ValueError("--reader: none of the evaluated queries has a gold answer")
     names = list(names) if names else [os.path.basename(os.path.normpath(m)) or m for m in models]
     if len(names) != len(models):
         raise ValueError(f"{len(names)} names for {len(models)} models")
