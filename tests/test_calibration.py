@@ -195,6 +195,29 @@ def test_calibrate_errors(tmp_path, tiny, capsys):  # noqa: F811
                       "--threads must be a positive int")):
         assert main(["calibrate-fusion", "--data", none] + argv) == 1
         assert msg in capsys.readouterr().err
+    # the teacher, the caches and --batch-size are checked before the encoder loads (the data is read)
+    import uae_fast.student
+
+    def no_encoder(*a, **k):
+        pytest.fail("the encoder was loaded before the options were checked")
+
+    bad_cache = tmp_path / "c.jsonl.gz"
+    bad_cache.write_bytes(gzip.compress(b'{"type": "header"}\n'))
+    table = tmp_path / "t.jsonl"
+    table.write_text('{"type": "header", "format": "uae-utilities/1"}\n')
+    out = str(tmp_path / "f.json")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(uae_fast.student, "BiEncoder", no_encoder)
+        for argv, msg in ((["--teacher", str(tmp_path / "nope")], "is not a folder with an HF causal LM"),
+                          (["--utility-cache", str(bad_cache)], "is not a fusion utility cache"),
+                          (["--utility-cache", str(table)], "is not a fusion utility cache"),
+                          (["--utility-cache", str(tmp_path)], "is a folder"),
+                          (["--embedding-cache", str(table)], "--embedding-cache"),
+                          (["--batch-size", "0"], "batch_size must be a positive int")):
+            assert main(["calibrate-fusion", "--data", TRAIN, "--model", tiny, "--out", out, "--no-progress"] + argv) == 1
+            err = capsys.readouterr().err.strip()
+            assert msg in err and len(err.splitlines()) == 1 and "delete it" not in err, (argv, err)
+        assert table.read_text().startswith('{"type": "header"')  # never touched
 
 
 def test_utility_cache_bad_header_is_one_clear_error_and_bad_rows_are_rescored(tmp_path):

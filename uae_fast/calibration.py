@@ -102,21 +102,36 @@ def _row_key(q, pid: str, text: str) -> str:
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def _read_cache(path: str, settings: dict) -> Dict[str, float]:
+def _cache_header(path: str):
+    """(header or None, lines) of a utility cache; a file that is not one is an error (never to be deleted on
+    our advice: it may be a utilities table or data given by mistake)."""
     if not os.path.exists(path):
-        return {}
-    out: Dict[Tuple[str, str], float] = {}
-    with open(path, "r", encoding="utf-8") as f:
-        lines = f.read().split("\n")
+        return None, []
+    if os.path.isdir(path):
+        raise ValueError(f"--utility-cache {path} is a folder; give a file")
+    not_ours = f"--utility-cache {path} is not a fusion utility cache (a file calibrate-fusion wrote); pass another path"
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError:  # gzip or other binary
+        raise ValueError(not_ours) from None
     if not lines or not lines[0].strip():
-        return {}
+        return None, []
     try:
         header = json.loads(lines[0])
     except json.JSONDecodeError:
         header = None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a fusion utility cache (unreadable header); delete it or pass another --utility-cache")
-    if header.get("format") != UTILITY_FORMAT or header.get("settings") != settings:
+    if not isinstance(header, dict) or header.get("format") != UTILITY_FORMAT:
+        raise ValueError(not_ours)
+    return header, lines
+
+
+def _read_cache(path: str, settings: dict) -> Dict[str, float]:
+    header, lines = _cache_header(path)
+    if header is None:
+        return {}
+    out: Dict[Tuple[str, str], float] = {}
+    if header.get("settings") != settings:
         raise ValueError(f"{path} was written with other teacher settings; delete it or pass another --utility-cache")
     for line in lines[1:]:
         try:
@@ -174,6 +189,21 @@ def calibrate_fusion(data, model: Optional[str] = None, *, teacher=None, limit: 
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int, got {limit!r}")
     grid = fusion_grid(methods, weights, k_each=k_each, rrf_k=rrf_k)
+    # every input that can be wrong is checked before the encoder and the teacher load
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(teacher, (str, os.PathLike)):
+        from .teacher import TEACHERS
+
+        if os.fspath(teacher) not in TEACHERS and not os.path.isdir(teacher):
+            raise FileNotFoundError(f"--teacher {os.fspath(teacher)!r} is not a folder with an HF causal LM, nor a named "
+                                    f"teacher ({', '.join(TEACHERS)})")
+    if utility_cache:
+        _cache_header(utility_cache)
+    if embedding_cache is not None:
+        from .cli import check_output_path
+
+        check_output_path(embedding_cache, "--embedding-cache", folder=True)
     ds = data if isinstance(data, RetrievalDataset) else load_dataset(data)
     # Questions with an answer; with_gold_only=False: the selection never looks at evidence.
     queries = [q for q in select_queries(ds, with_gold_only=False, order="paper") if ds.pool(q)][:limit]
