@@ -85,6 +85,7 @@ BAD_DATA = {
     "jsonl_empty_answer": ("data.jsonl", _jsonl(P0, dict(Q0, answers=[" "])), "answers[0] is empty"),
     "jsonl_blank_question": ("data.jsonl", _jsonl(P0, dict(Q0, question="  ")), "data.jsonl:2: question is blank"),
     "not_utf8": ("data.jsonl", b"\xff\xfe\x00garbage\n", "cannot read"),
+    "index_file": ("dense.uae", b"UAETOPK1" + bytes(40), "dense.uae is a uae index file, not a data file"),
 }
 
 
@@ -292,6 +293,11 @@ def test_cli_damaged_utilities_is_one_line(tmp_path, capsys, tiny):
     line = one_error_line(capsys, main(["train", "--data", TRAIN, "--utilities", str(bad), "--student", tiny,
                                         "--out", str(tmp_path / "out"), "--no-progress"]), "train")
     assert bad.name in line and not (tmp_path / "out").exists()
+    idx = tmp_path / "dense.uae"
+    idx.write_bytes(b"UAETOPK1" + bytes(40))
+    line = one_error_line(capsys, main(["train", "--data", TRAIN, "--utilities", str(idx), "--student", tiny,
+                                        "--out", str(tmp_path / "out"), "--no-progress"]), "train")
+    assert "dense.uae is a uae index file, not a utilities file" in line and not (tmp_path / "out").exists()
 
 
 def test_cli_syntax_errors_are_one_line(capsys):

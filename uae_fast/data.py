@@ -125,7 +125,10 @@ def open_text(path: str, what: str = "data file"):
     if os.path.isdir(path):
         raise ValueError(f"cannot read {what} {path}: it is a directory, not a file")
     with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
+        head = f.read(8)
+    gz = head[:2] == b"\x1f\x8b"
+    if head == b"UAETOPK1":  # the container of every uae index file (dense.uae, lexical.uae)
+        raise ValueError(f"{path} is a uae index file, not a {what}")
     if gz:
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
     if path.endswith(".gz"):
