@@ -149,7 +149,8 @@ def test_calibrate_cli_index_build_search_and_eval(tmp_path, tiny, tiny_lm, caps
     import uae_fast.student
 
     monkeypatch.setattr(uae_fast.student, "BiEncoder", lambda *a, **k: pytest.fail("encoded before checking options"))
-    for extra, msg in ((["--dtype", "int4"], "dtype must be one of"), (["--lexical", "--fusion", str(tmp_path / "no.json")], "not found")):
+    for extra, msg in ((["--dtype", "int4"], "dtype must be one of"), (["--lexical", "--fusion", str(tmp_path / "no.json")], "not found"),
+                       (["--batch-size", "0"], "batch_size must be a positive int")):
         assert main(["index", "build", "--data", DEV, "--model", tiny, "--out", str(tmp_path / "new"), "--no-progress"] + extra) == 1
         assert msg in capsys.readouterr().err and not (tmp_path / "new").exists()
     monkeypatch.undo()

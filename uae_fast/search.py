@@ -61,6 +61,8 @@ def build_index(data: str, out: str, *, model: Optional[str] = None, lexical: bo
         raise ValueError(f"--out {out} is a folder with other files and no index ({MANIFEST}); choose another --out")
     if embedding_cache is not None:  # a bad cache folder fails now, not after the first encoded chunk
         check_output_path(embedding_cache, "--embedding-cache", folder=True)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:  # before the encoder loads
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     passages = load_corpus(data)
     if fusion is not None and not lexical:
         raise ValueError("--fusion needs --lexical (a dense-only index fuses nothing)")
