@@ -431,7 +431,8 @@ def main(argv=None):
     ap.add_argument("--grid", default="main")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--first-seed", type=int, default=0,
-                    help="seeds run are FIRST_SEED .. FIRST_SEED + SEEDS - 1 (to add seeds to a finished grid)")
+                    help="seeds start here: FIRST_SEED .. FIRST_SEED + SEEDS - 1 (grids that cap their seeds take the "
+                         "first of those); to add seeds to a finished grid")
     ap.add_argument("--train", default=None)
     ap.add_argument("--dev", default=None)
     ap.add_argument("--dev-limit", type=int, default=None)
@@ -474,6 +475,8 @@ def main(argv=None):
         return 0
     if not args.out:
         ap.error("--out is required")
+    if args.first_seed < 0 or args.seeds < 1:
+        ap.error("--first-seed must be >= 0 and --seeds >= 1")
     from uae_fast.data import default_qasper_path
     from uae_fast.training import _default_utilities
 

@@ -539,8 +539,20 @@ def test_diagnose_hit_rates(tmp_path, ds, capsys):
     js = tmp_path / "diag.json"
     assert main(["diagnose", "--utilities", src, "--data", TRAIN, "--candidates", "top:2", "--no-gold", "--json", str(js)]) == 0
     assert "| top:2 no-gold |" in capsys.readouterr().out
-    assert json.loads(js.read_text())[0]["sets"]["top:2 no-gold"] == pytest.approx(top2)  # written whole (atomic)
-    assert sorted(os.listdir(tmp_path)).count("diag.json") == 1 and not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    assert json.loads(js.read_text())[0]["sets"]["top:2 no-gold"] == pytest.approx(top2)
+    # a write that dies half-way leaves the previous report, not half a new one
+    import uae_fast.diagnose
+
+    def dies(obj, f, **kw):
+        f.write('[{"sets": ')
+        raise OSError("disk full")
+
+    before = js.read_text()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(uae_fast.diagnose.json, "dump", dies)
+        assert main(["diagnose", "--utilities", src, "--data", TRAIN, "--json", str(js)]) == 1
+    assert js.read_text() == before and not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    capsys.readouterr()
     # with the lexical teacher, a candidate set is judged as a table cut to that set trains: the ensemble is
     # standardised over the set (it was standardised over the whole table, then cut)
     top2_table = str(tmp_path / "top2.jsonl.gz")

@@ -212,25 +212,28 @@ def test_cli_eval_bad_numbers_are_one_line(tmp_path, capsys, tiny, argv):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("case", ["second-model", "student", "reader", "cache"])
+@pytest.mark.parametrize("case", ["second-model", "model-file", "student", "reader", "cache"])
 def test_cli_eval_checks_every_input_before_encoding(tmp_path, capsys, monkeypatch, tiny, case):
     # A typo in the second --model, the --student, a --reader without answers or a file as --embedding-cache
     # is refused before any encoder loads (it used to surface after the first models had encoded the corpus).
     import uae_fast.student
+    import uae_fast.teacher
 
     monkeypatch.setattr(uae_fast.student, "BiEncoder", lambda *a, **k: pytest.fail("an encoder was loaded"))
+    monkeypatch.setattr(uae_fast.teacher, "load_causal_lm", lambda *a, **k: pytest.fail("an LM was loaded"))
     a_file = tmp_path / "f.txt"
     a_file.write_text("x")
     data = TRAIN
     argv = {"second-model": ["--model", tiny, str(tmp_path / "typo"), "--baselines", ""],
-            "student": ["--student", str(tmp_path / "typo"), "--baselines", "base"],
+            "model-file": ["--model", str(a_file), "--baselines", ""],
+            "student": ["--model", tiny, "--student", str(tmp_path / "typo"), "--baselines", "bm25,rerank"],
             "reader": ["--baselines", "bm25", "--reader"],
             "cache": ["--model", tiny, "--baselines", "", "--embedding-cache", str(a_file)]}[case]
     if case == "reader":
         data = tmp_path / "d.jsonl"
         data.write_text(_jsonl(P0, P1, dict(Q0, answers=[])))
     line = one_error_line(capsys, main(["eval", "--data", str(data), "--no-progress"] + argv), "eval")
-    want = {"second-model": "typo': no such encoder folder", "student": "--student",
+    want = {"second-model": "typo': no such encoder folder", "student": "--student", "model-file": "is a file; an encoder is a folder",
             "reader": "none of the evaluated queries has a gold answer", "cache": "--embedding-cache"}[case]
     assert want in line, line
 

@@ -132,6 +132,17 @@ def check_output_path(path: Optional[str], flag: str, *, folder: bool = False) -
         raise ValueError(f"{flag} {path}: cannot write in {parent}")
 
 
+def check_encoder_folder(path, flag: str) -> None:
+    """An encoder is a folder: say so now for a missing path or a file, before other models load."""
+    if path is None:
+        return
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        raise ValueError(f"{flag} {path!r} is a file; an encoder is a folder (config.json, weights, tokenizer)")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{flag} {path!r}: no such encoder folder")
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 

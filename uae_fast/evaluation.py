@@ -273,12 +273,12 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
                 raise FileNotFoundError(f"{flag} {path!r} is not a folder with an HF causal LM, nor a named teacher "
                                         f"({', '.join(TEACHERS)})")
     # every encoder folder now, not after the ones before it have encoded the corpus
-    for flag, path in [*(("--model", m) for m in models), *((("--student", student),) if "base" in baselines else ())]:
-        if path is not None and not os.path.isdir(os.fspath(path)):
-            raise FileNotFoundError(f"{flag} {os.fspath(path)!r}: no such encoder folder")
-    if embedding_cache is not None:
-        from .cli import check_output_path
+    from .cli import check_encoder_folder, check_output_path
 
+    uses_student = "base" in baselines or "rerank" in baselines or ("hybrid" in baselines and not models)  # as below
+    for flag, path in [*(("--model", m) for m in models), *((("--student", student),) if uses_student else ())]:
+        check_encoder_folder(path, flag)
+    if embedding_cache is not None:
         check_output_path(embedding_cache, "--embedding-cache", folder=True)
     for k, v in (("rerank_limit", rerank_limit), ("rerank_depth", rerank_depth), ("reader_limit", reader_limit),
                  ("batch_size", batch_size), ("query_threads", 1 if query_threads is None else query_threads)):
@@ -342,7 +342,7 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
     for name, path in zip(names, models):
         dense_rankers[name] = run_dense(name, path)
     base = None
-    if "base" in baselines or "rerank" in baselines or ("hybrid" in baselines and not models):
+    if uses_student:
         base = dense_rankers["base"] = run_dense("base", student)
         if "base" not in baselines:
             info["base"]["hidden"] = True

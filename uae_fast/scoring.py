@@ -450,7 +450,7 @@ def add_parser(subparsers) -> None:
 def _main(args) -> int:
     if not args.out.strip() or args.out.endswith(os.sep):
         raise ValueError(f"--out must name a table file (.jsonl or .jsonl.gz), got {args.out!r}")
-    from .cli import check_output_path
+    from .cli import check_encoder_folder, check_output_path
 
     check_output_path(args.out, "--out")
     if args.merge and args.merge_teachers:
@@ -503,9 +503,8 @@ def _main(args) -> int:
                      questions_from=args.questions_from, limit=args.limit)
     for p in args.reuse or ():
         read_utilities(p)
-    if args.candidate_student is not None and parse_candidates(candidates)[0] == "student" \
-            and not os.path.isdir(args.candidate_student):
-        raise ValueError(f"--candidate-student {args.candidate_student}: no such encoder folder")
+    if parse_candidates(candidates)[0] == "student":
+        check_encoder_folder(args.candidate_student, "--candidate-student")
     opts = {k: v for k, v in (("max_passage_tokens", args.max_passage_tokens), ("max_answer_tokens", args.max_answer_tokens),
                               ("token_budget", args.token_budget)) if v is not None}
     scorer = UtilityScorer.from_pretrained(args.teacher, dtype=args.dtype, device=device, aggregation=args.aggregation,

@@ -1149,12 +1149,13 @@ def _default_utilities(no_gold: bool = False) -> str:
 
 
 def _is_shipped_default(path: Optional[str]) -> bool:
-    """True for the shipped QASPER train tables (what ``uae train`` reads when --utilities is not given)."""
+    """True for the shipped QASPER train tables (what ``uae train`` reads when --utilities is not given, or
+    names them)."""
     from .data import _shipped_dirs
 
     if not path or os.path.basename(path) not in (DEFAULT_UTILITIES, DEFAULT_NOGOLD_UTILITIES):
         return False
-    return os.path.dirname(os.path.abspath(path)) in [os.path.abspath(d) for d in _shipped_dirs()]
+    return os.path.dirname(os.path.realpath(path)) in [os.path.realpath(d) for d in _shipped_dirs()]
 
 
 def _shipped_for_data(utilities: Dict[str, Dict[str, float]], ds, cfg, say: bool) -> Dict[str, Dict[str, float]]:
