@@ -135,7 +135,23 @@ def grid(name: str, seeds, extra_utilities=None, tables=None):
 _STATE = {}
 
 
+def _exit_with_parent(poll_s: float = 5.0) -> None:
+    """Exit this worker once its parent is gone. A SIGTERM or kill of the sweep leaves spawn-pool workers
+    running (they are not in its job control), each holding cores and ~10 GiB for a run nobody will record."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _init(args):
+    _exit_with_parent()
     import torch
 
     torch.set_num_threads(max(1, args.threads))

@@ -250,3 +250,37 @@ def test_a_seedless_row_pairs_with_every_seed_of_a_trained_reference():
     gold = {0: _rec("g", "infonce", 0, [1, 1, 1, 1]), 1: _rec("g", "infonce", 1, [1, 0, 1, 1])}
     # per question over the reference's seeds: [1, .5, 1, 1] -> diff (1 - 3.5) / 4
     assert sweep_dev._paired(bm25, gold, "Success@1")["diff"] == pytest.approx((1 - 3.5) / 4)
+
+
+def test_a_worker_exits_when_the_sweep_is_killed(tmp_path):
+    # A killed sweep must not leave its pool workers training (and holding ~10 GiB each) for nobody: a child
+    # whose parent dies exits within the watchdog's poll.
+    import subprocess
+    import time
+
+    scripts = os.path.join(os.path.dirname(HERE), "scripts")
+    code = (f"import sys, time; sys.path.insert(0, {scripts!r}); import sweep_dev; "
+            "sweep_dev._exit_with_parent(0.05); open(sys.argv[1], 'w').write('up'); time.sleep(60)")
+    flag = tmp_path / "up"
+    parent = subprocess.Popen(["bash", "-c", f'"{sys.executable}" -c "{code}" {flag} & echo $!; wait'],
+                              stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    deadline = time.time() + 60
+    while not flag.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert flag.exists()
+
+    def running(p):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+
+    assert running(pid)
+    parent.kill()  # SIGKILL: no cleanup in the parent at all
+    parent.wait()
+    deadline = time.time() + 10
+    while running(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not running(pid)
