@@ -362,7 +362,7 @@ def _seedless(runs) -> bool:
     return all(r.get("loss") == "none" for r in runs.values())
 
 
-def _paired(runs, ref, k):
+def _paired(runs, ref, k, mask=None):
     """Paired bootstrap of runs minus ref on metric k over the questions, each question's value averaged over
     the seeds the two rows share (a seedless reference such as BM25 pairs with every seed). Averaging, not
     concatenating the seeds' lists: a question's seeds are not independent samples, and counting each
@@ -383,6 +383,8 @@ def _paired(runs, ref, k):
         _check_same_questions(runs[x], ref[y], k)
     a = np.mean([runs[x]["per_query"][k] for x, _ in pairs], axis=0)
     b = np.mean([ref[y]["per_query"][k] for _, y in pairs], axis=0)
+    if mask is not None:  # a subset of the questions (one kind of answer, say)
+        a, b = a[mask], b[mask]
     return paired_bootstrap(a, b, resamples=2000)
 
 
@@ -439,6 +441,44 @@ def answer_only_table(by) -> str:
     return "\n".join(lines)
 
 
+def answer_kind_table(paths, dev_path) -> str:
+    """S@1 by kind of answer (yes/no, short, mid, long: scripts/check_target_confidence.py), mean over seeds, for
+    the defaults and the weak baselines, and the defaults minus each weak baseline (paired over the questions
+    of that kind and the shared seeds). Tells where the defaults' edge comes from."""
+    import numpy as np
+    from check_target_confidence import KINDS, answer_kind
+    from uae_fast.data import load_dataset
+    from uae_fast.metrics import upgrade_metric_names
+
+    qs = [q for q in load_dataset(dev_path).queries if q.gold]
+    kinds = np.array([answer_kind(q) for q in qs])
+    by = defaultdict(dict)
+    for r in _read_records(paths):
+        if "per_query" in r and (r["group"].startswith("ao-default") or r["group"].startswith("weak-")):
+            r["per_query"] = upgrade_metric_names(r["per_query"])
+            if len(r["per_query"]["Success@1"]) != len(qs) or r.get("dev_questions", _digest([q.id for q in qs])) != \
+                    _digest([q.id for q in qs]):
+                raise ValueError(f"{r['group']}/{r['seed']} was not evaluated on the questions of {dev_path}")
+            by[r["group"]][r["seed"]] = r
+    defaults = sorted(g for g in by if g.startswith("ao-default"))
+    weak = sorted(g for g in by if g.startswith("weak-"))
+    if not defaults:
+        raise ValueError("no ao-default rows to break down")
+    groups = defaults + weak
+    head = [f"{g} ({len(by[g])})" for g in groups] + [f"{d} - {w}" for d in defaults for w in weak]
+    lines = ["| answer kind | questions | " + " | ".join(head) + " |", "|---|---:|" + "---:|" * len(head)]
+    for kind in (*KINDS, "all"):
+        mask = np.ones(len(qs), bool) if kind == "all" else kinds == kind
+        cells = [f"{np.mean([np.asarray(r['per_query']['Success@1'])[mask].mean() for r in by[g].values()]):.3f}"
+                 for g in groups]
+        for d in defaults:
+            for w in weak:
+                pb = _paired(by[d], by[w], "Success@1", mask)
+                cells.append("" if pb is None else f"{pb['diff']:+.3f} (p={pb['p']:.3f})")
+        lines.append(f"| {kind} | {int(mask.sum())} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="folder for sweep.jsonl")
@@ -451,6 +491,9 @@ def main(argv=None):
                          "first of those); to add seeds to a finished grid")
     ap.add_argument("--train", default=None)
     ap.add_argument("--dev", default=None)
+    ap.add_argument("--by-answer-kind", action="store_true",
+                    help="with --report: S@1 of the defaults and the weak baselines by kind of answer (needs --dev's "
+                         "questions, default QASPER dev)")
     ap.add_argument("--dev-limit", type=int, default=None)
     ap.add_argument("--utilities", default=None, help="default: the shipped data/qasper-train-utilities.jsonl.gz")
     ap.add_argument("--extra-utilities", default=None,
@@ -486,6 +529,11 @@ def main(argv=None):
     ap.add_argument("--keep-models", default=None, metavar="DIR",
                     help="train into DIR/GROUP-LOSS-sSEED and keep the models (checkpointed: a killed sweep resumes)")
     args = ap.parse_args(argv)
+    if args.report and args.by_answer_kind:
+        from uae_fast.data import default_qasper_path
+
+        print(answer_kind_table(args.report, args.dev or default_qasper_path("dev")))
+        return 0
     if args.report:
         print(report(*args.report))
         return 0

@@ -284,3 +284,40 @@ def test_a_worker_exits_when_the_sweep_is_killed(tmp_path):
     while running(pid) and time.time() < deadline:
         time.sleep(0.05)
     assert not running(pid)
+
+
+def test_report_by_answer_kind(tmp_path, capsys):
+    # S@1 per kind of answer: each cell is the mean over seeds of that kind's questions, each difference the
+    # paired bootstrap over those questions; "all" equals the main report's pair.
+    import numpy as np
+    from check_target_confidence import KINDS, answer_kind
+
+    qs = [q for q in load_dataset(DEV).queries if q.gold]
+    kinds = [answer_kind(q) for q in qs]
+    rng = np.random.default_rng(0)
+    recs = [_rec(g, loss, s, rng.integers(0, 2, len(qs)).astype(float).tolist())
+            for g, loss in (("ao-default", "uae"), ("weak-bm25-answer", "infonce")) for s in (0, 1)]
+    path = tmp_path / "sweep.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert sweep_dev.main(["--report", str(path), "--by-answer-kind", "--dev", DEV]) == 0
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]}
+    for kind in (*KINDS, "all"):
+        m = np.array([kind in ("all", k) for k in kinds])
+        if not m.any():
+            continue
+        want = [np.mean([np.array(r["per_query"]["Success@1"])[m].mean() for r in recs if r["group"] == g])
+                for g in ("ao-default", "weak-bm25-answer")]
+        assert [float(x) for x in rows[kind][2:4]] == pytest.approx(want, abs=5e-4), kind
+        assert rows[kind][1] == str(int(m.sum()))
+        diff = float(rows[kind][4].split(" ")[0])
+        assert diff == pytest.approx(want[0] - want[1], abs=5e-4)
+    by = {(r["group"], r["loss"]): {} for r in recs}
+    for r in recs:
+        by[(r["group"], r["loss"])][r["seed"]] = r
+    pb = sweep_dev._paired(by[("ao-default", "uae")], by[("weak-bm25-answer", "infonce")], "Success@1")
+    assert f"{pb['diff']:+.3f} (p={pb['p']:.3f})" in rows["all"][4]
+    # rows from other dev questions are refused, not mispaired
+    recs[0]["per_query"]["Success@1"] = recs[0]["per_query"]["Success@1"][:-1]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(ValueError, match="not evaluated on the questions of"):
+        sweep_dev.answer_kind_table([str(path)], DEV)
