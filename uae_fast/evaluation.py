@@ -272,14 +272,6 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
             if path not in TEACHERS and not os.path.isdir(path):
                 raise FileNotFoundError(f"{flag} {path!r} is not a folder with an HF causal LM, nor a named teacher "
                                         f"({', '.join(TEACHERS)})")
-    # every encoder folder now, not after the ones before it have encoded the corpus
-    from .cli import check_encoder_folder, check_output_path
-
-    uses_student = "base" in baselines or "rerank" in baselines or ("hybrid" in baselines and not models)  # as below
-    for flag, path in [*(("--model", m) for m in models), *((("--student", student),) if uses_student else ())]:
-        check_encoder_folder(path, flag)
-    if embedding_cache is not None:
-        check_output_path(embedding_cache, "--embedding-cache", folder=True)
     for k, v in (("rerank_limit", rerank_limit), ("rerank_depth", rerank_depth), ("reader_limit", reader_limit),
                  ("batch_size", batch_size), ("query_threads", 1 if query_threads is None else query_threads)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -302,6 +294,14 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
     if save_runs:  # a run file's ids and names are checked now, not after every system has run
         rows = [fusion_row_name(fu) for fu in fusion] if "hybrid" in baselines else []
         _check_run_ids(queries, ds, names + [b for b in baselines if b != "hybrid"] + rows)
+    # every encoder folder now, not after the ones before it have encoded the corpus
+    from .cli import check_encoder_folder, check_output_path
+
+    uses_student = "base" in baselines or "rerank" in baselines or ("hybrid" in baselines and not models)  # as below
+    for flag, path in [*(("--model", m) for m in models), *((("--student", student),) if uses_student else ())]:
+        check_encoder_folder(path, flag)
+    if embedding_cache is not None:
+        check_output_path(embedding_cache, "--embedding-cache", folder=True)
     device = resolve_device(device)
     golds = [set(q.gold) for q in queries]
     texts = {pid: p.text for pid, p in ds.passages.items()}
