@@ -86,6 +86,8 @@ BAD_DATA = {
     "jsonl_blank_question": ("data.jsonl", _jsonl(P0, dict(Q0, question="  ")), "data.jsonl:2: question is blank"),
     "not_utf8": ("data.jsonl", b"\xff\xfe\x00garbage\n", "cannot read"),
     "index_file": ("dense.uae", b"UAETOPK1" + bytes(40), "dense.uae is a uae index file, not a data file"),
+    "index_manifest": ("hybrid.json", json.dumps({"format": "uae-hybrid/1", "dim": 384, "files": {}}),
+                       "hybrid.json is a uae file of format 'uae-hybrid/1'"),
 }
 
 

@@ -335,6 +335,9 @@ def _qasper_from_dict(raw: dict, name: str, path: Optional[str] = None) -> Retri
     queries: List[Query] = []
     seen_q: Dict[str, str] = {}
     unmatched = {"headings": 0, "other": 0, "questions_without_gold": 0}
+    fmt = raw.get("format")
+    if isinstance(fmt, str) and fmt.startswith("uae-"):  # a file uae wrote (an index manifest, say), given as data
+        raise ValueError(f"{path} is a uae file of format {fmt!r} (an index manifest or a config), not a data file")
     for paper_id, paper in raw.items():
         where = f"{path}: paper {paper_id!r}"
         if not isinstance(paper, dict) or "full_text" not in paper:
