@@ -452,12 +452,12 @@ def answer_kind_table(paths, dev_path) -> str:
 
     qs = [q for q in load_dataset(dev_path).queries if q.gold]
     kinds = np.array([answer_kind(q) for q in qs])
+    digest = _digest([q.id for q in qs])
     by = defaultdict(dict)
     for r in _read_records(paths):
         if "per_query" in r and (r["group"].startswith("ao-default") or r["group"].startswith("weak-")):
             r["per_query"] = upgrade_metric_names(r["per_query"])
-            if len(r["per_query"]["Success@1"]) != len(qs) or r.get("dev_questions", _digest([q.id for q in qs])) != \
-                    _digest([q.id for q in qs]):
+            if len(r["per_query"]["Success@1"]) != len(qs) or r.get("dev_questions", digest) != digest:
                 raise ValueError(f"{r['group']}/{r['seed']} was not evaluated on the questions of {dev_path}")
             by[r["group"]][r["seed"]] = r
     defaults = sorted(g for g in by if g.startswith("ao-default"))

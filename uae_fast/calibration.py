@@ -102,37 +102,39 @@ def _row_key(q, pid: str, text: str) -> str:
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def _cache_header(path: str):
-    """(header or None, lines) of a utility cache; a file that is not one is an error (never to be deleted on
-    our advice: it may be a utilities table or data given by mistake)."""
+def _cache_header(path: str) -> Optional[dict]:
+    """The header of a utility cache (None: no cache yet); a file that is not one is an error (never to be
+    deleted on our advice: it may be a utilities table or data given by mistake). Reads the first line only."""
     if not os.path.exists(path):
-        return None, []
+        return None
     if os.path.isdir(path):
         raise ValueError(f"--utility-cache {path} is a folder; give a file")
     not_ours = f"--utility-cache {path} is not a fusion utility cache (a file calibrate-fusion wrote); pass another path"
     try:
         with open(path, "r", encoding="utf-8") as f:
-            lines = f.read().split("\n")
+            first = f.readline()
     except UnicodeDecodeError:  # gzip or other binary
         raise ValueError(not_ours) from None
-    if not lines or not lines[0].strip():
-        return None, []
+    if not first.strip():
+        return None
     try:
-        header = json.loads(lines[0])
+        header = json.loads(first)
     except json.JSONDecodeError:
         header = None
     if not isinstance(header, dict) or header.get("format") != UTILITY_FORMAT:
         raise ValueError(not_ours)
-    return header, lines
+    return header
 
 
 def _read_cache(path: str, settings: dict) -> Dict[str, float]:
-    header, lines = _cache_header(path)
+    header = _cache_header(path)
     if header is None:
         return {}
     out: Dict[Tuple[str, str], float] = {}
     if header.get("settings") != settings:
         raise ValueError(f"{path} was written with other teacher settings; delete it or pass another --utility-cache")
+    with open(path, "r", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     for line in lines[1:]:
         try:
             r = json.loads(line)
@@ -192,17 +194,13 @@ def calibrate_fusion(data, model: Optional[str] = None, *, teacher=None, limit: 
     # every input that can be wrong is checked before the encoder and the teacher load
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(teacher, (str, os.PathLike)):
-        from .teacher import TEACHERS
+    from .cli import check_output_path, check_teacher_path
 
-        if os.fspath(teacher) not in TEACHERS and not os.path.isdir(teacher):
-            raise FileNotFoundError(f"--teacher {os.fspath(teacher)!r} is not a folder with an HF causal LM, nor a named "
-                                    f"teacher ({', '.join(TEACHERS)})")
+    if isinstance(teacher, (str, os.PathLike)):
+        check_teacher_path(teacher, "--teacher")
     if utility_cache:
         _cache_header(utility_cache)
     if embedding_cache is not None:
-        from .cli import check_output_path
-
         check_output_path(embedding_cache, "--embedding-cache", folder=True)
     ds = data if isinstance(data, RetrievalDataset) else load_dataset(data)
     # Questions with an answer; with_gold_only=False: the selection never looks at evidence.

@@ -143,6 +143,17 @@ def check_encoder_folder(path, flag: str) -> None:
         raise FileNotFoundError(f"{flag} {path!r}: no such encoder folder")
 
 
+def check_teacher_path(path, flag: str) -> None:
+    """A teacher is a named one (``TEACHERS``) or a folder: say so now, before other models load."""
+    if path is None:
+        return
+    from .teacher import TEACHERS
+
+    if os.fspath(path) not in TEACHERS and not os.path.isdir(path):
+        raise FileNotFoundError(f"{flag} {os.fspath(path)!r} is not a folder with an HF causal LM, nor a named teacher "
+                                f"({', '.join(TEACHERS)})")
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 

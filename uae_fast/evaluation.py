@@ -264,14 +264,12 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
     fusion = list(fusion) if fusion else [None]
     if "hybrid" not in baselines and any(f is not None for f in fusion):
         raise ValueError("--fusion configures the hybrid baseline: add hybrid to --baselines")
+    from .cli import check_encoder_folder, check_output_path, check_teacher_path
+
     for flag, path, used in (("--teacher", teacher, "rerank" in baselines or (reader and not reader_model)),
                              ("--reader-model", reader_model, reader)):
-        if used and path is not None:
-            from .teacher import TEACHERS
-
-            if path not in TEACHERS and not os.path.isdir(path):
-                raise FileNotFoundError(f"{flag} {path!r} is not a folder with an HF causal LM, nor a named teacher "
-                                        f"({', '.join(TEACHERS)})")
+        if used:
+            check_teacher_path(path, flag)
     for k, v in (("rerank_limit", rerank_limit), ("rerank_depth", rerank_depth), ("reader_limit", reader_limit),
                  ("batch_size", batch_size), ("query_threads", 1 if query_threads is None else query_threads)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -295,8 +293,6 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         rows = [fusion_row_name(fu) for fu in fusion] if "hybrid" in baselines else []
         _check_run_ids(queries, ds, names + [b for b in baselines if b != "hybrid"] + rows)
     # every encoder folder now, not after the ones before it have encoded the corpus
-    from .cli import check_encoder_folder, check_output_path
-
     uses_student = "base" in baselines or "rerank" in baselines or ("hybrid" in baselines and not models)  # as below
     for flag, path in [*(("--model", m) for m in models), *((("--student", student),) if uses_student else ())]:
         check_encoder_folder(path, flag)

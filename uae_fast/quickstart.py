@@ -179,7 +179,6 @@ def check(full: bool = False, train_data: Optional[str] = None, dev_data: Option
 def _check_options(args) -> None:
     """The options a run would trip on only after its first stages (minutes in): checked up front, also by --dry-run."""
     from .cli import set_threads
-    from .teacher import TEACHERS
 
     set_threads(args.threads)
     for k in ("score_queries", "train_steps", "dev_queries", "rerank_queries"):
@@ -190,12 +189,10 @@ def _check_options(args) -> None:
     if args.full and sized:  # --full runs the whole splits: a size flag would be silently ignored
         raise ValueError(f"--{sized[0].replace('_', '-')} sets the quick run's size; --full runs the whole splits: "
                          f"drop one of them")
-    from .cli import check_output_path
+    from .cli import check_output_path, check_teacher_path
 
     check_output_path(args.out, "--out", folder=True)  # a file there fails now, also in --dry-run
-    if args.teacher and args.teacher not in TEACHERS and not os.path.isdir(args.teacher):
-        raise FileNotFoundError(f"--teacher {args.teacher!r} is not a folder with an HF causal LM, nor a named teacher "
-                                f"({', '.join(TEACHERS)})")
+    check_teacher_path(args.teacher or None, "--teacher")
     if args.student and not os.path.isdir(args.student):
         raise FileNotFoundError(f"--student {args.student!r}: model folder not found")
 
