@@ -6,6 +6,7 @@ the ``bm25-answer`` weak label is, and the mean loss weight ``--confidence-weigh
 (the largest probability over its mean). Also how often the LLM teacher and BM25(q + a) pick the same top
 candidate, and the target's gold mass and top-1 gold rate when the ensemble weights the lexical side's z-scores
 by w instead of 0.5 (``(1 - w) z_llm + w z_lex``), and all of it by the kind of answer (yes/no or by length).
+Last, the lexical side's query text: BM25 over the answers alone, or with the answers counted twice.
 
     python scripts/check_target_confidence.py --json benchmarks/results/target-confidence-check.json
 
@@ -84,6 +85,38 @@ def lexical_weight_sweep(llm, lex, gold, T, weights):
     return out
 
 
+# The lexical side's query text: the default (question + answers), the answers alone, and the answers counted twice.
+LEXICAL_TEXTS = {"question + answers": lambda q: q.with_answers(),
+                 "answers": lambda q: " ".join(q.answers),
+                 "question + answers x2": lambda q: q.with_answers() + " " + " ".join(q.answers)}
+
+
+def lexical_text_variants(ds, llm, gold, T):
+    """{variant: (its one-hot top-1 gold, ensemble gold mass, ensemble top-1 gold)} with BM25 over each
+    ``LEXICAL_TEXTS`` query in place of BM25(question + answers), the ensemble weights 0.5 / 0.5."""
+    from uae_fast.lexical_teacher import PoolBM25
+
+    scorer, by_id = PoolBM25(ds), {q.id: q for q in ds.queries}
+    acc = {k: [0.0, 0.0, 0.0] for k in LEXICAL_TEXTS}
+    n = 0
+    for qid, d in llm.items():
+        if not gold.get(qid):
+            continue
+        pids, n = list(d), n + 1
+        g = np.array([p in gold[qid] for p in pids], dtype=np.float64)
+        zl = _z(np.array([d[p] for p in pids], dtype=np.float64))
+        for k, text in LEXICAL_TEXTS.items():
+            s = scorer(by_id[qid], text(by_id[qid]))
+            zx = _z(np.array([s[p] for p in pids], dtype=np.float64))
+            e = 0.5 * (zl + zx) / T
+            pr = np.exp(e - e.max())
+            pr /= pr.sum()
+            acc[k][0] += g[int(np.argmax(zx))]
+            acc[k][1] += float(pr @ g)
+            acc[k][2] += g[int(np.argmax(e))]
+    return {k: tuple(v / n for v in vals) for k, vals in acc.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--utilities", default=None, help="the LLM table (default: the shipped answer:12 table)")
@@ -127,6 +160,11 @@ def main(argv=None) -> int:
     sweep = lexical_weight_sweep(llm, lex, gold, args.teacher_temperature, (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0))
     out["lexical_weight"] = [{"w": w, "gold_mass": round(m, 3), "target_top1_gold": round(t, 3)} for w, (m, t) in sweep.items()]
     print("lexical side's weight w: " + ", ".join(f"{w}: mass {m:.3f} top-1 {t:.3f}" for w, (m, t) in sweep.items()))
+    texts = lexical_text_variants(ds, llm, gold, args.teacher_temperature)
+    out["lexical_text"] = [{"text": k, "one_hot_top1_gold": round(o, 3), "gold_mass": round(m, 3), "target_top1_gold": round(t, 3)}
+                           for k, (o, m, t) in texts.items()]
+    print("lexical query text: " + "; ".join(f"{k}: one-hot top-1 {o:.3f}, ensemble mass {m:.3f} top-1 {t:.3f}"
+                                             for k, (o, m, t) in texts.items()))
     if args.json:
         write_json(out, args.json)
     return 0

@@ -321,3 +321,27 @@ def test_report_by_answer_kind(tmp_path, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     with pytest.raises(ValueError, match="not evaluated on the questions of"):
         sweep_dev.answer_kind_table([str(path)], DEV)
+
+
+def test_lexical_text_variants_match_the_default_ensemble():
+    # The default query text's row must equal what per_question computes through lexical_utilities and
+    # ensemble_utilities (the training path); the other texts must be scored with their own query.
+    import numpy as np
+    from check_target_confidence import LEXICAL_TEXTS, lexical_text_variants, per_question
+    from uae_fast.lexical_teacher import lexical_utilities
+    from uae_fast.utilities import ensemble_utilities
+
+    ds = load_dataset(DEV)
+    rng = np.random.default_rng(1)
+    qs = [q for q in ds.queries if q.gold][:12]
+    llm = {q.id: {p: float(rng.normal()) for p in ds.pool(q)[:9]} for q in qs}
+    gold = {q.id: set(q.gold) for q in ds.queries}
+    lex = lexical_utilities(ds, {q: list(d) for q, d in llm.items()})
+    a, _ = per_question(llm, lex, ensemble_utilities([llm, lex]), gold, 0.5)
+    got = lexical_text_variants(ds, llm, gold, 0.5)
+    assert set(got) == set(LEXICAL_TEXTS)
+    one_hot, mass, top = got["question + answers"]
+    assert one_hot == pytest.approx(a[:, 3].mean())
+    assert mass == pytest.approx(a[:, 1].mean(), abs=1e-4)
+    assert top == pytest.approx(a[:, 2].mean())
+    assert all(0.0 <= v <= 1.0 for vals in got.values() for v in vals)
