@@ -269,6 +269,152 @@ def test_cached_replays_dropout(model):
     assert not torch.allclose(other, ref_loss)
 
 
+def test_cached_replays_each_mini_batch_dropout(model):
+    # Mini-batches smaller than a column: the reference embeds the same slices in the same order under the
+    # same seed with a graph, so it draws the masks step 1 drew; the gradients agree only if every replayed
+    # mini-batch reuses its own RNG state (not, say, its column's first).
+    from uae_fast.losses.cached_utility_infonce import _slice
+
+    model.train()
+    cols, labels = _texts(), torch.randn(B, K)
+    feats = _features(model, cols)
+    ranges = [(0, 2), (2, 4), (4, 5)]
+    ref = UtilityInfoNCELoss(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(11)
+    emb = [torch.cat([model(_slice(f, s, e))["sentence_embedding"] for s, e in ranges]) for f in feats]
+    ref_loss = ref.compute_loss_from_embeddings(emb, labels, ref.passage_keys(feats))
+    ref_loss.backward()
+    ref_g = _grads(model)
+    torch.manual_seed(11)
+    loss, g = _run(CachedUtilityInfoNCELoss(model, mini_batch_size=2), model, cols, labels)  # same tokens
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    _assert_grads_close(g, ref_g)
+
+
+def test_cached_float64_model_keeps_float64_gradients(enc_dir):
+    # the replay's surrogate runs in the model's float64, so cached and uncached agree to float64 rounding
+    m = _model(enc_dir).double()
+    cols, labels = _texts(), torch.randn(B, K, dtype=torch.float64)
+    ref_loss, ref_g = _run(UtilityInfoNCELoss(m), m, cols, labels)
+    loss, g = _run(CachedUtilityInfoNCELoss(m, mini_batch_size=2), m, cols, labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    _assert_grads_close(g, ref_g, tol=1e-10)
+
+
+class _BagEncoder(torch.nn.Module):
+    """A stand-in for a FlashAttention-2 model: mean of token vectors per text, from padded features
+    (``attention_mask``) or flattened ones (ids [1, tokens] split by ``cu_seq_lens_q``), as
+    sentence-transformers >= 6 feeds them when it can skip padding."""
+
+    def __init__(self, vocab=200, dim=12):
+        super().__init__()
+        self.emb, self.proj, self.drop = torch.nn.Embedding(vocab, dim), torch.nn.Linear(dim, dim), torch.nn.Dropout(0.2)
+
+    def forward(self, f):
+        h = self.proj(self.drop(self.emb(f["input_ids"])))
+        if "cu_seq_lens_q" in f:
+            cu = f["cu_seq_lens_q"].tolist()
+            out = torch.stack([h[0, s:e].mean(0) for s, e in zip(cu[:-1], cu[1:])])
+        else:
+            m = f["attention_mask"][..., None].to(h.dtype)
+            out = (h * m).sum(1) / m.sum(1)
+        return {"sentence_embedding": out}
+
+
+def _padded_and_flat(rows):
+    """The same texts (lists of token ids) as padded features and as DataCollatorWithFlattening's."""
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    cu = torch.tensor([0] + [sum(map(len, rows[:i + 1])) for i in range(len(rows))], dtype=torch.int32)
+    flat = {"input_ids": torch.tensor([[t for r in rows for t in r]]),
+            "position_ids": torch.tensor([[i for r in rows for i in range(len(r))]]),
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(), "max_length_q": width, "max_length_k": width,
+            "seq_idx": torch.tensor([[j for j, r in enumerate(rows) for _ in r]])}
+    return {"input_ids": ids, "attention_mask": mask}, flat
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_flattened_inputs_equal_padded(cached):
+    # sentence-transformers >= 6 flattens text inputs for FlashAttention-2 models: the duplicate-passage keys
+    # and the cached loss's mini-batches must read them as the padded features they stand for.
+    from uae_fast.losses.st_utility_infonce import _token_keys
+
+    g = torch.Generator().manual_seed(3)
+    cols = [[torch.randint(1, 200, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (B,), generator=g)]
+            for _ in range(K + 1)]
+    cols[2][3] = list(cols[1][0])  # a duplicate passage
+    pairs = [_padded_and_flat(rows) for rows in cols]
+    assert _token_keys([p for p, _ in pairs[1:]]) == _token_keys([f for _, f in pairs[1:]])
+    keys = _token_keys([p for p, _ in pairs[1:]])
+    assert len(keys) == B * K and len(set(keys)) == B * K - 1 and all(len(k) == 16 for k in keys)
+    enc = _BagEncoder().eval()
+    labels = torch.randn(B, K)
+    make = (lambda: CachedUtilityInfoNCELoss(enc, mini_batch_size=2)) if cached else (lambda: UtilityInfoNCELoss(enc))
+    ref_loss, ref_g = _run(make(), enc, [p for p, _ in pairs], labels)
+    loss, got = _run(make(), enc, [f for _, f in pairs], labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert got.keys() == ref_g.keys()
+    for n in ref_g:
+        torch.testing.assert_close(got[n], ref_g[n], rtol=0, atol=1e-5 * float(ref_g[n].abs().max()))
+    if cached:  # train mode: each flattened mini-batch's replay reuses its own dropout draw
+        from uae_fast.losses.cached_utility_infonce import _slice
+
+        enc.train()
+        flat = [f for _, f in pairs]
+        ref = UtilityInfoNCELoss(enc)
+        enc.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        emb = [torch.cat([enc(_slice(f, s, e))["sentence_embedding"] for s, e in ((0, 2), (2, 4), (4, 5))]) for f in flat]
+        ref_loss = ref.compute_loss_from_embeddings(emb, labels, ref.passage_keys(flat))
+        ref_loss.backward()
+        ref_g = _grads(enc)
+        torch.manual_seed(5)
+        loss, got = _run(make(), enc, flat, labels)
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=1e-6)
+        for n in ref_g:
+            torch.testing.assert_close(got[n], ref_g[n], rtol=0, atol=1e-5 * float(ref_g[n].abs().max()))
+
+
+def test_cached_replay_shape_mismatch_is_one_clear_error(model):
+    # a wrapper that changes the embeddings between the cached forward and the replay (old MatryoshkaLoss)
+    loss_fn = CachedUtilityInfoNCELoss(model, mini_batch_size=2)
+    feats, labels = _features(model, _texts()), torch.randn(B, K)
+    loss = loss_fn(feats, labels)
+    class Truncating(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, f):
+            return {"sentence_embedding": self.m(f)["sentence_embedding"][:, :4]}
+
+    loss_fn.model = Truncating(model)
+    with pytest.raises(RuntimeError, match="cached gradient is"):
+        loss.backward()
+
+
+def test_cached_accepts_a_compiled_model_and_refuses_a_wrapped_static_embedding(enc_dir, model):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import StaticEmbedding
+    from tokenizers import Tokenizer
+
+    class Compiled(torch.nn.Module):  # torch.compile's OptimizedModule: not iterable, the model in _orig_mod
+        def __init__(self, m):
+            super().__init__()
+            self._orig_mod = m
+
+        def __iter__(self):
+            raise TypeError("not iterable")
+
+    CachedUtilityInfoNCELoss(Compiled(model))
+    static = StaticEmbedding(Tokenizer.from_file(os.path.join(enc_dir, "tokenizer.json")), embedding_dim=8)
+    wrapped = SentenceTransformer(modules=[torch.nn.Sequential(static)], device="cpu")
+    with pytest.raises(ValueError, match="does not work with a StaticEmbedding model"):
+        CachedUtilityInfoNCELoss(Compiled(wrapped))
+
+
 # ------------------------------------------------------------------------------------ export + trainer
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
@@ -575,7 +721,7 @@ def test_ddp_find_unused_parameters_on_old_torch_is_refused(monkeypatch):
     ddp.__dict__.update(find_unused_parameters=True, _parameters={}, _buffers={}, _modules={})
     monkeypatch.setattr(C, "_torch_before", lambda major, minor: True)
     with pytest.raises(ValueError, match="find_unused_parameters=True needs torch >= 2.4"):
-        C._replay(torch.ones(()), loss_obj=SimpleNamespace(model=ddp), features=[], cache=[], states=[])
+        C._replay(torch.ones(()), loss_obj=SimpleNamespace(model=ddp), features=[], cache=[], states=[], ranges=[])
     monkeypatch.undo()
     assert not C._torch_before(2, 4) and C._torch_before(99, 0)  # this torch (2.13 here) is past the bug
     # release numbers only: 2.4 pre-releases and NVIDIA builds carry the fix; 2.3 does not

@@ -81,7 +81,9 @@ class CachedUtilityInfoNCELoss(UtilityInfoNCELoss):
 
         Relations:
             - Equals :class:`UtilityInfoNCELoss` (loss and parameter gradients; tested), at about 1.3-1.5x its
-              encoder compute (every text is embedded twice, once without a graph).
+              encoder compute (every text is embedded twice, once without a graph). With dropout on, exactly
+              so when ``mini_batch_size`` covers a column; smaller mini-batches draw other dropout masks than
+              one whole-column forward would (the same distribution; each replay reuses its own draw).
 
         Example:
             ::
@@ -102,8 +104,9 @@ class CachedUtilityInfoNCELoss(UtilityInfoNCELoss):
                          similarity_fct, dedupe_passages)
         if not isinstance(mini_batch_size, int) or mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
-        first = next(iter(model), None) if hasattr(model, "__iter__") else None
-        if type(first).__name__ == "StaticEmbedding":  # flattened token ids + offsets: not sliceable into rows
+        inner = getattr(model, "_orig_mod", model)  # a torch.compile'd model wraps the SentenceTransformer
+        modules = inner.modules() if isinstance(inner, nn.Module) else ()
+        if any(type(m).__name__ == "StaticEmbedding" for m in modules):  # token ids + offsets: no rows to split
             raise ValueError("CachedUtilityInfoNCELoss does not work with a StaticEmbedding model (its inputs cannot be "
                              "split into mini-batches; it is cheap to embed anyway): use UtilityInfoNCELoss")
         self.mini_batch_size = mini_batch_size
@@ -120,10 +123,10 @@ class CachedUtilityInfoNCELoss(UtilityInfoNCELoss):
         grad = torch.is_grad_enabled()
         RandContext = _rand_context()
         # Step 1: embed without a graph; keep each mini-batch's RNG state so step 3 replays its dropout.
-        reps, states = [], []
-        for f in features:
+        reps, states, ranges = [], [], [self._ranges(f) for f in features]
+        for f, col_ranges in zip(features, ranges):
             col_reps, col_states = [], []
-            for s, e in self._progress(self._ranges(f)):
+            for s, e in self._progress(col_ranges):
                 mb = _slice(f, s, e)
                 col_states.append(RandContext(*[v for v in mb.values() if isinstance(v, Tensor)]) if grad else None)
                 with torch.no_grad():
@@ -138,9 +141,9 @@ class CachedUtilityInfoNCELoss(UtilityInfoNCELoss):
         loss = self.calculate_loss(reps, labels, with_backward=True, keys=keys)
         cache = [torch.cat([r.grad if r.grad is not None else torch.zeros_like(r) for r in col]) for col in reps]
         loss = loss.detach().requires_grad_()
-        # Step 3 runs when the trainer back-propagates the returned loss. This call's features, cache and
-        # RNG states are bound to the hook, so a second forward before the backward cannot mix batches.
-        loss.register_hook(partial(_replay, loss_obj=self, features=features, cache=cache, states=states))
+        # Step 3 runs when the trainer back-propagates the returned loss. This call's features, ranges, cache
+        # and RNG states are bound to the hook, so a second forward before the backward cannot mix batches.
+        loss.register_hook(partial(_replay, loss_obj=self, features=features, cache=cache, states=states, ranges=ranges))
         return loss
 
     # sentence-transformers (>= 6) wrappers such as MatryoshkaLoss recognise a gradient-caching loss by this
@@ -173,6 +176,9 @@ class CachedUtilityInfoNCELoss(UtilityInfoNCELoss):
 
 
 def _rows(features: Dict[str, Tensor]) -> int:
+    cu = features.get("cu_seq_lens_q")
+    if isinstance(cu, Tensor):  # flattened inputs (FlashAttention-2 without padding): one row of all tokens
+        return int(cu.numel()) - 1
     for key in ("input_ids", "attention_mask"):
         if isinstance(features.get(key), Tensor):
             return int(features[key].shape[0])
@@ -180,7 +186,10 @@ def _rows(features: Dict[str, Tensor]) -> int:
 
 
 def _slice(features: Dict[str, Any], s: int, e: int) -> Dict[str, Any]:
-    """Rows ``s:e`` of every per-row tensor; the trailing padding all of them share is dropped."""
+    """Rows ``s:e`` of every per-row tensor; the trailing padding all of them share is dropped. Flattened
+    features (``cu_seq_lens_q``) give texts ``s:e``' tokens with their boundaries rebased."""
+    if isinstance(features.get("cu_seq_lens_q"), Tensor):
+        return _slice_flat(features, s, e)
     n = _rows(features)
     mask = features.get("attention_mask")
     width = None
@@ -194,6 +203,27 @@ def _slice(features: Dict[str, Any], s: int, e: int) -> Dict[str, Any]:
             if width is not None and v.dim() == 2 and v.shape[1] == mask.shape[1]:
                 v = v[:, :width]
         out[key] = v
+    return out
+
+
+def _slice_flat(features: Dict[str, Any], s: int, e: int) -> Dict[str, Any]:
+    """Texts ``s:e`` of flattened features (as transformers' ``DataCollatorWithFlattening`` writes them:
+    token tensors [1, tokens], ``cu_seq_lens_q/k`` boundaries, ``max_length_q/k``, ``seq_idx``)."""
+    cu = features["cu_seq_lens_q"]
+    t0, t1, total = int(cu[s]), int(cu[e]), int(cu[-1])
+    new_cu = cu[s:e + 1] - cu[s]
+    out: Dict[str, Any] = {}
+    for key, v in features.items():
+        if key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+            out[key] = new_cu
+        elif key in ("max_length_q", "max_length_k"):
+            out[key] = int((new_cu[1:] - new_cu[:-1]).max())
+        elif key == "seq_idx":
+            out[key] = v[..., t0:t1] - s
+        elif isinstance(v, Tensor) and v.dim() >= 1 and v.shape[-1] == total:
+            out[key] = v[..., t0:t1]  # token-level (input_ids, position_ids, ...)
+        else:
+            out[key] = v
     return out
 
 
@@ -223,7 +253,7 @@ def _ddp_replay(ddp_model, sync: bool):
             yield
 
 
-def _replay(grad_output: Tensor, *, loss_obj: CachedUtilityInfoNCELoss, features, cache, states) -> None:
+def _replay(grad_output: Tensor, *, loss_obj: CachedUtilityInfoNCELoss, features, cache, states, ranges) -> None:
     """Backward hook: re-embed each mini-batch with gradient and back-propagate its cached gradient."""
     model = loss_obj.model
     inner = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
@@ -233,7 +263,7 @@ def _replay(grad_output: Tensor, *, loss_obj: CachedUtilityInfoNCELoss, features
         # per-rank gradients (silently). The Hugging Face trainer turns find_unused_parameters on for ST models.
         raise ValueError("CachedUtilityInfoNCELoss under DDP with find_unused_parameters=True needs torch >= 2.4 "
                          "(pytorch#124193); upgrade torch or set ddp_find_unused_parameters=False")
-    jobs = [(f, g, st, r) for f, g, sts in zip(features, cache, states) for st, r in zip(sts, loss_obj._ranges(f))]
+    jobs = [(f, g, st, r) for f, g, sts, rs in zip(features, cache, states, ranges) for st, r in zip(sts, rs)]
     last_trainable, synced = None, False
     with torch.enable_grad():
         for n, (f, g, state, (s, e)) in enumerate(jobs):
@@ -242,9 +272,14 @@ def _replay(grad_output: Tensor, *, loss_obj: CachedUtilityInfoNCELoss, features
             final = n == len(jobs) - 1
             with _ddp_replay(inner if ddp else None, final), state:
                 rep = model(_slice(f, s, e))["sentence_embedding"]
+                if rep.shape != g[s:e].shape:  # e.g. an old sentence-transformers' MatryoshkaLoss truncating
+                    raise RuntimeError(f"CachedUtilityInfoNCELoss: the replayed mini-batch embeds to "
+                                       f"{tuple(rep.shape)} but its cached gradient is {tuple(g[s:e].shape)}; a "
+                                       f"wrapper that changes the embeddings needs sentence-transformers >= 6")
                 if rep.requires_grad:
-                    # fp32 surrogate whatever the autocast dtype: its gradient is exactly the cached one.
-                    (torch.dot(rep.flatten().float(), g[s:e].flatten().float()) * grad_output).backward()
+                    # surrogate in fp32 at least, whatever the autocast dtype: its gradient is the cached one
+                    acc = torch.promote_types(rep.dtype, torch.float32)
+                    (torch.dot(rep.flatten().to(acc), g[s:e].flatten().to(acc)) * grad_output).backward()
                     last_trainable, synced = n, final
         if ddp and inner.require_backward_grad_sync and not synced and last_trainable is not None:
             # The last mini-batch needed no gradient (a frozen route, e.g. a fixed passage tower), so no

@@ -91,8 +91,9 @@ class UtilityInfoNCELoss(nn.Module):
             - InfoNCE: van den Oord et al. 2018, https://arxiv.org/abs/1807.03748
 
         Relations:
-            - With one-hot utilities (or all-NaN rows, or ``label_mix=1``) and distinct passages this equals
-              ``MultipleNegativesRankingLoss(model, scale=1/temperature)`` (tested).
+            - With one utility per row, on ``passage_0`` (the others NaN), or all-NaN rows, or ``label_mix=1``,
+              and distinct passages, this equals ``MultipleNegativesRankingLoss(model, scale=1/temperature)``
+              (tested). Utilities are logits, not probabilities: [1, 0, 0] is a soft target over three passages.
             - :class:`CachedUtilityInfoNCELoss` is the same loss with GradCache, for batches of thousands.
             - :class:`uae_fast.UtilityInfoNCE` is the embedding-level module underneath (``q``, ``p``,
               ``target_idx``, ``target_utility``), for custom training loops.
@@ -224,17 +225,26 @@ def targets_from_labels(labels: Optional[Tensor], b: int, k: int, device) -> Tup
 
 
 def _token_keys(passage_features: List[Dict[str, Tensor]]) -> Optional[List[bytes]]:
-    """Per passage (column-major), its non-padding token ids as bytes; None without ``input_ids``."""
+    """Per passage (column-major), a 16-byte digest of its non-padding token ids; None without ``input_ids``.
+    Padded features ([rows, width] ids and mask) and flattened ones (sentence-transformers >= 6 with
+    FlashAttention-2: ids [1, tokens] split by ``cu_seq_lens_q``) give the same keys for the same texts.
+    Digests, not the ids, so that gathering keys across ranks costs 16 bytes a passage, not 8 a token."""
+    from hashlib import blake2b
+
     keys: List[bytes] = []
     for f in passage_features:
-        ids, mask = f.get("input_ids"), f.get("attention_mask")
+        ids, mask, cu = f.get("input_ids"), f.get("attention_mask"), f.get("cu_seq_lens_q")
         if not isinstance(ids, Tensor) or ids.dim() != 2:
             return None
         ids = ids.detach().cpu()
-        if isinstance(mask, Tensor) and mask.shape == ids.shape:
-            ids = ids.masked_fill(mask.detach().cpu() == 0, -1)  # padding never tells two texts apart
-        arr = ids.numpy()
-        keys.extend(row[row >= 0].tobytes() for row in arr)
+        if isinstance(cu, Tensor):  # flattened: one row of every text's tokens, boundaries in cu_seq_lens_q
+            flat, bounds = ids.reshape(-1).numpy(), cu.detach().cpu().tolist()
+            rows = [flat[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
+        else:
+            if isinstance(mask, Tensor) and mask.shape == ids.shape:
+                ids = ids.masked_fill(mask.detach().cpu() == 0, -1)  # padding never tells two texts apart
+            rows = [row[row >= 0] for row in ids.numpy()]
+        keys.extend(blake2b(row.astype("int64").tobytes(), digest_size=16).digest() for row in rows)
     return keys
 
 
