@@ -93,6 +93,52 @@ def test_read_run_orders_ties_as_trec_eval(tmp_path):
     assert retrieval_metrics([in_file[q] for q in golds], [set(g) for g in golds.values()]) != ours
 
 
+def test_read_run_reads_scores_at_trec_evals_float32_precision(tmp_path):
+    """Scores that differ only past float32's ~7 digits tie in trec_eval (a C float) and go by docid: so here."""
+    lines, golds = [], {}
+    for q in range(20):
+        docs = [f"d{i}" for i in range(6)]
+        for rank, d in enumerate(docs, 1):  # 80.123456 + 1e-6 * k: distinct as doubles, tied in pairs as floats
+            lines.append(f"q{q} Q0 {d} {rank} {80.123456 + 1e-6 * (len(docs) - rank):.6f} other")
+        golds[f"q{q}"] = [docs[q % len(docs)]]
+    (tmp_path / "dense.run").write_text("\n".join(lines) + "\n")
+    write_qrels(tmp_path / "qrels.txt", golds)
+    run = read_run(tmp_path / "dense.run")
+    assert run["q0"] != [f"d{i}" for i in range(6)]  # the double order is not trec_eval's
+    ours = retrieval_metrics([run[q] for q in golds], [set(g) for g in golds.values()])
+    want = _ir_measures(tmp_path / "dense.run", tmp_path / "qrels.txt")
+    for k in METRICS:
+        assert ours[k] == pytest.approx(want[k], abs=1e-12), k
+    (tmp_path / "huge.run").write_text("q Q0 a 1 1e39 s\nq Q0 b 2 2e39 s\n")  # both inf in a C float: by docid
+    assert read_run(tmp_path / "huge.run") == {"q": ["b", "a"]}
+
+
+def test_trec_comments_ids_and_conflicting_judgments(tmp_path):
+    (tmp_path / "c.run").write_text("# made by hand: q Q0 x 1 3 s\nq Q0 a 1 2 s\n#q Q0 b 2 1 s\n")
+    assert read_run(tmp_path / "c.run") == {"q": ["a"]}  # as trec_eval 9.0.8: '#' lines are comments
+    for bad in ("#q", "q\0x"):
+        with pytest.raises(ValueError, match="starts with '#' or holds a NUL"):
+            write_run(tmp_path / "x.run", {bad: ["a"]}, "s")
+    with pytest.raises(ValueError, match="starts with '#'"):
+        write_qrels(tmp_path / "x.qrels", {"q": ["#a"]})
+    (tmp_path / "q.txt").write_text("q 0 a 1\nq 0 a 1\nq 0 b 0\n")
+    assert read_qrels(tmp_path / "q.txt") == {"q": {"a": 1, "b": 0}}  # a repeated equal judgment is fine
+    (tmp_path / "q.txt").write_text("q 0 a 1\nq 0 a 0\n")
+    with pytest.raises(ValueError, match=r"q.txt:2: document 'a' of query 'q' is judged twice, 1 and 0"):
+        read_qrels(tmp_path / "q.txt")
+
+
+def test_write_run_refuses_scores_trec_eval_cannot_tell_apart(tmp_path, monkeypatch):
+    import uae_fast.trec as trec
+
+    assert trec._float32(2.0 ** 24 + 1) == trec._float32(2.0 ** 24)  # why the limit is where it is
+    assert trec._float32(2.0 ** 24) != trec._float32(2.0 ** 24 - 1)
+    monkeypatch.setattr(trec, "MAX_RUN_DEPTH", 3)  # the check, without writing 16M lines
+    with pytest.raises(ValueError, match="query 'q': 4 documents; .* pass depth <= 3"):
+        write_run(tmp_path / "x.run", {"q": ["a", "b", "c", "d"]}, "s")
+    assert write_run(tmp_path / "x.run", {"q": ["a", "b", "c", "d"]}, "s", depth=3) == 3
+
+
 def test_uae_eval_metrics_equal_ir_measures(tmp_path, tiny, tiny_lm, capsys):  # noqa: F811
     """Every metric `uae eval` prints, for every system and both tables, equals ir-measures on --save-runs' files."""
     from uae_fast.cli import main
@@ -154,6 +200,26 @@ def test_save_runs_errors(tmp_path):
         with pytest.raises(ValueError, match=msg):
             ev.evaluate(*args, names=["a/b"] if args[1] else None, baselines=("bm25",), progress=False, save_runs=str(runs))
         assert not runs.exists()
+    # query ids that collide once written (1 and "1") are refused like equal ones
+    with pytest.raises(ValueError, match="occurs twice"):
+        evaluate(RetrievalDataset(ds.passages, [dataclasses.replace(q, id=1), dataclasses.replace(q, id="1")], "c"), [],
+                 baselines=("bm25",), progress=False, save_runs=str(runs))
+
+
+def test_save_runs_refuses_a_folder_with_another_evaluations_runs(tmp_path):
+    # a scorer of every *.run in the folder (scripts/runs_report.py) would mix the two evaluations
+    ds = load_dataset(DEV)
+    runs = tmp_path / "runs"
+    evaluate(ds, [], baselines=("bm25",), progress=False, save_runs=str(runs), limit=4)
+    evaluate(ds, [], baselines=("bm25",), progress=False, save_runs=str(runs), limit=3)  # the same files: rewritten
+    assert sorted(os.listdir(runs)) == ["bm25.run", "qrels.txt"] and len(read_run(runs / "bm25.run")) == 3
+    (runs / "old-model.run").write_text("q Q0 a 1 1 old-model\n")
+    with pytest.raises(ValueError, match=r"--save-runs .*runs: it holds old-model.run from another evaluation"):
+        evaluate(ds, [], baselines=("bm25",), progress=False, save_runs=str(runs), limit=3)
+    (runs / "old-model.run").unlink()
+    (runs / "qrels-rerank-subset.txt").write_text("q 0 a 1\n")
+    with pytest.raises(ValueError, match="qrels-rerank-subset.txt"):
+        evaluate(ds, [], baselines=("bm25",), progress=False, save_runs=str(runs), limit=3)
 
 
 def test_run_files_are_never_half_written(tmp_path):

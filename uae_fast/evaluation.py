@@ -291,7 +291,7 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         raise ValueError(f"system names must be unique and not clash with the baselines: {names}")
     if save_runs:  # a run file's ids and names are checked now, not after every system has run
         rows = [fusion_row_name(fu) for fu in fusion] if "hybrid" in baselines else []
-        _check_run_ids(queries, ds, names + [b for b in baselines if b != "hybrid"] + rows)
+        _check_run_ids(queries, ds, names + [b for b in baselines if b != "hybrid"] + rows, folder=save_runs)
     # every encoder folder now, not after the ones before it have encoded the corpus
     uses_student = "base" in baselines or "rerank" in baselines or ("hybrid" in baselines and not models)  # as below
     for flag, path in [*(("--model", m) for m in models), *((("--student", student),) if uses_student else ())]:
@@ -426,22 +426,32 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
     return result
 
 
-def _check_run_ids(queries: Sequence[Query], ds: RetrievalDataset, systems: Sequence[str]) -> None:
+def _check_run_ids(queries: Sequence[Query], ds: RetrievalDataset, systems: Sequence[str],
+                   folder: Optional[str] = None) -> None:
     """What TREC files need (:mod:`uae_fast.trec`): unique query ids; no whitespace in query, passage or system
-    names; no path separator in a system name (it names its run file)."""
+    names; no path separator in a system name (it names its run file). ``folder``: it must not hold run files
+    this evaluation will not overwrite (a scorer of every ``*.run`` in it would mix two evaluations)."""
     from .trec import _token
 
     seen = set()
     for q in queries:
-        if q.id in seen:
+        qid = _token(q.id, "query id")  # as written: 1 and "1" are one id in a file
+        if qid in seen:
             raise ValueError(f"query id {q.id!r} occurs twice: TREC runs need unique query ids")
-        seen.add(_token(q.id, "query id"))
+        seen.add(qid)
     for pid in ds.passages:
         _token(pid, "passage id")
     for name in systems:
         _token(name, "system name")
         if "/" in name or os.sep in name:
             raise ValueError(f"system name {name!r} contains a path separator: it names its run file")
+    if folder and os.path.isdir(folder):
+        ours = {f"{n}.run" for n in systems} | {"qrels.txt"} | ({"qrels-rerank-subset.txt"} if "rerank" in systems else set())
+        stale = sorted(f for f in os.listdir(folder)
+                       if (f.endswith(".run") or f in ("qrels.txt", "qrels-rerank-subset.txt")) and f not in ours)
+        if stale:
+            raise ValueError(f"--save-runs {folder}: it holds {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''} "
+                             f"from another evaluation, which this one would not overwrite; use an empty folder")
 
 
 def _save_runs(folder: str, queries: Sequence[Query], rankings: Dict[str, List[List[str]]], n_subset: Optional[int]) -> dict:

@@ -4,13 +4,18 @@
 - qrels: one line per judged (query, document), ``qid 0 docid relevance``.
 
 Fields are separated by whitespace, so ids must not contain any (:func:`write_run` and
-:func:`write_qrels` refuse them). trec_eval and ir-measures ignore the rank column and re-sort each
-query's documents by score, breaking ties by docid in *descending* order; :func:`read_run` does the
-same, so a run written by another tool reads back in the order those tools evaluate.
+:func:`write_qrels` refuse them, and ids that trec_eval reads as a comment, ``#...``, or cannot hold, NUL).
+trec_eval and ir-measures ignore the rank column and re-sort each query's documents by score, read as a
+32-bit float, breaking ties by docid in *descending* order; :func:`read_run` does the same (scores that differ
+only past float32's ~7 digits tie there too), so a run written by another tool reads back in the order those
+tools evaluate. Lines starting with ``#`` are comments, as trec_eval 9.0.8 reads them.
 
 ``uae eval --save-runs DIR`` writes ``DIR/qrels.txt`` and one ``DIR/NAME.run`` per system with every
 ranked candidate. Its scores are ``depth - rank + 1`` (strictly decreasing: the tools evaluate exactly
-the ranking ``uae eval`` did, ties included), not the systems' raw scores.
+the ranking ``uae eval`` did, ties included), not the systems' raw scores. The qrels are binary and list
+positives only (``qid 0 docid 1``): graded judgments are binarised and judged-nonrelevant rows left out, so
+nDCG on a graded set, or a mean over a set with queries judged nonrelevant only, differs from the official
+qrels' figures.
 
 Example::
 
@@ -27,16 +32,32 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 __all__ = ["write_run", "write_qrels", "read_run", "read_qrels"]
+
+
+# A score above this is not distinct from its neighbour once trec_eval reads it as a 32-bit float.
+MAX_RUN_DEPTH = 2 ** 24
 
 
 def _token(x, what: str) -> str:
     s = str(x)
     if not s or any(c.isspace() for c in s):
         raise ValueError(f"{what} {s!r} is empty or contains whitespace: TREC files separate fields by whitespace")
+    if s.startswith("#") or "\0" in s:
+        raise ValueError(f"{what} {s!r} starts with '#' or holds a NUL: trec_eval reads such a line as a comment "
+                         f"or cannot hold it")
     return s
+
+
+def _float32(x: float) -> float:
+    """``x`` as trec_eval holds it (C ``float``): beyond float32's range it is +-inf."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
 
 
 def _open_for_write(path: str):
@@ -67,6 +88,9 @@ def write_run(path: str, rankings: Mapping[str, Sequence[str]], run_name: str, *
             if len(set(docs)) != len(docs):
                 raise ValueError(f"query {qid!r}: the ranking contains a document twice")
             n = len(docs)
+            if n > MAX_RUN_DEPTH:
+                raise ValueError(f"query {qid!r}: {n} documents; scores n - rank + 1 above 2**24 tie in trec_eval's "
+                                 f"32-bit floats: pass depth <= {MAX_RUN_DEPTH}")
             for rank, doc in enumerate(docs, 1):
                 f.write(f"{qid} Q0 {_token(doc, 'document id')} {rank} {n - rank + 1} {tag}\n")
             lines += n
@@ -94,7 +118,7 @@ def _rows(path: str, n_fields: int, form: str):
     with open_text(path, "TREC file") as f:
         for n, line in enumerate(f, 1):
             fields = line.split()
-            if not fields:
+            if not fields or fields[0].startswith("#"):  # blank, or a comment (trec_eval 9.0.8)
                 continue
             if len(fields) != n_fields:
                 raise ValueError(f"{path}:{n}: expected {n_fields} fields '{form}', got {len(fields)}")
@@ -114,7 +138,7 @@ def read_run(path: str) -> Dict[str, List[str]]:
         q = scored.setdefault(qid, {})
         if doc in q:
             raise ValueError(f"{path}:{n}: document {doc!r} ranked twice for query {qid!r}")
-        q[doc] = s
+        q[doc] = _float32(s)  # trec_eval's precision: scores equal there are ties, ordered by docid
     if not scored:
         raise ValueError(f"{os.fspath(path)}: the run holds no rows")
     # two stable sorts: docid descending, then score descending
@@ -126,7 +150,11 @@ def read_qrels(path: str) -> Dict[str, Dict[str, int]]:
     out: Dict[str, Dict[str, int]] = {}
     for n, (qid, _, doc, rel) in _rows(path, 4, "qid 0 docid relevance"):
         try:
-            out.setdefault(qid, {})[doc] = int(rel)
+            r = int(rel)
         except ValueError:
             raise ValueError(f"{path}:{n}: relevance {rel!r} is not an integer") from None
+        q = out.setdefault(qid, {})
+        if q.get(doc, r) != r:  # which one a tool keeps depends on the tool
+            raise ValueError(f"{path}:{n}: document {doc!r} of query {qid!r} is judged twice, {q[doc]} and {r}")
+        q[doc] = r
     return out
