@@ -12,7 +12,9 @@ so load changes on a shared CPU hit them alike. Utilities must agree with the na
 
 Workloads (``--workloads``, CANDIDATES/ANSWERS[/QUERIES]): ``top:3/first`` (BM25 top-3 + gold, first gold
 answer), ``top:3/all`` (every gold answer: the shipped train utilities' setting) and ``all/all`` (every
-paragraph of the paper, every answer: where one passage serves all of its paper's questions).
+paragraph of the paper, every answer: where one passage serves all of its paper's questions). A ``-nogold``
+suffix scores the policy's candidates alone, as ``uae score --no-gold`` does: ``answer:12-nogold/all`` is the
+answer-only default (BM25 over question + answers, top 12, every answer).
 
 ``--compile`` also times ours with the decoder through ``torch.compile`` (the one-time compile is timed
 apart and reported, not included).
@@ -104,7 +106,9 @@ def run_workload(scorer, ds, candidates, answers, n_queries, reps, group, compil
     """Times ours (and ``compiled``, the same scorer with the decoder through torch.compile) against naive."""
     model, dev = scorer.model, scorer.device
     qs = select_queries(ds, order="paper")[:n_queries]
-    pol = CandidatePolicy(ds, candidates)
+    # "-nogold": the policy's top-M alone, as `uae score --no-gold` picks them (no gold paragraph added)
+    policy, no_gold = (candidates[:-len("-nogold")], True) if candidates.endswith("-nogold") else (candidates, False)
+    pol = CandidatePolicy(ds, policy, no_gold=no_gold)
     items = [(q.question, list(q.answers) if answers == "all" else list(q.answers[:1]), [ds.passages[p].text for p in pol(q)])
              for q in qs]
     n_pass = sum(len(it[2]) for it in items)
@@ -187,7 +191,7 @@ def run_workload(scorer, ds, candidates, answers, n_queries, reps, group, compil
 def parse_workload(text, default_queries):
     parts = text.split("/")
     if len(parts) not in (2, 3) or parts[1] not in ("first", "all"):
-        raise SystemExit(f"--workloads entries look like top:3/first, all/all or all/all/8; got {text!r}")
+        raise SystemExit(f"--workloads entries look like top:3/first, all/all, all/all/8 or answer:12-nogold/all; got {text!r}")
     return parts[0], parts[1], int(parts[2]) if len(parts) == 3 else default_queries
 
 
