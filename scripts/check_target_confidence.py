@@ -114,6 +114,8 @@ def lexical_text_variants(ds, llm, gold, T):
             acc[k][0] += g[int(np.argmax(zx))]
             acc[k][1] += float(pr @ g)
             acc[k][2] += g[int(np.argmax(e))]
+    if not n:
+        raise SystemExit("lexical_text_variants: no question of the table has a gold paragraph to judge by")
     return {k: tuple(v / n for v in vals) for k, vals in acc.items()}
 
 

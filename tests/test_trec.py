@@ -109,23 +109,22 @@ def test_read_run_reads_scores_at_trec_evals_float32_precision(tmp_path):
     want = _ir_measures(tmp_path / "dense.run", tmp_path / "qrels.txt")
     for k in METRICS:
         assert ours[k] == pytest.approx(want[k], abs=1e-12), k
-    (tmp_path / "huge.run").write_text("q Q0 a 1 1e39 s\nq Q0 b 2 2e39 s\n")  # both inf in a C float: by docid
+    (tmp_path / "huge.run").write_text("q Q0 a 1 2e39 s\nq Q0 b 2 1e39 s\n")  # both inf in a C float: by docid
     assert read_run(tmp_path / "huge.run") == {"q": ["b", "a"]}
 
 
-def test_trec_comments_ids_and_conflicting_judgments(tmp_path):
+def test_trec_comments_ids_and_repeated_judgments(tmp_path):
     (tmp_path / "c.run").write_text("# made by hand: q Q0 x 1 3 s\nq Q0 a 1 2 s\n#q Q0 b 2 1 s\n")
-    assert read_run(tmp_path / "c.run") == {"q": ["a"]}  # as trec_eval 9.0.8: '#' lines are comments
-    for bad in ("#q", "q\0x"):
-        with pytest.raises(ValueError, match="starts with '#' or holds a NUL"):
+    assert read_run(tmp_path / "c.run") == {"q": ["a"]}  # as trec_eval 9.0.8: '#' in column 0 starts a comment
+    for bad in ("#q", "doc#3", "q\0x"):
+        with pytest.raises(ValueError, match="holds a '#' or a NUL"):
             write_run(tmp_path / "x.run", {bad: ["a"]}, "s")
-    with pytest.raises(ValueError, match="starts with '#'"):
-        write_qrels(tmp_path / "x.qrels", {"q": ["#a"]})
-    (tmp_path / "q.txt").write_text("q 0 a 1\nq 0 a 1\nq 0 b 0\n")
-    assert read_qrels(tmp_path / "q.txt") == {"q": {"a": 1, "b": 0}}  # a repeated equal judgment is fine
-    (tmp_path / "q.txt").write_text("q 0 a 1\nq 0 a 0\n")
-    with pytest.raises(ValueError, match=r"q.txt:2: document 'a' of query 'q' is judged twice, 1 and 0"):
-        read_qrels(tmp_path / "q.txt")
+    with pytest.raises(ValueError, match="document id 'a#1' holds a '#'"):
+        write_qrels(tmp_path / "x.qrels", {"q": ["a#1"]})
+    for text in ("q 0 a 1\nq 0 a 0\n", "q 0 a 1\nq 0 a 1\n"):  # trec_eval refuses both
+        (tmp_path / "q.txt").write_text(text)
+        with pytest.raises(ValueError, match=r"q.txt:2: document 'a' of query 'q' is judged twice \(1 and [01]\)"):
+            read_qrels(tmp_path / "q.txt")
 
 
 def test_write_run_refuses_scores_trec_eval_cannot_tell_apart(tmp_path, monkeypatch):
@@ -200,6 +199,13 @@ def test_save_runs_errors(tmp_path):
         with pytest.raises(ValueError, match=msg):
             ev.evaluate(*args, names=["a/b"] if args[1] else None, baselines=("bm25",), progress=False, save_runs=str(runs))
         assert not runs.exists()
+    with pytest.raises(ValueError, match="is a file, not a folder"):  # before any system runs
+        (tmp_path / "afile").write_text("x")
+        evaluate(ds, [], baselines=("bm25",), progress=False, save_runs=str(tmp_path / "afile"))
+    pid = next(iter(ds.passages))
+    with pytest.raises(ValueError, match="passage id .* occurs twice once written"):
+        evaluate(RetrievalDataset({**ds.passages, 7: ds.passages[pid], "7": ds.passages[pid]}, [q], "c"), [],
+                 baselines=("bm25",), progress=False, save_runs=str(runs))
     # query ids that collide once written (1 and "1") are refused like equal ones
     with pytest.raises(ValueError, match="occurs twice"):
         evaluate(RetrievalDataset(ds.passages, [dataclasses.replace(q, id=1), dataclasses.replace(q, id="1")], "c"), [],

@@ -439,12 +439,18 @@ def _check_run_ids(queries: Sequence[Query], ds: RetrievalDataset, systems: Sequ
         if qid in seen:
             raise ValueError(f"query id {q.id!r} occurs twice: TREC runs need unique query ids")
         seen.add(qid)
+    written = set()
     for pid in ds.passages:
-        _token(pid, "passage id")
+        p = _token(pid, "passage id")
+        if p in written:  # e.g. 1 and "1": one docid in a file
+            raise ValueError(f"passage id {pid!r} occurs twice once written: TREC runs need unique document ids")
+        written.add(p)
     for name in systems:
         _token(name, "system name")
         if "/" in name or os.sep in name:
             raise ValueError(f"system name {name!r} contains a path separator: it names its run file")
+    if folder and os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--save-runs {folder}: it is a file, not a folder")
     if folder and os.path.isdir(folder):
         ours = {f"{n}.run" for n in systems} | {"qrels.txt"} | ({"qrels-rerank-subset.txt"} if "rerank" in systems else set())
         stale = sorted(f for f in os.listdir(folder)

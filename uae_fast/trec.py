@@ -4,11 +4,11 @@
 - qrels: one line per judged (query, document), ``qid 0 docid relevance``.
 
 Fields are separated by whitespace, so ids must not contain any (:func:`write_run` and
-:func:`write_qrels` refuse them, and ids that trec_eval reads as a comment, ``#...``, or cannot hold, NUL).
+:func:`write_qrels` refuse them, and ids holding ``#``, which trec_eval reads as the start of a comment, or NUL).
 trec_eval and ir-measures ignore the rank column and re-sort each query's documents by score, read as a
 32-bit float, breaking ties by docid in *descending* order; :func:`read_run` does the same (scores that differ
 only past float32's ~7 digits tie there too), so a run written by another tool reads back in the order those
-tools evaluate. Lines starting with ``#`` are comments, as trec_eval 9.0.8 reads them.
+tools evaluate. Lines starting with ``#`` (in the first column) are comments, as trec_eval 9.0.8 reads them.
 
 ``uae eval --save-runs DIR`` writes ``DIR/qrels.txt`` and one ``DIR/NAME.run`` per system with every
 ranked candidate. Its scores are ``depth - rank + 1`` (strictly decreasing: the tools evaluate exactly
@@ -46,9 +46,9 @@ def _token(x, what: str) -> str:
     s = str(x)
     if not s or any(c.isspace() for c in s):
         raise ValueError(f"{what} {s!r} is empty or contains whitespace: TREC files separate fields by whitespace")
-    if s.startswith("#") or "\0" in s:
-        raise ValueError(f"{what} {s!r} starts with '#' or holds a NUL: trec_eval reads such a line as a comment "
-                         f"or cannot hold it")
+    if "#" in s or "\0" in s:
+        raise ValueError(f"{what} {s!r} holds a '#' or a NUL: trec_eval reads from '#' on as a comment (its line "
+                         f"count then runs short) and cannot hold a NUL")
     return s
 
 
@@ -118,7 +118,7 @@ def _rows(path: str, n_fields: int, form: str):
     with open_text(path, "TREC file") as f:
         for n, line in enumerate(f, 1):
             fields = line.split()
-            if not fields or fields[0].startswith("#"):  # blank, or a comment (trec_eval 9.0.8)
+            if not fields or line.startswith("#"):  # blank, or a comment (trec_eval 9.0.8: '#' in column 0)
                 continue
             if len(fields) != n_fields:
                 raise ValueError(f"{path}:{n}: expected {n_fields} fields '{form}', got {len(fields)}")
@@ -154,7 +154,7 @@ def read_qrels(path: str) -> Dict[str, Dict[str, int]]:
         except ValueError:
             raise ValueError(f"{path}:{n}: relevance {rel!r} is not an integer") from None
         q = out.setdefault(qid, {})
-        if q.get(doc, r) != r:  # which one a tool keeps depends on the tool
-            raise ValueError(f"{path}:{n}: document {doc!r} of query {qid!r} is judged twice, {q[doc]} and {r}")
+        if doc in q:  # trec_eval refuses any repeated judgment, equal or not
+            raise ValueError(f"{path}:{n}: document {doc!r} of query {qid!r} is judged twice ({q[doc]} and {r})")
         q[doc] = r
     return out
