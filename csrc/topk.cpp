@@ -228,8 +228,10 @@ static void check_array(const py::array& a, const char* name, int64_t min_items,
 // Largest vector dimension (2^20: far above any embedding model; 16 rows of it are 64 MiB of float32).
 // Keeps d + G, 16 * dpad and the query buffers far from int overflow.
 constexpr int kMaxDim = 1 << 20;
-// int8 scores are exact int32 sums of d products of at most 127 x 127: 2^17 dims keep them below 2^31
-// (VPDPBUSD wraps silently beyond).
+// int8 scores are exact int32 sums of d products of at most 127 x 127: 2^17 dims keep them below 2^31.
+// The kernels accumulate (q + 128) * x, up to 255 x 127 x d, which passes 2^31 above 66,313 dims: it wraps
+// (VPDPBUSD by design, the portable kernels in unsigned lanes), and subtracting 128 * rowsum modulo 2^32
+// leaves the exact score.
 constexpr int kMaxDimI8 = 1 << 17;
 
 struct Layout {
@@ -265,6 +267,10 @@ static int64_t check_storage(const Layout& L, const py::array& data, const py::a
 }
 
 // ---- packing ------------------------------------------------------------------------------------
+
+// Round to the nearest int8 step and clamp to [-127, 127]. Its argument is finite (inputs are checked, the
+// scale's inverse is a double), so the clamp sees no NaN.
+static inline int quant8(double x) { return (int)std::max(-127.0, std::min(127.0, std::nearbyint(x))); }
 
 // Writes rows [row0, row0 + m) of the panel storage from float32 x [m, d].
 // Optional int8 refinement: a second int8 code of the rounding residual, row-major [n, d], with its own
@@ -316,13 +322,14 @@ static void pack_rows(int dtype, py::array x, py::array data, py::array xscale, 
             int8_t* o = reinterpret_cast<int8_t*>(dst);
             float amax = 0.f;
             for (int j = 0; j < d; ++j) amax = std::max(amax, std::fabs(row[j]));
-            // Symmetric per-row scale: the row's largest |value| maps to 127.
+            // Symmetric per-row scale: the row's largest |value| maps to 127. The inverse in double: for
+            // amax below ~3.7e-37, 127 / amax overflows a float and 0 * inf would quantise zeros to 127.
             const float scale = amax > 0.f ? amax / 127.f : 0.f;
-            const float inv = amax > 0.f ? 127.f / amax : 0.f;
+            const double inv = amax > 0.f ? 127.0 / (double)amax : 0.0;
             int32_t sum = 0;
             float ramax = 0.f;
             for (int j = 0; j < d; ++j) {
-                const int v = (int)std::max(-127.f, std::min(127.f, std::nearbyint(row[j] * inv)));
+                const int v = quant8((double)row[j] * inv);
                 o[L.offset(r, j)] = (int8_t)v;
                 sum += v;
                 ramax = std::max(ramax, std::fabs(row[j] - (float)v * scale));
@@ -330,9 +337,9 @@ static void pack_rows(int dtype, py::array x, py::array data, py::array xscale, 
             xs[r] = scale;
             rs[r] = sum;
             if (res.q) {
-                const float rinv = ramax > 0.f ? 127.f / ramax : 0.f;
+                const double rinv = ramax > 0.f ? 127.0 / (double)ramax : 0.0;
                 for (int j = 0; j < d; ++j)
-                    res.q[r * d + j] = (int8_t)std::max(-127.f, std::min(127.f, std::nearbyint((row[j] - (float)o[L.offset(r, j)] * scale) * rinv)));
+                    res.q[r * d + j] = (int8_t)quant8((double)(row[j] - (float)o[L.offset(r, j)] * scale) * rinv);
                 res.s[r] = ramax > 0.f ? ramax / 127.f : 0.f;
             }
         }
@@ -379,19 +386,20 @@ static void pack_queries(const Layout& L, const float* q, int nq, int qm_max, ui
             if (L.dtype == kF32) {
                 for (int g = 0; g < words; ++g) tile[g * qm + i] = bits_from_f32(dim(g));
             } else if (widen) {  // the query rounded to bf16 as the one-tile path packs it: same candidates either way
-                for (int g = 0; g < words; ++g) tile[g * qm + i] = (uint32_t)bf16_from_f32(dim(g)) << 16;
+                // pairs swapped (word 2g holds dim 2g + 1), matching widen_bf16_panels' odd-first order
+                for (int g = 0; g < words; ++g) tile[g * qm + i] = (uint32_t)bf16_from_f32(dim(g ^ 1)) << 16;
             } else if (L.dtype == kBF16) {
                 for (int g = 0; g < L.ng; ++g)
                     tile[g * qm + i] = (uint32_t)bf16_from_f32(dim(2 * g)) | ((uint32_t)bf16_from_f32(dim(2 * g + 1)) << 16);
             } else {
                 float amax = 0.f;
                 for (int j = 0; j < L.d; ++j) amax = std::max(amax, std::fabs(row[j]));
-                const float inv = amax > 0.f ? 127.f / amax : 0.f;
+                const double inv = amax > 0.f ? 127.0 / (double)amax : 0.0;  // double: see pack_rows
                 qscale[q0 + i] = amax > 0.f ? amax / 127.f : 0.f;
                 for (int g = 0; g < L.ng; ++g) {
                     uint32_t w = 0;
                     for (int b = 0; b < 4; ++b) {
-                        const int v = (int)std::max(-127.f, std::min(127.f, std::nearbyint(dim(4 * g + b) * inv)));
+                        const int v = quant8((double)dim(4 * g + b) * inv);
                         w |= (uint32_t)(v + 128) << (8 * b);  // u8 operand of VPDPBUSD
                     }
                     tile[g * qm + i] = w;

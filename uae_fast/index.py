@@ -652,6 +652,12 @@ class TopKIndex:
                               refine=header.get("refine", False) is True)
         except (TypeError, ValueError) as e:
             raise corrupt(str(e)) from None
+        # the panel layout this build scans: a file written by a build with another padding or panel size
+        # (same byte count by chance) would be read with the wrong strides, so it must match exactly
+        for key, want in (("dpad", index._dpad), ("panel_bytes", index._panel_bytes)):
+            if key in header and header[key] != want:
+                raise corrupt(f"its {key} {header[key]!r} is not this build's {want} for {dtype} dim {dim} "
+                              f"(written by another version of uae_fast?)")
         panels = -(-ntotal // 16)
         data = arrays.get("data")
         if data is None or data.dtype != np.uint8 or data.shape != (panels * index._panel_bytes,):
@@ -779,11 +785,14 @@ class FaissTopKIndex(TopKIndex):
         arr = self._prepare("x", x)
         self._set_threads()
         with self._lock:
-            try:
-                self._index.train(arr)
-            except RuntimeError as e:
-                why = _why(e)
-                raise ValueError(f"FAISS training failed for {self.factory!r} on {arr.shape[0]} vectors: {why}") from None
+            self._train_locked(arr)
+
+    def _train_locked(self, arr) -> None:
+        try:
+            self._index.train(arr)
+        except RuntimeError as e:
+            why = _why(e)
+            raise ValueError(f"FAISS training failed for {self.factory!r} on {arr.shape[0]} vectors: {why}") from None
 
     def add(self, x, ids=None) -> None:
         arr = self._prepare("x", x)
@@ -791,10 +800,10 @@ class FaissTopKIndex(TopKIndex):
         ids = None if ids is None else _as_ids(ids, m)
         if m == 0:
             return
-        if not self._index.is_trained:
-            self.train(arr)
         self._set_threads()
         with self._lock:
+            if not self._index.is_trained:  # checked under the lock: two first adds must not both train
+                self._train_locked(arr)
             new_ids = self._take_ids(ids, m)
             self._index.add(arr)
             self._ids = np.concatenate([self._ids[: self._n], new_ids])
