@@ -109,3 +109,62 @@ def test_atomic_write_removes_leftovers_of_dead_processes_only(tmp_path):
         f.write("data")
     assert target.read_text() == "data"
     assert not orphan.exists() and alive.exists() and mine.exists() and other.exists() and fresh.exists()
+
+
+def _qasper_one(tmp_path, answer):
+    paper = {"full_text": [{"section_name": "S", "paragraphs": ["p1", "p2"]}],
+             "qas": [{"question": "q?", "question_id": "q1", "answers": [{"answer": answer}]}]}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"P": paper}))
+    return str(path)
+
+
+@pytest.mark.parametrize("answer, msg", [
+    ({"yes_no": "no", "evidence": ["p1"]}, "yes_no must be a boolean, got a string"),  # "no" would read as Yes
+    ({"unanswerable": "false", "free_form_answer": "x"}, "unanswerable must be a boolean, got a string"),
+])
+def test_qasper_answer_flags_must_be_booleans(tmp_path, answer, msg):
+    with pytest.raises(ValueError, match=msg):
+        load_dataset(_qasper_one(tmp_path, answer))
+
+
+def test_qasper_unanswerable_evidence_is_no_gold(tmp_path):
+    # as the official reader: an unanswerable annotation gives no answer and no evidence
+    ds = load_dataset(_qasper_one(tmp_path, {"unanswerable": True, "evidence": ["p1"]}))
+    assert ds.queries[0].answers == [] and ds.queries[0].gold == []
+    ds = load_dataset(_qasper_one(tmp_path, {"unanswerable": False, "yes_no": False, "evidence": ["p2"]}))
+    assert ds.queries[0].answers == ["No"] and ds.queries[0].gold == ["P:1"]
+
+
+def test_jsonl_queries_without_candidates_and_blank_passages(tmp_path):
+    p = tmp_path / "d.jsonl"
+    rows = [{"type": "passage", "id": "a", "text": "alpha", "doc_id": "d1"},
+            {"type": "query", "id": "q", "question": "?", "answers": ["x"], "doc_id": "D1"}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"d.jsonl:2: query 'q' has no candidate passages \(no passage has doc_id 'D1'\)"):
+        load_dataset(str(p))
+    rows[1] = {"type": "query", "id": "q", "question": "?", "answers": ["x"], "candidates": []}
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="its candidates list is empty"):
+        load_dataset(str(p))
+    rows[0]["text"] = "   "
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="d.jsonl:1: passage text is blank"):
+        load_dataset(str(p))
+
+
+def test_byte_order_mark_and_crlf_are_read(tmp_path):
+    rows = [{"type": "passage", "id": "a", "text": "alpha", "doc_id": "d1"},
+            {"type": "query", "id": "q", "question": "?", "answers": ["x"], "gold": ["a"], "doc_id": "d1"}]
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in rows).encode())
+    ds = load_dataset(str(p))
+    assert list(ds.passages) == ["a"] and ds.queries[0].gold == ["a"]
+
+
+def test_uae_data_dir_without_the_file_is_an_error(tmp_path, monkeypatch):
+    from uae_fast.data import DATA_DIR_ENV, default_qasper_path
+
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"{DATA_DIR_ENV}=.* holds no qasper-dev"):
+        default_qasper_path("dev")

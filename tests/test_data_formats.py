@@ -140,8 +140,8 @@ def test_squad_repeated_context_and_colliding_titles(tmp_path):
     # A file flattened to one paragraph per question repeats the context: one passage, gold for both questions.
     # Titles "T", "T#2", "T": the renamed third article must not take the second's ids.
     ctx = "Paris is the capital.\nIt is in France."
-    para = lambda qid, start: {"context": ctx, "qas": [{"id": qid, "question": "?", "answers": [{"text": "x", "answer_start": start}]}]}  # noqa: E731
-    raw = {"data": [{"title": "T", "paragraphs": [para("a", 0), para("b", 25)]},
+    para = lambda qid, text, start: {"context": ctx, "qas": [{"id": qid, "question": "?", "answers": [{"text": text, "answer_start": start}]}]}  # noqa: E731
+    raw = {"data": [{"title": "T", "paragraphs": [para("a", "Paris", 0), para("b", "is", 25)]},
                     {"title": "T#2", "paragraphs": [{"context": "two", "qas": []}]},
                     {"title": "T", "paragraphs": [{"context": "three", "qas": [{"id": "c", "question": "?", "answers": [{"text": "t", "answer_start": 0}]}]}]}]}
     p = tmp_path / "squad.json"
@@ -154,12 +154,13 @@ def test_squad_repeated_context_and_colliding_titles(tmp_path):
 
 def test_jsonl_gold_outside_the_pool_is_refused(tmp_path):
     psg = [{"type": "passage", "id": "a", "doc_id": "d1", "text": "alpha"}, {"type": "passage", "id": "b", "doc_id": "d2", "text": "beta"}]
-    for q, msg in (({"doc_id": "d2"}, "outside the passages of doc_id 'd2'"), ({"candidates": ["b"]}, "outside its candidates"),
-                   ({"doc_id": "D1"}, "outside the passages of doc_id 'D1'")):
+    for q, msg in (({"doc_id": "d2"}, r"has gold passage\(s\) \['a'\] outside the passages of doc_id 'd2'"),
+                   ({"candidates": ["b"]}, r"has gold passage\(s\) \['a'\] outside its candidates"),
+                   ({"doc_id": "D1"}, r"has no candidate passages \(no passage has doc_id 'D1'\)")):
         p = tmp_path / "d.jsonl"
         rec = dict({"type": "query", "id": "q", "question": "?", "answers": ["x"], "gold": ["a"]}, **q)
         p.write_text("".join(json.dumps(r) + "\n" for r in psg + [rec]))
-        with pytest.raises(ValueError, match=r"d.jsonl:3: query 'q' has gold passage\(s\) \['a'\] " + msg):
+        with pytest.raises(ValueError, match=r"d.jsonl:3: query 'q' " + msg):
             load_dataset(p)
 
 
@@ -192,6 +193,12 @@ def test_squad_json(tmp_path):
     ([1, 2], r"JSON must be QASPER \(paper ids -> papers\) or SQuAD"),
     ({"data": [{"paragraphs": [{"context": "abc", "qas": [{"id": "x", "question": "q"}, {"id": "x", "question": "r"}]}]}]},
      r"data\[0\].paragraphs\[0\]: duplicate question id 'x'"),
+    ({"data": [{"paragraphs": [{"context": "cats\ndogs", "qas": [{"id": "x", "question": "q",
+                                                                   "answers": [{"text": "dogs", "answer_start": 0}]}]}]}]},
+     r"question 'x': the context at answer_start 0 is 'cats', not the answer 'dogs'"),
+    ({"data": [{"paragraphs": [{"context": "abc", "qas": 5}]}]}, r"data\[0\].paragraphs\[0\]: qas must be an array"),
+    ({"data": [{"paragraphs": [{"context": "abc", "qas": [{"id": "x", "question": "q", "answers": 5}]}]}]},
+     r"question 'x': answers must be an array"),
 ])
 def test_squad_bad_input(tmp_path, bad, msg):
     p = tmp_path / "bad.json"
@@ -304,3 +311,27 @@ def test_uae_train_reads_a_beir_folders_train_split(tmp_path, capsys):
     (root / "qrels" / "train.tsv").write_text("q4\td4\t1\nq3\td2\t1\n")
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
     assert main(args + ["--out", str(tmp_path / "c"), "--data", str(root / "qrels" / "test.tsv")]) == 0  # named: as asked
+
+
+def test_squad_is_impossible_wins_over_listed_answers(tmp_path):
+    raw = {"data": [{"title": "T", "paragraphs": [{"context": "cats\ndogs", "qas": [
+        {"id": "x", "question": "q", "is_impossible": True, "answers": [{"text": "dogs", "answer_start": 5}]}]}]}]}
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps(raw))
+    q = load_dataset(p).queries[0]
+    assert (q.answers, q.gold) == ([], [])
+
+
+def test_beir_ids_must_be_strings_or_ints(tmp_path):
+    root = write_beir(tmp_path / "toy")
+    (root / "corpus.jsonl").write_text(json.dumps({"_id": None, "text": "x"}) + "\n")
+    with pytest.raises(ValueError, match="corpus record 1: _id must be a string id, got null"):
+        load_dataset(root)
+
+
+def test_quickstart_refuses_train_and_dev_sharing_papers(tmp_path):
+    from uae_fast.quickstart import check
+
+    dev = "tests/fixtures/qasper-dev-mini.json.gz"
+    with pytest.raises(ValueError, match="share .* papers .*held-out papers"):
+        check(train_data=dev, dev_data=dev)

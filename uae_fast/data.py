@@ -129,11 +129,12 @@ def open_text(path: str, what: str = "data file"):
     gz = head[:2] == b"\x1f\x8b"
     if head == b"UAETOPK1":  # the container of every uae index file (dense.uae, lexical.uae)
         raise ValueError(f"{path} is a uae index file, not a {what}")
+    # utf-8-sig: a byte-order mark (as some Windows tools write) is dropped, not read as part of the first id
     if gz:
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
     if path.endswith(".gz"):
         raise ValueError(f"cannot read {what} {path}: it is named .gz but is not gzip-compressed")
-    return open(path, "r", encoding="utf-8")
+    return open(path, "r", encoding="utf-8-sig")
 
 
 # Reading a truncated or corrupt file raises EOFError (gzip stream cut short), OSError (BadGzipFile, CRC),
@@ -374,9 +375,13 @@ def _qasper_from_dict(raw: dict, name: str, path: Optional[str] = None) -> Retri
                 field = f"answers[{k}].answer"
                 _expect(a.get("free_form_answer"), str, qwhere, f"{field}.free_form_answer", optional=True)
                 _strings(a.get("extractive_spans"), qwhere, f"{field}.extractive_spans")
+                _expect(a.get("yes_no"), bool, qwhere, f"{field}.yes_no", optional=True)  # "no" would read as Yes
+                unanswerable = _expect(a.get("unanswerable"), bool, qwhere, f"{field}.unanswerable", optional=True)
                 text = qasper_answer_text(a)
                 if text is not None and text not in answers:
                     answers.append(text)
+                if unanswerable:  # as the official reader: an unanswerable annotation's evidence is no gold
+                    continue
                 for ev in _strings(a.get("evidence"), qwhere, f"{field}.evidence"):
                     if not ev or ev.startswith(FLOAT_SELECTED):
                         continue
@@ -445,6 +450,8 @@ def _from_jsonl(path: str) -> RetrievalDataset:
         doc_id = None if doc_id is None else _id(doc_id, where, "doc_id")
         if kind == "passage":
             text = _expect(rec["text"], str, where, "text")
+            if not text.strip():
+                raise ValueError(f"{where}: passage text is blank")
             section = _expect(rec.get("section"), str, where, "section", optional=True) or ""
             passages[rid] = Passage(rid, doc_id if doc_id is not None else "", text, section)
         else:
@@ -466,6 +473,9 @@ def _from_jsonl(path: str) -> RetrievalDataset:
         missing = [pid for pid in q.gold + list(q.candidates or []) if pid not in passages]
         if missing:
             raise ValueError(f"{path}:{q_line[q.id]}: query {q.id!r} names unknown passage id(s) {missing[:3]}")
+        if (q.candidates is not None or q.doc_id is not None) and not ds.pool(q):
+            where = "its candidates list is empty" if q.candidates is not None else f"no passage has doc_id {q.doc_id!r}"
+            raise ValueError(f"{path}:{q_line[q.id]}: query {q.id!r} has no candidate passages ({where})")
         pool = set(ds.pool(q)) if q.gold and (q.candidates is not None or q.doc_id is not None) else None
         outside = [pid for pid in q.gold if pool is not None and pid not in pool]
         if outside:  # it could never be retrieved: every metric would count it as a miss
@@ -489,7 +499,7 @@ def _beir_records(path: str, what: str) -> Iterator[tuple]:
     for n, rec in jsonl_records(path, f"BEIR {what} file"):
         if "_id" not in rec or not isinstance(rec.get("text"), str):
             raise ValueError(f"{path}: {what} record {n} needs '_id' and a string 'text'")
-        yield n, str(rec["_id"]), rec
+        yield n, _id(rec["_id"], f"{path}: {what} record {n}", "_id"), rec
 
 
 def _beir_qrels(path: str) -> Dict[str, Dict[str, float]]:
@@ -601,20 +611,25 @@ def _squad_from_dict(raw: dict, name: str) -> RetrievalDataset:
                         passages[pid] = Passage(pid, key, text, title)
                         i += 1
                     spans.append((line.start(), line.end(), pid))
-            for qa in para.get("qas") or []:
+            for qa in _expect(para.get("qas"), list, f"{name}: data[{n}].paragraphs[{m}]", "qas", optional=True) or []:
                 if not isinstance(qa, dict) or "id" not in qa or not isinstance(qa.get("question"), str):
                     raise ValueError(f"{name}: a question of data[{n}].paragraphs[{m}] lacks 'id' or 'question'")
                 if str(qa["id"]) in seen_q:
                     raise ValueError(f"{name}: data[{n}].paragraphs[{m}]: duplicate question id {qa['id']!r}")
                 seen_q.add(str(qa["id"]))
                 answers, gold = [], []
-                for a in qa.get("answers") or []:
+                qwhere = f"{name}: question {qa['id']!r}"
+                impossible = _expect(qa.get("is_impossible"), bool, qwhere, "is_impossible", optional=True)
+                for a in ([] if impossible else _expect(qa.get("answers"), list, qwhere, "answers", optional=True) or []):
                     text, start = (a.get("text"), a.get("answer_start")) if isinstance(a, dict) else (None, None)
                     if not isinstance(text, str) or not isinstance(start, int) or isinstance(start, bool):
                         raise ValueError(f"{name}: question {qa['id']!r}: an answer lacks 'text' or an integer 'answer_start'")
                     if not 0 <= start < len(context):
                         raise ValueError(f"{name}: question {qa['id']!r}: answer_start {start} is outside its context "
                                          f"({len(context)} characters)")
+                    if text and context[start:start + len(text)] != text:  # the gold line comes from the offset
+                        raise ValueError(f"{name}: question {qa['id']!r}: the context at answer_start {start} is "
+                                         f"{context[start:start + len(text)]!r}, not the answer {text!r}")
                     end = start + max(1, len(text))
                     gold += [pid for s, e, pid in spans if s < end and start < e and pid not in gold]
                     if text.strip() and text.strip() not in answers:
@@ -712,7 +727,11 @@ def default_qasper_path(split: str, *, flag: str = "--data") -> str:
     """The full QASPER ``split``: in ``$UAE_DATA_DIR``, else ``../shared/data/qasper`` or ``data/qasper`` of the checkout."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     name = QASPER_FILE.format(split=split)
-    roots = [os.environ.get(DATA_DIR_ENV), os.path.join(here, "..", "shared", "data", "qasper"), os.path.join(here, "data", "qasper")]
+    env = os.environ.get(DATA_DIR_ENV)
+    if env and not _qasper_in(env, split):  # a set folder that lacks the file: an error, never another copy
+        raise FileNotFoundError(f"{DATA_DIR_ENV}={env} holds no {name[:-3]}(.gz); pass {flag} FILE, or unset "
+                                f"{DATA_DIR_ENV}")
+    roots = [env, os.path.join(here, "..", "shared", "data", "qasper"), os.path.join(here, "data", "qasper")]
     for root in roots:
         p = _qasper_in(root, split) if root else None
         if p:

@@ -138,11 +138,22 @@ def _uses_shipped(full: bool, utilities, train_data, teacher) -> bool:
     return not (full or utilities or train_data or teacher not in (None, DEFAULT_TEACHER_KEY))
 
 
+def check_disjoint(train_ds, dev_ds) -> None:
+    """Train and dev must share no paper (doc_id) and no question id: dev numbers would be contaminated."""
+    docs = {q.doc_id for q in train_ds.queries if q.doc_id} & {q.doc_id for q in dev_ds.queries if q.doc_id}
+    qids = {q.id for q in train_ds.queries} & {q.id for q in dev_ds.queries}
+    if docs or qids:
+        what = f"{len(docs)} papers (e.g. {sorted(docs)[0]!r})" if docs else f"{len(qids)} question ids (e.g. {sorted(qids)[0]!r})"
+        raise ValueError(f"the train data ({train_ds.name}) and the dev data ({dev_ds.name}) share {what}: "
+                         f"evaluate on held-out papers")
+
+
 def check(full: bool = False, train_data: Optional[str] = None, dev_data: Optional[str] = None,
           utilities: Optional[str] = None, teacher: Optional[str] = None) -> dict:
     """What the quickstart would read, loaded and counted, without running a model (``--dry-run``)."""
     train_path, dev_path = resolve_data(full, train_data, dev_data)
     train_ds, dev_ds = load_dataset(train_path), load_dataset(dev_path)
+    check_disjoint(train_ds, dev_ds)
     if utilities and not os.path.exists(utilities):
         raise FileNotFoundError(f"utilities file not found: {utilities}")
     shipped = _shipped_utilities() if _uses_shipped(full, utilities, train_data, teacher) else None
@@ -224,6 +235,7 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     train_path, dev_path = resolve_data(full, train_data, dev_data)
     os.makedirs(out, exist_ok=True)
     train_ds, dev_ds = load_dataset(train_path), load_dataset(dev_path)
+    check_disjoint(train_ds, dev_ds)
     q = dict(QUICK)
     for k, v in (("score_queries", score_queries), ("train_steps", train_steps), ("dev_queries", dev_queries),
                  ("rerank_queries", rerank_queries)):
