@@ -6,6 +6,7 @@ import math
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -269,6 +270,9 @@ def test_resume_is_exact(tmp_path, ds, tiny):
     assert not s1["finished"] and s1["steps"] == 2
     assert latest_checkpoint(str(part)).endswith("step-000002")
     assert not os.path.exists(part / "model.safetensors")  # not finished: no final model yet
+    torch.manual_seed(12345)  # another process's RNG: the resume must restore the checkpoint's, not continue this one
+    np.random.seed(12345)
+    random.seed(12345)
     s2 = train(TrainConfig(**cfg), str(part), resume=True, save_every=100, progress=False, ds=ds)
     assert s2["finished"] and s2["steps"] == 4
     wf, wp, w0 = _weights(full), _weights(part), _weights(tiny)
@@ -467,6 +471,27 @@ def test_min_steps_adds_epochs_to_small_data_only(ds):
     assert BatchSampler(ds, TrainConfig(**kw, min_steps=10**6, max_steps=5)).total_micro_batches() == 5
     with pytest.raises(ValueError, match="min_steps must be an int >= 0"):
         TrainConfig(min_steps=-1).check()
+
+
+def test_global_queries_count_each_micro_batch(ds):
+    # grad_accum weights a step's micro-batches by these counts: an epoch's short last batch counts its queries
+    sampler = BatchSampler(ds, TrainConfig(loss="infonce", batch_size=4, passages_per_query=3))
+    n, bpe = len(sampler.queries), sampler.batches_per_epoch
+    sizes = [sampler.global_queries(m) for m in range(2 * bpe)]
+    assert sum(sizes[:bpe]) == n and sizes[:bpe] == sizes[bpe:]
+    assert sizes[bpe - 1] == n - 4 * (bpe - 1) and set(sizes[: bpe - 1]) == {4}
+    assert all(len(sampler.batch(m).queries) == sizes[m] for m in (0, bpe - 1))
+    assert n % 4, "the fixture should end its epochs with a short batch"
+
+
+def test_fractional_epochs_count_exact_micro_batches(ds):
+    # epochs x batches per epoch in floating point: 1.1 x 100 = 110.00000000000001 must give 110, not 111
+    sampler = BatchSampler(ds, TrainConfig(loss="infonce", batch_size=4, passages_per_query=3, epochs=1.1))
+    sampler.batches_per_epoch = 100
+    assert sampler.total_micro_batches() == 110
+    sampler.cfg = TrainConfig(loss="infonce", batch_size=4, passages_per_query=3, epochs=2.2)
+    sampler.batches_per_epoch = 50
+    assert sampler.total_micro_batches() == 110
 
 
 def test_sigterm_handler_is_scoped_to_the_training_loop():

@@ -64,6 +64,14 @@ def _worker(rank, port, scenario, utils, student, out, results):
                 return (q * float("nan"), p) if len(fwd_calls) == 2 else (q, p)
 
             tr._Towers.forward = nan_forward
+        if scenario == "skew":  # rank 1 draws other passages for its second micro-batch (other candidates there)
+            import dataclasses
+
+            import uae_fast.training as tr
+
+            real_batch = tr.BatchSampler.batch
+            tr.BatchSampler.batch = lambda self, m: (lambda b: dataclasses.replace(b, digest=b.digest ^ 1) if m == 1 else b)(
+                real_batch(self, m))
         if scenario == "hidden":  # rank 1 on a node whose --out is not rank 0's storage: it sees no checkpoint
             import uae_fast.training as tr
 
@@ -135,6 +143,12 @@ def test_non_finite_embeddings_on_one_rank_stop_every_rank_with_the_step(tmp_pat
     r0, r1 = _run("nanemb", utils, tiny, tmp_path / "run", tmp_path)
     for r in (r0, r1):
         assert r["error"].startswith("the encoder's embeddings are not finite at step 1"), r
+
+
+def test_ranks_that_draw_different_passages_stop_together(tmp_path, tiny, utils):  # noqa: F811
+    # silently wrong targets (one rank's indices into another rank's passages) become one error on every rank
+    for r in _run("skew", utils, tiny, tmp_path / "run", tmp_path):
+        assert r["error"].startswith("micro-batch 1: the ranks drew different passages"), r
 
 
 def test_two_ranks_train_what_one_process_with_their_global_batch_does(tmp_path, utils):  # noqa: F811

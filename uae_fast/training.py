@@ -40,6 +40,7 @@ are averaged.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -240,6 +241,9 @@ class Batch:
     # 1 when the global batch splits evenly; 0 for a rank left without a query (it repeats the last one).
     loss_weight: float = 1.0
     query_weight: Optional[torch.Tensor] = None  # [B] float32 per-query loss weights (confidence_weight), else None
+    # A 63-bit digest of the global batch's passage ids, in order: equal on every rank, or the targets of one
+    # rank point at another rank's passages (checked in training under torchrun).
+    digest: int = 0
 
 
 def _target_confidence(utilities: Dict[str, float], teacher_temperature: float) -> float:
@@ -341,7 +345,8 @@ class BatchSampler:
     def total_micro_batches(self) -> int:
         if self.cfg.max_steps is not None:
             return self.cfg.max_steps * self.cfg.grad_accum
-        n = math.ceil(self.cfg.epochs * self.batches_per_epoch)
+        # rounded first: 1.1 epochs of 100 batches is 110, not ceil(110.00000000000001) = 111
+        n = math.ceil(round(self.cfg.epochs * self.batches_per_epoch, 9))
         floor = min(self.cfg.min_steps * self.cfg.grad_accum, math.ceil(MAX_AUTO_EPOCHS * self.batches_per_epoch))
         return max(1, n, floor)
 
@@ -376,6 +381,11 @@ class BatchSampler:
             if n > 0:
                 chosen.extend(rest[int(i)] for i in rng.choice(len(rest), size=n, replace=False))
         return chosen
+
+    def global_queries(self, micro: int) -> int:
+        """How many queries micro-batch ``micro`` holds over all ranks (the last of an epoch may be short)."""
+        pos = micro % self.batches_per_epoch
+        return min(self.global_batch, len(self.queries) - pos * self.global_batch)
 
     def batch(self, micro: int) -> Batch:
         """Micro-batch number ``micro`` (0-based, counting across epochs) for this rank.
@@ -432,8 +442,9 @@ class BatchSampler:
         t_idx, t_u = _padded(rows_idx, -1, torch.long), _padded(rows_u, 0.0, torch.float32)
         ex = _padded(excl, -1, torch.long) if self.cfg.teacher_gate is not None else None
         qw = torch.tensor([self._qweight[q.id] for q in queries], dtype=torch.float32) if self._qweight else None
+        digest = int.from_bytes(hashlib.blake2b("\x1f".join(pids).encode(), digest_size=8).digest(), "little") >> 1
         return Batch([q.question for q in queries], [self.ds.passages[p].text for p in share], t_idx, t_u,
-                     torch.tensor(gold, dtype=torch.long), [q.id for q in queries], ex, weight, qw)
+                     torch.tensor(gold, dtype=torch.long), [q.id for q in queries], ex, weight, qw, digest)
 
     def _gated(self, q: Query, pids: List[str]) -> set:
         """The batch passages the teacher rates within ``teacher_gate`` of ``q``'s best gold paragraph (not gold)."""
@@ -557,7 +568,9 @@ def _set_rng_state(st: dict) -> None:
     np.random.set_state(st["numpy"])
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+        # per device, as many as both runs see: a resume with fewer visible GPUs must not fail here
+        for i, s in enumerate(st["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
@@ -687,6 +700,15 @@ def _agree(flags: List[bool], world: int, device) -> List[bool]:
     t = torch.tensor([int(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+def _same_on_every_rank(value: int, device) -> bool:
+    """Whether ``value`` (an int below 2**63) is the same on every rank: one all-reduce, the same answer everywhere."""
+    import torch.distributed as dist
+
+    t = torch.tensor([value, -value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t[0]) == -int(t[1])
 
 
 def _global_mean(x: float, world: int, device) -> float:
@@ -1076,6 +1098,9 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0
         n_micro = min(cfg.grad_accum, total_micro - step * cfg.grad_accum)  # a short last step averages what it has
+        # each micro-batch by its share of the step's queries: an epoch's short last batch must not count as much
+        # as a full one (with grad_accum 1, or only full batches, this is 1 / n_micro)
+        sizes = [sampler.global_queries(step * cfg.grad_accum + a) for a in range(n_micro)]
         for a in range(n_micro):
             micro = step * cfg.grad_accum + a
             b = sampler.batch(micro)
@@ -1086,6 +1111,9 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
             q, p = q.float(), p.float()[inverse.to(device)]
             t_idx, t_u, gold = b.target_idx.to(device), b.target_utility.to(device), b.gold_idx.to(device)
             ex = None if b.exclude_idx is None else b.exclude_idx.to(device)
+            if world > 1 and not _same_on_every_rank(b.digest, device):
+                raise ValueError(f"micro-batch {micro}: the ranks drew different passages for the same global batch "
+                                 f"(different data, utilities or candidates on some node?); every rank must see the same")
             p = gather_with_grad(p)  # the global batch's unique passages; the indices already point into them
             # Diverged embeddings stop every rank at once, with the step (the loss would refuse them on one rank).
             bad = _agree([not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(p).all()))], world, device)[0]
@@ -1101,8 +1129,9 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
                 loss = (loss * b.query_weight.to(device)).mean()
             if b.loss_weight != 1.0:  # DDP averages the ranks: weighted, that is the global batch's mean
                 loss = loss * b.loss_weight
-            (loss / n_micro).backward()
-            step_loss += float(loss.detach()) / n_micro
+            share = sizes[a] / sum(sizes)
+            (loss * share).backward()
+            step_loss += float(loss.detach()) * share
         bad, stopping = _agree([not math.isfinite(step_loss), stop.signum is not None], world, device)
         if bad:  # on every rank at once, not one rank raising while the others wait
             where = "" if not math.isfinite(step_loss) else " on another rank"
