@@ -158,6 +158,10 @@ def test_merge_teachers_averages_per_query_z_scores(tmp_path, ds, capsys):
         np.testing.assert_allclose([d[p] for p in pids], (z(za) + z(zb)) / 2, atol=2e-5)
     with pytest.raises(ValueError, match="at least two"):
         merge_teachers([a], str(tmp_path / "e2.jsonl.gz"))
+    # a shard of one teacher would shrink the ensemble to that shard's queries
+    write_table(str(tmp_path / "bs.jsonl"), dict(hb, shard=[1, 4]), rows_b)
+    with pytest.raises(ValueError, match="bs.jsonl: it is shard 1 of 4; merge the shards first"):
+        merge_teachers([a, str(tmp_path / "bs.jsonl")], str(tmp_path / "e4.jsonl.gz"))
     # the first teacher's per-token deltas are not the ensemble's; a data fingerprint must agree when both have one
     ha, rows_a = read_utilities(a)
     write_table(str(tmp_path / "ad.jsonl"), dict(ha, data_sha1="aaaa"), [dict(r, deltas=[0.5]) for r in rows_a])

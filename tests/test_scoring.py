@@ -173,14 +173,15 @@ def _text(path):
 
 
 def test_kill9_then_resume_is_identical(ds, teacher_dir, scorer, tmp_path):
-    # token_budget=1 (one row per forward) makes every number independent of how rows were batched, so the
-    # resumed file must be byte-identical to an uninterrupted run's.
+    # token_budget=1 (one forward per row, or per trie of rows sharing a prefix) and the same groups of 2
+    # questions (the tries are built per group) make every number independent of the kill, so the resumed file
+    # must be byte-identical to an uninterrupted run's.
     common = ["--data", DATA, "--teacher", teacher_dir, "--candidates", "top:2", "--max-passage-tokens", "48",
               "--max-answer-tokens", "12", "--token-budget", "1", "--group", "2", "--limit", "7", "--no-progress",
               "--device", "cpu", "--dtype", "fp32"]  # the reference scorer's; a GPU machine would default to CUDA bf16
     ref = str(tmp_path / "ref.jsonl")
     score_dataset(scorer, ds, ref, candidates="top:2", progress=False, limit=7, data_name=os.path.basename(DATA),
-                  data_sha1=data_fingerprint(DATA))
+                  data_sha1=data_fingerprint(DATA), group=2)
     out = str(tmp_path / "run.jsonl.gz")
     # A real SIGKILL after 2 groups are on disk, mid-way through writing the third.
     p = cli("--out", out, *common, env={"UAE_TEST_KILL_AFTER": "2:torn"})
@@ -489,12 +490,19 @@ def test_blank_texts_are_refused_before_any_scoring(scorer, tmp_path):
             dict(type="passage", id="p1", doc_id="d", text="   "),
             dict(type="query", id="q0", doc_id="d", question="What is the capital?", answers=["Paris"], gold=["p0"])]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(ValueError, match="d.jsonl:2: passage text is blank"):  # a JSONL file: refused as it loads
+        load_dataset(str(path))
+    # data built in Python (or read from a format that keeps blank text) is caught before the teacher runs
+    from uae_fast.data import Passage, Query, RetrievalDataset
+
+    ds = RetrievalDataset({r["id"]: Passage(r["id"], "d", r["text"], "") for r in recs[:2]},
+                          [Query("q0", "What is the capital?", ["Paris"], ["p0"], doc_id="d")], "d")
     seen = []
     real = scorer.score_many
     scorer.score_many = lambda items: seen.append(items) or real(items)
     try:
         with pytest.raises(ValueError, match="passage 'p1' \\(a candidate of query 'q0'\\) has no text"):
-            score_dataset(scorer, load_dataset(str(path)), str(tmp_path / "u.jsonl"), candidates="all", progress=False)
+            score_dataset(scorer, ds, str(tmp_path / "u.jsonl"), candidates="all", progress=False)
     finally:
         del scorer.score_many
     assert not seen and not os.path.exists(tmp_path / "u.jsonl.partial")

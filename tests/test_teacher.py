@@ -245,6 +245,13 @@ def test_scorer_shares_passages_across_questions_and_answers(monkeypatch):
         assert a.input_ids_with == b.input_ids_with and a.answer_ids == b.answer_ids
     r = UtilityScorer(model, tok).score_many([(items[1][0], items[1][1], ps[1:])])[0]  # one answer: check against HF
     check_against_hf(model, None, r, atol=2e-4)
+    # and the tree path itself against HF (not only against the plain path): two questions sharing passages, one
+    # answer each (check_against_hf compares one answer per question)
+    calls.clear()
+    one = [(q, a[0] if isinstance(a, list) else a, p) for q, a, p in items]
+    for r in UtilityScorer(model, tok, token_budget=300).score_many(one):
+        check_against_hf(model, None, r, atol=2e-4)
+    assert calls  # the rows did go through the shared-prefix trees
 
 
 @pytest.mark.cuda

@@ -336,7 +336,10 @@ def _decoder(model, compile: bool = False):
     every batch shape). On CPU Inductor fuses the norms, rotary and SiLU-gate elementwise work that eager
     runs as separate memory-bound ops; the first call pays a one-time compile of minutes.
     """
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    pad = model.config.pad_token_id
+    vocab = getattr(model.config, "vocab_size", None) or model.get_input_embeddings().num_embeddings
+    if not isinstance(pad, int) or not 0 <= pad < vocab:  # None, -1 or past the vocabulary in some converted
+        pad = 0  # configs: any real token id pads equally well (padding is never attended nor scored)
     base = model.base_model
     if compile:
         if model not in _COMPILED:
@@ -358,7 +361,7 @@ def _plain_hidden_states(model, rows, lengths, token_budget, compile=False):
         h = base(input_ids=ids.to(device), use_cache=False).last_hidden_state  # [B, L, D]
         for r, i in enumerate(idx):
             n, T = len(rows[i][0]), len(rows[i][1])
-            out[i] = h[r, n - 1 : n - 1 + T]
+            out[i] = h[r, n - 1 : n - 1 + T].clone()  # a copy: a view would keep the whole batch's states alive
     return out
 
 

@@ -448,6 +448,10 @@ def merge_teachers(inputs: Sequence[str], out: str) -> dict:
         raise ValueError("--merge-teachers needs at least two tables")
     tables = [read_utilities(p) for p in inputs]
     ref = tables[0][0]
+    for path, (h, _) in zip(inputs, tables):  # a shard would shrink the ensemble to its queries, silently
+        if list(h.get("shard") or [0, 1]) != [0, 1]:
+            raise ValueError(f"{path}: it is shard {h['shard'][0]} of {h['shard'][1]}; merge the shards first "
+                             f"(uae score --merge) and ensemble whole tables")
     for path, (h, _) in zip(inputs[1:], tables[1:]):
         diff = header_diff(h, ref, _SAME_ROWS_KEYS, rows=False)
         if diff:
