@@ -463,17 +463,41 @@ def test_export_columns_and_labels(exported, tmp_path):
     u, _ = load_utilities(utils)
     by_q = {q.question: q for q in ds.queries}
     by_text = {p.text: pid for pid, p in ds.passages.items()}
-    with_gold = [q for q in ds.queries if q.gold]  # unscored ones too, with all-NaN labels
+    with_gold = [q for q in ds.queries if q.gold]  # unscored ones too: their gold passages at utility 0
     assert len(d) == len(with_gold)
+    unscored = 0
     for row in d:
         q = by_q[row["query"]]
         pids = [by_text[row[f"passage_{c}"]] for c in range(4)]
         assert pids[0] in q.gold and len(set(pids)) == 4
+        scored = u.get(q.id) or {}
+        unscored += not scored
         for pid, lab in zip(pids, row["label"]):
-            if pid in u[q.id]:
-                assert lab == pytest.approx(u[q.id][pid], rel=1e-6)
+            if pid in scored:
+                assert lab == pytest.approx(scored[pid], rel=1e-6)
+            elif not scored and pid in q.gold:  # as uae train targets an unscored query's gold passages
+                assert lab == 0.0
             else:
                 assert math.isnan(lab)
+
+
+def test_export_unscored_query_targets_all_its_gold_passages():
+    # uae train gives an unscored query every gold passage of its batch at utility 0 (a uniform target over
+    # them); an exported row must do the same, or a second gold drawn into passage_1.. would be a negative
+    from uae_fast.data import load_dataset
+    from uae_fast.export import export_rows
+
+    ds = load_dataset(TRAIN)
+    q = next(q for q in ds.queries if len(q.gold) >= 2)
+    other = next(o for o in ds.queries if o.gold and o.id != q.id)
+    utilities = {other.id: {other.gold[0]: 1.0}}  # another query scored, q not
+    cols, _ = export_rows(ds, utilities, passages_per_query=len(ds.pool(q)))  # the whole paper: every gold drawn
+    row = cols["query"].index(q.question)
+    texts = [cols[f"passage_{c}"][row] for c in range(len(ds.pool(q)))]
+    gold_texts = {ds.passages[g].text for g in q.gold}
+    labels = cols["label"][row]
+    assert sum(t in gold_texts for t in texts) >= 2
+    assert all((lab == 0.0) if t in gold_texts else math.isnan(lab) for t, lab in zip(texts, labels))
 
 
 def test_export_tops_up_short_papers_with_other_papers(exported):

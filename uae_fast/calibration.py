@@ -147,7 +147,14 @@ def _read_cache(path: str, settings: dict) -> Dict[str, float]:
 def _append_cache(path: str, settings: dict, rows: List[dict]) -> None:
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torn = False
+    if not new:  # a killed run's torn last line: end it, so the first new row is not glued onto it
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
     with open(path, "a", encoding="utf-8") as f:
+        if torn:
+            f.write("\n")
         if new:
             f.write(json.dumps({"format": UTILITY_FORMAT, "settings": settings}, sort_keys=True) + "\n")
         f.write("".join(json.dumps(r) + "\n" for r in rows))

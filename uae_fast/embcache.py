@@ -120,7 +120,7 @@ class Incomplete(RuntimeError):
 
 def _load(folder: str) -> Dict[str, torch.Tensor]:
     out: Dict[str, torch.Tensor] = {}
-    for f in sorted(glob.glob(os.path.join(folder, "chunk-*.pt"))):
+    for f in sorted(glob.glob(os.path.join(glob.escape(folder), "chunk-*.pt"))):  # escaped: a '[' in a path
         try:
             blob = torch.load(f, map_location="cpu", weights_only=True)
             pairs = list(zip(blob["keys"], blob["emb"]))
@@ -136,7 +136,7 @@ def _load(folder: str) -> Dict[str, torch.Tensor]:
 
 def _save(folder: str, keys, emb: torch.Tensor) -> None:
     os.makedirs(folder, exist_ok=True)
-    n = len(glob.glob(os.path.join(folder, "chunk-*.pt")))
+    n = len(glob.glob(os.path.join(glob.escape(folder), "chunk-*.pt")))
     path = os.path.join(folder, f"chunk-{n:05d}-{os.getpid()}-{time.time_ns()}.pt")
     from .data import _remove_orphans, atomic_write
 

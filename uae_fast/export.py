@@ -67,7 +67,10 @@ def export_rows(ds: RetrievalDataset, utilities: Dict[str, Dict[str, float]], *,
         cols["query"].append(q.question)
         for c, pid in enumerate(chosen):
             cols[f"passage_{c}"].append(ds.passages[pid].text)
-        cols["label"].append([float(u[pid]) if pid in u else math.nan for pid in chosen])
+        if u:
+            cols["label"].append([float(u[pid]) if pid in u else math.nan for pid in chosen])
+        else:  # unscored: every gold passage of the row at utility 0, a uniform target over them, as uae train has it
+            cols["label"].append([0.0 if pid in q.gold else math.nan for pid in chosen])
     return cols, skipped
 
 
