@@ -261,6 +261,19 @@ def test_auto_table_and_its_update_from_results(capsys, tmp_path):
     assert A.main([]) == 2
 
 
+def test_auto_falls_back_to_torch_without_triton(monkeypatch):
+    # a measured table that names triton, on a machine where triton does not import: the torch path runs
+    import uae_fast.ops.infonce as I
+
+    monkeypatch.setattr(A, "key", lambda device, dtype: ("gpu", "bfloat16", "-"))
+    monkeypatch.setitem(A.AUTO_TABLE, ("gpu", "bfloat16", "-"), "triton")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(I, "_HAS_TRITON", True)
+    assert A.auto_impl(cuda, torch.bfloat16) == "triton"
+    monkeypatch.setattr(I, "_HAS_TRITON", False)
+    assert A.auto_impl(cuda, torch.bfloat16) == "torch"
+
+
 def test_fully_excluded_tile_in_a_split(triton_device):
     # Row 0 excludes every passage of the last (ragged) tile: that split's online LSE sees only -inf.
     cfg = G.candidates(torch.float32, torch.device(triton_device), write=False)[0]
@@ -407,6 +420,29 @@ def test_fp16_gradient_overflow_is_inf_for_the_grad_scaler(reduction, triton_dev
         assert torch.equal(torch.isinf(g), torch.isinf(want)) and torch.equal(g.sign(), want.sign())
         fin = torch.isfinite(want)
         torch.testing.assert_close(g[fin].float(), want[fin].float(), rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("case", ["large-q-sum", "scaled-upstream-none"])
+def test_fp16_dp_operand_does_not_overflow_when_dp_is_finite(case, triton_device):
+    # dP's fp16 operand q_i c_i / l_i can pass 65504 while dP itself is finite (even zero): the chunk's scale is
+    # taken out before the cast, so triton returns what the torch path does instead of inf/NaN (and an error)
+    h = lambda x: torch.tensor(x, dtype=torch.float16, device=triton_device)  # noqa: E731
+    if case == "large-q-sum":
+        q, p, tau, red, up = h([[100.0, 0.0]]), h([[1.0, 0.0], [0.0, 1.0]]), 1e-3, "sum", 1.0
+    else:  # unit vectors, a GradScaler-sized upstream gradient
+        q, p, tau, red, up = h([[0.6, 0.8]]), h([[0.6, 0.8], [0.8, -0.6]]), 0.05, "none", 8192.0
+    idx, util = torch.tensor([[0]], device=triton_device), torch.zeros(1, 1, device=triton_device)
+    grads = {}
+    for impl in ("triton", "torch"):
+        qi, pi = q.clone().requires_grad_(), p.clone().requires_grad_()
+        (utility_infonce(qi, pi, idx, util, temperature=tau, reduction=red, impl=impl) * up).sum().backward()
+        grads[impl] = (qi.grad.float(), pi.grad.float())
+    # both gradients are differences of terms of size up / tau (softmax - target): fp16's E (2^-11 relative)
+    # bounds the triton path's error by that scale, not by the (cancelled) result's
+    term = up / tau * float(q.float().abs().max() * p.float().abs().max())
+    for g, want in zip(grads["triton"], grads["torch"]):
+        assert torch.isfinite(g).all()  # it used to be inf/NaN in the fp16 operand, and an error
+        torch.testing.assert_close(g, want, rtol=0, atol=2.0 ** -10 * term)
 
 
 def test_an_enclosing_autocast_does_not_lower_the_target_terms(triton_device):

@@ -61,7 +61,13 @@ def key(device: torch.device, dtype: torch.dtype) -> tuple:
 def auto_impl(device: torch.device, dtype: torch.dtype) -> str:
     if device.type != "cuda" or dtype == torch.float64:
         return "torch"  # the Triton path is GPU-only and takes no float64
-    return AUTO_TABLE.get(key(device, dtype), _DEFAULT)
+    choice = AUTO_TABLE.get(key(device, dtype), _DEFAULT)
+    if choice == "triton":
+        from .infonce import _HAS_TRITON
+
+        if not _HAS_TRITON:  # a measured table on a machine without triton: the torch path, not an error
+            return "torch"
+    return choice
 
 
 def table_from_results(results: list) -> dict:

@@ -182,7 +182,7 @@ def _target_scores(q, p, idx, w, inv_tau):
     acc = w.dtype
     b, k = idx.shape
     out = torch.empty(b, dtype=acc, device=q.device)
-    step = _sparse_rows(b, k, q.shape[1], 4)
+    step = _sparse_rows(b, k, q.shape[1], torch.finfo(acc).bits // 8)  # fp64 chunks are twice as wide
     for s in range(0, b, step):
         e = min(b, s + step)
         pt = p[idx[s:e]].to(acc)  # [c, K, d]
@@ -196,7 +196,7 @@ def _sparse_grads(q, p, idx, w, coef, dq, dp):
     """Subtract the target terms: dq_i -= coef_i sum_k w_ik p_{t_ik};  dp_{t_ik} -= coef_i w_ik q_i."""
     acc = w.dtype
     b, k = idx.shape
-    step = _sparse_rows(b, k, q.shape[1], 4)
+    step = _sparse_rows(b, k, q.shape[1], torch.finfo(acc).bits // 8)  # fp64 chunks are twice as wide
     for s in range(0, b, step):
         e = min(b, s + step)
         cw = w[s:e] * coef[s:e, None]  # [c, K]
