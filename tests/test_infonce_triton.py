@@ -454,3 +454,15 @@ def test_an_enclosing_autocast_does_not_lower_the_target_terms(triton_device):
         cast = _run(q, p, idx, util, gold, ex, reduction="mean", mix=0.2, tau=0.02)
     for a, b in zip(plain, cast):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_an_old_triton_leaves_auto_on_torch(monkeypatch):
+    # a triton without tl.dot(input_precision=) / tl.range(flatten=) (torch 2.3-2.5's CUDA wheels pin one)
+    # cannot compile the kernels: auto keeps the torch path, an explicit impl="triton" says why
+    from uae_fast import _checks
+
+    assert _checks.triton_usable()  # this machine's triton (3.x) has both
+    monkeypatch.setattr(_checks, "_TRITON_USABLE", [False])
+    assert _checks.resolve_impl("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(ValueError, match="input_precision"):
+        _checks.resolve_impl("triton", torch.device("cuda"))

@@ -172,3 +172,23 @@ def test_paired_bootstrap_refuses_nan_and_bad_resamples():
     for bad in (0, -1, 2.5):
         with pytest.raises(ValueError, match="resamples must be a positive int"):
             paired_bootstrap([1, 0], [0, 0], resamples=bad)
+
+
+def test_paired_bootstrap_p_is_two_sided_and_exact_for_few_pairs():
+    import math
+
+    import numpy as np
+
+    # few pairs: every resample of 3 positive differences is positive (bootstrap p 0.0); the exact sign-flip
+    # test says 2 of 8 sign patterns are as extreme
+    r = paired_bootstrap([1, 1, 1], [0, 0, 0])
+    assert r["p"] == 0.25 and r["small_n"]
+    assert paired_bootstrap([1, 0, 1, 0], [0, 0, 0, 0])["p"] == 0.5
+    # two-sided: symmetric in a and b, and near the normal approximation's 2 * sf(|z|) on a large sample
+    rng = np.random.default_rng(3)
+    d = rng.normal(0.05, 1.0, 400)
+    z = abs(d.mean()) / (d.std(ddof=1) / math.sqrt(d.size))
+    want = math.erfc(z / math.sqrt(2))
+    got = paired_bootstrap(d, np.zeros_like(d))
+    assert "small_n" not in got and abs(got["p"] - want) < 0.05, (got["p"], want)
+    assert paired_bootstrap(np.zeros_like(d), d)["p"] == got["p"]

@@ -140,18 +140,39 @@ def resolve_device(device=None) -> torch.device:
     return dev
 
 
+_TRITON_USABLE = []
+
+
+def triton_usable() -> bool:
+    """Whether triton is installed and new enough for the kernels (``tl.dot(input_precision=)``,
+    ``tl.range(flatten=)``): an older one, as torch 2.3-2.5's CUDA wheels pin, leaves ``auto`` on torch."""
+    if not _TRITON_USABLE:
+        import importlib.util
+        import inspect
+
+        ok = importlib.util.find_spec("triton") is not None
+        if ok:
+            try:
+                import triton.language as tl
+
+                ok = ("input_precision" in inspect.signature(tl.dot).parameters
+                      and "flatten" in inspect.signature(tl.range).parameters)
+            except Exception:  # a broken install: the torch path
+                ok = False
+        _TRITON_USABLE.append(ok)
+    return _TRITON_USABLE[0]
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     """``auto`` = Triton on CUDA (if installed), torch elsewhere. ``triton`` on CPU runs only under TRITON_INTERPRET=1."""
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     # triton is optional (PyTorch's CUDA wheels bring it): without it, auto is the torch path everywhere.
-    import importlib.util
-
-    has_triton = importlib.util.find_spec("triton") is not None
     if impl == "auto":
-        return "triton" if device.type == "cuda" and has_triton else "torch"
-    if impl == "triton" and not has_triton:
-        raise ValueError("impl='triton' needs the triton package (pip install triton; PyTorch's CUDA wheels bring it)")
+        return "triton" if device.type == "cuda" and triton_usable() else "torch"
+    if impl == "triton" and not triton_usable():
+        raise ValueError("impl='triton' needs the triton package, 3.x with tl.dot(input_precision=) and "
+                         "tl.range(flatten=) (pip install -U triton; PyTorch's CUDA wheels bring it)")
     if impl == "triton" and device.type != "cuda":
         import os
 

@@ -54,6 +54,7 @@ _BACKENDS = ("native", "faiss")
 
 
 def _ext():
+    import torch  # noqa: F401  the extension links OpenMP (libgomp), which torch's wheel ships and loads
     from . import _topk
 
     return _topk

@@ -172,7 +172,10 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
     """Mean of ``a - b`` over paired queries, its 95% bootstrap interval and a two-sided bootstrap p-value.
 
     Queries are resampled with replacement ``resamples`` times; ``p`` is twice the smaller share of
-    resampled means on either side of 0 (capped at 1); 0.0 means below ``2 / resamples``. Example::
+    resampled means on either side of 0 (capped at 1); 0.0 means below ``2 / resamples``. Below
+    ``EXACT_SIGN_FLIP`` pairs the bootstrap cannot see the few values it resamples as a sample (3 positive
+    differences would give p 0.0), so ``p`` is then the exact two-sided sign-flip permutation test (3 positive
+    differences: 0.25) and ``small_n`` is set. Example::
 
         >>> paired_bootstrap([1, 1, 0, 1], [0, 1, 0, 0])["diff"]
         0.5
@@ -193,8 +196,16 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
         n = min(1000, resamples - lo)
         means[lo:lo + n] = d[rng.integers(0, d.size, size=(n, d.size))].mean(1)
     p = min(1.0, 2 * min(float((means <= 0).mean()), float((means >= 0).mean())))
-    return {"diff": float(d.mean()), "ci95_low": float(np.quantile(means, 0.025)),
-            "ci95_high": float(np.quantile(means, 0.975)), "p": p}
+    out = {"diff": float(d.mean()), "ci95_low": float(np.quantile(means, 0.025)),
+           "ci95_high": float(np.quantile(means, 0.975)), "p": p}
+    if d.size < EXACT_SIGN_FLIP:
+        signs = 1 - 2 * ((np.arange(2 ** d.size)[:, None] >> np.arange(d.size)) & 1)  # every sign pattern
+        flipped = np.abs((signs * d).mean(1))
+        out.update(p=float((flipped >= abs(d.mean()) - 1e-12).mean()), small_n=True)
+    return out
+
+
+EXACT_SIGN_FLIP = 10  # fewer pairs than this: an exact sign-flip p (2**9 = 512 patterns at most)
 
 
 # ------------------------------------------------------------------------------------- Token F1

@@ -63,9 +63,10 @@ def auto_impl(device: torch.device, dtype: torch.dtype) -> str:
         return "torch"  # the Triton path is GPU-only and takes no float64
     choice = AUTO_TABLE.get(key(device, dtype), _DEFAULT)
     if choice == "triton":
+        from .._checks import triton_usable
         from .infonce import _HAS_TRITON
 
-        if not _HAS_TRITON:  # a measured table on a machine without triton: the torch path, not an error
+        if not (_HAS_TRITON and triton_usable()):  # a table naming triton on a machine without a usable one
             return "torch"
     return choice
 
