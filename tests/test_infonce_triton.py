@@ -457,12 +457,16 @@ def test_an_enclosing_autocast_does_not_lower_the_target_terms(triton_device):
 
 
 def test_an_old_triton_leaves_auto_on_torch(monkeypatch):
-    # a triton without tl.dot(input_precision=) / tl.range(flatten=) (torch 2.3-2.5's CUDA wheels pin one)
+    # a triton without tl.dot(input_precision=) (2.x) or without tl.range(flatten=) (3.2, which torch 2.6 pins)
     # cannot compile the kernels: auto keeps the torch path, an explicit impl="triton" says why
     from uae_fast import _checks
 
-    assert _checks.triton_usable()  # this machine's triton (3.x) has both
-    monkeypatch.setattr(_checks, "_TRITON_USABLE", [False])
+    assert _checks.triton_usable() and _checks.triton_usable(flatten=True)  # this machine's triton has both
+    monkeypatch.setattr(_checks, "_TRITON_USABLE", {False: False, True: False})
     assert _checks.resolve_impl("auto", torch.device("cuda")) == "torch"
     with pytest.raises(ValueError, match="input_precision"):
         _checks.resolve_impl("triton", torch.device("cuda"))
+    # triton 3.2 (torch 2.6): input_precision, no flatten: the InfoNCE kernel runs, the LM-head kernel does not
+    monkeypatch.setattr(_checks, "_TRITON_USABLE", {False: True, True: False})
+    assert _checks.resolve_impl("auto", torch.device("cuda")) == "triton"
+    assert _checks.resolve_impl("auto", torch.device("cuda"), flatten=True) == "torch"

@@ -137,3 +137,20 @@ def test_bad_lengths_dtypes_and_texts_name_the_argument(tmp_path):
             enc.encode(["a"], dtype=bad)
     with pytest.raises(TypeError, match="texts must be a list of str, got NoneType"):
         enc.encode(None)
+
+
+def test_roberta_positions_start_after_the_padding_index(tmp_path):
+    # RoBERTa-family models number positions from pad_token_id + 1: 34 position embeddings hold 32 tokens
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
+    require_default_student()
+    tok = AutoTokenizer.from_pretrained(default_student_path())
+    cfg = RobertaConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=34, pad_token_id=1)
+    RobertaModel(cfg).save_pretrained(tmp_path / "rb")
+    tok.save_pretrained(tmp_path / "rb")
+    enc = BiEncoder(str(tmp_path / "rb"), device="cpu")
+    assert enc.max_seq_length == 32
+    with pytest.raises(ValueError, match="exceeds the model's 32 positions"):
+        BiEncoder(str(tmp_path / "rb"), device="cpu", max_seq_length=34)
+    assert torch.isfinite(enc.encode(["word " * 200])).all()  # cut to 32 tokens, not an IndexError

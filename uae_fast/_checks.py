@@ -140,13 +140,14 @@ def resolve_device(device=None) -> torch.device:
     return dev
 
 
-_TRITON_USABLE = []
+_TRITON_USABLE: dict = {}
 
 
-def triton_usable() -> bool:
-    """Whether triton is installed and new enough for the kernels (``tl.dot(input_precision=)``,
-    ``tl.range(flatten=)``): an older one, as torch 2.3-2.5's CUDA wheels pin, leaves ``auto`` on torch."""
-    if not _TRITON_USABLE:
+def triton_usable(flatten: bool = False) -> bool:
+    """Whether triton is installed and new enough for a kernel: ``tl.dot(input_precision=)`` (every kernel,
+    triton 3.x) and, with ``flatten``, ``tl.range(flatten=)`` (the LM-head kernel; not in triton 3.2, which
+    torch 2.6 pins). An older triton leaves ``auto`` on the torch path."""
+    if flatten not in _TRITON_USABLE:
         import importlib.util
         import inspect
 
@@ -155,24 +156,25 @@ def triton_usable() -> bool:
             try:
                 import triton.language as tl
 
-                ok = ("input_precision" in inspect.signature(tl.dot).parameters
-                      and "flatten" in inspect.signature(tl.range).parameters)
+                ok = "input_precision" in inspect.signature(tl.dot).parameters and (
+                    not flatten or "flatten" in inspect.signature(tl.range).parameters)
             except Exception:  # a broken install: the torch path
                 ok = False
-        _TRITON_USABLE.append(ok)
-    return _TRITON_USABLE[0]
+        _TRITON_USABLE[flatten] = ok
+    return _TRITON_USABLE[flatten]
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
+def resolve_impl(impl: str, device: torch.device, *, flatten: bool = False) -> str:
     """``auto`` = Triton on CUDA (if installed), torch elsewhere. ``triton`` on CPU runs only under TRITON_INTERPRET=1."""
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     # triton is optional (PyTorch's CUDA wheels bring it): without it, auto is the torch path everywhere.
     if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_usable() else "torch"
-    if impl == "triton" and not triton_usable():
-        raise ValueError("impl='triton' needs the triton package, 3.x with tl.dot(input_precision=) and "
-                         "tl.range(flatten=) (pip install -U triton; PyTorch's CUDA wheels bring it)")
+        return "triton" if device.type == "cuda" and triton_usable(flatten) else "torch"
+    if impl == "triton" and not triton_usable(flatten):
+        need = "tl.dot(input_precision=)" + (" and tl.range(flatten=)" if flatten else "")
+        raise ValueError(f"impl='triton' needs the triton package, a version with {need} (pip install -U triton; "
+                         f"PyTorch's CUDA wheels bring it)")
     if impl == "triton" and device.type != "cuda":
         import os
 

@@ -366,9 +366,10 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
 
         lm = load_causal_lm(teacher, device=device)
         upr = UPRReranker(*lm, depth=rerank_depth)
-        for q in queries[:min(2, n_rr)]:  # untimed warm-up, as the bi-encoders get: kernels, allocator, threads
+        for q in queries[:min(2, n_rr)]:  # untimed warm-up, as the bi-encoders get, with the timed threading
             with _torch_threads(query_threads):
-                upr.rerank(q.question, base.rank(q), texts)
+                first = base.rank(q)
+            upr.rerank(q.question, first, texts)
         rk, ms = [], []
         for i, q in enumerate(_progress(queries[:n_rr], "rerank", progress)):
             t0 = time.perf_counter()

@@ -54,7 +54,7 @@ def export_rows(ds: RetrievalDataset, utilities: Dict[str, Dict[str, float]], *,
     cols: Dict[str, list] = {"query": [], **{f"passage_{c}": [] for c in range(k)}, "label": []}
     skipped = 0
     for n, q in enumerate(ds.queries):
-        u = utilities.get(q.id) or {}  # unscored: all-NaN labels, trained on passage_0 as uae train does
+        u = utilities.get(q.id) or {}  # unscored: its gold passages at utility 0 (below), as uae train does
         if not q.gold:
             skipped += 1
             continue

@@ -54,8 +54,12 @@ _BACKENDS = ("native", "faiss")
 
 
 def _ext():
-    import torch  # noqa: F401  the extension links OpenMP (libgomp), which torch's wheel ships and loads
-    from . import _topk
+    try:
+        from . import _topk
+    except ImportError:  # it links OpenMP (libgomp.so.1): torch's wheel ships one; loading torch loads it
+        import torch  # noqa: F401
+
+        from . import _topk
 
     return _topk
 

@@ -182,7 +182,8 @@ class BiEncoder(nn.Module):
         tok_len = getattr(self.tokenizer, "model_max_length", None)
         # the model's hard limit where its config states one (absolute position embeddings), else none
         self._max_positions = getattr(self.model.config, "max_position_embeddings", None) or None
-        pad_idx = getattr(getattr(self.model, "embeddings", None), "padding_idx", None)
+        emb = getattr(self.model, "embeddings", None)
+        pad_idx = getattr(getattr(emb, "position_embeddings", None), "padding_idx", None)
         if self._max_positions and isinstance(pad_idx, int):  # RoBERTa, XLM-R, CamemBERT: positions start after
             self._max_positions -= pad_idx + 1  # the padding index (514 embeddings hold 512 tokens)
         default_len = cfg_len or (tok_len if tok_len and tok_len < _NO_LIMIT else None) or min(512, self._max_positions or 512)

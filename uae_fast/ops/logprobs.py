@@ -285,7 +285,7 @@ def token_logprobs(
     _validate(hidden, weight, targets, bias, ignore_index, softcap, temperature)
     if impl == "auto" and hidden.dtype == torch.float64:
         impl = "torch"  # the kernel has no fp64 tiles; fp64 is the reference dtype anyway
-    impl = resolve_impl(impl, hidden.device)
+    impl = resolve_impl(impl, hidden.device, flatten=True)  # the LM-head kernel's K-loop uses tl.range(flatten=)
     shape = targets.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1)
