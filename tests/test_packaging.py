@@ -285,8 +285,10 @@ def test_default_student_card_names_its_hub_id(tmp_path):
 def test_without_triton_auto_is_torch_and_triton_says_what_to_install(monkeypatch):
     import torch
 
+    from uae_fast import _checks
     from uae_fast._checks import resolve_impl
 
+    monkeypatch.setattr(_checks, "_TRITON_USABLE", {})  # not the cached answer of an earlier test
     monkeypatch.setitem(sys.modules, "triton", None)  # find_spec -> None, as when not installed
     assert resolve_impl("auto", torch.device("cuda")) == "torch"
     with pytest.raises(ValueError, match="needs the triton package"):
