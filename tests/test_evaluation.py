@@ -149,6 +149,10 @@ def test_rerank_and_reader_in_one_run(tmp_path, dev, tiny, tiny_lm, capsys):
     sub = res["rerank_subset"]
     assert sub["n"] == 3 and set(sub["systems"]) == {"tiny", "base", "bm25", "rerank"}
     assert res["systems"]["rerank"]["n"] == 3
+    # the first model against the re-ranker is paired on the re-ranker's 3 queries: the same difference as the
+    # subset table's (a misaligned slice of the first model's queries would differ)
+    for k, pair in res["paired"]["tiny - rerank"].items():
+        assert pair["diff"] == pytest.approx(sub["systems"]["tiny"][k] - sub["systems"]["rerank"][k], abs=1e-12), k
     assert res["speedup_vs_rerank"]["tiny"] > 1  # the LM re-ranker runs the student plus 4 LM forwards
     r = res["reader"]
     assert r["n"] == 5 and set(r["systems"]) == {"tiny", "base", "bm25", "rerank", "gold"}
