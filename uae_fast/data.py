@@ -623,17 +623,16 @@ def _squad_from_dict(raw: dict, name: str) -> RetrievalDataset:
                 for a in ([] if impossible else _expect(qa.get("answers"), list, qwhere, "answers", optional=True) or []):
                     text, start = (a.get("text"), a.get("answer_start")) if isinstance(a, dict) else (None, None)
                     if not isinstance(text, str) or not isinstance(start, int) or isinstance(start, bool):
-                        raise ValueError(f"{name}: question {qa['id']!r}: an answer lacks 'text' or an integer 'answer_start'")
+                        raise ValueError(f"{qwhere}: an answer lacks 'text' or an integer 'answer_start'")
                     if not 0 <= start < len(context):
-                        raise ValueError(f"{name}: question {qa['id']!r}: answer_start {start} is outside its context "
-                                         f"({len(context)} characters)")
+                        raise ValueError(f"{qwhere}: answer_start {start} is outside its context ({len(context)} characters)")
                     if text and context[start:start + len(text)] != text:  # the gold line comes from the offset
                         # misaligned offsets are common in SQuAD-format conversions: the answer's occurrence
                         # nearest to the offset, and an error only where the context does not hold it at all
-                        hits = [m.start() for m in re.finditer(re.escape(text), context)]
+                        hits = [hit.start() for hit in re.finditer(re.escape(text), context)]
                         if not hits:
-                            raise ValueError(f"{name}: question {qa['id']!r}: its context does not contain the "
-                                             f"answer {text!r} (answer_start {start})")
+                            raise ValueError(f"{qwhere}: its context does not contain the answer {text!r} "
+                                             f"(answer_start {start})")
                         start = min(hits, key=lambda h: abs(h - start))
                     end = start + max(1, len(text))
                     gold += [pid for s, e, pid in spans if s < end and start < e and pid not in gold]

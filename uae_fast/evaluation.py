@@ -430,6 +430,10 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
     return result
 
 
+# the qrels files of --save-runs (beside one NAME.run per system)
+_QRELS, _QRELS_SUBSET = "qrels.txt", "qrels-rerank-subset.txt"
+
+
 def _check_run_ids(queries: Sequence[Query], ds: RetrievalDataset, systems: Sequence[str],
                    folder: Optional[str] = None) -> None:
     """What TREC files need (:mod:`uae_fast.trec`): unique query ids; no whitespace in query, passage or system
@@ -456,9 +460,9 @@ def _check_run_ids(queries: Sequence[Query], ds: RetrievalDataset, systems: Sequ
     if folder and os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"--save-runs {folder}: it is a file, not a folder")
     if folder and os.path.isdir(folder):
-        ours = {f"{n}.run" for n in systems} | {"qrels.txt"} | ({"qrels-rerank-subset.txt"} if "rerank" in systems else set())
+        ours = {f"{n}.run" for n in systems} | {_QRELS} | ({_QRELS_SUBSET} if "rerank" in systems else set())
         stale = sorted(f for f in os.listdir(folder)
-                       if (f.endswith(".run") or f in ("qrels.txt", "qrels-rerank-subset.txt")) and f not in ours)
+                       if (f.endswith(".run") or f in (_QRELS, _QRELS_SUBSET)) and f not in ours)
         if stale:
             raise ValueError(f"--save-runs {folder}: it holds {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''} "
                              f"from another evaluation, which this one would not overwrite; use an empty folder")
@@ -471,10 +475,10 @@ def _save_runs(folder: str, queries: Sequence[Query], rankings: Dict[str, List[L
 
     ids = [q.id for q in queries]
     folder = os.path.abspath(folder)
-    out = {"dir": folder, "qrels": os.path.join(folder, "qrels.txt"), "systems": {}}
+    out = {"dir": folder, "qrels": os.path.join(folder, _QRELS), "systems": {}}
     write_qrels(out["qrels"], {q.id: q.gold for q in queries})
     if n_subset is not None:
-        out["qrels_rerank_subset"] = os.path.join(folder, "qrels-rerank-subset.txt")
+        out["qrels_rerank_subset"] = os.path.join(folder, _QRELS_SUBSET)
         write_qrels(out["qrels_rerank_subset"], {q.id: q.gold for q in queries[:n_subset]})
     for name, rk in rankings.items():
         out["systems"][name] = os.path.join(folder, f"{name}.run")

@@ -1101,6 +1101,7 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
         # each micro-batch by its share of the step's queries: an epoch's short last batch must not count as much
         # as a full one (with grad_accum 1, or only full batches, this is 1 / n_micro)
         sizes = [sampler.global_queries(step * cfg.grad_accum + a) for a in range(n_micro)]
+        step_queries = sum(sizes)
         for a in range(n_micro):
             micro = step * cfg.grad_accum + a
             b = sampler.batch(micro)
@@ -1129,7 +1130,7 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
                 loss = (loss * b.query_weight.to(device)).mean()
             if b.loss_weight != 1.0:  # DDP averages the ranks: weighted, that is the global batch's mean
                 loss = loss * b.loss_weight
-            share = sizes[a] / sum(sizes)
+            share = sizes[a] / step_queries
             (loss * share).backward()
             step_loss += float(loss.detach()) * share
         bad, stopping = _agree([not math.isfinite(step_loss), stop.signum is not None], world, device)
