@@ -58,6 +58,42 @@ def test_save_reload_with_sentence_transformers(tmp_path):
     torch.testing.assert_close(again.encode(TEXTS), enc.encode(TEXTS), atol=0, rtol=0)
 
 
+def test_save_is_staged_and_weights_land_last(tmp_path, monkeypatch):
+    enc = BiEncoder(make_tiny_encoder(tmp_path / "hf"), device="cpu")
+    out = tmp_path / "st"
+    moved = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        moved.append(os.path.relpath(dst, out))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    enc.save(out)
+    monkeypatch.undo()
+    assert moved[-1] == "model.safetensors" and moved.count("model.safetensors") == 1
+    assert {"config.json", "modules.json", "README.md", os.path.join("1_Pooling", "config.json")} <= set(moved)
+    assert os.path.isdir(out / "2_Normalize")  # an empty module folder is published too
+    assert not [e for e in os.listdir(out) if e.startswith(".saving-")]
+    assert "SentenceTransformer(" in (out / "README.md").read_text() and str(out) in (out / "README.md").read_text()
+    torch.testing.assert_close(BiEncoder(out, device="cpu").encode(TEXTS), enc.encode(TEXTS), atol=0, rtol=0)
+
+
+def test_failed_save_leaves_no_model_and_no_staging(tmp_path, monkeypatch):
+    import uae_fast.model_card as mc
+
+    enc = BiEncoder(make_tiny_encoder(tmp_path / "hf"), device="cpu")
+    out = tmp_path / "st"
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mc, "write_model_card", boom)  # the last file written: everything else is staged
+    with pytest.raises(OSError, match="disk full"):
+        enc.save(out)
+    assert os.listdir(out) == []  # neither weights without their configs nor a leftover staging folder
+
+
 @pytest.mark.parametrize("modes", [["cls"], ["max"], ["mean_sqrt_len_tokens"], ["lasttoken"], ["cls", "mean"], ["weightedmean"]])
 def test_pooling_modes_match_sentence_transformers(tmp_path, modes):
     enc = BiEncoder(make_tiny_encoder(tmp_path / "hf"), device="cpu", normalize=False)

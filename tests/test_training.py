@@ -173,6 +173,18 @@ def test_teacher_gate_trains_and_needs_utilities(tmp_path, ds, tiny):
         TrainConfig(teacher_gate=float("nan")).check()
 
 
+def test_resume_removes_a_killed_final_saves_staging_folder(tmp_path, ds, tiny):
+    utils = write_utilities(tmp_path / "u.jsonl.gz", ds)
+    cfg = TrainConfig(data=TRAIN, utilities=utils, student=tiny, max_steps=2, batch_size=4, passages_per_query=4,
+                      max_passage_length=32)
+    out = tmp_path / "run"
+    assert not train(cfg, str(out), stop_after=1, progress=False, ds=ds)["finished"]
+    (out / ".saving-killed").mkdir()
+    (out / ".saving-killed" / "model.safetensors").write_bytes(b"torn")
+    assert train(cfg, str(out), resume=True, progress=False, ds=ds)["finished"]
+    assert not [e for e in os.listdir(out) if e.startswith(".saving-")] and (out / "model.safetensors").exists()
+
+
 def test_candidates_option_keeps_batches_of_a_smaller_table(ds):
     # A table over every paragraph + --candidates top:2 samples exactly the batches of the top:2 table
     # (same passages, same order), while targets may use the extra utilities.

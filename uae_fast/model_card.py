@@ -213,10 +213,10 @@ def model_card(encoder, *, training: Optional[dict] = None, name: Optional[str] 
     return "\n".join(parts)
 
 
-def write_model_card(encoder, path: str, *, training: Optional[dict] = None) -> str:
-    """Write ``path/README.md`` (the usage example loads ``path`` as given); returns the file's path."""
+def write_model_card(encoder, path: str, *, training: Optional[dict] = None, name: Optional[str] = None) -> str:
+    """Write ``path/README.md`` (the usage example loads ``name``, default ``path``, as given); returns the file's path."""
     text = model_card(encoder, training=json.loads(json.dumps(training, default=str)) if training else None,
-                      name=os.path.normpath(path))
+                      name=os.path.normpath(name if name is not None else path))
     from .data import write_text_atomic
 
     out = os.path.join(path, "README.md")

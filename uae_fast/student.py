@@ -271,15 +271,30 @@ class BiEncoder(nn.Module):
     # ----------------------------------------------------------------------------- saving
     def save(self, path: str, *, training: Optional[dict] = None) -> None:
         """Write the sentence-transformers layout (Transformer at the root, 1_Pooling, 2_Normalize) and a
-        README.md model card (with ``training``, the summary ``uae train`` returns, its training details)."""
-        from .data import write_text_atomic
-        from .model_card import write_model_card
+        README.md model card (with ``training``, the summary ``uae train`` returns, its training details).
 
-        def put(file, obj):  # never half a config file (the weights are transformers' own writer)
-            write_text_atomic(file, json.dumps(obj, indent=2))
+        Every file is written into a hidden staging folder inside ``path`` first, then renamed into place with
+        the weights last: a save killed or failing half-way never leaves a torn file, and a folder holding the
+        new weights holds the rest of the new model too."""
+        import shutil
+        import tempfile
 
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
+        stage = tempfile.mkdtemp(prefix=".saving-", dir=path)
+        try:
+            self._write(stage, training, name=path)
+            _publish(stage, path)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def _write(self, path: str, training: Optional[dict], *, name: str) -> None:
+        from .data import write_text_atomic
+        from .model_card import write_model_card
+
+        def put(file, obj):
+            write_text_atomic(file, json.dumps(obj, indent=2))
+
         model = self.model
         model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.model_max_length = self.max_seq_length
@@ -299,7 +314,27 @@ class BiEncoder(nn.Module):
         put(os.path.join(path, "modules.json"), modules)
         put(os.path.join(path, "config_sentence_transformers.json"), {"similarity_fn_name": "cosine" if self.normalize else "dot",
                                                                       "prompts": {}, "default_prompt_name": None})
-        write_model_card(self, path, training=training)
+        write_model_card(self, path, training=training, name=name)
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _publish(stage: str, path: str) -> None:
+    """Move every file of ``stage`` to the same place under ``path``, each fsync'd then renamed (atomic per
+    file), the weights last."""
+    files = []
+    for root, dirs, names in os.walk(stage):
+        for d in dirs:  # 2_Normalize holds no file but must exist
+            os.makedirs(os.path.join(path, os.path.relpath(os.path.join(root, d), stage)), exist_ok=True)
+        files += [os.path.join(root, n) for n in names]
+    files.sort(key=lambda f: (f.endswith(_WEIGHT_SUFFIXES), f))
+    for f in files:
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+        dest = os.path.join(path, os.path.relpath(f, stage))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.replace(f, dest)
 
 
 def as_encoder(model: Union[str, "BiEncoder", None], *, device=None) -> BiEncoder:

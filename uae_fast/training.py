@@ -40,6 +40,7 @@ are averaged.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -1068,6 +1069,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         try:
             if step >= total_steps:
                 _check_finite_model(encoder, step)
+                for stale in glob.glob(os.path.join(glob.escape(out_dir), ".saving-*")):  # a save killed earlier
+                    shutil.rmtree(stale, ignore_errors=True)
                 encoder.save(out_dir, training=summary)
             _write_log(out_dir, log)
             write_text_atomic(os.path.join(out_dir, "training_summary.json"), json.dumps(summary, indent=2))
