@@ -59,6 +59,37 @@ def _close(a, b, tol, what):
 
 
 # ---------------------------------------------------------------------------- torch path vs references
+def test_torch_path_is_deterministic_with_repeated_targets(triton_device):
+    # Repeated target indices add twice into the gradient buffer; on CUDA that must not go through atomics
+    # (scatter_add_): two runs give identical bits and torch's deterministic mode finds no op without a
+    # deterministic implementation (cuBLAS's workspace warning aside).
+    import warnings
+
+    q, p, idx, util, gold = _inputs()
+    idx[:, 1] = idx[:, 0]  # every row repeats a target
+    q, p = (t.detach().to(triton_device).requires_grad_() for t in (q, p))
+    idx, util, gold = idx.to(triton_device), util.to(triton_device), gold.to(triton_device)
+
+    def run():
+        loss = utility_infonce(q, p, idx, util, gold_idx=gold, label_mix=0.2, reduction="none", impl="torch")
+        return (loss, *torch.autograd.grad(loss.sum(), (q, p)))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            first, second = run(), run()
+        finally:
+            torch.use_deterministic_algorithms(False)
+    bad = [str(w.message) for w in caught if "does not have a deterministic implementation" in str(w.message)]
+    assert not bad, bad
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    ref, qd, pd = _reference(q.cpu(), p.cpu(), idx.cpu(), util.cpu(), 0.05, mix=0.2, gold=gold.cpu(), reduction="none")
+    _close(first[0], ref, 1e-5, "loss")
+    _close(first[1], torch.autograd.grad(ref.sum(), qd)[0], 1e-5, "dq")
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("mix", [0.0, 0.3])
 def test_torch_matches_soft_target_cross_entropy(reduction, mix):

@@ -244,7 +244,10 @@ def _torch_sweep(q, p, idx, w, inv_tau, row_grad, need_dq, need_dp, ex=None):
         # sim now holds exp(s - m); turn it into dloss_i/ds_ij * tau = g_i * (softmax_ij - y_ij).
         coef = torch.full((e - s, 1), inv_tau, dtype=acc, device=q.device) if row_grad is None else row_grad[s:e, None] * inv_tau
         sim.mul_(coef / l)
-        sim.scatter_add_(1, ii, -(ww * coef))
+        # index_put_ on the flat chunk, not scatter_add_: a passage repeated among a row's targets adds twice,
+        # and CUDA's scatter_add_ orders those adds by atomics (not bit-reproducible); index_put_ sorts them.
+        flat = (torch.arange(e - s, device=q.device)[:, None] * n + ii).reshape(-1)
+        sim.view(-1).index_put_((flat,), (-(ww * coef)).reshape(-1), accumulate=True)
         if need_dq:
             torch.mm(sim, pa, out=dq[s:e])
         if need_dp:
