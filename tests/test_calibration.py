@@ -86,15 +86,35 @@ def test_teacher_agreement_and_selection_hand_computed():
     assert select_config(grid)["weight"] == 1.0  # ties go to the higher dense weight
 
 
+def test_crossfit_scores_each_fold_with_the_config_chosen_on_the_others():
+    from uae_fast.calibration import crossfit
+
+    grid = [dict(DEFAULT_FUSION, method="minmax", weight=w) for w in (1.0, 0.5)]
+    # documents a, b, c, d -> folds 0, 1, 0, 1; config 0 wins on fold 0's questions, config 1 on fold 1's
+    groups = ["a", "a", "b", "c", "d"]
+    rr0 = np.array([1.0, 1.0, 0.2, 1.0, 0.2])
+    rr1 = np.array([0.5, 0.5, 1.0, 0.5, 1.0])
+    per_q = [(rr0, (rr0 == 1.0).astype(float)), (rr1, (rr1 == 1.0).astype(float))]
+    h = crossfit(grid, per_q, groups)
+    # fold 0 (a, c) is scored with the config fold 1 prefers (1: 0.5 each), fold 1 (b, d) with fold 0's (0: 0.2)
+    assert h["picks"] == [{"method": "minmax", "weight": 0.5}, {"method": "minmax", "weight": 1.0}]
+    assert h["teacher_mrr"] == pytest.approx((0.5 * 3 + 0.2 * 2) / 5) and h["teacher_success@1"] == 0.0
+    # in-sample the best config scores 0.68 (config 0) or 0.7 (config 1): held out, the choice is worse than both
+    assert h["teacher_mrr"] < min(rr0.mean(), rr1.mean())
+    assert crossfit(grid, per_q, ["a"] * 5) is None
+
+
 def test_calibrate_cli_index_build_search_and_eval(tmp_path, tiny, tiny_lm, capsys, monkeypatch):  # noqa: F811
     out = tmp_path / "fusion.json"
-    assert main(["calibrate-fusion", "--data", TRAIN, "--model", tiny, "--teacher", tiny_lm, "--out", str(out), "--limit", "3",
+    assert main(["calibrate-fusion", "--data", TRAIN, "--model", tiny, "--teacher", tiny_lm, "--out", str(out), "--limit", "6",
                  "--candidates", "2", "--methods", "minmax,rrf", "--weights", "0,0.5,1", "--no-progress"]) == 0
     res = json.loads(out.read_text())
     # w = 1 once (dense order for every method); w = 0 per method (only rrf is BM25's order there)
     grid = [(g["method"], g["weight"]) for g in res["calibration"]["grid"]]
     assert grid == [("minmax", 0.0), ("minmax", 0.5), ("minmax", 1.0), ("rrf", 0.0), ("rrf", 0.5)]
     assert os.path.exists(str(out) + ".utilities.jsonl")
+    held = res["calibration"]["heldout"]  # 6 questions of 2 papers: each scored with the other's choice
+    assert 0 < held["teacher_mrr"] <= 1 and len(held["picks"]) == 2 and held["split"] == "by document"
     idx = tmp_path / "idx"
     assert main(["index", "build", "--data", DEV, "--model", tiny, "--out", str(idx), "--lexical", "--fusion", str(out),
                  "--no-progress"]) == 0
