@@ -247,6 +247,24 @@ def test_partial_utilities_fall_back_to_gold(tmp_path, ds):
     assert n_fallback > 0
 
 
+def test_a_gold_less_question_whose_drawn_candidates_are_unscored_targets_its_teachers_best(ds):
+    # --loss uae with gold, a --candidates policy and a question without gold whose scored rows all lie outside
+    # it: its target is the teacher's best paragraph, never an arbitrary unscored candidate.
+    from uae_fast.scoring import CandidatePolicy
+
+    q = next(q for q in ds.queries if q.gold and len(ds.pool(q)) > 6)
+    gl = dataclasses.replace(q, gold=[])
+    ds2 = dataclasses.replace(ds, queries=[gl])
+    cands = set(CandidatePolicy(ds2, "top:2")(gl))
+    outside = [p for p in ds.pool(q) if p not in cands][:3]
+    u = {q.id: {p: float(i) for i, p in enumerate(outside)}}  # the last of them is the teacher's best
+    s = BatchSampler(ds2, TrainConfig(loss="uae", candidates="top:2", batch_size=1, passages_per_query=2), u)
+    assert [x.id for x in s.queries] == [q.id]
+    b = s.batch(0)
+    tgt = [b.passages[j] for j in b.target_idx[0].tolist() if j >= 0]
+    assert tgt == [ds.passages[outside[-1]].text]
+
+
 def test_infonce_targets_are_gold_and_ranks_partition(ds):
     cfg = TrainConfig(loss="infonce", batch_size=3, passages_per_query=3)
     whole = BatchSampler(ds, TrainConfig(loss="infonce", batch_size=6, passages_per_query=3))

@@ -381,6 +381,14 @@ class BatchSampler:
             n = min(want - len(chosen), len(rest))
             if n > 0:
                 chosen.extend(rest[int(i)] for i in rng.choice(len(rest), size=n, replace=False))
+        u = self.utilities.get(q.id) if self.cfg.loss == "uae" else None
+        if u and chosen and not (q.gold and not self.cfg.no_gold) and not any(p in u for p in chosen):
+            # A question without gold whose drawn candidates (a --candidates policy) were never scored would
+            # have no target but an arbitrary passage: its teacher's best paragraph of the pool takes the last slot.
+            in_pool = set(pool)
+            best = max((p for p in u if p in in_pool), key=lambda p: u[p], default=None)
+            if best is not None:
+                chosen[-1] = best
         return chosen
 
     def global_queries(self, micro: int) -> int:
