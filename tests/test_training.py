@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from test_student import make_tiny_encoder
-from uae_fast.data import load_dataset
+from uae_fast.data import load_dataset, shipped_file
 from uae_fast.training import (BatchSampler, TrainConfig, check_utilities, latest_checkpoint, load_utilities, train)
 
 HERE = os.path.dirname(__file__)
@@ -577,6 +577,12 @@ def test_the_default_table_is_cut_to_a_qasper_train_slice(tmp_path, tiny, capsys
         assert main(["train", "--data", TRAIN, "--student", tiny, "--out", str(out), "--max-steps", "1", "--batch-size", "2",
                      "--passages-per-query", "2", "--max-passage-length", "16", "--no-progress", *extra]) == 0
         assert "using the shipped table's rows for the 21 of its" in capsys.readouterr().err
+    # a shipped table named, not defaulted (Gemma's answer-only table): cut the same way
+    gemma = shipped_file("qasper-train-utilities-nogold-answer12-gemma3-270m.jsonl.gz")
+    assert main(["train", "--data", TRAIN, "--student", tiny, "--out", str(tmp_path / "gemma"), "--max-steps", "1",
+                 "--batch-size", "2", "--passages-per-query", "2", "--max-passage-length", "16", "--no-progress",
+                 "--no-gold", "--utilities", gemma]) == 0
+    assert "using the shipped table's rows for the" in capsys.readouterr().err
     dev = os.path.join(HERE, "fixtures", "qasper-dev-mini.json.gz")
     assert main(["train", "--data", dev, "--student", tiny, "--out", str(tmp_path / "dev"), "--max-steps", "1",
                  "--no-progress"]) == 1

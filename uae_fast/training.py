@@ -1190,11 +1190,12 @@ def _default_utilities(no_gold: bool = False) -> str:
 
 
 def _is_shipped_default(path: Optional[str]) -> bool:
-    """True for the shipped QASPER train tables (what ``uae train`` reads when --utilities is not given, or
-    names them)."""
+    """True for a QASPER train table shipped with the package (the defaults ``uae train`` reads when
+    --utilities is not given, and the others of data/: every-paragraph, Gemma, top12), given or named."""
     from .data import _shipped_dirs
 
-    if not path or os.path.basename(path) not in (DEFAULT_UTILITIES, DEFAULT_NOGOLD_UTILITIES):
+    name = os.path.basename(path or "")
+    if not (name.startswith("qasper-train-utilities") and name.endswith(".jsonl.gz")):
         return False
     return os.path.dirname(os.path.realpath(path)) in [os.path.realpath(d) for d in _shipped_dirs()]
 
@@ -1205,7 +1206,7 @@ def _shipped_for_data(utilities: Dict[str, Dict[str, float]], ds, cfg, say: bool
     ids = {q.id for q in ds.queries}
     keep = {q: d for q, d in utilities.items() if q in ids}
     if not keep:
-        raise ValueError(f"the default utilities table {os.path.basename(cfg.utilities)} (QASPER train, shipped) has "
+        raise ValueError(f"the shipped utilities table {os.path.basename(cfg.utilities)} (QASPER train) has "
                          f"no row for the questions of {cfg.data}: score this data with `uae score"
                          f"{' --no-gold' if cfg.no_gold else ''}` and pass --utilities FILE")
     if len(keep) < len(utilities) and say:
