@@ -162,6 +162,11 @@ def test_merge_teachers_averages_per_query_z_scores(tmp_path, ds, capsys):
     write_table(str(tmp_path / "bs.jsonl"), dict(hb, shard=[1, 4]), rows_b)
     with pytest.raises(ValueError, match="bs.jsonl: it is shard 1 of 4; merge the shards first"):
         merge_teachers([a, str(tmp_path / "bs.jsonl")], str(tmp_path / "e4.jsonl.gz"))
+    for bad in (3, "2/4", [1, "4"]):  # a hand-edited shard field: named, not a TypeError
+        write_table(str(tmp_path / "bx.jsonl"), dict(hb, shard=bad), rows_b)
+        with pytest.raises(ValueError, match=r"bx.jsonl: its header's shard .* is not \[I, N\]"):
+            merge_teachers([a, str(tmp_path / "bx.jsonl")], str(tmp_path / "e5.jsonl.gz"))
+        os.remove(tmp_path / "bx.jsonl")
     # the first teacher's per-token deltas are not the ensemble's; a data fingerprint must agree when both have one
     ha, rows_a = read_utilities(a)
     write_table(str(tmp_path / "ad.jsonl"), dict(ha, data_sha1="aaaa"), [dict(r, deltas=[0.5]) for r in rows_a])

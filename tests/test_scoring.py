@@ -16,6 +16,7 @@ import torch
 from uae_fast.bm25 import BM25
 from uae_fast.data import data_fingerprint, load_dataset
 from uae_fast.scoring import CandidatePolicy, merge, parse_shard, read_utilities, score_dataset, select_queries, shard_path
+from uae_fast.utilities import write_table
 from uae_fast.teacher import UtilityScorer
 
 from test_teacher import byte_tokenizer, tiny_llama
@@ -302,6 +303,10 @@ def test_shards_and_merge(ds, scorer, tmp_path):
     with pytest.raises(ValueError, match="each of the 3 shards|duplicate"):
         merge(paths + paths[:1], str(tmp_path / "bad.jsonl"))
     assert not os.path.exists(str(tmp_path / "bad.jsonl"))
+    h0, rows0 = read_utilities(paths[0])  # a hand-edited n_rows that is not a number: named
+    write_table(str(tmp_path / "s0.jsonl"), dict(h0, n_rows=str(h0["n_rows"])), rows0)
+    with pytest.raises(ValueError, match="s0.jsonl: header lacks an integer n_rows"):
+        merge([str(tmp_path / "s0.jsonl")] + paths[1:], str(tmp_path / "bad.jsonl"))
     merged = str(tmp_path / "merged.jsonl.gz")
     h = merge(paths, merged)
     assert h["shard"] == [0, 1]
@@ -360,6 +365,8 @@ def test_bad_input(ds, scorer, tmp_path):
     for bad, msg in (({**row, "utility": float("nan")}, "utility must be a finite number, got nan"),
                      ({**row, "utility": "abc"}, "utility must be a finite number, got 'abc'"),
                      ({k: v for k, v in row.items() if k != "utility"}, "utility must be a finite number, got None"),
+                     ({**row, "utility": 1e39}, "utility must be a finite number, got 1e\\+39 \\(within float32"),
+                     ({**row, "qid": [row["qid"]]}, "row 2: qid must be a string \\(or an integer\\)"),
                      (row, "row 2: duplicate \\(qid, pid\\) row")):
         path = tmp_path / "bad.jsonl"
         path.write_text("\n".join([lines[0], lines[1], json.dumps(bad)] + lines[2:]) + "\n")

@@ -65,6 +65,11 @@ def test_load_utilities_averages_and_header(tmp_path):
     ([{"type": "header", "format": "uae-utilities/1"}, {"qid": "a", "pid": "x", "utility": 1},
       {"qid": "a", "pid": "x", "utility": 2}], "u.jsonl:3: duplicate \\(qid, pid\\) row \\(a, x\\)"),
     (["[1, 2]"], "JSON object"),
+    # float32 overflow (training computes in float32), ids that are not ids, a row with misspelt keys
+    ([{"qid": "a", "pid": "x", "utility": 1e39}], "u.jsonl:1: utility is 1e\\+39 \\(must be finite, within float32"),
+    ([{"qid": ["a"], "pid": "x", "utility": 1}], "u.jsonl:1: qid must be a string \\(or an integer\\), got \\['a'\\]"),
+    ([{"qid": "a", "pid": None, "utility": 1}], "pid must be a string"),
+    ([{"type": "header"}, {"q": "a", "p": "x", "utility": 5.0}], "u.jsonl:2: a record with neither qid nor pid that is not a header"),
 ])
 def test_load_utilities_errors(tmp_path, rows, match):
     p = tmp_path / "u.jsonl"

@@ -221,7 +221,7 @@ def queries_to_score(ds, *, with_gold_only: bool = True, order: str = "paper", s
     error in seconds."""
     queries = select_queries(ds, with_gold_only=with_gold_only, order=order, shard=shard)
     if questions_from is not None:
-        keep = {r["qid"] for r in read_utilities(questions_from)[1]}
+        keep = {str(r["qid"]) for r in read_utilities(questions_from)[1]}
         queries = [q for q in queries if q.id in keep]
         if not queries:
             raise ValueError(f"--questions-from {questions_from}: none of its questions is among those to score here")
@@ -495,7 +495,7 @@ def _main(args) -> int:
     check_out(out, args.resume)
     for p in [args.questions_from, *(args.reuse or ())]:
         if p is not None and not os.path.isfile(p):
-            raise ValueError(f"{p}: no such file")
+            raise ValueError(f"{p}: " + ("a folder, not a utilities table" if os.path.isdir(p) else "no such file"))
     # Everything that can fail on the data or the tables fails here, before the teacher loads (a first load
     # dequantises a GGUF: 15-40 s), not after it.
     with_gold_only = not (args.include_no_gold or args.no_gold)

@@ -28,6 +28,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .data import READ_ERRORS, RetrievalDataset, jsonl_records, read_text
 
 FORMAT = "uae-utilities/1"
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _bad_id(r: dict) -> Optional[str]:
+    """Why a row's qid or pid cannot be an id (ids are strings; integers are read as their decimal text)."""
+    for k in ("qid", "pid"):
+        if type(r[k]) not in (str, int):
+            return f"{k} must be a string (or an integer), got {r[k]!r}"
+    return None
 # Settings that fix a row's utility: the teacher and its prompt, and which answers and data it read. The
 # candidate policy is not among them: a row does not depend on the question's other candidates (``--reuse``).
 _ROW_VALUE_KEYS = ("format", "teacher", "dtype", "prompt_with", "prompt_without", "answer_prefix", "max_passage_tokens",
@@ -90,10 +100,14 @@ def read_utilities(path: str, *, allow_partial: bool = False) -> Tuple[dict, Lis
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or "qid" not in r or "pid" not in r:
             raise ValueError(f"{path}: row {i + 1} is not a utility row (a JSON object with qid, pid, utility)")
+        bad_id = _bad_id(r)
+        if bad_id:
+            raise ValueError(f"{path}: row {i + 1}: {bad_id}")
         u = r.get("utility")
         # every reader (merge, subset, ensemble, reuse) would otherwise copy or crash on a bad value
-        if type(u) not in (int, float) or not math.isfinite(u):
-            raise ValueError(f"{path}: row {i + 1} ({r['qid']}, {r['pid']}): utility must be a finite number, got {u!r}")
+        if type(u) not in (int, float) or not abs(u) <= FLOAT32_MAX:
+            raise ValueError(f"{path}: row {i + 1} ({r['qid']}, {r['pid']}): utility must be a finite number, got "
+                             f"{u!r} (within float32's range, which training computes in)")
         key = (str(r["qid"]), str(r["pid"]))
         if key in seen:
             raise ValueError(f"{path}: row {i + 1}: duplicate (qid, pid) row {key}")
@@ -126,6 +140,9 @@ def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{n}: each line must be a JSON object")
             if "qid" not in rec and "pid" not in rec:
+                if rec.get("type") != "header" and not isinstance(rec.get("header"), dict):
+                    raise ValueError(f"{path}:{n}: a record with neither qid nor pid that is not a header "
+                                     f"(\"type\": \"header\"): a utility row with misspelt keys?")
                 n_headers += rec.get("type") == "header"
                 if n_headers > 1:  # averaging two teachers' raw utilities (other scales) would be silently wrong
                     raise ValueError(f"{path}:{n}: a second header: several tables concatenated? Join shards with "
@@ -137,9 +154,12 @@ def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
                 raise ValueError(f"{path}:{n}: a utility row needs qid, pid and utility; missing {missing}")
             if type(rec["utility"]) not in (int, float):  # not a bool (true -> 1.0) or a numeric string
                 raise ValueError(f"{path}:{n}: utility must be a number, got {rec['utility']!r}")
+            bad_id = _bad_id(rec)
+            if bad_id:
+                raise ValueError(f"{path}:{n}: {bad_id}")
             u = float(rec["utility"])
-            if not math.isfinite(u):
-                raise ValueError(f"{path}:{n}: utility is {u} (must be finite)")
+            if not abs(u) <= FLOAT32_MAX:  # training computes in float32: 1e39 would be inf there
+                raise ValueError(f"{path}:{n}: utility is {u} (must be finite, within float32's range)")
             seen = sums.setdefault(str(rec["qid"]), {}).setdefault(str(rec["pid"]), [])
             if seen and header.get("format") == FORMAT:  # `uae score` writes each (qid, pid) once
                 raise ValueError(f"{path}:{n}: duplicate (qid, pid) row ({rec['qid']}, {rec['pid']}) in a `uae score` table")
@@ -322,8 +342,10 @@ def merge_shards(inputs: Sequence[str], out: str) -> dict:
         if not (isinstance(shard, list) and len(shard) == 2 and all(type(x) is int for x in shard)
                 and 0 <= shard[0] < shard[1] and type(h.get("n_queries")) is int):
             raise ValueError(f"{path}: header lacks a valid shard [I, N] or n_queries; not a `uae score` shard file")
-        if len(rows) != h.get("n_rows"):
-            raise ValueError(f"{path}: has {len(rows)} rows but its header promises {h.get('n_rows')}")
+        if type(h.get("n_rows")) is not int:
+            raise ValueError(f"{path}: header lacks an integer n_rows; not a `uae score` shard file")
+        if len(rows) != h["n_rows"]:
+            raise ValueError(f"{path}: has {len(rows)} rows but its header promises {h['n_rows']}")
         headers.append(h)
         all_rows.extend(rows)
     ref = headers[0]
@@ -449,8 +471,11 @@ def merge_teachers(inputs: Sequence[str], out: str) -> dict:
     tables = [read_utilities(p) for p in inputs]
     ref = tables[0][0]
     for path, (h, _) in zip(inputs, tables):  # a shard would shrink the ensemble to its queries, silently
-        if list(h.get("shard") or [0, 1]) != [0, 1]:
-            raise ValueError(f"{path}: it is shard {h['shard'][0]} of {h['shard'][1]}; merge the shards first "
+        shard = h.get("shard") or [0, 1]
+        if not (isinstance(shard, list) and len(shard) == 2 and all(type(x) is int for x in shard)):
+            raise ValueError(f"{path}: its header's shard {shard!r} is not [I, N]; not a `uae score` table")
+        if shard != [0, 1]:
+            raise ValueError(f"{path}: it is shard {shard[0]} of {shard[1]}; merge the shards first "
                              f"(uae score --merge) and ensemble whole tables")
     for path, (h, _) in zip(inputs[1:], tables[1:]):
         diff = header_diff(h, ref, _SAME_ROWS_KEYS, rows=False)
