@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 
 import pytest
 
@@ -168,3 +169,18 @@ def test_uae_data_dir_without_the_file_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
     with pytest.raises(FileNotFoundError, match=f"{DATA_DIR_ENV}=.* holds no qasper-dev"):
         default_qasper_path("dev")
+
+
+def test_a_pipe_is_refused_by_name_not_read_as_empty(tmp_path):
+    # `--data <(zcat x)`: the format sniffing, a second pass or the fingerprint would find the pipe drained
+    from uae_fast.utilities import load_utilities
+
+    for load in (load_dataset, load_utilities):
+        r, w = os.pipe()
+        os.write(w, b'{"type": "header"}\n{"qid": "a", "pid": "x", "utility": 1}\n')
+        os.close(w)
+        try:
+            with pytest.raises(ValueError, match=f"/dev/fd/{r}: not a regular file \\(a pipe or FIFO\\?\\)"):
+                load(f"/dev/fd/{r}")
+        finally:
+            os.close(r)

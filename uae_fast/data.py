@@ -124,6 +124,10 @@ def open_text(path: str, what: str = "data file"):
         raise FileNotFoundError(f"{what} not found: {path}")
     if os.path.isdir(path):
         raise ValueError(f"cannot read {what} {path}: it is a directory, not a file")
+    if not os.path.isfile(path):
+        # A pipe or FIFO (`--data <(zcat x)`, mkfifo) cannot be read twice: the format sniffing below, a loader's
+        # second pass or the data fingerprint would see it empty, or wait forever for a writer.
+        raise ValueError(f"cannot read {what} {path}: not a regular file (a pipe or FIFO?); write it to a file first")
     with open(path, "rb") as f:
         head = f.read(8)
     gz = head[:2] == b"\x1f\x8b"
