@@ -593,3 +593,16 @@ def test_the_default_table_is_cut_to_a_qasper_train_slice(tmp_path, tiny, capsys
                  "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "has no row for the questions of" in err and "uae score" in err, err
+
+
+def test_a_table_scored_on_other_data_contents_is_warned_about(tmp_path, ds, capsys):
+    # QASPER passage ids are positions: an edited copy of the data pairs utilities with other texts
+    from uae_fast.data import data_fingerprint
+
+    utils, _ = load_utilities(write_utilities(tmp_path / "u.jsonl.gz", ds))
+    check_utilities(utils, ds, path="u", data_path=TRAIN, header={"data_sha1": data_fingerprint(TRAIN)})
+    check_utilities(utils, ds, path="u", data_path=TRAIN, header={})  # tables from before the fingerprint
+    assert capsys.readouterr().err == ""
+    check_utilities(utils, ds, path="u", data_path=TRAIN, header={"data_sha1": "0123456789abcdef"})
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "u was scored on other data contents than" in err and "rescore" in err

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 def hit_rates(table: str, ds, candidates: Sequence[str] = (), *, no_gold: bool = False,
               weak: Sequence[str] = ("bm25", "bm25-answer"), teacher_temperature: Optional[float] = None,
               lexical_teacher: str = "none", candidate_student=None, progress: bool = False,
-              policies: Optional[dict] = None) -> dict:
+              policies: Optional[dict] = None, data_path: Optional[str] = None) -> dict:
     """Top-1-is-gold rates of ``table``'s teacher (and of ``weak`` labels) per candidate set, and the gold mass
     of its ``softmax(utility / teacher_temperature)`` target (default: ``uae train``'s); see the module doc.
     ``candidate_student``: the encoder of ``student:M`` policies (default all-MiniLM-L6-v2); ``progress``: a bar
@@ -41,7 +41,7 @@ def hit_rates(table: str, ds, candidates: Sequence[str] = (), *, no_gold: bool =
     from .utilities import check_utilities, load_utilities
 
     utils, header = load_utilities(table)
-    check_utilities(utils, ds, path=table)
+    check_utilities(utils, ds, path=table, data_path=data_path, header=header)  # data_path: the file ds came from
     raw_header, ensemble = header, None
     if lexical_teacher != "none":
         from .lexical_teacher import LEXICAL_TEACHERS, LEXICAL_TEACHER_NAME, with_lexical_teacher
@@ -139,12 +139,13 @@ def _main(args) -> int:
     from .data import default_qasper_path, load_dataset
 
     check_output_path(args.json, "--json")
-    ds = load_dataset(args.data or default_qasper_path("train"))
+    data = args.data or default_qasper_path("train")
+    ds = load_dataset(data)
     results, policies = [], {}
     for t in args.utilities:
         res = hit_rates(t, ds, args.candidates, no_gold=args.no_gold, teacher_temperature=args.teacher_temperature,
                         lexical_teacher=args.lexical_teacher, candidate_student=args.candidate_student,
-                        progress=not args.no_progress, policies=policies)
+                        progress=not args.no_progress, policies=policies, data_path=data)
         print(format_report(res))
         results.append(res)
     if args.json:

@@ -115,7 +115,7 @@ def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = N
     data = data or default_qasper_path("train")
     utilities, header = load_utilities(utilities_path)
     ds = load_dataset(data)
-    check_utilities(utilities, ds, path=utilities_path, data_path=data)
+    check_utilities(utilities, ds, path=utilities_path, data_path=data, header=header)
     cols, skipped = export_rows(ds, utilities, passages_per_query=passages_per_query, seed=seed)
     if not cols["query"]:
         raise ValueError(f"no query of {utilities_path} has a gold passage in {data}: nothing to export")

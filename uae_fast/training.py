@@ -975,7 +975,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
             check_answer_only(header, cfg.utilities)
         if _is_shipped_default(cfg.utilities):
             utilities = _shipped_for_data(utilities, ds, cfg, rank == 0)
-        check_utilities(utilities, ds, path=cfg.utilities, data_path=cfg.data)
+        check_utilities(utilities, ds, path=cfg.utilities, data_path=cfg.data, header=header if rank == 0 else None)
         if cfg.lexical_teacher != "none":
             from .lexical_teacher import with_lexical_teacher
 

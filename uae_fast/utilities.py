@@ -23,6 +23,7 @@ import json
 import math
 import os
 import statistics
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .data import READ_ERRORS, RetrievalDataset, jsonl_records, read_text
@@ -184,8 +185,22 @@ def _partial_records(path: str):
 
 # ------------------------------------------------------------------------------------------- validation
 def check_utilities(utilities: Dict[str, Dict[str, float]], ds: RetrievalDataset, *, path: str = "utilities",
-                    data_path: Optional[str] = None) -> None:
-    """Raise ValueError unless every (qid, pid) names a query of ``ds`` and a passage in that query's pool."""
+                    data_path: Optional[str] = None, header: Optional[dict] = None) -> None:
+    """Raise ValueError unless every (qid, pid) names a query of ``ds`` and a passage in that query's pool.
+
+    With the table's ``header`` and a ``data_path`` file: a table fingerprinted on other data contents
+    (``data_sha1``) gets a warning on stderr. Not an error, since a slice of the scored data or a re-gzipped
+    copy differs too; but QASPER passage ids are positions, so an edited copy would pair utilities with
+    other paragraphs' texts."""
+    sha = (header or {}).get("data_sha1")
+    if sha and data_path and os.path.exists(data_path):
+        from .data import data_fingerprint
+
+        now = data_fingerprint(data_path)
+        if now != sha:
+            print(f"uae: warning: {path} was scored on other data contents than {data_path} (data_sha1 {sha} vs "
+                  f"{now}); its utilities are matched by question and passage id: if the texts changed, rescore",
+                  file=sys.stderr)
     data_path = data_path or ds.name or "the data"
     by_id = {q.id: q for q in ds.queries}
     unknown_q = [q for q in utilities if q not in by_id]
