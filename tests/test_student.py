@@ -146,6 +146,22 @@ def test_errors(tmp_path):
     (bad / "modules.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         BiEncoder(bad)
+    # hand-edited layouts: the file and the entry are named (they were AttributeErrors / TypeErrors)
+    for modules in ([1], [{"idx": "0", "path": "", "type": "x.Transformer"}, {"idx": 1, "path": "p", "type": "x.Pooling"}],
+                    [{"idx": 0, "path": 5, "type": "x.Transformer"}]):
+        (bad / "modules.json").write_text(json.dumps(modules))
+        with pytest.raises(ValueError, match="modules.json: each module must be an object with an integer idx"):
+            BiEncoder(bad)
+    st = tmp_path / "st"
+    BiEncoder(make_tiny_encoder(tmp_path / "hf0"), device="cpu").save(st)
+    for file, text, msg in (("sentence_bert_config.json", "[]", "must hold a JSON object, got list"),
+                            ("sentence_bert_config.json", '{"max_seq_length": "64"}', "max_seq_length must be a positive integer"),
+                            (os.path.join("1_Pooling", "config.json"), "[]", "must hold a JSON object, got list")):
+        keep = (st / file).read_text()
+        (st / file).write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            BiEncoder(st)
+        (st / file).write_text(keep)
     enc = BiEncoder(make_tiny_encoder(tmp_path / "hf"), device="cpu")
     with pytest.raises(TypeError, match="not one str"):
         enc.encode("one string")

@@ -63,6 +63,13 @@ def _read_json(path: str) -> dict:
         raise ValueError(f"{path} is not valid JSON ({e.msg})") from None
 
 
+def _read_json_object(path: str) -> dict:
+    cfg = _read_json(path)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
 def _pooling_modes(cfg: dict) -> List[str]:
     mode = cfg.get("pooling_mode")
     if mode is None:  # sentence-transformers < 5: one bool per mode
@@ -85,6 +92,11 @@ def _read_layout(folder: str):
     modules = _read_json(modules_file)
     if not isinstance(modules, list) or not modules:
         raise ValueError(f"{modules_file} must be a non-empty list of modules")
+    for m in modules:  # a hand-edited file: say which entry is wrong, not an AttributeError
+        if not (isinstance(m, dict) and type(m.get("idx", 0)) is int and isinstance(m.get("path", ""), (str, type(None)))
+                and isinstance(m.get("type", ""), str)):
+            raise ValueError(f"{modules_file}: each module must be an object with an integer idx and string path and "
+                             f"type, got {m!r}")
     tdir, modes, normalize, max_len, lower = None, None, False, None, False
     for m in sorted(modules, key=lambda m: m.get("idx", 0)):
         kind = str(m.get("type", "")).rsplit(".", 1)[-1]
@@ -93,11 +105,14 @@ def _read_layout(folder: str):
             tdir = path
             for name in ("sentence_bert_config.json", "sentence_xlnet_config.json"):
                 if os.path.exists(os.path.join(path, name)):
-                    cfg = _read_json(os.path.join(path, name))
+                    cfg = _read_json_object(os.path.join(path, name))
                     max_len = cfg.get("max_seq_length", max_len)
+                    if max_len is not None and (type(max_len) is not int or max_len < 1):
+                        raise ValueError(f"{os.path.join(path, name)}: max_seq_length must be a positive integer, "
+                                         f"got {max_len!r}")
                     lower = bool(cfg.get("do_lower_case", False))
         elif kind == "Pooling":
-            modes = _pooling_modes(_read_json(os.path.join(path, "config.json")))
+            modes = _pooling_modes(_read_json_object(os.path.join(path, "config.json")))
         elif kind == "Normalize":
             normalize = True
         else:
