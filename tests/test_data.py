@@ -137,6 +137,15 @@ def test_qasper_unanswerable_evidence_is_no_gold(tmp_path):
     assert ds.queries[0].answers == ["No"] and ds.queries[0].gold == ["P:1"]
 
 
+def test_qasper_blank_question_is_refused(tmp_path):
+    path = _qasper_one(tmp_path, {"free_form_answer": "x", "evidence": ["p1"]})
+    raw = json.loads(open(path).read())
+    raw["P"]["qas"][0]["question"] = " \t"
+    open(path, "w").write(json.dumps(raw))
+    with pytest.raises(ValueError, match="question 'q1': question is blank"):
+        load_dataset(path)
+
+
 def test_jsonl_queries_without_candidates_and_blank_passages(tmp_path):
     p = tmp_path / "d.jsonl"
     rows = [{"type": "passage", "id": "a", "text": "alpha", "doc_id": "d1"},

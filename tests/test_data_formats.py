@@ -105,6 +105,14 @@ def test_beir_bad_folders(tmp_path):
         load_dataset(tmp_path)
 
 
+def test_beir_blank_query_is_refused(tmp_path):
+    root = write_beir(tmp_path / "b")
+    (root / "queries.jsonl").write_text("".join(json.dumps(dict(r, text="   ") if r["_id"] == "q2" else r) + "\n"
+                                                for r in QUERIES))
+    with pytest.raises(ValueError, match=r"queries.jsonl: query record 2 \('q2'\): question is blank"):
+        load_dataset(root)
+
+
 def test_beir_repeated_query_id(tmp_path):
     root = write_beir(tmp_path / "b")
     with open(root / "queries.jsonl", "a") as f:
@@ -199,6 +207,10 @@ def test_squad_json(tmp_path):
     ({"data": [{"paragraphs": [{"context": "abc", "qas": 5}]}]}, r"data\[0\].paragraphs\[0\]: qas must be an array"),
     ({"data": [{"paragraphs": [{"context": "abc", "qas": [{"id": "x", "question": "q", "answers": 5}]}]}]},
      r"question 'x': answers must be an array"),
+    # a blank question would rank its article in pool order (BM25 scores 0), counted as hits; an id object
+    ({"data": [{"paragraphs": [{"context": "abc", "qas": [{"id": "x", "question": "  "}]}]}]}, r"question 'x': question is blank"),
+    ({"data": [{"paragraphs": [{"context": "abc", "qas": [{"id": {"a": 1}, "question": "q"}]}]}]},
+     r"data\[0\].paragraphs\[0\]: a question's id must be a string id, got an object"),
 ])
 def test_squad_bad_input(tmp_path, bad, msg):
     p = tmp_path / "bad.json"

@@ -369,6 +369,8 @@ def _qasper_from_dict(raw: dict, name: str, path: Optional[str] = None) -> Retri
             qid = _id(qa["question_id"], where, f"qas[{j}].question_id")
             qwhere = f"{where} question {qid!r}"
             question = _expect(qa["question"], str, qwhere, "question")
+            if not question.strip():  # BM25 would score every passage 0 and pool order would count as hits
+                raise ValueError(f"{qwhere}: question is blank")
             if qid in seen_q:
                 raise ValueError(f"{qwhere}: duplicate question_id (also in paper {seen_q[qid]!r})")
             seen_q[qid] = paper_id
@@ -568,6 +570,8 @@ def _from_beir(path: str, split: Optional[str]) -> RetrievalDataset:
             raise ValueError(f"{queries_path}: query record {n} repeats _id {qid!r}")
         seen_q.add(qid)
         if qid in qrels:
+            if not rec["text"].strip():
+                raise ValueError(f"{queries_path}: query record {n} ({qid!r}): question is blank")
             gold = [d for d, s in qrels[qid].items() if s > 0]
             queries.append(Query(qid, rec["text"], [], gold))
     have = {q.id for q in queries}
@@ -618,11 +622,14 @@ def _squad_from_dict(raw: dict, name: str) -> RetrievalDataset:
             for qa in _expect(para.get("qas"), list, f"{name}: data[{n}].paragraphs[{m}]", "qas", optional=True) or []:
                 if not isinstance(qa, dict) or "id" not in qa or not isinstance(qa.get("question"), str):
                     raise ValueError(f"{name}: a question of data[{n}].paragraphs[{m}] lacks 'id' or 'question'")
-                if str(qa["id"]) in seen_q:
-                    raise ValueError(f"{name}: data[{n}].paragraphs[{m}]: duplicate question id {qa['id']!r}")
-                seen_q.add(str(qa["id"]))
+                qid = _id(qa["id"], f"{name}: data[{n}].paragraphs[{m}]", "a question's id")
+                if qid in seen_q:
+                    raise ValueError(f"{name}: data[{n}].paragraphs[{m}]: duplicate question id {qid!r}")
+                seen_q.add(qid)
                 answers, gold = [], []
-                qwhere = f"{name}: question {qa['id']!r}"
+                qwhere = f"{name}: question {qid!r}"
+                if not qa["question"].strip():
+                    raise ValueError(f"{qwhere}: question is blank")
                 impossible = _expect(qa.get("is_impossible"), bool, qwhere, "is_impossible", optional=True)
                 for a in ([] if impossible else _expect(qa.get("answers"), list, qwhere, "answers", optional=True) or []):
                     text, start = (a.get("text"), a.get("answer_start")) if isinstance(a, dict) else (None, None)
@@ -642,7 +649,7 @@ def _squad_from_dict(raw: dict, name: str) -> RetrievalDataset:
                     gold += [pid for s, e, pid in spans if s < end and start < e and pid not in gold]
                     if text.strip() and text.strip() not in answers:
                         answers.append(text.strip())
-                queries.append(Query(str(qa["id"]), qa["question"], answers, gold, doc_id=key))
+                queries.append(Query(qid, qa["question"], answers, gold, doc_id=key))
     return RetrievalDataset(passages, queries, name)
 
 
