@@ -250,8 +250,9 @@ def test_utility_cache_bad_header_is_one_clear_error_and_bad_rows_are_rescored(t
         with pytest.raises(ValueError, match="not a fusion utility cache"):
             _read_cache(str(path), {"t": 1})
     path.write_text(json.dumps({"format": UTILITY_FORMAT, "settings": {"t": 1}}) + "\n"
-                    + '{"key": "a", "utility": 0.5}\n{"key": "b", "utility": "high"}\n{"key": "c", "utili')
-    assert _read_cache(str(path), {"t": 1}) == {"a": 0.5}  # b and the torn c are scored again
+                    + '{"key": "a", "utility": 0.5}\n{"key": "b", "utility": "high"}\n{"key": "d", "utility": NaN}\n'
+                    + '{"key": "e", "utility": -Infinity}\n{"key": "c", "utili')
+    assert _read_cache(str(path), {"t": 1}) == {"a": 0.5}  # b, the non-finite d and e, the torn c: scored again
 
 
 def test_eval_hybrid_row_ranks_as_serving_and_calibration(tiny):  # noqa: F811
@@ -316,6 +317,16 @@ def test_index_build_from_a_corpus_and_search_guards(tmp_path, tiny, capsys):  #
     cfg.write_text(cfg.read_text() + " ")  # the model changed after the build
     assert main(["search", str(idx), "who barks"]) == 1 and "changed since" in capsys.readouterr().err
     assert main(["search", str(idx), "who barks", "--model", str(model)]) == 0  # deliberately
+    moved = tmp_path / "model-moved"
+    model.rename(moved)  # the recorded encoder is gone: say so and what to do, not "model folder not found"
+    assert main(["search", str(idx), "who barks"]) == 1
+    err = capsys.readouterr().err
+    assert f"was built with the encoder {model}, which is no longer there: pass --model" in err, err
+    assert main(["search", str(idx), "who barks", "--model", str(moved)]) == 0
+    (idx / "hybrid.json").write_text(json.dumps(dict(m, meta=dict(m["meta"], model=5))))
+    assert main(["search", str(idx), "who barks"]) == 1 and "manifest's model 5 is not a folder path" in capsys.readouterr().err
+    (idx / "hybrid.json").write_text(json.dumps(m))
+    moved.rename(model)
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert main(["index", "build", "--data", str(corpus), "--model", str(model), "--out", str(tmp_path / "i2"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -164,7 +165,10 @@ def _read_cache(path: str, settings: dict) -> Dict[str, float]:
     for line in lines[1:]:
         try:
             r = json.loads(line)
-            out[r["key"]] = float(r["utility"])
+            u = float(r["utility"])
+            if not math.isfinite(u):  # a hand-edited or damaged row: rescored, never a NaN in the objective
+                continue
+            out[r["key"]] = u
         except (KeyError, TypeError, ValueError):  # ValueError covers JSONDecodeError
             continue  # a torn last line of an interrupted run (or a row of a cache without keys: rescored)
     return out

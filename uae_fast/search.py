@@ -148,7 +148,14 @@ def search(folder: str, questions: List[str], k: int = 10, *, fusion=None, model
     if blank:
         raise ValueError(f"question {blank[0] + 1} is empty: nothing to search for")
     index, meta, pids, texts = open_index(folder, fusion)
-    enc = BiEncoder(model or meta.get("model"), device=device)
+    recorded = meta.get("model")
+    if model is None and recorded is not None:
+        if not isinstance(recorded, str):
+            raise ValueError(f"{folder}: its manifest's model {recorded!r} is not a folder path; pass --model")
+        if not os.path.isdir(recorded):
+            raise ValueError(f"{folder} was built with the encoder {recorded}, which is no longer there: pass --model "
+                             f"(the same model, moved), or rebuild the index")
+    enc = BiEncoder(model or recorded, device=device)
     if model is None and meta.get("encoder") and encoder_fingerprint(enc) != meta["encoder"]:
         raise ValueError(f"the model {meta.get('model') or '(default student)'} changed since {folder} was built "
                          f"(its files or settings differ): rebuild the index, or pass --model to search with it anyway")
