@@ -5,6 +5,7 @@ import math
 import os
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -362,20 +363,27 @@ def test_hybrid_concurrent_searches_and_adds():
         np.testing.assert_array_equal(i, want[1])
         np.testing.assert_array_equal(s, want[0])
     # searches while passages are added: every result is a valid top-10 of some prefix of the adds
-    done = threading.Event()
+    done, started = threading.Event(), threading.Event()
 
     def adder():
+        started.wait()
         for s in range(100, 200, 10):
             h.add(emb[s:s + 10], texts[s:s + 10])
+            time.sleep(0.002)  # let searches interleave with the adds
         done.set()
 
     t = threading.Thread(target=adder)
     t.start()
+    overlapped = 0
+    started.set()
     while not done.is_set():
+        before = len(h)
         s, i = h.search(q, qt, 10)
-        assert (i >= 0).all() and (i < 200).all() and all(len(set(r)) == 10 for r in i.tolist())
+        after = len(h)
+        overlapped += before < 200
+        assert (i >= 0).all() and (i < after).all() and all(len(set(r)) == 10 for r in i.tolist())
     t.join()
-    assert len(h) == 200 and len(h.lexical) == 200
+    assert overlapped > 0 and len(h) == 200 and len(h.lexical) == 200
 
 
 def test_fuse_checks_a_config_dict():

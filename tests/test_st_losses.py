@@ -4,6 +4,8 @@ Oracles: MultipleNegativesRankingLoss for one-hot targets, a float64 dense formu
 the uncached loss for the cached one, the single-process loss for gloo DDP with gathered passages.
 """
 import gc
+import gzip
+import json
 import math
 import os
 from datetime import timedelta
@@ -424,7 +426,18 @@ def exported(tmp_path_factory):
 
     pytest.importorskip("datasets")
     tmp = tmp_path_factory.mktemp("export")
-    utils = write_utilities(tmp / "u.jsonl.gz", load_dataset(TRAIN))
+    ds = load_dataset(TRAIN)
+    full = write_utilities(tmp / "full.jsonl.gz", ds)
+    # a partial table, so every label kind occurs: 3 questions unscored, odd non-gold paragraphs unscored
+    gold = {q.id: set(q.gold) for q in ds.queries}
+    drop_q = sorted(q.id for q in ds.queries if q.gold)[:3]
+    with gzip.open(full, "rt") as f:
+        recs = [json.loads(line) for line in f]
+    keep = [r for r in recs if "qid" not in r or (r["qid"] not in drop_q and (r["pid"] in gold[r["qid"]]
+                                                                            or int(r["pid"].rsplit(":", 1)[1]) % 2 == 0))]
+    utils = str(tmp / "u.jsonl.gz")
+    with gzip.open(utils, "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in keep))
     assert main(["export", "--utilities", utils, "--data", TRAIN, "--out", str(tmp / "ds"), "--passages-per-query", "4"]) == 0
     return tmp / "ds", utils
 
@@ -465,7 +478,7 @@ def test_export_columns_and_labels(exported, tmp_path):
     by_text = {p.text: pid for pid, p in ds.passages.items()}
     with_gold = [q for q in ds.queries if q.gold]  # unscored ones too: their gold passages at utility 0
     assert len(d) == len(with_gold)
-    unscored = 0
+    unscored, kinds = 0, set()
     for row in d:
         q = by_q[row["query"]]
         pids = [by_text[row[f"passage_{c}"]] for c in range(4)]
@@ -479,6 +492,9 @@ def test_export_columns_and_labels(exported, tmp_path):
                 assert lab == 0.0
             else:
                 assert math.isnan(lab)
+        kinds.update("scored" if pid in scored else "unscored gold" if not scored and pid in q.gold else "no label"
+                     for pid in pids)
+    assert unscored == 3 and kinds == {"scored", "unscored gold", "no label"}, (unscored, kinds)
 
 
 def test_export_unscored_query_targets_all_its_gold_passages():

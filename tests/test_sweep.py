@@ -345,3 +345,17 @@ def test_lexical_text_variants_match_the_default_ensemble():
     assert mass == pytest.approx(a[:, 1].mean(), abs=1e-4)
     assert top == pytest.approx(a[:, 2].mean())
     assert all(0.0 <= v <= 1.0 for vals in got.values() for v in vals)
+    # the other texts, by an independent BM25 over each pool: the one-hot top-1 of each query text
+    from uae_fast.bm25 import BM25
+
+    texts = {"answers": lambda q: " ".join(q.answers), "question + answers x2": lambda q: q.question + " " + " ".join(
+        q.answers) + " " + " ".join(q.answers)}
+    for name, text in texts.items():
+        hits = []
+        for q in qs:
+            pool = ds.pool(q)
+            sc = dict(zip(pool, BM25([ds.passages[p].text for p in pool]).scores(text(q)).tolist()))
+            pids = list(llm[q.id])
+            hits.append(pids[int(np.argmax([sc[p] for p in pids]))] in gold[q.id])
+        assert got[name][0] == pytest.approx(np.mean(hits)), name
+    assert len({got[k] for k in got}) == 3  # three texts, three different results on these 12 questions

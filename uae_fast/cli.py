@@ -176,8 +176,23 @@ def _clear_progress_bars() -> None:
         bar.close()
 
 
+def _quiet_hf_bars() -> None:
+    """The env var above only acts on a huggingface_hub / transformers imported after it: a process that
+    imported them first (a script, a notebook, a test run) gets their bars switched off here."""
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "1":
+        return  # the user's own setting
+    hub = sys.modules.get("huggingface_hub")
+    if hub is not None:
+        hub.utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from packages or paths, never a hub
+    _quiet_hf_bars()
     command = None
     try:
         parser = build_parser()  # imports torch: a Ctrl-C here is an interrupt too, not a traceback
