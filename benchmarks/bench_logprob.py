@@ -205,6 +205,22 @@ def main(argv=None):
     ref_cache = {}
     t_start = time.perf_counter()
     interrupted = False
+    meta = dict(
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        commit=_git_commit(),
+        device=torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or platform.machine(),
+        cpu_threads=a.threads,
+        torch=torch.__version__,
+        quick=a.quick,
+        note="CPU timings on a shared machine are noisy; ratios come from one run, cases interleaved by N",
+    )
+
+    def write(complete):  # after every case, tmp + rename: a run killed by its timeout keeps its rows
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json + ".tmp", "w") as f:
+            json.dump({"meta": dict(meta, complete=complete), "rows": rows}, f, indent=1)
+        os.replace(a.json + ".tmp", a.json)
+
     cases = [(s, dt, n, name) for s in shapes for dt in dtypes for n in ns for name in methods]
     try:
         for shape, dt, n, name in cases:
@@ -226,23 +242,13 @@ def main(argv=None):
                 row["tflops"] = 2 * n * d * v / (res["ms"] * 1e-3) / 1e12
             rows.append(row)
             _print_row(row, rows)
+            write(complete=False)
     except KeyboardInterrupt:  # gpu_suite.sh's timeout sends SIGINT: keep what was measured
         interrupted = True
 
     print()
     _print_table(rows)
-    meta = dict(
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        commit=_git_commit(),
-        device=torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or platform.machine(),
-        cpu_threads=a.threads,
-        torch=torch.__version__,
-        quick=a.quick,
-        note="CPU timings on a shared machine are noisy; ratios come from one run, cases interleaved by N",
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write(complete=not interrupted)
     print(f"\nwrote {a.json}")
     return 130 if interrupted else 0
 

@@ -26,9 +26,10 @@
 #   Inf-CL travels as a wheel (pure Python + Triton kernels, no compilation; numpy and triton are on the image).
 #   Here, once, in the repo root (.whl/ is git-ignored):
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl inf-cl==1.2.1 pytest-xdist execnet
-#   (pytest-xdist + execnet: the test steps compile in parallel; without them they run in one process)
+#         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl inf-cl==1.2.1
+#   (not pytest-xdist: the image has it, and a carried copy would shadow it through /tmp/site)
 #   then call run with carry [".whl"] and: BUDGET_S=275 WHEEL_DIR=.whl bash benchmarks/gpu_suite.sh infonce
+#   The JSONs come back under the run's files_at: copy them to benchmarks/results/ before _infonce_auto.
 #
 # Files back from $OUT (at most 8; part answeronly: the three tables and sweep.jsonl): summary.txt (one line per step: status, seconds), suite.log (all
 # step output, in order), gpu_suite-PART.tar.gz (every step's log), each benchmark's JSON, and the scored table
@@ -90,6 +91,7 @@ step() {  # step NAME TIMEOUT_S CMD...
 
 finish() {
     local rc=$?  # the script's own status: an error of its own (e.g. an unset variable) must not read as success
+    rm -f "$OUT"/*.tmp  # a JSON rewrite cut by a kill: not a result, and $OUT returns at most 8 files
     # An unfinished score run leaves plain-text OUT.partial (resumable); gzip it so it fits the 16 MB per file.
     for f in "$OUT"/*.partial; do [ -e "$f" ] && gzip -f "$f"; done
     cp "$WORK/summary.txt" "$WORK/suite.log" "$OUT/" 2>/dev/null
@@ -171,8 +173,10 @@ step bench_infonce_65536 35 "$PY" benchmarks/bench_infonce_gpu.py --sizes 65536 
     --impls naive chunked triton --no-accuracy --budget-s 30 --json "$OUT/infonce-gpu-65536.json"
 # chunked too: the AUTO_TABLE picks the faster of chunked and triton per key; autotuning compiles ~6 configs
 step bench_infonce_tuned 50 "$PY" benchmarks/bench_infonce_gpu.py --sizes 16384 --dims 768 --settings bf16 tf32 \
-    --impls naive chunked triton --autotune --no-accuracy --json "$OUT/infonce-gpu-tuned.json"
-step bench_logprob_target 35 "$PY" benchmarks/bench_logprob.py --device cuda --shapes llama-3-8b --n 8192 --autotune --json "$OUT/logprob-target.json"
+    --impls naive chunked triton --autotune --no-accuracy --budget-s 40 --json "$OUT/infonce-gpu-tuned.json"
+# no --autotune here: on a cold Triton cache its configs would not compile within the step (the 607 TFLOP/s
+# row of BENCHMARKS.md is the default config's)
+step bench_logprob_target 35 "$PY" benchmarks/bench_logprob.py --device cuda --shapes llama-3-8b --n 8192 --json "$OUT/logprob-target.json"
 GRID_S=$((BUDGET_S - ($(date +%s) - START) - 10))
 [ "$GRID_S" -gt 15 ] || echo "SKIP    bench_infonce_grid (suite budget spent)" | tee -a "$WORK/summary.txt"
 [ "$GRID_S" -gt 15 ] && step bench_infonce_grid "$GRID_S" "$PY" benchmarks/bench_infonce_gpu.py --sizes 4096 16384 65536 \

@@ -228,6 +228,11 @@ def test_precision_follows_torch_tf32_switch(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     assert G.precision(torch.float32) == "tf32" and A.key(torch.device("cpu"), torch.float32)[2] == "tf32"
     assert A.key(torch.device("cpu"), torch.bfloat16) == ("cpu", "bfloat16", "-")
+    # on CUDA 16-bit inputs are keyed by the switch too: the chunked path upcasts them to fp32 GEMMs
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert A.key(torch.device("cuda"), torch.bfloat16) == ("sm90", "bfloat16", "tf32")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert A.key(torch.device("cuda"), torch.float16) == ("sm90", "float16", "ieee")
 
 
 # ---------------------------------------------------------------------------- impl="auto"
@@ -236,28 +241,34 @@ def test_auto_table_and_its_update_from_results(capsys, tmp_path):
     assert set(A.AUTO_TABLE.values()) <= {"torch", "triton"}
     rows = [
         dict(device_key="sm90", dtype="bfloat16", precision="-", B=16384, d=768, impl="naive", ms=10.0),
-        dict(device_key="sm90", dtype="bfloat16", precision="-", B=16384, d=768, impl="chunked", ms=12.0),
+        dict(device_key="sm90", dtype="bfloat16", precision="ieee", B=16384, d=768, impl="chunked", ms=12.0),
         dict(device_key="sm90", dtype="bfloat16", precision="-", B=16384, d=768, impl="triton", ms=6.0),
+        dict(device_key="sm90", dtype="bfloat16", precision="tf32", B=16384, d=768, impl="chunked", ms=5.0),
         dict(device_key="sm90", dtype="float32", precision="tf32", B=16384, d=768, impl="chunked", ms=20.0),
         dict(device_key="sm90", dtype="float32", precision="tf32", B=16384, d=768, impl="triton", ms=None),
         dict(device_key="sm90", dtype="float32", precision="tf32", B=4096, d=768, impl="triton", ms=1.0),
+        # fast but marked wrong by the benchmark (failed its float64 check): never chosen
+        dict(device_key="sm90", dtype="float32", precision="tf32", B=16384, d=768, impl="triton", ms=0.5,
+             problem="failed the float64 accuracy check"),
     ]
     table = A.table_from_results(rows)
-    assert table == {("sm90", "bfloat16", "-"): "triton", ("sm90", "float32", "tf32"): "torch"}
+    # a 16-bit triton row stands for both switch settings; the chunked path is timed under each
+    assert table == {("sm90", "bfloat16", "ieee"): "triton", ("sm90", "bfloat16", "tf32"): "torch",
+                     ("sm90", "float32", "tf32"): "torch"}
     path = tmp_path / "r.json"
     path.write_text(__import__("json").dumps({"results": rows}))
     assert A.main([str(path)]) == 0
-    assert "('sm90', 'bfloat16', '-'): 'triton'," in capsys.readouterr().out
+    assert "('sm90', 'bfloat16', 'ieee'): 'triton'," in capsys.readouterr().out
     # Several files pool; an autotuned file's triton rows are left out (impl="auto" runs the default config).
     ieee = [dict(device_key="sm90", dtype="float32", precision="ieee", B=16384, d=768, impl=i, ms=ms)
             for i, ms in (("chunked", 30.0), ("triton", 25.0))]
-    tuned = [dict(rows[1], ms=11.0), dict(rows[2], ms=1.0), dict(rows[3], impl="triton", ms=1.0)]
+    tuned = [dict(rows[1], ms=11.0), dict(rows[2], ms=1.0), dict(rows[4], impl="triton", ms=1.0)]
     (tmp_path / "ieee.json").write_text(__import__("json").dumps({"results": ieee}))
     (tmp_path / "tuned.json").write_text(__import__("json").dumps({"autotune": True, "results": tuned}))
     assert A.main([str(path), str(tmp_path / "ieee.json"), str(tmp_path / "tuned.json")]) == 0
     out = capsys.readouterr()
     assert "('sm90', 'float32', 'ieee'): 'triton'," in out.out and "('sm90', 'float32', 'tf32'): 'torch'," in out.out
-    assert "('sm90', 'bfloat16', '-'): 'triton'," in out.out and "autotuned triton rows left out" in out.err
+    assert "('sm90', 'bfloat16', 'ieee'): 'triton'," in out.out and "autotuned triton rows left out" in out.err
     assert A.main([]) == 2
 
 

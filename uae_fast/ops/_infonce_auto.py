@@ -2,8 +2,9 @@
 benchmarks (``benchmarks/results/infonce-gpu.json``).
 
 Keys: device = ``"cpu"`` or ``"sm<major><minor>"`` (CUDA compute capability, e.g. ``"sm90"`` for H100/H200);
-dtype = ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"float64"``; precision = ``"tf32"`` or ``"ieee"`` for
-float32 (torch.backends.cuda.matmul.allow_tf32), ``"-"`` otherwise. A key that is not in the table runs the
+dtype = ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"float64"``; precision = ``"tf32"`` or ``"ieee"``
+(torch.backends.cuda.matmul.allow_tf32) on CUDA, for 16-bit inputs too: the chunked path upcasts them to fp32,
+so its speed follows the switch; ``"-"`` elsewhere. A key that is not in the table runs the
 chunked torch path: the one path measured to be within 1.4x of the naive loss's time on a GPU so far.
 
 To update after a GPU run: ``python -m uae_fast.ops._infonce_auto benchmarks/results/infonce-gpu*.json``
@@ -23,8 +24,10 @@ AUTO_TABLE = {
     ("sm90", "float32", "ieee"): "torch",
     # Not measured yet (issue 17): the GEMM-shaped Triton path waits for a GPU run; until then the chunked path.
     ("sm90", "float32", "tf32"): "torch",
-    ("sm90", "bfloat16", "-"): "torch",
-    ("sm90", "float16", "-"): "torch",
+    ("sm90", "bfloat16", "ieee"): "torch",
+    ("sm90", "bfloat16", "tf32"): "torch",
+    ("sm90", "float16", "ieee"): "torch",
+    ("sm90", "float16", "tf32"): "torch",
 }
 _DEFAULT = "torch"
 # The benchmark row the table is chosen at (the issue's target shape).
@@ -51,7 +54,7 @@ def key(device: torch.device, dtype: torch.dtype) -> tuple:
     else:
         dev = device.type
     name = str(dtype).replace("torch.", "")
-    if dtype == torch.float32:
+    if dtype == torch.float32 or (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)):
         prec = "tf32" if tf32_matmul() else "ieee"
     else:
         prec = "-"
@@ -76,14 +79,17 @@ def table_from_results(results: list) -> dict:
     (fields: device_key, dtype, precision, B, d, impl, ms; rows without ms are skipped/failed)."""
     best: dict = {}
     for r in results:
-        if r.get("ms") is None or r.get("B") != _AT["b"] or r.get("d") != _AT["d"]:
+        if r.get("ms") is None or r.get("B") != _AT["b"] or r.get("d") != _AT["d"] or r.get("problem"):
             continue
         impl = {"chunked": "torch", "triton": "triton"}.get(r.get("impl"))
         if impl is None:
             continue
-        k = (r["device_key"], r["dtype"], r["precision"])
-        if k not in best or r["ms"] < best[k][1]:
-            best[k] = (impl, r["ms"])
+        # a 16-bit triton row ("-": the switch does not change it) stands for both precisions
+        precs = ("ieee", "tf32") if r["precision"] == "-" else (r["precision"],)
+        for prec in precs:
+            k = (r["device_key"], r["dtype"], prec)
+            if k not in best or r["ms"] < best[k][1]:
+                best[k] = (impl, r["ms"])
     return {k: v[0] for k, v in sorted(best.items())}
 
 
