@@ -327,6 +327,22 @@ def test_index_build_from_a_corpus_and_search_guards(tmp_path, tiny, capsys):  #
     assert main(["search", str(idx), "who barks"]) == 1 and "manifest's model 5 is not a folder path" in capsys.readouterr().err
     (idx / "hybrid.json").write_text(json.dumps(m))
     moved.rename(model)
+    # a fusion.json saved into the model folder is not a model change; a manifest from before that fix (its
+    # fingerprint counted every *.json) still verifies
+    from uae_fast.embcache import encoder_fingerprint
+    from uae_fast.student import BiEncoder
+
+    assert main(["index", "build", "--data", str(corpus), "--model", str(model), "--out", str(tmp_path / "i3"),
+                 "--no-progress"]) == 0
+    (model / "fusion.json").write_text('{"method": "minmax", "weight": 0.5}')
+    assert main(["search", str(tmp_path / "i3"), "who barks"]) == 0
+    m3 = json.loads((tmp_path / "i3" / "hybrid.json").read_text())
+    legacy = encoder_fingerprint(BiEncoder(str(model)), legacy=True)
+    assert legacy != m3["meta"]["encoder"]
+    (tmp_path / "i3" / "hybrid.json").write_text(json.dumps(dict(m3, meta=dict(m3["meta"], encoder=legacy))))
+    assert main(["search", str(tmp_path / "i3"), "who barks"]) == 0
+    (tmp_path / "i3" / "hybrid.json").write_text(json.dumps(dict(m3, meta=dict(m3["meta"], encoder="0" * 16 + "-0"))))
+    assert main(["search", str(tmp_path / "i3"), "who barks"]) == 1 and "changed since" in capsys.readouterr().err
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert main(["index", "build", "--data", str(corpus), "--model", str(model), "--out", str(tmp_path / "i2"),

@@ -546,5 +546,11 @@ def test_model_fingerprint_is_content_not_path_and_ignores_what_lies_beside_the_
     (b / "idx").mkdir()
     (b / "idx" / "hybrid.json").write_text("{}")
     assert model_fingerprint(str(b)) == fp
+    # JSON a loader never reads, saved into the model folder (uae train's summary, a calibrated fusion.json)
+    (b / "fusion.json").write_text('{"method": "minmax", "weight": 0.5}')
+    (b / "training_summary.json").write_text("{}")
+    assert model_fingerprint(str(b)) == fp and model_fingerprint(str(b), legacy=True) != fp
+    (b / "tokenizer_config.json").write_text((b / "tokenizer_config.json").read_text() + " ")
+    assert model_fingerprint(str(b)) != fp  # a config the loader reads does count
     c = make_tiny_encoder(tmp_path / "c", seed=1)
     assert model_fingerprint(c) != fp

@@ -38,16 +38,27 @@ def encoder_key(path: Optional[str]) -> str:
 # folders its modules.json names (a sentence-transformers folder's 0_Transformer/); not a training run's
 # checkpoints/ nor anything else kept beside the model (an index built into its folder).
 _MODEL_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
+# The JSON files a loader reads (configs, tokenizer files); others kept in a model folder (uae train's
+# training_summary.json, a fusion.json from calibrate-fusion) do not change its vectors.
+_MODEL_JSON = ("modules.json", "config_sentence_transformers.json", "tokenizer.json", "special_tokens_map.json",
+               "added_tokens.json", "vocab.json")
 
 
-def _model_files(path: str):
+def _is_model_file(name: str, legacy: bool = False) -> bool:
+    if not name.endswith(_MODEL_SUFFIXES):
+        return False
+    return legacy or not name.endswith(".json") or name.endswith("config.json") or name in _MODEL_JSON
+
+
+def _model_files(path: str, legacy: bool = False):
+    """``legacy``: every *.json counted, as before 0.2.0's fix (index manifests written then still verify)."""
     import json
 
     def files_in(folder, recursive):
         out = []
         for root, dirs, files in os.walk(folder):
             dirs[:] = sorted(d for d in dirs if d != "checkpoints" and not d.startswith(".")) if recursive else []
-            out += [os.path.join(root, f) for f in sorted(files) if f.endswith(_MODEL_SUFFIXES)]
+            out += [os.path.join(root, f) for f in sorted(files) if _is_model_file(f, legacy)]
         return out
 
     out = files_in(path, False)
@@ -63,7 +74,7 @@ def _model_files(path: str):
     return out
 
 
-def model_fingerprint(path: Optional[str]) -> str:
+def model_fingerprint(path: Optional[str], *, legacy: bool = False) -> str:
     """What a model folder holds, by content, not by path or modification time (a copied or deployed folder
     keeps it): each model file's relative path, its configs and tokenizer files hashed whole, weights by size
     and their first and last MiB (a retrained model differs there). ``None``: the default student."""
@@ -73,7 +84,7 @@ def model_fingerprint(path: Optional[str]) -> str:
         path = default_student_path()
     path = os.path.realpath(os.fspath(path))
     h = hashlib.sha1()
-    for f in _model_files(path):
+    for f in _model_files(path, legacy):
         size = os.path.getsize(f)
         h.update(f"{os.path.relpath(f, path)}:{size}:".encode())
         with open(f, "rb") as fh:
@@ -86,9 +97,9 @@ def model_fingerprint(path: Optional[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def encoder_fingerprint(encoder) -> str:
+def encoder_fingerprint(encoder, *, legacy: bool = False) -> str:
     """:func:`model_fingerprint` of a :class:`uae_fast.BiEncoder`'s folder and the settings that change its vectors."""
-    return f"{model_fingerprint(encoder.path)}-{hashlib.sha1(_settings(encoder).encode()).hexdigest()[:8]}"
+    return f"{model_fingerprint(encoder.path, legacy=legacy)}-{hashlib.sha1(_settings(encoder).encode()).hexdigest()[:8]}"
 
 
 def _settings(encoder) -> str:
