@@ -162,7 +162,8 @@ if [ "$PART" = infonce ]; then
 # Only the tests that launch kernels: the Triton cache starts empty and each odd shape is a compile (the CPU-only
 # tests of tests/test_infonce.py run in CI).
 step infonce_tests 60 "$PY" -m pytest -q tests/test_infonce_triton.py tests/test_infonce.py::test_triton_matches_float64_reference \
-    tests/test_infonce.py::test_triton_float64_rules $(xdist 8) -p no:cacheprovider -rfE
+    tests/test_infonce.py::test_triton_float64_rules tests/test_infonce.py::test_torch_path_is_deterministic_with_repeated_targets \
+    $(xdist 8) -p no:cacheprovider -rfE
 # Every benchmark call rewrites its JSON after every case, so a timeout keeps what was measured. In order of
 # what the issue needs: the target shape (B = N = 16384, d = 768: every setting and peer, + the float64 accuracy
 # check), B = N = 65536 (where naive runs out of memory), the autotuned triton row, token_logprobs' target row,

@@ -102,6 +102,7 @@ def test_crossfit_scores_each_fold_with_the_config_chosen_on_the_others():
     # in-sample the best config scores 0.68 (config 0) or 0.7 (config 1): held out, the choice is worse than both
     assert h["teacher_mrr"] < min(rr0.mean(), rr1.mean())
     assert crossfit(grid, per_q, ["a"] * 5) is None
+    assert h["split"] == "by document" and crossfit(grid, per_q, list("vwxyz"))["split"] == "by question"
 
 
 def test_calibrate_cli_index_build_search_and_eval(tmp_path, tiny, tiny_lm, capsys, monkeypatch):  # noqa: F811

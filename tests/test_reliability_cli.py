@@ -342,6 +342,23 @@ def test_cli_sets_passive_openmp_before_torch():
     assert r.stdout.split() == ["PASSIVE", "1", "False"], r.stderr
 
 
+@pytest.mark.parametrize("first", ["huggingface_hub", "huggingface_hub, transformers"])
+def test_cli_quiets_hf_bars_imported_before_it(first):
+    # A process that imported huggingface_hub (lazily: no .utils yet) or transformers before the CLI: main()
+    # still answers with one line, and their bars end up off (the env var alone acts on later imports only).
+    import subprocess
+    import sys
+
+    code = (f"import {first}; from uae_fast.cli import main; "
+            "rc = main(['diagnose', '--utilities', '/nonexistent/u.jsonl']); "
+            "from huggingface_hub.utils import are_progress_bars_disabled as off; "
+            "from transformers.utils.logging import is_progress_bar_enabled as on; print(rc, off(), on())")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.stdout.split() == ["1", "True", "False"], (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 # ------------------------------------------------------------------------------------- numeric config
 @pytest.mark.parametrize("field", ["epochs", "lr", "weight_decay", "warmup", "temperature", "teacher_temperature",
                                    "label_mix", "teacher_gate"])

@@ -79,6 +79,20 @@ def test_save_is_staged_and_weights_land_last(tmp_path, monkeypatch):
     torch.testing.assert_close(BiEncoder(out, device="cpu").encode(TEXTS), enc.encode(TEXTS), atol=0, rtol=0)
 
 
+def test_save_over_a_model_keeps_file_modes_and_drops_old_shards(tmp_path):
+    enc = BiEncoder(make_tiny_encoder(tmp_path / "hf"), device="cpu")
+    out = tmp_path / "st"
+    enc.save(out)
+    os.chmod(out / "config.json", 0o664)
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"old shard")  # an earlier sharded save
+    (out / "model.safetensors.index.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    enc.save(out)
+    assert oct(os.stat(out / "config.json").st_mode & 0o777) == oct(0o664)
+    assert not (out / "model-00001-of-00002.safetensors").exists() and not (out / "model.safetensors.index.json").exists()
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+
+
 def test_failed_save_leaves_no_model_and_no_staging(tmp_path, monkeypatch):
     import uae_fast.model_card as mc
 

@@ -117,7 +117,8 @@ def crossfit(grid: List[dict], per_q: List[Tuple[np.ndarray, np.ndarray]], group
         c = max(range(len(grid)), key=lambda i: _preference(grid[i], float(per_q[i][0][train].mean())))
         rr[test], s1[test] = per_q[c][0][test], per_q[c][1][test]
         picks.append({k: grid[c][k] for k in ("method", "weight")})
-    return {"folds": folds, "split": "by document", "teacher_mrr": float(rr.mean()),
+    return {"folds": folds, "split": "by question" if len(order) == len(groups) else "by document",
+            "teacher_mrr": float(rr.mean()),
             "teacher_success@1": float(s1.mean()), "picks": picks}
 
 
@@ -280,6 +281,10 @@ def calibrate_fusion(data, model: Optional[str] = None, *, teacher=None, limit: 
         res = scorer.score_many(items)
         rows = [{"qid": queries[i].id, "pid": pools[i][j], "key": key, "utility": round(float(u), 6)}
                 for i, r in zip(idx, res) for j, key, u in zip(cands[i].tolist(), keys[i], r.utility.tolist())]
+        bad = [r for r in rows if not math.isfinite(r["utility"])]
+        if bad:  # one NaN would make every config's teacher_mrr NaN: say where, as uae score does
+            raise ValueError(f"the teacher's utility for question {bad[0]['qid']!r}, passage {bad[0]['pid']!r} is "
+                             f"{bad[0]['utility']} (its log-probabilities overflowed); use a float32 teacher")
         for r in rows:
             cache[r["key"]] = r["utility"]
         n_scored += len(rows)

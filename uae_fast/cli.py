@@ -181,20 +181,24 @@ def _quiet_hf_bars() -> None:
     imported them first (a script, a notebook, a test run) gets their bars switched off here."""
     if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "1":
         return  # the user's own setting
-    hub = sys.modules.get("huggingface_hub")
-    if hub is not None:
-        hub.utils.disable_progress_bars()
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
+    try:  # best effort: never a reason for main() to fail
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars  # a bare `import huggingface_hub` is lazy
 
-        hf_logging.disable_progress_bar()
+            disable_progress_bars()
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+    except Exception:
+        pass
 
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from packages or paths, never a hub
-    _quiet_hf_bars()
     command = None
     try:
+        _quiet_hf_bars()
         parser = build_parser()  # imports torch: a Ctrl-C here is an interrupt too, not a traceback
         args = parser.parse_args(argv)
         command = args.command

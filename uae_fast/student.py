@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import re
+import stat
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -335,9 +337,14 @@ class BiEncoder(nn.Module):
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
+# Sharded weights and their index (what transformers' save_pretrained removes when a new save has other shards).
+_SHARD = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+\.(safetensors|bin)|\.(safetensors|bin)\.index\.json)$")
+
+
 def _publish(stage: str, path: str) -> None:
     """Move every file of ``stage`` to the same place under ``path``, each fsync'd then renamed (atomic per
-    file), the weights last."""
+    file), the weights last. A file replaced keeps its permission bits; weight shards of an earlier save that
+    this one did not write are removed afterwards, as transformers does when it saves into a folder."""
     files = []
     for root, dirs, names in os.walk(stage):
         for d in dirs:  # 2_Normalize holds no file but must exist
@@ -349,7 +356,15 @@ def _publish(stage: str, path: str) -> None:
             os.fsync(fh.fileno())
         dest = os.path.join(path, os.path.relpath(f, stage))
         os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            os.chmod(f, stat.S_IMODE(os.stat(dest).st_mode))
+        except FileNotFoundError:
+            pass
         os.replace(f, dest)
+    new = {os.path.basename(f) for f in files if os.path.dirname(f) == stage}
+    for name in os.listdir(path):
+        if _SHARD.match(name) and name not in new:
+            os.remove(os.path.join(path, name))
 
 
 def as_encoder(model: Union[str, "BiEncoder", None], *, device=None) -> BiEncoder:

@@ -125,7 +125,8 @@ def read_utilities(path: str, *, allow_partial: bool = False) -> Tuple[dict, Lis
 def load_utilities(path: str) -> Tuple[Dict[str, Dict[str, float]], dict]:
     """``({qid: {pid: utility}}, header)`` from a utilities JSONL file (what training reads).
 
-    Records without ``qid``/``pid`` (a header, run metadata) are collected into ``header``; a second header
+    Records without ``qid``/``pid`` must be a header (``"type": "header"``, or a ``header`` object) and are
+    collected into ``header`` (anything else is refused: a row with misspelt keys); a second header
     (concatenated tables) is an error. In a hand-written table several rows for one (qid, pid) are averaged
     (one per gold answer, say); in a ``uae score`` table they are an error. A non-finite utility is an error
     (one NaN would poison a whole softmax). Only ``qid``, ``pid`` and ``utility`` are read: the ``gold`` flag
