@@ -606,3 +606,34 @@ def test_a_table_scored_on_other_data_contents_is_warned_about(tmp_path, ds, cap
     check_utilities(utils, ds, path="u", data_path=TRAIN, header={"data_sha1": "0123456789abcdef"})
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "u was scored on other data contents than" in err and "rescore" in err
+
+
+def test_trainer_state_loads_without_pickle_and_old_numpy_states_still_resume(tmp_path, ds, tiny):
+    # the state file loads with torch.load(weights_only=True) (no code runs on load); one written the older
+    # way (numpy's RNG state as an ndarray) still resumes, and its RNG state is restored
+    import numpy as np
+
+    from uae_fast.training import _STATE_FILE, _rng_state, _set_rng_state
+
+    utils = write_utilities(tmp_path / "u.jsonl.gz", ds)
+    cfg = TrainConfig(data=TRAIN, utilities=utils, student=tiny, max_steps=2, batch_size=4, passages_per_query=4,
+                      max_passage_length=32)
+    out = tmp_path / "run"
+    train(cfg, str(out), stop_after=1, save_every=1, progress=False, ds=ds)
+    ckpt = latest_checkpoint(str(out))
+    state = torch.load(os.path.join(ckpt, _STATE_FILE), weights_only=True)
+    np.random.seed(5)
+    want = np.random.get_state()
+    state["rng"] = [dict(r, numpy=want) for r in state["rng"]]  # the old format
+    torch.save(state, os.path.join(ckpt, _STATE_FILE))
+    with pytest.raises(Exception):
+        torch.load(os.path.join(ckpt, _STATE_FILE), weights_only=True)  # plain weights_only refuses ndarrays
+    assert train(cfg, str(out), resume=True, progress=False, ds=ds)["finished"]
+    np.random.seed(0)
+    st = _rng_state()
+    np.random.seed(1)
+    _set_rng_state(st)
+    a = np.random.get_state()
+    np.random.seed(0)
+    b = np.random.get_state()
+    assert a[0] == b[0] and (a[1] == b[1]).all() and a[2:] == b[2:]

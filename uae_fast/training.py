@@ -566,15 +566,25 @@ def _scheduler(opt, total_steps: int, warmup: float):
 
 
 def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # numpy's state as a tensor and plain numbers: the trainer state then loads with torch.load(weights_only=True)
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                    int(has_gauss), float(gauss)),
+          "python": random.getstate()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
+_np_core = getattr(np, "_core", None) or np.core
+# What torch.load(weights_only=True) needs to rebuild a numpy array, and nothing that can run code.
+_NUMPY_ARRAY_GLOBALS = [_np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def _set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    name, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
         # per device, as many as both runs see: a resume with fewer visible GPUs must not fail here
@@ -997,7 +1007,10 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         print(f"uae train: --resume but no checkpoint under {out_dir}/checkpoints; starting from scratch", file=sys.stderr)
     if ckpt is not None:
         try:
-            state = torch.load(os.path.join(ckpt, _STATE_FILE), map_location="cpu", weights_only=False)
+            # weights_only: a trainer state is tensors and plain values, and a pickle could run code on load;
+            # numpy arrays allowed for checkpoints written before the RNG state became tensors
+            with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+                state = torch.load(os.path.join(ckpt, _STATE_FILE), map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or not {"config", "step", "optimizer", "scheduler", "rng"} <= state.keys():
                 raise KeyError("not a trainer state")
         except Exception as e:  # a checkpoint damaged after it was written (disk, copy)
