@@ -257,6 +257,41 @@ def test_hybrid_save_load_and_corruption(tmp_path):
         HybridIndex.load(tmp_path / "nothing")
 
 
+def test_a_crafted_index_folder_cannot_reach_outside_itself(tmp_path):
+    # an index made by someone else: manifest file names are plain names in the folder, its fusion is a config
+    # (not a path to read), and string sections must have rising offsets (offsets that go back would decode
+    # the whole text again per string: memory quadratic in the file)
+    from uae_fast.lexical import pack_strings, unpack_strings
+
+    emb, texts, _ = _corpus(n=12)
+    h = HybridIndex(16)
+    h.add(emb, texts)
+    h.save(tmp_path / "idx")
+    h.save(tmp_path / "elsewhere")
+    m = tmp_path / "idx" / "hybrid.json"
+    good = json.loads(m.read_text())
+    for path in ("../elsewhere/dense.uae", str(tmp_path / "elsewhere" / "dense.uae"), ".."):
+        m.write_text(json.dumps(dict(good, files=dict(good["files"], dense=dict(good["files"]["dense"], path=path)))))
+        with pytest.raises(ValueError, match="expected a file name inside the index folder"):
+            HybridIndex.load(tmp_path / "idx")
+    m.write_text(json.dumps(dict(good, fusion="/etc/os-release")))
+    with pytest.raises(ValueError, match="fusion must be an object"):
+        HybridIndex.load(tmp_path / "idx")
+    m.write_text(json.dumps(good))
+    assert len(HybridIndex.load(tmp_path / "idx")) == 12
+    blob, ends = pack_strings(["ab", "cde", ""])
+    assert unpack_strings(blob, ends) == ["ab", "cde", ""]
+    for bad in (np.array([4, 0, 5]), np.array([2, 5, 4]), np.array([2, 5, 6]), np.array([-1, 5, 5])):
+        with pytest.raises(ValueError, match="end offsets must rise from 0 to the text's length"):
+            unpack_strings(blob, bad)
+
+
+def test_search_output_shows_control_characters_as_spaces():
+    from uae_fast.search import _printable
+
+    assert _printable("a\x1b]52;c;ZXZpbA==\x07b\tc\u00e9") == "a ]52;c;ZXZpbA== b c\u00e9"
+
+
 def test_default_ids_continue_after_the_largest_and_never_repeat():
     """The TopKIndex rule on both sides of a hybrid index: a default add after explicit ids takes new ids."""
     lex = LexicalIndex()

@@ -160,6 +160,10 @@ def test_errors(tmp_path):
     (bad / "modules.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         BiEncoder(bad)
+    # a module outside the model folder (a crafted folder loading another model's weights)
+    (bad / "modules.json").write_text(json.dumps([{"idx": 0, "path": "../hf", "type": "x.Transformer"}]))
+    with pytest.raises(ValueError, match="leads outside the model folder"):
+        BiEncoder(bad)
     # hand-edited layouts: the file and the entry are named (they were AttributeErrors / TypeErrors)
     for modules in ([1], [{"idx": "0", "path": "", "type": "x.Transformer"}, {"idx": 1, "path": "p", "type": "x.Pooling"}],
                     [{"idx": 0, "path": 5, "type": "x.Transformer"}]):

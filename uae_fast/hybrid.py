@@ -198,10 +198,18 @@ class HybridIndex:
         except (KeyError, TypeError, ValueError) as e:
             raise corrupt(f"manifest field {e}") from None
         for k, p in paths.items():
+            name = files[k]["path"]
+            # a file of this folder, by its plain name: never a path elsewhere (an index made by someone else)
+            if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+                raise corrupt(f"the manifest names {name!r} for {k}: expected a file name inside the index folder")
             if not os.path.exists(p):
-                raise corrupt(f"{files[k]['path']} is missing")
+                raise corrupt(f"{name} is missing")
+            if not os.path.isfile(p):
+                raise corrupt(f"{name} is not a regular file")
             if os.path.getsize(p) != sizes[k]:
-                raise corrupt(f"{files[k]['path']} has {os.path.getsize(p)} bytes, the manifest says {sizes[k]}")
+                raise corrupt(f"{name} has {os.path.getsize(p)} bytes, the manifest says {sizes[k]}")
+        if manifest.get("fusion") is not None and not isinstance(manifest["fusion"], dict):
+            raise corrupt("its fusion must be an object (a config), not a path")
         dense = TopKIndex.load(paths["dense"], mmap=mmap, verify=verify, threads=threads)
         lexical = LexicalIndex.load(paths["lexical"], verify=verify)
         if dense.dim != dim or len(dense) != ntotal or len(lexical) != ntotal:

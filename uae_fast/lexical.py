@@ -34,7 +34,16 @@ def pack_strings(strings: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def unpack_strings(blob: np.ndarray, ends: np.ndarray) -> list:
+    """The strings of a section pair. The end offsets must rise from 0 to the blob's length: a crafted file with
+    offsets that go back would decode the whole blob again for every string (memory quadratic in its size)."""
     data = bytes(np.asarray(blob, dtype=np.uint8))
+    ends = np.asarray(ends)
+    if ends.ndim != 1 or not np.issubdtype(ends.dtype, np.integer):
+        raise ValueError("string section: end offsets must be a 1-D integer array")
+    if len(ends) and not (ends[0] >= 0 and (np.diff(ends) >= 0).all() and int(ends[-1]) == len(data)):
+        raise ValueError("string section: end offsets must rise from 0 to the text's length")
+    if not len(ends) and len(data):
+        raise ValueError("string section: text without end offsets")
     starts = np.concatenate([[0], ends[:-1]]) if len(ends) else ends
     return [data[s:e].decode("utf-8") for s, e in zip(starts.tolist(), ends.tolist())]
 
@@ -197,6 +206,8 @@ class LexicalIndex:
             terms = unpack_strings(a["vocab"], a["vocab_ends"])
         except UnicodeDecodeError:
             raise corrupt("vocabulary is not UTF-8") from None
+        except ValueError as e:
+            raise corrupt(f"vocabulary: {e}") from None
         out._vocab = {t: i for i, t in enumerate(terms)}
         if len(out._vocab) != nv:
             raise corrupt("vocabulary has duplicate terms")

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import textwrap
+import unicodedata
 from typing import List, Optional, Tuple
 
 
@@ -37,7 +38,10 @@ def read_passages(path: str) -> Tuple[List[str], List[str]]:
     header, a = _read_file(path, mmap=False, verify=True)
     if header.get("kind") != _PASSAGES_KIND or any(k not in a for k in ("pid", "pid_ends", "text", "text_ends")):
         raise ValueError(f"{path} is not a passage store written by uae index build")
-    pids, texts = unpack_strings(a["pid"], a["pid_ends"]), unpack_strings(a["text"], a["text_ends"])
+    try:
+        pids, texts = unpack_strings(a["pid"], a["pid_ends"]), unpack_strings(a["text"], a["text_ends"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a valid passage store ({e})") from None
     if len(pids) != len(texts) or len(pids) != int(header.get("ntotal", -1)):
         raise ValueError(f"{path} is not a valid passage store (ids and texts differ in number)")
     return pids, texts
@@ -219,5 +223,12 @@ def _search(args) -> int:
             continue
         print(f"Q: {question}")
         for r, (score, pid, text) in enumerate(hits, 1):
-            print(f"{r:>3}. {score:8.4f}  {pid}  {textwrap.shorten(text, args.width, placeholder=' ...')}")
+            print(f"{r:>3}. {score:8.4f}  {_printable(pid)}  "
+                  f"{textwrap.shorten(_printable(text), args.width, placeholder=' ...')}")
     return 0
+
+
+def _printable(s: str) -> str:
+    """Control characters (an escape sequence in a stored passage could drive the terminal) shown as spaces;
+    --json output escapes them instead."""
+    return "".join(" " if unicodedata.category(c) == "Cc" else c for c in s)

@@ -100,9 +100,13 @@ def _read_layout(folder: str):
             raise ValueError(f"{modules_file}: each module must be an object with an integer idx and string path and "
                              f"type, got {m!r}")
     tdir, modes, normalize, max_len, lower = None, None, False, None, False
+    root = os.path.realpath(folder)
     for m in sorted(modules, key=lambda m: m.get("idx", 0)):
         kind = str(m.get("type", "")).rsplit(".", 1)[-1]
         path = os.path.join(folder, m.get("path", "") or "")
+        real = os.path.realpath(path)
+        if real != root and not real.startswith(root + os.sep):  # the model's files, never another folder's
+            raise ValueError(f"{modules_file}: module path {m.get('path')!r} leads outside the model folder")
         if kind == "Transformer":
             tdir = path
             for name in ("sentence_bert_config.json", "sentence_xlnet_config.json"):
