@@ -5,8 +5,9 @@
 Runs named ``NAME-sN.run`` (``N`` a seed) are one system ``NAME`` with one ranking per seed; any other run is a
 system with one seed. Per system and metric (Success@1/5, Recall@1/5, MAP, MRR over the queries of
 ``qrels.txt``): the mean over seeds and its sample sd. Paired tests use each query's metric averaged over the
-system's seeds (the usual way to compare seed-averaged systems on the same queries): every system against
-every ``--ref`` system (default: the single-seed runs), 10,000 bootstrap resamples, two-sided p.
+seeds both systems ran (same seed, same batches; a single-seed system such as BM25 pairs with every seed of
+the other): every system against every ``--ref`` system (default: the single-seed runs), 10,000 bootstrap
+resamples, two-sided p.
 
 A run that lacks some of the qrels' queries (``rerank.run`` of ``uae eval --rerank-limit``) is left out with a
 note, as scoring its missing queries 0 would bias it: report it on its own queries with
@@ -62,19 +63,36 @@ def load(folder: str, qrels_name: str = "qrels.txt"):
     return qids, dict(systems)
 
 
+def _pair_seeds(a: dict, b: dict) -> tuple:
+    """The seeds two systems are compared on: the ones both ran (same seed = same batches), or every seed of
+    one against a single-seed system (BM25, an untrained model: nothing seeded)."""
+    if len(b) == 1:
+        return sorted(a), sorted(b) * len(a)
+    if len(a) == 1:
+        return sorted(a) * len(b), sorted(b)
+    shared = sorted(set(a) & set(b))
+    return shared, shared
+
+
 def report(systems, refs):
     out = {"systems": {}, "paired": {}}
-    avg = {s: {k: np.mean([seeds[x][k] for x in seeds], axis=0) for k in METRICS} for s, seeds in systems.items()}
     for s, seeds in systems.items():
         per_seed = {k: [float(np.mean(seeds[x][k])) for x in sorted(seeds)] for k in METRICS}
         out["systems"][s] = {"seeds": sorted(seeds), **{k: {"mean": float(np.mean(v)),
                              "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "per_seed": v}
                              for k, v in per_seed.items()}}
-    n = len(next(iter(avg.values()))["MAP"]) if avg else 0
+    n = len(next(iter(next(iter(systems.values())).values()))["MAP"]) if systems else 0
     for s in systems if n >= 2 else ():  # a bootstrap needs 2 queries
         for r in refs:
             if r != s and f"{r} - {s}" not in out["paired"]:  # each pair once
-                out["paired"][f"{s} - {r}"] = {k: paired_bootstrap(avg[s][k], avg[r][k]) for k in ("Success@1", "MAP")}
+                xs, ys = _pair_seeds(systems[s], systems[r])
+                if not xs:
+                    out["paired"][f"{s} - {r}"] = {"skipped": "no seed in common"}
+                    continue
+                out["paired"][f"{s} - {r}"] = {
+                    **{k: paired_bootstrap(np.mean([systems[s][x][k] for x in xs], axis=0),
+                                           np.mean([systems[r][y][k] for y in ys], axis=0)) for k in ("Success@1", "MAP")},
+                    "seeds": [sorted(set(xs)), sorted(set(ys))]}
     return out
 
 
@@ -87,8 +105,12 @@ def table(out, n_queries: int) -> str:
     if out["paired"]:
         lines += ["", "Paired bootstrap on seed-averaged per-query metrics: diff [95% CI] p", ""]
         for pair, d in out["paired"].items():
+            if "skipped" in d:
+                lines.append(f"- {pair}: {d['skipped']}")
+                continue
             lines.append(f"- {pair}: " + "; ".join(f"{k} {v['diff']:+.3f} [{v['ci95_low']:+.3f}, {v['ci95_high']:+.3f}] "
-                                                     f"p {v['p']:.3f}" for k, v in d.items()))
+                                                     f"p {v['p']:.3f}" for k, v in d.items() if k != "seeds")
+                         + f" (seeds {d['seeds'][0]} vs {d['seeds'][1]})")
     return "\n".join(lines)
 
 

@@ -264,7 +264,20 @@ def _run(job):
             "dev_questions": _STATE["dev_questions"],
             "steps": summ["steps"], "train_queries": summ["train_queries"], "final_loss": summ["final_loss"],
             "train_s": round(t_train, 1), "total_s": round(time.time() - t0, 1), "eval_amp": bool(args.eval_amp),
-            "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"}
+            "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu",
+            # what else decides the numbers, so a report can say when a row's seeds differ in it
+            "table": os.path.realpath(cfg.utilities) if cfg.utilities else None, "student": args.student,
+            "amp": bool(args.amp), "tf32": bool(args.tf32), "commit": _commit()}
+
+
+def _commit():
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _job_key(r) -> tuple:
@@ -324,8 +337,9 @@ def report(*paths):
     for r in done:
         by[(r["group"], r["loss"])][r["seed"]] = r
     base_inf = by.get(("base", "infonce"), {})
-    lines = ["| group | loss | seeds | S@1 | S@5 | R@1 | MAP | MRR | UAE - InfoNCE S@1 (paired, pooled) | MAP | train s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| group | loss | seeds | S@1 | S@5 | R@1 | MAP | MRR | UAE - InfoNCE S@1 (paired, pooled) | MAP | "
+             "vs the defaults, same loss: S@1 | MAP | train s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (g, loss), runs in sorted(by.items(), key=lambda kv: (list(GROUPS).index(kv[0][0]) if kv[0][0] in GROUPS else 99, kv[0])):
         seeds = sorted(runs)
         m = {k: np.mean([runs[s]["metrics"].get(k, np.nan) for s in seeds]) for k in ("Success@1", "Success@5", "Recall@1", "MAP", "MRR")}
@@ -340,10 +354,25 @@ def report(*paths):
                     out.append(f"{pb['diff']:+.4f} [{pb['ci95_low']:+.4f}, {pb['ci95_high']:+.4f}] p={pb['p']:.2f}"
                                + ("" if (g, "infonce") in by else " vs base"))
                 diff = out
+        # what a setting does to its own loss: against the base group's runs of the same loss, on shared seeds
+        # (a UAE-only setting's cost to UAE is this column, not its difference to base InfoNCE)
+        own = ["", ""]
+        base_same = by.get(("base", loss), {})
+        if g != "base" and any(s in base_same for s in seeds):
+            own = [(lambda pb: f"{pb['diff']:+.4f} [{pb['ci95_low']:+.4f}, {pb['ci95_high']:+.4f}] p={pb['p']:.3f}")(
+                _paired(runs, base_same, k)) for k in ("Success@1", "MAP")]
         ts = np.mean([runs[s]["train_s"] for s in seeds])
         r1 = "-" if np.isnan(m["Recall@1"]) else f"{m['Recall@1']:.4f}"  # not in records from before Recall@k
         lines.append(f"| {g} | {loss} | {len(seeds)} | {m['Success@1']:.4f} (sd {sd:.4f}) | {m['Success@5']:.4f} | {r1} | {m['MAP']:.4f} | "
-                     f"{m['MRR']:.4f} | {diff[0]} | {diff[1]} | {ts:.0f} |")
+                     f"{m['MRR']:.4f} | {diff[0]} | {diff[1]} | {own[0]} | {own[1]} | {ts:.0f} |")
+    mixed = []  # a row whose seeds trained or were scored differently: say so rather than pool silently
+    for (g, loss), runs in by.items():
+        for field in ("cfg", "eval_amp", "utilities", "table", "student", "amp", "tf32"):
+            vals = {json.dumps(runs[x].get(field), sort_keys=True) for x in runs if field in runs[x]}
+            if len(vals) > 1:
+                mixed.append(f"{g}/{loss}: seeds differ in {field} ({'; '.join(sorted(vals))[:200]})")
+    if mixed:
+        lines += ["", "Note, rows pooled over seeds that differ in a setting:"] + [f"- {m}" for m in mixed]
     if any(g in ANSWER_ONLY for g, _ in by):
         lines += ["", answer_only_table(by)]
     ran = {_job_key(r) for r in done}  # a later sweep may have run what an earlier one skipped

@@ -279,6 +279,15 @@ def test_runs_report_groups_seeds_and_pairs(tmp_path, capsys):
     r = json.load(open(tmp_path / "r.json"))
     assert r["n_queries"] == 2 and r["systems"]["rerank"]["Success@1"]["mean"] == 1.0
     assert r["paired"]["uae - rerank"]["Success@1"]["diff"] == pytest.approx(-0.25)  # uae: q1 1, q2 0.5
+    # two seeded systems pair on the seeds both ran (same seed, same batches), not each one's own mean
+    write_run(str(tmp_path / "ib-s1.run"), {"q1": ["x", "a"], "q2": ["b", "x"], "q3": ["c", "x"]}, "ib-s1")
+    write_run(str(tmp_path / "ib-s2.run"), {"q1": ["a", "x"], "q2": ["b", "x"], "q3": ["c", "x"]}, "ib-s2")
+    assert runs_report.main([str(tmp_path), "--ref", "ib", "--json", str(tmp_path / "r2.json")]) == 0
+    p2 = json.load(open(tmp_path / "r2.json"))["paired"]["uae - ib"]
+    # shared seed 1: uae-s1 S@1 per query 1, 1, 0; ib-s1 0, 1, 1 -> 0 (own means would give 2/3 - 5/6)
+    assert p2["seeds"] == [[1], [1]] and p2["Success@1"]["diff"] == pytest.approx(0.0)
+    for f in ("ib-s1.run", "ib-s2.run"):
+        os.remove(tmp_path / f)
     write_qrels(str(tmp_path / "one.txt"), {"q1": ["a"]})  # one query: no bootstrap, no traceback
     assert runs_report.main([str(tmp_path), "--qrels", "one.txt", "--json", str(tmp_path / "r1.json")]) == 0
     assert json.load(open(tmp_path / "r1.json"))["paired"] == {}
