@@ -412,9 +412,19 @@ def _paired(runs, ref, k, mask=None):
         _check_same_questions(runs[x], ref[y], k)
     a = np.mean([runs[x]["per_query"][k] for x, _ in pairs], axis=0)
     b = np.mean([ref[y]["per_query"][k] for _, y in pairs], axis=0)
+    groups = None
+    if _GROUPS:  # --by-paper: resample papers (the records must hold those questions, in that order)
+        first = runs[pairs[0][0]]
+        if len(a) != len(_GROUPS["papers"]) or first.get("dev_questions", _GROUPS["digest"]) != _GROUPS["digest"]:
+            raise ValueError(f"{first['group']}: not evaluated on the --dev questions that --by-paper groups")
+        groups = np.asarray(_GROUPS["papers"])
     if mask is not None:  # a subset of the questions (one kind of answer, say)
         a, b = a[mask], b[mask]
-    return paired_bootstrap(a, b, resamples=2000)
+        groups = groups[mask] if groups is not None else None
+    return paired_bootstrap(a, b, resamples=2000, groups=groups)
+
+
+_GROUPS: dict = {}  # --by-paper: {"digest": the dev questions' digest, "papers": each question's paper}
 
 
 def _check_same_questions(r1, r2, k) -> None:
@@ -523,6 +533,9 @@ def main(argv=None):
     ap.add_argument("--by-answer-kind", action="store_true",
                     help="with --report: S@1 of the defaults and the weak baselines by kind of answer (needs --dev's "
                          "questions, default QASPER dev)")
+    ap.add_argument("--by-paper", action="store_true",
+                    help="with --report: paired tests resample papers, not questions (a cluster bootstrap: the "
+                         "questions of one paper are not independent; needs --dev's questions, default QASPER dev)")
     ap.add_argument("--dev-limit", type=int, default=None)
     ap.add_argument("--utilities", default=None, help="default: the shipped data/qasper-train-utilities.jsonl.gz")
     ap.add_argument("--extra-utilities", default=None,
@@ -564,6 +577,11 @@ def main(argv=None):
         print(answer_kind_table(args.report, args.dev or default_qasper_path("dev")))
         return 0
     if args.report:
+        if args.by_paper:
+            from uae_fast.data import default_qasper_path, load_dataset
+
+            qs = [q for q in load_dataset(args.dev or default_qasper_path("dev")).queries if q.gold]
+            _GROUPS["digest"], _GROUPS["papers"] = _digest([q.id for q in qs]), [q.doc_id for q in qs]
         print(report(*args.report))
         return 0
     if not args.out:

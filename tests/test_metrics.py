@@ -192,3 +192,33 @@ def test_paired_bootstrap_p_is_two_sided_and_exact_for_few_pairs():
     got = paired_bootstrap(d, np.zeros_like(d))
     assert "small_n" not in got and abs(got["p"] - want) < 0.05, (got["p"], want)
     assert paired_bootstrap(np.zeros_like(d), d)["p"] == got["p"]
+
+
+def test_paired_bootstrap_by_groups_resamples_whole_clusters():
+    import math
+
+    import numpy as np
+
+    # each group's queries move together (one shared effect per paper): the cluster bootstrap's interval is
+    # wider than the query bootstrap's, and near the group-level normal approximation
+    rng = np.random.default_rng(7)
+    effect = rng.normal(0.05, 0.3, 60)
+    groups = np.repeat(np.arange(60), 8)
+    d = effect[groups] + rng.normal(0, 0.01, groups.size)
+    flat = paired_bootstrap(d, np.zeros_like(d))
+    clus = paired_bootstrap(d, np.zeros_like(d), groups=[f"paper{g}" for g in groups])
+    assert clus["diff"] == pytest.approx(flat["diff"]) and clus["groups"] == 60
+    assert clus["ci95_high"] - clus["ci95_low"] > 2 * (flat["ci95_high"] - flat["ci95_low"])
+    means = np.bincount(groups, weights=d) / 8
+    z = abs(means.mean()) / (means.std(ddof=1) / math.sqrt(60))
+    assert abs(clus["p"] - math.erfc(z / math.sqrt(2))) < 0.06
+    # one query per group is the query bootstrap itself; few groups: the exact sign flip over group sums
+    same = paired_bootstrap(d[:50], np.zeros(50), groups=[f"{i:03d}" for i in range(50)])
+    assert {k: same[k] for k in ("diff", "ci95_low", "ci95_high", "p")} == {
+        k: v for k, v in paired_bootstrap(d[:50], np.zeros(50)).items()}
+    r = paired_bootstrap([1, 1, 1, 1], [0, 0, 0, 0], groups=["a", "a", "b", "c"])
+    assert r["small_n"] and r["p"] == 0.25 and r["groups"] == 3
+    with pytest.raises(ValueError, match="groups must label every query"):
+        paired_bootstrap([1, 0], [0, 0], groups=["a"])
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        paired_bootstrap([1, 0], [0, 0], groups=["a", "a"])

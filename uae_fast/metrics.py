@@ -23,7 +23,7 @@ import collections
 import numbers
 import re
 import string
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 __all__ = ["success_at_k", "recall_at_k", "average_precision", "reciprocal_rank", "retrieval_metrics", "per_query_metrics",
            "paired_bootstrap", "upgrade_metric_names", "normalize_answer", "token_f1"]
@@ -168,14 +168,17 @@ def upgrade_metric_names(metrics: Dict[str, object]) -> Dict[str, object]:
     return {("Success@" + k[len("Recall@"):] if str(k).startswith("Recall@") else k): v for k, v in metrics.items()}
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int = 10000, seed: int = 0) -> Dict[str, float]:
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int = 10000, seed: int = 0,
+                     groups: Optional[Sequence] = None) -> Dict[str, float]:
     """Mean of ``a - b`` over paired queries, its 95% bootstrap interval and a two-sided bootstrap p-value.
 
     Queries are resampled with replacement ``resamples`` times; ``p`` is twice the smaller share of
     resampled means on either side of 0 (capped at 1); 0.0 means below ``2 / resamples``. Below
     ``EXACT_SIGN_FLIP`` pairs the bootstrap cannot see the few values it resamples as a sample (3 positive
     differences would give p 0.0), so ``p`` is then the exact two-sided sign-flip permutation test (3 positive
-    differences: 0.25) and ``small_n`` is set. Example::
+    differences: 0.25) and ``small_n`` is set. ``groups`` (one label per query, e.g. its paper): resample
+    whole groups instead (a cluster bootstrap: questions on one paper are not independent), the mean over the
+    queries drawn; ``small_n`` and the exact test then count groups. Example::
 
         >>> paired_bootstrap([1, 1, 0, 1], [0, 1, 0, 0])["diff"]
         0.5
@@ -190,18 +193,31 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
         raise ValueError(f"a and b must be finite; {int((~np.isfinite(d)).sum())} pair(s) are NaN or infinite")
     if not isinstance(resamples, numbers.Integral) or isinstance(resamples, bool) or resamples < 1:
         raise ValueError(f"resamples must be a positive int, got {resamples!r}")
+    if groups is None:
+        sums, counts = d, np.ones_like(d)
+    else:
+        if len(groups) != d.size:
+            raise ValueError(f"groups must label every query: {len(groups)} labels for {d.size} queries")
+        _, g = np.unique(np.asarray([str(x) for x in groups]), return_inverse=True)
+        sums, counts = np.bincount(g, weights=d), np.bincount(g).astype(np.float64)
+        if sums.size < 2:
+            raise ValueError("a cluster bootstrap needs at least 2 groups")
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
     for lo in range(0, resamples, 1000):  # 1000 resamples at a time: bounded memory for large query sets
         n = min(1000, resamples - lo)
-        means[lo:lo + n] = d[rng.integers(0, d.size, size=(n, d.size))].mean(1)
+        pick = rng.integers(0, sums.size, size=(n, sums.size))
+        means[lo:lo + n] = sums[pick].sum(1) / counts[pick].sum(1)
     p = min(1.0, 2 * min(float((means <= 0).mean()), float((means >= 0).mean())))
     out = {"diff": float(d.mean()), "ci95_low": float(np.quantile(means, 0.025)),
            "ci95_high": float(np.quantile(means, 0.975)), "p": p}
-    if d.size < EXACT_SIGN_FLIP:
-        signs = 1 - 2 * ((np.arange(2 ** d.size)[:, None] >> np.arange(d.size)) & 1)  # every sign pattern
-        flipped = np.abs((signs * d).mean(1))
+    if sums.size < EXACT_SIGN_FLIP:
+        k = sums.size
+        signs = 1 - 2 * ((np.arange(2 ** k)[:, None] >> np.arange(k)) & 1)  # every sign pattern
+        flipped = np.abs((signs * sums).sum(1) / counts.sum())
         out.update(p=float((flipped >= abs(d.mean()) - 1e-12).mean()), small_n=True)
+    if groups is not None:
+        out["groups"] = int(sums.size)
     return out
 
 
