@@ -39,10 +39,19 @@ def _dirty():
     return bool(r.stdout.strip()) if r.returncode == 0 else None
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# The tree as the benchmark started (this module is imported first): a long run's code is that commit's,
+# whatever is committed while it runs.
+_START = {"started": _now(), "commit": commit(), "dirty": _dirty()}
+
+
 def run_meta() -> dict:
     import torch
 
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
-            "dirty": _dirty(), "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"date": _now(), **_START,
+            "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "load_avg_1min": round(os.getloadavg()[0], 2)}
