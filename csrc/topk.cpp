@@ -257,6 +257,9 @@ struct Layout {
 static int64_t check_storage(const Layout& L, const py::array& data, const py::array& xscale, const py::array& rowsum,
                              int64_t n, bool writable) {
     require(n >= 0, "n must be >= 0");
+    // a row count whose byte size overflows int64 would wrap past the size check below
+    require(n <= INT64_MAX - kPanel && n / kPanel + 1 < INT64_MAX / std::max<int64_t>(1, L.panel_bytes),
+            "n is too large");
     const int64_t npanels = (n + kPanel - 1) / kPanel;
     check_array<uint8_t>(data, "data", npanels * L.panel_bytes, writable);
     if (L.dtype == kI8) {
@@ -299,7 +302,7 @@ static void pack_rows(int dtype, py::array x, py::array data, py::array xscale, 
     require(x.ndim() == 2, "x must be 2-D [rows, dim]");
     const Layout L(dtype, (int)x.shape(1));
     const int64_t m = x.shape(0);
-    require(row0 >= 0, "row0 must be >= 0");
+    require(row0 >= 0 && row0 <= INT64_MAX / 2, "row0 must be >= 0 (and not absurdly large)");
     check_storage(L, data, xscale, rowsum, row0 + m, true);
     const Residual res = check_residual(L, resid, rscales, row0 + m, true);
     const float* src = static_cast<const float*>(x.data());

@@ -870,3 +870,17 @@ def test_load_refuses_a_file_of_another_panel_layout(tmp_path, rng):
     ix._write_file(str(tmp_path / "c.uae"), {k: v for k, v in header.items() if k != "sections"},
                    {k: np.asarray(v) for k, v in arrays.items()})
     np.testing.assert_array_equal(TopKIndex.load(str(tmp_path / "c.uae")).reconstruct(), index.reconstruct())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_extension_refuses_row_counts_whose_byte_size_overflows(dtype, rng):
+    # the private extension, called directly: n = 2**62 rows times the panel size wrapped past int64 and passed
+    # the storage size check (a segfault); it is refused by name
+    index = TopKIndex(16, dtype=dtype)
+    index.add(rng.standard_normal((5, 16)).astype(np.float32))
+    q = rng.standard_normal((1, 16)).astype(np.float32)
+    for n in (2**62, 2**63 - 1):
+        with pytest.raises(ValueError, match="n is too large"):
+            _topk.search(index._code, 16, index._data, index._scales, index._rowsums, n, q, 1, 1, 1)
+    with pytest.raises(ValueError, match="row0 must be >= 0"):
+        _topk.pack(index._code, q, index._data, index._scales, index._rowsums, 2**62)
