@@ -49,7 +49,7 @@ def load(folder: str, qrels_name: str = "qrels.txt"):
     for path in runs:
         name = os.path.basename(path)[:-4]
         m = re.fullmatch(r"(.+)-s(\d+)", name)
-        system, seed = (m.group(1), int(m.group(2))) if m else (name, 0)
+        system, seed = (m.group(1), int(m.group(2))) if m else (name, None)  # None: not seeded (BM25, ...)
         run = read_run(path)
         lacking = [q for q in qids if q not in run]
         if lacking:
@@ -65,11 +65,11 @@ def load(folder: str, qrels_name: str = "qrels.txt"):
 
 def _pair_seeds(a: dict, b: dict) -> tuple:
     """The seeds two systems are compared on: the ones both ran (same seed = same batches), or every seed of
-    one against a single-seed system (BM25, an untrained model: nothing seeded)."""
-    if len(b) == 1:
-        return sorted(a), sorted(b) * len(a)
-    if len(a) == 1:
-        return sorted(a) * len(b), sorted(b)
+    one against a run without a seed in its name (BM25, an untrained model: nothing seeded)."""
+    if list(b) == [None]:
+        return list(a), [None] * len(a)
+    if list(a) == [None]:
+        return [None] * len(b), list(b)
     shared = sorted(set(a) & set(b))
     return shared, shared
 
@@ -77,8 +77,9 @@ def _pair_seeds(a: dict, b: dict) -> tuple:
 def report(systems, refs):
     out = {"systems": {}, "paired": {}}
     for s, seeds in systems.items():
-        per_seed = {k: [float(np.mean(seeds[x][k])) for x in sorted(seeds)] for k in METRICS}
-        out["systems"][s] = {"seeds": sorted(seeds), **{k: {"mean": float(np.mean(v)),
+        order = sorted(seeds, key=lambda x: -1 if x is None else x)
+        per_seed = {k: [float(np.mean(seeds[x][k])) for x in order] for k in METRICS}
+        out["systems"][s] = {"seeds": [0 if x is None else x for x in order], **{k: {"mean": float(np.mean(v)),
                              "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "per_seed": v}
                              for k, v in per_seed.items()}}
     n = len(next(iter(next(iter(systems.values())).values()))["MAP"]) if systems else 0
@@ -92,7 +93,8 @@ def report(systems, refs):
                 out["paired"][f"{s} - {r}"] = {
                     **{k: paired_bootstrap(np.mean([systems[s][x][k] for x in xs], axis=0),
                                            np.mean([systems[r][y][k] for y in ys], axis=0)) for k in ("Success@1", "MAP")},
-                    "seeds": [sorted(set(xs)), sorted(set(ys))]}
+                    "seeds": [sorted({x for x in xs if x is not None}) or "unseeded",
+                              sorted({y for y in ys if y is not None}) or "unseeded"]}
     return out
 
 
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
         doc = {"n_queries": len(qids), **out}
         if args.per_query:
             doc["queries"] = qids
-            doc["per_query"] = {f"{s}-s{seed}" if len(seeds) > 1 else s: {k: [round(float(x), 4) for x in m[k]]
+            doc["per_query"] = {s if seed is None else f"{s}-s{seed}": {k: [round(float(x), 4) for x in m[k]]
                                 for k in ("Success@1", "MAP")} for s, seeds in systems.items() for seed, m in seeds.items()}
         opener = gzip.open if args.json.endswith(".gz") else open
         with opener(args.json, "wt") as f:

@@ -266,8 +266,20 @@ def _run(job):
             "train_s": round(t_train, 1), "total_s": round(time.time() - t0, 1), "eval_amp": bool(args.eval_amp),
             "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu",
             # what else decides the numbers, so a report can say when a row's seeds differ in it
-            "table": os.path.realpath(cfg.utilities) if cfg.utilities else None, "student": args.student,
+            # by content and name, not path: the same setting run from another checkout or machine agrees
+            "table": _digest_file(cfg.utilities) if cfg.utilities else None,
+            "student": os.path.basename(os.path.normpath(args.student)) if args.student else None,
             "amp": bool(args.amp), "tf32": bool(args.tf32), "commit": _commit()}
+
+
+def _digest_file(path):
+    import hashlib
+
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def _commit():
@@ -367,7 +379,9 @@ def report(*paths):
                      f"{m['MRR']:.4f} | {diff[0]} | {diff[1]} | {own[0]} | {own[1]} | {ts:.0f} |")
     mixed = []  # a row whose seeds trained or were scored differently: say so rather than pool silently
     for (g, loss), runs in by.items():
-        for field in ("cfg", "eval_amp", "utilities", "table", "student", "amp", "tf32"):
+        # records from before the table digest name their table by path only
+        paths = () if all("table" in runs[x] for x in runs) else ("utilities",)
+        for field in ("cfg", "eval_amp", *paths, "table", "student", "amp", "tf32"):
             vals = {json.dumps(runs[x].get(field), sort_keys=True) for x in runs if field in runs[x]}
             if len(vals) > 1:
                 mixed.append(f"{g}/{loss}: seeds differ in {field} ({'; '.join(sorted(vals))[:200]})")
@@ -581,7 +595,8 @@ def main(argv=None):
             from uae_fast.data import default_qasper_path, load_dataset
 
             qs = [q for q in load_dataset(args.dev or default_qasper_path("dev")).queries if q.gold]
-            _GROUPS["digest"], _GROUPS["papers"] = _digest([q.id for q in qs]), [q.doc_id for q in qs]
+            _GROUPS["digest"] = _digest([q.id for q in qs])
+            _GROUPS["papers"] = [q.doc_id if q.doc_id is not None else q.id for q in qs]  # no paper: its own group
         print(report(*args.report))
         return 0
     if not args.out:

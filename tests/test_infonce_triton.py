@@ -255,6 +255,11 @@ def test_auto_table_and_its_update_from_results(capsys, tmp_path):
     # a 16-bit triton row stands for both switch settings; the chunked path is timed under each
     assert table == {("sm90", "bfloat16", "ieee"): "triton", ("sm90", "bfloat16", "tf32"): "torch",
                      ("sm90", "float32", "tf32"): "torch"}
+    # a file from before 16-bit rows were keyed by the switch: its chunked row ("-", timed with TF32 on) counts
+    # for tf32 only, its triton row for both
+    old = [dict(device_key="sm90", dtype="float16", precision="-", B=16384, d=768, impl=i, ms=ms)
+           for i, ms in (("chunked", 1.0), ("triton", 2.0))]
+    assert A.table_from_results(old) == {("sm90", "float16", "ieee"): "triton", ("sm90", "float16", "tf32"): "torch"}
     path = tmp_path / "r.json"
     path.write_text(__import__("json").dumps({"results": rows}))
     assert A.main([str(path)]) == 0

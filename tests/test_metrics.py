@@ -214,11 +214,14 @@ def test_paired_bootstrap_by_groups_resamples_whole_clusters():
     assert abs(clus["p"] - math.erfc(z / math.sqrt(2))) < 0.06
     # one query per group is the query bootstrap itself; few groups: the exact sign flip over group sums
     same = paired_bootstrap(d[:50], np.zeros(50), groups=[f"{i:03d}" for i in range(50)])
-    assert {k: same[k] for k in ("diff", "ci95_low", "ci95_high", "p")} == {
-        k: v for k, v in paired_bootstrap(d[:50], np.zeros(50)).items()}
+    plain = paired_bootstrap(d[:50], np.zeros(50))
+    assert {k: same[k] for k in ("diff", "ci95_low", "ci95_high", "p", "n")} == plain and plain["n"] == 50
     r = paired_bootstrap([1, 1, 1, 1], [0, 0, 0, 0], groups=["a", "a", "b", "c"])
     assert r["small_n"] and r["p"] == 0.25 and r["groups"] == 3
     with pytest.raises(ValueError, match="groups must label every query"):
         paired_bootstrap([1, 0], [0, 0], groups=["a"])
     with pytest.raises(ValueError, match="at least 2 groups"):
         paired_bootstrap([1, 0], [0, 0], groups=["a", "a"])
+    with pytest.raises(ValueError, match="some labels are None"):
+        paired_bootstrap([1, 0, 1], [0, 0, 0], groups=["a", None, None])
+    assert paired_bootstrap([1, 0, 1], [0, 0, 0], groups=[1, "1", 2])["groups"] == 3  # 1 and "1" differ

@@ -286,8 +286,15 @@ def test_runs_report_groups_seeds_and_pairs(tmp_path, capsys):
     p2 = json.load(open(tmp_path / "r2.json"))["paired"]["uae - ib"]
     # shared seed 1: uae-s1 S@1 per query 1, 1, 0; ib-s1 0, 1, 1 -> 0 (own means would give 2/3 - 5/6)
     assert p2["seeds"] == [[1], [1]] and p2["Success@1"]["diff"] == pytest.approx(0.0)
-    for f in ("ib-s1.run", "ib-s2.run"):
-        os.remove(tmp_path / f)
+    # a lone seeded run pairs on its own seed only; two seeded systems without a common seed are not paired
+    os.remove(tmp_path / "ib-s2.run")
+    assert runs_report.main([str(tmp_path), "--ref", "ib", "--json", str(tmp_path / "r3.json")]) == 0
+    p3 = json.load(open(tmp_path / "r3.json"))["paired"]["uae - ib"]
+    assert p3["seeds"] == [[1], [1]] and p3["Success@1"]["diff"] == pytest.approx(0.0)
+    os.rename(tmp_path / "ib-s1.run", tmp_path / "ib-s7.run")
+    assert runs_report.main([str(tmp_path), "--ref", "ib", "--json", str(tmp_path / "r4.json")]) == 0
+    assert json.load(open(tmp_path / "r4.json"))["paired"]["uae - ib"] == {"skipped": "no seed in common"}
+    os.remove(tmp_path / "ib-s7.run")
     write_qrels(str(tmp_path / "one.txt"), {"q1": ["a"]})  # one query: no bootstrap, no traceback
     assert runs_report.main([str(tmp_path), "--qrels", "one.txt", "--json", str(tmp_path / "r1.json")]) == 0
     assert json.load(open(tmp_path / "r1.json"))["paired"] == {}

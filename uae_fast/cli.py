@@ -216,8 +216,10 @@ def main(argv=None) -> int:
             again = "rerun with --resume" if command == "train" else "rerun the same command"  # quickstart resumes itself
             print(f"uae {command}: stopped by SIGTERM after checkpointing step {e.step}; {again} to continue", file=sys.stderr)
             return 128 + e.signum
-        hint = "; rerun with --resume to continue where it stopped" if command in ("train", "score") else (
-            "; --embedding-cache DIR keeps the passages encoded so far for the next run" if command == "index build" else "")
+        hint = {"train": "; rerun with --resume to continue where it stopped",
+                "score": "; rerun with --resume to continue where it stopped",
+                "quickstart": "; rerun the same command to continue where it stopped",
+                "index build": "; --embedding-cache DIR keeps the passages encoded so far for the next run"}.get(command, "")
         print(f"uae{' ' + command if command else ''}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as e:

@@ -352,6 +352,9 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
             info[row] = {"dense": side, "fusion": {k: cfg[k] for k in ("method", "weight", "k_each", "rrf_k")}}
     if "bm25" in baselines:
         bm = BM25Ranker(ds)
+        for q in queries[:2]:  # untimed warm-up, as the encoders and the re-ranker get
+            bm.prepare(q)
+            bm.rank(q)
         rk, ms = [], []
         for q in _progress(queries, "bm25", progress):
             bm.prepare(q)
@@ -545,11 +548,14 @@ def format_table(result: dict) -> str:
     lines.append("")
     if result.get("paired"):
         lines.append("Paired differences over the same queries (bootstrap, 10,000 resamples): mean [95% interval] p")
+        n_all = result.get("n_queries")
         for pair, ms in result["paired"].items():
             cells = [f"{_short(k)} {v['diff']:+.3f} [{v['ci95_low']:+.3f}, {v['ci95_high']:+.3f}] p={v['p']:.2f}"
                      for k, v in upgrade_metric_names(ms).items()]
+            n = next(iter(ms.values()), {}).get("n")
+            label = pair + (f" (n={n})" if n is not None and n != n_all else "")  # the re-ranker's subset, say
             for i in range(0, len(cells), 3):  # three metrics a line
-                lines.append(f"  {pair if i == 0 else '':<30}" + "  ".join(cells[i:i + 3]))
+                lines.append(f"  {label if i == 0 else '':<30}" + "  ".join(cells[i:i + 3]))
         lines.append("")
     if result.get("runs"):
         lines.append(f"TREC runs and qrels written to {result['runs']['dir']}")

@@ -40,7 +40,11 @@ def unpack_strings(blob: np.ndarray, ends: np.ndarray) -> list:
     ends = np.asarray(ends)
     if ends.ndim != 1 or not np.issubdtype(ends.dtype, np.integer):
         raise ValueError("string section: end offsets must be a 1-D integer array")
-    if len(ends) and not (ends[0] >= 0 and (np.diff(ends) >= 0).all() and int(ends[-1]) == len(data)):
+    # compared as int64 (unsigned offsets would wrap in a difference); none can exceed the text's length
+    if len(ends) and (ends.max() > len(data) or ends.min() < 0):
+        raise ValueError("string section: end offsets must rise from 0 to the text's length")
+    ends = ends.astype(np.int64)
+    if len(ends) and not ((ends[1:] >= ends[:-1]).all() and int(ends[-1]) == len(data)):
         raise ValueError("string section: end offsets must rise from 0 to the text's length")
     if not len(ends) and len(data):
         raise ValueError("string section: text without end offsets")
@@ -199,6 +203,11 @@ class LexicalIndex:
             if name not in a or (name in need and a[name].shape != need[name]):
                 raise corrupt(f"section {name!r} missing or mis-sized")
         indptr, indices = a["indptr"], a["indices"]
+        if not (np.issubdtype(indptr.dtype, np.integer) and np.issubdtype(indices.dtype, np.integer)):
+            raise corrupt("term-count matrix is not integer")
+        if indptr.size and indptr.max() > indices.size:  # before the int64 view: unsigned values could wrap
+            raise corrupt("term-count matrix is inconsistent")
+        indptr = indptr.astype(np.int64)
         if (indptr[0] != 0 or indptr[-1] != indices.size or indices.size != a["counts"].size or np.any(np.diff(indptr) < 0)
                 or (indices.size and (indices.min() < 0 or indices.max() >= max(nv, 1)))):
             raise corrupt("term-count matrix is inconsistent")

@@ -198,7 +198,9 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
     else:
         if len(groups) != d.size:
             raise ValueError(f"groups must label every query: {len(groups)} labels for {d.size} queries")
-        _, g = np.unique(np.asarray([str(x) for x in groups]), return_inverse=True)
+        if any(x is None for x in groups):  # str(None) would pool every unlabelled query into one group
+            raise ValueError("groups must label every query: some labels are None")
+        _, g = np.unique(np.asarray([f"{type(x).__name__}:{x}" for x in groups]), return_inverse=True)
         sums, counts = np.bincount(g, weights=d), np.bincount(g).astype(np.float64)
         if sums.size < 2:
             raise ValueError("a cluster bootstrap needs at least 2 groups")
@@ -210,7 +212,7 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
         means[lo:lo + n] = sums[pick].sum(1) / counts[pick].sum(1)
     p = min(1.0, 2 * min(float((means <= 0).mean()), float((means >= 0).mean())))
     out = {"diff": float(d.mean()), "ci95_low": float(np.quantile(means, 0.025)),
-           "ci95_high": float(np.quantile(means, 0.975)), "p": p}
+           "ci95_high": float(np.quantile(means, 0.975)), "p": p, "n": int(d.size)}
     if sums.size < EXACT_SIGN_FLIP:
         k = sums.size
         signs = 1 - 2 * ((np.arange(2 ** k)[:, None] >> np.arange(k)) & 1)  # every sign pattern

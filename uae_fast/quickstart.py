@@ -23,7 +23,8 @@ import sys
 import time
 from typing import Optional
 
-from .data import RetrievalDataset, default_qasper_path, load_dataset, quickstart_qasper_path, write_text_atomic
+from .data import (RetrievalDataset, data_fingerprint, default_qasper_path, load_dataset, quickstart_qasper_path,
+                   write_text_atomic)
 
 # Quick defaults: sized for <= 15 minutes on 2 CPU cores (see README "Quick start").
 QUICK = {"score_queries": 12, "train_steps": 80, "dev_queries": 200, "rerank_queries": 20}
@@ -102,7 +103,7 @@ def plot_report(report: dict, path: str) -> bool:
         a.text(i + w / 2, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
     a.set_xticks(list(x), names)
     a.set_ylim(0, max(r1 + mp + [0.1]) * 1.25)
-    a.set_title(f"QASPER dev evidence retrieval ({ev['n_queries']} q; rerank: first {ev.get('rerank_subset', {}).get('n', 0)})")
+    a.set_title(f"{ev.get('data') or 'dev'} evidence retrieval ({ev['n_queries']} q; rerank: first {ev.get('rerank_subset', {}).get('n', 0)})")
     a.legend()
     lat = [full[n].get("latency_ms_mean", float("nan")) for n in names]
     b.bar(list(x), lat, color=["#c44e52" if n == "rerank" else "#55a868" for n in names])
@@ -215,7 +216,7 @@ def _same_options(out: str):
     try:
         yield
     except ValueError as e:
-        if "different" not in str(e) and "settings" not in str(e):
+        if not any(w in str(e) for w in ("different", "settings", "changed since")):
             raise
         raise ValueError(f"--out {out} holds a quickstart run made with other options ({e}); rerun with the same "
                          f"options, or choose another --out") from None
@@ -270,9 +271,9 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
             _say(f"--full: {n_q} questions; estimated scoring time {est / 3600:.1f} h on this machine "
                  f"(+ training and evaluation); interrupt any time and rerun to resume")
             os.remove(calib)
-        with _same_options(out):
+        with _same_options(out):  # data_sha1: an edited --train-data is not mixed into a resumed table
             header = score_dataset(scorer, train_ds, slice_path, limit=n_score, resume=True, progress=progress,
-                                   data_name=os.path.basename(train_path))
+                                   data_name=os.path.basename(train_path), data_sha1=data_fingerprint(train_path))
         report["stages"]["score"] = {"seconds": round(time.time() - t0, 1), "queries": header["n_queries"],
                                      "passages": header["n_rows"], "teacher": header.get("teacher"), "file": slice_path}
         del scorer
@@ -295,17 +296,20 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     scored, _ = load_utilities(train_utils)
     train_on = RetrievalDataset(train_ds.passages, [x for x in train_ds.queries if x.id in scored], train_ds.name)
     started = os.path.isdir(model_dir) and bool(os.listdir(model_dir))  # a rerun resumes; a first run just starts
-    with _same_options(out):
-        summary = train(cfg, model_dir, resume=started, progress=progress, ds=train_on)
+    with _same_options(out):  # the quick run's 80 steps: a checkpoint every 10, so a kill loses little
+        summary = train(cfg, model_dir, resume=started, progress=progress, ds=train_on,
+                        **({} if full else {"save_every": 10}))
     report["stages"]["train"] = {"seconds": round(time.time() - t0, 1), "utilities": train_utils,
                                  **{k: summary[k] for k in ("steps", "final_loss", "train_queries")}}
 
     # 3. evaluation against the baselines
-    _say("3/3 evaluating on QASPER dev" + ("" if full else f" (first {q['dev_queries']} questions)"))
+    _say(f"3/3 evaluating on {dev_ds.name or 'the dev data'}" + ("" if full else f" (first {q['dev_queries']} questions)"))
     t0 = time.time()
+    # the embedding cache (keyed by encoder) spares a rerun after an interrupted evaluation the encoding
     ev = evaluate(dev_ds, [model_dir], names=["uae"], baselines=("bm25", "base", "rerank"), student=student,
                   teacher=teacher, limit=None if full else q["dev_queries"],
-                  rerank_limit=10**9 if full else q["rerank_queries"], progress=progress)
+                  rerank_limit=10**9 if full else q["rerank_queries"], progress=progress,
+                  embedding_cache=os.path.join(out, "emb-cache"))
     report["stages"]["eval"] = {"seconds": round(time.time() - t0, 1)}
     report["eval"] = ev
     report["seconds_total"] = round(time.time() - t_all, 1)

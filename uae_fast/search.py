@@ -160,8 +160,8 @@ def search(folder: str, questions: List[str], k: int = 10, *, fusion=None, model
             raise ValueError(f"{folder} was built with the encoder {recorded}, which is no longer there: pass --model "
                              f"(the same model, moved), or rebuild the index")
     enc = BiEncoder(model or recorded, device=device)
-    if model is None and meta.get("encoder") and meta["encoder"] not in (
-            encoder_fingerprint(enc), encoder_fingerprint(enc, legacy=True)):  # legacy: indexes built before 0.2.0
+    if (model is None and meta.get("encoder") and encoder_fingerprint(enc) != meta["encoder"]
+            and encoder_fingerprint(enc, legacy=True) != meta["encoder"]):  # legacy: indexes built before 0.2.0
         raise ValueError(f"the model {meta.get('model') or '(default student)'} changed since {folder} was built "
                          f"(its files or settings differ): rebuild the index, or pass --model to search with it anyway")
     if enc.dim != index.dim:

@@ -366,8 +366,9 @@ def _publish(stage: str, path: str) -> None:
             pass
         os.replace(f, dest)
     new = {os.path.basename(f) for f in files if os.path.dirname(f) == stage}
+    sharded = any(n.endswith(".index.json") for n in new)  # then a plain model.safetensors would be loaded first
     for name in os.listdir(path):
-        if _SHARD.match(name) and name not in new:
+        if name not in new and (_SHARD.match(name) or (sharded and name in ("model.safetensors", "pytorch_model.bin"))):
             os.remove(os.path.join(path, name))
 
 

@@ -578,7 +578,10 @@ def _rng_state() -> dict:
 
 _np_core = getattr(np, "_core", None) or np.core
 # What torch.load(weights_only=True) needs to rebuild a numpy array, and nothing that can run code.
-_NUMPY_ARRAY_GLOBALS = [_np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# The pickle names the module it was written under, numpy.core (1.x) or numpy._core (2.x): both are allowed.
+_NUMPY_ARRAY_GLOBALS = [_np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                        (_np_core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+                        (_np_core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct")]
 
 
 def _set_rng_state(st: dict) -> None:

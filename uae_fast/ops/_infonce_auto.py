@@ -84,8 +84,12 @@ def table_from_results(results: list) -> dict:
         impl = {"chunked": "torch", "triton": "triton"}.get(r.get("impl"))
         if impl is None:
             continue
-        # a 16-bit triton row ("-": the switch does not change it) stands for both precisions
-        precs = ("ieee", "tf32") if r["precision"] == "-" else (r["precision"],)
+        # a 16-bit triton row ("-": the switch does not change it) stands for both precisions; a chunked row
+        # marked "-" (files from before 16-bit rows were keyed by the switch: timed with TF32 on) only for tf32
+        if r["precision"] == "-":
+            precs = ("ieee", "tf32") if impl == "triton" else ("tf32",)
+        else:
+            precs = (r["precision"],)
         for prec in precs:
             k = (r["device_key"], r["dtype"], prec)
             if k not in best or r["ms"] < best[k][1]:
