@@ -163,6 +163,21 @@ def test_rerank_and_reader_in_one_run(tmp_path, dev, tiny, tiny_lm, capsys):
     assert r["systems"]["rerank"]["n"] < 5 and f"(on {r['systems']['rerank']['n']} of them" in out
 
 
+def test_eval_paired_by_document_resamples_papers(dev, tiny):
+    res = evaluate(dev, [tiny], names=["tiny"], baselines=("bm25",), progress=False, paired_by="document")
+    assert res["paired_by"] == "document"
+    pair = res["paired"]["tiny - bm25"]["Success@1"]
+    qs = [q for q in dev.queries if q.gold]
+    papers = [q.doc_id for q in qs]
+    assert pair["groups"] == len(set(papers)) < len(qs) and pair["n"] == len(qs)
+    # the same difference as the question bootstrap; only the resampled unit changes
+    plain = evaluate(dev, [tiny], names=["tiny"], baselines=("bm25",), progress=False)
+    assert "paired_by" in plain and plain["paired_by"] == "question" and "groups" not in plain["paired"]["tiny - bm25"]["MAP"]
+    assert pair["diff"] == pytest.approx(plain["paired"]["tiny - bm25"]["Success@1"]["diff"])
+    with pytest.raises(ValueError, match="paired_by must be"):
+        evaluate(dev, [tiny], baselines=("bm25",), paired_by="paper")
+
+
 def test_eval_errors(tmp_path, dev, tiny, capsys):
     from uae_fast.cli import main
     from uae_fast.data import RetrievalDataset

@@ -239,7 +239,7 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
              rerank_limit: int = 100, rerank_depth: int = 20, reader: bool = False, reader_model: Optional[str] = None,
              reader_limit: int = 100, limit: Optional[int] = None, batch_size: int = 64, device=None,
              query_threads: Optional[int] = 1, progress: bool = True, save_runs: Optional[str] = None,
-             fusion: Sequence = (None,), embedding_cache: Optional[str] = None) -> dict:
+             fusion: Sequence = (None,), embedding_cache: Optional[str] = None, paired_by: str = "question") -> dict:
     """Evaluate ``models`` (bi-encoder folders) and ``baselines`` on ``ds``; returns the results dict.
 
     ``save_runs``: a folder for ``qrels.txt`` (the evaluated queries' gold) and one TREC run per reported
@@ -260,6 +260,8 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         raise ValueError(f"unknown baseline(s) {bad}; choose from {list(BASELINES)}")
     if not models and not baselines:
         raise ValueError("nothing to evaluate: pass --model DIR and/or --baselines")
+    if paired_by not in ("question", "document"):
+        raise ValueError(f"paired_by must be 'question' or 'document', got {paired_by!r}")
     # options that would do nothing, or fail only after the dense models were encoded: refused now
     fusion = list(fusion) if fusion else [None]
     if "hybrid" not in baselines and any(f is not None for f in fusion):
@@ -401,19 +403,29 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
     if save_runs:
         result["runs"] = _save_runs(save_runs, queries, {n: rankings[n] for n in shown},
                                     n_rr if "rerank" in rankings else None)
+    # paired_by="document": resample whole documents (a paper's questions are not independent samples)
+    docs = [q.doc_id if q.doc_id is not None else q.id for q in queries] if paired_by == "document" else None
+
+    def boot(a, b):
+        return paired_bootstrap(a, b, groups=None if docs is None else docs[: len(a)])
+
     if models and len(shown) > 1:
         # Paired over the same queries: the first model against every other system.
         first = shown[0]
         pq = {n: per_query_metrics(rankings[n], golds[: len(rankings[n])]) for n in shown}
         # a bootstrap needs 2 queries (a re-ranker limited to 1 query has no paired row)
-        result["paired"] = {f"{first} - {n}": {m: paired_bootstrap(pq[first][m][: len(v)], v) for m, v in pq[n].items()}
-                            for n in shown[1:] if len(rankings[n]) >= 2}
+        result["paired"] = {f"{first} - {n}": {m: boot(pq[first][m][: len(v)], v) for m, v in pq[n].items()}
+                            for n in shown[1:] if len(rankings[n]) >= 2
+                            and (docs is None or len(set(docs[: len(rankings[n])])) >= 2)}
     for row, side in hybrid_rows.items():  # each hybrid row against both of its single sides
         pq = {n: per_query_metrics(rankings[n], golds) for n in (row, side, "bm25") if n in rankings}
         for other in (side, "bm25"):
-            if other in pq and f"{other} - {row}" not in result.get("paired", {}) and len(golds) >= 2:
+            if other in pq and f"{other} - {row}" not in result.get("paired", {}) and len(golds) >= 2 and (
+                    docs is None or len(set(docs)) >= 2):
                 result.setdefault("paired", {})[f"{row} - {other}"] = {
-                    m: paired_bootstrap(v, pq[other][m]) for m, v in pq[row].items()}
+                    m: boot(v, pq[other][m]) for m, v in pq[row].items()}
+    if result.get("paired"):
+        result["paired_by"] = paired_by
     if "rerank" in rankings:
         sub = {}
         for n in shown:
@@ -547,7 +559,9 @@ def format_table(result: dict) -> str:
     lines.append("S@k: Success@k, some gold passage in the top k; R@k: Recall@k, the share of the gold passages in the top k")
     lines.append("")
     if result.get("paired"):
-        lines.append("Paired differences over the same queries (bootstrap, 10,000 resamples): mean [95% interval] p")
+        unit = "documents" if result.get("paired_by") == "document" else "queries"
+        lines.append(f"Paired differences over the same queries (bootstrap of {unit}, 10,000 resamples): "
+                     f"mean [95% interval] p")
         n_all = result.get("n_queries")
         for pair, ms in result["paired"].items():
             cells = [f"{_short(k)} {v['diff']:+.3f} [{v['ci95_low']:+.3f}, {v['ci95_high']:+.3f}] p={v['p']:.2f}"
@@ -603,6 +617,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--save-runs", default=None, metavar="DIR",
                    help="write DIR/qrels.txt and a TREC run per system, DIR/NAME.run, with every ranked candidate "
                    "(scores = depth - rank + 1) for ir-measures/ranx/trec_eval (default: none written)")
+    p.add_argument("--paired-by", choices=("question", "document"), default="question",
+                   help="unit the paired bootstrap resamples: questions, or whole documents (papers), whose "
+                        "questions are not independent: wider intervals (default: question)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_main)
 
@@ -620,7 +637,7 @@ def _main(args) -> int:
                       reader_model=args.reader_model, reader_limit=args.reader_limit, limit=args.limit,
                       batch_size=args.batch_size, device=args.device, query_threads=args.query_threads,
                       progress=not args.no_progress, save_runs=args.save_runs, fusion=args.fusion or (None,),
-                      embedding_cache=args.embedding_cache)
+                      embedding_cache=args.embedding_cache, paired_by=args.paired_by)
     print(format_table(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
