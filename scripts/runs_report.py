@@ -70,7 +70,7 @@ def _pair_seeds(a: dict, b: dict) -> tuple:
         return list(a), [None] * len(a)
     if list(a) == [None]:
         return [None] * len(b), list(b)
-    shared = sorted(set(a) & set(b))
+    shared = sorted(set(a) & set(b), key=lambda x: -1 if x is None else x)
     return shared, shared
 
 
@@ -79,7 +79,7 @@ def report(systems, refs):
     for s, seeds in systems.items():
         order = sorted(seeds, key=lambda x: -1 if x is None else x)
         per_seed = {k: [float(np.mean(seeds[x][k])) for x in order] for k in METRICS}
-        out["systems"][s] = {"seeds": [0 if x is None else x for x in order], **{k: {"mean": float(np.mean(v)),
+        out["systems"][s] = {"seeds": ["unseeded" if x is None else x for x in order], **{k: {"mean": float(np.mean(v)),
                              "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "per_seed": v}
                              for k, v in per_seed.items()}}
     n = len(next(iter(next(iter(systems.values())).values()))["MAP"]) if systems else 0

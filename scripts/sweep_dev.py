@@ -29,6 +29,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -260,26 +261,50 @@ def _run(job):
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
     means = {k: sum(v) / len(v) for k, v in pq.items()}
+    table_digest = _digest_file(cfg.utilities) if cfg.utilities else None  # cached, never raises
+    student_digest = _digest_model(args.student)
     return {**job, "metrics": means, "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Success@1", "Recall@1", "MAP")},
             "dev_questions": _STATE["dev_questions"],
             "steps": summ["steps"], "train_queries": summ["train_queries"], "final_loss": summ["final_loss"],
             "train_s": round(t_train, 1), "total_s": round(time.time() - t0, 1), "eval_amp": bool(args.eval_amp),
             "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu",
             # what else decides the numbers, so a report can say when a row's seeds differ in it
-            # by content and name, not path: the same setting run from another checkout or machine agrees
-            "table": _digest_file(cfg.utilities) if cfg.utilities else None,
-            "student": os.path.basename(os.path.normpath(args.student)) if args.student else None,
+            # by content, not path: the same setting run from another checkout or machine agrees
+            "table": table_digest, "student": student_digest,
             "amp": bool(args.amp), "tf32": bool(args.tf32), "commit": _commit()}
 
 
+_DIGESTS: dict = {}
+
+
 def _digest_file(path):
+    """sha1 (16 hex digits) of a file's bytes, once per path per sweep; None when it cannot be read."""
     import hashlib
 
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    if path not in _DIGESTS:
+        try:
+            h = hashlib.sha1()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            _DIGESTS[path] = h.hexdigest()[:16]
+        except OSError:
+            _DIGESTS[path] = None
+    return _DIGESTS[path]
+
+
+def _digest_model(path):
+    """A model folder by content (uae_fast.embcache.model_fingerprint); None for the default student."""
+    if path is None:
+        return None
+    if ("model", path) not in _DIGESTS:
+        from uae_fast.embcache import model_fingerprint
+
+        try:
+            _DIGESTS[("model", path)] = model_fingerprint(path)
+        except OSError:
+            _DIGESTS[("model", path)] = None
+    return _DIGESTS[("model", path)]
 
 
 def _commit():
@@ -379,9 +404,10 @@ def report(*paths):
                      f"{m['MRR']:.4f} | {diff[0]} | {diff[1]} | {own[0]} | {own[1]} | {ts:.0f} |")
     mixed = []  # a row whose seeds trained or were scored differently: say so rather than pool silently
     for (g, loss), runs in by.items():
-        # records from before the table digest name their table by path only
-        paths = () if all("table" in runs[x] for x in runs) else ("utilities",)
-        for field in ("cfg", "eval_amp", *paths, "table", "student", "amp", "tf32"):
+        # records from before the table digest name their table by path only (and a few by a path in "table")
+        digested = all(re.fullmatch(r"[0-9a-f]{16}", str(runs[x].get("table"))) for x in runs)
+        paths = () if digested else ("utilities",)
+        for field in ("cfg", "eval_amp", *paths, *(("table", "student") if digested else ()), "amp", "tf32"):
             vals = {json.dumps(runs[x].get(field), sort_keys=True) for x in runs if field in runs[x]}
             if len(vals) > 1:
                 mixed.append(f"{g}/{loss}: seeds differ in {field} ({'; '.join(sorted(vals))[:200]})")

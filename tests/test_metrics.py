@@ -222,6 +222,8 @@ def test_paired_bootstrap_by_groups_resamples_whole_clusters():
         paired_bootstrap([1, 0], [0, 0], groups=["a"])
     with pytest.raises(ValueError, match="at least 2 groups"):
         paired_bootstrap([1, 0], [0, 0], groups=["a", "a"])
-    with pytest.raises(ValueError, match="some labels are None"):
-        paired_bootstrap([1, 0, 1], [0, 0, 0], groups=["a", None, None])
+    for missing in (None, float("nan")):
+        with pytest.raises(ValueError, match="some labels are None or NaN"):
+            paired_bootstrap([1, 0, 1], [0, 0, 0], groups=["a", missing, missing])
     assert paired_bootstrap([1, 0, 1], [0, 0, 0], groups=[1, "1", 2])["groups"] == 3  # 1 and "1" differ
+    assert paired_bootstrap([1, 0, 1], [0, 0, 0], groups=[np.int64(1), 1, 2])["groups"] == 2  # numpy scalars as Python

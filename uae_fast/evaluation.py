@@ -404,7 +404,8 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         result["runs"] = _save_runs(save_runs, queries, {n: rankings[n] for n in shown},
                                     n_rr if "rerank" in rankings else None)
     # paired_by="document": resample whole documents (a paper's questions are not independent samples)
-    docs = [q.doc_id if q.doc_id is not None else q.id for q in queries] if paired_by == "document" else None
+    docs = ([q.doc_id if q.doc_id is not None else ("query", q.id) for q in queries]  # no document: its own group
+            if paired_by == "document" else None)
 
     def boot(a, b):
         return paired_bootstrap(a, b, groups=None if docs is None else docs[: len(a)])

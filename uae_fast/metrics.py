@@ -198,9 +198,10 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
     else:
         if len(groups) != d.size:
             raise ValueError(f"groups must label every query: {len(groups)} labels for {d.size} queries")
-        if any(x is None for x in groups):  # str(None) would pool every unlabelled query into one group
-            raise ValueError("groups must label every query: some labels are None")
-        _, g = np.unique(np.asarray([f"{type(x).__name__}:{x}" for x in groups]), return_inverse=True)
+        labels = [x.item() if isinstance(x, np.generic) else x for x in groups]  # np.int64(1) is 1
+        if any(x is None or x != x for x in labels):  # None / NaN would pool every unlabelled query into one group
+            raise ValueError("groups must label every query: some labels are None or NaN")
+        _, g = np.unique(np.asarray([f"{type(x).__name__}:{x}" for x in labels]), return_inverse=True)
         sums, counts = np.bincount(g, weights=d), np.bincount(g).astype(np.float64)
         if sums.size < 2:
             raise ValueError("a cluster bootstrap needs at least 2 groups")

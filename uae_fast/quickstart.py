@@ -300,9 +300,9 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     scored, _ = load_utilities(train_utils)
     train_on = RetrievalDataset(train_ds.passages, [x for x in train_ds.queries if x.id in scored], train_ds.name)
     started = os.path.isdir(model_dir) and bool(os.listdir(model_dir))  # a rerun resumes; a first run just starts
-    with _same_options(out):  # the quick run's 80 steps: a checkpoint every 10, so a kill loses little
+    with _same_options(out):  # the quick run's 80 steps: a checkpoint every 20, so a kill loses little
         summary = train(cfg, model_dir, resume=started, progress=progress, ds=train_on,
-                        **({} if full else {"save_every": 10}))
+                        **({} if full else {"save_every": 20}))
     report["stages"]["train"] = {"seconds": round(time.time() - t0, 1), "utilities": train_utils,
                                  **{k: summary[k] for k in ("steps", "final_loss", "train_queries")}}
 
