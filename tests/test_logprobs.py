@@ -481,3 +481,20 @@ def test_torch_path_worker_threads_follow_callers_grad_mode(mode):
         torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=0)
     finally:
         torch.set_num_threads(prev)
+
+
+def test_a_weight_the_finite_cache_missed_is_still_caught():
+    # the finiteness check of the LM head is cached by (address, version): a write through .data keeps both,
+    # and a -inf entry leaves the log-sum-exp finite; the target's log-probability check names the weight
+    from uae_fast import token_logprob_deltas, token_logprobs
+
+    h, t = torch.rand(3, 4) + 0.1, torch.tensor([0, 1, 2])
+    w = torch.randn(5, 4)
+    token_logprobs(h, w, t)
+    w.data[2, 0] = -float("inf")
+    with pytest.raises(ValueError, match="weight contains 1 NaN or inf"):
+        token_logprobs(h, w, t)
+    with pytest.raises(ValueError, match="hidden_with contains"):
+        token_logprob_deltas(torch.full((2, 3, 4), float("nan")), torch.rand(3, 4), torch.randn(5, 4), t)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        token_logprobs(h, torch.randn(5, 4), t, return_lse="no")

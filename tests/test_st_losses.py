@@ -780,3 +780,21 @@ def test_scalar_label_column_with_one_passage_column():
     assert torch.equal(idx, ref_idx) and torch.equal(util.nan_to_num(-9), ref_util.nan_to_num(-9))
     with pytest.raises(ValueError, match=r"labels must be \[batch, K\] = \[3, 2\]"):
         targets_from_labels(torch.tensor([0.5, 0.1, 1.0]), 3, 2, "cpu")
+
+
+def test_embedding_level_inputs_and_flags_are_checked(model):
+    # keys of another length would pair passages with other rows' keys (a zero or wrong loss); a query
+    # column of the wrong rank blamed the passages; a flag passed as a string read as True
+    loss_fn = UtilityInfoNCELoss(model, temperature=0.1)
+    q, c0, c1 = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    labels = torch.randn(3, 2)
+    with pytest.raises(ValueError, match="keys has 5 entries for 6 passages"):
+        loss_fn.compute_loss_from_embeddings([q, c0, c1], labels, keys=[b"a"] * 5)
+    with pytest.raises(ValueError, match="the query column's embeddings must be"):
+        loss_fn.compute_loss_from_embeddings([q[0], c0, c1], labels)
+    with pytest.raises(TypeError, match="gather_across_devices must be a bool"):
+        UtilityInfoNCELoss(model, gather_across_devices="no")
+    with pytest.raises(TypeError, match="dedupe_passages must be a bool"):
+        UtilityInfoNCELoss(model, dedupe_passages=1)
+    with pytest.raises(ValueError, match="mini_batch_size must be a positive int"):
+        CachedUtilityInfoNCELoss(model, mini_batch_size=True)

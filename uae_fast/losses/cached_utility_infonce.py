@@ -102,7 +102,7 @@ class CachedUtilityInfoNCELoss(UtilityInfoNCELoss):
         """
         super().__init__(model, temperature, teacher_temperature, label_mix, gather_across_devices,
                          similarity_fct, dedupe_passages)
-        if not isinstance(mini_batch_size, int) or mini_batch_size < 1:
+        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
         inner = getattr(model, "_orig_mod", model)  # a torch.compile'd model wraps the SentenceTransformer
         modules = inner.modules() if isinstance(inner, nn.Module) else ()

@@ -120,7 +120,9 @@ class UtilityInfoNCELoss(nn.Module):
             from sentence_transformers.util import cos_sim as similarity_fct
         self.normalize = _similarity_name(similarity_fct) == "cos_sim"
         self.similarity_fct = similarity_fct
-        self.dedupe_passages = bool(dedupe_passages)
+        if not isinstance(dedupe_passages, bool):
+            raise TypeError(f"dedupe_passages must be a bool, got {dedupe_passages!r}")
+        self.dedupe_passages = dedupe_passages
 
     # sentence-transformers' names for the hyperparameters
     temperature = property(lambda self: self.objective.temperature)
@@ -148,6 +150,8 @@ class UtilityInfoNCELoss(nn.Module):
     def compute_loss_from_embeddings(self, embeddings: List[Tensor], labels: Optional[Tensor],
                                      keys: Optional[List[bytes]] = None) -> Tensor:
         q, cols = embeddings[0], embeddings[1:]
+        if q.dim() != 2:
+            raise ValueError(f"the query column's embeddings must be [B, d], got shape {tuple(q.shape)}")
         b, k = q.shape[0], len(cols)
         if not cols:
             raise ValueError("UtilityInfoNCELoss needs a query column and at least one passage column")
@@ -161,6 +165,8 @@ class UtilityInfoNCELoss(nn.Module):
         target_idx, target_utility = targets_from_labels(labels, b, k, q.device)
         gold = torch.arange(b, device=q.device)  # column passage_0
         if keys is not None:
+            if len(keys) != p.shape[0]:  # a key per passage row, column-major, as passage_keys makes them
+                raise ValueError(f"keys has {len(keys)} entries for {p.shape[0]} passages ({k} columns of {b} rows)")
             p, target_idx, gold, keys = _dedupe(p, target_idx, gold, keys)
             world = _world_size()
             if self.gather_across_devices and world > 1:

@@ -100,6 +100,8 @@ class UtilityInfoNCE(nn.Module):
         self.teacher_temperature = teacher_temperature
         self.label_mix = label_mix
         self.reduction = reduction
+        if not isinstance(gather_across_devices, bool):  # "no" would read as True
+            raise TypeError(f"gather_across_devices must be a bool, got {gather_across_devices!r}")
         self.gather_across_devices = gather_across_devices
         self.impl = impl
         # Fail at construction, not at the first training step.

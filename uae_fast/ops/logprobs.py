@@ -226,12 +226,21 @@ def _validate(hidden, weight, targets, bias, ignore_index, softcap, temperature)
     check_no_grad("token_logprobs", hidden=hidden, weight=weight, bias=bias)
 
 
-def _check_result(lse, hidden, weight, bias):
-    # Cheap O(N) safety net: a non-finite input the pre-checks missed, or fp32 overflow of a logit,
-    # shows up as a non-finite log-sum-exp. Name the culprit rather than return a wrong number.
+def _check_result(lse, logp, hidden, weight, bias):
+    # Cheap O(N) safety net: a non-finite input the pre-checks missed (the weight cache is keyed by address and
+    # version: a new tensor at a freed one's address, or a write through .data, slips past it), or fp32
+    # overflow of a logit, shows up as a non-finite log-sum-exp; a -inf weight entry only in the target's
+    # log-probability (finite logits give a finite one). Name the culprit rather than return a wrong number.
     try:
         check_result(lse, "the log-sum-exp overflowed (logits too large for fp32): check the scale of hidden and weight",
                      hidden=hidden, weight=weight, bias=bias)
+        if not bool(torch.isfinite(logp).all()):
+            _CHECKED_WEIGHTS.clear()
+            _check_finite_lowmem("weight", weight)  # names the weight (or bias) when one of them holds the -inf
+            if bias is not None:
+                _check_finite_lowmem("bias", bias)
+            raise ValueError("a target's log-probability is not finite although hidden, weight and bias are: "
+                             "check the scale of the logits")
     except ValueError:
         _CHECKED_WEIGHTS.clear()  # the cached "weight is finite" may be what was wrong
         raise
@@ -287,6 +296,9 @@ def token_logprobs(
         impl = "torch"  # the kernel has no fp64 tiles; fp64 is the reference dtype anyway
     impl = resolve_impl(impl, hidden.device, flatten=True)  # the LM-head kernel's K-loop uses tl.range(flatten=)
     shape = targets.shape
+    for flag, v in (("return_lse", return_lse), ("return_greedy", return_greedy)):
+        if not isinstance(v, bool):  # "no" would read as True
+            raise TypeError(f"{flag} must be a bool, got {v!r}")
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1)
     softcap = None if softcap is None else float(softcap)
@@ -297,7 +309,7 @@ def token_logprobs(
         from ._logprobs_triton import token_logprobs_triton
 
         logp, lse, greedy = token_logprobs_triton(h2, weight, t1, bias, int(ignore_index), softcap, temperature, return_greedy)
-    _check_result(lse, h2, weight, bias)
+    _check_result(lse, logp, h2, weight, bias)
     outs = [logp.reshape(shape)]
     if return_lse:
         outs.append(lse.reshape(shape))
@@ -348,6 +360,10 @@ def token_logprob_deltas(
         targets = targets[0]
     elif targets.shape[0] != t:
         raise ValueError(f"targets must be [T]={t} or [P, T]={(p, t)}, got {tuple(targets.shape)}")
+    # errors under the caller's names, before the two are stacked into one "hidden"
+    check_no_grad("token_logprob_deltas", hidden_with=hidden_with, hidden_without=hidden_without)
+    _check_finite_lowmem("hidden_with", hidden_with)
+    _check_finite_lowmem("hidden_without", hidden_without)
     # One call for both conditions: the baseline rows ride along with the passages' rows, so the
     # LM head is streamed once instead of twice.
     stacked = torch.cat([hidden_without[None], hidden_with], dim=0)
