@@ -336,7 +336,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--full", action="store_true", help="the whole train and dev splits (GPU recommended); prints an estimate first")
     p.add_argument("--train-data", default=None,
                    help="QASPER/SQuAD/JSONL train data (questions with answers), or a BEIR folder with --utilities (default: the full split in $UAE_DATA_DIR if set, "
-                        "else the shipped QASPER train slice; --full: $UAE_DATA_DIR or ../shared/data/qasper)")
+                        "else the shipped QASPER train slice; --full: $UAE_DATA_DIR, else ../shared/data/qasper or data/qasper by the checkout)")
     p.add_argument("--dev-data", default=None,
                    help="QASPER/SQuAD/JSONL dev data or a BEIR folder (default: as --train-data, for dev)")
     p.add_argument("--teacher", default=None, help="teacher causal-LM folder (default: SmolLM2-135M-Instruct)")
