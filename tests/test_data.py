@@ -6,7 +6,7 @@ import pytest
 
 from uae_fast.data import load_dataset, qasper_answer_text
 
-MINI = "tests/fixtures/qasper-dev-mini.json.gz"
+MINI = os.path.join(os.path.dirname(__file__), "fixtures", "qasper-dev-mini.json.gz")
 
 
 def test_qasper_mini_loads_with_gold_from_text_evidence():

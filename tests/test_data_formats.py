@@ -1,6 +1,7 @@
 """--data in BEIR and SQuAD formats: hand-written fixtures, gold/pool/answers, splits, one-line errors, and `uae eval` on both."""
 import gzip
 import json
+import os
 import shutil
 
 import pytest
@@ -88,7 +89,7 @@ def test_beir_bad_folders(tmp_path):
     with pytest.raises(ValueError, match="contradicts"):
         load_dataset(root / "qrels" / "test.tsv", split="train")
     with pytest.raises(ValueError, match="BEIR folders only"):
-        load_dataset("tests/fixtures/qasper-dev-mini.json.gz", split="test")
+        load_dataset(os.path.join(os.path.dirname(__file__), "fixtures", "qasper-dev-mini.json.gz"), split="test")
     (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n{"title": "no id", "text": "y"}\n')
     with pytest.raises(ValueError, match=r"corpus.jsonl: corpus record 2 needs '_id' and a string 'text'"):
         load_dataset(root)
@@ -344,7 +345,7 @@ def test_beir_ids_must_be_strings_or_ints(tmp_path):
 def test_quickstart_refuses_train_and_dev_sharing_papers(tmp_path):
     from uae_fast.quickstart import check
 
-    dev = "tests/fixtures/qasper-dev-mini.json.gz"
+    dev = os.path.join(os.path.dirname(__file__), "fixtures", "qasper-dev-mini.json.gz")
     with pytest.raises(ValueError, match="share .* papers .*held-out papers"):
         check(train_data=dev, dev_data=dev)
 

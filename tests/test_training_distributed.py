@@ -87,6 +87,9 @@ def _worker(rank, port, scenario, utils, student, out, results):
     except (FloatingPointError, ValueError) as e:
         res["error"] = str(e)
     finally:
+        import gc
+
+        gc.collect()  # a DDP module kept alive by the traceback's frames can hang the group's teardown
         if dist.is_initialized():
             dist.destroy_process_group()
     with open(os.path.join(results, f"{scenario}-{rank}.json"), "w") as f:
