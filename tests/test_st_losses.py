@@ -630,9 +630,9 @@ def _ddp_labels():
 
 @pytest.mark.slow  # ~15 s: two spawned processes import sentence-transformers
 def test_ddp_gather_equals_single_process(enc_dir, tmp_path):
-    import torch.multiprocessing as mp
+    from conftest import spawn_with_deadline
 
-    mp.spawn(_ddp_worker, args=(enc_dir, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_with_deadline(_ddp_worker, (enc_dir, str(tmp_path / "init"), str(tmp_path)), WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     model = _model(enc_dir)
     # one process, the whole batch (passages in column-major order, the ranks' in rank-major: same softmax)
@@ -726,9 +726,9 @@ def test_ddp_cached_all_reduces_even_when_the_last_mini_batch_is_frozen(tmp_path
     # Under DDP the replay accumulates under no_sync and all-reduces with the last mini-batch's backward.
     # With a frozen passage tower that mini-batch has no backward: the gradients must still be averaged.
     # Static-graph DDP (which failed an internal assert under no_sync in its first step) too.
-    import torch.multiprocessing as mp
+    from conftest import spawn_with_deadline
 
-    mp.spawn(_ddp_towers_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_with_deadline(_ddp_towers_worker, (str(tmp_path / "init"), str(tmp_path)), WORLD)
     ranks = [torch.load(tmp_path / f"towers{r}.pt") for r in range(WORLD)]
     assert len(ranks[0]) == 18
     for key in ranks[0]:
