@@ -294,9 +294,7 @@ def _digest_file(path):
 
 
 def _digest_model(path):
-    """A model folder by content (uae_fast.embcache.model_fingerprint); None for the default student."""
-    if path is None:
-        return None
+    """A model folder by content (uae_fast.embcache.model_fingerprint; None: the default student's folder)."""
     if ("model", path) not in _DIGESTS:
         from uae_fast.embcache import model_fingerprint
 
@@ -405,7 +403,9 @@ def report(*paths):
     mixed = []  # a row whose seeds trained or were scored differently: say so rather than pool silently
     for (g, loss), runs in by.items():
         # records from before the table digest name their table by path only (and a few by a path in "table")
-        digested = all(re.fullmatch(r"[0-9a-f]{16}", str(runs[x].get("table"))) for x in runs)
+        # (None: a digest that could not be read, compared as such)
+        digested = all(runs[x].get("table") is None and "table" in runs[x]
+                       or re.fullmatch(r"[0-9a-f]{16}", str(runs[x].get("table"))) for x in runs)
         paths = () if digested else ("utilities",)
         for field in ("cfg", "eval_amp", *paths, *(("table", "student") if digested else ()), "amp", "tf32"):
             vals = {json.dumps(runs[x].get(field), sort_keys=True) for x in runs if field in runs[x]}
