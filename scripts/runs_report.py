@@ -63,6 +63,11 @@ def load(folder: str, qrels_name: str = "qrels.txt"):
     return qids, dict(systems)
 
 
+def _seed_order(seed):
+    """Sort key: an unseeded run (None) before seeds 0, 1, ..."""
+    return -1 if seed is None else seed
+
+
 def _pair_seeds(a: dict, b: dict) -> tuple:
     """The seeds two systems are compared on: the ones both ran (same seed = same batches), or every seed of
     one against a run without a seed in its name (BM25, an untrained model: nothing seeded)."""
@@ -70,14 +75,14 @@ def _pair_seeds(a: dict, b: dict) -> tuple:
         return list(a), [None] * len(a)
     if list(a) == [None]:
         return [None] * len(b), list(b)
-    shared = sorted(set(a) & set(b), key=lambda x: -1 if x is None else x)
+    shared = sorted(set(a) & set(b), key=_seed_order)
     return shared, shared
 
 
 def report(systems, refs):
     out = {"systems": {}, "paired": {}}
     for s, seeds in systems.items():
-        order = sorted(seeds, key=lambda x: -1 if x is None else x)
+        order = sorted(seeds, key=_seed_order)
         per_seed = {k: [float(np.mean(seeds[x][k])) for x in order] for k in METRICS}
         out["systems"][s] = {"seeds": ["unseeded" if x is None else x for x in order], **{k: {"mean": float(np.mean(v)),
                              "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "per_seed": v}

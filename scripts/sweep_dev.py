@@ -278,17 +278,13 @@ _DIGESTS: dict = {}
 
 
 def _digest_file(path):
-    """sha1 (16 hex digits) of a file's bytes, once per path per sweep; None when it cannot be read."""
-    import hashlib
-
+    """The table's data_fingerprint (sha1 of its bytes), once per path per worker; None when it cannot be read."""
     if path not in _DIGESTS:
+        from uae_fast.data import data_fingerprint
+
         try:
-            h = hashlib.sha1()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            _DIGESTS[path] = h.hexdigest()[:16]
-        except OSError:
+            _DIGESTS[path] = data_fingerprint(path)
+        except (OSError, ValueError):
             _DIGESTS[path] = None
     return _DIGESTS[path]
 
@@ -383,19 +379,14 @@ def report(*paths):
         if loss == "uae":
             ref = by.get((g, "infonce"), base_inf)
             if any(s in ref for s in seeds):
-                out = []
-                for k in ("Success@1", "MAP"):
-                    pb = _paired(runs, ref, k)
-                    out.append(f"{pb['diff']:+.4f} [{pb['ci95_low']:+.4f}, {pb['ci95_high']:+.4f}] p={pb['p']:.2f}"
-                               + ("" if (g, "infonce") in by else " vs base"))
-                diff = out
+                diff = [_cell(_paired(runs, ref, k), 2) + ("" if (g, "infonce") in by else " vs base")
+                        for k in ("Success@1", "MAP")]
         # what a setting does to its own loss: against the base group's runs of the same loss, on shared seeds
         # (a UAE-only setting's cost to UAE is this column, not its difference to base InfoNCE)
         own = ["", ""]
         base_same = by.get(("base", loss), {})
         if g != "base" and any(s in base_same for s in seeds):
-            own = [(lambda pb: f"{pb['diff']:+.4f} [{pb['ci95_low']:+.4f}, {pb['ci95_high']:+.4f}] p={pb['p']:.3f}")(
-                _paired(runs, base_same, k)) for k in ("Success@1", "MAP")]
+            own = [_cell(_paired(runs, base_same, k), 3) for k in ("Success@1", "MAP")]
         ts = np.mean([runs[s]["train_s"] for s in seeds])
         r1 = "-" if np.isnan(m["Recall@1"]) else f"{m['Recall@1']:.4f}"  # not in records from before Recall@k
         lines.append(f"| {g} | {loss} | {len(seeds)} | {m['Success@1']:.4f} (sd {sd:.4f}) | {m['Success@5']:.4f} | {r1} | {m['MAP']:.4f} | "
@@ -424,6 +415,11 @@ def report(*paths):
         lines.append(f"\n{len(skipped)} job(s) skipped at the budget: "
                      + ", ".join(sorted({f"{r['group']}/{r['loss']}/{r['seed']}" for r in skipped})))
     return "\n".join(lines)
+
+
+def _cell(pb, p_digits) -> str:
+    """A paired difference as the report prints it: mean [95% interval] p."""
+    return f"{pb['diff']:+.4f} [{pb['ci95_low']:+.4f}, {pb['ci95_high']:+.4f}] p={pb['p']:.{p_digits}f}"
 
 
 def _seedless(runs) -> bool:

@@ -15,7 +15,8 @@ question (answers known; evidence labels are never read):
 
 The config with the highest ``teacher_mrr`` wins (ties: the higher dense weight, then minmax, zscore,
 rrf). Its score is measured on the questions it was chosen on; ``calibration.heldout`` reports the choice's
-score on documents it did not see (2-fold, split by document), the figure to compare with pure dense or BM25. Teacher utilities are appended to a cache file as they are computed (default ``OUT.utilities.jsonl``),
+score on documents it did not see (2-fold, split by document), the figure to compare with pure dense or BM25.
+Teacher utilities are appended to a cache file as they are computed (default ``OUT.utilities.jsonl``),
 so an interrupted run resumes where it stopped and a second model's calibration on the same questions
 re-scores only the candidates it adds.
 """

@@ -410,19 +410,20 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
     def boot(a, b):
         return paired_bootstrap(a, b, groups=None if docs is None else docs[: len(a)])
 
+    def bootable(n):  # a bootstrap needs 2 queries, and by document 2 documents
+        return n >= 2 and (docs is None or len(set(docs[:n])) >= 2)
+
     if models and len(shown) > 1:
         # Paired over the same queries: the first model against every other system.
         first = shown[0]
         pq = {n: per_query_metrics(rankings[n], golds[: len(rankings[n])]) for n in shown}
         # a bootstrap needs 2 queries (a re-ranker limited to 1 query has no paired row)
         result["paired"] = {f"{first} - {n}": {m: boot(pq[first][m][: len(v)], v) for m, v in pq[n].items()}
-                            for n in shown[1:] if len(rankings[n]) >= 2
-                            and (docs is None or len(set(docs[: len(rankings[n])])) >= 2)}
+                            for n in shown[1:] if bootable(len(rankings[n]))}
     for row, side in hybrid_rows.items():  # each hybrid row against both of its single sides
         pq = {n: per_query_metrics(rankings[n], golds) for n in (row, side, "bm25") if n in rankings}
         for other in (side, "bm25"):
-            if other in pq and f"{other} - {row}" not in result.get("paired", {}) and len(golds) >= 2 and (
-                    docs is None or len(set(docs)) >= 2):
+            if other in pq and f"{other} - {row}" not in result.get("paired", {}) and bootable(len(golds)):
                 result.setdefault("paired", {})[f"{row} - {other}"] = {
                     m: boot(v, pq[other][m]) for m, v in pq[row].items()}
     if result.get("paired"):

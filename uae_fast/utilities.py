@@ -29,16 +29,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .data import READ_ERRORS, RetrievalDataset, jsonl_records, read_text
 
 FORMAT = "uae-utilities/1"
-
-FLOAT32_MAX = 3.4028234663852886e38
-
-
-def _bad_id(r: dict) -> Optional[str]:
-    """Why a row's qid or pid cannot be an id (ids are strings; integers are read as their decimal text)."""
-    for k in ("qid", "pid"):
-        if type(r[k]) not in (str, int):
-            return f"{k} must be a string (or an integer), got {r[k]!r}"
-    return None
 # Settings that fix a row's utility: the teacher and its prompt, and which answers and data it read. The
 # candidate policy is not among them: a row does not depend on the question's other candidates (``--reuse``).
 _ROW_VALUE_KEYS = ("format", "teacher", "dtype", "prompt_with", "prompt_without", "answer_prefix", "max_passage_tokens",
@@ -78,6 +68,22 @@ def _one_data_sha1(paths, headers) -> None:
 
 
 # ------------------------------------------------------------------------------------------- reading
+FLOAT32_MAX = 3.4028234663852886e38  # utilities beyond it would be inf in training, which computes in float32
+
+
+def _bad_id(r: dict) -> Optional[str]:
+    """Why a row's qid or pid cannot be an id (ids are strings; integers are read as their decimal text)."""
+    for k in ("qid", "pid"):
+        if type(r[k]) not in (str, int):
+            return f"{k} must be a string (or an integer), got {r[k]!r}"
+    return None
+
+
+def _is_shard(shard) -> bool:
+    """A header's ``shard`` is ``[I, N]``, two ints."""
+    return isinstance(shard, list) and len(shard) == 2 and all(type(x) is int for x in shard)
+
+
 def read_utilities(path: str, *, allow_partial: bool = False) -> Tuple[dict, List[dict]]:
     """(header, rows) of a ``uae score`` table (``.jsonl`` or ``.jsonl.gz``), rows as written.
 
@@ -355,8 +361,7 @@ def merge_shards(inputs: Sequence[str], out: str) -> dict:
     for path in inputs:
         h, rows = read_utilities(path)
         shard = h.get("shard")
-        if not (isinstance(shard, list) and len(shard) == 2 and all(type(x) is int for x in shard)
-                and 0 <= shard[0] < shard[1] and type(h.get("n_queries")) is int):
+        if not (_is_shard(shard) and 0 <= shard[0] < shard[1] and type(h.get("n_queries")) is int):
             raise ValueError(f"{path}: header lacks a valid shard [I, N] or n_queries; not a `uae score` shard file")
         if type(h.get("n_rows")) is not int:
             raise ValueError(f"{path}: header lacks an integer n_rows; not a `uae score` shard file")
@@ -488,7 +493,7 @@ def merge_teachers(inputs: Sequence[str], out: str) -> dict:
     ref = tables[0][0]
     for path, (h, _) in zip(inputs, tables):  # a shard would shrink the ensemble to its queries, silently
         shard = h.get("shard") or [0, 1]
-        if not (isinstance(shard, list) and len(shard) == 2 and all(type(x) is int for x in shard)):
+        if not _is_shard(shard):
             raise ValueError(f"{path}: its header's shard {shard!r} is not [I, N]; not a `uae score` table")
         if shard != [0, 1]:
             raise ValueError(f"{path}: it is shard {shard[0]} of {shard[1]}; merge the shards first "
