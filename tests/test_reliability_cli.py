@@ -121,6 +121,24 @@ def test_directory_as_data(tmp_path):
         load_dataset(str(tmp_path))
 
 
+@pytest.mark.parametrize("name", ["data.json.gz", "data.jsonl.gz"])
+def test_gzip_bomb_is_refused_before_it_is_read_whole(tmp_path, monkeypatch, name):
+    # a file whose text expands far beyond its size (whitespace compresses ~1000:1) stops at the cap with one
+    # line naming it; the cap is lowered here so that the test reads megabytes, not gigabytes
+    import uae_fast.data as data
+
+    text = _qasper() if name.endswith(".json.gz") else _jsonl(P0, P1, Q0)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress((text[:-1] + " " * 3_000_000 + text[-1]).encode()))
+    assert load_dataset(str(path)).queries  # under the default cap it reads
+    monkeypatch.setattr(data, "GUNZIP_FLOOR_BYTES", 100_000)
+    with pytest.raises(ValueError) as e:
+        load_dataset(str(path))
+    msg = str(e.value)
+    assert "decompression bomb" in msg and name in msg and "\n" not in msg, msg
+    assert os.path.getsize(path) * data.GUNZIP_MAX_RATIO < 3_000_000  # the ratio, not the floor, allowed it before
+
+
 # ------------------------------------------------------------------------------------- the CLI on bad input
 @pytest.mark.parametrize("key", ["truncated_gz", "damaged_gz", "plain_named_gz", "missing_question_id", "answer_not_object",
                                  "jsonl_answers_string", "jsonl_array_line", "jsonl_duplicate_passage"])

@@ -114,6 +114,37 @@ class RetrievalDataset:
         return RetrievalDataset({k: v for k, v in self.passages.items() if k in keep}, qs, self.name)
 
 
+# A gzip member expands at most ~1000:1, so a small crafted file can stand for terabytes of text (a "gzip
+# bomb"); JSON files are parsed whole. Real data compresses 5-30x: past 1 GiB, more than 100x is refused.
+GUNZIP_FLOOR_BYTES = 1 << 30
+GUNZIP_MAX_RATIO = 100
+
+
+class _CappedGunzip(io.RawIOBase):
+    """A gzip file's decompressed bytes, refused (ValueError) once they pass ``limit``."""
+
+    def __init__(self, path: str, limit: int, what: str):
+        super().__init__()
+        self._gz, self._path, self._limit, self._what, self._n = gzip.open(path, "rb"), path, limit, what, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self._gz.readinto(b)
+        self._n += n
+        if self._n > self._limit:
+            raise ValueError(f"{self._path}: its gzip data expands past {self._limit:,} bytes "
+                             f"({os.path.getsize(self._path):,} compressed); not reading this {self._what} further "
+                             f"(a decompression bomb?)")
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._gz.close()
+        super().close()
+
+
 def open_text(path: str, what: str = "data file"):
     """Open a ``.json``/``.jsonl`` file for reading as text, gunzipping ``*.gz`` and any gzip content
     (``uae score`` writes ``OUT.jsonl.gz.partial`` as plain text and gzips it only when complete).
@@ -135,7 +166,8 @@ def open_text(path: str, what: str = "data file"):
         raise ValueError(f"{path} is a uae index file, not a {what}")
     # utf-8-sig: a byte-order mark (as some Windows tools write) is dropped, not read as part of the first id
     if gz:
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
+        raw = _CappedGunzip(path, max(GUNZIP_FLOOR_BYTES, GUNZIP_MAX_RATIO * os.path.getsize(path)), what)
+        return io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8-sig")
     if path.endswith(".gz"):
         raise ValueError(f"cannot read {what} {path}: it is named .gz but is not gzip-compressed")
     return open(path, "r", encoding="utf-8-sig")
