@@ -32,8 +32,8 @@ def cosines(enc, ds, qs, cands, text, max_length):
     pids = sorted({p for c in cands.values() for p in c})
     row = {p: i for i, p in enumerate(pids)}
     with torch.no_grad():
-        P = torch.nn.functional.normalize(enc.encode([ds.passages[p].text for p in pids], max_length=128).float(), dim=-1)
-        Q = torch.nn.functional.normalize(enc.encode([text(q) for q in qs], max_length=max_length).float(), dim=-1)
+        P = torch.nn.functional.normalize(enc.encode([ds.passages[p].text for p in pids], max_length=128, role="document").float(), dim=-1)
+        Q = torch.nn.functional.normalize(enc.encode([text(q) for q in qs], max_length=max_length, role="query").float(), dim=-1)
     return {q.id: dict(zip(cands[q.id], (P[[row[p] for p in cands[q.id]]] @ Q[i]).tolist())) for i, q in enumerate(qs)}
 
 

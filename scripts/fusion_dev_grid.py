@@ -39,7 +39,7 @@ pids = sorted({p for pool in pools for p in pool})
 row = {p: i for i, p in enumerate(pids)}
 emb = encode_cached(enc, [ds.passages[p].text for p in pids], cache_dir=a.embedding_cache, model_path=a.model,
                     progress=True)
-qemb = enc.encode([q.question for q in queries], show_progress=True, desc="encode questions")
+qemb = enc.encode([q.question for q in queries], show_progress=True, desc="encode questions", role="query")
 bm25, sides = {}, []
 for q, pool, qe in zip(queries, pools, qemb):
     key = tuple(pool)

@@ -189,8 +189,8 @@ def _rank_dev(model_dir, device):
     row = {p: i for i, p in enumerate(pids)}
     amp = bool(getattr(_STATE["args"], "eval_amp", False))  # bf16 encoding: ~1.8x faster on CPUs with AVX512-BF16 (checked against fp32)
     with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-        P = enc.encode([dev.passages[p].text for p in pids], batch_size=128).float().cpu()
-        Q = enc.encode([q.question for q in queries], batch_size=128).float().cpu()
+        P = enc.encode([dev.passages[p].text for p in pids], batch_size=128, role="document").float().cpu()
+        Q = enc.encode([q.question for q in queries], batch_size=128, role="query").float().cpu()
     rankings = []
     for i, q in enumerate(queries):
         pool = dev.pool(q)

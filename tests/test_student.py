@@ -224,3 +224,62 @@ def test_roberta_positions_start_after_the_padding_index(tmp_path):
     with pytest.raises(ValueError, match="exceeds the model's 32 positions"):
         BiEncoder(str(tmp_path / "rb"), device="cpu", max_seq_length=34)
     assert torch.isfinite(enc.encode(["word " * 200])).all()  # cut to 32 tokens, not an IndexError
+
+
+def _st_saved(tmp_path, **st_config):
+    """A folder written by sentence-transformers itself (its own layout and config), ``st_config`` edited in."""
+    st = _st(make_tiny_encoder(tmp_path / "hf"))  # Transformer + mean Pooling, no Normalize module, cosine
+    out = tmp_path / "st"
+    st.save(str(out))
+    path = out / "config_sentence_transformers.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(st_config)
+    path.write_text(json.dumps(cfg))
+    return out
+
+
+def test_cosine_model_without_normalize_module_ranks_as_sentence_transformers(tmp_path):
+    # sentence-transformers scores such a model by cosine at similarity time: BiEncoder ranks by inner product,
+    # so it must normalise, and keep cosine when it saves the model again
+    out = _st_saved(tmp_path)
+    assert "Normalize" not in (out / "modules.json").read_text()
+    enc = BiEncoder(out, device="cpu")
+    assert enc.normalize
+    st = _st(out)
+    ref = st.similarity(st.encode(TEXTS[:1], convert_to_tensor=True), st.encode(TEXTS, convert_to_tensor=True))
+    torch.testing.assert_close(enc.encode(TEXTS[:1]) @ enc.encode(TEXTS).T, ref.float(), atol=1e-5, rtol=1e-4)
+    enc.save(tmp_path / "again")
+    cfg = json.loads((tmp_path / "again" / "config_sentence_transformers.json").read_text())
+    assert cfg["similarity_fn_name"] == "cosine" and BiEncoder(tmp_path / "again", device="cpu").normalize
+    # a dot-product model stays unnormalised; other metrics are refused, not ranked by another one
+    assert not BiEncoder(_st_saved(tmp_path / "dot", similarity_fn_name="dot"), device="cpu").normalize
+    with pytest.raises(ValueError, match="similarity_fn_name 'euclidean' is not supported"):
+        BiEncoder(_st_saved(tmp_path / "euc", similarity_fn_name="euclidean"), device="cpu")
+
+
+def test_prompts_are_applied_as_sentence_transformers_does_and_kept_on_save(tmp_path):
+    prompts = {"query": "query: ", "document": "passage: "}
+    out = _st_saved(tmp_path, prompts=prompts, default_prompt_name="document")
+    enc, st = BiEncoder(out, device="cpu"), _st(out)
+    assert enc.prompt("query") == "query: " and enc.prompt("document") == enc.prompt() == "passage: "
+    for role, ref in (("query", st.encode_query(TEXTS, convert_to_tensor=True)),
+                      ("document", st.encode_document(TEXTS, convert_to_tensor=True)),
+                      (None, st.encode(TEXTS, convert_to_tensor=True))):
+        # the folder has no Normalize module: sentence-transformers applies cosine when it scores
+        ref = torch.nn.functional.normalize(ref.float(), dim=-1)
+        torch.testing.assert_close(enc.encode(TEXTS, role=role), ref, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(enc.encode(TEXTS, role="query"), enc.encode(TEXTS, role="document"))
+    enc.save(tmp_path / "again")
+    cfg = json.loads((tmp_path / "again" / "config_sentence_transformers.json").read_text())
+    assert cfg["prompts"] == prompts and cfg["default_prompt_name"] == "document"
+    # 'passage' is sentence-transformers' second name for the document prompt; no default: no prompt
+    enc2 = BiEncoder(_st_saved(tmp_path / "p", prompts={"passage": "p: "}, default_prompt_name=None), device="cpu")
+    assert enc2.prompt("document") == "p: " and enc2.prompt("query") == enc2.prompt() == ""
+    with pytest.raises(ValueError, match="role must be"):
+        enc.encode(TEXTS, role="passage")
+    with pytest.raises(ValueError, match="default_prompt_name 'x' is not one of its prompts"):
+        BiEncoder(_st_saved(tmp_path / "bad", prompts=prompts, default_prompt_name="x"), device="cpu")
+    pooling = out / "1_Pooling" / "config.json"
+    pooling.write_text(json.dumps(dict(json.loads(pooling.read_text()), include_prompt=False)))
+    with pytest.raises(ValueError, match="include_prompt"):
+        BiEncoder(out, device="cpu")

@@ -654,3 +654,42 @@ def test_trainer_state_loads_without_pickle_and_old_numpy_states_still_resume(tm
     np.random.seed(0)
     b = np.random.get_state()
     assert a[0] == b[0] and (a[1] == b[1]).all() and a[2:] == b[2:]
+
+
+def test_questions_are_encoded_as_queries_and_paragraphs_as_documents(tmp_path, ds, tiny, monkeypatch):
+    # a model with sentence-transformers prompts gets the query prompt on questions and the document prompt on
+    # paragraphs, in training, evaluation and serving alike (BiEncoder.tokenize is where every path meets)
+    from uae_fast.evaluation import DenseRanker
+    from uae_fast.search import build_index, search
+    from uae_fast.student import BiEncoder
+
+    seen = []
+    real = BiEncoder.tokenize
+
+    def spy(self, texts, max_length=None, *, role=None):
+        seen.extend((role, t) for t in texts)
+        return real(self, texts, max_length, role=role)
+
+    monkeypatch.setattr(BiEncoder, "tokenize", spy)
+    questions = {q.question for q in ds.queries}
+    passages = {p.text for p in ds.passages.values()}
+
+    def check(what):
+        roles = {r for r, _ in seen}
+        assert roles <= {"query", "document"} and "query" in roles, (what, roles)
+        assert all((t in questions) if r == "query" else (t in passages) for r, t in seen), what
+        seen.clear()
+
+    cfg = TrainConfig(data=TRAIN, utilities=write_utilities(tmp_path / "u.jsonl.gz", ds), student=tiny, max_steps=1,
+                      batch_size=4, passages_per_query=4, max_passage_length=32)
+    train(cfg, str(tmp_path / "run"), progress=False, ds=ds)
+    assert any(r == "document" for r, _ in seen)
+    check("train")
+    ranker = DenseRanker(BiEncoder(tiny, device="cpu"), ds, ds.queries[:3])
+    assert any(r == "document" for r, _ in seen)
+    ranker.rank(ds.queries[0])
+    check("eval")
+    build_index(TRAIN, str(tmp_path / "index"), model=tiny, progress=False)
+    assert any(r == "document" for r, _ in seen)
+    search(str(tmp_path / "index"), [ds.queries[0].question], k=3)
+    check("search")

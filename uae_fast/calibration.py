@@ -253,7 +253,7 @@ def calibrate_fusion(data, model: Optional[str] = None, *, teacher=None, limit: 
     row = {p: i for i, p in enumerate(pids)}
     emb = encode_cached(enc, [ds.passages[p].text for p in pids], cache_dir=embedding_cache, model_path=model_path,
                         batch_size=batch_size, progress=progress)
-    qemb = enc.encode([q.question for q in queries], batch_size=batch_size)
+    qemb = enc.encode([q.question for q in queries], batch_size=batch_size, role="query")
     bm25: Dict[tuple, BM25] = {}
     sides, cands = [], []
     for q, pool, qe in zip(queries, pools, qemb):

@@ -103,7 +103,10 @@ def encoder_fingerprint(encoder, *, legacy: bool = False) -> str:
 
 
 def _settings(encoder) -> str:
-    return f"{encoder.pooling_modes}|{encoder.normalize}|{encoder.max_seq_length}|{encoder.do_lower_case}"
+    s = f"{encoder.pooling_modes}|{encoder.normalize}|{encoder.max_seq_length}|{encoder.do_lower_case}"
+    # prompts only when a model has them, so the keys of every cache and index made before stay as they were
+    prompts = getattr(encoder, "prompts", None)
+    return s + (f"|{sorted(prompts.items())}|{encoder.default_prompt_name}" if prompts else "")
 
 
 def cache_key(encoder, model_path: Optional[str] = None) -> str:
@@ -161,14 +164,18 @@ def _save(folder: str, keys, emb: torch.Tensor) -> None:
 def encode_cached(encoder, texts: Sequence[str], *, cache_dir: Optional[str], model_path: Optional[str] = None,
                   batch_size: int = 64, progress: bool = False, max_seconds: Optional[float] = None,
                   chunk: int = 1024) -> torch.Tensor:
-    """``encoder.encode(texts)`` [N, dim] float32, reading and filling ``cache_dir`` (None: no cache).
+    """``encoder.encode(texts)`` [N, dim] float32 of passages (a BiEncoder's document prompt), reading and filling
+    ``cache_dir`` (None: no cache).
 
     The cache folder is :func:`cache_key` of ``encoder`` (``model_path`` only names a non-BiEncoder's folder).
 
     ``max_seconds``: stop after about this long, keep what was encoded, raise :class:`Incomplete`.
     """
+    from .student import BiEncoder
+
+    kw = {"role": "document"} if isinstance(encoder, BiEncoder) else {}  # the texts are passages
     if cache_dir is None:
-        return encoder.encode(list(texts), batch_size=batch_size, show_progress=progress)
+        return encoder.encode(list(texts), batch_size=batch_size, show_progress=progress, **kw)
     folder = os.path.join(os.fspath(cache_dir), cache_key(encoder, model_path))
     have = _load(folder)
     keys = [_text_key(t) for t in texts]
@@ -186,7 +193,7 @@ def encode_cached(encoder, texts: Sequence[str], *, cache_dir: Optional[str], mo
     try:
         for s in range(0, len(items), chunk):
             part = items[s:s + chunk]
-            emb = encoder.encode([t for _, t in part], batch_size=batch_size, show_progress=progress and bar is None)
+            emb = encoder.encode([t for _, t in part], batch_size=batch_size, show_progress=progress and bar is None, **kw)
             _save(folder, [k for k, _ in part], emb)
             have.update(zip([k for k, _ in part], emb))
             if bar is not None:

@@ -111,7 +111,7 @@ class DenseRanker:
 
     def rank(self, q: Query, k: Optional[int] = None) -> List[str]:
         index, pool = self.indexes[self._key(q)]
-        emb = self.encoder.encode([q.question])
+        emb = self.encoder.encode([q.question], role="query")
         _, ids = index.search(emb, min(k or len(pool), len(pool)))
         return [pool[int(i)] for i in ids[0].tolist() if int(i) >= 0]
 
@@ -157,7 +157,7 @@ class HybridRanker:
         from .fusion import fuse
 
         index, pool = self.indexes[self.dense._key(q)]
-        emb = self.dense.encoder.encode([q.question])
+        emb = self.dense.encoder.encode([q.question], role="query")
         each = min(index.fusion["k_each"], len(pool))
         d_scores, d_ids = index.dense.search(emb, len(pool))  # once: its first k_each are the dense side
         lexical = index.lexical.search([q.question], each)

@@ -92,10 +92,11 @@ class CandidatePolicy:
         pids = sorted({p for q in qs for p in self.ds.pool(q) if p not in self._emb})
         if pids:
             for p, e in zip(pids, enc.encode([self.ds.passages[p].text for p in pids], show_progress=progress,
-                                             desc="encode passages")):
+                                             desc="encode passages", role="document")):
                 self._emb[p] = e
         if qs:
-            for q, e in zip(qs, enc.encode([q.question for q in qs], show_progress=progress, desc="encode questions")):
+            for q, e in zip(qs, enc.encode([q.question for q in qs], show_progress=progress, desc="encode questions",
+                                          role="query")):
                 self._qemb[q.id] = e
 
     def _encoder(self):

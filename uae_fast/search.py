@@ -166,7 +166,7 @@ def search(folder: str, questions: List[str], k: int = 10, *, fusion=None, model
                          f"(its files or settings differ): rebuild the index, or pass --model to search with it anyway")
     if enc.dim != index.dim:
         raise ValueError(f"the encoder gives {enc.dim}-dimensional vectors, the index holds {index.dim}")
-    q = enc.encode(list(questions))
+    q = enc.encode(list(questions), role="query")
     k = min(k, len(index))
     scores, ids = index.search(q, list(questions), k) if isinstance(index, HybridIndex) else index.search(q, k)
     return [[(float(s), pids[i], texts[i]) for s, i in zip(srow.tolist(), irow.tolist()) if i >= 0]

@@ -84,13 +84,40 @@ def _pooling_modes(cfg: dict) -> List[str]:
     return [m for m in POOLING_MODES if m in modes]  # concatenation order is fixed, as in sentence-transformers
 
 
+# sentence-transformers' names of the prompts its encode_query / encode_document use (the first one present)
+_ROLE_PROMPTS = {"query": ("query",), "document": ("document", "passage", "corpus")}
+
+
+def _read_st_config(folder: str):
+    """(similarity, prompts, default_prompt_name) from a folder's ``config_sentence_transformers.json``
+    (``None``, ``{}``, ``None`` without one). BiEncoder ranks by inner product, so cosine means L2-normalised
+    vectors even where no Normalize module is listed (sentence-transformers normalises at scoring time);
+    euclidean and manhattan models are refused rather than ranked by another metric."""
+    path = os.path.join(folder, "config_sentence_transformers.json")
+    if not os.path.exists(path):
+        return None, {}, None
+    cfg = _read_json_object(path)
+    sim = cfg.get("similarity_fn_name")
+    if sim is not None and sim not in ("cosine", "dot", "dot_product"):
+        raise ValueError(f"{path}: similarity_fn_name {sim!r} is not supported by BiEncoder, which ranks by "
+                         f"inner product (cosine or dot)")
+    prompts = cfg.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise ValueError(f"{path}: prompts must be an object of strings, got {prompts!r}")
+    default = cfg.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise ValueError(f"{path}: default_prompt_name {default!r} is not one of its prompts {sorted(prompts)}")
+    return ("dot" if sim == "dot_product" else sim), dict(prompts), default
+
+
 def _read_layout(folder: str):
-    """(transformer_dir, pooling modes, normalize, max_seq_length, do_lower_case) of a model folder."""
+    """(transformer_dir, pooling modes, normalize, max_seq_length, do_lower_case, include_prompt) of a model
+    folder."""
     modules_file = os.path.join(folder, "modules.json")
     if not os.path.exists(modules_file):
         if not os.path.exists(os.path.join(folder, "config.json")):
             raise ValueError(f"{folder!r} is not a model folder: it has neither modules.json (sentence-transformers) nor config.json (HF)")
-        return folder, ["mean"], True, None, False
+        return folder, ["mean"], True, None, False, True
     modules = _read_json(modules_file)
     if not isinstance(modules, list) or not modules:
         raise ValueError(f"{modules_file} must be a non-empty list of modules")
@@ -99,7 +126,7 @@ def _read_layout(folder: str):
                 and isinstance(m.get("type", ""), str)):
             raise ValueError(f"{modules_file}: each module must be an object with an integer idx and string path and "
                              f"type, got {m!r}")
-    tdir, modes, normalize, max_len, lower = None, None, False, None, False
+    tdir, modes, normalize, max_len, lower, include_prompt = None, None, False, None, False, True
     root = os.path.realpath(folder)
     for m in sorted(modules, key=lambda m: m.get("idx", 0)):
         kind = str(m.get("type", "")).rsplit(".", 1)[-1]
@@ -118,7 +145,8 @@ def _read_layout(folder: str):
                                          f"got {max_len!r}")
                     lower = bool(cfg.get("do_lower_case", False))
         elif kind == "Pooling":
-            modes = _pooling_modes(_read_json_object(os.path.join(path, "config.json")))
+            pcfg = _read_json_object(os.path.join(path, "config.json"))
+            modes, include_prompt = _pooling_modes(pcfg), pcfg.get("include_prompt", True) is not False
         elif kind == "Normalize":
             normalize = True
         else:
@@ -126,7 +154,7 @@ def _read_layout(folder: str):
                              f"(supported: Transformer, Pooling, Normalize)")
     if tdir is None or not os.path.exists(os.path.join(tdir, "config.json")):
         raise ValueError(f"{folder!r} is not a model folder: modules.json names no Transformer module with a config.json")
-    return tdir, modes or ["mean"], normalize, max_len, lower
+    return tdir, modes or ["mean"], normalize, max_len, lower, include_prompt
 
 
 def _check_texts(texts) -> List[str]:
@@ -173,7 +201,13 @@ class BiEncoder(nn.Module):
         device: ``None`` = CUDA when available, else CPU.
         max_seq_length: truncation length; ``None`` = the folder's (``sentence_bert_config.json``, else
             the tokenizer's ``model_max_length``, capped at 512).
-        normalize: L2-normalise the embeddings; ``None`` = as the folder says (plain HF folders: ``True``).
+        normalize: L2-normalise the embeddings; ``None`` = as the folder says (a Normalize module, or
+            ``similarity_fn_name: cosine``; plain HF folders: ``True``).
+
+    A folder's sentence-transformers ``prompts`` are applied as sentence-transformers applies them: ``role=
+    "query"`` prepends the ``query`` prompt, ``role="document"`` the ``document`` (or ``passage``, ``corpus``)
+    one, else the ``default_prompt_name``'s; every uae command encodes questions as queries and paragraphs
+    as documents. :meth:`save` keeps them.
 
     ``forward(features)`` / :meth:`embed` keep the autograd graph (training); :meth:`encode` is
     batched inference. :meth:`save` writes the sentence-transformers layout.
@@ -190,7 +224,12 @@ class BiEncoder(nn.Module):
             if os.path.exists(path):
                 raise ValueError(f"model {path!r} is a file; an encoder is a folder (config.json, weights, tokenizer)")
             raise FileNotFoundError(f"model folder not found: {path!r}")
-        tdir, modes, norm, cfg_len, lower = _read_layout(path)
+        tdir, modes, norm, cfg_len, lower, include_prompt = _read_layout(path)
+        sim, self.prompts, self.default_prompt_name = _read_st_config(path)
+        if any(self.prompts.values()) and not include_prompt:
+            raise ValueError(f"{path!r}: its Pooling leaves the prompt's tokens out (include_prompt: false), which "
+                             f"BiEncoder does not support")
+        norm = norm or sim == "cosine"
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(tdir)
             self.model = AutoModel.from_pretrained(tdir)
@@ -235,9 +274,23 @@ class BiEncoder(nn.Module):
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ----------------------------------------------------------------------------- forward
-    def tokenize(self, texts: Sequence[str], max_length: Optional[int] = None) -> Dict[str, torch.Tensor]:
-        """Padded, truncated features on the model's device."""
+    def prompt(self, role: Optional[str] = None) -> str:
+        """The prompt prepended to texts of ``role`` (``"query"``, ``"document"`` or ``None``), as
+        sentence-transformers' ``encode_query`` / ``encode_document`` / ``encode`` choose it; ``""`` if none."""
+        if role is not None and role not in _ROLE_PROMPTS:
+            raise ValueError(f"role must be 'query', 'document' or None, got {role!r}")
+        for name in _ROLE_PROMPTS.get(role, ()):
+            if name in self.prompts:
+                return self.prompts[name]
+        return self.prompts.get(self.default_prompt_name, "") if self.default_prompt_name else ""
+
+    def tokenize(self, texts: Sequence[str], max_length: Optional[int] = None, *,
+                 role: Optional[str] = None) -> Dict[str, torch.Tensor]:
+        """Padded, truncated features on the model's device (``role``: see :meth:`prompt`)."""
         texts = _check_texts(texts)
+        prompt = self.prompt(role)
+        if prompt:
+            texts = [prompt + t for t in texts]
         if self.do_lower_case:
             texts = [t.lower() for t in texts]
         # a longer per-call limit is cut to the positions the model has (beyond them it cannot run at all)
@@ -252,19 +305,22 @@ class BiEncoder(nn.Module):
         emb = pool(hidden, features["attention_mask"], self.pooling_modes)
         return F.normalize(emb, p=2, dim=-1) if self.normalize else emb
 
-    def embed(self, texts: Sequence[str], max_length: Optional[int] = None) -> torch.Tensor:
+    def embed(self, texts: Sequence[str], max_length: Optional[int] = None, *, role: Optional[str] = None) -> torch.Tensor:
         """``forward(tokenize(texts))``: embeddings that keep the autograd graph."""
-        return self(self.tokenize(texts, max_length))
+        return self(self.tokenize(texts, max_length, role=role))
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64, *, max_length: Optional[int] = None,
-               show_progress: bool = False, dtype: torch.dtype = torch.float32, desc: str = "encode") -> torch.Tensor:
-        """Embeddings [N, dim] (CPU, ``dtype``), in the order of ``texts`` (``desc``: the progress bar's label).
+               show_progress: bool = False, dtype: torch.dtype = torch.float32, desc: str = "encode",
+               role: Optional[str] = None) -> torch.Tensor:
+        """Embeddings [N, dim] (CPU, ``dtype``), in the order of ``texts`` (``desc``: the progress bar's label;
+        ``role``: ``"query"`` or ``"document"`` picks the folder's prompt, :meth:`prompt`).
 
         Texts are sorted by length so each batch pads little; the model is put in eval mode for the
         call (no dropout) and restored after.
         """
         texts = _check_texts(texts)
+        self.prompt(role)  # a bad role fails before any work
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -283,7 +339,7 @@ class BiEncoder(nn.Module):
                 batches = tqdm(batches, desc=desc, unit="batch")
             for s in batches:
                 idx = order[s:s + batch_size]
-                emb = self.embed([texts[i] for i in idx], max_length)
+                emb = self.embed([texts[i] for i in idx], max_length, role=role)
                 out[torch.tensor(idx)] = emb.float().cpu().to(dtype)
         finally:
             self.train(was_training)
@@ -334,7 +390,7 @@ class BiEncoder(nn.Module):
             modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
         put(os.path.join(path, "modules.json"), modules)
         put(os.path.join(path, "config_sentence_transformers.json"), {"similarity_fn_name": "cosine" if self.normalize else "dot",
-                                                                      "prompts": {}, "default_prompt_name": None})
+                                                                      "prompts": self.prompts, "default_prompt_name": self.default_prompt_name})
         write_model_card(self, path, training=training, name=name)
 
 

@@ -537,7 +537,8 @@ def _passage_features(encoder, texts: Sequence[str], max_length: int, chunk: int
     """Features in length-sorted chunks (less padding) and the permutation back to ``texts`` order."""
     lens = [len(t) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -lens[i])
-    feats = [encoder.tokenize([texts[i] for i in order[s:s + chunk]], max_length) for s in range(0, len(order), chunk)]
+    feats = [encoder.tokenize([texts[i] for i in order[s:s + chunk]], max_length, role="document")
+             for s in range(0, len(order), chunk)]
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     return feats, inverse
@@ -1132,7 +1133,7 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
         for a in range(n_micro):
             micro = step * cfg.grad_accum + a
             b = sampler.batch(micro)
-            qf = encoder.tokenize(b.queries, cfg.max_query_length)
+            qf = encoder.tokenize(b.queries, cfg.max_query_length, role="query")
             pf, inverse = _passage_features(encoder, b.passages, cfg.max_passage_length, cfg.encode_chunk)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 q, p = towers(qf, pf)
