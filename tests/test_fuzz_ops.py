@@ -164,6 +164,27 @@ def test_infonce_gradient_overflow(reduction):
     assert not torch.isfinite(ref_q.grad).all()
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_infonce_nonfinite_passthrough_returns_inf_instead_of_raising(reduction):
+    """What ``uae train`` runs the loss in: an overflow, of the loss or only of a gradient, comes back non-finite
+    (so a rank whose loss overflowed still reaches the collectives) and the trainer stops every rank."""
+    from uae_fast.ops.infonce import nonfinite_passthrough
+
+    idx, util = torch.tensor([[1], [2], [3], [5]]), torch.zeros(4, 1)
+    q = (torch.randn(4, 8) * 1e-3).requires_grad_()
+    p = (torch.randn(6, 8) * 100).requires_grad_()
+    with nonfinite_passthrough():  # the gradient overflows, the loss does not (test above)
+        loss = utility_infonce(q, p, idx, util, temperature=1e-37, reduction=reduction)
+    assert torch.isfinite(loss).all()
+    loss.sum().backward()  # outside the block: the choice was made in forward
+    assert not (torch.isfinite(q.grad).all() and torch.isfinite(p.grad).all())
+    big = torch.randn(4, 8) * 1e36  # scores ~1e36 * 100 / 0.05: beyond float32
+    with nonfinite_passthrough():
+        assert not torch.isfinite(utility_infonce(big, p.detach(), idx, util, reduction=reduction)).all()
+    with pytest.raises(ValueError, match="the loss overflowed"):  # and strict again after the block
+        utility_infonce(big, p.detach(), idx, util, reduction=reduction)
+
+
 @pytest.mark.parametrize("idx_dtype", [torch.uint8, torch.int16], ids=str)
 def test_gather_with_grad_takes_narrow_indices(idx_dtype):
     from uae_fast import gather_with_grad

@@ -45,6 +45,10 @@ def _worker(rank, port, scenario, utils, student, out, results):
         def on_rank1(*a, **k):
             calls.append(1)
             torch.rand(3)
+            if len(calls) == 2 and scenario == "overflow":  # finite embeddings whose scores overflow fp32
+                a = (a[0] * 1e38,) + a[1:]
+            if len(calls) == 2 and scenario == "raise":
+                raise ValueError("injected: the loss failed on rank 1")
             loss = real(*a, **k)
             if len(calls) == 2 and scenario == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -79,12 +83,12 @@ def _worker(rank, port, scenario, utils, student, out, results):
             tr.os.path.isfile = lambda p: False if "trainer_state" in str(p) else real_isfile(p)
     res = {}
     try:
-        s = train(TrainConfig(data=TRAIN, utilities=utils, student=student, **RUN), out,
+        s = train(TrainConfig(data=TRAIN, utilities=utils, student=student, **{**RUN, **_accum(scenario)}), out,
                   resume=scenario in ("resume", "hidden"), save_every=100, progress=False)
         res["steps"] = s["steps"]
     except Stopped as e:
         res["stopped_at"] = e.step
-    except (FloatingPointError, ValueError) as e:
+    except (FloatingPointError, ValueError, RuntimeError) as e:
         res["error"] = str(e)
     finally:
         import gc
@@ -94,6 +98,11 @@ def _worker(rank, port, scenario, utils, student, out, results):
             dist.destroy_process_group()
     with open(os.path.join(results, f"{scenario}-{rank}.json"), "w") as f:
         json.dump(res, f)
+
+
+def _accum(scenario, world=1):
+    """Scenario "accum": the same global batch in two micro-batches (DDP syncs only the last one's backward)."""
+    return {"grad_accum": 2, "batch_size": world * RUN["batch_size"] // 2} if scenario == "accum" else {}
 
 
 def _run(scenario, utils, student, out, results, deadline_s=180):
@@ -141,6 +150,17 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path, tiny, utils): 
     assert r0["error"].startswith("loss is not finite on another rank at step 1")
 
 
+def test_an_overflowing_or_failing_loss_on_one_rank_stops_every_rank(tmp_path, tiny, utils):  # noqa: F811
+    # the op raises on an overflow, in forward or backward; on one rank alone that left the other waiting in
+    # the gather's backward all-reduce: the trainer has it return inf and stops every rank with the step
+    r0, r1 = _run("overflow", utils, tiny, tmp_path / "run", tmp_path)
+    assert r1.get("error", "").startswith(("loss is inf at step 1", "loss is nan at step 1")), r1
+    assert r0["error"].startswith("loss is not finite on another rank at step 1"), r0
+    r0, r1 = _run("raise", utils, tiny, tmp_path / "run2", tmp_path)
+    assert r1["error"] == "injected: the loss failed on rank 1", r1
+    assert r0["error"].startswith("the loss failed on another rank at step 1"), r0
+
+
 def test_non_finite_embeddings_on_one_rank_stop_every_rank_with_the_step(tmp_path, tiny, utils):  # noqa: F811
     # the op would refuse them on rank 1 alone ("q contains NaN"), leaving rank 0 in the backward's all-reduce
     r0, r1 = _run("nanemb", utils, tiny, tmp_path / "run", tmp_path)
@@ -154,7 +174,8 @@ def test_ranks_that_draw_different_passages_stop_together(tmp_path, tiny, utils)
         assert r["error"].startswith("micro-batch 1: the ranks drew different passages"), r
 
 
-def test_two_ranks_train_what_one_process_with_their_global_batch_does(tmp_path, utils):  # noqa: F811
+@pytest.mark.parametrize("scenario", ["full", "accum"])
+def test_two_ranks_train_what_one_process_with_their_global_batch_does(tmp_path, utils, scenario):  # noqa: F811
     # Without dropout the only differences are the float order of DDP's all-reduce. Before the sampler drew
     # the global batch on every rank, a paragraph drawn on both ranks was a negative for the other rank's
     # queries that had it as a target, and the teacher mass of passages on the other rank was lost.
@@ -167,11 +188,12 @@ def test_two_ranks_train_what_one_process_with_their_global_batch_does(tmp_path,
     one, threads = tmp_path / "one", torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers run
     try:
-        train(TrainConfig(data=TRAIN, utilities=utils, student=student, **{**RUN, "batch_size": WORLD * RUN["batch_size"]}),
+        train(TrainConfig(data=TRAIN, utilities=utils, student=student,
+                          **{**RUN, "batch_size": WORLD * RUN["batch_size"], **_accum(scenario, WORLD)}),
               str(one), save_every=100, progress=False)
     finally:
         torch.set_num_threads(threads)
-    assert _run("full", utils, student, tmp_path / "two", tmp_path) == [{"steps": 4}] * WORLD
+    assert _run(scenario, utils, student, tmp_path / "two", tmp_path) == [{"steps": 4}] * WORLD
     wa, wb = load_file(one / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     moved = max(float((wa[k] - w0).abs().max()) for k, w0 in load_file(os.path.join(student, "model.safetensors")).items())
     assert moved > 1e-3  # it trained

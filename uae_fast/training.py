@@ -40,6 +40,7 @@ are averaged.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -1120,7 +1121,7 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
     ``save_every`` steps, at the last step (the final model is published from a saved state), and at the step
     a SIGTERM arrived in."""
     from .distributed import gather_with_grad
-    from .ops.infonce import utility_infonce
+    from .ops.infonce import nonfinite_passthrough, utility_infonce
 
     while step < end:
         opt.zero_grad(set_to_none=True)
@@ -1135,7 +1136,9 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
             b = sampler.batch(micro)
             qf = encoder.tokenize(b.queries, cfg.max_query_length, role="query")
             pf, inverse = _passage_features(encoder, b.passages, cfg.max_passage_length, cfg.encode_chunk)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            # DDP all-reduces the gradients once per step, after the last micro-batch (the sum is the same)
+            sync = contextlib.nullcontext() if world == 1 or a == n_micro - 1 else towers.no_sync()
+            with sync, torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 q, p = towers(qf, pf)
             q, p = q.float(), p.float()[inverse.to(device)]
             t_idx, t_u, gold = b.target_idx.to(device), b.target_utility.to(device), b.gold_idx.to(device)
@@ -1144,16 +1147,28 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
                 raise ValueError(f"micro-batch {micro}: the ranks drew different passages for the same global batch "
                                  f"(different data, utilities or candidates on some node?); every rank must see the same")
             p = gather_with_grad(p)  # the global batch's unique passages; the indices already point into them
-            # Diverged embeddings stop every rank at once, with the step (the loss would refuse them on one rank).
-            bad = _agree([not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(p).all()))], world, device)[0]
+            mix = cfg.label_mix if cfg.loss == "uae" else 0.0
+            weighted = b.query_weight is not None
+            bad = not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(p).all()))
+            loss, error = None, None
+            if not bad:
+                try:  # an overflow comes back as inf (checked for the step below), in forward and in backward
+                    with nonfinite_passthrough():
+                        loss = utility_infonce(q, p, t_idx, t_u, temperature=cfg.temperature,
+                                               teacher_temperature=cfg.teacher_temperature, label_mix=mix,
+                                               gold_idx=gold if mix > 0 else None, exclude_idx=ex,
+                                               reduction="none" if weighted else "mean")
+                except Exception as e:  # raised on this rank alone, the others would wait in backward's all-reduce
+                    error = e
+            # Diverged embeddings, or a loss that failed, stop every rank at once, with the step.
+            bad, failed = _agree([bad, error is not None], world, device)
             if bad:
                 raise FloatingPointError(f"the encoder's embeddings are not finite at step {step} (on this or another "
                                          f"rank); lower --lr or check the utilities")
-            mix = cfg.label_mix if cfg.loss == "uae" else 0.0
-            weighted = b.query_weight is not None
-            loss = utility_infonce(q, p, t_idx, t_u, temperature=cfg.temperature, teacher_temperature=cfg.teacher_temperature,
-                                   label_mix=mix, gold_idx=gold if mix > 0 else None, exclude_idx=ex,
-                                   reduction="none" if weighted else "mean")
+            if failed:
+                if error is not None:
+                    raise error
+                raise RuntimeError(f"the loss failed on another rank at step {step} (its error says why)")
             if weighted:
                 loss = (loss * b.query_weight.to(device)).mean()
             if b.loss_weight != 1.0:  # DDP averages the ranks: weighted, that is the global batch's mean
@@ -1161,11 +1176,19 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
             share = sizes[a] / step_queries
             (loss * share).backward()
             step_loss += float(loss.detach()) * share
-        bad, stopping = _agree([not math.isfinite(step_loss), stop.signum is not None], world, device)
-        if bad:  # on every rank at once, not one rank raising while the others wait
-            where = "" if not math.isfinite(step_loss) else " on another rank"
-            raise FloatingPointError(f"loss is {step_loss if where == '' else 'not finite'}{where} at step {step}; "
-                                     f"lower --lr or check the utilities")
+        grads = [t.grad for t in encoder.parameters() if t.grad is not None]
+        # the loss returns overflowing gradients as inf (nonfinite_passthrough); DDP's average spreads them
+        bad_grads = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        bad_loss, bad_grads, stopping = _agree([not math.isfinite(step_loss), bad_grads, stop.signum is not None],
+                                               world, device)
+        if bad_loss or bad_grads:  # on every rank at once, not one rank raising while the others wait
+            if not math.isfinite(step_loss):
+                what = f"loss is {step_loss}"
+            elif bad_loss:
+                what = "loss is not finite on another rank"
+            else:
+                what = "the gradients are not finite (an overflow of q . p / temperature on this or another rank)"
+            raise FloatingPointError(f"{what} at step {step}; lower --lr or check the utilities")
         lr = sched.get_last_lr()[0]  # the rate this step used (after sched.step() it is the next one's)
         opt.step()
         sched.step()

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._infonce_auto import tf32_matmul
-from .infonce import _check_grads, _reduce, _row_grad, _scaled_unit_grads, _sparse_grads, _target_scores
+from .infonce import _PASSTHROUGH, _check_grads, _reduce, _row_grad, _scaled_unit_grads, _sparse_grads, _target_scores
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -406,6 +406,7 @@ class GemmInfoNCE(torch.autograd.Function):
         need_dq, need_dp = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         b = q.shape[0]
         ctx.meta = (inv_tau, reduction, q.dtype, p.dtype, b)
+        ctx.passthrough = _PASSTHROUGH.get()
         tgt = _target_scores(q, p, idx, w, inv_tau)
         if reduction != "none" and (need_dq or need_dp):
             # Every row's upstream gradient is the same scalar: gradients of the summed loss now, scaled later.
@@ -435,7 +436,7 @@ class GemmInfoNCE(torch.autograd.Function):
             # The saved LSE is the exact offset: E is the softmax itself.
             _, dq, dp = dense_grads(q, p, inv_tau, ctx.ex, coef, need_dq, need_dp, lse * _LOG2E)
             _sparse_grads(q, p, idx, w, coef, dq, dp)
-            if bool(torch.isfinite(grad_out).all()):  # as the torch path: fp32 overflow raises; the cast may give inf
+            if not ctx.passthrough and bool(torch.isfinite(grad_out).all()):  # as the torch path: fp32 overflow raises; the cast may give inf
                 _check_grads(dq, dp)
             dq = None if dq is None else dq.to(q_dtype)
             dp = None if dp is None else dp.to(p_dtype)

@@ -30,6 +30,8 @@ the gradients in the embeddings' dtype.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import numbers
@@ -52,6 +54,21 @@ _TORCH_CHUNK_BYTES = 64 * 2**20
 # Rows of [rows, K, d] gathered passages the sparse (target) terms hold at once.
 _SPARSE_CHUNK_BYTES = 32 * 2**20
 _REDUCTIONS = ("mean", "sum", "none")
+# Set by the trainer under torchrun: an overflow is returned as inf (loss, gradients), not raised, so that a rank
+# whose loss or backward overflows still reaches the collectives the others wait in; the trainer then stops
+# every rank at once. Read in forward and kept on the autograd context (backward may run on another thread).
+_PASSTHROUGH = contextvars.ContextVar("uae_infonce_nonfinite_passthrough", default=False)
+
+
+@contextlib.contextmanager
+def nonfinite_passthrough():
+    """Within the block, :func:`utility_infonce` returns an overflowing loss or gradient as inf instead of
+    raising (for callers that check finiteness themselves, as ``uae train`` does on every rank)."""
+    token = _PASSTHROUGH.set(True)
+    try:
+        yield
+    finally:
+        _PASSTHROUGH.reset(token)
 _EMB_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -261,7 +278,8 @@ def _scaled_unit_grads(ctx, grad_out):
     sees the unit gradients. Returned in the inputs' dtypes."""
     inv_tau, reduction, q_dtype, p_dtype, b = ctx.meta
     dq, dp = ctx.unit_grads
-    _check_grads(dq, dp)
+    if not ctx.passthrough:
+        _check_grads(dq, dp)
     g = _row_grad(grad_out, reduction, b, (dq if dq is not None else dp).dtype)
     return (None if dq is None else (dq * g).to(q_dtype)), (None if dp is None else (dp * g).to(p_dtype))
 
@@ -271,6 +289,7 @@ class _TorchInfoNCE(torch.autograd.Function):
     def forward(ctx, q, p, idx, w, inv_tau, reduction, ex=None):
         need_dq, need_dp = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.meta = (inv_tau, reduction, q.dtype, p.dtype, q.shape[0])
+        ctx.passthrough = _PASSTHROUGH.get()
         if reduction != "none" and (need_dq or need_dp):
             # Every row gets the same upstream gradient: compute the gradients now, scale them in backward.
             lse, tgt, dq, dp = _torch_sweep(q, p, idx, w, inv_tau, None, need_dq, need_dp, ex)
@@ -293,7 +312,7 @@ class _TorchInfoNCE(torch.autograd.Function):
             q, p, idx, w = ctx.saved_tensors
             g = _row_grad(grad_out, reduction, b, w.dtype)
             _, _, dq, dp = _torch_sweep(q, p, idx, w, inv_tau, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.ex)
-            if bool(torch.isfinite(grad_out).all()):
+            if not ctx.passthrough and bool(torch.isfinite(grad_out).all()):
                 _check_grads(dq, dp)
             dq = None if dq is None else dq.to(q_dtype)
             dp = None if dp is None else dp.to(p_dtype)
@@ -393,7 +412,10 @@ def _overflow(what, dtype):
 
 def _checked(loss, q, p):
     """The same contract as token_logprobs: a clear error, never a NaN/inf loss (finite inputs whose scores
-    overflow fp32, e.g. embeddings ~1e20). Checked on the returned loss: one non-finite row makes it non-finite."""
+    overflow fp32, e.g. embeddings ~1e20). Checked on the returned loss: one non-finite row makes it non-finite.
+    Not within :func:`nonfinite_passthrough`."""
+    if _PASSTHROUGH.get():
+        return loss
     check_result(loss.detach(), _overflow("loss", _acc_dtype(q.dtype)), q=q, p=p)
     return loss
 
