@@ -281,6 +281,7 @@ static inline int quant8(double x) { return (int)std::max(-127.0, std::min(127.0
 struct Residual {
     int8_t* q = nullptr;
     float* s = nullptr;
+    py::array keep_q, keep_s;  // a list given as resid/rscales is converted to a temporary: keep it alive
 };
 
 static Residual check_residual(const Layout& L, const py::object& resid, const py::object& rscales, int64_t n, bool writable) {
@@ -288,16 +289,17 @@ static Residual check_residual(const Layout& L, const py::object& resid, const p
     if (resid.is_none() && rscales.is_none()) return r;
     require(L.dtype == kI8, "resid/rscales are for the int8 dtype only");
     require(!resid.is_none() && !rscales.is_none(), "resid and rscales go together");
-    py::array a = resid.cast<py::array>(), b = rscales.cast<py::array>();
-    check_array<int8_t>(a, "resid", n * L.d, writable);
-    check_array<float>(b, "rscales", n, writable);
-    r.q = static_cast<int8_t*>(const_cast<void*>(a.data()));
-    r.s = static_cast<float*>(const_cast<void*>(b.data()));
+    r.keep_q = resid.cast<py::array>();
+    r.keep_s = rscales.cast<py::array>();
+    check_array<int8_t>(r.keep_q, "resid", n * L.d, writable);
+    check_array<float>(r.keep_s, "rscales", n, writable);
+    r.q = static_cast<int8_t*>(const_cast<void*>(r.keep_q.data()));
+    r.s = static_cast<float*>(const_cast<void*>(r.keep_s.data()));
     return r;
 }
 
 static void pack_rows(int dtype, py::array x, py::array data, py::array xscale, py::array rowsum, int64_t row0,
-                      py::object resid, py::object rscales) {
+                      py::object resid, py::object rscales, int threads) {
     check_array<float>(x, "x", 0, false);
     require(x.ndim() == 2, "x must be 2-D [rows, dim]");
     const Layout L(dtype, (int)x.shape(1));
@@ -310,8 +312,10 @@ static void pack_rows(int dtype, py::array x, py::array data, py::array xscale, 
     float* xs = L.dtype == kI8 ? static_cast<float*>(xscale.mutable_data()) : nullptr;
     int32_t* rs = L.dtype == kI8 ? static_cast<int32_t*>(rowsum.mutable_data()) : nullptr;
     const int d = L.d;
+    const int T = threads > 0 ? threads : max_threads();  // the index's threads= (0: OpenMP's default)
+    (void)T;  // used by the pragma only (unused without OpenMP)
     py::gil_scoped_release nogil;
-#pragma omp parallel for schedule(static) if (m * d > (1 << 18))
+#pragma omp parallel for num_threads(T) schedule(static) if (m * d > (1 << 18))
     for (int64_t i = 0; i < m; ++i) {
         const float* row = src + i * d;
         const int64_t r = row0 + i;
@@ -620,8 +624,9 @@ PYBIND11_MODULE(_topk, m) {
         return py::make_tuple(L.dpad, L.panel_bytes);
     }, py::arg("dtype"), py::arg("dim"), "(padded dim, bytes per 16-row panel)");
     m.def("pack", &pack_rows, py::arg("dtype"), py::arg("x"), py::arg("data"), py::arg("scales"), py::arg("rowsums"),
-          py::arg("row0"), py::arg("resid") = py::none(), py::arg("rscales") = py::none(),
-          "Write float32 rows x into the panel storage starting at row row0 (int8: optionally the residual codes)");
+          py::arg("row0"), py::arg("resid") = py::none(), py::arg("rscales") = py::none(), py::arg("threads") = 0,
+          "Write float32 rows x into the panel storage starting at row row0 (int8: optionally the residual codes; "
+          "threads: 0 = OpenMP's default)");
     m.def("unpack", &unpack_rows, py::arg("dtype"), py::arg("dim"), py::arg("data"), py::arg("scales"), py::arg("rowsums"),
           py::arg("n"), py::arg("resid") = py::none(), py::arg("rscales") = py::none(),
           "Rows [0, n) as float32 (dequantised)");

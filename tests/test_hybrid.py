@@ -97,6 +97,24 @@ def test_lexical_save_load_roundtrip_and_corruption(tmp_path):
         LexicalIndex.load(tmp_path / "dense.uae")
 
 
+@pytest.mark.parametrize("section, value, why", [
+    ("ids", [10, 10, 12], "repeated ids"), ("ids", [-5, 11, 12], "negative"), ("ids", [10.7, 11.2, 12.9], "non-int64"),
+    ("counts", float("nan"), "term counts are not finite"), ("counts", -1.0, "term counts are not finite and >= 0")])
+def test_lexical_load_checks_ids_and_counts_of_a_crafted_file(tmp_path, section, value, why):
+    # valid checksums, wrong content: as TopKIndex.load, ids must be unique int64 >= 0 and counts finite and >= 0
+    from uae_fast.index import _read_file, _write_file
+
+    lex = LexicalIndex()
+    lex.add(["the cat sat", "dogs bark", "cat dogs"], ids=[10, 11, 12])
+    lex.save(tmp_path / "lex.uae")
+    header, arrays = _read_file(str(tmp_path / "lex.uae"), False, True)
+    sections = {k: np.asarray(v) for k, v in arrays.items()}
+    sections[section] = np.array(value) if section == "ids" else np.full_like(sections["counts"], value)
+    _write_file(str(tmp_path / "bad.uae"), {k: v for k, v in header.items() if k not in ("sections", "format")}, sections)
+    with pytest.raises(ValueError, match=f"not a valid lexical index file .*{why}"):
+        LexicalIndex.load(tmp_path / "bad.uae")
+
+
 def test_lexical_errors():
     lex = LexicalIndex()
     with pytest.raises(ValueError, match="empty"):

@@ -763,6 +763,43 @@ def test_concurrent_searches_from_threads(backend, rng):
         np.testing.assert_array_equal(s, expected[j][0])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_searches_do_not_wait_for_an_add_or_a_save(tmp_path, rng, monkeypatch, dtype):
+    # a search started while add() packs rows or save() writes the file returns at once, with the rows present
+    # before (the add's new rows are published when it ends); it used to wait for the whole add or save
+    import uae_fast.index as ix
+
+    d = 16
+    x = rng.standard_normal((300, d)).astype(np.float32)
+    index = TopKIndex(d, dtype=dtype, refine=dtype == "int8")
+    index.add(x[:100])
+    expected = index.search(x[:3], 4)
+    got = []
+
+    def search_meanwhile():
+        t = threading.Thread(target=lambda: got.append((len(index), index.search(x[:3], 4))))
+        t.start()
+        t.join(timeout=20)
+        assert not t.is_alive(), "the search waited for the add or save"
+
+    ext, real_pack, real_write = ix._ext(), ix._ext().pack, ix._write_file
+
+    def pack(*a, **k):
+        search_meanwhile()
+        return real_pack(*a, **k)
+
+    monkeypatch.setattr(ext, "pack", pack)
+    index.add(x[100:300])
+    monkeypatch.setattr(ext, "pack", real_pack)
+    monkeypatch.setattr(ix, "_write_file", lambda *a: (search_meanwhile(), real_write(*a)))
+    index.save(tmp_path / "i.uae")
+    assert [n for n, _ in got] == [100, 300]
+    np.testing.assert_array_equal(got[0][1][1], expected[1])
+    np.testing.assert_array_equal(got[0][1][0], expected[0])
+    np.testing.assert_array_equal(got[1][1][1], index.search(x[:3], 4)[1])
+    np.testing.assert_array_equal(TopKIndex.load(tmp_path / "i.uae").search(x[:3], 4)[1], index.search(x[:3], 4)[1])
+
+
 def test_search_while_adding_sees_a_consistent_prefix(rng):
     d = 24
     x = rng.standard_normal((4000, d)).astype(np.float32)
@@ -870,6 +907,25 @@ def test_load_refuses_a_file_of_another_panel_layout(tmp_path, rng):
     ix._write_file(str(tmp_path / "c.uae"), {k: v for k, v in header.items() if k != "sections"},
                    {k: np.asarray(v) for k, v in arrays.items()})
     np.testing.assert_array_equal(TopKIndex.load(str(tmp_path / "c.uae")).reconstruct(), index.reconstruct())
+
+
+def test_extension_keeps_converted_residual_arrays_alive(rng):
+    # resid/rscales given as lists are converted to temporaries: the extension read them after they were freed
+    d, n = 16, 65536
+    index = TopKIndex(d, dtype="int8", refine=True)
+    index.add(rng.standard_normal((n, d)).astype(np.float32))
+    args = (2, d, index._data, index._scales, index._rowsums, n)
+    good = _topk.unpack(*args, index._resid, index._rscales)
+    np.testing.assert_array_equal(_topk.unpack(*args, index._resid, [np.float32(v) for v in index._rscales[:n]]), good)
+
+
+def test_add_uses_the_index_threads(rng, monkeypatch):
+    index = TopKIndex(8, threads=1)
+    calls = []
+    real = _topk.pack
+    monkeypatch.setattr(_topk, "pack", lambda *a, **k: (calls.append(k.get("threads")), real(*a, **k))[1])
+    index.add(rng.standard_normal((40, 8)).astype(np.float32))
+    assert calls == [1] and len(index) == 40
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])

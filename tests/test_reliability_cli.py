@@ -85,6 +85,9 @@ BAD_DATA = {
     "jsonl_empty_answer": ("data.jsonl", _jsonl(P0, dict(Q0, answers=[" "])), "answers[0] is empty"),
     "jsonl_blank_question": ("data.jsonl", _jsonl(P0, dict(Q0, question="  ")), "data.jsonl:2: question is blank"),
     "not_utf8": ("data.jsonl", b"\xff\xfe\x00garbage\n", "cannot read"),
+    # a \ud800 escape: json reads it as a lone surrogate, which the index's string store could not write
+    "jsonl_lone_surrogate": ("data.jsonl", _jsonl(dict(P0, text="caf\ud800e"), Q0), "passage 'd0:0' holds a lone surrogate"),
+    "qasper_lone_surrogate": ("data.json", _qasper(qa_patch={"question": "why\udc80?"}), "query 'q1' holds a lone surrogate"),
     "index_file": ("dense.uae", b"UAETOPK1" + bytes(40), "dense.uae is a uae index file, not a data file"),
     "index_manifest": ("hybrid.json", json.dumps({"format": "uae-hybrid/1", "dim": 384, "files": {}}),
                        "hybrid.json is a uae file of format 'uae-hybrid/1'"),

@@ -48,7 +48,7 @@ import re
 import threading
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 FLOAT_SELECTED = "FLOAT SELECTED"
 
@@ -685,6 +685,30 @@ def _squad_from_dict(raw: dict, name: str) -> RetrievalDataset:
     return RetrievalDataset(passages, queries, name)
 
 
+def _check_unicode(path: str, passages: Dict[str, Passage], queries: Sequence[Query] = ()) -> None:
+    """JSON's ``\\ud800`` escapes decode to lone surrogates, which no UTF-8 writer, tokenizer or index file takes:
+    refuse them here, by record, not hours later in a write (one pass over the text; the usual case is one
+    encode call)."""
+    def strings():
+        for pid, p in passages.items():
+            yield f"passage {pid!r}", (pid, p.text)
+        for q in queries:
+            yield f"query {q.id!r}", (q.id, q.question, *q.answers, *q.gold)
+
+    try:
+        "\0".join(t for _, ts in strings() for t in ts).encode("utf-8")
+        return
+    except UnicodeEncodeError:
+        pass
+    for where, ts in strings():
+        for t in ts:
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{path}: {where} holds a lone surrogate ({t[e.start]!r} at position {e.start}, "
+                                 f"from a \\u escape), not valid Unicode") from None
+
+
 def load_corpus(path: str) -> Dict[str, Passage]:
     """The passages of ``path`` alone, for indexing (``uae index build``): any :func:`load_dataset` format, where
     queries are not needed (a JSONL file of passage records, a BEIR folder with only ``corpus.jsonl``)."""
@@ -693,6 +717,7 @@ def load_corpus(path: str) -> Dict[str, Passage]:
         passages = _beir_corpus(_beir_file(path, "corpus.jsonl"))
         if not passages:
             raise ValueError(f"{path}: no passages found")
+        _check_unicode(path, passages)
         return passages
     return load_dataset(path, require_queries=False).passages
 
@@ -731,6 +756,7 @@ def load_dataset(path: str, *, split: Optional[str] = None, require_queries: boo
         raise ValueError(f"{path}: no queries found")
     if not ds.passages:
         raise ValueError(f"{path}: no passages found")
+    _check_unicode(path, ds.passages, ds.queries)
     return ds
 
 

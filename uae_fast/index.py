@@ -16,7 +16,8 @@ Two backends behind one interface:
 Results are always ``(scores [Q, k] float32, ids [Q, k] int64)``, best first. Native tie order:
 higher score first, then the vector added earlier (= lower id with the default ids 0..N-1); results
 do not depend on the thread count. ``search`` is safe to call from several threads at once; ``add``
-may run concurrently with searches (each search sees the vectors present when it started).
+and ``save`` may run concurrently with searches, which do not wait for them (each search sees the vectors
+present when it started). FAISS: searches run one at a time, ties in FAISS's own order.
 
 Example::
 
@@ -124,7 +125,11 @@ def _normalize(name: str, x: np.ndarray) -> np.ndarray:
     zero = np.flatnonzero(norms == 0)
     if zero.size:
         raise ValueError(f"{name} row {int(zero[0])} has zero norm: cosine similarity is undefined for it")
-    return (x / norms[:, None]).astype(np.float32, copy=False)
+    inv = 1.0 / norms
+    if float(inv.max()) > 1e38:  # a norm below float32's range of inverses: divide in float64 (rare)
+        return (x / norms[:, None]).astype(np.float32, copy=False)
+    # float32 product: a float64 quotient would hold twice the input's size at its peak
+    return x * inv.astype(np.float32)[:, None]
 
 
 def _as_ids(ids, m: int) -> np.ndarray:
@@ -405,8 +410,10 @@ class TopKIndex:
         self.metric = metric
         self.backend = backend
         self._threads = _check_threads(threads)
-        # add() mutates; search() snapshots under the lock and runs without it (concurrent searches).
+        # search() snapshots under _lock and runs without it (concurrent searches); add() and save() take
+        # _add_lock (one at a time) and hold _lock only to publish new rows, so a search never waits for them.
         self._lock = threading.Lock()
+        self._add_lock = threading.Lock()
         self._force_threads = False  # tests: use exactly `threads` even for tiny searches
         self._next_id = 0  # 1 + the largest id ever stored: default ids start here, so they never repeat one
         self._max_norm: Optional[float] = 0.0  # largest stored |x| (None: unknown, a file from before it was saved)
@@ -446,10 +453,13 @@ class TopKIndex:
             raise ValueError(f"{name} holds values beyond bfloat16's range (|v| <= {_BF16_MAX:.4g}): rescale, or use dtype='float32'")
         return _normalize(name, arr) if self.metric == "cosine" else arr
 
-    def _grow_max_norm(self, arr: np.ndarray) -> None:
-        """With the lock held, after storing ``arr``."""
-        if self._max_norm is not None:
-            self._max_norm = max(self._max_norm, 1.0 if self.metric == "cosine" else _max_norm(arr))
+    def _norm_of(self, arr: np.ndarray) -> float:
+        return 1.0 if self.metric == "cosine" else _max_norm(arr)
+
+    def _grow_max_norm(self, norm: float) -> None:
+        """With the lock held, after storing rows whose largest norm is ``norm`` (:meth:`_norm_of`)."""
+        if self._max_norm is not None:  # None: unknown until a search measures every row
+            self._max_norm = max(self._max_norm, norm)
 
     def _check_score_range(self, q: np.ndarray, max_norm: Optional[float]) -> None:
         bound = (1.0 if self.metric == "cosine" else _max_norm(q)) * (max_norm or 0.0)
@@ -520,8 +530,10 @@ class TopKIndex:
             resid[: self._n] = self._resid[: self._n]
             rscales = np.zeros(cap * 16, np.float32)
             rscales[: self._n] = self._rscales[: self._n]
-            self._resid, self._rscales = resid, rscales
-        self._data, self._scales, self._rowsums, self._ids = data, scales, rowsums, ids
+            with self._lock:
+                self._resid, self._rscales = resid, rscales
+        with self._lock:  # rows < n are the same in the old and new arrays: a search may snapshot either
+            self._data, self._scales, self._rowsums, self._ids = data, scales, rowsums, ids
 
     def add(self, x, ids=None) -> None:
         """Add vectors ``x`` [n, dim] (or one [dim] vector) with optional int64 ``ids``.
@@ -535,13 +547,17 @@ class TopKIndex:
         ids = None if ids is None else _as_ids(ids, m)
         if m == 0:
             return
-        with self._lock:
+        with self._add_lock:
             new_ids = self._take_ids(ids, m)
             self._reserve(self._n + m)
-            _ext().pack(self._code, arr, self._data, self._scales, self._rowsums, self._n, self._resid, self._rscales)
-            self._ids[self._n : self._n + m] = new_ids
-            self._grow_max_norm(arr)
-            self._n += m
+            n = self._n  # rows >= n are written below while searches read only rows < n
+            _ext().pack(self._code, arr, self._data, self._scales, self._rowsums, n, self._resid, self._rscales,
+                        threads=self._threads or 0)
+            self._ids[n : n + m] = new_ids
+            norm = self._norm_of(arr)
+            with self._lock:  # publish: searches from here on see the new rows
+                self._grow_max_norm(norm)
+                self._n = n + m
 
     def search(self, queries, k: int) -> Tuple:
         """Top-``k`` stored vectors per query: ``(scores [Q, k] float32, ids [Q, k] int64)``, best first.
@@ -590,7 +606,7 @@ class TopKIndex:
     def save(self, path) -> None:
         """Write the index to ``path`` (atomically: a temporary file renamed over it)."""
         path = os.fspath(path)
-        with self._lock:
+        with self._add_lock:  # no add() writes meanwhile; searches go on
             n = self._n
             panels = -(-n // 16)
             sections = {"ids": self._ids[:n], "data": self._data[: panels * self._panel_bytes]}
@@ -812,7 +828,7 @@ class FaissTopKIndex(TopKIndex):
             new_ids = self._take_ids(ids, m)
             self._index.add(arr)
             self._ids = np.concatenate([self._ids[: self._n], new_ids])
-            self._grow_max_norm(arr)
+            self._grow_max_norm(self._norm_of(arr))
             self._n += m
 
     def search(self, queries, k: int) -> Tuple:

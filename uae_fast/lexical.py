@@ -220,8 +220,14 @@ class LexicalIndex:
         out._vocab = {t: i for i, t in enumerate(terms)}
         if len(out._vocab) != nv:
             raise corrupt("vocabulary has duplicate terms")
-        out._counts = sp.csr_matrix((np.array(a["counts"]), np.array(indices), np.array(indptr)), shape=(n, max(nv, 1)))
-        out._ids = np.array(a["ids"], dtype=np.int64)
+        counts, ids = np.array(a["counts"]), a["ids"]
+        # as TopKIndex.load: ids are int64, >= 0 and unique (-1 is search's "no result"); counts finite, >= 0
+        if ids.dtype != np.int64 or (ids.size and (int(ids.min()) < 0 or np.unique(ids).size != ids.size)):
+            raise corrupt("ids section holds non-int64, negative or repeated ids")
+        if counts.dtype.kind not in "iuf" or not bool(np.isfinite(counts).all()) or (counts.size and counts.min() < 0):
+            raise corrupt("term counts are not finite and >= 0")
+        out._counts = sp.csr_matrix((counts, np.array(indices), np.array(indptr)), shape=(n, max(nv, 1)))
+        out._ids = np.array(ids, dtype=np.int64)
         out._next_id = int(out._ids.max()) + 1 if out._ids.size else 0
         return out
 
