@@ -245,6 +245,10 @@ def test_cosine_model_without_normalize_module_ranks_as_sentence_transformers(tm
     assert "Normalize" not in (out / "modules.json").read_text()
     enc = BiEncoder(out, device="cpu")
     assert enc.normalize
+    # sentence-transformers writes empty query/document prompts: they change nothing, nor the cache keys
+    from uae_fast.embcache import _settings
+
+    assert set(enc.prompts.values()) <= {""} and _settings(enc) == "['mean']|True|128|False"
     st = _st(out)
     ref = st.similarity(st.encode(TEXTS[:1], convert_to_tensor=True), st.encode(TEXTS, convert_to_tensor=True))
     torch.testing.assert_close(enc.encode(TEXTS[:1]) @ enc.encode(TEXTS).T, ref.float(), atol=1e-5, rtol=1e-4)

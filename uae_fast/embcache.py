@@ -106,7 +106,7 @@ def _settings(encoder) -> str:
     s = f"{encoder.pooling_modes}|{encoder.normalize}|{encoder.max_seq_length}|{encoder.do_lower_case}"
     # prompts only when a model has them, so the keys of every cache and index made before stay as they were
     prompts = getattr(encoder, "prompts", None)
-    return s + (f"|{sorted(prompts.items())}|{encoder.default_prompt_name}" if prompts else "")
+    return s + (f"|{sorted(prompts.items())}|{encoder.default_prompt_name}" if prompts and any(prompts.values()) else "")
 
 
 def cache_key(encoder, model_path: Optional[str] = None) -> str:
