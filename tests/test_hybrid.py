@@ -218,6 +218,19 @@ def test_pure_weights_reproduce_each_side(dtype):
         assert got[r][: len(order)].tolist() == order
 
 
+def test_k_above_k_each_takes_k_from_each_side():
+    # asking for more than k_each: each side contributes k candidates, so the k results are all real passages
+    emb, texts, rng = _corpus(n=40)
+    h = HybridIndex(16, {"method": "minmax", "weight": 0.6, "k_each": 5})
+    h.add(emb, texts)
+    q = rng.standard_normal((3, 16)).astype(np.float32)
+    scores, ids = h.search(q, ["w1 w5", "w2", "w9 w3"], 30)
+    assert ids.shape == (3, 30) and (ids >= 0).all() and np.isfinite(scores).all()
+    assert all(len(set(r.tolist())) == 30 for r in ids)
+    want = fuse(h.dense.search(q, 30), h.lexical.search(["w1 w5", "w2", "w9 w3"], 30), 30, h.fusion)
+    np.testing.assert_array_equal(ids, want[1])
+
+
 def test_hybrid_matches_brute_force_fusion():
     emb, texts, rng = _corpus(n=40)
     h = HybridIndex(16, {"method": "minmax", "weight": 0.6, "k_each": 40})

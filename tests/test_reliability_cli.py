@@ -631,6 +631,13 @@ def test_fusion_configs_with_unknown_keys_or_empty_grids_are_refused(tmp_path):
         resolve_fusion(str(bad))
     good = {"method": "rrf", "weight": 0.5, "k_each": 10, "rrf_k": 60, "calibration": {"n_questions": 3}}
     assert resolve_fusion(good)["k_each"] == 10  # what calibrate-fusion writes loads back
+    # a dict names its eval row ("name" was refused, so two dict configs could not be told apart)
+    from uae_fast.evaluation import fusion_row_name
+
+    named = {"method": "rrf", "name": "rrf60"}
+    assert resolve_fusion(named)["method"] == "rrf" and fusion_row_name(named) == "hybrid:rrf60"
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        resolve_fusion({"name": 3})
     import numpy as np
 
     cfg = resolve_fusion({"weight": np.float32(0.5), "k_each": np.int64(7)})  # numpy scalars are numbers

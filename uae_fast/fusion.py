@@ -1,6 +1,7 @@
 """Score fusion for hybrid (dense + lexical) retrieval: one config dict, three methods, one function.
 
-A fusion config (what ``uae calibrate-fusion`` writes as JSON; extra keys are kept and ignored)::
+A fusion config (what ``uae calibrate-fusion`` writes as JSON; besides the keys below, ``calibration`` (its
+record) and ``name`` (a label: ``uae eval``'s row name ``hybrid:NAME``) are kept, any other key refused)::
 
     {"method": "minmax", "weight": 0.9, "k_each": 100, "rrf_k": 60}
 
@@ -59,7 +60,9 @@ def resolve_fusion(fusion: Union[None, str, os.PathLike, dict]) -> dict:
     if not isinstance(fusion, dict):
         raise TypeError(f"{src} must be a dict (method, weight, k_each, rrf_k), got {type(fusion).__name__}")
     # a misspelt key would otherwise leave its default in force without a word ("calibration": calibrate-fusion's record)
-    unknown = sorted(set(fusion) - set(DEFAULT_FUSION) - {"calibration"})
+    unknown = sorted(set(fusion) - set(DEFAULT_FUSION) - {"calibration", "name"})
+    if "name" in fusion and not (isinstance(fusion["name"], str) and fusion["name"].strip()):
+        raise ValueError(f"{src}: name must be a non-empty string (a label for the config), got {fusion['name']!r}")
     if unknown:
         raise ValueError(f"{src}: unknown fusion key(s) {unknown}; the keys are {', '.join(DEFAULT_FUSION)}")
     out = dict(DEFAULT_FUSION)
