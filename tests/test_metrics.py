@@ -194,6 +194,23 @@ def test_paired_bootstrap_p_is_two_sided_and_exact_for_few_pairs():
     assert paired_bootstrap(np.zeros_like(d), d)["p"] == got["p"]
 
 
+def test_paired_bootstrap_counts_only_differing_pairs_for_its_small_sample_test():
+    import math
+
+    # 5 wins among 888 questions, the rest ties: the bootstrap read p 0.014; the exact sign test says 2/32
+    r = paired_bootstrap([1] * 5 + [0] * 883, [0] * 888)
+    assert r["small_n"] and r["p"] == 0.0625 and r["n"] == 888
+    # 4 up, 13 down (17 differ: random sign patterns), near the exact two-sided binomial test's 0.049
+    exact = 2 * sum(math.comb(17, i) for i in range(5)) / 2 ** 17
+    r = paired_bootstrap([1] * 4 + [0] * 13 + [0] * 871, [0] * 4 + [1] * 13 + [0] * 871, resamples=20000)
+    assert r["small_n"] and abs(r["p"] - exact) < 0.01, (r["p"], exact)
+    assert paired_bootstrap([0.5] * 6, [0.5] * 6)["p"] == 1.0  # nothing differs
+    # clusters: groups whose differences cancel count for nothing
+    r = paired_bootstrap([1, 0, 1, 1, 1] + [0] * 40, [0, 1, 0, 0, 0] + [0] * 40,
+                         groups=["a", "a", "b", "c", "d"] + [f"g{i}" for i in range(40)])
+    assert r["small_n"] and r["p"] == 0.25 and r["groups"] == 44
+
+
 def test_paired_bootstrap_by_groups_resamples_whole_clusters():
     import math
 
