@@ -80,6 +80,48 @@ def test_tiny_llama_matches_hf_full_logits(budget):
     assert len(r.answer_ids) <= 17
 
 
+def special_byte_tokenizer(template):
+    """The byte tokenizer with <s>/</s> (ids 256, 257) and a post-processor ``template`` ("<s> $A": Gemma-like)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<s>": 256, "</s>": 257})
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(["<s>", "</s>"])
+    tk.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 256), ("</s>", 257)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+@pytest.mark.parametrize("template", ["<s> $A", "<s> $A </s>"])
+def test_prompts_are_the_templates_with_one_bos_and_score_as_hf_on_string_built_ids(template):
+    # check_against_hf trusts the ids the scorer reports; here they are rebuilt from the templates' strings, so a
+    # prompt that lost its question, an answer without its prefix or a BOS followed by an EOS would fail
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = special_byte_tokenizer(template)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=258, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, pad_token_id=257, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    k, ka = 20, 6
+    scorer = UtilityScorer(model, tok, max_passage_tokens=k, max_answer_tokens=ka, token_budget=200)
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    q, answer = "what is alpha?", "the data é here and more words"
+    passages = ["alpha beta gamma delta the model data x7 é alpha beta", "short"]
+    r = scorer.score(q, answer, passages)
+    before, after = scorer.prompt_with.split("{passage}")
+    assert r.input_ids_without == [256] + enc(scorer.prompt_without.format(question=q))
+    for ids, p in zip(r.input_ids_with, passages):
+        assert ids == [256] + enc(before.format(question=q)) + enc(p)[:k] + enc(after.format(question=q))
+    assert r.answer_ids == enc(scorer.answer_prefix + answer)[:ka] and len(r.answer_ids) == ka
+    check_against_hf(model, scorer, r, atol=2e-4)
+
+
 # bf16: the largest error measured here was 0.009 (seeds 7-9; utilities span 0.37-0.62), so 0.05 leaves 5x room
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-4), (torch.bfloat16, 0.05)])
 def test_dtypes_against_fp32_reference(dtype, atol):
@@ -489,3 +531,28 @@ def test_attention_defaults_to_sdpa_and_flash_attn_is_opt_in():
             _pick_attention("flash_attention_2", dev, dt)
     with pytest.raises(ValueError, match="attn must be one of"):
         _pick_attention("flash", cpu, torch.float32)
+
+
+def test_dequantised_copy_is_readable_by_other_users(tmp_path, monkeypatch):
+    # the cache is a shared copy: transformers writes the weights 0600 (under a private umask every file is)
+    import stat
+
+    import transformers
+
+    import uae_fast.teacher as teacher
+
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv("UAE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setitem(teacher.TEACHERS, "fake", {"name": "fake", "gguf": lambda: str(gguf), "cache": "fake-dequant"})
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_llama())
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: byte_tokenizer())
+    old = os.umask(0o077)
+    try:
+        folder = teacher._gguf_teacher_folder("fake")
+    finally:
+        os.umask(old)
+    names = os.listdir(folder)
+    assert "model.safetensors" in names
+    for name in names:
+        assert stat.S_IMODE(os.stat(os.path.join(folder, name)).st_mode) & 0o044 == 0o044, name

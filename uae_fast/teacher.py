@@ -152,6 +152,8 @@ def _gguf_teacher_folder(key: str = DEFAULT_TEACHER_KEY) -> str:
         st = os.stat(gguf)
         with open(os.path.join(tmp, "uae_source.json"), "w") as f:
             json.dump({"gguf": gguf, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}, f)
+        for name in os.listdir(tmp):  # transformers writes the weights 0600: other users of the cache read them
+            os.chmod(os.path.join(tmp, name), 0o644)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process won the race; its copy is identical
@@ -702,8 +704,14 @@ class UtilityScorer:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def _bos(self) -> List[int]:
-        ids = self.tokenizer("", add_special_tokens=True).input_ids
-        return list(ids)
+        """The special ids the tokenizer puts before a text (Gemma's BOS; none for SmolLM2), never those it
+        puts after it (a tokenizer with ``add_eos_token`` would give "" as [BOS, EOS])."""
+        if getattr(self, "_bos_ids", None) is None:
+            with_sp = list(self.tokenizer("a", add_special_tokens=True).input_ids)
+            plain = list(self.tokenizer("a", add_special_tokens=False).input_ids)
+            at = next((i for i in range(len(with_sp) - len(plain) + 1) if with_sp[i:i + len(plain)] == plain), None)
+            self._bos_ids = with_sp[:at] if at is not None else []
+        return list(self._bos_ids)
 
     def answer_ids(self, answer: str) -> List[int]:
         if not isinstance(answer, str):
