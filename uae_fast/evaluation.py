@@ -169,6 +169,11 @@ class HybridRanker:
         return [pool[i] for i in head]
 
 
+def _p(p: float) -> str:
+    """A p-value as printed: never "p=0.00" (a bootstrap's 0.0 means below 2 / resamples)."""
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}" if p < 0.01 else f"p={p:.2f}"
+
+
 def fusion_row_name(fusion) -> str:
     """Row name of a hybrid config: ``hybrid`` (default) or ``hybrid:<file stem>``."""
     if fusion is None or fusion == "default":
@@ -566,7 +571,7 @@ def format_table(result: dict) -> str:
                      f"mean [95% interval] p")
         n_all = result.get("n_queries")
         for pair, ms in result["paired"].items():
-            cells = [f"{_short(k)} {v['diff']:+.3f} [{v['ci95_low']:+.3f}, {v['ci95_high']:+.3f}] p={v['p']:.2f}"
+            cells = [f"{_short(k)} {v['diff']:+.3f} [{v['ci95_low']:+.3f}, {v['ci95_high']:+.3f}] {_p(v['p'])}"
                      for k, v in upgrade_metric_names(ms).items()]
             n = next(iter(ms.values()), {}).get("n")
             label = pair + (f" (n={n})" if n is not None and n != n_all else "")  # the re-ranker's subset, say
