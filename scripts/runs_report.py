@@ -6,8 +6,11 @@ Runs named ``NAME-sN.run`` (``N`` a seed) are one system ``NAME`` with one ranki
 system with one seed. Per system and metric (Success@1/5, Recall@1/5, MAP, MRR over the queries of
 ``qrels.txt``): the mean over seeds and its sample sd. Paired tests use each query's metric averaged over the
 seeds both systems ran (same seed, same batches; a single-seed system such as BM25 pairs with every seed of
-the other): every system against every ``--ref`` system (default: the single-seed runs), 10,000 bootstrap
-resamples, two-sided p.
+the other): every system against every ``--ref`` system (default: the single-seed runs), 20,000 bootstrap
+resamples, two-sided p; with 3 or more seeds also the p of a bootstrap over seeds and queries ("seeds p"), which
+counts the spread from seed to seed. ``--by-document`` resamples documents instead of queries (a cluster
+bootstrap: questions on one article are not independent); a query's document is the part of its relevant
+passages' ids before the last ":" (QASPER, SQuAD and the JSONL schema's ``DOC:i`` ids).
 
 A run that lacks some of the qrels' queries (``rerank.run`` of ``uae eval --rerank-limit``) is left out with a
 note, as scoring its missing queries 0 would bias it: report it on its own queries with
@@ -28,10 +31,24 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from uae_fast.metrics import paired_bootstrap, per_query_metrics  # noqa: E402
+from uae_fast.metrics import paired_bootstrap, paired_bootstrap_seeds, per_query_metrics  # noqa: E402
 from uae_fast.trec import read_qrels, read_run  # noqa: E402
 
 METRICS = ("Success@1", "Success@5", "Recall@1", "Recall@5", "MAP", "MRR")
+RESAMPLES = 20000
+
+
+def documents(folder: str, qids, qrels_name: str = "qrels.txt"):
+    """Each query's document, from its relevant passages' ids (``DOC:i``); ValueError when they do not say."""
+    qrels = read_qrels(os.path.join(folder, qrels_name))
+    out = []
+    for q in qids:
+        docs = {d.rsplit(":", 1)[0] for d, r in qrels[q].items() if r > 0 and ":" in d}
+        if len(docs) != 1:
+            raise ValueError(f"--by-document: query {q!r}'s relevant passages do not name one document "
+                             f"(ids DOC:i expected, got {sorted(d for d, r in qrels[q].items() if r > 0)[:3]})")
+        out.append(docs.pop())
+    return out
 
 
 def load(folder: str, qrels_name: str = "qrels.txt"):
@@ -79,7 +96,16 @@ def _pair_seeds(a: dict, b: dict) -> tuple:
     return shared, shared
 
 
-def report(systems, refs):
+def _paired(a_seeds, b_seeds, groups):
+    """The paired bootstrap of seed-averaged values; with 3 or more seed pairs, the seeds-and-queries p too."""
+    a, b = np.asarray(a_seeds, dtype=np.float64), np.asarray(b_seeds, dtype=np.float64)
+    out = paired_bootstrap(a.mean(0), b.mean(0), resamples=RESAMPLES, groups=groups)
+    if a.shape[0] >= 3:
+        out["p_seeds"] = paired_bootstrap_seeds(a, b, resamples=RESAMPLES, groups=groups)["p"]
+    return out
+
+
+def report(systems, refs, groups=None):
     out = {"systems": {}, "paired": {}}
     for s, seeds in systems.items():
         order = sorted(seeds, key=_seed_order)
@@ -96,8 +122,8 @@ def report(systems, refs):
                     out["paired"][f"{s} - {r}"] = {"skipped": "no seed in common"}
                     continue
                 out["paired"][f"{s} - {r}"] = {
-                    **{k: paired_bootstrap(np.mean([systems[s][x][k] for x in xs], axis=0),
-                                           np.mean([systems[r][y][k] for y in ys], axis=0)) for k in ("Success@1", "MAP")},
+                    **{k: _paired([systems[s][x][k] for x in xs], [systems[r][y][k] for y in ys], groups)
+                       for k in ("Success@1", "MAP")},
                     "seeds": [sorted({x for x in xs if x is not None}) or "unseeded",
                               sorted({y for y in ys if y is not None}) or "unseeded"]}
     return out
@@ -116,7 +142,8 @@ def table(out, n_queries: int) -> str:
                 lines.append(f"- {pair}: {d['skipped']}")
                 continue
             lines.append(f"- {pair}: " + "; ".join(f"{k} {v['diff']:+.3f} [{v['ci95_low']:+.3f}, {v['ci95_high']:+.3f}] "
-                                                     f"p {v['p']:.3f}" for k, v in d.items() if k != "seeds")
+                                                     f"p {v['p']:.3f}" + (f" (seeds p {v['p_seeds']:.3f})" if "p_seeds" in v else "")
+                                                     for k, v in d.items() if k != "seeds")
                          + f" (seeds {d['seeds'][0]} vs {d['seeds'][1]})")
     return "\n".join(lines)
 
@@ -129,11 +156,14 @@ def main(argv=None) -> int:
     ap.add_argument("--ref", action="append", default=None, help="reference system(s) for the paired tests "
                     "(repeatable; default: every single-seed system)")
     ap.add_argument("--json", default=None, help="also write the report here (.json or .json.gz)")
+    ap.add_argument("--by-document", action="store_true", help="resample documents, not queries (a cluster "
+                    "bootstrap; a query's document is its relevant passages' id prefix DOC of DOC:i)")
     ap.add_argument("--per-query", action="store_true", help="the JSON also holds each run's per-query Success@1 and "
                     "average precision (4 digits), in the order of its 'queries' list, for later paired tests")
     args = ap.parse_args(argv)
     try:
         qids, systems = load(args.runs, args.qrels)
+        groups = documents(args.runs, qids, args.qrels) if args.by_document else None
     except (ValueError, OSError) as e:
         print(f"runs_report: {e}", file=sys.stderr)
         return 2
@@ -142,8 +172,10 @@ def main(argv=None) -> int:
     if missing:
         print(f"runs_report: no run for reference {missing[0]!r} (have: {', '.join(systems)})", file=sys.stderr)
         return 2
-    out = report(systems, refs)
-    print(table(out, len(qids)))
+    out = report(systems, refs, groups)
+    if groups is not None:
+        out["paired_by"] = f"document ({len(set(groups))} documents)"
+    print(table(out, len(qids)) + (f"\n(resampled by document: {len(set(groups))} documents)" if groups else ""))
     if args.json:
         doc = {"n_queries": len(qids), **out}
         if args.per_query:

@@ -418,8 +418,10 @@ def report(*paths):
 
 
 def _cell(pb, p_digits) -> str:
-    """A paired difference as the report prints it: mean [95% interval] p."""
-    return f"{pb['diff']:+.4f} [{pb['ci95_low']:+.4f}, {pb['ci95_high']:+.4f}] p={pb['p']:.{p_digits}f}"
+    """A paired difference as the report prints it: mean [95% interval] p, and with 3 or more seeds the p of the
+    bootstrap over seeds and questions ("seeds p=")."""
+    seeds = f" (seeds p={pb['p_seeds']:.{p_digits}f})" if "p_seeds" in pb else ""
+    return f"{pb['diff']:+.4f} [{pb['ci95_low']:+.4f}, {pb['ci95_high']:+.4f}] p={pb['p']:.{p_digits}f}{seeds}"
 
 
 def _seedless(runs) -> bool:
@@ -433,7 +435,7 @@ def _paired(runs, ref, k, mask=None):
     concatenating the seeds' lists: a question's seeds are not independent samples, and counting each
     question once per seed would narrow the interval (as scripts/runs_report.py does it)."""
     import numpy as np
-    from uae_fast.metrics import paired_bootstrap
+    from uae_fast.metrics import paired_bootstrap, paired_bootstrap_seeds
 
     seeds = sorted(runs)
     if _seedless(ref):
@@ -446,8 +448,9 @@ def _paired(runs, ref, k, mask=None):
         return None
     for x, y in pairs:
         _check_same_questions(runs[x], ref[y], k)
-    a = np.mean([runs[x]["per_query"][k] for x, _ in pairs], axis=0)
-    b = np.mean([ref[y]["per_query"][k] for _, y in pairs], axis=0)
+    a_seeds = np.asarray([runs[x]["per_query"][k] for x, _ in pairs], dtype=np.float64)
+    b_seeds = np.asarray([ref[y]["per_query"][k] for _, y in pairs], dtype=np.float64)
+    a, b = a_seeds.mean(0), b_seeds.mean(0)
     groups = None
     if _GROUPS:  # --by-paper: resample papers (the records must hold those questions, in that order)
         first = runs[pairs[0][0]]
@@ -455,9 +458,16 @@ def _paired(runs, ref, k, mask=None):
             raise ValueError(f"{first['group']}: not evaluated on the --dev questions that --by-paper groups")
         groups = np.asarray(_GROUPS["papers"])
     if mask is not None:  # a subset of the questions (one kind of answer, say)
-        a, b = a[mask], b[mask]
+        a, b, a_seeds, b_seeds = a[mask], b[mask], a_seeds[:, mask], b_seeds[:, mask]
         groups = groups[mask] if groups is not None else None
-    return paired_bootstrap(a, b, resamples=2000, groups=groups)
+    # 20,000 resamples: with 2,000 a p near 0.05 moved by +-0.005 from one resample seed to another
+    out = paired_bootstrap(a, b, resamples=RESAMPLES, groups=groups)
+    if len(pairs) >= 3 and not (_seedless(runs) and _seedless(ref)):  # seeds vary too: resample them as well
+        out["p_seeds"] = paired_bootstrap_seeds(a_seeds, b_seeds, resamples=RESAMPLES, groups=groups)["p"]
+    return out
+
+
+RESAMPLES = 20000
 
 
 _GROUPS: dict = {}  # --by-paper: {"digest": the dev questions' digest, "papers": each question's paper}

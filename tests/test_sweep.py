@@ -207,11 +207,32 @@ def test_paired_averages_each_question_over_seeds():
     a, b = [1, 1, 0, 1, 0, 1, 1, 0, 1, 1], [1, 0, 0, 1, 0, 0, 1, 0, 0, 1]
     runs = {s: _rec("x", "uae", s, a) for s in (0, 1)}
     ref = {s: _rec("y", "infonce", s, b) for s in (0, 1)}
-    one = paired_bootstrap(a, b, resamples=2000)
+    one = paired_bootstrap(a, b, resamples=sweep_dev.RESAMPLES)
     assert sweep_dev._paired(runs, ref, "Success@1") == one
     # per question, the seeds' mean: seed 1 of a half as good -> the pooled diff is the mean of the seeds' diffs
     runs[1] = _rec("x", "uae", 1, b)
     assert sweep_dev._paired(runs, ref, "Success@1")["diff"] == pytest.approx((sum(a) - sum(b)) / 10 / 2)
+
+
+def test_paired_adds_a_seed_level_p_from_three_seeds():
+    # three seeds whose difference flips sign: the question-level p cannot see it, the seeds-and-questions one does
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = (rng.random(400) < 0.5).astype(int).tolist()
+    effects = {0: 12, 1: -40, 2: -36}  # questions turned from miss to hit (+) or hit to miss (-) per seed
+    runs, ref = {}, {}
+    for s, e in effects.items():
+        a = list(base)
+        idx = [i for i, v in enumerate(base) if v == (0 if e > 0 else 1)][:abs(e)]
+        for i in idx:
+            a[i] = 1 - a[i]
+        runs[s], ref[s] = _rec("x", "uae", s, a), _rec("y", "infonce", s, base)
+    pb = sweep_dev._paired(runs, ref, "Success@1")
+    assert pb["p"] < 0.05 < pb["p_seeds"], pb
+    assert "seeds p=" in sweep_dev._cell(pb, 3)
+    two = sweep_dev._paired({s: runs[s] for s in (0, 1)}, ref, "Success@1")  # two seeds: no seed-level p
+    assert "p_seeds" not in two
 
 
 def test_paired_seedless_reference_and_question_checks():

@@ -298,3 +298,28 @@ def test_runs_report_groups_seeds_and_pairs(tmp_path, capsys):
     write_qrels(str(tmp_path / "one.txt"), {"q1": ["a"]})  # one query: no bootstrap, no traceback
     assert runs_report.main([str(tmp_path), "--qrels", "one.txt", "--json", str(tmp_path / "r1.json")]) == 0
     assert json.load(open(tmp_path / "r1.json"))["paired"] == {}
+
+
+def test_runs_report_by_document_and_seed_level_p(tmp_path, capsys):
+    """--by-document resamples articles (a query's document from its relevant ids DOC:i); three seeds add the
+    seeds-and-queries p."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import runs_report
+    from uae_fast.trec import write_qrels, write_run
+
+    qrels = {f"q{i}": [f"doc{i % 4}:{i}"] for i in range(12)}
+    write_qrels(str(tmp_path / "qrels.txt"), qrels)
+    for seed in (0, 1, 2):
+        write_run(str(tmp_path / f"uae-s{seed}.run"),
+                  {q: ([g[0], "x:0"] if (int(q[1:]) + seed) % 3 else ["x:0", g[0]]) for q, g in qrels.items()}, f"uae-s{seed}")
+    write_run(str(tmp_path / "bm25.run"), {q: ["x:0", g[0]] for q, g in qrels.items()}, "bm25")
+    assert runs_report.main([str(tmp_path), "--by-document", "--json", str(tmp_path / "r.json")]) == 0
+    r = json.load(open(tmp_path / "r.json"))
+    s1 = r["paired"]["uae - bm25"]["Success@1"]
+    assert r["paired_by"] == "document (4 documents)" and s1["groups"] == 4 and "p_seeds" in s1
+    assert "resampled by document: 4 documents" in capsys.readouterr().out
+    write_qrels(str(tmp_path / "qrels.txt"), {"q0": ["nodoc"], **{q: g for q, g in qrels.items() if q != "q0"}})
+    assert runs_report.main([str(tmp_path), "--by-document"]) == 2
+    assert "do not name one document" in capsys.readouterr().err
