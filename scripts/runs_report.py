@@ -7,8 +7,8 @@ system with one seed. Per system and metric (Success@1/5, Recall@1/5, MAP, MRR o
 ``qrels.txt``): the mean over seeds and its sample sd. Paired tests use each query's metric averaged over the
 seeds both systems ran (same seed, same batches; a single-seed system such as BM25 pairs with every seed of
 the other): every system against every ``--ref`` system (default: the single-seed runs), 20,000 bootstrap
-resamples, two-sided p; with 3 or more seeds also the p of a bootstrap over seeds and queries ("seeds p"), which
-counts the spread from seed to seed. ``--by-document`` resamples documents instead of queries (a cluster
+resamples, two-sided p; with 3 or more seeds also a "seeds p" that adds the spread of the
+seeds' mean differences to the bootstrap variance (``uae_fast.metrics.paired_bootstrap_seeds``). ``--by-document`` resamples documents instead of queries (a cluster
 bootstrap: questions on one article are not independent); a query's document is the part of its relevant
 passages' ids before the last ":" (QASPER, SQuAD and the JSONL schema's ``DOC:i`` ids).
 

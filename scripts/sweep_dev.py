@@ -417,9 +417,15 @@ def report(*paths):
     return "\n".join(lines)
 
 
+def _short_cell(pb, digits: int = 4) -> str:
+    """diff (p=..., seeds p=... with 3+ seeds): the summary tables' cell."""
+    seeds = f", seeds p={pb['p_seeds']:.3f}" if "p_seeds" in pb else ""
+    return f"{pb['diff']:+.{digits}f} (p={pb['p']:.3f}{seeds})"
+
+
 def _cell(pb, p_digits) -> str:
-    """A paired difference as the report prints it: mean [95% interval] p, and with 3 or more seeds the p of the
-    bootstrap over seeds and questions ("seeds p=")."""
+    """A paired difference as the report prints it: mean [95% interval] p, and with 3 or more seeds the p that
+    also counts the spread between seeds ("seeds p=", :func:`uae_fast.metrics.paired_bootstrap_seeds`)."""
     seeds = f" (seeds p={pb['p_seeds']:.{p_digits}f})" if "p_seeds" in pb else ""
     return f"{pb['diff']:+.4f} [{pb['ci95_low']:+.4f}, {pb['ci95_high']:+.4f}] p={pb['p']:.{p_digits}f}{seeds}"
 
@@ -509,7 +515,7 @@ def answer_only_table(by) -> str:
             out = []
             for k in ("Success@1", "MAP"):
                 pb = _paired(runs, ref, k)
-                out.append("" if pb is None else f"{pb['diff']:+.4f} (p={pb['p']:.3f})")
+                out.append("" if pb is None else _short_cell(pb))
             cells.append(", ".join(out))
         ratio = f"{mean[g]['Success@1'] / mean['gold-infonce']['Success@1']:.2f}x" if gold else ""
         lines.append(f"| {g} | {len(runs)} | {np.mean(r1):.4f} ({_sd(r1):.4f}) | {np.mean(ap):.4f} ({_sd(ap):.4f}) | "
@@ -520,7 +526,7 @@ def answer_only_table(by) -> str:
         for w in sorted(weak):
             pb = [_paired(groups[g], groups[w], k) for k in ("Success@1", "MAP")]
             if pb[0] is not None:
-                parts.append(f"{w} {pb[0]['diff']:+.4f} (p={pb[0]['p']:.3f}), {pb[1]['diff']:+.4f} (p={pb[1]['p']:.3f})")
+                parts.append(f"{w} {_short_cell(pb[0])}, {_short_cell(pb[1])}")
         if parts:
             lines.append(f"\n{g} vs every weak baseline (S@1, MAP; paired over shared seeds): " + "; ".join(parts))
     return "\n".join(lines)
@@ -559,7 +565,7 @@ def answer_kind_table(paths, dev_path) -> str:
         for d in defaults:
             for w in weak:
                 pb = _paired(by[d], by[w], "Success@1", mask)
-                cells.append("" if pb is None else f"{pb['diff']:+.3f} (p={pb['p']:.3f})")
+                cells.append("" if pb is None else _short_cell(pb, 3))
         lines.append(f"| {kind} | {int(mask.sum())} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -211,6 +211,27 @@ def test_paired_bootstrap_counts_only_differing_pairs_for_its_small_sample_test(
     assert r["small_n"] and r["p"] == 0.25 and r["groups"] == 44
 
 
+def test_paired_bootstrap_seeds_adds_the_spread_between_seeds():
+    import numpy as np
+
+    from uae_fast.metrics import paired_bootstrap_seeds
+
+    rng = np.random.default_rng(5)
+    b = rng.random((4, 600))
+    same = b + 0.05 + rng.normal(0, 0.3, (4, 600))  # the same lead on every seed, question noise only
+    flip = b + np.array([[0.15], [-0.05], [0.12], [-0.02]]) + rng.normal(0, 0.3, (4, 600))  # the lead varies
+    q_same, s_same = paired_bootstrap(same.mean(0), b.mean(0)), paired_bootstrap_seeds(same, b)
+    assert s_same["p"] < 0.01 and abs(s_same["ci95_high"] - s_same["ci95_low"]) < 1.5 * (q_same["ci95_high"] - q_same["ci95_low"])
+    q_flip, s_flip = paired_bootstrap(flip.mean(0), b.mean(0)), paired_bootstrap_seeds(flip, b)
+    assert q_flip["p"] < 0.01 < 0.05 < s_flip["p"] and s_flip["seeds"] == 4
+    # the variance: question-level bootstrap variance + the seeds' sample variance / S
+    per_seed = (flip - b).mean(1)
+    se2 = ((s_flip["ci95_high"] - s_flip["ci95_low"]) / (2 * 1.96)) ** 2
+    assert se2 == pytest.approx(((q_flip["ci95_high"] - q_flip["ci95_low"]) / (2 * 1.96)) ** 2 + per_seed.var(ddof=1) / 4, rel=0.1)
+    with pytest.raises(ValueError, match="seeds >= 3"):
+        paired_bootstrap_seeds(b[:2], b[:2])
+
+
 def test_paired_bootstrap_by_groups_resamples_whole_clusters():
     import math
 

@@ -20,6 +20,7 @@ Queries without gold ids have no defined retrieval metric: :func:`retrieval_metr
 from __future__ import annotations
 
 import collections
+import math
 import numbers
 import re
 import string
@@ -169,7 +170,7 @@ def upgrade_metric_names(metrics: Dict[str, object]) -> Dict[str, object]:
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int = 10000, seed: int = 0,
-                     groups: Optional[Sequence] = None) -> Dict[str, float]:
+                     groups: Optional[Sequence] = None, _means: bool = False) -> Dict[str, float]:
     """Mean of ``a - b`` over paired queries, its 95% bootstrap interval and a two-sided bootstrap p-value.
 
     Queries are resampled with replacement ``resamples`` times; ``p`` is twice the smaller share of
@@ -216,6 +217,8 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
     p = min(1.0, 2 * min(float((means <= 0).mean()), float((means >= 0).mean())))
     out = {"diff": float(d.mean()), "ci95_low": float(np.quantile(means, 0.025)),
            "ci95_high": float(np.quantile(means, 0.975)), "p": p, "n": int(d.size)}
+    if _means:  # paired_bootstrap_seeds: the resampled means' sd (the question-level standard error)
+        out["se"] = float(means.std(ddof=1))
     units = sums[sums != 0]  # a zero flips to itself: only the differing pairs (or groups) carry the test
     if units.size < SIGN_FLIP_BELOW:
         k, observed = units.size, abs(units.sum()) - 1e-12 * max(1.0, float(np.abs(units).sum()))
@@ -234,10 +237,13 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
 def paired_bootstrap_seeds(a, b, *, resamples: int = 20000, seed: int = 0,
                            groups: Optional[Sequence] = None) -> Dict[str, float]:
     """:func:`paired_bootstrap` with training seeds as a second source of variance: ``a`` and ``b`` are
-    [S, N] (seed s of each system, paired by seed; a seedless system repeats its one row), and each resample
-    draws S seed pairs and N queries (or the groups, as ``groups=`` does) with replacement, the mean over both.
-    The plain bootstrap of seed-averaged values covers only the questions; two recipes whose difference flips
-    sign from seed to seed are not told apart by more questions. Needs at least 3 seed pairs."""
+    [S, N] (seed s of each system, paired by seed; a seedless system repeats its one row). The plain bootstrap
+    of seed-averaged values covers only the questions: two recipes whose difference flips sign from seed to
+    seed are not told apart by more questions. Here the variance of the mean difference is the bootstrap
+    variance over the questions (or ``groups``) of the seed-averaged values plus the seeds' sample variance of
+    their mean differences over S (each seed's own question noise is counted twice, a slightly conservative
+    total; resampling seeds as well would double it again with 3-4 seeds), and ``p`` and the interval are
+    normal ones on it. Needs at least 3 seed pairs."""
     import numpy as np
 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -246,30 +252,14 @@ def paired_bootstrap_seeds(a, b, *, resamples: int = 20000, seed: int = 0,
     d = a - b
     if not np.isfinite(d).all():
         raise ValueError("a and b must be finite")
-    if not isinstance(resamples, numbers.Integral) or isinstance(resamples, bool) or resamples < 1:
-        raise ValueError(f"resamples must be a positive int, got {resamples!r}")
-    n_seeds = d.shape[0]
-    if groups is None:
-        sums, counts = d, np.ones(d.shape[1])
-    else:
-        if len(groups) != d.shape[1]:
-            raise ValueError(f"groups must label every query: {len(groups)} labels for {d.shape[1]} queries")
-        _, g = np.unique(np.asarray([f"{type(x).__name__}:{x}" for x in groups]), return_inverse=True)
-        sums = np.stack([np.bincount(g, weights=row) for row in d])
-        counts = np.bincount(g).astype(np.float64)
-    units = sums.shape[1]
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for lo in range(0, resamples, 500):
-        r = min(500, resamples - lo)
-        ws = np.zeros((r, n_seeds))
-        np.add.at(ws, (np.repeat(np.arange(r), n_seeds), rng.integers(0, n_seeds, r * n_seeds)), 1.0)
-        wu = np.zeros((r, units))
-        np.add.at(wu, (np.repeat(np.arange(r), units), rng.integers(0, units, r * units)), 1.0)
-        means[lo:lo + r] = ((ws @ sums) * wu).sum(1) / (n_seeds * (wu @ counts))
-    p = min(1.0, 2 * min(float((means <= 0).mean()), float((means >= 0).mean())))
-    return {"diff": float(d.mean()), "ci95_low": float(np.quantile(means, 0.025)),
-            "ci95_high": float(np.quantile(means, 0.975)), "p": p, "n": int(d.shape[1]), "seeds": int(n_seeds)}
+    q = paired_bootstrap(a.mean(0), b.mean(0), resamples=resamples, seed=seed, groups=groups, _means=True)
+    per_seed = d.mean(1)
+    var = q["se"] ** 2 + float(per_seed.var(ddof=1)) / d.shape[0]
+    diff = float(d.mean())
+    sd = math.sqrt(var)
+    p = math.erfc(abs(diff) / (sd * math.sqrt(2))) if sd > 0 else (1.0 if diff == 0 else 0.0)
+    return {"diff": diff, "ci95_low": diff - 1.96 * sd, "ci95_high": diff + 1.96 * sd, "p": min(1.0, p),
+            "n": int(d.shape[1]), "seeds": int(d.shape[0]), "per_seed": [float(x) for x in per_seed]}
 
 
 SIGN_FLIP_BELOW = 30  # fewer differing pairs (or groups) than this: p from the sign-flip test, not the bootstrap
