@@ -339,8 +339,12 @@ def dense_grads(q, p, inv_tau, ex, coef, need_dq, need_dp, lse2=None, *, config:
         # fp32 norms without an fp32 copy of p (N x d) or q
         pmax = torch.linalg.vector_norm(p, dim=1, dtype=torch.float32).amax()
         moff_all = (torch.linalg.vector_norm(q, dim=1, dtype=torch.float32) * pmax * (inv_tau * _LOG2E)).contiguous()
+        # a norm that overflowed fp32 times a zero one is NaN: an infinite bound sends the row to the exact redo
+        moff_all = torch.nan_to_num(moff_all, nan=float("inf"))
     else:
-        moff_all = lse2.contiguous()
+        # fp16 stores E in fp16: with the exact LSE as offset E is the softmax (<= 1), whose entries below 2**-24
+        # flush to 0 and below 2**-14 keep few bits; 15 (base 2) lower keeps E <= 2**15 < 65504 and l absorbs it
+        moff_all = (lse2 - (15.0 if wdt == torch.float16 else 0.0)).contiguous()
     cfg0 = config or candidates(q.dtype, dev, True)[0]
     rows, ld = _ws_rows(b, n, q.element_size(), cfg0)
     ws_buf = _empty(rows * ld, dtype=wdt, device=dev)
