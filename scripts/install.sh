@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="${PYTHON:-python3} -m pip"
-if ! ${PYTHON:-python3} -c "import torch" 2>/dev/null; then
+# a torch below the package's floor (2.6) would be upgraded by the editable install below, from PyPI: a CUDA build
+if ! ${PYTHON:-python3} -c "import torch, sys; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 6))" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then $PIP install -q torch
   # the +cpu build: from a local wheel or index if one has it, else from PyTorch's CPU index (not on PyPI)
   else $PIP install -q torch==2.13.0+cpu || $PIP install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi

@@ -259,7 +259,12 @@ def test_saved_model_has_a_sentence_transformers_model_card(tmp_path):
     card = (tmp_path / "weak" / "README.md").read_text()
     assert "InfoNCE with BM25's top-1 for the question and its answers as the positive" in card
     assert "teacher_temperature" not in card and "label_mix" not in card and "- `positive`: bm25-answer" in card
-    assert "confidence" not in card
+    assert "confidence" not in card and "Gemma" not in card
+    # a Gemma teacher's table: the card names the teacher and the terms that may travel with a distilled model
+    gem = dict(summary, teacher="gemma-3-270m", config=dict(summary["config"], utilities="/y/t.jsonl.gz"))
+    enc.save(tmp_path / "gem", training=gem)
+    card = (tmp_path / "gem" / "README.md").read_text()
+    assert "- **Teacher:** gemma-3-270m" in card and "Gemma Terms of Use" in card
     st = pytest.importorskip("sentence_transformers")
     model = st.SentenceTransformer(str(tmp_path / "trained"), device="cpu")  # the card does not disturb loading
     assert model.encode(["a question?"]).shape == (1, enc.dim)

@@ -55,14 +55,26 @@ _BACKENDS = ("native", "faiss")
 
 
 def _ext():
-    try:
-        from . import _topk
-    except ImportError:  # it links OpenMP (libgomp.so.1): torch's wheel ships one; loading torch loads it
-        import torch  # noqa: F401
+    """The C++ extension. It links OpenMP (libgomp.so.1): torch is imported first where it is installed, so both
+    share torch's copy (torch's wheels ship one) rather than a host libgomp loaded by whichever came first."""
+    global _TOPK
+    if _TOPK is None:
+        import importlib.util
 
-        from . import _topk
+        if importlib.util.find_spec("torch") is not None:
+            import torch  # noqa: F401
+        try:
+            from . import _topk
+        except ImportError as e:
+            if "libgomp" not in str(e):
+                raise
+            raise ImportError(f"uae_fast's top-k extension needs the OpenMP runtime libgomp.so.1 ({e}): install torch "
+                              f"whose wheel ships it under that name (2.7.1 or later), or the system's (apt install libgomp1)") from None
+        _TOPK = _topk
+    return _TOPK
 
-    return _topk
+
+_TOPK = None
 
 
 # ---- input checks (shared by both backends) ----------------------------------------------------

@@ -97,12 +97,16 @@ def _training_section(training: dict) -> str:
              ("Optimizer steps", training.get("steps")),
              ("Final loss", f"{training['final_loss']:.4f}" if isinstance(training.get("final_loss"), float) else None),
              ("Devices", training.get("world_size"))]
+    facts.insert(2, ("Teacher", training.get("teacher")))
     out += [f"- **{k}:** {v}" for k, v in facts if v is not None]
     unread = _UAE_ONLY + ("label_mix",) if loss == "infonce" else ()
     hp = [(k, cfg[k]) for k in _HPARAMS if k in cfg and cfg[k] is not None and k not in unread
           and not (k in ("no_gold", "min_steps", "confidence_weight") and not cfg[k]) and not (k == "positive" and loss != "infonce")]
     if hp:
         out += ["", "### Training Hyperparameters", ""] + [f"- `{k}`: {v}" for k, v in hp]
+    if "gemma" in f"{training.get('teacher', '')} {cfg.get('utilities') or ''}".lower():
+        out += ["", "### Terms", "", "Trained on utilities from a Gemma teacher (Gemma-3-270M): the Gemma Terms of Use "
+                "(https://ai.google.dev/gemma/terms) may apply to this model as a distilled derivative."]
     return "\n".join(out) + "\n"
 
 

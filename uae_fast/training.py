@@ -984,8 +984,10 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     if cfg.no_gold and not cfg.utilities:
         raise ValueError("--no-gold needs --utilities FILE (from `uae score --no-gold`): its rows are the candidates")
     cands = None  # the --candidates sets, when computed here for the lexical teacher
+    teacher = None  # the table's teacher, for the model card (a Gemma teacher's terms travel with the model)
     if cfg.utilities:  # infonce uses it only for the candidate sets (same batches as uae)
         utilities, header = load_utilities(cfg.utilities)
+        teacher = header.get("teacher")
         if cfg.no_gold:
             check_answer_only(header, cfg.utilities)
         if _is_shipped_default(cfg.utilities):
@@ -1084,7 +1086,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
                "final_loss": log[-1]["loss"] if log else None, "seconds_this_run": round(seconds, 1),
                "train_queries": len(sampler.queries),
                **({"low_confidence_questions": sampler.n_low_confidence} if cfg.min_confidence is not None else {}),
-               "world_size": world, "rank": rank, "config": asdict(cfg)}
+               "world_size": world, "rank": rank, "config": asdict(cfg),
+               **({"teacher": str(teacher)} if teacher else {})}
     # a SIGTERM after the last step's agreement (a --stop-after run) still stops every rank the same way
     if _agree([stop.signum is not None and step < total_steps], world, device)[0]:
         import signal
