@@ -100,6 +100,12 @@ def test_bm25_baseline_ranks_by_bm25(dev):
     from uae_fast.bm25 import BM25
 
     res = evaluate(dev, [], baselines=("bm25",), progress=False, limit=5)
+    import os
+
+    import uae_fast
+    # the timings say what they ran on
+    assert res["machine"]["uae_fast"] == uae_fast.__version__ and res["machine"]["cpus"] == os.cpu_count()
+    assert res["machine"]["torch"] == torch.__version__ and res["machine"]["cpu"]
     queries = [q for q in dev.queries if q.gold][:5]
     rk = []
     for q in queries:

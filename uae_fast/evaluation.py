@@ -169,6 +169,23 @@ class HybridRanker:
         return [pool[i] for i in head]
 
 
+def _machine() -> dict:
+    """What the timings ran on (they are meaningless without it): versions, CPU, cores, OpenMP's wait policy."""
+    import platform
+
+    from . import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"uae_fast": __version__, "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
+            "cpus": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
 def _p(p: float) -> str:
     """A p-value as printed: never "p=0.00" (a bootstrap's 0.0 means below 2 / resamples)."""
     return "p<0.001" if p < 0.001 else f"p={p:.3f}" if p < 0.01 else f"p={p:.2f}"
@@ -401,7 +418,7 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         systems[n] = m
     result = {"data": ds.name, "n_queries": len(queries), "n_queries_total": len(ds.queries), "device": str(device),
               "unmatched_evidence": dict(ds.unmatched_evidence),
-              "torch_threads": torch.get_num_threads(), "systems": systems,
+              "torch_threads": torch.get_num_threads(), "machine": _machine(), "systems": systems,
               "settings": {"models": list(models), "baselines": list(baselines), "limit": limit, "query_threads": query_threads,
                            "rerank_threads": torch.get_num_threads(), "rerank_limit": rerank_limit,
                            "rerank_depth": rerank_depth, "reader_limit": reader_limit if reader else None}}
