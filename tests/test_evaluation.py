@@ -87,6 +87,7 @@ def test_tiny_end_to_end(tmp_path, dev, tiny):
         assert res["systems"]["uae"][k] == pytest.approx(want[k])
     table = format_table(res)
     assert "uae" in table and "bm25" in table and "S@1" in table and "R@1" in table
+    assert f"ms/query excludes encoding the passages once: uae {res['systems']['uae']['index_build_s']:.1f} s" in table
     # Paired differences: the model against each baseline, means equal to the difference of the table's means.
     assert set(res["paired"]) == {"uae - base", "uae - bm25"} and "Paired differences" in table
     for other in ("base", "bm25"):

@@ -571,6 +571,10 @@ def format_table(result: dict) -> str:
         lines.append("")
 
     table(f"Evidence retrieval on {result['data']} ({result['n_queries']} queries with gold evidence)", result["systems"])
+    built = {n: m["index_build_s"] for n, m in result["systems"].items() if isinstance(m.get("index_build_s"), (int, float))}
+    if built:  # ms/query is the query's encoding and search; the passages were encoded once, beforehand
+        lines.insert(len(lines) - 1, "ms/query excludes encoding the passages once: " + ", ".join(
+            f"{n} {v:.1f} s" for n, v in built.items()))
     um = result.get("unmatched_evidence") or {}
     if um.get("headings") or um.get("other"):
         lines.insert(len(lines) - 1, f"QASPER evidence matching no paragraph, so not gold: {um['headings']} section headings, "
