@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from uae_fast.metrics import paired_bootstrap, paired_bootstrap_seeds, per_query_metrics  # noqa: E402
+from uae_fast.metrics import paired_bootstrap_by_seed, per_query_metrics  # noqa: E402
 from uae_fast.trec import read_qrels, read_run  # noqa: E402
 
 METRICS = ("Success@1", "Success@5", "Recall@1", "Recall@5", "MAP", "MRR")
@@ -96,15 +96,6 @@ def _pair_seeds(a: dict, b: dict) -> tuple:
     return shared, shared
 
 
-def _paired(a_seeds, b_seeds, groups):
-    """The paired bootstrap of seed-averaged values; with 3 or more seed pairs, the seeds-and-queries p too."""
-    a, b = np.asarray(a_seeds, dtype=np.float64), np.asarray(b_seeds, dtype=np.float64)
-    out = paired_bootstrap(a.mean(0), b.mean(0), resamples=RESAMPLES, groups=groups)
-    if a.shape[0] >= 3:
-        out["p_seeds"] = paired_bootstrap_seeds(a, b, resamples=RESAMPLES, groups=groups)["p"]
-    return out
-
-
 def report(systems, refs, groups=None):
     out = {"systems": {}, "paired": {}}
     for s, seeds in systems.items():
@@ -122,8 +113,8 @@ def report(systems, refs, groups=None):
                     out["paired"][f"{s} - {r}"] = {"skipped": "no seed in common"}
                     continue
                 out["paired"][f"{s} - {r}"] = {
-                    **{k: _paired([systems[s][x][k] for x in xs], [systems[r][y][k] for y in ys], groups)
-                       for k in ("Success@1", "MAP")},
+                    **{k: paired_bootstrap_by_seed([systems[s][x][k] for x in xs], [systems[r][y][k] for y in ys],
+                                                   resamples=RESAMPLES, groups=groups) for k in ("Success@1", "MAP")},
                     "seeds": [sorted({x for x in xs if x is not None}) or "unseeded",
                               sorted({y for y in ys if y is not None}) or "unseeded"]}
     return out

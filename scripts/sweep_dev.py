@@ -441,7 +441,7 @@ def _paired(runs, ref, k, mask=None):
     concatenating the seeds' lists: a question's seeds are not independent samples, and counting each
     question once per seed would narrow the interval (as scripts/runs_report.py does it)."""
     import numpy as np
-    from uae_fast.metrics import paired_bootstrap, paired_bootstrap_seeds
+    from uae_fast.metrics import paired_bootstrap_by_seed
 
     seeds = sorted(runs)
     if _seedless(ref):
@@ -456,21 +456,18 @@ def _paired(runs, ref, k, mask=None):
         _check_same_questions(runs[x], ref[y], k)
     a_seeds = np.asarray([runs[x]["per_query"][k] for x, _ in pairs], dtype=np.float64)
     b_seeds = np.asarray([ref[y]["per_query"][k] for _, y in pairs], dtype=np.float64)
-    a, b = a_seeds.mean(0), b_seeds.mean(0)
     groups = None
     if _GROUPS:  # --by-paper: resample papers (the records must hold those questions, in that order)
         first = runs[pairs[0][0]]
-        if len(a) != len(_GROUPS["papers"]) or first.get("dev_questions", _GROUPS["digest"]) != _GROUPS["digest"]:
+        if a_seeds.shape[1] != len(_GROUPS["papers"]) or first.get("dev_questions", _GROUPS["digest"]) != _GROUPS["digest"]:
             raise ValueError(f"{first['group']}: not evaluated on the --dev questions that --by-paper groups")
         groups = np.asarray(_GROUPS["papers"])
     if mask is not None:  # a subset of the questions (one kind of answer, say)
-        a, b, a_seeds, b_seeds = a[mask], b[mask], a_seeds[:, mask], b_seeds[:, mask]
+        a_seeds, b_seeds = a_seeds[:, mask], b_seeds[:, mask]
         groups = groups[mask] if groups is not None else None
     # 20,000 resamples: with 2,000 a p near 0.05 moved by +-0.005 from one resample seed to another
-    out = paired_bootstrap(a, b, resamples=RESAMPLES, groups=groups)
-    if len(pairs) >= 3 and not (_seedless(runs) and _seedless(ref)):  # seeds vary too: resample them as well
-        out["p_seeds"] = paired_bootstrap_seeds(a_seeds, b_seeds, resamples=RESAMPLES, groups=groups)["p"]
-    return out
+    # with 3 or more seed pairs also the p that counts the seeds' spread
+    return paired_bootstrap_by_seed(a_seeds, b_seeds, resamples=RESAMPLES, groups=groups)
 
 
 RESAMPLES = 20000

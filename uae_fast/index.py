@@ -474,7 +474,7 @@ class TopKIndex:
             self._max_norm = max(self._max_norm, norm)
 
     def _check_score_range(self, q: np.ndarray, max_norm: Optional[float]) -> None:
-        bound = (1.0 if self.metric == "cosine" else _max_norm(q)) * (max_norm or 0.0)
+        bound = self._norm_of(q) * (max_norm or 0.0)
         if bound > _SCORE_BOUND:
             raise ValueError(f"scores could overflow float32: |query| x |stored vector| reaches {bound:.3g} "
                              f"(> {_SCORE_BOUND:.0e}); rescale the embeddings (or use metric='cosine')")

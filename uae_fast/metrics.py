@@ -27,7 +27,7 @@ import string
 from typing import Dict, Iterable, List, Optional, Sequence
 
 __all__ = ["success_at_k", "recall_at_k", "average_precision", "reciprocal_rank", "retrieval_metrics", "per_query_metrics",
-           "paired_bootstrap", "upgrade_metric_names", "normalize_answer", "token_f1"]
+           "paired_bootstrap", "paired_bootstrap_seeds", "paired_bootstrap_by_seed", "upgrade_metric_names", "normalize_answer", "token_f1"]
 
 
 _PLAIN = (str, int, float, bytes, tuple)
@@ -253,13 +253,31 @@ def paired_bootstrap_seeds(a, b, *, resamples: int = 20000, seed: int = 0,
     if not np.isfinite(d).all():
         raise ValueError("a and b must be finite")
     q = paired_bootstrap(a.mean(0), b.mean(0), resamples=resamples, seed=seed, groups=groups, _means=True)
+    return _with_seeds(d, q["se"])
+
+
+def _with_seeds(d, se: float) -> Dict[str, float]:
+    """The normal interval and p of the mean of ``d`` [S, N] with variance ``se**2`` + the seeds' variance / S."""
     per_seed = d.mean(1)
-    var = q["se"] ** 2 + float(per_seed.var(ddof=1)) / d.shape[0]
-    diff = float(d.mean())
-    sd = math.sqrt(var)
+    diff, sd = float(d.mean()), math.sqrt(se ** 2 + float(per_seed.var(ddof=1)) / d.shape[0])
     p = math.erfc(abs(diff) / (sd * math.sqrt(2))) if sd > 0 else (1.0 if diff == 0 else 0.0)
     return {"diff": diff, "ci95_low": diff - 1.96 * sd, "ci95_high": diff + 1.96 * sd, "p": min(1.0, p),
             "n": int(d.shape[1]), "seeds": int(d.shape[0]), "per_seed": [float(x) for x in per_seed]}
+
+
+def paired_bootstrap_by_seed(a, b, *, resamples: int = 20000, seed: int = 0,
+                             groups: Optional[Sequence] = None) -> Dict[str, float]:
+    """What the reports print for two systems' per-seed values ``a``, ``b`` [S, N] (paired by seed): the
+    :func:`paired_bootstrap` of the seed-averaged values and, with 3 or more seeds, ``p_seeds``, the p of
+    :func:`paired_bootstrap_seeds` (from the same resamples)."""
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    out = paired_bootstrap(a.mean(0), b.mean(0), resamples=resamples, seed=seed, groups=groups, _means=True)
+    se = out.pop("se")
+    if a.shape[0] >= 3:
+        out["p_seeds"] = _with_seeds(a - b, se)["p"]
+    return out
 
 
 SIGN_FLIP_BELOW = 30  # fewer differing pairs (or groups) than this: p from the sign-flip test, not the bootstrap

@@ -107,7 +107,7 @@ def _read_st_config(folder: str):
     default = cfg.get("default_prompt_name")
     if default is not None and default not in prompts:
         raise ValueError(f"{path}: default_prompt_name {default!r} is not one of its prompts {sorted(prompts)}")
-    return ("dot" if sim == "dot_product" else sim), dict(prompts), default
+    return sim, dict(prompts), default
 
 
 def _read_layout(folder: str):

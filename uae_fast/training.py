@@ -726,6 +726,13 @@ def _agree(flags: List[bool], world: int, device) -> List[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def _reraise(failed: bool, error: Optional[BaseException], elsewhere: BaseException) -> None:
+    """After an agreement (:func:`_agree`) that some rank failed: this rank's own error, else ``elsewhere`` (the
+    error saying another rank failed): every rank raises, none is left waiting in a collective."""
+    if failed:
+        raise error if error is not None else elsewhere
+
+
 def _same_on_every_rank(value: int, device) -> bool:
     """Whether ``value`` (an int below 2**63) is the same on every rank: one all-reduce, the same answer everywhere."""
     import torch.distributed as dist
@@ -1105,10 +1112,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
             write_text_atomic(os.path.join(out_dir, "training_summary.json"), json.dumps(summary, indent=2))
         except Exception as e:  # every rank fails, none waits in the barrier
             error = e
-    if _agree([error is not None], world, device)[0]:
-        if error is not None:
-            raise error
-        raise OSError(f"rank 0 could not write the final model or the training summary in {out_dir} (its error says why)")
+    _reraise(_agree([error is not None], world, device)[0], error,
+             OSError(f"rank 0 could not write the final model or the training summary in {out_dir} (its error says why)"))
     if world > 1:
         import torch.distributed as dist
 
@@ -1168,10 +1173,7 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
             if bad:
                 raise FloatingPointError(f"the encoder's embeddings are not finite at step {step} (on this or another "
                                          f"rank); lower --lr or check the utilities")
-            if failed:
-                if error is not None:
-                    raise error
-                raise RuntimeError(f"the loss failed on another rank at step {step} (its error says why)")
+            _reraise(failed, error, RuntimeError(f"the loss failed on another rank at step {step} (its error says why)"))
             if weighted:
                 loss = (loss * b.query_weight.to(device)).mean()
             if b.loss_weight != 1.0:  # DDP averages the ranks: weighted, that is the global batch's mean
@@ -1211,10 +1213,8 @@ def _train_steps(step, end, total_steps, total_micro, log, ema, stop, bar, encod
                     _write_log(out_dir, log)
                 except Exception as e:  # disk full, a non-finite model: every rank stops, not only rank 0
                     error = e
-            if _agree([error is not None], world, device)[0]:
-                if error is not None:
-                    raise error
-                raise OSError(f"rank 0 could not write the checkpoint of step {step} (its error says why)")
+            _reraise(_agree([error is not None], world, device)[0], error,
+                     OSError(f"rank 0 could not write the checkpoint of step {step} (its error says why)"))
         if stopping:
             if stop.signum is None:  # another rank's SIGTERM: this rank stops the same way
                 import signal
