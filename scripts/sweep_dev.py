@@ -638,6 +638,9 @@ def main(argv=None):
         ap.error("--out is required")
     if args.first_seed < 0 or args.seeds < 1:
         ap.error("--first-seed must be >= 0 and --seeds >= 1")
+    bad = [x for x in args.eval_model or () if not x.partition("=")[0] or not os.path.isdir(x.partition("=")[2])]
+    if bad:  # before the data defaults are looked up: a mistyped folder is named first
+        ap.error(f"--eval-model wants NAME=DIR with an existing DIR, got {bad[0]!r}")
     from uae_fast.data import default_qasper_path
     from uae_fast.training import _default_utilities
 
@@ -655,9 +658,6 @@ def main(argv=None):
     args.deadline = time.time() + args.budget_s
     jobs = grid(args.grid, list(range(args.first_seed, args.first_seed + args.seeds)), args.extra_utilities, tables)
     if args.eval_model:  # only rank the given folders
-        bad = [x for x in args.eval_model if not x.partition("=")[0] or not os.path.isdir(x.partition("=")[2])]
-        if bad:
-            ap.error(f"--eval-model wants NAME=DIR with an existing DIR, got {bad[0]!r}")
         jobs = [{"group": n, "loss": "none", "seed": 0, "cfg": {}, "model": d}
                 for n, _, d in (x.partition("=") for x in args.eval_model)]
     if args.groups:
