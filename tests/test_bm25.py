@@ -64,6 +64,45 @@ def test_tokenize_and_stopwords():
     assert bm.scores("the").tolist() == [0.0, 0.0]  # a stopword-only query matches nothing
 
 
+@pytest.mark.parametrize("passage, query", [
+    ("text classi\ufb01cation", "classification"),   # the "fi" ligature of PDF-extracted text
+    ("caf\u00e9 au lait", "cafe\u0301"),              # precomposed passage, decomposed query
+    ("cafe\u0301 au lait", "CAF\u00c9"),              # and the other way round, upper case
+    ("die Stra\u00dfe", "STRASSE"),                    # case folding: sharp s
+    ("\uff2b\uff41\uff49 model", "kai"),             # full-width letters
+])
+def test_unicode_forms_match(passage, query):
+    # NFKC + case folding (the default): the same word in another Unicode form matches; lowercase-only does not
+    texts = [passage, "an unrelated paragraph"]
+    assert BM25(texts).scores(query)[0] > 0
+    assert BM25(texts).scores(query)[0] == pytest.approx(BM25([tokenize_text(passage), texts[1]]).scores(query)[0])
+    assert BM25(texts, unicode=False).scores(query)[0] == 0
+
+
+def test_combining_marks_stay_inside_words():
+    hindi = "\u0939\u093f\u0928\u094d\u0926\u0940 \u092d\u093e\u0937\u093e"  # two words, each with vowel signs
+    assert tokenize(hindi) == hindi.split()
+    assert len(tokenize(hindi, unicode=False)) == 5  # the old tokeniser cut them into consonants
+    assert tokenize("na\u00efve caf\u00e9", unicode=True) == tokenize("nai\u0308ve CAFE\u0301")
+
+
+def tokenize_text(text):
+    return " ".join(tokenize(text))
+
+
+def test_nfkc_is_identity_on_ascii():
+    rng = random.Random(5)
+    texts = [t.upper() + " Mixed-Case, v2!" for t in _random_corpus(rng, 20)]
+    for t in texts:
+        assert tokenize(t) == tokenize(t, unicode=False) == _ascii_reference(t)
+
+
+def _ascii_reference(text):
+    import re
+
+    return re.findall(r"\w+", text.lower())
+
+
 def test_topk_order_ties_and_unknown_terms():
     bm = BM25(["alpha beta", "beta", "gamma", "beta"])
     s, i = bm.topk("beta", 3)

@@ -115,6 +115,28 @@ def test_lexical_load_checks_ids_and_counts_of_a_crafted_file(tmp_path, section,
         LexicalIndex.load(tmp_path / "bad.uae")
 
 
+@pytest.mark.parametrize("unicode", [True, False])
+def test_lexical_index_keeps_its_tokenisation_when_saved(tmp_path, unicode):
+    # a saved index tokenises queries as it tokenised its passages; a file written before the unicode option
+    # (no "unicode" in its header) was built lowercase-only and loads that way
+    from uae_fast.index import _read_file, _write_file
+
+    lex = LexicalIndex(unicode=unicode)
+    lex.add(["text classi\ufb01cation", "other words"], ids=[4, 9])
+    lex.save(tmp_path / "lex.uae")
+    back = LexicalIndex.load(tmp_path / "lex.uae")
+    assert back.unicode is unicode
+    s, ids = back.search(["classification"], 1)
+    assert (ids[0, 0] == 4 and s[0, 0] > 0) if unicode else s[0, 0] == 0
+    header, arrays = _read_file(str(tmp_path / "lex.uae"), False, True)
+    old = {k: v for k, v in header.items() if k not in ("sections", "format", "unicode")}
+    _write_file(str(tmp_path / "old.uae"), old, {k: np.asarray(v) for k, v in arrays.items()})
+    assert LexicalIndex.load(tmp_path / "old.uae").unicode is False
+    _write_file(str(tmp_path / "bad.uae"), dict(old, unicode="yes"), {k: np.asarray(v) for k, v in arrays.items()})
+    with pytest.raises(ValueError, match="bad header field"):
+        LexicalIndex.load(tmp_path / "bad.uae")
+
+
 def test_lexical_errors():
     lex = LexicalIndex()
     with pytest.raises(ValueError, match="empty"):

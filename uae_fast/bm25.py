@@ -4,8 +4,12 @@ and the lexical side of :class:`uae_fast.hybrid.HybridIndex` through :class:`uae
     score(q, d) = sum_{t in q} idf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl))
     idf(t)      = ln(1 + (N - n_t + 0.5) / (n_t + 0.5))          (Lucene's non-negative idf)
 
-Tokenisation is deliberately simple: lowercase, ``\\w+`` runs (Unicode letters/digits/underscore),
-optional English stopword removal. A repeated query term counts once per occurrence (as in Lucene).
+Tokenisation is deliberately simple: ``\\w+`` runs (Unicode letters/digits/underscore) of NFKC-normalised,
+case-folded text, with combining marks kept inside words (``unicode=True``, the default: the "fi" ligature of
+PDF-extracted text, full-width forms, composed and decomposed accents, "ß" and "ss" match, and Devanagari or Thai
+words are not split at their vowel signs); ``unicode=False`` is the tokeniser before 2026-12 (lowercased ``\\w+``
+runs only). No stemming; optional English stopword removal. A repeated query term counts once per occurrence
+(as in Lucene).
 
 Everything except ``qtf`` is fixed per (term, passage), so it is precomputed into a term-major CSR matrix
 ``W [V, N]`` (bm25s's approach): a batch of queries is a sparse count matrix ``Q [B, V]`` and its scores are
@@ -24,11 +28,29 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import unicodedata
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
 _TOKEN = re.compile(r"\w+")
+
+
+def _marks_pattern():
+    """``\\w`` plus every combining mark (categories Mn, Mc, Me) as code point ranges: ``re`` has no ``\\p{M}``,
+    and without them ``\\w+`` cuts Indic and Thai words at each vowel sign."""
+    import sys
+
+    cps = [c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in ("Mn", "Mc", "Me")]
+    ranges, start = [], cps[0]
+    for prev, c in zip(cps, cps[1:] + [-1]):
+        if c != prev + 1:
+            ranges.append(re.escape(chr(start)) + ("" if prev == start else "-" + re.escape(chr(prev))))
+            start = c
+    return re.compile("[\\w" + "".join(ranges) + "]+")
+
+
+_TOKEN_MARKS = None  # built on first non-ASCII text (a scan of the code points, ~0.1 s)
 
 # A short English stopword list (NLTK's core function words); enough to stop "the"/"of" from
 # dominating long queries without a dependency.
@@ -43,9 +65,26 @@ ENGLISH_STOPWORDS = frozenset(
 _DTYPES = ("float64", "float32")
 
 
-def tokenize(text: str, stopwords: bool = False) -> List[str]:
-    """Lowercased ``\\w+`` tokens, optionally without English stopwords."""
-    toks = _TOKEN.findall(text.lower())
+def fold(text: str, unicode: bool = True) -> str:
+    """The text tokens are cut from: NFKC-normalised and case-folded (``unicode=False``: lowercased)."""
+    if not unicode or text.isascii():  # ASCII: NFKC is the identity and casefold() is lower()
+        return text.lower()
+    if not unicodedata.is_normalized("NFKC", text):
+        text = unicodedata.normalize("NFKC", text)
+    return text.casefold()
+
+
+def tokenize(text: str, stopwords: bool = False, unicode: bool = True) -> List[str]:
+    """Word tokens of :func:`fold` ``(text, unicode)`` (see the module docstring), optionally without English
+    stopwords."""
+    global _TOKEN_MARKS
+    text = fold(text, unicode)
+    if unicode and not text.isascii():  # ASCII text (most English corpora) keeps the faster plain pattern
+        if _TOKEN_MARKS is None:
+            _TOKEN_MARKS = _marks_pattern()
+        toks = _TOKEN_MARKS.findall(text)
+    else:
+        toks = _TOKEN.findall(text)
     return [t for t in toks if t not in ENGLISH_STOPWORDS] if stopwords else toks
 
 
@@ -61,7 +100,7 @@ def _check_texts(texts, name: str = "texts") -> List[str]:
     return texts
 
 
-def count_matrix(texts: Sequence[str], vocab: Dict[str, int], *, stopwords: bool, grow: bool):
+def count_matrix(texts: Sequence[str], vocab: Dict[str, int], *, stopwords: bool, grow: bool, unicode: bool = True):
     """Term counts of ``texts`` as a CSR matrix ``[len(texts), len(vocab)]`` (float64).
 
     ``grow=True`` adds unseen terms to ``vocab`` (passages); ``grow=False`` drops them (queries: a term
@@ -72,7 +111,7 @@ def count_matrix(texts: Sequence[str], vocab: Dict[str, int], *, stopwords: bool
     cols: List[int] = []
     indptr = [0]
     for t in texts:
-        toks = tokenize(t, stopwords)
+        toks = tokenize(t, stopwords, unicode)
         if grow:
             cols.extend(vocab.setdefault(w, len(vocab)) for w in toks)
         else:
@@ -117,28 +156,31 @@ class BM25:
         k1: term-frequency saturation (>= 0).
         b: length normalisation in [0, 1].
         stopwords: drop English stopwords from passages and queries.
+        unicode: NFKC-normalise and case-fold passages and queries and keep combining marks inside words
+            (default True; False: lowercased ``\\w+`` runs, the tokeniser before 2026-12).
         dtype: ``"float64"`` (default) or ``"float32"`` (half the memory of the weight matrix;
             scores to ~1e-7 relative).
     """
 
     def __init__(self, texts: Sequence[str], *, k1: float = 1.2, b: float = 0.75, stopwords: bool = False,
-                 dtype: str = "float64"):
+                 dtype: str = "float64", unicode: bool = True):
         texts = _check_texts(texts)
         if not texts:
             raise ValueError("texts is empty: BM25 needs at least one passage")
         vocab: Dict[str, int] = {}
-        tf = count_matrix(texts, vocab, stopwords=bool(stopwords), grow=True)
-        self._setup(tf, vocab, k1=k1, b=b, stopwords=stopwords, dtype=dtype)
+        tf = count_matrix(texts, vocab, stopwords=bool(stopwords), grow=True, unicode=bool(unicode))
+        self._setup(tf, vocab, k1=k1, b=b, stopwords=stopwords, dtype=dtype, unicode=unicode)
 
     @classmethod
     def from_counts(cls, tf, vocab: Dict[str, int], *, k1: float = 1.2, b: float = 0.75, stopwords: bool = False,
-                    dtype: str = "float64") -> "BM25":
-        """BM25 from a term-count CSR matrix ``[N, len(vocab)]`` (what :func:`count_matrix` builds)."""
+                    dtype: str = "float64", unicode: bool = True) -> "BM25":
+        """BM25 from a term-count CSR matrix ``[N, len(vocab)]`` (what :func:`count_matrix` builds; ``unicode``
+        must be what it tokenised with, since queries are tokenised the same way)."""
         self = cls.__new__(cls)
-        self._setup(tf, vocab, k1=k1, b=b, stopwords=stopwords, dtype=dtype)
+        self._setup(tf, vocab, k1=k1, b=b, stopwords=stopwords, dtype=dtype, unicode=unicode)
         return self
 
-    def _setup(self, tf, vocab, *, k1, b, stopwords, dtype):
+    def _setup(self, tf, vocab, *, k1, b, stopwords, dtype, unicode):
         import scipy.sparse as sp
 
         for name, v in (("k1", k1), ("b", b)):
@@ -152,7 +194,7 @@ class BM25:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         if tf.shape[0] < 1:
             raise ValueError("texts is empty: BM25 needs at least one passage")
-        self.k1, self.b, self.stopwords, self.dtype = float(k1), float(b), bool(stopwords), dtype
+        self.k1, self.b, self.stopwords, self.dtype, self.unicode = float(k1), float(b), bool(stopwords), dtype, bool(unicode)
         self.vocab = vocab
         self.n_docs = int(tf.shape[0])
         tf = sp.csr_matrix(tf, dtype=np.float64)
@@ -183,7 +225,7 @@ class BM25:
     def score_matrix(self, queries: Sequence[str]):
         """BM25 scores of every passage for each query: CSR ``[len(queries), N]`` (absent = 0)."""
         queries = _check_texts(queries, "queries")
-        q = count_matrix(queries, self.vocab, stopwords=self.stopwords, grow=False)
+        q = count_matrix(queries, self.vocab, stopwords=self.stopwords, grow=False, unicode=self.unicode)
         q = q[:, : self._w.shape[0]] if q.shape[1] != self._w.shape[0] else q
         return (q.astype(self._w.dtype) @ self._w).tocsr()
 

@@ -52,15 +52,16 @@ class HybridIndex:
             ``None`` for :data:`uae_fast.fusion.DEFAULT_FUSION`.
         dtype, metric, threads: the dense side's :class:`uae_fast.TopKIndex` options
             (``"float32"``/``"bfloat16"``/``"int8"``; ``"ip"``/``"cosine"``; search threads).
-        k1, b, stopwords: the lexical side's BM25 options.
+        k1, b, stopwords, unicode: the lexical side's BM25 options.
 
     ``search`` may be called from several threads at once; ``add`` may run concurrently with searches.
     """
 
     def __init__(self, dim: int, fusion=None, *, dtype: str = "float32", metric: str = "ip",
-                 threads: Optional[int] = None, k1: float = 1.2, b: float = 0.75, stopwords: bool = False):
+                 threads: Optional[int] = None, k1: float = 1.2, b: float = 0.75, stopwords: bool = False,
+                 unicode: bool = True):
         self.dense = TopKIndex(dim, dtype=dtype, metric=metric, threads=threads)
-        self.lexical = LexicalIndex(k1=k1, b=b, stopwords=stopwords)
+        self.lexical = LexicalIndex(k1=k1, b=b, stopwords=stopwords, unicode=unicode)
         self.fusion = resolve_fusion(fusion)
         self.meta: dict = {}  # saved with the index (e.g. the encoder's path)
         self._lock = threading.Lock()  # add() keeps the two sides in step

@@ -56,16 +56,18 @@ class LexicalIndex:
     """BM25 over added passages, searched in batches; results ``(scores [Q, k] float32, ids [Q, k] int64)``.
 
     Args:
-        k1, b, stopwords: BM25 parameters (see :class:`uae_fast.bm25.BM25`; defaults 1.2, 0.75, False).
+        k1, b, stopwords, unicode: BM25 parameters (see :class:`uae_fast.bm25.BM25`; defaults 1.2, 0.75, False,
+            True). A saved index keeps its tokenisation: files written before ``unicode`` existed load with False.
         dtype: weight-matrix dtype, ``"float32"`` (default: half the memory) or ``"float64"``.
 
     ``search`` is safe from several threads at once and may run concurrently with ``add`` (a search
     sees the passages present when it started).
     """
 
-    def __init__(self, *, k1: float = 1.2, b: float = 0.75, stopwords: bool = False, dtype: str = "float32"):
+    def __init__(self, *, k1: float = 1.2, b: float = 0.75, stopwords: bool = False, dtype: str = "float32",
+                 unicode: bool = True):
         BM25.from_counts(_empty_counts(1), {}, k1=k1, b=b, stopwords=stopwords, dtype=dtype)  # validates the options
-        self.k1, self.b, self.stopwords, self.dtype = float(k1), float(b), bool(stopwords), dtype
+        self.k1, self.b, self.stopwords, self.dtype, self.unicode = float(k1), float(b), bool(stopwords), dtype, bool(unicode)
         self._vocab: Dict[str, int] = {}
         self._counts = _empty_counts(0)
         self._pending: list = []  # count matrices added since the last consolidation (add stays O(new))
@@ -100,7 +102,7 @@ class LexicalIndex:
         return int(c.data.nbytes + c.indices.nbytes + c.indptr.nbytes + self._ids.nbytes + (bm.nbytes if bm else 0))
 
     def __repr__(self) -> str:
-        return f"LexicalIndex(n={len(self)}, vocab={self.vocab_size}, k1={self.k1}, b={self.b}, stopwords={self.stopwords})"
+        return f"LexicalIndex(n={len(self)}, vocab={self.vocab_size}, k1={self.k1}, b={self.b}, stopwords={self.stopwords}, unicode={self.unicode})"
 
     def add(self, texts: Sequence[str], ids=None) -> None:
         """Add passages ``texts`` with optional int64 ``ids``. As in :class:`uae_fast.TopKIndex`, ids are unique:
@@ -121,7 +123,7 @@ class LexicalIndex:
                 if taken.any():
                     raise ValueError(f"id {int(new_ids[np.argmax(taken)])} is already in the index: ids must be unique")
             vocab = dict(self._vocab)  # searches in flight keep the old vocabulary
-            m = count_matrix(texts, vocab, stopwords=self.stopwords, grow=True)
+            m = count_matrix(texts, vocab, stopwords=self.stopwords, grow=True, unicode=self.unicode)
             self._pending.append(m)
             self._vocab, self._ids, self._bm25 = vocab, np.concatenate([self._ids, new_ids]), None
             self._next_id = max(start, int(new_ids.max()) + 1)
@@ -141,7 +143,7 @@ class LexicalIndex:
         with self._lock:
             if self._bm25 is None and len(self):
                 self._bm25 = BM25.from_counts(self._consolidated(), self._vocab, k1=self.k1, b=self.b,
-                                              stopwords=self.stopwords, dtype=self.dtype)
+                                              stopwords=self.stopwords, dtype=self.dtype, unicode=self.unicode)
             return self._bm25, self._ids
 
     def score_matrix(self, queries: Sequence[str]):
@@ -175,7 +177,7 @@ class LexicalIndex:
                 terms[i] = t
             blob, ends = pack_strings(terms)
             meta = {"kind": KIND, "ntotal": len(self), "vocab_size": len(vocab), "k1": self.k1, "b": self.b,
-                    "stopwords": self.stopwords, "dtype": self.dtype}
+                    "stopwords": self.stopwords, "dtype": self.dtype, "unicode": self.unicode}
             sections = {"ids": self._ids, "indptr": c.indptr.astype(np.int64), "indices": c.indices.astype(np.int32),
                         "counts": c.data.astype(np.float32), "vocab": blob, "vocab_ends": ends}
             _write_file(path, meta, sections)
@@ -195,7 +197,10 @@ class LexicalIndex:
             raise corrupt(f"kind is {header.get('kind')!r}, expected {KIND!r}")
         try:
             n, nv = int(header["ntotal"]), int(header["vocab_size"])
-            out = cls(k1=header["k1"], b=header["b"], stopwords=header["stopwords"], dtype=header["dtype"])
+            unicode = header.get("unicode", False)  # files from before the option were built lowercase-only
+            if not isinstance(unicode, bool):
+                raise TypeError(f"unicode is {unicode!r}")
+            out = cls(k1=header["k1"], b=header["b"], stopwords=header["stopwords"], dtype=header["dtype"], unicode=unicode)
         except (KeyError, TypeError, ValueError) as e:
             raise corrupt(f"bad header field: {e}") from None
         need = {"ids": (n,), "indptr": (n + 1,), "vocab_ends": (nv,)}
