@@ -491,6 +491,50 @@ def test_header_records_deltas_and_data_fingerprint(ds, scorer, tmp_path):
         score_dataset(scorer, ds, str(tmp_path / "x.jsonl"), reuse=[out], data_sha1="cccc", **kw)
 
 
+def test_a_path_teacher_is_fingerprinted_so_another_model_at_its_path_is_refused(ds, tmp_path):
+    # the header names a PATH teacher by its path; a model saved over that path later must not resume, reuse or
+    # merge into the first one's rows (teacher_sha1)
+    from uae_fast.teacher import folder_fingerprint
+
+    folder = tmp_path / "teacher"
+    kw = dict(no_gold=True, with_gold_only=False, progress=False, limit=2, candidates="top:2")
+    first = str(tmp_path / "first.jsonl")
+    for seed, out in ((0, first), (1, None)):
+        tiny_llama(seed=seed).save_pretrained(folder)
+        byte_tokenizer().save_pretrained(folder)
+        sc = UtilityScorer.from_pretrained(str(folder), device="cpu", token_budget=1, **OPTS)
+        assert sc.settings()["teacher_sha1"] == folder_fingerprint(folder)
+        if out:
+            h = score_dataset(sc, ds, out, **kw)
+            assert h["teacher_sha1"] == sc.fingerprint and h["teacher"] == os.path.normpath(str(folder))
+    assert sc.fingerprint != h["teacher_sha1"]  # the second model, same path
+    with pytest.raises(ValueError, match=r"--reuse .*other settings \(teacher_sha1"):
+        score_dataset(sc, ds, str(tmp_path / "x.jsonl"), reuse=[first], **kw)
+    with pytest.raises(ValueError, match=r"different settings \(teacher_sha1\)"):
+        score_dataset(sc, ds, first, resume=True, **kw)
+    assert "teacher_sha1" not in UtilityScorer(sc.model, sc.tokenizer, **OPTS).settings()  # no path, no fingerprint
+
+
+def test_folder_fingerprint_samples_large_files(tmp_path):
+    from uae_fast.teacher import folder_fingerprint
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "config.json").write_text('{"x": 1}')
+        (d / "model.safetensors").write_bytes(bytes(range(256)) * (3 << 12))  # 3 MiB: sampled, not read whole
+    assert folder_fingerprint(a) == folder_fingerprint(b)  # the contents count, not where the folder is
+    (b / "README.md").write_text("notes")
+    assert folder_fingerprint(a) == folder_fingerprint(b)
+    data = bytearray((b / "model.safetensors").read_bytes())
+    data[-1] ^= 1  # the last bytes are always sampled
+    (b / "model.safetensors").write_bytes(bytes(data))
+    assert folder_fingerprint(a) != folder_fingerprint(b)
+    (b / "model.safetensors").write_bytes((a / "model.safetensors").read_bytes())
+    (b / "config.json").write_text('{"x": 2}')
+    assert folder_fingerprint(a) != folder_fingerprint(b)
+
+
 def test_blank_texts_are_refused_before_any_scoring(scorer, tmp_path):
     path = tmp_path / "d.jsonl"
     recs = [dict(type="passage", id="p0", doc_id="d", text="The capital of France is Paris."),

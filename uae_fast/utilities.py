@@ -41,16 +41,18 @@ RESUME_KEYS = COMPAT_KEYS + ("shard", "n_queries", "n_rows", "limit", "questions
 _SAME_ROWS_KEYS = ("candidates", "candidate_student", "no_gold", "data", "answers")
 
 
-# Recorded since 2026-12-06 (data_sha1: the data file's contents; save_deltas: rows carry per-token deltas):
-# compared only where both headers have them, so tables written before keep resuming and merging.
-_RECORDED_KEYS = ("data_sha1", "save_deltas")
+# Recorded since 2026-12-06 (data_sha1: the data file's contents; save_deltas: rows carry per-token deltas) and
+# 2026-12-07 (teacher_sha1: a PATH teacher's folder_fingerprint): compared only where both headers have them, so
+# tables written before keep resuming and merging.
+_RECORDED_KEYS = ("data_sha1", "save_deltas", "teacher_sha1")
+_VALUE_RECORDED_KEYS = ("data_sha1", "teacher_sha1")  # those that change a row's utility
 
 
 def header_diff(a: dict, b: dict, keys, *, rows: bool = True) -> List[str]:
     """The settings among ``keys`` in which two headers differ, plus the _RECORDED_KEYS both headers have
-    (``rows=False``: only data_sha1, for readers that copy utilities but not deltas)."""
+    (``rows=False``: only those that change a utility, for readers that copy utilities but not deltas)."""
     diff = [k for k in keys if a.get(k) != b.get(k)]
-    for k in _RECORDED_KEYS if rows else ("data_sha1",):
+    for k in _RECORDED_KEYS if rows else _VALUE_RECORDED_KEYS:
         if k in a and k in b and a[k] != b[k]:
             diff.append(k)
     return diff
