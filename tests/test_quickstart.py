@@ -141,3 +141,48 @@ def test_quickstart_with_utilities_skips_teacher_scoring(tmp_path, monkeypatch):
     monkeypatch.setattr(uae_fast.training, "train", stage2)
     with pytest.raises(RuntimeError, match="stage 2 reached"):
         quickstart(str(tmp_path / "qs"), train_data=TRAIN, dev_data=DEV, utilities=table, progress=False)
+
+
+@pytest.mark.parametrize("rerank_n", [None, 6, 2])
+def test_report_png_compares_the_reranker_on_its_own_questions(tmp_path, rerank_n):
+    # the re-ranker runs on the first n questions: with n below the whole set, every system gets a second quality
+    # panel on those n (the full set's panel leaves the re-ranker out), so no bar pair mixes question sets
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from uae_fast.quickstart import plot_report
+
+    def m(s, lat):
+        return {"Success@1": s, "MAP": s + 0.1, "latency_ms_mean": lat}
+
+    systems = {"uae": m(0.4, 2.0), "bm25": m(0.2, 0.5), "base": m(0.25, 2.0)}
+    ev = {"n_queries": 6, "data": "dev", "systems": dict(systems)}
+    if rerank_n:
+        ev["systems"]["rerank"] = m(0.3, 900.0)
+        ev["rerank_subset"] = {"n": rerank_n, "systems": {k: m(v["Success@1"] / 2, v["latency_ms_mean"])
+                                                          for k, v in ev["systems"].items()}}
+        ev["speedup_vs_rerank"] = {"uae": 450.0, "base": 450.0}
+    seen = {}
+    real = plt.subplots
+
+    def spy(*a, **k):
+        fig, axes = real(*a, **k)
+        seen["axes"] = axes
+        return fig, axes
+
+    plt.subplots = spy
+    try:
+        assert plot_report({"eval": ev}, str(tmp_path / "r.png")) is True
+    finally:
+        plt.subplots = real
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    titles = [a.get_title() for a in seen["axes"]]
+    ticks = [[t.get_text() for t in a.get_xticklabels()] for a in seen["axes"]]
+    if rerank_n == 2:
+        assert len(titles) == 3 and "all 6" in titles[0] and "first 2" in titles[1]
+        assert "rerank" not in ticks[0] and "rerank" in ticks[1]
+        halves = [p.get_height() for p in seen["axes"][1].patches]  # the subset's numbers, not the full set's
+        assert 0.2 in [round(h, 6) for h in halves] and 0.4 not in [round(h, 6) for h in halves]
+    else:
+        assert len(titles) == 2 and "6 questions" in titles[0]
+    assert "Latency" in titles[-1]

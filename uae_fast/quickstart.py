@@ -74,6 +74,22 @@ def _compare_with_shipped(slice_path: str, shipped: str) -> dict:
             "shipped_teacher": ref_header.get("teacher")}
 
 
+def _quality_bars(a, names, systems, title, top) -> None:
+    x = range(len(names))
+    w = 0.38
+    r1 = [systems[n]["Success@1"] for n in names]
+    mp = [systems[n]["MAP"] for n in names]
+    a.bar([i - w / 2 for i in x], r1, w, label="Success@1", color="#4c72b0")
+    a.bar([i + w / 2 for i in x], mp, w, label="MAP", color="#dd8452")
+    for i, (u, v) in enumerate(zip(r1, mp)):
+        a.text(i - w / 2, u + 0.01, f"{u:.2f}", ha="center", fontsize=8)
+        a.text(i + w / 2, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+    a.set_xticks(list(x), names)
+    a.set_ylim(0, top)
+    a.set_title(title, fontsize=10)
+    a.legend()
+
+
 def plot_report(report: dict, path: str) -> bool:
     """Two panels: retrieval quality per system (Success@1, MAP), and per-query latency (log scale).
 
@@ -91,24 +107,21 @@ def plot_report(report: dict, path: str) -> bool:
     sub = ev.get("rerank_subset", {})
     names = list(ev["systems"])
     full = ev["systems"]
-    # quality: each system on its own queries (the re-ranker on its subset, its tick says so); latency: every
-    # system on the re-ranker's subset where there is one, so the bars' ratio is the title's speedup
-    ticks = [f"{n}\n(first {sub['n']})" if n == "rerank" and sub else n for n in names]
+    data = ev.get("data") or "dev"
+    # Like with like: the re-ranker runs on the first n questions only, so its bars sit in a panel where every
+    # system is measured on those same questions; the full set's panel leaves it out. Latency: the subset too,
+    # so the bars' ratio is the title's speedup.
+    split = bool(sub) and sub["n"] < ev["n_queries"]
+    panels = ([(f"{data}, all {ev['n_queries']} questions", [n for n in names if n != "rerank"], full)] if split else [])
+    panels.append((f"{data}, first {sub['n']} questions (the re-ranker's)" if split else f"{data} ({ev['n_queries']} questions)",
+                   names, sub.get("systems", full) if split else full))
     timed = sub.get("systems", full)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.5 * (len(panels) + 1), 4.2))
+    top = max([s[n][m] for _, ns, s in panels for n in ns for m in ("Success@1", "MAP")] + [0.1]) * 1.25
+    for a, (title, ns, systems) in zip(axes, panels):
+        _quality_bars(a, ns, systems, title, top)
+    b = axes[-1]
     x = range(len(names))
-    w = 0.38
-    r1 = [full[n]["Success@1"] for n in names]
-    mp = [full[n]["MAP"] for n in names]
-    a.bar([i - w / 2 for i in x], r1, w, label="Success@1", color="#4c72b0")
-    a.bar([i + w / 2 for i in x], mp, w, label="MAP", color="#dd8452")
-    for i, (u, v) in enumerate(zip(r1, mp)):
-        a.text(i - w / 2, u + 0.01, f"{u:.2f}", ha="center", fontsize=8)
-        a.text(i + w / 2, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
-    a.set_xticks(list(x), ticks)
-    a.set_ylim(0, max(r1 + mp + [0.1]) * 1.25)
-    a.set_title(f"{ev.get('data') or 'dev'} evidence retrieval ({ev['n_queries']} q; rerank: first {ev.get('rerank_subset', {}).get('n', 0)})")
-    a.legend()
     lat = [timed.get(n, full[n]).get("latency_ms_mean", float("nan")) for n in names]
     b.bar(list(x), lat, color=["#c44e52" if n == "rerank" else "#55a868" for n in names])
     b.set_yscale("log")
