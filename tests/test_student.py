@@ -279,6 +279,21 @@ def test_prompts_are_applied_as_sentence_transformers_does_and_kept_on_save(tmp_
     # 'passage' is sentence-transformers' second name for the document prompt; no default: no prompt
     enc2 = BiEncoder(_st_saved(tmp_path / "p", prompts={"passage": "p: "}, default_prompt_name=None), device="cpu")
     assert enc2.prompt("document") == "p: " and enc2.prompt("query") == enc2.prompt() == ""
+    # saved, the prompts it applies are written under sentence-transformers' role names too: version 6 adds empty
+    # "query"/"document" prompts to a model without them, which would win over "passage" and the default prompt
+    from sentence_transformers import SentenceTransformer
+
+    enc3 = BiEncoder(_st_saved(tmp_path / "r", prompts={"retrieval": "r: "}, default_prompt_name="retrieval"), device="cpu")
+    for e, name in ((enc2, "p2"), (enc3, "r2")):
+        e.save(tmp_path / name)
+        st = SentenceTransformer(str(tmp_path / name), device="cpu")
+        for role, ref in (("query", st.encode_query(TEXTS, convert_to_tensor=True)),
+                          ("document", st.encode_document(TEXTS, convert_to_tensor=True)),
+                          (None, st.encode(TEXTS, convert_to_tensor=True))):
+            torch.testing.assert_close(e.encode(TEXTS, role=role), torch.nn.functional.normalize(ref.float(), dim=-1),
+                                       atol=1e-5, rtol=1e-4)
+        back = BiEncoder(tmp_path / name, device="cpu")
+        assert [back.prompt(r) for r in ("query", "document", None)] == [e.prompt(r) for r in ("query", "document", None)]
     with pytest.raises(ValueError, match="role must be"):
         enc.encode(TEXTS, role="passage")
     with pytest.raises(ValueError, match="default_prompt_name 'x' is not one of its prompts"):

@@ -389,8 +389,13 @@ class BiEncoder(nn.Module):
             os.makedirs(os.path.join(path, "2_Normalize"), exist_ok=True)
             modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
         put(os.path.join(path, "modules.json"), modules)
+        prompts = dict(self.prompts)
+        if prompts or self.default_prompt_name:
+            # sentence-transformers 6 gives a model without "query"/"document" prompts empty ones, which then win over
+            # "passage"/"corpus" and the default prompt: write the prompts this encoder applies under both names
+            prompts.update(query=self.prompt("query"), document=self.prompt("document"))
         put(os.path.join(path, "config_sentence_transformers.json"), {"similarity_fn_name": "cosine" if self.normalize else "dot",
-                                                                      "prompts": self.prompts, "default_prompt_name": self.default_prompt_name})
+                                                                      "prompts": prompts, "default_prompt_name": self.default_prompt_name})
         write_model_card(self, path, training=training, name=name)
 
 
