@@ -102,6 +102,27 @@ def test_utilities_must_match_data(tmp_path, ds):
         check_utilities(bad, ds)
 
 
+def test_large_pools_draw_as_the_list_does_without_building_it(monkeypatch):
+    # a BEIR question's pool is the whole corpus: _draw skips listing it per question, drawing exactly what
+    # rng.choice over the list of the pool minus the chosen passages would draw
+    import uae_fast.training as T
+
+    rng = random.Random(0)
+    for trial in range(40):
+        pool = [f"p{i}" for i in range(rng.randint(1, 60))]
+        chosen = rng.sample(pool, rng.randint(0, min(len(pool), 8))) + (["elsewhere"] if trial % 3 == 0 else [])
+        n = rng.randint(1, len(pool) + 2)
+        got = {}
+        for large in (10**9, 0):  # the list path, then the skipping path on the same draws
+            monkeypatch.setattr(T, "_LARGE_POOL", large)
+            sampler = T.BatchSampler.__new__(T.BatchSampler)
+            sampler._positions = {}
+            got[large] = sampler._draw(pool, chosen, n, np.random.default_rng(trial))
+        assert got[0] == got[10**9]
+        assert len(set(got[0])) == len(got[0]) and not set(got[0]) & set(chosen)
+        assert len(got[0]) == min(n, len(set(pool) - set(chosen)))
+
+
 def test_batches_deterministic_and_targets(tmp_path, ds):
     u, _ = load_utilities(write_utilities(tmp_path / "u.jsonl.gz", ds))
     cfg = TrainConfig(loss="uae", batch_size=4, passages_per_query=3, seed=3)

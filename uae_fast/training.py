@@ -74,6 +74,7 @@ NO_GOLD_PASSAGES_PER_QUERY = 16
 MAX_AUTO_EPOCHS = 10.0  # the ceiling of --min-steps' extra epochs
 POSITIVES = ("gold", "bm25", "bm25-answer", "teacher-top1")
 _STATE_FILE = "trainer_state.pt"
+_LARGE_POOL = 4096  # pools above this many passages are drawn from without listing them per question (_draw)
 
 
 # ------------------------------------------------------------------------------------- config
@@ -308,6 +309,7 @@ class BatchSampler:
             return by_doc[q.doc_id]
 
         self._pools = {q.id: pool(q) for q in queries}
+        self._positions: Dict[int, Dict[str, int]] = {}  # id(large pool) -> {pid: position} (_draw)
         self._cands: Optional[Dict[str, List[str]]] = None
         if cfg.candidates is not None:
             if candidates is None:
@@ -370,6 +372,29 @@ class BatchSampler:
         scored = self._cands[q.id] if self._cands is not None else self.utilities.get(q.id)
         return list(scored) if scored else None
 
+    def _draw(self, cands: List[str], chosen: List[str], n: int, rng: np.random.Generator) -> List[str]:
+        """Up to ``n`` of ``cands`` not in ``chosen``, drawn as ``rng.choice`` over that list would draw them; for a
+        large pool (BEIR's: the whole corpus, shared by every question) without building it: the draws depend on
+        its length only, and the i-th survivor is found by skipping the few chosen positions."""
+        if len(cands) <= _LARGE_POOL:
+            rest = [p for p in cands if p not in chosen]
+            n = min(n, len(rest))
+            return [rest[int(i)] for i in rng.choice(len(rest), size=n, replace=False)] if n > 0 else []
+        pos = self._positions.get(id(cands))
+        if pos is None:  # the pools are kept for the sampler's life, so their ids stay theirs
+            pos = self._positions[id(cands)] = {p: i for i, p in enumerate(cands)}
+        gone = sorted({pos[p] for p in chosen if p in pos})
+        n = min(n, len(cands) - len(gone))
+        out = []
+        for i in (rng.choice(len(cands) - len(gone), size=n, replace=False) if n > 0 else ()):
+            i = int(i)
+            for g in gone:
+                if g > i:
+                    break
+                i += 1
+            out.append(cands[i])
+        return out
+
     def _pick_passages(self, q: Query, rng: np.random.Generator) -> List[str]:
         pool = self._pools[q.id]
         want = min(self.cfg.passages_per_query, len(pool))
@@ -378,10 +403,8 @@ class BatchSampler:
             chosen.append(q.gold[int(rng.integers(len(q.gold)))])
         scored = self._candidates(q)
         for cands in ((list(scored) if scored else pool), pool):  # the candidate set first, then the rest of the pool
-            rest = [p for p in cands if p not in chosen]
-            n = min(want - len(chosen), len(rest))
-            if n > 0:
-                chosen.extend(rest[int(i)] for i in rng.choice(len(rest), size=n, replace=False))
+            if len(chosen) < want:
+                chosen.extend(self._draw(cands, chosen, want - len(chosen), rng))
         u = self.utilities.get(q.id) if self.cfg.loss == "uae" else None
         if u and chosen and not (q.gold and not self.cfg.no_gold) and not any(p in u for p in chosen):
             # A question without gold whose drawn candidates (a --candidates policy) were never scored would

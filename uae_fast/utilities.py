@@ -216,9 +216,14 @@ def check_utilities(utilities: Dict[str, Dict[str, float]], ds: RetrievalDataset
     if unknown_q:
         raise ValueError(f"utilities file {path} does not match data {data_path}: {len(unknown_q)} of {len(utilities)} "
                          f"query ids are not in the data (e.g. {unknown_q[:3]}); score this data with `uae score` first")
-    bad = []
+    bad, by_doc = [], {}  # one set per document (a BEIR corpus is every question's pool), not per question
     for qid, d in utilities.items():
-        pool = set(ds.pool(by_id[qid]))
+        q = by_id[qid]
+        pool = by_doc.get(q.doc_id) if q.candidates is None else None
+        if pool is None:
+            pool = set(ds.pool(q))
+            if q.candidates is None:
+                by_doc[q.doc_id] = pool
         bad.extend((qid, pid) for pid in d if pid not in pool)
     if bad:
         raise ValueError(f"utilities file {path} does not match data {data_path}: {len(bad)} (qid, pid) rows name passages "
