@@ -389,6 +389,11 @@ def test_config_rejects_non_finite_and_non_numbers(field, value):
         TrainConfig(**{field: value}).check()
 
 
+def test_config_rejects_huge_epochs():
+    with pytest.raises(ValueError, match=r"epochs must be in \(0, 1e6\], got 1e\+308"):
+        TrainConfig(epochs=1e308).check()
+
+
 @pytest.mark.parametrize("field", ["batch_size", "passages_per_query", "grad_accum", "max_query_length",
                                    "max_passage_length", "encode_chunk", "max_steps", "seed"])
 @pytest.mark.parametrize("value", [-1, 2.0, True, "3"])
@@ -475,6 +480,45 @@ def test_resume_refuses_rewritten_inputs(tmp_path, ds, tiny, utils):
         train(cfg, str(out), resume=True, save_every=1, progress=False, ds=ds)
     shutil.copy(utils, mine)  # the original back: resumes
     assert train(cfg, str(out), resume=True, save_every=1, progress=False, ds=ds)["finished"]
+
+
+def test_resume_with_the_run_inside_a_beir_data_folder(tmp_path, tiny):
+    # --out inside the BEIR folder: the checkpoints written there are not data (the folder's fingerprint covers
+    # the files the loader reads), so --resume goes on; an edited corpus is still refused
+    from test_data_formats import write_beir
+
+    root = write_beir(tmp_path / "toy")
+    bds = load_dataset(root)
+    cfg = TrainConfig(data=str(root), loss="infonce", student=tiny, **dict(TINY_RUN, batch_size=2, passages_per_query=2))
+    out = root / "runs" / "uae"
+    train(cfg, str(out), save_every=1, stop_after=1, progress=False, ds=bds)
+    corpus = (root / "corpus.jsonl").read_text()
+    (root / "corpus.jsonl").write_text(corpus.replace("bark", "howl"))
+    with pytest.raises(ValueError, match=r"the data_folder file\(s\) changed since the checkpoint"):
+        train(cfg, str(out), resume=True, save_every=1, progress=False, ds=bds)
+    (root / "corpus.jsonl").write_text(corpus)
+    assert train(cfg, str(out), resume=True, save_every=1, progress=False, ds=bds)["finished"]
+
+
+def test_overwrite_removes_the_summary_first(tmp_path, monkeypatch):
+    # killed midway through --overwrite's deletions, the folder must not read as a finished run without weights
+    import uae_fast.training as T
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-000002").mkdir(parents=True)
+    for f in ("config.json", "model.safetensors", "train_log.jsonl", "training_summary.json"):
+        (out / f).write_text("{}")
+    real = os.remove
+
+    def killed(path):
+        if path.endswith("model.safetensors"):
+            raise KeyboardInterrupt
+        real(path)
+
+    monkeypatch.setattr(T.os, "remove", killed)
+    with pytest.raises(KeyboardInterrupt):
+        T._clear_run(str(out))
+    assert not (out / "training_summary.json").exists()
 
 
 def test_one_run_per_out_folder(tmp_path, ds, tiny, utils, capsys):

@@ -157,6 +157,8 @@ class TrainConfig:
         for k in ("label_mix", "warmup"):
             if not 0 <= getattr(self, k) <= 1:
                 raise ValueError(f"{k} must be in [0, 1], got {getattr(self, k)!r}")
+        if self.epochs > 1e6:  # the step count is an int: 1e308 epochs overflowed in math.ceil, not a clear error
+            raise ValueError(f"epochs must be in (0, 1e6], got {self.epochs!r}")
         # AdamW works in float32: beyond these bounds its step arithmetic overflows (a RuntimeError, not a NaN)
         if self.lr > 10:
             raise ValueError(f"lr must be in (0, 10], got {self.lr!r}")
@@ -789,25 +791,26 @@ def _gather_rng(world: int) -> list:
 
 
 def _input_digests(cfg: "TrainConfig") -> Dict[str, str]:
-    """sha256 of the data and utilities files (a folder: its files' names, sizes and mtimes): --resume refuses a
-    run whose inputs were rewritten at the same paths (a rescored table would silently change the targets)."""
+    """sha256 of the data and utilities files (a BEIR folder: ``data_folder``, the fingerprint of the files its
+    loader reads): --resume refuses a run whose inputs were rewritten at the same paths (a rescored table would
+    silently change the targets). Not the folder's other files: a run's --out (its checkpoints), caches or
+    indexes kept inside the data folder change nothing."""
     import hashlib
+
+    from .data import data_fingerprint
 
     out = {}
     for key in ("data", "utilities"):
         path = getattr(cfg, key) or (default_qasper_path("train") if key == "data" else None)
         if not path or not os.path.exists(path):
             continue
+        if os.path.isdir(path):  # (checkpoints before 2026-12-07 kept a digest of every file's mtime under "data")
+            out["data_folder"] = data_fingerprint(path)
+            continue
         h = hashlib.sha256()
-        if os.path.isdir(path):
-            for root, _, files in sorted(os.walk(path)):
-                for f in sorted(files):
-                    st = os.stat(os.path.join(root, f))
-                    h.update(f"{os.path.relpath(os.path.join(root, f), path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-        else:
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
         out[key] = h.hexdigest()
     return out
 
@@ -958,8 +961,10 @@ def _prepare_out_dir(out_dir: str, cfg: TrainConfig, *, resume: bool, overwrite:
 
 
 def _clear_run(out_dir: str) -> None:
-    """``--overwrite``: delete the previous run in ``out_dir`` (checked by _prepare_out_dir)."""
-    for e in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+    """``--overwrite``: delete the previous run in ``out_dir`` (checked by _prepare_out_dir). The summary goes
+    first: a kill midway must not leave a "finished" run without its weights for --resume to hand back."""
+    entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    for e in sorted(entries, key=lambda e: e != "training_summary.json"):
         path = os.path.join(out_dir, e)
         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
