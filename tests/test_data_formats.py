@@ -1,4 +1,5 @@
 """--data in BEIR and SQuAD formats: hand-written fixtures, gold/pool/answers, splits, one-line errors, and `uae eval` on both."""
+import dataclasses
 import gzip
 import json
 import os
@@ -68,7 +69,6 @@ def test_beir_folder(tmp_path):
     ("query-id\tcorpus-id\tscore\nq1\td1\n", r"test.tsv:2: expected 3 tab-separated fields"),
     ("q1 d1 1\n", r"test.tsv:1: expected 3 tab-separated fields"),
     ("query-id\tcorpus-id\tscore\nq1\td1\thigh\n", r"test.tsv:2: score 'high' is not a number"),
-    ("q1\td9\t1\n", r"query 'q1' judges document\(s\) \['d9'\] missing from corpus.jsonl"),
     ("q9\td1\t1\n", r"query 'q9' is not in queries.jsonl"),
     ("query-id\tcorpus-id\tscore\n", r"no queries found"),
     ("q1\td1\tnan\n", r"test.tsv:1: score 'nan' is not a finite number"),
@@ -79,6 +79,36 @@ def test_beir_bad_qrels(tmp_path, test, msg):
     root = write_beir(tmp_path / "b", test=test)
     with pytest.raises(ValueError, match=msg):
         load_dataset(root)
+
+
+def test_beir_judgments_of_documents_missing_from_the_corpus_are_dropped(tmp_path, capsys):
+    # published qrels judge a few documents their corpus lacks (ArguAna); a non-relevant one (score 0) is no gold anyway
+    root = write_beir(tmp_path / "m", test="q1\td1\t1\nq1\td9\t1\nq2\td8\t2\nq3\td7\t0\nq3\td2\t1\n")
+    ds = load_dataset(root)
+    assert [(q.id, q.gold) for q in ds.queries] == [("q1", ["d1"]), ("q2", []), ("q3", ["d2"])]
+    assert ds.unmatched_evidence == {"qrels_missing_documents": 2, "questions_without_gold": 1}
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 relevance judgment(s) name documents missing from corpus.jsonl" in err[0]
+    assert "leaving 1 query without gold" in err[0]
+    from uae_fast.evaluation import evaluate, format_table
+
+    text = format_table(evaluate(ds, [], baselines=("bm25",), progress=False))
+    assert "2 judgments dropped (1 queries left without gold, not evaluated)" in text
+
+
+def test_beir_queries_that_are_corpus_documents_are_not_their_own_answer(tmp_path):
+    # ArguAna/Quora: the query is also in the corpus under its id; BEIR's evaluation ignores identical ids
+    root = write_beir(tmp_path / "a", test="q1\td1\t1\n")
+    with open(root / "corpus.jsonl", "a") as f:
+        f.write(json.dumps({"_id": "q1", "text": "why do cats purr"}) + "\n")  # the query's own text
+    from uae_fast.evaluation import evaluate
+
+    ds = load_dataset(root)
+    assert ds.ignore_identical_ids and ds.subset(1).ignore_identical_ids
+    with_self = evaluate(dataclasses.replace(ds, ignore_identical_ids=False), [], baselines=("bm25",), progress=False)
+    without = evaluate(ds, [], baselines=("bm25",), progress=False)
+    assert with_self["systems"]["bm25"]["Success@1"] == 0.0  # its own text ranks first
+    assert without["systems"]["bm25"]["Success@1"] == 1.0
 
 
 def test_beir_bad_folders(tmp_path):

@@ -45,6 +45,7 @@ import json
 import math
 import os
 import re
+import sys
 import threading
 import zlib
 from dataclasses import dataclass, field
@@ -83,8 +84,12 @@ class RetrievalDataset:
     name: str = ""
     # QASPER: evidence strings that match no paragraph (after stripping), so gave no gold: "headings" (a
     # section name, the usual case), "other" (e.g. whitespace inside the text differs), and
-    # "questions_without_gold" (had text evidence, none matched). Empty for other formats.
+    # "questions_without_gold" (had text evidence, none matched). BEIR: "qrels_missing_documents" (judgments of
+    # documents the corpus lacks, dropped) and "questions_without_gold". Empty for other formats.
     unmatched_evidence: Dict[str, int] = field(default_factory=dict)
+    # BEIR: a query whose id is also a corpus document's (ArguAna, Quora hold the queries in the corpus) is
+    # evaluated without that document, as BEIR's EvaluateRetrieval(ignore_identical_ids=True) does
+    ignore_identical_ids: bool = False
     _by_doc: Dict[str, List[str]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -111,7 +116,8 @@ class RetrievalDataset:
         qs = [q for q in self.queries if (not with_gold or q.gold) and (not with_answers or q.answers)]
         qs = qs[:n] if n is not None else qs
         keep = {pid for q in qs for pid in self.pool(q)}
-        return RetrievalDataset({k: v for k, v in self.passages.items() if k in keep}, qs, self.name)
+        return RetrievalDataset({k: v for k, v in self.passages.items() if k in keep}, qs, self.name,
+                                ignore_identical_ids=self.ignore_identical_ids)
 
 
 # A gzip member expands at most ~1000:1, so a small crafted file can stand for terabytes of text (a "gzip
@@ -604,16 +610,25 @@ def _from_beir(path: str, split: Optional[str]) -> RetrievalDataset:
         if qid in qrels:
             if not rec["text"].strip():
                 raise ValueError(f"{queries_path}: query record {n} ({qid!r}): question is blank")
-            gold = [d for d, s in qrels[qid].items() if s > 0]
+            gold = [d for d, s in qrels[qid].items() if s > 0 and d in passages]
             queries.append(Query(qid, rec["text"], [], gold))
     have = {q.id for q in queries}
-    for qid, docs in qrels.items():
-        if qid not in have:
-            raise ValueError(f"{qrels_path}: query {qid!r} is not in queries.jsonl")
-        missing = [d for d in docs if d not in passages]
-        if missing:
-            raise ValueError(f"{qrels_path}: query {qid!r} judges document(s) {missing[:3]} missing from {os.path.basename(corpus)}")
-    return RetrievalDataset(passages, queries, f"{os.path.basename(os.path.normpath(folder))}/{os.path.basename(qrels_path)[:-4]}")
+    unknown = next((qid for qid in qrels if qid not in have), None)
+    if unknown is not None:
+        raise ValueError(f"{qrels_path}: query {unknown!r} is not in queries.jsonl")
+    # Published qrels judge a few documents their corpus lacks (ArguAna: one): dropped with a warning rather than
+    # refusing the dataset. BEIR's evaluation keeps them as relevant documents never retrieved, so its Recall
+    # and MAP of those queries are lower than ours.
+    missing = [(qid, d) for qid, docs in qrels.items() for d, s in docs.items() if s > 0 and d not in passages]
+    unmatched = {}
+    if missing:
+        lost = sum(1 for q in queries if not q.gold and any(s > 0 for s in qrels[q.id].values()))
+        unmatched = {"qrels_missing_documents": len(missing), "questions_without_gold": lost}
+        print(f"uae: warning: {qrels_path}: {len(missing)} relevance judgment(s) name documents missing from "
+              f"{os.path.basename(corpus)} (e.g. query {missing[0][0]!r}, document {missing[0][1]!r}); dropped"
+              + (f", leaving {lost} quer{'y' if lost == 1 else 'ies'} without gold" if lost else ""), file=sys.stderr)
+    return RetrievalDataset(passages, queries, f"{os.path.basename(os.path.normpath(folder))}/{os.path.basename(qrels_path)[:-4]}",
+                            unmatched_evidence=unmatched, ignore_identical_ids=True)
 
 
 def _is_beir_qrels(path: str) -> bool:

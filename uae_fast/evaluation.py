@@ -409,6 +409,9 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         info["rerank"] = {"teacher": teacher or "SmolLM2-135M-Instruct (default)", "depth": rerank_depth,
                           "first_stage": "base"}
 
+    if ds.ignore_identical_ids and any(q.id in ds.passages for q in queries):
+        for n in rankings:  # BEIR: a query that is itself a corpus document is not its own answer
+            rankings[n] = [[p for p in r if p != q.id] for q, r in zip(queries, rankings[n])]
     shown = [n for n in rankings if not info.get(n, {}).get("hidden")]
     systems = {}
     for n in shown:
@@ -580,6 +583,10 @@ def format_table(result: dict) -> str:
         lines.insert(len(lines) - 1, f"QASPER evidence matching no paragraph, so not gold: {um['headings']} section headings, "
                                      f"{um['other']} other strings; {um['questions_without_gold']} questions with text "
                                      f"evidence have no gold and are not evaluated")
+    if um.get("qrels_missing_documents"):
+        lines.insert(len(lines) - 1, f"qrels judging documents missing from the corpus: {um['qrels_missing_documents']} "
+                                     f"judgments dropped ({um['questions_without_gold']} queries left without gold, not "
+                                     f"evaluated); BEIR's evaluation counts them as relevant and never retrieved")
     if "rerank_subset" in result:
         sub = result["rerank_subset"]
         table(f"Same metrics on the first {sub['n']} queries (the LLM re-ranker's subset); speedup = re-ranker ms / system ms",
