@@ -68,6 +68,23 @@ def test_roundtrip_and_errors(tmp_path):
         read_qrels(tmp_path / "bad")
     with pytest.raises(FileNotFoundError, match="TREC file not found"):
         read_run(tmp_path / "missing.run")
+    with pytest.raises(TypeError, match=r"query 'q1': the ranking must be a sequence of ids, not one string"):
+        write_run(tmp_path / "x", {"q1": "d12"}, "s")
+    for write, value in ((write_run, ["a"]), (write_qrels, ["a"])):
+        with pytest.raises(ValueError, match=r"query id '1' appears twice"):
+            write(tmp_path / "x", {1: value, "1": value}, *(["s"] if write is write_run else []))
+    assert not (tmp_path / "x").exists()  # refused midway: nothing written
+    (tmp_path / "empty").write_text("\n# a comment\n")
+    with pytest.raises(ValueError, match=r"empty: the qrels hold no rows"):
+        read_qrels(tmp_path / "empty")
+    import gzip
+
+    (tmp_path / "cut.gz").write_bytes(gzip.compress(b"q Q0 a 1 1 s\n" * 1000)[:-30])
+    with pytest.raises(ValueError, match=r"cut.gz"):
+        read_run(tmp_path / "cut.gz")
+    (tmp_path / "latin1").write_bytes("q 0 caf\xe9 1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1"):
+        read_qrels(tmp_path / "latin1")
 
 
 def test_read_run_orders_ties_as_trec_eval(tmp_path):

@@ -71,6 +71,14 @@ def _open_for_write(path: str):
     return atomic_write(path)
 
 
+def _unique(qid: str, seen: set) -> str:
+    """Two keys that print as one id (1 and "1") would write one query twice: trec_eval merges them."""
+    if qid in seen:
+        raise ValueError(f"query id {qid!r} appears twice (keys that are equal as text, such as 1 and '1')")
+    seen.add(qid)
+    return qid
+
+
 def write_run(path: str, rankings: Mapping[str, Sequence[str]], run_name: str, *, depth: Optional[int] = None) -> int:
     """Write ``rankings`` (query id -> ranked doc ids, best first) as a TREC run; returns the line count.
 
@@ -80,10 +88,12 @@ def write_run(path: str, rankings: Mapping[str, Sequence[str]], run_name: str, *
     if depth is not None and (not isinstance(depth, int) or depth < 1):
         raise ValueError(f"depth must be a positive int or None, got {depth!r}")
     path, tag = os.fspath(path), _token(run_name, "run name")
-    lines = 0
+    lines, seen = 0, set()
     with _open_for_write(path) as f:
         for qid, ranking in rankings.items():
-            qid = _token(qid, "query id")
+            qid = _unique(_token(qid, "query id"), seen)
+            if isinstance(ranking, (str, bytes)):  # list("d12") would write documents d, 1 and 2
+                raise TypeError(f"query {qid!r}: the ranking must be a sequence of ids, not one string")
             docs = list(ranking)[:depth]
             if not docs:  # trec_eval would leave the query out of its means, where `uae eval` scores it 0
                 raise ValueError(f"query {qid!r}: the ranking is empty; a TREC run cannot hold a query without documents")
@@ -101,10 +111,10 @@ def write_run(path: str, rankings: Mapping[str, Sequence[str]], run_name: str, *
 
 def write_qrels(path: str, golds: Mapping[str, Iterable[str]]) -> int:
     """Write binary qrels (``qid 0 docid 1`` for every gold id of every query); returns the line count."""
-    path, lines = os.fspath(path), 0
+    path, lines, seen = os.fspath(path), 0, set()
     with _open_for_write(path) as f:
         for qid, gold in golds.items():
-            qid = _token(qid, "query id")
+            qid = _unique(_token(qid, "query id"), seen)
             if isinstance(gold, (str, bytes)):
                 raise TypeError(f"query {qid!r}: gold must be a collection of ids, not one string")
             for doc in dict.fromkeys(gold):  # unique, in order
@@ -114,17 +124,16 @@ def write_qrels(path: str, golds: Mapping[str, Iterable[str]]) -> int:
 
 
 def _rows(path: str, n_fields: int, form: str):
-    from .data import open_text
+    from .data import read_lines
 
     path = os.fspath(path)
-    with open_text(path, "TREC file") as f:
-        for n, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields or line.startswith("#"):  # blank, or a comment (trec_eval 9.0.8: '#' in column 0)
-                continue
-            if len(fields) != n_fields:
-                raise ValueError(f"{path}:{n}: expected {n_fields} fields '{form}', got {len(fields)}")
-            yield n, fields
+    for n, line in read_lines(path, "TREC file"):  # a truncated .gz or bad UTF-8: one line naming the file
+        fields = line.split()
+        if not fields or line.startswith("#"):  # blank, or a comment (trec_eval 9.0.8: '#' in column 0)
+            continue
+        if len(fields) != n_fields:
+            raise ValueError(f"{path}:{n}: expected {n_fields} fields '{form}', got {len(fields)}")
+        yield n, fields
 
 
 def read_run(path: str) -> Dict[str, List[str]]:
@@ -159,4 +168,6 @@ def read_qrels(path: str) -> Dict[str, Dict[str, int]]:
         if doc in q:  # trec_eval refuses any repeated judgment, equal or not
             raise ValueError(f"{path}:{n}: document {doc!r} of query {qid!r} is judged twice ({q[doc]} and {r})")
         q[doc] = r
+    if not out:  # as read_run: an empty file is a mistake (a wrong path, a failed export), not "no judgments"
+        raise ValueError(f"{os.fspath(path)}: the qrels hold no rows")
     return out
