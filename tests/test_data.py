@@ -65,6 +65,11 @@ def test_jsonl_schema_roundtrip(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in recs))
     ds = load_dataset(str(path))
     assert ds.pool(ds.queries[0]) == ["a", "b"] and ds.queries[0].gold == ["a"]
+    # a repeated gold id or answer counts once (training would draw that gold twice as often)
+    recs[2] = dict(recs[2], gold=["b", "a", "b"], answers=["alpha", "beta", "alpha"])
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    q = load_dataset(str(path)).queries[0]
+    assert q.gold == ["b", "a"] and q.answers == ["alpha", "beta"]
 
 
 @pytest.mark.parametrize("content,msg", [
@@ -72,6 +77,7 @@ def test_jsonl_schema_roundtrip(tmp_path):
     ('{"type": "passage", "id": "a"}', "lacks the field 'text'"),
     ('not json', "not valid JSON"),
     ('{"type": "other"}', "record type"),
+    ('{"type": "passage", "id": " ", "text": "x"}', r"bad.jsonl:1: id is blank"),
 ])
 def test_jsonl_bad_input(tmp_path, content, msg):
     path = tmp_path / "bad.jsonl"

@@ -354,6 +354,8 @@ def _id(v, where: str, what: str) -> str:
     """An id: a string, or an integer (kept as its decimal string)."""
     if isinstance(v, bool) or not isinstance(v, (str, int)):
         raise ValueError(f"{where}: {what} must be a string id, got {_jtype(v)}")
+    if not str(v).strip():  # a blank id cannot be written to a TREC run or told apart in any message
+        raise ValueError(f"{where}: {what} is blank")
     return str(v)
 
 
@@ -506,7 +508,8 @@ def _from_jsonl(path: str) -> RetrievalDataset:
             empty = [i for i, a in enumerate(answers) if not a.strip()]
             if empty:
                 raise ValueError(f"{where}: answers[{empty[0]}] is empty (a gold answer needs text)")
-            gold = _ids(rec.get("gold"), where, "gold")
+            answers = list(dict.fromkeys(answers))  # as the QASPER and SQuAD loaders: a repeat is one answer
+            gold = list(dict.fromkeys(_ids(rec.get("gold"), where, "gold")))  # (a repeat would be sampled twice as often)
             cands = None if rec.get("candidates") is None else _ids(rec["candidates"], where, "candidates")
             if cands is not None and len(set(cands)) != len(cands):
                 dup = next(c for i, c in enumerate(cands) if c in cands[:i])
@@ -702,25 +705,22 @@ def _squad_from_dict(raw: dict, name: str) -> RetrievalDataset:
 
 def _check_unicode(path: str, passages: Dict[str, Passage], queries: Sequence[Query] = ()) -> None:
     """JSON's ``\\ud800`` escapes decode to lone surrogates, which no UTF-8 writer, tokenizer or index file takes:
-    refuse them here, by record, not hours later in a write (one pass over the text; the usual case is one
-    encode call)."""
+    refuse them here, by record, not hours later in a write (one pass over the text, string by string: joining
+    the corpus first would hold it at 4 bytes a character, 8x its size, once one emoji is in it)."""
     def strings():
         for pid, p in passages.items():
-            yield f"passage {pid!r}", (pid, p.text)
+            yield "passage", pid, (pid, p.text)
         for q in queries:
-            yield f"query {q.id!r}", (q.id, q.question, *q.answers, *q.gold)
+            yield "query", q.id, (q.id, q.question, *q.answers, *q.gold)
 
-    try:
-        "\0".join(t for _, ts in strings() for t in ts).encode("utf-8")
-        return
-    except UnicodeEncodeError:
-        pass
-    for where, ts in strings():
+    for kind, rid, ts in strings():
         for t in ts:
+            if t.isascii():
+                continue
             try:
                 t.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise ValueError(f"{path}: {where} holds a lone surrogate ({t[e.start]!r} at position {e.start}, "
+                raise ValueError(f"{path}: {kind} {rid!r} holds a lone surrogate ({t[e.start]!r} at position {e.start}, "
                                  f"from a \\u escape), not valid Unicode") from None
 
 

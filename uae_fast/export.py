@@ -134,7 +134,7 @@ def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = N
     summary = {"rows": len(cols["query"]), "passages_per_query": k, "skipped_no_gold": skipped,
                "scored_fraction": round(float(np.isfinite(labels).mean()), 4), "seed": seed,
                "unscored_queries": int(np.isnan(labels).all(axis=1).sum()),
-               "utilities": os.path.basename(utilities_path), "data": os.path.basename(data),
+               "utilities": os.path.basename(utilities_path), "data": os.path.basename(os.path.normpath(data)),
                "teacher": header.get("teacher")}
     _write_card(out_dir, summary)
     return summary

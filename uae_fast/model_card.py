@@ -91,7 +91,7 @@ def _training_section(training: dict) -> str:
     loss = cfg.get("loss")
     if loss:
         out += [f"Trained with `uae train` (uae_fast) using {_loss_text(cfg) if loss in ('uae', 'infonce') else loss}.", ""]
-    facts = [("Training data", os.path.basename(cfg["data"]) if cfg.get("data") else None),
+    facts = [("Training data", os.path.basename(os.path.normpath(cfg["data"])) if cfg.get("data") else None),
              ("Teacher utilities", os.path.basename(cfg["utilities"]) if cfg.get("utilities") else None),
              ("Training questions", training.get("train_queries")),
              ("Optimizer steps", training.get("steps")),
