@@ -500,6 +500,21 @@ def test_resume_with_the_run_inside_a_beir_data_folder(tmp_path, tiny):
     assert train(cfg, str(out), resume=True, save_every=1, progress=False, ds=bds)["finished"]
 
 
+def test_a_table_covering_part_of_the_data_is_said_and_recorded(tmp_path, ds, tiny, utils, capsys):
+    # --loss uae on a table for some questions: the others train on gold alone, which must not go unsaid
+    with gzip.open(utils, "rt") as f:
+        lines = f.readlines()
+    keep = {json.loads(x)["qid"] for x in lines[1:]}
+    keep = set(sorted(keep)[: len(keep) // 2])
+    part = tmp_path / "part.jsonl"
+    part.write_text(lines[0] + "".join(x for x in lines[1:] if json.loads(x)["qid"] in keep))
+    cfg = TrainConfig(data=TRAIN, utilities=str(part), student=tiny, **dict(TINY_RUN, max_steps=1))
+    s = train(cfg, str(tmp_path / "run"), progress=False, ds=ds)
+    n = sum(1 for q in ds.queries if q.gold and q.id not in keep)
+    assert n > 0 and s["gold_target_questions"] == n
+    assert f"{n} of {s['train_queries']} training questions have no rows in the utilities table" in capsys.readouterr().err
+
+
 def test_overwrite_removes_the_summary_first(tmp_path, monkeypatch):
     # killed midway through --overwrite's deletions, the folder must not read as a finished run without weights
     import uae_fast.training as T

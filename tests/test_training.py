@@ -271,6 +271,10 @@ def test_partial_utilities_fall_back_to_gold(tmp_path, ds):
                 n_fallback += 1
                 assert tgt and all(t in {ds.passages[p].text for p in by_id[qid].gold} for t in tgt)
     assert n_fallback > 0
+    # counted, so train() can say it and record it in the summary
+    assert s.n_gold_target == sum(1 for q in s.queries if q.id not in part) > 0
+    assert BatchSampler(ds, TrainConfig(loss="uae", batch_size=5, passages_per_query=3), u).n_gold_target == sum(
+        1 for q in ds.queries if q.gold and not u.get(q.id))
 
 
 def test_a_gold_less_question_whose_drawn_candidates_are_unscored_targets_its_teachers_best(ds):

@@ -270,6 +270,7 @@ class BatchSampler:
         """``candidates``: each query's ``cfg.candidates`` set when already computed (by ``_cut_to_policy``)."""
         self.ds, self.cfg, self.world, self.rank = ds, cfg, world, rank
         self.utilities = utilities or {}
+        self.n_gold_target = 0  # --loss uae: questions with gold but no table rows (they train on gold alone)
         conf: Dict[str, float] = {}  # each question's target confidence, for min_confidence / confidence_weight
         if cfg.no_gold:  # answer-only: every question the teacher scored, labels never read
             if not utilities:
@@ -288,6 +289,8 @@ class BatchSampler:
             if not utilities:
                 raise ValueError("--loss uae needs a utilities file (--utilities); --loss infonce trains on gold evidence only")
             queries = [q for q in ds.queries if self.utilities.get(q.id) or q.gold]
+            # a table covering part of the data: the rest trains on gold alone, which the run must say
+            self.n_gold_target = sum(1 for q in queries if not self.utilities.get(q.id))
         else:
             queries = [q for q in ds.queries if q.gold]
         if not queries:
@@ -1037,6 +1040,9 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     elif cfg.lexical_teacher != "none":
         raise ValueError(f"--lexical-teacher {cfg.lexical_teacher} is ensembled with a teacher table: give --utilities FILE")
     sampler = BatchSampler(ds, cfg, utilities, world=world, rank=rank, progress=progress, candidates=cands)
+    if sampler.n_gold_target and rank == 0:
+        print(f"uae train: {sampler.n_gold_target} of {len(sampler.queries)} training questions have no rows in the "
+              f"utilities table; they train on their gold evidence alone (a one-hot target)", file=sys.stderr)
     total_micro = sampler.total_micro_batches()
     total_steps = max(1, math.ceil(total_micro / cfg.grad_accum))
 
@@ -1121,6 +1127,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
                "final_loss": log[-1]["loss"] if log else None, "seconds_this_run": round(seconds, 1),
                "train_queries": len(sampler.queries),
                **({"low_confidence_questions": sampler.n_low_confidence} if cfg.min_confidence is not None else {}),
+               **({"gold_target_questions": sampler.n_gold_target} if sampler.n_gold_target else {}),
                "world_size": world, "rank": rank, "config": asdict(cfg),
                **({"teacher": str(teacher)} if teacher else {})}
     # a SIGTERM after the last step's agreement (a --stop-after run) still stops every rank the same way
