@@ -277,6 +277,32 @@ def test_partial_utilities_fall_back_to_gold(tmp_path, ds):
         1 for q in ds.queries if q.gold and not u.get(q.id))
 
 
+def test_unscored_gold_in_the_batch_is_excluded_not_a_negative(ds):
+    # gold-mode --loss uae, a table that scored one of a question's gold paragraphs: another gold drawn into the
+    # batch has no target mass, so it is excluded from the question's softmax rather than pushed down
+    q = next(q for q in ds.queries if len(set(q.gold)) >= 2)
+    g0, rest = q.gold[0], [g for g in dict.fromkeys(q.gold) if g != q.gold[0]]
+    other = next(p for p in ds.pool(q) if p not in q.gold)
+    u = {q.id: {g0: 2.0, other: 0.5}}
+    cfg = TrainConfig(loss="uae", batch_size=1, passages_per_query=len(ds.pool(q)), seed=0)
+    s = BatchSampler(ds, cfg, u)
+    seen = 0
+    for m in range(s.batches_per_epoch):
+        b = s.batch(m)
+        if b.qids != [q.id]:
+            continue
+        texts = {ds.passages[p].text: p for p in ds.pool(q)}
+        in_batch = {texts[t]: j for j, t in enumerate(b.passages)}
+        targets = {j for j in b.target_idx[0].tolist() if j >= 0}
+        excluded = {j for j in b.exclude_idx[0].tolist() if j >= 0}
+        for g in rest:
+            if g in in_batch and in_batch[g] not in targets and in_batch[g] != int(b.gold_idx[0]):
+                assert in_batch[g] in excluded
+                seen += 1
+        assert not excluded & targets and int(b.gold_idx[0]) not in excluded
+    assert seen > 0
+
+
 def test_a_gold_less_question_whose_drawn_candidates_are_unscored_targets_its_teachers_best(ds):
     # --loss uae with gold, a --candidates policy and a question without gold whose scored rows all lie outside
     # it: its target is the teacher's best paragraph, never an arbitrary unscored candidate.

@@ -477,8 +477,13 @@ class BatchSampler:
             else:
                 g = chosen[0] if q.gold and chosen and chosen[0] in set(q.gold) else None
             gold.append(index[g] if g is not None else -1)
+            if self.cfg.loss == "uae" and not self.cfg.no_gold and q.id in self.utilities and q.gold:
+                # another of the question's gold paragraphs in the batch that the table did not score has no
+                # target mass: left in, it would be pushed down as a hard negative (infonce counts it positive)
+                u, keep = self.utilities[q.id], set(rows_idx[-1]) | {gold[-1]}
+                excl[-1] += [index[p] for p in dict.fromkeys(q.gold) if p in index and p not in u and index[p] not in keep]
         t_idx, t_u = _padded(rows_idx, -1, torch.long), _padded(rows_u, 0.0, torch.float32)
-        ex = _padded(excl, -1, torch.long) if self.cfg.teacher_gate is not None else None
+        ex = _padded(excl, -1, torch.long) if self.cfg.teacher_gate is not None or any(excl) else None
         qw = torch.tensor([self._qweight[q.id] for q in queries], dtype=torch.float32) if self._qweight else None
         digest = int.from_bytes(hashlib.blake2b("\x1f".join(pids).encode(), digest_size=8).digest(), "little") >> 1
         return Batch([q.question for q in queries], [self.ds.passages[p].text for p in share], t_idx, t_u,
