@@ -1320,7 +1320,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--positive", choices=POSITIVES, default=d.positive,
                    help="--loss infonce positive: gold (evidence labels) or, with --no-gold, a weak label among the "
                         "scored candidates: bm25 (BM25 top-1 of the question), bm25-answer (of question + answers), "
-                        f"teacher-top1 (the teacher's best candidate) (default {d.positive})")
+                        f"teacher-top1 (the teacher's best candidate; under --loss uae --label-mix, the best of the "
+                        f"target the loss uses, the lexical teacher's ensemble by default) (default {d.positive})")
     p.add_argument("--lexical-teacher", choices=("none", "bm25-answer"), default=None,
                    help="average each question's z-scored teacher utilities with the z-scored BM25(question + answers) "
                         "scores of the same candidates (a teacher ensemble; gold is never read) (default: bm25-answer "
