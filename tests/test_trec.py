@@ -196,6 +196,26 @@ def test_uae_eval_metrics_equal_ir_measures(tmp_path, tiny, tiny_lm, capsys):  #
     assert "TREC runs and qrels written" in capsys.readouterr().out
 
 
+def test_depth_cuts_the_runs_and_the_metrics_alike(tmp_path):
+    # --depth K: each run holds K passages per query and the printed metrics are ir-measures' on those files
+    # (a gold passage below K is never retrieved, as trec_eval reads it)
+    from uae_fast.evaluation import evaluate
+
+    pytest.importorskip("ir_measures")
+    dev = load_dataset(DEV)
+    full = evaluate(dev, [], baselines=("bm25",), progress=False)
+    cut = evaluate(dev, [], baselines=("bm25",), progress=False, save_runs=str(tmp_path / "r"), depth=3)
+    run = read_run(tmp_path / "r" / "bm25.run")
+    assert max(map(len, run.values())) == 3 and cut["settings"]["depth"] == 3
+    want = _ir_measures(tmp_path / "r" / "bm25.run", tmp_path / "r" / "qrels.txt")
+    for k in METRICS:
+        assert cut["systems"]["bm25"][k] == pytest.approx(want[k], abs=1e-12), k
+    assert cut["systems"]["bm25"]["Success@1"] == full["systems"]["bm25"]["Success@1"]
+    assert cut["systems"]["bm25"]["MAP"] < full["systems"]["bm25"]["MAP"]
+    with pytest.raises(ValueError, match="depth must be a positive int"):
+        evaluate(dev, [], baselines=("bm25",), progress=False, depth=0)
+
+
 def test_save_runs_errors(tmp_path):
     from uae_fast.data import RetrievalDataset
 

@@ -261,11 +261,14 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
              rerank_limit: int = 100, rerank_depth: int = 20, reader: bool = False, reader_model: Optional[str] = None,
              reader_limit: int = 100, limit: Optional[int] = None, batch_size: int = 64, device=None,
              query_threads: Optional[int] = 1, progress: bool = True, save_runs: Optional[str] = None,
-             fusion: Sequence = (None,), embedding_cache: Optional[str] = None, paired_by: str = "question") -> dict:
+             fusion: Sequence = (None,), embedding_cache: Optional[str] = None, paired_by: str = "question",
+             depth: Optional[int] = None) -> dict:
     """Evaluate ``models`` (bi-encoder folders) and ``baselines`` on ``ds``; returns the results dict.
 
     ``save_runs``: a folder for ``qrels.txt`` (the evaluated queries' gold) and one TREC run per reported
-    system, ``NAME.run``, with every ranked candidate. The re-ranker's run covers only the first
+    system, ``NAME.run``, with every ranked candidate (``depth``: the first ``depth``; the metrics are then
+    computed on the same cut rankings, as trec_eval reads the files: a gold passage below it counts as never
+    retrieved. BEIR pools are the whole corpus, so a run of every candidate is queries x corpus lines). The re-ranker's run covers only the first
     ``rerank_limit`` queries; ``qrels-rerank-subset.txt`` holds their gold, the qrels of the re-ranker's
     table (ir-measures and trec_eval -c count a judged query missing from a run as 0).
 
@@ -298,6 +301,8 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
                  ("batch_size", batch_size), ("query_threads", 1 if query_threads is None else query_threads)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{k} must be a positive int, got {v!r}")
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise ValueError(f"depth must be a positive int, got {depth!r}")
     queries = [q for q in ds.queries if q.gold]
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
@@ -412,6 +417,9 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
     if ds.ignore_identical_ids and any(q.id in ds.passages for q in queries):
         for n in rankings:  # BEIR: a query that is itself a corpus document is not its own answer
             rankings[n] = [[p for p in r if p != q.id] for q, r in zip(queries, rankings[n])]
+    if depth is not None:
+        for n in rankings:
+            rankings[n] = [r[:depth] for r in rankings[n]]
     shown = [n for n in rankings if not info.get(n, {}).get("hidden")]
     systems = {}
     for n in shown:
@@ -424,7 +432,8 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
               "torch_threads": torch.get_num_threads(), "machine": _machine(), "systems": systems,
               "settings": {"models": list(models), "baselines": list(baselines), "limit": limit, "query_threads": query_threads,
                            "rerank_threads": torch.get_num_threads(), "rerank_limit": rerank_limit,
-                           "rerank_depth": rerank_depth, "reader_limit": reader_limit if reader else None}}
+                           "rerank_depth": rerank_depth, "reader_limit": reader_limit if reader else None,
+                           "depth": depth}}
     if save_runs:
         result["runs"] = _save_runs(save_runs, queries, {n: rankings[n] for n in shown},
                                     n_rr if "rerank" in rankings else None)
@@ -652,6 +661,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--save-runs", default=None, metavar="DIR",
                    help="write DIR/qrels.txt and a TREC run per system, DIR/NAME.run, with every ranked candidate "
                    "(scores = depth - rank + 1) for ir-measures/ranx/trec_eval (default: none written)")
+    p.add_argument("--depth", type=int, default=None, metavar="K",
+                   help="keep each ranking's first K passages, in the metrics and the --save-runs files alike (1000 is "
+                        "TREC's custom; for BEIR, whose pools are the whole corpus; default: every candidate)")
     p.add_argument("--paired-by", choices=("question", "document"), default="question",
                    help="unit the paired bootstrap resamples: questions, or whole documents (papers), whose "
                         "questions are not independent: wider intervals (default: question)")
@@ -672,7 +684,7 @@ def _main(args) -> int:
                       reader_model=args.reader_model, reader_limit=args.reader_limit, limit=args.limit,
                       batch_size=args.batch_size, device=args.device, query_threads=args.query_threads,
                       progress=not args.no_progress, save_runs=args.save_runs, fusion=args.fusion or (None,),
-                      embedding_cache=args.embedding_cache, paired_by=args.paired_by)
+                      embedding_cache=args.embedding_cache, paired_by=args.paired_by, depth=args.depth)
     print(format_table(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
