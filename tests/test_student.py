@@ -83,6 +83,12 @@ def test_save_over_a_model_keeps_file_modes_and_drops_old_shards(tmp_path):
     enc = BiEncoder(make_tiny_encoder(tmp_path / "hf"), device="cpu")
     out = tmp_path / "st"
     enc.save(out)
+    # new files get the umask's mode: the weights were 0600 (a private temp file), unreadable to other users
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for root, _, names in os.walk(out):
+        for n in names:
+            assert oct(os.stat(os.path.join(root, n)).st_mode & 0o777) == oct(0o666 & ~mask), n
     os.chmod(out / "config.json", 0o664)
     (out / "model-00001-of-00002.safetensors").write_bytes(b"old shard")  # an earlier sharded save
     (out / "model.safetensors.index.json").write_text("{}")

@@ -406,6 +406,20 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _SHARD = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+\.(safetensors|bin)|\.(safetensors|bin)\.index\.json)$")
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only set and return)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _publish(stage: str, path: str) -> None:
     """Move every file of ``stage`` to the same place under ``path``, each fsync'd then renamed (atomic per
     file), the weights last. A file replaced keeps its permission bits; weight shards of an earlier save that
@@ -423,8 +437,8 @@ def _publish(stage: str, path: str) -> None:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         try:
             os.chmod(f, stat.S_IMODE(os.stat(dest).st_mode))
-        except FileNotFoundError:
-            pass
+        except FileNotFoundError:  # a new file: what the umask gives (a writer's private temp file was 0600)
+            os.chmod(f, 0o666 & ~_umask())
         os.replace(f, dest)
     new = {os.path.basename(f) for f in files if os.path.dirname(f) == stage}
     sharded = any(n.endswith(".index.json") for n in new)  # then a plain model.safetensors would be loaded first
