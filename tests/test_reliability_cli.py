@@ -498,6 +498,13 @@ def test_resume_with_the_run_inside_a_beir_data_folder(tmp_path, tiny):
         train(cfg, str(out), resume=True, save_every=1, progress=False, ds=bds)
     (root / "corpus.jsonl").write_text(corpus)
     assert train(cfg, str(out), resume=True, save_every=1, progress=False, ds=bds)["finished"]
+    # training reads a folder's train split: its qrels are what the fingerprint covers when the folder has them
+    (root / "qrels" / "train.tsv").write_text("q1\td1\t1\nq2\td3\t1\n")
+    out2 = tmp_path / "run2"
+    train(cfg, str(out2), save_every=1, stop_after=1, progress=False, ds=bds)
+    (root / "qrels" / "train.tsv").write_text("q1\td1\t1\nq2\td2\t1\n")
+    with pytest.raises(ValueError, match=r"the data_folder file\(s\) changed since the checkpoint"):
+        train(cfg, str(out2), resume=True, save_every=1, progress=False, ds=bds)
 
 
 def test_a_table_covering_part_of_the_data_is_said_and_recorded(tmp_path, ds, tiny, utils, capsys):

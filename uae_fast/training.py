@@ -813,7 +813,9 @@ def _input_digests(cfg: "TrainConfig") -> Dict[str, str]:
         if not path or not os.path.exists(path):
             continue
         if os.path.isdir(path):  # (checkpoints before 2026-12-07 kept a digest of every file's mtime under "data")
-            out["data_folder"] = data_fingerprint(path)
+            # the split train() loads from a folder: its train qrels, not the test ones a bare folder names
+            qrels = os.path.join(path, "qrels", "train.tsv")
+            out["data_folder"] = data_fingerprint(qrels if os.path.isfile(qrels) else path)
             continue
         h = hashlib.sha256()
         with open(path, "rb") as fh:
