@@ -557,11 +557,13 @@ def answer_kind_table(paths, dev_path) -> str:
     lines = ["| answer kind | questions | " + " | ".join(head) + " |", "|---|---:|" + "---:|" * len(head)]
     for kind in (*KINDS, "all"):
         mask = np.ones(len(qs), bool) if kind == "all" else kinds == kind
+        if not mask.any():  # a small dev set may hold no question of a kind
+            continue
         cells = [f"{np.mean([np.asarray(r['per_query']['Success@1'])[mask].mean() for r in by[g].values()]):.3f}"
                  for g in groups]
         for d in defaults:
             for w in weak:
-                pb = _paired(by[d], by[w], "Success@1", mask)
+                pb = _paired(by[d], by[w], "Success@1", mask) if mask.sum() >= 2 else None  # one question: no bootstrap
                 cells.append("" if pb is None else _short_cell(pb, 3))
         lines.append(f"| {kind} | {int(mask.sum())} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -686,10 +688,21 @@ def main(argv=None):
         with open(path) as f:
             done = {_job_key(r): r for r in map(json.loads, filter(str.strip, f)) if "metrics" in r}
         # a finished job is only skipped when it ran the same settings: else two settings would share one row
-        clash = [j for j in jobs if _job_key(j) in done and _settings(done[_job_key(j)]) != _settings(j)]
+        # (the run-wide ones too, where the record has them: precision and the student's contents)
+        now = {"amp": bool(args.amp), "tf32": bool(args.tf32), "eval_amp": bool(args.eval_amp)}
+        if any("student" in r for r in done.values()):
+            now["student"] = _digest_model(args.student)
+
+        def differs(r, j):
+            ran = {k: r[k] for k in now if k in r and not (k == "student" and r[k] is None)}
+            return _settings(r) != _settings(j) or ran != {k: now[k] for k in ran}
+
+        clash = [j for j in jobs if _job_key(j) in done and differs(done[_job_key(j)], j)]
         if clash:
+            r = done[_job_key(clash[0])]
+            was = {**_settings(r), **{k: r.get(k) for k in now}}
             ap.error(f"{path} already has {'/'.join(map(str, _job_key(clash[0])))} with other settings "
-                     f"({_settings(done[_job_key(clash[0])])} vs {_settings(clash[0])}): give another --out")
+                     f"({was} vs {({**_settings(clash[0]), **now})}): give another --out")
         jobs = [j for j in jobs if _job_key(j) not in done]
     print(f"{len(jobs)} jobs, {args.workers} workers, device {args.device}, budget {args.budget_s:.0f}s", flush=True)
     t0 = time.time()

@@ -71,6 +71,14 @@ def test_calibration_never_reads_gold(tmp_path, tiny, tiny_lm):  # noqa: F811
     third = calibrate_fusion(str(edited), utility_cache=str(tmp_path / "u0.jsonl"), **kw)
     c3 = third["calibration"]
     assert c3["rows_scored_now"] == round(c3["mean_candidates"] * c3["n_questions"]) > 0  # every row anew
+    # more candidates per side: only the rows the cache lacks go to the teacher, and the answer is a fresh cache's
+    wide = dict(kw, candidates=5)
+    fresh = calibrate_fusion(TRAIN, utility_cache=str(tmp_path / "u-fresh.jsonl"), **wide)["calibration"]
+    grown = calibrate_fusion(TRAIN, utility_cache=str(tmp_path / "u0.jsonl"), **wide)["calibration"]
+    old_rows = round(c["mean_candidates"] * c["n_questions"])
+    assert grown["rows_scored_now"] == fresh["rows_scored_now"] - old_rows > 0
+    for g, f in zip(grown["grid"], fresh["grid"]):
+        assert g["teacher_mrr"] == pytest.approx(f["teacher_mrr"], abs=1e-6)
 
 
 def test_teacher_agreement_and_selection_hand_computed():
@@ -254,6 +262,11 @@ def test_utility_cache_bad_header_is_one_clear_error_and_bad_rows_are_rescored(t
                     + '{"key": "a", "utility": 0.5}\n{"key": "b", "utility": "high"}\n{"key": "d", "utility": NaN}\n'
                     + '{"key": "e", "utility": -Infinity}\n{"key": "c", "utili')
     assert _read_cache(str(path), {"t": 1}) == {"a": 0.5}  # b, the non-finite d and e, the torn c: scored again
+    path.write_text("\n")  # a blank first line is no header (rows appended after it could never be read)
+    with pytest.raises(ValueError, match="not a fusion utility cache"):
+        _read_cache(str(path), {"t": 1})
+    path.write_text("")  # empty: a cache killed before its header, started afresh
+    assert _read_cache(str(path), {"t": 1}) == {}
 
 
 def test_eval_hybrid_row_ranks_as_serving_and_calibration(tiny):  # noqa: F811

@@ -592,6 +592,8 @@ def test_fusion_refuses_non_finite_scores():
             fuse_one(d, [3, 1, 2], l, [2, 4], 10, cfg)
     s, i = fuse_one([0.9, -math.inf], [3, -1], [4.0, math.nan], [2, -1], 10, cfg)  # padding (id -1) is not read
     assert i.tolist() == [3, 2]
+    with pytest.raises(TypeError, match="dense_ids must be integers, got float64"):
+        fuse_one([0.9, 0.5], [5.7, 6.2], [4.0], [2], 10, cfg)  # would have been ids 5 and 6
 
 
 def test_encoder_key_sees_subfolders_tokenizer_and_config(tmp_path):

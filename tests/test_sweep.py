@@ -266,6 +266,24 @@ def test_resume_refuses_a_finished_job_with_other_settings(tmp_path, tiny, capsy
     assert (out / "sweep.jsonl").read_text().count("\n") == 1  # nothing ran
 
 
+def test_resume_refuses_a_finished_job_run_in_another_precision(tmp_path, tiny, capsys):
+    # the same job key, config and table, but run with --amp: a rerun without it must not report the old row
+    from test_answer_only import no_gold_table
+
+    a = no_gold_table(tmp_path, load_dataset(TRAIN), m=3, name="a.jsonl.gz", seed=1, teacher="A")
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--train", TRAIN, "--dev", DEV, "--nogold-utilities", a, "--student", tiny,
+            "--device", "cpu", "--threads", "1", "--grid", "answeronly-tiny", "--groups", "ao-smollm"]
+    sweep_dev.main(argv + ["--amp"])
+    assert (out / "sweep.jsonl").read_text().count("\n") == 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sweep_dev.main(argv)
+    assert e.value.code == 2 and "with other settings" in capsys.readouterr().err
+    sweep_dev.main(argv + ["--amp"])  # the same settings: nothing to run
+    assert (out / "sweep.jsonl").read_text().count("\n") == 1
+
+
 def test_a_seedless_row_pairs_with_every_seed_of_a_trained_reference():
     bm25 = {0: _rec("bm25", "none", 0, [0, 0, 1, 0])}
     gold = {0: _rec("g", "infonce", 0, [1, 1, 1, 1]), 1: _rec("g", "infonce", 1, [1, 0, 1, 1])}

@@ -138,15 +138,15 @@ def _cache_header(path: str) -> Optional[dict]:
         return None
     if os.path.isdir(path):
         raise ValueError(f"--utility-cache {path} is a folder; give a file")
+    if os.path.getsize(path) == 0:  # created, killed before its header: a cache yet to be written
+        return None
     not_ours = f"--utility-cache {path} is not a fusion utility cache (a file calibrate-fusion wrote); pass another path"
     try:
         with open(path, "r", encoding="utf-8") as f:
             first = f.readline()
     except UnicodeDecodeError:  # gzip or other binary
         raise ValueError(not_ours) from None
-    if not first.strip():
-        return None
-    try:
+    try:  # (a blank first line is no header: appending to it would leave the rows unreadable for ever)
         header = json.loads(first)
     except json.JSONDecodeError:
         header = None
@@ -278,10 +278,12 @@ def calibrate_fusion(data, model: Optional[str] = None, *, teacher=None, limit: 
     bar = _progress(range(0, len(todo), group), "teacher", progress, total=-(-len(todo) // group))
     for s in bar:
         idx = todo[s:s + group]
-        items = [(queries[i].question, queries[i].answers, [ds.passages[pools[i][j]].text for j in cands[i]]) for i in idx]
+        # only the candidates the cache lacks (a second model's run re-scores the passages it adds, no more)
+        miss = {i: [(j, k) for j, k in zip(cands[i].tolist(), keys[i]) if k not in cache] for i in idx}
+        items = [(queries[i].question, queries[i].answers, [ds.passages[pools[i][j]].text for j, _ in miss[i]]) for i in idx]
         res = scorer.score_many(items)
         rows = [{"qid": queries[i].id, "pid": pools[i][j], "key": key, "utility": round(float(u), 6)}
-                for i, r in zip(idx, res) for j, key, u in zip(cands[i].tolist(), keys[i], r.utility.tolist())]
+                for i, r in zip(idx, res) for (j, key), u in zip(miss[i], r.utility.tolist())]
         bad = [r for r in rows if not math.isfinite(r["utility"])]
         if bad:  # one NaN would make every config's teacher_mrr NaN: say where, as uae score does
             raise ValueError(f"the teacher's utility for question {bad[0]['qid']!r}, passage {bad[0]['pid']!r} is "
