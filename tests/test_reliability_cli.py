@@ -522,6 +522,19 @@ def test_a_table_covering_part_of_the_data_is_said_and_recorded(tmp_path, ds, ti
     assert f"{n} of {s['train_queries']} training questions have no rows in the utilities table" in capsys.readouterr().err
 
 
+def test_resume_across_package_versions_warns(tmp_path, ds, tiny, utils, capsys, monkeypatch):
+    # candidates and targets are recomputed by the resuming version: said in one line, not refused
+    import uae_fast.training as T
+
+    cfg = TrainConfig(data=TRAIN, utilities=utils, student=tiny, **TINY_RUN)
+    train(cfg, str(tmp_path / "run"), save_every=1, stop_after=1, progress=False, ds=ds)
+    capsys.readouterr()
+    monkeypatch.setattr(T, "_version", lambda: "99.0")
+    assert train(cfg, str(tmp_path / "run"), resume=True, save_every=1, progress=False, ds=ds)["finished"]
+    err = capsys.readouterr().err
+    assert "was written by uae_fast" in err and "resuming with 99.0" in err
+
+
 def test_overwrite_removes_the_summary_first(tmp_path, monkeypatch):
     # killed midway through --overwrite's deletions, the folder must not read as a finished run without weights
     import uae_fast.training as T

@@ -834,6 +834,12 @@ def _runtime(amp: bool, device, world: int = 1) -> dict:
     return {"amp": bool(amp), "device": device.type, **({"sampler": _SAMPLER} if world > 1 else {})}
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep, world=1, rng=None, inputs=None, runtime=None):
     """Write ``out_dir/checkpoints/step-N`` atomically: into ``step-N.tmp``, fsync'd, then renamed. A kill at
     any moment leaves the previous checkpoints intact plus at most a ``.tmp`` folder that ``--resume``
@@ -850,7 +856,8 @@ def _save_checkpoint(out_dir, encoder, opt, sched, step, cfg, log, keep, world=1
     encoder.save(tmp)
     torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": rng if rng is not None else [_rng_state()], "inputs": inputs or {},
-                "config": asdict(cfg), "log": log, "world_size": world, "runtime": runtime or {}},
+                "config": asdict(cfg), "log": log, "world_size": world, "runtime": runtime or {},
+                "version": _version()},
                os.path.join(tmp, _STATE_FILE))
     _fsync_tree(tmp)
     _checkpoint_test_hook(step)
@@ -1076,6 +1083,10 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         for k, v in old_rt.items():
             if runtime.get(k, v) != v:
                 changed[k] = (v, runtime.get(k))
+        if rank == 0 and state.get("version", _version()) != _version():
+            # candidates, lexical targets and the sampler are recomputed by this version: say so, do not refuse
+            print(f"uae train: warning: {ckpt} was written by uae_fast {state['version']}, resuming with "
+                  f"{_version()}; the rest of the run follows this version's sampling and targets", file=sys.stderr)
         rewritten = [k for k, d in (state.get("inputs") or {}).items() if inputs.get(k, d) != d]
         if rewritten:
             raise ValueError(f"--resume: the {' and '.join(rewritten)} file(s) changed since the checkpoint {ckpt} "
