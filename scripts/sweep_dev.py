@@ -232,7 +232,10 @@ def _untrained(job):
             "per_query": {k: [round(x, 4) for x in pq[k]] for k in ("Success@1", "Recall@1", "MAP")},
             "dev_questions": _STATE["dev_questions"], "steps": 0, "train_queries": 0,
             "final_loss": None, "train_s": 0.0, "total_s": round(time.time() - t0, 1),
-            "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"}
+            "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu",
+            # the untrained row depends on these too (a rerun with another student must not reuse it)
+            **({} if job["group"] == "bm25" else {"eval_amp": bool(args.eval_amp)}),
+            **({} if job["group"] == "bm25" or job.get("model") else {"student": _digest_model(args.student)})}
 
 
 def _run(job):

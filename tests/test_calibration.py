@@ -267,6 +267,12 @@ def test_utility_cache_bad_header_is_one_clear_error_and_bad_rows_are_rescored(t
         _read_cache(str(path), {"t": 1})
     path.write_text("")  # empty: a cache killed before its header, started afresh
     assert _read_cache(str(path), {"t": 1}) == {}
+    # a cache written before PATH teachers were fingerprinted still serves the same teacher (by name)
+    path.write_text(json.dumps({"format": UTILITY_FORMAT, "settings": {"t": 1}}) + "\n" + '{"key": "a", "utility": 0.5}\n')
+    assert _read_cache(str(path), {"t": 1, "teacher_sha1": "abc"}) == {"a": 0.5}
+    path.write_text(json.dumps({"format": UTILITY_FORMAT, "settings": {"t": 1, "teacher_sha1": "old"}}) + "\n")
+    with pytest.raises(ValueError, match="other teacher settings"):
+        _read_cache(str(path), {"t": 1, "teacher_sha1": "abc"})
 
 
 def test_eval_hybrid_row_ranks_as_serving_and_calibration(tiny):  # noqa: F811

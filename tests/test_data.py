@@ -78,6 +78,8 @@ def test_jsonl_schema_roundtrip(tmp_path):
     ('not json', "not valid JSON"),
     ('{"type": "other"}', "record type"),
     ('{"type": "passage", "id": " ", "text": "x"}', r"bad.jsonl:1: id is blank"),
+    ('{"type": "passage", "id": "a", "doc_id": "", "text": "x"}\n{"type": "query", "id": "q", "question": "x", "gold": [""]}',
+     r"bad.jsonl:2: gold\[0\] is blank"),  # (a blank doc_id is allowed: it was always the same as none)
 ])
 def test_jsonl_bad_input(tmp_path, content, msg):
     path = tmp_path / "bad.jsonl"

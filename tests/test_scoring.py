@@ -494,7 +494,7 @@ def test_header_records_deltas_and_data_fingerprint(ds, scorer, tmp_path):
 def test_a_path_teacher_is_fingerprinted_so_another_model_at_its_path_is_refused(ds, tmp_path):
     # the header names a PATH teacher by its path; a model saved over that path later must not resume, reuse or
     # merge into the first one's rows (teacher_sha1)
-    from uae_fast.teacher import folder_fingerprint
+    from uae_fast.embcache import model_fingerprint
 
     folder = tmp_path / "teacher"
     kw = dict(no_gold=True, with_gold_only=False, progress=False, limit=2, candidates="top:2")
@@ -503,7 +503,7 @@ def test_a_path_teacher_is_fingerprinted_so_another_model_at_its_path_is_refused
         tiny_llama(seed=seed).save_pretrained(folder)
         byte_tokenizer().save_pretrained(folder)
         sc = UtilityScorer.from_pretrained(str(folder), device="cpu", token_budget=1, **OPTS)
-        assert sc.settings()["teacher_sha1"] == folder_fingerprint(folder)
+        assert sc.settings()["teacher_sha1"] == model_fingerprint(str(folder))
         if out:
             h = score_dataset(sc, ds, out, **kw)
             assert h["teacher_sha1"] == sc.fingerprint and h["teacher"] == os.path.normpath(str(folder))
@@ -513,26 +513,30 @@ def test_a_path_teacher_is_fingerprinted_so_another_model_at_its_path_is_refused
     with pytest.raises(ValueError, match=r"different settings \(teacher_sha1\)"):
         score_dataset(sc, ds, first, resume=True, **kw)
     assert "teacher_sha1" not in UtilityScorer(sc.model, sc.tokenizer, **OPTS).settings()  # no path, no fingerprint
+    # an ensemble of the two models is what --merge-teachers is for: their fingerprints differ by design
+    from uae_fast.utilities import _one_value, merge_teachers
+
+    second = str(tmp_path / "second.jsonl")
+    score_dataset(sc, ds, second, **kw)
+    assert merge_teachers([first, second], str(tmp_path / "both.jsonl"))["n_rows"] > 0
+    # shards are one teacher's: every fingerprint recorded must agree, not each with the first shard's (none)
+    with pytest.raises(ValueError, match=r"s2: scored by another teacher model than s1 \(teacher_sha1"):
+        _one_value(["s0", "s1", "s2"], [{}, {"teacher_sha1": "a"}, {"teacher_sha1": "b"}], "teacher_sha1")
 
 
-def test_folder_fingerprint_samples_large_files(tmp_path):
-    from uae_fast.teacher import folder_fingerprint
+def test_teacher_fingerprint_counts_model_files_only(tmp_path):
+    # a table, its .partial or a cache written into the teacher's folder must not change the teacher's identity
+    from uae_fast.embcache import model_fingerprint
 
-    a, b = tmp_path / "a", tmp_path / "b"
-    for d in (a, b):
-        d.mkdir()
-        (d / "config.json").write_text('{"x": 1}')
-        (d / "model.safetensors").write_bytes(bytes(range(256)) * (3 << 12))  # 3 MiB: sampled, not read whole
-    assert folder_fingerprint(a) == folder_fingerprint(b)  # the contents count, not where the folder is
-    (b / "README.md").write_text("notes")
-    assert folder_fingerprint(a) == folder_fingerprint(b)
-    data = bytearray((b / "model.safetensors").read_bytes())
-    data[-1] ^= 1  # the last bytes are always sampled
-    (b / "model.safetensors").write_bytes(bytes(data))
-    assert folder_fingerprint(a) != folder_fingerprint(b)
-    (b / "model.safetensors").write_bytes((a / "model.safetensors").read_bytes())
-    (b / "config.json").write_text('{"x": 2}')
-    assert folder_fingerprint(a) != folder_fingerprint(b)
+    a = tmp_path / "a"
+    tiny_llama().save_pretrained(a)
+    byte_tokenizer().save_pretrained(a)
+    before = model_fingerprint(str(a))
+    for name in ("u.jsonl.gz", "u.jsonl.gz.partial", "cache.jsonl", "README.md", "notes.txt.log"):
+        (a / name).write_text("x")
+    assert model_fingerprint(str(a)) == before
+    (a / "config.json").write_text((a / "config.json").read_text().replace("}", ', "x_extra": 1}', 1))
+    assert model_fingerprint(str(a)) != before
 
 
 def test_blank_texts_are_refused_before_any_scoring(scorer, tmp_path):

@@ -113,12 +113,14 @@ def test_large_pools_draw_as_the_list_does_without_building_it(monkeypatch):
         chosen = rng.sample(pool, rng.randint(0, min(len(pool), 8))) + (["elsewhere"] if trial % 3 == 0 else [])
         n = rng.randint(1, len(pool) + 2)
         got = {}
-        for large in (10**9, 0):  # the list path, then the skipping path on the same draws
+        for large, qid in ((10**9, None), (0, "q"), (0, None)):  # the list path, then skipping (the pool, another list)
             monkeypatch.setattr(T, "_LARGE_POOL", large)
             sampler = T.BatchSampler.__new__(T.BatchSampler)
-            sampler._positions = {}
-            got[large] = sampler._draw(pool, chosen, n, np.random.default_rng(trial))
-        assert got[0] == got[10**9]
+            sampler._positions, sampler._pools = {}, {"q": pool}
+            got[large, qid] = sampler._draw(pool if qid else list(pool), chosen, n, np.random.default_rng(trial), qid)
+            assert bool(sampler._positions) == (large == 0 and qid == "q")  # only the sampler's own pools are cached
+        assert got[0, "q"] == got[0, None] == got[10**9, None]
+        got = {0: got[0, "q"]}
         assert len(set(got[0])) == len(got[0]) and not set(got[0]) & set(chosen)
         assert len(got[0]) == min(n, len(set(pool) - set(chosen)))
 

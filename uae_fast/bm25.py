@@ -50,7 +50,7 @@ def _marks_pattern():
     return re.compile("[\\w" + "".join(ranges) + "]+")
 
 
-_TOKEN_MARKS = None  # built on first non-ASCII text (a scan of the code points, ~0.1 s)
+_TOKEN_MARKS = None  # built on first non-ASCII text (a scan of the code points, ~0.3 s once per process)
 
 # A short English stopword list (NLTK's core function words); enough to stop "the"/"of" from
 # dominating long queries without a dependency.

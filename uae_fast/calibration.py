@@ -160,7 +160,10 @@ def _read_cache(path: str, settings: dict) -> Dict[str, float]:
     if header is None:
         return {}
     out: Dict[Tuple[str, str], float] = {}
-    if header.get("settings") != settings:
+    old = header.get("settings")
+    if isinstance(old, dict) and "teacher_sha1" not in old:  # a cache from before the fingerprint: by name
+        settings = {k: v for k, v in settings.items() if k != "teacher_sha1"}
+    if old != settings:
         raise ValueError(f"{path} was written with other teacher settings; delete it or pass another --utility-cache")
     with open(path, "r", encoding="utf-8") as f:
         lines = f.read().split("\n")

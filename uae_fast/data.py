@@ -350,11 +350,11 @@ def _expect(v, kind, where: str, what: str, *, optional: bool = False):
     return v
 
 
-def _id(v, where: str, what: str) -> str:
-    """An id: a string, or an integer (kept as its decimal string)."""
+def _id(v, where: str, what: str, *, blank_ok: bool = False) -> str:
+    """An id: a string, or an integer (kept as its decimal string); not blank unless ``blank_ok``."""
     if isinstance(v, bool) or not isinstance(v, (str, int)):
         raise ValueError(f"{where}: {what} must be a string id, got {_jtype(v)}")
-    if not str(v).strip():  # a blank id cannot be written to a TREC run or told apart in any message
+    if not blank_ok and not str(v).strip():  # a blank id cannot be written to a TREC run or told apart in messages
         raise ValueError(f"{where}: {what} is blank")
     return str(v)
 
@@ -493,7 +493,7 @@ def _from_jsonl(path: str) -> RetrievalDataset:
             raise ValueError(f"{where}: duplicate {kind} id {rid!r} (first on line {seen[rid]})")
         seen[rid] = n
         doc_id = rec.get("doc_id")
-        doc_id = None if doc_id is None else _id(doc_id, where, "doc_id")
+        doc_id = None if doc_id is None else _id(doc_id, where, "doc_id", blank_ok=True)  # "": the passages without one
         if kind == "passage":
             text = _expect(rec["text"], str, where, "text")
             if not text.strip():

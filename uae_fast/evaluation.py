@@ -408,6 +408,8 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
             # the first stage runs inside the timing: the latency is the whole pipeline's
             with _torch_threads(query_threads):
                 first = base.rank(q)
+            if ds.ignore_identical_ids:  # the LLM judges real candidates only (the filter below comes too late)
+                first = [p for p in first if p != q.id]
             rk.append(upr.rerank(q.question, first, texts))
             ms.append((time.perf_counter() - t0) * 1e3)
         rankings["rerank"], latency["rerank"] = rk, ms

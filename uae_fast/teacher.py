@@ -115,36 +115,6 @@ def teacher_name(path: Optional[str]) -> str:
     return TEACHERS[path]["name"] if path in TEACHERS else os.path.normpath(os.fspath(path))
 
 
-_SAMPLE_BYTES, _SAMPLES = 1 << 16, 16
-
-
-def folder_fingerprint(folder) -> str:
-    """A sha1 of the files of a model folder (top level; not hidden files or ``*.md``): each name and size, and
-    the contents of files up to 1 MiB whole, of larger ones 16 evenly spaced 64 KiB samples (the first and last
-    included).
-
-    Recorded in a PATH teacher's table header, so that resuming, merging or ``--reuse`` refuse rows scored by
-    another model that was saved at the same path (a fine-tuned checkpoint differs in every sample). About
-    1 MiB read per weight file; it detects a replaced model, not one crafted to collide."""
-    import hashlib
-
-    h = hashlib.sha1()
-    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and not n.endswith(".md")
-                   and os.path.isfile(os.path.join(folder, n)))
-    for n in names:
-        path = os.path.join(folder, n)
-        size = os.path.getsize(path)
-        h.update(f"{n}\0{size}\0".encode())
-        with open(path, "rb") as f:
-            if size <= _SAMPLES * _SAMPLE_BYTES:
-                h.update(f.read())
-                continue
-            for i in range(_SAMPLES):
-                f.seek(i * (size - _SAMPLE_BYTES) // (_SAMPLES - 1))
-                h.update(f.read(_SAMPLE_BYTES))
-    return h.hexdigest()
-
-
 def _gguf_teacher_folder(key: str = DEFAULT_TEACHER_KEY) -> str:
     """A safetensors copy of a named GGUF teacher, made once (~15-40 s of dequantising), then ~1 s loads."""
     spec = TEACHERS[key]
@@ -706,7 +676,7 @@ class UtilityScorer:
         self.aggregation, self.clip, self.token_budget, self.impl = aggregation, float(clip), token_budget, impl
         self.share_prefix, self.max_tree_tokens, self.compile = bool(share_prefix), max_tree_tokens, bool(compile)
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
-        self.fingerprint = fingerprint  # a PATH teacher's folder_fingerprint: the same path may hold another model
+        self.fingerprint = fingerprint  # a PATH teacher's model_fingerprint: the same path may hold another model
         self._head = model.get_output_embeddings()
         self._head_opts = _lm_head_options(model)
 
@@ -717,8 +687,10 @@ class UtilityScorer:
         options go to the constructor."""
         model, tok = load_causal_lm(path, dtype=dtype, device=device, attn=attn)
         options.setdefault("name", teacher_name(path))
-        if path is not None and path not in TEACHERS:
-            options.setdefault("fingerprint", folder_fingerprint(path))
+        if path is not None and path not in TEACHERS:  # by its model files' contents (tables or logs beside them
+            from .embcache import model_fingerprint  # do not count), so a copy elsewhere agrees
+
+            options.setdefault("fingerprint", model_fingerprint(path))
         return cls(model, tok, **options)
 
     @property

@@ -377,7 +377,8 @@ class BatchSampler:
         scored = self._cands[q.id] if self._cands is not None else self.utilities.get(q.id)
         return list(scored) if scored else None
 
-    def _draw(self, cands: List[str], chosen: List[str], n: int, rng: np.random.Generator) -> List[str]:
+    def _draw(self, cands: List[str], chosen: List[str], n: int, rng: np.random.Generator,
+              q_id: Optional[str] = None) -> List[str]:
         """Up to ``n`` of ``cands`` not in ``chosen``, drawn as ``rng.choice`` over that list would draw them; for a
         large pool (BEIR's: the whole corpus, shared by every question) without building it: the draws depend on
         its length only, and the i-th survivor is found by skipping the few chosen positions."""
@@ -385,9 +386,14 @@ class BatchSampler:
             rest = [p for p in cands if p not in chosen]
             n = min(n, len(rest))
             return [rest[int(i)] for i in rng.choice(len(rest), size=n, replace=False)] if n > 0 else []
-        pos = self._positions.get(id(cands))
-        if pos is None:  # the pools are kept for the sampler's life, so their ids stay theirs
-            pos = self._positions[id(cands)] = {p: i for i, p in enumerate(cands)}
+        # a pool is kept for the sampler's life (its id stays its own): its map is cached; another list (a large
+        # scored set, built per call) is mapped for this draw only
+        pool = self._pools.get(q_id)
+        pos = self._positions.get(id(cands)) if cands is pool else None
+        if pos is None:
+            pos = {p: i for i, p in enumerate(cands)}
+            if cands is pool:
+                self._positions[id(cands)] = pos
         gone = sorted({pos[p] for p in chosen if p in pos})
         n = min(n, len(cands) - len(gone))
         out = []
@@ -409,7 +415,7 @@ class BatchSampler:
         scored = self._candidates(q)
         for cands in ((list(scored) if scored else pool), pool):  # the candidate set first, then the rest of the pool
             if len(chosen) < want:
-                chosen.extend(self._draw(cands, chosen, want - len(chosen), rng))
+                chosen.extend(self._draw(cands, chosen, want - len(chosen), rng, q.id))
         u = self.utilities.get(q.id) if self.cfg.loss == "uae" else None
         if u and chosen and not (q.gold and not self.cfg.no_gold) and not any(p in u for p in chosen):
             # A question without gold whose drawn candidates (a --candidates policy) were never scored would
@@ -1083,10 +1089,12 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
         for k, v in old_rt.items():
             if runtime.get(k, v) != v:
                 changed[k] = (v, runtime.get(k))
-        if rank == 0 and state.get("version", _version()) != _version():
+        if rank == 0 and state.get("version") != _version():
             # candidates, lexical targets and the sampler are recomputed by this version: say so, do not refuse
-            print(f"uae train: warning: {ckpt} was written by uae_fast {state['version']}, resuming with "
-                  f"{_version()}; the rest of the run follows this version's sampling and targets", file=sys.stderr)
+            # (a checkpoint without a version predates 2026-12-07's BM25 tokeniser, which moved lexical targets)
+            was = f"uae_fast {state['version']}" if state.get("version") else "an earlier uae_fast (before 2026-12-07)"
+            print(f"uae train: warning: {ckpt} was written by {was}, resuming with {_version()}; the rest of the run "
+                  f"follows this version's sampling and targets", file=sys.stderr)
         rewritten = [k for k, d in (state.get("inputs") or {}).items() if inputs.get(k, d) != d]
         if rewritten:
             raise ValueError(f"--resume: the {' and '.join(rewritten)} file(s) changed since the checkpoint {ckpt} "

@@ -42,31 +42,33 @@ _SAME_ROWS_KEYS = ("candidates", "candidate_student", "no_gold", "data", "answer
 
 
 # Recorded since 2026-12-06 (data_sha1: the data file's contents; save_deltas: rows carry per-token deltas) and
-# 2026-12-07 (teacher_sha1: a PATH teacher's folder_fingerprint): compared only where both headers have them, so
+# 2026-12-07 (teacher_sha1: a PATH teacher's model_fingerprint): compared only where both headers have them, so
 # tables written before keep resuming and merging.
 _RECORDED_KEYS = ("data_sha1", "save_deltas", "teacher_sha1")
 _VALUE_RECORDED_KEYS = ("data_sha1", "teacher_sha1")  # those that change a row's utility
 
 
-def header_diff(a: dict, b: dict, keys, *, rows: bool = True) -> List[str]:
-    """The settings among ``keys`` in which two headers differ, plus the _RECORDED_KEYS both headers have
-    (``rows=False``: only those that change a utility, for readers that copy utilities but not deltas)."""
+def header_diff(a: dict, b: dict, keys, *, recorded: Sequence[str] = _RECORDED_KEYS) -> List[str]:
+    """The settings among ``keys`` in which two headers differ, plus those of ``recorded`` both headers have
+    (default every _RECORDED_KEYS; readers that copy utilities but not deltas pass _VALUE_RECORDED_KEYS)."""
     diff = [k for k in keys if a.get(k) != b.get(k)]
-    for k in _RECORDED_KEYS if rows else _VALUE_RECORDED_KEYS:
+    for k in recorded:
         if k in a and k in b and a[k] != b[k]:
             diff.append(k)
     return diff
 
 
-def _one_data_sha1(paths, headers) -> None:
-    """Tables combined into one must agree on the data's fingerprint wherever they recorded one."""
+def _one_value(paths, headers, key: str = "data_sha1") -> None:
+    """Tables combined into one must agree on ``key`` (the data's or the teacher's fingerprint) wherever they
+    recorded it: all of them, not each against the first (which may predate the key)."""
     seen = {}
     for p, h in zip(paths, headers):
-        if h.get("data_sha1"):
-            seen.setdefault(h["data_sha1"], p)
+        if h.get(key):
+            seen.setdefault(h[key], p)
     if len(seen) > 1:
         (a, pa), (b, pb) = list(seen.items())[:2]
-        raise ValueError(f"{pb}: scored on other data contents than {pa} (data_sha1 {b} vs {a}); cannot combine them")
+        what = "on other data contents" if key == "data_sha1" else "by another teacher model"
+        raise ValueError(f"{pb}: scored {what} than {pa} ({key} {b} vs {a}); cannot combine them")
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -381,7 +383,8 @@ def merge_shards(inputs: Sequence[str], out: str) -> dict:
         diff = header_diff(h, ref, COMPAT_KEYS + ("limit", "questions_from"))
         if diff:
             raise ValueError(f"{path}: settings differ from {inputs[0]} ({', '.join(diff)}); cannot merge")
-    _one_data_sha1(inputs, headers)
+    _one_value(inputs, headers)
+    _one_value(inputs, headers, "teacher_sha1")
     n = ref["shard"][1]
     got = sorted(h["shard"][0] for h in headers)
     if any(h["shard"][1] != n for h in headers) or got != list(range(n)):
@@ -444,7 +447,7 @@ def reusable_rows(tables: Sequence[str], header: dict, *, with_deltas: bool = Fa
     known: Dict[Tuple[str, str], tuple] = {}
     for path in tables:
         h, rows = read_utilities(path)
-        diff = header_diff(h, header, _ROW_VALUE_KEYS, rows=False)
+        diff = header_diff(h, header, _ROW_VALUE_KEYS, recorded=_VALUE_RECORDED_KEYS)
         if diff:
             raise ValueError(f"--reuse {path}: scored with other settings ({', '.join(diff)}: "
                              f"{h.get(diff[0])!r} vs {header.get(diff[0])!r}); its utilities cannot be reused")
@@ -506,11 +509,11 @@ def merge_teachers(inputs: Sequence[str], out: str) -> dict:
             raise ValueError(f"{path}: it is shard {shard[0]} of {shard[1]}; merge the shards first "
                              f"(uae score --merge) and ensemble whole tables")
     for path, (h, _) in zip(inputs[1:], tables[1:]):
-        diff = header_diff(h, ref, _SAME_ROWS_KEYS, rows=False)
+        diff = header_diff(h, ref, _SAME_ROWS_KEYS, recorded=("data_sha1",))  # not teacher_sha1: other teachers
         if diff:
             raise ValueError(f"{path}: candidate settings differ from {inputs[0]} ({', '.join(diff)}); "
                              f"ensemble tables scored on the same rows")
-    _one_data_sha1(inputs, [h for h, _ in tables])
+    _one_value(inputs, [h for h, _ in tables])
     per = [_by_query(rows) for _, rows in tables]
     shared_q = [q for q in per[0] if all(q in t for t in per[1:])]
     out_rows = []
