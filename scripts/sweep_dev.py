@@ -420,6 +420,9 @@ def report(*paths):
     return "\n".join(lines)
 
 
+RESAMPLES = 20000  # with 2,000 a p near 0.05 moved by +-0.005 from one resample seed to another
+
+
 def _short_cell(pb, digits: int = 4) -> str:
     """diff (p=..., seeds p=... with 3+ seeds): the summary tables' cell."""
     seeds = f", seeds p={pb['p_seeds']:.3f}" if "p_seeds" in pb else ""
@@ -468,12 +471,8 @@ def _paired(runs, ref, k, mask=None):
     if mask is not None:  # a subset of the questions (one kind of answer, say)
         a_seeds, b_seeds = a_seeds[:, mask], b_seeds[:, mask]
         groups = groups[mask] if groups is not None else None
-    # 20,000 resamples: with 2,000 a p near 0.05 moved by +-0.005 from one resample seed to another
     # with 3 or more seed pairs also the p that counts the seeds' spread
     return paired_bootstrap_by_seed(a_seeds, b_seeds, resamples=RESAMPLES, groups=groups)
-
-
-RESAMPLES = 20000
 
 
 _GROUPS: dict = {}  # --by-paper: {"digest": the dev questions' digest, "papers": each question's paper}

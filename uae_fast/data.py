@@ -206,15 +206,15 @@ def read_lines(path: str, what: str = "data file") -> Iterator[Tuple[int, str]]:
             yield n, line
 
 
-def data_fingerprint(path: str) -> str:
-    """sha1 (first 16 hex digits) of the bytes :func:`load_dataset` reads from ``path``: the file, or a BEIR
-    folder's corpus, queries and (default ``test``) qrels, with their names. A scoring table records it so
+def data_fingerprint(path: str, split: Optional[str] = None) -> str:
+    """sha1 (first 16 hex digits) of the bytes :func:`load_dataset` ``(path, split)`` reads: the file, or a BEIR
+    folder's corpus, queries and ``split`` (default ``test``) qrels, with their names. A scoring table records it so
     --resume / --reuse / merges refuse an edited file. Other files in the folder (a table written there, an
     index) do not count; a re-gzipped copy of the same text does (the compressed bytes are hashed)."""
     path = os.fspath(path)
     if os.path.isdir(path) or _is_beir_qrels(path):
         folder = path if os.path.isdir(path) else os.path.dirname(os.path.dirname(os.path.abspath(path)))
-        qrels = os.path.join(path, "qrels", "test.tsv") if os.path.isdir(path) else path
+        qrels = os.path.join(path, "qrels", f"{split or 'test'}.tsv") if os.path.isdir(path) else path
         files = []
         for name in ("corpus.jsonl", "queries.jsonl"):  # the copy the loader reads (plain before .gz)
             try:

@@ -94,17 +94,20 @@ def normalise(scores: np.ndarray, method: str) -> np.ndarray:
     return (s - s.mean()) / sd if sd > 0 else np.zeros_like(s)
 
 
+def _int_ids(ids, name: str) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):  # 5.7 would silently become id 5
+        raise TypeError(f"fusion: {name} must be integers, got {ids.dtype}")
+    return ids.astype(np.int64, copy=False)
+
+
 def fuse_one(dense_scores, dense_ids, lex_scores, lex_ids, k: int, fusion: dict) -> Tuple[np.ndarray, np.ndarray]:
     """Fuse one query's two ranked lists (best first; id -1 = missing) into its top ``k``.
 
     Returns ``(fused scores float64 [<= k], ids int64 [<= k])``, best first.
     """
     method, w, rrf_k = fusion["method"], fusion["weight"], fusion["rrf_k"]
-    for name, ids in (("dense_ids", dense_ids), ("lex_ids", lex_ids)):
-        ids = np.asarray(ids)
-        if ids.size and not np.issubdtype(ids.dtype, np.integer):  # 5.7 would silently become id 5
-            raise TypeError(f"fusion: {name} must be integers, got {ids.dtype}")
-    dense_ids, lex_ids = np.asarray(dense_ids, np.int64), np.asarray(lex_ids, np.int64)
+    dense_ids, lex_ids = _int_ids(dense_ids, "dense_ids"), _int_ids(lex_ids, "lex_ids")
     dense_scores, lex_scores = np.asarray(dense_scores, np.float64), np.asarray(lex_scores, np.float64)
     dk = dense_ids >= 0
     lk = (lex_ids >= 0) & (lex_scores > 0)

@@ -93,11 +93,11 @@ def _training_section(training: dict) -> str:
         out += [f"Trained with `uae train` (uae_fast) using {_loss_text(cfg) if loss in ('uae', 'infonce') else loss}.", ""]
     facts = [("Training data", os.path.basename(os.path.normpath(cfg["data"])) if cfg.get("data") else None),
              ("Teacher utilities", os.path.basename(cfg["utilities"]) if cfg.get("utilities") else None),
+             ("Teacher", training.get("teacher")),
              ("Training questions", training.get("train_queries")),
              ("Optimizer steps", training.get("steps")),
              ("Final loss", f"{training['final_loss']:.4f}" if isinstance(training.get("final_loss"), float) else None),
              ("Devices", training.get("world_size"))]
-    facts.insert(2, ("Teacher", training.get("teacher")))
     out += [f"- **{k}:** {v}" for k, v in facts if v is not None]
     unread = _UAE_ONLY + ("label_mix",) if loss == "infonce" else ()
     hp = [(k, cfg[k]) for k in _HPARAMS if k in cfg and cfg[k] is not None and k not in unread

@@ -819,9 +819,7 @@ def _input_digests(cfg: "TrainConfig") -> Dict[str, str]:
         if not path or not os.path.exists(path):
             continue
         if os.path.isdir(path):  # (checkpoints before 2026-12-07 kept a digest of every file's mtime under "data")
-            # the split train() loads from a folder: its train qrels, not the test ones a bare folder names
-            qrels = os.path.join(path, "qrels", "train.tsv")
-            out["data_folder"] = data_fingerprint(qrels if os.path.isfile(qrels) else path)
+            out["data_folder"] = data_fingerprint(path, split="train")  # the split train() loads from a folder
             continue
         h = hashlib.sha256()
         with open(path, "rb") as fh:
@@ -986,8 +984,8 @@ def _prepare_out_dir(out_dir: str, cfg: TrainConfig, *, resume: bool, overwrite:
 def _clear_run(out_dir: str) -> None:
     """``--overwrite``: delete the previous run in ``out_dir`` (checked by _prepare_out_dir). The summary goes
     first: a kill midway must not leave a "finished" run without its weights for --resume to hand back."""
-    entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
-    for e in sorted(entries, key=lambda e: e != "training_summary.json"):
+    entries = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    for e in sorted(entries, key=lambda e: (e != "training_summary.json", e)):
         path = os.path.join(out_dir, e)
         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 

@@ -71,12 +71,19 @@ def _open_for_write(path: str):
     return atomic_write(path)
 
 
-def _unique(qid: str, seen: set) -> str:
-    """Two keys that print as one id (1 and "1") would write one query twice: trec_eval merges them."""
-    if qid in seen:
-        raise ValueError(f"query id {qid!r} appears twice (keys that are equal as text, such as 1 and '1')")
-    seen.add(qid)
-    return qid
+def _queries(mapping: Mapping, what: str):
+    """``(query id, its ids)`` of a run's or qrels' mapping, as the writers take them: each id a TREC token and
+    written once (1 and "1" print as one id, which trec_eval would merge), its ids never one string (list("d12")
+    would be documents d, 1 and 2)."""
+    seen = set()
+    for qid, ids in mapping.items():
+        qid = _token(qid, "query id")
+        if qid in seen:
+            raise ValueError(f"query id {qid!r} appears twice (keys that are equal as text, such as 1 and '1')")
+        seen.add(qid)
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"query {qid!r}: {what}, not one string")
+        yield qid, ids
 
 
 def write_run(path: str, rankings: Mapping[str, Sequence[str]], run_name: str, *, depth: Optional[int] = None) -> int:
@@ -88,12 +95,9 @@ def write_run(path: str, rankings: Mapping[str, Sequence[str]], run_name: str, *
     if depth is not None and (not isinstance(depth, int) or depth < 1):
         raise ValueError(f"depth must be a positive int or None, got {depth!r}")
     path, tag = os.fspath(path), _token(run_name, "run name")
-    lines, seen = 0, set()
+    lines = 0
     with _open_for_write(path) as f:
-        for qid, ranking in rankings.items():
-            qid = _unique(_token(qid, "query id"), seen)
-            if isinstance(ranking, (str, bytes)):  # list("d12") would write documents d, 1 and 2
-                raise TypeError(f"query {qid!r}: the ranking must be a sequence of ids, not one string")
+        for qid, ranking in _queries(rankings, "the ranking must be a sequence of ids"):
             docs = list(ranking)[:depth]
             if not docs:  # trec_eval would leave the query out of its means, where `uae eval` scores it 0
                 raise ValueError(f"query {qid!r}: the ranking is empty; a TREC run cannot hold a query without documents")
@@ -111,12 +115,9 @@ def write_run(path: str, rankings: Mapping[str, Sequence[str]], run_name: str, *
 
 def write_qrels(path: str, golds: Mapping[str, Iterable[str]]) -> int:
     """Write binary qrels (``qid 0 docid 1`` for every gold id of every query); returns the line count."""
-    path, lines, seen = os.fspath(path), 0, set()
+    path, lines = os.fspath(path), 0
     with _open_for_write(path) as f:
-        for qid, gold in golds.items():
-            qid = _unique(_token(qid, "query id"), seen)
-            if isinstance(gold, (str, bytes)):
-                raise TypeError(f"query {qid!r}: gold must be a collection of ids, not one string")
+        for qid, gold in _queries(golds, "gold must be a collection of ids"):
             for doc in dict.fromkeys(gold):  # unique, in order
                 f.write(f"{qid} 0 {_token(doc, 'document id')} 1\n")
                 lines += 1
