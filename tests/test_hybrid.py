@@ -186,11 +186,27 @@ def test_fusion_zscore_and_rrf_hand_computed():
 
 
 def test_fusion_degenerate_and_batch():
-    assert normalise(np.array([2.0, 2.0]), "minmax").tolist() == [0.0, 0.0]
-    assert normalise(np.array([2.0, 2.0]), "zscore").tolist() == [0.0, 0.0]
+    assert normalise(np.array([2.0, 2.0]), "minmax").tolist() == [1.0, 1.0]
+    assert normalise(np.array([2.0, 2.0]), "zscore").tolist() == [1.0, 1.0]
+    assert normalise(np.array([-3.0]), "zscore").tolist() == [1.0]
     s, i = fuse((np.array([[1.0, 0.5], [0.2, 0.1]]), np.array([[0, 1], [1, -1]])),
                 (np.array([[0.0, 0.0], [0.0, 0.0]]), np.array([[2, 3], [0, 1]])), 3, None)
     assert i.tolist() == [[0, 1, -1], [1, -1, -1]] and s[0, 2] == -np.inf and s.dtype == np.float32
+
+
+@pytest.mark.parametrize("method", ["minmax", "zscore"])
+def test_fusion_lone_lexical_hit_gets_credit(method):
+    # BM25 finds one passage (an exact identifier): it counts as the side's best, the others as missing (0);
+    # it used to be normalised to 0 like them, so a lexical weight of 0.5 could not lift it above dense's top
+    d, di = [0.9, 0.8, 0.1], [0, 1, 2]
+    s, i = fuse_one(d, di, [7.5], [1], 3, dict(DEFAULT_FUSION, method=method, weight=0.5))
+    nd = normalise(np.array(d), method)
+    expect = {0: 0.5 * nd[0], 1: 0.5 * nd[1] + 0.5, 2: 0.5 * nd[2]}
+    assert i[0] == 1 and i.tolist() == sorted(expect, key=lambda x: -expect[x])
+    np.testing.assert_allclose(s, [expect[x] for x in i.tolist()], atol=1e-12)
+    # tied lexical hits: each gets the side's full credit, ahead of an equally dense-scored passage it missed
+    s, i = fuse_one([0.5, 0.5, 0.5], [0, 1, 2], [2.0, 2.0], [1, 2], 3, dict(DEFAULT_FUSION, method=method, weight=0.9))
+    assert i.tolist() == [1, 2, 0]
 
 
 def test_resolve_fusion(tmp_path):

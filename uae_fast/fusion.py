@@ -16,7 +16,9 @@ record) and ``name`` (a label: ``uae eval``'s row name ``hybrid:NAME``) are kept
 Normalisation is per query over the scores that side returned: min-max to [0, 1], or z-score. A
 candidate one side did not return gets that side's lowest returned value (normalised 0 for min-max, the
 lowest z for z-score, no RRF term): it is at most as good there as the worst one returned. A side whose
-returned scores are all equal contributes 0. Lexical hits scoring 0 (no shared term) are not candidates.
+returned scores are all equal (a lone hit, e.g. BM25 on an exact identifier) gives each of them 1 and the
+others 0, as OpenSearch's min-max normaliser does: without it a lone hit got no credit at all. Lexical hits
+scoring 0 (no shared term) are not candidates.
 Ties: higher fused score, then better dense rank, then better lexical rank, then lower id.
 """
 from __future__ import annotations
@@ -83,15 +85,18 @@ def resolve_fusion(fusion: Union[None, str, os.PathLike, dict]) -> dict:
 
 
 def normalise(scores: np.ndarray, method: str) -> np.ndarray:
-    """Per-query normalised scores (float64) of one side's returned ``scores`` (1-D, best first for rrf)."""
+    """Per-query normalised scores (float64) of one side's returned ``scores`` (1-D, best first for rrf).
+
+    All equal (one score, or ties): ones, so that they beat the passages the side did not return (0).
+    """
     s = np.asarray(scores, dtype=np.float64)
     if method == "rrf" or s.size == 0:
         return s
-    if method == "minmax":
-        lo, hi = s.min(), s.max()
-        return (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
-    sd = s.std()
-    return (s - s.mean()) / sd if sd > 0 else np.zeros_like(s)
+    lo, hi = s.min(), s.max()
+    sd = (hi - lo) if method == "minmax" else s.std()
+    if not sd > 0:
+        return np.ones_like(s)
+    return (s - (lo if method == "minmax" else s.mean())) / sd
 
 
 def _int_ids(ids, name: str) -> np.ndarray:
@@ -128,7 +133,8 @@ def fuse_one(dense_scores, dense_ids, lex_scores, lex_ids, k: int, fusion: dict)
             val = np.where(hit, 1.0 / (rrf_k + pos + 1.0), 0.0)
         else:
             n = normalise(scores, method)
-            val = np.where(hit, n[np.maximum(pos, 0)] if n.size else 0.0, n.min() if n.size else 0.0)
+            # a missing candidate: the lowest returned value, which is 0 for min-max; 0 below an all-equal side's 1s
+            val = np.where(hit, n[np.maximum(pos, 0)] if n.size else 0.0, min(n.min(), 0.0) if n.size else 0.0)
         parts.append(val)
         ranks.append(np.where(hit, pos, big))
     fused = w * parts[0] + (1.0 - w) * parts[1]
