@@ -117,6 +117,10 @@ def test_quickstart_refuses_train_data_it_cannot_score(tmp_path, capsys):
     (beir / "corpus.jsonl").write_text(_json.dumps({"_id": "d1", "text": "a b"}) + "\n")
     (beir / "queries.jsonl").write_text(_json.dumps({"_id": "q1", "text": "a?"}) + "\n")
     (beir / "qrels" / "test.tsv").write_text("q1\td1\t1\n")
+    # a folder trains on its train split, as `uae train` does (the test split is what `uae eval` judges)
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--train-data", str(beir), "--dev-data", DEV, "--dry-run"]) == 1
+    assert "has no qrels/train.tsv" in capsys.readouterr().err
+    (beir / "qrels" / "train.tsv").write_text("q1\td1\t1\n")
     for dry in (["--dry-run"], []):
         assert main(["quickstart", "--out", str(tmp_path / "qs"), "--train-data", str(beir), "--dev-data", DEV] + dry) == 1
         assert "no train question has both an answer and gold evidence" in capsys.readouterr().err

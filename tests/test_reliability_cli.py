@@ -698,6 +698,12 @@ def test_cli_options_that_would_do_nothing_are_refused(tmp_path, capsys, tiny, u
                                         "--limit", "1", "--no-progress"]), "score")
     assert "is not a causal-LM checkpoint" in line and "missing" in line, line
     assert not os.path.exists(tmp_path / "u.jsonl") and not os.path.exists(tmp_path / "u.jsonl.partial")
+    # uae eval: a model path for a system that does not run, or a pairing with no pair, is refused before any encoding
+    for extra, flag in ((["--reader-model", "/nonexistent"], "--reader-model"), (["--teacher", "/nonexistent"], "--teacher"),
+                        (["--student", "/nonexistent"], "--student"), (["--paired-by", "document"], "--paired-by")):
+        line = one_error_line(capsys, main(["eval", "--data", TRAIN, "--baselines", "bm25", "--no-progress"] + extra), "eval")
+        assert flag in line, line
+    assert main(["eval", "--data", TRAIN, "--baselines", "bm25", "--limit", "2", "--no-progress"]) == 0
 
 
 def test_fusion_configs_with_unknown_keys_or_empty_grids_are_refused(tmp_path):

@@ -495,6 +495,10 @@ def test_export_columns_and_labels(exported, tmp_path):
         kinds.update("scored" if pid in scored else "unscored gold" if not scored and pid in q.gold else "no label"
                      for pid in pids)
     assert unscored == 3 and kinds == {"scored", "unscored gold", "no label"}, (unscored, kinds)
+    # the card counts the teacher's utilities only (an unscored query's gold zeros are not the teacher's)
+    n_util = sum(by_text[row[f"passage_{c}"]] in (u.get(by_q[row["query"]].id) or {}) for row in d for c in range(4))
+    card = (out / "README.md").read_text()
+    assert f"{n_util / (4 * len(d)):.0%} of\nthe passages carry a teacher utility; 3 queries have none" in card, card
 
 
 def test_export_unscored_query_targets_all_its_gold_passages():

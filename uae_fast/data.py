@@ -737,6 +737,13 @@ def load_corpus(path: str) -> Dict[str, Passage]:
     return load_dataset(path, require_queries=False).passages
 
 
+def load_train_dataset(path: str) -> RetrievalDataset:
+    """:func:`load_dataset` for training data: a BEIR folder's ``train`` split (its default, ``test``, is what
+    evaluation judges), any other path as given."""
+    path = os.fspath(path)
+    return load_dataset(path, split="train" if os.path.isdir(path) else None)
+
+
 def load_dataset(path: str, *, split: Optional[str] = None, require_queries: bool = True) -> RetrievalDataset:
     """Load QASPER or SQuAD JSON (``.json``/``.json.gz``), the JSONL schema (``.jsonl``/``.jsonl.gz``) or a
     BEIR folder (``split``: its qrels file, default ``test``; ``DIR/qrels/SPLIT.tsv`` names one too).

@@ -293,10 +293,19 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         raise ValueError("--fusion configures the hybrid baseline: add hybrid to --baselines")
     from .cli import check_encoder_folder, check_output_path, check_teacher_path
 
-    for flag, path, used in (("--teacher", teacher, "rerank" in baselines or (reader and not reader_model)),
-                             ("--reader-model", reader_model, reader)):
-        if used:
+    uses_student = "base" in baselines or "rerank" in baselines or ("hybrid" in baselines and not models)  # as below
+    for flag, path, used, needs in (
+            ("--teacher", teacher, "rerank" in baselines or (reader and not reader_model),
+             "the rerank baseline, or --reader without --reader-model"),
+            ("--reader-model", reader_model, reader, "--reader"),
+            ("--student", student, uses_student, "the base, rerank or (without --model) hybrid baseline")):
+        if path is not None and not used:
+            raise ValueError(f"{flag} is used only by {needs}; drop it or add what uses it")
+        if used and flag != "--student":
             check_teacher_path(path, flag)
+    if paired_by == "document" and not ((models and len(models) + len(baselines) > 1) or "hybrid" in baselines):
+        raise ValueError("--paired-by document: nothing is paired (pairs are the first --model against every other "
+                         "row, and each hybrid row against its sides)")
     for k, v in (("rerank_limit", rerank_limit), ("rerank_depth", rerank_depth), ("reader_limit", reader_limit),
                  ("batch_size", batch_size), ("query_threads", 1 if query_threads is None else query_threads)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -322,7 +331,6 @@ def evaluate(ds: RetrievalDataset, models: Sequence[str] = (), *, names: Optiona
         rows = [fusion_row_name(fu) for fu in fusion] if "hybrid" in baselines else []
         _check_run_ids(queries, ds, names + [b for b in baselines if b != "hybrid"] + rows, folder=save_runs)
     # every encoder folder now, not after the ones before it have encoded the corpus
-    uses_student = "base" in baselines or "rerank" in baselines or ("hybrid" in baselines and not models)  # as below
     for flag, path in [*(("--model", m) for m in models), *((("--student", student),) if uses_student else ())]:
         check_encoder_folder(path, flag)
     if embedding_cache is not None:

@@ -28,7 +28,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .data import RetrievalDataset, atomic_write, default_qasper_path, load_dataset, write_text_atomic
+from .data import RetrievalDataset, atomic_write, default_qasper_path, load_dataset, load_train_dataset, write_text_atomic
 from .training import BatchSampler, TrainConfig
 from .utilities import check_utilities, load_utilities
 
@@ -114,7 +114,7 @@ def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = N
                          f"or new folder")
     data = data or default_qasper_path("train")
     utilities, header = load_utilities(utilities_path)
-    ds = load_dataset(data)
+    ds = load_train_dataset(data)
     check_utilities(utilities, ds, path=utilities_path, data_path=data, header=header)
     cols, skipped = export_rows(ds, utilities, passages_per_query=passages_per_query, seed=seed)
     if not cols["query"]:
@@ -131,9 +131,11 @@ def export_dataset(utilities_path: str, out_dir: str, *, data: Optional[str] = N
     with atomic_write(os.path.join(out_dir, PARQUET_FILE), "wb") as f:  # a kill never leaves half a parquet file
         table.to_parquet(f)
     labels = np.asarray(cols["label"], dtype=np.float32)
+    # rows in export_rows' order; an unscored query's gold labels are export_rows' zeros, not the teacher's
+    scored = np.array([bool(utilities.get(q.id)) for q in ds.queries if q.gold], dtype=bool)
     summary = {"rows": len(cols["query"]), "passages_per_query": k, "skipped_no_gold": skipped,
-               "scored_fraction": round(float(np.isfinite(labels).mean()), 4), "seed": seed,
-               "unscored_queries": int(np.isnan(labels).all(axis=1).sum()),
+               "scored_fraction": round(float(np.isfinite(labels[scored]).sum() / labels.size), 4), "seed": seed,
+               "unscored_queries": int((~scored).sum()),
                "utilities": os.path.basename(utilities_path), "data": os.path.basename(os.path.normpath(data)),
                "teacher": header.get("teacher")}
     _write_card(out_dir, summary)
@@ -157,8 +159,8 @@ tags:
 {s['rows']} queries x {k} passages from `{s['utilities']}` (teacher: {s['teacher']}) over `{s['data']}`.
 Columns: `query`, `passage_0` ... `passage_{k - 1}` (text), `label` ([{k}] float32 teacher utilities, NaN = not
 scored: an in-batch negative with no target weight). `passage_0` is a gold passage. {s['scored_fraction']:.0%} of
-the passages carry a utility; {s['unscored_queries']} queries have none (all-NaN label: the loss trains them on
-`passage_0`, as `uae train` does). {s['skipped_no_gold']} queries without gold evidence are left out. Seed {s['seed']}.
+the passages carry a teacher utility; {s['unscored_queries']} queries have none (their gold passages are labelled 0 and
+the rest NaN: a uniform target over their gold, as `uae train` has it). {s['skipped_no_gold']} queries without gold evidence are left out. Seed {s['seed']}.
 
 ```python
 from datasets import load_dataset

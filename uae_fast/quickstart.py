@@ -23,8 +23,8 @@ import sys
 import time
 from typing import Optional
 
-from .data import (RetrievalDataset, data_fingerprint, default_qasper_path, load_dataset, quickstart_qasper_path,
-                   write_text_atomic)
+from .data import (RetrievalDataset, data_fingerprint, default_qasper_path, load_dataset, load_train_dataset,
+                   quickstart_qasper_path, write_text_atomic)
 
 # Quick defaults: sized for <= 15 minutes on 2 CPU cores (see README "Quick start").
 QUICK = {"score_queries": 12, "train_steps": 80, "dev_queries": 200, "rerank_queries": 20}
@@ -170,7 +170,7 @@ def check(full: bool = False, train_data: Optional[str] = None, dev_data: Option
           utilities: Optional[str] = None, teacher: Optional[str] = None) -> dict:
     """What the quickstart would read, loaded and counted, without running a model (``--dry-run``)."""
     train_path, dev_path = resolve_data(full, train_data, dev_data)
-    train_ds, dev_ds = load_dataset(train_path), load_dataset(dev_path)
+    train_ds, dev_ds = load_train_dataset(train_path), load_dataset(dev_path)
     check_disjoint(train_ds, dev_ds)
     if utilities and not os.path.exists(utilities):
         raise FileNotFoundError(f"utilities file not found: {utilities}")
@@ -252,7 +252,7 @@ def quickstart(out: str = "uae-quickstart", *, full: bool = False, train_data: O
     t_all = time.time()
     train_path, dev_path = resolve_data(full, train_data, dev_data)
     os.makedirs(out, exist_ok=True)
-    train_ds, dev_ds = load_dataset(train_path), load_dataset(dev_path)
+    train_ds, dev_ds = load_train_dataset(train_path), load_dataset(dev_path)
     check_disjoint(train_ds, dev_ds)
     q = dict(QUICK)
     for k, v in (("score_queries", score_queries), ("train_steps", train_steps), ("dev_queries", dev_queries),

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from ._checks import resolve_device
-from .data import RetrievalDataset, Query, default_qasper_path, load_dataset, shipped_file, write_text_atomic
+from .data import RetrievalDataset, Query, default_qasper_path, load_train_dataset, shipped_file, write_text_atomic
 
 # The utilities table (reading, validation) is owned by .utilities; these names stay importable from here.
 from .utilities import check_answer_only, check_utilities, load_utilities  # noqa: F401
@@ -1031,7 +1031,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
 
     runtime = _runtime(amp, device, world)
     if ds is None:  # a BEIR folder trains on its train split (its default, test, is for evaluation)
-        ds = load_dataset(cfg.data, split="train" if os.path.isdir(cfg.data) else None)
+        ds = load_train_dataset(cfg.data)
     utilities = None
     if cfg.loss == "uae" and not cfg.utilities:
         raise ValueError("--loss uae needs --utilities FILE (from `uae score`)")
