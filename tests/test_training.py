@@ -305,6 +305,28 @@ def test_unscored_gold_in_the_batch_is_excluded_not_a_negative(ds):
     assert seen > 0
 
 
+@pytest.mark.parametrize("label_mix", [0.0, 0.5])
+def test_unscored_drawn_gold_is_excluded_when_the_label_mix_gives_it_no_mass(ds, label_mix):
+    # a table that scored none of the question's gold (a --no-gold table in gold mode): at label_mix 0 the drawn
+    # gold has no target weight, so it must leave the softmax like the other gold, not be trained as a negative
+    from uae_fast.ops import utility_infonce
+
+    q = next(q for q in ds.queries if q.gold)
+    others = [p for p in ds.pool(q) if p not in q.gold][:2]
+    u = {q.id: {others[0]: 1.0, others[1]: 0.2}}
+    cfg = TrainConfig(loss="uae", batch_size=1, passages_per_query=4, seed=0, label_mix=label_mix)
+    s = BatchSampler(ds, cfg, u)
+    b = next(s.batch(m) for m in range(s.batches_per_epoch) if s.batch(m).qids == [q.id])
+    g = int(b.gold_idx[0])
+    assert g >= 0 and b.passages[g] in {ds.passages[x].text for x in q.gold}
+    excluded = {j for j in b.exclude_idx[0].tolist() if j >= 0} if b.exclude_idx is not None else set()
+    assert (g in excluded) == (label_mix == 0.0)
+    emb = torch.randn(len(b.passages), 8)
+    loss = utility_infonce(torch.randn(1, 8), emb, b.target_idx, b.target_utility, gold_idx=b.gold_idx,
+                           label_mix=label_mix, exclude_idx=b.exclude_idx, impl="torch")  # accepted by the loss
+    assert torch.isfinite(loss)
+
+
 def test_a_gold_less_question_whose_drawn_candidates_are_unscored_targets_its_teachers_best(ds):
     # --loss uae with gold, a --candidates policy and a question without gold whose scored rows all lie outside
     # it: its target is the teacher's best paragraph, never an arbitrary unscored candidate.

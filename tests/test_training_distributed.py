@@ -81,6 +81,16 @@ def _worker(rank, port, scenario, utils, student, out, results):
 
             real_isfile = os.path.isfile
             tr.os.path.isfile = lambda p: False if "trainer_state" in str(p) else real_isfile(p)
+    if scenario == "otherutils" and rank == 1:  # a node whose table holds other values under the same ids
+        import gzip
+
+        with gzip.open(utils, "rt") as f:
+            rows = [json.loads(line) for line in f]
+        for r in rows[1:]:
+            r["utility"] = -r["utility"]
+        utils = os.path.join(results, "other-utils.jsonl.gz")
+        with gzip.open(utils, "wt") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
     res = {}
     try:
         s = train(TrainConfig(data=TRAIN, utilities=utils, student=student, **{**RUN, **_accum(scenario)}), out,
@@ -172,6 +182,12 @@ def test_ranks_that_draw_different_passages_stop_together(tmp_path, tiny, utils)
     # silently wrong targets (one rank's indices into another rank's passages) become one error on every rank
     for r in _run("skew", utils, tiny, tmp_path / "run", tmp_path):
         assert r["error"].startswith("micro-batch 1: the ranks drew different passages"), r
+
+
+def test_ranks_with_different_tables_stop_before_training(tmp_path, tiny, utils):  # noqa: F811
+    # the same question and passage ids, other utility values: the per-batch digest cannot see it, the start check does
+    for r in _run("otherutils", utils, tiny, tmp_path / "run", tmp_path):
+        assert r["error"].startswith("the ranks' data or utilities files differ"), r
 
 
 @pytest.mark.parametrize("scenario", ["full", "accum"])

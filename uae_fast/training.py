@@ -485,8 +485,9 @@ class BatchSampler:
             gold.append(index[g] if g is not None else -1)
             if self.cfg.loss == "uae" and not self.cfg.no_gold and q.id in self.utilities and q.gold:
                 # another of the question's gold paragraphs in the batch that the table did not score has no
-                # target mass: left in, it would be pushed down as a hard negative (infonce counts it positive)
-                u, keep = self.utilities[q.id], set(rows_idx[-1]) | {gold[-1]}
+                # target mass: left in, it would be pushed down as a hard negative (infonce counts it positive);
+                # the drawn gold stays where the label mix gives it mass
+                u, keep = self.utilities[q.id], set(rows_idx[-1]) | ({gold[-1]} if self.cfg.label_mix > 0 else set())
                 excl[-1] += [index[p] for p in dict.fromkeys(q.gold) if p in index and p not in u and index[p] not in keep]
         t_idx, t_u = _padded(rows_idx, -1, torch.long), _padded(rows_u, 0.0, torch.float32)
         ex = _padded(excl, -1, torch.long) if self.cfg.teacher_gate is not None or any(excl) else None
@@ -1065,6 +1066,12 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     total_steps = max(1, math.ceil(total_micro / cfg.grad_accum))
 
     inputs = _input_digests(cfg)
+    # the per-batch digest sees passage ids only: a node whose table or data differs in its values would train
+    # on other targets without a word
+    if world > 1 and not _same_on_every_rank(int(hashlib.sha256(json.dumps(inputs, sort_keys=True).encode())
+                                                 .hexdigest()[:15], 16), device):
+        raise ValueError("the ranks' data or utilities files differ (sha256 of their contents): every rank must train "
+                         "on the same files")
     ckpt = _on_rank0(lambda: latest_checkpoint(out_dir), world, rank) if resume else None
     if ckpt is not None and _agree([not os.path.isfile(os.path.join(ckpt, _STATE_FILE))], world, device)[0]:
         raise ValueError(f"--resume: rank 0 resumes from {ckpt}, which not every rank can read: under torchrun on "
