@@ -660,3 +660,68 @@ def test_model_fingerprint_is_content_not_path_and_ignores_what_lies_beside_the_
     assert model_fingerprint(str(b)) != fp  # a config the loader reads does count
     c = make_tiny_encoder(tmp_path / "c", seed=1)
     assert model_fingerprint(c) != fp
+
+
+def test_an_interrupted_add_leaves_both_sides_as_they_were(tmp_path, monkeypatch):
+    # an interrupt while the texts are tokenised stored dense rows the lexical side lacked: the folder saved
+    # afterwards did not load, and default ids of a retried add skipped the lost rows for good
+    import uae_fast.lexical as lx
+
+    emb, texts, rng = _corpus(n=12)
+    h = HybridIndex(16)
+    h.add(emb[:6], texts[:6])
+    real = lx.count_matrix
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lx, "count_matrix", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        h.add(emb[6:], texts[6:])
+    assert len(h.dense) == len(h.lexical) == 6
+    monkeypatch.setattr(lx, "count_matrix", real)
+    h.add(emb[6:], texts[6:])
+    assert h.dense.ids.tolist() == h.lexical.ids.tolist() == list(range(12))
+    h.save(tmp_path / "h")
+    back = HybridIndex.load(tmp_path / "h")
+    q = rng.standard_normal((2, 16)).astype(np.float32)
+    for a, b in zip(back.search(q, ["w1", "w2"], 5), h.search(q, ["w1", "w2"], 5)):
+        np.testing.assert_array_equal(a, b)
+    h.lexical.add(["an add to one side alone"])  # a folder that would not load is refused, not written
+    with pytest.raises(RuntimeError, match="sides hold different passages"):
+        h.save(tmp_path / "h2")
+
+
+def test_a_search_during_an_add_sees_the_index_before_it():
+    # the dense side publishes before the lexical one: a search in between used to mix the two states (new
+    # dense rows with no lexical side, -1 padding within k <= n, or "k must be in [1, n]" on a first add)
+    emb, texts, rng = _corpus(n=20)
+    q = rng.standard_normal((3, 16)).astype(np.float32)
+    qt = ["w1 w5", "w2", "w9 w3"]
+    h = HybridIndex(16, {"method": "minmax", "weight": 0.6, "k_each": 4})
+    h.add(emb[:8], texts[:8])
+    before = h.search(q, qt, 8)
+    seen = []
+    real = h.lexical._commit
+
+    def commit_after_a_search(prepared):
+        assert len(h.dense) == 20 and len(h.lexical) == 8  # the window: dense published, lexical not yet
+        seen.append(h.search(q, qt, 8))
+        real(prepared)
+
+    h.lexical._commit = commit_after_a_search
+    h.add(emb[8:], texts[8:])
+    for a, b in zip(seen[0], before):
+        np.testing.assert_array_equal(a, b)
+    assert len(h.search(q, qt, 20)[1][0]) == 20 and (h.search(q, qt, 20)[1] >= 0).all()
+    first = HybridIndex(16)  # during a first add the index is empty (was: "k must be in [1, 20] ..., got 0")
+    real_first = first.lexical._commit
+
+    def search_then_commit(prepared):
+        with pytest.raises(ValueError, match="the index is empty"):
+            first.search(q[:1], qt[:1], 1)
+        real_first(prepared)
+
+    first.lexical._commit = search_then_commit
+    first.add(emb[:3], texts[:3])
+    assert len(first) == 3

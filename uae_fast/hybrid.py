@@ -34,6 +34,15 @@ MANIFEST = "hybrid.json"
 _FILES = {"dense": "dense.uae", "lexical": "lexical.uae"}
 
 
+def _drop_newer(dense, newer_ids, each: int):
+    """A dense result ``(scores, ids)`` without ``newer_ids`` (passages the lexical snapshot lacks), each row cut to
+    its first ``each`` others; dropped entries become id -1 (fusion skips them)."""
+    scores, ids = dense
+    keep = (ids >= 0) & ~np.isin(ids, newer_ids)
+    keep &= np.cumsum(keep, axis=1) <= each
+    return np.where(keep, scores, -np.inf).astype(np.float32), np.where(keep, ids, -1)
+
+
 def write_manifest(folder: str, manifest: dict) -> None:
     """Write ``folder``'s manifest atomically, each ``files`` entry (kind -> file name) given its byte size."""
     from .data import atomic_write
@@ -106,13 +115,15 @@ class HybridIndex:
         if len(passage_texts) != n:
             raise ValueError(f"passage_texts has {len(passage_texts)} texts for {n} embeddings")
         _check_texts(passage_texts, "passage_texts")
-        with self._lock:
+        with self._lock, self.lexical._add_lock:
             if ids is None:  # the dense side's rule: continue after the largest id ever stored
                 ids = np.arange(self.dense._next_id, self.dense._next_id + n, dtype=np.int64)
-            # Texts are checked above and the dense add checks embeddings and ids before it stores
-            # anything; the lexical add then has nothing left to reject, so the sides stay in step.
+            # The sides stay in step: the lexical side is tokenised first with nothing stored, so a failure or an
+            # interrupt there (or in the dense add, which checks before it stores) leaves both as they were; the
+            # lexical side publishes last, which search() relies on.
+            lexical = self.lexical._prepare(passage_texts, ids)
             self.dense.add(passage_emb, ids)
-            self.lexical.add(passage_texts, ids)
+            self.lexical._commit(lexical)
 
     def search(self, query_emb, query_texts: Sequence[str], k: int, *, fusion=None):
         """Top-``k`` fused results per query: ``(scores [Q, k] float32, ids [Q, k] int64)``, best first.
@@ -131,14 +142,20 @@ class HybridIndex:
         if len(query_texts) != q.shape[0]:
             raise ValueError(f"query_texts has {len(query_texts)} texts for {q.shape[0]} query embeddings")
         cfg = self.fusion if fusion is None else resolve_fusion(fusion)
-        n = len(self)
+        # One state for both sides while an add() runs: the lexical side's (it publishes after the dense side),
+        # whose passages are the dense side's first n rows; dense hits beyond them are dropped.
+        snapshot = self.lexical._scorer()
+        n = len(snapshot[1])
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not (1 <= k <= max(n, 1)) or n == 0:
             if n == 0:
                 raise ValueError("the index is empty: add passages before searching")
             raise ValueError(f"k must be an int in [1, {n}] (the number of stored passages), got {k!r}")
-        each = min(max(cfg["k_each"], int(k)), n, len(self.lexical))
-        dense = self.dense.search(q, min(each, len(self.dense)))
-        lexical = self.lexical.search(query_texts, each)
+        each = min(max(cfg["k_each"], int(k)), n)
+        extra = max(len(self.dense) - n, 0)  # rows of an add in flight
+        dense = self.dense.search(q, each + extra)
+        if len(self.dense) > n:
+            dense = _drop_newer(dense, self.dense.ids[n:], each)
+        lexical = LexicalIndex._search(snapshot, query_texts, each)
         scores, ids = fuse(dense, lexical, int(k), cfg)
         return _wrap(like_torch, scores, ids)
 
@@ -158,6 +175,9 @@ class HybridIndex:
             raise TypeError(f"HybridIndex.meta must be JSON-serialisable (str, numbers, lists, dicts): {e}") from None
         os.makedirs(folder, exist_ok=True)
         with self._lock:
+            if len(self.dense) != len(self.lexical) or not np.array_equal(self.dense.ids, self.lexical.ids):
+                raise RuntimeError(f"the index's sides hold different passages (dense {len(self.dense)}, lexical "
+                                   f"{len(self.lexical)}): an add to one side alone; rebuild the index")
             mpath = os.path.join(folder, MANIFEST)
             if os.path.exists(mpath):
                 os.remove(mpath)
@@ -170,7 +190,8 @@ class HybridIndex:
     def load(cls, folder, fusion=None, *, mmap: bool = True, verify: bool = True,
              threads: Optional[int] = None) -> "HybridIndex":
         """Open a folder written by :meth:`save`. ``fusion`` (dict or JSON path) replaces the saved
-        config; ``verify`` checks every section's crc32 (both files); ``mmap`` maps the dense vectors."""
+        config; ``verify=False`` skips the crc32 of the dense vectors (the lexical file is read whole, so its
+        sections are always checked); ``mmap`` maps the dense vectors."""
         from .index import _check_threads
 
         folder = os.fspath(folder)

@@ -74,7 +74,8 @@ class LexicalIndex:
         self._ids = np.zeros(0, np.int64)
         self._next_id = 0  # 1 + the largest id ever stored: default ids start here (TopKIndex's rule)
         self._bm25: Optional[BM25] = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # publishing and reading the state searches use
+        self._add_lock = threading.Lock()  # one add at a time; searches go on while it tokenises
 
     def __len__(self) -> int:
         return int(self._ids.size)
@@ -107,26 +108,38 @@ class LexicalIndex:
     def add(self, texts: Sequence[str], ids=None) -> None:
         """Add passages ``texts`` with optional int64 ``ids``. As in :class:`uae_fast.TopKIndex`, ids are unique:
         default ids continue after the largest id stored (0, 1, ... with default ids only); a stored id is refused."""
+        with self._add_lock:
+            self._commit(self._prepare(texts, ids))
+
+    def _prepare(self, texts: Sequence[str], ids=None):
+        """What :meth:`add` stores, computed (checks, tokenising) with nothing stored; call with ``_add_lock``
+        held and pass the result to :meth:`_commit` (HybridIndex adds its dense side in between)."""
         texts = _check_texts(texts)
         with self._lock:
-            start = self._next_id
-            if ids is None:
-                if start + len(texts) - 1 > np.iinfo(np.int64).max:
-                    raise ValueError(f"no default ids left after id {start - 1}: pass explicit ids")
-                new_ids = np.arange(start, start + len(texts), dtype=np.int64)
-            else:
-                new_ids = _as_ids(ids, len(texts))
-            if not texts:
-                return
-            if ids is not None and self._ids.size and int(new_ids.min()) < start:  # could repeat a stored id
-                taken = np.isin(new_ids, self._ids)
-                if taken.any():
-                    raise ValueError(f"id {int(new_ids[np.argmax(taken)])} is already in the index: ids must be unique")
-            vocab = dict(self._vocab)  # searches in flight keep the old vocabulary
-            m = count_matrix(texts, vocab, stopwords=self.stopwords, grow=True, unicode=self.unicode)
+            start, stored, vocab = self._next_id, self._ids, dict(self._vocab)  # searches keep the old vocabulary
+        if ids is None:
+            if start + len(texts) - 1 > np.iinfo(np.int64).max:
+                raise ValueError(f"no default ids left after id {start - 1}: pass explicit ids")
+            new_ids = np.arange(start, start + len(texts), dtype=np.int64)
+        else:
+            new_ids = _as_ids(ids, len(texts))
+        if not texts:
+            return None
+        if ids is not None and stored.size and int(new_ids.min()) < start:  # could repeat a stored id
+            taken = np.isin(new_ids, stored)
+            if taken.any():
+                raise ValueError(f"id {int(new_ids[np.argmax(taken)])} is already in the index: ids must be unique")
+        m = count_matrix(texts, vocab, stopwords=self.stopwords, grow=True, unicode=self.unicode)
+        return new_ids, vocab, m
+
+    def _commit(self, prepared) -> None:
+        if prepared is None:
+            return
+        new_ids, vocab, m = prepared
+        with self._lock:  # publish: searches from here on see the new passages
             self._pending.append(m)
             self._vocab, self._ids, self._bm25 = vocab, np.concatenate([self._ids, new_ids]), None
-            self._next_id = max(start, int(new_ids.max()) + 1)
+            self._next_id = max(self._next_id, int(new_ids.max()) + 1)
 
     def _consolidated(self):
         """All term counts as one CSR matrix [N, V] (call with the lock held)."""
@@ -159,9 +172,14 @@ class LexicalIndex:
         Ties: higher score first, then the earlier-added passage; passages sharing no term with a query
         score 0 and fill the list in insertion order.
         """
+        return self._search(self._scorer(), queries, k)
+
+    @staticmethod
+    def _search(snapshot, queries, k: int):
+        """:meth:`search` on a ``_scorer()`` snapshot (HybridIndex searches both sides on one state)."""
         if isinstance(queries, str):
             queries = [queries]
-        bm, ids = self._scorer()
+        bm, ids = snapshot
         k = _check_k(k, 0 if bm is None else bm.n_docs)
         s, rows = topk_sparse_rows(bm.score_matrix(queries), k, bm.n_docs)
         return s.astype(np.float32), ids[rows]
