@@ -142,7 +142,8 @@ def test_merge_teachers_averages_per_query_z_scores(tmp_path, ds, capsys):
     hb, rows_b = read_utilities(b)
     dropped = rows_b.pop(0)
     os.remove(b)
-    write_table(b, dict(hb, n_rows=len(rows_b)), rows_b)
+    hb = dict(hb, n_rows=len(rows_b))
+    write_table(b, hb, rows_b)
     h = merge_teachers([a, b], str(tmp_path / "ens.jsonl.gz"))
     assert h["teacher"] == "ensemble(A+B)" and [s["teacher"] for s in h["sources"]] == ["A", "B"]
     _, rows = read_utilities(str(tmp_path / "ens.jsonl.gz"))
@@ -179,10 +180,22 @@ def test_merge_teachers_averages_per_query_z_scores(tmp_path, ds, capsys):
     with pytest.raises(ValueError, match="candidate settings differ.*data_sha1"):
         merge_teachers([str(tmp_path / "ad.jsonl"), str(tmp_path / "bd.jsonl")], str(tmp_path / "ense.jsonl"))
     # a first table without a fingerprint does not let two different ones through
-    write_table(str(tmp_path / "a0.jsonl"), ha, rows_a)
+    write_table(str(tmp_path / "a0.jsonl"), dict(ha, teacher="C"), rows_a)
     with pytest.raises(ValueError, match="bd.jsonl: scored on other data contents than .*ad.jsonl"):
         merge_teachers([str(tmp_path / "a0.jsonl"), str(tmp_path / "ad.jsonl"), str(tmp_path / "bd.jsonl")],
                        str(tmp_path / "ensf.jsonl"))
+    # an unfinished table (a killed run's .partial, or fewer rows than its header plans) would shrink the ensemble
+    with open(tmp_path / "bp.jsonl.partial", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in [hb] + rows_b[: len(rows_b) // 2]))
+    with pytest.raises(ValueError, match=r"bp.jsonl.partial: an unfinished table \(\d+ of \d+ rows\)"):
+        merge_teachers([a, str(tmp_path / "bp.jsonl.partial")], str(tmp_path / "e6.jsonl.gz"))
+    write_table(str(tmp_path / "bh.jsonl"), dict(hb, n_rows=len(rows_b) + 5), rows_b)
+    with pytest.raises(ValueError, match="bh.jsonl: an unfinished table"):
+        merge_teachers([a, str(tmp_path / "bh.jsonl")], str(tmp_path / "e7.jsonl.gz"))
+    # one teacher twice is not an ensemble
+    write_table(str(tmp_path / "a_again.jsonl"), ha, rows_a)
+    with pytest.raises(ValueError, match=r"a_again.jsonl: the same teacher \(A\) as .*a.jsonl.gz"):
+        merge_teachers([a, b, str(tmp_path / "a_again.jsonl")], str(tmp_path / "e8.jsonl.gz"))
     from uae_fast.cli import main
 
     assert main(["score", "--merge-teachers", a, b, "--out", str(tmp_path / "ens2.jsonl.gz")]) == 0

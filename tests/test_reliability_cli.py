@@ -698,6 +698,9 @@ def test_cli_options_that_would_do_nothing_are_refused(tmp_path, capsys, tiny, u
                                         "--limit", "1", "--no-progress"]), "score")
     assert "is not a causal-LM checkpoint" in line and "missing" in line, line
     assert not os.path.exists(tmp_path / "u.jsonl") and not os.path.exists(tmp_path / "u.jsonl.partial")
+    line = one_error_line(capsys, main(["score", "--data", TRAIN, "--out", str(tmp_path / "u.jsonl"), "--candidates", "top:2",
+                                        "--candidate-student", tiny, "--limit", "1", "--no-progress"]), "score")
+    assert "--candidate-student is used only by --candidates student:M" in line, line
     # uae eval: a model path for a system that does not run, or a pairing with no pair, is refused before any encoding
     for extra, flag in ((["--reader-model", "/nonexistent"], "--reader-model"), (["--teacher", "/nonexistent"], "--teacher"),
                         (["--student", "/nonexistent"], "--student"), (["--paired-by", "document"], "--paired-by")):

@@ -506,6 +506,8 @@ def _main(args) -> int:
         read_utilities(p)
     if parse_candidates(candidates)[0] == "student":
         check_encoder_folder(args.candidate_student, "--candidate-student")
+    elif args.candidate_student is not None:
+        raise ValueError(f"--candidate-student is used only by --candidates student:M, not {candidates}; drop it")
     opts = {k: v for k, v in (("max_passage_tokens", args.max_passage_tokens), ("max_answer_tokens", args.max_answer_tokens),
                               ("token_budget", args.token_budget)) if v is not None}
     scorer = UtilityScorer.from_pretrained(args.teacher, dtype=args.dtype, device=device, aggregation=args.aggregation,

@@ -3,14 +3,14 @@
 One file per table (JSONL, optionally gzipped): a header record, then one row per (query, candidate)::
 
     {"type": "header", "format": "uae-utilities/1", "teacher": ..., "prompt_with": ..., "prompt_without": ...,
-     "max_passage_tokens": ..., "aggregation": ..., "candidates": "top:3", "no_gold": false, "answers": "all",
+     "max_passage_tokens": ..., "aggregation": ..., "candidates": "top:3", "answers": "all",
      "data": ..., "order": "hash", "shard": [0, 1], "n_queries": ..., "n_rows": ...}
     {"qid": "...", "pid": "...", "utility": 0.83127, "n_answer_tokens": 12, "gold": true, "cand": 0, "n_cand": 5}
 
 ``utility`` is the mean per-token log-prob gain of the gold answer(s) given the passage; ``gold`` marks
 gold-evidence passages (written for diagnostics; answer-only training never reads it); ``cand``/``n_cand``
 are the row's index in its query's candidate list and the list's length (a query's rows are contiguous).
-``"no_gold": true`` in the header says the candidates came from the question alone (``uae score
+``"no_gold": true`` in the header (absent otherwise) says the candidates came from the question alone (``uae score
 --no-gold``): no gold paragraph was added, so the table can train a retriever without evidence labels.
 A table scored with ``--candidates all`` holds every paragraph, so it needs no gold either.
 
@@ -508,12 +508,24 @@ def merge_teachers(inputs: Sequence[str], out: str) -> dict:
         if shard != [0, 1]:
             raise ValueError(f"{path}: it is shard {shard[0]} of {shard[1]}; merge the shards first "
                              f"(uae score --merge) and ensemble whole tables")
+    for path, (h, rows) in zip(inputs, tables):  # an unfinished run would shrink the ensemble to its questions
+        if os.fspath(path).endswith(".partial") or (type(h.get("n_rows")) is int and len(rows) != h["n_rows"]):
+            raise ValueError(f"{path}: an unfinished table ({len(rows)} of {h.get('n_rows', '?')} rows); finish it "
+                             f"(uae score --resume) before ensembling")
     for path, (h, _) in zip(inputs[1:], tables[1:]):
         diff = header_diff(h, ref, _SAME_ROWS_KEYS, recorded=("data_sha1",))  # not teacher_sha1: other teachers
         if diff:
             raise ValueError(f"{path}: candidate settings differ from {inputs[0]} ({', '.join(diff)}); "
                              f"ensemble tables scored on the same rows")
     _one_value(inputs, [h for h, _ in tables])
+    seen = {}
+    for path, (h, _) in zip(inputs, tables):  # one teacher twice is its own z-scores, labelled an ensemble
+        key = (h.get("teacher"), h.get("teacher_sha1"))
+        if key[0] is None:
+            continue
+        if key in seen:
+            raise ValueError(f"{path}: the same teacher ({key[0]}) as {seen[key]}; an ensemble needs different teachers")
+        seen[key] = path
     per = [_by_query(rows) for _, rows in tables]
     shared_q = [q for q in per[0] if all(q in t for t in per[1:])]
     out_rows = []
