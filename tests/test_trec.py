@@ -74,6 +74,10 @@ def test_roundtrip_and_errors(tmp_path):
         with pytest.raises(ValueError, match=r"query id '1' appears twice"):
             write(tmp_path / "x", {1: value, "1": value}, *(["s"] if write is write_run else []))
     assert not (tmp_path / "x").exists()  # refused midway: nothing written
+    # document ids equal as text: one id in the file (a run refuses the repeat, qrels write one judgment)
+    with pytest.raises(ValueError, match=r"query 'q': the ranking contains a document twice"):
+        write_run(tmp_path / "x", {"q": [1, "1"]}, "s")
+    assert write_qrels(tmp_path / "x", {"q": [1, "1", "d"]}) == 2 and read_qrels(tmp_path / "x") == {"q": {"1": 1, "d": 1}}
     (tmp_path / "empty").write_text("\n# a comment\n")
     with pytest.raises(ValueError, match=r"empty: the qrels hold no rows"):
         read_qrels(tmp_path / "empty")

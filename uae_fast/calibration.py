@@ -325,7 +325,8 @@ def add_parser(subparsers) -> None:
         description="Ranks each question's pool with the dense model and BM25, scores the union of both top lists with the "
                     "teacher (answers known, evidence never read) and writes the fusion config (method, dense weight) "
                     "whose rankings agree best with the teacher.")
-    p.add_argument("--data", required=True, help="question-answer data: QASPER or SQuAD JSON(.gz), the JSONL schema or a BEIR folder (required)")
+    p.add_argument("--data", required=True, help="question-answer data: QASPER or SQuAD JSON(.gz) or the JSONL schema, with answers (BEIR has "
+                                           "none; required)")
     p.add_argument("--model", default=None, help="dense encoder folder (default: the untrained student all-MiniLM-L6-v2)")
     p.add_argument("--out", required=True, help="fusion JSON to write (required)")
     p.add_argument("--teacher", default=None, help="teacher causal-LM folder (default: SmolLM2-135M-Instruct)")

@@ -11,8 +11,9 @@ the same numbers; ``tests/test_trec.py`` checks it):
 - ``MAP`` is the mean of average precision over the full ranking, with every gold id counted in the
   denominator (a gold id missing from the ranking contributes precision 0);
 - ``MRR`` is the mean reciprocal rank of the first gold id (0 when none is ranked);
-- ``token_f1`` is SQuAD v1.1's: lower-case, strip punctuation and articles, split on whitespace,
-  bag-of-tokens F1, maximised over the gold answers.
+- ``token_f1`` is SQuAD's: lower-case, strip punctuation and articles, split on whitespace,
+  bag-of-tokens F1, maximised over the gold answers; an empty prediction scores 1 against an empty gold
+  answer (SQuAD 2.0's rule; v1.1's script gives 0), 0 against any other.
 
 Queries without gold ids have no defined retrieval metric: :func:`retrieval_metrics` rejects them
 (filter them out first, as ``RetrievalDataset.subset(with_gold=True)`` does).

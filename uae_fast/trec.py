@@ -98,17 +98,17 @@ def write_run(path: str, rankings: Mapping[str, Sequence[str]], run_name: str, *
     lines = 0
     with _open_for_write(path) as f:
         for qid, ranking in _queries(rankings, "the ranking must be a sequence of ids"):
-            docs = list(ranking)[:depth]
+            docs = [_token(doc, "document id") for doc in list(ranking)[:depth]]  # 1 and "1" are one id in the file
             if not docs:  # trec_eval would leave the query out of its means, where `uae eval` scores it 0
                 raise ValueError(f"query {qid!r}: the ranking is empty; a TREC run cannot hold a query without documents")
             if len(set(docs)) != len(docs):
-                raise ValueError(f"query {qid!r}: the ranking contains a document twice")
+                raise ValueError(f"query {qid!r}: the ranking contains a document twice (ids equal as text count as one)")
             n = len(docs)
             if n > MAX_RUN_DEPTH:
                 raise ValueError(f"query {qid!r}: {n} documents; scores n - rank + 1 above 2**24 tie in trec_eval's "
                                  f"32-bit floats: pass depth <= {MAX_RUN_DEPTH}")
             for rank, doc in enumerate(docs, 1):
-                f.write(f"{qid} Q0 {_token(doc, 'document id')} {rank} {n - rank + 1} {tag}\n")
+                f.write(f"{qid} Q0 {doc} {rank} {n - rank + 1} {tag}\n")
             lines += n
     return lines
 
@@ -118,8 +118,8 @@ def write_qrels(path: str, golds: Mapping[str, Iterable[str]]) -> int:
     path, lines = os.fspath(path), 0
     with _open_for_write(path) as f:
         for qid, gold in _queries(golds, "gold must be a collection of ids"):
-            for doc in dict.fromkeys(gold):  # unique, in order
-                f.write(f"{qid} 0 {_token(doc, 'document id')} 1\n")
+            for doc in dict.fromkeys(_token(doc, "document id") for doc in gold):  # unique as text, in order
+                f.write(f"{qid} 0 {doc} 1\n")
                 lines += 1
     return lines
 
