@@ -861,6 +861,8 @@ def test_faiss_backend_flat_ivf_hnsw(rng):
         TopKIndex(d, backend="faiss", factory="IVF1024,Flat").add(x[:100])
     with pytest.raises(ValueError, match="FAISS rejected factory"):
         TopKIndex(d, backend="faiss", factory="NotAnIndex")
+    with pytest.raises(ValueError, match="drop the IDMap prefix"):  # its add() would always fail
+        TopKIndex(d, backend="faiss", factory="IDMap,Flat")
     with pytest.raises(ValueError, match="dtype="):
         TopKIndex(d, backend="faiss", dtype="int8")
 
@@ -940,3 +942,37 @@ def test_extension_refuses_row_counts_whose_byte_size_overflows(dtype, rng):
             _topk.search(index._code, 16, index._data, index._scales, index._rowsums, n, q, 1, 1, 1)
     with pytest.raises(ValueError, match="row0 must be >= 0"):
         _topk.pack(index._code, q, index._data, index._scales, index._rowsums, 2**62)
+
+
+@pytest.mark.parametrize("backend", ["native", pytest.param("faiss", marks=needs_faiss)])
+def test_a_failed_add_leaves_default_ids_contiguous(rng, backend, monkeypatch):
+    # the id counter moved before the vectors were stored: a failed add made default ids skip a range for good
+    index = TopKIndex(8, backend=backend)
+    index.add(rng.standard_normal((3, 8)).astype(np.float32))
+    if backend == "native":
+        import uae_fast.index as ix
+
+        real = ix._ext
+
+        class Failing:
+            def __getattr__(self, name):
+                if name == "pack":
+                    def fail(*a, **k):
+                        raise MemoryError("injected")
+                    return fail
+                return getattr(real(), name)
+        monkeypatch.setattr(ix, "_ext", lambda: Failing())
+        with pytest.raises(MemoryError):
+            index.add(rng.standard_normal((2, 8)).astype(np.float32))
+        monkeypatch.setattr(ix, "_ext", real)
+    else:
+        real_add = index._index.add
+
+        def fail(*a, **k):
+            raise RuntimeError("Error in add: injected")
+        index._index.add = fail
+        with pytest.raises(ValueError, match="FAISS could not add"):
+            index.add(rng.standard_normal((2, 8)).astype(np.float32))
+        index._index.add = real_add
+    index.add(rng.standard_normal((2, 8)).astype(np.float32))
+    assert index.ids.tolist() == [0, 1, 2, 3, 4] and len(index) == 5

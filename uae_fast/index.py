@@ -560,11 +560,16 @@ class TopKIndex:
         if m == 0:
             return
         with self._add_lock:
+            first_free = self._next_id
             new_ids = self._take_ids(ids, m)
-            self._reserve(self._n + m)
-            n = self._n  # rows >= n are written below while searches read only rows < n
-            _ext().pack(self._code, arr, self._data, self._scales, self._rowsums, n, self._resid, self._rscales,
-                        threads=self._threads or 0)
+            try:
+                self._reserve(self._n + m)
+                n = self._n  # rows >= n are written below while searches read only rows < n
+                _ext().pack(self._code, arr, self._data, self._scales, self._rowsums, n, self._resid, self._rscales,
+                            threads=self._threads or 0)
+            except BaseException:  # nothing published (a MemoryError, an interrupt): default ids stay contiguous
+                self._next_id = first_free
+                raise
             self._ids[n : n + m] = new_ids
             norm = self._norm_of(arr)
             with self._lock:  # publish: searches from here on see the new rows
@@ -750,6 +755,8 @@ class FaissTopKIndex(TopKIndex):
             )
         if not isinstance(factory, str) or not factory:
             raise ValueError(f"factory must be a FAISS index_factory string, got {factory!r}")
+        if factory.strip().upper().startswith("IDMAP"):  # FAISS's IDMap takes add_with_ids only
+            raise ValueError(f"factory {factory!r}: TopKIndex keeps the ids itself; drop the IDMap prefix")
         self.dtype = "float32"
         self.factory = factory
         self._faiss = faiss
@@ -837,8 +844,15 @@ class FaissTopKIndex(TopKIndex):
         with self._lock:
             if not self._index.is_trained:  # checked under the lock: two first adds must not both train
                 self._train_locked(arr)
+            first_free = self._next_id
             new_ids = self._take_ids(ids, m)
-            self._index.add(arr)
+            try:
+                self._index.add(arr)
+            except BaseException as e:  # nothing stored: default ids must not skip past these rows
+                self._next_id = first_free
+                if isinstance(e, RuntimeError):
+                    raise ValueError(f"FAISS could not add to {self.factory!r}: {_why(e)}") from None
+                raise
             self._ids = np.concatenate([self._ids[: self._n], new_ids])
             self._grow_max_norm(self._norm_of(arr))
             self._n += m
