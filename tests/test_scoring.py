@@ -432,6 +432,11 @@ def test_reuse_copies_known_rows_and_scores_only_the_new_ones(ds, scorer, teache
     assert [tuple(r[k] for k in keys) for r in a] == [tuple(r[k] for k in keys) for r in b]
     torch.testing.assert_close(torch.tensor([r["utility"] for r in b]), torch.tensor([r["utility"] for r in a]),
                                atol=2e-5, rtol=0)
+    # The first run's header is the table's: a resume must read the same --reuse tables, or it would name tables
+    # it did not read (or not name those it did)
+    with pytest.raises(ValueError, match=r"different settings \(reused_from\)"):
+        score_dataset(scorer, ds, out, candidates="answer:3", resume=True, **kw)
+    assert score_dataset(scorer, ds, out, candidates="answer:3", reuse=[first], resume=True, **kw) == h
     # Rows without per-token deltas are scored again when deltas are asked for.
     h = score_dataset(scorer, ds, str(tmp_path / "d.jsonl"), candidates="answer:3", reuse=[first], save_deltas=True, **kw)
     assert h["n_reused_rows"] == 0 and all("deltas" in r for r in read_utilities(str(tmp_path / "d.jsonl"))[1])

@@ -35,8 +35,9 @@ _ROW_VALUE_KEYS = ("format", "teacher", "dtype", "prompt_with", "prompt_without"
                    "max_answer_tokens", "aggregation", "clip", "answers", "data")
 # Settings that must match for rows to be combined into one table (resume / shard merge): also the same rows.
 COMPAT_KEYS = _ROW_VALUE_KEYS + ("candidates", "candidate_student", "order", "with_gold_only", "no_gold")
-# Settings that must match to resume a run: also the same questions (--limit, --questions-from) and shard.
-RESUME_KEYS = COMPAT_KEYS + ("shard", "n_queries", "n_rows", "limit", "questions_from")
+# Settings that must match to resume a run: also the same questions (--limit, --questions-from), shard and --reuse
+# tables (the first run's header is the table's: it would name tables a resumed run did not read, or not name them).
+RESUME_KEYS = COMPAT_KEYS + ("shard", "n_queries", "n_rows", "limit", "questions_from", "reused_from")
 # Settings that must match for tables of different teachers to be ensembled (the same rows were scored).
 _SAME_ROWS_KEYS = ("candidates", "candidate_student", "no_gold", "data", "answers")
 
