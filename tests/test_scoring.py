@@ -107,6 +107,16 @@ def test_student_candidate_policy(ds, tmp_path, scorer, capsys):
         by_q.setdefault(r["qid"], []).append(r["pid"])
     qmap = {q.id: q for q in qs}
     assert len(by_q) == 3 and all(by_q[qid] == pol(qmap[qid]) for qid in by_q)
+    # a student folder is recorded by content too: one retrained at the same path mines other candidates, so a
+    # resume on it is refused
+    folder = str(tmp_path / "enc")
+    out2 = str(tmp_path / "u2.jsonl")
+    h = score_dataset(scorer, ds, out2, candidates="student:2", candidate_student=folder, progress=False, limit=2)
+    assert h["candidate_student"] == os.path.abspath(folder) and len(h["candidate_student_sha1"]) == 16
+    make_tiny_encoder(tmp_path / "enc", seed=1)  # retrained in place
+    with pytest.raises(ValueError, match=r"different settings \(.*candidate_student_sha1\)"):
+        score_dataset(scorer, ds, out2, candidates="student:2", candidate_student=folder, progress=False, limit=2,
+                      resume=True)
 
 
 def test_query_orders_and_paper_shards(ds):

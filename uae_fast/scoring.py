@@ -292,6 +292,10 @@ def score_dataset(scorer, ds, out: str, *, candidates: str = "top:3", answers: s
         header["data_sha1"] = data_sha1
     if policy.kind == "student":
         header["candidate_student"] = student_name(candidate_student)
+        if isinstance(candidate_student, (str, os.PathLike)):  # a student retrained at the same path mines others
+            from .embcache import model_fingerprint
+
+            header["candidate_student_sha1"] = model_fingerprint(os.fspath(candidate_student))
     if questions_from is not None:
         header["questions_from"] = os.path.basename(questions_from)
     if limit is not None:
