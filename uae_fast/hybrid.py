@@ -137,7 +137,7 @@ class HybridIndex:
             query_texts = [query_texts]
         if query_texts is None or not hasattr(query_texts, "__iter__"):
             raise TypeError(f"query_texts must be a list of str (one per query), got {type(query_texts).__name__}")
-        query_texts = list(query_texts)
+        query_texts = _check_texts(query_texts, "query_texts")
         q = self.dense._prepare("query_emb", query_emb)
         if len(query_texts) != q.shape[0]:
             raise ValueError(f"query_texts has {len(query_texts)} texts for {q.shape[0]} query embeddings")

@@ -177,14 +177,14 @@ def _first_duplicate(ids: np.ndarray) -> Optional[int]:
     return int(s[same[0]]) if same.size else None
 
 
-def _check_k(k, ntotal: int) -> int:
+def _check_k(k, ntotal: int, what: str = "vectors") -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     k = int(k)
     if ntotal == 0:
-        raise ValueError("the index is empty: add vectors before searching")
+        raise ValueError(f"the index is empty: add {what} before searching")
     if k < 1 or k > ntotal:
-        raise ValueError(f"k must be in [1, {ntotal}] (the number of stored vectors), got {k}")
+        raise ValueError(f"k must be in [1, {ntotal}] (the number of stored {what}), got {k}")
     return k
 
 

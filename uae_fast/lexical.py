@@ -180,7 +180,7 @@ class LexicalIndex:
         if isinstance(queries, str):
             queries = [queries]
         bm, ids = snapshot
-        k = _check_k(k, 0 if bm is None else bm.n_docs)
+        k = _check_k(k, 0 if bm is None else bm.n_docs, "passages")
         s, rows = topk_sparse_rows(bm.score_matrix(queries), k, bm.n_docs)
         return s.astype(np.float32), ids[rows]
 
