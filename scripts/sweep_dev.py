@@ -159,10 +159,10 @@ def _init(args):
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    from uae_fast.data import load_dataset
+    from uae_fast.data import load_dataset, load_train_dataset
 
     _STATE["args"] = args
-    _STATE["train"] = load_dataset(args.train)
+    _STATE["train"] = load_train_dataset(args.train)
     dev = load_dataset(args.dev)
     _STATE["dev"] = dev
     _STATE["dev_q"] = [q for q in dev.queries if q.gold][: args.dev_limit]

@@ -194,8 +194,10 @@ def test_merge_teachers_averages_per_query_z_scores(tmp_path, ds, capsys):
         merge_teachers([a, str(tmp_path / "bh.jsonl")], str(tmp_path / "e7.jsonl.gz"))
     # one teacher twice is not an ensemble
     write_table(str(tmp_path / "a_again.jsonl"), ha, rows_a)
-    with pytest.raises(ValueError, match=r"a_again.jsonl: the same teacher \(A\) as .*a.jsonl.gz"):
+    with pytest.raises(ValueError, match=r"a_again.jsonl: the same teacher \(A, same settings\) as .*a.jsonl.gz"):
         merge_teachers([a, b, str(tmp_path / "a_again.jsonl")], str(tmp_path / "e8.jsonl.gz"))
+    write_table(str(tmp_path / "a_prompt.jsonl"), dict(ha, prompt_with="Passage: {passage}\nQ: {question}\nA:"), rows_a)
+    merge_teachers([a, str(tmp_path / "a_prompt.jsonl")], str(tmp_path / "e9.jsonl.gz"))  # a prompt ensemble
     from uae_fast.cli import main
 
     assert main(["score", "--merge-teachers", a, b, "--out", str(tmp_path / "ens2.jsonl.gz")]) == 0

@@ -189,6 +189,7 @@ def test_fusion_degenerate_and_batch():
     assert normalise(np.array([2.0, 2.0]), "minmax").tolist() == [1.0, 1.0]
     assert normalise(np.array([2.0, 2.0]), "zscore").tolist() == [1.0, 1.0]
     assert normalise(np.array([-3.0]), "zscore").tolist() == [1.0]
+    assert normalise(np.array([2.0, 2.0]), "minmax", complete=False).tolist() == [0.0, 0.0]
     s, i = fuse((np.array([[1.0, 0.5], [0.2, 0.1]]), np.array([[0, 1], [1, -1]])),
                 (np.array([[0.0, 0.0], [0.0, 0.0]]), np.array([[2, 3], [0, 1]])), 3, None)
     assert i.tolist() == [[0, 1, -1], [1, -1, -1]] and s[0, 2] == -np.inf and s.dtype == np.float32
@@ -199,14 +200,20 @@ def test_fusion_lone_lexical_hit_gets_credit(method):
     # BM25 finds one passage (an exact identifier): it counts as the side's best, the others as missing (0);
     # it used to be normalised to 0 like them, so a lexical weight of 0.5 could not lift it above dense's top
     d, di = [0.9, 0.8, 0.1], [0, 1, 2]
-    s, i = fuse_one(d, di, [7.5], [1], 3, dict(DEFAULT_FUSION, method=method, weight=0.5))
+    # asked for 2 lexical hits, got one (id 2 shares no term: score 0)
+    s, i = fuse_one(d, di, [7.5, 0.0], [1, 2], 3, dict(DEFAULT_FUSION, method=method, weight=0.5))
     nd = normalise(np.array(d), method)
     expect = {0: 0.5 * nd[0], 1: 0.5 * nd[1] + 0.5, 2: 0.5 * nd[2]}
     assert i[0] == 1 and i.tolist() == sorted(expect, key=lambda x: -expect[x])
     np.testing.assert_allclose(s, [expect[x] for x in i.tolist()], atol=1e-12)
-    # tied lexical hits: each gets the side's full credit, ahead of an equally dense-scored passage it missed
-    s, i = fuse_one([0.5, 0.5, 0.5], [0, 1, 2], [2.0, 2.0], [1, 2], 3, dict(DEFAULT_FUSION, method=method, weight=0.9))
+    # tied lexical hits, the whole group: each gets the side's full credit, ahead of a passage it missed
+    cfg = dict(DEFAULT_FUSION, method=method, weight=0.9)
+    s, i = fuse_one([0.5, 0.5, 0.5], [0, 1, 2], [2.0, 2.0, -1.0], [1, 2, -1], 3, cfg)
     assert i.tolist() == [1, 2, 0]
+    # a full list of ties was cut at its length: its members beyond the cut are unknown, so no credit (else the
+    # earliest-added of the tied passages would win); the dense order stands
+    s, i = fuse_one([0.5, 0.4, 0.3], [0, 1, 2], [2.0, 2.0], [1, 2], 3, cfg)
+    assert i.tolist() == [0, 1, 2]
 
 
 def test_resolve_fusion(tmp_path):
@@ -687,6 +694,19 @@ def test_an_interrupted_add_leaves_both_sides_as_they_were(tmp_path, monkeypatch
     q = rng.standard_normal((2, 16)).astype(np.float32)
     for a, b in zip(back.search(q, ["w1", "w2"], 5), h.search(q, ["w1", "w2"], 5)):
         np.testing.assert_array_equal(a, b)
+    # interrupted as the lexical side publishes: the dense rows are taken back, so the sides stay one prefix
+    real_commit = h.lexical._commit
+
+    def interrupted_commit(prepared):
+        raise KeyboardInterrupt
+    h.lexical._commit = interrupted_commit
+    with pytest.raises(KeyboardInterrupt):
+        h.add(emb[:4] * 2, texts[:4])
+    h.lexical._commit = real_commit
+    assert len(h.dense) == len(h.lexical) == len(h) == 12
+    h.add(emb[:4] * 2, texts[:4])
+    assert h.dense.ids.tolist() == h.lexical.ids.tolist() == list(range(16))
+    assert h.search(emb[:4] * 2, texts[:4], 1)[1][:, 0].tolist() == [12, 13, 14, 15]
     h.lexical.add(["an add to one side alone"])  # a folder that would not load is refused, not written
     with pytest.raises(RuntimeError, match="sides hold different passages"):
         h.save(tmp_path / "h2")

@@ -707,6 +707,9 @@ def test_cli_options_that_would_do_nothing_are_refused(tmp_path, capsys, tiny, u
         line = one_error_line(capsys, main(["eval", "--data", TRAIN, "--baselines", "bm25", "--no-progress"] + extra), "eval")
         assert flag in line, line
     assert main(["eval", "--data", TRAIN, "--baselines", "bm25", "--limit", "2", "--no-progress"]) == 0
+    # where they are used they are accepted: --student by the hybrid row (no --model), --paired-by by its pairs
+    assert main(["eval", "--data", TRAIN, "--baselines", "bm25,hybrid", "--student", tiny, "--paired-by", "document",
+                 "--limit", "3", "--no-progress"]) == 0
 
 
 def test_fusion_configs_with_unknown_keys_or_empty_grids_are_refused(tmp_path):

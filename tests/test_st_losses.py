@@ -563,6 +563,28 @@ def test_export_cli_errors(tmp_path, exported, capsys):
     assert main(["export", "--utilities", str(tmp_path / "nope.jsonl"), "--data", TRAIN, "--out", str(tmp_path / "x")]) == 1
 
 
+def test_export_reads_a_beir_folders_train_split(tmp_path, capsys):
+    # as uae train does: the folder's default split (test) is what uae eval judges
+    import datasets
+
+    from uae_fast.cli import main
+
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": f"passage {i}"}) + "\n" for i in range(6)))
+    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n"
+                                                for q, t in (("q0", "the train question"), ("q1", "the test question"))))
+    (beir / "qrels" / "test.tsv").write_text("q1\td2\t1\n")
+    utils = tmp_path / "u.jsonl"
+    utils.write_text(json.dumps({"qid": "q0", "pid": "d1", "utility": 1.0}) + "\n")
+    args = ["export", "--utilities", str(utils), "--data", str(beir), "--out", str(tmp_path / "x"), "--passages-per-query", "2"]
+    assert main(args) == 1 and "has no qrels/train.tsv" in capsys.readouterr().err
+    (beir / "qrels" / "train.tsv").write_text("q0\td1\t1\n")
+    assert main(args) == 0
+    d = datasets.load_dataset(str(tmp_path / "x"), split="train", cache_dir=str(tmp_path / "hf"))
+    assert d["query"] == ["the train question"] and d["passage_0"] == ["passage 1"]
+
+
 @pytest.mark.parametrize("cached", [False, True])
 def test_trainer_two_steps_on_exported_data(exported, enc_dir, tmp_path, cached):
     import datasets

@@ -16,9 +16,11 @@ record) and ``name`` (a label: ``uae eval``'s row name ``hybrid:NAME``) are kept
 Normalisation is per query over the scores that side returned: min-max to [0, 1], or z-score. A
 candidate one side did not return gets that side's lowest returned value (normalised 0 for min-max, the
 lowest z for z-score, no RRF term): it is at most as good there as the worst one returned. A side whose
-returned scores are all equal (a lone hit, e.g. BM25 on an exact identifier) gives each of them 1 and the
-others 0, as OpenSearch's min-max normaliser does: without it a lone hit got no credit at all. Lexical hits
-scoring 0 (no shared term) are not candidates.
+returned scores are all equal gives each of them 1 and the others 0, as OpenSearch's min-max normaliser does
+(a lone BM25 hit, e.g. an exact identifier, got no credit at all before), provided the side returned fewer hits
+than it was asked for: a full list of equal scores is a tie cut at ``k_each`` whose other members are unknown,
+so it gets 0 like them (else the earliest-added of the tied passages would win). Lexical hits scoring 0 (no
+shared term) are not candidates.
 Ties: higher fused score, then better dense rank, then better lexical rank, then lower id.
 """
 from __future__ import annotations
@@ -84,10 +86,11 @@ def resolve_fusion(fusion: Union[None, str, os.PathLike, dict]) -> dict:
     return out
 
 
-def normalise(scores: np.ndarray, method: str) -> np.ndarray:
+def normalise(scores: np.ndarray, method: str, *, complete: bool = True) -> np.ndarray:
     """Per-query normalised scores (float64) of one side's returned ``scores`` (1-D, best first for rrf).
 
-    All equal (one score, or ties): ones, so that they beat the passages the side did not return (0).
+    All equal (one score, or ties): ones if ``complete`` (the side returned every hit it has, so they beat the
+    passages it did not return, at 0), else zeros (a tie cut off at the list's length).
     """
     s = np.asarray(scores, dtype=np.float64)
     if method == "rrf" or s.size == 0:
@@ -95,7 +98,7 @@ def normalise(scores: np.ndarray, method: str) -> np.ndarray:
     lo, hi = s.min(), s.max()
     sd = (hi - lo) if method == "minmax" else s.std()
     if not sd > 0:
-        return np.ones_like(s)
+        return np.ones_like(s) if complete else np.zeros_like(s)
     return (s - (lo if method == "minmax" else s.mean())) / sd
 
 
@@ -116,6 +119,7 @@ def fuse_one(dense_scores, dense_ids, lex_scores, lex_ids, k: int, fusion: dict)
     dense_scores, lex_scores = np.asarray(dense_scores, np.float64), np.asarray(lex_scores, np.float64)
     dk = dense_ids >= 0
     lk = (lex_ids >= 0) & (lex_scores > 0)
+    complete = (dk.sum() < dk.size, lk.sum() < lk.size)  # fewer hits than asked for: each side's ties are whole
     dense_ids, dense_scores = dense_ids[dk], dense_scores[dk]
     if not (np.isfinite(dense_scores).all() and np.isfinite(lex_scores[lex_ids >= 0]).all()):
         raise ValueError("fusion: a returned score is NaN or infinite (it would silently zero its whole side)")
@@ -123,7 +127,7 @@ def fuse_one(dense_scores, dense_ids, lex_scores, lex_ids, k: int, fusion: dict)
     union = np.union1d(dense_ids, lex_ids)
     big = np.iinfo(np.int64).max
     parts, ranks = [], []
-    for ids, scores in ((dense_ids, dense_scores), (lex_ids, lex_scores)):
+    for ids, scores, whole in ((dense_ids, dense_scores, complete[0]), (lex_ids, lex_scores, complete[1])):
         order = np.argsort(ids, kind="stable")
         at = np.searchsorted(ids[order], union)
         hit = at < ids.size
@@ -132,7 +136,7 @@ def fuse_one(dense_scores, dense_ids, lex_scores, lex_ids, k: int, fusion: dict)
         if method == "rrf":
             val = np.where(hit, 1.0 / (rrf_k + pos + 1.0), 0.0)
         else:
-            n = normalise(scores, method)
+            n = normalise(scores, method, complete=whole)
             # a missing candidate: the lowest returned value, which is 0 for min-max; 0 below an all-equal side's 1s
             val = np.where(hit, n[np.maximum(pos, 0)] if n.size else 0.0, min(n.min(), 0.0) if n.size else 0.0)
         parts.append(val)

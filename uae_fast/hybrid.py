@@ -34,15 +34,6 @@ MANIFEST = "hybrid.json"
 _FILES = {"dense": "dense.uae", "lexical": "lexical.uae"}
 
 
-def _drop_newer(dense, newer_ids, each: int):
-    """A dense result ``(scores, ids)`` without ``newer_ids`` (passages the lexical snapshot lacks), each row cut to
-    its first ``each`` others; dropped entries become id -1 (fusion skips them)."""
-    scores, ids = dense
-    keep = (ids >= 0) & ~np.isin(ids, newer_ids)
-    keep &= np.cumsum(keep, axis=1) <= each
-    return np.where(keep, scores, -np.inf).astype(np.float32), np.where(keep, ids, -1)
-
-
 def write_manifest(folder: str, manifest: dict) -> None:
     """Write ``folder``'s manifest atomically, each ``files`` entry (kind -> file name) given its byte size."""
     from .data import atomic_write
@@ -90,7 +81,7 @@ class HybridIndex:
         return self.dense.dim
 
     def __len__(self) -> int:
-        return len(self.dense)
+        return len(self.lexical)  # the side that publishes last: what a search covers while an add runs
 
     @property
     def ntotal(self) -> int:
@@ -115,15 +106,22 @@ class HybridIndex:
         if len(passage_texts) != n:
             raise ValueError(f"passage_texts has {len(passage_texts)} texts for {n} embeddings")
         _check_texts(passage_texts, "passage_texts")
+        passage_emb = self.dense._prepare("passage_emb", passage_emb)  # bad embeddings fail before the tokenising
         with self._lock, self.lexical._add_lock:
             if ids is None:  # the dense side's rule: continue after the largest id ever stored
                 ids = np.arange(self.dense._next_id, self.dense._next_id + n, dtype=np.int64)
             # The sides stay in step: the lexical side is tokenised first with nothing stored, so a failure or an
             # interrupt there (or in the dense add, which checks before it stores) leaves both as they were; the
-            # lexical side publishes last, which search() relies on.
+            # lexical side publishes last, which search() relies on, and if even that fails the dense rows go.
             lexical = self.lexical._prepare(passage_texts, ids)
+            n0, next0 = len(self.dense), self.dense._next_id
             self.dense.add(passage_emb, ids)
-            self.lexical._commit(lexical)
+            try:
+                self.lexical._commit(lexical)
+            except BaseException:
+                if self.dense._rollback is not None:
+                    self.dense._rollback(n0, next0)
+                raise
 
     def search(self, query_emb, query_texts: Sequence[str], k: int, *, fusion=None):
         """Top-``k`` fused results per query: ``(scores [Q, k] float32, ids [Q, k] int64)``, best first.
@@ -143,7 +141,7 @@ class HybridIndex:
             raise ValueError(f"query_texts has {len(query_texts)} texts for {q.shape[0]} query embeddings")
         cfg = self.fusion if fusion is None else resolve_fusion(fusion)
         # One state for both sides while an add() runs: the lexical side's (it publishes after the dense side),
-        # whose passages are the dense side's first n rows; dense hits beyond them are dropped.
+        # whose passages are the dense side's first n rows, the only ones the dense side searches.
         snapshot = self.lexical._scorer()
         n = len(snapshot[1])
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not (1 <= k <= max(n, 1)) or n == 0:
@@ -151,10 +149,9 @@ class HybridIndex:
                 raise ValueError("the index is empty: add passages before searching")
             raise ValueError(f"k must be an int in [1, {n}] (the number of stored passages), got {k!r}")
         each = min(max(cfg["k_each"], int(k)), n)
-        extra = max(len(self.dense) - n, 0)  # rows of an add in flight
-        dense = self.dense.search(q, each + extra)
-        if len(self.dense) > n:
-            dense = _drop_newer(dense, self.dense.ids[n:], each)
+        dense = self.dense._search(q, each, rows=n)  # the rows an add in flight put beyond n are not searched
+        if n and len(self.dense) >= n and self.dense.ids[n - 1] != snapshot[1][-1]:
+            raise RuntimeError("the index's sides hold different passages (an add to one side alone); rebuild it")
         lexical = LexicalIndex._search(snapshot, query_texts, each)
         scores, ids = fuse(dense, lexical, int(k), cfg)
         return _wrap(like_torch, scores, ids)

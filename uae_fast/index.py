@@ -576,17 +576,29 @@ class TopKIndex:
                 self._grow_max_norm(norm)
                 self._n = n + m
 
+    def _rollback(self, n: int, next_id: int) -> None:
+        """Forget the rows added after there were ``n`` (HybridIndex, when its lexical side failed to publish):
+        searches stop seeing them and default ids continue from ``next_id``. The largest norm stays an upper bound."""
+        with self._add_lock, self._lock:
+            self._n, self._next_id = min(self._n, n), next_id
+
     def search(self, queries, k: int) -> Tuple:
         """Top-``k`` stored vectors per query: ``(scores [Q, k] float32, ids [Q, k] int64)``, best first.
 
         Ties: higher score first, then the earlier-added vector. Compact dtypes return exact scores of
         the stored (rounded) vectors for their ``candidates`` best compact scores.
         """
+        return self._search(queries, k)
+
+    def _search(self, queries, k: int, rows: Optional[int] = None) -> Tuple:
+        """:meth:`search` over the first ``rows`` stored vectors (default all): HybridIndex searches the rows its
+        lexical side also holds while an add is in flight."""
         like_torch = _is_torch(queries)
         q = self._prepare("queries", queries)
         with self._lock:  # snapshot: a concurrent add() never changes what this search reads
             n, data, scales, rowsums, ids = self._n, self._data, self._scales, self._rowsums, self._ids
             resid, rscales, max_norm = self._resid, self._rscales, self._max_norm
+        n = n if rows is None else min(n, rows)
         k = _check_k(k, n)
         if max_norm is None:  # a file from before max_norm was saved: measure it once (one pass, like a search)
             max_norm = max((_max_norm(self._unpack(i, min(n, i + 65536))) for i in range(0, n, 65536)), default=0.0)
@@ -857,17 +869,27 @@ class FaissTopKIndex(TopKIndex):
             self._grow_max_norm(self._norm_of(arr))
             self._n += m
 
+    _rollback = None  # FAISS cannot forget the last vectors added: HybridIndex leaves such a failure to its checks
+
     def search(self, queries, k: int) -> Tuple:
+        return self._search(queries, k)
+
+    def _search(self, queries, k: int, rows: Optional[int] = None) -> Tuple:
         like_torch = _is_torch(queries)
         q = self._prepare("queries", queries)
         self._set_threads()
         with self._lock:  # one hold: FAISS indexes are not safe to search while add() grows them, and the ids
             n, ids, max_norm = self._n, self._ids, self._max_norm  # must be those of the vectors searched
-            k = _check_k(k, n)
+            rows = n if rows is None else min(n, rows)
+            k = _check_k(k, rows)
             self._check_score_range(q, max_norm)
-            scores, pos = self._index.search(q, k)
+            # FAISS numbers vectors by position (no IDMap): rows beyond `rows` are searched, then dropped
+            scores, pos = self._index.search(q, min(n, k + n - rows))
         scores = np.ascontiguousarray(scores, dtype=np.float32)
-        miss = pos < 0
+        miss = (pos < 0) | (pos >= rows)
+        if rows < n:  # keep each query's first k others
+            keep = np.argsort(miss, axis=1, kind="stable")[:, :k]
+            scores, pos, miss = (np.take_along_axis(a, keep, axis=1) for a in (scores, pos, miss))
         self._check_scores(scores[~miss], max_norm is not None)
         out_ids = np.where(miss, -1, ids[np.where(miss, 0, pos)]).astype(np.int64)
         scores[miss] = -np.inf

@@ -130,16 +130,16 @@ class LexicalIndex:
             if taken.any():
                 raise ValueError(f"id {int(new_ids[np.argmax(taken)])} is already in the index: ids must be unique")
         m = count_matrix(texts, vocab, stopwords=self.stopwords, grow=True, unicode=self.unicode)
-        return new_ids, vocab, m
+        # everything allocated here: the commit only swaps references, so it cannot fail halfway
+        return np.concatenate([stored, new_ids]), vocab, m, max(start, int(new_ids.max()) + 1)
 
     def _commit(self, prepared) -> None:
         if prepared is None:
             return
-        new_ids, vocab, m = prepared
+        ids, vocab, m, next_id = prepared
         with self._lock:  # publish: searches from here on see the new passages
             self._pending.append(m)
-            self._vocab, self._ids, self._bm25 = vocab, np.concatenate([self._ids, new_ids]), None
-            self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+            self._vocab, self._ids, self._bm25, self._next_id = vocab, ids, None, next_id
 
     def _consolidated(self):
         """All term counts as one CSR matrix [N, V] (call with the lock held)."""

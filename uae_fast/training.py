@@ -1070,8 +1070,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device=None, 
     # on other targets without a word
     if world > 1 and not _same_on_every_rank(int(hashlib.sha256(json.dumps(inputs, sort_keys=True).encode())
                                                  .hexdigest()[:15], 16), device):
-        raise ValueError("the ranks' data or utilities files differ (sha256 of their contents): every rank must train "
-                         "on the same files")
+        raise ValueError("the ranks' data or utilities files differ (sha256 of their bytes: a .gz each node compressed "
+                         "itself differs in its header): every rank must train on the same files")
     ckpt = _on_rank0(lambda: latest_checkpoint(out_dir), world, rank) if resume else None
     if ckpt is not None and _agree([not os.path.isfile(os.path.join(ckpt, _STATE_FILE))], world, device)[0]:
         raise ValueError(f"--resume: rank 0 resumes from {ckpt}, which not every rank can read: under torchrun on "

@@ -522,11 +522,12 @@ def merge_teachers(inputs: Sequence[str], out: str) -> dict:
     _one_value(inputs, [h for h, _ in tables])
     seen = {}
     for path, (h, _) in zip(inputs, tables):  # one teacher twice is its own z-scores, labelled an ensemble
-        key = (h.get("teacher"), h.get("teacher_sha1"))
-        if key[0] is None:
+        if h.get("teacher") is None:
             continue
+        key = tuple(h.get(k) for k in _ROW_VALUE_KEYS + ("teacher_sha1",))  # another prompt or dtype is another teacher
         if key in seen:
-            raise ValueError(f"{path}: the same teacher ({key[0]}) as {seen[key]}; an ensemble needs different teachers")
+            raise ValueError(f"{path}: the same teacher ({h['teacher']}, same settings) as {seen[key]}; an ensemble "
+                             f"needs different teachers")
         seen[key] = path
     per = [_by_query(rows) for _, rows in tables]
     shared_q = [q for q in per[0] if all(q in t for t in per[1:])]
