@@ -97,15 +97,12 @@ class HybridIndex:
 
     def add(self, passage_emb, passage_texts: Sequence[str], ids=None) -> None:
         """Add passages: embeddings ``[n, dim]`` and their ``n`` texts, optional int64 ``ids``."""
-        if isinstance(passage_texts, str):
-            raise TypeError("passage_texts must be a sequence of str, not one str")
         if not hasattr(passage_emb, "shape"):  # counted below: a list would read as one embedding
             raise TypeError(f"passage_emb must be a numpy array or a torch tensor, got {type(passage_emb).__name__}")
-        passage_texts = list(_check_texts(passage_texts, "passage_texts"))
+        passage_texts = _check_texts(passage_texts, "passage_texts")
         n = int(passage_emb.shape[0]) if getattr(passage_emb, "ndim", 0) == 2 else 1
         if len(passage_texts) != n:
             raise ValueError(f"passage_texts has {len(passage_texts)} texts for {n} embeddings")
-        _check_texts(passage_texts, "passage_texts")
         passage_emb = self.dense._prepare("passage_emb", passage_emb)  # bad embeddings fail before the tokenising
         with self._lock, self.lexical._add_lock:
             if ids is None:  # the dense side's rule: continue after the largest id ever stored

@@ -44,8 +44,7 @@ _SAME_ROWS_KEYS = ("candidates", "candidate_student", "no_gold", "data", "answer
 
 # Recorded since 2026-12-06 (data_sha1: the data file's contents; save_deltas: rows carry per-token deltas) and
 # 2026-12-07 (teacher_sha1: a PATH teacher's model_fingerprint; candidate_student_sha1: a student:M policy's encoder
-# folder, 2026-12-07 too): compared only where both headers have them, so
-# tables written before keep resuming and merging.
+# folder's): compared only where both headers have them, so tables written before keep resuming and merging.
 _RECORDED_KEYS = ("data_sha1", "save_deltas", "teacher_sha1", "candidate_student_sha1")
 _VALUE_RECORDED_KEYS = ("data_sha1", "teacher_sha1")  # those that change a row's utility
 
