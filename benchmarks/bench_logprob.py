@@ -8,7 +8,7 @@ Compares, side by side in one run:
   liger         Liger-Kernel fused linear cross entropy, reduction="none" (-> -logp), if installed
   cce           Cut-Cross-Entropy linear_cross_entropy, reduction="none" (-> -logp), if installed
 
-Reports median time, peak extra memory, TFLOP/s (2*N*D*V / time) and max |logp - naive|.
+Reports median time, peak extra memory, TFLOP/s (2*N*D*V / time) and max |logp - float64 reference|.
 CPU peak memory is the resident-set high-water mark of a fresh subprocess per case, reset
 (/proc/self/clear_refs) after the inputs exist, so it counts exactly what the op allocates.
 GPU peak memory is torch.cuda.max_memory_allocated above the inputs.

@@ -4,7 +4,8 @@ One step as ``uae train`` runs it: a 6-layer BERT with MiniLM's shape (hidden 38
 download), queries [B, 64] and passages [B * P, 128] tokens through the encoder, mean pooling, the
 ``utility_infonce`` loss, backward and AdamW. The two settings alternate for ``--reps`` rounds (so load on
 a shared machine hits both alike); the table gives median seconds per step, the speedup, and how far the
-bf16 loss is from the fp32 one on the same inputs. bf16 pays on CPUs with AVX512-BF16 or AMX; elsewhere
+bf16 loss is from the fp32 one on the same inputs and weights (in eval mode: the timed steps draw new dropout
+masks). bf16 pays on CPUs with AVX512-BF16 or AMX; elsewhere
 PyTorch emulates it and it can be slower (``torch.backends.cpu.get_cpu_capability()`` is printed).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_train_amp.py        # ~2 min on 2 cores at the defaults
@@ -53,33 +54,42 @@ def main(argv=None) -> int:
     t_idx = torch.arange(B * P).view(B, P)
     t_u = torch.randn(B, P)
 
-    def step(amp: bool) -> float:
-        opt.zero_grad(set_to_none=True)
+    def forward(amp: bool):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             q = model(input_ids=q_ids).last_hidden_state.mean(1)
             p = model(input_ids=p_ids).last_hidden_state.mean(1)
         q = torch.nn.functional.normalize(q.float(), dim=-1)
         p = torch.nn.functional.normalize(p.float(), dim=-1)
-        loss = utility_infonce(q, p, t_idx, t_u, temperature=0.05, teacher_temperature=0.5)
-        loss.backward()
+        return utility_infonce(q, p, t_idx, t_u, temperature=0.05, teacher_temperature=0.5)
+
+    def step(amp: bool) -> None:
+        opt.zero_grad(set_to_none=True)
+        forward(amp).backward()
         opt.step()
-        return float(loss.detach())
+
+    def loss_without_dropout(amp: bool) -> float:
+        # the timed steps train with dropout, a new mask each: their losses differ by the masks, not by bf16
+        model.eval()
+        with torch.no_grad():
+            out = float(forward(amp))
+        model.train()
+        return out
 
     step(False), step(True)  # warm-up (oneDNN primitive creation)
     times = {False: [], True: []}
-    losses = {}
     for _ in range(args.reps):
         for amp in (False, True):
             t0 = time.perf_counter()
-            losses[amp] = step(amp)
+            step(amp)
             times[amp].append(time.perf_counter() - t0)
+    losses = {amp: loss_without_dropout(amp) for amp in (False, True)}
     f32, b16 = statistics.median(times[False]), statistics.median(times[True])
     cap = torch.backends.cpu.get_cpu_capability()
     rows = [{"setting": "fp32", "s_per_step": round(f32, 3), "speedup": 1.0, "loss": losses[False]},
             {"setting": "bf16 autocast", "s_per_step": round(b16, 3), "speedup": round(f32 / b16, 2), "loss": losses[True]}]
     print(f"student step, B={B} questions x P={P} passages (128 tokens), {torch.get_num_threads()} threads, "
           f"CPU capability {cap}, median of {args.reps}")
-    print("| setting | s / step | speedup | loss |")
+    print("| setting | s / step | speedup | loss (eval mode) |")
     print("|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['setting']} | {r['s_per_step']:.3f} | {r['speedup']:.2f}x | {r['loss']:.5f} |")
