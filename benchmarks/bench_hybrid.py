@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_topk import commit, cpu_model  # noqa: E402
+from bench_topk import commit, cpu_model, run_meta  # noqa: E402
 from uae_fast.bm25 import tokenize  # noqa: E402
 from uae_fast.hybrid import HybridIndex  # noqa: E402
 
@@ -142,7 +142,7 @@ def main():
     out = {
         "what": "hybrid (dense + BM25 + fusion) vs dense-only search latency, batch 1",
         "machine": f"{cpu_model()}, {os.cpu_count()} cores (shared dev CPU)", "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(), "commit": commit(),
+        "date": datetime.date.today().isoformat(), "commit": commit(), "run": run_meta(),
         "settings": {"n": a.n, "dim": a.dim, "k": a.k, "k_each": each, "queries": a.queries, "reps": a.reps,
                      "vocab": a.vocab, "dtype": a.dtype, "threads": a.threads, "fusion": hybrid.fusion},
         "data_s": round(t_data, 1), "build_s": round(t_build, 1), "bm25s": bm25s_info,

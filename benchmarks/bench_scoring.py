@@ -29,8 +29,8 @@ warmed up, best repetition as for ours).
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import math
 import os
 import platform
 import sys

@@ -32,7 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling _meta module, however this is run
-from _meta import commit, cpu_model  # noqa: E402,F401 (bench_hybrid imports them from here)
+from _meta import commit, cpu_model, run_meta  # noqa: E402,F401 (bench_hybrid imports them from here)
 
 import numpy as np
 import torch
@@ -328,7 +328,7 @@ def main(argv=None):
     info = dict(cpu=cpu_model(), cores=os.cpu_count(), threads=args.threads, isa=_topk.isa(), torch=torch.__version__,
                 faiss=getattr(faiss, "__version__", None), numpy=np.__version__, commit=commit(),
                 date=datetime.datetime.now().isoformat(timespec="seconds"), load_avg=os.getloadavg(),
-                data=args.data or "random unit Gaussian")
+                data=args.data or "random unit Gaussian", run=run_meta())  # run: OpenMP wait policy, dirty tree
     print(json.dumps(info))
     rows = []
     t_start = time.perf_counter()
