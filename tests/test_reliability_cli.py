@@ -230,7 +230,7 @@ def test_cli_eval_bad_numbers_are_one_line(tmp_path, capsys, tiny, argv):
     if argv[0] == "--device" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has that GPU")
     out = tmp_path / "r.json"
-    line = one_error_line(capsys, main(["eval", "--data", TRAIN, "--student", tiny, "--baselines", "bm25", "--json",
+    line = one_error_line(capsys, main(["eval", "--data", TRAIN, "--student", tiny, "--baselines", "bm25,base", "--json",
                                         str(out), "--no-progress"] + argv), "eval")
     opt = argv[0].lstrip("-").replace("-", "_")
     assert opt in line.replace("-", "_") or (opt == "device" and ("device" in line or "GPU" in line)), line
@@ -269,7 +269,7 @@ def test_cli_cuda_without_gpu_is_one_line(tmp_path, capsys, tiny, utils, cmd):
     out = tmp_path / "out"
     argv = {"train": ["train", "--data", TRAIN, "--utilities", utils, "--student", tiny, "--out", str(out)],
             "score": ["score", "--data", TRAIN, "--out", str(out)],
-            "eval": ["eval", "--data", TRAIN, "--student", tiny, "--baselines", "bm25", "--json", str(out)]}[cmd]
+            "eval": ["eval", "--data", TRAIN, "--student", tiny, "--baselines", "bm25,base", "--json", str(out)]}[cmd]
     line = one_error_line(capsys, main(argv + ["--device", "cuda", "--no-progress"]), cmd)
     assert "no CUDA GPU" in line and not out.exists()
 
