@@ -275,6 +275,9 @@ def test_auto_table_and_its_update_from_results(capsys, tmp_path):
     assert "('sm90', 'float32', 'ieee'): 'triton'," in out.out and "('sm90', 'float32', 'tf32'): 'torch'," in out.out
     assert "('sm90', 'bfloat16', 'ieee'): 'triton'," in out.out and "autotuned triton rows left out" in out.err
     assert A.main([]) == 2
+    capsys.readouterr()
+    assert A.main([str(tmp_path / "infonce-gpu*.json")]) == 1  # a glob that matched nothing: one line, no traceback
+    assert "not a bench_infonce_gpu.py results file" in capsys.readouterr().err
 
 
 def test_auto_falls_back_to_torch_without_triton(monkeypatch):

@@ -450,8 +450,10 @@ def test_export_output_folder(exported, tmp_path, capsys):
     (out / "README.md.tmp123.456").write_text("left by a killed export")
     # a second export into its own folder replaces it (and a killed one's temporary file goes); a folder with
     # other files (a model) is refused untouched
+    capsys.readouterr()
     assert main(["export", "--utilities", utils, "--data", TRAIN, "--out", str(out), "--passages-per-query", "4"]) == 0
     assert sorted(os.listdir(out)) == before == ["README.md", "train.parquet"]
+    assert "uae export: 3 of" in capsys.readouterr().err  # the fixture's table leaves 3 questions unscored
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")

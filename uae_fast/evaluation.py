@@ -614,9 +614,9 @@ def format_table(result: dict) -> str:
     lines.append("")
     if result.get("paired"):
         unit = "documents" if result.get("paired_by") == "document" else "queries"
-        lines.append(f"Paired differences over the same queries (bootstrap of {unit}, 10,000 resamples): "
-                     f"mean [95% interval] p")
         n_all = result.get("n_queries")
+        lines.append(f"Paired differences over the same queries, all {n_all} unless said (bootstrap of {unit}, "
+                     f"10,000 resamples): mean [95% interval] p")
         for pair, ms in result["paired"].items():
             cells = [f"{_short(k)} {v['diff']:+.3f} [{v['ci95_low']:+.3f}, {v['ci95_high']:+.3f}] {_p(v['p'])}"
                      for k, v in upgrade_metric_names(ms).items()]

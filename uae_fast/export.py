@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Dict, Optional
 
 import numpy as np
@@ -202,4 +203,7 @@ def _main(args) -> int:
     print(f"wrote {s['rows']} rows x {s['passages_per_query']} passages ({s['scored_fraction']:.0%} with a utility) "
           f"to {args.out}; {s['skipped_no_gold']} queries without gold evidence left out. "
           f"Load: datasets.load_dataset({args.out!r}, split='train')")
+    if s["unscored_queries"]:  # as uae train says it: such rows target their gold passages alone
+        print(f"uae export: {s['unscored_queries']} of {s['rows']} rows' questions have no rows in the utilities "
+              f"table; their label targets their gold passages alone (0 there, NaN elsewhere)", file=sys.stderr)
     return 0

@@ -104,9 +104,13 @@ def main(argv=None) -> int:
         return 2
     rows = []
     for path in argv:  # the grid and the tuned run: pooled, so the table has every key either one reached
-        with open(path) as f:
-            data = json.load(f)
-        results = data["results"] if isinstance(data, dict) else data
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            results = data["results"] if isinstance(data, dict) else data
+        except (OSError, ValueError, KeyError) as e:  # e.g. an unexpanded glob before a GPU run wrote the files
+            print(f"_infonce_auto: error: {path}: not a bench_infonce_gpu.py results file ({e})", file=sys.stderr)
+            return 1
         if isinstance(data, dict) and data.get("autotune"):
             # impl="auto" runs the default Triton config; an autotuned time would flatter it
             print(f"# {path}: autotuned triton rows left out", file=sys.stderr)
