@@ -54,6 +54,23 @@ def timed(fn, queries, reps: int):
     return ms
 
 
+def timed_interleaved(fns: dict, queries, reps: int) -> dict:
+    """:func:`timed` for several methods at once: per query, each method in turn, the order rotated from one query
+    to the next, so load on a shared machine falls on all of them alike. ``{name: per-query latencies (ms)}``."""
+    names = list(fns)
+    for name in names:
+        fns[name](0)
+    ms = {name: [] for name in names}
+    for r in range(reps):
+        for i in range(len(queries)):
+            shift = (r * len(queries) + i) % len(names)
+            for name in names[shift:] + names[:shift]:
+                t0 = time.perf_counter()
+                fns[name](i)
+                ms[name].append((time.perf_counter() - t0) * 1e3)
+    return ms
+
+
 def summary(ms):
     return {"ms_mean": statistics.fmean(ms), "ms_p50": statistics.median(ms), "ms_p95": float(np.percentile(ms, 95)),
             "qps": 1e3 / statistics.fmean(ms)}
@@ -89,13 +106,7 @@ def main():
     t_build = time.perf_counter() - t0
     dense = hybrid.dense  # the very index the hybrid searches: dense-only is the same object, k=10
     lex = hybrid.lexical
-    res = {}
-    res["dense"] = summary(timed(lambda i: dense.search(qemb[i:i + 1], a.k), queries, a.reps))
-    res["hybrid"] = summary(timed(lambda i: hybrid.search(qemb[i:i + 1], [queries[i]], a.k), queries, a.reps))
     each = hybrid.fusion["k_each"]
-    res["dense_k_each"] = summary(timed(lambda i: dense.search(qemb[i:i + 1], each), queries, a.reps))
-    res["lexical_ours"] = summary(timed(lambda i: lex.search([queries[i]], each), queries, a.reps))
-
     # Alternative lexical scorer: per query term, gather its posting list and bincount into N scores.
     bm = lex._scorer()[0]
     w = bm._w
@@ -108,19 +119,11 @@ def main():
         top = np.argpartition(-s, each)[:each]
         return top[np.argsort(-s[top])]
 
-    res["lexical_bincount"] = summary(timed(bincount, queries, a.reps))
-
-    def agreement(get, n=20):
-        """Mean share of our lexical top-k_each that a peer also returns, on the first n queries: the peers are
-        timed on the same work only if they score BM25 alike (ties at the cut can cost a little)."""
-        shares = []
-        for i in range(min(n, len(queries))):
-            ours = {int(x) for x in np.asarray(lex.search([queries[i]], each)[1]).ravel() if int(x) >= 0}
-            theirs = {int(x) for x in np.asarray(get(i)).ravel() if int(x) >= 0}
-            shares.append(len(ours & theirs) / max(1, len(ours)))
-        return round(float(np.mean(shares)), 4)
-
-    agree = {"bincount": agreement(bincount)}
+    fns = {"dense": lambda i: dense.search(qemb[i:i + 1], a.k),
+           "hybrid": lambda i: hybrid.search(qemb[i:i + 1], [queries[i]], a.k),
+           "dense_k_each": lambda i: dense.search(qemb[i:i + 1], each),
+           "lexical_ours": lambda i: lex.search([queries[i]], each),
+           "lexical_bincount": bincount}
     bm25s_info = None
     if not a.no_bm25s:
         try:
@@ -134,9 +137,22 @@ def main():
             model.index(corpus_tokens, show_progress=False)
             bm25s_info = {"version": bm25s.__version__, "build_s": round(time.perf_counter() - t0, 1)}
             qtok = [tokenize(q) for q in queries]
-            res["lexical_bm25s"] = summary(timed(
-                lambda i: model.retrieve([qtok[i]], k=each, show_progress=False, n_threads=1), queries, a.reps))
-            agree["bm25s"] = agreement(lambda i: model.retrieve([qtok[i]], k=each, show_progress=False, n_threads=1)[0])
+            fns["lexical_bm25s"] = lambda i: model.retrieve([qtok[i]], k=each, show_progress=False, n_threads=1)
+    res = {name: summary(ms) for name, ms in timed_interleaved(fns, queries, a.reps).items()}
+
+    def agreement(get, n=20):
+        """Mean share of our lexical top-k_each that a peer also returns, on the first n queries: the peers are
+        timed on the same work only if they score BM25 alike (ties at the cut can cost a little)."""
+        shares = []
+        for i in range(min(n, len(queries))):
+            ours = {int(x) for x in np.asarray(lex.search([queries[i]], each)[1]).ravel() if int(x) >= 0}
+            theirs = {int(x) for x in np.asarray(get(i)).ravel() if int(x) >= 0}
+            shares.append(len(ours & theirs) / max(1, len(ours)))
+        return round(float(np.mean(shares)), 4)
+
+    agree = {"bincount": agreement(bincount)}
+    if "lexical_bm25s" in fns:
+        agree["bm25s"] = agreement(lambda i: fns["lexical_bm25s"](i)[0])
     lex_bytes = lex.nbytes
     vocab_bytes = sum(sys.getsizeof(t) for t in lex._vocab) + sys.getsizeof(lex._vocab)
     out = {
