@@ -29,6 +29,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -490,6 +491,17 @@ class TopKIndex:
                                  "stored vectors may be damaged (open the file with load(..., verify=True))")
             raise ValueError("scores overflowed float32 (inf or NaN inner products): rescale the embeddings")
 
+    @contextlib.contextmanager
+    def _taking_ids(self, ids: Optional[np.ndarray], m: int):
+        """:meth:`_take_ids` for an add that stores its rows inside the block: if storing fails (a MemoryError, an
+        interrupt, a FAISS error), the ids are given back, so default ids never skip rows that were not stored."""
+        first_free = self._next_id
+        try:
+            yield self._take_ids(ids, m)
+        except BaseException:
+            self._next_id = first_free
+            raise
+
     def _take_ids(self, ids: Optional[np.ndarray], m: int) -> np.ndarray:
         """Ids for ``m`` new vectors (``ids``: checked explicit ids, or None for defaults). Call with the
         lock held: it reads and advances the id counter, so concurrent adds never share an id."""
@@ -560,16 +572,11 @@ class TopKIndex:
         if m == 0:
             return
         with self._add_lock:
-            first_free = self._next_id
-            new_ids = self._take_ids(ids, m)
-            try:
+            with self._taking_ids(ids, m) as new_ids:  # nothing is published until the pack has succeeded
                 self._reserve(self._n + m)
                 n = self._n  # rows >= n are written below while searches read only rows < n
                 _ext().pack(self._code, arr, self._data, self._scales, self._rowsums, n, self._resid, self._rscales,
                             threads=self._threads or 0)
-            except BaseException:  # nothing published (a MemoryError, an interrupt): default ids stay contiguous
-                self._next_id = first_free
-                raise
             self._ids[n : n + m] = new_ids
             norm = self._norm_of(arr)
             with self._lock:  # publish: searches from here on see the new rows
@@ -856,15 +863,11 @@ class FaissTopKIndex(TopKIndex):
         with self._lock:
             if not self._index.is_trained:  # checked under the lock: two first adds must not both train
                 self._train_locked(arr)
-            first_free = self._next_id
-            new_ids = self._take_ids(ids, m)
-            try:
-                self._index.add(arr)
-            except BaseException as e:  # nothing stored: default ids must not skip past these rows
-                self._next_id = first_free
-                if isinstance(e, RuntimeError):
+            with self._taking_ids(ids, m) as new_ids:
+                try:
+                    self._index.add(arr)
+                except RuntimeError as e:
                     raise ValueError(f"FAISS could not add to {self.factory!r}: {_why(e)}") from None
-                raise
             self._ids = np.concatenate([self._ids[: self._n], new_ids])
             self._grow_max_norm(self._norm_of(arr))
             self._n += m

@@ -502,14 +502,13 @@ def merge_teachers(inputs: Sequence[str], out: str) -> dict:
         raise ValueError("--merge-teachers needs at least two tables")
     tables = [read_utilities(p) for p in inputs]
     ref = tables[0][0]
-    for path, (h, _) in zip(inputs, tables):  # a shard would shrink the ensemble to its queries, silently
+    for path, (h, rows) in zip(inputs, tables):  # a shard or an unfinished run would shrink the ensemble, silently
         shard = h.get("shard") or [0, 1]
         if not _is_shard(shard):
             raise ValueError(f"{path}: its header's shard {shard!r} is not [I, N]; not a `uae score` table")
         if shard != [0, 1]:
             raise ValueError(f"{path}: it is shard {shard[0]} of {shard[1]}; merge the shards first "
                              f"(uae score --merge) and ensemble whole tables")
-    for path, (h, rows) in zip(inputs, tables):  # an unfinished run would shrink the ensemble to its questions
         if os.fspath(path).endswith(".partial") or (type(h.get("n_rows")) is int and len(rows) != h["n_rows"]):
             raise ValueError(f"{path}: an unfinished table ({len(rows)} of {h.get('n_rows', '?')} rows); finish it "
                              f"(uae score --resume) before ensembling")
